@@ -1,0 +1,254 @@
+"""Real parts for the tests: a Mosquitto per test, a recording subscriber, the real service process.
+
+Nothing here sleeps to synchronise: every wait polls a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `message` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        threading.Event().wait(interval)  # a poll step, not a synchronisation sleep
+
+
+def unique_topic(name: str = "t") -> str:
+    return f"sp-test/{uuid.uuid4().hex[:10]}/{name}"
+
+
+class Mosquitto:
+    """A real broker on a free loopback port with its own config file."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = "") -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.log = workdir / f"mosquitto-{self.port}.log"
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "user root\n"
+            "max_queued_messages 100000\n"
+            "max_inflight_messages 0\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            f"log_dest file {self.log}\n"
+            f"{self.extra}\n"
+        )
+
+        def raise_nofile() -> None:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            target = hard if hard != resource.RLIM_INFINITY else 65536
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, target), hard))
+
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], preexec_fn=raise_nofile)  # noqa: PLW1509
+        wait_until(self._accepts, 10, message=f"mosquitto on port {self.port}")
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    at: float  # time.monotonic() on arrival
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Subscriber:
+    """A recording client: everything it receives lands in `messages`, in arrival order."""
+
+    port: int
+    topics: list[str]
+    qos: int = 2
+    messages: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:8]}",
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+
+    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
+        client.subscribe([(t, self.qos) for t in self.topics])
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(Received(msg.topic, msg.payload, msg.qos, bool(msg.retain),
+                                          time.monotonic()))
+
+    def start(self) -> Subscriber:
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "subscription not acknowledged"
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def on(self, topic: str) -> list[Received]:
+        with self._lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.messages)
+
+    def wait_for(self, topic: str, count: int = 1, timeout: float = 10,
+                 where: Callable[[Received], bool] = lambda m: True) -> list[Received]:
+        def got() -> list[Received] | None:
+            hits = [m for m in self.on(topic) if where(m)]
+            return hits if len(hits) >= count else None
+
+        result: list[Received] = wait_until(got, timeout, message=f"{count} message(s) on {topic}")
+        return result
+
+
+class ServiceProcess:
+    """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_publisher", *args],
+            cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream: Any, sink: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            sink.append(line)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.stdout):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
+    def wait_for_event(self, name: str, timeout: float = 15,
+                       where: Callable[[dict[str, Any]], bool] = lambda e: True) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            for e in self.events():
+                if e.get("message") == name and where(e):
+                    return e
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited ({self.proc.returncode}) before {name!r}:\n"
+                                     + "\n".join(self.stdout[-20:] + self.stderr[-20:]))
+            return None
+
+        result: dict[str, Any] = wait_until(found, timeout, message=f"log event {name!r}")
+        return result
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 10) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for t in self._threads:
+            t.join(5)
+
+
+def write_config(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Write atomically, as a careful operator's tooling would."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    tmp.replace(path)
+
+
+def entry(id_: str, topic: str, interval: float = 1, **extra: Any) -> dict[str, Any]:
+    return {"id": id_, "topic": topic, "data": extra.pop("data", {"sensor": id_}),
+            "interval": interval, **extra}
+
+
+def iter_json(lines: list[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
