@@ -1,0 +1,3 @@
+from scheduler_publisher.cli import main
+
+main()

@@ -1,0 +1,576 @@
+"""The config file: JSON text in, validated and frozen PublishConfig entries out.
+
+Parsing is pure and never gives up on the whole file because of one entry: every problem of
+every entry is reported at once, bad entries are skipped and good ones are kept. Only a file
+that is not a readable JSON array of entries raises (ConfigFileError).
+"""
+
+from __future__ import annotations
+
+import codecs
+import difflib
+import hashlib
+import json
+import math
+import os
+import reprlib
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal, NamedTuple
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_DATA_DEPTH",
+    "MAX_DOCUMENT_DEPTH",
+    "MAX_INTERVAL",
+    "MAX_TOPIC_BYTES",
+    "MIN_INTERVAL",
+    "ConfigError",
+    "ConfigFileError",
+    "ConfigResult",
+    "ConfigurationLoader",
+    "Problem",
+    "PublishConfig",
+    "QoS",
+    "Severity",
+    "parse_config",
+    "read_config_file",
+]
+
+QoS = Literal[0, 1, 2]
+Severity = Literal["error", "warning"]
+
+DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
+MAX_DOCUMENT_DEPTH: Final = 64  # levels of arrays/objects in the whole file
+MAX_DATA_DEPTH: Final = 32  # levels of objects/arrays in `data`, counting `data` itself
+MIN_INTERVAL: Final = 0.1
+MAX_INTERVAL: Final = 86400
+MAX_TOPIC_BYTES: Final = 65535  # MQTT strings carry a 16-bit length prefix
+_RENDER_LIMIT: Final = 60
+_VALID_UNICODE: Final = "valid Unicode (no lone surrogates)"
+_TOO_DEEP: Final = f"JSON nesting is deeper than {MAX_DOCUMENT_DEPTH} levels"
+
+
+class ConfigError(Exception):
+    """Base of the errors this module raises on purpose."""
+
+
+class ConfigFileError(ConfigError):
+    """The file as a whole is unusable: unreadable, too large, not JSON, or not an entry list."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+
+# --- rendering what was received -------------------------------------------------------------
+
+
+def _render(value: Any) -> str:
+    """`value` as compact JSON (Python repr if it is not JSON), short and safe to log."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = _python_repr(value)
+    # A lone surrogate from a "\ud800" escape would make the message unencodable downstream.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= _RENDER_LIMIT else text[: _RENDER_LIMIT - 1] + "…"
+
+
+def _python_repr(value: Any) -> str:
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # ints beyond sys.get_int_max_str_digits() refuse to print
+        return f"<{type(value).__name__}>"
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    return "number"
+
+
+def _id_label(entry_id: str | None) -> str:
+    return f" (id {_render(entry_id)})" if entry_id else ""
+
+
+# --- per-field checkers, shared by parsing and PublishConfig.__post_init__ --------------------
+
+_Finding = tuple[Severity, str]
+_Check = Callable[[str, Any], Iterator[_Finding]]
+
+
+def _error(subject: str, expected: str, value: Any) -> _Finding:
+    return ("error", f"{subject} must be {expected}, got {_render(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _utf8_size(text: str) -> int | None:
+    """Encoded length, or None when `text` holds a lone surrogate (not encodable)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def _check_id(name: str, value: Any) -> Iterator[_Finding]:
+    if not isinstance(value, str) or not value:
+        yield _error(name, "a non-empty string", value)
+    elif _utf8_size(value) is None:
+        yield _error(name, _VALID_UNICODE, value)
+
+
+def _check_topic(name: str, value: Any) -> Iterator[_Finding]:
+    if not isinstance(value, str) or not value:
+        yield _error(name, "a non-empty string", value)
+        return
+    if "+" in value or "#" in value:
+        yield _error(name, 'free of the wildcards "+" and "#"', value)
+    if "\0" in value:
+        yield _error(name, "free of NUL (U+0000)", value)
+    size = _utf8_size(value)
+    if size is None:
+        yield _error(name, _VALID_UNICODE, value)
+    elif size > MAX_TOPIC_BYTES:
+        yield ("error", f"{name} must be at most {MAX_TOPIC_BYTES} UTF-8 bytes, got {size} bytes")
+    if value.startswith("$"):
+        reserved = 'starts with "$", which brokers reserve for their own topics'
+        yield ("warning", f"{name} {reserved}, got {_render(value)}")
+
+
+def _check_data(name: str, value: Any) -> Iterator[_Finding]:
+    if not isinstance(value, Mapping):
+        yield _error(name, "an object", value)
+        return
+    depth = _depth(value, MAX_DOCUMENT_DEPTH)
+    if depth > MAX_DATA_DEPTH:
+        got = f"more than {MAX_DOCUMENT_DEPTH}" if depth > MAX_DOCUMENT_DEPTH else str(depth)
+        yield ("error", f"{name} must be nested at most {MAX_DATA_DEPTH} levels deep, got {got}")
+        return
+    culprit = _unpublishable(value)
+    if culprit is not None:
+        subject, expected, bad = culprit
+        yield _error(f"{name} {subject}", expected, bad)
+    if "online" in value:
+        owned = 'key "online" is overridden by the service (1 while running, 0 when offline)'
+        yield ("warning", f"{name} {owned}, got {_render(value['online'])}")
+
+
+def _check_interval(name: str, value: Any) -> Iterator[_Finding]:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        yield _error(name, "a number", value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield _error(name, "a finite number", value)
+    # Compared without float(): an int like 10**400 would overflow the conversion.
+    elif not MIN_INTERVAL <= value <= MAX_INTERVAL:
+        yield _error(name, f"between {MIN_INTERVAL:g} and {MAX_INTERVAL:g}", value)
+
+
+def _check_qos(name: str, value: Any) -> Iterator[_Finding]:
+    if not _is_int(value) or value not in (0, 1, 2):
+        yield _error(name, "0, 1 or 2", value)
+
+
+def _check_bool(name: str, value: Any) -> Iterator[_Finding]:
+    if not isinstance(value, bool):
+        yield _error(name, "true or false", value)
+
+
+def _check_timestamp(name: str, value: Any) -> Iterator[_Finding]:
+    if value is not None and not (isinstance(value, str) and _is_iso8601(value)):
+        yield _error(name, "an ISO-8601 date-time string", value)
+
+
+def _is_iso8601(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_version(name: str, value: Any) -> Iterator[_Finding]:
+    if value is not None and (not _is_int(value) or value < 1):
+        yield _error(name, "an integer >= 1", value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    check: _Check
+    required: bool = False
+
+
+# Order matters: it is the order of PublishConfig's fields and of its ValueError messages.
+_FIELDS: Final[Mapping[str, _Field]] = MappingProxyType({
+    "id": _Field(_check_id, required=True),
+    "topic": _Field(_check_topic, required=True),
+    "data": _Field(_check_data, required=True),
+    "interval": _Field(_check_interval, required=True),
+    "qos": _Field(_check_qos),
+    "retain": _Field(_check_bool),
+    "lwt": _Field(_check_bool),
+    "created_at": _Field(_check_timestamp),
+    "updated_at": _Field(_check_timestamp),
+    "version": _Field(_check_version),
+})
+
+
+# --- JSON values inside `data` ---------------------------------------------------------------
+
+
+def _children(node: Any) -> Iterator[Any] | None:
+    if isinstance(node, Mapping):
+        return iter(node.values())
+    if isinstance(node, list | tuple):
+        return iter(node)
+    return None
+
+
+def _depth(value: Any, cap: int) -> int:
+    """Levels of nested objects/arrays in `value`; stops at cap + 1, so cycles terminate."""
+    deepest = 0
+    stack = [(value, 1)]  # iterative: the input may be far deeper than the recursion limit
+    while stack:
+        node, level = stack.pop()
+        children = _children(node)
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > cap:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _unpublishable(value: Any) -> tuple[str, str, Any] | None:
+    """Why `value` cannot be a JSON payload, as (subject, expected, culprit), or None.
+
+    Recursion is bounded: callers have already checked the depth.
+    """
+    if isinstance(value, Mapping):
+        for key, member in value.items():
+            if not isinstance(key, str):
+                return ("keys", "strings", key)
+            found = _unpublishable(key) or _unpublishable(member)
+            if found:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        return next(filter(None, map(_unpublishable, value)), None)
+    return _scalar_problem(value)
+
+
+def _scalar_problem(value: Any) -> tuple[str, str, Any] | None:
+    if isinstance(value, str):
+        return None if _utf8_size(value) is not None else ("strings", _VALID_UNICODE, value)
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ("numbers", "finite", value)
+    if value is None or isinstance(value, int):
+        return None
+    return ("values", "JSON values", value)
+
+
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _copy_object(value)
+    if isinstance(value, list | tuple):
+        return [_copy_json(item) for item in value]
+    return value
+
+
+def _copy_object(value: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _copy_json(member) for key, member in value.items()}
+
+
+def _render_payload(data: Mapping[str, Any], online: int) -> bytes:
+    body = {"online": online}
+    body.update(data)
+    body["online"] = online  # after update: the service owns the key, and it stays first
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+# --- the public value types ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishConfig:
+    """One scheduled publication. Constructing it validates it; invalid ones cannot exist."""
+
+    id: str
+    topic: str
+    data: Mapping[str, Any]
+    interval: float
+    qos: QoS = 0
+    retain: bool = False
+    lwt: bool = False
+    created_at: str | None = None
+    updated_at: str | None = None
+    version: int | None = None
+    # Derived from data; compared so that 1, 1.0 and true in data (equal in Python) differ.
+    payload: bytes = field(init=False, repr=False)
+    offline_payload: bytes = field(init=False, compare=False, repr=False)
+
+    __hash__ = None  # type: ignore[assignment]  # equal configs exist, but data is unhashable
+
+    def __post_init__(self) -> None:
+        errors = [
+            message
+            for name, spec in _FIELDS.items()
+            for severity, message in spec.check(name, getattr(self, name))
+            if severity == "error"
+        ]
+        if errors:
+            label = _id_label(self.id if isinstance(self.id, str) else None)
+            raise ValueError(f"invalid PublishConfig{label}: " + "; ".join(errors))
+        data = _copy_object(self.data)
+        object.__setattr__(self, "data", MappingProxyType(data))
+        object.__setattr__(self, "interval", float(self.interval))
+        object.__setattr__(self, "payload", _render_payload(data, online=1))
+        object.__setattr__(self, "offline_payload", _render_payload(data, online=0))
+
+    def same_schedule(self, other: PublishConfig) -> bool:
+        """True when `other` fires at the same rate, so its job need not be rescheduled."""
+        return self.interval == other.interval
+
+    def same_wire(self, other: PublishConfig) -> bool:
+        """True when `other` puts the same bytes on the wire, with the same options."""
+        return (self.topic, self.payload, self.qos, self.retain, self.lwt) == (
+            other.topic, other.payload, other.qos, other.retain, other.lwt,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding about the config, located precisely enough to fix it."""
+
+    severity: Severity
+    position: int | None  # 1-based entry position; None for the file as a whole
+    entry_id: str | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        if self.position is None:
+            return self.message
+        return f"entry {self.position}{_id_label(self.entry_id)}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigResult:
+    """The valid entries, every problem found, and which ids were rejected."""
+
+    entries: tuple[PublishConfig, ...]
+    problems: tuple[Problem, ...]  # in file order
+    invalid_ids: frozenset[str]  # the caller keeps the last good version of these running
+    digest: str  # sha256 of the raw bytes: an unchanged file needs no reload
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "warning")
+
+
+# --- decoding the file -----------------------------------------------------------------------
+
+
+class _JsonObject(dict[str, Any]):
+    """A decoded JSON object that remembers the keys the file repeated (json keeps the last)."""
+
+    __slots__ = ("repeated",)
+    repeated: tuple[str, ...]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
+        obj = cls(pairs)
+        obj.repeated = ()
+        if len(obj) < len(pairs):
+            counts = Counter(key for key, _ in pairs)
+            obj.repeated = tuple(key for key, count in counts.items() if count > 1)
+        return obj
+
+
+class _NonFiniteLiteralError(Exception):
+    """NaN, Infinity or -Infinity in the text: Python's json accepts them, JSON does not."""
+
+
+def _reject_constant(literal: str) -> Any:
+    raise _NonFiniteLiteralError(literal)
+
+
+def _decode_utf8(raw: bytes, source: str) -> str:
+    body = raw.removeprefix(codecs.BOM_UTF8)  # some Windows editors prepend one; not content
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + len(raw) - len(body)
+        raise ConfigFileError(source, f"not valid UTF-8 at byte offset {offset}") from None
+
+
+def _load_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_JsonObject.from_pairs
+        )
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise ConfigFileError(source, f"not valid JSON: {exc.msg} at {where}") from None
+    except _NonFiniteLiteralError as exc:
+        detail = f"{exc} is not valid JSON (use a number or null)"
+        raise ConfigFileError(source, detail) from None
+    except RecursionError:
+        raise ConfigFileError(source, _TOO_DEEP) from None
+    except ValueError as exc:  # e.g. an integer longer than sys.get_int_max_str_digits()
+        raise ConfigFileError(source, f"not valid JSON: {exc}") from None
+
+
+def _decode_document(raw: bytes, source: str) -> Any:
+    text = _decode_utf8(raw, source)
+    if not text.strip(" \t\r\n"):
+        raise ConfigFileError(source, "is empty; expected a JSON array of entries")
+    document = _load_json(text, source)
+    if _depth(document, MAX_DOCUMENT_DEPTH) > MAX_DOCUMENT_DEPTH:
+        raise ConfigFileError(source, _TOO_DEEP)
+    return document
+
+
+# --- validating entries ----------------------------------------------------------------------
+
+
+class _Checked(NamedTuple):
+    config: PublishConfig | None
+    problems: list[Problem]
+    entry_id: str | None
+
+
+def _usable_id(value: Any) -> str | None:
+    return value if not any(_check_id("id", value)) else None
+
+
+def _unknown_field(name: str) -> str:
+    message = f"unknown field {_render(name)} is ignored"
+    guesses = difflib.get_close_matches(name, list(_FIELDS), n=1)
+    return f"{message} (did you mean {_render(guesses[0])}?)" if guesses else message
+
+
+def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Severity, str]]:
+    for name, value in entry.items():
+        spec = _FIELDS.get(name)
+        if spec is None:
+            yield name, "warning", _unknown_field(name)
+            continue
+        for severity, message in spec.check(name, value):
+            yield name, severity, message
+    for name in getattr(entry, "repeated", ()):
+        yield name, "warning", f"field {_render(name)} appears more than once; the last one wins"
+    for name, spec in _FIELDS.items():
+        if spec.required and name not in entry:
+            yield name, "error", f"{name} is required"
+
+
+def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Checked:
+    if not isinstance(entry, dict):
+        message = f"must be an object, got {_render(entry)}"
+        return _Checked(None, [Problem("error", position, None, None, message)], None)
+    entry_id = _usable_id(entry.get("id"))
+    findings = list(_field_findings(entry))
+    if entry_id is not None and first_seen.setdefault(entry_id, position) != position:
+        used = f"already used by entry {first_seen[entry_id]}"
+        findings.append(("id", "error", f"id must be unique, got {_render(entry_id)} ({used})"))
+    problems = [Problem(sev, position, entry_id, name, msg) for name, sev, msg in findings]
+    if any(problem.severity == "error" for problem in problems):
+        return _Checked(None, problems, entry_id)
+    config = PublishConfig(**{name: entry[name] for name in _FIELDS if name in entry})
+    return _Checked(config, problems, entry_id)
+
+
+def parse_config(raw: bytes, *, source: str = "<config>") -> ConfigResult:
+    """Validate the file's bytes; raises ConfigFileError only if it is not an entry list."""
+    document = _decode_document(raw, source)
+    if not isinstance(document, list):
+        detail = f"must be a JSON array of entries, got {_json_type(document)}"
+        raise ConfigFileError(source, detail)
+    entries: list[PublishConfig] = []
+    problems: list[Problem] = []
+    invalid_ids: set[str] = set()
+    first_seen: dict[str, int] = {}
+    for position, entry in enumerate(document, start=1):
+        checked = _check_entry(position, entry, first_seen)
+        problems.extend(checked.problems)
+        if checked.config is not None:
+            entries.append(checked.config)
+        # A rejected duplicate must not mark the id: its first occurrence is running fine.
+        elif checked.entry_id is not None and first_seen[checked.entry_id] == position:
+            invalid_ids.add(checked.entry_id)
+    digest = hashlib.sha256(raw).hexdigest()
+    return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids), digest)
+
+
+# --- the file on disk ------------------------------------------------------------------------
+
+
+def _check_file_kind(path: Path, max_bytes: int) -> None:
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigFileError(str(path), "is a directory, not a config file")
+    # A FIFO or device would block or never end; checked before open() for that reason.
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigFileError(str(path), "is not a regular file")
+    if info.st_size > max_bytes:
+        detail = f"is {info.st_size} bytes, larger than the {max_bytes}-byte limit"
+        raise ConfigFileError(str(path), detail)
+
+
+def read_config_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The file's bytes, at most `max_bytes`; raises ConfigFileError."""
+    try:
+        _check_file_kind(path, max_bytes)
+        with path.open("rb") as stream:
+            # One byte more than allowed tells "grew after stat()" from "exactly at the limit".
+            raw = stream.read(max_bytes + 1)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigFileError(str(path), f"cannot read config file: {reason}") from exc
+    if len(raw) > max_bytes:
+        raise ConfigFileError(str(path), f"is larger than the {max_bytes}-byte limit")
+    return raw
+
+
+class ConfigurationLoader:
+    """Reads and validates one config file. Holds only the path: building it does no I/O."""
+
+    __slots__ = ("_max_bytes", "_path")
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+        self._path = Path(path)
+        self._max_bytes = max_bytes
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def load(self) -> ConfigResult:
+        """Read and parse the file; raises ConfigFileError if it is unusable as a whole."""
+        raw = read_config_file(self._path, max_bytes=self._max_bytes)
+        return parse_config(raw, source=str(self._path))
+
+    def load_configurations(self) -> list[PublishConfig]:
+        """Only the valid entries; use load() to see the problems too."""
+        return list(self.load().entries)

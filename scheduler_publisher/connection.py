@@ -1,0 +1,281 @@
+"""MQTTConnectionManager: which connection carries which entry, wills, and what goes on the wire.
+
+Entries without `lwt` share the main connection, which also carries the service's retained
+status topic (`{"online": 1}`, and `{"online": 0}` as its will). Each `lwt: true` entry gets a
+connection of its own whose will is the entry's `{"online": 0, ...data}`: MQTT carries one will
+per connection, so this is the only way the broker itself can announce every entry offline.
+
+Threads: the public methods may be called from any thread; they hand work to the network
+thread (network.py), which owns every Link and every paho call. `_entries` is the network
+thread's view of the running entries, replaced whole by `set_entries`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.link import Link, LinkState, Will
+from scheduler_publisher.logs import get_logger
+from scheduler_publisher.network import NetworkLoop
+from scheduler_publisher.settings import BrokerSettings
+from scheduler_publisher.stats import Stats
+
+log = get_logger("scheduler_publisher.connection")
+
+MAIN = "main"
+BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
+MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
+STATUS_ONLINE = b'{"online":1}'
+STATUS_OFFLINE = b'{"online":0}'
+
+
+def entry_will(entry: PublishConfig) -> Will:
+    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain)
+
+
+class MQTTConnectionManager:
+    def __init__(self, settings: BrokerSettings, stats: Stats | None = None, *,
+                 on_give_up: Callable[[str], None] | None = None,
+                 clear_retained_on_remove: bool = False) -> None:
+        self.settings = settings
+        self.stats = stats or Stats()
+        self._on_give_up = on_give_up
+        self._clear_retained = clear_retained_on_remove
+        self._loop = NetworkLoop(settings, self)
+        self._entries: dict[str, PublishConfig] = {}
+        self._pending_raw: OrderedDict[str, tuple[bytes, int, bool]] = OrderedDict()
+        self._main_up = threading.Event()
+        self._all_closed = threading.Event()
+        self._drained = threading.Event()
+        self._draining = False
+        self._started = False
+        self._gave_up = False
+
+    # ---- public API (any thread) ------------------------------------------------------------
+    def connect(self, wait: float = 0.0) -> bool:
+        """Start connecting (in the background, retried with backoff) and return whether the
+        main connection is up after waiting at most `wait` seconds. A broker that is down is
+        not an error: the connection comes up when the broker does."""
+        if not self._started:
+            self._started = True
+            self._loop.start()
+            self._loop.call_soon(self._open_main)
+        if wait > 0:
+            self._main_up.wait(wait)
+        return self.is_connected()
+
+    def is_connected(self) -> bool:
+        return self._main_up.is_set()
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0,
+                retain: bool = False) -> bool:
+        """Publish on the main connection. QoS 0 while disconnected returns False (dropped);
+        QoS 1/2 keeps the newest message per topic and sends it on reconnect."""
+        data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        if qos == 0 and not self.is_connected():
+            return False
+        self._loop.call_soon(lambda: self._publish_raw(topic, data, qos, retain))
+        return True
+
+    def set_entries(self, entries: Mapping[str, PublishConfig]) -> None:
+        snapshot = dict(entries)
+        self._loop.call_soon(lambda: self._apply_entries(snapshot))
+
+    def publish_entry(self, entry_id: str) -> None:
+        """The scheduler's tick: publish the entry's current version (network thread decides)."""
+        self._loop.call_soon(lambda: self._publish_entry(entry_id))
+
+    def disconnect(self, timeout: float = 3.0) -> None:
+        """Graceful stop: let in-flight QoS>0 messages reach the broker, announce every lwt
+        entry (and the status topic) offline, disconnect, stop the network thread."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        self._loop.call_soon(self._start_drain)
+        self._drained.wait(max(0.0, timeout / 2))
+        self._loop.call_soon(self._close_all)
+        self._all_closed.wait(max(0.0, deadline - time.monotonic()))
+        self._loop.stop(max(0.1, deadline - time.monotonic()))
+        self._main_up.clear()
+
+    def is_healthy(self, max_silence: float = 10.0) -> bool:
+        return self._loop.is_alive() and time.monotonic() - self._loop.heartbeat < max_silence
+
+    def connection_counts(self) -> tuple[int, int]:
+        links = list(self._loop.links.values())
+        return len(links), sum(1 for lk in links if lk.state is LinkState.CONNECTED)
+
+    def status(self) -> dict[str, Any]:
+        total, up = self.connection_counts()
+        main = self._loop.links.get(MAIN)
+        return {"connected": self.is_connected(), "connections": total, "connections_up": up,
+                "broker": f"{self.settings.host}:{self.settings.port}",
+                "protocol": self.settings.protocol, "client_id": self.settings.client_id,
+                "last_error": main.last_error if main else None}
+
+    # ---- network thread ---------------------------------------------------------------------
+    def _open_main(self) -> None:
+        topic = self.settings.effective_status_topic
+        self._loop.open(MAIN, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
+
+    def _open_entry_link(self, entry: PublishConfig) -> None:
+        self._loop.open(entry.id, self.settings.entry_client_id(entry.id), entry_will(entry))
+
+    def _link_for(self, entry: PublishConfig) -> Link | None:
+        return self._loop.links.get(entry.id if entry.lwt else MAIN)
+
+    def _publish_entry(self, entry_id: str) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            return  # removed since the tick was queued
+        link = self._link_for(entry)
+        if link is None or link.state is not LinkState.CONNECTED:
+            if entry.qos == 0:
+                self.stats.record_dropped(entry_id)
+            else:
+                self.stats.record_deferred(entry_id)  # the birth publish carries the newest
+            return
+        self._send(link, entry)
+
+    def _send(self, link: Link, entry: PublishConfig) -> None:
+        if not self._loop.publish(link, entry.topic, entry.payload, entry.qos, entry.retain,
+                                  entry.id):
+            self.stats.record_error(entry.id, "publish refused by the client")
+
+    def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        main = self._loop.links.get(MAIN)
+        if main is not None and main.state is LinkState.CONNECTED:
+            self._loop.publish(main, topic, data, qos, retain, None)
+        elif qos > 0:
+            self._pending_raw[topic] = (data, qos, retain)
+            self._pending_raw.move_to_end(topic)
+            while len(self._pending_raw) > MAX_PENDING_RAW:
+                self._pending_raw.popitem(last=False)
+
+    def _apply_entries(self, new: dict[str, PublishConfig]) -> None:
+        old, self._entries = self._entries, new
+        for entry_id, entry in new.items():
+            self._apply_one(old.get(entry_id), entry)
+        for entry_id, gone in old.items():
+            if entry_id not in new:
+                self._remove_one(gone)
+
+    def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
+        link = self._loop.links.get(entry.id)
+        if entry.lwt and link is None:
+            self._open_entry_link(entry)  # publishes on connect
+            return
+        if entry.lwt and link is not None and before is not None and \
+                entry_will(before) != entry_will(entry):
+            # The will is fixed at CONNECT: only this entry's connection reconnects.
+            self._loop.close(link, with_will=False, reopen=entry_will(entry))
+            return
+        if not entry.lwt and link is not None:
+            self._loop.close(link, with_will=False)  # moved to the main connection
+        if before is None or (before.lwt and not entry.lwt):
+            main = self._loop.links.get(MAIN)
+            if main is not None and main.state is LinkState.CONNECTED:
+                self._send(main, entry)  # a new entry publishes promptly, not one interval later
+
+    def _remove_one(self, gone: PublishConfig) -> None:
+        link = self._loop.links.get(gone.id)
+        if gone.lwt and link is not None:
+            self._loop.close(link, with_will=True)  # subscribers see it go offline
+        if self._clear_retained and gone.retain:
+            self._publish_raw(gone.topic, b"", 1, True)  # an empty retained payload clears it
+        self.stats.entries.pop(gone.id, None)
+
+    def _birth(self, link: Link) -> None:
+        if link.key == MAIN:
+            self._loop.publish(link, self.settings.effective_status_topic, STATUS_ONLINE, 1, True,
+                               None)
+            pending, self._pending_raw = self._pending_raw, OrderedDict()
+            for topic, (data, qos, retain) in pending.items():
+                self._loop.publish(link, topic, data, qos, retain, None)
+            ids = [i for i, e in self._entries.items() if not e.lwt]
+        else:
+            ids = [link.key]
+        self._birth_chunk(link, ids, 0)
+
+    def _birth_chunk(self, link: Link, ids: list[str], start: int) -> None:
+        if link.state is not LinkState.CONNECTED:
+            return  # lost again; the next connect starts over
+        for entry_id in ids[start:start + BIRTH_CHUNK]:
+            entry = self._entries.get(entry_id)
+            if entry is not None and self._link_for(entry) is link:
+                self._send(link, entry)
+        if start + BIRTH_CHUNK < len(ids):
+            self._loop.call_soon(lambda: self._birth_chunk(link, ids, start + BIRTH_CHUNK))
+
+    def _start_drain(self) -> None:
+        self._draining = True
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._draining and not any(qos for lk in self._loop.links.values()
+                                      for _, qos in lk.inflight.values()):
+            self._drained.set()
+
+    def _close_all(self) -> None:
+        for link in list(self._loop.links.values()):
+            self._loop.close(link, with_will=True)
+        if not self._loop.links:
+            self._all_closed.set()
+
+    # ---- LinkListener (network thread) ------------------------------------------------------
+    def link_up(self, link: Link) -> None:
+        if link.key == MAIN:
+            self._main_up.set()
+            log.info("mqtt_connected", broker=f"{self.settings.host}:{self.settings.port}",
+                     client_id=link.client_id)
+        self._birth(link)
+
+    def link_down(self, link: Link, reason: str, was_up: bool) -> None:
+        if was_up:
+            self.stats.record_reconnect()
+        if link.key == MAIN:
+            self._main_up.clear()
+            if was_up:
+                log.warning("mqtt_disconnected", reason=reason)
+            else:
+                self._failed_attempt(link, reason)
+
+    def link_refused(self, link: Link, reason: str) -> None:
+        if link.key == MAIN:
+            self._failed_attempt(link, reason)
+        else:
+            log.debug("entry_connection_failed", entry_id=link.key, reason=reason)
+
+    def _failed_attempt(self, link: Link, reason: str) -> None:
+        attempts = link.backoff.failures
+        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts,
+                    retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+        limit = self.settings.max_retries
+        if limit is not None and attempts >= limit and not self._gave_up:
+            self._gave_up = True
+            if self._on_give_up is not None:
+                self._on_give_up(reason)
+
+    def link_closed(self, link: Link) -> None:
+        if link.key == MAIN:
+            self._main_up.clear()
+        if not self._loop.links:
+            self._all_closed.set()
+
+    def published(self, link: Link, entry_id: str | None, qos: int, failure: str | None) -> None:
+        if entry_id is not None:
+            if failure is None:
+                self.stats.record_published(entry_id)
+            else:
+                self.stats.record_error(entry_id, failure)
+        if qos and self._draining:
+            self._check_drained()
+
+    def lost_unsent(self, link: Link, entry_id: str | None) -> None:
+        if entry_id is not None:
+            self.stats.record_dropped(entry_id)

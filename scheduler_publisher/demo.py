@@ -1,0 +1,85 @@
+"""Quick-start helpers: an in-process broker (amqtt, the `demo` extra) and an echo subscriber.
+
+Neither is used in production. amqtt speaks MQTT 3.1.1 only, so the CLI switches the service
+to 3.1.1 when it runs against the embedded broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+
+class DemoError(Exception):
+    """The demo parts could not start."""
+
+
+class EmbeddedBroker:
+    """amqtt's broker on its own asyncio loop in a daemon thread, on 127.0.0.1."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._broker: Any = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        try:
+            from amqtt.broker import Broker  # noqa: PLC0415 - optional dependency
+        except ImportError as exc:
+            raise DemoError("--embedded-broker needs the demo extra: "
+                            "pip install 'scheduler-publisher[demo]'") from exc
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                        {"allow_anonymous": True}},
+        }
+        threading.Thread(target=self._run, args=(Broker, config), name="embedded-broker",
+                         daemon=True).start()
+        if not self._ready.wait(timeout) or self._error is not None:
+            raise DemoError(f"embedded broker did not start on port {self.port}: {self._error}")
+
+    def _run(self, broker_cls: Any, config: dict[str, Any]) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._broker = broker_cls(config, loop=self._loop)
+            self._loop.run_until_complete(self._broker.start())
+        except Exception as exc:  # reported to start() and raised there as DemoError
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        if self._broker is not None and self._loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+            try:
+                future.result(5)
+            except Exception:  # noqa: BLE001 - best effort at exit; the process ends anyway
+                self._error = None
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+class EchoSubscriber:
+    """Subscribes to everything and hands each message to `show` (the CLI prints it)."""
+
+    def __init__(self, host: str, port: int, show: Callable[[str, bytes, bool], None]) -> None:
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="",
+                                   protocol=MQTTProtocolVersion.MQTTv311)
+        self._client.on_connect = lambda c, *_: c.subscribe("#")
+        self._client.on_message = lambda _c, _u, m: show(m.topic, m.payload, bool(m.retain))
+        self._client.connect_async(host, port)
+
+    def start(self) -> None:
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,394 @@
+"""The network thread: one selector (epoll) loop that drives every Link.
+
+paho's own `loop_start()` runs a thread per client and uses select(), which fails silently past
+file descriptor 1024 (paho #819, #238). Instead this loop drives all clients through paho's
+external-loop API (`loop_read`, `loop_write`, `loop_misc`, the socket callbacks) and does the
+reconnecting itself, with backoff and a rate limit on connection attempts.
+
+Threads: everything here runs on the network thread, except `call_soon` (any thread) and the
+blocking `client.reconnect()` (a connector thread, while the link is CONNECTING and the network
+thread does not touch it).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+
+from scheduler_publisher.link import (
+    DISCONNECT_WITH_WILL,
+    Link,
+    LinkCallbacks,
+    LinkState,
+    Will,
+    describe_error,
+)
+from scheduler_publisher.logs import get_logger
+from scheduler_publisher.settings import BrokerSettings
+
+log = get_logger("scheduler_publisher.network")
+
+MISC_PERIOD = 1.0  # keepalive bookkeeping for every link, once a second
+CONNECTOR_THREADS = 4
+
+
+class LinkListener(Protocol):
+    """What the connection manager hears from the loop; all on the network thread."""
+
+    def link_up(self, link: Link) -> None: ...
+    def link_down(self, link: Link, reason: str, was_up: bool) -> None: ...
+    def link_refused(self, link: Link, reason: str) -> None: ...
+    def link_closed(self, link: Link) -> None: ...
+    def published(self, link: Link, entry_id: str | None, qos: int, failure: str | None) -> None: ...
+    def lost_unsent(self, link: Link, entry_id: str | None) -> None: ...
+
+
+class TokenBucket:
+    """Spreads connection attempts over time so a start or a broker restart does not storm it."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class NetworkLoop:
+    def __init__(self, settings: BrokerSettings, listener: LinkListener) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.links: dict[str, Link] = {}
+        self.heartbeat = time.monotonic()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wake_pending = False
+        self._want_write: set[Link] = set()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connector = ThreadPoolExecutor(CONNECTOR_THREADS, thread_name_prefix="mqtt-connect")
+        self._bucket = TokenBucket(settings.connect_rate, max(1.0, settings.connect_rate / 10),
+                                   time.monotonic())
+        self._next_misc = 0.0
+        self._next_connect_check = 0.0  # earliest `due` of any WAITING link
+
+    # ---- any thread -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        self._thread.start()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the network thread. Cheap enough for every publish: one wake-up write per
+        batch, not per call (the flag is cleared by the loop before it drains the queue)."""
+        self._commands.append(fn)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop is bound to wake
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self.call_soon(lambda: None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._connector.shutdown(wait=False, cancel_futures=True)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_loop_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    # ---- network thread ---------------------------------------------------------------------
+    def open(self, key: str, client_id: str, will: Will | None) -> Link:
+        link = Link(key, client_id, will, self.settings, self._callbacks())
+        self.links[key] = link
+        self._wait(link, time.monotonic())
+        return link
+
+    def _wait(self, link: Link, due: float) -> None:
+        link.state = LinkState.WAITING
+        link.due = due
+        self._next_connect_check = min(self._next_connect_check, due)
+
+    def publish(self, link: Link, topic: str, payload: bytes, qos: int, retain: bool,
+                entry_id: str | None) -> bool:
+        try:
+            info = link.client.publish(topic, payload, qos, retain)
+        except ValueError as exc:  # payload too large, bad topic: paho raises before queueing
+            log.error("publish_rejected", topic=topic, entry_id=entry_id, error=str(exc))
+            return False
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        link.inflight[info.mid] = (entry_id, qos)
+        return True
+
+    def close(self, link: Link, *, with_will: bool, reopen: Will | None | bool = False) -> None:
+        """Close a link. `with_will`: subscribers see its will (graceful offline announcement).
+        `reopen`: a Will (or None for no will) to rebuild the client with, then reconnect."""
+        link.close_with_will = with_will
+        link.reopen_after_close = reopen is not False
+        if link.reopen_after_close:
+            link.will = reopen if isinstance(reopen, Will) else None
+        if link.state is LinkState.CONNECTED:
+            self._disconnect(link)
+        elif link.state is LinkState.HANDSHAKE:
+            link.state = LinkState.CLOSING
+            link.closing_since = time.monotonic()
+            link.client.disconnect()
+            self._flush(link)
+        elif link.state is LinkState.CONNECTING:
+            link.state = LinkState.CLOSING  # _adopt sees it and closes the fresh socket
+        elif link.state is LinkState.WAITING:
+            self._finish_close(link)
+
+    def _disconnect(self, link: Link) -> None:
+        will = link.will
+        link.state = LinkState.CLOSING
+        link.closing_since = time.monotonic()
+        if link.close_with_will and will is not None:
+            if link.is_v5 and self.settings.will_delay == 0:
+                # MQTT 5: reason 0x04 makes the broker publish the will itself.
+                link.client.disconnect(reasoncode=DISCONNECT_WITH_WILL)
+                self._flush(link)
+                return
+            # MQTT 3.1.1 (or a will delay the broker would honour): say it ourselves first.
+            self.publish(link, will.topic, will.payload, will.qos, will.retain, None)
+        link.client.disconnect()
+        self._flush(link)
+
+    def _finish_close(self, link: Link) -> None:
+        self._want_write.discard(link)
+        if link.reopen_after_close and not self._stopping.is_set():
+            link.reopen_after_close = False
+            link.close_with_will = False
+            link.rebuild(link.will)
+            self._wait(link, time.monotonic())
+            return
+        link.state = LinkState.CLOSED
+        if self.links.get(link.key) is link:
+            del self.links[link.key]
+        self.listener.link_closed(link)
+
+    def _callbacks(self) -> LinkCallbacks:
+        return LinkCallbacks(
+            connected=self._on_connected,
+            refused=self._on_refused,
+            lost=self._on_lost,
+            published=self._on_published,
+            want_write=self._on_want_write,
+            socket_closed=self._on_socket_closed,
+        )
+
+    def _on_connected(self, link: Link) -> None:
+        link.state = LinkState.CONNECTED
+        link.was_connected = True
+        link.last_error = None
+        link.backoff.reset()
+        self.listener.link_up(link)
+
+    def _on_refused(self, link: Link, reason: str) -> None:
+        self.listener.link_refused(link, reason)
+
+    def _on_lost(self, link: Link, reason: str) -> None:
+        was_up = link.state is LinkState.CONNECTED
+        for mid, (entry_id, qos) in list(link.inflight.items()):
+            if qos == 0:  # paho drops unsent QoS 0 packets on reconnect; QoS>0 are retransmitted
+                del link.inflight[mid]
+                self.listener.lost_unsent(link, entry_id)
+        self._want_write.discard(link)
+        if link.state is LinkState.CLOSING:
+            self._finish_close(link)
+            return
+        self._retry_later(link)
+        self.listener.link_down(link, reason, was_up)
+
+    def _retry_later(self, link: Link) -> None:
+        self._wait(link, time.monotonic() + link.backoff.next_delay())
+
+    def _on_published(self, link: Link, mid: int, failure: str | None) -> None:
+        entry_id, qos = link.inflight.pop(mid, (None, 0))
+        self.listener.published(link, entry_id, qos, failure)
+
+    def _on_want_write(self, link: Link) -> None:
+        # A connector thread queues the CONNECT packet inside reconnect(); _adopt flushes it.
+        if self.in_loop_thread:
+            self._want_write.add(link)
+
+    def _on_socket_closed(self, link: Link, sock: Any) -> None:
+        if not self.in_loop_thread:
+            return  # reconnect() closing a socket the loop already dropped
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass  # never registered (closed during the handshake) or already gone
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not (self._stopping.is_set() and not self._commands):
+            try:
+                self._iterate()
+            except Exception:  # the network thread must survive any bug in one iteration
+                log.exception("network_loop_error")
+        self._close_all_sockets()
+
+    def _iterate(self) -> None:
+        now = time.monotonic()
+        self.heartbeat = now
+        timeout = max(0.0, min(self._next_misc, self._next_connect_check) - now)
+        for key, mask in self._selector.select(0 if self._commands else timeout):
+            if key.data is None:
+                self._drain_wake()
+            else:
+                self._service_socket(key.data, mask)
+        self._run_commands()
+        self._flush_all()
+        now = time.monotonic()
+        self._start_due_connects(now)
+        if now >= self._next_misc:
+            self._next_misc = now + MISC_PERIOD
+            self._misc(now)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass  # drained
+
+    def _run_commands(self) -> None:
+        self._wake_pending = False  # before draining: a producer that appends now will wake us
+        for _ in range(len(self._commands)):
+            fn = self._commands.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("network_command_failed")
+
+    def _service_socket(self, link: Link, mask: int) -> None:
+        client = link.client
+        if mask & selectors.EVENT_READ:
+            client.loop_read()
+            sock = client.socket()
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                client.loop_read()  # TLS may hold decrypted bytes that select() cannot see
+                sock = client.socket()
+        if mask & selectors.EVENT_WRITE:
+            self._flush(link)
+
+    def _flush_all(self) -> None:
+        pending, self._want_write = self._want_write, set()
+        for link in pending:
+            self._flush(link)
+
+    def _flush(self, link: Link) -> None:
+        client = link.client
+        client.loop_write()
+        sock = client.socket()
+        if sock is None:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
+        try:
+            if self._selector.get_key(sock).events != events:
+                self._selector.modify(sock, events, link)
+        except (KeyError, ValueError):
+            pass  # the socket closed while writing; _on_lost has run
+
+    def _start_due_connects(self, now: float) -> None:
+        if now < self._next_connect_check or self._stopping.is_set():
+            return
+        next_check = now + MISC_PERIOD
+        for link in list(self.links.values()):
+            if link.state is not LinkState.WAITING:
+                continue
+            if link.due > now:
+                next_check = min(next_check, link.due)
+            elif self._bucket.take(now):
+                link.state = LinkState.CONNECTING
+                self._connector.submit(self._attempt, link)
+            else:  # rate limited: come back when the bucket has a token again
+                next_check = min(next_check, now + 1 / self._bucket.rate)
+        self._next_connect_check = next_check
+
+    def _attempt(self, link: Link) -> None:
+        """Connector thread: the blocking TCP connect and TLS handshake."""
+        try:
+            link.client.reconnect()
+        except Exception as exc:  # any failure of the attempt is retried with backoff
+            reason = describe_error(exc)
+            self.call_soon(lambda: self._attempt_failed(link, reason))
+            return
+        self.call_soon(lambda: self._adopt(link))
+
+    def _attempt_failed(self, link: Link, reason: str) -> None:
+        link.last_error = reason
+        if link.state is LinkState.CLOSING:
+            self._finish_close(link)
+            return
+        self._retry_later(link)
+        self.listener.link_refused(link, reason)
+
+    def _adopt(self, link: Link) -> None:
+        sock = link.client.socket()
+        if sock is None:
+            self._attempt_failed(link, "no socket after connect")
+            return
+        self._selector.register(sock, selectors.EVENT_READ, link)
+        if link.state is LinkState.CLOSING:  # closed while connecting: say goodbye properly
+            link.closing_since = time.monotonic()
+            link.client.disconnect()
+        else:
+            link.state = LinkState.HANDSHAKE
+            link.handshake_since = time.monotonic()
+        self._flush(link)
+
+    def _force_close(self, link: Link, reason: str) -> None:
+        """Drop the socket without a DISCONNECT: the peer is not answering."""
+        link.client._sock_close()  # noqa: SLF001 - paho has no public "drop the socket" call
+        self._on_lost(link, reason)
+
+    def _misc(self, now: float) -> None:
+        limit = max(2 * self.settings.connect_timeout, 5.0)
+        for link in list(self.links.values()):
+            if link.state is LinkState.HANDSHAKE and now - link.handshake_since > limit:
+                self._force_close(link, "no CONNACK from the broker")
+            elif link.state is LinkState.CLOSING and now - link.closing_since > limit:
+                self._force_close(link, "DISCONNECT could not be sent")
+            elif link.state in (LinkState.CONNECTED, LinkState.CLOSING):
+                link.client.loop_misc()
+
+    def _close_all_sockets(self) -> None:
+        for link in list(self.links.values()):
+            sock = link.client.socket()
+            if sock is not None:
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass  # not registered
+                sock.close()
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

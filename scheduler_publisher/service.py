@@ -1,0 +1,420 @@
+"""PublisherService: the composition root and the one main loop.
+
+Threads, and who owns what:
+- the main loop (the thread that calls `run()`, or "service-loop" after `start()`) owns the
+  running entries, reloads, timers (stats, checkpoints, safety re-read, clock checks,
+  systemd pings) and shutdown. Everything else only pokes it through `_Mailbox`;
+- the scheduler thread runs the ticks (scheduling.py), which only hand an entry id to
+- the network thread (network.py), which owns every paho client;
+- the watchdog observer thread (watcher.py) and the HTTP threads (http.py) only poke or read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from scheduler_publisher.clock import ClockGuard, clock_is_plausible
+from scheduler_publisher.config import (
+    ConfigFileError,
+    ConfigResult,
+    ConfigurationLoader,
+    PublishConfig,
+    parse_config,
+    read_config_file,
+)
+from scheduler_publisher.connection import MQTTConnectionManager
+from scheduler_publisher.logs import get_logger
+from scheduler_publisher.notify import SystemdNotifier
+from scheduler_publisher.plan import Plan, diff, effective_entries
+from scheduler_publisher.scheduling import Schedule
+from scheduler_publisher.settings import ServiceSettings
+from scheduler_publisher.statestore import HistoryRow, StateStore
+from scheduler_publisher.stats import Stats
+from scheduler_publisher.watcher import ConfigWatcher
+
+log = get_logger("scheduler_publisher.service")
+
+HEALTH_MAX_SILENCE = 10.0  # seconds without a heartbeat before a component counts as wedged
+CLOCK_CHECK_PERIOD = 1.0
+
+
+@dataclass
+class _Reload:
+    """A reload asked for from another thread; the main loop fills in the result."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    applied: bool = False
+
+
+class _Mailbox:
+    """How other threads poke the main loop: flags plus one Event to wake it."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.stop = False
+        self.reloads: list[_Reload] = []
+        self.file_poked_at: float | None = None  # monotonic; debounced by the loop
+
+    def post_stop(self) -> None:
+        self.stop = True
+        self.wake.set()
+
+    def post_reload(self) -> _Reload:
+        request = _Reload()
+        with self.lock:
+            self.reloads.append(request)
+        self.wake.set()
+        return request
+
+    def post_file_event(self) -> None:
+        self.file_poked_at = time.monotonic()
+        self.wake.set()
+
+    def take_reloads(self) -> list[_Reload]:
+        with self.lock:
+            taken, self.reloads = self.reloads, []
+        return taken
+
+
+class PublisherService:
+    def __init__(self, settings: ServiceSettings | None = None) -> None:
+        self.settings = settings or ServiceSettings()
+        self.stats = Stats()
+        self.loader = ConfigurationLoader(self.settings.config_path,
+                                          max_bytes=self.settings.max_config_bytes)
+        self.notifier = SystemdNotifier()
+        self.gave_up: str | None = None
+        self._mail = _Mailbox()
+        self._entries: dict[str, PublishConfig] = {}
+        self._digest: str | None = None
+        self._last_file_problem: str | None = None
+        self._last_reload_at: float | None = None
+        self._connection = MQTTConnectionManager(
+            self.settings.broker, self.stats, on_give_up=self._give_up,
+            clear_retained_on_remove=self.settings.clear_retained_on_remove)
+        self._schedule = Schedule(self._tick)
+        self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
+                                      force_polling=self.settings.force_polling)
+        self._store = StateStore(self.settings.state_db) if self.settings.state_db else None
+        self._clock = ClockGuard()
+        self._timers: dict[str, float] = {}
+        self._loop_thread: threading.Thread | None = None
+        self._loop_ident: int | None = None
+        self._stopped = threading.Event()
+        self._started = False
+        self.http: Any = None  # the HTTP server, when enabled (set by start)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the config, schedule, connect, and run the main loop in a background thread.
+        Raises ConfigFileError when the file cannot be used at all."""
+        self._startup()
+        self._loop_thread = threading.Thread(target=self._main_loop, name="service-loop",
+                                             daemon=True)
+        self._loop_thread.start()
+
+    def run(self) -> None:
+        """Like start(), but the calling thread is the main loop; returns after stop()."""
+        self._startup()
+        self._main_loop()
+
+    def stop(self) -> None:
+        """Graceful stop; returns when the service has shut down (within about 5 s)."""
+        self._mail.post_stop()
+        if self._loop_thread is not None and self._loop_thread is not threading.current_thread():
+            self._stopped.wait(self.settings.shutdown_timeout + 3)
+
+    def request_stop(self) -> None:
+        """Signal-handler safe: only sets a flag and wakes the loop."""
+        self._mail.post_stop()
+
+    def request_reload(self) -> None:
+        """Signal-handler safe (SIGHUP): the main loop does the reload."""
+        self._mail.post_reload()
+
+    def reload_config(self, timeout: float = 10.0) -> bool:
+        """Re-read the config file now; True when it was applied (fully or in part)."""
+        if threading.get_ident() == self._loop_ident or not self._started:
+            return self._reload(manual=True)
+        request = self._mail.post_reload()
+        request.done.wait(timeout)
+        return request.applied
+
+    def _startup(self) -> None:
+        self._wait_for_plausible_clock()
+        result = self.loader.load()  # ConfigFileError propagates: the CLI exits with code 3
+        self._restore_counters()
+        self._apply(result, initial=True)
+        self._connection.connect()
+        self._schedule.start()
+        if self.settings.watch:
+            self._watcher.start()
+        self._start_http()
+        self._started = True
+        self.notifier.ready(self._status_line())
+        log.info("service_started", active_configs=len(self._entries),
+                 config=str(self.settings.config_path), watcher=self._watcher.kind,
+                 broker=f"{self.settings.broker.host}:{self.settings.broker.port}")
+
+    def _wait_for_plausible_clock(self) -> None:
+        """Gateways without an RTC boot in 1970: never schedule against such a clock."""
+        warned = False
+        while not clock_is_plausible(time.time()) and not self._mail.stop:
+            if not warned:
+                log.warning("clock_implausible", now=datetime.now(UTC).isoformat())
+                self.notifier.status("waiting for the system clock to be set")
+                warned = True
+            self._mail.wake.wait(1.0)
+
+    def _restore_counters(self) -> None:
+        if self._store is None:
+            return
+        saved = self._store.open()
+        if self._store.recovered_from is not None:
+            log.warning("state_db_recovered", moved_to=str(self._store.recovered_from))
+        self.stats.restore(saved)
+
+    def _start_http(self) -> None:
+        if self.settings.http_port == 0:
+            return
+        from scheduler_publisher.http import StatusServer  # noqa: PLC0415 - optional component
+
+        self.http = StatusServer(self, self.settings.http_host, self.settings.http_port,
+                                 token=self.settings.http_token)
+        if not self.http.start():
+            self.http = None
+
+    # ---- the main loop --------------------------------------------------------------------
+    def _main_loop(self) -> None:
+        self._loop_ident = threading.get_ident()
+        now = time.monotonic()
+        self._timers = {
+            "stats": now + self.settings.stats_interval,
+            "checkpoint": now + self.settings.checkpoint_interval,
+            "history": now + self.settings.history_interval,
+            "safety": now + self.settings.safety_check_interval,
+            "clock": now + CLOCK_CHECK_PERIOD,
+        }
+        if self.notifier.watchdog_interval:
+            self._timers["watchdog"] = now
+        try:
+            while not self._mail.stop:
+                self._mail.wake.wait(self._next_timeout())
+                self._mail.wake.clear()
+                self._turn()
+        finally:
+            self._shutdown()
+
+    def _next_timeout(self) -> float:
+        due = min(self._timers.values())
+        if self._mail.file_poked_at is not None:
+            due = min(due, self._mail.file_poked_at + self.settings.reload_debounce)
+        return max(0.0, due - time.monotonic())
+
+    def _turn(self) -> None:
+        for request in self._mail.take_reloads():
+            request.applied = self._reload(manual=True)
+            request.done.set()
+        poked = self._mail.file_poked_at
+        now = time.monotonic()
+        if poked is not None and now - poked >= self.settings.reload_debounce:
+            self._mail.file_poked_at = None
+            self._reload(manual=False)
+        actions: dict[str, tuple[float, Callable[[], None]]] = {
+            "stats": (self.settings.stats_interval, self._log_statistics),
+            "checkpoint": (self.settings.checkpoint_interval, self._checkpoint),
+            "history": (self.settings.history_interval, self._record_history),
+            "safety": (self.settings.safety_check_interval, lambda: self._reload(manual=False)),
+            "clock": (CLOCK_CHECK_PERIOD, self._check_clock),
+            "watchdog": (self.notifier.watchdog_interval or 1.0, self._ping_watchdog),
+        }
+        for name, due in list(self._timers.items()):
+            if now >= due:
+                period, action = actions[name]
+                self._timers[name] = now + period
+                action()
+
+    # ---- reloads --------------------------------------------------------------------------
+    def _reload(self, *, manual: bool) -> bool:
+        if manual:
+            self.notifier.reloading()
+        try:
+            return self._reload_file(manual=manual)
+        finally:
+            if manual:
+                self.notifier.ready(self._status_line())
+
+    def _reload_file(self, *, manual: bool) -> bool:
+        path = self.settings.config_path
+        try:
+            raw = read_config_file(path, max_bytes=self.settings.max_config_bytes)
+            if hashlib.sha256(raw).hexdigest() == self._digest:
+                self._last_file_problem = None
+                return True  # touch, identical rewrite, or the safety check: nothing changed
+            result = parse_config(raw, source=str(path))
+        except ConfigFileError as exc:
+            self._file_problem(str(exc))
+            return False
+        self._last_file_problem = None
+        self._apply(result, initial=False)
+        return True
+
+    def _file_problem(self, problem: str) -> None:
+        """Keep everything running; say so once per distinct problem, not once per event."""
+        self.stats.config_errors += problem != self._last_file_problem
+        if problem != self._last_file_problem:
+            log.error("config_reload_failed", error=problem, kept_entries=len(self._entries))
+            self._last_file_problem = problem
+
+    def _apply(self, result: ConfigResult, *, initial: bool) -> None:
+        self._log_problems(result)
+        wanted, kept = effective_entries(self._entries, result)
+        plan = diff(self._entries, wanted, kept)
+        # Order matters: the network thread learns the entries before any tick can name them.
+        self._entries = wanted
+        self._digest = result.digest
+        self._connection.set_entries(wanted)
+        self._schedule.apply(plan)
+        self.stats.forget([e.id for e in plan.removed])
+        self._last_reload_at = time.time()
+        if not initial:
+            self.stats.reloads += 1
+            self._log_reload(plan)
+
+    def _log_problems(self, result: ConfigResult) -> None:
+        self.stats.config_errors += len(result.errors)
+        for problem in result.problems:
+            emit = log.error if problem.severity == "error" else log.warning
+            emit("config_entry_invalid" if problem.severity == "error" else "config_entry_warning",
+                 error=str(problem), entry_position=problem.position, entry_id=problem.entry_id,
+                 field=problem.field)
+
+    def _log_reload(self, plan: Plan) -> None:
+        log.info("config_reloaded", active_configs=len(self._entries), **plan.summary())
+
+    # ---- ticks (scheduler thread) ---------------------------------------------------------
+    def _tick(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
+        # APScheduler checks the signature against add_job's args: hence the defaults.
+        if slot is not None:
+            self.stats.record_tick(entry_id, (datetime.now(UTC) - slot).total_seconds(), missed)
+        self._connection.publish_entry(entry_id)
+
+    def _give_up(self, reason: str) -> None:
+        """Network thread: --max-retries reached. The CLI turns this into its exit code."""
+        self.gave_up = reason
+        log.error("mqtt_gave_up", reason=reason, max_retries=self.settings.broker.max_retries)
+        self._mail.post_stop()
+
+    # ---- timers ---------------------------------------------------------------------------
+    def _log_statistics(self) -> None:
+        total, up = self._connection.connection_counts()
+        summary = self.stats.summary()
+        log.info("publisher_statistics", active_configs=len(self._entries),
+                 total_published=summary["total_published"],
+                 total_errors=summary["total_errors"], total_dropped=summary["total_dropped"],
+                 reconnects=summary["reconnects"], uptime_seconds=summary["uptime_seconds"],
+                 connected=self._connection.is_connected(), connections=total,
+                 connections_up=up)
+        self.notifier.status(self._status_line())
+
+    def _checkpoint(self) -> None:
+        if self._store is not None:
+            try:
+                self._store.checkpoint(self.stats.saved_state(), now=time.time())
+            except Exception as exc:  # a full disk must not stop publishing
+                log.error("state_checkpoint_failed", error=str(exc))
+
+    def _record_history(self) -> None:
+        if self._store is not None:
+            t = self.stats.totals()
+            try:
+                self._store.record_history(HistoryRow(time.time(), t.published, t.errors,
+                                                      t.uptime_seconds))
+            except Exception as exc:  # as above: statistics are never worth stopping for
+                log.error("state_history_failed", error=str(exc))
+
+    def _check_clock(self) -> None:
+        jump = self._clock.observe(time.time(), time.monotonic())
+        if jump is not None:
+            log.warning("clock_jump", seconds=round(jump, 3))
+            self._schedule.rebuild(self._entries.values())
+
+    def _ping_watchdog(self) -> None:
+        problems = self.health_problems()
+        if problems:
+            log.error("watchdog_ping_withheld", problems=problems)
+        else:
+            self.notifier.watchdog()
+
+    def _status_line(self) -> str:
+        total, up = self._connection.connection_counts()
+        state = "connected" if self._connection.is_connected() else "not connected"
+        return f"{state}; {len(self._entries)} entries; {up}/{total} connections up"
+
+    # ---- shutdown -------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        started = time.monotonic()
+        self.notifier.stopping()
+        log.info("service_stopping")
+        self._watcher.stop()
+        self._schedule.shutdown()
+        budget = self.settings.shutdown_timeout - (time.monotonic() - started)
+        self._connection.disconnect(max(0.5, budget - 0.3))
+        self._checkpoint()
+        if self._store is not None:
+            self._store.close()
+        if self.http is not None:
+            self.http.stop()
+        log.info("service_stopped", total_published=self.stats.totals().published,
+                 seconds=round(time.monotonic() - started, 3))
+        self._stopped.set()
+
+    # ---- status ---------------------------------------------------------------------------
+    def health_problems(self) -> list[str]:
+        """Why the service is not alive and working; empty when it is. A broker outage alone is
+        not a liveness problem (a restart would not fix it)."""
+        problems = []
+        if not self._schedule.is_alive(HEALTH_MAX_SILENCE):
+            problems.append("scheduler not running")
+        if self.settings.watch and not self._watcher.is_alive():
+            problems.append("config watcher not running")
+        if not self._connection.is_healthy(HEALTH_MAX_SILENCE):
+            problems.append("network thread not running")
+        return problems
+
+    def is_connected(self) -> bool:
+        return self._connection.is_connected()
+
+    @property
+    def connection(self) -> MQTTConnectionManager:
+        return self._connection
+
+    def get_status(self) -> dict[str, Any]:
+        entries = dict(self._entries)  # a reference swap elsewhere: this copy is consistent
+        connection = self._connection.status()
+        return {
+            "active_configs": len(entries),
+            "connected": connection["connected"],
+            "statistics": self.stats.summary(),
+            "connection": connection,
+            "health": {"ok": not self.health_problems(), "problems": self.health_problems()},
+            "config": {"path": str(self.settings.config_path), "digest": self._digest,
+                       "last_reload_at": self._last_reload_at,
+                       "last_error": self._last_file_problem, "watcher": self._watcher.kind},
+            "entries": {i: self._entry_status(e) for i, e in entries.items()},
+        }
+
+    def _entry_status(self, entry: PublishConfig) -> dict[str, Any]:
+        stats = self.stats.entries.get(entry.id)
+        next_run = self._schedule.next_run(entry.id)
+        return {"topic": entry.topic, "interval": entry.interval, "qos": entry.qos,
+                "retain": entry.retain, "lwt": entry.lwt,
+                "next_run_at": next_run.isoformat() if next_run else None,
+                **(stats.as_dict() if stats else {})}

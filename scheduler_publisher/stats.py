@@ -1,0 +1,161 @@
+"""Counters: per entry and in total, for get_status(), /metrics, the stats log line and the state DB.
+
+Threads: each counter has exactly one writer. The network thread writes published, errors,
+dropped and deferred; the scheduler thread writes lateness and missed; the main loop writes
+reloads and config errors. Readers (HTTP, main loop) see values that are at most one update old,
+which is all a counter needs; no lock sits on the publish path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler_publisher.statestore import EntryCounters, SavedState, Totals
+
+# Upper bounds (seconds) of the lateness histogram, also used by /metrics.
+LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+@dataclass(slots=True)
+class Lateness:
+    """How late ticks ran against their grid slot."""
+
+    count: int = 0
+    total: float = 0.0
+    maximum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENESS_BUCKETS) + 1))
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.maximum = max(self.maximum, seconds)
+        for i, bound in enumerate(LATENESS_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                return
+        self.buckets[-1] += 1
+
+    def as_dict(self) -> dict[str, float | int]:
+        mean = self.total / self.count if self.count else 0.0
+        return {"count": self.count, "mean_ms": round(mean * 1000, 3),
+                "max_ms": round(self.maximum * 1000, 3)}
+
+
+@dataclass(slots=True)
+class EntryStats:
+    published: int = 0
+    errors: int = 0
+    dropped: int = 0  # QoS 0 ticks while the connection was down
+    deferred: int = 0  # QoS 1/2 ticks while down; the newest goes out on reconnect
+    missed: int = 0  # grid slots the scheduler skipped (coalesced after a stall)
+    last_published_at: float | None = None  # unix time
+    last_error: str | None = None
+    lateness: Lateness = field(default_factory=Lateness)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "published": self.published, "errors": self.errors, "dropped": self.dropped,
+            "deferred": self.deferred, "missed": self.missed,
+            "last_published_at": self.last_published_at, "last_error": self.last_error,
+            "lateness": self.lateness.as_dict(),
+        }
+
+
+class Stats:
+    def __init__(self, *, wall: Any = time.time, monotonic: Any = time.monotonic) -> None:
+        self._wall = wall
+        self._monotonic = monotonic
+        self.started = monotonic()
+        self.entries: dict[str, EntryStats] = {}
+        self.published = 0
+        self.errors = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.reloads = 0
+        self.config_errors = 0
+        self.base = Totals()  # what earlier runs left in the state DB
+
+    def entry(self, entry_id: str) -> EntryStats:
+        found = self.entries.get(entry_id)
+        if found is None:
+            found = self.entries[entry_id] = EntryStats()
+        return found
+
+    # network thread
+    def record_published(self, entry_id: str) -> None:
+        e = self.entry(entry_id)
+        e.published += 1
+        e.last_published_at = self._wall()
+        self.published += 1
+
+    def record_error(self, entry_id: str | None, reason: str) -> None:
+        self.errors += 1
+        if entry_id is not None:
+            e = self.entry(entry_id)
+            e.errors += 1
+            e.last_error = reason
+
+    def record_dropped(self, entry_id: str) -> None:
+        self.entry(entry_id).dropped += 1
+        self.dropped += 1
+
+    def record_deferred(self, entry_id: str) -> None:
+        self.entry(entry_id).deferred += 1
+
+    def record_reconnect(self) -> None:
+        self.reconnects += 1
+
+    # scheduler thread
+    def record_tick(self, entry_id: str, lateness: float, missed: int) -> None:
+        e = self.entry(entry_id)
+        e.lateness.observe(max(0.0, lateness))
+        e.missed += missed
+
+    # main loop
+    def forget(self, entry_ids: list[str]) -> None:
+        for entry_id in entry_ids:
+            self.entries.pop(entry_id, None)
+
+    def restore(self, saved: SavedState) -> None:
+        self.base = saved.totals
+        for entry_id, c in saved.entries.items():
+            e = self.entry(entry_id)
+            e.published += c.published
+            e.errors += c.errors
+            e.dropped += c.dropped
+            e.last_published_at = e.last_published_at or c.last_published_at
+
+    def uptime(self) -> float:
+        return self._monotonic() - self.started
+
+    def totals(self) -> Totals:
+        return Totals(
+            published=self.base.published + self.published,
+            errors=self.base.errors + self.errors,
+            dropped=self.base.dropped + self.dropped,
+            reconnects=self.base.reconnects + self.reconnects,
+            uptime_seconds=self.base.uptime_seconds + self.uptime(),
+        )
+
+    def saved_state(self) -> SavedState:
+        entries = {
+            entry_id: EntryCounters(e.published, e.errors, e.dropped, e.last_published_at)
+            for entry_id, e in list(self.entries.items())
+        }
+        return SavedState(self.totals(), entries)
+
+    def summary(self) -> dict[str, Any]:
+        t = self.totals()
+        return {
+            "total_published": t.published,
+            "total_errors": t.errors,
+            "total_dropped": t.dropped,
+            "reconnects": t.reconnects,
+            "uptime_seconds": round(self.uptime(), 3),
+            "lifetime_uptime_seconds": round(t.uptime_seconds, 3),
+            "published_this_run": self.published,
+            "reloads": self.reloads,
+            "config_errors": self.config_errors,
+        }

@@ -1,0 +1,836 @@
+"""config.py: the JSON entries file becomes validated, frozen PublishConfig objects."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduler_publisher.config import (
+    DEFAULT_MAX_BYTES,
+    ConfigError,
+    ConfigFileError,
+    ConfigResult,
+    ConfigurationLoader,
+    Problem,
+    PublishConfig,
+    parse_config,
+    read_config_file,
+)
+
+SAMPLE = Path(__file__).resolve().parent.parent / "JSON" / "payloadStaticConfig.json"
+ABSENT = object()  # marks a field to leave out of an entry
+
+
+def entry(**fields: Any) -> dict[str, Any]:
+    """A valid entry, with `fields` replacing (or, given ABSENT, removing) its defaults."""
+    base: dict[str, Any] = {"id": "a", "topic": "site/gw01/a", "data": {"v": 1}, "interval": 5}
+    base.update(fields)
+    return {key: value for key, value in base.items() if value is not ABSENT}
+
+
+def parse(*entries: Any) -> ConfigResult:
+    return parse_config(json.dumps(list(entries), ensure_ascii=False).encode())
+
+
+def lines(result: ConfigResult) -> list[str]:
+    return [str(problem) for problem in result.problems]
+
+
+def only_error(result: ConfigResult) -> str:
+    assert len(result.errors) == 1, lines(result)
+    assert result.entries == ()
+    return str(result.errors[0])
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """An object `depth` levels deep, counting itself."""
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"n": value}
+    return value
+
+
+# --- a valid entry ---------------------------------------------------------------------------
+
+
+def test_minimal_entry_gets_defaults() -> None:
+    """Only the required fields are needed; the rest take their documented defaults."""
+    result = parse(entry())
+    assert result.problems == ()
+    (config,) = result.entries
+    assert config == PublishConfig(id="a", topic="site/gw01/a", data={"v": 1}, interval=5.0)
+    assert (config.qos, config.retain, config.lwt) == (0, False, False)
+    assert (config.created_at, config.updated_at, config.version) == (None, None, None)
+
+
+def test_full_entry_keeps_every_field() -> None:
+    """Every documented field is read into the config."""
+    result = parse(entry(qos=2, retain=True, lwt=True, created_at="2024-03-04T09:15:00+00:00",
+                         updated_at="2024-06-18", version=3))
+    (config,) = result.entries
+    assert (config.qos, config.retain, config.lwt, config.version) == (2, True, True, 3)
+    assert (config.created_at, config.updated_at) == ("2024-03-04T09:15:00+00:00", "2024-06-18")
+
+
+# --- id --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("", '""'), (5, "5"), (True, "true"), (None, "null"), (["a"], '["a"]'),
+])
+def test_id_must_be_a_non_empty_string(value: Any, shown: str) -> None:
+    """A non-string or empty id is rejected, and the message has no id label."""
+    expected = f"entry 1: id must be a non-empty string, got {shown}"
+    assert only_error(parse(entry(id=value))) == expected
+
+
+def test_id_is_required() -> None:
+    """An entry without an id is rejected."""
+    assert only_error(parse(entry(id=ABSENT))) == "entry 1: id is required"
+
+
+def test_id_with_lone_surrogate_is_rejected() -> None:
+    """An id that cannot be encoded as UTF-8 would break every log line that names it."""
+    result = parse_config(b'[{"id": "a\\ud800", "topic": "t", "data": {}, "interval": 1}]')
+    assert only_error(result) == (
+        'entry 1: id must be valid Unicode (no lone surrogates), got "a\\ud800"'
+    )
+
+
+# --- topic -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topic", ["t", "site/gw01/boiler/temperature", "/lead", "trail/", "a//b",
+                                   "café/温度", "a b"])
+def test_valid_topics(topic: str) -> None:
+    """Any non-empty literal topic, including Unicode and empty levels, is accepted."""
+    assert parse(entry(topic=topic)).entries[0].topic == topic
+
+
+@pytest.mark.parametrize(("topic", "expected"), [
+    ("", 'topic must be a non-empty string, got ""'),
+    (5, "topic must be a non-empty string, got 5"),
+    (None, "topic must be a non-empty string, got null"),
+    ("a/+/b", 'topic must be free of the wildcards "+" and "#", got "a/+/b"'),
+    ("a/#", 'topic must be free of the wildcards "+" and "#", got "a/#"'),
+    ("+", 'topic must be free of the wildcards "+" and "#", got "+"'),
+    ("a\0b", 'topic must be free of NUL (U+0000), got "a\\u0000b"'),
+])
+def test_invalid_topics(topic: Any, expected: str) -> None:
+    """Non-strings, empty topics, wildcards and NUL are rejected with what was received."""
+    assert only_error(parse(entry(topic=topic))) == f'entry 1 (id "a"): {expected}'
+
+
+def test_topic_is_required() -> None:
+    """An entry without a topic is rejected."""
+    assert only_error(parse(entry(topic=ABSENT))) == 'entry 1 (id "a"): topic is required'
+
+
+def test_topic_limit_counts_utf8_bytes_not_characters() -> None:
+    """65535 UTF-8 bytes is the limit: 21845 three-byte characters fit, one more byte does not."""
+    at_limit = "€" * 21845
+    assert len(at_limit.encode()) == 65535
+    assert parse(entry(topic=at_limit)).entries[0].topic == at_limit
+    over = only_error(parse(entry(topic=at_limit + "a")))
+    assert over == 'entry 1 (id "a"): topic must be at most 65535 UTF-8 bytes, got 65536 bytes'
+
+
+def test_topic_of_few_characters_but_too_many_bytes() -> None:
+    """A topic under 65535 characters is still too long when its encoding is over 65535 bytes."""
+    topic = "é" * 40000  # 40000 characters, 80000 bytes
+    assert only_error(parse(entry(topic=topic))).endswith("got 80000 bytes")
+
+
+def test_topic_with_lone_surrogate_is_rejected() -> None:
+    """A topic that cannot be encoded as UTF-8 cannot be sent."""
+    result = parse_config(b'[{"id": "a", "topic": "t/\\udc00", "data": {}, "interval": 1}]')
+    assert "topic must be valid Unicode (no lone surrogates)" in only_error(result)
+
+
+def test_dollar_topic_is_a_warning_only() -> None:
+    """A topic starting with $ is accepted with a warning: brokers reserve that space."""
+    result = parse(entry(topic="$SYS/mine"))
+    assert len(result.entries) == 1
+    assert lines(result) == [
+        'entry 1 (id "a"): topic starts with "$", which brokers reserve for their own topics, '
+        'got "$SYS/mine"'
+    ]
+    assert result.warnings[0].field == "topic"
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "shown"), [
+    ([1, 2], "[1, 2]"), ("x", '"x"'), (1, "1"), (None, "null"), (True, "true"),
+])
+def test_data_must_be_an_object(data: Any, shown: str) -> None:
+    """data that is not a JSON object is rejected."""
+    expected = f'entry 1 (id "a"): data must be an object, got {shown}'
+    assert only_error(parse(entry(data=data))) == expected
+
+
+def test_data_is_required() -> None:
+    """An entry without data is rejected."""
+    assert only_error(parse(entry(data=ABSENT))) == 'entry 1 (id "a"): data is required'
+
+
+def test_data_may_be_empty_and_nested() -> None:
+    """Empty objects and nested arrays/objects are valid data."""
+    data = {"a": [1, {"b": None}], "c": {}, "d": "é"}
+    result = parse(entry(data={}), entry(id="b", data=data))
+    assert [dict(config.data) for config in result.entries] == [{}, data]
+
+
+def test_data_depth_limit_is_32_levels() -> None:
+    """data may nest 32 levels counting itself; 33 is an error."""
+    assert parse(entry(data=nested(32))).problems == ()
+    assert only_error(parse(entry(data=nested(33)))) == (
+        'entry 1 (id "a"): data must be nested at most 32 levels deep, got 33'
+    )
+
+
+def test_data_depth_counts_arrays_too() -> None:
+    """Arrays inside data count as nesting levels."""
+    data: dict[str, Any] = {"a": [[[[]]]]}
+    data_33: dict[str, Any] = {"n": json.loads("[" * 32 + "]" * 32)}
+    assert parse(entry(data=data)).problems == ()
+    assert "got 33" in only_error(parse(entry(data=data_33)))
+
+
+def test_data_with_out_of_range_number_is_rejected() -> None:
+    """1e400 decodes to infinity, which a JSON payload cannot carry."""
+    result = parse_config(b'[{"id": "a", "topic": "t", "data": {"x": [1e400]}, "interval": 1}]')
+    assert only_error(result) == 'entry 1 (id "a"): data numbers must be finite, got Infinity'
+
+
+@pytest.mark.parametrize("text", [b'{"x": "\\ud800"}', b'{"\\udfff": 1}'])
+def test_data_with_lone_surrogate_is_rejected(text: bytes) -> None:
+    """A string or key that cannot be encoded as UTF-8 cannot go into the payload."""
+    raw = b'[{"id": "a", "topic": "t", "data": ' + text + b', "interval": 1}]'
+    assert "data strings must be valid Unicode" in only_error(parse_config(raw))
+
+
+def test_online_key_is_warned_and_overridden() -> None:
+    """A data key "online" is accepted with a warning; the payload's online is the service's."""
+    result = parse(entry(data={"v": 1, "online": 5}))
+    assert lines(result) == [
+        'entry 1 (id "a"): data key "online" is overridden by the service '
+        "(1 while running, 0 when offline), got 5"
+    ]
+    (config,) = result.entries
+    assert config.payload == b'{"online":1,"v":1}'
+    assert config.offline_payload == b'{"online":0,"v":1}'
+
+
+def test_nested_online_key_is_left_alone() -> None:
+    """Only the top-level online key is the service's; nested ones are ordinary data."""
+    result = parse(entry(data={"status": {"online": True}}))
+    assert result.problems == ()
+    assert result.entries[0].payload == b'{"online":1,"status":{"online":true}}'
+
+
+def test_payload_is_compact_utf8_with_online_first() -> None:
+    """The payload is compact JSON, UTF-8 (not \\u escapes), keys in file order after online."""
+    (config,) = parse(entry(data={"z": "°C", "a": [1.5, None, False]})).entries
+    assert config.payload == '{"online":1,"z":"°C","a":[1.5,null,false]}'.encode()
+    assert list(json.loads(config.offline_payload)) == ["online", "z", "a"]
+
+
+# --- interval --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [0.1, 1, 2.5, 86400, 86400.0])
+def test_valid_intervals(interval: float) -> None:
+    """Intervals from 0.1 to 86400 seconds inclusive are accepted, as floats."""
+    config = parse(entry(interval=interval)).entries[0]
+    assert config.interval == interval
+    assert type(config.interval) is float
+
+
+@pytest.mark.parametrize(("interval", "shown"), [
+    (0, "0"), (0.09999999999999999, "0.09999999999999999"), (-1, "-1"), (86400.001, "86400.001"),
+    (86401, "86401"), (10**30, str(10**30)),
+])
+def test_interval_out_of_range(interval: float, shown: str) -> None:
+    """Intervals outside [0.1, 86400] are rejected with the exact received number."""
+    assert only_error(parse(entry(interval=interval))) == (
+        f'entry 1 (id "a"): interval must be between 0.1 and 86400, got {shown}'
+    )
+
+
+@pytest.mark.parametrize(("interval", "shown"), [
+    ("5", '"5"'), (True, "true"), (False, "false"), (None, "null"), ([5], "[5]"), ({}, "{}"),
+])
+def test_interval_must_be_a_number(interval: Any, shown: str) -> None:
+    """Strings, booleans and containers are not numbers, even when they look like one."""
+    assert only_error(parse(entry(interval=interval))) == (
+        f'entry 1 (id "a"): interval must be a number, got {shown}'
+    )
+
+
+def test_interval_must_be_finite() -> None:
+    """An interval too large for a float decodes to infinity and is rejected."""
+    result = parse_config(b'[{"id": "a", "topic": "t", "data": {}, "interval": 1e400}]')
+    assert only_error(result) == 'entry 1 (id "a"): interval must be a finite number, got Infinity'
+
+
+def test_interval_is_required() -> None:
+    """The exact message for a missing required field."""
+    expected = 'entry 1 (id "x"): interval is required'
+    assert only_error(parse(entry(id="x", interval=ABSENT))) == expected
+
+
+# --- qos, retain, lwt ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_valid_qos(qos: int) -> None:
+    """QoS 0, 1 and 2 are accepted."""
+    assert parse(entry(qos=qos)).entries[0].qos == qos
+
+
+@pytest.mark.parametrize(("qos", "shown"), [
+    ("1", '"1"'), (True, "true"), (False, "false"), (1.0, "1.0"), (3, "3"), (-1, "-1"),
+    (None, "null"),
+])
+def test_invalid_qos(qos: Any, shown: str) -> None:
+    """Anything but the integers 0, 1, 2 is rejected, including true and 1.0."""
+    expected = f'entry 1 (id "a"): qos must be 0, 1 or 2, got {shown}'
+    assert only_error(parse(entry(qos=qos))) == expected
+
+
+@pytest.mark.parametrize("name", ["retain", "lwt"])
+@pytest.mark.parametrize("value", [True, False])
+def test_valid_flags(name: str, value: bool) -> None:
+    """retain and lwt take JSON booleans."""
+    config = parse(entry(**{name: value})).entries[0]
+    assert getattr(config, name) is value
+
+
+@pytest.mark.parametrize("name", ["retain", "lwt"])
+@pytest.mark.parametrize(("value", "shown"), [
+    (1, "1"), (0, "0"), ("true", '"true"'), (None, "null"),
+])
+def test_invalid_flags(name: str, value: Any, shown: str) -> None:
+    """retain and lwt reject numbers, strings and null."""
+    assert only_error(parse(entry(**{name: value}))) == (
+        f'entry 1 (id "a"): {name} must be true or false, got {shown}'
+    )
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["created_at", "updated_at"])
+@pytest.mark.parametrize("value", ["2024-03-04T09:15:00+00:00", "2024-03-04", "2024-03-04 09:15",
+                                   "2024-03-04T09:15:00.123456", None])
+def test_valid_timestamps(name: str, value: str | None) -> None:
+    """Anything datetime.fromisoformat accepts, or null, is a valid timestamp."""
+    assert getattr(parse(entry(**{name: value})).entries[0], name) == value
+
+
+@pytest.mark.parametrize("name", ["created_at", "updated_at"])
+@pytest.mark.parametrize(("value", "shown"), [
+    ("yesterday", '"yesterday"'), ("", '""'), (1714000000, "1714000000"), (True, "true"),
+])
+def test_invalid_timestamps(name: str, value: Any, shown: str) -> None:
+    """Non-ISO strings and epoch numbers are rejected."""
+    assert only_error(parse(entry(**{name: value}))) == (
+        f'entry 1 (id "a"): {name} must be an ISO-8601 date-time string, got {shown}'
+    )
+
+
+@pytest.mark.parametrize("version", [1, 7, None])
+def test_valid_versions(version: int | None) -> None:
+    """version is a positive integer, or null."""
+    assert parse(entry(version=version)).entries[0].version == version
+
+
+@pytest.mark.parametrize(("version", "shown"), [
+    (0, "0"), (-1, "-1"), (True, "true"), (1.5, "1.5"), (1.0, "1.0"), ("2", '"2"'),
+])
+def test_invalid_versions(version: Any, shown: str) -> None:
+    """version rejects zero, negatives, booleans, floats and strings."""
+    assert only_error(parse(entry(version=version))) == (
+        f'entry 1 (id "a"): version must be an integer >= 1, got {shown}'
+    )
+
+
+# --- unknown and repeated fields -------------------------------------------------------------
+
+
+def test_unknown_field_is_a_warning() -> None:
+    """An unknown field is reported as a warning and the entry stays valid."""
+    result = parse(entry(colour="red"))
+    assert len(result.entries) == 1
+    assert lines(result) == ['entry 1 (id "a"): unknown field "colour" is ignored']
+    assert result.problems[0].severity == "warning"
+    assert result.problems[0].field == "colour"
+
+
+def test_unknown_field_suggests_a_close_name() -> None:
+    """A misspelt field name gets a did-you-mean hint."""
+    result = parse(entry(intervall=10))
+    assert lines(result) == [
+        'entry 1 (id "a"): unknown field "intervall" is ignored (did you mean "interval"?)'
+    ]
+
+
+def test_repeated_field_is_a_warning() -> None:
+    """A field written twice in one entry is a warning; JSON keeps the last value."""
+    raw = b'[{"id": "a", "topic": "t", "data": {}, "interval": 5, "interval": 10}]'
+    result = parse_config(raw)
+    assert result.entries[0].interval == 10
+    assert lines(result) == [
+        'entry 1 (id "a"): field "interval" appears more than once; the last one wins'
+    ]
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+def test_message_format_is_exact() -> None:
+    """The documented message shape: position, id label, field, expectation, received value."""
+    result = parse(entry(id="p1"), entry(id="pump-7", interval=0))
+    assert lines(result) == ['entry 2 (id "pump-7"): interval must be between 0.1 and 86400, got 0']
+    (problem,) = result.problems
+    assert problem == Problem("error", 2, "pump-7", "interval",
+                              "interval must be between 0.1 and 86400, got 0")
+
+
+def test_entry_that_is_not_an_object() -> None:
+    """A non-object entry is rejected as a whole, without field or id."""
+    result = parse(entry(), [1, 2], "x", None)
+    assert lines(result) == [
+        "entry 2: must be an object, got [1, 2]",
+        'entry 3: must be an object, got "x"',
+        "entry 4: must be an object, got null",
+    ]
+    assert len(result.entries) == 1
+
+
+def test_long_received_values_are_truncated() -> None:
+    """Received values are cut to about 60 characters with an ellipsis."""
+    message = only_error(parse(entry(qos="x" * 500)))
+    shown = message.split(", got ", 1)[1]
+    assert len(shown) == 60
+    assert shown.startswith('"xxx')
+    assert shown.endswith("…")
+
+
+def test_problem_without_position_is_the_message() -> None:
+    """A file-level problem renders as its message alone."""
+    assert str(Problem("warning", None, None, None, "all quiet")) == "all quiet"
+
+
+# --- many entries at once --------------------------------------------------------------------
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """All entries and all fields are checked; nothing stops at the first error."""
+    result = parse(
+        entry(id="ok"),
+        entry(id="b", topic="a/#", interval="5", qos=3, colour=1),
+        {"topic": "t", "data": [], "lwt": "yes"},
+        entry(id="d", retain=None, version=0, data={"online": 0}),
+    )
+    assert lines(result) == [
+        'entry 2 (id "b"): topic must be free of the wildcards "+" and "#", got "a/#"',
+        'entry 2 (id "b"): interval must be a number, got "5"',
+        'entry 2 (id "b"): qos must be 0, 1 or 2, got 3',
+        'entry 2 (id "b"): unknown field "colour" is ignored',
+        "entry 3: data must be an object, got []",
+        'entry 3: lwt must be true or false, got "yes"',
+        "entry 3: id is required",
+        "entry 3: interval is required",
+        'entry 4 (id "d"): data key "online" is overridden by the service '
+        "(1 while running, 0 when offline), got 0",
+        'entry 4 (id "d"): retain must be true or false, got null',
+        'entry 4 (id "d"): version must be an integer >= 1, got 0',
+    ]
+    assert [config.id for config in result.entries] == ["ok"]
+    assert result.invalid_ids == {"b", "d"}
+
+
+def test_invalid_entries_are_skipped_and_valid_ones_kept_in_order() -> None:
+    """One bad entry does not take the others down; order is the file's."""
+    result = parse(entry(id="c"), entry(id="bad", qos=9), entry(id="a"), entry(id="b"))
+    assert [config.id for config in result.entries] == ["c", "a", "b"]
+    assert result.invalid_ids == {"bad"}
+
+
+def test_errors_and_warnings_are_split() -> None:
+    """errors and warnings partition problems, each in file order."""
+    result = parse(entry(id="w", x=1), entry(id="e", qos=5), entry(id="w2", topic="$t"))
+    assert [p.entry_id for p in result.errors] == ["e"]
+    assert [p.entry_id for p in result.warnings] == ["w", "w2"]
+
+
+def test_empty_array_is_valid() -> None:
+    """An empty array means no entries and no problems."""
+    result = parse()
+    assert (result.entries, result.problems, result.invalid_ids) == ((), (), frozenset())
+
+
+def test_digest_is_sha256_of_the_raw_bytes() -> None:
+    """The digest identifies the exact file content."""
+    raw = json.dumps([entry()]).encode()
+    assert parse_config(raw).digest == hashlib.sha256(raw).hexdigest()
+
+
+# --- duplicates and invalid_ids --------------------------------------------------------------
+
+
+def test_duplicate_id_rejects_the_later_occurrence_only() -> None:
+    """The first entry with an id stays valid; later ones are errors naming the first."""
+    result = parse(entry(id="a", interval=1), entry(id="b"), entry(id="a", interval=2))
+    assert [(c.id, c.interval) for c in result.entries] == [("a", 1.0), ("b", 5.0)]
+    assert lines(result) == [
+        'entry 3 (id "a"): id must be unique, got "a" (already used by entry 1)'
+    ]
+    assert result.invalid_ids == frozenset()
+
+
+def test_duplicate_of_an_invalid_entry_is_still_a_duplicate() -> None:
+    """When the first occurrence is invalid, its id is invalid and the later one still errs."""
+    result = parse(entry(id="a", qos=7), entry(id="a"))
+    assert result.entries == ()
+    assert result.invalid_ids == {"a"}
+    assert [p.field for p in result.errors] == ["qos", "id"]
+
+
+def test_invalid_ids_holds_only_usable_string_ids() -> None:
+    """Rejected entries without a usable id cannot be named, so they are not in invalid_ids."""
+    result = parse(entry(id="x", interval=0), entry(id=5, interval=0), entry(id="", topic=""),
+                   [1], entry(id="y"))
+    assert result.invalid_ids == {"x"}
+    assert [config.id for config in result.entries] == ["y"]
+
+
+# --- PublishConfig built in Python -----------------------------------------------------------
+
+
+def test_direct_construction_validates() -> None:
+    """Invalid objects cannot exist: the constructor reports every bad field."""
+    with pytest.raises(ValueError, match="interval") as caught:
+        PublishConfig(id="q", topic="a/+", data={"x": 1}, interval=0, qos=True)  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        'invalid PublishConfig (id "q"): topic must be free of the wildcards "+" and "#", '
+        'got "a/+"; interval must be between 0.1 and 86400, got 0; qos must be 0, 1 or 2, got true'
+    )
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    ({"x": {1, 2}}, "data values must be JSON values, got {1, 2}"),
+    ({1: "a"}, "data keys must be strings, got 1"),
+    ({"x": float("nan")}, "data numbers must be finite, got NaN"),
+    ({"x": [float("-inf")]}, "data numbers must be finite, got -Infinity"),
+    ({"x": b"raw"}, "data values must be JSON values, got b'raw'"),
+])
+def test_direct_construction_rejects_non_json_data(data: Any, fragment: str) -> None:
+    """Python values that are not JSON cannot reach a payload."""
+    with pytest.raises(ValueError, match="invalid PublishConfig") as caught:
+        PublishConfig(id="q", topic="t", data=data, interval=1)
+    assert str(caught.value).endswith(fragment)
+
+
+def test_direct_construction_rejects_cyclic_data() -> None:
+    """A self-referencing mapping is reported as too deep instead of recursing forever."""
+    data: dict[str, Any] = {}
+    data["self"] = data
+    with pytest.raises(ValueError, match="nested at most 32 levels deep, got more than 64"):
+        PublishConfig(id="q", topic="t", data=data, interval=1)
+
+
+def test_direct_construction_rejects_nan_interval() -> None:
+    """NaN is never a valid interval."""
+    with pytest.raises(ValueError, match="interval must be a finite number, got NaN"):
+        PublishConfig(id="q", topic="t", data={}, interval=float("nan"))
+
+
+def test_data_is_a_read_only_private_copy() -> None:
+    """Mutating the caller's dict afterwards does not change the config, and data is read-only."""
+    source: dict[str, Any] = {"x": [1], "y": {"z": 2}}
+    config = PublishConfig(id="q", topic="t", data=source, interval=1)
+    source["x"].append(2)
+    source["y"]["z"] = 3
+    source["new"] = 1
+    assert config.data == {"x": [1], "y": {"z": 2}}
+    assert config.payload == b'{"online":1,"x":[1],"y":{"z":2}}'
+    with pytest.raises(TypeError):
+        config.data["x"] = 0  # type: ignore[index]
+
+
+def test_config_is_frozen_comparable_and_unhashable() -> None:
+    """Configs compare by value, cannot be changed, and are not hashable (data is a mapping)."""
+    one = PublishConfig(id="q", topic="t", data={"a": 1}, interval=1)
+    assert one == PublishConfig(id="q", topic="t", data={"a": 1}, interval=1.0)
+    assert one != PublishConfig(id="q", topic="t", data={"a": True}, interval=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.topic = "u"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(one)
+
+
+def test_config_accepts_another_configs_data() -> None:
+    """The read-only data of one config can build another (replace() relies on this)."""
+    one = PublishConfig(id="q", topic="t", data={"a": [1]}, interval=1)
+    two = dataclasses.replace(one, interval=2)
+    assert two.data == one.data
+    assert two.payload == one.payload
+    with pytest.raises(ValueError, match="qos"):
+        dataclasses.replace(one, qos=5)  # type: ignore[arg-type]
+
+
+def test_same_schedule_and_same_wire() -> None:
+    """same_schedule compares the interval only; same_wire compares what reaches the broker."""
+    base = PublishConfig(id="q", topic="t", data={"a": 1}, interval=5)
+    slower = dataclasses.replace(base, interval=10)
+    moved = dataclasses.replace(base, topic="u")
+    restamped = dataclasses.replace(base, version=2, updated_at="2024-01-01")
+    assert base.same_wire(slower)
+    assert not base.same_schedule(slower)
+    assert base.same_schedule(moved)
+    assert not base.same_wire(moved)
+    assert base.same_wire(restamped)
+    assert base.same_schedule(restamped)
+    for change in ({"qos": 1}, {"retain": True}, {"lwt": True}, {"data": {"a": 2}}):
+        assert not base.same_wire(dataclasses.replace(base, **change))
+
+
+# --- file-level problems ---------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing file raises ConfigFileError naming the path and the reason."""
+    path = tmp_path / "nope.json"
+    with pytest.raises(ConfigFileError) as caught:
+        read_config_file(path)
+    assert str(caught.value) == f"{path}: cannot read config file: No such file or directory"
+    assert isinstance(caught.value, ConfigError)
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+def test_directory(tmp_path: Path) -> None:
+    """A directory is not a config file."""
+    with pytest.raises(ConfigFileError, match="is a directory, not a config file"):
+        read_config_file(tmp_path)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO is refused before open(), which would wait for a writer forever."""
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigFileError, match="is not a regular file"):
+        read_config_file(fifo)
+
+
+def test_too_large_file(tmp_path: Path) -> None:
+    """A file over max_bytes is refused; one exactly at the limit is read."""
+    path = tmp_path / "c.json"
+    path.write_bytes(b"[" + b" " * 98 + b"]")
+    assert read_config_file(path, max_bytes=100) == path.read_bytes()
+    with pytest.raises(ConfigFileError) as caught:
+        read_config_file(path, max_bytes=99)
+    assert str(caught.value) == f"{path}: is 100 bytes, larger than the 99-byte limit"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_file_larger_than_its_stat_size_is_cut_off() -> None:
+    """A file that reports size 0 (like /proc) is still read no further than max_bytes + 1."""
+    with pytest.raises(ConfigFileError, match="is larger than the 10-byte limit"):
+        read_config_file(Path("/proc/self/status"), max_bytes=10)
+
+
+def test_default_size_limit_is_16_mib() -> None:
+    """The default limit is 16 MiB."""
+    assert DEFAULT_MAX_BYTES == 16 * 1024 * 1024
+
+
+def test_invalid_utf8_names_the_byte_offset() -> None:
+    """Bytes that are not UTF-8 are reported with their offset."""
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(b'[{"id": "\xff"}]', source="c.json")
+    assert str(caught.value) == "c.json: not valid UTF-8 at byte offset 9"
+
+
+def test_utf8_bom_is_accepted() -> None:
+    """A leading UTF-8 byte order mark is skipped, not an error."""
+    assert parse_config(b"\xef\xbb\xbf" + json.dumps([entry()]).encode()).entries[0].id == "a"
+
+
+def test_invalid_utf8_after_bom_counts_the_bom() -> None:
+    """The reported offset is into the file, BOM included."""
+    with pytest.raises(ConfigFileError, match="at byte offset 4"):
+        parse_config(b"\xef\xbb\xbf[\xc3]")
+
+
+def test_bad_json_names_line_and_column() -> None:
+    """A syntax error is reported with the decoder's line and column."""
+    raw = b'[\n  {"id": "a",\n    "topic" "t"}\n]'
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(raw, source="c.json")
+    expected = "c.json: not valid JSON: Expecting ':' delimiter at line 3, column 13"
+    assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_literals_are_rejected(literal: str) -> None:
+    """Python's json accepts NaN and Infinity; the config does not."""
+    raw = f'[{{"id": "a", "topic": "t", "data": {{"x": {literal}}}, "interval": 1}}]'.encode()
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(raw, source="c.json")
+    assert str(caught.value) == f"c.json: {literal} is not valid JSON (use a number or null)"
+
+
+def test_nan_inside_a_string_is_fine() -> None:
+    """Only bare literals are rejected; the text "NaN" in a string is data."""
+    assert parse(entry(data={"x": "NaN"})).problems == ()
+
+
+def test_very_deep_nesting_is_a_file_error() -> None:
+    """100000 nested arrays raise ConfigFileError, not RecursionError."""
+    with pytest.raises(ConfigFileError, match="JSON nesting is deeper than 64 levels"):
+        parse_config(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_nesting_limit_is_64_levels() -> None:
+    """64 levels parse (the entry is merely invalid); 65 levels are refused."""
+    result = parse_config(b"[" * 64 + b"]" * 64)
+    assert lines(result) == ["entry 1: must be an object, got " + "[" * 59 + "…"]
+    with pytest.raises(ConfigFileError, match="deeper than 64 levels"):
+        parse_config(b"[" * 65 + b"]" * 65)
+
+
+@pytest.mark.parametrize(("raw", "kind"), [
+    (b"{}", "object"), (b'"x"', "string"), (b"1", "number"), (b"2.5", "number"),
+    (b"null", "null"), (b"true", "boolean"),
+])
+def test_top_level_must_be_an_array(raw: bytes, kind: str) -> None:
+    """Anything but an array at the top is refused, naming what was found."""
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(raw, source="c.json")
+    assert str(caught.value) == f"c.json: must be a JSON array of entries, got {kind}"
+
+
+@pytest.mark.parametrize("raw", [b"", b"  \n\t"])
+def test_empty_file(raw: bytes) -> None:
+    """An empty file (often a half-written one) gets its own clear message."""
+    with pytest.raises(ConfigFileError, match="is empty; expected a JSON array of entries"):
+        parse_config(raw)
+
+
+def test_overlong_integer_is_a_file_error() -> None:
+    """An integer beyond Python's digit limit is reported, not raised as a bare ValueError."""
+    with pytest.raises(ConfigFileError, match="not valid JSON"):
+        parse_config(b"[" + b"9" * 5000 + b"]")
+
+
+# --- the loader and the sample file ----------------------------------------------------------
+
+
+def test_loader_does_no_io_when_built(tmp_path: Path) -> None:
+    """Building a loader for a missing file succeeds; loading it raises ConfigFileError."""
+    loader = ConfigurationLoader(str(tmp_path / "later.json"))
+    assert loader.path == tmp_path / "later.json"
+    with pytest.raises(ConfigFileError, match="No such file"):
+        loader.load()
+
+
+def test_loader_reads_and_parses(tmp_path: Path) -> None:
+    """load() gives the full result; load_configurations() the valid entries only."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([entry(id="ok"), entry(id="bad", qos=3)]))
+    loader = ConfigurationLoader(path)
+    result = loader.load()
+    assert lines(result) == ['entry 2 (id "bad"): qos must be 0, 1 or 2, got 3']
+    assert [config.id for config in loader.load_configurations()] == ["ok"]
+
+
+def test_loader_applies_max_bytes(tmp_path: Path) -> None:
+    """The loader passes its size limit to the read, and refuses a non-positive one."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([entry()]))
+    with pytest.raises(ConfigFileError, match="larger than the 8-byte limit"):
+        ConfigurationLoader(path, max_bytes=8).load()
+    with pytest.raises(ValueError, match="max_bytes"):
+        ConfigurationLoader(path, max_bytes=0)
+
+
+def test_bundled_sample_is_valid() -> None:
+    """The shipped sample has four clean entries exercising intervals, QoS, retain and LWT."""
+    result = ConfigurationLoader(SAMPLE).load()
+    assert result.problems == ()
+    assert len(result.entries) == 4
+    assert len({config.interval for config in result.entries}) == 4
+    assert {config.qos for config in result.entries} == {0, 1, 2}
+    assert {config.retain for config in result.entries} == {True, False}
+    assert sum(config.lwt for config in result.entries) >= 1
+    assert all(config.version and config.created_at and config.updated_at
+               for config in result.entries)
+
+
+# --- properties ------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+entry_like = st.fixed_dictionaries({}, optional={
+    "id": st.sampled_from(["a", "b", "c", ""]) | json_values,
+    "topic": st.sampled_from(["t/1", "a/+", "$s", "", "x\0"]) | json_values,
+    "data": st.dictionaries(st.sampled_from(["online", "v", "w"]), json_values, max_size=3)
+    | json_values,
+    "interval": st.sampled_from([0, 0.1, 5, 86400, 86401, True]) | json_values,
+    "qos": st.sampled_from([0, 1, 2, 3, True]) | json_values,
+    "retain": st.booleans() | json_values,
+    "lwt": st.booleans() | json_values,
+    "created_at": st.sampled_from(["2024-01-01", "nope", None]) | json_values,
+    "version": st.sampled_from([1, 0, None]) | json_values,
+    "extra": json_values,
+})
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_raise_only_config_file_error(raw: bytes) -> None:
+    """No input bytes make parse_config raise anything but ConfigFileError."""
+    with contextlib.suppress(ConfigFileError):
+        assert isinstance(parse_config(raw), ConfigResult)
+
+
+@settings(deadline=None)
+@given(json_values)
+def test_arbitrary_json_raises_only_config_file_error(value: Any) -> None:
+    """No JSON document makes parse_config raise anything but ConfigFileError."""
+    with contextlib.suppress(ConfigFileError):
+        assert isinstance(parse_config(json.dumps(value).encode()), ConfigResult)
+
+
+@settings(deadline=None)
+@given(st.lists(entry_like | json_values, max_size=6))
+def test_entry_lists_split_cleanly_into_valid_and_rejected(document: list[Any]) -> None:
+    """Each entry is either returned or has an error; ids are unique and never also invalid."""
+    result = parse_config(json.dumps(document).encode())
+    rejected = {p.position for p in result.errors}
+    assert len(result.entries) + len(rejected) == len(document)
+    ids = [config.id for config in result.entries]
+    assert len(ids) == len(set(ids))
+    assert not set(ids) & result.invalid_ids
+    for config in result.entries:
+        assert json.loads(config.payload)["online"] == 1
+        assert next(iter(json.loads(config.offline_payload).items())) == ("online", 0)
