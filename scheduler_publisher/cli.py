@@ -6,7 +6,8 @@ Exit codes (also in the README):
   2  usage error (unknown flag, bad value)
   3  the config file cannot be used at start-up (unreadable, not JSON, not an array, too big)
   4  gave up connecting after --max-retries failed attempts in a row
-  5  another start-up failure (password or TLS files unreadable, HTTP token, embedded broker)
+  5  another start-up failure (password or TLS files unreadable, HTTP token, state DB,
+     embedded broker)
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from scheduler_publisher import __version__
 from scheduler_publisher.config import ConfigFileError, ConfigurationLoader
 from scheduler_publisher.demo import DemoError, EchoSubscriber, EmbeddedBroker
 from scheduler_publisher.logs import LogSettings, configure_logging, get_logger, register_secret
-from scheduler_publisher.settings import BrokerSettings, ServiceSettings, default_client_id
+from scheduler_publisher.settings import (
+    BrokerSettings,
+    MQTTVersion,
+    ServiceSettings,
+    default_client_id,
+)
+from scheduler_publisher.statestore import StateStoreError
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -180,7 +187,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     if token:
         register_secret(token)
     ctx = tls_context(args)
-    protocol = "3.1.1" if args.embedded_broker else args.mqtt_version
+    protocol: MQTTVersion = "3.1.1" if args.embedded_broker else args.mqtt_version
     broker = BrokerSettings(
         host="127.0.0.1" if args.embedded_broker else args.broker,
         port=args.port or (8883 if ctx else 1883),
@@ -279,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"Fix the file (check it with `scheduler-publisher validate --config "
               f"{args.config}`) and start again.", file=sys.stderr)
         code = EXIT_CONFIG
-    except (StartupError, DemoError) as exc:
+    except (StartupError, DemoError, StateStoreError) as exc:
         print(f"scheduler-publisher: cannot start: {exc}", file=sys.stderr)
         code = EXIT_STARTUP
     sys.exit(code)

@@ -50,7 +50,7 @@ class EmbeddedBroker:
         try:
             self._broker = broker_cls(config, loop=self._loop)
             self._loop.run_until_complete(self._broker.start())
-        except Exception as exc:  # reported to start() and raised there as DemoError
+        except Exception as exc:  # noqa: BLE001 - reported to start(), raised there as DemoError
             self._error = exc
             self._ready.set()
             return
@@ -62,8 +62,8 @@ class EmbeddedBroker:
             future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
             try:
                 future.result(5)
-            except Exception:  # noqa: BLE001 - best effort at exit; the process ends anyway
-                self._error = None
+            except Exception as exc:  # noqa: BLE001 - best effort at exit; the process ends anyway
+                self._error = exc
             self._loop.call_soon_threadsafe(self._loop.stop)
 
 
@@ -74,7 +74,7 @@ class EchoSubscriber:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="",
                                    protocol=MQTTProtocolVersion.MQTTv311)
         self._client.on_connect = lambda c, *_: c.subscribe("#")
-        self._client.on_message = lambda _c, _u, m: show(m.topic, m.payload, bool(m.retain))
+        self._client.on_message = lambda _c, _u, m: show(m.topic, bytes(m.payload), bool(m.retain))
         self._client.connect_async(host, port)
 
     def start(self) -> None:

@@ -122,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
     app: StatusServer
     server_version = "scheduler-publisher"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         return  # access logs would flood the JSON log at every scrape
 
     def do_GET(self) -> None:

@@ -130,7 +130,7 @@ class Link:
             return
         props = None
         if self.is_v5 and self.settings.will_delay > 0:
-            props = Properties(PacketTypes.WILLMESSAGE)
+            props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
             props.WillDelayInterval = self.settings.will_delay
         client.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain,
                         properties=props)
@@ -138,7 +138,7 @@ class Link:
     def _connect_properties(self) -> Properties | None:
         if not self.is_v5:
             return None
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         # The will delay only works while the session lives: the broker also releases the will
         # when the session ends, so the session must outlive the delay (notes §2.7).
         if self.settings.will_delay > 0:

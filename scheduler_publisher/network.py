@@ -12,6 +12,7 @@ thread does not touch it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import ssl
@@ -48,7 +49,8 @@ class LinkListener(Protocol):
     def link_down(self, link: Link, reason: str, was_up: bool) -> None: ...
     def link_refused(self, link: Link, reason: str) -> None: ...
     def link_closed(self, link: Link) -> None: ...
-    def published(self, link: Link, entry_id: str | None, qos: int, failure: str | None) -> None: ...
+    def published(self, link: Link, entry_id: str | None, qos: int,
+                  failure: str | None) -> None: ...
     def lost_unsent(self, link: Link, entry_id: str | None) -> None: ...
 
 
@@ -103,10 +105,9 @@ class NetworkLoop:
         self._commands.append(fn)
         if not self._wake_pending:
             self._wake_pending = True
-            try:
+            # A full pipe means wake-ups are pending already: the loop is bound to wake.
+            with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already: the loop is bound to wake
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
@@ -146,7 +147,7 @@ class NetworkLoop:
         link.inflight[info.mid] = (entry_id, qos)
         return True
 
-    def close(self, link: Link, *, with_will: bool, reopen: Will | None | bool = False) -> None:
+    def close(self, link: Link, *, with_will: bool, reopen: Will | bool | None = False) -> None:
         """Close a link. `with_will`: subscribers see its will (graceful offline announcement).
         `reopen`: a Will (or None for no will) to rebuild the client with, then reconnect."""
         link.close_with_will = with_will
@@ -241,10 +242,9 @@ class NetworkLoop:
     def _on_socket_closed(self, link: Link, sock: Any) -> None:
         if not self.in_loop_thread:
             return  # reconnect() closing a socket the loop already dropped
-        try:
+        # Never registered (closed during the handshake) or already gone: nothing to do.
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass  # never registered (closed during the handshake) or already gone
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -337,7 +337,7 @@ class NetworkLoop:
         """Connector thread: the blocking TCP connect and TLS handshake."""
         try:
             link.client.reconnect()
-        except Exception as exc:  # any failure of the attempt is retried with backoff
+        except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS, proxy: every failure is retried
             reason = describe_error(exc)
             self.call_soon(lambda: self._attempt_failed(link, reason))
             return
@@ -367,7 +367,7 @@ class NetworkLoop:
 
     def _force_close(self, link: Link, reason: str) -> None:
         """Drop the socket without a DISCONNECT: the peer is not answering."""
-        link.client._sock_close()  # noqa: SLF001 - paho has no public "drop the socket" call
+        link.client._sock_close()  # paho has no public "drop the socket" call
         self._on_lost(link, reason)
 
     def _misc(self, now: float) -> None:
@@ -384,10 +384,8 @@ class NetworkLoop:
         for link in list(self.links.values()):
             sock = link.client.socket()
             if sock is not None:
-                try:
+                with contextlib.suppress(KeyError, ValueError):  # not registered
                     self._selector.unregister(sock)
-                except (KeyError, ValueError):
-                    pass  # not registered
                 sock.close()
         self._selector.close()
         os.close(self._wake_r)

@@ -12,6 +12,7 @@ Settings, and why (notes §1):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -43,7 +44,7 @@ class GridTrigger(IntervalTrigger):  # type: ignore[misc]  # APScheduler 3 is un
     def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
         following = super().get_next_fire_time(previous, now)
         if previous is not None and following is not None and following < now:
-            return super().get_next_fire_time(None, now)  # the first slot at or after now
+            following = super().get_next_fire_time(None, now)  # the first slot at/after now
         return following  # type: ignore[no-any-return]
 
 
@@ -104,10 +105,9 @@ class Schedule:
                                 replace_existing=True)
 
     def remove(self, entry_id: str) -> None:
-        try:
+        # Never scheduled (it was invalid from the start): nothing to remove.
+        with contextlib.suppress(JobLookupError):
             self._scheduler.remove_job(entry_id)
-        except JobLookupError:
-            pass  # never scheduled (it was invalid from the start): nothing to remove
 
     def rebuild(self, entries: Iterable[PublishConfig]) -> None:
         """Re-anchor every job on its grid from the current clock (after a wall-clock step)."""
@@ -119,5 +119,5 @@ class Schedule:
 
     def next_run(self, entry_id: str) -> datetime | None:
         job = self._scheduler.get_job(entry_id)
-        return None if job is None else job.next_run_time  # type: ignore[no-any-return]
+        return None if job is None else job.next_run_time
 

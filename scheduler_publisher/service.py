@@ -12,6 +12,7 @@ Threads, and who owns what:
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, diff, effective_entries
 from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
-from scheduler_publisher.statestore import HistoryRow, StateStore
+from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
 from scheduler_publisher.stats import Stats
 from scheduler_publisher.watcher import ConfigWatcher
 
@@ -231,7 +232,7 @@ class PublisherService:
             "stats": (self.settings.stats_interval, self._log_statistics),
             "checkpoint": (self.settings.checkpoint_interval, self._checkpoint),
             "history": (self.settings.history_interval, self._record_history),
-            "safety": (self.settings.safety_check_interval, lambda: self._reload(manual=False)),
+            "safety": (self.settings.safety_check_interval, self._safety_check),
             "clock": (CLOCK_CHECK_PERIOD, self._check_clock),
             "watchdog": (self.notifier.watchdog_interval or 1.0, self._ping_watchdog),
         }
@@ -242,6 +243,10 @@ class PublisherService:
                 action()
 
     # ---- reloads --------------------------------------------------------------------------
+    def _safety_check(self) -> None:
+        """Re-read the file in case the watcher missed an event (the hash makes it cheap)."""
+        self._reload(manual=False)
+
     def _reload(self, *, manual: bool) -> bool:
         if manual:
             self.notifier.reloading()
@@ -328,7 +333,8 @@ class PublisherService:
         if self._store is not None:
             try:
                 self._store.checkpoint(self.stats.saved_state(), now=time.time())
-            except Exception as exc:  # a full disk must not stop publishing
+            except (StateStoreError, sqlite3.Error, OSError) as exc:  # a full disk must not
+                # stop publishing
                 log.error("state_checkpoint_failed", error=str(exc))
 
     def _record_history(self) -> None:
@@ -337,7 +343,7 @@ class PublisherService:
             try:
                 self._store.record_history(HistoryRow(time.time(), t.published, t.errors,
                                                       t.uptime_seconds))
-            except Exception as exc:  # as above: statistics are never worth stopping for
+            except (StateStoreError, sqlite3.Error, OSError) as exc:  # never worth stopping for
                 log.error("state_history_failed", error=str(exc))
 
     def _check_clock(self) -> None:

@@ -19,7 +19,7 @@ MAX_CLIENT_ID_LENGTH = 64
 class BrokerSettings:
     host: str = "localhost"
     port: int = 1883
-    client_id: str = field(default_factory=lambda: default_client_id())
+    client_id: str = field(default_factory=lambda: default_client_id())  # noqa: PLW0108 - defined below
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     protocol: MQTTVersion = "5"

@@ -1,4 +1,4 @@
-"""Counters: per entry and in total, for get_status(), /metrics, the stats log line and the state DB.
+"""Counters, per entry and in total: for get_status(), /metrics, the stats log and the state DB.
 
 Threads: each counter has exactly one writer. The network thread writes published, errors,
 dropped and deferred; the scheduler thread writes lateness and missed; the main loop writes
@@ -128,7 +128,7 @@ class Stats:
             e.last_published_at = e.last_published_at or c.last_published_at
 
     def uptime(self) -> float:
-        return self._monotonic() - self.started
+        return float(self._monotonic() - self.started)
 
     def totals(self) -> Totals:
         return Totals(

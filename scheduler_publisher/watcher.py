@@ -61,10 +61,11 @@ class ConfigWatcher:
         if not self._force_polling:
             try:
                 self._observer = self._started(Observer(), handler, folder)
-                self.kind = "inotify"
-                return
             except OSError as exc:
                 log.warning("watcher_fallback_to_polling", reason=str(exc))
+            else:
+                self.kind = "inotify"
+                return
         self._observer = self._started(PollingObserver(timeout=self._polling_interval), handler,
                                        folder)
         self.kind = "polling"

@@ -77,7 +77,7 @@ class Mosquitto:
         )
 
         def raise_nofile() -> None:
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             target = hard if hard != resource.RLIM_INFINITY else 65536
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, target), hard))
 
@@ -129,7 +129,8 @@ class Subscriber:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:8]}",
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=f"sub-{uuid.uuid4().hex[:8]}",
                                   protocol=MQTTProtocolVersion.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
