@@ -170,6 +170,12 @@ class MQTTConnectionManager:
         if entry.lwt and link is None:
             self._open_entry_link(entry)  # publishes on connect
             return
+        if entry.lwt and link is not None and link.state is LinkState.CLOSING and \
+                not link.reopen_after_close:
+            # Back while its connection is still closing (removed or moved to main a moment
+            # ago, or closed mid-connect): reconnect it once closed, or it would stay without.
+            self._loop.close(link, with_will=False, reopen=entry_will(entry))
+            return
         if entry.lwt and link is not None and before is not None and \
                 entry_will(before) != entry_will(entry):
             # The will is fixed at CONNECT: only this entry's connection reconnects.
@@ -177,10 +183,12 @@ class MQTTConnectionManager:
             return
         if not entry.lwt and link is not None:
             self._loop.close(link, with_will=False)  # moved to the main connection
-        if before is None or (before.lwt and not entry.lwt):
-            main = self._loop.links.get(MAIN)
-            if main is not None and main.state is LinkState.CONNECTED:
-                self._send(main, entry)  # a new entry publishes promptly, not one interval later
+        if before is None or not (before.same_wire(entry) and before.same_schedule(entry)):
+            # An added or edited entry reaches the wire now, not at its next grid slot (which
+            # may be an interval away); its grid, and so its phase, stays as the plan says.
+            target = self._link_for(entry)
+            if target is not None and target.state is LinkState.CONNECTED:
+                self._send(target, entry)
 
     def _remove_one(self, gone: PublishConfig) -> None:
         link = self._loop.links.get(gone.id)
