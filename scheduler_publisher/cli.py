@@ -17,6 +17,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -121,8 +122,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     o.add_argument("--checkpoint-interval", type=float, default=d.checkpoint_interval,
                    help="seconds between state checkpoints (default: 5)")
-    o.add_argument("--history-retention", type=int, default=d.history_retention_rows,
+    o.add_argument("--history-retention", type=positive_int, default=d.history_retention_rows,
                    help="statistics history rows kept (default: 10000)")
+    o.add_argument("--history-interval", type=float, default=d.history_interval,
+                   help="seconds between statistics history rows (default: 60)")
     o.add_argument("--http-host", default=d.http_host, help="default: %(default)s")
     o.add_argument("--http-port", type=int, default=d.http_port,
                    help="health/status/metrics port; 0 turns HTTP off (default: 8080)")
@@ -132,6 +135,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--embedded-broker", action="store_true",
                    help="start an in-process broker (amqtt, MQTT 3.1.1) and publish to it")
     x.add_argument("--echo", action="store_true", help="print every message on the broker")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -204,7 +214,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         stats_interval=args.stats_interval,
         state_db=Path(args.state_db) if args.state_db else None,
         checkpoint_interval=args.checkpoint_interval,
-        history_retention_rows=args.history_retention,
+        history_interval=args.history_interval, history_retention_rows=args.history_retention,
         http_host=args.http_host, http_port=args.http_port, http_token=token,
         clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
         force_polling=args.force_polling, max_config_bytes=args.max_config_bytes)
@@ -225,6 +235,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Until the service exists, remember SIGTERM/SIGINT/SIGHUP instead of dying of them (the
+    # default action): a stop during start-up must still end with a clean shutdown and exit 0.
+    early: set[int] = set()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: early.add(signum))
     if args.tls_insecure:
         print("WARNING: --tls-insecure: the broker's certificate is NOT verified", file=sys.stderr)
     settings = build_settings(args, dict(os.environ))
@@ -234,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "broker and read the credentials")
     extras = _start_demo(args, settings)
     try:
-        return _run_service(settings)
+        return _run_service(settings, early)
     finally:
         for part in reversed(extras):
             part.stop()
@@ -259,20 +274,27 @@ def _print_message(topic: str, payload: bytes, retained: bool) -> None:
     print(f"echo {topic}{mark}: {payload.decode('utf-8', 'replace')}", flush=True)
 
 
-def _run_service(settings: ServiceSettings) -> int:
+def _run_service(settings: ServiceSettings, early: set[int]) -> int:
     from scheduler_publisher.service import PublisherService  # noqa: PLC0415 - after logging setup
 
     service = PublisherService(settings)
 
+    # A handler runs on the main thread between two bytecodes, possibly while that thread holds
+    # the mailbox lock or the wake Event's lock (the main loop is this thread): taking them
+    # here could deadlock. Hand the request to a short-lived thread instead.
     def stop(_sig: int, _frame: FrameType | None) -> None:
-        service.request_stop()
+        threading.Thread(target=service.request_stop, name="signal-stop", daemon=True).start()
 
     def reload(_sig: int, _frame: FrameType | None) -> None:
-        service.request_reload()
+        threading.Thread(target=service.request_reload, name="signal-reload", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
+    if early & {signal.SIGTERM, signal.SIGINT}:
+        service.request_stop()
+    elif signal.SIGHUP in early:
+        service.request_reload()
     service.run()
     return EXIT_GAVE_UP if service.gave_up else EXIT_OK
 

@@ -73,12 +73,17 @@ class EchoSubscriber:
     def __init__(self, host: str, port: int, show: Callable[[str, bytes, bool], None]) -> None:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="",
                                    protocol=MQTTProtocolVersion.MQTTv311)
+        self._subscribed = threading.Event()
         self._client.on_connect = lambda c, *_: c.subscribe("#")
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
         self._client.on_message = lambda _c, _u, m: show(m.topic, bytes(m.payload), bool(m.retain))
         self._client.connect_async(host, port)
 
-    def start(self) -> None:
+    def start(self, timeout: float = 5.0) -> None:
+        """Returns once subscribed (or after `timeout`; it keeps trying): started before the
+        service, it then shows the first publish of every entry, not only the retained ones."""
         self._client.loop_start()
+        self._subscribed.wait(timeout)
 
     def stop(self) -> None:
         self._client.disconnect()

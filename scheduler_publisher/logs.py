@@ -239,11 +239,18 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
         # APScheduler logs two INFO lines per job run.
         apscheduler.setLevel(max(level, logging.WARNING))
         for handler in handlers:
+            handler.addFilter(_not_watchdog_debug)
             root.addHandler(handler)
     if file_error is not None:
         get_logger(__name__).warning(
             "log_file_unavailable", path=str(settings.file), error=str(file_error)
         )
+
+
+def _not_watchdog_debug(record: logging.LogRecord) -> bool:
+    # watchdog logs every event in the config's folder at DEBUG: with the log file (or the
+    # redirected stdout) in that folder, each line would trigger the next one, forever.
+    return record.levelno >= logging.INFO or not record.name.startswith("watchdog")
 
 
 def _open_file_handler(

@@ -85,6 +85,8 @@ class NetworkLoop:
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_pending = False
         self._want_write: set[Link] = set()
+        self._farewells: dict[Link, int] = {}  # closing link -> mid of its offline announcement
+        self._refused: dict[Link, str] = {}  # link -> the broker's CONNACK refusal, until closed
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._connector = ThreadPoolExecutor(CONNECTOR_THREADS, thread_name_prefix="mqtt-connect")
@@ -177,12 +179,19 @@ class NetworkLoop:
                 self._flush(link)
                 return
             # MQTT 3.1.1 (or a will delay the broker would honour): say it ourselves first.
-            self.publish(link, will.topic, will.payload, will.qos, will.retain, None)
+            info = link.client.publish(will.topic, will.payload, will.qos, will.retain)
+            if will.qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
+                # A DISCONNECT right behind a QoS 2 PUBLISH makes the broker discard it (it is
+                # only forwarded on PUBREL): disconnect once the broker has acknowledged it.
+                self._farewells[link] = info.mid
+                self._flush(link)
+                return
         link.client.disconnect()
         self._flush(link)
 
     def _finish_close(self, link: Link) -> None:
         self._want_write.discard(link)
+        self._farewells.pop(link, None)
         if link.reopen_after_close and not self._stopping.is_set():
             link.reopen_after_close = False
             link.close_with_will = False
@@ -212,9 +221,19 @@ class NetworkLoop:
         self.listener.link_up(link)
 
     def _on_refused(self, link: Link, reason: str) -> None:
-        self.listener.link_refused(link, reason)
+        # paho closes the socket right after a refused CONNACK, and its on_disconnect names
+        # only a generic "Protocol error": report the broker's reason once, from _on_lost, when
+        # the retry is scheduled (so the failure carries the real delay).
+        self._refused[link] = reason
 
     def _on_lost(self, link: Link, reason: str) -> None:
+        refused = self._refused.pop(link, None)
+        if refused is not None and link.state is LinkState.HANDSHAKE:
+            self._want_write.discard(link)
+            link.last_error = refused
+            self._retry_later(link)
+            self.listener.link_refused(link, refused)
+            return
         was_up = link.state is LinkState.CONNECTED
         for mid, (entry_id, qos) in list(link.inflight.items()):
             if qos == 0:  # paho drops unsent QoS 0 packets on reconnect; QoS>0 are retransmitted
@@ -231,6 +250,10 @@ class NetworkLoop:
         self._wait(link, time.monotonic() + link.backoff.next_delay())
 
     def _on_published(self, link: Link, mid: int, failure: str | None) -> None:
+        if self._farewells.get(link) == mid:
+            del self._farewells[link]
+            link.client.disconnect()  # queued; the loop flushes it after this read
+            return
         entry_id, qos = link.inflight.pop(mid, (None, 0))
         self.listener.published(link, entry_id, qos, failure)
 

@@ -75,9 +75,12 @@ class Schedule:
         )
 
     def start(self) -> None:
-        self._scheduler.add_job(self._beat, GridTrigger(seconds=1, timezone=UTC),
-                                id=HEARTBEAT_JOB, args=())
+        self._add_heartbeat()
         self._scheduler.start()
+
+    def _add_heartbeat(self) -> None:
+        self._scheduler.add_job(self._beat, GridTrigger(seconds=1, timezone=UTC),
+                                id=HEARTBEAT_JOB, args=(), replace_existing=True)
 
     def shutdown(self) -> None:
         if self._scheduler.running:
@@ -111,6 +114,9 @@ class Schedule:
 
     def rebuild(self, entries: Iterable[PublishConfig]) -> None:
         """Re-anchor every job on its grid from the current clock (after a wall-clock step)."""
+        # The heartbeat too: after a backward step it would otherwise stay silent for the size
+        # of the step, and health_problems() would withhold the systemd watchdog ping.
+        self._add_heartbeat()
         for entry in entries:
             self.add(entry)
 

@@ -103,7 +103,10 @@ class PublisherService:
         self._schedule = Schedule(self._tick)
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)
-        self._store = StateStore(self.settings.state_db) if self.settings.state_db else None
+        self._store = StateStore(
+            self.settings.state_db,
+            history_retention_rows=self.settings.history_retention_rows,
+        ) if self.settings.state_db else None
         self._clock = ClockGuard()
         self._timers: dict[str, float] = {}
         self._loop_thread: threading.Thread | None = None
@@ -172,6 +175,8 @@ class PublisherService:
                 log.warning("clock_implausible", now=datetime.now(UTC).isoformat())
                 self.notifier.status("waiting for the system clock to be set")
                 warned = True
+            # Tell systemd we are alive but not ready, so TimeoutStartSec does not kill us.
+            self.notifier.notify("EXTEND_TIMEOUT_USEC=5000000")
             self._mail.wake.wait(1.0)
 
     def _restore_counters(self) -> None:

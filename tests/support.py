@@ -253,3 +253,71 @@ def iter_json(lines: list[str]) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         except ValueError:
             continue
+
+
+def in_process_settings(config_path: Path, broker_port: int, **overrides: Any) -> Any:
+    """ServiceSettings for an in-process service: test broker, unique client id, no state DB and
+    no HTTP unless asked for (the defaults would write logs/state.db and bind port 8080)."""
+    from scheduler_publisher.settings import BrokerSettings, ServiceSettings  # noqa: PLC0415
+
+    broker = BrokerSettings(host="127.0.0.1", port=broker_port, backoff_min=0.1, backoff_max=0.5,
+                            client_id=f"sp-test-{uuid.uuid4().hex[:10]}")
+    return ServiceSettings(**{"config_path": config_path, "broker": broker, "state_db": None,
+                              "http_port": 0, **overrides})
+
+
+@dataclass
+class Datagram:
+    lines: list[str]
+    at: float  # time.monotonic() on arrival
+
+
+class NotifySocket:
+    """The manager's end of $NOTIFY_SOCKET: a bound unix datagram socket whose datagrams a
+    background thread records, in arrival order, with their arrival time."""
+
+    def __init__(self, path: Path) -> None:
+        assert len(str(path)) < 100, "AF_UNIX paths are limited to 107 bytes"
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self._lock = threading.Lock()
+        self._datagrams: list[Datagram] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                raw = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._datagrams.append(Datagram(raw.decode().split("\n"), time.monotonic()))
+
+    def datagrams(self, since: float = 0.0) -> list[Datagram]:
+        """Everything received at or after monotonic time `since`."""
+        with self._lock:
+            return [d for d in self._datagrams if d.at >= since]
+
+    def with_line(self, prefix: str, since: float = 0.0) -> list[Datagram]:
+        return [d for d in self.datagrams(since) if any(x.startswith(prefix) for x in d.lines)]
+
+    def wait_for(self, prefix: str, count: int = 1, timeout: float = 10,
+                 since: float = 0.0) -> list[Datagram]:
+        """At least `count` datagrams with a line starting with `prefix`, received after `since`."""
+        def got() -> list[Datagram] | None:
+            hits = self.with_line(prefix, since)
+            return hits if len(hits) >= count else None
+
+        result: list[Datagram] = wait_until(got, timeout, message=f"{count} x {prefix!r}")
+        return result
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(2)
+        self.sock.close()

@@ -1,0 +1,183 @@
+"""A small threaded loopback TCP proxy for fault injection between the service and a broker.
+
+    proxy = NetProxy(broker_port).start()   # listens on proxy.port
+    proxy.blackhole()    # stop forwarding in both directions; sockets stay open (a cut cable)
+    proxy.resume()       # forward again (and accept new connections again after sever())
+    proxy.throttle(500)  # at most ~500 bytes/s per direction per connection; 0 = unlimited
+    proxy.sever()        # close every connection and refuse new ones until resume()
+    proxy.stop()         # close everything; also runs at `max_lifetime` (self-stopping)
+
+Bounded: at most `max_connections` live connections, every thread polls with a short timeout
+and ends when the proxy stops, and the proxy stops itself after `max_lifetime` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import threading
+import time
+
+POLL = 0.05
+CHUNK = 16384
+
+
+class NetProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *,
+                 max_connections: int = 256, max_lifetime: float = 300.0) -> None:
+        self.target = (target_host, target_port)
+        self.max_connections = max_connections
+        self.max_lifetime = max_lifetime
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self._listener.settimeout(POLL)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._refusing = False
+        self._rate = 0.0  # bytes per second per direction; 0 = unlimited
+        self.accepted = 0
+
+    # ---- control ----------------------------------------------------------------------------
+    def start(self) -> NetProxy:
+        self._spawn(self._accept_loop, "netproxy-accept")
+        return self
+
+    def blackhole(self) -> None:
+        """Stop moving bytes either way, without closing anything: TCP sees no FIN or RST."""
+        self._forwarding.clear()
+
+    def resume(self) -> None:
+        self._refusing = False
+        self._forwarding.set()
+
+    def throttle(self, bytes_per_sec: float) -> None:
+        self._rate = max(0.0, float(bytes_per_sec))
+
+    def sever(self) -> None:
+        """Close every open connection (the peers see a close) and refuse new ones."""
+        self._refusing = True
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for a, b in pairs:
+            _close(a)
+            _close(b)
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._forwarding.set()  # unblock pumps so they notice the stop
+        self.sever()
+        _close(self._listener)
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(5)
+
+    # ---- threads ----------------------------------------------------------------------------
+    def _spawn(self, target: object, name: str, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+        self._threads = [x for x in self._threads if x.is_alive()]
+        self._threads.append(t)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        deadline = time.monotonic() + self.max_lifetime
+        while not self._stopped.is_set():
+            if time.monotonic() > deadline:
+                threading.Thread(target=self.stop, daemon=True).start()
+                return
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self._refusing or self.connections() >= self.max_connections:
+                _close(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            self.accepted += 1
+            with self._lock:
+                self._pairs.append((client, upstream))
+            self._spawn(self._pump, "netproxy-pump", client, upstream)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        """Move bytes both ways between a and b until either closes or the proxy stops."""
+        for s in (a, b):
+            s.setblocking(False)
+        peer = {a: b, b: a}
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(a, selectors.EVENT_READ)
+            sel.register(b, selectors.EVENT_READ)
+        except (ValueError, OSError):
+            return
+        budget_at = {a: time.monotonic(), b: time.monotonic()}
+        try:
+            while not self._stopped.is_set():
+                if not self._forwarding.is_set():
+                    self._forwarding.wait(POLL)  # hold the bytes in the kernel buffers
+                    if a.fileno() < 0 or b.fileno() < 0:
+                        return
+                    continue
+                if a.fileno() < 0 or b.fileno() < 0:
+                    return
+                for key, _ in sel.select(POLL):
+                    src = key.fileobj
+                    assert isinstance(src, socket.socket)
+                    size = CHUNK
+                    rate = self._rate
+                    if rate:
+                        now = time.monotonic()
+                        if budget_at[src] > now:
+                            continue  # this direction has spent its budget; wait
+                        size = max(1, min(CHUNK, int(rate * POLL)))
+                        budget_at[src] = now + size / rate
+                    try:
+                        data = src.recv(size)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    if not self._send_all(peer[src], data):
+                        return
+        finally:
+            sel.close()
+            _close(a)
+            _close(b)
+            with self._lock:
+                self._pairs = [p for p in self._pairs if p != (a, b)]
+
+    def _send_all(self, dst: socket.socket, data: bytes) -> bool:
+        view = memoryview(data)
+        while view and not self._stopped.is_set():
+            try:
+                sent = dst.send(view)
+            except BlockingIOError:
+                self._stopped.wait(0.005)  # back-pressure: the peer's buffer is full
+                continue
+            except OSError:
+                return False
+            view = view[sent:]
+        return True
+
+
+def _close(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.close()
