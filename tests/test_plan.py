@@ -1,0 +1,207 @@
+"""plan.py: which entries run after a reload, what changes on the scheduler, grid phases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scheduler_publisher.config import ConfigResult, PublishConfig, parse_config
+from scheduler_publisher.plan import GRID_ANCHOR, Plan, diff, effective_entries, grid_start
+
+
+def cfg(id_: str = "a", **fields: Any) -> PublishConfig:
+    base: dict[str, Any] = {"topic": f"site/{id_}", "data": {"v": 1}, "interval": 5.0}
+    return PublishConfig(id=id_, **{**base, **fields})
+
+
+def by_id(*configs: PublishConfig) -> dict[str, PublishConfig]:
+    return {c.id: c for c in configs}
+
+
+def parse(*entries: dict[str, Any]) -> ConfigResult:
+    return parse_config(json.dumps(list(entries)).encode())
+
+
+def raw(id_: str, **fields: Any) -> dict[str, Any]:
+    return {"id": id_, "topic": f"site/{id_}", "data": {"v": 1}, "interval": 5, **fields}
+
+
+def ids(configs: tuple[PublishConfig, ...]) -> list[str]:
+    return [c.id for c in configs]
+
+
+def offset(entry_id: str, interval: float) -> float:
+    return (grid_start(entry_id, interval) - GRID_ANCHOR).total_seconds()
+
+
+# --- diff ------------------------------------------------------------------------------------
+
+
+def test_identical_entries_give_an_empty_plan() -> None:
+    """Comparing a set of entries with an equal copy of itself plans nothing."""
+    old = by_id(cfg("a"), cfg("b"))
+    plan = diff(old, by_id(cfg("a"), cfg("b")))
+    assert plan.is_empty
+    assert plan == Plan()
+
+
+def test_added_and_removed_are_found_by_id() -> None:
+    """An id only in the new file is added, an id only in the old one is removed."""
+    plan = diff(by_id(cfg("a"), cfg("b")), by_id(cfg("b"), cfg("c")))
+    assert ids(plan.added) == ["c"]
+    assert ids(plan.removed) == ["a"]
+    assert plan.rescheduled == plan.updated == ()
+
+
+def test_interval_change_is_rescheduled_even_when_the_payload_changes_too() -> None:
+    """A new interval reschedules the entry once; it is not also listed as updated."""
+    new = cfg("a", interval=7, data={"v": 2})
+    plan = diff(by_id(cfg("a")), by_id(new))
+    assert plan.rescheduled == (new,)
+    assert plan.updated == plan.added == plan.removed == ()
+
+
+def test_wire_only_changes_are_updates_on_the_same_grid() -> None:
+    """data, qos, retain, topic and lwt changes are updates, never reschedules."""
+    changes: list[dict[str, Any]] = [
+        {"data": {"v": 2}}, {"qos": 1}, {"retain": True}, {"topic": "site/moved"}, {"lwt": True},
+    ]
+    for change in changes:
+        new = cfg("a", **change)
+        plan = diff(by_id(cfg("a")), by_id(new))
+        assert plan.updated == (new,), change
+        assert plan.rescheduled == (), change
+
+
+def test_json_values_equal_in_python_but_not_on_the_wire_are_updates() -> None:
+    """1, 1.0 and true compare equal in Python but render differently, so they are changes."""
+    one = cfg("a", data={"v": 1})
+    for other in ({"v": 1.0}, {"v": True}):
+        plan = diff(by_id(one), by_id(cfg("a", data=other)))
+        assert ids(plan.updated) == ["a"], other
+
+
+def test_metadata_only_change_plans_nothing() -> None:
+    """created_at, updated_at and version do not reach the wire, so changing them does nothing."""
+    old = cfg("a", version=1, updated_at="2024-01-01T00:00:00Z")
+    new = cfg("a", version=2, updated_at="2024-06-01T00:00:00Z")
+    assert diff(by_id(old), by_id(new)).is_empty
+
+
+def test_plan_lists_keep_the_new_files_order() -> None:
+    """Ids in each list follow the order of the new file, not of the old one."""
+    old = by_id(cfg("z"), cfg("y"), cfg("x"))
+    new = by_id(cfg("x", qos=1), cfg("m"), cfg("z", qos=1), cfg("k"), cfg("y", qos=1))
+    plan = diff(old, new)
+    assert ids(plan.updated) == ["x", "z", "y"]
+    assert ids(plan.added) == ["m", "k"]
+
+
+def test_summary_names_every_id_per_kind() -> None:
+    """The summary (what config_reloaded logs) lists ids per kind of change."""
+    old = by_id(cfg("gone"), cfg("slow"), cfg("same"), cfg("data"))
+    new = by_id(cfg("slow", interval=60), cfg("same"), cfg("data", data={"v": 9}), cfg("new"))
+    assert diff(old, new, ("broken",)).summary() == {
+        "added": ["new"], "removed": ["gone"], "rescheduled": ["slow"], "updated": ["data"],
+        "kept_last_good": ["broken"],
+    }
+
+
+# --- effective_entries -----------------------------------------------------------------------
+
+
+def test_valid_file_is_taken_as_it_is() -> None:
+    """With no invalid entries the wanted set is exactly the file's entries."""
+    result = parse(raw("a"), raw("b", interval=9))
+    wanted, kept = effective_entries(by_id(cfg("a"), cfg("old")), result)
+    assert wanted == by_id(*result.entries)
+    assert kept == ()
+
+
+def test_broken_running_entry_keeps_its_last_good_version() -> None:
+    """An entry that became invalid keeps running as it was; the rest of the file applies."""
+    running = by_id(cfg("a", data={"v": "good"}), cfg("b"))
+    result = parse(raw("a", interval="fast"), raw("b", data={"v": 2}), raw("c"))
+    wanted, kept = effective_entries(running, result)
+    assert kept == ("a",)
+    assert wanted["a"] is running["a"]
+    assert wanted["b"].data == {"v": 2}
+    assert sorted(wanted) == ["a", "b", "c"]
+    plan = diff(running, wanted, kept)
+    assert (ids(plan.added), ids(plan.updated), plan.removed) == (["c"], ["b"], ())
+    assert plan.kept_last_good == ("a",)
+
+
+def test_broken_new_entry_is_not_started() -> None:
+    """An invalid entry that was not running before has no good version: it does not run."""
+    wanted, kept = effective_entries(by_id(cfg("a")), parse(raw("a"), raw("b", qos=5)))
+    assert sorted(wanted) == ["a"]
+    assert kept == ()
+
+
+def test_entry_gone_from_the_file_is_removed_not_kept() -> None:
+    """Only ids still present (but broken) are kept; an id missing from the file is removed."""
+    running = by_id(cfg("a"), cfg("b"))
+    wanted, kept = effective_entries(running, parse(raw("a")))
+    assert sorted(wanted) == ["a"]
+    assert kept == ()
+    assert ids(diff(running, wanted, kept).removed) == ["b"]
+
+
+def test_rejected_duplicate_does_not_replace_the_first_occurrence() -> None:
+    """A duplicate id is rejected; its first, valid occurrence is what runs."""
+    result = parse(raw("a", data={"v": "first"}), raw("a", data={"v": "second"}))
+    wanted, kept = effective_entries(by_id(cfg("a")), result)
+    assert wanted["a"].data == {"v": "first"}
+    assert kept == ()
+
+
+# --- grid_start ------------------------------------------------------------------------------
+
+
+@given(st.text(min_size=1, max_size=40), st.floats(min_value=0.1, max_value=86400))
+def test_grid_start_lies_within_one_interval_of_the_anchor(entry_id: str, interval: float) -> None:
+    """The first slot is the anchor plus an offset in [0, interval)."""
+    start = grid_start(entry_id, interval)
+    assert GRID_ANCHOR <= start < GRID_ANCHOR + timedelta(seconds=interval)
+
+
+def test_grid_start_is_stable_for_an_id() -> None:
+    """The same id and interval give the same first slot on every call."""
+    assert grid_start("pump-7", 60) == grid_start("pump-7", 60.0)
+
+
+def test_grid_start_is_stable_across_processes() -> None:
+    """The phase survives a restart: another interpreter, with another hash seed, agrees."""
+    code = ("from scheduler_publisher.plan import grid_start;"
+            "print(grid_start('pump-7', 60).isoformat(), grid_start('ü/x', 0.5).isoformat())")
+    outputs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                              capture_output=True, text=True)
+        outputs.add(done.stdout.strip())
+    here = f"{grid_start('pump-7', 60).isoformat()} {grid_start('ü/x', 0.5).isoformat()}"
+    assert outputs == {here}
+
+
+def test_grid_start_spreads_entries_sharing_an_interval() -> None:
+    """Many ids on the same interval get distinct phases covering the whole period."""
+    offsets = [offset(f"sensor-{n}", 60) for n in range(200)]
+    assert len(set(offsets)) > 190
+    buckets = {int(o // 6) for o in offsets}  # ten 6-second slices of the minute
+    assert buckets == set(range(10))
+
+
+def test_grid_start_spreads_sub_second_intervals() -> None:
+    """Fast entries are spread at millisecond resolution within their short period."""
+    offsets = {offset(f"fast-{n}", 0.1) for n in range(50)}
+    assert len(offsets) > 20
+    assert all(0 <= o < 0.1 for o in offsets)
