@@ -84,6 +84,7 @@ class NetworkLoop:
         os.set_blocking(self._wake_w, False)
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_pending = False
+        self._closed = False
         self._want_write: set[Link] = set()
         self._farewells: dict[Link, int] = {}  # closing link -> mid of its offline announcement
         self._refused: dict[Link, str] = {}  # link -> the broker's CONNACK refusal, until closed
@@ -104,6 +105,8 @@ class NetworkLoop:
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the network thread. Cheap enough for every publish: one wake-up write per
         batch, not per call (the flag is cleared by the loop before it drains the queue)."""
+        if self._closed:
+            return  # stopped: the wake-up pipe is gone (and its fd number may be reused)
         self._commands.append(fn)
         if not self._wake_pending:
             self._wake_pending = True
@@ -117,6 +120,12 @@ class NetworkLoop:
         if self._thread is not None:
             self._thread.join(timeout)
         self._connector.shutdown(wait=False, cancel_futures=True)
+        if self._thread is None or not self._thread.is_alive():
+            # Closed here, after the join, never by the loop itself: a call_soon racing the
+            # loop's exit would otherwise write to a closed (or reused) descriptor.
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -411,5 +420,3 @@ class NetworkLoop:
                     self._selector.unregister(sock)
                 sock.close()
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
