@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Mosquitto, Subscriber, unique_topic
+from tests.support import Mosquitto, Subscriber, SubscriberFactory, unique_topic
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def topic_base(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def subscriber_factory(broker: Mosquitto) -> Iterator[type[Subscriber] | object]:
+def subscriber_factory(broker: Mosquitto) -> Iterator[SubscriberFactory]:
     subs: list[Subscriber] = []
 
     def make(*topics: str, qos: int = 2) -> Subscriber:

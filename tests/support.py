@@ -172,6 +172,9 @@ class Subscriber:
         return result
 
 
+SubscriberFactory = Callable[..., Subscriber]  # the conftest fixture's type
+
+
 class ServiceProcess:
     """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
 
@@ -233,6 +236,16 @@ class ServiceProcess:
             self.proc.wait(10)
         for t in self._threads:
             t.join(5)
+
+
+def online(m: Received) -> bool:
+    """An `{"online": 1, ...}` payload (a publish or a birth)."""
+    return bool(m.payload) and m.json().get("online") == 1
+
+
+def offline(m: Received) -> bool:
+    """An `{"online": 0, ...}` payload (a will or an explicit offline announcement)."""
+    return bool(m.payload) and m.json().get("online") == 0
 
 
 def write_config(path: Path, entries: list[dict[str, Any]]) -> None:

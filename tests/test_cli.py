@@ -28,6 +28,7 @@ from tests.support import (
     Mosquitto,
     ServiceProcess,
     Subscriber,
+    SubscriberFactory,
     entry,
     free_port,
     iter_json,
@@ -35,7 +36,6 @@ from tests.support import (
     write_config,
 )
 
-SubscriberFactory = Callable[..., Subscriber]
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"
 ECS_KEYS = ("@timestamp", "log.level", "log.logger", "message", "service.name")
 USER, PASSWORD = "gw01", "s3cr3t-XYZ"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,13 +19,13 @@ from scheduler_publisher.service import PublisherService
 from tests.support import (
     Mosquitto,
     Subscriber,
+    SubscriberFactory,
     entry,
     in_process_settings,
     wait_until,
     write_config,
 )
 
-SubscriberFactory = Callable[..., Subscriber]
 DAY = 86_400.0
 NOW = datetime(2026, 6, 1, 12, 0, 0, 123_000, tzinfo=UTC)
 

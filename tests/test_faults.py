@@ -20,24 +20,16 @@ from hypothesis import strategies as st
 from tests.netproxy import NetProxy
 from tests.support import (
     Mosquitto,
-    Received,
     ServiceProcess,
     Subscriber,
+    SubscriberFactory,
     entry,
     free_port,
+    offline,
+    online,
     wait_until,
     write_config,
 )
-
-SubscriberFactory = Callable[..., Subscriber]
-
-
-def online(m: Received) -> bool:
-    return bool(m.payload) and m.json().get("online") == 1
-
-
-def offline(m: Received) -> bool:
-    return bool(m.payload) and m.json().get("online") == 0
 
 
 class Service:

@@ -20,7 +20,7 @@ from scheduler_publisher.service import PublisherService
 from tests.support import (
     Mosquitto,
     ServiceProcess,
-    Subscriber,
+    SubscriberFactory,
     entry,
     free_port,
     in_process_settings,
@@ -28,7 +28,6 @@ from tests.support import (
     write_config,
 )
 
-SubscriberFactory = Callable[..., Subscriber]
 ServiceStarter = Callable[..., PublisherService]
 
 

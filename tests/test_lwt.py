@@ -30,21 +30,14 @@ from tests.support import (
     Received,
     ServiceProcess,
     Subscriber,
+    SubscriberFactory,
     entry,
     free_port,
+    offline,
+    online,
     wait_until,
     write_config,
 )
-
-SubscriberFactory = Callable[..., Subscriber]
-
-
-def offline(m: Received) -> bool:
-    return bool(m.payload) and m.json().get("online") == 0
-
-
-def online(m: Received) -> bool:
-    return bool(m.payload) and m.json().get("online") == 1
 
 
 @dataclass
@@ -54,7 +47,6 @@ class Running:
     proc: ServiceProcess
     client_id: str
     config: Path
-    broker: Mosquitto
     http_port: int
 
     @property
@@ -97,7 +89,7 @@ def start_service(broker: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., R
                 "--state-db", str(tmp_path / "state.db"),
                 "--log-file", str(tmp_path / "service.log"),
                 "--client-id", client_id, "--backoff-min", "0.2", "--backoff-max", "1", *extra]
-        run = Running(ServiceProcess(args, cwd=tmp_path), client_id, config, broker, http_port)
+        run = Running(ServiceProcess(args, cwd=tmp_path), client_id, config, http_port)
         running.append(run)
         return run
 
@@ -148,7 +140,7 @@ def mixed_entries(base: str) -> list[dict[str, Any]]:
 
 
 def assert_wills(sub: Subscriber, base: str, timeout: float = 10) -> None:
-    """Every lwt entry's offline payload, with its data and QoS; the status topic offline too."""
+    """Every lwt entry's offline payload arrives, with its data and its QoS."""
     a = sub.wait_for(f"{base}/a", where=offline, timeout=timeout)[-1]
     b = sub.wait_for(f"{base}/b", where=offline, timeout=timeout)[-1]
     c = sub.wait_for(f"{base}/c", where=offline, timeout=timeout)[-1]
@@ -463,6 +455,15 @@ def test_status_reports_connections_and_connections_up(
 SCALE = 1000
 
 
+def open_files_limit(pid: int) -> int:
+    """A running process's soft RLIMIT_NOFILE, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return 1 << 30 if soft == "unlimited" else int(soft)
+    raise AssertionError(f"no open-files limit for pid {pid}")
+
+
 @pytest.fixture
 def many_files() -> Iterator[None]:
     """Enough file descriptors for a thousand connections in the service (inherited)."""
@@ -483,6 +484,9 @@ def test_a_thousand_lwt_entries_each_get_a_will(
                for i in range(SCALE)]
     sub = subscriber_factory(f"{topic_base}/#", qos=1)
     run = start_service(entries, http_port=free_port())
+    assert broker.proc is not None
+    for pid in (broker.proc.pid, run.proc.proc.pid):
+        assert open_files_limit(pid) > 2 * SCALE, pid
 
     def up() -> int:
         status = connection_status(run)

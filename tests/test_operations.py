@@ -20,15 +20,13 @@ from tests.support import (
     Mosquitto,
     NotifySocket,
     ServiceProcess,
-    Subscriber,
+    SubscriberFactory,
     entry,
     free_port,
     in_process_settings,
     wait_until,
     write_config,
 )
-
-SubscriberFactory = Callable[..., Subscriber]
 
 
 @pytest.fixture

@@ -28,13 +28,13 @@ from tests.support import (
     Received,
     ServiceProcess,
     Subscriber,
+    SubscriberFactory,
     entry,
     free_port,
     wait_until,
     write_config,
 )
 
-SubscriberFactory = Callable[..., Subscriber]
 StartService = Callable[..., PublisherService]
 
 
