@@ -54,7 +54,7 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("scheduler_publisher_connections_up", "MQTT connections up",
                                 value=up)
         yield GaugeMetricFamily("scheduler_publisher_active_configs", "Entries running",
-                                value=self._service.get_status()["active_configs"])
+                                value=self._service.active_configs)
         yield CounterMetricFamily("scheduler_publisher_reloads", "Config reloads applied",
                                   value=stats.reloads)
         yield CounterMetricFamily("scheduler_publisher_config_errors", "Config problems seen",
@@ -148,10 +148,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.app.authorized(self.headers.get("Authorization")):
             self._json(401, {"success": False, "error": "missing or wrong bearer token"})
             return
-        applied = self.app.service.reload_config()
-        status = self.app.service.get_status()
-        self._json(200, {"success": applied, "active_configs": status["active_configs"],
-                         "error": status["config"]["last_error"]})
+        service = self.app.service
+        applied = service.reload_config()
+        self._json(200, {"success": applied, "active_configs": service.active_configs,
+                         "error": service.last_config_error})
 
     def _json(self, code: int, body: dict[str, Any]) -> None:
         self._send(code, json.dumps(body).encode(), "application/json")

@@ -3,7 +3,7 @@
 Threads, and who owns what:
 - the main loop (the thread that calls `run()`, or "service-loop" after `start()`) owns the
   running entries, reloads, timers (stats, checkpoints, safety re-read, clock checks,
-  systemd pings) and shutdown. Everything else only pokes it through `_Mailbox`;
+  systemd pings) and shutdown. Everything else only pokes it through the `Mailbox` (mailbox.py);
 - the scheduler thread runs the ticks (scheduling.py), which only hand an entry id to
 - the network thread (network.py), which owns every paho client;
 - the watchdog observer thread (watcher.py) and the HTTP threads (http.py) only poke or read.
@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from scheduler_publisher.config import (
 )
 from scheduler_publisher.connection import MQTTConnectionManager
 from scheduler_publisher.logs import get_logger
+from scheduler_publisher.mailbox import Mailbox
 from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, diff, effective_entries
 from scheduler_publisher.scheduling import Schedule
@@ -45,43 +46,13 @@ HEALTH_MAX_SILENCE = 10.0  # seconds without a heartbeat before a component coun
 CLOCK_CHECK_PERIOD = 1.0
 
 
-@dataclass
-class _Reload:
-    """A reload asked for from another thread; the main loop fills in the result."""
+@dataclass(slots=True)
+class _Timer:
+    """A periodic main-loop action."""
 
-    done: threading.Event = field(default_factory=threading.Event)
-    applied: bool = False
-
-
-class _Mailbox:
-    """How other threads poke the main loop: flags plus one Event to wake it."""
-
-    def __init__(self) -> None:
-        self.wake = threading.Event()
-        self.lock = threading.Lock()
-        self.stop = False
-        self.reloads: list[_Reload] = []
-        self.file_poked_at: float | None = None  # monotonic; debounced by the loop
-
-    def post_stop(self) -> None:
-        self.stop = True
-        self.wake.set()
-
-    def post_reload(self) -> _Reload:
-        request = _Reload()
-        with self.lock:
-            self.reloads.append(request)
-        self.wake.set()
-        return request
-
-    def post_file_event(self) -> None:
-        self.file_poked_at = time.monotonic()
-        self.wake.set()
-
-    def take_reloads(self) -> list[_Reload]:
-        with self.lock:
-            taken, self.reloads = self.reloads, []
-        return taken
+    period: float
+    action: Callable[[], None]
+    due: float
 
 
 class PublisherService:
@@ -92,7 +63,7 @@ class PublisherService:
                                           max_bytes=self.settings.max_config_bytes)
         self.notifier = SystemdNotifier()
         self.gave_up: str | None = None
-        self._mail = _Mailbox()
+        self._mail = Mailbox()
         self._entries: dict[str, PublishConfig] = {}
         self._digest: str | None = None
         self._last_file_problem: str | None = None
@@ -108,7 +79,7 @@ class PublisherService:
             history_retention_rows=self.settings.history_retention_rows,
         ) if self.settings.state_db else None
         self._clock = ClockGuard()
-        self._timers: dict[str, float] = {}
+        self._timers: list[_Timer] = []
         self._loop_thread: threading.Thread | None = None
         self._loop_ident: int | None = None
         self._stopped = threading.Event()
@@ -201,15 +172,18 @@ class PublisherService:
     def _main_loop(self) -> None:
         self._loop_ident = threading.get_ident()
         now = time.monotonic()
-        self._timers = {
-            "stats": now + self.settings.stats_interval,
-            "checkpoint": now + self.settings.checkpoint_interval,
-            "history": now + self.settings.history_interval,
-            "safety": now + self.settings.safety_check_interval,
-            "clock": now + CLOCK_CHECK_PERIOD,
-        }
+        s = self.settings
+        self._timers = [
+            _Timer(period, action, now + period) for period, action in (
+                (s.stats_interval, self._log_statistics),
+                (s.checkpoint_interval, self._checkpoint),
+                (s.history_interval, self._record_history),
+                (s.safety_check_interval, self._safety_check),
+                (CLOCK_CHECK_PERIOD, self._check_clock),
+            )
+        ]
         if self.notifier.watchdog_interval:
-            self._timers["watchdog"] = now
+            self._timers.append(_Timer(self.notifier.watchdog_interval, self._ping_watchdog, now))
         try:
             while not self._mail.stop:
                 self._mail.wake.wait(self._next_timeout())
@@ -219,7 +193,7 @@ class PublisherService:
             self._shutdown()
 
     def _next_timeout(self) -> float:
-        due = min(self._timers.values())
+        due = min(t.due for t in self._timers)
         if self._mail.file_poked_at is not None:
             due = min(due, self._mail.file_poked_at + self.settings.reload_debounce)
         return max(0.0, due - time.monotonic())
@@ -233,19 +207,10 @@ class PublisherService:
         if poked is not None and now - poked >= self.settings.reload_debounce:
             self._mail.file_poked_at = None
             self._reload(manual=False)
-        actions: dict[str, tuple[float, Callable[[], None]]] = {
-            "stats": (self.settings.stats_interval, self._log_statistics),
-            "checkpoint": (self.settings.checkpoint_interval, self._checkpoint),
-            "history": (self.settings.history_interval, self._record_history),
-            "safety": (self.settings.safety_check_interval, self._safety_check),
-            "clock": (CLOCK_CHECK_PERIOD, self._check_clock),
-            "watchdog": (self.notifier.watchdog_interval or 1.0, self._ping_watchdog),
-        }
-        for name, due in list(self._timers.items()):
-            if now >= due:
-                period, action = actions[name]
-                self._timers[name] = now + period
-                action()
+        for timer in self._timers:
+            if now >= timer.due:
+                timer.due = now + timer.period
+                timer.action()
 
     # ---- reloads --------------------------------------------------------------------------
     def _safety_check(self) -> None:
@@ -404,18 +369,27 @@ class PublisherService:
         return self._connection.is_connected()
 
     @property
+    def active_configs(self) -> int:
+        return len(self._entries)
+
+    @property
+    def last_config_error(self) -> str | None:
+        return self._last_file_problem
+
+    @property
     def connection(self) -> MQTTConnectionManager:
         return self._connection
 
     def get_status(self) -> dict[str, Any]:
         entries = dict(self._entries)  # a reference swap elsewhere: this copy is consistent
         connection = self._connection.status()
+        problems = self.health_problems()
         return {
             "active_configs": len(entries),
             "connected": connection["connected"],
             "statistics": self.stats.summary(),
             "connection": connection,
-            "health": {"ok": not self.health_problems(), "problems": self.health_problems()},
+            "health": {"ok": not problems, "problems": problems},
             "config": {"path": str(self.settings.config_path), "digest": self._digest,
                        "last_reload_at": self._last_reload_at,
                        "last_error": self._last_file_problem, "watcher": self._watcher.kind},
