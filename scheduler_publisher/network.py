@@ -78,13 +78,14 @@ class NetworkLoop:
         self.listener = listener
         self.links: dict[str, Link] = {}
         self.heartbeat = time.monotonic()
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        # The selector and the wake-up pipe are made by start(): no descriptors are held by a
+        # loop that never runs.
+        self._selector: selectors.BaseSelector
+        self._wake_r: int
+        self._wake_w: int
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_pending = False
-        self._closed = False
+        self._closed = True  # no wake-up pipe (not started, or stopped); commands still queue
         self._want_write: set[Link] = set()
         self._farewells: dict[Link, int] = {}  # closing link -> mid of its offline announcement
         self._refused: dict[Link, str] = {}  # link -> the broker's CONNACK refusal, until closed
@@ -98,16 +99,21 @@ class NetworkLoop:
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
         self._thread.start()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the network thread. Cheap enough for every publish: one wake-up write per
         batch, not per call (the flag is cleared by the loop before it drains the queue)."""
-        if self._closed:
-            return  # stopped: the wake-up pipe is gone (and its fd number may be reused)
         self._commands.append(fn)
+        if self._closed:
+            return  # no pipe: before start() the thread runs the queue when it starts
         if not self._wake_pending:
             self._wake_pending = True
             # A full pipe means wake-ups are pending already: the loop is bound to wake.
@@ -115,12 +121,13 @@ class NetworkLoop:
                 os.write(self._wake_w, b"\0")
 
     def stop(self, timeout: float) -> None:
+        if self._thread is None or self._closed:
+            return  # never started, or stopped already: nothing runs, nothing is open
         self._stopping.set()
         self.call_soon(lambda: None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.join(timeout)
         self._connector.shutdown(wait=False, cancel_futures=True)
-        if self._thread is None or not self._thread.is_alive():
+        if not self._thread.is_alive():
             # Closed here, after the join, never by the loop itself: a call_soon racing the
             # loop's exit would otherwise write to a closed (or reused) descriptor.
             self._closed = True
