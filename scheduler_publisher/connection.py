@@ -30,6 +30,9 @@ log = get_logger("scheduler_publisher.connection")
 MAIN = "main"
 BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
 MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
+# Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
+# More than one, so a QoS 1 entry faster than the broker's round trip still sends every tick.
+MAX_PENDING_PER_ENTRY = 4
 STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
 
@@ -134,7 +137,10 @@ class MQTTConnectionManager:
         if entry is None:
             return  # removed since the tick was queued
         link = self._link_for(entry)
-        if link is None or link.state is not LinkState.CONNECTED:
+        if link is None or link.state is not LinkState.CONNECTED or \
+                link.pending.get(entry_id, 0) >= MAX_PENDING_PER_ENTRY:
+            # Down, or up but stalled (the broker stopped reading or acknowledging): paho's
+            # queues keep at most a few messages per entry, however long it lasts.
             if entry.qos == 0:
                 self.stats.record_dropped(entry_id)
             else:

@@ -94,6 +94,8 @@ class Link:
     handshake_since: float = 0.0  # monotonic; when the CONNECT went out
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
+    pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
+    last_read: float = 0.0  # monotonic; when the broker last sent us anything
     client: mqtt.Client = field(init=False)
     backoff: Backoff = field(init=False)
 
@@ -156,7 +158,31 @@ class Link:
         """A new paho client with a new will; only while the old one is closed."""
         self.will = will
         self.inflight.clear()
+        self.pending.clear()
         self.client = self._new_client()
+
+    # Bookkeeping of what paho holds for us: `inflight` by message id, `pending` by entry, so
+    # that a stalled connection can be told apart from a healthy one per entry in O(1).
+    def track(self, mid: int, entry_id: str | None, qos: int) -> None:
+        self.inflight[mid] = (entry_id, qos)
+        if entry_id is not None:
+            self.pending[entry_id] = self.pending.get(entry_id, 0) + 1
+
+    def settle(self, mid: int) -> tuple[str | None, int]:
+        """A message left (QoS 0: written) or was acknowledged (QoS 1/2)."""
+        entry_id, qos = self.inflight.pop(mid, (None, 0))
+        if entry_id is not None:
+            left = self.pending.get(entry_id, 0) - 1
+            if left > 0:
+                self.pending[entry_id] = left
+            else:
+                self.pending.pop(entry_id, None)
+        return entry_id, qos
+
+    def drop_unsent_qos0(self) -> list[str | None]:
+        """The connection is gone: paho discards unsent QoS 0 packets (QoS 1/2 are resent)."""
+        lost = [mid for mid, (_, qos) in self.inflight.items() if qos == 0]
+        return [self.settle(mid)[0] for mid in lost]
 
     # paho callbacks: network thread (or a connector thread during reconnect(), for none of these)
     def _on_connect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode,

@@ -39,6 +39,10 @@ from scheduler_publisher.settings import BrokerSettings
 log = get_logger("scheduler_publisher.network")
 
 MISC_PERIOD = 1.0  # keepalive bookkeeping for every link, once a second
+# paho alone notices a dead path only ~2x keepalive after the last byte (PINGREQ after one
+# keepalive of silence, give up one keepalive later). The broker sends PINGRESP within a round
+# trip of our PINGREQ, so silence for 1.5x keepalive already means the path is gone.
+SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
 
 
@@ -162,7 +166,7 @@ class NetworkLoop:
             return False
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
-        link.inflight[info.mid] = (entry_id, qos)
+        link.track(info.mid, entry_id, qos)
         return True
 
     def close(self, link: Link, *, with_will: bool, reopen: Will | bool | None = False) -> None:
@@ -251,10 +255,8 @@ class NetworkLoop:
             self.listener.link_refused(link, refused)
             return
         was_up = link.state is LinkState.CONNECTED
-        for mid, (entry_id, qos) in list(link.inflight.items()):
-            if qos == 0:  # paho drops unsent QoS 0 packets on reconnect; QoS>0 are retransmitted
-                del link.inflight[mid]
-                self.listener.lost_unsent(link, entry_id)
+        for entry_id in link.drop_unsent_qos0():
+            self.listener.lost_unsent(link, entry_id)
         self._want_write.discard(link)
         if link.state is LinkState.CLOSING:
             self._finish_close(link)
@@ -270,7 +272,7 @@ class NetworkLoop:
             del self._farewells[link]
             link.client.disconnect()  # queued; the loop flushes it after this read
             return
-        entry_id, qos = link.inflight.pop(mid, (None, 0))
+        entry_id, qos = link.settle(mid)
         self.listener.published(link, entry_id, qos, failure)
 
     def _on_want_write(self, link: Link) -> None:
@@ -330,6 +332,7 @@ class NetworkLoop:
     def _service_socket(self, link: Link, mask: int) -> None:
         client = link.client
         if mask & selectors.EVENT_READ:
+            link.last_read = time.monotonic()
             client.loop_read()
             sock = client.socket()
             while isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -416,8 +419,15 @@ class NetworkLoop:
                 self._force_close(link, "no CONNACK from the broker")
             elif link.state is LinkState.CLOSING and now - link.closing_since > limit:
                 self._force_close(link, "DISCONNECT could not be sent")
+            elif link.state is LinkState.CONNECTED and self._silent(link, now):
+                self._force_close(link, "no answer from the broker for 1.5x keepalive")
             elif link.state in (LinkState.CONNECTED, LinkState.CLOSING):
                 link.client.loop_misc()
+
+    @staticmethod
+    def _silent(link: Link, now: float) -> bool:
+        keepalive = link.client.keepalive  # the broker's Server Keep Alive once it set one
+        return keepalive > 0 and now - link.last_read > SILENCE_LIMIT * keepalive
 
     def _close_all_sockets(self) -> None:
         for link in list(self.links.values()):

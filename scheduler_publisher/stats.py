@@ -47,8 +47,8 @@ class Lateness:
 class EntryStats:
     published: int = 0
     errors: int = 0
-    dropped: int = 0  # QoS 0 ticks while the connection was down
-    deferred: int = 0  # QoS 1/2 ticks while down; the newest goes out on reconnect
+    dropped: int = 0  # QoS 0 ticks while the connection was down or stalled
+    deferred: int = 0  # QoS 1/2 ticks while down or stalled; the newest goes out on reconnect
     missed: int = 0  # grid slots the scheduler skipped (coalesced after a stall)
     last_published_at: float | None = None  # unix time
     last_error: str | None = None
