@@ -549,6 +549,24 @@ def read_config_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes
     return raw
 
 
+def permission_warnings(path: Path) -> list[str]:
+    """What makes the file writable by anyone on the machine: then anyone could change what the
+    gateway publishes. A world-writable folder counts too (without the sticky bit anyone can
+    replace the file; with it, only the owner can, which is still worth a word)."""
+    found = []
+    try:
+        if path.stat().st_mode & stat.S_IWOTH:
+            found.append(f"{path} is world-writable")
+        folder = path.resolve().parent
+        mode = folder.stat().st_mode
+    except OSError:
+        return found  # unreadable: the loader says so
+    if mode & stat.S_IWOTH:
+        sticky = " (sticky)" if mode & stat.S_ISVTX else ""
+        found.append(f"its folder {folder} is world-writable{sticky}")
+    return found
+
+
 class ConfigurationLoader:
     """Reads and validates one config file. Holds only the path: building it does no I/O."""
 

@@ -27,6 +27,7 @@ from scheduler_publisher.config import (
     ConfigurationLoader,
     PublishConfig,
     parse_config,
+    permission_warnings,
     read_config_file,
 )
 from scheduler_publisher.connection import MQTTConnectionManager
@@ -125,6 +126,9 @@ class PublisherService:
     def _startup(self) -> None:
         self._wait_for_plausible_clock()
         result = self.loader.load()  # ConfigFileError propagates: the CLI exits with code 3
+        for problem in permission_warnings(self.settings.config_path):
+            log.warning("config_file_insecure", problem=problem,
+                        hint="anyone on this machine can change what is published")
         self._restore_counters()
         self._apply(result, initial=True)
         self._connection.connect()

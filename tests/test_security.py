@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from scheduler_publisher.service import PublisherService
 from tests.support import (
     Mosquitto,
     ServiceProcess,
     Subscriber,
     entry,
     free_port,
+    in_process_settings,
     unique_topic,
     wait_until,
     write_config,
@@ -397,3 +400,34 @@ def test_deeply_nested_config_at_start_exits_3(tmp_path: Path, depth: int) -> No
     assert "deep" in err.lower() or "nest" in err.lower()
     assert "Traceback" not in err
 
+
+
+# ---- a config file anyone can write -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("file_mode", "folder_mode", "expected"), [
+    (0o644, 0o755, []),
+    (0o666, 0o755, ["config.json is world-writable"]),
+    (0o644, 0o777, ["folder", "is world-writable"]),
+    (0o644, 0o1777, ["folder", "is world-writable (sticky)"]),
+])
+def test_world_writable_config_is_warned_about_at_start(
+        tmp_path: Path, broker: Mosquitto, topic_base: str, file_mode: int, folder_mode: int,
+        expected: list[str]) -> None:
+    """A config file, or its folder, that anyone may write is named in a warning at start."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    config = folder / "config.json"
+    write_config(config, [entry("a", f"{topic_base}/a", 3600)])
+    config.chmod(file_mode)
+    folder.chmod(folder_mode)
+    service = PublisherService(in_process_settings(config, broker.port, watch=False))
+    with capture_logs() as logs:
+        service.start()
+        service.stop()
+    warned = [e["problem"] for e in logs if e["event"] == "config_file_insecure"]
+    if not expected:
+        assert warned == []
+    else:
+        assert len(warned) == 1
+        assert all(part in warned[0] for part in expected), warned
