@@ -36,9 +36,10 @@ import threading
 import time
 import urllib.request
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
+
+from scheduler_publisher.plan import grid_start
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -56,9 +57,8 @@ def payload_for(i: int) -> bytes:
 
 
 def grid_offset(entry_id: str, interval: float) -> float:
-    """The entry's phase on its grid, as scheduler_publisher.plan.grid_start computes it."""
-    period_ms = max(1, round(interval * 1000))
-    return (zlib.crc32(entry_id.encode()) % period_ms) / 1000.0
+    """The entry's phase on its grid: the service's own computation, not a copy of it."""
+    return grid_start(entry_id, interval).timestamp() - GRID_ANCHOR
 
 
 def free_port() -> int:

@@ -9,11 +9,19 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from scheduler_publisher.config import ConfigResult, PublishConfig, parse_config
-from scheduler_publisher.plan import GRID_ANCHOR, Plan, diff, effective_entries, grid_start
+from scheduler_publisher.plan import (
+    GRID_ANCHOR,
+    Plan,
+    diff,
+    effective_entries,
+    grid_start,
+    phase_slot_ms,
+)
 
 
 def cfg(id_: str = "a", **fields: Any) -> PublishConfig:
@@ -193,11 +201,27 @@ def test_grid_start_is_stable_across_processes() -> None:
 
 
 def test_grid_start_spreads_entries_sharing_an_interval() -> None:
-    """Many ids on the same interval get distinct phases covering the whole period."""
+    """Many ids on the same interval spread over the period's phase slots (600 of 100 ms in a
+    minute): 200 ids land in about as many distinct slots as chance allows, and cover the
+    whole period."""
     offsets = [offset(f"sensor-{n}", 60) for n in range(200)]
-    assert len(set(offsets)) > 190
+    assert len(set(offsets)) > 160  # 600 x (1 - e^(-200/600)) = 170 expected
+    assert max(offsets.count(o) for o in offsets) <= 4
     buckets = {int(o // 6) for o in offsets}  # ten 6-second slices of the minute
     assert buckets == set(range(10))
+
+
+@pytest.mark.parametrize(("interval", "slot_ms"), [
+    (0.1, 1), (0.5, 5), (1, 10), (5, 50), (60, 100), (86400, 100),
+])
+def test_phases_are_whole_slots_of_about_a_hundredth_of_the_interval(
+        interval: float, slot_ms: int) -> None:
+    """Phases are multiples of phase_slot_ms: ~1/100 of the interval, from 1 ms to 100 ms."""
+    assert phase_slot_ms(interval) == slot_ms
+    for n in range(300):
+        offset_ms = round(offset(f"e{n}", interval) * 1000)
+        assert offset_ms % slot_ms == 0
+        assert 0 <= offset_ms < interval * 1000
 
 
 def test_grid_start_spreads_sub_second_intervals() -> None:
