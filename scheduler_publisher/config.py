@@ -8,6 +8,7 @@ that is not a readable JSON array of entries raises (ConfigFileError).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -324,6 +325,20 @@ class PublishConfig:
     __hash__ = None  # type: ignore[assignment]  # equal configs exist, but data is unhashable
 
     def __post_init__(self) -> None:
+        self._check()
+        self._derive()
+
+    @classmethod
+    def _from_checked(cls, fields: Mapping[str, Any]) -> PublishConfig:
+        """Build from fields parse_config has already checked, without checking them twice."""
+        config: PublishConfig = object.__new__(cls)
+        for spec in dataclasses.fields(cls):
+            if spec.init:
+                object.__setattr__(config, spec.name, fields.get(spec.name, spec.default))
+        config._derive()
+        return config
+
+    def _check(self) -> None:
         errors = [
             message
             for name, spec in _FIELDS.items()
@@ -333,6 +348,8 @@ class PublishConfig:
         if errors:
             label = _id_label(self.id if isinstance(self.id, str) else None)
             raise ValueError(f"invalid PublishConfig{label}: " + "; ".join(errors))
+
+    def _derive(self) -> None:
         data = _copy_object(self.data)
         object.__setattr__(self, "data", MappingProxyType(data))
         object.__setattr__(self, "interval", float(self.interval))
@@ -493,7 +510,7 @@ def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Chec
     problems = [Problem(sev, position, entry_id, name, msg) for name, sev, msg in findings]
     if any(problem.severity == "error" for problem in problems):
         return _Checked(None, problems, entry_id)
-    config = PublishConfig(**{name: entry[name] for name in _FIELDS if name in entry})
+    config = PublishConfig._from_checked(entry)  # every field was checked just above
     return _Checked(config, problems, entry_id)
 
 
