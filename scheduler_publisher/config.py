@@ -320,7 +320,6 @@ class PublishConfig:
     version: int | None = None
     # Derived from data; compared so that 1, 1.0 and true in data (equal in Python) differ.
     payload: bytes = field(init=False, repr=False)
-    offline_payload: bytes = field(init=False, compare=False, repr=False)
 
     __hash__ = None  # type: ignore[assignment]  # equal configs exist, but data is unhashable
 
@@ -354,7 +353,12 @@ class PublishConfig:
         object.__setattr__(self, "data", MappingProxyType(data))
         object.__setattr__(self, "interval", float(self.interval))
         object.__setattr__(self, "payload", _render_payload(data, online=1))
-        object.__setattr__(self, "offline_payload", _render_payload(data, online=0))
+
+    @property
+    def offline_payload(self) -> bytes:
+        """`{"online": 0, ...data}`: only lwt entries need it (as their will), so it is rendered
+        on demand instead of being kept for every entry."""
+        return _render_payload(self.data, online=0)
 
     def same_schedule(self, other: PublishConfig) -> bool:
         """True when `other` fires at the same rate, so its job need not be rescheduled."""

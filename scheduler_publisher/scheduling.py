@@ -13,6 +13,7 @@ Settings, and why (notes §1):
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -41,11 +42,20 @@ class GridTrigger(IntervalTrigger):  # type: ignore[misc]  # APScheduler 3 is un
     one: APScheduler's own walk is O(missed) per job, which after a clock step from 1970 hangs
     the process (APScheduler #35, #526, #1066; notes §1.6)."""
 
+    __slots__ = ()  # like IntervalTrigger's: no per-instance __dict__
+
     def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
         following = super().get_next_fire_time(previous, now)
         if previous is not None and following is not None and following < now:
             following = super().get_next_fire_time(None, now)  # the first slot at/after now
         return following  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=65_536)
+def grid_trigger(interval: float, start: datetime) -> GridTrigger:
+    """One trigger per (interval, phase slot), shared by every job on that slot: triggers are
+    immutable, and with phase slots (plan.py) thousands of entries share a few hundred."""
+    return GridTrigger(seconds=interval, timezone=UTC, start_date=start)
 
 
 class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
@@ -102,8 +112,7 @@ class Schedule:
 
     def add(self, entry: PublishConfig) -> None:
         """Add, or replace with a new grid: the next slot of the grid, not now + interval."""
-        trigger = GridTrigger(seconds=entry.interval, timezone=UTC,
-                              start_date=grid_start(entry.id, entry.interval))
+        trigger = grid_trigger(entry.interval, grid_start(entry.id, entry.interval))
         self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
                                 replace_existing=True)
 
