@@ -186,12 +186,28 @@ def test_fixed_rate_entry_publishes_window_over_interval_times_on_its_grid(
     assert -0.02 < statistics.median(errors[-5:]) < 0.08
 
 
+def spread_out_ids(interval: float, count: int, min_gap: float) -> list[str]:
+    """Ids whose phases are at least `min_gap` apart, so that a scheduler stall of a few ms at
+    start-up cannot make two of them arrive in the same millisecond by accident."""
+    chosen: list[str] = []
+    phases: list[float] = []
+    for n in range(1000):
+        candidate = f"spread-{n}"
+        phase = (grid_start(candidate, interval) - GRID_ANCHOR).total_seconds()
+        if all(min(abs(phase - p), interval - abs(phase - p)) >= min_gap for p in phases):
+            chosen.append(candidate)
+            phases.append(phase)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError("no ids spread that far apart")
+
+
 def test_entries_sharing_an_interval_are_spread_over_the_period(
         broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
         topic_base: str) -> None:
     """Entries with the same interval tick at their own phases, not all in the same millisecond."""
     interval = 0.5
-    ids = [f"spread-{i}" for i in range(5)]
+    ids = spread_out_ids(interval, count=5, min_gap=0.05)
     offsets = sorted((grid_start(i, interval) - GRID_ANCHOR).total_seconds() for i in ids)
     largest_gap = max([b - a for a, b in pairwise(offsets)]
                       + [interval - offsets[-1] + offsets[0]])
