@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.stats import LATENESS_BUCKETS
+from scheduler_publisher.stats import LATENESS_BUCKETS, Stats
 
 if TYPE_CHECKING:
     from scheduler_publisher.service import PublisherService
@@ -47,7 +47,12 @@ class ServiceCollector(Collector):
             for entry_id, e in entries:
                 family.add_metric([entry_id], getattr(e, attr))
             yield family
-        yield self._lateness(entries)
+        yield self._lateness(stats)
+        late = GaugeMetricFamily("scheduler_publisher_tick_lateness_max_seconds",
+                                 "The latest any tick of the entry ran", labels=["entry"])
+        for entry_id, e in entries:
+            late.add_metric([entry_id], e.lateness.maximum)
+        yield late
         total, up = self._service.connection.connection_counts()
         yield GaugeMetricFamily("scheduler_publisher_connections", "MQTT connections",
                                 value=total)
@@ -63,18 +68,16 @@ class ServiceCollector(Collector):
                                   value=stats.totals().reconnects)
 
     @staticmethod
-    def _lateness(entries: list[tuple[str, Any]]) -> HistogramMetricFamily:
+    def _lateness(stats: Stats) -> HistogramMetricFamily:
         family = HistogramMetricFamily("scheduler_publisher_tick_lateness_seconds",
-                                       "How late ticks ran against their grid slot",
-                                       labels=["entry"])
-        for entry_id, e in entries:
-            running = 0
-            buckets = []
-            for bound, count in zip((*LATENESS_BUCKETS, float("inf")), e.lateness.buckets,
-                                    strict=True):
-                running += count
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
-            family.add_metric([entry_id], buckets, e.lateness.total)
+                                       "How late ticks ran against their grid slot (all entries)")
+        running = 0
+        buckets = []
+        for bound, count in zip((*LATENESS_BUCKETS, float("inf")), list(stats.lateness_buckets),
+                                strict=True):
+            running += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+        family.add_metric([], buckets, stats.lateness_total)
         return family
 
 

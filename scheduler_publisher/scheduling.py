@@ -31,6 +31,7 @@ from scheduler_publisher.plan import Plan, grid_start
 log = get_logger("scheduler_publisher.scheduling")
 
 HEARTBEAT_JOB = "__heartbeat__"
+JOB_NAME = "publish"
 # entry id, scheduled slot, slots missed before it (the last two defaulted: APScheduler checks
 # the callable's signature against the args given to add_job)
 Tick = Callable[[str, datetime | None, int], None]
@@ -113,8 +114,9 @@ class Schedule:
     def add(self, entry: PublishConfig) -> None:
         """Add, or replace with a new grid: the next slot of the grid, not now + interval."""
         trigger = grid_trigger(entry.interval, grid_start(entry.id, entry.interval))
+        # A shared name: APScheduler would otherwise build the same string for every job.
         self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
-                                replace_existing=True)
+                                name=JOB_NAME, replace_existing=True)
 
     def remove(self, entry_id: str) -> None:
         # Never scheduled (it was invalid from the start): nothing to remove.

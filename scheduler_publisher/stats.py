@@ -8,6 +8,7 @@ which is all a counter needs; no lock sits on the publish path.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,22 +21,16 @@ LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 @dataclass(slots=True)
 class Lateness:
-    """How late ticks ran against their grid slot."""
+    """How late one entry's ticks ran against their grid slot."""
 
     count: int = 0
     total: float = 0.0
     maximum: float = 0.0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENESS_BUCKETS) + 1))
 
     def observe(self, seconds: float) -> None:
         self.count += 1
         self.total += seconds
         self.maximum = max(self.maximum, seconds)
-        for i, bound in enumerate(LATENESS_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                return
-        self.buckets[-1] += 1
 
     def as_dict(self) -> dict[str, float | int]:
         mean = self.total / self.count if self.count else 0.0
@@ -76,6 +71,10 @@ class Stats:
         self.reloads = 0
         self.config_errors = 0
         self.base = Totals()  # what earlier runs left in the state DB
+        # One service-wide histogram: per-entry buckets would cost memory for every entry and
+        # give Prometheus a series per entry and bucket (120,000 at 10,000 entries).
+        self.lateness_buckets = [0] * (len(LATENESS_BUCKETS) + 1)
+        self.lateness_total = 0.0
 
     def entry(self, entry_id: str) -> EntryStats:
         found = self.entries.get(entry_id)
@@ -110,8 +109,11 @@ class Stats:
     # scheduler thread
     def record_tick(self, entry_id: str, lateness: float, missed: int) -> None:
         e = self.entry(entry_id)
-        e.lateness.observe(max(0.0, lateness))
+        late = max(0.0, lateness)
+        e.lateness.observe(late)
         e.missed += missed
+        self.lateness_buckets[bisect.bisect_left(LATENESS_BUCKETS, late)] += 1
+        self.lateness_total += late
 
     # main loop
     def forget(self, entry_ids: list[str]) -> None:
