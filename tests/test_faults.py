@@ -420,3 +420,38 @@ def test_sigterm_during_startup_exits_zero(broker: Mosquitto, tmp_path: Path,
         finally:
             proc.stop()
         assert any(e.get("message") == "service_stopped" for e in proc.events())
+
+
+# ---- messages in flight when the link dies ----------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
+        broker: Mosquitto, proxy: NetProxy, topic_base: str,
+        subscriber_factory: SubscriberFactory, protocol: str) -> None:
+    """A QoS 1 message written but never acknowledged (the path went dark under it) is sent
+    again on the new connection, as MQTT requires, and reaches subscribers."""
+    from scheduler_publisher import MQTTConnectionManager  # noqa: PLC0415
+    from scheduler_publisher.settings import BrokerSettings  # noqa: PLC0415
+
+    topic = f"{topic_base}/inflight"
+    sub = subscriber_factory(topic, qos=1)
+    manager = MQTTConnectionManager(BrokerSettings(
+        host="127.0.0.1", port=proxy.port, protocol=protocol,  # type: ignore[arg-type]
+        backoff_min=0.2, backoff_max=0.5, client_id=f"inflight-{uuid.uuid4().hex[:8]}"))
+    try:
+        assert manager.connect(wait=10)
+        proxy.blackhole()
+        payload = f"in-flight {uuid.uuid4().hex}".encode()
+        assert manager.publish(topic, payload, qos=1)
+        main = manager._loop.links["main"]  # private: the only view of paho's in-flight set
+        wait_until(lambda: any(qos == 1 for _, qos in list(main.inflight.values())), 10,
+                   message="the message handed to paho and unacknowledged")
+        proxy.sever()  # the dark connection dies; what it carried never reached the broker
+        wait_until(lambda: not manager.is_connected(), 10, message="the loss noticed")
+        assert sub.on(topic) == []
+        proxy.resume()
+        got = sub.wait_for(topic, timeout=20)
+        assert got[0].payload == payload
+    finally:
+        manager.disconnect(3)
