@@ -338,6 +338,29 @@ def test_hostile_config_edits_never_kill_the_service(
     assert all(e["kept_entries"] == 1 for e in errors)
 
 
+def test_a_100_mb_config_file_is_refused_without_reading_it_into_memory(
+        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
+        start_service: Callable[..., Service]) -> None:
+    """A 100 MB file (default 16 MiB limit) is refused with a clear error; the running entry
+    keeps publishing and the process does not swallow the file (RSS grows far less)."""
+    topic = f"{topic_base}/keep"
+    sub = subscriber_factory(f"{topic_base}/#")
+    service = start_service(broker.port, [entry("keep", topic, 0.5)])
+    sub.wait_for(topic, timeout=20)
+    before = service.rss_kib()
+    with service.config.open("wb") as stream:  # in place, 1 MiB at a time
+        stream.write(b"[")
+        for _ in range(100):
+            stream.write(b" " * (1024 * 1024))
+    reply = service.reload()
+    assert reply["success"] is False
+    assert "16777216" in reply["error"] or "16 MiB" in reply["error"], reply
+    assert_keeps_running(service, topic)
+    assert service.rss_kib() - before < 40 * 1024, "the whole file was read into memory"
+    mark = time.monotonic()
+    sub.wait_for(topic, where=lambda m: m.at > mark, count=2, timeout=10)
+
+
 def test_random_byte_flips_of_a_valid_file_never_kill_the_service(
         broker: Mosquitto, topic_base: str, start_service: Callable[..., Service],
         subscriber_factory: SubscriberFactory) -> None:
