@@ -137,7 +137,7 @@ def test_grid_trigger_jumps_a_day_to_the_current_slot() -> None:
     following = trigger.get_next_fire_time(last_run, NOW)
     walked = run_times(trigger, last_run, NOW)
 
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2  # walking 864,000 slots takes far longer
     assert NOW <= following < NOW + timedelta(seconds=0.1)
     assert on_grid(following, 0.1)
     assert len(walked) <= 2  # the stale slot, and the current one if it is exactly now
