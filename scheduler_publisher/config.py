@@ -35,6 +35,7 @@ __all__ = [
     "ConfigFileError",
     "ConfigResult",
     "ConfigurationLoader",
+    "PayloadData",
     "Problem",
     "PublishConfig",
     "QoS",
@@ -282,23 +283,60 @@ def _scalar_problem(value: Any) -> tuple[str, str, Any] | None:
     return ("values", "JSON values", value)
 
 
-def _copy_json(value: Any) -> Any:
+def _as_json_object(value: Any) -> dict[str, Any]:
+    """json.dumps encodes dicts only; data may hold any Mapping (another entry's data, say)."""
     if isinstance(value, Mapping):
-        return _copy_object(value)
-    if isinstance(value, list | tuple):
-        return [_copy_json(item) for item in value]
-    return value
-
-
-def _copy_object(value: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: _copy_json(member) for key, member in value.items()}
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _render_payload(data: Mapping[str, Any], online: int) -> bytes:
     body = {"online": online}
     body.update(data)
     body["online"] = online  # after update: the service owns the key, and it stays first
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_as_json_object).encode()
+
+
+class PayloadData(Mapping[str, Any]):
+    """An entry's `data`, read back from its rendered payload rather than kept a second time.
+
+    The payload is what goes on the wire, so it is the one copy we keep: at 10,000 entries a
+    frozen dict per entry would cost ~2 MB for a value that only the offline payload, the API
+    and the tests read. Reading it decodes the payload (microseconds), and every read returns
+    fresh objects, so nothing reachable from a PublishConfig can be mutated.
+    """
+
+    __slots__ = ("_payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self._payload = payload
+
+    def _decoded(self) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(self._payload)
+        del body["online"]  # the service's key, not the operator's
+        return body
+
+    def __getitem__(self, key: str) -> Any:
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PayloadData):
+            return self._payload == other._payload
+        if isinstance(other, Mapping):
+            return self._decoded() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # a mapping, like dict
+
+    def __repr__(self) -> str:
+        return repr(self._decoded())
 
 
 # --- the public value types ------------------------------------------------------------------
@@ -349,10 +387,10 @@ class PublishConfig:
             raise ValueError(f"invalid PublishConfig{label}: " + "; ".join(errors))
 
     def _derive(self) -> None:
-        data = _copy_object(self.data)
-        object.__setattr__(self, "data", MappingProxyType(data))
+        payload = _render_payload(self.data, online=1)
+        object.__setattr__(self, "payload", payload)
+        object.__setattr__(self, "data", PayloadData(payload))
         object.__setattr__(self, "interval", float(self.interval))
-        object.__setattr__(self, "payload", _render_payload(data, online=1))
 
     @property
     def offline_payload(self) -> bytes:

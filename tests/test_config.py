@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -569,6 +570,24 @@ def test_data_is_a_read_only_private_copy() -> None:
     assert config.payload == b'{"online":1,"x":[1],"y":{"z":2}}'
     with pytest.raises(TypeError):
         config.data["x"] = 0  # type: ignore[index]
+    config.data["x"].append(9)  # a value read out of data is a fresh object
+    config.data["y"]["z"] = 9
+    assert config.data == {"x": [1], "y": {"z": 2}}
+    assert config.payload == b'{"online":1,"x":[1],"y":{"z":2}}'
+
+
+def test_data_is_what_goes_on_the_wire() -> None:
+    """data is read back from the payload: nested mappings of any kind render, and the
+    service-owned "online" key is not part of the operator's data."""
+    nested = MappingProxyType({"b": (1, 2)})
+    config = PublishConfig(id="q", topic="t", data={"online": 7, "a": nested}, interval=1)
+    assert config.payload == b'{"online":1,"a":{"b":[1,2]}}'
+    assert config.data == {"a": {"b": [1, 2]}}
+    assert dict(config.data) == {"a": {"b": [1, 2]}}
+    assert len(config.data) == 1
+    assert "online" not in config.data
+    assert repr(config.data) == "{'a': {'b': [1, 2]}}"
+    assert config.offline_payload == b'{"online":0,"a":{"b":[1,2]}}'
 
 
 def test_config_is_frozen_comparable_and_unhashable() -> None:
