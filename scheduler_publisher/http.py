@@ -51,7 +51,7 @@ class ServiceCollector(Collector):
         late = GaugeMetricFamily("scheduler_publisher_tick_lateness_max_seconds",
                                  "The latest any tick of the entry ran", labels=["entry"])
         for entry_id, e in entries:
-            late.add_metric([entry_id], e.lateness.maximum)
+            late.add_metric([entry_id], e.lateness_max)
         yield late
         total, up = self._service.connection.connection_counts()
         yield GaugeMetricFamily("scheduler_publisher_connections", "MQTT connections",

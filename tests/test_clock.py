@@ -259,7 +259,7 @@ def test_forward_step_runs_once_counts_missed_and_reanchors(
 
     for entry_id, interval in INTERVALS.items():
         assert service.stats.entry(entry_id).missed >= DAY / interval - 10
-        assert service.stats.entry(entry_id).lateness.maximum >= DAY - 10
+        assert service.stats.entry(entry_id).lateness_max >= DAY - 10
     assert_reanchored(service)
     mark = time.monotonic()
     for entry_id in INTERVALS:

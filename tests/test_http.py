@@ -203,7 +203,7 @@ def test_metrics_expose_counters_histogram_and_gauges(
     wait_until(lambda: all(service.stats.entry(i).published >= 2 for i in ("plain", "willed")),
                10, message="publishes on both entries")
 
-    ticked = sum(service.stats.entry(i).lateness.count for i in ("plain", "willed"))
+    ticked = sum(service.stats.entry(i).ticks for i in ("plain", "willed"))
     assert ticked >= 2
     families = metrics(service)  # scraped after `ticked` was read: it can only count more
     for entry_id in ("plain", "willed"):
