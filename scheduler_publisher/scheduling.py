@@ -77,7 +77,9 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
 
 class Schedule:
     def __init__(self, tick: Tick) -> None:
-        self._tick = tick
+        # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
+        # job (~100 B each), which only pickling job stores need; ours lives in memory.
+        self._tick = functools.partial(tick)
         self.heartbeat = time.monotonic()
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
