@@ -590,6 +590,15 @@ def test_data_is_what_goes_on_the_wire() -> None:
     assert config.offline_payload == b'{"online":0,"a":{"b":[1,2]}}'
 
 
+def test_equal_intervals_are_one_shared_float() -> None:
+    """An int interval becomes a float, and entries with equal intervals share the object
+    (10,000 entries usually have a handful of intervals between them)."""
+    one = PublishConfig(id="q", topic="t", data={}, interval=60)
+    two = PublishConfig(id="r", topic="u", data={}, interval=60.0)
+    assert type(one.interval) is float
+    assert one.interval is two.interval
+
+
 def test_config_is_frozen_comparable_and_unhashable() -> None:
     """Configs compare by value, cannot be changed, and are not hashable (data is a mapping)."""
     one = PublishConfig(id="q", topic="t", data={"a": 1}, interval=1)
@@ -853,3 +862,49 @@ def test_entry_lists_split_cleanly_into_valid_and_rejected(document: list[Any]) 
     for config in result.entries:
         assert json.loads(config.payload)["online"] == 1
         assert next(iter(json.loads(config.offline_payload).items())) == ("online", 0)
+
+
+@settings(deadline=None)
+@given(st.lists(entry_like | json_values, max_size=4), st.sampled_from([None, 0, 2]), st.data())
+def test_entries_read_one_by_one_match_json_reading_the_whole_file(
+        document: list[Any], indent: int | None, data: st.DataObject) -> None:
+    """The file is decoded an entry at a time (it saves memory), with the outcome json.loads
+    gives for the whole text: the same entries and problems, or json's error at its position."""
+    text = json.dumps(document, indent=indent)
+    at = data.draw(st.integers(0, len(text)))
+    insert = data.draw(st.sampled_from(["", ",", "]", "[", " ", "\n", "x", "}", '"', "1"]))
+    text = text[:at] + insert + text[at + data.draw(st.integers(0, 1)):]
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as exc:
+        whole, json_error = None, f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
+    else:
+        json_error = None
+    if json_error is not None:
+        with pytest.raises(ConfigFileError) as caught:
+            parse_config(text.encode())
+        assert json_error in str(caught.value)
+        return
+    if not isinstance(whole, list):
+        with pytest.raises(ConfigFileError, match="must be a JSON array of entries"):
+            parse_config(text.encode())
+        return
+
+    def outcome(result: ConfigResult) -> tuple[Any, ...]:
+        problems = [p for p in result.problems if "appears more than once" not in p.message]
+        return result.entries, problems, result.invalid_ids
+
+    assert outcome(parse_config(text.encode())) == outcome(parse_config(json.dumps(whole).encode()))
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'[{"id": "a"},\n ]', "Expecting value at line 2, column 2"),
+    (b'[{"id": "a"}] x', "Extra data at line 1, column 15"),
+    (b'[{"id": "a"} {"id": "b"}]', "Expecting ',' delimiter at line 1, column 14"),
+    (b'[{"id": "a"}, ', "Expecting value at line 1, column 15"),
+])
+def test_structural_errors_after_good_entries_name_json_position(raw: bytes, expected: str) -> None:
+    """A broken array after valid entries is still a file error, at json's own position."""
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(raw, source="c.json")
+    assert str(caught.value) == f"c.json: not valid JSON: {expected}"
