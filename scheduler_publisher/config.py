@@ -528,11 +528,10 @@ def _stream_array(text: str) -> Iterator[Any]:
     (most of it the decoded text), and the blocks freed by one element are reused by the next.
     Raises _NotStreamableError, or json's own errors, at anything but a well-formed array.
     """
-    skip = _skip_whitespace
-    at = skip(text, 0)
+    at = _skip_whitespace(text, 0)
     if text[at : at + 1] != "[":
         raise _NotStreamableError
-    at = skip(text, at + 1)
+    at = _skip_whitespace(text, at + 1)
     closed = text[at : at + 1] == "]"
     while not closed:
         value, at = _ENTRY_DECODER.raw_decode(text, at)
@@ -540,14 +539,14 @@ def _stream_array(text: str) -> Iterator[Any]:
             raise RecursionError
         yield value
         del value
-        at = skip(text, at)
+        at = _skip_whitespace(text, at)
         separator = text[at : at + 1]
         if separator not in (",", "]"):
             raise _NotStreamableError
         closed = separator == "]"
         if not closed:
-            at = skip(text, at + 1)
-    if skip(text, at + 1) != len(text):
+            at = _skip_whitespace(text, at + 1)
+    if _skip_whitespace(text, at + 1) != len(text):
         raise _NotStreamableError
 
 
