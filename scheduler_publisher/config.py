@@ -7,7 +7,6 @@ that is not a readable JSON array of entries raises (ConfigFileError).
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import difflib
 import functools
@@ -15,16 +14,17 @@ import hashlib
 import json
 import math
 import os
-import re
 import reprlib
 import stat
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
+
+from scheduler_publisher import document
+from scheduler_publisher.document import MAX_DOCUMENT_DEPTH, nesting_depth
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -50,14 +50,12 @@ QoS = Literal[0, 1, 2]
 Severity = Literal["error", "warning"]
 
 DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
-MAX_DOCUMENT_DEPTH: Final = 64  # levels of arrays/objects in the whole file
 MAX_DATA_DEPTH: Final = 32  # levels of objects/arrays in `data`, counting `data` itself
 MIN_INTERVAL: Final = 0.1
 MAX_INTERVAL: Final = 86400
 MAX_TOPIC_BYTES: Final = 65535  # MQTT strings carry a 16-bit length prefix
 _RENDER_LIMIT: Final = 60
 _VALID_UNICODE: Final = "valid Unicode (no lone surrogates)"
-_TOO_DEEP: Final = f"JSON nesting is deeper than {MAX_DOCUMENT_DEPTH} levels"
 
 
 class ConfigError(Exception):
@@ -92,14 +90,6 @@ def _python_repr(value: Any) -> str:
         return reprlib.repr(value)
     except ValueError:  # ints beyond sys.get_int_max_str_digits() refuse to print
         return f"<{type(value).__name__}>"
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    for kind, name in names.items():
-        if isinstance(value, kind):
-            return name
-    return "number"
 
 
 def _id_label(entry_id: str | None) -> str:
@@ -157,7 +147,7 @@ def _check_data(name: str, value: Any) -> Iterator[_Finding]:
     if not isinstance(value, Mapping):
         yield _error(name, "an object", value)
         return
-    depth = _depth(value, MAX_DOCUMENT_DEPTH)
+    depth = nesting_depth(value, MAX_DOCUMENT_DEPTH)
     if depth > MAX_DATA_DEPTH:
         got = f"more than {MAX_DOCUMENT_DEPTH}" if depth > MAX_DOCUMENT_DEPTH else str(depth)
         yield ("error", f"{name} must be nested at most {MAX_DATA_DEPTH} levels deep, got {got}")
@@ -231,30 +221,6 @@ _FIELDS: Final[Mapping[str, _Field]] = MappingProxyType({
 
 
 # --- JSON values inside `data` ---------------------------------------------------------------
-
-
-def _children(node: Any) -> Iterator[Any] | None:
-    if isinstance(node, Mapping):
-        return iter(node.values())
-    if isinstance(node, list | tuple):
-        return iter(node)
-    return None
-
-
-def _depth(value: Any, cap: int) -> int:
-    """Levels of nested objects/arrays in `value`; stops at cap + 1, so cycles terminate."""
-    deepest = 0
-    stack = [(value, 1)]  # iterative: the input may be far deeper than the recursion limit
-    while stack:
-        node, level = stack.pop()
-        children = _children(node)
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        if level > cap:
-            return deepest
-        stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def _unpublishable(value: Any) -> tuple[str, str, Any] | None:
@@ -452,124 +418,6 @@ class ConfigResult:
         return tuple(p for p in self.problems if p.severity == "warning")
 
 
-# --- decoding the file -----------------------------------------------------------------------
-
-
-class _JsonObject(dict[str, Any]):
-    """A decoded JSON object that remembers the keys the file repeated (json keeps the last)."""
-
-    __slots__ = ("repeated",)
-    repeated: tuple[str, ...]
-
-    @classmethod
-    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
-        obj = cls(pairs)
-        obj.repeated = ()
-        if len(obj) < len(pairs):
-            counts = Counter(key for key, _ in pairs)
-            obj.repeated = tuple(key for key, count in counts.items() if count > 1)
-        return obj
-
-
-class _NonFiniteLiteralError(Exception):
-    """NaN, Infinity or -Infinity in the text: Python's json accepts them, JSON does not."""
-
-
-def _reject_constant(literal: str) -> Any:
-    raise _NonFiniteLiteralError(literal)
-
-
-def _decode_utf8(raw: bytes, source: str) -> str:
-    body = raw.removeprefix(codecs.BOM_UTF8)  # some Windows editors prepend one; not content
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = exc.start + len(raw) - len(body)
-        raise ConfigFileError(source, f"not valid UTF-8 at byte offset {offset}") from None
-
-
-def _load_json(text: str, source: str) -> Any:
-    try:
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_JsonObject.from_pairs
-        )
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno}, column {exc.colno}"
-        raise ConfigFileError(source, f"not valid JSON: {exc.msg} at {where}") from None
-    except _NonFiniteLiteralError as exc:
-        detail = f"{exc} is not valid JSON (use a number or null)"
-        raise ConfigFileError(source, detail) from None
-    except RecursionError:
-        raise ConfigFileError(source, _TOO_DEEP) from None
-    except ValueError as exc:  # e.g. an integer longer than sys.get_int_max_str_digits()
-        raise ConfigFileError(source, f"not valid JSON: {exc}") from None
-
-
-_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")  # JSON's four whitespace characters
-_ENTRY_DECODER: Final = json.JSONDecoder(
-    parse_constant=_reject_constant, object_pairs_hook=_JsonObject.from_pairs
-)
-
-
-def _skip_whitespace(text: str, at: int) -> int:
-    match = _WHITESPACE.match(text, at)  # never None: the pattern matches the empty string
-    return at if match is None else match.end()
-
-
-class _NotStreamableError(Exception):
-    """The text is not a plain array of values; json itself has to say what it is."""
-
-
-def _stream_array(text: str) -> Iterator[Any]:
-    """The elements of the top-level array, each decoded only when the previous one is done.
-
-    Decoding the whole array first holds every entry's dicts and pairs at once: at 10,000
-    entries that parse peaked at 9.3 MB of Python objects, one element at a time at 6.2 MB
-    (most of it the decoded text), and the blocks freed by one element are reused by the next.
-    Raises _NotStreamableError, or json's own errors, at anything but a well-formed array.
-    """
-    at = _skip_whitespace(text, 0)
-    if text[at : at + 1] != "[":
-        raise _NotStreamableError
-    at = _skip_whitespace(text, at + 1)
-    closed = text[at : at + 1] == "]"
-    while not closed:
-        value, at = _ENTRY_DECODER.raw_decode(text, at)
-        if _depth(value, MAX_DOCUMENT_DEPTH - 1) > MAX_DOCUMENT_DEPTH - 1:  # the array is one
-            raise RecursionError
-        yield value
-        del value
-        at = _skip_whitespace(text, at)
-        separator = text[at : at + 1]
-        if separator not in (",", "]"):
-            raise _NotStreamableError
-        closed = separator == "]"
-        if not closed:
-            at = _skip_whitespace(text, at + 1)
-    if _skip_whitespace(text, at + 1) != len(text):
-        raise _NotStreamableError
-
-
-def _document_entries(raw: bytes, source: str) -> Iterator[Any]:
-    """The entries of the file's top-level array; raises ConfigFileError for anything else."""
-    text = _decode_utf8(raw, source)
-    if not text.strip(" \t\r\n"):
-        raise ConfigFileError(source, "is empty; expected a JSON array of entries")
-    try:
-        yield from _stream_array(text)
-    except (_NotStreamableError, ValueError, RecursionError, _NonFiniteLiteralError):
-        pass  # json's full parse below names the problem, at its line and column
-    else:
-        return
-    document = _load_json(text, source)
-    if _depth(document, MAX_DOCUMENT_DEPTH) > MAX_DOCUMENT_DEPTH:
-        raise ConfigFileError(source, _TOO_DEEP)
-    detail = f"must be a JSON array of entries, got {_json_type(document)}"
-    if isinstance(document, list):  # json accepted what the streaming scanner did not
-        detail = "could not be read as a JSON array of entries"
-    raise ConfigFileError(source, detail)
-
-
 # --- validating entries ----------------------------------------------------------------------
 
 
@@ -626,14 +474,17 @@ def parse_config(raw: bytes, *, source: str = "<config>") -> ConfigResult:
     problems: list[Problem] = []
     invalid_ids: set[str] = set()
     first_seen: dict[str, int] = {}
-    for position, entry in enumerate(_document_entries(raw, source), start=1):
-        checked = _check_entry(position, entry, first_seen)
-        problems.extend(checked.problems)
-        if checked.config is not None:
-            entries.append(checked.config)
-        # A rejected duplicate must not mark the id: its first occurrence is running fine.
-        elif checked.entry_id is not None and first_seen[checked.entry_id] == position:
-            invalid_ids.add(checked.entry_id)
+    try:
+        for position, entry in enumerate(document.elements(raw), start=1):
+            checked = _check_entry(position, entry, first_seen)
+            problems.extend(checked.problems)
+            if checked.config is not None:
+                entries.append(checked.config)
+            # A rejected duplicate must not mark the id: its first occurrence is running fine.
+            elif checked.entry_id is not None and first_seen[checked.entry_id] == position:
+                invalid_ids.add(checked.entry_id)
+    except document.DocumentError as exc:
+        raise ConfigFileError(source, exc.detail) from None
     digest = hashlib.sha256(raw).hexdigest()
     return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids), digest)
 
