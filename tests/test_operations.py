@@ -191,7 +191,10 @@ def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Pat
             assert up["connected"] is True
             assert (up["active_configs"], up["connections"], up["connections_up"]) == (2, 2, 2)
             assert up["total_published"] <= service.stats.totals().published
-            assert (up["total_errors"], up["total_dropped"], up["reconnects"]) == (0, 0, 0)
+            assert (up["total_errors"], up["reconnects"]) == (0, 0)
+            # A tick that runs before its connection's CONNACK (a busy machine can take longer
+            # than the 0.2 s interval to connect) is dropped and counted, so not asserted as 0.
+            assert up["total_dropped"] <= service.stats.totals().dropped
             assert up["uptime_seconds"] > 0
 
             broker.stop()
