@@ -16,7 +16,7 @@ import math
 import os
 import reprlib
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -273,6 +273,13 @@ def _shared_interval(seconds: float) -> float:
     return seconds
 
 
+def _data_of(payload: bytes) -> dict[str, Any]:
+    """The operator's data in a rendered payload: all of it but the service's `online` key."""
+    body: dict[str, Any] = json.loads(payload)
+    del body["online"]
+    return body
+
+
 class PayloadData(Mapping[str, Any]):
     """An entry's `data`, read back from its rendered payload rather than kept a second time.
 
@@ -288,9 +295,7 @@ class PayloadData(Mapping[str, Any]):
         self._payload = payload
 
     def _decoded(self) -> dict[str, Any]:
-        body: dict[str, Any] = json.loads(self._payload)
-        del body["online"]  # the service's key, not the operator's
-        return body
+        return _data_of(self._payload)
 
     def __getitem__(self, key: str) -> Any:
         return self._decoded()[key]
@@ -300,6 +305,19 @@ class PayloadData(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._decoded())
+
+    # One decode each; Mapping's defaults would decode again for every key.
+    def __contains__(self, key: object) -> bool:
+        return key in self._decoded()
+
+    def keys(self) -> KeysView[str]:
+        return self._decoded().keys()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self._decoded().items()
+
+    def values(self) -> ValuesView[Any]:
+        return self._decoded().values()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PayloadData):
@@ -371,7 +389,7 @@ class PublishConfig:
     def offline_payload(self) -> bytes:
         """`{"online": 0, ...data}`: only lwt entries need it (as their will), so it is rendered
         on demand instead of being kept for every entry."""
-        return _render_payload(self.data, online=0)
+        return _render_payload(_data_of(self.payload), online=0)
 
     def same_schedule(self, other: PublishConfig) -> bool:
         """True when `other` fires at the same rate, so its job need not be rescheduled."""

@@ -586,6 +586,10 @@ def test_data_is_what_goes_on_the_wire() -> None:
     assert dict(config.data) == {"a": {"b": [1, 2]}}
     assert len(config.data) == 1
     assert "online" not in config.data
+    assert "a" in config.data
+    assert list(config.data.keys()) == ["a"]
+    assert list(config.data.values()) == [{"b": [1, 2]}]
+    assert dict(config.data.items()) == {"a": {"b": [1, 2]}}
     assert repr(config.data) == "{'a': {'b': [1, 2]}}"
     assert config.offline_payload == b'{"online":0,"a":{"b":[1,2]}}'
 
