@@ -323,8 +323,9 @@ class PublisherService:
     def _check_clock(self) -> None:
         jump = self._clock.observe(time.time(), time.monotonic())
         if jump is not None:
-            log.warning("clock_jump", seconds=round(jump, 3))
             self._schedule.rebuild(self._entries.values())
+            # Logged once the jobs are re-anchored, so the event means "handled", not "seen".
+            log.warning("clock_jump", seconds=round(jump, 3), reanchored=len(self._entries))
 
     def _ping_watchdog(self) -> None:
         problems = self.health_problems()

@@ -236,6 +236,7 @@ def test_backward_step_reanchors_every_job_and_publishing_resumes(
         jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
                           10, message="clock_jump")
     assert jump["seconds"] == pytest.approx(-3600, abs=2)
+    assert jump["reanchored"] == len(INTERVALS)
 
     assert_reanchored(service)
     mark = time.monotonic()
@@ -256,6 +257,7 @@ def test_forward_step_runs_once_counts_missed_and_reanchors(
         jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
                           10, message="clock_jump")
     assert jump["seconds"] == pytest.approx(DAY, abs=2)
+    assert jump["reanchored"] == len(INTERVALS)
 
     for entry_id, interval in INTERVALS.items():
         assert service.stats.entry(entry_id).missed >= DAY / interval - 10
