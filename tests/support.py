@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import resource
 import shutil
 import signal
@@ -28,10 +29,29 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range. A port from inside it (what
+    binding port 0 gives) can be handed out as the *source* port of one of the service's own
+    reconnect attempts while the broker is down; Linux then connects that socket to itself,
+    and the restarted broker cannot bind its port. That is the likely cause of the one CI run
+    in which a restarted broker never accepted (its log was gone with the run)."""
+    high = min(_ephemeral_start(), 32768)
+    for _ in range(200):
+        port = random.randrange(high - 12000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port below {high}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
