@@ -22,6 +22,7 @@ import platform
 import signal
 import ssl
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -193,7 +194,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest config file accepted (default: 16 MiB)")
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                   help="least severe level logged (default: INFO)")
     o.add_argument("--log-format", choices=("json", "console"), default="json",
                    help="stdout format (the log file is always JSON)")
     o.add_argument("--log-file", default="logs/mqtt_publisher.log",
@@ -336,7 +338,8 @@ def sample_options_text(options: Sequence[Option]) -> str:
     for option in options:
         action = option.action
         helptext = (action.help or "").replace("%(default)s", str(action.default))
-        out += ["", f"# --{option.name}: {helptext}".rstrip(": ")]
+        out += ["", *textwrap.wrap(f"--{option.name}: {helptext}", 90, initial_indent="# ",
+                                   subsequent_indent="#   ")]
         if action.choices is not None:
             out.append(f"# one of: {', '.join(str(c) for c in action.choices)}")
         if action.default is None:

@@ -102,12 +102,18 @@ class Number:
 
     def expected(self) -> str:
         noun = "an integer" if self.kind is int else "a number"
-        low = f"larger than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        low = _plain(self.low)
+        at_least = f"larger than {low}" if self.low_open else f"at least {low}"
         if self.high is None:
-            return f"{noun} {low}"
+            return f"{noun} {at_least}"
         if self.low_open:
-            return f"{noun} {low} and at most {self.high:g}"
-        return f"{noun} from {self.low:g} to {self.high:g}"
+            return f"{noun} {at_least} and at most {_plain(self.high)}"
+        return f"{noun} from {low} to {_plain(self.high)}"
+
+
+def _plain(number: float) -> str:
+    """1000000000 rather than 1e+09, 0.1 rather than 0.1000000000000000055."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 def _control_free(text: str) -> bool:
