@@ -15,6 +15,7 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -468,8 +469,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tls_insecure:
         print("WARNING: --tls-insecure: the broker's certificate is NOT verified", file=sys.stderr)
     settings = build_settings(args, dict(os.environ))
-    # Before logging is set up, because that creates the log file's folder (./logs/ by default):
-    # a start that fails on a missing or unreadable file leaves nothing behind.
+    # Stdout only until the config file is known to be readable: the log file's handler creates
+    # its folder (./logs/ by default), and a start that fails on a missing or unreadable file
+    # must leave nothing behind. Lines logged meanwhile are still JSON on stdout.
+    configure_logging(dataclasses.replace(settings.logging, file=None))
     read_config_file(settings.config_path, max_bytes=settings.max_config_bytes)
     configure_logging(settings.logging)
     if args.tls_insecure:
