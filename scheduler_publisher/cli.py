@@ -256,7 +256,7 @@ def apply_options(parser: argparse.ArgumentParser, argv: Sequence[str], args: ar
     every = options_of(_subparser(parser, "run"))
     command = _subparser(parser, args.command)
     explicit = explicit_dests(command, argv[1:])
-    path, _ = options_file_path(args.options_file, "options_file" in explicit, environ)
+    path = options_file_path(args.options_file, "options_file" in explicit, environ)
     values = read_options_file(path, every) if path is not None else {}
     origins = resolve(options_of(command), args, explicit, environ, values, path)
     args.options_file = path

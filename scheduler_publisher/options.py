@@ -189,19 +189,16 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
 
 
 def options_file_path(given: Path | None, explicit: bool,
-                      environ: Mapping[str, str]) -> tuple[Path | None, Origin]:
+                      environ: Mapping[str, str]) -> Path | None:
     """The options file to read: the flag, else the variable, else the default if it exists.
     An empty path turns the file off."""
-    if explicit:
-        origin = Origin("flag", "--options-file")
-    elif OPTIONS_FILE_ENV in environ:
-        given, origin = Path(environ[OPTIONS_FILE_ENV]), Origin("env", OPTIONS_FILE_ENV)
-    else:
-        exists = DEFAULT_OPTIONS_FILE.is_file()
-        return (DEFAULT_OPTIONS_FILE if exists else None), Origin("default")
+    if not explicit:
+        if OPTIONS_FILE_ENV not in environ:
+            return DEFAULT_OPTIONS_FILE if DEFAULT_OPTIONS_FILE.is_file() else None
+        given = Path(environ[OPTIONS_FILE_ENV])
     if given is None or str(given) in ("", "."):
-        return None, origin
-    return given, origin
+        return None
+    return given
 
 
 def read_options_file(path: Path, known: Sequence[Option]) -> dict[str, Any]:
