@@ -239,6 +239,7 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    # argparse keeps subparsers only in its private action list (see options.py's docstring).
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             found: argparse.ArgumentParser = action.choices[command]

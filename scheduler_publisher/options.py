@@ -5,6 +5,10 @@ lists the options: the mechanism walks the argparse actions of the `run` parser,
 there is at once an environment variable, an options-file key and a line of `show-options`.
 Every value passes through the flag's own `type` (which carries its range check), whichever
 source it came from. Problems raise OptionsError (the CLI exits 2).
+
+argparse has no public API to list a parser's actions or tell their kinds, so this module reads
+`parser._actions` and checks for `argparse._StoreTrueAction`; both have been stable since
+Python 3.2 and are what argparse's own help formatter uses.
 """
 
 from __future__ import annotations
