@@ -1,10 +1,12 @@
-"""Command line: argument parsing, secrets, exit codes. The only module that calls sys.exit.
+"""Command line: argument parsing, options, secrets, exit codes. The only module that calls
+sys.exit.
 
 Exit codes (also in the README):
   0  stopped cleanly (SIGTERM/SIGINT), or `validate` found the file valid
   1  `validate` found problems in the file
-  2  usage error (unknown flag, bad value)
-  3  the config file cannot be used at start-up (unreadable, not JSON, not an array, too big)
+  2  usage error (unknown flag, bad value, from a flag, the environment or the options file)
+  3  the config file cannot be used at start-up (missing, unreadable, not JSON, not an array,
+     too big)
   4  gave up connecting after --max-retries failed attempts in a row
   5  another start-up failure (password or TLS files unreadable, HTTP token, state DB,
      embedded broker)
@@ -13,19 +15,42 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
+import json
 import os
+import platform
 import signal
 import ssl
 import sys
+import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from types import FrameType
+from typing import Any, NoReturn
 
 from scheduler_publisher import __version__
-from scheduler_publisher.config import ConfigFileError, ConfigurationLoader
+from scheduler_publisher.config import ConfigFileError, ConfigurationLoader, read_config_file
 from scheduler_publisher.demo import DemoError, EchoSubscriber, EmbeddedBroker
 from scheduler_publisher.logs import LogSettings, configure_logging, get_logger, register_secret
+from scheduler_publisher.options import (
+    SECRET_OPTIONS,
+    Number,
+    Option,
+    OptionsError,
+    Origin,
+    environment_warnings,
+    explicit_dests,
+    host_name,
+    mqtt_string,
+    mqtt_topic,
+    options_file_path,
+    options_of,
+    read_options_file,
+    resolve,
+)
 from scheduler_publisher.settings import (
     BrokerSettings,
     MQTTVersion,
@@ -41,7 +66,13 @@ EXIT_CONFIG = 3
 EXIT_GAVE_UP = 4
 EXIT_STARTUP = 5
 
-COMMANDS = ("run", "validate")
+COMMANDS = ("run", "validate", "show-options", "sample-config", "sample-options", "systemd-unit")
+# The commands whose flags may also come from the environment and the options file.
+OPTION_COMMANDS = ("run", "validate", "show-options")
+# Package data: copies of JSON/payloadStaticConfig.json and systemd/scheduler-publisher.service,
+# kept identical by tests/test_packaging.py, so that a wheel carries them (README, "Packaging").
+SAMPLE_CONFIG = "payloadStaticConfig.json"
+SYSTEMD_UNIT = "scheduler-publisher.service"
 log = get_logger("scheduler_publisher.cli")
 
 
@@ -49,48 +80,102 @@ class StartupError(Exception):
     """A start-up problem with a one-line explanation (exit code 5)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line: `run`'s full usage is 20 lines, which buries the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _VersionAction(argparse.Action):
+    """--version: this package, the libraries that shape its behaviour, and Python."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    lines = [f"scheduler-publisher {__version__}"]
+    for dist in ("paho-mqtt", "APScheduler"):
+        try:
+            lines.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{dist} not installed")
+    lines.append(f"Python {platform.python_version()}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scheduler-publisher",
         description="Publish static JSON payloads to MQTT topics on a schedule. "
-                    "`run` is the default command.",
+                    "`run` is the default command. Every option of `run` can also come from "
+                    "SCHEDULER_PUBLISHER_<OPTION> or the options file; precedence: flag > "
+                    "environment > options file > default.",
         epilog="Exit codes: 0 ok, 1 invalid config (validate), 2 usage, 3 config unusable at "
                "start, 4 gave up connecting (--max-retries), 5 other start-up failure.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of this program, paho-mqtt, APScheduler and "
+                             "Python")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the publisher (default)")
     _add_run_arguments(run)
     validate = sub.add_parser("validate", help="check the config file; connect nowhere")
     validate.add_argument("--config", type=Path, default=ServiceSettings().config_path,
                           help="config file (default: %(default)s)")
+    _add_options_file(validate)
+    show = sub.add_parser("show-options", help="print every option's effective value and "
+                                               "where it came from (flag, env, file, default)")
+    _add_run_arguments(show)
+    sub.add_parser("sample-config", help="print the sample entries file")
+    sub.add_parser("sample-options", help="print a commented options file with every default")
+    sub.add_parser("systemd-unit", help="print the systemd unit")
     return parser
+
+
+def _add_options_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--options-file", type=Path, default=None,
+                   help="TOML file of options, keys named like the long flags; '' for none "
+                        "(default: /etc/scheduler-publisher/scheduler-publisher.toml when it "
+                        "exists)")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = ServiceSettings()
+    _add_options_file(p)
     b = p.add_argument_group("broker")
-    b.add_argument("--broker", default="localhost", help="MQTT broker host (default: localhost)")
-    b.add_argument("--port", type=int, default=None, help="broker port (default: 1883, 8883 "
-                   "with --tls)")
-    b.add_argument("--username", help="MQTT user name")
+    b.add_argument("--broker", type=host_name, default="localhost",
+                   help="MQTT broker host (default: localhost)")
+    b.add_argument("--port", type=Number(int, 1, 65535), default=None,
+                   help="broker port (default: 1883, 8883 with --tls)")
+    b.add_argument("--username", type=mqtt_string, help="MQTT user name")
     b.add_argument("--password", help="MQTT password; visible in `ps`: prefer --password-file, "
                    "$MQTT_PASSWORD or systemd credentials")
     b.add_argument("--password-file", type=Path, help="file whose first line is the password")
-    b.add_argument("--client-id", help="MQTT client id (default: stable per host)")
+    b.add_argument("--client-id", type=mqtt_string,
+                   help="MQTT client id (default: stable per host)")
     b.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
                    help="protocol version (default: 5)")
-    b.add_argument("--keepalive", type=int, default=30, help="seconds (default: 30)")
-    b.add_argument("--backoff-min", type=float, default=1.0,
+    b.add_argument("--keepalive", type=Number(int, 1, 65535), default=30,
+                   help="seconds, 1 to 65535 (default: 30)")
+    b.add_argument("--backoff-min", type=Number(float, 0.01, 3600), default=1.0,
                    help="first reconnect delay, seconds (default: 1)")
-    b.add_argument("--backoff-max", type=float, default=60.0,
+    b.add_argument("--backoff-max", type=Number(float, 0.01, 86400), default=60.0,
                    help="longest reconnect delay, seconds (default: 60)")
-    b.add_argument("--max-retries", type=int, default=None,
+    b.add_argument("--max-retries", type=Number(int, 1), default=None,
                    help="give up (exit 4) after N failed attempts in a row (default: forever)")
-    b.add_argument("--will-delay", type=int, default=0,
+    b.add_argument("--will-delay", type=Number(int, 0, 2**32 - 1), default=0,
                    help="MQTT 5 Will Delay Interval, seconds (default: 0)")
-    b.add_argument("--status-topic", help="retained service status topic "
+    b.add_argument("--status-topic", type=mqtt_topic, help="retained service status topic "
                    "(default: scheduler-publisher/<client-id>/status)")
-    b.add_argument("--connect-rate", type=float, default=200.0,
+    b.add_argument("--connect-rate", type=Number(float, 0.1, 100_000), default=200.0,
                    help="connection attempts per second across all connections (default: 200)")
     t = p.add_argument_group("TLS")
     t.add_argument("--tls", action="store_true", help="connect with TLS (server verified)")
@@ -106,28 +191,33 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="watch by polling instead of inotify")
     c.add_argument("--clear-retained-on-remove", action="store_true",
                    help="clear a removed retained entry's message from the broker")
-    c.add_argument("--max-config-bytes", type=int, default=d.max_config_bytes,
+    c.add_argument("--max-config-bytes", type=Number(int, 2, 2**30), default=d.max_config_bytes,
                    help="largest config file accepted (default: 16 MiB)")
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                   help="least severe level logged (default: INFO)")
     o.add_argument("--log-format", choices=("json", "console"), default="json",
                    help="stdout format (the log file is always JSON)")
     o.add_argument("--log-file", default="logs/mqtt_publisher.log",
                    help="rotated JSON log file; '' for none (default: %(default)s)")
-    o.add_argument("--stats-interval", type=float, default=d.stats_interval,
+    o.add_argument("--stats-interval", type=Number(float, 0.1, 86400), default=d.stats_interval,
                    help="seconds between publisher_statistics events (default: 60)")
     o.add_argument("--state-db", default=str(d.state_db),
                    help="SQLite file for counters across restarts; '' for none "
                         "(default: %(default)s)")
-    o.add_argument("--checkpoint-interval", type=float, default=d.checkpoint_interval,
+    o.add_argument("--checkpoint-interval", type=Number(float, 0.1, 86400),
+                   default=d.checkpoint_interval,
                    help="seconds between state checkpoints (default: 5)")
-    o.add_argument("--history-retention", type=positive_int, default=d.history_retention_rows,
+    o.add_argument("--history-retention", type=Number(int, 1, 10**9),
+                   default=d.history_retention_rows,
                    help="statistics history rows kept (default: 10000)")
-    o.add_argument("--history-interval", type=float, default=d.history_interval,
+    o.add_argument("--history-interval", type=Number(float, 0.1, 86400),
+                   default=d.history_interval,
                    help="seconds between statistics history rows (default: 60)")
-    o.add_argument("--http-host", default=d.http_host, help="default: %(default)s")
-    o.add_argument("--http-port", type=int, default=d.http_port,
+    o.add_argument("--http-host", type=host_name, default=d.http_host,
+                   help="default: %(default)s")
+    o.add_argument("--http-port", type=Number(int, 0, 65535), default=d.http_port,
                    help="health/status/metrics port; 0 turns HTTP off (default: 8080)")
     o.add_argument("--http-token-file", type=Path,
                    help="bearer token required for POST /reload")
@@ -137,19 +227,156 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--echo", action="store_true", help="print every message on the broker")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def normalise_argv(argv: Sequence[str]) -> list[str]:
     """`run` is the default command: `scheduler-publisher --broker X` means `run --broker X`."""
     args = list(argv)
     if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")):
         args.insert(0, "run")
     return args
+
+
+# ---- options from the environment and the options file ---------------------------------------
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    # argparse keeps subparsers only in its private action list (see options.py's docstring).
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    raise LookupError(command)
+
+
+def apply_options(parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace,
+                  environ: Mapping[str, str]) -> dict[str, Origin]:
+    """Fill the options no flag gave from the environment and the options file (raises
+    OptionsError); returns where each option came from. Sets `args.options_file` to the file
+    actually read (None for none)."""
+    if args.command not in OPTION_COMMANDS:
+        return {}
+    every = options_of(_subparser(parser, "run"))
+    command = _subparser(parser, args.command)
+    explicit = explicit_dests(command, argv[1:])
+    path = options_file_path(args.options_file, "options_file" in explicit, environ)
+    values = read_options_file(path, every) if path is not None else {}
+    origins = resolve(options_of(command), args, explicit, environ, values, path)
+    args.options_file = path
+    check_combinations(args, origins)
+    for warning in environment_warnings(every, environ):
+        print(f"scheduler-publisher: warning: {warning}", file=sys.stderr)
+    return origins
+
+
+def check_combinations(args: argparse.Namespace, origins: Mapping[str, Origin]) -> None:
+    """Checks that involve two options, after every source has been merged."""
+    low, high = getattr(args, "backoff_min", None), getattr(args, "backoff_max", None)
+    if low is not None and high is not None and low > high:
+        raise OptionsError(f"backoff-min ({low:g}, {origins['backoff-min']}) must not be larger "
+                           f"than backoff-max ({high:g}, {origins['backoff-max']})")
+    if getattr(args, "keyfile", None) and not getattr(args, "certfile", None):
+        raise OptionsError(f"keyfile ({origins['keyfile']}) needs certfile, the client "
+                           f"certificate it belongs to")
+
+
+# ---- show-options, sample-options, sample-config, systemd-unit --------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # JSON strings are TOML basic strings
+
+
+def _derived_default(name: str, args: argparse.Namespace) -> Any:
+    """What the service uses for an option left unset, where that is computed at start."""
+    if name == "port":
+        return 8883 if (args.tls or args.cafile or args.certfile or args.tls_insecure) else 1883
+    if name == "client-id":
+        return default_client_id()
+    if name == "status-topic":
+        return f"scheduler-publisher/{args.client_id or default_client_id()}/status"
+    return None
+
+
+def _password_origin(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    if environ.get("MQTT_PASSWORD"):
+        return "env MQTT_PASSWORD"
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "mqtt-password").is_file():
+        return "systemd credential mqtt-password"
+    return None
+
+
+def show_options_text(args: argparse.Namespace, origins: Mapping[str, Origin],
+                      options: Sequence[Option], environ: Mapping[str, str]) -> str:
+    """One `key = value  # source` line per option, secrets redacted."""
+    lines = [f"# options file: {args.options_file or 'none'}",
+             "# precedence: flag > environment > options file > default"]
+    for option in options:
+        value, origin = getattr(args, option.dest), str(origins[option.name])
+        if value is None and option.name == "password":
+            found = _password_origin(args, environ)
+            value, origin = ("set", found) if found else (None, origin)
+        if value is None:
+            derived = _derived_default(option.name, args)
+            if derived is None:
+                lines.append(f"# {option.name} is not set  # {origin}")
+                continue
+            value, origin = derived, f"{origin} (derived)"
+        shown = '"<redacted>"' if option.name in SECRET_OPTIONS else _toml_value(value)
+        lines.append(f"{option.name} = {shown}  # {origin}")
+    return "\n".join(lines)
+
+
+def sample_options_text(options: Sequence[Option]) -> str:
+    """A commented TOML options file: every option, its help and its default."""
+    out = ["# scheduler-publisher options file (TOML). Keys are the long flags without "
+           "\"--\".",
+           "# Precedence: flag > SCHEDULER_PUBLISHER_<OPTION> > this file > default.",
+           "# Uncomment and edit what you need; `scheduler-publisher show-options` prints the",
+           "# effective values and where each came from."]
+    for option in options:
+        action = option.action
+        helptext = (action.help or "").replace("%(default)s", str(action.default))
+        out += ["", *textwrap.wrap(f"--{option.name}: {helptext}", 90, initial_indent="# ",
+                                   subsequent_indent="#   ")]
+        if action.choices is not None:
+            out.append(f"# one of: {', '.join(str(c) for c in action.choices)}")
+        if action.default is None:
+            out.append(f"# {option.name}: not set by default ({option.kind})")
+        else:
+            out.append(f"#{option.name} = {_toml_value(action.default)}")
+    return "\n".join(out)
+
+
+def package_text(name: str) -> str:
+    return resources.files("scheduler_publisher").joinpath("data", name).read_text("utf-8")
+
+
+def cmd_show_options(args: argparse.Namespace) -> int:
+    options = options_of(_subparser(build_parser(), "show-options"))
+    print(show_options_text(args, args.origins, options, os.environ))
+    return EXIT_OK
+
+
+def cmd_sample_options(_args: argparse.Namespace) -> int:
+    print(sample_options_text(options_of(_subparser(build_parser(), "run"))))
+    return EXIT_OK
+
+
+def cmd_sample_config(_args: argparse.Namespace) -> int:
+    sys.stdout.write(package_text(SAMPLE_CONFIG))
+    return EXIT_OK
+
+
+def cmd_systemd_unit(_args: argparse.Namespace) -> int:
+    sys.stdout.write(package_text(SYSTEMD_UNIT))
+    return EXIT_OK
+
+
+# ---- run --------------------------------------------------------------------------------------
 
 
 def read_password(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
@@ -224,7 +451,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         result = ConfigurationLoader(args.config).load()
     except ConfigFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}\n{config_hint(args.config)}", file=sys.stderr)
         return EXIT_INVALID
     for problem in result.problems:
         print(f"{problem.severity}: {problem}", file=sys.stderr)
@@ -243,6 +470,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tls_insecure:
         print("WARNING: --tls-insecure: the broker's certificate is NOT verified", file=sys.stderr)
     settings = build_settings(args, dict(os.environ))
+    # Stdout only until the config file is known to be readable: the log file's handler creates
+    # its folder (./logs/ by default), and a start that fails on a missing or unreadable file
+    # must leave nothing behind. Lines logged meanwhile are still JSON on stdout.
+    configure_logging(dataclasses.replace(settings.logging, file=None))
+    read_config_file(settings.config_path, max_bytes=settings.max_config_bytes)
     configure_logging(settings.logging)
     if args.tls_insecure:
         log.warning("tls_verification_disabled", hint="anyone on the path can impersonate the "
@@ -299,14 +531,39 @@ def _run_service(settings: ServiceSettings, early: set[int]) -> int:
     return EXIT_GAVE_UP if service.gave_up else EXIT_OK
 
 
+def config_hint(path: Path) -> str:
+    """What to do about a config file that cannot be used: a missing one usually means the
+    default relative path from the wrong folder, or a wheel install without the git tree."""
+    if path.exists():
+        return (f"Fix the file (check it with `scheduler-publisher validate --config {path}`) "
+                f"and start again.")
+    where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+    return (f"No config file at {path}{where}. Give its path with --config PATH (or `config = "
+            f"\"PATH\"` in the options file); `scheduler-publisher sample-config > PATH` "
+            f"writes a sample.")
+
+
+COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "validate": cmd_validate, "show-options": cmd_show_options,
+    "sample-config": cmd_sample_config, "sample-options": cmd_sample_options,
+    "systemd-unit": cmd_systemd_unit,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    raw = normalise_argv(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(raw)
     try:
-        code = cmd_validate(args) if args.command == "validate" else cmd_run(args)
+        args.origins = apply_options(parser, raw, args, os.environ)
+    except OptionsError as exc:
+        print(f"scheduler-publisher {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        code = COMMAND_HANDLERS[args.command](args)
     except ConfigFileError as exc:
-        print(f"scheduler-publisher: cannot start: {exc}\n"
-              f"Fix the file (check it with `scheduler-publisher validate --config "
-              f"{args.config}`) and start again.", file=sys.stderr)
+        print(f"scheduler-publisher: cannot start: {exc}\n{config_hint(args.config)}",
+              file=sys.stderr)
         code = EXIT_CONFIG
     except (StartupError, DemoError, StateStoreError) as exc:
         print(f"scheduler-publisher: cannot start: {exc}", file=sys.stderr)

@@ -7,12 +7,11 @@ to 3.1.1 when it runs against the embedded broker.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 
 class DemoError(Exception):
@@ -35,6 +34,7 @@ class EmbeddedBroker:
         except ImportError as exc:
             raise DemoError("--embedded-broker needs the demo extra: "
                             "pip install 'scheduler-publisher[demo]'") from exc
+        _check_port_free(self.port)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
@@ -67,10 +67,33 @@ class EmbeddedBroker:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
 
+def _check_port_free(port: int) -> None:
+    """Fail in one line before amqtt does, which logs a 15-line traceback for a busy port."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # The same option asyncio's create_server sets, so the two agree on what "busy" means.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise DemoError(f"embedded broker cannot listen on 127.0.0.1:{port}: "
+                            f"{exc.strerror}") from None
+        raise DemoError(f"port {port} on 127.0.0.1 is already in use (another MQTT broker?); "
+                        f"pick a free one with --port, for example `scripts/demo --port "
+                        f"{port + 10000 if port < 55535 else 11883}`") from None
+    finally:
+        probe.close()
+
+
 class EchoSubscriber:
     """Subscribes to everything and hands each message to `show` (the CLI prints it)."""
 
     def __init__(self, host: str, port: int, show: Callable[[str, bytes, bool], None]) -> None:
+        # Imported here so that the CLI, which imports this module, does not load paho for
+        # `validate` and the other commands that never connect.
+        import paho.mqtt.client as mqtt  # noqa: PLC0415
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
+
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="",
                                    protocol=MQTTProtocolVersion.MQTTv311)
         self._subscribed = threading.Event()

@@ -99,7 +99,8 @@ class StatusServer:
         try:
             self._server = ThreadingHTTPServer((self.host, self.port), handler)
         except OSError as exc:
-            log.error("http_bind_failed", host=self.host, port=self.port, error=str(exc))
+            log.error("http_bind_failed", host=self.host, port=self.port, error=str(exc),
+                      hint="choose another port with --http-port (0 turns HTTP off)")
             return False
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]

@@ -6,11 +6,14 @@ about `run` uses the real process against a real Mosquitto.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -173,6 +176,54 @@ def test_run_on_a_broken_config_exits_3_with_a_short_message(
     assert "validate" in stderr
 
 
+def test_a_start_without_a_config_file_says_how_to_get_one_and_creates_no_logs_folder(
+        tmp_path: Path) -> None:
+    """Run from a folder without JSON/: exit 3, a hint naming --config and sample-config, and
+    no ./logs/ left behind."""
+    proc = subprocess.run([sys.executable, "-m", "scheduler_publisher", "--options-file", "",
+                           "--http-port", "0"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+    assert proc.returncode == 3
+    assert "Traceback" not in proc.stderr
+    assert "JSON/payloadStaticConfig.json" in proc.stderr
+    assert f"relative to {tmp_path}" in proc.stderr
+    assert "--config PATH" in proc.stderr
+    assert "scheduler-publisher sample-config > PATH" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embedded_broker_on_a_busy_port_exits_5_in_one_line_naming_port(
+        tmp_path: Path, start_process: Callable[..., ServiceProcess]) -> None:
+    """`--embedded-broker` on a port in use: exit 5, one line suggesting --port, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_process(port, None, "--config", str(SAMPLE), "--embedded-broker")
+        assert proc.wait(30) == 5
+    proc.stop()
+    assert proc.stderr == [
+        f"scheduler-publisher: cannot start: port {port} on 127.0.0.1 is already in use (another "
+        f"MQTT broker?); pick a free one with --port, for example `scripts/demo --port "
+        f"{port + 10000 if port < 55535 else 11883}`"]
+    assert not [line for line in proc.stdout if "Traceback" in line]
+
+
+def test_busy_http_port_is_logged_with_a_hint_to_use_http_port(
+        broker: Mosquitto, tmp_path: Path, start_process: Callable[..., ServiceProcess],
+        topic_base: str) -> None:
+    """When --http-port is taken, http_bind_failed suggests --http-port; publishing goes on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = start_process(broker.port, [entry("h", f"{topic_base}/h", interval=3600)],
+                             "--http-port", str(taken.getsockname()[1]))
+        failed = proc.wait_for_event("http_bind_failed", timeout=20)
+    assert "--http-port" in failed["hint"]
+    proc.wait_for_event("mqtt_connected", timeout=20)
+
+
 def test_run_is_the_default_command(
         broker: Mosquitto, subscriber_factory: SubscriberFactory,
         start_process: Callable[..., ServiceProcess], topic_base: str) -> None:
@@ -186,11 +237,34 @@ def test_run_is_the_default_command(
     proc.wait_for_event("mqtt_connected")
 
 
-def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--version` prints the program name and version and exits 0."""
+def test_version_prints_the_package_and_library_versions(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--version` prints this version, then paho-mqtt's, APScheduler's and Python's; exit 0."""
     assert run_main(["--version"]) == 0
 
-    assert capsys.readouterr().out.strip() == f"scheduler-publisher {__version__}"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"scheduler-publisher {__version__}",
+                     f"paho-mqtt {importlib.metadata.version('paho-mqtt')}",
+                     f"APScheduler {importlib.metadata.version('APScheduler')}",
+                     f"Python {platform.python_version()}"]
+
+
+def test_importing_the_cli_loads_no_mqtt_scheduler_or_watcher_library() -> None:
+    """`validate`, `--version` and the sample commands load no paho, APScheduler or watchdog."""
+    code = ("import sys, scheduler_publisher, scheduler_publisher.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'paho', 'apscheduler', 'watchdog', 'amqtt'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_sample_commands_print_the_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sample-config` and `systemd-unit` print the sample entries and the unit, byte for byte."""
+    assert run_main(["sample-config"]) == 0
+    assert capsys.readouterr().out == SAMPLE.read_text()
+    assert run_main(["systemd-unit"]) == 0
+    assert capsys.readouterr().out == (REPO / "systemd" / "scheduler-publisher.service").read_text()
 
 
 def test_help_names_the_commands_and_run_help_lists_every_flag(
@@ -198,7 +272,9 @@ def test_help_names_the_commands_and_run_help_lists_every_flag(
     """`--help` names run (the default) and validate; `run --help` lists the flags."""
     assert run_main(["--help"]) == 0
     top = capsys.readouterr().out
-    assert "validate" in top
+    for command in ("validate", "show-options", "sample-config", "sample-options",
+                    "systemd-unit"):
+        assert command in top
     assert "run the publisher (default)" in top
 
     assert run_main(["run", "--help"]) == 0

@@ -117,16 +117,16 @@ def test_notify_watchdog_reload_and_restart(unit: dict[str, list[tuple[str, str]
     assert {k: one(service, k) for k in expected} == expected
 
 
-def test_exec_start_arguments(unit: dict[str, list[tuple[str, str]]]) -> None:
-    """ExecStart runs the venv's entry point with config, state DB, journal-only logs, $SP_ARGS."""
+def test_exec_start_reads_the_options_file(unit: dict[str, list[tuple[str, str]]]) -> None:
+    """ExecStart names the options file (so a missing one stops the start) and no option flags,
+    which would beat the file; relative paths resolve in the state directory."""
     argv = shlex.split(one(unit["Service"], "ExecStart"))
     assert argv == [
         EXECUTABLE, "run",
-        "--config", "/etc/scheduler-publisher/payloadStaticConfig.json",
-        "--state-db", "/var/lib/scheduler-publisher/state.db",
-        "--log-file", "",
+        "--options-file", "/etc/scheduler-publisher/scheduler-publisher.toml",
         "$SP_ARGS",
     ]
+    assert one(unit["Service"], "WorkingDirectory") == "/var/lib/scheduler-publisher"
 
 
 def test_ordering_and_install(unit: dict[str, list[tuple[str, str]]]) -> None:

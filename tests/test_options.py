@@ -1,0 +1,482 @@
+"""Options from flags, SCHEDULER_PUBLISHER_* variables and the TOML options file; range checks.
+
+Most tests run the CLI in-process and read `show-options`, which prints each option's effective
+value and its source. `run` is replaced by a stub that fails the test if it is ever reached, so
+a range check that lets a bad value through shows as a failure, not as a started service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler_publisher import cli, options
+from scheduler_publisher.cli import main
+from tests.support import (
+    REPO,
+    Mosquitto,
+    ServiceProcess,
+    SubscriberFactory,
+    entry,
+    write_config,
+)
+
+SHOWN = re.compile(r"^(?P<name>[a-z-]+) = (?P<value>.+?)  # (?P<source>.+)$")
+UNSET = re.compile(r"^# (?P<name>[a-z-]+) is not set  # (?P<source>.+)$")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No option variable from the caller's shell, and no /etc options file, leaks in."""
+    for name in list(os.environ):
+        if name.startswith("SCHEDULER_PUBLISHER_") or name in (
+                "MQTT_PASSWORD", "CREDENTIALS_DIRECTORY", *options.FOREIGN_ENV):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(options, "DEFAULT_OPTIONS_FILE", tmp_path / "absent" / "default.toml")
+
+
+@pytest.fixture(autouse=True)
+def never_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` must not start here: every run in this module is expected to exit 2 first."""
+    def refuse(_args: argparse.Namespace) -> int:
+        raise AssertionError("the service was started; the options should have been refused")
+
+    monkeypatch.setitem(cli.COMMAND_HANDLERS, "run", refuse)
+
+
+def run_main(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code = exit_info.value.code
+    return code if isinstance(code, int) else 0
+
+
+def show(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, tuple[str | None, str]]:
+    """`show-options` as {option: (value text or None when unset, source)}."""
+    assert run_main(["show-options", *argv]) == 0, capsys.readouterr().err
+    found: dict[str, tuple[str | None, str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if m := SHOWN.match(line):
+            found[m["name"]] = (m["value"], m["source"])
+        elif m := UNSET.match(line):
+            found[m["name"]] = (None, m["source"])
+    return found
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Runs argv, expects exit 2 and exactly one line on stderr; returns that line."""
+    assert run_main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def run_options() -> list[options.Option]:
+    return options.options_of(cli._subparser(cli.build_parser(), "run"))
+
+
+def write_options(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- precedence -----------------------------------------------------------------------------
+
+
+def test_precedence_is_flag_then_environment_then_file_then_default(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One option given at every level: each level beats the ones below it."""
+    opts = write_options(tmp_path / "o.toml", "port = 1886\n")
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_PORT", "1885")
+
+    assert show(capsys, "--options-file", str(opts), "--port", "1884")["port"] == (
+        "1884", "flag --port")
+    assert show(capsys, "--options-file", str(opts))["port"] == (
+        "1885", "env SCHEDULER_PUBLISHER_PORT")
+    monkeypatch.delenv("SCHEDULER_PUBLISHER_PORT")
+    assert show(capsys, "--options-file", str(opts))["port"] == ("1886", f"file {opts}")
+    assert show(capsys, "--options-file", "")["port"] == ("1883", "default (derived)")
+
+
+def test_abbreviated_and_equals_flags_count_as_flags(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--brok=h` is a flag like `--broker h`: the environment does not override it."""
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_BROKER", "from-env")
+    assert show(capsys, "--brok=from-flag")["broker"] == ('"from-flag"', "flag --broker")
+
+
+def test_every_run_option_can_come_from_the_environment_or_the_file(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each option of `run`, set through its variable and then through its key, is taken."""
+    samples = {"boolean": (True, "true"), "integer": (7, "7"), "number": (7.5, "7.5"),
+               "string": ("x7", "x7")}
+    every = run_options()
+    for option in every:
+        if option.action.choices is not None:
+            choice = str(list(option.action.choices)[-1])
+            monkeypatch.setenv(option.env, choice)
+        else:
+            monkeypatch.setenv(option.env, samples[option.kind][1])
+    by_env = show(capsys, "--options-file", "")
+    assert {n: s for n, (_, s) in by_env.items()} == {o.name: f"env {o.env}" for o in every}
+
+    for option in every:
+        monkeypatch.delenv(option.env)
+    lines = []
+    for option in every:
+        value: Any = (str(list(option.action.choices)[-1]) if option.action.choices is not None
+                      else samples[option.kind][0])
+        lines.append(f"{option.name} = {cli._toml_value(value)}")
+    opts = write_options(tmp_path / "all.toml", "\n".join(lines) + "\n")
+    by_file = show(capsys, "--options-file", str(opts))
+    assert {n: s for n, (_, s) in by_file.items()} == {o.name: f"file {opts}" for o in every}
+
+
+def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The mechanism lists no options: a new `run` flag works from env and file unchanged."""
+    original = cli._add_run_arguments
+
+    def with_extra(p: argparse.ArgumentParser) -> None:
+        original(p)
+        p.add_argument("--frobnicate-limit", type=options.Number(int, 1, 9), default=3)
+
+    monkeypatch.setattr(cli, "_add_run_arguments", with_extra)
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_FROBNICATE_LIMIT", "4")
+    assert show(capsys)["frobnicate-limit"] == ("4", "env SCHEDULER_PUBLISHER_FROBNICATE_LIMIT")
+    monkeypatch.delenv("SCHEDULER_PUBLISHER_FROBNICATE_LIMIT")
+    opts = write_options(tmp_path / "o.toml", "frobnicate-limit = 5\n")
+    assert show(capsys, "--options-file", str(opts))["frobnicate-limit"] == ("5", f"file {opts}")
+    bad = write_options(tmp_path / "bad.toml", "frobnicate-limit = 10\n")
+    line = usage_error(capsys, ["run", "--options-file", str(bad)])
+    assert "frobnicate-limit: must be an integer from 1 to 9, got 10" in line
+
+
+# ---- the options file -----------------------------------------------------------------------
+
+
+def test_default_options_file_is_read_when_it_exists_and_can_be_turned_off(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The default path is read if present; `--options-file ''` ignores it."""
+    default = write_options(tmp_path / "default.toml", 'broker = "from-default-file"\n')
+    monkeypatch.setattr(options, "DEFAULT_OPTIONS_FILE", default)
+
+    assert show(capsys)["broker"] == ('"from-default-file"', f"file {default}")
+    assert show(capsys, "--options-file", "")["broker"] == ('"localhost"', "default")
+
+
+def test_options_file_named_by_the_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SCHEDULER_PUBLISHER_OPTIONS_FILE names the file when no flag does."""
+    opts = write_options(tmp_path / "env.toml", "keepalive = 45\n")
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_OPTIONS_FILE", str(opts))
+    assert show(capsys)["keepalive"] == ("45", f"file {opts}")
+
+
+def test_a_missing_named_options_file_exits_2_and_says_how_to_make_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A named file that does not exist is a usage error, with the sample-options command."""
+    line = usage_error(capsys, ["run", "--options-file", str(tmp_path / "nope.toml")])
+    assert f"options file {tmp_path / 'nope.toml'}: not found" in line
+    assert "scheduler-publisher sample-options >" in line
+
+
+@pytest.mark.parametrize(("key", "suggestion"), [
+    ("http_port", "http-port"), ("brokr", "broker"), ("HTTP-PORT", "http-port"),
+    ("stats-intervall", "stats-interval"),
+])
+def test_unknown_key_exits_2_with_did_you_mean(key: str, suggestion: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown key names itself and the nearest option."""
+    opts = write_options(tmp_path / "o.toml", f"{key} = 1\n")
+    line = usage_error(capsys, ["run", "--options-file", str(opts)])
+    assert f"unknown option {key!r}; did you mean {suggestion!r}?" in line
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('port = "1883"', "port: expected an integer, got string '1883'"),
+    ('tls = "yes"', "tls: expected true or false, got string 'yes'"),
+    ("broker = 5", "broker: expected a string, got integer 5"),
+    ("backoff-max = true", "backoff-max: expected a number, got boolean true"),
+    ("username = [1, 2]", "username: expected a string, got array [1, 2]"),
+    ("stats-interval = 0", "stats-interval: must be a number from 0.1 to 86400, got 0"),
+])
+def test_file_type_errors_name_key_received_and_expected(
+        text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A value of the wrong TOML type or range: the key, what came, what was expected."""
+    opts = write_options(tmp_path / "o.toml", text + "\n")
+    line = usage_error(capsys, ["run", "--options-file", str(opts)])
+    assert f"options file {opts}: {expected}" in line
+
+
+def test_a_number_naming_a_choice_is_accepted(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`mqtt-version = 5` reads as the choice "5"; `log-level = "debug"` as DEBUG."""
+    opts = write_options(tmp_path / "o.toml", 'mqtt-version = 5\nlog-level = "debug"\n')
+    shown = show(capsys, "--options-file", str(opts))
+    assert shown["mqtt-version"][0] == '"5"'
+    assert shown["log-level"][0] == '"DEBUG"'
+
+
+def test_invalid_toml_exits_2_naming_the_file_and_the_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Text that is not TOML: the file and the place tomllib found."""
+    opts = write_options(tmp_path / "o.toml", 'broker = "a"\nport = \n')
+    line = usage_error(capsys, ["run", "--options-file", str(opts)])
+    assert f"options file {opts}: not valid TOML" in line
+    assert "line 2" in line
+
+
+def test_validate_takes_its_config_path_from_the_options_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`validate` reads `config` from the file and ignores the keys only `run` uses."""
+    sample = REPO / "JSON" / "payloadStaticConfig.json"
+    opts = write_options(tmp_path / "o.toml", f'config = "{sample}"\nbroker = "mqtt.example"\n')
+    assert run_main(["validate", "--options-file", str(opts)]) == 0
+    assert f"{sample}: valid: 4 valid entries" in capsys.readouterr().out
+
+
+# ---- the environment ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("true", "true"), ("1", "true"), ("yes", "true"), ("YES", "true"), ("on", "true"),
+    ("false", "false"), ("0", "false"), ("no", "false"), ("off", "false"),
+])
+def test_environment_switches_accept_true_false_1_0_yes_no(
+        text: str, expected: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SCHEDULER_PUBLISHER_TLS=yes turns --tls on; =0 leaves it off."""
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_TLS", text)
+    assert show(capsys)["tls"] == (expected, "env SCHEDULER_PUBLISHER_TLS")
+
+
+def test_environment_switch_with_another_word_exits_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SCHEDULER_PUBLISHER_NO_WATCH=maybe: exit 2 naming the variable and the accepted words."""
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_NO_WATCH", "maybe")
+    line = usage_error(capsys, ["run"])
+    assert "SCHEDULER_PUBLISHER_NO_WATCH: expected true/false, 1/0 or yes/no, got 'maybe'" in line
+
+
+def test_unknown_variable_warns_with_did_you_mean_and_does_not_stop(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SCHEDULER_PUBLISHER_BROKR is reported with the right name; the command still runs."""
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_BROKR", "mqtt.example")
+    assert run_main(["show-options"]) == 0
+    err = capsys.readouterr().err
+    assert ("SCHEDULER_PUBLISHER_BROKR is not an option and is ignored; did you mean "
+            "SCHEDULER_PUBLISHER_BROKER?") in err
+
+
+@pytest.mark.parametrize(("name", "right"), [
+    ("MQTT_BROKER", "SCHEDULER_PUBLISHER_BROKER"), ("MQTT_HOST", "SCHEDULER_PUBLISHER_BROKER"),
+    ("MQTT_PORT", "SCHEDULER_PUBLISHER_PORT"), ("MQTT_USERNAME", "SCHEDULER_PUBLISHER_USERNAME"),
+])
+def test_other_tools_mqtt_variables_warn_and_name_the_right_one(
+        name: str, right: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """MQTT_HOST and friends are not read: a warning says which variable to set instead."""
+    monkeypatch.setenv(name, "1884")
+    shown = show(capsys)
+    assert shown["broker"] == ('"localhost"', "default")
+    run_main(["show-options"])
+    assert f"{name} is not read by scheduler-publisher; set {right}" in capsys.readouterr().err
+
+
+# ---- secrets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file", "MQTT_PASSWORD"])
+def test_show_options_redacts_the_password_and_names_its_source(
+        source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The password shows as <redacted> with where it came from, from any source."""
+    secret = f"pw-{uuid.uuid4().hex}"
+    argv = ["show-options"]
+    expected = {"flag": "flag --password", "env": "env SCHEDULER_PUBLISHER_PASSWORD",
+                "file": f"file {tmp_path / 'o.toml'}", "MQTT_PASSWORD": "env MQTT_PASSWORD"}
+    if source == "flag":
+        argv += ["--password", secret]
+    elif source == "env":
+        monkeypatch.setenv("SCHEDULER_PUBLISHER_PASSWORD", secret)
+    elif source == "file":
+        argv += ["--options-file",
+                 str(write_options(tmp_path / "o.toml", f'password = "{secret}"\n'))]
+    else:
+        monkeypatch.setenv("MQTT_PASSWORD", secret)
+
+    assert run_main(argv) == 0
+    out = capsys.readouterr().out
+    assert secret not in out
+    assert f'password = "<redacted>"  # {expected[source]}' in out.splitlines()
+
+
+def test_a_password_file_flag_beats_a_password_in_the_options_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two ways to give one secret: the stronger source wins, the weaker is dropped."""
+    (tmp_path / "pw").write_text("from-the-flag-file\n")
+    opts = write_options(tmp_path / "o.toml", 'password = "from-options-file"\n')
+    args = cli.build_parser().parse_args(["run", "--password-file", str(tmp_path / "pw"),
+                                          "--options-file", str(opts)])
+    cli.apply_options(cli.build_parser(), ["run", "--password-file", str(tmp_path / "pw"),
+                                           "--options-file", str(opts)], args, {})
+    assert cli.read_password(args, {}) == "from-the-flag-file"
+
+
+# ---- range checks (issue 11, #15) -----------------------------------------------------------
+
+BAD_VALUES = [
+    ("connect-rate", "0", "must be a number from 0.1 to 100000, got 0"),
+    ("connect-rate", "-5", "must be a number from 0.1 to 100000, got -5"),
+    ("connect-rate", "nan", "must be a number from 0.1 to 100000, got nan"),
+    ("stats-interval", "0", "must be a number from 0.1 to 86400, got 0"),
+    ("checkpoint-interval", "0", "must be a number from 0.1 to 86400, got 0"),
+    ("history-interval", "0", "must be a number from 0.1 to 86400, got 0"),
+    ("history-retention", "0", "must be an integer from 1 to 1000000000, got 0"),
+    ("keepalive", "-5", "must be an integer from 1 to 65535, got -5"),
+    ("keepalive", "70000", "must be an integer from 1 to 65535, got 70000"),
+    ("status-topic", "a/+/b", 'must be a topic without the wildcards "+" and "#", got'),
+    ("status-topic", "a/#", 'must be a topic without the wildcards "+" and "#", got'),
+    ("status-topic", "$SYS/x", 'must not start with "$"'),
+    ("status-topic", "a\x07b", "must be valid UTF-8 without control characters"),
+    ("status-topic", "a\uffffb", "must be valid UTF-8 without control characters"),
+    ("max-config-bytes", "0", "must be an integer from 2 to 1073741824, got 0"),
+    ("http-port", "70000", "must be an integer from 0 to 65535, got 70000"),
+    ("http-port", "-1", "must be an integer from 0 to 65535, got -1"),
+    ("port", "0", "must be an integer from 1 to 65535, got 0"),
+    ("port", "70000", "must be an integer from 1 to 65535, got 70000"),
+    ("will-delay", "-1", "must be an integer from 0 to 4294967295, got -1"),
+    ("max-retries", "0", "must be an integer at least 1, got 0"),
+    ("backoff-min", "0", "must be a number from 0.01 to 3600, got 0"),
+    ("backoff-max", "inf", "must be a number from 0.01 to 86400, got inf"),
+    ("client-id", "", "must be non-empty valid UTF-8 without control characters"),
+    ("username", "gw\n01", "must be non-empty valid UTF-8 without control characters"),
+    ("broker", "mqtt example", "must be a host name or IP address without spaces"),
+    ("http-host", "", "must be a host name or IP address without spaces"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_VALUES,
+                         ids=[f"{n}={v!r}" for n, v, _ in BAD_VALUES])
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+def test_out_of_range_values_exit_2_in_one_line_from_every_source(
+        name: str, value: str, message: str, source: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A nonsense value exits 2 with one line naming the option, the range and the value."""
+    argv = ["run"]
+    option = next(o for o in run_options() if o.name == name)
+    if source == "flag":
+        argv.append(f"--{name}={value}")
+        where = f"argument --{name}: "
+    elif source == "env":
+        monkeypatch.setenv(option.env, value)
+        where = f"{option.env}: "
+    else:
+        numeric = option.kind in ("integer", "number") and value not in ("", "0x")
+        toml_value = value if numeric else cli._toml_value(value)  # nan and inf are TOML too
+        opts = write_options(tmp_path / "o.toml", f"{name} = {toml_value}\n")
+        argv += ["--options-file", str(opts)]
+        where = f"options file {opts}: {name}: "
+    line = usage_error(capsys, argv)
+    assert line.startswith("scheduler-publisher run: error: "), line
+    assert where in line, line
+    assert message in line, line
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backoff-min", "5", "--backoff-max", "1"],
+     "backoff-min (5, flag --backoff-min) must not be larger than backoff-max (1, flag "
+     "--backoff-max)"),
+    (["--backoff-min", "90"],
+     "backoff-min (90, flag --backoff-min) must not be larger than backoff-max (60, default)"),
+    (["--keyfile", "k.pem"], "keyfile (flag --keyfile) needs certfile"),
+    (["--mqtt-version", "4"], "argument --mqtt-version: invalid choice: '4'"),
+    (["--log-level", "verbose"], "argument --log-level: invalid choice: 'VERBOSE'"),
+])
+def test_contradicting_or_unknown_values_exit_2_in_one_line(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Options that contradict each other, or a value outside the choices, exit 2."""
+    assert message in usage_error(capsys, ["run", *argv])
+
+
+def test_the_real_process_refuses_connect_rate_0_without_creating_logs(tmp_path: Path) -> None:
+    """`scheduler-publisher --connect-rate 0` exits 2 with one line and leaves no ./logs/."""
+    proc = subprocess.run([sys.executable, "-m", "scheduler_publisher", "--connect-rate", "0",
+                           "--options-file", ""], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "scheduler-publisher run: error: argument --connect-rate: must be a number from 0.1 to "
+        "100000, got 0 (see `scheduler-publisher run --help`)"]
+    assert not (tmp_path / "logs").exists()
+
+
+# ---- sample-options -------------------------------------------------------------------------
+
+
+def test_sample_options_lists_every_option_and_uncommented_gives_the_defaults(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every option appears; uncommenting its `#key = value` lines changes no effective value."""
+    assert run_main(["sample-options"]) == 0
+    text = capsys.readouterr().out
+    for option in run_options():
+        assert f"# --{option.name}: " in text, option.name
+    uncommented = re.sub(r"^#(?=[a-z-]+ = )", "", text, flags=re.MULTILINE)
+    opts = write_options(tmp_path / "o.toml", uncommented)
+
+    from_file = show(capsys, "--options-file", str(opts))
+    defaults = show(capsys, "--options-file", "")
+    assert {n: v for n, (v, _) in from_file.items()} == {n: v for n, (v, _) in defaults.items()}
+    assert sum(s == f"file {opts}" for _, s in from_file.values()) >= 25
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    procs: list[ServiceProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(list(args), cwd=tmp_path, env=env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def test_service_takes_broker_and_entries_from_the_options_file_and_the_environment(
+        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
+        started: Callable[..., ServiceProcess], topic_base: str) -> None:
+    """With no flag but --options-file, the service publishes where the file and env say."""
+    topic = f"{topic_base}/from-file"
+    sub = subscriber_factory(topic)
+    write_config(tmp_path / "entries.json", [entry("from-file", topic, interval=3600)])
+    opts = write_options(tmp_path / "gateway.toml", "\n".join([
+        'broker = "127.0.0.1"', f"port = {broker.port}", 'config = "entries.json"',
+        f'state-db = "{tmp_path / "state.db"}"', 'log-file = ""', "http-port = 0",
+        f'client-id = "sp-opts-{uuid.uuid4().hex[:8]}"', "backoff-max = 1", ""]))
+
+    proc = started("run", "--options-file", str(opts),
+                   env={"SCHEDULER_PUBLISHER_STATS_INTERVAL": "0.2"})
+
+    assert sub.wait_for(topic, timeout=20)[0].json() == {"online": 1, "sensor": "from-file"}
+    proc.wait_for_event("publisher_statistics", timeout=20)  # the 0.2 s interval from env
+    assert not (tmp_path / "logs").exists()  # log-file = "" came from the file
