@@ -41,6 +41,7 @@ MAX_WAITING = 256  # silent connections held; beyond this the longest-silent one
 LISTEN_BACKLOG = 128
 ACCEPT_BACKOFF_MIN = 0.05
 ACCEPT_BACKOFF_MAX = 1.0
+ACCEPT_LOG_PERIOD = 60.0
 # accept() fails with these while the process or the system is out of descriptors or memory.
 # The pending connection stays queued, so the listening socket stays readable: retrying at
 # once would spin a core (issue: "one HTTP connect can pin a core").
@@ -119,7 +120,9 @@ class _Server(HTTPServer):
         self._selector = selectors.DefaultSelector()
         self._paused_until: float | None = None
         self._backoff = ACCEPT_BACKOFF_MIN
-        self._failed_accepts = 0
+        self._failed_accepts = 0  # in a row, in the current episode
+        self._logged_failure_at: float | None = None
+        self._episode_logged = False
         self._threads = [threading.Thread(target=self._accept_loop, name="http", daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"http-worker-{i}",
                                            daemon=True) for i in range(HTTP_WORKERS)]
@@ -168,24 +171,35 @@ class _Server(HTTPServer):
                 self._pause_accepting(exc)
             return  # otherwise the client gave up before we got to it (ECONNABORTED)
         if self._failed_accepts:
-            log.info("http_accept_resumed", failed_attempts=self._failed_accepts)
-            self._failed_accepts = 0
-            self._backoff = ACCEPT_BACKOFF_MIN
+            self._accepting_again()
         if len(self._waiting) >= MAX_WAITING:
             self._drop(next(iter(self._waiting)))
         self._waiting[conn] = (address, time.monotonic() + self.request_timeout)
         self._selector.register(conn, selectors.EVENT_READ)
 
     def _pause_accepting(self, exc: OSError) -> None:
-        """Stop watching the listening socket for a while (doubling up to a second)."""
-        if not self._failed_accepts:
+        """Stop watching the listening socket for a while (doubling up to a second). Logged
+        once per ACCEPT_LOG_PERIOD: freed descriptors are soon taken again, and each short
+        recovery must not add two lines."""
+        now = time.monotonic()
+        if not self._failed_accepts and (self._logged_failure_at is None
+                                         or now - self._logged_failure_at >= ACCEPT_LOG_PERIOD):
             log.error("http_accept_failed", error=str(exc), errno=exc.errno,
                       hint="out of file descriptors: raise LimitNOFILE or look for a leak; "
                            "HTTP retries with a back-off")
+            self._logged_failure_at = now
+            self._episode_logged = True
         self._failed_accepts += 1
         self._selector.unregister(self.socket)
         self._paused_until = time.monotonic() + self._backoff
         self._backoff = min(ACCEPT_BACKOFF_MAX, self._backoff * 2)
+
+    def _accepting_again(self) -> None:
+        if self._episode_logged:
+            log.info("http_accept_resumed", failed_attempts=self._failed_accepts)
+        self._episode_logged = False
+        self._failed_accepts = 0
+        self._backoff = ACCEPT_BACKOFF_MIN
 
     def _resume_accepting(self, now: float) -> None:
         if self._paused_until is not None and now >= self._paused_until:
