@@ -110,8 +110,8 @@ class PerEntrySwitch:
         on = per_entry_series(self.mode, self.limit, entries)
         with self._lock:
             previous, self._on = self._on, on
-        if on == previous or (previous is None and on):
-            return on
+        if self.mode != "auto" or on == previous or (previous is None and on):
+            return on  # only auto switches; say nothing while series are simply on
         if on:
             log.info("metrics_per_entry_enabled", entries=entries, limit=self.limit)
         else:
