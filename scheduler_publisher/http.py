@@ -135,7 +135,10 @@ class _Server(HTTPServer):
         self._stopping.set()
         self._threads[0].join(2)
         for _ in range(HTTP_WORKERS):
-            self._jobs.put(None)
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                break  # workers busy with stalled clients: daemons, they end with the process
         self.server_close()
 
     # ---- the "http" thread ------------------------------------------------------------------
@@ -209,6 +212,8 @@ class _Server(HTTPServer):
     def _begin(self, conn: socket.socket) -> None:
         """The request has started to arrive: hand it to a worker, or refuse it when all are
         taken and the queue is full."""
+        if conn not in self._waiting:
+            return  # dropped earlier in the same batch of events (MAX_WAITING)
         address, _deadline = self._waiting.pop(conn)
         self._selector.unregister(conn)
         try:
@@ -259,6 +264,8 @@ def _refuse_busy(conn: socket.socket) -> None:
 class _Handler(BaseHTTPRequestHandler):
     app: StatusServer
     server_version = "scheduler-publisher"
+    # Answers to garbled request lines keep their status line and headers (0.9 has none).
+    default_request_version = "HTTP/1.0"
 
     def log_message(self, format: str, *args: Any) -> None:
         return  # access logs would flood the JSON log at every scrape

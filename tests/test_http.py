@@ -377,6 +377,24 @@ def test_wrong_methods_are_405_json_with_allow(start_service: ServiceStarter,
     assert get(service, "/health").status == 200
 
 
+def test_malformed_requests_get_a_json_400(start_service: ServiceStarter,
+                                           topic_base: str) -> None:
+    """A request line the server cannot parse gets 400 with a JSON error, not an HTML page."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+
+    for line in (b"NONSENSE\r\n\r\n", b"GET /health HTTP/9.x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", service.http.port), timeout=10) as s:
+            s.sendall(line)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 400 "), reply
+        assert b"Content-Type: application/json" in head
+        assert json.loads(body)["error"]
+    assert get(service, "/health").status == 200
+
+
 def test_head_answers_like_get_without_a_body(start_service: ServiceStarter,
                                               topic_base: str) -> None:
     """HEAD gets GET's status and headers, Content-Length included, and no body."""
