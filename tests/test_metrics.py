@@ -7,6 +7,7 @@ import gzip
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +19,45 @@ from scheduler_publisher import __version__
 from scheduler_publisher.cli import build_parser, build_settings
 from scheduler_publisher.metrics import OVERDUE_SLACK, PerEntrySwitch, overdue, per_entry_series
 from scheduler_publisher.service import PublisherService
-from tests.support import REPO, Mosquitto, entry, free_port, in_process_settings, wait_until, \
-    write_config
-from tests.test_http import (  # noqa: F401 - config_path and start_service are fixtures
-    ServiceStarter,
-    config_path,
-    counter,
-    post,
-    request,
-    start_service,
-    value,
+from tests.support import (
+    REPO,
+    Mosquitto,
+    entry,
+    free_port,
+    in_process_settings,
+    wait_until,
+    write_config,
 )
+from tests.test_http import ServiceStarter, counter, post, request, value
 
 RULES = REPO / "docs" / "prometheus-rules.yml"
 RULES_TESTS = REPO / "docs" / "prometheus-rules.test.yml"
 DOC = REPO / "docs" / "metrics.md"
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    return tmp_path / "config.json"
+
+
+@pytest.fixture
+def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
+    """Starts an in-process service with HTTP on a free loopback port; stopped at teardown
+    (as in test_http.py)."""
+    services: list[PublisherService] = []
+
+    def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
+        write_config(config_path, entries)
+        overrides.setdefault("http_port", free_port())
+        service = PublisherService(in_process_settings(config_path, broker.port,
+                                                       http_host="127.0.0.1", **overrides))
+        services.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in services:
+        service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +278,7 @@ def test_the_alert_rules_use_metrics_the_service_exposes(start_service: ServiceS
     service = start_service(many(topic_base, 2), metrics_per_entry="off")
     names = {s.name for f in text_string_to_metric_families(scrape(service)) for s in f.samples}
     for path in (RULES, RULES_TESTS):
-        used = set(re.findall(r"\b((?:scheduler_publisher|process|python)_[a-z_]+)", 
+        used = set(re.findall(r"\b((?:scheduler_publisher|process|python)_[a-z_]+)",
                               path.read_text()))
         assert used, path
         assert used <= names, f"{path.name}: not in a scrape: {sorted(used - names)}"
