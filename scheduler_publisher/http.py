@@ -69,6 +69,8 @@ def bearer_matches(header: str | None, token: str) -> bool:
 
 
 class StatusServer:
+    """The HTTP endpoints of one service: built by the service, started and stopped by it."""
+
     def __init__(self, service: PublisherService, host: str, port: int, *,
                  token: str | None = None) -> None:
         self.service = service
@@ -240,11 +242,11 @@ class _Server(HTTPServer):
             try:
                 self.finish_request(conn, address)  # the handler sets the socket timeout
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker
-                self.handle_error_for(address, exc)
+                self._request_failed(address, exc)
             finally:
                 self.shutdown_request(conn)
 
-    def handle_error_for(self, address: Any, exc: Exception) -> None:
+    def _request_failed(self, address: Any, exc: Exception) -> None:
         # Clients that hang up or time out mid-request are routine, not a server fault.
         log.debug("http_request_failed", client=str(address[0]), error=str(exc),
                   error_type=type(exc).__name__)
