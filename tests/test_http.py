@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from scheduler_publisher.http import HTTP_QUEUE, HTTP_WORKERS
+from scheduler_publisher.http import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     Mosquitto,
@@ -505,6 +505,25 @@ def test_idle_clients_cost_no_thread_and_are_cut_off(start_service: ServiceStart
         for s in idle:
             s.close()
     assert get(service, "/health").status == 200
+
+
+def test_the_longest_silent_connections_go_first_beyond_the_cap(
+        start_service: ServiceStarter, topic_base: str) -> None:
+    """Past MAX_WAITING silent connections, the oldest are closed to make room, long before
+    the request timeout, and a real request still gets its answer."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=60)
+    port = service.http.port
+    extra = 10
+
+    idle = open_sockets(port, MAX_WAITING + extra)
+    try:
+        assert get(service, "/health").status == 200  # accepted after every idle one
+        wait_until(lambda: all(closed_by_peer(s) for s in idle[:extra + 1]), 10,
+                   message="the oldest silent connections closed")
+        assert not any(closed_by_peer(s) for s in idle[extra + 1:])
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_slow_requests_get_bounded_workers_then_503(start_service: ServiceStarter,
