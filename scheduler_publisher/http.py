@@ -39,6 +39,7 @@ HTTP_WORKERS = 4
 HTTP_QUEUE = 16  # requests that have begun, waiting for a worker; beyond this: 503
 MAX_WAITING = 256  # silent connections held; beyond this the longest-silent one is closed
 LISTEN_BACKLOG = 128
+MAX_BODY = 64 * 1024
 ACCEPT_BACKOFF_MIN = 0.05
 ACCEPT_BACKOFF_MAX = 1.0
 ACCEPT_LOG_PERIOD = 60.0
@@ -291,6 +292,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(code, {"error": message or HTTPStatus(code).phrase})
 
     def _route(self) -> None:
+        if not self._discard_body():
+            return
         path = urlsplit(self.path).path
         route = ROUTES.get(path)
         if route is None:
@@ -303,6 +306,19 @@ class _Handler(BaseHTTPRequestHandler):
                        headers=[("Allow", ", ".join(methods))])
             return
         getattr(self, handler)()
+
+    def _discard_body(self) -> bool:
+        """Read the body a client sent (no endpoint uses one): closing a socket with unread
+        bytes resets the connection, and the client could lose the answer."""
+        text = self.headers.get("Content-Length") or "0"
+        if not text.isdigit():
+            self.send_error(400, f"Content-Length: expected a byte count, got {text!r}")
+            return False
+        if int(text) > MAX_BODY:
+            self.send_error(413, f"request body: at most {MAX_BODY} bytes, got {text}")
+            return False
+        self.rfile.read(int(text))
+        return True
 
     def _health(self) -> None:
         problems = self.app.service.health_problems()

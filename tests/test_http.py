@@ -395,6 +395,26 @@ def test_malformed_requests_get_a_json_400(start_service: ServiceStarter,
     assert get(service, "/health").status == 200
 
 
+def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
+                                             topic_base: str) -> None:
+    """A POST /reload with a body (curl -d) gets its answer; a huge or garbled
+    Content-Length gets 413 or 400 JSON."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
+    port = service.http.port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/reload", body=b'{"please": true}' * 1000)
+    reply = conn.getresponse()
+    assert (reply.status, json.loads(reply.read())["success"]) == (200, True)
+    conn.close()
+
+    too_big = request(port, "POST", "/reload", {"Content-Length": str(10**9)})
+    assert too_big.status == 413
+    assert "at most" in too_big.json()["error"]
+    garbled = request(port, "POST", "/reload", {"Content-Length": "-1"})
+    assert garbled.status == 400
+    assert "Content-Length" in garbled.json()["error"]
+
+
 def test_head_answers_like_get_without_a_body(start_service: ServiceStarter,
                                               topic_base: str) -> None:
     """HEAD gets GET's status and headers, Content-Length included, and no body."""
