@@ -397,8 +397,8 @@ def test_malformed_requests_get_a_json_400(start_service: ServiceStarter,
 
 def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
                                              topic_base: str) -> None:
-    """A POST /reload with a body (curl -d) gets its answer; a huge or garbled
-    Content-Length gets 413 or 400 JSON."""
+    """A request body is bounded: a huge Content-Length gets 413 and a garbled one 400, both
+    JSON; a POST /reload with a small body (curl -d) is served as without one."""
     service = start_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
     port = service.http.port
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
