@@ -132,7 +132,7 @@ def build_registry(source: MetricsSource, switch: PerEntrySwitch) -> CollectorRe
 
 
 def build_info() -> dict[str, str]:
-    from scheduler_publisher import __version__  # noqa: PLC0415 - the package imports us late
+    from scheduler_publisher import __version__  # noqa: PLC0415 - __init__ sets it after its imports
 
     def dist(name: str) -> str:
         try:
