@@ -221,6 +221,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="health/status/metrics port; 0 turns HTTP off (default: 8080)")
     o.add_argument("--http-token-file", type=Path,
                    help="bearer token required for POST /reload")
+    o.add_argument("--metrics-per-entry", choices=("auto", "on", "off"),
+                   default=d.metrics_per_entry,
+                   help="per-entry series in /metrics; auto: only up to --metrics-entry-limit "
+                        "entries (default: %(default)s)")
+    o.add_argument("--metrics-entry-limit", type=Number(int, 1), default=d.metrics_entry_limit,
+                   help="most entries with per-entry series under auto (default: %(default)s)")
     x = p.add_argument_group("quick start")
     x.add_argument("--embedded-broker", action="store_true",
                    help="start an in-process broker (amqtt, MQTT 3.1.1) and publish to it")
@@ -443,6 +449,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         checkpoint_interval=args.checkpoint_interval,
         history_interval=args.history_interval, history_retention_rows=args.history_retention,
         http_host=args.http_host, http_port=args.http_port, http_token=token,
+        metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
         force_polling=args.force_polling, max_config_bytes=args.max_config_bytes)
 

@@ -15,7 +15,7 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -384,6 +384,17 @@ class PublisherService:
     @property
     def connection(self) -> MQTTConnectionManager:
         return self._connection
+
+    @property
+    def entries(self) -> Mapping[str, PublishConfig]:
+        """The running entries by id. Replaced whole on every apply, never changed in place, so
+        a reader on another thread (HTTP) holds a consistent set."""
+        return self._entries
+
+    @property
+    def last_applied_at(self) -> float | None:
+        """Unix time the running entries were last applied (start or reload)."""
+        return self._last_reload_at
 
     def get_status(self) -> dict[str, Any]:
         entries = dict(self._entries)  # a reference swap elsewhere: this copy is consistent

@@ -12,6 +12,7 @@ from typing import Literal
 from scheduler_publisher.logs import LogSettings
 
 MQTTVersion = Literal["5", "3.1.1"]
+MetricsPerEntry = Literal["auto", "on", "off"]
 MAX_CLIENT_ID_LENGTH = 64
 
 
@@ -61,6 +62,9 @@ class ServiceSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     http_token: str | None = field(default=None, repr=False)
+    http_request_timeout: float = 10.0  # an idle or slow HTTP client is cut off after this
+    metrics_per_entry: MetricsPerEntry = "auto"  # auto: per-entry series up to the limit
+    metrics_entry_limit: int = 1000
     shutdown_timeout: float = 4.0
     reload_debounce: float = 0.3
     safety_check_interval: float = 60.0

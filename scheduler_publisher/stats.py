@@ -59,6 +59,8 @@ class Stats:
         self.published = 0
         self.errors = 0
         self.dropped = 0
+        self.deferred = 0
+        self.missed = 0
         self.reconnects = 0
         self.reloads = 0
         self.config_errors = 0
@@ -94,6 +96,7 @@ class Stats:
 
     def record_deferred(self, entry_id: str) -> None:
         self.entry(entry_id).deferred += 1
+        self.deferred += 1
 
     def record_reconnect(self) -> None:
         self.reconnects += 1
@@ -104,6 +107,7 @@ class Stats:
         late = max(0.0, lateness)
         e.observe_lateness(late)
         e.missed += missed
+        self.missed += missed
         self.lateness_buckets[bisect.bisect_left(LATENESS_BUCKETS, late)] += 1
         self.lateness_total += late
 

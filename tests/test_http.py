@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
+import os
+import resource
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from scheduler_publisher.http import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     Mosquitto,
@@ -36,6 +44,7 @@ class Reply:
     status: int
     body: bytes
     content_type: str
+    headers: Message = field(default_factory=Message)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -49,9 +58,20 @@ def call(port: int, path: str, method: str = "GET", token: str | None = None,
                                      data=b"" if method == "POST" else None, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
-            return Reply(r.status, r.read(), r.headers.get("Content-Type", ""))
+            return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
     except urllib.error.HTTPError as e:
-        return Reply(e.code, e.read(), e.headers.get("Content-Type", ""))
+        return Reply(e.code, e.read(), e.headers.get("Content-Type", ""), e.headers)
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> Reply:
+    """Any method, any headers, the body as sent (http.client reads none for HEAD)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
+    finally:
+        conn.close()
 
 
 def get(service: PublisherService, path: str) -> Reply:
@@ -197,7 +217,8 @@ def test_status_is_get_status_as_json(start_service: ServiceStarter,
 
 def test_metrics_expose_counters_histogram_and_gauges(
         start_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
-    """GET /metrics parses as Prometheus text: per-entry counters, lateness histogram, gauges."""
+    """GET /metrics parses as Prometheus text: per-entry and service-wide counters, the lateness
+    histogram, gauges."""
     bad = entry("broken", f"{topic_base}/broken", interval=0)
     service = start_service([*two_entries(topic_base), bad])
     wait_until(lambda: all(service.stats.entry(i).published >= 2 for i in ("plain", "willed")),
@@ -207,9 +228,11 @@ def test_metrics_expose_counters_histogram_and_gauges(
     assert ticked >= 2
     families = metrics(service)  # scraped after `ticked` was read: it can only count more
     for entry_id in ("plain", "willed"):
-        assert counter(families, "scheduler_publisher_published", entry=entry_id) >= 2
-        assert value(families, "scheduler_publisher_tick_lateness_max_seconds",
+        assert counter(families, "scheduler_publisher_entry_published", entry=entry_id) >= 2
+        assert value(families, "scheduler_publisher_entry_tick_lateness_max_seconds",
                      entry=entry_id) >= 0
+    assert counter(families, "scheduler_publisher_published") >= 4
+    assert value(families, "scheduler_publisher_metrics_per_entry") == 1
     # One service-wide histogram (per-entry buckets would be a series per entry and bucket).
     buckets = samples(families, "scheduler_publisher_tick_lateness_seconds",
                       "scheduler_publisher_tick_lateness_seconds_bucket")
@@ -225,14 +248,19 @@ def test_metrics_expose_counters_histogram_and_gauges(
     assert value(families, "scheduler_publisher_connections_up") == 2  # main + the lwt entry
     assert value(families, "scheduler_publisher_connections") == 2
     assert value(families, "scheduler_publisher_active_configs") == 2
+    assert value(families, "scheduler_publisher_ready") == 1
+    assert value(families, "scheduler_publisher_healthy") == 1
     assert counter(families, "scheduler_publisher_reloads") == 0
     assert counter(families, "scheduler_publisher_config_errors") == 1
 
     broker.stop()
     wait_until(lambda: value(metrics(service), "scheduler_publisher_connections_up") == 0, 10,
                message="connections_up 0")
-    wait_until(lambda: counter(metrics(service), "scheduler_publisher_dropped",
+    wait_until(lambda: counter(metrics(service), "scheduler_publisher_entry_dropped",
                                entry="plain") >= 1, 10, message="dropped ticks counted")
+    down = metrics(service)
+    assert value(down, "scheduler_publisher_ready") == 0
+    assert counter(down, "scheduler_publisher_dropped") >= 1
 
 
 def test_reload_applies_the_file_and_counts(start_service: ServiceStarter,
@@ -275,10 +303,17 @@ def test_reload_needs_the_bearer_token(start_service: ServiceStarter,
 
     missing = post(service, "/reload")
     assert missing.status == 401
+    assert missing.headers.get("WWW-Authenticate") == "Bearer"
     assert missing.json()["success"] is False
     assert post(service, "/reload", token="wrong").status == 401
     assert post(service, "/reload", authorization=token).status == 401  # no "Bearer "
     assert post(service, "/reload", authorization=f"Basic {token}").status == 401
+    assert post(service, "/reload", authorization=f"Bearer {token}x").status == 401
+    assert post(service, "/reload", authorization="Bearer").status == 401
+    # The scheme is case-insensitive (RFC 7235 section 2.1).
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        reply = post(service, "/reload", authorization=f"{scheme} {token}")
+        assert (reply.status, reply.json()["success"]) == (200, True), scheme
     right = post(service, "/reload", token=token)
     assert (right.status, right.json()["success"]) == (200, True)
     assert get(service, "/health").status == 200  # reads stay open
@@ -310,14 +345,108 @@ def test_token_file_guards_reload_in_the_real_process(tmp_path: Path, broker: Mo
 
 def test_unknown_paths_are_404(start_service: ServiceStarter,
                                topic_base: str) -> None:
-    """Paths and methods the server does not serve answer 404 with a JSON error."""
+    """Paths the server does not serve answer 404 with a JSON error, whatever the method."""
     service = start_service([entry("one", f"{topic_base}/one", 0.5)])
 
-    for method, path in (("GET", "/nope"), ("GET", "/reload"), ("POST", "/health"),
-                         ("GET", "/health/extra"), ("POST", "/reload/x")):
-        reply = call(service.http.port, path, method)
+    for method, path in (("GET", "/nope"), ("GET", "/health/extra"), ("POST", "/reload/x"),
+                         ("PUT", "/nope"), ("HEAD", "/nope")):
+        reply = request(service.http.port, method, path)
         assert reply.status == 404, (method, path)
-        assert path in reply.json()["error"]
+        assert reply.content_type == "application/json"
+        if method != "HEAD":
+            assert path in reply.json()["error"]
+
+
+def test_wrong_methods_are_405_json_with_allow(start_service: ServiceStarter,
+                                               topic_base: str) -> None:
+    """Any method an endpoint does not serve (PUT, DELETE, PATCH, OPTIONS, made-up ones) gets
+    405 with a JSON error and an Allow header naming the methods it does serve."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    port = service.http.port
+
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FROB", "POST"):
+        for path in ("/health", "/ready", "/status", "/metrics"):
+            reply = request(port, method, path)
+            assert (reply.status, reply.headers.get("Allow")) == (405, "GET, HEAD"), \
+                (method, path)
+            assert reply.content_type == "application/json"
+            assert method in reply.json()["error"]
+    for method in ("GET", "HEAD", "PUT", "DELETE"):
+        reply = request(port, method, "/reload")
+        assert (reply.status, reply.headers.get("Allow")) == (405, "POST"), method
+    assert get(service, "/health").status == 200
+
+
+def test_malformed_requests_get_a_json_400(start_service: ServiceStarter,
+                                           topic_base: str) -> None:
+    """A request line the server cannot parse gets 400 with a JSON error, not an HTML page."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+
+    for line in (b"NONSENSE\r\n\r\n", b"GET /health HTTP/9.x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", service.http.port), timeout=10) as s:
+            s.sendall(line)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 400 "), reply
+        assert b"Content-Type: application/json" in head
+        assert json.loads(body)["error"]
+    assert get(service, "/health").status == 200
+
+
+def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
+                                             topic_base: str) -> None:
+    """A request body is bounded: a huge Content-Length gets 413 and a garbled one 400, both
+    JSON; a POST /reload with a small body (curl -d) is served as without one."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
+    port = service.http.port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/reload", body=b'{"please": true}' * 1000)
+    reply = conn.getresponse()
+    assert (reply.status, json.loads(reply.read())["success"]) == (200, True)
+    conn.close()
+
+    too_big = request(port, "POST", "/reload", {"Content-Length": str(10**9)})
+    assert too_big.status == 413
+    assert "at most" in too_big.json()["error"]
+    garbled = request(port, "POST", "/reload", {"Content-Length": "-1"})
+    assert garbled.status == 400
+    assert "Content-Length" in garbled.json()["error"]
+
+
+def test_head_answers_like_get_without_a_body(start_service: ServiceStarter,
+                                              topic_base: str) -> None:
+    """HEAD gets GET's status and headers, Content-Length included, and no body."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    wait_until(service.is_connected, 10, message="connected")
+    port = service.http.port
+
+    for path in ("/health", "/ready", "/status"):
+        got = request(port, "GET", path)
+        head = request(port, "HEAD", path)
+        assert head.status == got.status == 200, path
+        assert head.body == b""
+        assert head.content_type == got.content_type == "application/json"
+        assert int(head.headers["Content-Length"]) > 0
+    head = request(port, "HEAD", "/metrics")
+    assert head.status == 200
+    assert head.body == b""
+    assert head.content_type.startswith("text/plain")
+    assert int(head.headers["Content-Length"]) > 1000
+
+
+def test_query_strings_are_ignored(start_service: ServiceStarter, topic_base: str) -> None:
+    """/health?x=1 is /health: the query string does not change the endpoint."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    wait_until(service.is_connected, 10, message="connected")
+
+    assert get(service, "/health?x=1").json() == {"ok": True, "problems": []}
+    assert get(service, "/ready?probe=kubelet&t=2").json() == {"ready": True}
+    assert get(service, "/status?").json()["active_configs"] == 1
+    assert "scheduler_publisher_published_total" in get(service, "/metrics?x").body.decode()
+    assert post(service, "/reload?now=1").json()["success"] is True
+    assert get(service, "/nope?x=1").status == 404
 
 
 def test_every_endpoint_answers_when_the_broker_was_never_up(
@@ -330,7 +459,7 @@ def test_every_endpoint_answers_when_the_broker_was_never_up(
     assert get(service, "/ready").status == 503
     status = get(service, "/status").json()
     assert (status["connected"], status["active_configs"]) == (False, 2)
-    wait_until(lambda: counter(metrics(service), "scheduler_publisher_dropped",
+    wait_until(lambda: counter(metrics(service), "scheduler_publisher_entry_dropped",
                                entry="plain") >= 1, 10, message="dropped ticks counted")
     assert value(metrics(service), "scheduler_publisher_connections_up") == 0
     assert post(service, "/reload").json()["success"] is True
@@ -359,3 +488,132 @@ def test_port_in_use_is_logged_and_the_service_runs_on(
     assert failures[0]["log_level"] == "error"
     assert service.http is None
     assert any(e["event"] == "service_started" for e in logs)
+
+
+def open_sockets(port: int, count: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the server has closed the connection (EOF or reset); False while it is open."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""  # a 408/400 reply before the close counts as open
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_clients_cost_no_thread_and_are_cut_off(start_service: ServiceStarter,
+                                                      topic_base: str) -> None:
+    """Hundreds of silent connections add no threads, /health still answers beside them, and
+    each is closed once the request timeout has passed."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=2.0)
+    port = service.http.port
+    assert get(service, "/health").status == 200
+    threads_before = threading.active_count()
+
+    idle = open_sockets(port, 200)
+    try:
+        # The backlog is accepted in order: once /health is answered, every idle one is in.
+        assert get(service, "/health").json() == {"ok": True, "problems": []}
+        assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
+        wait_until(lambda: all(closed_by_peer(s) for s in idle), 20,
+                   message="idle connections closed by the request timeout")
+    finally:
+        for s in idle:
+            s.close()
+    assert get(service, "/health").status == 200
+
+
+def test_the_longest_silent_connections_go_first_beyond_the_cap(
+        start_service: ServiceStarter, topic_base: str) -> None:
+    """Past MAX_WAITING silent connections, the oldest are closed to make room, long before
+    the request timeout, and a real request still gets its answer."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=60)
+    port = service.http.port
+    extra = 10
+
+    idle = open_sockets(port, MAX_WAITING + extra)
+    try:
+        assert get(service, "/health").status == 200  # accepted after every idle one
+        wait_until(lambda: all(closed_by_peer(s) for s in idle[:extra + 1]), 10,
+                   message="the oldest silent connections closed")
+        assert not any(closed_by_peer(s) for s in idle[extra + 1:])
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_slow_requests_get_bounded_workers_then_503(start_service: ServiceStarter,
+                                                    topic_base: str) -> None:
+    """Clients that start a request and stall take the few workers and the queue; a request
+    beyond them gets 503 JSON at once, no new thread, and all is well after the timeout."""
+    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=1.0)
+    port = service.http.port
+    assert get(service, "/health").status == 200
+    threads_before = threading.active_count()
+
+    stalled = open_sockets(port, HTTP_WORKERS + HTTP_QUEUE + 4)
+    try:
+        for s in stalled:
+            s.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n")  # no blank line: never complete
+        busy = wait_until(lambda: (r := get(service, "/health")).status == 503 and r, 10,
+                          message="503 while every worker is taken")
+        assert busy.json() == {"error": "too many requests in progress; try again"}
+        assert busy.headers.get("Retry-After") == "1"
+        assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
+        wait_until(lambda: all(closed_by_peer(s) for s in stalled), 30,
+                   message="stalled requests timed out")
+    finally:
+        for s in stalled:
+            s.close()
+    wait_until(lambda: get(service, "/health").status == 200, 10, message="/health 200 again")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_file_descriptors_backs_off_instead_of_spinning(
+        tmp_path: Path, broker: Mosquitto, topic_base: str) -> None:
+    """With the process out of descriptors, accept() failing with EMFILE is logged once and
+    retried with a back-off (no core spinning), and HTTP recovers once descriptors free up."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
+    port = free_port()
+    proc = ServiceProcess(["--broker", "127.0.0.1", "--port", str(broker.port),
+                           "--config", str(config), "--state-db", "", "--log-file", "",
+                           "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}",
+                           "--http-port", str(port)], cwd=tmp_path)
+    clients: list[socket.socket] = []
+    try:
+        proc.wait_for_event("http_listening")
+        assert call(port, "/health").status == 200
+        pid = proc.proc.pid
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 10, hard))
+
+        clients = open_sockets(port, 30)  # 10 fill the table; the rest wait in the backlog
+        proc.wait_for_event("http_accept_failed", where=lambda e: e.get("errno") == errno.EMFILE)
+        window = 3.0
+        before, started = cpu_seconds(pid), time.monotonic()
+        wait_until(lambda: time.monotonic() - started >= window, window + 5,
+                   message="the measuring window")  # a spin would burn ~1 CPU-second a second
+        used = cpu_seconds(pid) - before
+        assert used < 0.3 * (time.monotonic() - started), f"{used:.2f} s of CPU in the window"
+
+        for s in clients:
+            s.close()
+        wait_until(lambda: call(port, "/health").status == 200, 30, message="/health again")
+        proc.wait_for_event("http_accept_resumed")
+        failed = [e for e in proc.events() if e.get("message") == "http_accept_failed"]
+        assert len(failed) == 1, failed
+    finally:
+        for s in clients:
+            s.close()
+        proc.stop()
