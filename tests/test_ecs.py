@@ -115,7 +115,7 @@ def problems(line: str) -> list[str]:
     if list(event)[:len(ordered)] != ordered:
         found.append(f"starts with {list(event)[:len(ordered)]}, spec wants {ordered}")
     required = [f for f, d in spec().items() if d.get("required")]
-    found += [f"missing {f}" for f in [*required, *ALWAYS] if f not in event]
+    found += [f"missing {f}" for f in dict.fromkeys([*required, *ALWAYS]) if f not in event]
     found += [f"{f}: spec type {spec()[f]['type']}, got {event[f]!r}" for f in spec()
               if f in event and not _spec_type_ok(spec()[f]["type"], event[f])]
     try:
