@@ -353,9 +353,12 @@ class _StdoutHandler(logging.StreamHandler[TextIO]):
         return "\n".join(prefix + line for line in text.split("\n"))
 
     def write_line(self, text: str) -> None:
-        with self.lock or threading.RLock():
+        self.acquire()  # the lock `handle` takes around each record
+        try:
             self.stream.write(text + self.terminator)
             self.flush()
+        finally:
+            self.release()
 
 
 Report = Callable[[str, OSError | None], None]

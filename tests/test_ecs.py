@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import socket
 import uuid
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from scheduler_publisher import ecs
-from tests.support import Mosquitto, ServiceProcess, entry, wait_until, write_config
+from tests.support import REPO, Mosquitto, ServiceProcess, entry, wait_until, write_config
 
 DATA = Path(__file__).parent / "data"
 MAX_LINE = 8192  # bytes, with the newline
@@ -203,6 +204,28 @@ def test_the_namespace_list_matches_fields_csv() -> None:
     for field, expected in ecs.ECS_TYPES.items():
         sample = GOOD["@timestamp"] if expected is str else 1
         assert _type_ok(ecs_fields()[field], sample), field
+
+
+def logged_event_names() -> set[str]:
+    """The event names the code logs: the first argument of each log call."""
+    call = re.compile(r'(?:\.(?:debug|info|warning|error|exception|critical)|\bemit|_report)'
+                      r'\(\s*"([a-z][a-z_]*)"')
+    alternative = re.compile(r'\bemit\("[a-z_]+" if [^\n]* else "([a-z][a-z_]*)"')
+    names: set[str] = set()
+    for path in (REPO / "scheduler_publisher").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        names |= set(call.findall(text)) | set(alternative.findall(text))
+    return names
+
+
+def test_docs_list_every_event_the_code_logs() -> None:
+    """docs/logging.md has one table row per event name in the code, and no stale rows."""
+    rows = re.findall(r"^\| `([a-z_]+)` \|", (REPO / "docs" / "logging.md").read_text(), re.M)
+    assert len(rows) == len(set(rows))
+    code = logged_event_names()
+    assert {"config_entry_warning", "log_file_write_recovered", "service_start_failed"} <= code
+    assert sorted(code - set(rows)) == [], "events missing from docs/logging.md"
+    assert sorted(set(rows) - code) == [], "rows in docs/logging.md for events never logged"
 
 
 # ---- the scenario ---------------------------------------------------------------------------
