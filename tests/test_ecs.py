@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import signal
 import socket
@@ -271,7 +272,8 @@ def service(tmp_path: Path, broker: Mosquitto,
              str(busy_port), "--state-db", "", "--log-file", str(tmp_path / "service.log"),
              "--log-level", "DEBUG", "--stats-interval", "1", "--client-id",
              f"sp-ecs-{uuid.uuid4().hex[:8]}", "--backoff-min", "0.2", "--backoff-max", "1"],
-            cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "inject")})
+            cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(
+                [str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])})
         procs.append(proc)
         return proc
 
@@ -335,7 +337,7 @@ def test_every_line_of_a_rough_run_conforms_to_ecs(
     assert tick["error.message"] == "injected for the ECS test"
     assert "Traceback" in tick["error.stack_trace"]
     assert by_name["mqtt_connected"]["server.port"] == broker.port
-    assert "No such" not in by_name["config_reload_failed"]["error.message"]
+    assert "config.json" in by_name["config_reload_failed"]["error.message"]
     grown, shrunk = [e for e in events if e["message"] == "config_reloaded"]
     assert grown["added_count"] == 3000
     assert grown["added"][-1] == "and 2980 more"
