@@ -16,6 +16,7 @@ stdlib records alike. The rules (docs/logging.md):
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from structlog.typing import EventDict
@@ -163,7 +164,22 @@ def cap_lists(event_dict: EventDict, limit: int = LIST_LIMIT) -> EventDict:
 def _dumps(data: Any) -> str:
     # ensure_ascii: one character per byte, so len() is the byte count; control characters
     # from values are escaped and cannot reach a terminal or split a line.
-    return json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str)
+    try:
+        return json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str,
+                          allow_nan=False)
+    except ValueError:  # NaN or infinity: not JSON, and the ndjson parser would drop the line
+        return _dumps(_finite(data))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: a string would give the field a second type."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def render_line(event_dict: EventDict, max_chars: int = _MAX_JSON_CHARS) -> str:

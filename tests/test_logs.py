@@ -413,6 +413,17 @@ def test_an_oversized_value_is_cut_in_the_middle(out: io.StringIO) -> None:
     assert event["message"] == "config_reload_failed"
 
 
+def test_not_a_number_is_logged_as_null(out: io.StringIO) -> None:
+    """NaN and infinity, which JSON cannot carry, become null: the line stays valid JSON."""
+    configure(out)
+    get_logger("t").info("publisher_statistics", uptime_seconds=float("nan"),
+                         lateness=[1.5, float("inf")], fine=2.5)
+
+    (event,) = events(out)
+    assert (event["uptime_seconds"], event["lateness"], event["fine"]) == (None, [1.5, None], 2.5)
+    assert "NaN" not in out.getvalue()
+
+
 def test_many_small_fields_are_dropped_and_named_as_a_last_resort(out: io.StringIO) -> None:
     """When no single string is long, the largest fields are dropped and listed instead."""
     configure(out)
