@@ -14,6 +14,7 @@ log lines never split each other.
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -23,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TextIO, get_args
@@ -366,11 +367,16 @@ Report = Callable[[str, OSError | None], None]
 
 class _FileHandler(logging.handlers.RotatingFileHandler):
     """A rotated file whose write failures (disk full, file gone read-only) are reported once,
-    and once more on recovery, instead of one `--- Logging error ---` traceback per record."""
+    and once more on recovery, instead of one `--- Logging error ---` traceback per record.
+
+    A missing folder is created with the first line written to it, not before: a start that
+    fails before logging anything leaves no empty `./logs/` behind."""
 
     def __init__(self, path: Path, settings: LogSettings, report: Report) -> None:
+        self.path = path  # before super().__init__, which may call _open()
         super().__init__(path, maxBytes=settings.file_max_bytes,
-                         backupCount=settings.file_backups, encoding="utf-8")
+                         backupCount=settings.file_backups, encoding="utf-8",
+                         delay=not path.parent.is_dir())
         self._report = report
         self._failure: OSError | None = None
         self._failing = False
@@ -386,6 +392,14 @@ class _FileHandler(logging.handlers.RotatingFileHandler):
         elif failure is None and self._failing:
             self._failing = False
             self._report("log_file_write_recovered", None)
+
+    def _open(self) -> Any:  # the stdlib's name and (untyped) signature
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    @property
+    def opened(self) -> bool:
+        return self.stream is not None
 
     def _take_failure(self) -> OSError | None:
         failure, self._failure = self._failure, None
@@ -513,12 +527,23 @@ def _open_file_handler(
     if settings.file is None:
         return None, None
     try:
-        settings.file.parent.mkdir(parents=True, exist_ok=True)
+        _check_folder(settings.file.parent)
         handler = _FileHandler(settings.file, settings, report)
     except OSError as exc:
         return None, exc
     handler.setFormatter(_json_formatter(settings.service_name, version))
     return handler, None
+
+
+def _check_folder(folder: Path) -> None:
+    """Raise now, not at the first line, when `folder` cannot be (created and) written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "cannot write there", str(existing))
 
 
 def _uninstall(handlers: Iterable[logging.Handler]) -> None:
@@ -562,19 +587,26 @@ def log_startup_failure(settings: LogSettings, error: BaseException, *, exit_cod
                         stream: TextIO | None = None) -> None:
     """Log why the service could not start (`service_start_failed`), to stdout and the log file.
 
-    When logging is not set up yet, it is set up for this one line; the log file is then used
-    only if its folder exists, so a failed start creates no folder.
+    When logging is not set up yet, it is set up for this one line. The log file gets it only
+    when the file is already open (its folder existed): a failed start creates no folder.
     """
     temporary = _installed is None
     if temporary:
-        file = settings.file
-        if file is not None and not file.parent.is_dir():
-            file = None
-        configure_logging(replace(settings, file=file), stream=stream)
-    get_logger("scheduler_publisher.cli").error(
-        "service_start_failed", error=error, **{"process.exit_code": exit_code})
-    if temporary:
-        shutdown_logging()
+        configure_logging(settings, stream=stream)
+    installed = _installed
+    unopened = installed.file if installed is not None and isinstance(
+        installed.file, _FileHandler) and not installed.file.opened else None
+    root = logging.getLogger()
+    if unopened is not None:
+        root.removeHandler(unopened)
+    try:
+        get_logger("scheduler_publisher.cli").error(
+            "service_start_failed", error=error, **{"process.exit_code": exit_code})
+    finally:
+        if temporary:
+            shutdown_logging()
+        elif unopened is not None:
+            root.addHandler(unopened)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -73,6 +73,21 @@ def test_a_failed_start_reaches_a_log_file_whose_folder_exists(
     assert (event["message"], event["process.exit_code"]) == ("service_start_failed", 5)
 
 
+def test_an_unusable_config_at_start_creates_no_log_folder(
+        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    """Exit 3 with the default --log-file: the failure is on stdout, and ./logs/ (which only
+    the failure line would have created) does not appear."""
+    (tmp_path / "config.json").write_text("[")
+    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()),
+                  "--config", str(tmp_path / "config.json"))
+    assert proc.wait(30) == 3
+    proc.stop()
+
+    (event,) = json_lines(proc.stdout)
+    assert (event["message"], event["process.exit_code"]) == ("service_start_failed", 3)
+    assert not (tmp_path / "logs").exists()
+
+
 def test_an_unusable_config_and_the_insecure_tls_warning_reach_stdout_and_the_file(
         tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
     """Exit 3 (config not JSON) with --tls-insecure: the warning and the failure are JSON

@@ -168,6 +168,18 @@ def test_file_is_json_and_rotates(out: io.StringIO, tmp_path: Path) -> None:
     assert not path.with_name("app.log.3").exists()
 
 
+def test_the_log_folder_is_created_by_the_first_line_not_before(
+        out: io.StringIO, tmp_path: Path) -> None:
+    """A missing log folder appears with the first line written to it, not at set-up."""
+    path = tmp_path / "logs" / "app.log"
+    configure(out, file=path)
+    assert not path.parent.exists()
+
+    get_logger("t").info("first")
+    shutdown_logging()
+    assert json.loads(path.read_text())["message"] == "first"
+
+
 def test_sensitive_keys_are_redacted(out: io.StringIO) -> None:
     """Fields named like password/passwd/secret/token/authorization become "***" at any depth."""
     configure(out)
