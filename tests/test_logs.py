@@ -125,6 +125,21 @@ def test_foreign_paho_record_has_the_same_shape(out: io.StringIO) -> None:
     assert event["peer"] == "b1"
 
 
+def test_foreign_exception_gets_the_same_error_fields(out: io.StringIO) -> None:
+    """A stdlib logger.exception (APScheduler's "Job raised") gives error.type, error.message
+    and error.stack_trace like ours."""
+    configure(out)
+    try:
+        connect("", "no route")
+    except ConnectionError:
+        logging.getLogger("apscheduler.executors.default").exception("Job %r raised", "j1")
+
+    (event,) = events(out)
+    assert event["message"] == "Job 'j1' raised"
+    assert (event["error.type"], event["error.message"]) == ("ConnectionError", "no route")
+    assert event["error.stack_trace"].endswith("ConnectionError: no route")
+
+
 def test_apscheduler_info_is_suppressed_and_warning_kept(out: io.StringIO) -> None:
     """APScheduler's per-run INFO lines are dropped even at DEBUG; its warnings still show."""
     configure(out, level="DEBUG")
