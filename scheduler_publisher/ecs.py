@@ -97,7 +97,9 @@ def shape(event_dict: EventDict, *, service_name: str, service_version: str,
     _move_error(event_dict, shaped)
     _move_endpoint(event_dict, shaped)
     for key, value in event_dict.items():
-        shaped[_field_name(key, value)] = value
+        name = _field_name(key, value)
+        # A caller's `message=` or `process.pid=` must not overwrite what the pipeline wrote.
+        shaped[f"{NAMESPACE}.{key}" if name in shaped else name] = value
     return shaped
 
 

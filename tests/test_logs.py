@@ -408,6 +408,19 @@ def test_fields_named_like_ecs_sets_move_under_the_namespace(out: io.StringIO) -
     assert "server.port" not in own
 
 
+def test_a_field_cannot_overwrite_the_fields_the_pipeline_writes(out: io.StringIO) -> None:
+    """`message=` or `process.pid=` given by a caller moves under the namespace."""
+    configure(out)
+    get_logger("t").info("tick", message="hello", **{"process.pid": 1, "ecs.version": "1.0"})
+
+    (event,) = events(out)
+    assert (event["message"], event["process.pid"], event["ecs.version"]) == (
+        "tick", os.getpid(), "9.4.0")
+    assert event["scheduler_publisher.message"] == "hello"
+    assert event["scheduler_publisher.process.pid"] == 1
+    assert event["scheduler_publisher.ecs.version"] == "1.0"
+
+
 def test_long_id_lists_are_capped_with_their_count(out: io.StringIO) -> None:
     """3,000 ids log as the first 20, "and 2980 more" and added_count, in one short line."""
     configure(out)
