@@ -362,7 +362,8 @@ class _StdoutHandler(logging.StreamHandler[TextIO]):
             self.release()
 
 
-Report = Callable[[str, OSError | None], None]
+# Tells stderr and stdout that the file failed or works again; returns the record it sent.
+Report = Callable[[str, OSError | None], logging.LogRecord]
 
 
 class _FileHandler(logging.handlers.RotatingFileHandler):
@@ -391,7 +392,8 @@ class _FileHandler(logging.handlers.RotatingFileHandler):
             self._report("log_file_write_failed", failure)
         elif failure is None and self._failing:
             self._failing = False
-            self._report("log_file_write_recovered", None)
+            # Into the file too, so the file shows where its gap ends.
+            super().emit(self._report("log_file_write_recovered", None))
 
     def _open(self) -> Any:  # the stdlib's name and (untyped) signature
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,20 +425,17 @@ def _own_record(level: int, event: str, **fields: Any) -> logging.LogRecord:
     return record
 
 
-def _file_reporter(path: Path, stdout: logging.Handler,
-                   file: Callable[[], logging.Handler | None]) -> Report:
-    def report(event: str, error: OSError | None) -> None:
+def _file_reporter(path: Path, stdout: logging.Handler) -> Report:
+    def report(event: str, error: OSError | None) -> logging.LogRecord:
         if error is not None:
             sys.stderr.write(f"scheduler-publisher: cannot write the log file {path}: {error}; "
                              "logging continues on stdout and retries the file\n")
-            stdout.handle(_own_record(logging.ERROR, event, path=str(path), error=str(error)))
-            return
-        sys.stderr.write(f"scheduler-publisher: the log file {path} is writable again\n")
-        record = _own_record(logging.WARNING, event, path=str(path))
+            record = _own_record(logging.ERROR, event, path=str(path), error=str(error))
+        else:
+            sys.stderr.write(f"scheduler-publisher: the log file {path} is writable again\n")
+            record = _own_record(logging.WARNING, event, path=str(path))
         stdout.handle(record)
-        handler = file()
-        if handler is not None:
-            handler.handle(record)  # so the file shows where its gap ends
+        return record
     return report
 
 
@@ -481,8 +480,7 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
             _console_formatter(out) if settings.format == "console"
             else _json_formatter(settings.service_name, version)
         )
-        file_handler, file_error = _open_file_handler(
-            settings, version, _file_reporter_for(settings, console))
+        file_handler, file_error = _open_file_handler(settings, version, console)
         _installed = _Installed(
             console, file_handler,
             previous.previous_root_level if previous else root.level,
@@ -508,13 +506,6 @@ def _service_version() -> str:
     return str(getattr(scheduler_publisher, "__version__", "unknown"))
 
 
-def _file_reporter_for(settings: LogSettings, console: _StdoutHandler) -> Report:
-    def current_file() -> logging.Handler | None:
-        installed = _installed
-        return installed.file if installed is not None else None
-    return _file_reporter(settings.file or Path(), console, current_file)
-
-
 def _not_watchdog_debug(record: logging.LogRecord) -> bool:
     # watchdog logs every event in the config's folder at DEBUG: with the log file (or the
     # redirected stdout) in that folder, each line would trigger the next one, forever.
@@ -522,13 +513,14 @@ def _not_watchdog_debug(record: logging.LogRecord) -> bool:
 
 
 def _open_file_handler(
-    settings: LogSettings, version: str, report: Report,
+    settings: LogSettings, version: str, stdout: logging.Handler,
 ) -> tuple[logging.Handler | None, OSError | None]:
     if settings.file is None:
         return None, None
     try:
         _check_folder(settings.file.parent)
-        handler = _FileHandler(settings.file, settings, report)
+        handler = _FileHandler(settings.file, settings,
+                               _file_reporter(settings.file, stdout))
     except OSError as exc:
         return None, exc
     handler.setFormatter(_json_formatter(settings.service_name, version))
