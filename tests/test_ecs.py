@@ -7,6 +7,7 @@ on stdout and in the log file.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -227,6 +228,31 @@ def test_docs_list_every_event_the_code_logs() -> None:
     assert {"config_entry_warning", "log_file_write_recovered", "service_start_failed"} <= code
     assert sorted(code - set(rows)) == [], "events missing from docs/logging.md"
     assert sorted(set(rows) - code) == [], "rows in docs/logging.md for events never logged"
+
+
+def logged_field_names() -> dict[str, set[str]]:
+    """Keyword names of every log call in the code, by event name."""
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    found: dict[str, set[str]] = {}
+    for path in (REPO / "scheduler_publisher").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in levels and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                names = {k.arg for k in node.keywords if k.arg is not None}
+                found.setdefault(str(node.args[0].value), set()).update(names)
+    return found
+
+
+def test_log_calls_name_no_ecs_field_by_accident() -> None:
+    """Every keyword at a log call is an ECS field with its type, one of the names the pipeline
+    maps (error, host, port, broker), or a name outside ECS: none lands in the namespace."""
+    mapped = {"error", "host", "port", "broker"}
+    fields = logged_field_names()
+    assert "config_reload_failed" in fields
+    clashes = {(event, name) for event, names in fields.items() for name in names - mapped
+               if name.split(".", 1)[0] in ecs.ECS_ROOTS and name not in ecs.ECS_TYPES}
+    assert clashes == set()
 
 
 # ---- the scenario ---------------------------------------------------------------------------
