@@ -34,7 +34,14 @@ from typing import Any, NoReturn
 from scheduler_publisher import __version__
 from scheduler_publisher.config import ConfigFileError, ConfigurationLoader, read_config_file
 from scheduler_publisher.demo import DemoError, EchoSubscriber, EmbeddedBroker
-from scheduler_publisher.logs import LogSettings, configure_logging, get_logger, register_secret
+from scheduler_publisher.logs import (
+    LogSettings,
+    configure_logging,
+    echo_line,
+    get_logger,
+    log_startup_failure,
+    register_secret,
+)
 from scheduler_publisher.options import (
     SECRET_OPTIONS,
     Number,
@@ -442,8 +449,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         tls_insecure=args.tls_insecure)
     return ServiceSettings(
         config_path=args.config, broker=broker,
-        logging=LogSettings(level=args.log_level, format=args.log_format,
-                            file=Path(args.log_file) if args.log_file else None),
+        logging=log_settings(args),
         stats_interval=args.stats_interval,
         state_db=Path(args.state_db) if args.state_db else None,
         checkpoint_interval=args.checkpoint_interval,
@@ -452,6 +458,11 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
         force_polling=args.force_polling, max_config_bytes=args.max_config_bytes)
+
+
+def log_settings(args: argparse.Namespace) -> LogSettings:
+    return LogSettings(level=args.log_level, format=args.log_format,
+                       file=Path(args.log_file) if args.log_file else None)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -510,7 +521,7 @@ def _start_demo(args: argparse.Namespace,
 
 def _print_message(topic: str, payload: bytes, retained: bool) -> None:
     mark = " (retained)" if retained else ""
-    print(f"echo {topic}{mark}: {payload.decode('utf-8', 'replace')}", flush=True)
+    echo_line(f"echo {topic}{mark}: {payload.decode('utf-8', 'replace')}")
 
 
 def _run_service(settings: ServiceSettings, early: set[int]) -> int:
@@ -572,7 +583,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"scheduler-publisher: cannot start: {exc}\n{config_hint(args.config)}",
               file=sys.stderr)
         code = EXIT_CONFIG
+        log_startup_failure(log_settings(args), exc, exit_code=code)
     except (StartupError, DemoError, StateStoreError) as exc:
         print(f"scheduler-publisher: cannot start: {exc}", file=sys.stderr)
         code = EXIT_STARTUP
+        log_startup_failure(log_settings(args), exc, exit_code=code)
     sys.exit(code)

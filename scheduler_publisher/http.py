@@ -251,7 +251,7 @@ class _Server(HTTPServer):
     def _request_failed(self, address: Any, exc: Exception) -> None:
         # Clients that hang up or time out mid-request are routine, not a server fault.
         log.debug("http_request_failed", peer=str(address[0]), error=str(exc),
-                  error_type=type(exc).__name__)
+                  **{"error.type": type(exc).__name__})
 
 
 def _refuse_busy(conn: socket.socket) -> None:

@@ -40,7 +40,8 @@ from tests.support import (
 )
 
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"
-ECS_KEYS = ("@timestamp", "log.level", "log.logger", "message", "service.name")
+ECS_KEYS = ("@timestamp", "log.level", "message", "ecs.version", "log.logger", "service.name",
+            "service.version", "process.pid")
 USER, PASSWORD = "gw01", "s3cr3t-XYZ"
 
 
@@ -405,7 +406,7 @@ def test_every_stdout_line_is_ecs_json_paho_included_and_no_info_line_per_publis
     assert len(events) == len(lines)  # every line parsed
     for event in events:
         assert isinstance(event, dict)
-        assert list(event)[:5] == list(ECS_KEYS), event
+        assert list(event)[:len(ECS_KEYS)] == list(ECS_KEYS), event
         assert event["service.name"] == "scheduler-publisher"
     paho = [e for e in events if e["log.logger"] == "paho.mqtt.client"]
     assert any(e["log.level"] == "debug" and "PUBLISH" in e["message"] for e in paho)
@@ -415,7 +416,7 @@ def test_every_stdout_line_is_ecs_json_paho_included_and_no_info_line_per_publis
     assert len(info) < 10, info  # 20+ messages were published
     file_events = list(iter_json((tmp_path / "service.log").read_text().splitlines()))
     assert file_events
-    assert all(list(e)[:5] == list(ECS_KEYS) for e in file_events)
+    assert all(list(e)[:len(ECS_KEYS)] == list(ECS_KEYS) for e in file_events)
 
 
 # ---- run: the quick start -------------------------------------------------------------------

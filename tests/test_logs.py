@@ -5,27 +5,33 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from scheduler_publisher import __version__, logs
 from scheduler_publisher.logs import (
     LogSettings,
     configure_logging,
+    echo_line,
     format_timestamp,
     get_logger,
+    log_startup_failure,
     register_secret,
     shutdown_logging,
 )
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-ECS_KEYS = ["@timestamp", "log.level", "log.logger", "message", "service.name"]
+ECS_KEYS = ["@timestamp", "log.level", "message", "ecs.version", "log.logger", "service.name",
+            "service.version", "process.pid"]
 
 
 @pytest.fixture
@@ -58,14 +64,18 @@ def test_own_event_is_one_json_line_with_every_field(out: io.StringIO) -> None:
     get_logger("scheduler_publisher.config").info("config_reloaded", added=2, topics=["a/b"])
 
     (event,) = events(out)
-    assert list(event)[:5] == ECS_KEYS
+    assert list(event)[:8] == ECS_KEYS
     assert TIMESTAMP.match(event["@timestamp"])
     assert event == {
         "@timestamp": event["@timestamp"],
         "log.level": "info",
-        "log.logger": "scheduler_publisher.config",
         "message": "config_reloaded",
+        "ecs.version": "9.4.0",
+        "log.logger": "scheduler_publisher.config",
         "service.name": "sp-test",
+        "service.version": __version__,
+        "process.pid": os.getpid(),
+        "event.action": "config_reloaded",
         "added": 2,
         "topics": ["a/b"],
     }
@@ -88,6 +98,8 @@ def test_exception_logs_at_error_with_a_traceback_without_locals(out: io.StringI
 
     (event,) = events(out)
     assert event["log.level"] == "error"
+    assert event["error.type"] == "ConnectionError"
+    assert event["error.message"] == "broker unreachable"
     trace = event["error.stack_trace"]
     assert isinstance(trace, str)
     assert trace.startswith("Traceback (most recent call last):")
@@ -103,13 +115,29 @@ def test_foreign_paho_record_has_the_same_shape(out: io.StringIO) -> None:
     logging.getLogger("paho.mqtt.client").warning("Connection lost rc=%d", 7, extra={"peer": "b1"})
 
     (event,) = events(out)
-    assert list(event)[:5] == ECS_KEYS
+    assert list(event)[:8] == ECS_KEYS
     assert TIMESTAMP.match(event["@timestamp"])
+    assert "event.action" not in event  # free text, not one of our event names
     assert event["log.level"] == "warning"
     assert event["log.logger"] == "paho.mqtt.client"
     assert event["message"] == "Connection lost rc=7"
     assert event["service.name"] == "scheduler-publisher"
     assert event["peer"] == "b1"
+
+
+def test_foreign_exception_gets_the_same_error_fields(out: io.StringIO) -> None:
+    """A stdlib logger.exception (APScheduler's "Job raised") gives error.type, error.message
+    and error.stack_trace like ours."""
+    configure(out)
+    try:
+        connect("", "no route")
+    except ConnectionError:
+        logging.getLogger("apscheduler.executors.default").exception("Job %r raised", "j1")
+
+    (event,) = events(out)
+    assert event["message"] == "Job 'j1' raised"
+    assert (event["error.type"], event["error.message"]) == ("ConnectionError", "no route")
+    assert event["error.stack_trace"].endswith("ConnectionError: no route")
 
 
 def test_apscheduler_info_is_suppressed_and_warning_kept(out: io.StringIO) -> None:
@@ -155,6 +183,18 @@ def test_file_is_json_and_rotates(out: io.StringIO, tmp_path: Path) -> None:
     assert not path.with_name("app.log.3").exists()
 
 
+def test_the_log_folder_is_created_by_the_first_line_not_before(
+        out: io.StringIO, tmp_path: Path) -> None:
+    """A missing log folder appears with the first line written to it, not at set-up."""
+    path = tmp_path / "logs" / "app.log"
+    configure(out, file=path)
+    assert not path.parent.exists()
+
+    get_logger("t").info("first")
+    shutdown_logging()
+    assert json.loads(path.read_text())["message"] == "first"
+
+
 def test_sensitive_keys_are_redacted(out: io.StringIO) -> None:
     """Fields named like password/passwd/secret/token/authorization become "***" at any depth."""
     configure(out)
@@ -168,18 +208,19 @@ def test_sensitive_keys_are_redacted(out: io.StringIO) -> None:
     for key in ("password", "DB_PASSWD", "client_secret", "ApiToken", "Authorization"):
         assert own[key] == "***"
     assert own["auth"] == {"password": "***", "user": "bob"}
-    assert own["user"] == "bob"
+    assert own["scheduler_publisher.user"] == "bob"  # `user` is an ECS field set
     assert foreign["mqtt_password"] == "***"
     assert not re.search(r"\bp\d\b", out.getvalue())
 
 
 def test_registered_secret_is_hidden_everywhere(out: io.StringIO) -> None:
-    """A registered value is masked in fields, foreign messages and exception text, at any level."""
+    """A value carrying a registered secret is replaced whole, in fields, foreign messages and
+    exception text (there line by line), at any level."""
     secret = unique_secret()
     register_secret(secret)
     configure(out, level="DEBUG")
     log = get_logger("t")
-    log.debug("connect_args", url=f"mqtt://bob:{secret}@broker", args=[secret, 1])
+    log.debug("connect_args", target=f"mqtt://bob:{secret}@broker", args=[secret, 1])
     logging.getLogger("paho.mqtt.client").debug("CONNECT u=bob p=%s", secret)
     try:
         connect("", f"bad credentials {secret}")
@@ -188,10 +229,13 @@ def test_registered_secret_is_hidden_everywhere(out: io.StringIO) -> None:
 
     assert secret not in out.getvalue()
     own, foreign, failure = events(out)
-    assert own["url"] == "mqtt://bob:***@broker"
+    assert own["target"] == "***"
     assert own["args"] == ["***", 1]
-    assert foreign["message"] == "CONNECT u=bob p=***"
-    assert "ConnectionError: bad credentials ***" in failure["error.stack_trace"]
+    assert foreign["message"] == "***"
+    assert failure["error.message"] == "***"
+    trace = failure["error.stack_trace"].splitlines()
+    assert trace[0] == "Traceback (most recent call last):"
+    assert trace[-1] == "***"
 
 
 def test_registered_secret_is_hidden_in_console_output(out: io.StringIO) -> None:
@@ -265,6 +309,7 @@ def test_unusable_log_file_warns_and_continues(out: io.StringIO, tmp_path: Path)
     assert warning["message"] == "log_file_unavailable"
     assert warning["log.level"] == "warning"
     assert warning["path"] == str(blocker / "logs" / "app.log")
+    assert "error.message" in warning
     assert event["message"] == "still_logging"
 
 
@@ -308,3 +353,302 @@ def test_capture_logs_works_after_configuration(out: io.StringIO) -> None:
 
     assert captured == [{"event": "captured_event", "n": 1, "log_level": "info"}]
     assert [e["message"] for e in events(out)] == ["before_capture", "after_capture"]
+
+
+# ---- ECS field mapping ----------------------------------------------------------------------
+
+
+def test_error_string_and_exception_become_ecs_error_fields(out: io.StringIO) -> None:
+    """`error="text"` becomes error.message; an exception passed as `error` adds error.type."""
+    configure(out)
+    log = get_logger("t")
+    log.error("config_reload_failed", error="not JSON at line 3", kept_entries=2)
+    log.error("state_checkpoint_failed", error=PermissionError(13, "Permission denied"))
+
+    text, exc = events(out)
+    assert "error" not in text
+    assert text["error.message"] == "not JSON at line 3"
+    assert "error.type" not in text
+    assert exc["error.type"] == "PermissionError"
+    assert exc["error.message"] == "[Errno 13] Permission denied"
+
+
+def test_endpoints_become_server_address_and_port(out: io.StringIO) -> None:
+    """host/port (HTTP) and broker="host:port" (MQTT, IPv6 too) are logged as server.*."""
+    configure(out)
+    log = get_logger("t")
+    log.info("http_listening", host="127.0.0.1", port=8080)
+    log.info("mqtt_connected", broker="[::1]:8883", client_id="c1")
+    log.info("mqtt_connected", broker="broker.example")
+
+    http, mqtt6, bare = events(out)
+    assert (http["server.address"], http["server.port"]) == ("127.0.0.1", 8080)
+    assert (mqtt6["server.address"], mqtt6["server.port"]) == ("::1", 8883)
+    assert bare["server.address"] == "broker.example"
+    for event in (http, mqtt6, bare):
+        assert not {"host", "port", "broker"} & set(event)
+
+
+def test_fields_named_like_ecs_sets_move_under_the_namespace(out: io.StringIO) -> None:
+    """A field whose name ECS uses for something else moves under scheduler_publisher.*; an
+    ECS field with ECS's type stays where it is."""
+    configure(out)
+    logging.getLogger("foreign").warning("odd extras", extra={
+        "url": "x", "event": "worker", "file.path": ["a"], "topic": "a/b"})
+    get_logger("t").error("service_start_failed", **{"process.exit_code": 3,
+                                                      "server.port": "not a number"})
+
+    foreign, own = events(out)
+    assert foreign["scheduler_publisher.url"] == "x"
+    assert foreign["scheduler_publisher.event"] == "worker"
+    assert foreign["scheduler_publisher.file.path"] == ["a"]
+    assert foreign["topic"] == "a/b"
+    assert own["process.exit_code"] == 3
+    assert own["scheduler_publisher.server.port"] == "not a number"
+    assert "server.port" not in own
+
+
+def test_a_field_cannot_overwrite_the_fields_the_pipeline_writes(out: io.StringIO) -> None:
+    """`message=` or `process.pid=` given by a caller moves under the namespace."""
+    configure(out)
+    get_logger("t").info("tick", message="hello", **{"process.pid": 1, "ecs.version": "1.0"})
+
+    (event,) = events(out)
+    assert (event["message"], event["process.pid"], event["ecs.version"]) == (
+        "tick", os.getpid(), "9.4.0")
+    assert event["scheduler_publisher.message"] == "hello"
+    assert event["scheduler_publisher.process.pid"] == 1
+    assert event["scheduler_publisher.ecs.version"] == "1.0"
+
+
+def test_long_id_lists_are_capped_with_their_count(out: io.StringIO) -> None:
+    """3,000 ids log as the first 20, "and 2980 more" and added_count, in one short line."""
+    configure(out)
+    ids = [f"sensor-{i:05d}-with-a-longer-name" for i in range(3000)]
+    get_logger("t").info("config_reloaded", added=ids, removed=[], numbers=list(range(50)))
+
+    line = out.getvalue().splitlines()[0]
+    assert len(line.encode()) < 8192
+    event = json.loads(line)
+    assert event["added"] == [*ids[:20], "and 2980 more"]
+    assert event["added_count"] == 3000
+    assert event["removed"] == []
+    assert "removed_count" not in event
+    assert event["numbers"] == list(range(20))  # no string marker in a list of numbers
+    assert event["numbers_count"] == 50
+
+
+def test_an_oversized_value_is_cut_in_the_middle(out: io.StringIO) -> None:
+    """A 100 KB value is cut so the line stays within 8 KiB; its start and end survive."""
+    configure(out)
+    value = "START" + "x" * 100_000 + "END"
+    get_logger("t").error("config_reload_failed", error=value, problem=["y" * 30_000])
+
+    line = out.getvalue().splitlines()[0]
+    assert len(line.encode()) + 1 <= 8192
+    event = json.loads(line)
+    assert event["error.message"].startswith("START")
+    assert event["error.message"].endswith("END")
+    assert "chars cut]" in event["error.message"]
+    assert event["message"] == "config_reload_failed"
+
+
+def test_not_a_number_is_logged_as_null(out: io.StringIO) -> None:
+    """NaN and infinity, which JSON cannot carry, become null: the line stays valid JSON."""
+    configure(out)
+    get_logger("t").info("publisher_statistics", uptime_seconds=float("nan"),
+                         lateness=[1.5, float("inf")], fine=2.5)
+
+    (event,) = events(out)
+    assert (event["uptime_seconds"], event["lateness"], event["fine"]) == (None, [1.5, None], 2.5)
+    assert "NaN" not in out.getvalue()
+
+
+def test_many_small_fields_are_dropped_and_named_as_a_last_resort(out: io.StringIO) -> None:
+    """When no single string is long, the largest fields are dropped and listed instead."""
+    configure(out)
+    get_logger("t").info("odd", table={f"k{i}": i for i in range(5000)}, small=1)
+
+    line = out.getvalue().splitlines()[0]
+    assert len(line.encode()) + 1 <= 8192
+    event = json.loads(line)
+    assert event["scheduler_publisher.dropped_fields"] == ["table"]
+    assert event["small"] == 1
+    assert event["message"] == "odd"
+
+
+# ---- redaction must not rewrite names (issue 11 #18) ----------------------------------------
+
+
+@pytest.mark.parametrize("password", ["mqtt", "publisher", "info", "connected"])
+def test_a_secret_that_is_a_common_word_rewrites_no_name(
+        out: io.StringIO, password: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Event names, logger names, field names and generated fields keep their text when the
+    password is a substring of them; a value that carries it is replaced whole."""
+    monkeypatch.setattr(logs, "_secrets", ())  # the registry is process-wide; start empty
+    register_secret(password)
+    configure(out)
+    get_logger("scheduler_publisher.connection").info(
+        "mqtt_connected", broker="127.0.0.1:1883", client_id="scheduler-publisher-gw")
+    logging.getLogger("paho.mqtt.client").info("Received CONNACK (0, 0)")
+
+    own, foreign = events(out)
+    assert own["message"] == own["event.action"] == "mqtt_connected"
+    assert own["log.logger"] == "scheduler_publisher.connection"
+    assert own["service.name"] == "scheduler-publisher"
+    assert own["log.level"] == "info"
+    assert "client_id" in own
+    expected_id = "***" if password in "scheduler-publisher-gw" else "scheduler-publisher-gw"
+    assert own["client_id"] == expected_id
+    assert foreign["log.logger"] == "paho.mqtt.client"
+    assert "***" not in out.getvalue().replace('"***"', "")  # never a partial replacement
+
+
+# ---- console escaping (issue 11 #23) --------------------------------------------------------
+
+
+def test_console_format_escapes_control_characters_from_values(out: io.StringIO) -> None:
+    """ANSI escapes, BEL and bidi overrides in ids reach the console as visible escapes."""
+    configure(out, format="console")
+    hostile = "id\x1b]0;pwned\x07\x1b[31m-red\u202e"
+    get_logger("t").error("config_entry_invalid", entry_id=hostile, **{"k\x1b[2J": "v"})
+
+    text = out.getvalue()
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]", text)
+    assert "id\\x1b]0;pwned\\x07\\x1b[31m-red\\u202e" in text
+    assert "k\\x1b[2J=v" in text
+
+
+# ---- journald priority prefixes -------------------------------------------------------------
+
+
+def test_journal_stream_gets_sd_daemon_priority_prefixes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With $JOURNAL_STREAM naming stdout, each stdout line starts with <3>/<4>/<6>/<7>;
+    the file never has a prefix."""
+    with (tmp_path / "stdout").open("w+") as stdout:
+        st = os.fstat(stdout.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        configure_logging(LogSettings(level="DEBUG", file=tmp_path / "app.log"), stream=stdout)
+        log = get_logger("t")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        logging.getLogger("paho.mqtt.client").critical("c")
+        shutdown_logging()
+        stdout.seek(0)
+        lines = stdout.read().splitlines()
+
+    prefixes = [line[:3] for line in lines]
+    assert prefixes == ["<7>", "<6>", "<4>", "<3>", "<3>"]
+    assert [json.loads(line[3:])["message"] for line in lines] == ["d", "i", "w", "e", "c"]
+    assert all(line.startswith("{") for line in (tmp_path / "app.log").read_text().splitlines())
+
+
+def test_a_journal_stream_naming_another_file_adds_no_prefix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inherited $JOURNAL_STREAM that names another file (stdout redirected) is ignored."""
+    other = os.stat(tmp_path)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{other.st_dev}:{other.st_ino}")
+    with (tmp_path / "stdout").open("w+") as stdout:
+        configure_logging(LogSettings(file=None), stream=stdout)
+        get_logger("t").warning("w")
+        shutdown_logging()
+        stdout.seek(0)
+        assert json.loads(stdout.read())["message"] == "w"
+
+
+# ---- one writer for stdout (issue 11 #1) ----------------------------------------------------
+
+
+def test_echo_lines_and_log_lines_never_split_each_other(tmp_path: Path) -> None:
+    """Echo lines and log lines written at once from many threads to a real file stay whole."""
+    with (tmp_path / "stdout").open("w+") as stdout:
+        configure_logging(LogSettings(file=None), stream=stdout)
+        start = threading.Barrier(6)
+
+        def logger(n: int) -> None:
+            start.wait(5)
+            for i in range(300):
+                get_logger("t").info("tick", worker=n, i=i, pad="p" * 200)
+
+        def echoer(n: int) -> None:
+            start.wait(5)
+            for i in range(300):
+                echo_line(f"echo site/{n}: " + json.dumps({"i": i, "pad": "q" * 200}))
+
+        threads = [threading.Thread(target=f, args=(n,)) for n in range(3)
+                   for f in (logger, echoer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        shutdown_logging()
+        stdout.seek(0)
+        lines = stdout.read().splitlines()
+
+    assert len(lines) == 1800
+    logs = [json.loads(line) for line in lines if line.startswith("{")]
+    echoes = [json.loads(line.split(": ", 1)[1]) for line in lines if line.startswith("echo ")]
+    assert (len(logs), len(echoes)) == (900, 900)
+
+
+def test_echo_line_escapes_control_characters(tmp_path: Path) -> None:
+    """A payload's control characters are printed as escapes, one line per message."""
+    with (tmp_path / "stdout").open("w+") as stdout:
+        configure_logging(LogSettings(file=None), stream=stdout)
+        echo_line('echo a/b: {"x": "\x1b[2J\nforged"}')
+        shutdown_logging()
+        stdout.seek(0)
+        assert stdout.read() == 'echo a/b: {"x": "\\x1b[2J\\x0aforged"}\n'
+
+
+# ---- a log file that cannot be written (issue 11 #22) ---------------------------------------
+
+
+def test_a_full_disk_is_reported_once_not_per_record(
+        tmp_path: Path, out: io.StringIO, capfd: pytest.CaptureFixture[str]) -> None:
+    """Writes to a full disk (/dev/full) give one stderr line and one JSON event, however many
+    records fail, and never the stdlib's `--- Logging error ---` traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    full = tmp_path / "app.log"
+    full.symlink_to("/dev/full")
+    configure(out, file=full)
+    log = get_logger("t")
+    for i in range(50):
+        log.info("tick", i=i)
+
+    err = capfd.readouterr().err
+    assert "Logging error" not in err
+    assert err.count("cannot write the log file") == 1
+    assert "No space left on device" in err
+    reports = [e for e in events(out) if e["message"] == "log_file_write_failed"]
+    assert len(reports) == 1
+    assert reports[0]["log.level"] == "error"
+    assert reports[0]["path"] == str(full)
+    assert "No space left" in reports[0]["error.message"]
+    assert len([e for e in events(out) if e["message"] == "tick"]) == 50
+
+
+# ---- start-up failures ----------------------------------------------------------------------
+
+
+def test_startup_failure_before_logging_is_set_up_goes_to_stdout_and_an_existing_file(
+        tmp_path: Path, out: io.StringIO) -> None:
+    """log_startup_failure sets logging up for one line: stdout, and the file when its folder
+    exists; it creates no folder."""
+    settings = LogSettings(file=tmp_path / "app.log")
+    log_startup_failure(settings, FileNotFoundError(2, "No such file"), exit_code=5, stream=out)
+    log_startup_failure(replace(settings, file=tmp_path / "absent" / "app.log"),
+                        ValueError("bad"), exit_code=3, stream=out)
+
+    first, second = events(out)
+    assert first["message"] == "service_start_failed"
+    assert first["log.level"] == "error"
+    assert (first["process.exit_code"], first["error.type"]) == (5, "FileNotFoundError")
+    assert second["process.exit_code"] == 3
+    (line,) = (tmp_path / "app.log").read_text().splitlines()
+    assert json.loads(line)["process.exit_code"] == 5
+    assert not (tmp_path / "absent").exists()

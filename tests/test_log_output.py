@@ -1,0 +1,206 @@
+"""The log stream of the real process: start-up failures as JSON, one writer for stdout under
+--echo, and a log file on a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import Mosquitto, ServiceProcess, entry, free_port, wait_until, write_config
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """The real CLI with tmp_path as its working folder; killed at teardown if still running."""
+    procs: list[ServiceProcess] = []
+
+    def start(*args: str) -> ServiceProcess:
+        proc = ServiceProcess(["run", "--http-port", "0", "--state-db", "", *args], cwd=tmp_path)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# ---- start-up failures ----------------------------------------------------------------------
+
+
+def test_a_failed_start_is_a_json_line_on_stdout_and_creates_no_log_folder(
+        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    """Exit 5 (unreadable password file) before logging is set up: the short stderr message
+    stays, stdout gets `service_start_failed`, and the default ./logs/ is not created."""
+    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()),
+                  "--password-file", str(tmp_path / "missing"))
+    assert proc.wait(30) == 5
+    proc.stop()
+
+    assert any("cannot start" in line for line in proc.stderr)
+    (event,) = json_lines(proc.stdout)
+    assert event["message"] == "service_start_failed"
+    assert event["log.level"] == "error"
+    assert event["process.exit_code"] == 5
+    assert str(tmp_path / "missing") in event["error.message"]
+    assert event["error.type"] == "scheduler_publisher.cli.StartupError"
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_failed_start_reaches_a_log_file_whose_folder_exists(
+        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    """The same failure is written to --log-file when its folder is there."""
+    log_file = tmp_path / "service.log"
+    proc = launch("--password-file", str(tmp_path / "missing"), "--log-file", str(log_file))
+    assert proc.wait(30) == 5
+    proc.stop()
+
+    (event,) = json_lines(log_file.read_text().splitlines())
+    assert (event["message"], event["process.exit_code"]) == ("service_start_failed", 5)
+
+
+def test_an_unusable_config_at_start_creates_no_log_folder(
+        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    """Exit 3 with the default --log-file: the failure is on stdout, and ./logs/ (which only
+    the failure line would have created) does not appear."""
+    (tmp_path / "config.json").write_text("[")
+    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()),
+                  "--config", str(tmp_path / "config.json"))
+    assert proc.wait(30) == 3
+    proc.stop()
+
+    (event,) = json_lines(proc.stdout)
+    assert (event["message"], event["process.exit_code"]) == ("service_start_failed", 3)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_an_unusable_config_and_the_insecure_tls_warning_reach_stdout_and_the_file(
+        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    """Exit 3 (config not JSON) with --tls-insecure: the warning and the failure are JSON
+    lines on stdout and in the log file, besides the human text on stderr."""
+    (tmp_path / "config.json").write_text("{not json")
+    log_file = tmp_path / "service.log"
+    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()), "--tls",
+                  "--tls-insecure", "--config", str(tmp_path / "config.json"),
+                  "--log-file", str(log_file))
+    assert proc.wait(30) == 3
+    proc.stop()
+
+    assert any("NOT verified" in line for line in proc.stderr)
+    assert any("cannot start" in line for line in proc.stderr)
+    for events in (json_lines(proc.stdout), json_lines(log_file.read_text().splitlines())):
+        warning, failure = (e for e in events if e["message"] in
+                            ("tls_verification_disabled", "service_start_failed"))
+        assert (warning["message"], warning["log.level"]) == ("tls_verification_disabled",
+                                                              "warning")
+        assert (failure["message"], failure["process.exit_code"]) == ("service_start_failed", 3)
+        assert "config.json" in failure["error.message"]
+
+
+# ---- one writer for stdout (issue 11 #1) ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_echo_and_debug_logs_under_load_keep_every_line_whole(
+        tmp_path: Path, broker: Mosquitto, launch: Callable[..., ServiceProcess]) -> None:
+    """--echo with DEBUG logs, 50 entries at 0.1 s against a real Mosquitto: every stdout line
+    is a whole JSON log line or a whole echo line."""
+    base = f"sp-test/{uuid.uuid4().hex[:8]}"
+    write_config(tmp_path / "config.json",
+                 [entry(f"e{i}", f"{base}/{i}", 0.1) for i in range(50)])
+    proc = launch("--broker", "127.0.0.1", "--port", str(broker.port),
+                  "--config", str(tmp_path / "config.json"), "--echo", "--log-level", "DEBUG",
+                  "--log-file", "", "--client-id", f"sp-echo-{uuid.uuid4().hex[:8]}")
+    wait_until(lambda: sum(line.startswith(f"echo {base}/") for line in proc.stdout) >= 1500,
+               60, message="1500 echo lines")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    proc.stop()
+
+    logs = echoes = 0
+    for line in proc.stdout:
+        if line.startswith("echo "):
+            payload = json.loads(line.split(": ", 1)[1])
+            assert payload["online"] in (0, 1), line
+            echoes += 1
+        else:
+            assert isinstance(json.loads(line), dict), line
+            logs += 1
+    assert echoes >= 1500
+    assert logs > 100  # paho's DEBUG lines were interleaved with them
+
+
+# ---- a log file on a full disk (issue 11 #22) -----------------------------------------------
+
+
+def _limit_file_size() -> None:
+    # A regular file that cannot grow past 32 KB: writes fail with EFBIG, as on a full disk.
+    # SIGXFSZ would kill the process; ignored, the write just fails (setrlimit(2)).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, resource.RLIM_INFINITY))
+
+
+@pytest.mark.slow
+def test_a_log_file_that_stops_growing_is_reported_once_and_again_on_recovery(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    """A log file that cannot grow gives one stderr line and one JSON event, not a traceback
+    per record; when it can grow again, one recovery line, and the file carries on."""
+    base = f"sp-test/{uuid.uuid4().hex[:8]}"
+    write_config(tmp_path / "config.json", [entry(f"e{i}", f"{base}/{i}", 0.1) for i in range(5)])
+    log_file = tmp_path / "service.log"
+    proc = subprocess.Popen(  # ServiceProcess has no preexec hook
+        [sys.executable, "-m", "scheduler_publisher", "--broker", "127.0.0.1", "--port",
+         str(broker.port), "--config", str(tmp_path / "config.json"), "--http-port", "0",
+         "--state-db", "", "--log-level", "DEBUG", "--log-file", str(log_file),
+         "--client-id", f"sp-full-{uuid.uuid4().hex[:8]}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_limit_file_size)  # noqa: PLW1509
+    stdout: list[str] = []
+    stderr: list[str] = []
+    pumps = [threading.Thread(target=lambda s=s, sink=sink: sink.extend(iter(s.readline, "")),
+                              daemon=True)
+             for s, sink in ((proc.stdout, stdout), (proc.stderr, stderr))]
+    for pump in pumps:
+        pump.start()
+    try:
+        wait_until(lambda: any("log_file_write_failed" in line for line in stdout), 60,
+                   message="the failure report")
+        lines_at_failure = len(stdout)
+        wait_until(lambda: len(stdout) > lines_at_failure + 200, 30, message="more records")
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_until(lambda: any("log_file_write_recovered" in line for line in stdout), 30,
+                   message="the recovery report")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        for pump in pumps:
+            pump.join(10)
+
+    assert proc.returncode == 0
+    assert not [line for line in stderr if "Logging error" in line or "Traceback" in line]
+    assert sum("cannot write the log file" in line for line in stderr) == 1
+    assert sum("is writable again" in line for line in stderr) == 1
+    events = [json.loads(line) for line in stdout]
+    failed = [e for e in events if e["message"] == "log_file_write_failed"]
+    recovered = [e for e in events if e["message"] == "log_file_write_recovered"]
+    assert len(failed) == len(recovered) == 1
+    assert "File too large" in failed[0]["error.message"]
+    assert failed[0]["path"] == str(log_file)
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    assert "log_file_write_recovered" in text
+    assert "service_stopped" in text  # the file carries on after the recovery
