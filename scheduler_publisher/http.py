@@ -152,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(401, {"success": False, "error": "missing or wrong bearer token"})
             return
         service = self.app.service
-        applied = service.reload_config()
+        applied = service.reload_config(trigger="http")
         self._json(200, {"success": applied, "active_configs": service.active_configs,
                          "error": service.last_config_error})
 

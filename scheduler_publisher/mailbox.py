@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class ReloadRequest:
     """A reload asked for from another thread; the main loop fills in the result."""
 
+    trigger: str  # who asked: "signal" (SIGHUP), "http" (POST /reload) or "api"
     done: threading.Event = field(default_factory=threading.Event)
     applied: bool = False
 
@@ -33,8 +34,8 @@ class Mailbox:
         self.stop = True
         self.wake.set()
 
-    def post_reload(self) -> ReloadRequest:
-        request = ReloadRequest()
+    def post_reload(self, trigger: str) -> ReloadRequest:
+        request = ReloadRequest(trigger)
         with self.lock:
             self.reloads.append(request)
         self.wake.set()

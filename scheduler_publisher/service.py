@@ -47,6 +47,15 @@ HEALTH_MAX_SILENCE = 10.0  # seconds without a heartbeat before a component coun
 CLOCK_CHECK_PERIOD = 1.0
 
 
+def _errors_summary(result: ConfigResult) -> str | None:
+    """What is wrong with a parsed file, in one line; None when no entry was rejected."""
+    errors = result.errors
+    if not errors:
+        return None
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{errors[0]}{more}"
+
+
 @dataclass(slots=True)
 class _Timer:
     """A periodic main-loop action."""
@@ -68,6 +77,7 @@ class PublisherService:
         self._entries: dict[str, PublishConfig] = {}
         self._digest: str | None = None
         self._last_file_problem: str | None = None
+        self._broken: tuple[str, float] | None = None  # (what is wrong, since: monotonic)
         self._last_reload_at: float | None = None
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
@@ -108,18 +118,22 @@ class PublisherService:
             self._stopped.wait(self.settings.shutdown_timeout + 3)
 
     def request_stop(self) -> None:
-        """Signal-handler safe: only sets a flag and wakes the loop."""
+        """Ask the main loop to stop, without waiting. Not for a signal handler itself: it
+        takes the wake Event's lock, which the interrupted main thread may hold (cli.py hands
+        it to a short-lived thread for that reason)."""
         self._mail.post_stop()
 
     def request_reload(self) -> None:
-        """Signal-handler safe (SIGHUP): the main loop does the reload."""
-        self._mail.post_reload()
+        """Ask the main loop to re-read the config (SIGHUP), without waiting. Like
+        request_stop, it takes locks: call it from a thread, never from a signal handler."""
+        self._mail.post_reload("signal")
 
-    def reload_config(self, timeout: float = 10.0) -> bool:
-        """Re-read the config file now; True when it was applied (fully or in part)."""
+    def reload_config(self, timeout: float = 10.0, *, trigger: str = "api") -> bool:
+        """Re-read the config file now; True when it was applied (fully or in part), or when
+        nothing had changed. `trigger` names the caller in the log ("http", "api")."""
         if threading.get_ident() == self._loop_ident or not self._started:
-            return self._reload(manual=True)
-        request = self._mail.post_reload()
+            return self._reload(trigger)
+        request = self._mail.post_reload(trigger)
         request.done.wait(timeout)
         return request.applied
 
@@ -204,13 +218,13 @@ class PublisherService:
 
     def _turn(self) -> None:
         for request in self._mail.take_reloads():
-            request.applied = self._reload(manual=True)
+            request.applied = self._reload(request.trigger)
             request.done.set()
         poked = self._mail.file_poked_at
         now = time.monotonic()
         if poked is not None and now - poked >= self.settings.reload_debounce:
             self._mail.file_poked_at = None
-            self._reload(manual=False)
+            self._reload(None)
         for timer in self._timers:
             if now >= timer.due:
                 timer.due = now + timer.period
@@ -219,24 +233,31 @@ class PublisherService:
     # ---- reloads --------------------------------------------------------------------------
     def _safety_check(self) -> None:
         """Re-read the file in case the watcher missed an event (the hash makes it cheap)."""
-        self._reload(manual=False)
+        self._reload(None)
 
-    def _reload(self, *, manual: bool) -> bool:
-        if manual:
+    def _reload(self, trigger: str | None) -> bool:
+        """Re-read the file. `trigger` is who asked for it (manual reloads), None for the
+        watcher and the safety re-read."""
+        if trigger is not None:
             self.notifier.reloading()
         try:
-            return self._reload_file(manual=manual)
+            return self._reload_file(trigger)
         finally:
-            if manual:
+            if trigger is not None:
                 self.notifier.ready(self._status_line())
 
-    def _reload_file(self, *, manual: bool) -> bool:
+    def _reload_file(self, trigger: str | None) -> bool:
         path = self.settings.config_path
         try:
             raw = read_config_file(path, max_bytes=self.settings.max_config_bytes)
             if hashlib.sha256(raw).hexdigest() == self._digest:
+                # Touch, identical rewrite, the safety check, or a file restored as it was.
                 self._last_file_problem = None
-                return True  # touch, identical rewrite, or the safety check: nothing changed
+                self._recovered(still_broken=None)
+                if trigger is not None:
+                    log.info("config_unchanged", trigger=trigger,
+                             active_configs=len(self._entries))
+                return True
             result = parse_config(raw, source=str(path))
         except ConfigFileError as exc:
             self._file_problem(str(exc))
@@ -251,6 +272,21 @@ class PublisherService:
         if problem != self._last_file_problem:
             log.error("config_reload_failed", error=problem, kept_entries=len(self._entries))
             self._last_file_problem = problem
+        self._recovered(still_broken=problem)
+
+    def _recovered(self, still_broken: str | None) -> None:
+        """Track the config's broken spell: log `config_recovered` once a good version is in
+        force again, with what was wrong and for how long. An operator who saw the error
+        otherwise sees only silence."""
+        now = time.monotonic()
+        if still_broken is not None:
+            since = self._broken[1] if self._broken is not None else now
+            self._broken = (still_broken, since)
+        elif self._broken is not None:
+            problem, since = self._broken
+            self._broken = None
+            log.info("config_recovered", problem=problem, broken_seconds=round(now - since, 3),
+                     active_configs=len(self._entries))
 
     def _apply(self, result: ConfigResult, *, initial: bool) -> None:
         self._log_problems(result)
@@ -266,6 +302,7 @@ class PublisherService:
         if not initial:
             self.stats.reloads += 1
             self._log_reload(plan)
+        self._recovered(still_broken=_errors_summary(result))
 
     def _log_problems(self, result: ConfigResult) -> None:
         self.stats.config_errors += len(result.errors)

@@ -766,10 +766,79 @@ def test_one_config_reloaded_event_lists_every_change(
     assert len(events(logs, "config_reloaded")) == 1
 
 
+def test_recovery_from_a_broken_file_is_logged_with_the_problem_and_its_duration(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """A good version applied after an unusable file logs one config_recovered naming what
+    was broken and for how long; a later good reload logs no second one."""
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], watch=False)
+    save_in_place(config, "[{")
+    assert service.reload_config() is False
+    started = time.monotonic()
+    assert service.reload_config() is False  # the same problem again: one broken spell
+    wait_until(lambda: time.monotonic() - started >= 0.2, 1, message="a measurable spell")
+    b = entry("b", f"{topic_base}/b", 30)
+    save_in_place(config, dump([a, b]))
+    assert service.reload_config() is True
+    (recovered,) = events(logs, "config_recovered")
+    assert "not valid JSON" in recovered["problem"]
+    assert recovered["broken_seconds"] >= 0.2
+    assert recovered["log_level"] == "info"
+    save_in_place(config, dump([b]))
+    assert service.reload_config() is True
+    assert len(events(logs, "config_recovered")) == 1
+
+
+def test_restoring_the_running_version_after_a_problem_is_a_recovery(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """Putting back the exact bytes that were running (chmod 000 then 644, a revert) ends the
+    broken spell too, though nothing needs applying."""
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], watch=False)
+    text = config.read_text()
+    save_in_place(config, "{}")
+    assert service.reload_config() is False
+    save_in_place(config, text)
+    assert service.reload_config() is True
+    (recovered,) = events(logs, "config_recovered")
+    assert "must be a JSON array of entries, got object" in recovered["problem"]
+    assert events(logs, "config_reloaded") == []
+
+
+def test_recovery_from_an_invalid_entry_is_logged(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """An entry-level error (its last good version kept) that a later save fixes ends with a
+    config_recovered naming the entry."""
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], watch=False)
+    save_in_place(config, dump([{**a, "interval": 0}]))
+    assert service.reload_config() is True  # applied in part: `a` keeps its last good version
+    assert events(logs, "config_recovered") == []
+    save_in_place(config, dump([{**a, "interval": 60}]))
+    assert service.reload_config() is True
+    (recovered,) = events(logs, "config_recovered")
+    assert recovered["problem"].startswith('entry 1 (id "a"): interval must be between')
+
+
+@pytest.mark.parametrize("trigger", ["api", "http"])
+def test_manual_reload_that_finds_nothing_changed_logs_at_info(
+        start_service: StartService, topic_base: str, logs: LogEvents, trigger: str) -> None:
+    """A manual reload of an unchanged file says so at info, with who asked; the watcher's and
+    the safety re-read's unchanged reads stay silent."""
+    service = start_service([entry("a", f"{topic_base}/a", 30)], watch=False)
+    assert service.reload_config(trigger=trigger) is True
+    (unchanged,) = events(logs, "config_unchanged")
+    assert (unchanged["trigger"], unchanged["log_level"], unchanged["active_configs"]) == (
+        trigger, "info", 1)
+    service._safety_check()
+    assert len(events(logs, "config_unchanged")) == 1
+
+
 def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, config: Path,
                                          subscriber_factory: MakeSubscriber,
                                          topic_base: str) -> None:
-    """SIGHUP makes the real CLI process, running without a watcher, apply the edited file."""
+    """SIGHUP makes the real CLI process, running without a watcher, apply the edited file; a
+    second SIGHUP with nothing changed logs config_unchanged."""
     a = entry("a", f"{topic_base}/a", 3600)
     write_config(config, [a])
     sub = subscriber_factory(f"{topic_base}/#")
@@ -787,6 +856,9 @@ def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, conf
         reloaded = proc.wait_for_event("config_reloaded")
         assert (reloaded["added"], reloaded["removed"]) == (["b"], [])
         sub.wait_for(b["topic"], timeout=3)
+        proc.signal(signal.SIGHUP)  # nothing changed since: said at info, naming the signal
+        unchanged = proc.wait_for_event("config_unchanged")
+        assert (unchanged["trigger"], unchanged["log.level"]) == ("signal", "info")
         proc.signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
