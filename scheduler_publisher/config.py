@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import reprlib
 import stat
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_DOCUMENT_DEPTH",
     "MAX_INTERVAL",
     "MAX_TOPIC_BYTES",
+    "MAX_TOPIC_LEVELS",
     "MIN_INTERVAL",
     "ConfigError",
     "ConfigFileError",
@@ -54,7 +56,22 @@ MAX_DATA_DEPTH: Final = 32  # levels of objects/arrays in `data`, counting `data
 MIN_INTERVAL: Final = 0.1
 MAX_INTERVAL: Final = 86400
 MAX_TOPIC_BYTES: Final = 65535  # MQTT strings carry a 16-bit length prefix
+# Mosquitto drops the connection ("Protocol error") at a topic of more than 201 levels
+# (TOPIC_HIERARCHY_LIMIT, 200 separators): a round limit just under it.
+MAX_TOPIC_LEVELS: Final = 200
+# Broker-owned `$` prefixes: $SYS is the broker's own status tree (MQTT 5 4.7.2; Mosquitto
+# silently drops client publishes to it), $CONTROL is Mosquitto's control API, $share is the
+# MQTT 5 shared-subscription prefix (4.8.2), never a topic name. Other `$` topics ($aws/...,
+# $iothub/...) are legitimate on some brokers: those only get a warning (docs/design.md).
+RESERVED_TOPIC_PREFIXES: Final = ("$SYS", "$CONTROL", "$share")
 _RENDER_LIMIT: Final = 60
+# MQTT 5 1.5.4: NUL is forbidden; control characters and noncharacters "SHOULD NOT" appear,
+# and Mosquitto closes the connection at any of them ("Malformed packet"), so we refuse them.
+_UNSENDABLE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
 _VALID_UNICODE: Final = "valid Unicode (no lone surrogates)"
 
 
@@ -82,7 +99,14 @@ def _render(value: Any) -> str:
         text = _python_repr(value)
     # A lone surrogate from a "\ud800" escape would make the message unencodable downstream.
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    # C1 controls (U+009B starts a terminal escape) and noncharacters: shown as escapes too.
+    text = _UNSENDABLE.sub(_escape_character, text)
     return text if len(text) <= _RENDER_LIMIT else text[: _RENDER_LIMIT - 1] + "…"
+
+
+def _escape_character(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _python_repr(value: Any) -> str:
@@ -125,22 +149,47 @@ def _check_id(name: str, value: Any) -> Iterator[_Finding]:
         yield _error(name, _VALID_UNICODE, value)
 
 
+def _unsendable_character(name: str, value: str) -> _Finding | None:
+    found = _UNSENDABLE.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    kind = "NUL" if code == 0 else "a control character" if code <= 0x9F else "a noncharacter"
+    where = f"U+{code:04X} ({kind}) at character {found.start() + 1}"
+    expected = "free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) and noncharacters"
+    return ("error", f"{name} must be {expected}, got {_render(value)}: {where}")
+
+
 def _check_topic(name: str, value: Any) -> Iterator[_Finding]:
     if not isinstance(value, str) or not value:
         yield _error(name, "a non-empty string", value)
         return
     if "+" in value or "#" in value:
         yield _error(name, 'free of the wildcards "+" and "#"', value)
-    if "\0" in value:
-        yield _error(name, "free of NUL (U+0000)", value)
+    unsendable = _unsendable_character(name, value)
+    if unsendable is not None:
+        yield unsendable
     size = _utf8_size(value)
     if size is None:
         yield _error(name, _VALID_UNICODE, value)
     elif size > MAX_TOPIC_BYTES:
         yield ("error", f"{name} must be at most {MAX_TOPIC_BYTES} UTF-8 bytes, got {size} bytes")
-    if value.startswith("$"):
-        reserved = 'starts with "$", which brokers reserve for their own topics'
-        yield ("warning", f"{name} {reserved}, got {_render(value)}")
+    levels = value.count("/") + 1
+    if levels > MAX_TOPIC_LEVELS:
+        yield ("error", f"{name} must have at most {MAX_TOPIC_LEVELS} levels, got {levels}")
+    yield from _check_dollar_topic(name, value)
+
+
+def _check_dollar_topic(name: str, value: str) -> Iterator[_Finding]:
+    if not value.startswith("$"):
+        return
+    first_level = value.split("/", 1)[0]
+    if first_level in RESERVED_TOPIC_PREFIXES:
+        expected = "outside the broker-owned " + ", ".join(RESERVED_TOPIC_PREFIXES) + " trees"
+        yield _error(name, expected, value)
+    else:
+        reserved = 'starts with "$": brokers reserve such topics, and subscribers to "#" never'
+        yield ("warning", f"{name} {reserved} get them, got {_render(value)}")
 
 
 def _check_data(name: str, value: Any) -> Iterator[_Finding]:

@@ -109,6 +109,10 @@ def test_id_with_lone_surrogate_is_rejected() -> None:
 
 # --- topic -----------------------------------------------------------------------------------
 
+UNSENDABLE = ("topic must be free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) "
+              "and noncharacters")
+RESERVED = "topic must be outside the broker-owned $SYS, $CONTROL, $share trees"
+
 
 @pytest.mark.parametrize("topic", ["t", "site/gw01/boiler/temperature", "/lead", "trail/", "a//b",
                                    "café/温度", "a b"])
@@ -124,10 +128,25 @@ def test_valid_topics(topic: str) -> None:
     ("a/+/b", 'topic must be free of the wildcards "+" and "#", got "a/+/b"'),
     ("a/#", 'topic must be free of the wildcards "+" and "#", got "a/#"'),
     ("+", 'topic must be free of the wildcards "+" and "#", got "+"'),
-    ("a\0b", 'topic must be free of NUL (U+0000), got "a\\u0000b"'),
+    ("a\0b", f'{UNSENDABLE}, got "a\\u0000b": U+0000 (NUL) at character 2'),
+    ("a\x07b", f'{UNSENDABLE}, got "a\\u0007b": U+0007 (a control character) at character 2'),
+    ("a/\nb", f'{UNSENDABLE}, got "a/\\nb": U+000A (a control character) at character 3'),
+    ("a\x7f", f'{UNSENDABLE}, got "a\\u007f": U+007F (a control character) at character 2'),
+    ("\x9b2J", f'{UNSENDABLE}, got "\\u009b2J": U+009B (a control character) at character 1'),
+    ("t\uffff", f'{UNSENDABLE}, got "t\\uffff": U+FFFF (a noncharacter) at character 2'),
+    ("t\ufffe", f'{UNSENDABLE}, got "t\\ufffe": U+FFFE (a noncharacter) at character 2'),
+    ("t\ufdd0", f'{UNSENDABLE}, got "t\\ufdd0": U+FDD0 (a noncharacter) at character 2'),
+    ("t\U0010ffff", f'{UNSENDABLE}, got "t\\U0010ffff": U+10FFFF (a noncharacter) at character 2'),
+    ("/".join("l" * 201), "topic must have at most 200 levels, got 201"),
+    ("$SYS/site/gw", f'{RESERVED}, got "$SYS/site/gw"'),
+    ("$SYS", f'{RESERVED}, got "$SYS"'),
+    ("$CONTROL/dynamic-security/v1", f'{RESERVED}, got "$CONTROL/dynamic-security/v1"'),
+    ("$share/group/t", f'{RESERVED}, got "$share/group/t"'),
 ])
 def test_invalid_topics(topic: Any, expected: str) -> None:
-    """Non-strings, empty topics, wildcards and NUL are rejected with what was received."""
+    """Non-strings, empty topics, wildcards, NUL, control characters, noncharacters, more
+    levels than Mosquitto accepts and broker-owned $ trees are rejected with what was
+    received: a broker drops the connection at such a publish, or silently discards it."""
     assert only_error(parse(entry(topic=topic))) == f'entry 1 (id "a"): {expected}'
 
 
@@ -158,14 +177,23 @@ def test_topic_with_lone_surrogate_is_rejected() -> None:
 
 
 def test_dollar_topic_is_a_warning_only() -> None:
-    """A topic starting with $ is accepted with a warning: brokers reserve that space."""
-    result = parse(entry(topic="$SYS/mine"))
+    """A topic starting with $ outside the broker-owned trees ($aws/..., $iothub/... are
+    legitimate on those clouds) is accepted with a warning."""
+    result = parse(entry(topic="$aws/things/gw01/shadow/update"))
     assert len(result.entries) == 1
     assert lines(result) == [
-        'entry 1 (id "a"): topic starts with "$", which brokers reserve for their own topics, '
-        'got "$SYS/mine"'
+        'entry 1 (id "a"): topic starts with "$": brokers reserve such topics, and subscribers '
+        'to "#" never get them, got "$aws/things/gw01/shadow/update"'
     ]
     assert result.warnings[0].field == "topic"
+
+
+@pytest.mark.parametrize("topic", ["/".join("l" * 200), "a\u200bb", "a\ue000b", "\u00a0",
+                                   "$SYSTEM/x", "a/$SYS", "emoji/\U0001f600"])
+def test_topics_brokers_accept_pass(topic: str) -> None:
+    """The limits are exact: 200 levels, format and private-use characters, U+00A0, and $SYS
+    as a prefix of a longer first level or below the first level all pass without error."""
+    assert parse(entry(topic=topic)).errors == ()
 
 
 # --- data ------------------------------------------------------------------------------------
