@@ -224,6 +224,7 @@ class PublisherService:
         now = time.monotonic()
         if poked is not None and now - poked >= self.settings.reload_debounce:
             self._mail.file_poked_at = None
+            self._watcher.refresh()  # first: a change made while the watches move is read
             self._reload(None)
         for timer in self._timers:
             if now >= timer.due:
@@ -233,6 +234,7 @@ class PublisherService:
     # ---- reloads --------------------------------------------------------------------------
     def _safety_check(self) -> None:
         """Re-read the file in case the watcher missed an event (the hash makes it cheap)."""
+        self._watcher.refresh()
         self._reload(None)
 
     def _reload(self, trigger: str | None) -> bool:

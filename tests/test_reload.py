@@ -442,7 +442,7 @@ class _Recorder(FileSystemEventHandler):
     def __init__(self, path: Path) -> None:
         self.seen: list[FileSystemEvent] = []
         self.poked: list[FileSystemEvent] = []
-        self._filter = _Handler(str(path), lambda: self.poked.append(self.seen[-1]))
+        self._filter = _Handler((str(path),), lambda: self.poked.append(self.seen[-1]))
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.seen.append(event)
