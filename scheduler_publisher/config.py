@@ -1,8 +1,10 @@
 """The config file: JSON text in, validated and frozen PublishConfig entries out.
 
 Parsing is pure and never gives up on the whole file because of one entry: every problem of
-every entry is reported at once, bad entries are skipped and good ones are kept. Only a file
-that is not a readable JSON array of entries raises (ConfigFileError).
+every entry is reported at once, bad entries are skipped and good ones are kept. That holds
+for an entry JSON itself refuses (NaN, an over-long integer, too deep) as long as the rest of
+the file reads. Only a file that is not a readable JSON array of entries raises
+(ConfigFileError).
 """
 
 from __future__ import annotations
@@ -519,7 +521,21 @@ def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Severity, s
             yield name, "error", f"{name} is required"
 
 
+def _unreadable_entry(position: int, element: document.UnreadableElement,
+                      first_seen: dict[str, int]) -> _Checked:
+    """A well-formed element that holds what JSON refuses: this entry is rejected (its last
+    good version keeps running), the rest of the file is not."""
+    entry_id = _usable_id(element.entry_id)
+    if entry_id is not None:
+        first_seen.setdefault(entry_id, position)
+    message = f"{element.detail} (line {element.line}, column {element.column})"
+    return _Checked(None, [Problem("error", position, entry_id, element.field, message)],
+                    entry_id)
+
+
 def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Checked:
+    if isinstance(entry, document.UnreadableElement):
+        return _unreadable_entry(position, entry, first_seen)
     if not isinstance(entry, dict):
         message = f"must be an object, got {_render(entry)}"
         return _Checked(None, [Problem("error", position, None, None, message)], None)

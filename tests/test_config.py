@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -746,11 +747,34 @@ def test_bad_json_names_line_and_column() -> None:
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_literals_are_rejected(literal: str) -> None:
-    """Python's json accepts NaN and Infinity; the config does not."""
-    raw = f'[{{"id": "a", "topic": "t", "data": {{"x": {literal}}}, "interval": 1}}]'.encode()
-    with pytest.raises(ConfigFileError) as caught:
-        parse_config(raw, source="c.json")
-    assert str(caught.value) == f"c.json: {literal} is not valid JSON (use a number or null)"
+    """Python's json accepts NaN and Infinity; the config does not: the entry holding one is
+    rejected, named by position, id, path and line/column, and the next entry is kept."""
+    raw = (f'[\n  {{"id": "b", "topic": "t", "data": {{}}, "interval": 1}},\n'
+           f'  {{"id": "a", "topic": "t", "data": {{"x": [1, {literal}]}}, "interval": 1}},\n'
+           f'  {{"id": "c", "topic": "t", "data": {{}}, "interval": 1}}\n]').encode()
+    result = parse_config(raw, source="c.json")
+    assert lines(result) == [f'entry 2 (id "a"): data.x[1]: {literal} is not valid JSON (use a '
+                             'number or null) (line 3, column 3)']
+    assert [e.id for e in result.entries] == ["b", "c"]
+    assert result.invalid_ids == {"a"}  # its last good version keeps running
+    assert result.errors[0].field == "data"
+
+
+def test_refused_literal_in_an_entry_without_an_id_names_its_place() -> None:
+    """Without a usable id the entry is still named by position, line and column."""
+    result = parse_config(b'[{"interval": NaN}, {"id": "ok", "topic": "t", "data": {}, '
+                          b'"interval": 1}]')
+    assert lines(result) == ["entry 1: interval: NaN is not valid JSON (use a number or null) "
+                             "(line 1, column 2)"]
+    assert [e.id for e in result.entries] == ["ok"]
+
+
+def test_refused_literal_with_a_syntax_error_later_is_a_file_error() -> None:
+    """The other entries are kept only when the rest of the file reads: a syntax error after
+    the refused literal is still a file error, at its line and column."""
+    raw = b'[{"id": "a", "data": {"x": NaN}},\n {"id": "b" "topic": 1}]'
+    with pytest.raises(ConfigFileError, match="not valid JSON: Expecting ',' delimiter at line 2"):
+        parse_config(raw)
 
 
 def test_nan_inside_a_string_is_fine() -> None:
@@ -759,17 +783,33 @@ def test_nan_inside_a_string_is_fine() -> None:
 
 
 def test_very_deep_nesting_is_a_file_error() -> None:
-    """100000 nested arrays raise ConfigFileError, not RecursionError."""
-    with pytest.raises(ConfigFileError, match="JSON nesting is deeper than 64 levels"):
-        parse_config(b"[" * 100_000 + b"]" * 100_000)
+    """100000 nested arrays raise ConfigFileError naming where the element starts, not
+    RecursionError: too deep for the decoder to find where the element ends."""
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(b'[{"id": "a"},\n ' + b"[" * 100_000 + b"]" * 100_000 + b"]", source="c")
+    assert str(caught.value) == ("c: JSON nesting is deeper than 64 levels, in the element at "
+                                 "line 2, column 2")
 
 
 def test_nesting_limit_is_64_levels() -> None:
-    """64 levels parse (the entry is merely invalid); 65 levels are refused."""
+    """64 levels parse (the entry is merely invalid); at 65 levels that entry is refused."""
     result = parse_config(b"[" * 64 + b"]" * 64)
     assert lines(result) == ["entry 1: must be an object, got " + "[" * 59 + "…"]
-    with pytest.raises(ConfigFileError, match="deeper than 64 levels"):
-        parse_config(b"[" * 65 + b"]" * 65)
+    result = parse_config(b"[" * 65 + b"]" * 65)
+    assert lines(result) == ["entry 1: [0][0][0][0][0][0]…: JSON nesting is deeper than 64 "
+                             "levels (line 1, column 2)"]
+
+
+def test_data_nested_deeper_than_64_rejects_only_its_entry() -> None:
+    """One entry whose data is nested 70 deep is rejected by id and field; the others stay."""
+    deep = b'{"k": ' * 70 + b"1" + b"}" * 70
+    raw = (b'[{"id": "deep", "topic": "t", "interval": 1, "data": ' + deep + b"},\n"
+           b' {"id": "ok", "topic": "t", "data": {}, "interval": 1}]')
+    result = parse_config(raw)
+    assert lines(result) == ['entry 1 (id "deep"): data.k.k.k.k.k…: JSON nesting is deeper than '
+                             "64 levels (line 1, column 2)"]
+    assert [e.id for e in result.entries] == ["ok"]
+    assert result.invalid_ids == {"deep"}
 
 
 @pytest.mark.parametrize(("raw", "kind"), [
@@ -790,10 +830,17 @@ def test_empty_file(raw: bytes) -> None:
         parse_config(raw)
 
 
-def test_overlong_integer_is_a_file_error() -> None:
-    """An integer beyond Python's digit limit is reported, not raised as a bare ValueError."""
-    with pytest.raises(ConfigFileError, match="not valid JSON"):
-        parse_config(b"[" + b"9" * 5000 + b"]")
+def test_overlong_integer_rejects_only_its_entry() -> None:
+    """An integer beyond Python's digit limit is reported by entry, path and digit count, not
+    raised as a bare ValueError; the other entries are kept."""
+    raw = (b'[{"id": "ok", "topic": "t", "data": {}, "interval": 1},\n'
+           b' {"id": "big", "topic": "t", "data": {"n": -' + b"9" * 5000 + b'}, "interval": 1}]')
+    result = parse_config(raw)
+    limit = sys.get_int_max_str_digits()
+    assert lines(result) == [f'entry 2 (id "big"): data.n: an integer of 5000 digits is longer '
+                             f"than the {limit}-digit limit (line 2, column 2)"]
+    assert [e.id for e in result.entries] == ["ok"]
+    assert parse_config(b"[" + b"9" * 5000 + b"]").errors[0].position == 1
 
 
 # --- the loader and the sample file ----------------------------------------------------------

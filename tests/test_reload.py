@@ -651,6 +651,29 @@ def test_distinct_problems_are_each_logged_once(
     assert job_ids(service) == {"a"}
 
 
+@pytest.mark.parametrize("refused", ["Infinity", "9" * 5000, '{"k": ' * 70 + "1" + "}" * 70])
+def test_entry_json_refuses_keeps_its_last_good_version_and_the_rest_applies(
+        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
+        topic_base: str, logs: LogEvents, refused: str) -> None:
+    """One Infinity, one 5,000-digit integer or one data nested 70 deep no longer makes the
+    whole file unusable: that entry is reported by id and line, keeps publishing its last good
+    version, and the other entry's edit reaches the wire."""
+    a = entry("a", f"{topic_base}/a", 0.3, data={"v": 1})
+    b = entry("b", f"{topic_base}/b", 0.3, data={"v": 1})
+    sub = subscribe()
+    service = start_service([a, b], watch=False)
+    good_b = json.dumps({**b, "data": {"v": 2}})
+    save_in_place(config, f'[\n{good_b},\n{json.dumps(a)[:-1]}, "extra": {refused}}}\n]')
+    assert service.reload_config() is True
+    (invalid,) = events(logs, "config_entry_invalid")
+    assert (invalid["entry_position"], invalid["entry_id"]) == (2, "a")
+    assert invalid["error"].endswith("(line 3, column 1)")
+    assert events(logs, "config_reload_failed") == []
+    sub.wait_for(b["topic"], where=lambda m: m.json()["v"] == 2, timeout=3)
+    sub.wait_for(a["topic"], count=count_on(sub, a["topic"]) + 2)  # the last good a
+    assert job_ids(service) == {"a", "b"}
+
+
 def test_invalid_entry_keeps_its_last_good_version(
         start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
         topic_base: str, logs: LogEvents) -> None:
