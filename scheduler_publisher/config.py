@@ -19,7 +19,15 @@ import os
 import re
 import reprlib
 import stat
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    Generator,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    ValuesView,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +55,7 @@ __all__ = [
     "QoS",
     "Severity",
     "parse_config",
+    "parse_config_steps",
     "read_config_file",
 ]
 
@@ -551,14 +560,33 @@ def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Chec
     return _Checked(config, problems, entry_id)
 
 
+PARSE_STEP: Final = 250  # entries parsed between two pauses of parse_config_steps
+
+
 def parse_config(raw: bytes, *, source: str = "<config>") -> ConfigResult:
     """Validate the file's bytes; raises ConfigFileError only if it is not an entry list."""
+    steps = parse_config_steps(raw, source=source)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: ConfigResult = done.value
+            return result
+
+
+def parse_config_steps(raw: bytes, *, source: str = "<config>",
+                       step: int = PARSE_STEP) -> Generator[None, None, ConfigResult]:
+    """parse_config in steps: pauses (yields) after every `step` entries and returns the
+    result. The service's main loop parses a large file this way, a slice per turn, so its
+    systemd watchdog pings and stop requests are not held up (docs/design.md)."""
     entries: list[PublishConfig] = []
     problems: list[Problem] = []
     invalid_ids: set[str] = set()
     first_seen: dict[str, int] = {}
     try:
         for position, entry in enumerate(document.elements(raw), start=1):
+            if position % step == 0:
+                yield
             checked = _check_entry(position, entry, first_seen)
             problems.extend(checked.problems)
             if checked.config is not None:

@@ -27,10 +27,13 @@ class Mailbox:
         self.wake = threading.Event()
         self.lock = threading.Lock()
         self.stop = False
+        self.stop_requested_at: float | None = None  # monotonic, the first request
         self.reloads: list[ReloadRequest] = []
         self.file_poked_at: float | None = None  # monotonic; debounced by the loop
 
     def post_stop(self) -> None:
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
         self.stop = True
         self.wake.set()
 

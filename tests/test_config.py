@@ -25,6 +25,7 @@ from scheduler_publisher.config import (
     Problem,
     PublishConfig,
     parse_config,
+    parse_config_steps,
     read_config_file,
 )
 
@@ -987,3 +988,19 @@ def test_structural_errors_after_good_entries_name_json_position(raw: bytes, exp
     with pytest.raises(ConfigFileError) as caught:
         parse_config(raw, source="c.json")
     assert str(caught.value) == f"c.json: not valid JSON: {expected}"
+
+
+def test_parse_config_steps_pauses_and_returns_the_same_result() -> None:
+    """Parsing in steps pauses once per `step` entries and ends with what parse_config gives."""
+    raw = json.dumps([entry(id=f"e{i}") for i in range(10)]).encode()
+    steps = parse_config_steps(raw, step=3)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result = done.value
+            break
+        pauses += 1
+    assert pauses == 3
+    assert result == parse_config(raw)

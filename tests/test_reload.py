@@ -853,8 +853,10 @@ def test_manual_reload_that_finds_nothing_changed_logs_at_info(
     (unchanged,) = events(logs, "config_unchanged")
     assert (unchanged["trigger"], unchanged["log_level"], unchanged["active_configs"]) == (
         trigger, "info", 1)
-    service._safety_check()
-    assert len(events(logs, "config_unchanged")) == 1
+    service._mail.post_file_event()  # the watcher's poke: re-read after the debounce
+    wait_until(lambda: service._mail.file_poked_at is None, 5, message="the debounced re-read")
+    assert service.reload_config(trigger=trigger) is True  # queued behind the re-read
+    assert len(events(logs, "config_unchanged")) == 2
 
 
 def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, config: Path,
