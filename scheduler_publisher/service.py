@@ -103,6 +103,7 @@ class PublisherService:
         self._mail = Mailbox()
         self._entries: dict[str, PublishConfig] = {}
         self._digest: str | None = None
+        self._digest_errors: str | None = None  # the entry errors of that version, in one line
         self._last_file_problem: str | None = None
         self._broken: tuple[str, float] | None = None  # (what is wrong, since: monotonic)
         self._last_reload_at: float | None = None
@@ -308,9 +309,10 @@ class PublisherService:
         try:
             raw = read_config_file(path, max_bytes=self.settings.max_config_bytes)
             if hashlib.sha256(raw).hexdigest() == self._digest:
-                # Touch, identical rewrite, the safety check, or a file restored as it was.
+                # Touch, identical rewrite, the safety check, or a file restored as it was:
+                # the running version's own entry errors, if any, are all that is wrong.
                 self._last_file_problem = None
-                self._recovered(still_broken=None)
+                self._recovered(still_broken=self._digest_errors)
                 if trigger is not None:
                     log.info("config_unchanged", trigger=trigger,
                              active_configs=len(self._entries))
@@ -362,11 +364,12 @@ class PublisherService:
         if not parts:
             self._connection.set_entries(wanted)
         self._digest = result.digest  # only now: a reload cut short by a stop is not "applied"
+        self._digest_errors = _errors_summary(result)
         self._last_reload_at = time.time()
         if not initial:
             self.stats.reloads += 1
             self._log_reload(plan)
-        self._recovered(still_broken=_errors_summary(result))
+        self._recovered(still_broken=self._digest_errors)
 
     def _schedule_batch(self, part: Plan) -> Steps[None]:
         for entry in part.removed:

@@ -836,6 +836,7 @@ def test_recovery_from_an_invalid_entry_is_logged(
     service = start_service([a], watch=False)
     save_in_place(config, dump([{**a, "interval": 0}]))
     assert service.reload_config() is True  # applied in part: `a` keeps its last good version
+    assert service.reload_config() is True  # re-read unchanged: the entry is still broken
     assert events(logs, "config_recovered") == []
     save_in_place(config, dump([{**a, "interval": 60}]))
     assert service.reload_config() is True
