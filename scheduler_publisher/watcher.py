@@ -18,6 +18,7 @@ thread compares `lstat` fingerprints of the same paths instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -208,7 +209,7 @@ class ConfigWatcher:
         self._handler.paths = frozenset(paths)
         wanted = watched_folders(paths)
         for folder in [f for f in self._watches if f not in wanted]:
-            self._observer.unschedule(self._watches.pop(folder).handle)
+            self._unwatch(self._observer, folder)
         for folder in wanted:
             self._watch(self._observer, folder)
 
@@ -218,7 +219,7 @@ class ConfigWatcher:
         if current is not None and current.identity == identity:
             return
         if current is not None:  # the folder was replaced: the watch follows the old inode
-            observer.unschedule(self._watches.pop(folder).handle)
+            self._unwatch(observer, folder)
         if identity is None:
             return  # missing for now: the watch on its parent sees it appear
         try:
@@ -228,6 +229,10 @@ class ConfigWatcher:
                 raise
             return  # gone or unreadable since the stat: its parent's watch covers it
         self._watches[folder] = _FolderWatch(handle, identity)
+
+    def _unwatch(self, observer: BaseObserver, folder: str) -> None:
+        with contextlib.suppress(KeyError):  # already gone from the observer's tables
+            observer.unschedule(self._watches.pop(folder).handle)
 
     def _poll(self, last: Fingerprint) -> None:
         """Poller thread: poke whenever anything along the path looks different."""
