@@ -860,6 +860,15 @@ def test_manual_reload_that_finds_nothing_changed_logs_at_info(
     assert len(events(logs, "config_unchanged")) == 2
 
 
+def test_request_methods_do_not_claim_signal_handler_safety() -> None:
+    """request_stop and request_reload take locks, which is why cli.py calls them from a
+    thread; their docstrings say that instead of calling them signal-handler safe."""
+    for method in (PublisherService.request_stop, PublisherService.request_reload):
+        doc = " ".join((method.__doc__ or "").split())
+        assert "signal-handler safe" not in doc.lower()
+        assert "signal handler" in doc
+
+
 def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, config: Path,
                                          subscriber_factory: MakeSubscriber,
                                          topic_base: str) -> None:
