@@ -28,7 +28,7 @@ from tests.support import (
 )
 
 LARGE = 50_000
-WATCHDOG_SEC = 3.0  # the unit's WatchdogSec, scaled down: the service pings every 1.5 s
+WATCHDOG_SEC = 5.0  # the unit's WatchdogSec, scaled down: the service pings every 2.5 s
 DOCUMENTED_STOP = 5.0  # README: a stop takes at most about 5 s
 
 
