@@ -311,3 +311,20 @@ def test_stops_after_a_sighup_log_no_error(broker: Mosquitto, tmp_path: Path,
         assert any(e.get("message") == "service_stopped" for e in proc.events())
         errors += [line for line in proc.stdout + proc.stderr if '"error"' in line]
     assert errors == []
+
+
+def test_stopping_the_watcher_while_its_folder_changes_logs_no_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Four hundred start/stop cycles while a neighbour file is rewritten without pause: watchdog's
+    emitters never log at ERROR (an event read during their stop used to)."""
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    config = folder / "publish.json"
+    config.write_text("[]")
+    with caplog.at_level("ERROR", logger="watchdog"), Churn(folder):
+        for _ in range(400):
+            watcher = ConfigWatcher(config, lambda: None)
+            watcher.start()
+            assert watcher.kind == "inotify"
+            watcher.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
