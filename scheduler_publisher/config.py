@@ -1,8 +1,10 @@
 """The config file: JSON text in, validated and frozen PublishConfig entries out.
 
 Parsing is pure and never gives up on the whole file because of one entry: every problem of
-every entry is reported at once, bad entries are skipped and good ones are kept. Only a file
-that is not a readable JSON array of entries raises (ConfigFileError).
+every entry is reported at once, bad entries are skipped and good ones are kept. That holds
+for an entry JSON itself refuses (NaN, an over-long integer, too deep) as long as the rest of
+the file reads. Only a file that is not a readable JSON array of entries raises
+(ConfigFileError).
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ import hashlib
 import json
 import math
 import os
+import re
 import reprlib
 import stat
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    Generator,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    ValuesView,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +43,7 @@ __all__ = [
     "MAX_DOCUMENT_DEPTH",
     "MAX_INTERVAL",
     "MAX_TOPIC_BYTES",
+    "MAX_TOPIC_LEVELS",
     "MIN_INTERVAL",
     "ConfigError",
     "ConfigFileError",
@@ -43,6 +55,7 @@ __all__ = [
     "QoS",
     "Severity",
     "parse_config",
+    "parse_config_steps",
     "read_config_file",
 ]
 
@@ -54,7 +67,22 @@ MAX_DATA_DEPTH: Final = 32  # levels of objects/arrays in `data`, counting `data
 MIN_INTERVAL: Final = 0.1
 MAX_INTERVAL: Final = 86400
 MAX_TOPIC_BYTES: Final = 65535  # MQTT strings carry a 16-bit length prefix
+# Mosquitto drops the connection ("Protocol error") at a topic of more than 201 levels
+# (TOPIC_HIERARCHY_LIMIT, 200 separators): a round limit just under it.
+MAX_TOPIC_LEVELS: Final = 200
+# Broker-owned `$` prefixes: $SYS is the broker's own status tree (MQTT 5 4.7.2; Mosquitto
+# silently drops client publishes to it), $CONTROL is Mosquitto's control API, $share is the
+# MQTT 5 shared-subscription prefix (4.8.2), never a topic name. Other `$` topics ($aws/...,
+# $iothub/...) are legitimate on some brokers: those only get a warning (docs/design.md).
+RESERVED_TOPIC_PREFIXES: Final = ("$SYS", "$CONTROL", "$share")
 _RENDER_LIMIT: Final = 60
+# MQTT 5 1.5.4: NUL is forbidden; control characters and noncharacters "SHOULD NOT" appear,
+# and Mosquitto closes the connection at any of them ("Malformed packet"), so we refuse them.
+_UNSENDABLE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
 _VALID_UNICODE: Final = "valid Unicode (no lone surrogates)"
 
 
@@ -82,7 +110,14 @@ def _render(value: Any) -> str:
         text = _python_repr(value)
     # A lone surrogate from a "\ud800" escape would make the message unencodable downstream.
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    # C1 controls (U+009B starts a terminal escape) and noncharacters: shown as escapes too.
+    text = _UNSENDABLE.sub(_escape_character, text)
     return text if len(text) <= _RENDER_LIMIT else text[: _RENDER_LIMIT - 1] + "…"
+
+
+def _escape_character(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _python_repr(value: Any) -> str:
@@ -125,22 +160,47 @@ def _check_id(name: str, value: Any) -> Iterator[_Finding]:
         yield _error(name, _VALID_UNICODE, value)
 
 
+def _unsendable_character(name: str, value: str) -> _Finding | None:
+    found = _UNSENDABLE.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    kind = "NUL" if code == 0 else "a control character" if code <= 0x9F else "a noncharacter"
+    where = f"U+{code:04X} ({kind}) at character {found.start() + 1}"
+    expected = "free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) and noncharacters"
+    return ("error", f"{name} must be {expected}, got {_render(value)}: {where}")
+
+
 def _check_topic(name: str, value: Any) -> Iterator[_Finding]:
     if not isinstance(value, str) or not value:
         yield _error(name, "a non-empty string", value)
         return
     if "+" in value or "#" in value:
         yield _error(name, 'free of the wildcards "+" and "#"', value)
-    if "\0" in value:
-        yield _error(name, "free of NUL (U+0000)", value)
+    unsendable = _unsendable_character(name, value)
+    if unsendable is not None:
+        yield unsendable
     size = _utf8_size(value)
     if size is None:
         yield _error(name, _VALID_UNICODE, value)
     elif size > MAX_TOPIC_BYTES:
         yield ("error", f"{name} must be at most {MAX_TOPIC_BYTES} UTF-8 bytes, got {size} bytes")
-    if value.startswith("$"):
-        reserved = 'starts with "$", which brokers reserve for their own topics'
-        yield ("warning", f"{name} {reserved}, got {_render(value)}")
+    levels = value.count("/") + 1
+    if levels > MAX_TOPIC_LEVELS:
+        yield ("error", f"{name} must have at most {MAX_TOPIC_LEVELS} levels, got {levels}")
+    yield from _check_dollar_topic(name, value)
+
+
+def _check_dollar_topic(name: str, value: str) -> Iterator[_Finding]:
+    if not value.startswith("$"):
+        return
+    first_level = value.split("/", 1)[0]
+    if first_level in RESERVED_TOPIC_PREFIXES:
+        expected = "outside the broker-owned " + ", ".join(RESERVED_TOPIC_PREFIXES) + " trees"
+        yield _error(name, expected, value)
+    else:
+        reserved = 'starts with "$": brokers reserve such topics, and subscribers to "#" never'
+        yield ("warning", f"{name} {reserved} get them, got {_render(value)}")
 
 
 def _check_data(name: str, value: Any) -> Iterator[_Finding]:
@@ -470,7 +530,21 @@ def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Severity, s
             yield name, "error", f"{name} is required"
 
 
+def _unreadable_entry(position: int, element: document.UnreadableElement,
+                      first_seen: dict[str, int]) -> _Checked:
+    """A well-formed element that holds what JSON refuses: this entry is rejected (its last
+    good version keeps running), the rest of the file is not."""
+    entry_id = _usable_id(element.entry_id)
+    if entry_id is not None:
+        first_seen.setdefault(entry_id, position)
+    message = f"{element.detail} (line {element.line}, column {element.column})"
+    return _Checked(None, [Problem("error", position, entry_id, element.field, message)],
+                    entry_id)
+
+
 def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Checked:
+    if isinstance(entry, document.UnreadableElement):
+        return _unreadable_entry(position, entry, first_seen)
     if not isinstance(entry, dict):
         message = f"must be an object, got {_render(entry)}"
         return _Checked(None, [Problem("error", position, None, None, message)], None)
@@ -486,14 +560,33 @@ def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Chec
     return _Checked(config, problems, entry_id)
 
 
+PARSE_STEP: Final = 250  # entries parsed between two pauses of parse_config_steps
+
+
 def parse_config(raw: bytes, *, source: str = "<config>") -> ConfigResult:
     """Validate the file's bytes; raises ConfigFileError only if it is not an entry list."""
+    steps = parse_config_steps(raw, source=source)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: ConfigResult = done.value
+            return result
+
+
+def parse_config_steps(raw: bytes, *, source: str = "<config>",
+                       step: int = PARSE_STEP) -> Generator[None, None, ConfigResult]:
+    """parse_config in steps: pauses (yields) after every `step` entries and returns the
+    result. The service's main loop parses a large file this way, a slice per turn, so its
+    systemd watchdog pings and stop requests are not held up (docs/design.md)."""
     entries: list[PublishConfig] = []
     problems: list[Problem] = []
     invalid_ids: set[str] = set()
     first_seen: dict[str, int] = {}
     try:
         for position, entry in enumerate(document.elements(raw), start=1):
+            if position % step == 0:
+                yield
             checked = _check_entry(position, entry, first_seen)
             problems.extend(checked.problems)
             if checked.config is not None:

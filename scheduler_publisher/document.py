@@ -2,7 +2,10 @@
 
 Only the JSON itself is judged here (UTF-8, syntax, NaN, nesting depth, an array at the top);
 what the elements mean is config.py's business. Errors are DocumentError, with a detail that
-config.py puts after the file name.
+config.py puts after the file name. An element that is well-formed but holds something JSON
+or this service refuses (NaN/Infinity, an integer longer than Python's digit limit, nesting
+deeper than MAX_DOCUMENT_DEPTH) is not a file error: it comes out as an UnreadableElement,
+which names where, and the other elements are read as usual.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 MAX_DOCUMENT_DEPTH: Final = 64  # levels of arrays/objects in the whole file
@@ -92,20 +97,15 @@ def _decode_utf8(raw: bytes) -> str:
 
 
 def _load_json(text: str) -> Any:
+    """The whole document, read only to say what is wrong with it. Leniently: a NaN or an
+    over-long integer is an entry's problem, while a syntax error anywhere is the file's."""
     try:
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=JsonObject.from_pairs
-        )
+        return _LENIENT_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         raise DocumentError(f"not valid JSON: {exc.msg} at {where}") from None
-    except _NonFiniteLiteralError as exc:
-        detail = f"{exc} is not valid JSON (use a number or null)"
-        raise DocumentError(detail) from None
     except RecursionError:
         raise DocumentError(TOO_DEEP) from None
-    except ValueError as exc:  # e.g. an integer longer than sys.get_int_max_str_digits()
-        raise DocumentError(f"not valid JSON: {exc}") from None
 
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")  # JSON's four whitespace characters
@@ -123,6 +123,107 @@ class _NotStreamableError(Exception):
     """The text is not a plain array of values; json itself has to say what it is."""
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableElement:
+    """An array element that is well-formed JSON but cannot be used: it stands in for the
+    element, so the entry is reported (and skipped) while the rest of the file is read."""
+
+    detail: str  # what is wrong, after the path to it inside the element
+    line: int  # where the element starts (1-based)
+    column: int
+    entry_id: str | None  # its "id", when it is an object with a string one
+    field: str | None  # the entry's field that holds the problem
+
+
+class _Refused:
+    """What the lenient decoder puts where the strict one gave up: a NaN/Infinity literal or
+    an integer longer than the interpreter converts."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+def _refused_constant(literal: str) -> _Refused:
+    return _Refused(f"{literal} is not valid JSON (use a number or null)")
+
+
+def _lenient_int(digits: str) -> int | _Refused:
+    limit = sys.get_int_max_str_digits()
+    count = len(digits.lstrip("-"))
+    if limit and count > limit:
+        return _Refused(f"an integer of {count} digits is longer than the {limit}-digit limit")
+    return int(digits)
+
+
+_LENIENT_DECODER: Final = json.JSONDecoder(
+    parse_constant=_refused_constant, parse_int=_lenient_int,
+    object_pairs_hook=JsonObject.from_pairs,
+)
+_PATH_STEPS_SHOWN: Final = 6
+
+
+def _path_text(steps: tuple[str | int, ...]) -> str:
+    shown = steps[:_PATH_STEPS_SHOWN]
+    text = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in shown).lstrip(".")
+    return text + ("…" if len(steps) > len(shown) else "")
+
+
+def _first_refusal(value: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """The path to the first refused value, or to where nesting gets too deep, and why."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, _Refused):
+            return path, node.detail
+        if len(path) >= MAX_DOCUMENT_DEPTH - 1 and _children(node) is not None:
+            return path, TOO_DEEP  # the array around the entries is one level
+        steps = list(node.items()) if isinstance(node, Mapping) else (
+            list(enumerate(node)) if isinstance(node, list) else [])
+        stack.extend((child, (*path, step)) for step, child in reversed(steps))
+    return None
+
+
+def _position(text: str, at: int) -> tuple[int, int]:
+    line = text.count("\n", 0, at) + 1
+    return line, at - text.rfind("\n", 0, at)
+
+
+def _unreadable(text: str, start: int) -> tuple[UnreadableElement, int]:
+    """Re-read the element at `start` leniently and say what is wrong with it, and where."""
+    line, column = _position(text, start)
+    try:
+        value, end = _LENIENT_DECODER.raw_decode(text, start)
+    except RecursionError:
+        # Too deep for the decoder itself: where it starts is all we can say.
+        detail = f"{TOO_DEEP}, in the element at line {line}, column {column}"
+        raise DocumentError(detail) from None
+    found = _first_refusal(value)
+    if found is None:  # pragma: no cover - the strict decoder refused it for a reason
+        raise _NotStreamableError
+    path, why = found
+    where = _path_text(path)
+    detail = f"{where}: {why}" if where else why
+    entry_id = value.get("id") if isinstance(value, Mapping) else None
+    field = path[0] if path and isinstance(path[0], str) and isinstance(value, Mapping) else None
+    usable_id = entry_id if isinstance(entry_id, str) else None
+    return UnreadableElement(detail, line, column, usable_id, field), end
+
+
+def _decode_element(text: str, at: int) -> tuple[Any, int]:
+    try:
+        value, end = _ELEMENT_DECODER.raw_decode(text, at)
+    except json.JSONDecodeError:
+        raise  # a syntax error: the whole file is unreadable, json says where
+    except (_NonFiniteLiteralError, ValueError, RecursionError):
+        return _unreadable(text, at)
+    # The array itself is one level.
+    if nesting_depth(value, MAX_DOCUMENT_DEPTH - 1) > MAX_DOCUMENT_DEPTH - 1:
+        return _unreadable(text, at)
+    return value, end
+
+
 def _stream_array(text: str) -> Iterator[Any]:
     """The elements of the top-level array, each decoded only when the previous one is done.
 
@@ -137,10 +238,7 @@ def _stream_array(text: str) -> Iterator[Any]:
     at = _skip_whitespace(text, at + 1)
     closed = text[at : at + 1] == "]"
     while not closed:
-        value, at = _ELEMENT_DECODER.raw_decode(text, at)
-        # The array itself is one level.
-        if nesting_depth(value, MAX_DOCUMENT_DEPTH - 1) > MAX_DOCUMENT_DEPTH - 1:
-            raise RecursionError
+        value, at = _decode_element(text, at)
         yield value
         del value
         at = _skip_whitespace(text, at)

@@ -354,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
                        headers=[("WWW-Authenticate", "Bearer")])
             return
         service = self.app.service
-        applied = service.reload_config()
+        applied = service.reload_config(trigger="http")
         self._json(200, {"success": applied, "active_configs": service.active_configs,
                          "error": service.last_config_error})
 

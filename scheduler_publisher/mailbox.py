@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class ReloadRequest:
     """A reload asked for from another thread; the main loop fills in the result."""
 
+    trigger: str  # who asked: "signal" (SIGHUP), "http" (POST /reload) or "api"
     done: threading.Event = field(default_factory=threading.Event)
     applied: bool = False
 
@@ -26,15 +27,18 @@ class Mailbox:
         self.wake = threading.Event()
         self.lock = threading.Lock()
         self.stop = False
+        self.stop_requested_at: float | None = None  # monotonic, the first request
         self.reloads: list[ReloadRequest] = []
         self.file_poked_at: float | None = None  # monotonic; debounced by the loop
 
     def post_stop(self) -> None:
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
         self.stop = True
         self.wake.set()
 
-    def post_reload(self) -> ReloadRequest:
-        request = ReloadRequest()
+    def post_reload(self, trigger: str) -> ReloadRequest:
+        request = ReloadRequest(trigger)
         with self.lock:
             self.reloads.append(request)
         self.wake.set()

@@ -6,7 +6,7 @@ Nothing here touches the scheduler, the network or the clock.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -40,6 +40,27 @@ class Plan:
             "updated": [e.id for e in self.updated],
             "kept_last_good": list(self.kept_last_good),
         }
+
+
+def batches(plan: Plan, size: int) -> Iterator[Plan]:
+    """The plan cut into plans of at most `size` changes each, removals first (they free
+    connections), then additions, reschedules and updates, each in file order. A large reload
+    is applied one batch at a time (docs/design.md); an empty plan gives no batch."""
+    kinds = ("removed", "added", "rescheduled", "updated")
+    changes = [(kind, entry) for kind in kinds for entry in getattr(plan, kind)]
+    for start in range(0, len(changes), size):
+        chunk = changes[start:start + size]
+        yield Plan(**{kind: tuple(e for k, e in chunk if k == kind) for kind in kinds})
+
+
+def applied(entries: Entries, plan: Plan) -> dict[str, PublishConfig]:
+    """`entries` with `plan`'s changes made: what runs once that plan (or batch) is applied."""
+    result = dict(entries)
+    for entry in plan.removed:
+        result.pop(entry.id, None)
+    for entry in (*plan.added, *plan.rescheduled, *plan.updated):
+        result[entry.id] = entry
+    return result
 
 
 def effective_entries(running: Entries, result: ConfigResult) -> tuple[dict[str, PublishConfig],

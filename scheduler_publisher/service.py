@@ -15,10 +15,10 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from scheduler_publisher.clock import ClockGuard, clock_is_plausible
 from scheduler_publisher.config import (
@@ -26,15 +26,15 @@ from scheduler_publisher.config import (
     ConfigResult,
     ConfigurationLoader,
     PublishConfig,
-    parse_config,
+    parse_config_steps,
     permission_warnings,
     read_config_file,
 )
 from scheduler_publisher.connection import MQTTConnectionManager
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.mailbox import Mailbox
+from scheduler_publisher.mailbox import Mailbox, ReloadRequest
 from scheduler_publisher.notify import SystemdNotifier
-from scheduler_publisher.plan import Plan, diff, effective_entries
+from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
 from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
 from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
@@ -45,6 +45,42 @@ log = get_logger("scheduler_publisher.service")
 
 HEALTH_MAX_SILENCE = 10.0  # seconds without a heartbeat before a component counts as wedged
 CLOCK_CHECK_PERIOD = 1.0
+# A large reload is cut into slices of this many seconds of main-loop work; the loop's
+# timers (watchdog ping, stats) and stop requests are serviced between two slices.
+RELOAD_SLICE = 0.05
+NETWORK_BATCH = 5000  # changed entries handed to the network thread at once
+SCHEDULE_STEP = 50  # jobs added between two looks at the slice's clock
+
+
+_T = TypeVar("_T")
+Steps = Generator[None, None, _T]  # work that pauses (yields) where the main loop may cut it
+
+
+def _run_to_end(steps: Steps[_T]) -> _T:
+    """Run stepped work in one go (at start-up, or when called from the loop thread)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+
+@dataclass(slots=True)
+class _ReloadJob:
+    """A reload under way, advanced a slice per main-loop turn; the requests it answers."""
+
+    steps: Steps[bool]
+    requests: list[ReloadRequest]
+
+
+def _errors_summary(result: ConfigResult) -> str | None:
+    """What is wrong with a parsed file, in one line; None when no entry was rejected."""
+    errors = result.errors
+    if not errors:
+        return None
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{errors[0]}{more}"
 
 
 @dataclass(slots=True)
@@ -67,7 +103,9 @@ class PublisherService:
         self._mail = Mailbox()
         self._entries: dict[str, PublishConfig] = {}
         self._digest: str | None = None
+        self._digest_errors: str | None = None  # the entry errors of that version, in one line
         self._last_file_problem: str | None = None
+        self._broken: tuple[str, float] | None = None  # (what is wrong, since: monotonic)
         self._last_reload_at: float | None = None
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
@@ -81,6 +119,8 @@ class PublisherService:
         ) if self.settings.state_db else None
         self._clock = ClockGuard()
         self._timers: list[_Timer] = []
+        self._reload_job: _ReloadJob | None = None
+        self._reread_due = False
         self._loop_thread: threading.Thread | None = None
         self._loop_ident: int | None = None
         self._stopped = threading.Event()
@@ -108,18 +148,22 @@ class PublisherService:
             self._stopped.wait(self.settings.shutdown_timeout + 3)
 
     def request_stop(self) -> None:
-        """Signal-handler safe: only sets a flag and wakes the loop."""
+        """Ask the main loop to stop, without waiting. Not for a signal handler itself: it
+        takes the wake Event's lock, which the interrupted main thread may hold (cli.py hands
+        it to a short-lived thread for that reason)."""
         self._mail.post_stop()
 
     def request_reload(self) -> None:
-        """Signal-handler safe (SIGHUP): the main loop does the reload."""
-        self._mail.post_reload()
+        """Ask the main loop to re-read the config (SIGHUP), without waiting. Like
+        request_stop, it takes locks: call it from a thread, never from a signal handler."""
+        self._mail.post_reload("signal")
 
-    def reload_config(self, timeout: float = 10.0) -> bool:
-        """Re-read the config file now; True when it was applied (fully or in part)."""
+    def reload_config(self, timeout: float = 10.0, *, trigger: str = "api") -> bool:
+        """Re-read the config file now; True when it was applied (fully or in part), or when
+        nothing had changed. `trigger` names the caller in the log ("http", "api")."""
         if threading.get_ident() == self._loop_ident or not self._started:
-            return self._reload(manual=True)
-        request = self._mail.post_reload()
+            return _run_to_end(self._reload(trigger))
+        request = self._mail.post_reload(trigger)
         request.done.wait(timeout)
         return request.applied
 
@@ -130,7 +174,7 @@ class PublisherService:
             log.warning("config_file_insecure", problem=problem,
                         hint="anyone on this machine can change what is published")
         self._restore_counters()
-        self._apply(result, initial=True)
+        _run_to_end(self._apply(result, initial=True))  # no loop yet, no watchdog armed
         self._connection.connect()
         self._schedule.start()
         if self.settings.watch:
@@ -197,52 +241,88 @@ class PublisherService:
             self._shutdown()
 
     def _next_timeout(self) -> float:
+        if self._reload_job is not None:
+            return 0.0  # a sliced reload is under way: its next slice is due now
         due = min(t.due for t in self._timers)
         if self._mail.file_poked_at is not None:
             due = min(due, self._mail.file_poked_at + self.settings.reload_debounce)
         return max(0.0, due - time.monotonic())
 
     def _turn(self) -> None:
-        for request in self._mail.take_reloads():
-            request.applied = self._reload(manual=True)
-            request.done.set()
-        poked = self._mail.file_poked_at
         now = time.monotonic()
-        if poked is not None and now - poked >= self.settings.reload_debounce:
-            self._mail.file_poked_at = None
-            self._reload(manual=False)
         for timer in self._timers:
             if now >= timer.due:
                 timer.due = now + timer.period
                 timer.action()
+        if self._reload_job is None:
+            self._reload_job = self._next_reload_job()
+        if self._reload_job is not None:
+            self._advance_reload(self._reload_job)
 
     # ---- reloads --------------------------------------------------------------------------
+    # A reload runs as steps (a generator) that the main loop advances one slice per turn,
+    # servicing its timers (the systemd watchdog ping above all) and stop requests in
+    # between: a 100,000-entry file takes seconds to parse and schedule (docs/design.md).
     def _safety_check(self) -> None:
         """Re-read the file in case the watcher missed an event (the hash makes it cheap)."""
-        self._reload(manual=False)
+        self._reread_due = True
 
-    def _reload(self, *, manual: bool) -> bool:
-        if manual:
-            self.notifier.reloading()
+    def _next_reload_job(self) -> _ReloadJob | None:
+        """Manual requests first (one reload answers all of them), then a debounced watcher
+        poke or the safety re-read."""
+        requests = self._mail.take_reloads()
+        if requests:
+            return _ReloadJob(self._reload(requests[0].trigger), requests)
+        poked = self._mail.file_poked_at
+        if poked is not None and time.monotonic() - poked >= self.settings.reload_debounce:
+            self._mail.file_poked_at = None
+            self._reread_due = True
+        if not self._reread_due:
+            return None
+        self._reread_due = False
+        self._watcher.refresh()  # first: a change made while the watches move is read
+        return _ReloadJob(self._reload(None), [])
+
+    def _advance_reload(self, job: _ReloadJob) -> None:
+        slice_ends = time.monotonic() + RELOAD_SLICE
         try:
-            return self._reload_file(manual=manual)
-        finally:
-            if manual:
-                self.notifier.ready(self._status_line())
+            while time.monotonic() < slice_ends:
+                next(job.steps)
+        except StopIteration as done:
+            self._reload_job = None
+            for request in job.requests:
+                request.applied = bool(done.value)
+                request.done.set()
 
-    def _reload_file(self, *, manual: bool) -> bool:
+    def _reload(self, trigger: str | None) -> Steps[bool]:
+        """Re-read the file. `trigger` is who asked for it (manual reloads), None for the
+        watcher and the safety re-read."""
+        if trigger is not None:
+            self.notifier.reloading()
+        applied = yield from self._reload_file(trigger)
+        if trigger is not None:
+            self.notifier.ready(self._status_line())
+        return applied
+
+    def _reload_file(self, trigger: str | None) -> Steps[bool]:
         path = self.settings.config_path
         try:
             raw = read_config_file(path, max_bytes=self.settings.max_config_bytes)
             if hashlib.sha256(raw).hexdigest() == self._digest:
+                # Touch, identical rewrite, the safety check, or a file restored as it was:
+                # the running version's own entry errors, if any, are all that is wrong.
                 self._last_file_problem = None
-                return True  # touch, identical rewrite, or the safety check: nothing changed
-            result = parse_config(raw, source=str(path))
+                self._recovered(still_broken=self._digest_errors)
+                if trigger is not None:
+                    log.info("config_unchanged", trigger=trigger,
+                             active_configs=len(self._entries))
+                return True
+            result = yield from parse_config_steps(raw, source=str(path))
         except ConfigFileError as exc:
             self._file_problem(str(exc))
             return False
         self._last_file_problem = None
-        self._apply(result, initial=False)
+        yield from self._apply(result, initial=False)
         return True
 
     def _file_problem(self, problem: str) -> None:
@@ -251,21 +331,53 @@ class PublisherService:
         if problem != self._last_file_problem:
             log.error("config_reload_failed", error=problem, kept_entries=len(self._entries))
             self._last_file_problem = problem
+        self._recovered(still_broken=problem)
 
-    def _apply(self, result: ConfigResult, *, initial: bool) -> None:
+    def _recovered(self, still_broken: str | None) -> None:
+        """Track the config's broken spell: log `config_recovered` once a good version is in
+        force again, with what was wrong and for how long. An operator who saw the error
+        otherwise sees only silence."""
+        now = time.monotonic()
+        if still_broken is not None:
+            since = self._broken[1] if self._broken is not None else now
+            self._broken = (still_broken, since)
+        elif self._broken is not None:
+            problem, since = self._broken
+            self._broken = None
+            log.info("config_recovered", problem=problem, broken_seconds=round(now - since, 3),
+                     active_configs=len(self._entries))
+
+    def _apply(self, result: ConfigResult, *, initial: bool) -> Steps[None]:
         self._log_problems(result)
         wanted, kept = effective_entries(self._entries, result)
         plan = diff(self._entries, wanted, kept)
-        # Order matters: the network thread learns the entries before any tick can name them.
+        parts = list(batches(plan, NETWORK_BATCH))
+        for n, part in enumerate(parts, start=1):
+            # Order matters: the network thread learns a batch's entries before any tick can
+            # name them. The last batch hands over `wanted` itself, so entries whose metadata
+            # alone changed (no batch holds them) are current too.
+            self._entries = wanted if n == len(parts) else applied(self._entries, part)
+            self._connection.set_entries(self._entries)
+            yield from self._schedule_batch(part)
+            self.stats.forget([e.id for e in part.removed])
         self._entries = wanted
-        self._digest = result.digest
-        self._connection.set_entries(wanted)
-        self._schedule.apply(plan)
-        self.stats.forget([e.id for e in plan.removed])
+        if not parts:
+            self._connection.set_entries(wanted)
+        self._digest = result.digest  # only now: a reload cut short by a stop is not "applied"
+        self._digest_errors = _errors_summary(result)
         self._last_reload_at = time.time()
         if not initial:
             self.stats.reloads += 1
             self._log_reload(plan)
+        self._recovered(still_broken=self._digest_errors)
+
+    def _schedule_batch(self, part: Plan) -> Steps[None]:
+        for entry in part.removed:
+            self._schedule.remove(entry.id)
+        for n, entry in enumerate((*part.added, *part.rescheduled), start=1):
+            self._schedule.add(entry)  # ~0.1 ms each in APScheduler 3: pause now and then
+            if n % SCHEDULE_STEP == 0:
+                yield
 
     def _log_problems(self, result: ConfigResult) -> None:
         self.stats.config_errors += len(result.errors)
@@ -341,7 +453,11 @@ class PublisherService:
 
     # ---- shutdown -------------------------------------------------------------------------
     def _shutdown(self) -> None:
-        started = time.monotonic()
+        # Counted from the stop request, not from here: a reload slice may have been running.
+        started = self._mail.stop_requested_at or time.monotonic()
+        if self._reload_job is not None:  # cut short: the file is read afresh at next start
+            for request in self._reload_job.requests:
+                request.done.set()
         self.notifier.stopping()
         log.info("service_stopping")
         self._watcher.stop()

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +25,7 @@ from scheduler_publisher.config import (
     Problem,
     PublishConfig,
     parse_config,
+    parse_config_steps,
     read_config_file,
 )
 
@@ -109,6 +111,10 @@ def test_id_with_lone_surrogate_is_rejected() -> None:
 
 # --- topic -----------------------------------------------------------------------------------
 
+UNSENDABLE = ("topic must be free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) "
+              "and noncharacters")
+RESERVED = "topic must be outside the broker-owned $SYS, $CONTROL, $share trees"
+
 
 @pytest.mark.parametrize("topic", ["t", "site/gw01/boiler/temperature", "/lead", "trail/", "a//b",
                                    "café/温度", "a b"])
@@ -124,10 +130,25 @@ def test_valid_topics(topic: str) -> None:
     ("a/+/b", 'topic must be free of the wildcards "+" and "#", got "a/+/b"'),
     ("a/#", 'topic must be free of the wildcards "+" and "#", got "a/#"'),
     ("+", 'topic must be free of the wildcards "+" and "#", got "+"'),
-    ("a\0b", 'topic must be free of NUL (U+0000), got "a\\u0000b"'),
+    ("a\0b", f'{UNSENDABLE}, got "a\\u0000b": U+0000 (NUL) at character 2'),
+    ("a\x07b", f'{UNSENDABLE}, got "a\\u0007b": U+0007 (a control character) at character 2'),
+    ("a/\nb", f'{UNSENDABLE}, got "a/\\nb": U+000A (a control character) at character 3'),
+    ("a\x7f", f'{UNSENDABLE}, got "a\\u007f": U+007F (a control character) at character 2'),
+    ("\x9b2J", f'{UNSENDABLE}, got "\\u009b2J": U+009B (a control character) at character 1'),
+    ("t\uffff", f'{UNSENDABLE}, got "t\\uffff": U+FFFF (a noncharacter) at character 2'),
+    ("t\ufffe", f'{UNSENDABLE}, got "t\\ufffe": U+FFFE (a noncharacter) at character 2'),
+    ("t\ufdd0", f'{UNSENDABLE}, got "t\\ufdd0": U+FDD0 (a noncharacter) at character 2'),
+    ("t\U0010ffff", f'{UNSENDABLE}, got "t\\U0010ffff": U+10FFFF (a noncharacter) at character 2'),
+    ("/".join("l" * 201), "topic must have at most 200 levels, got 201"),
+    ("$SYS/site/gw", f'{RESERVED}, got "$SYS/site/gw"'),
+    ("$SYS", f'{RESERVED}, got "$SYS"'),
+    ("$CONTROL/dynamic-security/v1", f'{RESERVED}, got "$CONTROL/dynamic-security/v1"'),
+    ("$share/group/t", f'{RESERVED}, got "$share/group/t"'),
 ])
 def test_invalid_topics(topic: Any, expected: str) -> None:
-    """Non-strings, empty topics, wildcards and NUL are rejected with what was received."""
+    """Non-strings, empty topics, wildcards, NUL, control characters, noncharacters, more
+    levels than Mosquitto accepts and broker-owned $ trees are rejected with what was
+    received: a broker drops the connection at such a publish, or silently discards it."""
     assert only_error(parse(entry(topic=topic))) == f'entry 1 (id "a"): {expected}'
 
 
@@ -158,14 +179,23 @@ def test_topic_with_lone_surrogate_is_rejected() -> None:
 
 
 def test_dollar_topic_is_a_warning_only() -> None:
-    """A topic starting with $ is accepted with a warning: brokers reserve that space."""
-    result = parse(entry(topic="$SYS/mine"))
+    """A topic starting with $ outside the broker-owned trees ($aws/..., $iothub/... are
+    legitimate on those clouds) is accepted with a warning."""
+    result = parse(entry(topic="$aws/things/gw01/shadow/update"))
     assert len(result.entries) == 1
     assert lines(result) == [
-        'entry 1 (id "a"): topic starts with "$", which brokers reserve for their own topics, '
-        'got "$SYS/mine"'
+        'entry 1 (id "a"): topic starts with "$": brokers reserve such topics, and subscribers '
+        'to "#" never get them, got "$aws/things/gw01/shadow/update"'
     ]
     assert result.warnings[0].field == "topic"
+
+
+@pytest.mark.parametrize("topic", ["/".join("l" * 200), "a\u200bb", "a\ue000b", "\u00a0",
+                                   "$SYSTEM/x", "a/$SYS", "emoji/\U0001f600"])
+def test_topics_brokers_accept_pass(topic: str) -> None:
+    """The limits are exact: 200 levels, format and private-use characters, U+00A0, and $SYS
+    as a prefix of a longer first level or below the first level all pass without error."""
+    assert parse(entry(topic=topic)).errors == ()
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -718,11 +748,34 @@ def test_bad_json_names_line_and_column() -> None:
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_literals_are_rejected(literal: str) -> None:
-    """Python's json accepts NaN and Infinity; the config does not."""
-    raw = f'[{{"id": "a", "topic": "t", "data": {{"x": {literal}}}, "interval": 1}}]'.encode()
-    with pytest.raises(ConfigFileError) as caught:
-        parse_config(raw, source="c.json")
-    assert str(caught.value) == f"c.json: {literal} is not valid JSON (use a number or null)"
+    """Python's json accepts NaN and Infinity; the config does not: the entry holding one is
+    rejected, named by position, id, path and line/column, and the next entry is kept."""
+    raw = (f'[\n  {{"id": "b", "topic": "t", "data": {{}}, "interval": 1}},\n'
+           f'  {{"id": "a", "topic": "t", "data": {{"x": [1, {literal}]}}, "interval": 1}},\n'
+           f'  {{"id": "c", "topic": "t", "data": {{}}, "interval": 1}}\n]').encode()
+    result = parse_config(raw, source="c.json")
+    assert lines(result) == [f'entry 2 (id "a"): data.x[1]: {literal} is not valid JSON (use a '
+                             'number or null) (line 3, column 3)']
+    assert [e.id for e in result.entries] == ["b", "c"]
+    assert result.invalid_ids == {"a"}  # its last good version keeps running
+    assert result.errors[0].field == "data"
+
+
+def test_refused_literal_in_an_entry_without_an_id_names_its_place() -> None:
+    """Without a usable id the entry is still named by position, line and column."""
+    result = parse_config(b'[{"interval": NaN}, {"id": "ok", "topic": "t", "data": {}, '
+                          b'"interval": 1}]')
+    assert lines(result) == ["entry 1: interval: NaN is not valid JSON (use a number or null) "
+                             "(line 1, column 2)"]
+    assert [e.id for e in result.entries] == ["ok"]
+
+
+def test_refused_literal_with_a_syntax_error_later_is_a_file_error() -> None:
+    """The other entries are kept only when the rest of the file reads: a syntax error after
+    the refused literal is still a file error, at its line and column."""
+    raw = b'[{"id": "a", "data": {"x": NaN}},\n {"id": "b" "topic": 1}]'
+    with pytest.raises(ConfigFileError, match="not valid JSON: Expecting ',' delimiter at line 2"):
+        parse_config(raw)
 
 
 def test_nan_inside_a_string_is_fine() -> None:
@@ -731,17 +784,33 @@ def test_nan_inside_a_string_is_fine() -> None:
 
 
 def test_very_deep_nesting_is_a_file_error() -> None:
-    """100000 nested arrays raise ConfigFileError, not RecursionError."""
-    with pytest.raises(ConfigFileError, match="JSON nesting is deeper than 64 levels"):
-        parse_config(b"[" * 100_000 + b"]" * 100_000)
+    """100000 nested arrays raise ConfigFileError naming where the element starts, not
+    RecursionError: too deep for the decoder to find where the element ends."""
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(b'[{"id": "a"},\n ' + b"[" * 100_000 + b"]" * 100_000 + b"]", source="c")
+    assert str(caught.value) == ("c: JSON nesting is deeper than 64 levels, in the element at "
+                                 "line 2, column 2")
 
 
 def test_nesting_limit_is_64_levels() -> None:
-    """64 levels parse (the entry is merely invalid); 65 levels are refused."""
+    """64 levels parse (the entry is merely invalid); at 65 levels that entry is refused."""
     result = parse_config(b"[" * 64 + b"]" * 64)
     assert lines(result) == ["entry 1: must be an object, got " + "[" * 59 + "…"]
-    with pytest.raises(ConfigFileError, match="deeper than 64 levels"):
-        parse_config(b"[" * 65 + b"]" * 65)
+    result = parse_config(b"[" * 65 + b"]" * 65)
+    assert lines(result) == ["entry 1: [0][0][0][0][0][0]…: JSON nesting is deeper than 64 "
+                             "levels (line 1, column 2)"]
+
+
+def test_data_nested_deeper_than_64_rejects_only_its_entry() -> None:
+    """One entry whose data is nested 70 deep is rejected by id and field; the others stay."""
+    deep = b'{"k": ' * 70 + b"1" + b"}" * 70
+    raw = (b'[{"id": "deep", "topic": "t", "interval": 1, "data": ' + deep + b"},\n"
+           b' {"id": "ok", "topic": "t", "data": {}, "interval": 1}]')
+    result = parse_config(raw)
+    assert lines(result) == ['entry 1 (id "deep"): data.k.k.k.k.k…: JSON nesting is deeper than '
+                             "64 levels (line 1, column 2)"]
+    assert [e.id for e in result.entries] == ["ok"]
+    assert result.invalid_ids == {"deep"}
 
 
 @pytest.mark.parametrize(("raw", "kind"), [
@@ -762,10 +831,17 @@ def test_empty_file(raw: bytes) -> None:
         parse_config(raw)
 
 
-def test_overlong_integer_is_a_file_error() -> None:
-    """An integer beyond Python's digit limit is reported, not raised as a bare ValueError."""
-    with pytest.raises(ConfigFileError, match="not valid JSON"):
-        parse_config(b"[" + b"9" * 5000 + b"]")
+def test_overlong_integer_rejects_only_its_entry() -> None:
+    """An integer beyond Python's digit limit is reported by entry, path and digit count, not
+    raised as a bare ValueError; the other entries are kept."""
+    raw = (b'[{"id": "ok", "topic": "t", "data": {}, "interval": 1},\n'
+           b' {"id": "big", "topic": "t", "data": {"n": -' + b"9" * 5000 + b'}, "interval": 1}]')
+    result = parse_config(raw)
+    limit = sys.get_int_max_str_digits()
+    assert lines(result) == [f'entry 2 (id "big"): data.n: an integer of 5000 digits is longer '
+                             f"than the {limit}-digit limit (line 2, column 2)"]
+    assert [e.id for e in result.entries] == ["ok"]
+    assert parse_config(b"[" + b"9" * 5000 + b"]").errors[0].position == 1
 
 
 # --- the loader and the sample file ----------------------------------------------------------
@@ -912,3 +988,19 @@ def test_structural_errors_after_good_entries_name_json_position(raw: bytes, exp
     with pytest.raises(ConfigFileError) as caught:
         parse_config(raw, source="c.json")
     assert str(caught.value) == f"c.json: not valid JSON: {expected}"
+
+
+def test_parse_config_steps_pauses_and_returns_the_same_result() -> None:
+    """Parsing in steps pauses once per `step` entries and ends with what parse_config gives."""
+    raw = json.dumps([entry(id=f"e{i}") for i in range(10)]).encode()
+    steps = parse_config_steps(raw, step=3)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result = done.value
+            break
+        pauses += 1
+    assert pauses == 3
+    assert result == parse_config(raw)

@@ -17,6 +17,8 @@ from scheduler_publisher.config import ConfigResult, PublishConfig, parse_config
 from scheduler_publisher.plan import (
     GRID_ANCHOR,
     Plan,
+    applied,
+    batches,
     diff,
     effective_entries,
     grid_start,
@@ -229,3 +231,34 @@ def test_grid_start_spreads_sub_second_intervals() -> None:
     offsets = {offset(f"fast-{n}", 0.1) for n in range(50)}
     assert len(offsets) > 20
     assert all(0 <= o < 0.1 for o in offsets)
+
+
+# --- batches: a large plan applied in parts ------------------------------------------------------
+
+
+def test_batches_cut_a_plan_into_parts_removals_first() -> None:
+    """Every change lands in exactly one batch of at most `size`, removals before the rest,
+    each kind in the plan's order."""
+    old = by_id(*(cfg(f"r{i}") for i in range(3)), cfg("s", interval=5), cfg("u"))
+    new = by_id(*(cfg(f"n{i}") for i in range(4)), cfg("s", interval=9),
+                cfg("u", data={"v": 2}))
+    plan = diff(old, new)
+    parts = list(batches(plan, 3))
+    assert [len(p.removed) + len(p.added) + len(p.rescheduled) + len(p.updated)
+            for p in parts] == [3, 3, 3]
+    order = [e.id for p in parts for e in (*p.removed, *p.added, *p.rescheduled, *p.updated)]
+    assert order == ["r0", "r1", "r2", "n0", "n1", "n2", "n3", "s", "u"]
+    assert list(batches(diff(old, old), 3)) == []
+
+
+def test_applying_every_batch_gives_the_new_entries() -> None:
+    """Applying the batches one after another ends exactly where the whole plan does; each
+    step in between holds every entry at its old or its new version, never a mix."""
+    old = by_id(*(cfg(f"k{i}", data={"v": 1}) for i in range(10)))
+    new = by_id(*(cfg(f"k{i}", data={"v": 2}) for i in range(0, 10, 2)),
+                *(cfg(f"n{i}") for i in range(5)))
+    current: dict[str, PublishConfig] = dict(old)
+    for part in batches(diff(old, new), 4):
+        current = applied(current, part)
+        assert all(current[i] in (old.get(i), new.get(i)) for i in current)
+    assert current == new

@@ -442,7 +442,7 @@ class _Recorder(FileSystemEventHandler):
     def __init__(self, path: Path) -> None:
         self.seen: list[FileSystemEvent] = []
         self.poked: list[FileSystemEvent] = []
-        self._filter = _Handler(str(path), lambda: self.poked.append(self.seen[-1]))
+        self._filter = _Handler((str(path),), lambda: self.poked.append(self.seen[-1]))
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.seen.append(event)
@@ -651,6 +651,29 @@ def test_distinct_problems_are_each_logged_once(
     assert job_ids(service) == {"a"}
 
 
+@pytest.mark.parametrize("refused", ["Infinity", "9" * 5000, '{"k": ' * 70 + "1" + "}" * 70])
+def test_entry_json_refuses_keeps_its_last_good_version_and_the_rest_applies(
+        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
+        topic_base: str, logs: LogEvents, refused: str) -> None:
+    """One Infinity, one 5,000-digit integer or one data nested 70 deep no longer makes the
+    whole file unusable: that entry is reported by id and line, keeps publishing its last good
+    version, and the other entry's edit reaches the wire."""
+    a = entry("a", f"{topic_base}/a", 0.3, data={"v": 1})
+    b = entry("b", f"{topic_base}/b", 0.3, data={"v": 1})
+    sub = subscribe()
+    service = start_service([a, b], watch=False)
+    good_b = json.dumps({**b, "data": {"v": 2}})
+    save_in_place(config, f'[\n{good_b},\n{json.dumps(a)[:-1]}, "extra": {refused}}}\n]')
+    assert service.reload_config() is True
+    (invalid,) = events(logs, "config_entry_invalid")
+    assert (invalid["entry_position"], invalid["entry_id"]) == (2, "a")
+    assert invalid["error"].endswith("(line 3, column 1)")
+    assert events(logs, "config_reload_failed") == []
+    sub.wait_for(b["topic"], where=lambda m: m.json()["v"] == 2, timeout=3)
+    sub.wait_for(a["topic"], count=count_on(sub, a["topic"]) + 2)  # the last good a
+    assert job_ids(service) == {"a", "b"}
+
+
 def test_invalid_entry_keeps_its_last_good_version(
         start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
         topic_base: str, logs: LogEvents) -> None:
@@ -766,10 +789,91 @@ def test_one_config_reloaded_event_lists_every_change(
     assert len(events(logs, "config_reloaded")) == 1
 
 
+def test_recovery_from_a_broken_file_is_logged_with_the_problem_and_its_duration(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """A good version applied after an unusable file logs one config_recovered naming what
+    was broken and for how long; a later good reload logs no second one."""
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], watch=False)
+    save_in_place(config, "[{")
+    assert service.reload_config() is False
+    started = time.monotonic()
+    assert service.reload_config() is False  # the same problem again: one broken spell
+    wait_until(lambda: time.monotonic() - started >= 0.2, 1, message="a measurable spell")
+    b = entry("b", f"{topic_base}/b", 30)
+    save_in_place(config, dump([a, b]))
+    assert service.reload_config() is True
+    (recovered,) = events(logs, "config_recovered")
+    assert "not valid JSON" in recovered["problem"]
+    assert recovered["broken_seconds"] >= 0.2
+    assert recovered["log_level"] == "info"
+    save_in_place(config, dump([b]))
+    assert service.reload_config() is True
+    assert len(events(logs, "config_recovered")) == 1
+
+
+def test_restoring_the_running_version_after_a_problem_is_a_recovery(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """Putting back the exact bytes that were running (chmod 000 then 644, a revert) ends the
+    broken spell too, though nothing needs applying."""
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], watch=False)
+    text = config.read_text()
+    save_in_place(config, "{}")
+    assert service.reload_config() is False
+    save_in_place(config, text)
+    assert service.reload_config() is True
+    (recovered,) = events(logs, "config_recovered")
+    assert "must be a JSON array of entries, got object" in recovered["problem"]
+    assert events(logs, "config_reloaded") == []
+
+
+def test_recovery_from_an_invalid_entry_is_logged(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """An entry-level error (its last good version kept) that a later save fixes ends with a
+    config_recovered naming the entry."""
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], watch=False)
+    save_in_place(config, dump([{**a, "interval": 0}]))
+    assert service.reload_config() is True  # applied in part: `a` keeps its last good version
+    assert service.reload_config() is True  # re-read unchanged: the entry is still broken
+    assert events(logs, "config_recovered") == []
+    save_in_place(config, dump([{**a, "interval": 60}]))
+    assert service.reload_config() is True
+    (recovered,) = events(logs, "config_recovered")
+    assert recovered["problem"].startswith('entry 1 (id "a"): interval must be between')
+
+
+@pytest.mark.parametrize("trigger", ["api", "http"])
+def test_manual_reload_that_finds_nothing_changed_logs_at_info(
+        start_service: StartService, topic_base: str, logs: LogEvents, trigger: str) -> None:
+    """A manual reload of an unchanged file says so at info, with who asked; the watcher's and
+    the safety re-read's unchanged reads stay silent."""
+    service = start_service([entry("a", f"{topic_base}/a", 30)], watch=False)
+    assert service.reload_config(trigger=trigger) is True
+    (unchanged,) = events(logs, "config_unchanged")
+    assert (unchanged["trigger"], unchanged["log_level"], unchanged["active_configs"]) == (
+        trigger, "info", 1)
+    service._mail.post_file_event()  # the watcher's poke: re-read after the debounce
+    wait_until(lambda: service._mail.file_poked_at is None, 5, message="the debounced re-read")
+    assert service.reload_config(trigger=trigger) is True  # queued behind the re-read
+    assert len(events(logs, "config_unchanged")) == 2
+
+
+def test_request_methods_do_not_claim_signal_handler_safety() -> None:
+    """request_stop and request_reload take locks, which is why cli.py calls them from a
+    thread; their docstrings say that instead of calling them signal-handler safe."""
+    for method in (PublisherService.request_stop, PublisherService.request_reload):
+        doc = " ".join((method.__doc__ or "").split())
+        assert "signal-handler safe" not in doc.lower()
+        assert "signal handler" in doc
+
+
 def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, config: Path,
                                          subscriber_factory: MakeSubscriber,
                                          topic_base: str) -> None:
-    """SIGHUP makes the real CLI process, running without a watcher, apply the edited file."""
+    """SIGHUP makes the real CLI process, running without a watcher, apply the edited file; a
+    second SIGHUP with nothing changed logs config_unchanged."""
     a = entry("a", f"{topic_base}/a", 3600)
     write_config(config, [a])
     sub = subscriber_factory(f"{topic_base}/#")
@@ -787,6 +891,9 @@ def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, conf
         reloaded = proc.wait_for_event("config_reloaded")
         assert (reloaded["added"], reloaded["removed"]) == (["b"], [])
         sub.wait_for(b["topic"], timeout=3)
+        proc.signal(signal.SIGHUP)  # nothing changed since: said at info, naming the signal
+        unchanged = proc.wait_for_event("config_unchanged")
+        assert (unchanged["trigger"], unchanged["log.level"]) == ("signal", "info")
         proc.signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
