@@ -152,6 +152,48 @@ def console_errors(browser: WebDriver) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
+# WCAG 2.1 contrast (1.4.3, AA) of every visible piece of text against the background it is
+# drawn on: 4.5:1, or 3:1 for large text. Returns what falls short.
+CONTRAST_CHECK = """
+const channel = (v) => {
+  v /= 255;
+  return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+};
+const rgba = (s) => (s.match(/[\\d.]+/g) || [0, 0, 0, 0]).map(Number).concat([1]).slice(0, 4);
+const luminance = ([r, g, b]) => 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b);
+const over = ([r, g, b, a], [R, G, B]) =>
+  [r * a + R * (1 - a), g * a + G * (1 - a), b * a + B * (1 - a), 1];
+function background(el) {
+  const layers = [];
+  for (let e = el; e; e = e.parentElement) {
+    const c = rgba(getComputedStyle(e).backgroundColor);
+    if (c[3] > 0) layers.push(c);
+    if (c[3] === 1) break;
+  }
+  return layers.reverse().reduce((below, c) => over(c, below), [255, 255, 255, 1]);
+}
+const short = [];
+for (const el of document.querySelectorAll('body *')) {
+  const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+  if (!(own || el.matches('input, select')) || !el.getClientRects().length) continue;
+  const style = getComputedStyle(el);
+  if (style.visibility === 'hidden' || el.closest('[hidden], .sr-only')) continue;
+  const bg = background(el);
+  const fg = over(rgba(style.color), bg);
+  const [hi, lo] = [luminance(fg), luminance(bg)].sort((a, b) => b - a);
+  const ratio = (hi + 0.05) / (lo + 0.05);
+  const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+  const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+  if (ratio < needed) short.push(`${el.tagName}#${el.id}.${el.className}: ${ratio.toFixed(2)}`);
+}
+return short;
+"""
+
+
+def contrast_failures(browser: WebDriver) -> list[str]:
+    return list(browser.execute_script(CONTRAST_CHECK))
+
+
 def get_json(port: int, path: str) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
@@ -252,7 +294,7 @@ def test_many_entries_are_paged_filtered_and_sorted(
 
 def test_the_problem_banner_follows_the_entries_file(
         start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        config_path: Path, topic_base: str) -> None:
+        config_path: Path, topic_base: str, tmp_path: Path) -> None:
     """A broken edit of the entries file shows a banner with the problem; fixing it hides it."""
     good = [entry("one", f"{topic_base}/one", 5)]
     service = start_service(good)
@@ -261,6 +303,8 @@ def test_the_problem_banner_follows_the_entries_file(
     config_path.write_text('[{"id": "one", "topic": ')
     wait_until(lambda: visible(browser, "problem"), WAIT, message="the problem banner")
     assert "config.json" in text(browser, "problem-text")
+    assert contrast_failures(browser) == []
+    browser.save_screenshot(str(tmp_path / "status-page-problem.png"))
     assert text(browser, "problem").startswith("Config problem:")
     write_config(config_path, [*good, entry("two", f"{topic_base}/two", 5)])
     wait_until(lambda: not visible(browser, "problem"), WAIT, message="the banner gone")
@@ -312,6 +356,41 @@ def test_reload_button_with_a_token(
     wait_until(lambda: text(browser, "reload-result") == "Reloaded: 2 entries active.", WAIT,
                message="reloaded with the token")
     assert service.active_configs == 2
+
+
+def test_page_passes_an_accessibility_check(
+        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        topic_base: str) -> None:
+    """Every control has a label, every sortable header is a button in a header with
+    aria-sort, text meets WCAG AA contrast, and the filter and sort work from the keyboard."""
+    service = start_service([entry("b", f"{topic_base}/b", 60), entry("a", f"{topic_base}/a", 60),
+                             entry("c", f"{topic_base}/c", 60)], http_token="t")
+    browser = page(service)
+    wait_rows(browser, lambda t: len(t) == 3, "three rows")
+    assert browser.execute_script("return document.documentElement.lang") == "en"
+    unlabelled = browser.execute_script(
+        "return [...document.querySelectorAll('input, select')]"
+        ".filter(e => !e.labels.length || !e.labels[0].textContent.trim()).map(e => e.id)")
+    assert unlabelled == []
+    headers = browser.find_elements(By.CSS_SELECTOR, "th[data-sort]")
+    assert len(headers) == 12
+    assert all(h.find_element(By.TAG_NAME, "button").text for h in headers)
+    assert contrast_failures(browser) == []
+
+    browser.find_element(By.TAG_NAME, "body").click()
+    for _ in range(40):  # Tab from the top until the filter box has the focus
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if browser.switch_to.active_element.get_attribute("id") == "filter":
+            break
+    else:
+        pytest.fail("Tab never reached the filter box")
+    browser.switch_to.active_element.send_keys("a")  # matches every topic, and the id `a`
+    browser.switch_to.active_element.send_keys(Keys.TAB)  # on to the first sort button
+    focused = browser.switch_to.active_element
+    assert focused.text == "Id"
+    focused.send_keys(Keys.SPACE)
+    wait_rows(browser, lambda t: [r[ID] for r in t] == ["c", "b", "a"], "id descending")
+    assert headers[0].get_attribute("aria-sort") == "descending"
 
 
 def test_page_fits_a_phone(

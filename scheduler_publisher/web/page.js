@@ -103,7 +103,8 @@ async function poll() {
     setText("fetch-error", `Cannot read /status: ${err.message}. Retrying.`);
     $("fetch-error").hidden = false;
   }
-  if (seq === state.seq) state.timer = setTimeout(poll, POLL_MS);
+  // A background tab stops polling; it catches up when shown again (visibilitychange).
+  if (seq === state.seq && !document.hidden) state.timer = setTimeout(poll, POLL_MS);
 }
 
 function render(status) {
@@ -305,6 +306,7 @@ function init() {
   $("next").addEventListener("click", () => { state.offset += state.limit; poll(); });
   $("page-size").addEventListener("change", (e) => { state.limit = Number(e.target.value); state.offset = 0; poll(); });
   $("reload-form").addEventListener("submit", reload);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
   poll();
 }
 
