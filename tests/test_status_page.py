@@ -35,6 +35,7 @@ from tests.support import (
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium: pip install -e '.[test]'")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -290,6 +291,11 @@ def test_many_entries_are_paged_filtered_and_sorted(
     assert text(browser, "page-info") == f"1{DASH}10 of 10 matching (of 2,000)"
     assert browser.find_element(By.ID, "next").get_attribute("disabled") is not None
     assert browser.execute_script("return document.querySelectorAll('#rows tr').length") == 10
+    asked = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(r => r.name)"
+        ".filter(n => new URL(n).pathname === '/status')")
+    assert asked
+    assert all("limit=50" in url for url in asked)  # never the whole snapshot
 
 
 def test_the_problem_banner_follows_the_entries_file(
@@ -377,18 +383,18 @@ def test_page_passes_an_accessibility_check(
     assert all(h.find_element(By.TAG_NAME, "button").text for h in headers)
     assert contrast_failures(browser) == []
 
-    browser.find_element(By.TAG_NAME, "body").click()
+    keyboard = ActionChains(browser)  # keys go to whatever has the focus, as a person types
+    browser.execute_script("document.activeElement.blur()")
     for _ in range(40):  # Tab from the top until the filter box has the focus
-        browser.switch_to.active_element.send_keys(Keys.TAB)
+        keyboard.send_keys(Keys.TAB).perform()
         if browser.switch_to.active_element.get_attribute("id") == "filter":
             break
     else:
         pytest.fail("Tab never reached the filter box")
-    browser.switch_to.active_element.send_keys("a")  # matches every topic, and the id `a`
-    browser.switch_to.active_element.send_keys(Keys.TAB)  # on to the first sort button
-    focused = browser.switch_to.active_element
-    assert focused.text == "Id"
-    focused.send_keys(Keys.SPACE)
+    keyboard.send_keys("a").perform()  # matches every topic, and the id `a`
+    keyboard.send_keys(Keys.TAB).perform()  # on to the first sort button
+    assert browser.switch_to.active_element.text == "Id"
+    keyboard.send_keys(Keys.SPACE).perform()
     wait_rows(browser, lambda t: [r[ID] for r in t] == ["c", "b", "a"], "id descending")
     assert headers[0].get_attribute("aria-sort") == "descending"
 
