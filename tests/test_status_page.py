@@ -320,7 +320,8 @@ def test_the_problem_banner_follows_the_entries_file(
 def test_reload_button_without_a_token(
         start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         config_path: Path, topic_base: str) -> None:
-    """Without --http-token-file the button reloads at once (no token field) and says so."""
+    """Without --http-token-file the button reloads at once (no token field) and says so; a
+    refused reload says why."""
     service = start_service([entry("one", f"{topic_base}/one", 5)], watch=False)
     browser = page(service)
     assert not visible(browser, "token-row")
@@ -331,6 +332,14 @@ def test_reload_button_without_a_token(
                message="the reload result")
     wait_rows(browser, lambda t: len(t) == 2, "the reloaded entry's row")
     assert service.active_configs == 2
+
+    config_path.write_text("[{]")
+    browser.find_element(By.ID, "reload").click()
+    wait_until(lambda: text(browser, "reload-result").startswith("Not applied: "), WAIT,
+               message="the refused reload's reason")
+    assert "not valid JSON" in text(browser, "reload-result")
+    wait_until(lambda: visible(browser, "problem"), WAIT, message="the problem banner")
+    assert len(rows(browser)) == 2  # the last good entries run on
 
 
 def test_reload_button_with_a_token(
