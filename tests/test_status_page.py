@@ -317,6 +317,25 @@ def test_the_problem_banner_follows_the_entries_file(
     wait_rows(browser, lambda t: [r[ID] for r in t] == ["one", "two"], "the new entry's row")
 
 
+def test_page_says_when_the_broker_or_the_service_is_gone(
+        start_service: ServiceStarter, broker: Mosquitto,
+        page: Callable[[PublisherService], WebDriver], topic_base: str) -> None:
+    """The badge turns to Disconnected with the broker down; with the service gone the page
+    keeps its last rows and says it cannot read /status."""
+    service = start_service([entry("one", f"{topic_base}/one", 5)])
+    browser = page(service)
+    wait_until(lambda: text(browser, "conn-state") == "Connected", WAIT, message="connected")
+    broker.stop()
+    wait_until(lambda: text(browser, "conn-state") == "Disconnected", WAIT,
+               message="the badge says disconnected")
+    assert "badge-down" in str(browser.find_element(By.ID, "conn-state").get_attribute("class"))
+    assert contrast_failures(browser) == []
+    service.stop()
+    wait_until(lambda: visible(browser, "fetch-error"), WAIT, message="the fetch error")
+    assert text(browser, "fetch-error").startswith("Cannot read /status")
+    assert column(browser, ID) == ["one"]
+
+
 def test_reload_button_without_a_token(
         start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         config_path: Path, topic_base: str) -> None:
