@@ -329,6 +329,7 @@ def test_page_says_when_the_broker_or_the_service_is_gone(
     wait_until(lambda: text(browser, "conn-state") == "Disconnected", WAIT,
                message="the badge says disconnected")
     assert "badge-down" in str(browser.find_element(By.ID, "conn-state").get_attribute("class"))
+    wait_rows(browser, lambda t: t[0][CONNECTION] == "main: down", "the entry's link down")
     assert contrast_failures(browser) == []
     service.stop()
     wait_until(lambda: visible(browser, "fetch-error"), WAIT, message="the fetch error")
@@ -425,6 +426,24 @@ def test_page_passes_an_accessibility_check(
     keyboard.send_keys(Keys.SPACE).perform()
     wait_rows(browser, lambda t: [r[ID] for r in t] == ["c", "b", "a"], "id descending")
     assert headers[0].get_attribute("aria-sort") == "descending"
+
+
+def test_times_are_told_by_the_service_s_clock(
+        start_service: ServiceStarter, browser: WebDriver,
+        page: Callable[[PublisherService], WebDriver], topic_base: str) -> None:
+    """With the browser's clock an hour ahead of the gateway's, "last published" still says
+    seconds ago, not an hour: the page reads the service's clock from each answer's Date."""
+    ahead = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
+        "source": "const realNow = Date.now; Date.now = () => realNow() + 3600e3;"})
+    try:
+        service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+        page(service)
+        assert browser.execute_script("return Date.now() - new Date().getTime()") > 3500e3
+        wait_rows(browser, lambda t: t[0][PUBLISHED] not in ("0", "1"), "a few publishes")
+        assert rows(browser)[0][LAST] in ("just now", "1s ago", "2s ago", "3s ago")
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                                {"identifier": ahead["identifier"]})
 
 
 def test_page_fits_a_phone(

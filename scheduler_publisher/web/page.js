@@ -25,7 +25,8 @@ const BAD_WHEN_NONZERO = new Set(["Errors", "Dropped", "Missed"]);
 
 const state = {
   offset: 0, limit: 50, q: "", sort: "id", order: "asc",
-  matched: 0, seq: 0, timer: null, samples: [], clockSkewS: 0,
+  matched: 0, seq: 0, timer: null, samples: [],
+  skewMs: 0, // the service's clock minus this browser's, from the Date header of each answer
 };
 const $ = (id) => document.getElementById(id);
 
@@ -57,7 +58,7 @@ function schedule(e) {
 
 function ago(unixSeconds) {
   if (!unixSeconds) return "never";
-  const seconds = Math.max(0, Date.now() / 1000 - unixSeconds);
+  const seconds = Math.max(0, (Date.now() + state.skewMs) / 1000 - unixSeconds);
   return seconds < 1 ? "just now" : `${duration(seconds)} ago`;
 }
 
@@ -68,7 +69,7 @@ function lateness(e) {
 // /status has no per-entry connection state; an lwt entry's own connection is known to be up
 // when every connection is, and named when the status lists it among those without one.
 function linkState(id, e, status) {
-  if (!e.lwt) return "main";
+  if (!e.lwt) return status.connected ? "main" : "main: down";
   const c = status.connection || {};
   const down = ((c.entries_without_connection || {}).lwt_entries || {})[id];
   if (down !== undefined) return `down: ${down}`;
@@ -96,6 +97,10 @@ async function poll() {
     const body = await reply.json();
     if (seq !== state.seq) return; // a newer request (filter, sort, page) went out meanwhile
     if (!reply.ok) throw new Error(body.error || `HTTP ${reply.status}`);
+    const served = Date.parse(reply.headers.get("Date"));
+    // The header has whole seconds: a skew under 2 s is noise, and "ago" would jitter.
+    const skew = Number.isNaN(served) ? 0 : served - Date.now();
+    state.skewMs = Math.abs(skew) > 2000 ? skew : 0;
     render(body);
     $("fetch-error").hidden = true;
   } catch (err) {
