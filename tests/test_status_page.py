@@ -486,6 +486,13 @@ def test_page_and_assets_carry_a_strict_policy(start_service: ServiceStarter,
     with urllib.request.urlopen(base + "/", timeout=10) as r:
         html = r.read().decode()
     assert 'data-token-required="yes"' in html
+    head = urllib.request.Request(base + "/", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as r:
+        assert r.status == 200
+        assert int(r.headers["Content-Length"]) == len(html.encode())
+        assert r.read() == b""
+    with urllib.request.urlopen(base + "/status", timeout=10) as r:
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
     assert "<script>" not in html
     assert "style=" not in html
     assert "script-src 'self'" in PAGE_POLICY
