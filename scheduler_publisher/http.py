@@ -7,6 +7,10 @@ Bound to loopback by default. Threads, and what each may cost:
   read the service's state, or ask the main loop to reload. When they and the queue in front
   of them are all taken, a new request gets a 503 at once: clients never cost a thread each.
 Connections are HTTP/1.0, one request each.
+
+`/` is a status page for people (scheduler_publisher/web/): static HTML, CSS and JavaScript
+that poll `/status` for one page of entries at a time. Its Content-Security-Policy allows
+scripts, styles and requests from this origin only, so entry-provided text cannot run.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from functools import cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -29,6 +35,7 @@ from prometheus_client import make_wsgi_app
 
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.metrics import PerEntrySwitch, build_registry
+from scheduler_publisher.status_query import QueryError, parse_query, select
 
 if TYPE_CHECKING:
     from scheduler_publisher.service import PublisherService
@@ -51,12 +58,25 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 GET = ("GET", "HEAD")
 # path -> (methods, handler)
 ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
+    "/": (GET, "_page"),
+    "/page.js": (GET, "_asset"),
+    "/page.css": (GET, "_asset"),
     "/health": (GET, "_health"),
     "/ready": (GET, "_ready"),
     "/status": (GET, "_status"),
     "/metrics": (GET, "_metrics"),
     "/reload": (("POST",), "_reload"),
 }
+# path -> (file in scheduler_publisher/web, content type)
+ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+          "/page.css": ("page.css", "text/css; charset=utf-8")}
+# The page's only script and style sheet are the files above: no inline code, nothing from
+# another origin (gateways are often offline), and fetch() only to this server.
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# The page learns from this attribute whether the reload button must ask for a token.
+_TOKEN_MARK = b'data-token-required="no"'
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Retry-After: 1\r\nConnection: close\r\n\r\n"
          b'{"error": "too many requests in progress; try again"}')
@@ -67,6 +87,12 @@ def bearer_matches(header: str | None, token: str) -> bool:
     scheme, _, credentials = (header or "").strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
         credentials.strip().encode("utf-8", "replace"), token.encode())
+
+
+@cache
+def asset(name: str) -> bytes:
+    """A file of the status page, read once from the package (works from a wheel too)."""
+    return resources.files("scheduler_publisher").joinpath("web", name).read_bytes()
 
 
 class StatusServer:
@@ -330,7 +356,31 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200 if connected else 503, {"ready": connected})
 
     def _status(self) -> None:
-        self._json(200, self.app.service.get_status())
+        """The whole snapshot, or one page of its entries when the query asks for one."""
+        try:
+            query = parse_query(urlsplit(self.path).query)
+        except QueryError as exc:
+            self._json(400, exc.as_dict())
+            return
+        status = self.app.service.get_status()
+        self._json(200, status if query is None else select(status, query))
+
+    def _page(self) -> None:
+        body = asset(ASSETS["/"][0])
+        if self.app.token is not None:
+            body = body.replace(_TOKEN_MARK, b'data-token-required="yes"')
+        self._send_asset("/", body)
+
+    def _asset(self) -> None:
+        path = urlsplit(self.path).path
+        self._send_asset(path, asset(ASSETS[path][0]))
+
+    def _send_asset(self, path: str, body: bytes) -> None:
+        # no-cache: revalidate, so an upgraded service never runs with last version's script.
+        self._send(200, body, [("Content-Type", ASSETS[path][1]),
+                               ("Content-Security-Policy", PAGE_POLICY),
+                               ("Cache-Control", "no-cache"),
+                               ("Referrer-Policy", "no-referrer")])
 
     def _metrics(self) -> None:
         """prometheus_client's own WSGI app answers: gzip when the scraper accepts it, and the
@@ -366,6 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, code: int, body: bytes, headers: list[tuple[str, str]]) -> None:
         """HEAD gets the headers a GET would, with the same Content-Length, and no body."""
         self.send_response(code)
+        self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in headers:
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))

@@ -6,6 +6,7 @@ sdist first, then the wheel from the unpacked sdist), so nothing is fetched from
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -110,12 +111,14 @@ def test_sdist_test_suite_collects_and_runs(built: Built) -> None:
 
 
 def test_wheel_carries_licence_unit_sample_and_py_typed(built: Built) -> None:
-    """The wheel has py.typed, the unit, the sample config, LICENSE and License-File metadata."""
+    """The wheel has py.typed, the unit, the sample config, the status page, LICENSE and
+    License-File metadata."""
     names = wheel_names(built)
     dist_info = f"scheduler_publisher-{__version__}.dist-info"
     for name in ("scheduler_publisher/py.typed", "scheduler_publisher/data/scheduler-publisher"
                  ".service", "scheduler_publisher/data/payloadStaticConfig.json",
-                 f"{dist_info}/LICENSE"):
+                 f"{dist_info}/LICENSE", *(f"scheduler_publisher/web/{page}" for page in
+                                           ("index.html", "page.css", "page.js"))):
         assert name in names, name
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
     with zipfile.ZipFile(built.wheel) as whl:
@@ -158,6 +161,18 @@ def test_installed_wheel_runs_from_its_own_files(installed: Path, tmp_path: Path
     version = gateway(installed, tmp_path, "--version")
     assert version.returncode == 0
     assert version.stdout.splitlines()[0] == f"scheduler-publisher {__version__}"
+
+
+def test_installed_wheel_serves_the_status_page_from_its_files(installed: Path,
+                                                               tmp_path: Path) -> None:
+    """The status page's files are read from the installed package, byte for byte."""
+    code = ("from scheduler_publisher.http import ASSETS, asset; import hashlib; "
+            "print(*(hashlib.sha256(asset(f)).hexdigest() for f, _ in ASSETS.values()))")
+    result = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path,
+                            capture_output=True, text=True, check=True)
+    web = REPO / "scheduler_publisher" / "web"
+    assert result.stdout.split() == [hashlib.sha256((web / f).read_bytes()).hexdigest()
+                                     for f in ("index.html", "page.js", "page.css")]
 
 
 def test_wheel_install_validates_its_sample_without_the_git_tree(installed: Path,

@@ -1,0 +1,138 @@
+"""The `/status` query parameters: parsing (bad values named) and the page they select."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scheduler_publisher.status_query import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    QueryError,
+    StatusQuery,
+    parse_query,
+    select,
+)
+
+
+def status(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"active_configs": len(entries), "connected": True, "entries": entries}
+
+
+def stats(topic: str, published: int | None = None, max_ms: float | None = None) -> dict[str, Any]:
+    """An entry as get_status() shows it; one that never ticked has no counters."""
+    e: dict[str, Any] = {"topic": topic, "interval": 1.0, "qos": 0, "retain": False,
+                         "lwt": False, "next_run_at": None}
+    if published is not None:
+        e |= {"published": published, "errors": 0, "dropped": 0, "missed": 0,
+              "last_published_at": 1.0, "lateness": {"count": 1, "mean_ms": 0.0,
+                                                     "max_ms": max_ms or 0.0}}
+    return e
+
+
+def test_no_query_means_the_whole_snapshot() -> None:
+    """An empty query string selects nothing: /status answers as it always has."""
+    assert parse_query("") is None
+
+
+def test_defaults_fill_what_the_query_leaves_out() -> None:
+    """Any one parameter turns paging on; the others take their defaults."""
+    assert parse_query("q=Kitchen") == StatusQuery(0, DEFAULT_LIMIT, "kitchen", "id", "asc")
+    assert parse_query("offset=100&limit=1000&sort=published&order=desc") == \
+        StatusQuery(100, MAX_LIMIT, "", "published", "desc")
+
+
+@pytest.mark.parametrize(("query", "parameter", "received", "expected"), [
+    ("offset=-1", "offset", "-1", "an integer of at least 0"),
+    ("offset=ten", "offset", "ten", "an integer of at least 0"),
+    ("offset=", "offset", "", "an integer of at least 0"),
+    ("offset=%D9%A3", "offset", "\u0663", "an integer of at least 0"),  # an Arabic-Indic 3
+    ("limit=0", "limit", "0", "an integer from 1 to 1000"),
+    ("limit=1001", "limit", "1001", "an integer from 1 to 1000"),
+    ("limit=1.5", "limit", "1.5", "an integer from 1 to 1000"),
+    ("sort=colour", "sort", "colour", "one of id, topic, interval"),
+    ("order=up", "order", "up", "one of asc, desc"),
+    ("page=2", "page", "page", "one of the parameters offset, limit, q, sort, order"),
+    ("limit=5&limit=6", "limit", "5, 6", "the parameter at most once"),
+    ("q=" + "x" * 201, "q", "x" * 40 + "…", "at most 200 characters"),
+])
+def test_a_bad_parameter_is_named_with_what_came_and_what_is_expected(
+        query: str, parameter: str, received: str, expected: str) -> None:
+    """Each bad value raises one error naming the parameter, the value and what would do."""
+    with pytest.raises(QueryError) as caught:
+        parse_query(query)
+    error = caught.value.as_dict()
+    assert error["parameter"] == parameter
+    assert error["received"] == received
+    assert error["expected"].startswith(expected)
+    assert error["error"] == f"{parameter}: expected {error['expected']}, got {received!r}"
+
+
+def test_the_filter_matches_id_or_topic_ignoring_case() -> None:
+    """`q` keeps the entries whose id or topic contains it, whatever the case."""
+    snapshot = status({"Kitchen": stats("home/a"), "hall": stats("home/KITCHEN/b"),
+                       "porch": stats("home/c")})
+    page = select(snapshot, StatusQuery(q="kitchen"))
+    assert page["page"]["ids"] == ["Kitchen", "hall"]  # code point order, as Python sorts
+    assert list(page["entries"]) == ["Kitchen", "hall"]
+    assert page["page"]["matched"] == 2
+    assert page["page"]["total"] == 3
+    assert page["active_configs"] == 3  # the rest of the snapshot is untouched
+
+
+def test_sorting_puts_missing_values_last_and_breaks_ties_by_id() -> None:
+    """Sorted by a counter both ways: entries that never ticked come last, equal ones by id."""
+    snapshot = status({"c": stats("t/c", 5), "a": stats("t/a", 5), "new": stats("t/n"),
+                       "b": stats("t/b", 9)})
+    ascending = select(snapshot, StatusQuery(sort="published"))
+    descending = select(snapshot, StatusQuery(sort="published", order="desc"))
+    assert ascending["page"]["ids"] == ["a", "c", "b", "new"]
+    assert descending["page"]["ids"] == ["b", "a", "c", "new"]
+    assert list(descending["entries"]) == descending["page"]["ids"]
+
+
+def test_sorting_by_max_lateness_reads_the_nested_value() -> None:
+    """`max_lateness_ms` sorts by lateness.max_ms."""
+    snapshot = status({"a": stats("t/a", 1, 30.0), "b": stats("t/b", 1, 2.5),
+                       "c": stats("t/c", 1, 700.0)})
+    page = select(snapshot, StatusQuery(sort="max_lateness_ms", order="desc"))
+    assert page["page"]["ids"] == ["c", "a", "b"]
+
+
+def test_offset_and_limit_slice_the_sorted_list() -> None:
+    """A page is `limit` entries from `offset`; past the end it is empty, counts still right."""
+    snapshot = status({f"e{i:02d}": stats(f"t/{i}") for i in range(30)})
+    page = select(snapshot, StatusQuery(offset=25, limit=10))
+    assert page["page"]["ids"] == [f"e{i}" for i in range(25, 30)]
+    beyond = select(snapshot, StatusQuery(offset=40, limit=10))
+    assert beyond["page"]["ids"] == []
+    assert beyond["entries"] == {}
+    assert beyond["page"]["matched"] == 30
+
+
+entry_maps = st.dictionaries(
+    st.text(alphabet="abcXYZ01", min_size=1, max_size=4),
+    st.builds(stats, st.text(alphabet="ab/", min_size=1, max_size=5),
+              st.none() | st.integers(0, 3)),
+    max_size=25)
+
+
+@given(entries=entry_maps, q=st.sampled_from(["", "a", "B", "/"]),
+       sort=st.sampled_from(["id", "topic", "published", "max_lateness_ms"]),
+       order=st.sampled_from(["asc", "desc"]), limit=st.integers(1, 7))
+def test_pages_cover_every_match_exactly_once(entries: dict[str, dict[str, Any]], q: str,
+                                              sort: str, order: Any, limit: int) -> None:
+    """Walking the pages visits each matching entry once, in the same order as one big page."""
+    snapshot = status(entries)
+    query = StatusQuery(limit=MAX_LIMIT, q=q.casefold(), sort=sort, order=order)
+    whole = select(snapshot, query)["page"]["ids"]
+    walked: list[str] = []
+    for offset in range(0, len(entries) + limit, limit):
+        walked += select(snapshot, StatusQuery(offset, limit, query.q, sort, order))["page"]["ids"]
+    assert walked == whole
+    assert len(set(whole)) == len(whole)
+    assert all(q.casefold() in i.casefold() or q.casefold() in entries[i]["topic"].casefold()
+               for i in whole)
