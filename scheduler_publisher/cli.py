@@ -201,7 +201,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     broker = BrokerSettings(
         host="127.0.0.1" if args.embedded_broker else args.broker,
         port=args.port or (8883 if ctx else 1883),
-        client_id=args.client_id or default_client_id(), username=args.username,
+        client_id=args.client_id or default_client_id(args.config), username=args.username,
         password=password, protocol=protocol, keepalive=args.keepalive,
         backoff_min=args.backoff_min, backoff_max=args.backoff_max,
         max_retries=args.max_retries, will_delay=args.will_delay,

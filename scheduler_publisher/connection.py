@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.link import Link, LinkState, Will
+from scheduler_publisher.link import MAIN_LINK, Link, LinkKey, LinkState, Will
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.network import NetworkLoop
 from scheduler_publisher.settings import BrokerSettings
@@ -27,7 +27,6 @@ from scheduler_publisher.stats import Stats
 
 log = get_logger("scheduler_publisher.connection")
 
-MAIN = "main"
 BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
 MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
 # Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
@@ -35,6 +34,7 @@ MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while di
 MAX_PENDING_PER_ENTRY = 4
 STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
+STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
 
 
 def entry_will(entry: PublishConfig) -> Will:
@@ -58,6 +58,8 @@ class MQTTConnectionManager:
         self._draining = False
         self._started = False
         self._gave_up = False
+        self._conflicts_warned: set[LinkKey] = set()
+        self._broker = f"{settings.host}:{settings.port}"
 
     # ---- public API (any thread) ------------------------------------------------------------
     def connect(self, wait: float = 0.0) -> bool:
@@ -89,9 +91,12 @@ class MQTTConnectionManager:
         snapshot = dict(entries)
         self._loop.call_soon(lambda: self._apply_entries(snapshot))
 
-    def publish_entry(self, entry_id: str) -> None:
-        """The scheduler's tick: publish the entry's current version (network thread decides)."""
-        self._loop.call_soon(lambda: self._publish_entry(entry_id))
+    def publish_entry(self, entry_id: str, lateness: float | None = None,
+                      missed: int = 0) -> None:
+        """The scheduler's tick: publish the entry's current version (network thread decides).
+        `lateness` and `missed` describe the tick; the network thread counts them, as the one
+        writer of the entry's counters (stats.py)."""
+        self._loop.call_soon(lambda: self._tick(entry_id, lateness, missed))
 
     def disconnect(self, timeout: float = 3.0) -> None:
         """Graceful stop: let in-flight QoS>0 messages reach the broker, announce every lwt
@@ -114,29 +119,75 @@ class MQTTConnectionManager:
         return len(links), sum(1 for lk in links if lk.state is LinkState.CONNECTED)
 
     def status(self) -> dict[str, Any]:
-        total, up = self.connection_counts()
-        main = self._loop.links.get(MAIN)
-        return {"connected": self.is_connected(), "connections": total, "connections_up": up,
-                "broker": f"{self.settings.host}:{self.settings.port}",
+        """Any thread: a view built from the network thread's links (read, never changed)."""
+        links = list(self._loop.links.values())
+        main = self._loop.links.get(MAIN_LINK)
+        down = [lk for lk in links if not lk.key.is_main and lk.state is not LinkState.CONNECTED]
+        conflicts = [lk.conflict for lk in links if lk.conflict is not None]
+        return {"connected": self.is_connected(), "connections": len(links),
+                "connections_up": sum(1 for lk in links if lk.state is LinkState.CONNECTED),
+                "broker": self._broker,
                 "protocol": self.settings.protocol, "client_id": self.settings.client_id,
-                "last_error": main.last_error if main else None}
+                "last_error": main.last_error if main else None,
+                "client_id_conflict": conflicts[0] if conflicts else None,
+                "entries_without_connection": self._unconnected(main, down)}
+
+    def _unconnected(self, main: Link | None, down: list[Link]) -> dict[str, Any]:
+        entries = self._entries  # a reference the network thread swaps whole
+        shared = 0 if main is not None and main.state is LinkState.CONNECTED else \
+            sum(1 for e in entries.values() if not e.lwt)
+        named = sorted(down, key=lambda lk: lk.key.entry_id or "")[:STATUS_SAMPLE]
+        return {"count": shared + len(down), "main_connection_down": shared > 0,
+                "lwt_entries": {lk.key.entry_id: lk.last_error or lk.state.value
+                                for lk in named},
+                "lwt_entries_total": len(down)}
+
+    def health_warnings(self) -> list[str]:
+        """What an operator should know that is not a liveness problem: connections that are
+        not up, and why; a suspected client-id conflict."""
+        status = self.status()
+        warnings = []
+        if status["client_id_conflict"]:
+            warnings.append(status["client_id_conflict"])
+        unconnected = status["entries_without_connection"]
+        if unconnected["main_connection_down"]:
+            warnings.append(f"main connection to {self._broker} is not up "
+                            f"({status['last_error'] or 'connecting'}): entries without lwt "
+                            "and the status topic are not published")
+        if unconnected["lwt_entries_total"]:
+            named = ", ".join(f"{i} ({why})" for i, why in unconnected["lwt_entries"].items())
+            more = unconnected["lwt_entries_total"] - len(unconnected["lwt_entries"])
+            warnings.append(f"{unconnected['lwt_entries_total']} lwt entries have no "
+                            f"connection: {named}" + (f" and {more} more" if more else ""))
+        return warnings
 
     # ---- network thread ---------------------------------------------------------------------
     def _open_main(self) -> None:
         topic = self.settings.effective_status_topic
-        self._loop.open(MAIN, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
+        self._loop.open(MAIN_LINK, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
 
     def _open_entry_link(self, entry: PublishConfig) -> None:
-        self._loop.open(entry.id, self.settings.entry_client_id(entry.id), entry_will(entry))
+        self._loop.open(LinkKey(entry.id), self.settings.entry_client_id(entry.id),
+                        entry_will(entry))
 
     def _link_for(self, entry: PublishConfig) -> Link | None:
-        return self._loop.links.get(entry.id if entry.lwt else MAIN)
+        return self._loop.links.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
+
+    def _tick(self, entry_id: str, lateness: float | None, missed: int) -> None:
+        if lateness is not None:
+            self.stats.record_tick(entry_id, lateness, missed)
+        self._publish_entry(entry_id)
 
     def _publish_entry(self, entry_id: str) -> None:
         entry = self._entries.get(entry_id)
         if entry is None:
             return  # removed since the tick was queued
         link = self._link_for(entry)
+        if link is not None and link.state is LinkState.CONNECTED and \
+                time.monotonic() - link.connected_at < entry.interval / 2:
+            # The connect published the entry (the birth burst) moments ago: a grid slot this
+            # close would publish it twice within half its interval (issue 11 #5).
+            return
         if link is None or link.state is not LinkState.CONNECTED or \
                 link.pending.get(entry_id, 0) >= MAX_PENDING_PER_ENTRY:
             # Down, or up but stalled (the broker stopped reading or acknowledging): paho's
@@ -154,7 +205,7 @@ class MQTTConnectionManager:
             self.stats.record_error(entry.id, "publish refused by the client")
 
     def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
-        main = self._loop.links.get(MAIN)
+        main = self._loop.links.get(MAIN_LINK)
         if main is not None and main.state is LinkState.CONNECTED:
             self._loop.publish(main, topic, data, qos, retain, None)
         elif qos > 0:
@@ -166,13 +217,14 @@ class MQTTConnectionManager:
     def _apply_entries(self, new: dict[str, PublishConfig]) -> None:
         old, self._entries = self._entries, new
         for entry_id, entry in new.items():
+            self.stats.add_entry(entry_id)
             self._apply_one(old.get(entry_id), entry)
         for entry_id, gone in old.items():
             if entry_id not in new:
                 self._remove_one(gone)
 
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
-        link = self._loop.links.get(entry.id)
+        link = self._loop.links.get(LinkKey(entry.id))
         if entry.lwt and link is None:
             self._open_entry_link(entry)  # publishes on connect
             return
@@ -197,15 +249,15 @@ class MQTTConnectionManager:
                 self._send(target, entry)
 
     def _remove_one(self, gone: PublishConfig) -> None:
-        link = self._loop.links.get(gone.id)
+        link = self._loop.links.get(LinkKey(gone.id))
         if gone.lwt and link is not None:
             self._loop.close(link, with_will=True)  # subscribers see it go offline
         if self._clear_retained and gone.retain:
             self._publish_raw(gone.topic, b"", 1, True)  # an empty retained payload clears it
-        self.stats.entries.pop(gone.id, None)
+        self.stats.remove_entry(gone.id)
 
     def _birth(self, link: Link) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._loop.publish(link, self.settings.effective_status_topic, STATUS_ONLINE, 1, True,
                                None)
             pending, self._pending_raw = self._pending_raw, OrderedDict()
@@ -213,7 +265,7 @@ class MQTTConnectionManager:
                 self._loop.publish(link, topic, data, qos, retain, None)
             ids = [i for i, e in self._entries.items() if not e.lwt]
         else:
-            ids = [link.key]
+            ids = [link.key.entry_id] if link.key.entry_id is not None else []
         self._birth_chunk(link, ids, 0)
 
     def _birth_chunk(self, link: Link, ids: list[str], start: int) -> None:
@@ -243,31 +295,55 @@ class MQTTConnectionManager:
 
     # ---- LinkListener (network thread) ------------------------------------------------------
     def link_up(self, link: Link) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._main_up.set()
-            log.info("mqtt_connected", broker=f"{self.settings.host}:{self.settings.port}",
-                     client_id=link.client_id)
+            log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
         self._birth(link)
 
     def link_down(self, link: Link, reason: str, was_up: bool) -> None:
         if was_up:
             self.stats.record_reconnect()
-        if link.key == MAIN:
+            self._report_conflict(link)
+        if link.key.is_main:
             self._main_up.clear()
             if was_up:
-                log.warning("mqtt_disconnected", reason=reason)
+                log.warning("mqtt_disconnected", reason=reason, broker=self._broker,
+                            client_id=link.client_id,
+                            retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
             else:
                 self._failed_attempt(link, reason)
+        elif was_up:
+            log.debug("entry_connection_lost", entry_id=link.key.entry_id, reason=reason,
+                      broker=self._broker)
+        else:
+            self.link_refused(link, reason)
+
+    def _report_conflict(self, link: Link) -> None:
+        """One warning per connection and conflict, however often the broker drops it."""
+        if link.conflict is None:
+            self._conflicts_warned.discard(link.key)
+        elif link.key not in self._conflicts_warned:
+            self._conflicts_warned.add(link.key)
+            log.warning("mqtt_client_id_conflict", client_id=link.client_id,
+                        broker=self._broker, reason=link.conflict,
+                        hint="give each process its own --client-id")
 
     def link_refused(self, link: Link, reason: str) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._failed_attempt(link, reason)
-        else:
-            log.debug("entry_connection_failed", entry_id=link.key, reason=reason)
+            return
+        # At warning once per connection and cause (the main connection is up, or the entry
+        # links would not be trying: this is about this entry, not a broker outage).
+        emit = log.debug if link.warned_error == reason else log.warning
+        link.warned_error = reason
+        emit("entry_connection_failed", entry_id=link.key.entry_id, reason=reason,
+             broker=self._broker, client_id=link.client_id,
+             retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
 
     def _failed_attempt(self, link: Link, reason: str) -> None:
         attempts = link.backoff.failures
-        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts,
+        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts, broker=self._broker,
+                    client_id=link.client_id,
                     retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
         limit = self.settings.max_retries
         if limit is not None and attempts >= limit and not self._gave_up:
@@ -276,7 +352,7 @@ class MQTTConnectionManager:
                 self._on_give_up(reason)
 
     def link_closed(self, link: Link) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._main_up.clear()
         if not self._loop.links:
             self._all_closed.set()

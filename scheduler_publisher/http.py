@@ -132,7 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.app.service
         if self.path == "/health":
             problems = service.health_problems()
-            self._json(503 if problems else 200, {"ok": not problems, "problems": problems})
+            self._json(503 if problems else 200, {"ok": not problems, "problems": problems,
+                                                  "warnings": service.health_warnings()})
         elif self.path == "/ready":
             connected = service.is_connected()
             self._json(200 if connected else 503, {"ready": connected})
