@@ -299,7 +299,6 @@ class NetworkLoop:
                                  f"probably using client id {link.client_id}")
         elif lived >= STABLE_AFTER:
             link.flaps = 0
-            link.conflict = None
 
     def _retry_later(self, link: Link) -> None:
         self._wait(link, time.monotonic() + link.backoff.next_delay())
@@ -468,6 +467,15 @@ class NetworkLoop:
                 self._force_close(link, "no answer from the broker for 1.5x keepalive")
             elif link.state in (LinkState.CONNECTED, LinkState.CLOSING):
                 link.client.loop_misc()
+                if link.conflict is not None and now - link.connected_at >= STABLE_AFTER:
+                    self._settled(link)
+
+    @staticmethod
+    def _settled(link: Link) -> None:
+        """Up long enough: whoever shared the client id has gone."""
+        link.conflict = None
+        link.flaps = 0
+        link.backoff.reset()
 
     @staticmethod
     def _silent(link: Link, now: float) -> bool:
