@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +35,45 @@ MAX_PENDING_PER_ENTRY = 4
 STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
 STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
+# DISCONNECT reasons by which an MQTT 5 broker blames a packet we sent (MQTT 5.0 §3.14.2.1):
+# malformed packet, protocol error, topic name invalid, packet too large, payload format
+# invalid, retain not supported, QoS not supported.
+PACKET_FAULTS = frozenset({0x81, 0x82, 0x90, 0x95, 0x99, 0x9A, 0x9B})
+RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attribution
+SUSPECT_DROPS = 5  # drops after which a few entries that cannot be told apart are all guilty
+SUSPECT_GROUP = 5
+SUSPECT_MEMORY = 60.0  # seconds after which an unresolved suspicion is forgotten
+
+
+class FaultAttribution:
+    """Which entry gets the shared connection dropped (issue 11 #13). Pure bookkeeping: each
+    drop the broker blames on one of our packets names the entries published just before it;
+    the culprit is in every such set, so the sets are intersected until one entry is left (or
+    a few that always went out together, after SUSPECT_DROPS drops)."""
+
+    def __init__(self) -> None:
+        self._suspects: frozenset[str] = frozenset()
+        self.drops = 0
+        self._last = 0.0  # monotonic time of the last blamed drop
+
+    def suspects(self, now: float) -> frozenset[str]:
+        return self._suspects if now - self._last < SUSPECT_MEMORY else frozenset()
+
+    def observe(self, published: set[str], now: float) -> set[str]:
+        """One blamed drop, with the entries published just before it; returns the guilty."""
+        if not published:
+            return set()
+        if now - self._last >= SUSPECT_MEMORY:
+            self._suspects, self.drops = frozenset(), 0  # an old one-off: start over
+        self._last = now
+        self._suspects = frozenset(self._suspects & published or published)
+        self.drops += 1
+        if len(self._suspects) == 1 or (self.drops >= SUSPECT_DROPS and
+                                        len(self._suspects) <= SUSPECT_GROUP):
+            guilty = set(self._suspects)
+            self._suspects, self.drops = frozenset(), 0
+            return guilty
+        return set()
 
 
 def entry_will(entry: PublishConfig) -> Will:
@@ -59,6 +98,10 @@ class MQTTConnectionManager:
         self._started = False
         self._gave_up = False
         self._conflicts_warned: set[LinkKey] = set()
+        self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_PUBLISHES)
+        self._faults = FaultAttribution()
+        # entry id -> why; replaced whole (never mutated) so other threads may read it
+        self._quarantined: dict[str, str] = {}
         self._broker = f"{settings.host}:{settings.port}"
 
     # ---- public API (any thread) ------------------------------------------------------------
@@ -130,7 +173,12 @@ class MQTTConnectionManager:
                 "protocol": self.settings.protocol, "client_id": self.settings.client_id,
                 "last_error": main.last_error if main else None,
                 "client_id_conflict": conflicts[0] if conflicts else None,
-                "entries_without_connection": self._unconnected(main, down)}
+                "entries_without_connection": self._unconnected(main, down),
+                "quarantined_entries": dict(self._quarantined)}
+
+    def quarantined(self, entry_id: str) -> str | None:
+        """Why the entry is held back (the broker dropped the connection at its publishes)."""
+        return self._quarantined.get(entry_id)
 
     def _unconnected(self, main: Link | None, down: list[Link]) -> dict[str, Any]:
         entries = self._entries  # a reference the network thread swaps whole
@@ -159,6 +207,10 @@ class MQTTConnectionManager:
             more = unconnected["lwt_entries_total"] - len(unconnected["lwt_entries"])
             warnings.append(f"{unconnected['lwt_entries_total']} lwt entries have no "
                             f"connection: {named}" + (f" and {more} more" if more else ""))
+        if status["quarantined_entries"]:
+            held = ", ".join(f"{i} ({why})" for i, why in status["quarantined_entries"].items())
+            warnings.append(f"entries held back because the broker dropped the connection at "
+                            f"their publishes: {held}")
         return warnings
 
     # ---- network thread ---------------------------------------------------------------------
@@ -180,8 +232,8 @@ class MQTTConnectionManager:
 
     def _publish_entry(self, entry_id: str) -> None:
         entry = self._entries.get(entry_id)
-        if entry is None:
-            return  # removed since the tick was queued
+        if entry is None or entry_id in self._quarantined:
+            return  # removed since the tick was queued, or held back
         link = self._link_for(entry)
         if link is not None and link.state is LinkState.CONNECTED and \
                 time.monotonic() - link.connected_at < entry.interval / 2:
@@ -203,6 +255,8 @@ class MQTTConnectionManager:
         if not self._loop.publish(link, entry.topic, entry.payload, entry.qos, entry.retain,
                                   entry.id):
             self.stats.record_error(entry.id, "publish refused by the client")
+        elif link.key.is_main:
+            self._recent.append((time.monotonic(), entry.id))
 
     def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
         main = self._loop.links.get(MAIN_LINK)
@@ -224,6 +278,8 @@ class MQTTConnectionManager:
                 self._remove_one(gone)
 
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
+        if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):
+            self._release(entry.id)  # edited: give the new version its chance
         link = self._loop.links.get(LinkKey(entry.id))
         if entry.lwt and link is None:
             self._open_entry_link(entry)  # publishes on connect
@@ -255,6 +311,11 @@ class MQTTConnectionManager:
         if self._clear_retained and gone.retain:
             self._publish_raw(gone.topic, b"", 1, True)  # an empty retained payload clears it
         self.stats.remove_entry(gone.id)
+        self._release(gone.id)
+
+    def _release(self, entry_id: str) -> None:
+        if entry_id in self._quarantined:
+            self._quarantined = {i: w for i, w in self._quarantined.items() if i != entry_id}
 
     def _birth(self, link: Link) -> None:
         if link.key.is_main:
@@ -263,7 +324,10 @@ class MQTTConnectionManager:
             pending, self._pending_raw = self._pending_raw, OrderedDict()
             for topic, (data, qos, retain) in pending.items():
                 self._loop.publish(link, topic, data, qos, retain, None)
-            ids = [i for i, e in self._entries.items() if not e.lwt]
+            # Suspects of the last blamed drop wait for their grid slot, so that the next drop
+            # (if any) follows a tick and narrows them down, instead of following the burst.
+            held = self._faults.suspects(time.monotonic()) | self._quarantined.keys()
+            ids = [i for i, e in self._entries.items() if not e.lwt and i not in held]
         else:
             ids = [link.key.entry_id] if link.key.entry_id is not None else []
         self._birth_chunk(link, ids, 0)
@@ -306,6 +370,8 @@ class MQTTConnectionManager:
             self._report_conflict(link)
         if link.key.is_main:
             self._main_up.clear()
+            if was_up and link.broker_reason in PACKET_FAULTS:
+                self._attribute(link, reason)
             if was_up:
                 log.warning("mqtt_disconnected", reason=reason, broker=self._broker,
                             client_id=link.client_id,
@@ -317,6 +383,26 @@ class MQTTConnectionManager:
                       broker=self._broker)
         else:
             self.link_refused(link, reason)
+
+    def _attribute(self, link: Link, reason: str) -> None:
+        """The broker dropped the main connection blaming a packet of ours: find the entry."""
+        # What went out within a few round trips of the drop (the CONNECT -> CONNACK time is
+        # the round trip we know); the broker stops reading at the bad packet.
+        window = 0.05 + 4 * max(0.0, link.connected_at - link.handshake_since)
+        now = time.monotonic()
+        published = {entry_id for at, entry_id in self._recent if at >= now - window}
+        self._recent.clear()
+        guilty = self._faults.observe(published & self._entries.keys(), now)
+        for entry_id in sorted(guilty):
+            self._quarantine(self._entries[entry_id], reason, together=len(guilty))
+
+    def _quarantine(self, entry: PublishConfig, reason: str, *, together: int) -> None:
+        why = f"the broker dropped the connection at its publish: {reason}"
+        self._quarantined = {**self._quarantined, entry.id: why}
+        self.stats.record_error(entry.id, why)
+        log.error("entry_quarantined", entry_id=entry.id, topic=entry.topic, reason=reason,
+                  broker=self._broker, told_apart=together == 1,
+                  hint="the entry is not published until it is edited or the service restarts")
 
     def _report_conflict(self, link: Link) -> None:
         """One warning per connection and conflict, however often the broker drops it."""

@@ -121,6 +121,7 @@ class Link:
     quick_reconnect: bool = False  # the last connect succeeded at the first attempt
     conflict: str | None = None
     warned_error: str | None = None  # the last refusal logged at warning, to log each once
+    broker_reason: int | None = None  # the reason code of the broker's last DISCONNECT, if any
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
@@ -224,6 +225,7 @@ class Link:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, flags: DisconnectFlags,
                        reason: ReasonCode, _props: Any) -> None:
+        self.broker_reason = reason.value if flags.is_disconnect_packet_from_server else None
         if flags.is_disconnect_packet_from_server:
             self.callbacks.lost(self, describe_reason(reason), reason.value == SESSION_TAKEN_OVER)
             return

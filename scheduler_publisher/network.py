@@ -246,6 +246,7 @@ class NetworkLoop:
         link.was_connected = True
         link.last_error = None
         link.warned_error = None
+        link.broker_reason = None
         link.connected_at = time.monotonic()
         link.quick_reconnect = link.backoff.failures <= 1
         if link.conflict is None:
@@ -453,6 +454,7 @@ class NetworkLoop:
     def _force_close(self, link: Link, reason: str) -> None:
         """Drop the socket without a DISCONNECT: the peer is not answering."""
         link.client._sock_close()  # paho has no public "drop the socket" call
+        link.broker_reason = None
         self._on_lost(link, reason)
 
     def _misc(self, now: float) -> None:

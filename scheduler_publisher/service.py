@@ -412,5 +412,6 @@ class PublisherService:
         next_run = self._schedule.next_run(entry.id)
         return {"topic": entry.topic, "interval": entry.interval, "qos": entry.qos,
                 "retain": entry.retain, "lwt": entry.lwt,
+                "quarantined": self._connection.quarantined(entry.id),
                 "next_run_at": next_run.isoformat() if next_run else None,
                 **(stats.as_dict() if stats else {})}
