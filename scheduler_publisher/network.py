@@ -288,16 +288,18 @@ class NetworkLoop:
     @staticmethod
     def _judge_loss(link: Link, reason: str, taken_over: bool) -> None:
         """Suspect a client-id conflict on the broker's word (MQTT 5 reason 0x8E) or on the
-        pattern it leaves: short-lived connections, each accepted again at the first try."""
+        pattern it leaves when it gives no reason: short-lived connections, each accepted again
+        at the first try. A broker that names another reason has said what it was."""
         lived = time.monotonic() - link.connected_at
         if taken_over:
             link.conflict = f"the broker says another client took over client id {link.client_id}"
-        elif lived < STABLE_AFTER and link.quick_reconnect:
+        elif link.broker_reason is None and lived < STABLE_AFTER and link.quick_reconnect:
             link.flaps += 1
             if link.flaps >= FLAP_LIMIT and link.conflict is None:
                 link.conflict = (f"the broker closed this connection {link.flaps} times in a row "
                                  f"soon after accepting it ({reason}): another process is "
-                                 f"probably using client id {link.client_id}")
+                                 f"probably using client id {link.client_id} (or the broker "
+                                 "refuses something this connection sends)")
         elif lived >= STABLE_AFTER:
             link.flaps = 0
 

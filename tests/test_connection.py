@@ -356,6 +356,7 @@ def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
                               message="the entry quarantined")
         assert [e["entry_id"] for e in held] == ["big"], held
         assert held[0]["reason"] == "packet too large"
+        assert not [e for e in logs if e["event"] == "mqtt_client_id_conflict"]
         assert held[0]["log_level"] == "error"
         wait_until(service.is_connected, 10, message="connected again")
         reconnects = service.stats.reconnects
