@@ -115,7 +115,7 @@ class Link:
     last_error: str | None = None
     handshake_since: float = 0.0  # monotonic; when the CONNECT went out
     connected_at: float = 0.0  # monotonic; when the last CONNACK arrived
-    # Client-id conflict detection (see connection.py): short-lived connections the broker
+    # Client-id conflict detection (see network.py): short-lived connections the broker
     # ended although it accepted the reconnect at once, and what is suspected.
     flaps: int = 0
     quick_reconnect: bool = False  # the last connect succeeded at the first attempt
