@@ -76,7 +76,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--password", help="MQTT password; visible in `ps`: prefer --password-file, "
                    "$MQTT_PASSWORD or systemd credentials")
     b.add_argument("--password-file", type=Path, help="file whose first line is the password")
-    b.add_argument("--client-id", help="MQTT client id (default: stable per host)")
+    b.add_argument("--client-id", help="MQTT client id (default: stable per host and config "
+                   "file)")
     b.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
                    help="protocol version (default: 5)")
     b.add_argument("--keepalive", type=int, default=30, help="seconds (default: 30)")
