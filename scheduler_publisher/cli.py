@@ -167,7 +167,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "$MQTT_PASSWORD or systemd credentials")
     b.add_argument("--password-file", type=Path, help="file whose first line is the password")
     b.add_argument("--client-id", type=mqtt_string,
-                   help="MQTT client id (default: stable per host)")
+                   help="MQTT client id (default: stable per host and config file)")
     b.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
                    help="protocol version (default: 5)")
     b.add_argument("--keepalive", type=Number(int, 1, 65535), default=30,
@@ -441,7 +441,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     broker = BrokerSettings(
         host="127.0.0.1" if args.embedded_broker else args.broker,
         port=args.port or (8883 if ctx else 1883),
-        client_id=args.client_id or default_client_id(), username=args.username,
+        client_id=args.client_id or default_client_id(args.config), username=args.username,
         password=password, protocol=protocol, keepalive=args.keepalive,
         backoff_min=args.backoff_min, backoff_max=args.backoff_max,
         max_retries=args.max_retries, will_delay=args.will_delay,

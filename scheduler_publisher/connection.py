@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.link import Link, LinkState, Will
+from scheduler_publisher.link import MAIN_LINK, Link, LinkKey, LinkState, Will
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.network import NetworkLoop
 from scheduler_publisher.settings import BrokerSettings
@@ -27,7 +27,6 @@ from scheduler_publisher.stats import Stats
 
 log = get_logger("scheduler_publisher.connection")
 
-MAIN = "main"
 BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
 MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
 # Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
@@ -35,6 +34,46 @@ MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while di
 MAX_PENDING_PER_ENTRY = 4
 STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
+STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
+# DISCONNECT reasons by which an MQTT 5 broker blames a packet we sent (MQTT 5.0 §3.14.2.1):
+# malformed packet, protocol error, topic name invalid, packet too large, payload format
+# invalid, retain not supported, QoS not supported.
+PACKET_FAULTS = frozenset({0x81, 0x82, 0x90, 0x95, 0x99, 0x9A, 0x9B})
+RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attribution
+SUSPECT_DROPS = 5  # drops after which a few entries that cannot be told apart are all guilty
+SUSPECT_GROUP = 5
+SUSPECT_MEMORY = 60.0  # seconds after which an unresolved suspicion is forgotten
+
+
+class FaultAttribution:
+    """Which entry gets the shared connection dropped (issue 11 #13). Pure bookkeeping: each
+    drop the broker blames on one of our packets names the entries published just before it;
+    the culprit is in every such set, so the sets are intersected until one entry is left (or
+    a few that always went out together, after SUSPECT_DROPS drops)."""
+
+    def __init__(self) -> None:
+        self._suspects: frozenset[str] = frozenset()
+        self.drops = 0
+        self._last = 0.0  # monotonic time of the last blamed drop
+
+    def suspects(self, now: float) -> frozenset[str]:
+        return self._suspects if now - self._last < SUSPECT_MEMORY else frozenset()
+
+    def observe(self, published: set[str], now: float) -> set[str]:
+        """One blamed drop, with the entries published just before it; returns the guilty."""
+        if not published:
+            return set()
+        if now - self._last >= SUSPECT_MEMORY:
+            self._suspects, self.drops = frozenset(), 0  # an old one-off: start over
+        self._last = now
+        self._suspects = frozenset(self._suspects & published or published)
+        self.drops += 1
+        if len(self._suspects) == 1 or (self.drops >= SUSPECT_DROPS and
+                                        len(self._suspects) <= SUSPECT_GROUP):
+            guilty = set(self._suspects)
+            self._suspects, self.drops = frozenset(), 0
+            return guilty
+        return set()
 
 
 def entry_will(entry: PublishConfig) -> Will:
@@ -58,6 +97,12 @@ class MQTTConnectionManager:
         self._draining = False
         self._started = False
         self._gave_up = False
+        self._conflicts_warned: set[LinkKey] = set()
+        self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_PUBLISHES)
+        self._faults = FaultAttribution()
+        # entry id -> why; replaced whole (never mutated) so other threads may read it
+        self._quarantined: dict[str, str] = {}
+        self._broker = f"{settings.host}:{settings.port}"
 
     # ---- public API (any thread) ------------------------------------------------------------
     def connect(self, wait: float = 0.0) -> bool:
@@ -89,9 +134,12 @@ class MQTTConnectionManager:
         snapshot = dict(entries)
         self._loop.call_soon(lambda: self._apply_entries(snapshot))
 
-    def publish_entry(self, entry_id: str) -> None:
-        """The scheduler's tick: publish the entry's current version (network thread decides)."""
-        self._loop.call_soon(lambda: self._publish_entry(entry_id))
+    def publish_entry(self, entry_id: str, lateness: float | None = None,
+                      missed: int = 0) -> None:
+        """The scheduler's tick: publish the entry's current version (network thread decides).
+        `lateness` and `missed` describe the tick; the network thread counts them, as the one
+        writer of the entry's counters (stats.py)."""
+        self._loop.call_soon(lambda: self._tick(entry_id, lateness, missed))
 
     def disconnect(self, timeout: float = 3.0) -> None:
         """Graceful stop: let in-flight QoS>0 messages reach the broker, announce every lwt
@@ -114,29 +162,84 @@ class MQTTConnectionManager:
         return len(links), sum(1 for lk in links if lk.state is LinkState.CONNECTED)
 
     def status(self) -> dict[str, Any]:
-        total, up = self.connection_counts()
-        main = self._loop.links.get(MAIN)
-        return {"connected": self.is_connected(), "connections": total, "connections_up": up,
-                "broker": f"{self.settings.host}:{self.settings.port}",
+        """Any thread: a view built from the network thread's links (read, never changed)."""
+        links = list(self._loop.links.values())
+        main = self._loop.links.get(MAIN_LINK)
+        down = [lk for lk in links if not lk.key.is_main and lk.state is not LinkState.CONNECTED]
+        conflicts = [lk.conflict for lk in links if lk.conflict is not None]
+        return {"connected": self.is_connected(), "connections": len(links),
+                "connections_up": sum(1 for lk in links if lk.state is LinkState.CONNECTED),
+                "broker": self._broker,
                 "protocol": self.settings.protocol, "client_id": self.settings.client_id,
-                "last_error": main.last_error if main else None}
+                "last_error": main.last_error if main else None,
+                "client_id_conflict": conflicts[0] if conflicts else None,
+                "entries_without_connection": self._unconnected(main, down),
+                "quarantined_entries": dict(self._quarantined)}
+
+    def quarantined(self, entry_id: str) -> str | None:
+        """Why the entry is held back (the broker dropped the connection at its publishes)."""
+        return self._quarantined.get(entry_id)
+
+    def _unconnected(self, main: Link | None, down: list[Link]) -> dict[str, Any]:
+        entries = self._entries  # a reference the network thread swaps whole
+        shared = 0 if main is not None and main.state is LinkState.CONNECTED else \
+            sum(1 for e in entries.values() if not e.lwt)
+        named = sorted(down, key=lambda lk: lk.key.entry_id or "")[:STATUS_SAMPLE]
+        return {"count": shared + len(down), "main_connection_down": shared > 0,
+                "lwt_entries": {lk.key.entry_id: lk.last_error or lk.state.value
+                                for lk in named},
+                "lwt_entries_total": len(down)}
+
+    def health_warnings(self) -> list[str]:
+        """What an operator should know that is not a liveness problem: connections that are
+        not up, and why; a suspected client-id conflict."""
+        status = self.status()
+        warnings = []
+        if status["client_id_conflict"]:
+            warnings.append(status["client_id_conflict"])
+        unconnected = status["entries_without_connection"]
+        if unconnected["main_connection_down"]:
+            warnings.append(f"main connection to {self._broker} is not up "
+                            f"({status['last_error'] or 'connecting'}): entries without lwt "
+                            "and the status topic are not published")
+        if unconnected["lwt_entries_total"]:
+            named = ", ".join(f"{i} ({why})" for i, why in unconnected["lwt_entries"].items())
+            more = unconnected["lwt_entries_total"] - len(unconnected["lwt_entries"])
+            warnings.append(f"{unconnected['lwt_entries_total']} lwt entries have no "
+                            f"connection: {named}" + (f" and {more} more" if more else ""))
+        if status["quarantined_entries"]:
+            held = ", ".join(f"{i} ({why})" for i, why in status["quarantined_entries"].items())
+            warnings.append(f"entries held back because the broker dropped the connection at "
+                            f"their publishes: {held}")
+        return warnings
 
     # ---- network thread ---------------------------------------------------------------------
     def _open_main(self) -> None:
         topic = self.settings.effective_status_topic
-        self._loop.open(MAIN, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
+        self._loop.open(MAIN_LINK, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
 
     def _open_entry_link(self, entry: PublishConfig) -> None:
-        self._loop.open(entry.id, self.settings.entry_client_id(entry.id), entry_will(entry))
+        self._loop.open(LinkKey(entry.id), self.settings.entry_client_id(entry.id),
+                        entry_will(entry))
 
     def _link_for(self, entry: PublishConfig) -> Link | None:
-        return self._loop.links.get(entry.id if entry.lwt else MAIN)
+        return self._loop.links.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
+
+    def _tick(self, entry_id: str, lateness: float | None, missed: int) -> None:
+        if lateness is not None:
+            self.stats.record_tick(entry_id, lateness, missed)
+        self._publish_entry(entry_id)
 
     def _publish_entry(self, entry_id: str) -> None:
         entry = self._entries.get(entry_id)
-        if entry is None:
-            return  # removed since the tick was queued
+        if entry is None or entry_id in self._quarantined:
+            return  # removed since the tick was queued, or held back
         link = self._link_for(entry)
+        if link is not None and link.state is LinkState.CONNECTED and \
+                time.monotonic() - link.connected_at < entry.interval / 2:
+            # The connect published the entry (the birth burst) moments ago: a grid slot this
+            # close would publish it twice within half its interval (issue 11 #5).
+            return
         if link is None or link.state is not LinkState.CONNECTED or \
                 link.pending.get(entry_id, 0) >= MAX_PENDING_PER_ENTRY:
             # Down, or up but stalled (the broker stopped reading or acknowledging): paho's
@@ -152,9 +255,11 @@ class MQTTConnectionManager:
         if not self._loop.publish(link, entry.topic, entry.payload, entry.qos, entry.retain,
                                   entry.id):
             self.stats.record_error(entry.id, "publish refused by the client")
+        elif link.key.is_main:
+            self._recent.append((time.monotonic(), entry.id))
 
     def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
-        main = self._loop.links.get(MAIN)
+        main = self._loop.links.get(MAIN_LINK)
         if main is not None and main.state is LinkState.CONNECTED:
             self._loop.publish(main, topic, data, qos, retain, None)
         elif qos > 0:
@@ -166,13 +271,16 @@ class MQTTConnectionManager:
     def _apply_entries(self, new: dict[str, PublishConfig]) -> None:
         old, self._entries = self._entries, new
         for entry_id, entry in new.items():
+            self.stats.add_entry(entry_id)
             self._apply_one(old.get(entry_id), entry)
         for entry_id, gone in old.items():
             if entry_id not in new:
                 self._remove_one(gone)
 
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
-        link = self._loop.links.get(entry.id)
+        if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):
+            self._release(entry.id)  # edited: give the new version its chance
+        link = self._loop.links.get(LinkKey(entry.id))
         if entry.lwt and link is None:
             self._open_entry_link(entry)  # publishes on connect
             return
@@ -197,23 +305,31 @@ class MQTTConnectionManager:
                 self._send(target, entry)
 
     def _remove_one(self, gone: PublishConfig) -> None:
-        link = self._loop.links.get(gone.id)
+        link = self._loop.links.get(LinkKey(gone.id))
         if gone.lwt and link is not None:
             self._loop.close(link, with_will=True)  # subscribers see it go offline
         if self._clear_retained and gone.retain:
             self._publish_raw(gone.topic, b"", 1, True)  # an empty retained payload clears it
-        self.stats.entries.pop(gone.id, None)
+        self.stats.remove_entry(gone.id)
+        self._release(gone.id)
+
+    def _release(self, entry_id: str) -> None:
+        if entry_id in self._quarantined:
+            self._quarantined = {i: w for i, w in self._quarantined.items() if i != entry_id}
 
     def _birth(self, link: Link) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._loop.publish(link, self.settings.effective_status_topic, STATUS_ONLINE, 1, True,
                                None)
             pending, self._pending_raw = self._pending_raw, OrderedDict()
             for topic, (data, qos, retain) in pending.items():
                 self._loop.publish(link, topic, data, qos, retain, None)
-            ids = [i for i, e in self._entries.items() if not e.lwt]
+            # Suspects of the last blamed drop wait for their grid slot, so that the next drop
+            # (if any) follows a tick and narrows them down, instead of following the burst.
+            held = self._faults.suspects(time.monotonic()) | self._quarantined.keys()
+            ids = [i for i, e in self._entries.items() if not e.lwt and i not in held]
         else:
-            ids = [link.key]
+            ids = [link.key.entry_id] if link.key.entry_id is not None else []
         self._birth_chunk(link, ids, 0)
 
     def _birth_chunk(self, link: Link, ids: list[str], start: int) -> None:
@@ -243,31 +359,77 @@ class MQTTConnectionManager:
 
     # ---- LinkListener (network thread) ------------------------------------------------------
     def link_up(self, link: Link) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._main_up.set()
-            log.info("mqtt_connected", broker=f"{self.settings.host}:{self.settings.port}",
-                     client_id=link.client_id)
+            log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
         self._birth(link)
 
     def link_down(self, link: Link, reason: str, was_up: bool) -> None:
         if was_up:
             self.stats.record_reconnect()
-        if link.key == MAIN:
+            self._report_conflict(link)
+        if link.key.is_main:
             self._main_up.clear()
+            if was_up and link.broker_reason in PACKET_FAULTS:
+                self._attribute(link, reason)
             if was_up:
-                log.warning("mqtt_disconnected", reason=reason)
+                log.warning("mqtt_disconnected", reason=reason, broker=self._broker,
+                            client_id=link.client_id,
+                            retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
             else:
                 self._failed_attempt(link, reason)
+        elif was_up:
+            log.debug("entry_connection_lost", entry_id=link.key.entry_id, reason=reason,
+                      broker=self._broker)
+        else:
+            self.link_refused(link, reason)
+
+    def _attribute(self, link: Link, reason: str) -> None:
+        """The broker dropped the main connection blaming a packet of ours: find the entry."""
+        # What went out within a few round trips of the drop (the CONNECT -> CONNACK time is
+        # the round trip we know); the broker stops reading at the bad packet.
+        window = 0.05 + 4 * max(0.0, link.connected_at - link.handshake_since)
+        now = time.monotonic()
+        published = {entry_id for at, entry_id in self._recent if at >= now - window}
+        self._recent.clear()
+        guilty = self._faults.observe(published & self._entries.keys(), now)
+        for entry_id in sorted(guilty):
+            self._quarantine(self._entries[entry_id], reason, together=len(guilty))
+
+    def _quarantine(self, entry: PublishConfig, reason: str, *, together: int) -> None:
+        why = f"the broker dropped the connection at its publish: {reason}"
+        self._quarantined = {**self._quarantined, entry.id: why}
+        self.stats.record_error(entry.id, why)
+        log.error("entry_quarantined", entry_id=entry.id, topic=entry.topic, reason=reason,
+                  broker=self._broker, told_apart=together == 1,
+                  hint="the entry is not published until it is edited or the service restarts")
+
+    def _report_conflict(self, link: Link) -> None:
+        """One warning per connection and conflict, however often the broker drops it."""
+        if link.conflict is None:
+            self._conflicts_warned.discard(link.key)
+        elif link.key not in self._conflicts_warned:
+            self._conflicts_warned.add(link.key)
+            log.warning("mqtt_client_id_conflict", client_id=link.client_id,
+                        broker=self._broker, reason=link.conflict,
+                        hint="give each process its own --client-id")
 
     def link_refused(self, link: Link, reason: str) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._failed_attempt(link, reason)
-        else:
-            log.debug("entry_connection_failed", entry_id=link.key, reason=reason)
+            return
+        # At warning once per connection and cause (the main connection is up, or the entry
+        # links would not be trying: this is about this entry, not a broker outage).
+        emit = log.debug if link.warned_error == reason else log.warning
+        link.warned_error = reason
+        emit("entry_connection_failed", entry_id=link.key.entry_id, reason=reason,
+             broker=self._broker, client_id=link.client_id,
+             retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
 
     def _failed_attempt(self, link: Link, reason: str) -> None:
         attempts = link.backoff.failures
-        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts,
+        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts, broker=self._broker,
+                    client_id=link.client_id,
                     retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
         limit = self.settings.max_retries
         if limit is not None and attempts >= limit and not self._gave_up:
@@ -276,7 +438,7 @@ class MQTTConnectionManager:
                 self._on_give_up(reason)
 
     def link_closed(self, link: Link) -> None:
-        if link.key == MAIN:
+        if link.key.is_main:
             self._main_up.clear()
         if not self._loop.links:
             self._all_closed.set()

@@ -10,8 +10,12 @@ import asyncio
 import errno
 import socket
 import threading
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 
 class DemoError(Exception):
@@ -97,10 +101,20 @@ class EchoSubscriber:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="",
                                    protocol=MQTTProtocolVersion.MQTTv311)
         self._subscribed = threading.Event()
+        self._show = show
+        # A marker of our own, published at stop and not shown (see stop()).
+        self._marker = f"scheduler-publisher/demo-echo/{uuid.uuid4().hex}"
+        self._marker_back = threading.Event()
         self._client.on_connect = lambda c, *_: c.subscribe("#")
         self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = lambda _c, _u, m: show(m.topic, bytes(m.payload), bool(m.retain))
+        self._client.on_message = self._on_message
         self._client.connect_async(host, port)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, m: mqtt.MQTTMessage) -> None:
+        if m.topic == self._marker:
+            self._marker_back.set()
+            return
+        self._show(m.topic, bytes(m.payload), bool(m.retain))
 
     def start(self, timeout: float = 5.0) -> None:
         """Returns once subscribed (or after `timeout`; it keeps trying): started before the
@@ -108,6 +122,13 @@ class EchoSubscriber:
         self._client.loop_start()
         self._subscribed.wait(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Called after the service has closed its connections and before the broker stops.
+        The broker may still be forwarding their last messages (the offline payloads of the
+        lwt entries): a marker published now comes back after them, so they are shown before
+        the echo disconnects (issue 11 #4)."""
+        if self._subscribed.is_set():
+            self._client.publish(self._marker, b"", qos=1)
+            self._marker_back.wait(timeout)
         self._client.disconnect()
         self._client.loop_stop()

@@ -348,8 +348,10 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _health(self) -> None:
-        problems = self.app.service.health_problems()
-        self._json(503 if problems else 200, {"ok": not problems, "problems": problems})
+        service = self.app.service
+        problems = service.health_problems()
+        self._json(503 if problems else 200, {"ok": not problems, "problems": problems,
+                                              "warnings": service.health_warnings()})
 
     def _ready(self) -> None:
         connected = self.app.service.is_connected()

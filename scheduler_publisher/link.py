@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import DisconnectFlags
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -35,6 +36,27 @@ class Will:
     payload: bytes
     qos: int
     retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LinkKey:
+    """Which connection: the shared main one, or the own one of the lwt entry `entry_id`.
+
+    A type of its own rather than a string, so that no entry id can ever name the main
+    connection: an entry called "main" is `LinkKey("main")`, never `MAIN_LINK` (issue 11 #9).
+    """
+
+    entry_id: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.entry_id is None
+
+    def __str__(self) -> str:
+        return "main" if self.entry_id is None else f"entry {self.entry_id!r}"
+
+
+MAIN_LINK = LinkKey()
 
 
 class LinkState(enum.Enum):
@@ -70,7 +92,7 @@ class Backoff:
 class LinkCallbacks:
     connected: Callable[[Link], None]
     refused: Callable[[Link, str], None]
-    lost: Callable[[Link, str], None]
+    lost: Callable[[Link, str, bool], None]  # reason, whether the broker said it was taken over
     published: Callable[[Link, int, str | None], None]  # mid, failure reason (None = ok)
     want_write: Callable[[Link], None]
     socket_closed: Callable[[Link, Any], None]
@@ -78,9 +100,9 @@ class LinkCallbacks:
 
 @dataclass(eq=False)
 class Link:
-    """One connection. `key` is "main" or the id of the lwt entry it carries."""
+    """One connection: the main one, or the one of the lwt entry it carries (`key`)."""
 
-    key: str
+    key: LinkKey
     client_id: str
     will: Will | None
     settings: BrokerSettings
@@ -92,6 +114,14 @@ class Link:
     reopen_after_close: bool = False  # when closing: build a fresh client (new will) and reconnect
     last_error: str | None = None
     handshake_since: float = 0.0  # monotonic; when the CONNECT went out
+    connected_at: float = 0.0  # monotonic; when the last CONNACK arrived
+    # Client-id conflict detection (see network.py): short-lived connections the broker
+    # ended although it accepted the reconnect at once, and what is suspected.
+    flaps: int = 0
+    quick_reconnect: bool = False  # the last connect succeeded at the first attempt
+    conflict: str | None = None
+    warned_error: str | None = None  # the last refusal logged at warning, to log each once
+    broker_reason: int | None = None  # the reason code of the broker's last DISCONNECT, if any
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
@@ -193,9 +223,18 @@ class Link:
             return
         self.callbacks.connected(self)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode,
-                       _props: Any) -> None:
-        self.callbacks.lost(self, describe_reason(reason))
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, flags: DisconnectFlags,
+                       reason: ReasonCode, _props: Any) -> None:
+        self.broker_reason = reason.value if flags.is_disconnect_packet_from_server else None
+        if flags.is_disconnect_packet_from_server:
+            self.callbacks.lost(self, describe_reason(reason), reason.value == SESSION_TAKEN_OVER)
+            return
+        # No DISCONNECT packet: paho names every such loss "Unspecified error". Say what we
+        # know instead: the socket was closed under us (Mosquitto 2.0 closes a taken-over or
+        # over-limit connection without a packet).
+        words = "connection closed by the broker before CONNACK" \
+            if self.state is LinkState.HANDSHAKE else "connection closed by the broker"
+        self.callbacks.lost(self, words, False)
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode,
                     _props: Any) -> None:
@@ -203,9 +242,10 @@ class Link:
 
 
 def describe_reason(reason: ReasonCode | int) -> str:
-    """Words for a paho reason code ("Not authorized"), never a bare number."""
+    """Words for a paho reason code ("not authorized", "session taken over"), never a bare
+    number."""
     if isinstance(reason, ReasonCode):
-        return str(reason.getName())
+        return str(reason.getName()).lower()
     return str(mqtt.error_string(reason))
 
 
@@ -225,3 +265,4 @@ def describe_error(exc: BaseException) -> str:
 
 
 DISCONNECT_WITH_WILL = ReasonCode(PacketTypes.DISCONNECT, identifier=4)
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id

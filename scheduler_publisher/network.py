@@ -27,8 +27,10 @@ import paho.mqtt.client as mqtt
 
 from scheduler_publisher.link import (
     DISCONNECT_WITH_WILL,
+    MAIN_LINK,
     Link,
     LinkCallbacks,
+    LinkKey,
     LinkState,
     Will,
     describe_error,
@@ -44,6 +46,12 @@ MISC_PERIOD = 1.0  # keepalive bookkeeping for every link, once a second
 # trip of our PINGREQ, so silence for 1.5x keepalive already means the path is gone.
 SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
+# A connection that the broker ends within STABLE_AFTER seconds although it accepted it at
+# the first attempt is a "flap"; FLAP_LIMIT flaps in a row mean another client is most likely
+# using the same client id (Mosquitto 2.0 closes the older one without a DISCONNECT, so only
+# an MQTT 5 broker that sends reason 0x8E says so outright).
+STABLE_AFTER = 30.0
+FLAP_LIMIT = 3
 
 
 class LinkListener(Protocol):
@@ -80,7 +88,7 @@ class NetworkLoop:
     def __init__(self, settings: BrokerSettings, listener: LinkListener) -> None:
         self.settings = settings
         self.listener = listener
-        self.links: dict[str, Link] = {}
+        self.links: dict[LinkKey, Link] = {}
         self.heartbeat = time.monotonic()
         # The selector and the wake-up pipe are made by start(): no descriptors are held by a
         # loop that never runs.
@@ -146,7 +154,7 @@ class NetworkLoop:
         return self._thread is not None and threading.current_thread() is self._thread
 
     # ---- network thread ---------------------------------------------------------------------
-    def open(self, key: str, client_id: str, will: Will | None) -> Link:
+    def open(self, key: LinkKey, client_id: str, will: Will | None) -> Link:
         link = Link(key, client_id, will, self.settings, self._callbacks())
         self.links[key] = link
         self._wait(link, time.monotonic())
@@ -237,7 +245,17 @@ class NetworkLoop:
         link.state = LinkState.CONNECTED
         link.was_connected = True
         link.last_error = None
-        link.backoff.reset()
+        link.warned_error = None
+        link.broker_reason = None
+        link.connected_at = time.monotonic()
+        link.quick_reconnect = link.backoff.failures <= 1
+        if link.conflict is None:
+            # While a client-id conflict is suspected the backoff keeps growing, so that two
+            # processes knocking each other off slow down instead of flapping several times a
+            # second (each flap also fires the will).
+            link.backoff.reset()
+        if link.key.is_main:
+            self._next_connect_check = 0.0  # the entry links waited for it (see below)
         self.listener.link_up(link)
 
     def _on_refused(self, link: Link, reason: str) -> None:
@@ -246,7 +264,7 @@ class NetworkLoop:
         # the retry is scheduled (so the failure carries the real delay).
         self._refused[link] = reason
 
-    def _on_lost(self, link: Link, reason: str) -> None:
+    def _on_lost(self, link: Link, reason: str, taken_over: bool = False) -> None:
         refused = self._refused.pop(link, None)
         if refused is not None and link.state is LinkState.HANDSHAKE:
             self._want_write.discard(link)
@@ -261,8 +279,29 @@ class NetworkLoop:
         if link.state is LinkState.CLOSING:
             self._finish_close(link)
             return
+        link.last_error = reason
+        if was_up:
+            self._judge_loss(link, reason, taken_over)
         self._retry_later(link)
         self.listener.link_down(link, reason, was_up)
+
+    @staticmethod
+    def _judge_loss(link: Link, reason: str, taken_over: bool) -> None:
+        """Suspect a client-id conflict on the broker's word (MQTT 5 reason 0x8E) or on the
+        pattern it leaves when it gives no reason: short-lived connections, each accepted again
+        at the first try. A broker that names another reason has said what it was."""
+        lived = time.monotonic() - link.connected_at
+        if taken_over:
+            link.conflict = f"the broker says another client took over client id {link.client_id}"
+        elif link.broker_reason is None and lived < STABLE_AFTER and link.quick_reconnect:
+            link.flaps += 1
+            if link.flaps >= FLAP_LIMIT and link.conflict is None:
+                link.conflict = (f"the broker closed this connection {link.flaps} times in a row "
+                                 f"soon after accepting it ({reason}): another process is "
+                                 f"probably using client id {link.client_id} (or the broker "
+                                 "refuses something this connection sends)")
+        elif lived >= STABLE_AFTER:
+            link.flaps = 0
 
     def _retry_later(self, link: Link) -> None:
         self._wait(link, time.monotonic() + link.backoff.next_delay())
@@ -363,9 +402,16 @@ class NetworkLoop:
         if now < self._next_connect_check or self._stopping.is_set():
             return
         next_check = now + MISC_PERIOD
+        # The main connection comes first, always: the entry links wait until it is up. A
+        # broker's max_connections or a low `ulimit -n` then cannot be used up by lwt links
+        # while the main connection (every other entry, and the status topic) has none.
+        main = self.links.get(MAIN_LINK)
+        entries_may_connect = main is not None and main.state is LinkState.CONNECTED
         for link in list(self.links.values()):
             if link.state is not LinkState.WAITING:
                 continue
+            if not (link.key.is_main or entries_may_connect):
+                continue  # re-checked when the main link comes up (_on_connected)
             if link.due > now:
                 next_check = min(next_check, link.due)
             elif self._bucket.take(now):
@@ -410,19 +456,30 @@ class NetworkLoop:
     def _force_close(self, link: Link, reason: str) -> None:
         """Drop the socket without a DISCONNECT: the peer is not answering."""
         link.client._sock_close()  # paho has no public "drop the socket" call
+        link.broker_reason = None
         self._on_lost(link, reason)
 
     def _misc(self, now: float) -> None:
         limit = max(2 * self.settings.connect_timeout, 5.0)
         for link in list(self.links.values()):
             if link.state is LinkState.HANDSHAKE and now - link.handshake_since > limit:
-                self._force_close(link, "no CONNACK from the broker")
+                self._force_close(link, "no CONNACK from the broker within "
+                                  f"{limit:g} s")
             elif link.state is LinkState.CLOSING and now - link.closing_since > limit:
                 self._force_close(link, "DISCONNECT could not be sent")
             elif link.state is LinkState.CONNECTED and self._silent(link, now):
                 self._force_close(link, "no answer from the broker for 1.5x keepalive")
             elif link.state in (LinkState.CONNECTED, LinkState.CLOSING):
                 link.client.loop_misc()
+                if link.conflict is not None and now - link.connected_at >= STABLE_AFTER:
+                    self._settled(link)
+
+    @staticmethod
+    def _settled(link: Link) -> None:
+        """Up long enough: whoever shared the client id has gone."""
+        link.conflict = None
+        link.flaps = 0
+        link.backoff.reset()
 
     @staticmethod
     def _silent(link: Link, now: float) -> bool:

@@ -21,16 +21,22 @@ from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.plan import Plan, grid_start
+from scheduler_publisher.plan import grid_start
 
 log = get_logger("scheduler_publisher.scheduling")
 
-HEARTBEAT_JOB = "__heartbeat__"
+# Entries' jobs and the service's own live in separate job stores, so that no entry id can
+# name an internal job (an entry called "__heartbeat__" once replaced the heartbeat, issue 11
+# #9). Every call that names a job names its store too.
+ENTRY_JOBS = "entries"
+INTERNAL_JOBS = "internal"
+HEARTBEAT_JOB = "heartbeat"
 JOB_NAME = "publish"
 # entry id, scheduled slot, slots missed before it (the last two defaulted: APScheduler checks
 # the callable's signature against the args given to add_job)
@@ -83,6 +89,7 @@ class Schedule:
         self.heartbeat = time.monotonic()
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
+            jobstores={ENTRY_JOBS: MemoryJobStore(), INTERNAL_JOBS: MemoryJobStore()},
             executors={"default": InlineExecutor()},
             job_defaults={"coalesce": False, "max_instances": 1, "misfire_grace_time": None},
         )
@@ -93,7 +100,8 @@ class Schedule:
 
     def _add_heartbeat(self) -> None:
         self._scheduler.add_job(self._beat, GridTrigger(seconds=1, timezone=UTC),
-                                id=HEARTBEAT_JOB, args=(), replace_existing=True)
+                                id=HEARTBEAT_JOB, args=(), replace_existing=True,
+                                jobstore=INTERNAL_JOBS)
 
     def shutdown(self) -> None:
         if self._scheduler.running:
@@ -107,23 +115,17 @@ class Schedule:
         alive = thread is not None and thread.is_alive()
         return bool(alive) and time.monotonic() - self.heartbeat < max_silence
 
-    def apply(self, plan: Plan) -> None:
-        for entry in plan.removed:
-            self.remove(entry.id)
-        for entry in (*plan.added, *plan.rescheduled):
-            self.add(entry)
-
     def add(self, entry: PublishConfig) -> None:
         """Add, or replace with a new grid: the next slot of the grid, not now + interval."""
         trigger = grid_trigger(entry.interval, grid_start(entry.id, entry.interval))
         # A shared name: APScheduler would otherwise build the same string for every job.
         self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
-                                name=JOB_NAME, replace_existing=True)
+                                name=JOB_NAME, replace_existing=True, jobstore=ENTRY_JOBS)
 
     def remove(self, entry_id: str) -> None:
         # Never scheduled (it was invalid from the start): nothing to remove.
         with contextlib.suppress(JobLookupError):
-            self._scheduler.remove_job(entry_id)
+            self._scheduler.remove_job(entry_id, jobstore=ENTRY_JOBS)
 
     def rebuild(self, entries: Iterable[PublishConfig]) -> None:
         """Re-anchor every job on its grid from the current clock (after a wall-clock step)."""
@@ -134,9 +136,9 @@ class Schedule:
             self.add(entry)
 
     def job_ids(self) -> set[str]:
-        return {job.id for job in self._scheduler.get_jobs()} - {HEARTBEAT_JOB}
+        return {job.id for job in self._scheduler.get_jobs(jobstore=ENTRY_JOBS)}
 
     def next_run(self, entry_id: str) -> datetime | None:
-        job = self._scheduler.get_job(entry_id)
+        job = self._scheduler.get_job(entry_id, jobstore=ENTRY_JOBS)
         return None if job is None else job.next_run_time
 

@@ -359,7 +359,6 @@ class PublisherService:
             self._entries = wanted if n == len(parts) else applied(self._entries, part)
             self._connection.set_entries(self._entries)
             yield from self._schedule_batch(part)
-            self.stats.forget([e.id for e in part.removed])
         self._entries = wanted
         if not parts:
             self._connection.set_entries(wanted)
@@ -393,9 +392,10 @@ class PublisherService:
     # ---- ticks (scheduler thread) ---------------------------------------------------------
     def _tick(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
         # APScheduler checks the signature against add_job's args: hence the defaults.
-        if slot is not None:
-            self.stats.record_tick(entry_id, (datetime.now(UTC) - slot).total_seconds(), missed)
-        self._connection.publish_entry(entry_id)
+        # The lateness travels with the tick: the network thread is the one writer of the
+        # entry's counters, so a tick racing the entry's removal cannot re-create them.
+        lateness = None if slot is None else (datetime.now(UTC) - slot).total_seconds()
+        self._connection.publish_entry(entry_id, lateness, missed)
 
     def _give_up(self, reason: str) -> None:
         """Network thread: --max-retries reached. The CLI turns this into its exit code."""
@@ -486,6 +486,11 @@ class PublisherService:
             problems.append("network thread not running")
         return problems
 
+    def health_warnings(self) -> list[str]:
+        """What is wrong without being a liveness problem: connections that are not up (and
+        which entries that leaves without one), a suspected client-id conflict."""
+        return self._connection.health_warnings()
+
     def is_connected(self) -> bool:
         return self._connection.is_connected()
 
@@ -521,7 +526,8 @@ class PublisherService:
             "connected": connection["connected"],
             "statistics": self.stats.summary(),
             "connection": connection,
-            "health": {"ok": not problems, "problems": problems},
+            "health": {"ok": not problems, "problems": problems,
+                       "warnings": self.health_warnings()},
             "config": {"path": str(self.settings.config_path), "digest": self._digest,
                        "last_reload_at": self._last_reload_at,
                        "last_error": self._last_file_problem, "watcher": self._watcher.kind},
@@ -533,5 +539,6 @@ class PublisherService:
         next_run = self._schedule.next_run(entry.id)
         return {"topic": entry.topic, "interval": entry.interval, "qos": entry.qos,
                 "retain": entry.retain, "lwt": entry.lwt,
+                "quarantined": self._connection.quarantined(entry.id),
                 "next_run_at": next_run.isoformat() if next_run else None,
                 **(stats.as_dict() if stats else {})}

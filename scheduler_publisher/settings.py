@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from scheduler_publisher.logs import LogSettings
 MQTTVersion = Literal["5", "3.1.1"]
 MetricsPerEntry = Literal["auto", "on", "off"]
 MAX_CLIENT_ID_LENGTH = 64
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:@/-][A-Za-z0-9_.:@/~-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +44,19 @@ class BrokerSettings:
         return self.status_topic or f"scheduler-publisher/{self.client_id}/status"
 
     def entry_client_id(self, entry_id: str) -> str:
-        """Stable and unique per entry, derived from the service's id; hashed when too long."""
-        plain = f"{self.client_id}/{entry_id}"
-        if len(plain.encode("utf-8")) <= MAX_CLIENT_ID_LENGTH:
-            return plain
-        digest = hashlib.sha256(plain.encode("utf-8")).hexdigest()[:20]
-        return f"{self.client_id[:MAX_CLIENT_ID_LENGTH - 22]}/~{digest}"
+        """Stable and unique per entry, derived from the service's id, and always one a broker
+        accepts: `<client-id>/<entry id>` when the id is short and plain (letters, digits and
+        `-_.:@/`), otherwise `<client-id>/~<digest of the id>`. The two forms cannot meet, as a
+        plain id never starts with `~`, and neither can equal the main connection's id."""
+        if _PLAIN_ID.fullmatch(entry_id):
+            plain = f"{self.client_id}/{entry_id}"
+            if len(plain.encode("utf-8")) <= MAX_CLIENT_ID_LENGTH:
+                return plain
+        # NUL, control characters, spaces or wildcards would make a broker refuse the CONNECT
+        # (issue 11 #14); a long id would exceed what some brokers take.
+        digest = hashlib.sha256(entry_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+        prefix = self.client_id.encode("utf-8")[:MAX_CLIENT_ID_LENGTH - 22]
+        return f"{prefix.decode('utf-8', 'ignore')}/~{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +84,22 @@ class ServiceSettings:
     max_config_bytes: int = 16 * 1024 * 1024
 
 
-def default_client_id() -> str:
-    """Stable across restarts and unique per host: the host name plus a digest of machine-id."""
+def default_client_id(config_path: Path | None = None) -> str:
+    """Stable across restarts and unique per host and config file: the host name, a digest of
+    machine-id and, given the config file, a digest of its absolute path. Two services with
+    different entries files on one host then never share a client id by default (two
+    connections with one id knock each other off the broker). The path is made absolute but
+    not resolved: a Kubernetes ConfigMap's symlink target changes at every update, the path
+    the operator wrote does not."""
     host = socket.gethostname() or "host"
     try:
         machine = Path("/etc/machine-id").read_text().strip()
     except OSError:
         machine = host
     digest = hashlib.sha256(machine.encode()).hexdigest()[:8]
-    return f"scheduler-publisher-{host[:24]}-{digest}"
+    base = f"scheduler-publisher-{host[:24]}-{digest}"
+    if config_path is None:
+        return base
+    # abspath, not resolve(): it folds "..", but does not follow symlinks (see above).
+    where = os.path.abspath(config_path).encode("utf-8", "surrogateescape")  # noqa: PTH100
+    return f"{base}-{hashlib.sha256(where).hexdigest()[:8]}"

@@ -1,9 +1,16 @@
 """Counters, per entry and in total: for get_status(), /metrics, the stats log and the state DB.
 
-Threads: each counter has exactly one writer. The network thread writes published, errors,
-dropped and deferred; the scheduler thread writes lateness and missed; the main loop writes
-reloads and config errors. Readers (HTTP, main loop) see values that are at most one update old,
-which is all a counter needs; no lock sits on the publish path.
+Threads: each counter has exactly one writer.
+- The network thread owns `entries` (which entries have counters, and every per-entry counter)
+  and the publish totals and lateness histogram. It adds an entry's counters when it learns the
+  entry (`add_entry`) and removes them when the entry goes (`remove_entry`), in the same turn
+  as it updates its own view of the entries. A late acknowledgement for an entry removed since
+  finds no counters and adds none: `record_*` never create an entry (issue 11 #3). The
+  scheduler hands a tick's lateness to the network thread with the tick itself.
+- The main loop writes reloads and config errors, and `restore()` runs before the network
+  thread starts.
+Readers (HTTP, main loop) see values that are at most one update old, which is all a counter
+needs; no lock sits on the publish path.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class Stats:
         self._monotonic = monotonic
         self.started = monotonic()
         self.entries: dict[str, EntryStats] = {}
+        self._restored: dict[str, EntryCounters] = {}  # saved counters of entries not yet added
         self.published = 0
         self.errors = 0
         self.dropped = 0
@@ -71,59 +79,68 @@ class Stats:
         self.lateness_total = 0.0
 
     def entry(self, entry_id: str) -> EntryStats:
-        found = self.entries.get(entry_id)
-        if found is None:
-            found = self.entries[entry_id] = EntryStats()
-        return found
+        """The entry's counters, for readers; an unknown entry reads as zeros (and is not
+        added: only the network thread adds entries)."""
+        return self.entries.get(entry_id) or EntryStats()
 
     # network thread
+    def add_entry(self, entry_id: str) -> None:
+        if entry_id in self.entries:
+            return
+        e = self.entries[entry_id] = EntryStats()
+        saved = self._restored.pop(entry_id, None)
+        if saved is not None:
+            e.published, e.errors, e.dropped = saved.published, saved.errors, saved.dropped
+            e.last_published_at = saved.last_published_at
+
+    def remove_entry(self, entry_id: str) -> None:
+        self.entries.pop(entry_id, None)
+
     def record_published(self, entry_id: str) -> None:
-        e = self.entry(entry_id)
-        e.published += 1
-        e.last_published_at = self._wall()
         self.published += 1
+        e = self.entries.get(entry_id)
+        if e is not None:
+            e.published += 1
+            e.last_published_at = self._wall()
 
     def record_error(self, entry_id: str | None, reason: str) -> None:
         self.errors += 1
-        if entry_id is not None:
-            e = self.entry(entry_id)
+        e = None if entry_id is None else self.entries.get(entry_id)
+        if e is not None:
             e.errors += 1
             e.last_error = reason
 
     def record_dropped(self, entry_id: str) -> None:
-        self.entry(entry_id).dropped += 1
         self.dropped += 1
+        e = self.entries.get(entry_id)
+        if e is not None:
+            e.dropped += 1
 
     def record_deferred(self, entry_id: str) -> None:
-        self.entry(entry_id).deferred += 1
+        e = self.entries.get(entry_id)
+        if e is not None:
+            e.deferred += 1
         self.deferred += 1
 
     def record_reconnect(self) -> None:
         self.reconnects += 1
 
-    # scheduler thread
     def record_tick(self, entry_id: str, lateness: float, missed: int) -> None:
-        e = self.entry(entry_id)
         late = max(0.0, lateness)
-        e.observe_lateness(late)
-        e.missed += missed
         self.missed += missed
         self.lateness_buckets[bisect.bisect_left(LATENESS_BUCKETS, late)] += 1
         self.lateness_total += late
+        e = self.entries.get(entry_id)
+        if e is not None:
+            e.observe_lateness(late)
+            e.missed += missed
 
-    # main loop
-    def forget(self, entry_ids: list[str]) -> None:
-        for entry_id in entry_ids:
-            self.entries.pop(entry_id, None)
-
+    # main loop, before the network thread starts
     def restore(self, saved: SavedState) -> None:
+        """Counters of an earlier run; an entry's are taken over when the entry is added, and
+        those of entries no longer configured are dropped with the next checkpoint."""
         self.base = saved.totals
-        for entry_id, c in saved.entries.items():
-            e = self.entry(entry_id)
-            e.published += c.published
-            e.errors += c.errors
-            e.dropped += c.dropped
-            e.last_published_at = e.last_published_at or c.last_published_at
+        self._restored = dict(saved.entries)
 
     def uptime(self) -> float:
         return float(self._monotonic() - self.started)

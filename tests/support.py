@@ -198,11 +198,19 @@ SubscriberFactory = Callable[..., Subscriber]  # the conftest fixture's type
 class ServiceProcess:
     """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 max_open_files: int | None = None) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+        def limit_files() -> None:  # in the child, before exec: its `ulimit -n`
+            if max_open_files is not None:
+                _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, hard))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler_publisher", *args],
             cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=limit_files,  # noqa: PLW1509 - the child only calls setrlimit
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []

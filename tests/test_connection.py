@@ -1,26 +1,69 @@
-"""MQTTConnectionManager lifecycle without a broker round trip."""
+"""The MQTT connections: their lifecycle, their ids, and what the service says about them."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt.client import DisconnectFlags
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
-from scheduler_publisher.settings import BrokerSettings
-from tests.support import Mosquitto
+from scheduler_publisher.connection import FaultAttribution
+from scheduler_publisher.link import (
+    MAIN_LINK,
+    Link,
+    LinkCallbacks,
+    LinkKey,
+    LinkState,
+    describe_reason,
+)
+from scheduler_publisher.network import NetworkLoop
+from scheduler_publisher.service import PublisherService
+from scheduler_publisher.settings import BrokerSettings, default_client_id
+from tests.support import (
+    Mosquitto,
+    ServiceProcess,
+    Subscriber,
+    SubscriberFactory,
+    entry,
+    free_port,
+    in_process_settings,
+    offline,
+    online,
+    wait_until,
+    write_config,
+)
 
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def leaked(before: set[str]) -> set[str]:
+    """Descriptors open now that were not before. Not an equality: an earlier test's threads
+    may still be closing theirs."""
+    return open_fds() - before
+
+
 def test_constructor_opens_nothing_and_disconnect_before_connect_is_a_no_op() -> None:
     """No descriptor is held by a manager that never connects; disconnect() is safe anyway."""
     before = open_fds()
     manager = MQTTConnectionManager(BrokerSettings(host="127.0.0.1", port=1))
-    assert open_fds() == before
+    assert not leaked(before)
     manager.disconnect(0.5)
     manager.disconnect(0.5)
-    assert open_fds() == before
+    assert not leaked(before)
 
 
 def test_connect_then_disconnect_twice_releases_every_descriptor(broker: Mosquitto) -> None:
@@ -31,4 +74,353 @@ def test_connect_then_disconnect_twice_releases_every_descriptor(broker: Mosquit
     manager.disconnect(3)
     manager.disconnect(3)
     assert not manager.is_connected()
-    assert open_fds() == before
+    assert not leaked(before)
+
+
+# ---- the service's connections against a real broker ------------------------------------------
+
+StartService = Callable[..., PublisherService]
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[StartService]:
+    """In-process services (no watcher, no HTTP unless asked); stopped at teardown.
+
+    Request it after the broker fixtures, so that teardown stops the services first."""
+    started: list[PublisherService] = []
+
+    def start(port: int, entries: list[dict[str, Any]], *, client_id: str | None = None,
+              **overrides: Any) -> PublisherService:
+        config = tmp_path / f"config-{len(started)}.json"
+        write_config(config, entries)
+        settings = in_process_settings(config, port, watch=False, **overrides)
+        if client_id is not None:
+            settings = replace(settings, broker=replace(settings.broker, client_id=client_id))
+        service = PublisherService(settings)
+        started.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def reconfigure(service: PublisherService, entries: list[dict[str, Any]]) -> None:
+    write_config(service.settings.config_path, entries)
+    assert service.reload_config()
+
+
+def test_an_entry_named_main_leaves_the_main_connection_alone(
+        broker: Mosquitto, subscriber_factory: SubscriberFactory,
+        start_service: StartService, topic_base: str) -> None:
+    """Entries with id "main", added and removed live, plain or lwt, never close the shared
+    main connection: the other entries keep publishing and the status topic stays online."""
+    keep = entry("keep", f"{topic_base}/keep", 0.5)
+    sub = subscriber_factory(f"{topic_base}/#")
+    service = start_service(broker.port, [keep])
+    sub.wait_for(f"{topic_base}/keep")
+    for named_main in (entry("main", f"{topic_base}/plain-main", 0.5),
+                       entry("main", f"{topic_base}/lwt-main", 0.5, lwt=True)):
+        reconfigure(service, [keep, named_main])
+        sub.wait_for(named_main["topic"], where=online)
+        reconfigure(service, [keep])
+    before = len(sub.on(f"{topic_base}/keep"))
+    sub.wait_for(f"{topic_base}/keep", count=before + 3)
+    assert service.is_connected()
+    status_topic = service.settings.broker.effective_status_topic
+    late = subscriber_factory(status_topic)  # the retained status: still online
+    assert late.wait_for(status_topic)[-1].json() == {"online": 1}
+    # The lwt "main" went offline with its own will, on its own topic.
+    assert any(offline(m) for m in sub.on(f"{topic_base}/lwt-main"))
+
+
+def test_lwt_entries_with_control_characters_in_their_id_connect(
+        broker: Mosquitto, subscriber_factory: SubscriberFactory,
+        start_service: StartService, topic_base: str) -> None:
+    """lwt entries whose ids hold NUL, BEL, a newline, a space or a wildcard get client ids the
+    broker accepts: each connects, publishes and has its will."""
+    ids = ["nul\x00id", "bell\x07", "line\nbreak", "with space", "wild+#", "~tilde", "x" * 80]
+    entries = [entry(i, f"{topic_base}/{n}", 0.5, lwt=True) for n, i in enumerate(ids)]
+    sub = subscriber_factory(f"{topic_base}/#")
+    service = start_service(broker.port, entries)
+    for n in range(len(ids)):
+        sub.wait_for(f"{topic_base}/{n}", where=online)
+    assert service.get_status()["connection"]["connections_up"] == len(ids) + 1
+    service.stop()
+    for n in range(len(ids)):
+        sub.wait_for(f"{topic_base}/{n}", where=offline)
+
+
+def test_entry_client_ids_are_always_valid_and_distinct() -> None:
+    """Derived client ids hold only printable ASCII, fit 64 bytes, differ per entry and never
+    equal the main connection's id."""
+    broker = BrokerSettings(client_id="svc")
+    ids = ["a", "a\x00", "a\x07", "a b", "~a", "a/b", "é", "x" * 100, "x" * 101, "main", ""]
+    derived = [broker.entry_client_id(i) for i in ids]
+    assert len(set(derived)) == len(ids)
+    assert "svc" not in derived
+    for cid in derived:
+        assert cid.isascii(), cid
+        assert cid.isprintable(), cid
+        assert " " not in cid, cid
+        assert len(cid.encode()) <= 64, cid
+    assert broker.entry_client_id("a/b") == "svc/a/b"  # plain ids stay readable
+
+
+def test_default_client_id_differs_per_config_path_and_is_stable(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               ) -> None:
+    """Two config files on one host give two client ids; one file gives the same id every
+    time, whether written relative or absolute."""
+    one, other = tmp_path / "one.json", tmp_path / "other.json"
+    assert default_client_id(one) != default_client_id(other)
+    assert default_client_id(one) == default_client_id(one)
+    monkeypatch.chdir(tmp_path)
+    assert default_client_id(Path("one.json")) == default_client_id(one)
+    assert default_client_id(Path("sub/../one.json")) == default_client_id(one)
+    assert len(default_client_id(one).encode()) <= 64
+    assert default_client_id(one).startswith(default_client_id())
+
+
+def test_mqtt5_reason_codes_are_named_in_words() -> None:
+    """Broker reason codes read as their MQTT 5 names, never as a bare number."""
+    def name(code: int) -> str:
+        return describe_reason(ReasonCode(PacketTypes.DISCONNECT, identifier=code))
+
+    assert name(0x8E) == "session taken over"
+    assert name(0x8B) == "server shutting down"
+    assert name(0x87) == "not authorized"
+
+
+def get_json(port: int, path: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            body: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:  # /health answers 503 with a JSON body too
+        body = json.load(exc)
+    return body
+
+
+def test_two_services_with_one_client_id_get_one_warning_each_and_say_so(
+        broker: Mosquitto, start_service: StartService, topic_base: str) -> None:
+    """Two processes on one client id: every disconnect names its cause and the broker, each
+    service warns once that another process uses its client id, however often it is knocked
+    off, and /status and /health say so."""
+    client_id = f"sp-twin-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    with capture_logs() as logs:
+        first = start_service(broker.port, [entry("a", f"{topic_base}/a", 1)],
+                              client_id=client_id, http_port=port)
+        assert first.connection.connect(wait=10)
+        second = start_service(broker.port, [entry("b", f"{topic_base}/b", 1)],
+                               client_id=client_id)
+
+        def conflicts() -> list[dict[str, Any]]:
+            return [e for e in list(logs) if e["event"] == "mqtt_client_id_conflict"]
+
+        wait_until(lambda: len(conflicts()) >= 2, 30, message="a conflict warning from both")
+        knocked = first.stats.reconnects + second.stats.reconnects
+        wait_until(lambda: first.stats.reconnects + second.stats.reconnects >= knocked + 4, 30,
+                   message="four more take-overs")
+        health = get_json(port, "/health")
+        status = get_json(port, "/status")
+    assert len(conflicts()) == 2, conflicts()
+    assert all(e["client_id"] == client_id and client_id in e["reason"] for e in conflicts())
+    lost = [e for e in logs if e["event"] == "mqtt_disconnected"]
+    assert lost
+    assert all(e["reason"] == "connection closed by the broker" and
+               e["broker"] == f"127.0.0.1:{broker.port}" for e in lost), lost
+    assert "another process is probably using client id" in \
+        str(status["connection"]["client_id_conflict"])
+    assert any(client_id in w for w in health["warnings"]), health
+    assert health["ok"], "a conflict is not a liveness problem: a restart would not fix it"
+
+
+def test_the_main_connection_comes_first_under_a_connection_limit(
+        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    """With fewer broker connections than links, the main connection still gets one: plain
+    entries publish, each refused lwt entry is warned about with its cause, and /status and
+    /health name the entries without a connection."""
+    limited = Mosquitto(tmp_path, extra="max_connections 3")  # room for 4 (see below)
+    limited.start()
+    sub = Subscriber(limited.port, [f"{topic_base}/#"]).start()  # takes one of the three
+    try:
+        lwt = [entry(f"lwt-{n}", f"{topic_base}/lwt-{n}", 1, lwt=True) for n in range(6)]
+        with capture_logs() as logs:
+            service = start_service(limited.port, [*lwt, entry("plain", f"{topic_base}/p", 0.5)])
+            sub.wait_for(f"{topic_base}/p", count=3)
+
+            def warned() -> set[str]:
+                return {e["entry_id"] for e in list(logs) if e["log_level"] == "warning"
+                        and e["event"] == "entry_connection_failed"}
+
+            def unconnected() -> dict[str, Any]:
+                found: dict[str, Any] = \
+                    service.get_status()["connection"]["entries_without_connection"]
+                return found
+
+            # Mosquitto counts its limit loosely: some lwt entries connect, most do not.
+            wait_until(lambda: unconnected()["lwt_entries_total"] >= 2 and
+                       warned() == set(unconnected()["lwt_entries"]), 30,
+                       message="a warning for each lwt entry without a connection")
+        assert service.is_connected()
+        failed = [e for e in logs if e["event"] == "entry_connection_failed"]
+        assert all(e["reason"] == "connection closed by the broker before CONNACK" and
+                   e["broker"] == f"127.0.0.1:{limited.port}" for e in failed), failed
+        # One warning per entry and cause, however often it is retried.
+        assert len([e for e in failed if e["log_level"] == "warning"]) == len(warned())
+        status = unconnected()
+        assert not status["main_connection_down"]
+        assert status["count"] == status["lwt_entries_total"] == len(status["lwt_entries"])
+        assert set(status["lwt_entries"].values()) == {
+            "connection closed by the broker before CONNACK"}
+        assert any(f"{status['count']} lwt entries have no connection" in w
+                   for w in service.health_warnings())
+    finally:
+        sub.stop()
+        limited.stop()
+
+
+def test_status_last_error_carries_why_the_main_connection_fails_before_connack(
+        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    """While the broker turns the main connection away before CONNACK, /status
+    connection.last_error says what the log says, and /health names the main connection."""
+    full = Mosquitto(tmp_path, extra="max_connections 1")
+    full.start()
+    # Mosquitto 2.0 accepts one connection more than max_connections: two fill it.
+    holders = [Subscriber(full.port, [f"{topic_base}/#"]).start() for _ in range(2)]
+    try:
+        with capture_logs() as logs:
+            service = start_service(full.port, [entry("a", f"{topic_base}/a", 1)])
+            failed = wait_until(lambda: [e for e in list(logs)
+                                         if e["event"] == "mqtt_connect_failed"], 20,
+                                message="a failed connect")
+        status = service.get_status()["connection"]
+        assert failed[0]["reason"] == "connection closed by the broker before CONNACK"
+        assert failed[0]["broker"] == f"127.0.0.1:{full.port}"
+        assert status["last_error"] == failed[0]["reason"]
+        assert not status["connected"]
+        assert status["entries_without_connection"]["main_connection_down"]
+        assert any("main connection" in w and failed[0]["reason"] in w
+                   for w in service.health_warnings())
+    finally:
+        for holder in holders:
+            holder.stop()
+        full.stop()
+
+
+def test_the_main_connection_comes_first_under_a_low_open_file_limit(
+        tmp_path: Path, broker: Mosquitto, subscriber_factory: SubscriberFactory,
+        topic_base: str) -> None:
+    """Under a `ulimit -n` too low for every link, the main connection still connects and
+    the plain entry publishes; lwt entries left without a descriptor are warned about with
+    the cause."""
+    config = tmp_path / "config.json"
+    write_config(config, [*(entry(f"lwt-{n}", f"{topic_base}/lwt-{n}", 1, lwt=True)
+                            for n in range(40)), entry("plain", f"{topic_base}/plain", 0.5)])
+    sub = subscriber_factory(f"{topic_base}/#")
+    proc = ServiceProcess(["--broker", "127.0.0.1", "--port", str(broker.port),
+                           "--config", str(config), "--log-file", "", "--http-port", "0",
+                           "--state-db", "", "--no-watch", "--backoff-min", "0.5",
+                           "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}"],
+                          cwd=tmp_path, max_open_files=32)
+    try:
+        proc.wait_for_event("mqtt_connected", timeout=20)
+        sub.wait_for(f"{topic_base}/plain", count=3)
+        failed = proc.wait_for_event("entry_connection_failed", timeout=20)
+        assert failed["reason"] == "Too many open files", failed
+        assert failed["log.level"] == "warning", failed
+    finally:
+        proc.stop()
+
+
+def test_fault_attribution_narrows_the_suspects_to_the_entry_in_every_drop() -> None:
+    """The entry published before every blamed drop is found, the others are cleared; a few
+    that always went out together are found together after five drops; an old suspicion is
+    forgotten."""
+    faults = FaultAttribution()
+    assert faults.observe({"a", "b", "bad"}, 1.0) == set()
+    assert faults.suspects(1.0) == {"a", "b", "bad"}
+    assert faults.observe({"b", "bad", "c"}, 2.0) == set()
+    assert faults.observe({"bad", "c"}, 3.0) == {"bad"}
+    twins = FaultAttribution()
+    assert [twins.observe({"x", "y"}, float(t)) for t in range(4)] == [set()] * 4
+    assert twins.observe({"x", "y"}, 4.0) == {"x", "y"}
+    old = FaultAttribution()
+    old.observe({"a", "b"}, 0.0)
+    assert old.suspects(100.0) == frozenset()
+    assert old.observe({"b", "c"}, 100.0) == set()  # started over: {b, c}, not {b}
+    assert old.suspects(100.0) == {"b", "c"}
+
+
+def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
+        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    """An entry the broker refuses at runtime (here a payload over its max_packet_size) is
+    named, held back and reported, and the other entries keep publishing on a connection that
+    stays up."""
+    strict = Mosquitto(tmp_path, extra="max_packet_size 400")
+    strict.start()
+    sub = Subscriber(strict.port, [f"{topic_base}/#"]).start()
+    try:
+        small = [entry(f"small-{n}", f"{topic_base}/small-{n}", 0.5) for n in range(3)]
+        big = entry("big", f"{topic_base}/big", 1, data={"blob": "x" * 600})
+        with capture_logs() as logs:
+            service = start_service(strict.port, [*small, big])
+            held = wait_until(lambda: [e for e in list(logs)
+                                       if e["event"] == "entry_quarantined"], 60,
+                              message="the entry quarantined")
+        assert [e["entry_id"] for e in held] == ["big"], held
+        assert held[0]["reason"] == "packet too large"
+        assert not [e for e in logs if e["event"] == "mqtt_client_id_conflict"]
+        assert held[0]["log_level"] == "error"
+        wait_until(service.is_connected, 10, message="connected again")
+        reconnects = service.stats.reconnects
+        seen = len(sub.on(f"{topic_base}/small-0"))
+        sub.wait_for(f"{topic_base}/small-0", count=seen + 6)  # three seconds of ticks
+        assert service.stats.reconnects == reconnects, "the connection stays up"
+        status = service.get_status()
+        assert "packet too large" in status["entries"]["big"]["quarantined"]
+        assert status["entries"]["small-0"]["quarantined"] is None
+        assert set(status["connection"]["quarantined_entries"]) == {"big"}
+        assert any("big" in w for w in service.health_warnings())
+        # An edit releases it: a payload the broker takes is published again.
+        reconfigure(service, [*small, entry("big", f"{topic_base}/big", 1)])
+        sub.wait_for(f"{topic_base}/big", where=online)
+        assert service.get_status()["entries"]["big"]["quarantined"] is None
+    finally:
+        sub.stop()
+        strict.stop()
+
+
+def test_an_mqtt5_take_over_is_named_and_marks_a_conflict_at_once() -> None:
+    """A DISCONNECT with reason 0x8E reaches the loop as "session taken over" and marks a
+    client-id conflict at the first occurrence; a drop without a reason needs three quick
+    flaps in a row."""
+    lost: list[tuple[str, bool]] = []
+    ignore: Any = lambda *_: None  # noqa: E731 - the callbacks this test does not watch
+    callbacks = LinkCallbacks(connected=ignore, refused=ignore,
+                              lost=lambda _link, why, over: lost.append((why, over)),
+                              published=ignore, want_write=ignore, socket_closed=ignore)
+    link = Link(MAIN_LINK, "twin", None, BrokerSettings(client_id="twin"), callbacks)
+    link.state = LinkState.CONNECTED
+    taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
+    link._on_disconnect(link.client, None, DisconnectFlags(is_disconnect_packet_from_server=True),
+                        taken, None)
+    assert lost == [("session taken over", True)]
+    NetworkLoop._judge_loss(link, *lost[0])
+    assert link.conflict is not None
+    assert "twin" in link.conflict
+
+    silent = Link(LinkKey("e"), "twin/e", None, BrokerSettings(client_id="twin"), callbacks)
+    silent.state = LinkState.CONNECTED
+    silent._on_disconnect(silent.client, None,
+                          DisconnectFlags(is_disconnect_packet_from_server=False), taken, None)
+    assert lost[-1] == ("connection closed by the broker", False)
+    silent.quick_reconnect = True  # each connect accepted at the first attempt, ...
+    silent.connected_at = time.monotonic()  # ... and closed again soon after
+    for _ in range(2):
+        NetworkLoop._judge_loss(silent, "connection closed by the broker", False)
+        assert silent.conflict is None
+    NetworkLoop._judge_loss(silent, "connection closed by the broker", False)
+    assert silent.conflict is not None

@@ -141,18 +141,22 @@ def two_entries(topic_base: str) -> list[dict[str, Any]]:
 
 def test_health_is_ok_with_the_broker_up_and_down(start_service: ServiceStarter,
                                                   broker: Mosquitto, topic_base: str) -> None:
-    """GET /health is 200 while connected and stays 200 when the broker goes away."""
+    """GET /health is 200 while connected and stays 200 when the broker goes away, with the
+    lost connection among its warnings."""
     service = start_service(two_entries(topic_base))
-    wait_until(service.is_connected, 10, message="connected")
+    wait_until(lambda: service.connection.connection_counts() == (2, 2), 10,
+               message="both connections up")
 
     up = get(service, "/health")
-    assert (up.status, up.json()) == (200, {"ok": True, "problems": []})
+    assert (up.status, up.json()) == (200, {"ok": True, "problems": [], "warnings": []})
     assert up.content_type == "application/json"
 
     broker.stop()
     wait_until(lambda: not service.is_connected(), 10, message="disconnected")
     down = get(service, "/health")
-    assert (down.status, down.json()) == (200, {"ok": True, "problems": []})
+    assert down.status == 200
+    assert (down.json()["ok"], down.json()["problems"]) == (True, [])
+    assert any(w.startswith("main connection") for w in down.json()["warnings"]), down.json()
 
 
 def test_health_is_503_with_the_problem_when_a_component_died(start_service: ServiceStarter,
@@ -164,8 +168,9 @@ def test_health_is_503_with_the_problem_when_a_component_died(start_service: Ser
     service._watcher.stop()  # the observer thread ends, as if it had died
 
     reply = get(service, "/health")
-    assert (reply.status, reply.json()) == (503, {"ok": False,
-                                                  "problems": ["config watcher not running"]})
+    assert reply.status == 503
+    assert (reply.json()["ok"], reply.json()["problems"]) == (False,
+                                                              ["config watcher not running"])
     assert get(service, "/status").json()["health"] == reply.json()
 
 

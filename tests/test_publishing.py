@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from scheduler_publisher.plan import GRID_ANCHOR, grid_start
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.settings import BrokerSettings, ServiceSettings
+from tests.netproxy import NetProxy
 from tests.support import (
     Mosquitto,
     Received,
@@ -404,3 +405,34 @@ def test_mqtt_311_mode_publishes(
     client_id = service.settings.broker.client_id
     # Mosquitto's notice line: "New client connected from ... as <id> (p2, ...)"; p2 is 3.1.1.
     assert f" as {client_id} (p2," in broker.log.read_text(errors="replace")
+
+
+def test_no_entry_publishes_twice_within_half_its_interval_after_a_connect(
+        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
+        topic_base: str) -> None:
+    """The publish on connect and the entry's next grid slot are at least half an interval
+    apart, at start and after a reconnect (eight entries on different phases: some slot falls
+    just after the connect)."""
+    interval = 3.0
+    entries = [entry(f"e{i}", f"{topic_base}/e{i}", interval) for i in range(8)]
+    sub = subscriber_factory(f"{topic_base}/#")
+    proxy = NetProxy(broker.port).start()
+    try:
+        service = start_service(proxy.port, entries)
+
+        def first_two_gaps(since: float) -> list[float]:
+            gaps = []
+            for e in entries:
+                after = sub.wait_for(e["topic"], count=2, timeout=3 * interval,
+                                     where=lambda m: m.at > since)
+                gaps.append(after[1].at - after[0].at)
+            return gaps
+
+        assert min(first_two_gaps(0.0)) >= interval / 2 - 0.1
+        severed = time.monotonic()
+        proxy.sever()
+        proxy.resume()
+        wait_until(lambda: service.stats.reconnects >= 1, 10, message="a reconnect")
+        assert min(first_two_gaps(severed)) >= interval / 2 - 0.1
+    finally:
+        proxy.stop()

@@ -35,3 +35,24 @@ def test_jobs_share_one_tick_and_keep_no_per_job_strings() -> None:
         wait_until(lambda: {"e0", "e1", "e2"} <= set(ticked), 10, message="every job ticks")
     finally:
         schedule.shutdown()
+
+
+def test_entries_named_like_internal_jobs_leave_the_heartbeat_alone() -> None:
+    """Entries whose ids equal internal job ids, added and removed, neither replace nor remove
+    the scheduler's heartbeat: it keeps beating, and job_ids() lists entries only."""
+    schedule = Schedule(lambda *_: None)
+    schedule.start()
+    try:
+        for name in ("__heartbeat__", "heartbeat"):
+            schedule.add(PublishConfig(id=name, topic="t/x", data={}, interval=60))
+        assert schedule.job_ids() == {"__heartbeat__", "heartbeat"}
+        beat = schedule.heartbeat
+        wait_until(lambda: schedule.heartbeat > beat, 5, message="a beat while they run")
+        for name in ("__heartbeat__", "heartbeat"):
+            schedule.remove(name)
+        assert schedule.job_ids() == set()
+        beat = schedule.heartbeat
+        wait_until(lambda: schedule.heartbeat > beat, 5, message="a beat after their removal")
+        assert schedule.is_alive()
+    finally:
+        schedule.shutdown()
