@@ -619,6 +619,8 @@ def main() -> int:
     }  # fmt: skip
     nr_skip = node_red_peer(args)
     result["node_red_skipped"] = nr_skip
+    if nr_skip:
+        log(f"Node-RED: skipped ({nr_skip})")
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
     broker = Broker(work)
     broker.start()
