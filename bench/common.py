@@ -224,7 +224,7 @@ class Service:
             "--state-db", str(workdir / f"{name}.db"),
             "--log-file", str(workdir / f"{name}.json.log"),
             "--client-id", f"bench-{name}-{uuid.uuid4().hex[:6]}",
-        ]  # fmt: skip
+        ]
 
     def _lean_cmd(self, port: int, name: str, watch: bool) -> list[str]:
         """Issue #6's scenarios: no state DB, no log file, warnings only."""

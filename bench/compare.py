@@ -18,7 +18,7 @@ from common import Sub, log, proc_cpu_seconds, proc_rss_kb
 from peers import Peer, Spinner, start_peer
 
 FIGURES = ("cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms", "p99_ms",
-           "max_ms", "startup_s", "missed_ticks")  # fmt: skip
+           "max_ms", "startup_s", "missed_ticks")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class CompareParams:
 
 
 def measure_peer(work: Path, port: int, sub: Sub, peer_name: str, n: int, prefix: str,
-                 p: CompareParams) -> dict[str, Any]:  # fmt: skip
+                 p: CompareParams) -> dict[str, Any]:
     """One window of one peer: start it, wait until every topic arrived once (start-up), warm
     up, then count CPU over the window and ask the subscriber for delivery and period error."""
     tag = f"{peer_name}-{n}-{uuid.uuid4().hex[:4]}"
@@ -71,7 +71,7 @@ def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams) -> dic
         "missed_ticks": w["missed_ticks"],
         "p50_ms": pe["p50"], "p99_ms": pe["p99"], "max_ms": pe["max"],
         "loadavg_1m": os.getloadavg()[0],
-    }  # fmt: skip
+    }
 
 
 def scenario_compare(work: Path, port: int, p: CompareParams) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def scenario_compare(work: Path, port: int, p: CompareParams) -> dict[str, Any]:
                 for name in order:
                     log(f"compare: {name}, {n:,} entries × 1 s, round {r + 1}/{p.rounds}")
                     windows.append(measure_peer(work, port, sub, name, n,
-                                                f"{prefix}/{name}-{r}", p))  # fmt: skip
+                                                f"{prefix}/{name}-{r}", p))
         finally:
             sub.close()
     return {"windows": windows, "summary": summarise(windows)}
@@ -104,7 +104,7 @@ def summarise(windows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             for fig in FIGURES:
                 vals = [float(w[fig]) for w in mine if not math.isnan(float(w[fig]))]
                 summary[fig] = ({"median": statistics.median(vals), "min": min(vals),
-                                 "max": max(vals)} if vals else None)  # fmt: skip
+                                 "max": max(vals)} if vals else None)
     return out
 
 
@@ -169,7 +169,7 @@ def _rows_small(summary: dict[str, Any], n: int, nr_skip: str | None) -> list[tu
          _verdict(p99_ok) + (" (≤ 5 ms only: Node-RED skipped)" if nr_skip else "")),
         (f"{n:,} × 1 s: delivered", "≥ 99.5 %", f"{_f(delivered, '.2f')} %",
          _verdict(None if delivered is None else delivered >= 99.5)),
-    ]  # fmt: skip
+    ]
 
 
 def _rows_large(summary: dict[str, Any], n: int, loaded: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
@@ -182,18 +182,18 @@ def _rows_large(summary: dict[str, Any], n: int, loaded: dict[str, Any] | None) 
          _verdict(None if ratio is None else ratio <= 1)),
         (f"{n:,} × 1 s: p99 period error", "≤ 20 ms", f"{_f(svc_p99, '.2f')} ms",
          _verdict(None if svc_p99 is None else svc_p99 <= 20)),
-    ]  # fmt: skip
+    ]
     if loaded is not None:
         ok = loaded["p99_ms"] <= 50 and loaded["missed_ticks"] == 0
         rows.append((f"{loaded['entries']:,} × 1 s, one core busy", "p99 ≤ 50 ms, nothing missed",
                      f"p99 {_f(loaded['p99_ms'], '.2f')} ms, max {_f(loaded['max_ms'], '.1f')} ms, "
                      f"{loaded['missed_ticks']:,} missed, {_f(loaded['delivered_pct'], '.2f')} % delivered",
-                     _verdict(ok)))  # fmt: skip
+                     _verdict(ok)))
     return rows
 
 
 def issue12_rows(compare: dict[str, Any], loaded: dict[str, Any] | None, nr_skip: str | None,
-                 quick: bool) -> list[tuple[str, str, str, str]]:  # fmt: skip
+                 quick: bool) -> list[tuple[str, str, str, str]]:
     """The issue's targets: the smaller sizes against Node-RED, the largest against the bare
     loop and on a loaded machine."""
     summary = compare["summary"]
@@ -218,7 +218,7 @@ def comparison_table(compare: dict[str, Any]) -> list[str]:
     """Markdown: one row per size and peer; median over the rounds (min-max in brackets)."""
     lines = ["| entries × 1 s | peer | CPU µs per delivered msg | % of a core | RSS MB | "
              "delivered % | period error p50 / p99 / max ms | start-up s |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|"]
     for n, peers in sorted(compare["summary"].items(), key=lambda kv: int(kv[0])):
         for peer, s in peers.items():
             lines.append(
@@ -226,5 +226,5 @@ def comparison_table(compare: dict[str, Any]) -> list[str]:
                 f"{_cell(s['cpu_pct_of_core'], '.2f')} | {_cell(s['rss_kb'], '.1f', 1 / 1024)} | "
                 f"{_cell(s['delivered_pct'], '.2f')} | {_cell(s['p50_ms'], '.2f')} / "
                 f"{_cell(s['p99_ms'], '.2f')} / {_cell(s['max_ms'], '.1f')} | "
-                f"{_cell(s['startup_s'], '.2f')} |")  # fmt: skip
+                f"{_cell(s['startup_s'], '.2f')} |")
     return lines

@@ -34,14 +34,14 @@ AFTER_PING_S = 0.1  # a late publish this soon after a PINGREQ counts as the PIN
 
 
 def publish_trial(port: int, prefix: str, n: int, seconds: float, keepalive: int,
-                  nodelay: bool) -> list[float]:  # fmt: skip
+                  nodelay: bool) -> list[float]:
     """Publishes for `seconds`; returns the times PINGREQs were sent."""
     import paho.mqtt.client as mqtt  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
 
     pings: list[float] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"nodelay-{uuid.uuid4().hex[:6]}",
-                         protocol=MQTTProtocolVersion.MQTTv5)  # fmt: skip
+                         protocol=MQTTProtocolVersion.MQTTv5)
     def on_log(_c: Any, _u: Any, _level: int, msg: str) -> None:
         if "PINGREQ" in msg:
             pings.append(time.time())
@@ -89,7 +89,7 @@ def role_sub(port: int, prefix: str) -> None:
 def trial(port: int, n: int, seconds: float, keepalive: int, nodelay: bool) -> dict[str, Any]:
     prefix = f"nodelay/{uuid.uuid4().hex[:6]}"
     sub = subprocess.Popen([sys.executable, __file__, "--sub", str(port), prefix],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert sub.stdout is not None
     if sub.stdout.readline().strip() != "ready":
         raise RuntimeError("subscriber did not start")
@@ -108,7 +108,7 @@ def trial(port: int, n: int, seconds: float, keepalive: int, nodelay: bool) -> d
         "late_elsewhere": len(late) - len(after_ping),
         "pingreqs_followed_by_late": len({bisect.bisect_right(pings, a) for a in after_ping}),
         "worst_after_pingreq_ms": max((ms for a, ms in late if a in set(after_ping)), default=0),
-    }  # fmt: skip
+    }
 
 
 def _since_last(pings: list[float], t: float) -> float:

@@ -79,7 +79,7 @@ class LoopPeer:
             [sys.executable, str(RUN), "--role", "loop", "--port", str(port), "--n", str(n),
              "--prefix", prefix],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=raise_nofile)  # fmt: skip
+            preexec_fn=raise_nofile)
 
     @property
     def pid(self) -> int:
@@ -113,7 +113,7 @@ def install_node_red(log: Callable[[str], None]) -> None:
     subprocess.run(
         ["npm", "install", "--prefix", str(NODE_RED_DIR), "--no-audit", "--no-fund",
          "--omit=dev", "--loglevel=error", NODE_RED_PACKAGE],
-        check=True, timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+        check=True, timeout=600, stdin=subprocess.DEVNULL)
 
 
 def node_red_version() -> str | None:
@@ -133,10 +133,10 @@ def node_red_flow(
     broker = {"id": "bench-broker", "type": "mqtt-broker", "name": "bench",
               "broker": "127.0.0.1", "port": str(port), "clientid": client_id,
               "autoConnect": True, "usetls": False, "protocolVersion": "4", "keepalive": "30",
-              "cleansession": True}  # fmt: skip
+              "cleansession": True}
     out = {"id": "bench-out", "type": "mqtt out", "z": "bench-tab", "name": "", "topic": "",
            "qos": "0", "retain": "false", "broker": "bench-broker", "x": 400, "y": 40,
-           "wires": []}  # fmt: skip
+           "wires": []}
     injects = [
         {"id": f"bench-inject-{i}", "type": "inject", "z": "bench-tab", "name": "",
          "props": [{"p": "payload"}, {"p": "topic", "vt": "str"}],
@@ -144,7 +144,7 @@ def node_red_flow(
          "topic": topic, "payload": payload.decode(), "payloadType": "str",
          "x": 100, "y": 40 + i, "wires": [["bench-out"]]}
         for i, (topic, payload) in enumerate(messages)
-    ]  # fmt: skip
+    ]
     return [{"id": "bench-tab", "type": "tab", "label": "bench"}, broker, out, *injects]
 
 
@@ -183,7 +183,7 @@ class NodeRedPeer:
             ["node", str(NODE_RED_JS), "--settings", str(settings), "--userDir",
              str(self._user_dir), str(self._user_dir / "flows.json")],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=raise_nofile)  # fmt: skip
+            preexec_fn=raise_nofile)
 
     @property
     def pid(self) -> int:
@@ -201,7 +201,7 @@ class NodeRedPeer:
 
 def start_peer(name: str, work: Path, port: int, n: int, prefix: str, tag: str) -> Peer:
     kinds: dict[str, type[ServicePeer] | type[LoopPeer] | type[NodeRedPeer]] = {
-        "service": ServicePeer, "loop": LoopPeer, "node-red": NodeRedPeer}  # fmt: skip
+        "service": ServicePeer, "loop": LoopPeer, "node-red": NodeRedPeer}
     return kinds[name](work, port, n, prefix, tag)
 
 
@@ -211,7 +211,7 @@ class Spinner:
     def __init__(self, seconds: float) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, str(RUN), "--role", "spin", "--seconds", str(seconds)],
-            stdin=subprocess.DEVNULL)  # fmt: skip
+            stdin=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int:

@@ -46,11 +46,11 @@ AREAS = (
 # inclusive time of these functions (substring of a frame)
 ENTRY_POINTS = ("_process_jobs", "publish", "_packet_queue", "loop_write", "loop_read",
                 "loop_misc", "_run_job", "submit_job", "_emit", "_dispatch_event",
-                "_modify", "update_job", "get_next_fire_time", "info", "tick")  # fmt: skip
+                "_modify", "update_job", "get_next_fire_time", "info", "tick")
 # innermost frames of a thread that is blocked, not running: py-spy's idle detection misses
 # them without pausing the process, so they are dropped here and reported apart
 WAITS = ("EpollSelector.select", "PollSelector.select", "SelectSelector.select",
-         "Condition.wait", "Event.wait", "Thread.join", "socket.accept")  # fmt: skip
+         "Condition.wait", "Event.wait", "Thread.join", "socket.accept")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:]*)(:\d+)?\)$")
 
 
@@ -128,7 +128,7 @@ def main() -> int:
                             str(args.seconds), "--rate", str(args.rate), "--nonblocking",
                             "--threads", "--format", "raw", "--output", str(out),
                             *(["--gil"] if args.gil else [])],
-                           check=True, capture_output=True)  # fmt: skip
+                           check=True, capture_output=True)
             cpu = proc_cpu_seconds(peer.pid) - cpu0
             time.sleep(0.5)  # the last ticks' messages in flight
             messages = sub.ask(op="first_seen")["total"] - total0
@@ -141,7 +141,7 @@ def main() -> int:
 
 
 def report(t: dict[str, collections.Counter[str]], cpu: float, messages: int,
-           args: argparse.Namespace) -> None:  # fmt: skip
+           args: argparse.Namespace) -> None:
     blocked = t["areas"].pop("(blocked: not CPU)", 0)
     samples = sum(t["areas"].values())
     us_per_msg = cpu * 1e6 / messages if messages else float("nan")
@@ -150,7 +150,7 @@ def report(t: dict[str, collections.Counter[str]], cpu: float, messages: int,
           f"at {args.rate}/s ({blocked:,} samples of blocked threads left out)")
     for title, key, top in (("area (innermost frame)", "areas", 20), ("thread", "threads", 10),
                             ("function, self time", "functions", args.top),
-                            ("entry point, inclusive", "inclusive", 20)):  # fmt: skip
+                            ("entry point, inclusive", "inclusive", 20)):
         print(f"\n| {title} | share | µs per message |\n|---|---|---|")
         for name, count in t[key].most_common(top):
             share = count / samples

@@ -137,7 +137,7 @@ def role_sub(args: argparse.Namespace) -> None:
             reply = analyse_window(
                 snapshot(cmd["a"], cmd["b"]), cmd["a"], cmd["b"], cmd["interval"], cmd["topics"],
                 on_grid=cmd.get("on_grid", True),
-            )  # fmt: skip
+            )
         elif op == "phases":
             reply = {
                 "phases": {

@@ -407,7 +407,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 # ==== soak (issue #6) ===============================================================================
 def scenario_soak(work: Path, port: int, n: int, interval: float, seconds: float,
-                  sample_every: float, reload_every: float) -> dict[str, Any]:  # fmt: skip
+                  sample_every: float, reload_every: float) -> dict[str, Any]:
     """bench/soak.py's measurement, shortened: RSS, threads and fds sampled while the service
     publishes at a high rate and reloads now and then."""
     entries = make_entries(n, interval, f"bench/soak-{uuid.uuid4().hex[:6]}")
@@ -430,7 +430,7 @@ def scenario_soak(work: Path, port: int, n: int, interval: float, seconds: float
     finally:
         svc.stop()
     return {"entries": n, "interval_s": interval, "seconds": seconds, "samples": samples,
-            **verdict(samples)}  # fmt: skip
+            **verdict(samples)}
 
 
 def soak_row(soak: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -514,7 +514,7 @@ def node_red_peer(args: argparse.Namespace) -> str | None:
 
 
 def run_compare(result: dict[str, Any], work: Path, port: int, params: dict[str, Any],
-                nr_skip: str | None) -> None:  # fmt: skip
+                nr_skip: str | None) -> None:
     cp = CompareParams(
         sizes=tuple(params["compare_sizes"]),
         peers=tuple(peer for peer in PEERS if not (nr_skip and peer == "node-red")),
@@ -565,12 +565,12 @@ def run_issue6(result: dict[str, Any], work: Path, port: int, params: dict[str, 
     result["reload"] = scenario_reload(
         work, port, params["reload_n"], params["reload_interval_s"], params["reload_trials"],
         params["reload_phase_window_s"],
-    )  # fmt: skip
+    )
     log(f"soak: {params['soak_n']} entries at {params['soak_interval_s']} s for {params['soak_s']:.0f} s")
     result["soak"] = scenario_soak(
         work, port, params["soak_n"], params["soak_interval_s"], params["soak_s"],
         params["soak_sample_s"], params["soak_reload_s"],
-    )  # fmt: skip
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -616,7 +616,7 @@ def main() -> int:
         "machine": machine(),
         "params": {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
                    for k, v in params.items()},
-    }  # fmt: skip
+    }
     nr_skip = node_red_peer(args)
     result["node_red_skipped"] = nr_skip
     if nr_skip:

@@ -86,6 +86,29 @@ def peers(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("peers")
 
 
+@pytest.fixture
+def roles(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/roles.py (the subscriber's analysis), imported the way run.py imports it."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module("roles")
+
+
+def test_off_grid_window_counts_a_peer_on_its_own_phase(roles: ModuleType) -> None:
+    """A peer off the service's grid (Node-RED) is expected once per period on whatever phase
+    it has: a gap is one missed tick, and the period error is measured between arrivals."""
+    a = 1_800_000_000.25
+    steady = [a + 0.37 + k for k in range(10)]
+    gap = [a + 0.81 + k + (0.004 if k == 3 else 0) for k in range(10) if k != 5]
+    res = roles.analyse_window({"x/e00001": steady, "x/e00002": gap}, a, a + 10, 1.0,
+                               ["x/e00001", "x/e00002"], on_grid=False)
+    assert (res["expected"], res["received"], res["missed_ticks"]) == (20, 19, 1)
+    assert res["delivered_pct"] == pytest.approx(95.0)
+    assert res["period_error_ms"]["max"] == pytest.approx(1000.0, abs=0.01)
+    assert res["period_error_ms"]["p50"] == pytest.approx(0.0, abs=0.01)
+    # lateness is against the topic's own phase (on the grid it would be 180 ms here)
+    assert res["lateness_vs_grid_ms"]["p50"] == pytest.approx(0.0, abs=0.01)
+
+
 def test_node_red_flow_wires_an_inject_per_topic_to_one_mqtt_out(peers: ModuleType) -> None:
     """The generated flow: one inject per topic with its static payload, repeating every
     second, all wired to one QoS 0 `mqtt out` on a broker node pointing at the given port."""
