@@ -1,502 +1,65 @@
 #!/usr/bin/env python3
-# ruff: noqa: E501, RUF001, PLW1509
+# ruff: noqa: E501, RUF001
 # (table strings are long and use a multiplication sign; preexec_fn only raises RLIMIT_NOFILE, and the parent
 # starts its children from its only thread)
 """Performance benchmark for scheduler-publisher.
 
-    .venv/bin/python bench/run.py [--quick] [--out bench/results/latest.json]
+    .venv/bin/python bench/run.py [--quick] [--no-node-red] [--out bench/results/latest.json]
 
 One run starts its own Mosquitto (own config file, free 127.0.0.1 port) and measures, side by
-side: the bare paho ceiling, sustained scheduled publishing, idle cost, memory, start-up and
-live reload. It prints a table with the targets beside the measurements and writes JSON.
-See bench/README.md for what every figure means.
+side: the service beside Node-RED and a bare scheduled paho loop at 100, 1,000 and 5,000
+entries x 1 s, interleaved (issue 12), the same at the largest size with one core kept busy,
+then issue #6's figures: the bare paho ceiling, sustained scheduled publishing, idle cost,
+memory, start-up, live reload and a short soak. It prints the tables with the targets beside
+the measurements and writes JSON. See bench/README.md for what every figure means.
 
-The same file also holds the two helper roles it runs as separate processes:
-`--role bare` (the bare paho loop) and `--role sub` (the counting subscriber).
+The helper processes run as `run.py --role NAME` (bench/roles.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
-import contextlib
-import itertools
 import json
 import math
 import os
-import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-from scheduler_publisher.plan import grid_start
+import roles
+from common import (
+    REPO,
+    RUN,
+    Broker,
+    Service,
+    Sub,
+    free_port,
+    log,
+    make_entries,
+    proc_cpu_seconds,
+    proc_rss_kb,
+    raise_nofile,
+    write_atomically,
+)
+from compare import CompareParams, comparison_table, issue12_rows, scenario_compare, scenario_loaded
+from peers import PEERS, install_node_red, node_red_unavailable, node_red_version
+from soak import sample, verdict
 
-REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-GRID_ANCHOR = 1704067200.0  # 2024-01-01T00:00:00Z, the same anchor as scheduler_publisher.plan
-
-
-def data_for(i: int) -> dict[str, Any]:
-    """Every entry's `data`; the bare loop publishes the same-sized payload."""
-    return {"value": i % 1000, "unit": "C", "site": "bench"}
-
-
-def payload_for(i: int) -> bytes:
-    return json.dumps({"online": 1, **data_for(i)}, separators=(",", ":")).encode()
-
-
-def grid_offset(entry_id: str, interval: float) -> float:
-    """The entry's phase on its grid: the service's own computation, not a copy of it."""
-    return grid_start(entry_id, interval).timestamp() - GRID_ANCHOR
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 65536
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(65536, target)), hard))
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
-
-
-# ==== /proc readings ===============================================================================
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of the process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-
-def proc_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-# ==== role: bare paho loop (own process, so its CPU is its own) ===================================
-def role_bare(args: argparse.Namespace) -> None:
-    import paho.mqtt.client as mqtt  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
-
-    connected = threading.Event()
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
-        protocol=MQTTProtocolVersion.MQTTv5,
-    )  # the service's default protocol
-    client.max_inflight_messages_set(100)  # the service's default
-    client.max_queued_messages_set(0)
-    client.on_connect = lambda *_a: connected.set()
-    client.connect("127.0.0.1", args.port, keepalive=30)
-    client.loop_start()
-    if not connected.wait(10):
-        raise SystemExit("bare: no CONNACK")
-    payload = payload_for(0)
-    topic = f"bench/bare/{uuid.uuid4().hex[:6]}"
-    # warm-up, not measured
-    for _ in range(min(1000, args.n)):
-        info = client.publish(topic, payload, qos=args.qos)
-    info.wait_for_publish(30)
-    c0, w0 = time.process_time(), time.perf_counter()
-    for _ in range(args.n):
-        info = client.publish(topic, payload, qos=args.qos)
-    info.wait_for_publish(120)  # QoS 0: written to the socket; QoS 1: PUBACK received
-    w1, c1 = time.perf_counter(), time.process_time()
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    client.disconnect()
-    client.loop_stop()
-    print(
-        json.dumps(
-            {
-                "n": args.n,
-                "qos": args.qos,
-                "wall_s": w1 - w0,
-                "cpu_s": c1 - c0,
-                "publishes_per_s": args.n / (w1 - w0),
-                "cpu_us_per_publish": (c1 - c0) * 1e6 / args.n,
-                "max_rss_kb": ru.ru_maxrss,
-                "payload_bytes": len(payload),
-            }
-        )
-    )
-
-
-# ==== role: subscriber (own process) ================================================================
-def role_sub(args: argparse.Namespace) -> None:
-    """Counts every message under the prefix with its arrival time (time.time()), and answers
-    JSON commands on stdin, one per line, with one JSON line on stdout."""
-    import paho.mqtt.client as mqtt  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
-
-    lock = threading.Lock()
-    times: dict[str, list[float]] = {}
-    last: dict[str, bytes] = {}
-    changes: dict[str, list[tuple[float, str]]] = {}
-    subscribed = threading.Event()
-    now = time.time
-
-    def on_message(_c: Any, _u: Any, msg: Any) -> None:
-        t = now()
-        topic = msg.topic
-        p = msg.payload
-        with lock:
-            lst = times.get(topic)
-            if lst is None:
-                times[topic] = [t]
-                last[topic] = p
-                return
-            lst.append(t)
-            if p != last[topic]:
-                last[topic] = p
-                changes.setdefault(topic, []).append((t, p.decode("utf-8", "replace")))
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:8]}")
-    client.on_message = on_message
-    client.on_connect = lambda c, *_a: c.subscribe(f"{args.prefix}/#", qos=0)
-    client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect("127.0.0.1", args.port, keepalive=60)
-    client.loop_start()
-    if not subscribed.wait(10):
-        raise SystemExit("sub: no SUBACK")
-    out = sys.stdout
-    out.write(json.dumps({"ready": True}) + "\n")
-    out.flush()
-
-    def snapshot(a: float, b: float) -> dict[str, list[float]]:
-        with lock:
-            items = list(times.items())
-        res = {}
-        for topic, lst in items:
-            lo, hi = bisect.bisect_left(lst, a), bisect.bisect_left(lst, b)
-            res[topic] = lst[lo:hi]
-        return res
-
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        if op == "first_seen":  # how many topics seen, and when the last of them was first seen
-            with lock:
-                firsts = [lst[0] for lst in times.values()]
-            reply: dict[str, Any] = {
-                "topics": len(firsts),
-                "last_first": max(firsts, default=None),
-                "total": sum(len(v) for v in list(times.values())),
-            }
-        elif op == "window":
-            reply = analyse_window(
-                snapshot(cmd["a"], cmd["b"]), cmd["a"], cmd["b"], cmd["interval"], cmd["topics"]
-            )
-        elif op == "phases":
-            reply = {
-                "phases": {
-                    t: circ_phase(v, cmd["interval"])
-                    for t, v in snapshot(cmd["a"], cmd["b"]).items()
-                    if v
-                }
-            }
-        elif op == "changes":
-            with lock:
-                reply = {"changes": list(changes.get(cmd["topic"], []))}
-        elif op == "cpu":
-            reply = {"cpu_s": time.process_time()}
-        elif op == "quit":
-            break
-        else:
-            reply = {"error": f"unknown op {op}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-    client.disconnect()
-    client.loop_stop()
-
-
-def circ_phase(ts: list[float], interval: float) -> float:
-    """Circular mean of t mod interval (robust at the wrap-around)."""
-    s = sum(math.sin(2 * math.pi * ((t - GRID_ANCHOR) % interval) / interval) for t in ts)
-    c = sum(math.cos(2 * math.pi * ((t - GRID_ANCHOR) % interval) / interval) for t in ts)
-    return (math.atan2(s, c) / (2 * math.pi) * interval) % interval
-
-
-def analyse_window(
-    snap: dict[str, list[float]], a: float, b: float, interval: float, topics: list[str]
-) -> dict[str, Any]:
-    errors: list[float] = []
-    received = expected = missed = extra = entries_missing = 0
-    lateness: list[float] = []
-    for topic_i, topic in enumerate(topics):
-        ts = snap.get(topic, [])
-        entry_id = topic.rsplit("/", 1)[1]
-        off = grid_offset(entry_id, interval)
-        # grid slots in [a, b): the slot arriving just after a boundary is counted by arrival
-        k0 = math.ceil((a - GRID_ANCHOR - off) / interval)
-        k1 = math.ceil((b - GRID_ANCHOR - off) / interval)
-        exp = k1 - k0
-        expected += exp
-        received += len(ts)
-        if not ts:
-            entries_missing += 1
-            missed += exp
-            continue
-        entry_missed = 0
-        for x, y in itertools.pairwise(ts):
-            d = y - x
-            errors.append(abs(d - interval))
-            entry_missed += max(0, round(d / interval) - 1)
-        # gaps at the window's edges
-        entry_missed += max(0, math.floor((ts[0] - a) / interval - 0.5))
-        entry_missed += max(0, math.floor((b - ts[-1]) / interval - 0.5))
-        missed += entry_missed
-        extra += max(0, len(ts) - exp - 1)
-        if topic_i % 10 == 0:  # end-to-end lateness against the ideal grid slot, sampled
-            for t in ts:
-                lateness.append(
-                    ((t - GRID_ANCHOR - off) % interval + interval / 2) % interval - interval / 2
-                )
-    return {
-        "expected": expected,
-        "received": received,
-        "delivered_pct": 100.0 * received / expected if expected else float("nan"),
-        "missed_ticks": missed,
-        "entries_never_seen": entries_missing,
-        "extra": extra,
-        "period_error_ms": {
-            "p50": pct(errors, 50) * 1e3,
-            "p99": pct(errors, 99) * 1e3,
-            "max": max(errors, default=float("nan")) * 1e3,
-            "samples": len(errors),
-        },
-        "lateness_vs_grid_ms": {
-            "p50": pct(lateness, 50) * 1e3,
-            "p99": pct(lateness, 99) * 1e3,
-            "samples": len(lateness),
-        },
-    }
-
-
-# ==== parent-side helpers ==========================================================================
-class Broker:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 1000000\n"
-            "max_queued_bytes 0\n"
-            "max_inflight_messages 0\n"
-            "max_connections -1\n"
-            "set_tcp_nodelay true\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + "log_type error\nlog_type warning\n"
-            f"log_dest file {self.log}\n"
-        )
-        self._err = (self.log.parent / "mosquitto.stderr").open("wb")  # "run as root" warning
-        self.proc = subprocess.Popen(
-            [exe, "-c", str(self.conf)], stderr=self._err, preexec_fn=raise_nofile
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self._err.close()
-
-
-class Sub:
-    """The subscriber process."""
-
-    def __init__(self, port: int, prefix: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--role",
-                "sub",
-                "--port",
-                str(port),
-                "--prefix",
-                prefix,
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=raise_nofile,
-        )
-        first = self._read()
-        if not first.get("ready"):
-            raise RuntimeError("subscriber failed to start")
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("subscriber died")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def wait_all_seen(self, n: int, timeout: float) -> float | None:
-        """Wall time when the last of n topics was first seen (None on timeout)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r = self.ask(op="first_seen")
-            if r["topics"] >= n:
-                return float(r["last_first"])
-            time.sleep(0.05)
-        return None
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ask(op="quit")
-        with contextlib.suppress(Exception):
-            self.proc.wait(5)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class Service:
-    """The real CLI in a subprocess."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        port: int,
-        entries: list[dict[str, Any]],
-        name: str,
-        *,
-        http_port: int = 0,
-        watch: bool = False,
-    ) -> None:
-        self.config = workdir / f"{name}.json"
-        write_atomically(self.config, entries)
-        self.out = workdir / f"{name}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "scheduler_publisher",
-            "run",
-            "--broker",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--config",
-            str(self.config),
-            "--http-port",
-            str(http_port),
-            "--state-db",
-            "",
-            "--log-file",
-            "",
-            "--log-level",
-            "WARNING",
-            "--client-id",
-            f"bench-{name}-{uuid.uuid4().hex[:6]}",
-        ]
-        if not watch:
-            cmd.append("--no-watch")
-        self.http_port = http_port
-        self._out = self.out.open("wb")
-        self.started_at = time.time()
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._out, stderr=subprocess.STDOUT, cwd=workdir, preexec_fn=raise_nofile
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.out.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"service exited with {self.proc.returncode}:\n{tail}")
-
-    def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/status", timeout=30) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-
-
-def write_atomically(path: Path, entries: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, path)
-
-
-def make_entries(n: int, interval: float, prefix: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"e{i:05d}",
-            "topic": f"{prefix}/e{i:05d}",
-            "data": data_for(i),
-            "interval": interval,
-            "qos": 0,
-        }
-        for i in range(n)
-    ]
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+SOAK_RSS_SLACK_KB = 1024  # RSS moves by a few pages as the allocator settles; growth shows above this
 
 
 def run_bare(port: int, n: int, qos: int) -> dict[str, Any]:
     out = subprocess.run(
         [
             sys.executable,
-            str(Path(__file__).resolve()),
+            str(RUN),
             "--role",
             "bare",
             "--port",
@@ -842,32 +405,78 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+# ==== soak (issue #6) ===============================================================================
+def scenario_soak(work: Path, port: int, n: int, interval: float, seconds: float,
+                  sample_every: float, reload_every: float) -> dict[str, Any]:
+    """bench/soak.py's measurement, shortened: RSS, threads and fds sampled while the service
+    publishes at a high rate and reloads now and then."""
+    entries = make_entries(n, interval, f"bench/soak-{uuid.uuid4().hex[:6]}")
+    svc = Service(work, port, entries, "soak", watch=True)
+    pace = threading.Event()  # never set: wait() is the sampling pace, not a synchronisation
+    samples: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        next_reload = started + reload_every
+        while (now := time.monotonic()) < started + seconds:
+            svc.alive()
+            samples.append(sample(svc, started))
+            if now >= next_reload:
+                entries[0]["data"] = {**entries[0]["data"], "rev": int(time.time())}
+                write_atomically(svc.config, entries)
+                next_reload += reload_every
+            pace.wait(sample_every)
+        svc.alive()
+        samples.append(sample(svc, started))
+    finally:
+        svc.stop()
+    return {"entries": n, "interval_s": interval, "seconds": seconds, "samples": samples,
+            **verdict(samples)}
+
+
+def soak_row(soak: dict[str, Any]) -> tuple[str, str, str, str]:
+    ok = soak["threads_stable"] and soak["fds_stable"] and soak["rss_growth_second_half_kb"] <= SOAK_RSS_SLACK_KB
+    return (
+        "soak",
+        f"{soak['entries']:,} at {soak['interval_s']:g} s with reloads: RSS (± {SOAK_RSS_SLACK_KB // 1024} MB), threads and fds flat over the second half",
+        f"{soak['seconds']:.0f} s: RSS {soak['rss_growth_second_half_kb']:+,} KB over the second half "
+        f"({soak['rss_min_kb'] / 1024:.1f}-{soak['rss_max_kb'] / 1024:.1f} MB), threads "
+        f"{'flat' if soak['threads_stable'] else 'CHANGED'}, fds {'flat' if soak['fds_stable'] else 'CHANGED'}",
+        "met" if ok else "MISSED",
+    )
+
+
 # ==== main ==========================================================================================
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="tiny N, short windows (< 60 s): CI smoke")
+    p.add_argument("--quick", action="store_true", help="tiny N, short windows (about a minute): CI smoke")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    p.add_argument("--no-node-red", action="store_true", help="leave Node-RED out of the comparison")
+    p.add_argument("--sizes", help="comparison sizes, comma-separated (default 100,1000,5000)")
+    p.add_argument("--rounds", type=int, help="windows per peer and size (default 2)")
+    p.add_argument("--window", type=float, help="seconds per comparison window (default 30)")
+    p.add_argument("--only-compare", action="store_true", help="skip issue #6's scenarios")
     p.add_argument(
-        "--role", choices=("main", "bare", "sub"), default="main", help=argparse.SUPPRESS
+        "--role", choices=("main", "bare", "loop", "sub", "spin"), default="main", help=argparse.SUPPRESS
     )
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--qos", type=int, help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.role == "bare":
-        role_bare(args)
-        return 0
-    if args.role == "sub":
-        role_sub(args)
-        return 0
+    p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    return p.parse_args()
 
-    raise_nofile()
+
+def make_params(args: argparse.Namespace) -> dict[str, Any]:
     q = args.quick
-    params = {
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([20, 100] if q else [100, 1_000, 5_000])
+    return {
         "quick": q,
+        "compare_sizes": sizes,
+        "compare_rounds": args.rounds or (1 if q else 2),
+        "compare_warmup_s": 0.5 if q else 5.0,
+        "compare_window_s": args.window or (2.0 if q else 30.0),
         "bare_n": {0: 5_000 if q else 200_000, 1: 2_000 if q else 50_000},
         "sustained_n": [200] if q else [1_000, 5_000],
         "sustained_more": [] if q else [10_000, 20_000],
@@ -883,91 +492,153 @@ def main() -> int:
         "reload_interval_s": 1.0 if q else 5.0,
         "reload_trials": 1 if q else 3,
         "reload_phase_window_s": 2.0 if q else 10.0,
+        "soak_n": 200 if q else 2_000,
+        "soak_interval_s": 0.5,
+        "soak_s": 4.0 if q else 120.0,
+        "soak_sample_s": 1.0 if q else 10.0,
+        "soak_reload_s": 2.0 if q else 30.0,
     }
+
+
+def node_red_peer(args: argparse.Namespace) -> str | None:
+    """Installs Node-RED when it can; returns why it is skipped, or None."""
+    if args.no_node_red:
+        return "--no-node-red given"
+    reason = node_red_unavailable()
+    if reason is None:
+        try:
+            install_node_red(log)
+        except (subprocess.SubprocessError, OSError) as exc:
+            reason = f"npm install failed: {exc}"
+    return reason
+
+
+def run_compare(result: dict[str, Any], work: Path, port: int, params: dict[str, Any],
+                nr_skip: str | None) -> None:
+    cp = CompareParams(
+        sizes=tuple(params["compare_sizes"]),
+        peers=tuple(peer for peer in PEERS if not (nr_skip and peer == "node-red")),
+        rounds=params["compare_rounds"],
+        warmup_s=params["compare_warmup_s"],
+        window_s=params["compare_window_s"],
+        loaded_n=max(params["compare_sizes"]),
+    )
+    result["compare"] = scenario_compare(work, port, cp)
+    result["loaded"] = scenario_loaded(work, port, cp)
+
+
+def run_issue6(result: dict[str, Any], work: Path, port: int, params: dict[str, Any]) -> None:
+    log("bare paho loop")
+    result["bare"] = {f"qos{qos}": run_bare(port, params["bare_n"][qos], qos) for qos in (0, 1)}
+    bare_us = result["bare"]["qos0"]["cpu_us_per_publish"]
+    result["sustained"] = []
+    for n in params["sustained_n"] + params["sustained_more"]:
+        if n in params["sustained_more"]:
+            prev = result["sustained"][-1]
+            if prev["delivered_pct"] < 99.5 or prev["missed_ticks"] > 0:
+                log(f"stopping the sustained ladder: {prev['entries']} did not keep up")
+                break
+        log(f"sustained {n} entries at 1 s")
+        result["sustained"].append(
+            scenario_sustained(work, port, n, params["warmup_s"], params["window_s"], bare_us)
+        )
+    log(f"idle / start-up / memory with {params['idle_n']} entries at 60 s")
+    big = result["idle"] = scenario_idle_startup_memory(
+        work, port, params["idle_n"], params["idle_settle_s"], params["idle_window_s"]
+    )
+    log(f"memory with {params['mem_small_n']} entries")
+    small = scenario_memory_small(work, port, params["mem_small_n"], params["mem_settle_s"])
+    result["memory"] = {
+        "small_entries": small["entries"],
+        "rss_small_kb": small["rss_kb"],
+        "large_entries": big["entries"],
+        "rss_large_kb": big["rss_kb"],
+        "kb_per_entry": (big["rss_kb"] - small["rss_kb"]) / (big["entries"] - small["entries"]),
+    }
+    result["startup"] = {
+        "entries": big["entries"],
+        "seconds": big["startup_s"],
+        "small_entries": small["entries"],
+        "small_seconds": small["startup_s"],
+    }
+    log(f"reload in {params['reload_n']} entries at {params['reload_interval_s']} s")
+    result["reload"] = scenario_reload(
+        work, port, params["reload_n"], params["reload_interval_s"], params["reload_trials"],
+        params["reload_phase_window_s"],
+    )
+    log(f"soak: {params['soak_n']} entries at {params['soak_interval_s']} s for {params['soak_s']:.0f} s")
+    result["soak"] = scenario_soak(
+        work, port, params["soak_n"], params["soak_interval_s"], params["soak_s"],
+        params["soak_sample_s"], params["soak_reload_s"],
+    )
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "node_red": node_red_version(),
+    }
+
+
+def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
+    if nr_skip:
+        print(f"Node-RED: skipped ({nr_skip})")
+    rows: list[tuple[str, str, str, str]] = []
+    if "compare" in result:
+        print("\n".join(comparison_table(result["compare"])))
+        print()
+        rows += issue12_rows(result["compare"], result.get("loaded"), nr_skip, quick)
+    if "soak" in result:
+        rows += verdicts(result, quick)
+        soak = soak_row(result["soak"])
+        rows.append(soak if not quick else (*soak[:3], "(quick)"))
+    result["table"] = [dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows]
+    print_table(rows)
+    print(
+        f"\n{'quick mode: tiny N, verdicts not meaningful; ' if quick else ''}"
+        f"elapsed {result['elapsed_s']:.0f} s, load average at start "
+        f"{result['machine']['loadavg_at_start'][0]:.2f}, at end {result['machine']['loadavg_at_end'][0]:.2f}"
+    )
+
+
+def main() -> int:
+    args = parse_args()
+    if args.role != "main":
+        getattr(roles, f"role_{args.role}")(args)
+        return 0
+    raise_nofile()
+    params = make_params(args)
     started = time.time()
     result: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg(),
-            "python": sys.version.split()[0],
-        },
-        "params": {
-            k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
-            for k, v in params.items()
-        },
+        "machine": machine(),
+        "params": {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
+                   for k, v in params.items()},
     }
+    nr_skip = node_red_peer(args)
+    result["node_red_skipped"] = nr_skip
+    if nr_skip:
+        log(f"Node-RED: skipped ({nr_skip})")
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
     broker = Broker(work)
     broker.start()
     result["machine"]["mosquitto_port"] = broker.port
     try:
-        log("bare paho loop")
-        result["bare"] = {
-            f"qos{qos}": run_bare(broker.port, params["bare_n"][qos], qos) for qos in (0, 1)
-        }
-        bare_us = result["bare"]["qos0"]["cpu_us_per_publish"]
-        result["sustained"] = []
-        for n in params["sustained_n"] + params["sustained_more"]:
-            if n in params["sustained_more"]:
-                prev = result["sustained"][-1]
-                if prev["delivered_pct"] < 99.5 or prev["missed_ticks"] > 0:
-                    log(f"stopping the sustained ladder: {prev['entries']} did not keep up")
-                    break
-            log(f"sustained {n} entries at 1 s")
-            result["sustained"].append(
-                scenario_sustained(
-                    work, broker.port, n, params["warmup_s"], params["window_s"], bare_us
-                )
-            )
-        log(f"idle / start-up / memory with {params['idle_n']} entries at 60 s")
-        result["idle"] = scenario_idle_startup_memory(
-            work, broker.port, params["idle_n"], params["idle_settle_s"], params["idle_window_s"]
-        )
-        log(f"memory with {params['mem_small_n']} entries")
-        small = scenario_memory_small(
-            work, broker.port, params["mem_small_n"], params["mem_settle_s"]
-        )
-        big = result["idle"]
-        result["memory"] = {
-            "small_entries": small["entries"],
-            "rss_small_kb": small["rss_kb"],
-            "large_entries": big["entries"],
-            "rss_large_kb": big["rss_kb"],
-            "kb_per_entry": (big["rss_kb"] - small["rss_kb"]) / (big["entries"] - small["entries"]),
-        }
-        result["startup"] = {
-            "entries": big["entries"],
-            "seconds": big["startup_s"],
-            "small_entries": small["entries"],
-            "small_seconds": small["startup_s"],
-        }
-        log(f"reload in {params['reload_n']} entries at {params['reload_interval_s']} s")
-        result["reload"] = scenario_reload(
-            work,
-            broker.port,
-            params["reload_n"],
-            params["reload_interval_s"],
-            params["reload_trials"],
-            params["reload_phase_window_s"],
-        )
+        run_compare(result, work, broker.port, params, nr_skip)
+        if not args.only_compare:
+            run_issue6(result, work, broker.port, params)
     finally:
         broker.stop()
         result["elapsed_s"] = time.time() - started
+        result["machine"]["loadavg_at_end"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         shutil.rmtree(work, ignore_errors=True)
-    rows = verdicts(result, q)
-    result["table"] = [
-        dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows
-    ]
+    report(result, args.quick, nr_skip)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print_table(rows)
-    print(
-        f"\n{'quick mode: tiny N, verdicts not meaningful; ' if q else ''}"
-        f"elapsed {result['elapsed_s']:.0f} s, load average at start "
-        f"{result['machine']['loadavg_at_start'][0]:.2f}; JSON: {args.out}"
-    )
+    print(f"JSON: {args.out}")
     return 0
 
 

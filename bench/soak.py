@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Broker, Service, make_entries, proc_cpu_seconds, proc_rss_kb, write_atomically
+from common import Broker, Service, make_entries, proc_cpu_seconds, proc_rss_kb, write_atomically
 
 SAMPLE_EVERY = 10.0
 

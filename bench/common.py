@@ -1,0 +1,302 @@
+# ruff: noqa: E501, PLW1509
+# (lines moved from run.py are long; preexec_fn only raises RLIMIT_NOFILE, and the parent starts its children from its only thread)
+"""What every benchmark part shares: the payloads and entries, /proc readings, and the
+processes it starts (Mosquitto, the counting subscriber, the service's CLI)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from scheduler_publisher.plan import grid_start
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "bench" / "run.py"  # every helper role runs as `run.py --role NAME`
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GRID_ANCHOR = 1704067200.0  # 2024-01-01T00:00:00Z, the same anchor as scheduler_publisher.plan
+
+
+def data_for(i: int) -> dict[str, Any]:
+    """Every entry's `data`; the bare loop publishes the same-sized payload."""
+    return {"value": i % 1000, "unit": "C", "site": "bench"}
+
+
+def payload_for(i: int) -> bytes:
+    return json.dumps({"online": 1, **data_for(i)}, separators=(",", ":")).encode()
+
+
+def grid_offset(entry_id: str, interval: float) -> float:
+    """The entry's phase on its grid: the service's own computation, not a copy of it."""
+    return grid_start(entry_id, interval).timestamp() - GRID_ANCHOR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(65536, target)), hard))
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+# ==== /proc readings ===============================================================================
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of the process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def proc_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# ==== parent-side helpers ==========================================================================
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_queued_messages 1000000\n"
+            "max_queued_bytes 0\n"
+            "max_inflight_messages 0\n"
+            "max_connections -1\n"
+            "set_tcp_nodelay true\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "log_type error\nlog_type warning\n"
+            f"log_dest file {self.log}\n"
+        )
+        self._err = (self.log.parent / "mosquitto.stderr").open("wb")  # "run as root" warning
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(self.conf)], stderr=self._err, preexec_fn=raise_nofile
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self._err.close()
+
+
+class Sub:
+    """The subscriber process."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(RUN),
+                "--role",
+                "sub",
+                "--port",
+                str(port),
+                "--prefix",
+                prefix,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=raise_nofile,
+        )
+        first = self._read()
+        if not first.get("ready"):
+            raise RuntimeError("subscriber failed to start")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("subscriber died")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ask(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def wait_all_seen(self, n: int, timeout: float, prefix: str = "") -> float | None:
+        """Wall time when the last of n topics (under `prefix`, if given) was first seen
+        (None on timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.ask(op="first_seen", prefix=prefix)
+            if r["topics"] >= n:
+                return float(r["last_first"])
+            time.sleep(0.05)
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask(op="quit")
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Service:
+    """The real CLI in a subprocess."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        entries: list[dict[str, Any]],
+        name: str,
+        *,
+        http_port: int = 0,
+        watch: bool = False,
+        defaults: bool = False,
+    ) -> None:
+        self.config = workdir / f"{name}.json"
+        write_atomically(self.config, entries)
+        self.out = workdir / f"{name}.log"
+        self.http_port = http_port
+        cmd = self._default_cmd(workdir, port, name) if defaults else self._lean_cmd(port, name, watch)
+        self._out = self.out.open("wb")
+        self.started_at = time.time()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, cwd=workdir, preexec_fn=raise_nofile
+        )
+
+    def _default_cmd(self, workdir: Path, port: int, name: str) -> list[str]:
+        """The CLI with its default settings: HTTP, the state DB, the watcher, INFO JSON logs
+        to stdout and to the rotated log file. Only what must differ on a shared machine is
+        set: the broker, a free HTTP port, files in the run's own folder, and no options file
+        (so that one in /etc cannot change the settings)."""
+        if not self.http_port:
+            self.http_port = free_port()
+        return [
+            sys.executable, "-m", "scheduler_publisher", "run",
+            "--options-file", "",
+            "--broker", "127.0.0.1",
+            "--port", str(port),
+            "--config", str(self.config),
+            "--http-port", str(self.http_port),
+            "--state-db", str(workdir / f"{name}.db"),
+            "--log-file", str(workdir / f"{name}.json.log"),
+            "--client-id", f"bench-{name}-{uuid.uuid4().hex[:6]}",
+        ]
+
+    def _lean_cmd(self, port: int, name: str, watch: bool) -> list[str]:
+        """Issue #6's scenarios: no state DB, no log file, warnings only."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "scheduler_publisher",
+            "run",
+            "--broker",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--config",
+            str(self.config),
+            "--http-port",
+            str(self.http_port),
+            "--state-db",
+            "",
+            "--log-file",
+            "",
+            "--log-level",
+            "WARNING",
+            "--client-id",
+            f"bench-{name}-{uuid.uuid4().hex[:6]}",
+        ]
+        if not watch:
+            cmd.append("--no-watch")
+        return cmd
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.out.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"service exited with {self.proc.returncode}:\n{tail}")
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/status", timeout=30) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+def write_atomically(path: Path, entries: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, path)
+
+
+def make_entries(n: int, interval: float, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"e{i:05d}",
+            "topic": f"{prefix}/e{i:05d}",
+            "data": data_for(i),
+            "interval": interval,
+            "qos": 0,
+        }
+        for i in range(n)
+    ]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+

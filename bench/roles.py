@@ -1,0 +1,291 @@
+# ruff: noqa: E501
+# (lines moved from run.py are long)
+"""The benchmark's helper processes, each run as `bench/run.py --role NAME` so that its CPU
+and memory are its own: the bare paho ceiling, the bare scheduled loop, the counting
+subscriber and the CPU spinner of the loaded-machine case."""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import math
+import resource
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from common import GRID_ANCHOR, grid_offset, make_entries, payload_for, pct
+
+
+# ==== role: bare paho loop (own process, so its CPU is its own) ===================================
+def role_bare(args: argparse.Namespace) -> None:
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
+
+    connected = threading.Event()
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )  # the service's default protocol
+    client.max_inflight_messages_set(100)  # the service's default
+    client.max_queued_messages_set(0)
+    client.on_connect = lambda *_a: connected.set()
+    client.connect("127.0.0.1", args.port, keepalive=30)
+    client.loop_start()
+    if not connected.wait(10):
+        raise SystemExit("bare: no CONNACK")
+    payload = payload_for(0)
+    topic = f"bench/bare/{uuid.uuid4().hex[:6]}"
+    # warm-up, not measured
+    for _ in range(min(1000, args.n)):
+        info = client.publish(topic, payload, qos=args.qos)
+    info.wait_for_publish(30)
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(args.n):
+        info = client.publish(topic, payload, qos=args.qos)
+    info.wait_for_publish(120)  # QoS 0: written to the socket; QoS 1: PUBACK received
+    w1, c1 = time.perf_counter(), time.process_time()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    client.disconnect()
+    client.loop_stop()
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "qos": args.qos,
+                "wall_s": w1 - w0,
+                "cpu_s": c1 - c0,
+                "publishes_per_s": args.n / (w1 - w0),
+                "cpu_us_per_publish": (c1 - c0) * 1e6 / args.n,
+                "max_rss_kb": ru.ru_maxrss,
+                "payload_bytes": len(payload),
+            }
+        )
+    )
+
+
+# ==== role: subscriber (own process) ================================================================
+def role_sub(args: argparse.Namespace) -> None:
+    """Counts every message under the prefix with its arrival time (time.time()), and answers
+    JSON commands on stdin, one per line, with one JSON line on stdout."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    lock = threading.Lock()
+    times: dict[str, list[float]] = {}
+    last: dict[str, bytes] = {}
+    changes: dict[str, list[tuple[float, str]]] = {}
+    subscribed = threading.Event()
+    now = time.time
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        t = now()
+        topic = msg.topic
+        p = msg.payload
+        with lock:
+            lst = times.get(topic)
+            if lst is None:
+                times[topic] = [t]
+                last[topic] = p
+                return
+            lst.append(t)
+            if p != last[topic]:
+                last[topic] = p
+                changes.setdefault(topic, []).append((t, p.decode("utf-8", "replace")))
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:8]}")
+    client.on_message = on_message
+    client.on_connect = lambda c, *_a: c.subscribe(f"{args.prefix}/#", qos=0)
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.connect("127.0.0.1", args.port, keepalive=60)
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise SystemExit("sub: no SUBACK")
+    out = sys.stdout
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+
+    def snapshot(a: float, b: float) -> dict[str, list[float]]:
+        with lock:
+            items = list(times.items())
+        res = {}
+        for topic, lst in items:
+            lo, hi = bisect.bisect_left(lst, a), bisect.bisect_left(lst, b)
+            res[topic] = lst[lo:hi]
+        return res
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "first_seen":  # how many topics seen, and when the last of them was first seen
+            prefix = cmd.get("prefix", "")
+            with lock:
+                seen = [lst for topic, lst in times.items() if topic.startswith(prefix)]
+                firsts = [lst[0] for lst in seen]
+                total = sum(len(lst) for lst in seen)
+            reply: dict[str, Any] = {
+                "topics": len(firsts),
+                "last_first": max(firsts, default=None),
+                "total": total,
+            }
+        elif op == "window":
+            reply = analyse_window(
+                snapshot(cmd["a"], cmd["b"]), cmd["a"], cmd["b"], cmd["interval"], cmd["topics"],
+                on_grid=cmd.get("on_grid", True),
+            )
+        elif op == "phases":
+            reply = {
+                "phases": {
+                    t: circ_phase(v, cmd["interval"])
+                    for t, v in snapshot(cmd["a"], cmd["b"]).items()
+                    if v
+                }
+            }
+        elif op == "changes":
+            with lock:
+                reply = {"changes": list(changes.get(cmd["topic"], []))}
+        elif op == "cpu":
+            reply = {"cpu_s": time.process_time()}
+        elif op == "quit":
+            break
+        else:
+            reply = {"error": f"unknown op {op}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    client.disconnect()
+    client.loop_stop()
+
+
+def circ_phase(ts: list[float], interval: float) -> float:
+    """Circular mean of t mod interval (robust at the wrap-around)."""
+    s = sum(math.sin(2 * math.pi * ((t - GRID_ANCHOR) % interval) / interval) for t in ts)
+    c = sum(math.cos(2 * math.pi * ((t - GRID_ANCHOR) % interval) / interval) for t in ts)
+    return (math.atan2(s, c) / (2 * math.pi) * interval) % interval
+
+
+def analyse_window(
+    snap: dict[str, list[float]],
+    a: float,
+    b: float,
+    interval: float,
+    topics: list[str],
+    *,
+    on_grid: bool = True,
+) -> dict[str, Any]:
+    """Delivery and period error of `topics` over [a, b). Expected slots come from each
+    entry's grid phase (`on_grid`: the service and the bare loop), or else from the phase its
+    own arrivals show (Node-RED, whose timers start when the flow is deployed)."""
+    errors: list[float] = []
+    received = expected = missed = extra = entries_missing = 0
+    lateness: list[float] = []
+    for topic_i, topic in enumerate(topics):
+        ts = snap.get(topic, [])
+        entry_id = topic.rsplit("/", 1)[1]
+        if on_grid:
+            off = grid_offset(entry_id, interval)
+        else:  # the circular mean of its arrival phases in the window
+            off = circ_phase(ts, interval) if ts else 0.0
+        # grid slots in [a, b): the slot arriving just after a boundary is counted by arrival
+        k0 = math.ceil((a - GRID_ANCHOR - off) / interval)
+        k1 = math.ceil((b - GRID_ANCHOR - off) / interval)
+        # off the grid, a drifting phase makes the slot count at the edges uncertain; the
+        # window holds round(length / interval) periods whatever the phase
+        exp = k1 - k0 if on_grid else round((b - a) / interval)
+        expected += exp
+        received += len(ts)
+        if not ts:
+            entries_missing += 1
+            missed += exp
+            continue
+        entry_missed = 0
+        for x, y in itertools.pairwise(ts):
+            d = y - x
+            errors.append(abs(d - interval))
+            entry_missed += max(0, round(d / interval) - 1)
+        # gaps at the window's edges
+        entry_missed += max(0, math.floor((ts[0] - a) / interval - 0.5))
+        entry_missed += max(0, math.floor((b - ts[-1]) / interval - 0.5))
+        missed += entry_missed
+        extra += max(0, len(ts) - exp - 1)
+        if topic_i % 10 == 0:  # end-to-end lateness against the ideal grid slot, sampled
+            for t in ts:
+                lateness.append(
+                    ((t - GRID_ANCHOR - off) % interval + interval / 2) % interval - interval / 2
+                )
+    return {
+        "expected": expected,
+        "received": received,
+        "delivered_pct": 100.0 * received / expected if expected else float("nan"),
+        "missed_ticks": missed,
+        "entries_never_seen": entries_missing,
+        "extra": extra,
+        "period_error_ms": {
+            "p50": pct(errors, 50) * 1e3,
+            "p99": pct(errors, 99) * 1e3,
+            "max": max(errors, default=float("nan")) * 1e3,
+            "samples": len(errors),
+        },
+        "lateness_vs_grid_ms": {
+            "p50": pct(lateness, 50) * 1e3,
+            "p99": pct(lateness, 99) * 1e3,
+            "samples": len(lateness),
+        },
+    }
+
+
+
+# ==== role: bare scheduled loop (the issue-12 peer) ================================================
+def loop_groups(n: int, prefix: str, interval: float) -> list[tuple[float, list[tuple[str, bytes]]]]:
+    """The n entries grouped by their grid phase, as the service groups them (phase slots),
+    earliest first: (offset in the period, [(topic, payload)])."""
+    groups: dict[float, list[tuple[str, bytes]]] = {}
+    for e in make_entries(n, interval, prefix):
+        groups.setdefault(grid_offset(e["id"], interval), []).append(
+            (e["topic"], payload_for(int(e["id"][1:]))))
+    return sorted(groups.items())
+
+
+def role_loop(args: argparse.Namespace) -> None:
+    """The simplest scheduled publisher paho allows: one thread, `client.loop()` between
+    ticks, each phase group published with `client.publish()` when it falls due (paho writes
+    to the socket at once when no loop thread runs). What the service costs beyond this is the
+    cost of its features."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
+
+    interval = 1.0
+    groups = loop_groups(args.n, args.prefix, interval)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                         client_id=f"bench-loop-{uuid.uuid4().hex[:8]}",
+                         protocol=MQTTProtocolVersion.MQTTv5)  # the service's default protocol
+    client.connect("127.0.0.1", args.port, keepalive=30)  # the service's default keepalive
+    deadline = time.monotonic() + 10
+    while not client.is_connected():
+        if time.monotonic() > deadline:
+            raise SystemExit("loop: no CONNACK")
+        client.loop(0.05)
+    now = time.time()
+    period = GRID_ANCHOR + math.floor((now - GRID_ANCHOR) / interval) * interval
+    while True:
+        for offset, messages in groups:
+            due = period + offset
+            while (wait := due - time.time()) > 0:
+                client.loop(wait)
+            if due < now:  # the first period's groups already past: start on the next slot
+                continue
+            for topic, payload in messages:
+                client.publish(topic, payload, qos=0)
+        period += interval
+
+
+# ==== role: spinner (the loaded-machine case) =======================================================
+def role_spin(args: argparse.Namespace) -> None:
+    """Keeps one core busy for `--seconds`, then exits by itself."""
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        pass
