@@ -688,8 +688,10 @@ def _check_entry(position: int, located: document.Located,
         used, got = f"already used by entry {first_seen[entry_id]}", _render(entry_id)
         findings.append(("id", Finding("error", f"id must be unique, got {got} ({used})",
                                        "unique", got)))
-    problems = [Problem(f.severity, position, entry_id, name, f.message, f.expected,
-                        f.received, **where) for name, f in findings]
+    members = located.member_positions() if findings else {}
+    problems = [Problem(f.severity, position, entry_id, name, f.message, f.expected, f.received,
+                        *members.get(name, (located.line, located.column)))
+                for name, f in findings]
     if any(problem.severity == "error" for problem in problems):
         return _Checked(None, problems, entry_id)
     config = PublishConfig._from_checked(entry)  # every field was checked just above

@@ -16,7 +16,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 MAX_DOCUMENT_DEPTH: Final = 64  # levels of arrays/objects in the whole file
@@ -243,6 +243,35 @@ class Located:
     value: Any
     line: int
     column: int
+    text: str = field(default="", repr=False, compare=False)  # the whole document, shared
+    start: int = field(default=0, repr=False, compare=False)  # the element's offset in it
+
+    def member_positions(self) -> dict[str, tuple[int, int]]:
+        """Line and column of each member's key, when the element is an object. Scans the
+        element's text again, so it is meant for the few entries that have problems."""
+        try:
+            offsets = _member_offsets(self.text, self.start)
+        except (ValueError, RecursionError):
+            # Cannot happen to an element that decoded once; the entry's own place still holds.
+            return {}
+        return {key: (self.line + self.text.count("\n", self.start, at),
+                      at - self.text.rfind("\n", 0, at)) for key, at in offsets.items()}
+
+
+def _member_offsets(text: str, start: int) -> dict[str, int]:
+    """Where each key of the object at `start` begins (a repeated key: its last occurrence,
+    the one json keeps). The element decoded once already, so its syntax is sound."""
+    found: dict[str, int] = {}
+    if text[start : start + 1] != "{":
+        return found
+    at = _skip_whitespace(text, start + 1)
+    while text[at : at + 1] == '"':
+        key, end = _ELEMENT_DECODER.raw_decode(text, at)
+        found[key] = at
+        value_at = _skip_whitespace(text, _skip_whitespace(text, end) + 1)  # past the ":"
+        _, end = _ELEMENT_DECODER.raw_decode(text, value_at)
+        at = _skip_whitespace(text, _skip_whitespace(text, end) + 1)  # past "," or "}"
+    return found
 
 
 class _LineCounter:
@@ -305,7 +334,7 @@ def located_elements(raw: bytes) -> Iterator[Located]:
     lines = _LineCounter(text)
     try:
         for value, start in _stream_array(text):
-            yield Located(value, *lines.position(start))
+            yield Located(value, *lines.position(start), text, start)
     except (_NotStreamableError, ValueError, RecursionError, _NonFiniteLiteralError):
         pass  # json's full parse below names the problem, at its line and column
     else:
