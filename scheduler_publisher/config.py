@@ -216,8 +216,10 @@ def _level_count(value: str, _found: re.Match[str]) -> str:
 
 
 _NOT_A_SURROGATE: Final = Forbidden(LONE_SURROGATE, _VALID_UNICODE)
+# "(?![^/])": then a "/" or the end. Not "(?:/|$)": Python's $ also matches before a final
+# newline, ECMA-262's does not.
 _RESERVED_TREES: Final = Forbidden(
-    "^\\$(?:" + "|".join(p.removeprefix("$") for p in RESERVED_TOPIC_PREFIXES) + ")(?:/|$)",
+    "^\\$(?:" + "|".join(p.removeprefix("$") for p in RESERVED_TOPIC_PREFIXES) + ")(?![^/])",
     "outside the broker-owned " + ", ".join(RESERVED_TOPIC_PREFIXES) + " trees")
 _TOPIC_FORBIDS: Final = (
     Forbidden("[+#]", 'free of the wildcards "+" and "#"'),

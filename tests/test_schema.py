@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -366,3 +369,39 @@ def schema_command_output(capsys: pytest.CaptureFixture[str]) -> str:
 def test_schema_command_prints_the_committed_schema(schema_command_output: str) -> None:
     """`scheduler-publisher schema` prints the committed file byte for byte."""
     assert schema_command_output == COMMITTED.read_text(encoding="utf-8")
+
+
+PATTERN_PROBES = ["t", "a\ud800", "a\U0001f600", "\U0001fffe", "\U0001fffd", "\U0010ffff",
+                  "$SYS\n", "$SYSX", "$SYS/x", "$share", "a/+", "#", "\0", "\x9f", "\xa0",
+                  "\ufdd0", "/" * 199, "/" * 200, "é/温度"]
+NODE_PROBE = """
+const [patterns, probes] = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+console.log(JSON.stringify(patterns.map(p => probes.map(s => new RegExp(p, 'u').test(s)))));
+"""
+
+
+def _patterns(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern":
+                yield value
+            else:
+                yield from _patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _patterns(value)
+
+
+def test_patterns_read_the_same_in_ecmascript() -> None:
+    """Every pattern in the schema matches the same probes under ECMA-262 with the `u` flag
+    (how VS Code compiles them) as under Python's re (how the validator does)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: no ECMAScript engine to compare with")
+    patterns = sorted(set(_patterns(entries_schema())))
+    assert len(patterns) >= 5
+    request = json.dumps([patterns, PATTERN_PROBES])  # ASCII: surrogates travel as escapes
+    ran = subprocess.run([node, "-e", NODE_PROBE], input=request, capture_output=True,
+                         text=True, timeout=60, check=True)
+    python = [[re.search(p, probe) is not None for probe in PATTERN_PROBES] for p in patterns]
+    assert json.loads(ran.stdout) == python
