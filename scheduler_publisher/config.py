@@ -301,8 +301,10 @@ class FieldRule:
     def _string_findings(self, value: str) -> Iterator[Finding]:
         for forbidden in self.forbidden:
             yield from forbidden.findings(self.name, value)
-        size = _utf8_size(value)
-        if self.max_utf8_bytes is not None and size is not None and size > self.max_utf8_bytes:
+        if self.max_utf8_bytes is None:
+            return
+        size = _utf8_size(value)  # None: a lone surrogate, which a Forbidden reports
+        if size is not None and size > self.max_utf8_bytes:
             yield _must(self.name, f"at most {self.max_utf8_bytes} UTF-8 bytes", f"{size} bytes")
 
 
