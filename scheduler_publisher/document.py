@@ -319,12 +319,6 @@ def _stream_array(text: str) -> Iterator[tuple[Any, int]]:
         raise _NotStreamableError
 
 
-def elements(raw: bytes) -> Iterator[Any]:
-    """The elements of the file's top-level array; raises DocumentError for anything else."""
-    for located in located_elements(raw):
-        yield located.value
-
-
 def located_elements(raw: bytes) -> Iterator[Located]:
     """The elements of the file's top-level array, each with where it starts; raises
     DocumentError for anything else."""
