@@ -9,6 +9,7 @@ and tests/test_schema.py checks both directions over the test corpus and generat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any, Final
@@ -18,6 +19,7 @@ from scheduler_publisher.config import (
     LONE_SURROGATE,
     MAX_DOCUMENT_DEPTH,
     FieldRule,
+    PublishConfig,
 )
 
 __all__ = ["DIALECT", "entries_schema", "schema_text"]
@@ -77,9 +79,16 @@ def _string_keywords(rule: FieldRule) -> dict[str, Any]:
     return found
 
 
+# What an optional field is when left out: PublishConfig's own defaults, shown by editors.
+_DEFAULTS: Final = {spec.name: spec.default for spec in dataclasses.fields(PublishConfig)
+                    if spec.init and spec.default is not dataclasses.MISSING}
+
+
 def _field_schema(rule: FieldRule) -> dict[str, Any]:
     schema: dict[str, Any] = {"description": rule.description,
                               "type": [rule.type, "null"] if rule.nullable else rule.type}
+    if rule.name in _DEFAULTS:
+        schema["default"] = _DEFAULTS[rule.name]
     if rule.type == "string":
         schema.update(_string_keywords(rule))
     if rule.enum is not None:

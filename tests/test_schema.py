@@ -73,6 +73,15 @@ def test_schema_names_every_field_and_what_it_cannot_check() -> None:
             assert rule.unexpressed in entry["properties"][rule.name]["$comment"]
 
 
+def test_schema_defaults_are_what_an_omitted_field_becomes() -> None:
+    """Each optional field's `default` is the value the service uses when it is left out."""
+    properties = entries_schema()["$defs"]["entry"]["properties"]
+    (config,) = parse_config(json.dumps([test_config.entry()]).encode()).entries
+    defaults = {name: spec["default"] for name, spec in properties.items() if "default" in spec}
+    assert set(defaults) == {rule.name for rule in FIELD_RULES if not rule.required}
+    assert defaults == {name: getattr(config, name) for name in defaults}
+
+
 def test_schema_errors_point_at_the_field() -> None:
     """An editor's squiggle lands on the bad field: the error's path is the entry's field."""
     bad = [{"id": "a", "topic": "t", "data": {}, "interval": 1},
