@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 from scheduler_publisher.config import ConfigFileError, ConfigResult, Problem, Severity
 
-__all__ = ["FORMATS", "Format", "Report", "render"]
+__all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render", "summary"]
 
 Format = Literal["text", "json", "github"]
 FORMATS: Final[tuple[Format, ...]] = ("text", "json", "github")
