@@ -58,6 +58,8 @@ from scheduler_publisher.options import (
     read_options_file,
     resolve,
 )
+from scheduler_publisher.report import FORMATS, Report, render
+from scheduler_publisher.schema import schema_text
 from scheduler_publisher.settings import (
     BrokerSettings,
     MQTTVersion,
@@ -73,7 +75,8 @@ EXIT_CONFIG = 3
 EXIT_GAVE_UP = 4
 EXIT_STARTUP = 5
 
-COMMANDS = ("run", "validate", "show-options", "sample-config", "sample-options", "systemd-unit")
+COMMANDS = ("run", "validate", "schema", "show-options", "sample-config", "sample-options",
+            "systemd-unit")
 # The commands whose flags may also come from the environment and the options file.
 OPTION_COMMANDS = ("run", "validate", "show-options")
 # Package data: copies of JSON/payloadStaticConfig.json and systemd/scheduler-publisher.service,
@@ -137,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check the config file; connect nowhere")
     validate.add_argument("--config", type=Path, default=ServiceSettings().config_path,
                           help="config file (default: %(default)s)")
+    validate.add_argument("--format", choices=FORMATS, default="text",
+                          help="text (default; problems on stderr as file:line:column), json "
+                               "(one object on stdout) or github (workflow annotations)")
     _add_options_file(validate)
+    sub.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the entries file")
     show = sub.add_parser("show-options", help="print every option's effective value and "
                                                "where it came from (flag, env, file, default)")
     _add_run_arguments(show)
@@ -272,7 +279,11 @@ def apply_options(parser: argparse.ArgumentParser, argv: Sequence[str], args: ar
     explicit = explicit_dests(command, argv[1:])
     path = options_file_path(args.options_file, "options_file" in explicit, environ)
     values = read_options_file(path, every) if path is not None else {}
-    origins = resolve(options_of(command), args, explicit, environ, values, path)
+    # Only the service's options come from elsewhere: a command's own flag (validate --format)
+    # is about this invocation, not the service.
+    service = {option.name for option in every}
+    own = [option for option in options_of(command) if option.name in service]
+    origins = resolve(own, args, explicit, environ, values, path)
     args.options_file = path
     check_combinations(args, origins)
     for warning in environment_warnings(every, environ):
@@ -467,16 +478,22 @@ def log_settings(args: argparse.Namespace) -> LogSettings:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        result = ConfigurationLoader(args.config).load()
+        report = Report(str(args.config), ConfigurationLoader(args.config).load())
     except ConfigFileError as exc:
-        print(f"error: {exc}\n{config_hint(args.config)}", file=sys.stderr)
-        return EXIT_INVALID
-    for problem in result.problems:
-        print(f"{problem.severity}: {problem}", file=sys.stderr)
-    status = "invalid" if result.errors else "valid"
-    print(f"{args.config}: {status}: {len(result.entries)} valid entries, "
-          f"{len(result.errors)} errors, {len(result.warnings)} warnings")
-    return EXIT_INVALID if result.errors else EXIT_OK
+        report = Report(str(args.config), None, exc)
+    out, err = render(report, args.format)
+    if report.failure is not None and args.format == "text":
+        err.append(config_hint(args.config))
+    for line in err:
+        print(line, file=sys.stderr)
+    for line in out:
+        print(line)
+    return EXIT_OK if report.valid else EXIT_INVALID
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    sys.stdout.write(schema_text())
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -562,7 +579,8 @@ def config_hint(path: Path) -> str:
 
 
 COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run, "validate": cmd_validate, "show-options": cmd_show_options,
+    "run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
+    "show-options": cmd_show_options,
     "sample-config": cmd_sample_config, "sample-options": cmd_sample_options,
     "systemd-unit": cmd_systemd_unit,
 }

@@ -39,16 +39,22 @@ from scheduler_publisher.document import MAX_DOCUMENT_DEPTH, nesting_depth
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "FIELD_RULES",
+    "LONE_SURROGATE",
     "MAX_DATA_DEPTH",
     "MAX_DOCUMENT_DEPTH",
     "MAX_INTERVAL",
     "MAX_TOPIC_BYTES",
     "MAX_TOPIC_LEVELS",
     "MIN_INTERVAL",
+    "UNSENDABLE_CLASS",
     "ConfigError",
     "ConfigFileError",
     "ConfigResult",
     "ConfigurationLoader",
+    "FieldRule",
+    "Finding",
+    "Forbidden",
     "PayloadData",
     "Problem",
     "PublishConfig",
@@ -78,12 +84,20 @@ RESERVED_TOPIC_PREFIXES: Final = ("$SYS", "$CONTROL", "$share")
 _RENDER_LIMIT: Final = 60
 # MQTT 5 1.5.4: NUL is forbidden; control characters and noncharacters "SHOULD NOT" appear,
 # and Mosquitto closes the connection at any of them ("Malformed packet"), so we refuse them.
-_UNSENDABLE: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
-    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+# A regular expression that reads the same in Python and in ECMA-262 with the `u` flag (JSON
+# Schema's dialect): escapes for the BMP, the astral noncharacters as themselves.
+UNSENDABLE_CLASS: Final = (
+    "[\\x00-\\x1f\\x7f-\\x9f\\ufdd0-\\ufdef\\ufffe\\uffff"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
     + "]"
 )
+_UNSENDABLE: Final = re.compile(UNSENDABLE_CLASS)
+# A decoded "\ud800" escape: a str can hold it, UTF-8 cannot encode it. Matches only lone
+# surrogates: a well-formed astral character is one code point in Python and under `u`.
+LONE_SURROGATE: Final = "[\\ud800-\\udfff]"
 _VALID_UNICODE: Final = "valid Unicode (no lone surrogates)"
+_INTEGRAL_NOTE: Final = ("an integer written without a fraction: JSON Schema holds 1.0 equal to "
+                         "1, so the schema lets 1.0 through where the validator refuses it")
 
 
 class ConfigError(Exception):
@@ -93,10 +107,13 @@ class ConfigError(Exception):
 class ConfigFileError(ConfigError):
     """The file as a whole is unusable: unreadable, too large, not JSON, or not an entry list."""
 
-    def __init__(self, source: str, detail: str) -> None:
+    def __init__(self, source: str, detail: str, *, line: int | None = None,
+                 column: int | None = None) -> None:
         super().__init__(f"{source}: {detail}")
         self.source = source
         self.detail = detail
+        self.line = line  # where in the file, when the problem has a place (1-based)
+        self.column = column
 
 
 # --- rendering what was received -------------------------------------------------------------
@@ -131,14 +148,27 @@ def _id_label(entry_id: str | None) -> str:
     return f" (id {_render(entry_id)})" if entry_id else ""
 
 
-# --- per-field checkers, shared by parsing and PublishConfig.__post_init__ --------------------
-
-_Finding = tuple[Severity, str]
-_Check = Callable[[str, Any], Iterator[_Finding]]
+# --- field rules, as data: the validator applies them, schema.py writes them as JSON Schema ---
 
 
-def _error(subject: str, expected: str, value: Any) -> _Finding:
-    return ("error", f"{subject} must be {expected}, got {_render(value)}")
+class Finding(NamedTuple):
+    """One thing found about a value: a sentence, and its parts for machine-readable output."""
+
+    severity: Severity
+    message: str
+    expected: str | None = None
+    received: str | None = None
+
+
+_Check = Callable[[str, Any], Iterator[Finding]]
+
+
+def _must(name: str, expected: str, received: str, verb: str = "be") -> Finding:
+    return Finding("error", f"{name} must {verb} {expected}, got {received}", expected, received)
+
+
+def _error(subject: str, expected: str, value: Any) -> Finding:
+    return _must(subject, expected, _render(value))
 
 
 def _is_int(value: Any) -> bool:
@@ -153,131 +183,223 @@ def _utf8_size(text: str) -> int | None:
         return None
 
 
-def _check_id(name: str, value: Any) -> Iterator[_Finding]:
-    if not isinstance(value, str) or not value:
-        yield _error(name, "a non-empty string", value)
-    elif _utf8_size(value) is None:
-        yield _error(name, _VALID_UNICODE, value)
+@dataclass(frozen=True, slots=True)
+class Forbidden:
+    """What a string field must not contain, as a regular expression searched for: the
+    validator searches with it and the JSON Schema says `"not": {"pattern": ...}`."""
+
+    pattern: str  # reads the same in Python's re and in ECMA-262 with the `u` flag
+    expected: str  # the rule, as "<field> must <verb> <expected>"
+    verb: str = "be"
+    # What was received, when more telling than the value itself.
+    received: Callable[[str, re.Match[str]], str] | None = None
+    compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compiled", re.compile(self.pattern))
+
+    def findings(self, name: str, value: str) -> Iterator[Finding]:
+        found = self.compiled.search(value)
+        if found is not None:
+            got = self.received(value, found) if self.received else _render(value)
+            yield _must(name, self.expected, got, self.verb)
 
 
-def _unsendable_character(name: str, value: str) -> _Finding | None:
-    found = _UNSENDABLE.search(value)
-    if found is None:
-        return None
+def _where_unsendable(value: str, found: re.Match[str]) -> str:
     code = ord(found.group())
     kind = "NUL" if code == 0 else "a control character" if code <= 0x9F else "a noncharacter"
-    where = f"U+{code:04X} ({kind}) at character {found.start() + 1}"
-    expected = "free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) and noncharacters"
-    return ("error", f"{name} must be {expected}, got {_render(value)}: {where}")
+    return f"{_render(value)}: U+{code:04X} ({kind}) at character {found.start() + 1}"
 
 
-def _check_topic(name: str, value: Any) -> Iterator[_Finding]:
-    if not isinstance(value, str) or not value:
-        yield _error(name, "a non-empty string", value)
-        return
-    if "+" in value or "#" in value:
-        yield _error(name, 'free of the wildcards "+" and "#"', value)
-    unsendable = _unsendable_character(name, value)
-    if unsendable is not None:
-        yield unsendable
-    size = _utf8_size(value)
-    if size is None:
-        yield _error(name, _VALID_UNICODE, value)
-    elif size > MAX_TOPIC_BYTES:
-        yield ("error", f"{name} must be at most {MAX_TOPIC_BYTES} UTF-8 bytes, got {size} bytes")
-    levels = value.count("/") + 1
-    if levels > MAX_TOPIC_LEVELS:
-        yield ("error", f"{name} must have at most {MAX_TOPIC_LEVELS} levels, got {levels}")
-    yield from _check_dollar_topic(name, value)
+def _level_count(value: str, _found: re.Match[str]) -> str:
+    return str(value.count("/") + 1)
 
 
-def _check_dollar_topic(name: str, value: str) -> Iterator[_Finding]:
-    if not value.startswith("$"):
-        return
-    first_level = value.split("/", 1)[0]
-    if first_level in RESERVED_TOPIC_PREFIXES:
-        expected = "outside the broker-owned " + ", ".join(RESERVED_TOPIC_PREFIXES) + " trees"
-        yield _error(name, expected, value)
-    else:
-        reserved = 'starts with "$": brokers reserve such topics, and subscribers to "#" never'
-        yield ("warning", f"{name} {reserved} get them, got {_render(value)}")
+_NOT_A_SURROGATE: Final = Forbidden(LONE_SURROGATE, _VALID_UNICODE)
+# "(?![^/])": then a "/" or the end. Not "(?:/|$)": Python's $ also matches before a final
+# newline, ECMA-262's does not.
+_RESERVED_TREES: Final = Forbidden(
+    "^\\$(?:" + "|".join(p.removeprefix("$") for p in RESERVED_TOPIC_PREFIXES) + ")(?![^/])",
+    "outside the broker-owned " + ", ".join(RESERVED_TOPIC_PREFIXES) + " trees")
+_TOPIC_FORBIDS: Final = (
+    Forbidden("[+#]", 'free of the wildcards "+" and "#"'),
+    Forbidden(UNSENDABLE_CLASS, "free of NUL, control characters (U+0001-U+001F, "
+              "U+007F-U+009F) and noncharacters", received=_where_unsendable),
+    _NOT_A_SURROGATE,
+    # 200 levels have 199 separators: 200 of them make one level too many.
+    Forbidden(f"(?:/[^/]*){{{MAX_TOPIC_LEVELS}}}", f"at most {MAX_TOPIC_LEVELS} levels",
+              verb="have", received=_level_count),
+    _RESERVED_TREES,
+)
+
+JsonType = Literal["string", "number", "integer", "boolean", "object"]
 
 
-def _check_data(name: str, value: Any) -> Iterator[_Finding]:
-    if not isinstance(value, Mapping):
-        yield _error(name, "an object", value)
-        return
+@dataclass(frozen=True, slots=True)
+class FieldRule:
+    """Everything an entry field must be. The validator reads these rules and schema.py writes
+    them out as JSON Schema, so the two cannot drift. What JSON Schema cannot state lives in
+    `custom`, and `unexpressed` says what the schema lets through because of it."""
+
+    name: str
+    type: JsonType
+    expected: str  # said of a value of the wrong type (or of an empty string, or off the enum)
+    description: str
+    required: bool = False
+    nullable: bool = False
+    min_length: int = 0
+    max_utf8_bytes: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    enum: tuple[int, ...] | None = None
+    forbidden: tuple[Forbidden, ...] = ()
+    max_depth: int | None = None  # of an object, counting itself
+    payload: bool = False  # a JSON payload: finite numbers, valid Unicode strings and keys
+    custom: _Check | None = None
+    unexpressed: str | None = None
+
+    @property
+    def range_text(self) -> str:
+        if self.minimum is not None and self.maximum is not None:
+            return f"between {self.minimum:g} and {self.maximum:g}"
+        return self.expected
+
+    def check(self, value: Any) -> Iterator[Finding]:
+        """Every finding about `value` as this field, in a stable order."""
+        if value is None and self.nullable:
+            return
+        early = self._type_finding(value)
+        if early is not None:
+            yield early
+            return
+        if isinstance(value, str):
+            yield from self._string_findings(value)
+        if self.max_depth is not None:
+            too_deep = _depth_finding(self.name, value, self.max_depth)
+            if too_deep is not None:
+                yield too_deep
+                return  # the checks below recurse: only within the limit
+        if self.payload:
+            yield from _payload_findings(self.name, value)
+        if self.custom is not None:
+            yield from self.custom(self.name, value)
+
+    def _type_finding(self, value: Any) -> Finding | None:
+        if not _HAS_TYPE[self.type](value) or (isinstance(value, str)
+                                                and len(value) < self.min_length):
+            return _error(self.name, self.expected, value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return _error(self.name, "a finite number", value)
+        if self.enum is not None and value not in self.enum:
+            return _error(self.name, self.expected, value)
+        # Compared without float(): an int like 10**400 would overflow the conversion.
+        if (self.minimum is not None and value < self.minimum) or (
+                self.maximum is not None and value > self.maximum):
+            return _error(self.name, self.range_text, value)
+        return None
+
+    def _string_findings(self, value: str) -> Iterator[Finding]:
+        for forbidden in self.forbidden:
+            yield from forbidden.findings(self.name, value)
+        if self.max_utf8_bytes is None:
+            return
+        size = _utf8_size(value)  # None: a lone surrogate, which a Forbidden reports
+        if size is not None and size > self.max_utf8_bytes:
+            yield _must(self.name, f"at most {self.max_utf8_bytes} UTF-8 bytes", f"{size} bytes")
+
+
+_HAS_TYPE: Final[Mapping[JsonType, Callable[[Any], bool]]] = MappingProxyType({
+    "string": lambda value: isinstance(value, str),
+    "number": lambda value: _is_int(value) or isinstance(value, float),
+    "integer": _is_int,
+    "boolean": lambda value: isinstance(value, bool),
+    "object": lambda value: isinstance(value, Mapping),
+})
+
+
+def _depth_finding(name: str, value: Any, limit: int) -> Finding | None:
     depth = nesting_depth(value, MAX_DOCUMENT_DEPTH)
-    if depth > MAX_DATA_DEPTH:
-        got = f"more than {MAX_DOCUMENT_DEPTH}" if depth > MAX_DOCUMENT_DEPTH else str(depth)
-        yield ("error", f"{name} must be nested at most {MAX_DATA_DEPTH} levels deep, got {got}")
-        return
+    if depth <= limit:
+        return None
+    got = f"more than {MAX_DOCUMENT_DEPTH}" if depth > MAX_DOCUMENT_DEPTH else str(depth)
+    return _must(name, f"nested at most {limit} levels deep", got)
+
+
+def _payload_findings(name: str, value: Any) -> Iterator[Finding]:
     culprit = _unpublishable(value)
     if culprit is not None:
         subject, expected, bad = culprit
         yield _error(f"{name} {subject}", expected, bad)
+
+
+def _check_online_key(name: str, value: Mapping[str, Any]) -> Iterator[Finding]:
     if "online" in value:
         owned = 'key "online" is overridden by the service (1 while running, 0 when offline)'
-        yield ("warning", f"{name} {owned}, got {_render(value['online'])}")
+        got = _render(value["online"])
+        yield Finding("warning", f"{name} {owned}, got {got}", 'no key "online"', got)
 
 
-def _check_interval(name: str, value: Any) -> Iterator[_Finding]:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        yield _error(name, "a number", value)
-    elif isinstance(value, float) and not math.isfinite(value):
-        yield _error(name, "a finite number", value)
-    # Compared without float(): an int like 10**400 would overflow the conversion.
-    elif not MIN_INTERVAL <= value <= MAX_INTERVAL:
-        yield _error(name, f"between {MIN_INTERVAL:g} and {MAX_INTERVAL:g}", value)
+def _check_dollar_topic(name: str, value: str) -> Iterator[Finding]:
+    # The broker-owned trees are errors (a Forbidden above); any other "$" topic is legitimate
+    # on some brokers ($aws/..., $iothub/...), so only worth a word.
+    if value.startswith("$") and not _RESERVED_TREES.compiled.search(value):
+        reserved = 'starts with "$": brokers reserve such topics, and subscribers to "#" never'
+        got = _render(value)
+        yield Finding("warning", f"{name} {reserved} get them, got {got}",
+                      'a topic not starting with "$"', got)
 
 
-def _check_qos(name: str, value: Any) -> Iterator[_Finding]:
-    if not _is_int(value) or value not in (0, 1, 2):
-        yield _error(name, "0, 1 or 2", value)
-
-
-def _check_bool(name: str, value: Any) -> Iterator[_Finding]:
-    if not isinstance(value, bool):
-        yield _error(name, "true or false", value)
-
-
-def _check_timestamp(name: str, value: Any) -> Iterator[_Finding]:
-    if value is not None and not (isinstance(value, str) and _is_iso8601(value)):
+def _check_timestamp(name: str, value: str) -> Iterator[Finding]:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
         yield _error(name, "an ISO-8601 date-time string", value)
 
 
-def _is_iso8601(text: str) -> bool:
-    try:
-        datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
+_ISO_NOTE: Final = ("the validator also requires what Python's datetime.fromisoformat "
+                    "accepts (a calendar date, an optional time and UTC offset); the schema "
+                    "checks only that it is a string")
 
 
-def _check_version(name: str, value: Any) -> Iterator[_Finding]:
-    if value is not None and (not _is_int(value) or value < 1):
-        yield _error(name, "an integer >= 1", value)
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    check: _Check
-    required: bool = False
+def _timestamp_rule(name: str, description: str) -> FieldRule:
+    return FieldRule(name, "string", "an ISO-8601 date-time string", description,
+                     nullable=True, custom=_check_timestamp, unexpressed=_ISO_NOTE)
 
 
 # Order matters: it is the order of PublishConfig's fields and of its ValueError messages.
-_FIELDS: Final[Mapping[str, _Field]] = MappingProxyType({
-    "id": _Field(_check_id, required=True),
-    "topic": _Field(_check_topic, required=True),
-    "data": _Field(_check_data, required=True),
-    "interval": _Field(_check_interval, required=True),
-    "qos": _Field(_check_qos),
-    "retain": _Field(_check_bool),
-    "lwt": _Field(_check_bool),
-    "created_at": _Field(_check_timestamp),
-    "updated_at": _Field(_check_timestamp),
-    "version": _Field(_check_version),
-})
+FIELD_RULES: Final[tuple[FieldRule, ...]] = (
+    FieldRule("id", "string", "a non-empty string",
+              "Names the entry in logs, metrics and the API; unique in the file.",
+              required=True, min_length=1, forbidden=(_NOT_A_SURROGATE,),
+              unexpressed="unique across entries: JSON Schema's uniqueItems compares whole "
+                          "entries, not one key of them, so the schema does not check it"),
+    FieldRule("topic", "string", "a non-empty string",
+              "The MQTT topic published to: no wildcards, control characters or "
+              "noncharacters, at most 200 levels and 65535 UTF-8 bytes, outside $SYS, "
+              "$CONTROL and $share (another \"$\" topic is a warning).",
+              required=True, min_length=1, max_utf8_bytes=MAX_TOPIC_BYTES,
+              forbidden=_TOPIC_FORBIDS, custom=_check_dollar_topic,
+              unexpressed=f"at most {MAX_TOPIC_BYTES} UTF-8 bytes: JSON Schema counts "
+                          f"characters, so the schema checks at most {MAX_TOPIC_BYTES} "
+                          f"characters, which lets through a topic of up to 4 times as many "
+                          f"bytes"),
+    FieldRule("data", "object", "an object",
+              'The payload: published as {"online": 1, ...data}, compact UTF-8 JSON. A key '
+              '"online" is overridden by the service (a warning).',
+              required=True, max_depth=MAX_DATA_DEPTH, payload=True, custom=_check_online_key),
+    FieldRule("interval", "number", "a number", "Seconds between two publications.",
+              required=True, minimum=MIN_INTERVAL, maximum=MAX_INTERVAL),
+    FieldRule("qos", "integer", "0, 1 or 2", "MQTT QoS (default 0).", enum=(0, 1, 2),
+              unexpressed=_INTEGRAL_NOTE),
+    FieldRule("retain", "boolean", "true or false", "Publish retained (default false)."),
+    FieldRule("lwt", "boolean", "true or false",
+              "Own connection with a Last Will of {\"online\": 0, ...data} (default false)."),
+    _timestamp_rule("created_at", "Metadata: when the entry was created (ISO 8601)."),
+    _timestamp_rule("updated_at", "Metadata: when the entry was last changed (ISO 8601)."),
+    FieldRule("version", "integer", "an integer >= 1", "Metadata: the entry's revision.",
+              nullable=True, minimum=1, unexpressed=_INTEGRAL_NOTE),
+)
+_FIELDS: Final[Mapping[str, FieldRule]] = MappingProxyType({r.name: r for r in FIELD_RULES})
 
 
 # --- JSON values inside `data` ---------------------------------------------------------------
@@ -430,10 +552,10 @@ class PublishConfig:
 
     def _check(self) -> None:
         errors = [
-            message
-            for name, spec in _FIELDS.items()
-            for severity, message in spec.check(name, getattr(self, name))
-            if severity == "error"
+            finding.message
+            for rule in FIELD_RULES
+            for finding in rule.check(getattr(self, rule.name))
+            if finding.severity == "error"
         ]
         if errors:
             label = _id_label(self.id if isinstance(self.id, str) else None)
@@ -471,6 +593,13 @@ class Problem:
     entry_id: str | None
     field: str | None
     message: str
+    # The message's parts, for machine-readable output: not compared, the message says it all.
+    expected: str | None = dataclasses.field(default=None, compare=False)
+    received: str | None = dataclasses.field(default=None, compare=False)  # None: absent
+    # Where the entry starts in the file (1-based), when known. Not compared: the same problem
+    # moved by an edit elsewhere in the file is the same problem.
+    line: int | None = dataclasses.field(default=None, compare=False)
+    column: int | None = dataclasses.field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.position is None:
@@ -506,28 +635,31 @@ class _Checked(NamedTuple):
 
 
 def _usable_id(value: Any) -> str | None:
-    return value if not any(_check_id("id", value)) else None
+    return value if not any(_FIELDS["id"].check(value)) else None
 
 
-def _unknown_field(name: str) -> str:
+def _unknown_field(name: str) -> Finding:
     message = f"unknown field {_render(name)} is ignored"
     guesses = difflib.get_close_matches(name, list(_FIELDS), n=1)
-    return f"{message} (did you mean {_render(guesses[0])}?)" if guesses else message
+    if guesses:
+        message = f"{message} (did you mean {_render(guesses[0])}?)"
+    return Finding("warning", message, "one of " + ", ".join(_FIELDS), _render(name))
 
 
-def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Severity, str]]:
+def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:
     for name, value in entry.items():
-        spec = _FIELDS.get(name)
-        if spec is None:
-            yield name, "warning", _unknown_field(name)
+        rule = _FIELDS.get(name)
+        if rule is None:
+            yield name, _unknown_field(name)
             continue
-        for severity, message in spec.check(name, value):
-            yield name, severity, message
+        for finding in rule.check(value):
+            yield name, finding
     for name in getattr(entry, "repeated", ()):
-        yield name, "warning", f"field {_render(name)} appears more than once; the last one wins"
-    for name, spec in _FIELDS.items():
-        if spec.required and name not in entry:
-            yield name, "error", f"{name} is required"
+        message = f"field {_render(name)} appears more than once; the last one wins"
+        yield name, Finding("warning", message, "once", "more than once")
+    for rule in FIELD_RULES:
+        if rule.required and rule.name not in entry:
+            yield rule.name, Finding("error", f"{rule.name} is required", rule.expected)
 
 
 def _unreadable_entry(position: int, element: document.UnreadableElement,
@@ -538,22 +670,32 @@ def _unreadable_entry(position: int, element: document.UnreadableElement,
     if entry_id is not None:
         first_seen.setdefault(entry_id, position)
     message = f"{element.detail} (line {element.line}, column {element.column})"
-    return _Checked(None, [Problem("error", position, entry_id, element.field, message)],
-                    entry_id)
+    problem = Problem("error", position, entry_id, element.field, message,
+                      line=element.line, column=element.column)
+    return _Checked(None, [problem], entry_id)
 
 
-def _check_entry(position: int, entry: Any, first_seen: dict[str, int]) -> _Checked:
+def _check_entry(position: int, located: document.Located,
+                 first_seen: dict[str, int]) -> _Checked:
+    entry = located.value
     if isinstance(entry, document.UnreadableElement):
         return _unreadable_entry(position, entry, first_seen)
+    where = {"line": located.line, "column": located.column}
     if not isinstance(entry, dict):
-        message = f"must be an object, got {_render(entry)}"
-        return _Checked(None, [Problem("error", position, None, None, message)], None)
+        got = _render(entry)
+        problem = Problem("error", position, None, None, f"must be an object, got {got}",
+                          "an object", got, **where)
+        return _Checked(None, [problem], None)
     entry_id = _usable_id(entry.get("id"))
     findings = list(_field_findings(entry))
     if entry_id is not None and first_seen.setdefault(entry_id, position) != position:
-        used = f"already used by entry {first_seen[entry_id]}"
-        findings.append(("id", "error", f"id must be unique, got {_render(entry_id)} ({used})"))
-    problems = [Problem(sev, position, entry_id, name, msg) for name, sev, msg in findings]
+        used, got = f"already used by entry {first_seen[entry_id]}", _render(entry_id)
+        findings.append(("id", Finding("error", f"id must be unique, got {got} ({used})",
+                                       "unique", got)))
+    members = located.member_positions() if findings else {}
+    problems = [Problem(f.severity, position, entry_id, name, f.message, f.expected, f.received,
+                        *members.get(name, (located.line, located.column)))
+                for name, f in findings]
     if any(problem.severity == "error" for problem in problems):
         return _Checked(None, problems, entry_id)
     config = PublishConfig._from_checked(entry)  # every field was checked just above
@@ -584,7 +726,7 @@ def parse_config_steps(raw: bytes, *, source: str = "<config>",
     invalid_ids: set[str] = set()
     first_seen: dict[str, int] = {}
     try:
-        for position, entry in enumerate(document.elements(raw), start=1):
+        for position, entry in enumerate(document.located_elements(raw), start=1):
             if position % step == 0:
                 yield
             checked = _check_entry(position, entry, first_seen)
@@ -595,7 +737,7 @@ def parse_config_steps(raw: bytes, *, source: str = "<config>",
             elif checked.entry_id is not None and first_seen[checked.entry_id] == position:
                 invalid_ids.add(checked.entry_id)
     except document.DocumentError as exc:
-        raise ConfigFileError(source, exc.detail) from None
+        raise ConfigFileError(source, exc.detail, line=exc.line, column=exc.column) from None
     digest = hashlib.sha256(raw).hexdigest()
     return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids), digest)
 

@@ -16,7 +16,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 MAX_DOCUMENT_DEPTH: Final = 64  # levels of arrays/objects in the whole file
@@ -26,9 +26,12 @@ TOO_DEEP: Final = f"JSON nesting is deeper than {MAX_DOCUMENT_DEPTH} levels"
 class DocumentError(Exception):
     """The bytes are not a readable JSON array; `detail` says why, and where."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, line: int | None = None,
+                 column: int | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.line = line  # where (1-based), when the problem has a place
+        self.column = column
 
 
 def _json_type(value: Any) -> str:
@@ -93,7 +96,15 @@ def _decode_utf8(raw: bytes) -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         offset = exc.start + len(raw) - len(body)
-        raise DocumentError(f"not valid UTF-8 at byte offset {offset}") from None
+        line, column = _byte_position(body, exc.start)
+        raise DocumentError(f"not valid UTF-8 at byte offset {offset}", line=line,
+                            column=column) from None
+
+
+def _byte_position(body: bytes, at: int) -> tuple[int, int]:
+    """Line and column (in characters) of byte `at`; everything before it is valid UTF-8."""
+    start = body.rfind(b"\n", 0, at) + 1
+    return body.count(b"\n", 0, at) + 1, len(body[start:at].decode("utf-8")) + 1
 
 
 def _load_json(text: str) -> Any:
@@ -103,7 +114,8 @@ def _load_json(text: str) -> Any:
         return _LENIENT_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
-        raise DocumentError(f"not valid JSON: {exc.msg} at {where}") from None
+        raise DocumentError(f"not valid JSON: {exc.msg} at {where}", line=exc.lineno,
+                            column=exc.colno) from None
     except RecursionError:
         raise DocumentError(TOO_DEEP) from None
 
@@ -198,7 +210,7 @@ def _unreadable(text: str, start: int) -> tuple[UnreadableElement, int]:
     except RecursionError:
         # Too deep for the decoder itself: where it starts is all we can say.
         detail = f"{TOO_DEEP}, in the element at line {line}, column {column}"
-        raise DocumentError(detail) from None
+        raise DocumentError(detail, line=line, column=column) from None
     found = _first_refusal(value)
     if found is None:  # pragma: no cover - the strict decoder refused it for a reason
         raise _NotStreamableError
@@ -224,8 +236,62 @@ def _decode_element(text: str, at: int) -> tuple[Any, int]:
     return value, end
 
 
-def _stream_array(text: str) -> Iterator[Any]:
-    """The elements of the top-level array, each decoded only when the previous one is done.
+@dataclass(frozen=True, slots=True)
+class Located:
+    """An element of the top-level array and where it starts in the file (1-based)."""
+
+    value: Any
+    line: int
+    column: int
+    text: str = field(default="", repr=False, compare=False)  # the whole document, shared
+    start: int = field(default=0, repr=False, compare=False)  # the element's offset in it
+
+    def member_positions(self) -> dict[str, tuple[int, int]]:
+        """Line and column of each member's key, when the element is an object. Scans the
+        element's text again, so it is meant for the few entries that have problems."""
+        try:
+            offsets = _member_offsets(self.text, self.start)
+        except (ValueError, RecursionError):
+            # Cannot happen to an element that decoded once; the entry's own place still holds.
+            return {}
+        return {key: (self.line + self.text.count("\n", self.start, at),
+                      at - self.text.rfind("\n", 0, at)) for key, at in offsets.items()}
+
+
+def _member_offsets(text: str, start: int) -> dict[str, int]:
+    """Where each key of the object at `start` begins (a repeated key: its last occurrence,
+    the one json keeps). The element decoded once already, so its syntax is sound."""
+    found: dict[str, int] = {}
+    if text[start : start + 1] != "{":
+        return found
+    at = _skip_whitespace(text, start + 1)
+    while text[at : at + 1] == '"':
+        key, end = _ELEMENT_DECODER.raw_decode(text, at)
+        found[key] = at
+        value_at = _skip_whitespace(text, _skip_whitespace(text, end) + 1)  # past the ":"
+        _, end = _ELEMENT_DECODER.raw_decode(text, value_at)
+        at = _skip_whitespace(text, _skip_whitespace(text, end) + 1)  # past "," or "}"
+    return found
+
+
+class _LineCounter:
+    """Offsets to line and column, for offsets that only grow: each character is looked at
+    once, so locating every element of a 10,000-entry file costs one pass over the text."""
+
+    __slots__ = ("_at", "_line", "_text")
+
+    def __init__(self, text: str) -> None:
+        self._text, self._at, self._line = text, 0, 1
+
+    def position(self, at: int) -> tuple[int, int]:
+        self._line += self._text.count("\n", self._at, at)
+        self._at = at
+        return self._line, at - self._text.rfind("\n", 0, at)
+
+
+def _stream_array(text: str) -> Iterator[tuple[Any, int]]:
+    """The elements of the top-level array and their offsets, each decoded only when the
+    previous one is done.
 
     Decoding the whole array first holds every entry's dicts and pairs at once: at 10,000
     entries that parse peaked at 9.3 MB of Python objects, one element at a time at 6.2 MB
@@ -238,8 +304,9 @@ def _stream_array(text: str) -> Iterator[Any]:
     at = _skip_whitespace(text, at + 1)
     closed = text[at : at + 1] == "]"
     while not closed:
+        start = at
         value, at = _decode_element(text, at)
-        yield value
+        yield value, start
         del value
         at = _skip_whitespace(text, at)
         separator = text[at : at + 1]
@@ -252,13 +319,16 @@ def _stream_array(text: str) -> Iterator[Any]:
         raise _NotStreamableError
 
 
-def elements(raw: bytes) -> Iterator[Any]:
-    """The elements of the file's top-level array; raises DocumentError for anything else."""
+def located_elements(raw: bytes) -> Iterator[Located]:
+    """The elements of the file's top-level array, each with where it starts; raises
+    DocumentError for anything else."""
     text = _decode_utf8(raw)
     if not text.strip(" \t\r\n"):
         raise DocumentError("is empty; expected a JSON array of entries")
+    lines = _LineCounter(text)
     try:
-        yield from _stream_array(text)
+        for value, start in _stream_array(text):
+            yield Located(value, *lines.position(start), text, start)
     except (_NotStreamableError, ValueError, RecursionError, _NonFiniteLiteralError):
         pass  # json's full parse below names the problem, at its line and column
     else:

@@ -1004,3 +1004,47 @@ def test_parse_config_steps_pauses_and_returns_the_same_result() -> None:
         pauses += 1
     assert pauses == 3
     assert result == parse_config(raw)
+
+
+# --- where problems are ----------------------------------------------------------------------
+
+
+def test_problems_carry_the_line_and_column_of_their_field() -> None:
+    """A field's problem is at its key; a missing field, a non-object and an entry JSON refuses
+    are at the entry's start. CRLF line ends count as one line each."""
+    raw = (b'[\r\n  {"id": "a", "topic": "t", "data": {}, "interval": 1},\r\n'
+           b'  {"id": "b",\r\n     "topic": "x/#", "data": {}},\r\n'
+           b'   5,\r\n'
+           b'  {"id": "c", "topic": "t", "data": {"v": NaN}, "interval": 1}\r\n]')
+    result = parse_config(raw)
+    where = [(p.position, p.field, p.line, p.column) for p in result.problems]
+    assert where == [(2, "topic", 4, 6), (2, "interval", 3, 3), (3, None, 5, 4),
+                     (4, "data", 6, 3)]
+
+
+def test_a_repeated_key_is_located_at_its_last_occurrence() -> None:
+    """json keeps the last of a repeated key, so its problem is placed there."""
+    raw = b'[{"id": "a", "topic": "t", "data": {},\n "interval": 1,\n "interval": 0}]'
+    (error,) = parse_config(raw).errors
+    assert (error.line, error.column) == (3, 2)
+
+
+def test_problem_places_do_not_change_equality() -> None:
+    """The same problem moved by an edit elsewhere in the file is still the same problem."""
+    compact = parse(entry(interval=0))
+    indented = parse_config(json.dumps([entry(interval=0)], indent=4).encode())
+    assert compact.problems == indented.problems
+    assert compact.problems[0].line != indented.problems[0].line
+
+
+@pytest.mark.parametrize(("raw", "line", "column"), [
+    (b'[\n  {"id": "a",\n   "topic" "t"}]', 3, 12),
+    (b'[\n  {"id": "\xc3\xa9\xff"}]', 2, 12),
+    (b'\xef\xbb\xbf[{"id": "\xff"}]', 1, 10),
+])
+def test_file_errors_carry_line_and_column(raw: bytes, line: int, column: int) -> None:
+    """A syntax error and bytes that are not UTF-8 are placed by line and column (characters,
+    after a BOM)."""
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(raw)
+    assert (caught.value.line, caught.value.column) == (line, column)

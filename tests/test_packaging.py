@@ -192,10 +192,15 @@ def test_wheel_install_validates_its_sample_without_the_git_tree(installed: Path
 
 
 def test_wheel_prints_the_unit_and_a_sample_options_file(installed: Path, tmp_path: Path) -> None:
-    """`systemd-unit` prints the shipped unit; `sample-options` prints TOML the service reads."""
+    """`systemd-unit` prints the shipped unit, `schema` the committed entries schema, and
+    `sample-options` TOML the service reads."""
     unit = gateway(installed, tmp_path, "systemd-unit")
     assert unit.returncode == 0
     assert unit.stdout == (REPO / "systemd" / "scheduler-publisher.service").read_text()
+
+    schema = gateway(installed, tmp_path, "schema")
+    assert schema.returncode == 0
+    assert schema.stdout == (REPO / "JSON" / "entries.schema.json").read_text()
 
     options = gateway(installed, tmp_path, "sample-options")
     assert options.returncode == 0

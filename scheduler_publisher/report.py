@@ -1,0 +1,133 @@
+"""What `validate` prints: a config's problems as text for people, one JSON object for
+programs, or GitHub Actions annotations that land on the file's lines in a pull request.
+
+Pure: each renderer takes the outcome (a ConfigResult, or the ConfigFileError that stopped the
+read) and returns the text; cli.py prints it and picks the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from scheduler_publisher.config import ConfigFileError, ConfigResult, Problem, Severity
+
+__all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render", "summary"]
+
+Format = Literal["text", "json", "github"]
+FORMATS: Final[tuple[Format, ...]] = ("text", "json", "github")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The outcome of validating one file: its result, or why it could not be read at all."""
+
+    file: str
+    result: ConfigResult | None
+    failure: ConfigFileError | None = None
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        if self.failure is not None:
+            return (Problem("error", None, None, None, self.failure.detail,
+                            line=self.failure.line, column=self.failure.column),)
+        return self.result.problems if self.result is not None else ()
+
+    def count(self, severity: Severity) -> int:
+        return sum(problem.severity == severity for problem in self.problems)
+
+    @property
+    def valid(self) -> bool:
+        return self.count("error") == 0
+
+    @property
+    def valid_entries(self) -> int:
+        return len(self.result.entries) if self.result is not None else 0
+
+
+def _pointer(problem: Problem) -> str:
+    """The RFC 6901 JSON Pointer to what the problem is about ("" is the whole file)."""
+    if problem.position is None:
+        return ""
+    steps = [str(problem.position - 1)]
+    if problem.field is not None:
+        steps.append(problem.field.replace("~", "~0").replace("/", "~1"))
+    return "/" + "/".join(steps)
+
+
+def _problem_object(problem: Problem) -> dict[str, Any]:
+    return {
+        "severity": problem.severity,
+        "index": None if problem.position is None else problem.position - 1,
+        "id": problem.entry_id,
+        "field": problem.field,
+        "path": _pointer(problem),
+        "line": problem.line,
+        "column": problem.column,
+        "received": problem.received,
+        "expected": problem.expected,
+        "message": str(problem),
+    }
+
+
+def as_json(report: Report) -> str:
+    """One JSON object: the file, its verdict, the counts and every problem in file order."""
+    body = {
+        "file": report.file,
+        "valid": report.valid,
+        "valid_entries": report.valid_entries,
+        "errors": report.count("error"),
+        "warnings": report.count("warning"),
+        "problems": [_problem_object(problem) for problem in report.problems],
+    }
+    return json.dumps(body, ensure_ascii=False, indent=2)
+
+
+def summary(report: Report) -> str:
+    verdict = "valid" if report.valid else "invalid"
+    return (f"{report.file}: {verdict}: {report.valid_entries} valid entries, "
+            f"{report.count('error')} errors, {report.count('warning')} warnings")
+
+
+def _place(file: str, problem: Problem) -> str:
+    if problem.line is None:
+        return file
+    return f"{file}:{problem.line}:{problem.column}"
+
+
+def as_text(report: Report) -> Iterator[str]:
+    """`file:line:column: severity: problem` lines, the compilers' form editors jump to."""
+    for problem in report.problems:
+        yield f"{_place(report.file, problem)}: {problem.severity}: {problem}"
+
+
+# GitHub's workflow-command escaping (actions/toolkit, packages/core/src/command.ts): the
+# message escapes %, CR and LF; a property value escapes ":" and "," too.
+_DATA_ESCAPES: Final = {ord("%"): "%25", ord("\r"): "%0D", ord("\n"): "%0A"}
+_PROPERTY_ESCAPES: Final = {**_DATA_ESCAPES, ord(":"): "%3A", ord(","): "%2C"}
+
+
+def _annotation(file: str, problem: Problem) -> str:
+    properties = {"file": file, "line": problem.line, "col": problem.column,
+                  "title": "scheduler-publisher"}
+    shown = ",".join(f"{key}={str(value).translate(_PROPERTY_ESCAPES)}"
+                     for key, value in properties.items() if value is not None)
+    return f"::{problem.severity} {shown}::{str(problem).translate(_DATA_ESCAPES)}"
+
+
+def as_github(report: Report) -> Iterator[str]:
+    """One `::error` or `::warning` workflow command per problem, at its line and column."""
+    for problem in report.problems:
+        yield _annotation(report.file, problem)
+
+
+def render(report: Report, output: Format) -> tuple[list[str], list[str]]:
+    """(stdout lines, stderr lines) for `output`. Text keeps problems on stderr and the
+    verdict on stdout, as before; machine formats put everything on stdout."""
+    if output == "json":
+        return [as_json(report)], []
+    if output == "github":
+        return [*as_github(report), summary(report)], []
+    return [summary(report)], list(as_text(report))
