@@ -47,7 +47,7 @@ from scheduler_publisher.session import (
 )
 from scheduler_publisher.settings import BrokerSettings
 
-log = get_logger("scheduler_publisher.network")
+log = get_logger("scheduler_publisher.network")  # the logger name users filter on: unchanged
 
 MISC_PERIOD = 1.0  # keepalive bookkeeping for every session, once a second
 # paho alone notices a dead path only ~2x keepalive after the last byte (PINGREQ after one
