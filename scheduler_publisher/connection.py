@@ -5,8 +5,13 @@ status topic (`{"online": 1}`, and `{"online": 0}` as its will). Each `lwt: true
 connection of its own whose will is the entry's `{"online": 0, ...data}`: MQTT carries one will
 per connection, so this is the only way the broker itself can announce every entry offline.
 
+This module routes: it decides which connection carries which entry and what to publish
+when. It knows connections only by `LinkKey`, asks the network loop (netloop.py) to open, use
+and end them, and reads them through `SessionView`; each connection's lifecycle is the state
+machine in session.py.
+
 Threads: the public methods may be called from any thread; they hand work to the network
-thread (network.py), which owns every Link and every paho call. `_entries` is the network
+thread (netloop.py), which owns every Session and every paho call. `_entries` is the network
 thread's view of the running entries, replaced whole by `set_entries`.
 """
 
@@ -19,9 +24,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.link import MAIN_LINK, Link, LinkKey, LinkState, Will
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.network import NetworkLoop
+from scheduler_publisher.netloop import NetworkLoop, SessionView
+from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will
 from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
 
@@ -29,9 +34,6 @@ log = get_logger("scheduler_publisher.connection")
 
 BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
 MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
-# Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
-# More than one, so a QoS 1 entry faster than the broker's round trip still sends every tick.
-MAX_PENDING_PER_ENTRY = 4
 STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
 STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
@@ -81,6 +83,23 @@ def entry_will(entry: PublishConfig) -> Will:
 
 
 class MQTTConnectionManager:
+    """The service's MQTT side: one shared main connection, one connection per lwt entry,
+    and which of them carries each entry.
+
+    Args:
+        settings: the broker, credentials, TLS, protocol, client id, keepalive, backoff,
+            connect rate, will delay and `max_retries` (settings.BrokerSettings).
+        stats: where publishes, drops, deferrals, errors and reconnects are counted; the
+            network thread is the one writer of its per-entry counters. A fresh `Stats` if
+            omitted.
+        on_give_up: called once, on the network thread, with the last failure's reason when
+            the main connection has failed `settings.max_retries` attempts in a row.
+        clear_retained_on_remove: publish an empty retained message to the topic of a removed
+            entry that was retained, so that the broker forgets its last payload.
+
+    Nothing connects until `connect()`; `disconnect()` stops gracefully (wills, reason 0x04).
+    """
+
     def __init__(self, settings: BrokerSettings, stats: Stats | None = None, *,
                  on_give_up: Callable[[str], None] | None = None,
                  clear_retained_on_remove: bool = False) -> None:
@@ -98,6 +117,7 @@ class MQTTConnectionManager:
         self._started = False
         self._gave_up = False
         self._conflicts_warned: set[LinkKey] = set()
+        self._warned: dict[LinkKey, str] = {}  # an entry connection's refusal logged at warning
         self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_PUBLISHES)
         self._faults = FaultAttribution()
         # entry id -> why; replaced whole (never mutated) so other threads may read it
@@ -158,17 +178,17 @@ class MQTTConnectionManager:
         return self._loop.is_alive() and time.monotonic() - self._loop.heartbeat < max_silence
 
     def connection_counts(self) -> tuple[int, int]:
-        links = list(self._loop.links.values())
-        return len(links), sum(1 for lk in links if lk.state is LinkState.CONNECTED)
+        links = self._loop.sessions()
+        return len(links), sum(1 for lk in links if lk.is_up)
 
     def status(self) -> dict[str, Any]:
         """Any thread: a view built from the network thread's links (read, never changed)."""
-        links = list(self._loop.links.values())
-        main = self._loop.links.get(MAIN_LINK)
-        down = [lk for lk in links if not lk.key.is_main and lk.state is not LinkState.CONNECTED]
+        links = self._loop.sessions()
+        main = self._loop.get(MAIN_LINK)
+        down = [lk for lk in links if not lk.key.is_main and not lk.is_up]
         conflicts = [lk.conflict for lk in links if lk.conflict is not None]
         return {"connected": self.is_connected(), "connections": len(links),
-                "connections_up": sum(1 for lk in links if lk.state is LinkState.CONNECTED),
+                "connections_up": sum(1 for lk in links if lk.is_up),
                 "broker": self._broker,
                 "protocol": self.settings.protocol, "client_id": self.settings.client_id,
                 "last_error": main.last_error if main else None,
@@ -180,9 +200,10 @@ class MQTTConnectionManager:
         """Why the entry is held back (the broker dropped the connection at its publishes)."""
         return self._quarantined.get(entry_id)
 
-    def _unconnected(self, main: Link | None, down: list[Link]) -> dict[str, Any]:
+    def _unconnected(self, main: SessionView | None,
+                     down: list[SessionView]) -> dict[str, Any]:
         entries = self._entries  # a reference the network thread swaps whole
-        shared = 0 if main is not None and main.state is LinkState.CONNECTED else \
+        shared = 0 if main is not None and main.is_up else \
             sum(1 for e in entries.values() if not e.lwt)
         named = sorted(down, key=lambda lk: lk.key.entry_id or "")[:STATUS_SAMPLE]
         return {"count": shared + len(down), "main_connection_down": shared > 0,
@@ -222,8 +243,8 @@ class MQTTConnectionManager:
         self._loop.open(LinkKey(entry.id), self.settings.entry_client_id(entry.id),
                         entry_will(entry))
 
-    def _link_for(self, entry: PublishConfig) -> Link | None:
-        return self._loop.links.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
+    def _link_for(self, entry: PublishConfig) -> SessionView | None:
+        return self._loop.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
 
     def _tick(self, entry_id: str, lateness: float | None, missed: int) -> None:
         if lateness is not None:
@@ -235,13 +256,12 @@ class MQTTConnectionManager:
         if entry is None or entry_id in self._quarantined:
             return  # removed since the tick was queued, or held back
         link = self._link_for(entry)
-        if link is not None and link.state is LinkState.CONNECTED and \
+        if link is not None and link.is_up and \
                 time.monotonic() - link.connected_at < entry.interval / 2:
             # The connect published the entry (the birth burst) moments ago: a grid slot this
             # close would publish it twice within half its interval (issue 11 #5).
             return
-        if link is None or link.state is not LinkState.CONNECTED or \
-                link.pending.get(entry_id, 0) >= MAX_PENDING_PER_ENTRY:
+        if link is None or not link.is_up or link.saturated(entry_id):
             # Down, or up but stalled (the broker stopped reading or acknowledging): paho's
             # queues keep at most a few messages per entry, however long it lasts.
             if entry.qos == 0:
@@ -251,17 +271,17 @@ class MQTTConnectionManager:
             return
         self._send(link, entry)
 
-    def _send(self, link: Link, entry: PublishConfig) -> None:
-        if not self._loop.publish(link, entry.topic, entry.payload, entry.qos, entry.retain,
+    def _send(self, link: SessionView, entry: PublishConfig) -> None:
+        if not self._loop.publish(link.key, entry.topic, entry.payload, entry.qos, entry.retain,
                                   entry.id):
             self.stats.record_error(entry.id, "publish refused by the client")
         elif link.key.is_main:
             self._recent.append((time.monotonic(), entry.id))
 
     def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
-        main = self._loop.links.get(MAIN_LINK)
-        if main is not None and main.state is LinkState.CONNECTED:
-            self._loop.publish(main, topic, data, qos, retain, None)
+        main = self._loop.get(MAIN_LINK)
+        if main is not None and main.is_up:
+            self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
         elif qos > 0:
             self._pending_raw[topic] = (data, qos, retain)
             self._pending_raw.move_to_end(topic)
@@ -280,34 +300,33 @@ class MQTTConnectionManager:
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
         if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):
             self._release(entry.id)  # edited: give the new version its chance
-        link = self._loop.links.get(LinkKey(entry.id))
+        key = LinkKey(entry.id)
+        link = self._loop.get(key)
         if entry.lwt and link is None:
             self._open_entry_link(entry)  # publishes on connect
             return
-        if entry.lwt and link is not None and link.state is LinkState.CLOSING and \
-                not link.reopen_after_close:
+        if entry.lwt and link is not None and link.state is State.CLOSING:
             # Back while its connection is still closing (removed or moved to main a moment
             # ago, or closed mid-connect): reconnect it once closed, or it would stay without.
-            self._loop.close(link, with_will=False, reopen=entry_will(entry))
+            self._loop.renew(key, entry_will(entry))
             return
         if entry.lwt and link is not None and before is not None and \
                 entry_will(before) != entry_will(entry):
             # The will is fixed at CONNECT: only this entry's connection reconnects.
-            self._loop.close(link, with_will=False, reopen=entry_will(entry))
+            self._loop.renew(key, entry_will(entry))
             return
         if not entry.lwt and link is not None:
-            self._loop.close(link, with_will=False)  # moved to the main connection
+            self._loop.close_quietly(key)  # moved to the main connection
         if before is None or not (before.same_wire(entry) and before.same_schedule(entry)):
             # An added or edited entry reaches the wire now, not at its next grid slot (which
             # may be an interval away); its grid, and so its phase, stays as the plan says.
             target = self._link_for(entry)
-            if target is not None and target.state is LinkState.CONNECTED:
+            if target is not None and target.is_up:
                 self._send(target, entry)
 
     def _remove_one(self, gone: PublishConfig) -> None:
-        link = self._loop.links.get(LinkKey(gone.id))
-        if gone.lwt and link is not None:
-            self._loop.close(link, with_will=True)  # subscribers see it go offline
+        if gone.lwt:
+            self._loop.close_announcing(LinkKey(gone.id))  # subscribers see it go offline
         if self._clear_retained and gone.retain:
             self._publish_raw(gone.topic, b"", 1, True)  # an empty retained payload clears it
         self.stats.remove_entry(gone.id)
@@ -317,13 +336,13 @@ class MQTTConnectionManager:
         if entry_id in self._quarantined:
             self._quarantined = {i: w for i, w in self._quarantined.items() if i != entry_id}
 
-    def _birth(self, link: Link) -> None:
+    def _birth(self, link: SessionView) -> None:
         if link.key.is_main:
-            self._loop.publish(link, self.settings.effective_status_topic, STATUS_ONLINE, 1, True,
-                               None)
+            self._loop.publish(MAIN_LINK, self.settings.effective_status_topic, STATUS_ONLINE, 1,
+                               True, None)
             pending, self._pending_raw = self._pending_raw, OrderedDict()
             for topic, (data, qos, retain) in pending.items():
-                self._loop.publish(link, topic, data, qos, retain, None)
+                self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
             # Suspects of the last blamed drop wait for their grid slot, so that the next drop
             # (if any) follows a tick and narrows them down, instead of following the burst.
             held = self._faults.suspects(time.monotonic()) | self._quarantined.keys()
@@ -332,8 +351,8 @@ class MQTTConnectionManager:
             ids = [link.key.entry_id] if link.key.entry_id is not None else []
         self._birth_chunk(link, ids, 0)
 
-    def _birth_chunk(self, link: Link, ids: list[str], start: int) -> None:
-        if link.state is not LinkState.CONNECTED:
+    def _birth_chunk(self, link: SessionView, ids: list[str], start: int) -> None:
+        if not link.is_up:
             return  # lost again; the next connect starts over
         for entry_id in ids[start:start + BIRTH_CHUNK]:
             entry = self._entries.get(entry_id)
@@ -347,24 +366,24 @@ class MQTTConnectionManager:
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._draining and not any(qos for lk in self._loop.links.values()
-                                      for _, qos in lk.inflight.values()):
+        if self._draining and not any(lk.awaiting_acks for lk in self._loop.sessions()):
             self._drained.set()
 
     def _close_all(self) -> None:
-        for link in list(self._loop.links.values()):
-            self._loop.close(link, with_will=True)
-        if not self._loop.links:
+        for link in self._loop.sessions():
+            self._loop.close_announcing(link.key)
+        if not self._loop.sessions():
             self._all_closed.set()
 
-    # ---- LinkListener (network thread) ------------------------------------------------------
-    def link_up(self, link: Link) -> None:
+    # ---- SessionListener (network thread) ---------------------------------------------------
+    def link_up(self, link: SessionView) -> None:
+        self._warned.pop(link.key, None)
         if link.key.is_main:
             self._main_up.set()
             log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
         self._birth(link)
 
-    def link_down(self, link: Link, reason: str, was_up: bool) -> None:
+    def link_down(self, link: SessionView, reason: str, was_up: bool) -> None:
         if was_up:
             self.stats.record_reconnect()
             self._report_conflict(link)
@@ -384,7 +403,7 @@ class MQTTConnectionManager:
         else:
             self.link_refused(link, reason)
 
-    def _attribute(self, link: Link, reason: str) -> None:
+    def _attribute(self, link: SessionView, reason: str) -> None:
         """The broker dropped the main connection blaming a packet of ours: find the entry."""
         # What went out within a few round trips of the drop (the CONNECT -> CONNACK time is
         # the round trip we know); the broker stops reading at the bad packet.
@@ -404,7 +423,7 @@ class MQTTConnectionManager:
                   broker=self._broker, told_apart=together == 1,
                   hint="the entry is not published until it is edited or the service restarts")
 
-    def _report_conflict(self, link: Link) -> None:
+    def _report_conflict(self, link: SessionView) -> None:
         """One warning per connection and conflict, however often the broker drops it."""
         if link.conflict is None:
             self._conflicts_warned.discard(link.key)
@@ -414,36 +433,37 @@ class MQTTConnectionManager:
                         broker=self._broker, reason=link.conflict,
                         hint="give each process its own --client-id")
 
-    def link_refused(self, link: Link, reason: str) -> None:
+    def link_refused(self, link: SessionView, reason: str) -> None:
         if link.key.is_main:
             self._failed_attempt(link, reason)
             return
         # At warning once per connection and cause (the main connection is up, or the entry
         # links would not be trying: this is about this entry, not a broker outage).
-        emit = log.debug if link.warned_error == reason else log.warning
-        link.warned_error = reason
+        emit = log.debug if self._warned.get(link.key) == reason else log.warning
+        self._warned[link.key] = reason
         emit("entry_connection_failed", entry_id=link.key.entry_id, reason=reason,
              broker=self._broker, client_id=link.client_id,
              retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
 
-    def _failed_attempt(self, link: Link, reason: str) -> None:
-        attempts = link.backoff.failures
+    def _failed_attempt(self, link: SessionView, reason: str) -> None:
+        attempts = link.failures
         log.warning("mqtt_connect_failed", reason=reason, attempt=attempts, broker=self._broker,
                     client_id=link.client_id,
                     retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
-        limit = self.settings.max_retries
-        if limit is not None and attempts >= limit and not self._gave_up:
+        if link.state is State.GIVEN_UP and not self._gave_up:
             self._gave_up = True
             if self._on_give_up is not None:
                 self._on_give_up(reason)
 
-    def link_closed(self, link: Link) -> None:
+    def link_closed(self, link: SessionView) -> None:
+        self._warned.pop(link.key, None)
         if link.key.is_main:
             self._main_up.clear()
-        if not self._loop.links:
+        if not self._loop.sessions():
             self._all_closed.set()
 
-    def published(self, link: Link, entry_id: str | None, qos: int, failure: str | None) -> None:
+    def published(self, link: SessionView, entry_id: str | None, qos: int,
+                  failure: str | None) -> None:
         if entry_id is not None:
             if failure is None:
                 self.stats.record_published(entry_id)
@@ -452,6 +472,6 @@ class MQTTConnectionManager:
         if qos and self._draining:
             self._check_drained()
 
-    def lost_unsent(self, link: Link, entry_id: str | None) -> None:
+    def lost_unsent(self, link: SessionView, entry_id: str | None) -> None:
         if entry_id is not None:
             self.stats.record_dropped(entry_id)

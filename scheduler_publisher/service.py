@@ -5,7 +5,7 @@ Threads, and who owns what:
   running entries, reloads, timers (stats, checkpoints, safety re-read, clock checks,
   systemd pings) and shutdown. Everything else only pokes it through the `Mailbox` (mailbox.py);
 - the scheduler thread runs the ticks (scheduling.py), which only hand an entry id to
-- the network thread (network.py), which owns every paho client;
+- the network thread (netloop.py), which owns every paho client;
 - the watchdog observer thread (watcher.py) and the HTTP threads (http.py) only poke or read.
 """
 

@@ -20,16 +20,15 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
 from scheduler_publisher.connection import FaultAttribution
-from scheduler_publisher.link import (
+from scheduler_publisher.service import PublisherService
+from scheduler_publisher.session import (
     MAIN_LINK,
-    Link,
-    LinkCallbacks,
     LinkKey,
-    LinkState,
+    Session,
+    SessionCallbacks,
+    State,
     describe_reason,
 )
-from scheduler_publisher.network import NetworkLoop
-from scheduler_publisher.service import PublisherService
 from scheduler_publisher.settings import BrokerSettings, default_client_id
 from tests.support import (
     Mosquitto,
@@ -399,28 +398,28 @@ def test_an_mqtt5_take_over_is_named_and_marks_a_conflict_at_once() -> None:
     flaps in a row."""
     lost: list[tuple[str, bool]] = []
     ignore: Any = lambda *_: None  # noqa: E731 - the callbacks this test does not watch
-    callbacks = LinkCallbacks(connected=ignore, refused=ignore,
-                              lost=lambda _link, why, over: lost.append((why, over)),
-                              published=ignore, want_write=ignore, socket_closed=ignore)
-    link = Link(MAIN_LINK, "twin", None, BrokerSettings(client_id="twin"), callbacks)
-    link.state = LinkState.CONNECTED
+    callbacks = SessionCallbacks(connected=ignore, refused=ignore,
+                                 lost=lambda _s, _event, why, over: lost.append((why, over)),
+                                 published=ignore, want_write=ignore, socket_closed=ignore)
+    link = Session(MAIN_LINK, "twin", None, BrokerSettings(client_id="twin"), callbacks)
+    link.state = State.CONNECTED
     taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
     link._on_disconnect(link.client, None, DisconnectFlags(is_disconnect_packet_from_server=True),
                         taken, None)
     assert lost == [("session taken over", True)]
-    NetworkLoop._judge_loss(link, *lost[0])
+    link.judge_loss(*lost[0], time.monotonic())
     assert link.conflict is not None
     assert "twin" in link.conflict
 
-    silent = Link(LinkKey("e"), "twin/e", None, BrokerSettings(client_id="twin"), callbacks)
-    silent.state = LinkState.CONNECTED
+    silent = Session(LinkKey("e"), "twin/e", None, BrokerSettings(client_id="twin"), callbacks)
+    silent.state = State.CONNECTED
     silent._on_disconnect(silent.client, None,
                           DisconnectFlags(is_disconnect_packet_from_server=False), taken, None)
     assert lost[-1] == ("connection closed by the broker", False)
     silent.quick_reconnect = True  # each connect accepted at the first attempt, ...
     silent.connected_at = time.monotonic()  # ... and closed again soon after
     for _ in range(2):
-        NetworkLoop._judge_loss(silent, "connection closed by the broker", False)
+        silent.judge_loss("connection closed by the broker", False, time.monotonic())
         assert silent.conflict is None
-    NetworkLoop._judge_loss(silent, "connection closed by the broker", False)
+    silent.judge_loss("connection closed by the broker", False, time.monotonic())
     assert silent.conflict is not None

@@ -458,7 +458,7 @@ def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
     """A QoS 1 message written but never acknowledged (the path went dark under it) is sent
     again on the new connection, as MQTT requires, and reaches subscribers."""
     from scheduler_publisher import MQTTConnectionManager  # noqa: PLC0415
-    from scheduler_publisher.link import MAIN_LINK  # noqa: PLC0415
+    from scheduler_publisher.session import MAIN_LINK, Session  # noqa: PLC0415
     from scheduler_publisher.settings import BrokerSettings  # noqa: PLC0415
 
     topic = f"{topic_base}/inflight"
@@ -471,7 +471,8 @@ def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
         proxy.blackhole()
         payload = f"in-flight {uuid.uuid4().hex}".encode()
         assert manager.publish(topic, payload, qos=1)
-        main = manager._loop.links[MAIN_LINK]  # private: the only view of paho's in-flight set
+        main = manager._loop.get(MAIN_LINK)  # private: the only view of paho's in-flight set
+        assert isinstance(main, Session)
         wait_until(lambda: any(qos == 1 for _, qos in list(main.inflight.values())), 10,
                    message="the message handed to paho and unacknowledged")
         proxy.sever()  # the dark connection dies; what it carried never reached the broker
