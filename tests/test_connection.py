@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import stat
 import time
 import urllib.request
 import uuid
@@ -19,6 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
+from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.connection import FaultAttribution
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.session import (
@@ -74,6 +77,49 @@ def test_connect_then_disconnect_twice_releases_every_descriptor(broker: Mosquit
     manager.disconnect(3)
     assert not manager.is_connected()
     assert not leaked(before)
+
+
+def broker_sockets(port: int) -> list[socket.socket]:
+    """This process's TCP sockets connected to `port`, found through /proc, not the code."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # closed meanwhile
+        try:
+            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM \
+                    and sock.getpeername()[1] == port:
+                found.append(sock)
+                continue
+        except OSError:
+            pass  # not connected
+        sock.close()
+    return found
+
+
+def test_every_connection_turns_nagle_off(broker: Mosquitto) -> None:
+    """TCP_NODELAY is set on the main and the lwt connections: with Nagle on, a PINGREQ held
+    back for the broker's delayed ACK stalled the publishes behind it by ~40 ms."""
+    manager = MQTTConnectionManager(BrokerSettings(host="127.0.0.1", port=broker.port,
+                                                   client_id=f"sp-nd-{uuid.uuid4().hex[:8]}"))
+    try:
+        manager.set_entries({"nd": PublishConfig(id="nd", topic=f"sp-test/{uuid.uuid4().hex}/nd",
+                                                 data={"k": 1}, interval=30, lwt=True)})
+        assert manager.connect(wait=10)
+        wait_until(lambda: manager.connection_counts() == (2, 2), 10, message="2 connections up")
+        socks = broker_sockets(broker.port)
+        try:
+            # One per connection (a descriptor can show up twice: dups share the socket).
+            assert len({s.getsockname() for s in socks}) == 2
+            assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+        finally:
+            for s in socks:
+                s.close()
+    finally:
+        manager.disconnect(3)
 
 
 # ---- the service's connections against a real broker ------------------------------------------
