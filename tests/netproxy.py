@@ -137,6 +137,10 @@ class NetProxy:
                 if a.fileno() < 0 or b.fileno() < 0:
                     return
                 for key, _ in sel.select(POLL):
+                    if not self._forwarding.is_set():
+                        # blackhole() came while select() waited: bytes written after it must
+                        # stay in the kernel buffers, not slip through on this wake-up.
+                        break
                     src = key.fileobj
                     assert isinstance(src, socket.socket)
                     size = CHUNK
