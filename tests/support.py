@@ -161,7 +161,7 @@ class Subscriber:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append(Received(msg.topic, msg.payload, msg.qos, bool(msg.retain),
+            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
                                           time.monotonic()))
 
     def start(self) -> Subscriber:
@@ -264,6 +264,16 @@ class ServiceProcess:
             self.proc.wait(10)
         for t in self._threads:
             t.join(5)
+
+
+def payload_is(expected: Any) -> Callable[[Received], bool]:
+    """A `where=` filter: the message's JSON equals `expected`."""
+    return lambda m: bool(m.payload) and m.json() == expected
+
+
+def json_has(**fields: Any) -> Callable[[Received], bool]:
+    """A `where=` filter: the message's JSON object has these fields with these values."""
+    return lambda m: bool(m.payload) and fields.items() <= m.json().items()
 
 
 def online(m: Received) -> bool:
