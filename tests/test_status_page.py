@@ -35,10 +35,10 @@ from tests.support import (
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium: pip install -e '.[test]'")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.chrome.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 
 ServiceStarter = Callable[..., PublisherService]
@@ -101,7 +101,7 @@ def page(browser: WebDriver, tmp_path: Path) -> Iterator[Callable[[PublisherServ
 
     def open_page(service: PublisherService) -> WebDriver:
         browser.set_window_size(*DESKTOP)
-        browser.get_log("browser")  # drop what earlier tests left
+        browser_log(browser)  # drop what earlier tests left
         browser.get(f"http://127.0.0.1:{service.http.port}/")
         wait_until(lambda: browser.execute_script("return document.body.dataset.ready"), WAIT,
                    message="the page's first poll rendered")
@@ -149,8 +149,14 @@ def sort_button(browser: WebDriver, key: str) -> WebElement:
     return browser.find_element(By.CSS_SELECTOR, f"th[data-sort='{key}'] button")
 
 
+def browser_log(browser: WebDriver) -> list[dict[str, Any]]:
+    """The console entries since the last call (Chrome hands each one out once)."""
+    log: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]  # selenium leaves get_log unannotated
+    return log
+
+
 def console_errors(browser: WebDriver) -> list[str]:
-    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    return [e["message"] for e in browser_log(browser) if e["level"] == "SEVERE"]
 
 
 # WCAG 2.1 contrast (1.4.3, AA) of every visible piece of text against the background it is
