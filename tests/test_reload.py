@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     entry,
+    payload_is,
     wait_until,
     write_config,
 )
@@ -40,7 +41,7 @@ from tests.support import (
 Entries = list[dict[str, Any]]
 StartService = Callable[..., PublisherService]
 MakeSubscriber = Callable[..., Subscriber]
-LogEvents = list[dict[str, Any]]
+LogEvents = list[MutableMapping[str, Any]]  # what capture_logs() collects
 
 
 # --- ways of saving a file ---------------------------------------------------------------------
@@ -133,6 +134,11 @@ def wire(data: dict[str, Any]) -> dict[str, Any]:
 
 def latest(sub: Subscriber, topic: str, n: int) -> list[Any]:
     return payloads(sub.on(topic)[-n:])
+
+
+def latest_are(sub: Subscriber, topic: str, expected: list[Any]) -> Callable[[], bool]:
+    """A wait_until predicate: the last payloads on `topic` are `expected`."""
+    return lambda: latest(sub, topic, len(expected)) == expected
 
 
 def count_on(sub: Subscriber, topic: str) -> int:
@@ -745,7 +751,7 @@ def test_random_rapid_edits_converge_to_the_final_file(
                message="the final file's entries and intervals")
     assert len(events(logs, "config_reloaded")) > 5  # reloads happened along the way, too
     for e in final.values():
-        sub.wait_for(e["topic"], where=lambda m, e=e: m.json() == wire(e["data"]), timeout=5)
+        sub.wait_for(e["topic"], where=payload_is(wire(e["data"])), timeout=5)
     newest = {i: latest(sub, e["topic"], 1) for i, e in final.items()}
     assert newest == {i: [wire(e["data"])] for i, e in final.items()}
 
@@ -916,7 +922,7 @@ def test_payload_change_under_fast_publishing_is_never_mixed(
     sub.wait_for(fast["topic"], count=5)
     for data in [new, old, new, old, new]:
         save_atomically(config, dump([{**fast, "data": data}]))
-        wait_until(lambda d=data: latest(sub, fast["topic"], 3) == [wire(d)] * 3, 3,
+        wait_until(latest_are(sub, fast["topic"], [wire(data)] * 3), 3,
                    message="three ticks of the new payload")
     received = payloads(sub.on(fast["topic"]))
     assert set(map(json.dumps, received)) == {json.dumps(wire(old)), json.dumps(wire(new))}
