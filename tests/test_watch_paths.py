@@ -24,6 +24,7 @@ from tests.support import (
     SubscriberFactory,
     entry,
     in_process_settings,
+    json_has,
 )
 
 SWAP_SEEN_WITHIN = 5.0  # seconds: the debounce is 0.3 s, the safety re-read an hour away
@@ -157,7 +158,7 @@ def test_each_swap_reaches_the_wire_within_the_debounce(
     sub.wait_for(topic, where=lambda m: m.json()["v"] == 1)
     for version in (2, 3, 4):
         files.update(dump(topic, version))
-        sub.wait_for(topic, where=lambda m, v=version: m.json()["v"] == v,
+        sub.wait_for(topic, where=json_has(v=version),
                      timeout=SWAP_SEEN_WITHIN)
     if layout == "swapped-folder":
         config.write_text(dump(topic, 5))  # the new folder's file, same inode, in place
