@@ -303,12 +303,12 @@ def write_bytes(path: Path, content: bytes | None) -> None:
     tmp.replace(path)
 
 
-def assert_keeps_running(service: Service, topic: str) -> None:
-    assert service.alive()
-    assert service.healthy()
+def assert_keeps_running(service: Service, topic: str, after: str = "") -> None:
+    assert service.alive(), after
+    assert service.healthy(), after
     kept = service.status()["entries"]
-    assert kept["keep"]["topic"] == topic
-    assert kept["keep"]["interval"] == 0.5
+    assert kept["keep"]["topic"] == topic, after
+    assert kept["keep"]["interval"] == 0.5, after
 
 
 def test_hostile_config_edits_never_kill_the_service(
@@ -325,7 +325,7 @@ def test_hostile_config_edits_never_kill_the_service(
     for name, content in hostile_files(topic, limit):
         write_bytes(service.config, content)
         service.reload()  # synchronous: returns once the main loop has handled the file
-        assert_keeps_running(service, topic), name
+        assert_keeps_running(service, topic, name)
         assert service.status()["entries"]["keep"]["topic"] == topic, name
     mark = time.monotonic()
     sub.wait_for(topic, where=lambda m: m.at > mark, count=2, timeout=10)
