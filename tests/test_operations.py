@@ -8,7 +8,7 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from tests.support import (
     wait_until,
     write_config,
 )
+
+LogEvent = MutableMapping[str, Any]  # what structlog's capture_logs() collects
 
 
 @pytest.fixture
@@ -180,8 +182,8 @@ def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Pat
     with capture_logs() as logs:
         service.start()
         try:
-            def stats(where: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-                found = wait_until(lambda: [e for e in list(logs)
+            def stats(where: Callable[[LogEvent], bool]) -> LogEvent:
+                found: list[LogEvent] = wait_until(lambda: [e for e in list(logs)
                                             if e["event"] == "publisher_statistics" and where(e)],
                                    10, message="publisher_statistics")
                 return found[-1]
