@@ -7,7 +7,7 @@ import os
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,7 @@ def test_two_services_with_one_client_id_get_one_warning_each_and_say_so(
         second = start_service(broker.port, [entry("b", f"{topic_base}/b", 1)],
                                client_id=client_id)
 
-        def conflicts() -> list[dict[str, Any]]:
+        def conflicts() -> list[MutableMapping[str, Any]]:
             return [e for e in list(logs) if e["event"] == "mqtt_client_id_conflict"]
 
         wait_until(lambda: len(conflicts()) >= 2, 30, message="a conflict warning from both")
