@@ -5,6 +5,7 @@ Nothing here sleeps to synchronise: every wait polls a condition against a deadl
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -20,11 +21,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+if TYPE_CHECKING:  # the service's modules load only where a test starts one
+    from scheduler_publisher.service import PublisherService
+    from scheduler_publisher.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -306,15 +312,125 @@ def iter_json(lines: list[str]) -> Iterator[dict[str, Any]]:
             continue
 
 
-def in_process_settings(config_path: Path, broker_port: int, **overrides: Any) -> Any:
+def in_process_settings(config_path: Path, broker_port: int, *,
+                        broker: dict[str, Any] | None = None, **overrides: Any) -> ServiceSettings:
     """ServiceSettings for an in-process service: test broker, unique client id, no state DB and
-    no HTTP unless asked for (the defaults would write logs/state.db and bind port 8080)."""
+    no HTTP unless asked for (the defaults would write logs/state.db and bind port 8080).
+    `broker` overrides BrokerSettings fields (backoff, client_id, protocol, ...)."""
     from scheduler_publisher.settings import BrokerSettings, ServiceSettings  # noqa: PLC0415
 
-    broker = BrokerSettings(host="127.0.0.1", port=broker_port, backoff_min=0.1, backoff_max=0.5,
-                            client_id=f"sp-test-{uuid.uuid4().hex[:10]}")
-    return ServiceSettings(**{"config_path": config_path, "broker": broker, "state_db": None,
-                              "http_port": 0, **overrides})
+    broker_settings = BrokerSettings(**{
+        "host": "127.0.0.1", "port": broker_port, "backoff_min": 0.1, "backoff_max": 0.5,
+        "client_id": f"sp-test-{uuid.uuid4().hex[:10]}", **(broker or {})})
+    return ServiceSettings(**{"config_path": config_path, "broker": broker_settings,
+                              "state_db": None, "http_port": 0, **overrides})
+
+
+class InProcessServices:
+    """The one in-process launcher: writes the entries, starts a PublisherService on
+    `in_process_settings`, and at close() stops every service it started, in start order.
+
+    A fixture that wraps it should depend on the broker fixtures it uses, so that pytest stops
+    the services before the brokers."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[PublisherService] = []
+
+    def start(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
+              config: Path | None = None, broker: dict[str, Any] | None = None,
+              **overrides: Any) -> PublisherService:
+        """`config` defaults to a new file per service; `entries` (if given) are written to it."""
+        from scheduler_publisher.service import PublisherService  # noqa: PLC0415
+
+        config = config or self.workdir / f"config-{len(self.started)}.json"
+        if entries is not None:
+            write_config(config, entries)
+        service = PublisherService(in_process_settings(config, broker_port, broker=broker,
+                                                       **overrides))
+        self.started.append(service)
+        service.start()
+        return service
+
+    def close(self) -> None:
+        for service in self.started:
+            service.stop()
+
+
+def cli_args(broker_port: int, config: Path | None, *extra: str, command: str | None = "run",
+             http_port: int = 0, state_db: Path | None = None, log_file: Path | None = None,
+             client_id: str | None = "sp-test", backoff: tuple[float, float] | None = None
+             ) -> list[str]:
+    """The one builder of the CLI's argument list for a test run: the broker on loopback, an
+    HTTP port (0: none of its own), no state database or log file unless given (the defaults
+    would write under ./logs/), and a client id made unique from the `client_id` prefix
+    (None: the CLI's default id)."""
+    args = [*([command] if command else []), "--broker", "127.0.0.1", "--port", str(broker_port)]
+    if config is not None:
+        args += ["--config", str(config)]
+    args += ["--http-port", str(http_port), "--state-db", str(state_db or ""),
+             "--log-file", str(log_file or "")]
+    if client_id is not None:
+        args += ["--client-id", f"{client_id}-{uuid.uuid4().hex[:8]}"]
+    if backoff is not None:
+        args += ["--backoff-min", str(backoff[0]), "--backoff-max", str(backoff[1])]
+    return [*args, *extra]
+
+
+# ---- HTTP: one small client for every test ---------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str
+    headers: Message = field(default_factory=Message)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            body: bytes | None = None, timeout: float = 10) -> Reply:
+    """Any method, any headers, to 127.0.0.1; every status is a Reply, never an exception (the
+    body as sent: http.client reads none for HEAD)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
+    finally:
+        conn.close()
+
+
+def call(port: int, path: str, method: str = "GET", token: str | None = None,
+         authorization: str | None = None, timeout: float = 10) -> Reply:
+    """GET (or `method`) with an optional bearer token or a whole Authorization header."""
+    headers = {"Authorization": authorization or f"Bearer {token}"} \
+        if (token or authorization) else {}
+    return request(port, method, path, headers, b"" if method == "POST" else None, timeout)
+
+
+class ServesHttp(Protocol):
+    """What the HTTP helpers need of an in-process service: its bound HTTP port."""
+
+    @property
+    def http(self) -> HasPort: ...
+
+
+class HasPort(Protocol):
+    @property
+    def port(self) -> int: ...
+
+
+def get(service: ServesHttp, path: str) -> Reply:
+    return call(service.http.port, path)
+
+
+def post(service: ServesHttp, path: str, token: str | None = None,
+         authorization: str | None = None) -> Reply:
+    return call(service.http.port, path, "POST", token, authorization)
 
 
 @dataclass
