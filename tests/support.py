@@ -357,21 +357,21 @@ class InProcessServices:
             service.stop()
 
 
-def cli_args(broker_port: int, config: Path | None, *extra: str, command: str | None = "run",
+def cli_args(broker_port: int, config: Path | None, *extra: str,
+             command: tuple[str, ...] = ("run",),
              http_port: int = 0, state_db: Path | None = None, log_file: Path | None = None,
-             client_id: str | None = "sp-test", backoff: tuple[float, float] | None = None
+             client_id: str | None = None, backoff: tuple[float, float] | None = None
              ) -> list[str]:
     """The one builder of the CLI's argument list for a test run: the broker on loopback, an
     HTTP port (0: none of its own), no state database or log file unless given (the defaults
-    would write under ./logs/), and a client id made unique from the `client_id` prefix
-    (None: the CLI's default id)."""
-    args = [*([command] if command else []), "--broker", "127.0.0.1", "--port", str(broker_port)]
+    would write under ./logs/), and `client_id` or else a unique one (tests share brokers'
+    port ranges, never client ids). `extra` comes last, so it can override any of these."""
+    args = [*command, "--broker", "127.0.0.1", "--port", str(broker_port)]
     if config is not None:
         args += ["--config", str(config)]
     args += ["--http-port", str(http_port), "--state-db", str(state_db or ""),
              "--log-file", str(log_file or "")]
-    if client_id is not None:
-        args += ["--client-id", f"{client_id}-{uuid.uuid4().hex[:8]}"]
+    args += ["--client-id", client_id or f"sp-test-{uuid.uuid4().hex[:8]}"]
     if backoff is not None:
         args += ["--backoff-min", str(backoff[0]), "--backoff-max", str(backoff[1])]
     return [*args, *extra]
@@ -431,6 +431,40 @@ def get(service: ServesHttp, path: str) -> Reply:
 def post(service: ServesHttp, path: str, token: str | None = None,
          authorization: str | None = None) -> Reply:
     return call(service.http.port, path, "POST", token, authorization)
+
+
+def metrics(service: ServesHttp) -> dict[str, Any]:
+    """GET /metrics, parsed into its metric families by name."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    reply = get(service, "/metrics")
+    assert reply.status == 200
+    assert reply.content_type.startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+
+
+def samples(families: dict[str, Any], family: str, sample: str | None = None,
+            **labels: str) -> list[float]:
+    """Values of the samples named `sample` (default: the family) whose labels include `labels`."""
+    name = sample or family
+    return [s.value for s in families[family].samples
+            if s.name == name and labels.items() <= s.labels.items()]
+
+
+def value(families: dict[str, Any], family: str, sample: str | None = None,
+          **labels: str) -> float:
+    (found,) = samples(families, family, sample, **labels)
+    return found
+
+
+def counter(families: dict[str, Any], family: str, **labels: str) -> float:
+    """A counter's value; a per-entry one is 0 before the entry's first tick creates it."""
+    found = samples(families, family, f"{family}_total", **labels)
+    assert labels or len(found) == 1, f"{family}: one unlabelled sample expected, got {found}"
+    return sum(found)
+
+
+ServiceStarter = Callable[..., "PublisherService"]  # an in-process start_service fixture's type
 
 
 @dataclass
