@@ -260,7 +260,7 @@ def test_token_file_guards_reload_in_the_real_process(tmp_path: Path, broker: Mo
     write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
     port = free_port()
     proc = ServiceProcess(cli_args(broker.port, config, "--http-token-file",
-                                   str(tmp_path / "token"), command=None, http_port=port),
+                                   str(tmp_path / "token"), command=(), http_port=port),
                           cwd=tmp_path)
     try:
         proc.wait_for_event("http_listening")
@@ -515,7 +515,7 @@ def test_out_of_file_descriptors_backs_off_instead_of_spinning(
     config = tmp_path / "config.json"
     write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
     port = free_port()
-    proc = ServiceProcess(cli_args(broker.port, config, command=None, http_port=port),
+    proc = ServiceProcess(cli_args(broker.port, config, command=(), http_port=port),
                           cwd=tmp_path)
     clients: list[socket.socket] = []
     try:
