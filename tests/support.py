@@ -205,18 +205,23 @@ class ServiceProcess:
     """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
-                 max_open_files: int | None = None) -> None:
+                 max_open_files: int | None = None,
+                 before_exec: Callable[[], None] | None = None) -> None:
+        """`args` as cli_args() builds them; `before_exec` runs in the child (setrlimit and
+        signal dispositions only: the child of a threaded parent may call little else)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
 
-        def limit_files() -> None:  # in the child, before exec: its `ulimit -n`
+        def limit() -> None:  # in the child, before exec: its `ulimit -n`, and the hook
             if max_open_files is not None:
                 _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, hard))
+            if before_exec is not None:
+                before_exec()
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler_publisher", *args],
             cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=limit_files,  # noqa: PLW1509 - the child only calls setrlimit
+            preexec_fn=limit,  # noqa: PLW1509 - the child only calls setrlimit and signal
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
