@@ -17,13 +17,12 @@ from scheduler_publisher.plan import grid_start
 from scheduler_publisher.scheduling import HEARTBEAT_JOB, GridTrigger, InlineExecutor
 from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     Subscriber,
     SubscriberFactory,
     entry,
-    in_process_settings,
     wait_until,
-    write_config,
 )
 
 DAY = 86_400.0
@@ -190,15 +189,14 @@ INTERVALS = {"fast": 0.2, "slow": 0.3}
 def running(tmp_path: Path, broker: Mosquitto, topic_base: str,
             subscriber_factory: SubscriberFactory) -> Iterator[tuple[PublisherService, Subscriber]]:
     """A started in-process service with two entries, and a subscriber on both topics."""
-    config = tmp_path / "config.json"
-    write_config(config, [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()])
+    services = InProcessServices(tmp_path)
     sub = subscriber_factory(f"{topic_base}/#")
-    service = PublisherService(in_process_settings(config, broker.port))
-    service.start()
+    service = services.start(broker.port,
+                             [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()])
     for entry_id in INTERVALS:
         sub.wait_for(f"{topic_base}/{entry_id}", 2)
     yield service, sub
-    service.stop()
+    services.close()
 
 
 def shift_every_job(service: PublisherService, by: timedelta) -> None:
