@@ -7,7 +7,6 @@ import itertools
 import signal
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     NotifySocket,
     ServiceProcess,
     SubscriberFactory,
+    cli_args,
     entry,
     free_port,
     in_process_settings,
@@ -58,11 +59,7 @@ def processes() -> Iterator[list[ServiceProcess]]:
 
 def run_process(processes: list[ServiceProcess], tmp_path: Path, port: int, config: Path,
                 *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
-    args = ["--broker", "127.0.0.1", "--port", str(port), "--config", str(config),
-            "--log-file", "", "--http-port", "0", "--backoff-min", "0.1", "--backoff-max", "0.5",
-            "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}", *extra]
-    if "--state-db" not in extra:
-        args += ["--state-db", ""]
+    args = cli_args(port, config, *extra, command=(), backoff=(0.1, 0.5))
     proc = ServiceProcess(args, cwd=tmp_path, env=env)
     processes.append(proc)
     return proc
@@ -299,12 +296,12 @@ def watched_service(monkeypatch: pytest.MonkeyPatch, notify_socket: NotifySocket
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    service = PublisherService(in_process_settings(config_path, broker.port))
-    service.start()
+    services = InProcessServices(config_path.parent)
+    service = services.start(broker.port, config=config_path)
     wait_until(service.is_connected, 10, message="connected")
     notify_socket.wait_for("WATCHDOG=1", count=3)
     yield service
-    service.stop()
+    services.close()
 
 
 def wedge_watcher(service: PublisherService) -> None:
