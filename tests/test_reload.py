@@ -25,13 +25,14 @@ from watchdog.observers import Observer
 
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.settings import BrokerSettings, ServiceSettings
 from scheduler_publisher.watcher import _Handler
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     Received,
     ServiceProcess,
     Subscriber,
+    cli_args,
     entry,
     payload_is,
     wait_until,
@@ -193,24 +194,17 @@ def logs() -> Iterator[LogEvents]:
 
 @pytest.fixture
 def start_service(tmp_path: Path, broker: Mosquitto, config: Path) -> Iterator[StartService]:
-    started: list[PublisherService] = []
+    services = InProcessServices(tmp_path)
 
     def start(entries: Entries | None = None, **overrides: Any) -> PublisherService:
-        if entries is not None:
-            write_config(config, entries)
-        broker_settings = BrokerSettings(host="127.0.0.1", port=broker.port, backoff_min=0.2,
-                                         backoff_max=1, client_id=f"sp-{uuid.uuid4().hex[:8]}")
-        settings = ServiceSettings(config_path=config, broker=broker_settings, http_port=0,
-                                   state_db=tmp_path / "s.db", **overrides)
-        service = PublisherService(settings)
-        service.start()
-        started.append(service)
+        service = services.start(broker.port, entries, config=config,
+                                 broker={"backoff_min": 0.2, "backoff_max": 1},
+                                 **{"state_db": tmp_path / "s.db", **overrides})
         wait_until(service.is_connected, 10, message="the service's connection")
         return service
 
     yield start
-    for service in started:
-        service.stop()
+    services.close()
 
 
 @pytest.fixture
@@ -884,9 +878,7 @@ def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, conf
     write_config(config, [a])
     sub = subscriber_factory(f"{topic_base}/#")
     proc = ServiceProcess(
-        ["run", "--broker", "127.0.0.1", "--port", str(broker.port), "--config", str(config),
-         "--no-watch", "--http-port", "0", "--state-db", "", "--log-file", "",
-         "--client-id", f"sp-{uuid.uuid4().hex[:8]}", "--backoff-min", "0.2"], cwd=tmp_path)
+        cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.2"), cwd=tmp_path)
     try:
         assert proc.wait_for_event("service_started")["watcher"] == "none"
         sub.wait_for(a["topic"])
