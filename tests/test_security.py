@@ -23,6 +23,7 @@ from tests.support import (
     Mosquitto,
     ServiceProcess,
     Subscriber,
+    cli_args,
     entry,
     free_port,
     in_process_settings,
@@ -126,10 +127,8 @@ class Launcher:
                  log_level: str = "INFO") -> ServiceProcess:
         config = self.tmp_path / "config.json"
         write_config(config, [entry("e1", self.topic, 0.5, qos=1)])
-        args = ["run", "--broker", "127.0.0.1", "--port", str(port), "--config", str(config),
-                "--http-port", "0", "--state-db", "", "--log-level", log_level,
-                "--log-file", str(self.log_file), "--client-id", f"sp-sec-{uuid.uuid4().hex[:8]}",
-                "--backoff-min", "0.5", "--backoff-max", "1", *extra]
+        args = cli_args(port, config, "--log-level", log_level, *extra, log_file=self.log_file,
+                        backoff=(0.5, 1))
         proc = ServiceProcess(args, cwd=self.tmp_path, env=env)
         self.cleanup.append(proc)
         return proc
@@ -367,8 +366,7 @@ def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any
 
 
 def _run_to_exit(tmp_path: Path, config: Path, *extra: str) -> tuple[int, str]:
-    args = ["run", "--broker", "127.0.0.1", "--port", str(free_port()), "--config", str(config),
-            "--http-port", "0", "--state-db", "", "--log-file", "", *extra]
+    args = cli_args(free_port(), config, *extra)
     proc = ServiceProcess(args, cwd=tmp_path)
     try:
         code = proc.wait(60)
