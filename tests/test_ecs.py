@@ -272,10 +272,10 @@ import scheduler_publisher.connection as connection
 _original = connection.MQTTConnectionManager.publish_entry
 
 
-def publish_entry(self, entry_id):
+def publish_entry(self, entry_id, *args, **kwargs):
     if entry_id == "boom":
         raise RuntimeError("injected for the ECS test")
-    return _original(self, entry_id)
+    return _original(self, entry_id, *args, **kwargs)
 
 
 connection.MQTTConnectionManager.publish_entry = publish_entry
