@@ -342,10 +342,12 @@ class InProcessServices:
         self.workdir = workdir
         self.started: list[PublisherService] = []
 
-    def start(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
-              config: Path | None = None, broker: dict[str, Any] | None = None,
-              **overrides: Any) -> PublisherService:
-        """`config` defaults to a new file per service; `entries` (if given) are written to it."""
+    def create(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
+               config: Path | None = None, broker: dict[str, Any] | None = None,
+               **overrides: Any) -> PublisherService:
+        """A service not yet started, for a test that starts it itself (inside capture_logs,
+        say); close() stops it all the same. `config` defaults to a new file per service;
+        `entries` (if given) are written to it."""
         from scheduler_publisher.service import PublisherService  # noqa: PLC0415
 
         config = config or self.workdir / f"config-{len(self.started)}.json"
@@ -354,10 +356,18 @@ class InProcessServices:
         service = PublisherService(in_process_settings(config, broker_port, broker=broker,
                                                        **overrides))
         self.started.append(service)
+        return service
+
+    def start(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
+              config: Path | None = None, broker: dict[str, Any] | None = None,
+              **overrides: Any) -> PublisherService:
+        """create(), then start the service."""
+        service = self.create(broker_port, entries, config=config, broker=broker, **overrides)
         service.start()
         return service
 
     def close(self) -> None:
+        """Stop every service created; stopping one a test already stopped returns at once."""
         for service in self.started:
             service.stop()
 
