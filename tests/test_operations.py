@@ -173,9 +173,10 @@ def test_history_keeps_only_the_newest_rows(tmp_path: Path, broker: Mosquitto,
 
 
 # ---- the statistics event ---------------------------------------------------------------------
-def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Path) -> None:
+def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Path,
+                                             services: InProcessServices) -> None:
     """publisher_statistics reports totals and connection state every stats_interval."""
-    service = PublisherService(in_process_settings(config_path, broker.port, stats_interval=0.2))
+    service = services.create(broker.port, config=config_path, stats_interval=0.2)
     with capture_logs() as logs:
         service.start()
         try:
