@@ -18,15 +18,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     ServiceProcess,
     Subscriber,
     cli_args,
     entry,
     free_port,
-    in_process_settings,
     unique_topic,
     wait_until,
     write_config,
@@ -413,8 +412,8 @@ def test_deeply_nested_config_at_start_exits_3(tmp_path: Path, depth: int) -> No
     (0o644, 0o1777, ["folder", "is world-writable (sticky)"]),
 ])
 def test_world_writable_config_is_warned_about_at_start(
-        tmp_path: Path, broker: Mosquitto, topic_base: str, file_mode: int, folder_mode: int,
-        expected: list[str]) -> None:
+        tmp_path: Path, broker: Mosquitto, services: InProcessServices, topic_base: str,
+        file_mode: int, folder_mode: int, expected: list[str]) -> None:
     """A config file, or its folder, that anyone may write is named in a warning at start."""
     folder = tmp_path / "etc"
     folder.mkdir()
@@ -422,7 +421,7 @@ def test_world_writable_config_is_warned_about_at_start(
     write_config(config, [entry("a", f"{topic_base}/a", 3600)])
     config.chmod(file_mode)
     folder.chmod(folder_mode)
-    service = PublisherService(in_process_settings(config, broker.port, watch=False))
+    service = services.create(broker.port, config=config, watch=False)
     with capture_logs() as logs:
         service.start()
         service.stop()
