@@ -1,6 +1,15 @@
-"""Real parts for the tests: a Mosquitto per test, a recording subscriber, the real service process.
+"""Real parts for the tests (and the benchmark): a Mosquitto per test, a recording subscriber,
+and the one way to run each of the service and its HTTP API.
 
-Nothing here sleeps to synchronise: every wait polls a condition against a deadline.
+- brokers and clients: `Mosquitto`, `free_port`, `Subscriber`, `unique_topic`;
+- entries files: `entry`, `write_config`;
+- the service in-process: `InProcessServices` (on `in_process_settings`);
+- the service as the real CLI: `ServiceProcess`, with its arguments from `cli_args`;
+- HTTP: `request` / `call` (any status is a `Reply`), `get` / `post` on an in-process service,
+  and `metrics` with its sample readers.
+
+Nothing here sleeps to synchronise: every wait polls a condition against a deadline. Nothing
+here needs pytest, so bench/ can import it with the repository on sys.path.
 """
 
 from __future__ import annotations
@@ -305,6 +314,7 @@ def write_config(path: Path, entries: list[dict[str, Any]]) -> None:
 
 
 def entry(id_: str, topic: str, interval: float = 1, **extra: Any) -> dict[str, Any]:
+    """An entries-file entry; `data` defaults to {"sensor": id_}, other fields pass through."""
     return {"id": id_, "topic": topic, "data": extra.pop("data", {"sensor": id_}),
             "interval": interval, **extra}
 
