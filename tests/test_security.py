@@ -7,8 +7,6 @@ import json
 import re
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,6 +21,7 @@ from tests.support import (
     Mosquitto,
     ServiceProcess,
     Subscriber,
+    call,
     cli_args,
     entry,
     free_port,
@@ -329,15 +328,9 @@ def test_password_sources_connect_and_never_log_the_password(
 # ---- HTTP token ---------------------------------------------------------------------------
 
 
-def _post(url: str, token: str | None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method="POST", data=b"")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+def _post(port: int, token: str | None) -> tuple[int, dict[str, Any]]:
+    reply = call(port, "/reload", "POST", token=token, timeout=15)
+    return reply.status, json.loads(reply.body or b"{}")
 
 
 def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any],
@@ -351,10 +344,9 @@ def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any
     proc = launch(broker.port, "--http-port", str(port), "--http-token-file",
                   str(tmp_path / "token"), log_level="DEBUG")
     proc.wait_for_event("http_listening", timeout=30)
-    url = f"http://127.0.0.1:{port}/reload"
-    assert _post(url, None)[0] == 401
-    assert _post(url, "not-" + token)[0] == 401
-    code, body = _post(url, token)
+    assert _post(port, None)[0] == 401
+    assert _post(port, "not-" + token)[0] == 401
+    code, body = _post(port, token)
     assert code == 200
     assert body["success"] is True
     assert body["active_configs"] == 1
