@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
 import resource
@@ -331,11 +330,8 @@ def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
     JSON; a POST /reload with a small body (curl -d) is served as without one."""
     service = start_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
     port = service.http.port
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", "/reload", body=b'{"please": true}' * 1000)
-    reply = conn.getresponse()
-    assert (reply.status, json.loads(reply.read())["success"]) == (200, True)
-    conn.close()
+    reply = request(port, "POST", "/reload", body=b'{"please": true}' * 1000)
+    assert (reply.status, reply.json()["success"]) == (200, True)
 
     too_big = request(port, "POST", "/reload", {"Content-Length": str(10**9)})
     assert too_big.status == 413
