@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Mosquitto, Subscriber, SubscriberFactory, unique_topic
+from tests.support import InProcessServices, Mosquitto, Subscriber, SubscriberFactory, unique_topic
 
 
 @pytest.fixture
@@ -15,6 +15,15 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[InProcessServices]:
+    """In-process services, each stopped at teardown. Request it after the broker fixtures it
+    uses, so that pytest stops the services before the brokers."""
+    s = InProcessServices(tmp_path)
+    yield s
+    s.close()
 
 
 @pytest.fixture

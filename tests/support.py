@@ -1,10 +1,20 @@
-"""Real parts for the tests: a Mosquitto per test, a recording subscriber, the real service process.
+"""Real parts for the tests (and the benchmark): a Mosquitto per test, a recording subscriber,
+and the one way to run each of the service and its HTTP API.
 
-Nothing here sleeps to synchronise: every wait polls a condition against a deadline.
+- brokers and clients: `Mosquitto`, `free_port`, `Subscriber`, `unique_topic`;
+- entries files: `entry`, `write_config`;
+- the service in-process: `InProcessServices` (on `in_process_settings`);
+- the service as the real CLI: `ServiceProcess`, with its arguments from `cli_args`;
+- HTTP: `request` / `call` (any status is a `Reply`), `get` / `post` on an in-process service,
+  and `metrics` with its sample readers.
+
+Nothing here sleeps to synchronise: every wait polls a condition against a deadline. Nothing
+here needs pytest, so bench/ can import it with the repository on sys.path.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -20,11 +30,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+if TYPE_CHECKING:  # the service's modules load only where a test starts one
+    from scheduler_publisher.service import PublisherService
+    from scheduler_publisher.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,7 +176,7 @@ class Subscriber:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append(Received(msg.topic, msg.payload, msg.qos, bool(msg.retain),
+            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
                                           time.monotonic()))
 
     def start(self) -> Subscriber:
@@ -199,18 +214,23 @@ class ServiceProcess:
     """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
-                 max_open_files: int | None = None) -> None:
+                 max_open_files: int | None = None,
+                 before_exec: Callable[[], None] | None = None) -> None:
+        """`args` as cli_args() builds them; `before_exec` runs in the child (setrlimit and
+        signal dispositions only: the child of a threaded parent may call little else)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
 
-        def limit_files() -> None:  # in the child, before exec: its `ulimit -n`
+        def limit() -> None:  # in the child, before exec: its `ulimit -n`, and the hook
             if max_open_files is not None:
                 _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, hard))
+            if before_exec is not None:
+                before_exec()
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler_publisher", *args],
             cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=limit_files,  # noqa: PLW1509 - the child only calls setrlimit
+            preexec_fn=limit,  # noqa: PLW1509 - the child only calls setrlimit and signal
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
@@ -266,6 +286,16 @@ class ServiceProcess:
             t.join(5)
 
 
+def payload_is(expected: Any) -> Callable[[Received], bool]:
+    """A `where=` filter: the message's JSON equals `expected`."""
+    return lambda m: bool(m.payload) and m.json() == expected
+
+
+def json_has(**fields: Any) -> Callable[[Received], bool]:
+    """A `where=` filter: the message's JSON object has these fields with these values."""
+    return lambda m: bool(m.payload) and fields.items() <= m.json().items()
+
+
 def online(m: Received) -> bool:
     """An `{"online": 1, ...}` payload (a publish or a birth)."""
     return bool(m.payload) and m.json().get("online") == 1
@@ -284,6 +314,7 @@ def write_config(path: Path, entries: list[dict[str, Any]]) -> None:
 
 
 def entry(id_: str, topic: str, interval: float = 1, **extra: Any) -> dict[str, Any]:
+    """An entries-file entry; `data` defaults to {"sensor": id_}, other fields pass through."""
     return {"id": id_, "topic": topic, "data": extra.pop("data", {"sensor": id_}),
             "interval": interval, **extra}
 
@@ -296,15 +327,169 @@ def iter_json(lines: list[str]) -> Iterator[dict[str, Any]]:
             continue
 
 
-def in_process_settings(config_path: Path, broker_port: int, **overrides: Any) -> Any:
+def in_process_settings(config_path: Path, broker_port: int, *,
+                        broker: dict[str, Any] | None = None, **overrides: Any) -> ServiceSettings:
     """ServiceSettings for an in-process service: test broker, unique client id, no state DB and
-    no HTTP unless asked for (the defaults would write logs/state.db and bind port 8080)."""
+    no HTTP unless asked for (the defaults would write logs/state.db and bind port 8080).
+    `broker` overrides BrokerSettings fields (backoff, client_id, protocol, ...)."""
     from scheduler_publisher.settings import BrokerSettings, ServiceSettings  # noqa: PLC0415
 
-    broker = BrokerSettings(host="127.0.0.1", port=broker_port, backoff_min=0.1, backoff_max=0.5,
-                            client_id=f"sp-test-{uuid.uuid4().hex[:10]}")
-    return ServiceSettings(**{"config_path": config_path, "broker": broker, "state_db": None,
-                              "http_port": 0, **overrides})
+    broker_settings = BrokerSettings(**{
+        "host": "127.0.0.1", "port": broker_port, "backoff_min": 0.1, "backoff_max": 0.5,
+        "client_id": f"sp-test-{uuid.uuid4().hex[:10]}", **(broker or {})})
+    return ServiceSettings(**{"config_path": config_path, "broker": broker_settings,
+                              "state_db": None, "http_port": 0, **overrides})
+
+
+class InProcessServices:
+    """The one in-process launcher: writes the entries, starts a PublisherService on
+    `in_process_settings`, and at close() stops every service it started, in start order.
+
+    A fixture that wraps it should depend on the broker fixtures it uses, so that pytest stops
+    the services before the brokers."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[PublisherService] = []
+
+    def create(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
+               config: Path | None = None, broker: dict[str, Any] | None = None,
+               **overrides: Any) -> PublisherService:
+        """A service not yet started, for a test that starts it itself (inside capture_logs,
+        say); close() stops it all the same. `config` defaults to a new file per service;
+        `entries` (if given) are written to it."""
+        from scheduler_publisher.service import PublisherService  # noqa: PLC0415
+
+        config = config or self.workdir / f"config-{len(self.started)}.json"
+        if entries is not None:
+            write_config(config, entries)
+        service = PublisherService(in_process_settings(config, broker_port, broker=broker,
+                                                       **overrides))
+        self.started.append(service)
+        return service
+
+    def start(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
+              config: Path | None = None, broker: dict[str, Any] | None = None,
+              **overrides: Any) -> PublisherService:
+        """create(), then start the service."""
+        service = self.create(broker_port, entries, config=config, broker=broker, **overrides)
+        service.start()
+        return service
+
+    def close(self) -> None:
+        """Stop every service created; stopping one a test already stopped returns at once."""
+        for service in self.started:
+            service.stop()
+
+
+def cli_args(broker_port: int, config: Path | None, *extra: str,
+             command: tuple[str, ...] = ("run",),
+             http_port: int = 0, state_db: Path | None = None, log_file: Path | None = None,
+             client_id: str | None = None, backoff: tuple[float, float] | None = None
+             ) -> list[str]:
+    """The one builder of the CLI's argument list for a test run: the broker on loopback, an
+    HTTP port (0: none of its own), no state database or log file unless given (the defaults
+    would write under ./logs/), and `client_id` or else a unique one (tests share brokers'
+    port ranges, never client ids). `extra` comes last, so it can override any of these."""
+    args = [*command, "--broker", "127.0.0.1", "--port", str(broker_port)]
+    if config is not None:
+        args += ["--config", str(config)]
+    args += ["--http-port", str(http_port), "--state-db", str(state_db or ""),
+             "--log-file", str(log_file or "")]
+    args += ["--client-id", client_id or f"sp-test-{uuid.uuid4().hex[:8]}"]
+    if backoff is not None:
+        args += ["--backoff-min", str(backoff[0]), "--backoff-max", str(backoff[1])]
+    return [*args, *extra]
+
+
+# ---- HTTP: one small client for every test ---------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str
+    headers: Message = field(default_factory=Message)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            body: bytes | None = None, timeout: float = 10) -> Reply:
+    """Any method, any headers, to 127.0.0.1; every status is a Reply, never an exception (the
+    body as sent: http.client reads none for HEAD)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
+    finally:
+        conn.close()
+
+
+def call(port: int, path: str, method: str = "GET", token: str | None = None,
+         authorization: str | None = None, timeout: float = 10) -> Reply:
+    """GET (or `method`) with an optional bearer token or a whole Authorization header."""
+    headers = {"Authorization": authorization or f"Bearer {token}"} \
+        if (token or authorization) else {}
+    return request(port, method, path, headers, b"" if method == "POST" else None, timeout)
+
+
+class ServesHttp(Protocol):
+    """What the HTTP helpers need of an in-process service: its bound HTTP port."""
+
+    @property
+    def http(self) -> HasPort: ...
+
+
+class HasPort(Protocol):
+    @property
+    def port(self) -> int: ...
+
+
+def get(service: ServesHttp, path: str) -> Reply:
+    return call(service.http.port, path)
+
+
+def post(service: ServesHttp, path: str, token: str | None = None,
+         authorization: str | None = None) -> Reply:
+    return call(service.http.port, path, "POST", token, authorization)
+
+
+def metrics(service: ServesHttp) -> dict[str, Any]:
+    """GET /metrics, parsed into its metric families by name."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    reply = get(service, "/metrics")
+    assert reply.status == 200
+    assert reply.content_type.startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+
+
+def samples(families: dict[str, Any], family: str, sample: str | None = None,
+            **labels: str) -> list[float]:
+    """Values of the samples named `sample` (default: the family) whose labels include `labels`."""
+    name = sample or family
+    return [s.value for s in families[family].samples
+            if s.name == name and labels.items() <= s.labels.items()]
+
+
+def value(families: dict[str, Any], family: str, sample: str | None = None,
+          **labels: str) -> float:
+    (found,) = samples(families, family, sample, **labels)
+    return found
+
+
+def counter(families: dict[str, Any], family: str, **labels: str) -> float:
+    """A counter's value; a per-entry one is 0 before the entry's first tick creates it."""
+    found = samples(families, family, f"{family}_total", **labels)
+    assert labels or len(found) == 1, f"{family}: one unlabelled sample expected, got {found}"
+    return sum(found)
+
+
+ServiceStarter = Callable[..., "PublisherService"]  # an in-process start_service fixture's type
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    cli_args,
     entry,
     free_port,
     iter_json,
@@ -70,15 +71,14 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
 
     def start(port: int, entries: list[dict[str, Any]] | None, *extra: str,
               command: tuple[str, ...] = ("run",)) -> ServiceProcess:
-        args = [*command, "--broker", "127.0.0.1", "--port", str(port), "--http-port", "0",
-                "--state-db", str(tmp_path / "state.db"),
-                "--log-file", str(tmp_path / "service.log"),
-                "--client-id", f"sp-cli-{uuid.uuid4().hex[:8]}",
-                "--backoff-min", "0.2", "--backoff-max", "1"]
+        config = None
         if entries is not None:
-            write_config(tmp_path / "config.json", entries)
-            args += ["--config", str(tmp_path / "config.json")]
-        proc = ServiceProcess([*args, *extra], cwd=tmp_path)
+            config = tmp_path / "config.json"
+            write_config(config, entries)
+        args = cli_args(port, config, *extra, command=command,
+                        state_db=tmp_path / "state.db", log_file=tmp_path / "service.log",
+                        backoff=(0.2, 1))
+        proc = ServiceProcess(args, cwd=tmp_path)
         procs.append(proc)
         return proc
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,13 +17,12 @@ from scheduler_publisher.plan import grid_start
 from scheduler_publisher.scheduling import HEARTBEAT_JOB, GridTrigger, InlineExecutor
 from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     Subscriber,
     SubscriberFactory,
     entry,
-    in_process_settings,
     wait_until,
-    write_config,
 )
 
 DAY = 86_400.0
@@ -103,6 +102,13 @@ def on_grid(when: datetime, interval: float, entry_id: str = "e") -> bool:
     return offset_ms % round(interval * 1000) == 0
 
 
+def next_slot(trigger: GridTrigger, previous: datetime | None, now: datetime) -> datetime:
+    """The trigger's next slot; a grid never runs out of slots, so None is a failure."""
+    slot = trigger.get_next_fire_time(previous, now)
+    assert slot is not None
+    return slot
+
+
 def run_times(trigger: GridTrigger, first: datetime, now: datetime) -> list[datetime]:
     """The slots due at `now`, walked exactly as APScheduler's Job._get_run_times walks them."""
     due = []
@@ -116,14 +122,14 @@ def run_times(trigger: GridTrigger, first: datetime, now: datetime) -> list[date
 def test_grid_trigger_steps_by_one_interval_when_on_time() -> None:
     """Not behind: the next slot is the previous one plus the interval."""
     trigger = grid(0.1)
-    previous = trigger.get_next_fire_time(None, NOW)
-    assert trigger.get_next_fire_time(previous, previous) == previous + timedelta(seconds=0.1)
+    previous = next_slot(trigger, None, NOW)
+    assert next_slot(trigger, previous, previous) == previous + timedelta(seconds=0.1)
 
 
 def test_grid_trigger_first_slot_is_on_the_grid_at_or_after_now() -> None:
     """With no previous run, the first slot is the grid's first slot at or after now."""
     trigger = grid(0.3, "x")
-    first = trigger.get_next_fire_time(None, NOW)
+    first = next_slot(trigger, None, NOW)
     assert NOW <= first < NOW + timedelta(seconds=0.3)
     assert on_grid(first, 0.3, "x")
 
@@ -131,10 +137,10 @@ def test_grid_trigger_first_slot_is_on_the_grid_at_or_after_now() -> None:
 def test_grid_trigger_jumps_a_day_to_the_current_slot() -> None:
     """A day behind on a 0.1 s grid: straight to the current slot, not 864,000 steps."""
     trigger = grid(0.1)
-    last_run = trigger.get_next_fire_time(None, NOW - timedelta(days=1))
+    last_run = next_slot(trigger, None, NOW - timedelta(days=1))
     started = time.monotonic()
 
-    following = trigger.get_next_fire_time(last_run, NOW)
+    following = next_slot(trigger, last_run, NOW)
     walked = run_times(trigger, last_run, NOW)
 
     assert time.monotonic() - started < 2  # walking 864,000 slots takes far longer
@@ -148,7 +154,7 @@ def test_inline_executor_counts_the_slots_a_day_long_jump_skipped() -> None:
     interval = 0.1
     trigger = grid(interval)
     now = datetime.now(UTC)
-    first = trigger.get_next_fire_time(None, now - timedelta(days=1))
+    first = next_slot(trigger, None, now - timedelta(days=1))
     due = run_times(trigger, first, now)
     calls: list[tuple[Any, ...]] = []
     job = SimpleNamespace(id="e", func=lambda *a: calls.append(a), args=("e",), trigger=trigger)
@@ -166,7 +172,7 @@ def test_inline_executor_counts_the_slots_a_day_long_jump_skipped() -> None:
 def test_inline_executor_reports_nothing_missed_on_time() -> None:
     """A tick run on its slot reports no missed slots."""
     trigger = grid(1.0)
-    slot = trigger.get_next_fire_time(None, datetime.now(UTC) - timedelta(seconds=1))
+    slot = next_slot(trigger, None, datetime.now(UTC) - timedelta(seconds=1))
     calls: list[tuple[Any, ...]] = []
     job = SimpleNamespace(id="e", func=lambda *a: calls.append(a), args=("e",), trigger=trigger)
 
@@ -183,15 +189,14 @@ INTERVALS = {"fast": 0.2, "slow": 0.3}
 def running(tmp_path: Path, broker: Mosquitto, topic_base: str,
             subscriber_factory: SubscriberFactory) -> Iterator[tuple[PublisherService, Subscriber]]:
     """A started in-process service with two entries, and a subscriber on both topics."""
-    config = tmp_path / "config.json"
-    write_config(config, [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()])
+    services = InProcessServices(tmp_path)
     sub = subscriber_factory(f"{topic_base}/#")
-    service = PublisherService(in_process_settings(config, broker.port))
-    service.start()
+    service = services.start(broker.port,
+                             [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()])
     for entry_id in INTERVALS:
         sub.wait_for(f"{topic_base}/{entry_id}", 2)
     yield service, sub
-    service.stop()
+    services.close()
 
 
 def shift_every_job(service: PublisherService, by: timedelta) -> None:
@@ -226,6 +231,11 @@ def received_since(sub: Subscriber, topic: str, mark: float) -> int:
     return sum(1 for m in sub.on(topic) if m.at >= mark)
 
 
+def publishing_since(sub: Subscriber, topic: str, mark: float) -> Callable[[], bool]:
+    """A wait_until predicate: `topic` got three messages after `mark`."""
+    return lambda: received_since(sub, topic, mark) >= 3
+
+
 def test_backward_step_reanchors_every_job_and_publishing_resumes(
         running: tuple[PublisherService, Subscriber], topic_base: str) -> None:
     """The clock stepped back an hour: the clock check re-anchors every job near now."""
@@ -241,7 +251,7 @@ def test_backward_step_reanchors_every_job_and_publishing_resumes(
     assert_reanchored(service)
     mark = time.monotonic()
     for entry_id in INTERVALS:
-        wait_until(lambda e=entry_id: received_since(sub, f"{topic_base}/{e}", mark) >= 3, 10,
+        wait_until(publishing_since(sub, f"{topic_base}/{entry_id}", mark), 10,
                    message=f"{entry_id} publishing again")
     assert service.health_problems() == []
 
@@ -265,6 +275,6 @@ def test_forward_step_runs_once_counts_missed_and_reanchors(
     assert_reanchored(service)
     mark = time.monotonic()
     for entry_id in INTERVALS:
-        wait_until(lambda e=entry_id: received_since(sub, f"{topic_base}/{e}", mark) >= 3, 10,
+        wait_until(publishing_since(sub, f"{topic_base}/{entry_id}", mark), 10,
                    message=f"{entry_id} publishing again")
     assert service.health_problems() == []

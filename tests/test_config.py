@@ -954,6 +954,7 @@ def test_entries_read_one_by_one_match_json_reading_the_whole_file(
     at = data.draw(st.integers(0, len(text)))
     insert = data.draw(st.sampled_from(["", ",", "]", "[", " ", "\n", "x", "}", '"', "1"]))
     text = text[:at] + insert + text[at + data.draw(st.integers(0, 1)):]
+    json_error: str | None
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as exc:

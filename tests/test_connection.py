@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +31,15 @@ from scheduler_publisher.session import (
 )
 from scheduler_publisher.settings import BrokerSettings, default_client_id
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    call,
+    cli_args,
     entry,
     free_port,
-    in_process_settings,
     offline,
     online,
     wait_until,
@@ -132,23 +131,15 @@ def start_service(tmp_path: Path) -> Iterator[StartService]:
     """In-process services (no watcher, no HTTP unless asked); stopped at teardown.
 
     Request it after the broker fixtures, so that teardown stops the services first."""
-    started: list[PublisherService] = []
+    services = InProcessServices(tmp_path)
 
     def start(port: int, entries: list[dict[str, Any]], *, client_id: str | None = None,
               **overrides: Any) -> PublisherService:
-        config = tmp_path / f"config-{len(started)}.json"
-        write_config(config, entries)
-        settings = in_process_settings(config, port, watch=False, **overrides)
-        if client_id is not None:
-            settings = replace(settings, broker=replace(settings.broker, client_id=client_id))
-        service = PublisherService(settings)
-        started.append(service)
-        service.start()
-        return service
+        broker = {"client_id": client_id} if client_id is not None else None
+        return services.start(port, entries, broker=broker, watch=False, **overrides)
 
     yield start
-    for service in started:
-        service.stop()
+    services.close()
 
 
 def reconfigure(service: PublisherService, entries: list[dict[str, Any]]) -> None:
@@ -239,11 +230,7 @@ def test_mqtt5_reason_codes_are_named_in_words() -> None:
 
 
 def get_json(port: int, path: str) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            body: dict[str, Any] = json.load(response)
-    except urllib.error.HTTPError as exc:  # /health answers 503 with a JSON body too
-        body = json.load(exc)
+    body: dict[str, Any] = call(port, path, timeout=5).json()  # /health's 503 is JSON too
     return body
 
 
@@ -261,7 +248,7 @@ def test_two_services_with_one_client_id_get_one_warning_each_and_say_so(
         second = start_service(broker.port, [entry("b", f"{topic_base}/b", 1)],
                                client_id=client_id)
 
-        def conflicts() -> list[dict[str, Any]]:
+        def conflicts() -> list[MutableMapping[str, Any]]:
             return [e for e in list(logs) if e["event"] == "mqtt_client_id_conflict"]
 
         wait_until(lambda: len(conflicts()) >= 2, 30, message="a conflict warning from both")
@@ -365,10 +352,8 @@ def test_the_main_connection_comes_first_under_a_low_open_file_limit(
     write_config(config, [*(entry(f"lwt-{n}", f"{topic_base}/lwt-{n}", 1, lwt=True)
                             for n in range(40)), entry("plain", f"{topic_base}/plain", 0.5)])
     sub = subscriber_factory(f"{topic_base}/#")
-    proc = ServiceProcess(["--broker", "127.0.0.1", "--port", str(broker.port),
-                           "--config", str(config), "--log-file", "", "--http-port", "0",
-                           "--state-db", "", "--no-watch", "--backoff-min", "0.5",
-                           "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}"],
+    proc = ServiceProcess(cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.5",
+                                   command=()),
                           cwd=tmp_path, max_open_files=32)
     try:
         proc.wait_for_event("mqtt_connected", timeout=20)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, ServiceProcess, free_port, wait_until
+from tests.support import REPO, ServiceProcess, cli_args, free_port, wait_until
 
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"
 
@@ -25,9 +25,8 @@ def test_ctrl_c_echoes_every_lwt_entry_offline_before_the_broker_stops(
     entries = json.loads(SAMPLE.read_text())
     lwt_topics = {e["topic"] for e in entries if e.get("lwt")}
     client_id = f"sp-demo-{run}-{uuid.uuid4().hex[:8]}"
-    proc = ServiceProcess(["run", "--embedded-broker", "--echo", "--config", str(SAMPLE),
-                           "--port", str(free_port()), "--http-port", "0", "--state-db", "",
-                           "--log-file", "", "--client-id", client_id], cwd=tmp_path)
+    proc = ServiceProcess(cli_args(free_port(), SAMPLE, "--embedded-broker", "--echo",
+                                   client_id=client_id), cwd=tmp_path)
     try:
         def echoed(where: str) -> set[str]:
             return {line[5:].split(": ", 1)[0].removesuffix(" (retained)")

@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 
 from scheduler_publisher import ecs
-from tests.support import REPO, Mosquitto, ServiceProcess, entry, wait_until, write_config
+from tests.support import (
+    REPO,
+    Mosquitto,
+    ServiceProcess,
+    cli_args,
+    entry,
+    wait_until,
+    write_config,
+)
 
 DATA = Path(__file__).parent / "data"
 MAX_LINE = 8192  # bytes, with the newline
@@ -293,11 +301,9 @@ def service(tmp_path: Path, broker: Mosquitto,
         (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT)
         write_config(tmp_path / "config.json", entries)
         proc = ServiceProcess(
-            ["--broker", "127.0.0.1", "--port", str(broker.port), "--config",
-             str(tmp_path / "config.json"), "--http-host", "127.0.0.1", "--http-port",
-             str(busy_port), "--state-db", "", "--log-file", str(tmp_path / "service.log"),
-             "--log-level", "DEBUG", "--stats-interval", "1", "--client-id",
-             f"sp-ecs-{uuid.uuid4().hex[:8]}", "--backoff-min", "0.2", "--backoff-max", "1"],
+            cli_args(broker.port, tmp_path / "config.json", "--http-host", "127.0.0.1",
+                     "--log-level", "DEBUG", "--stats-interval", "1", command=(),
+                     http_port=busy_port, log_file=tmp_path / "service.log", backoff=(0.2, 1)),
             cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(
                 [str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])})
         procs.append(proc)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +21,8 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    call,
+    cli_args,
     entry,
     free_port,
     offline,
@@ -41,12 +41,8 @@ class Service:
         self.http_port = http_port
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=15) as response:
-                return response.status, json.load(response)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+        reply = call(self.http_port, path, timeout=15)
+        return reply.status, json.loads(reply.body or b"{}")
 
     def status(self) -> dict[str, Any]:
         return self.get("/status")[1]
@@ -55,10 +51,9 @@ class Service:
         return self.alive() and self.get("/health")[0] == 200
 
     def reload(self) -> dict[str, Any]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/reload",
-                                         method="POST", data=b"")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            body: dict[str, Any] = json.load(response)
+        reply = call(self.http_port, "/reload", "POST", timeout=30)
+        assert reply.status == 200, reply
+        body: dict[str, Any] = reply.json()
         return body
 
     def alive(self) -> bool:
@@ -87,11 +82,8 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
         config = tmp_path / "config.json"
         write_config(config, entries)
         http_port = free_port()
-        args = ["run", "--broker", "127.0.0.1", "--port", str(port), "--config", str(config),
-                "--http-port", str(http_port), "--state-db", "",
-                "--log-file", str(tmp_path / "service.log"),
-                "--client-id", f"sp-fault-{uuid.uuid4().hex[:8]}",
-                "--backoff-min", "0.2", "--backoff-max", "1", *extra]
+        args = cli_args(port, config, *extra, http_port=http_port,
+                        log_file=tmp_path / "service.log", backoff=(0.2, 1))
         service = Service(ServiceProcess(args, cwd=tmp_path), config, http_port)
         started.append(service)
         service.proc.wait_for_event("service_started", timeout=30)
@@ -303,12 +295,12 @@ def write_bytes(path: Path, content: bytes | None) -> None:
     tmp.replace(path)
 
 
-def assert_keeps_running(service: Service, topic: str) -> None:
-    assert service.alive()
-    assert service.healthy()
+def assert_keeps_running(service: Service, topic: str, after: str = "") -> None:
+    assert service.alive(), after
+    assert service.healthy(), after
     kept = service.status()["entries"]
-    assert kept["keep"]["topic"] == topic
-    assert kept["keep"]["interval"] == 0.5
+    assert kept["keep"]["topic"] == topic, after
+    assert kept["keep"]["interval"] == 0.5, after
 
 
 def test_hostile_config_edits_never_kill_the_service(
@@ -325,7 +317,7 @@ def test_hostile_config_edits_never_kill_the_service(
     for name, content in hostile_files(topic, limit):
         write_bytes(service.config, content)
         service.reload()  # synchronous: returns once the main loop has handled the file
-        assert_keeps_running(service, topic), name
+        assert_keeps_running(service, topic, name)
         assert service.status()["entries"]["keep"]["topic"] == topic, name
     mark = time.monotonic()
     sub.wait_for(topic, where=lambda m: m.at > mark, count=2, timeout=10)
@@ -430,10 +422,7 @@ def test_sigterm_during_startup_exits_zero(broker: Mosquitto, tmp_path: Path,
         config = run_dir / "config.json"
         write_config(config, [entry("s", f"{topic_base}/s", 1, lwt=True)])
         log_file = run_dir / "service.log"
-        args = ["run", "--broker", "127.0.0.1", "--port", str(broker.port),
-                "--config", str(config), "--http-port", "0",
-                "--state-db", str(run_dir / "state.db"), "--log-file", str(log_file),
-                "--client-id", f"sp-term-{uuid.uuid4().hex[:8]}"]
+        args = cli_args(broker.port, config, state_db=run_dir / "state.db", log_file=log_file)
         proc = ServiceProcess(args, cwd=run_dir)
         try:
             if moment == "logging configured":

@@ -1,113 +1,44 @@
-"""The HTTP endpoints of a real in-process service, read with urllib, the broker up and down."""
+"""The HTTP endpoints of a real in-process service, read over HTTP, the broker up and down."""
 
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
 import resource
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from email.message import Message
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from scheduler_publisher.http import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
 from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     ServiceProcess,
+    ServiceStarter,
     SubscriberFactory,
+    call,
+    cli_args,
+    counter,
     entry,
     free_port,
-    in_process_settings,
+    get,
+    metrics,
+    post,
+    request,
+    samples,
+    value,
     wait_until,
     write_config,
 )
-
-ServiceStarter = Callable[..., PublisherService]
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str
-    headers: Message = field(default_factory=Message)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def call(port: int, path: str, method: str = "GET", token: str | None = None,
-         authorization: str | None = None) -> Reply:
-    headers = {"Authorization": authorization or f"Bearer {token}"} \
-        if (token or authorization) else {}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     data=b"" if method == "POST" else None, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
-    except urllib.error.HTTPError as e:
-        return Reply(e.code, e.read(), e.headers.get("Content-Type", ""), e.headers)
-
-
-def request(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> Reply:
-    """Any method, any headers, the body as sent (http.client reads none for HEAD)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, headers=headers or {})
-        r = conn.getresponse()
-        return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
-    finally:
-        conn.close()
-
-
-def get(service: PublisherService, path: str) -> Reply:
-    return call(service.http.port, path)
-
-
-def post(service: PublisherService, path: str, **auth: str) -> Reply:
-    return call(service.http.port, path, "POST", **auth)
-
-
-def metrics(service: PublisherService) -> dict[str, Any]:
-    reply = get(service, "/metrics")
-    assert reply.status == 200
-    assert reply.content_type.startswith("text/plain")
-    return {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
-
-
-def samples(families: dict[str, Any], family: str, sample: str | None = None,
-            **labels: str) -> list[float]:
-    """Values of the samples named `sample` (default: the family) whose labels include `labels`."""
-    name = sample or family
-    return [s.value for s in families[family].samples
-            if s.name == name and labels.items() <= s.labels.items()]
-
-
-def value(families: dict[str, Any], family: str, sample: str | None = None,
-          **labels: str) -> float:
-    (found,) = samples(families, family, sample, **labels)
-    return found
-
-
-def counter(families: dict[str, Any], family: str, **labels: str) -> float:
-    """A counter's value; a per-entry one is 0 before the entry's first tick creates it."""
-    found = samples(families, family, f"{family}_total", **labels)
-    assert labels or len(found) == 1, f"{family}: one unlabelled sample expected, got {found}"
-    return sum(found)
 
 
 @pytest.fixture
@@ -118,20 +49,15 @@ def config_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
     """Starts an in-process service with HTTP on a free loopback port; stopped at teardown."""
-    services: list[PublisherService] = []
+    services = InProcessServices(config_path.parent)
 
     def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
-        write_config(config_path, entries)
         overrides.setdefault("http_port", free_port())
-        service = PublisherService(in_process_settings(config_path, broker.port,
-                                                       http_host="127.0.0.1", **overrides))
-        services.append(service)
-        service.start()
-        return service
+        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
+                              **overrides)
 
     yield start
-    for service in services:
-        service.stop()
+    services.close()
 
 
 def two_entries(topic_base: str) -> list[dict[str, Any]]:
@@ -332,11 +258,9 @@ def test_token_file_guards_reload_in_the_real_process(tmp_path: Path, broker: Mo
     config = tmp_path / "config.json"
     write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
     port = free_port()
-    proc = ServiceProcess(["--broker", "127.0.0.1", "--port", str(broker.port),
-                           "--config", str(config), "--state-db", "", "--log-file", "",
-                           "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}",
-                           "--http-port", str(port), "--http-token-file",
-                           str(tmp_path / "token")], cwd=tmp_path)
+    proc = ServiceProcess(cli_args(broker.port, config, "--http-token-file",
+                                   str(tmp_path / "token"), command=(), http_port=port),
+                          cwd=tmp_path)
     try:
         proc.wait_for_event("http_listening")
         assert call(port, "/reload", "POST").status == 401
@@ -406,11 +330,8 @@ def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
     JSON; a POST /reload with a small body (curl -d) is served as without one."""
     service = start_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
     port = service.http.port
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", "/reload", body=b'{"please": true}' * 1000)
-    reply = conn.getresponse()
-    assert (reply.status, json.loads(reply.read())["success"]) == (200, True)
-    conn.close()
+    reply = request(port, "POST", "/reload", body=b'{"please": true}' * 1000)
+    assert (reply.status, reply.json()["success"]) == (200, True)
 
     too_big = request(port, "POST", "/reload", {"Content-Length": str(10**9)})
     assert too_big.status == 413
@@ -590,10 +511,8 @@ def test_out_of_file_descriptors_backs_off_instead_of_spinning(
     config = tmp_path / "config.json"
     write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
     port = free_port()
-    proc = ServiceProcess(["--broker", "127.0.0.1", "--port", str(broker.port),
-                           "--config", str(config), "--state-db", "", "--log-file", "",
-                           "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}",
-                           "--http-port", str(port)], cwd=tmp_path)
+    proc = ServiceProcess(cli_args(broker.port, config, command=(), http_port=port),
+                          cwd=tmp_path)
     clients: list[socket.socket] = []
     try:
         proc.wait_for_event("http_listening")

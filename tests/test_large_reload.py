@@ -8,9 +8,6 @@ import itertools
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,8 @@ from tests.support import (
     Mosquitto,
     NotifySocket,
     ServiceProcess,
+    call,
+    cli_args,
     entry,
     free_port,
     wait_until,
@@ -44,22 +43,14 @@ class Launch:
         write_config(self.config, large_config(topic_base, 10))
         self.notify = NotifySocket(tmp_path / "notify.sock")
         self.http_port = free_port()
-        args = ["run", "--broker", "127.0.0.1", "--port", str(broker.port),
-                "--config", str(self.config), "--no-watch", "--http-port", str(self.http_port),
-                "--state-db", "", "--log-file", "",
-                "--client-id", f"sp-large-{uuid.uuid4().hex[:8]}"]
+        args = cli_args(broker.port, self.config, "--no-watch", http_port=self.http_port)
         env = {"NOTIFY_SOCKET": str(self.notify.path),
                "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000))}
         self.proc = ServiceProcess(args, cwd=tmp_path, env=env)
         self.proc.wait_for_event("service_started", timeout=30)
 
     def health(self) -> int:
-        url = f"http://127.0.0.1:{self.http_port}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=WATCHDOG_SEC) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return call(self.http_port, "/health", timeout=WATCHDOG_SEC).status
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.proc.events() if e.get("message") == name]

@@ -4,12 +4,8 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
-import subprocess
-import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import Mosquitto, ServiceProcess, entry, free_port, wait_until, write_config
+from tests.support import (
+    Mosquitto,
+    ServiceProcess,
+    cli_args,
+    entry,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -122,9 +126,8 @@ def test_echo_and_debug_logs_under_load_keep_every_line_whole(
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
     write_config(tmp_path / "config.json",
                  [entry(f"e{i}", f"{base}/{i}", 0.1) for i in range(50)])
-    proc = launch("--broker", "127.0.0.1", "--port", str(broker.port),
-                  "--config", str(tmp_path / "config.json"), "--echo", "--log-level", "DEBUG",
-                  "--log-file", "", "--client-id", f"sp-echo-{uuid.uuid4().hex[:8]}")
+    proc = launch(*cli_args(broker.port, tmp_path / "config.json", "--echo", "--log-level",
+                            "DEBUG", command=()))
     wait_until(lambda: sum(line.startswith(f"echo {base}/") for line in proc.stdout) >= 1500,
                60, message="1500 echo lines")
     proc.signal(signal.SIGTERM)
@@ -162,36 +165,26 @@ def test_a_log_file_that_stops_growing_is_reported_once_and_again_on_recovery(
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
     write_config(tmp_path / "config.json", [entry(f"e{i}", f"{base}/{i}", 0.1) for i in range(5)])
     log_file = tmp_path / "service.log"
-    proc = subprocess.Popen(  # ServiceProcess has no preexec hook
-        [sys.executable, "-m", "scheduler_publisher", "--broker", "127.0.0.1", "--port",
-         str(broker.port), "--config", str(tmp_path / "config.json"), "--http-port", "0",
-         "--state-db", "", "--log-level", "DEBUG", "--log-file", str(log_file),
-         "--client-id", f"sp-full-{uuid.uuid4().hex[:8]}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_limit_file_size)  # noqa: PLW1509
-    stdout: list[str] = []
-    stderr: list[str] = []
-    pumps = [threading.Thread(target=lambda s=s, sink=sink: sink.extend(iter(s.readline, "")),
-                              daemon=True)
-             for s, sink in ((proc.stdout, stdout), (proc.stderr, stderr))]
-    for pump in pumps:
-        pump.start()
+    proc = ServiceProcess(
+        cli_args(broker.port, tmp_path / "config.json", "--log-level", "DEBUG", command=(),
+                 log_file=log_file),
+        cwd=tmp_path, before_exec=_limit_file_size)
+    stdout, stderr = proc.stdout, proc.stderr
     try:
         wait_until(lambda: any("log_file_write_failed" in line for line in stdout), 60,
                    message="the failure report")
         lines_at_failure = len(stdout)
         wait_until(lambda: len(stdout) > lines_at_failure + 200, 30, message="more records")
-        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE,
                          (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         wait_until(lambda: any("log_file_write_recovered" in line for line in stdout), 30,
                    message="the recovery report")
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait(30)
-        for pump in pumps:
-            pump.join(10)
+        proc.stop()
 
-    assert proc.returncode == 0
+    assert proc.wait(0) == 0
     assert not [line for line in stderr if "Logging error" in line or "Traceback" in line]
     assert sum("cannot write the log file" in line for line in stderr) == 1
     assert sum("is writable again" in line for line in stderr) == 1

@@ -6,11 +6,9 @@ the main connection carries the other entries and the retained status topic.
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +29,8 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    call,
+    cli_args,
     entry,
     free_port,
     offline,
@@ -69,9 +69,9 @@ class Running:
         return at
 
     def status(self) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.http_port}/status"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            body: dict[str, Any] = json.load(response)
+        reply = call(self.http_port, "/status", timeout=5)
+        assert reply.status == 200, reply
+        body: dict[str, Any] = reply.json()
         return body
 
 
@@ -84,11 +84,9 @@ def start_service(broker: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., R
         client_id = f"sp-lwt-{uuid.uuid4().hex[:8]}"
         config = tmp_path / "config.json"
         write_config(config, entries)
-        args = ["run", "--broker", "127.0.0.1", "--port", str(broker.port),
-                "--config", str(config), "--http-port", str(http_port),
-                "--state-db", str(tmp_path / "state.db"),
-                "--log-file", str(tmp_path / "service.log"),
-                "--client-id", client_id, "--backoff-min", "0.2", "--backoff-max", "1", *extra]
+        args = cli_args(broker.port, config, *extra, http_port=http_port,
+                        state_db=tmp_path / "state.db", log_file=tmp_path / "service.log",
+                        client_id=client_id, backoff=(0.2, 1))
         run = Running(ServiceProcess(args, cwd=tmp_path), client_id, config, http_port)
         running.append(run)
         return run

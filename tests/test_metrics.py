@@ -21,14 +21,18 @@ from scheduler_publisher.metrics import OVERDUE_SLACK, PerEntrySwitch, overdue, 
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     REPO,
+    InProcessServices,
     Mosquitto,
+    ServiceStarter,
+    counter,
     entry,
     free_port,
-    in_process_settings,
+    post,
+    request,
+    value,
     wait_until,
     write_config,
 )
-from tests.test_http import ServiceStarter, counter, post, request, value
 
 RULES = REPO / "docs" / "prometheus-rules.yml"
 RULES_TESTS = REPO / "docs" / "prometheus-rules.test.yml"
@@ -44,20 +48,15 @@ def config_path(tmp_path: Path) -> Path:
 def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
     """Starts an in-process service with HTTP on a free loopback port; stopped at teardown
     (as in test_http.py)."""
-    services: list[PublisherService] = []
+    services = InProcessServices(config_path.parent)
 
     def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
-        write_config(config_path, entries)
         overrides.setdefault("http_port", free_port())
-        service = PublisherService(in_process_settings(config_path, broker.port,
-                                                       http_host="127.0.0.1", **overrides))
-        services.append(service)
-        service.start()
-        return service
+        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
+                              **overrides)
 
     yield start
-    for service in services:
-        service.stop()
+    services.close()
 
 
 @pytest.fixture(scope="module")

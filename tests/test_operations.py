@@ -7,8 +7,7 @@ import itertools
 import signal
 import sqlite3
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,20 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     NotifySocket,
     ServiceProcess,
     SubscriberFactory,
+    cli_args,
     entry,
     free_port,
     in_process_settings,
     wait_until,
     write_config,
 )
+
+LogEvent = MutableMapping[str, Any]  # what structlog's capture_logs() collects
 
 
 @pytest.fixture
@@ -56,11 +59,7 @@ def processes() -> Iterator[list[ServiceProcess]]:
 
 def run_process(processes: list[ServiceProcess], tmp_path: Path, port: int, config: Path,
                 *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
-    args = ["--broker", "127.0.0.1", "--port", str(port), "--config", str(config),
-            "--log-file", "", "--http-port", "0", "--backoff-min", "0.1", "--backoff-max", "0.5",
-            "--client-id", f"sp-test-{uuid.uuid4().hex[:8]}", *extra]
-    if "--state-db" not in extra:
-        args += ["--state-db", ""]
+    args = cli_args(port, config, *extra, command=(), backoff=(0.1, 0.5))
     proc = ServiceProcess(args, cwd=tmp_path, env=env)
     processes.append(proc)
     return proc
@@ -174,14 +173,15 @@ def test_history_keeps_only_the_newest_rows(tmp_path: Path, broker: Mosquitto,
 
 
 # ---- the statistics event ---------------------------------------------------------------------
-def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Path) -> None:
+def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Path,
+                                             services: InProcessServices) -> None:
     """publisher_statistics reports totals and connection state every stats_interval."""
-    service = PublisherService(in_process_settings(config_path, broker.port, stats_interval=0.2))
+    service = services.create(broker.port, config=config_path, stats_interval=0.2)
     with capture_logs() as logs:
         service.start()
         try:
-            def stats(where: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-                found = wait_until(lambda: [e for e in list(logs)
+            def stats(where: Callable[[LogEvent], bool]) -> LogEvent:
+                found: list[LogEvent] = wait_until(lambda: [e for e in list(logs)
                                             if e["event"] == "publisher_statistics" and where(e)],
                                    10, message="publisher_statistics")
                 return found[-1]
@@ -297,12 +297,12 @@ def watched_service(monkeypatch: pytest.MonkeyPatch, notify_socket: NotifySocket
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    service = PublisherService(in_process_settings(config_path, broker.port))
-    service.start()
+    services = InProcessServices(config_path.parent)
+    service = services.start(broker.port, config=config_path)
     wait_until(service.is_connected, 10, message="connected")
     notify_socket.wait_for("WATCHDOG=1", count=3)
     yield service
-    service.stop()
+    services.close()
 
 
 def wedge_watcher(service: PublisherService) -> None:

@@ -22,14 +22,15 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher.plan import GRID_ANCHOR, grid_start
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.settings import BrokerSettings, ServiceSettings
 from tests.netproxy import NetProxy
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     Received,
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    cli_args,
     entry,
     free_port,
     wait_until,
@@ -44,26 +45,17 @@ def start_service(tmp_path: Path) -> Iterator[StartService]:
     """Starts in-process services on 127.0.0.1 (no HTTP, no watcher); stopped at teardown.
 
     Request it after the broker fixtures, so that teardown stops the service first."""
-    started: list[PublisherService] = []
+    services = InProcessServices(tmp_path)
 
     def start(port: int, entries: list[dict[str, Any]], *, broker: dict[str, Any] | None = None,
               **settings: Any) -> PublisherService:
-        n = len(started)
-        config = tmp_path / f"config-{n}.json"
-        write_config(config, entries)
-        broker_settings = BrokerSettings(**{
-            "host": "127.0.0.1", "port": port, "client_id": f"sp-test-{uuid.uuid4().hex[:8]}",
-            "backoff_min": 0.2, "backoff_max": 1.0, **(broker or {})})
-        service = PublisherService(ServiceSettings(**{
-            "config_path": config, "broker": broker_settings, "http_port": 0,
-            "state_db": tmp_path / f"state-{n}.db", "watch": False, **settings}))
-        started.append(service)
-        service.start()
-        return service
+        state_db = tmp_path / f"state-{len(services.started)}.db"
+        return services.start(port, entries, broker={"backoff_min": 0.2, "backoff_max": 1.0,
+                                                     **(broker or {})},
+                              **{"state_db": state_db, "watch": False, **settings})
 
     yield start
-    for service in started:
-        service.stop()
+    services.close()
 
 
 @pytest.fixture
@@ -375,10 +367,9 @@ def test_max_retries_gives_up_with_exit_code_4(tmp_path: Path, topic_base: str) 
     config = tmp_path / "config.json"
     write_config(config, [entry("x", f"{topic_base}/x")])
     proc = ServiceProcess(
-        ["run", "--broker", "127.0.0.1", "--port", str(free_port()), "--config", str(config),
-         "--http-port", "0", "--state-db", str(tmp_path / "state.db"),
-         "--log-file", str(tmp_path / "service.log"), "--max-retries", "2",
-         "--backoff-min", "0.1", "--backoff-max", "0.2"], cwd=tmp_path)
+        cli_args(free_port(), config, "--max-retries", "2", state_db=tmp_path / "state.db",
+                 log_file=tmp_path / "service.log", backoff=(0.1, 0.2)),
+        cwd=tmp_path)
     try:
         assert proc.wait(30) == 4
     finally:

@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,16 @@ from watchdog.observers import Observer
 
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.settings import BrokerSettings, ServiceSettings
 from scheduler_publisher.watcher import _Handler
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     Received,
     ServiceProcess,
     Subscriber,
+    cli_args,
     entry,
+    payload_is,
     wait_until,
     write_config,
 )
@@ -40,7 +42,7 @@ from tests.support import (
 Entries = list[dict[str, Any]]
 StartService = Callable[..., PublisherService]
 MakeSubscriber = Callable[..., Subscriber]
-LogEvents = list[dict[str, Any]]
+LogEvents = list[MutableMapping[str, Any]]  # what capture_logs() collects
 
 
 # --- ways of saving a file ---------------------------------------------------------------------
@@ -135,6 +137,11 @@ def latest(sub: Subscriber, topic: str, n: int) -> list[Any]:
     return payloads(sub.on(topic)[-n:])
 
 
+def latest_are(sub: Subscriber, topic: str, expected: list[Any]) -> Callable[[], bool]:
+    """A wait_until predicate: the last payloads on `topic` are `expected`."""
+    return lambda: latest(sub, topic, len(expected)) == expected
+
+
 def count_on(sub: Subscriber, topic: str) -> int:
     return len(sub.on(topic))
 
@@ -187,24 +194,17 @@ def logs() -> Iterator[LogEvents]:
 
 @pytest.fixture
 def start_service(tmp_path: Path, broker: Mosquitto, config: Path) -> Iterator[StartService]:
-    started: list[PublisherService] = []
+    services = InProcessServices(tmp_path)
 
     def start(entries: Entries | None = None, **overrides: Any) -> PublisherService:
-        if entries is not None:
-            write_config(config, entries)
-        broker_settings = BrokerSettings(host="127.0.0.1", port=broker.port, backoff_min=0.2,
-                                         backoff_max=1, client_id=f"sp-{uuid.uuid4().hex[:8]}")
-        settings = ServiceSettings(config_path=config, broker=broker_settings, http_port=0,
-                                   state_db=tmp_path / "s.db", **overrides)
-        service = PublisherService(settings)
-        service.start()
-        started.append(service)
+        service = services.start(broker.port, entries, config=config,
+                                 broker={"backoff_min": 0.2, "backoff_max": 1},
+                                 **{"state_db": tmp_path / "s.db", **overrides})
         wait_until(service.is_connected, 10, message="the service's connection")
         return service
 
     yield start
-    for service in started:
-        service.stop()
+    services.close()
 
 
 @pytest.fixture
@@ -745,7 +745,7 @@ def test_random_rapid_edits_converge_to_the_final_file(
                message="the final file's entries and intervals")
     assert len(events(logs, "config_reloaded")) > 5  # reloads happened along the way, too
     for e in final.values():
-        sub.wait_for(e["topic"], where=lambda m, e=e: m.json() == wire(e["data"]), timeout=5)
+        sub.wait_for(e["topic"], where=payload_is(wire(e["data"])), timeout=5)
     newest = {i: latest(sub, e["topic"], 1) for i, e in final.items()}
     assert newest == {i: [wire(e["data"])] for i, e in final.items()}
 
@@ -878,9 +878,7 @@ def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, conf
     write_config(config, [a])
     sub = subscriber_factory(f"{topic_base}/#")
     proc = ServiceProcess(
-        ["run", "--broker", "127.0.0.1", "--port", str(broker.port), "--config", str(config),
-         "--no-watch", "--http-port", "0", "--state-db", "", "--log-file", "",
-         "--client-id", f"sp-{uuid.uuid4().hex[:8]}", "--backoff-min", "0.2"], cwd=tmp_path)
+        cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.2"), cwd=tmp_path)
     try:
         assert proc.wait_for_event("service_started")["watcher"] == "none"
         sub.wait_for(a["topic"])
@@ -916,7 +914,7 @@ def test_payload_change_under_fast_publishing_is_never_mixed(
     sub.wait_for(fast["topic"], count=5)
     for data in [new, old, new, old, new]:
         save_atomically(config, dump([{**fast, "data": data}]))
-        wait_until(lambda d=data: latest(sub, fast["topic"], 3) == [wire(d)] * 3, 3,
+        wait_until(latest_are(sub, fast["topic"], [wire(data)] * 3), 3,
                    message="three ticks of the new payload")
     received = payloads(sub.on(fast["topic"]))
     assert set(map(json.dumps, received)) == {json.dumps(wire(old)), json.dumps(wire(new))}

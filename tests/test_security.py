@@ -7,8 +7,6 @@ import json
 import re
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -18,14 +16,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from scheduler_publisher.service import PublisherService
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     ServiceProcess,
     Subscriber,
+    call,
+    cli_args,
     entry,
     free_port,
-    in_process_settings,
     unique_topic,
     wait_until,
     write_config,
@@ -126,10 +125,8 @@ class Launcher:
                  log_level: str = "INFO") -> ServiceProcess:
         config = self.tmp_path / "config.json"
         write_config(config, [entry("e1", self.topic, 0.5, qos=1)])
-        args = ["run", "--broker", "127.0.0.1", "--port", str(port), "--config", str(config),
-                "--http-port", "0", "--state-db", "", "--log-level", log_level,
-                "--log-file", str(self.log_file), "--client-id", f"sp-sec-{uuid.uuid4().hex[:8]}",
-                "--backoff-min", "0.5", "--backoff-max", "1", *extra]
+        args = cli_args(port, config, "--log-level", log_level, *extra, log_file=self.log_file,
+                        backoff=(0.5, 1))
         proc = ServiceProcess(args, cwd=self.tmp_path, env=env)
         self.cleanup.append(proc)
         return proc
@@ -331,15 +328,9 @@ def test_password_sources_connect_and_never_log_the_password(
 # ---- HTTP token ---------------------------------------------------------------------------
 
 
-def _post(url: str, token: str | None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method="POST", data=b"")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+def _post(port: int, token: str | None) -> tuple[int, dict[str, Any]]:
+    reply = call(port, "/reload", "POST", token=token, timeout=15)
+    return reply.status, json.loads(reply.body or b"{}")
 
 
 def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any],
@@ -353,10 +344,9 @@ def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any
     proc = launch(broker.port, "--http-port", str(port), "--http-token-file",
                   str(tmp_path / "token"), log_level="DEBUG")
     proc.wait_for_event("http_listening", timeout=30)
-    url = f"http://127.0.0.1:{port}/reload"
-    assert _post(url, None)[0] == 401
-    assert _post(url, "not-" + token)[0] == 401
-    code, body = _post(url, token)
+    assert _post(port, None)[0] == 401
+    assert _post(port, "not-" + token)[0] == 401
+    code, body = _post(port, token)
     assert code == 200
     assert body["success"] is True
     assert body["active_configs"] == 1
@@ -367,8 +357,7 @@ def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any
 
 
 def _run_to_exit(tmp_path: Path, config: Path, *extra: str) -> tuple[int, str]:
-    args = ["run", "--broker", "127.0.0.1", "--port", str(free_port()), "--config", str(config),
-            "--http-port", "0", "--state-db", "", "--log-file", "", *extra]
+    args = cli_args(free_port(), config, *extra)
     proc = ServiceProcess(args, cwd=tmp_path)
     try:
         code = proc.wait(60)
@@ -415,8 +404,8 @@ def test_deeply_nested_config_at_start_exits_3(tmp_path: Path, depth: int) -> No
     (0o644, 0o1777, ["folder", "is world-writable (sticky)"]),
 ])
 def test_world_writable_config_is_warned_about_at_start(
-        tmp_path: Path, broker: Mosquitto, topic_base: str, file_mode: int, folder_mode: int,
-        expected: list[str]) -> None:
+        tmp_path: Path, broker: Mosquitto, services: InProcessServices, topic_base: str,
+        file_mode: int, folder_mode: int, expected: list[str]) -> None:
     """A config file, or its folder, that anyone may write is named in a warning at start."""
     folder = tmp_path / "etc"
     folder.mkdir()
@@ -424,7 +413,7 @@ def test_world_writable_config_is_warned_about_at_start(
     write_config(config, [entry("a", f"{topic_base}/a", 3600)])
     config.chmod(file_mode)
     folder.chmod(folder_mode)
-    service = PublisherService(in_process_settings(config, broker.port, watch=False))
+    service = services.create(broker.port, config=config, watch=False)
     with capture_logs() as logs:
         service.start()
         service.stop()

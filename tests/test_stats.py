@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from scheduler_publisher.service import PublisherService
 from scheduler_publisher.statestore import EntryCounters, SavedState, StateStore, Totals
 from scheduler_publisher.stats import Stats
 from tests.netproxy import NetProxy
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     SubscriberFactory,
+    call,
     entry,
     free_port,
-    in_process_settings,
     wait_until,
     write_config,
 )
@@ -41,9 +40,9 @@ def test_a_late_acknowledgement_does_not_bring_a_removed_entry_back(
     write_config(config, [gone, stay])
     http_port = free_port()
     sub = subscriber_factory(f"{topic_base}/#")
-    service = PublisherService(in_process_settings(
-        config, proxy.port, watch=False, http_port=http_port, state_db=tmp_path / "state.db"))
-    service.start()
+    services = InProcessServices(tmp_path)
+    service = services.start(proxy.port, config=config, watch=False, http_port=http_port,
+                             state_db=tmp_path / "state.db")
     try:
         wait_until(lambda: service.stats.entry("gone").published >= 1, 10, message="a PUBACK")
         proxy.blackhole()  # PUBLISHes wait in the proxy; no PUBACK comes back
@@ -62,12 +61,11 @@ def test_a_late_acknowledgement_does_not_bring_a_removed_entry_back(
                    message="acknowledgements after the resume")
         assert "gone" not in service.stats.entries
         assert "gone" not in service.get_status()["entries"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
+        metrics = call(http_port, "/metrics", timeout=5).body.decode()
         assert 'entry="stay"' in metrics
         assert 'entry="gone"' not in metrics
     finally:
-        service.stop()
+        services.close()
     store = StateStore(tmp_path / "state.db")
     saved = store.open()
     store.close()

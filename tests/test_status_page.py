@@ -8,11 +8,8 @@ also writes docs/status-page.png, the picture in the README; CI leaves the tree 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +20,14 @@ from scheduler_publisher.http import PAGE_POLICY
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     REPO,
+    InProcessServices,
     Mosquitto,
+    ServiceStarter,
     SubscriberFactory,
+    call,
     entry,
     free_port,
-    in_process_settings,
+    request,
     unique_topic,
     wait_until,
     write_config,
@@ -35,13 +35,12 @@ from tests.support import (
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium: pip install -e '.[test]'")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.chrome.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 
-ServiceStarter = Callable[..., PublisherService]
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 DESKTOP = (1280, 900)
@@ -79,20 +78,15 @@ def config_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
     """An in-process service with HTTP on a free loopback port; stopped at teardown."""
-    services: list[PublisherService] = []
+    services = InProcessServices(config_path.parent)
 
     def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
-        write_config(config_path, entries)
         overrides.setdefault("http_port", free_port())
-        service = PublisherService(in_process_settings(config_path, broker.port,
-                                                       http_host="127.0.0.1", **overrides))
-        services.append(service)
-        service.start()
-        return service
+        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
+                              **overrides)
 
     yield start
-    for service in services:
-        service.stop()
+    services.close()
 
 
 @pytest.fixture
@@ -101,7 +95,7 @@ def page(browser: WebDriver, tmp_path: Path) -> Iterator[Callable[[PublisherServ
 
     def open_page(service: PublisherService) -> WebDriver:
         browser.set_window_size(*DESKTOP)
-        browser.get_log("browser")  # drop what earlier tests left
+        browser_log(browser)  # drop what earlier tests left
         browser.get(f"http://127.0.0.1:{service.http.port}/")
         wait_until(lambda: browser.execute_script("return document.body.dataset.ready"), WAIT,
                    message="the page's first poll rendered")
@@ -149,8 +143,14 @@ def sort_button(browser: WebDriver, key: str) -> WebElement:
     return browser.find_element(By.CSS_SELECTOR, f"th[data-sort='{key}'] button")
 
 
+def browser_log(browser: WebDriver) -> list[dict[str, Any]]:
+    """The console entries since the last call (Chrome hands each one out once)."""
+    log: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]  # selenium leaves get_log unannotated
+    return log
+
+
 def console_errors(browser: WebDriver) -> list[str]:
-    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    return [e["message"] for e in browser_log(browser) if e["level"] == "SEVERE"]
 
 
 # WCAG 2.1 contrast (1.4.3, AA) of every visible piece of text against the background it is
@@ -196,11 +196,8 @@ def contrast_failures(browser: WebDriver) -> list[str]:
 
 
 def get_json(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    reply = call(port, path)
+    return reply.status, reply.json()
 
 
 ID, TOPIC, SCHEDULE, QOS, RETAIN, LWT, LAST, PUBLISHED, ERRORS = range(9)
@@ -474,25 +471,22 @@ def test_page_and_assets_carry_a_strict_policy(start_service: ServiceStarter,
     """`/`, its script and its style sheet come from the package with their types, a strict
     Content-Security-Policy and nosniff; the page knows whether reload needs a token."""
     service = start_service([entry("one", f"{topic_base}/one", 5)], http_token="t")
-    base = f"http://127.0.0.1:{service.http.port}"
+    port = service.http.port
     expected = {"/": "text/html", "/page.js": "text/javascript", "/page.css": "text/css"}
     for path, kind in expected.items():
-        with urllib.request.urlopen(base + path, timeout=10) as r:
-            body = r.read()
-            assert r.headers["Content-Type"] == f"{kind}; charset=utf-8"
-            assert r.headers["Content-Security-Policy"] == PAGE_POLICY
-            assert r.headers["X-Content-Type-Options"] == "nosniff"
-            assert body
-    with urllib.request.urlopen(base + "/", timeout=10) as r:
-        html = r.read().decode()
-    assert 'data-token-required="yes"' in html
-    head = urllib.request.Request(base + "/", method="HEAD")
-    with urllib.request.urlopen(head, timeout=10) as r:
+        r = call(port, path)
         assert r.status == 200
-        assert int(r.headers["Content-Length"]) == len(html.encode())
-        assert r.read() == b""
-    with urllib.request.urlopen(base + "/status", timeout=10) as r:
+        assert r.headers["Content-Type"] == f"{kind}; charset=utf-8"
+        assert r.headers["Content-Security-Policy"] == PAGE_POLICY
         assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.body
+    html = call(port, "/").body.decode()
+    assert 'data-token-required="yes"' in html
+    r = request(port, "HEAD", "/")
+    assert r.status == 200
+    assert int(r.headers["Content-Length"]) == len(html.encode())
+    assert r.body == b""
+    assert call(port, "/status").headers["X-Content-Type-Options"] == "nosniff"
     assert "<script>" not in html
     assert "style=" not in html
     assert "script-src 'self'" in PAGE_POLICY

@@ -16,8 +16,13 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from scheduler_publisher.config import parse_config
-from scheduler_publisher.service import PublisherService
-from tests.support import Mosquitto, SubscriberFactory, entry, in_process_settings, write_config
+from tests.support import (
+    InProcessServices,
+    Mosquitto,
+    SubscriberFactory,
+    entry,
+    write_config,
+)
 
 REFUSED_BY_THE_BROKER = ["a\x07b", "a\nb", "a\x7fb", "a\x85b", "a\ufffeb", "a\uffffb",
                          "a\ufdd0b", "a\U0001fffeb", "/".join("l" * 202)]
@@ -86,8 +91,8 @@ def test_topics_validation_accepts_are_delivered(
 
 
 def test_an_entry_with_a_refused_topic_is_rejected_and_the_others_keep_their_connection(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
-        topic_base: str) -> None:
+        broker: Mosquitto, subscriber_factory: SubscriberFactory, services: InProcessServices,
+        tmp_path: Path, topic_base: str) -> None:
     """A file with a control character in one entry's topic: that entry is reported by
     position, field and what was received, and the good entry publishes on a connection that
     is never dropped."""
@@ -95,7 +100,7 @@ def test_an_entry_with_a_refused_topic_is_rejected_and_the_others_keep_their_con
     good = entry("good", f"{topic_base}/good", 0.2)
     write_config(config, [good, entry("bell", f"{topic_base}/a\x07b", 0.2)])
     sub = subscriber_factory(f"{topic_base}/#")
-    service = PublisherService(in_process_settings(config, broker.port))
+    service = services.create(broker.port, config=config)
     with structlog.testing.capture_logs() as logs:
         service.start()
         try:

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,13 @@ import pytest
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.watcher import ConfigWatcher, followed_paths, watched_folders
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     ServiceProcess,
     SubscriberFactory,
+    cli_args,
     entry,
-    in_process_settings,
+    json_has,
 )
 
 SWAP_SEEN_WITHIN = 5.0  # seconds: the debounce is 0.3 s, the safety re-read an hour away
@@ -123,20 +124,16 @@ def force_polling(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture
-def service_for(broker: Mosquitto) -> Iterator[Callable[[Path, bool], PublisherService]]:
-    started: list[PublisherService] = []
+def service_for(broker: Mosquitto,
+                tmp_path: Path) -> Iterator[Callable[[Path, bool], PublisherService]]:
+    services = InProcessServices(tmp_path)
 
     def start(config: Path, polling: bool) -> PublisherService:
-        settings = in_process_settings(config, broker.port, safety_check_interval=3600.0,
-                                       force_polling=polling)
-        service = PublisherService(settings)
-        service.start()
-        started.append(service)
-        return service
+        return services.start(broker.port, config=config, safety_check_interval=3600.0,
+                              force_polling=polling)
 
     yield start
-    for service in started:
-        service.stop()
+    services.close()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -157,7 +154,7 @@ def test_each_swap_reaches_the_wire_within_the_debounce(
     sub.wait_for(topic, where=lambda m: m.json()["v"] == 1)
     for version in (2, 3, 4):
         files.update(dump(topic, version))
-        sub.wait_for(topic, where=lambda m, v=version: m.json()["v"] == v,
+        sub.wait_for(topic, where=json_has(v=version),
                      timeout=SWAP_SEEN_WITHIN)
     if layout == "swapped-folder":
         config.write_text(dump(topic, 5))  # the new folder's file, same inode, in place
@@ -293,11 +290,8 @@ def test_stops_after_a_sighup_log_no_error(broker: Mosquitto, tmp_path: Path,
     config = folder / "publish.json"
     config.write_text(dump(f"{topic_base}/a", 1))
     errors: list[str] = []
-    for run in range(10):
-        proc = ServiceProcess(
-            ["run", "--broker", "127.0.0.1", "--port", str(broker.port), "--config", str(config),
-             "--http-port", "0", "--state-db", "", "--log-file", "",
-             "--client-id", f"sp-stop-{run}-{uuid.uuid4().hex[:6]}"], cwd=tmp_path)
+    for _ in range(10):
+        proc = ServiceProcess(cli_args(broker.port, config), cwd=tmp_path)
         try:
             assert proc.wait_for_event("service_started")["watcher"] == "inotify"
             proc.signal(signal.SIGHUP)
