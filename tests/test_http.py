@@ -446,7 +446,7 @@ def test_query_strings_are_ignored(start_service: ServiceStarter, topic_base: st
     service = start_service([entry("one", f"{topic_base}/one", 0.5)])
     wait_until(service.is_connected, 10, message="connected")
 
-    assert get(service, "/health?x=1").json() == {"ok": True, "problems": []}
+    assert get(service, "/health?x=1").json() == {"ok": True, "problems": [], "warnings": []}
     assert get(service, "/ready?probe=kubelet&t=2").json() == {"ready": True}
     assert get(service, "/status?").json()["active_configs"] == 1
     assert "scheduler_publisher_published_total" in get(service, "/metrics?x").body.decode()
@@ -522,7 +522,7 @@ def test_idle_clients_cost_no_thread_and_are_cut_off(start_service: ServiceStart
     idle = open_sockets(port, 200)
     try:
         # The backlog is accepted in order: once /health is answered, every idle one is in.
-        assert get(service, "/health").json() == {"ok": True, "problems": []}
+        assert get(service, "/health").json() == {"ok": True, "problems": [], "warnings": []}
         assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
         wait_until(lambda: all(closed_by_peer(s) for s in idle), 20,
                    message="idle connections closed by the request timeout")
