@@ -149,6 +149,7 @@ class PublisherService:
         self._startup()
         if not loop:
             self._caller_steps = True
+            self._arm_timers()  # the calling thread is the main loop from here on
             return
         self._loop_thread = threading.Thread(target=self._main_loop, name="service-loop",
                                              daemon=True)
@@ -164,8 +165,6 @@ class PublisherService:
         up to `timeout` seconds for a poke (less when a timer or a reload slice is due), then
         run the timers that are due and the next slice of a reload. Returns False, having
         shut the service down, once a stop was asked for."""
-        if self._loop_ident is None:
-            self._arm_timers()
         if not self._mail.stop:
             self._wait_and_turn(timeout)
         if self._mail.stop and not self._stopped.is_set():
@@ -263,6 +262,7 @@ class PublisherService:
     def _arm_timers(self) -> None:
         self._loop_ident = threading.get_ident()
         now = self._clock.monotonic()
+        self._clock_guard.observe(self._clock.wall(), now)  # a step from here on is seen
         s = self.settings
         self._timers = [
             _Timer(period, action, now + period) for period, action in (

@@ -23,10 +23,12 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from scheduler_publisher.clock import Clock
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.settings import BrokerSettings, ServiceSettings
 from scheduler_publisher.watcher import _Handler
+from tests.clocks import ShiftedClock
 from tests.support import (
     Mosquitto,
     Received,
@@ -93,11 +95,11 @@ def wait_for_event(logs: LogEvents, name: str, count: int = 1, timeout: float = 
 
 
 def job_ids(service: PublisherService) -> set[str]:
-    return service._schedule.job_ids()
+    return service.scheduled_ids
 
 
 def next_run(service: PublisherService, entry_id: str) -> datetime:
-    when = service._schedule.next_run(entry_id)
+    when = service.next_run(entry_id)
     assert when is not None, f"no job for {entry_id}"
     return when
 
@@ -109,12 +111,12 @@ def intervals(service: PublisherService) -> dict[str, float]:
 def wait_for_file_reload(service: PublisherService, timeout: float = 5) -> None:
     """The watcher noticed the last edit and the main loop has re-read the file since.
 
-    The debounce keeps the poke pending for 0.3 s, so polling every 5 ms cannot miss it. The
-    loop clears the poke just before it re-reads, so a manual reload (queued behind the re-read
-    in the same loop) is the barrier that says the re-read has finished."""
-    wait_until(lambda: service._mail.file_poked_at is not None, timeout, interval=0.005,
+    The debounce keeps the change pending for 0.3 s, so polling every 5 ms cannot miss it. The
+    loop takes the change just before it re-reads, so a manual reload (queued behind the
+    re-read in the same loop) is the barrier that says the re-read has finished."""
+    wait_until(lambda: service.file_change_pending, timeout, interval=0.005,
                message="the watcher to notice the edit")
-    wait_until(lambda: service._mail.file_poked_at is None, timeout, interval=0.005,
+    wait_until(lambda: not service.file_change_pending, timeout, interval=0.005,
                message="the debounced re-read")
     service.reload_config(timeout)
 
@@ -189,15 +191,17 @@ def logs() -> Iterator[LogEvents]:
 def start_service(tmp_path: Path, broker: Mosquitto, config: Path) -> Iterator[StartService]:
     started: list[PublisherService] = []
 
-    def start(entries: Entries | None = None, **overrides: Any) -> PublisherService:
+    def start(entries: Entries | None = None, *, loop: bool = True, clock: Clock | None = None,
+              **overrides: Any) -> PublisherService:
+        """`loop=False`: the test thread drives the main loop with service.step()."""
         if entries is not None:
             write_config(config, entries)
         broker_settings = BrokerSettings(host="127.0.0.1", port=broker.port, backoff_min=0.2,
                                          backoff_max=1, client_id=f"sp-{uuid.uuid4().hex[:8]}")
         settings = ServiceSettings(config_path=config, broker=broker_settings, http_port=0,
                                    state_db=tmp_path / "s.db", **overrides)
-        service = PublisherService(settings)
-        service.start()
+        service = PublisherService(settings, clock=clock)
+        service.start(loop=loop)
         started.append(service)
         wait_until(service.is_connected, 10, message="the service's connection")
         return service
@@ -370,11 +374,11 @@ def test_edit_made_during_a_reload_is_not_lost(
     service = start_service([a])
     blob = list(range(150_000))  # about 1 MB: parsing it keeps the reload busy for a while
     save_atomically(config, dump([{**a, "data": {"v": 1, "blob": blob}}]))
-    poked = wait_until(lambda: service._mail.file_poked_at, 5, interval=0.005,
-                       message="the watcher to notice the first save")
-    # The loop clears the poke as it starts re-reading; the debounce says when that is due.
-    due = poked + service.settings.reload_debounce + 0.05
-    wait_until(lambda: service._mail.file_poked_at is None or time.monotonic() >= due, 5,
+    wait_until(lambda: service.file_change_pending, 5, interval=0.005,
+               message="the watcher to notice the first save")
+    # The loop takes the change as it starts re-reading; the debounce says when that is due.
+    due = time.monotonic() + service.settings.reload_debounce + 0.05
+    wait_until(lambda: not service.file_change_pending or time.monotonic() >= due, 5,
                interval=0.001, message="the first reload to begin")
     save_atomically(config, dump([{**a, "data": {"v": 2}}]))
     sub.wait_for(a["topic"], where=lambda m: m.json()["v"] == 2, timeout=5)
@@ -846,17 +850,24 @@ def test_recovery_from_an_invalid_entry_is_logged(
 
 @pytest.mark.parametrize("trigger", ["api", "http"])
 def test_manual_reload_that_finds_nothing_changed_logs_at_info(
-        start_service: StartService, topic_base: str, logs: LogEvents, trigger: str) -> None:
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents,
+        trigger: str) -> None:
     """A manual reload of an unchanged file says so at info, with who asked; the watcher's and
     the safety re-read's unchanged reads stay silent."""
-    service = start_service([entry("a", f"{topic_base}/a", 30)], watch=False)
-    assert service.reload_config(trigger=trigger) is True
+    clock = ShiftedClock()
+    service = start_service([entry("a", f"{topic_base}/a", 30)], loop=False, clock=clock)
+    assert service.reload_config(trigger=trigger) is True  # answered by this thread: the loop
     (unchanged,) = events(logs, "config_unchanged")
     assert (unchanged["trigger"], unchanged["log_level"], unchanged["active_configs"]) == (
         trigger, "info", 1)
-    service._mail.post_file_event()  # the watcher's poke: re-read after the debounce
-    wait_until(lambda: service._mail.file_poked_at is None, 5, message="the debounced re-read")
-    assert service.reload_config(trigger=trigger) is True  # queued behind the re-read
+    os.utime(config)  # the watcher sees it, and re-reads after the debounce
+    wait_until(lambda: service.file_change_pending, 5, message="the watcher to notice the touch")
+    clock.advance(service.settings.reload_debounce)
+    service.step()
+    assert not service.file_change_pending, "the debounced re-read was taken"
+    clock.advance(service.settings.safety_check_interval)
+    service.step()  # the safety re-read
+    assert service.reload_config(trigger=trigger) is True
     assert len(events(logs, "config_unchanged")) == 2
 
 
