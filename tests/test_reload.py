@@ -440,6 +440,24 @@ def test_safety_reread_applies_an_edit_without_any_watcher(
     wait_for_jobs(service, {"a", "b"})
 
 
+def test_safety_reread_runs_when_its_interval_has_passed_on_the_service_clock(
+        start_service: StartService, config: Path, topic_base: str) -> None:
+    """Without a watcher, an edit waits for the safety re-read, which the main loop runs at
+    the first turn after its interval has passed on the service's clock, not before."""
+    clock = ShiftedClock()
+    a = entry("a", f"{topic_base}/a", 3600)
+    service = start_service([a], watch=False, loop=False, clock=clock)
+    save_in_place(config, dump([a, entry("b", f"{topic_base}/b", 3600)]))
+    service.step()
+    clock.advance(service.settings.safety_check_interval - 1)
+    service.step()
+    assert job_ids(service) == {"a"}, "the safety re-read is not due yet"
+    clock.advance(1)
+    service.step()
+    assert job_ids(service) == {"a", "b"}
+    assert service.stats.reloads == 1
+
+
 class _Recorder(FileSystemEventHandler):
     """Feeds every raw event to the watcher's real filter and remembers which ones poked."""
 
