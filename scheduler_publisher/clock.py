@@ -2,8 +2,10 @@
 
 Such gateways boot in 1970 (or at the fake-hwclock time) and then step the clock when NTP
 syncs. APScheduler works in wall-clock time, and walks every missed slot after such a step
-(APScheduler #35, #526, #1066), so the service refuses to schedule against an implausible
-clock and re-anchors its jobs when it sees the wall clock step (docs/design.md, "Clock steps").
+(APScheduler #35, #526, #1066; docs/design.md, "Why an inline executor"), so the service
+refuses to schedule against an implausible clock and re-anchors its jobs when it sees the wall
+clock step (README.md, "Clock steps"; docs/design.md, "The main loop, the config source and
+the status snapshot").
 
 `Clock` is what the service reads time through, so that tests can step the wall clock or
 stand still; `SystemClock` is the real one.
