@@ -163,8 +163,9 @@ class PublisherService:
     def step(self, timeout: float = 0.0) -> bool:
         """One turn of the main loop, for a service started with `start(loop=False)`: wait
         up to `timeout` seconds for a poke (less when a timer or a reload slice is due), then
-        run the timers that are due and the next slice of a reload. Returns False, having
-        shut the service down, once a stop was asked for."""
+        run the timers that are due and the next slice of a reload. Call it from the thread
+        that called start(). Returns False, having shut the service down, once a stop was
+        asked for."""
         if not self._mail.stop:
             self._wait_and_turn(timeout)
         if self._mail.stop and not self._stopped.is_set():
@@ -195,7 +196,11 @@ class PublisherService:
         nothing had changed. `trigger` names the caller in the log ("http", "api")."""
         request = self._mail.post_reload(trigger)
         if threading.get_ident() == self._loop_ident or not self._started:
-            # The main loop cannot wait for itself: it answers the request at once.
+            # The main loop cannot wait for itself: it answers the request at once, after
+            # the reload under way (two at once would interleave their batches).
+            if self._reload_job is not None:
+                _run_to_end(self._reload_job.steps)
+                self._reload_job = None
             _run_to_end(self._reload_requests(self._mail.take_reloads(
                 self.settings.reload_debounce)))
         request.done.wait(timeout)
