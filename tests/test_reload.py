@@ -24,6 +24,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from scheduler_publisher.clock import Clock
+from scheduler_publisher.mailbox import Trigger
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.settings import BrokerSettings, ServiceSettings
@@ -869,7 +870,7 @@ def test_recovery_from_an_invalid_entry_is_logged(
 @pytest.mark.parametrize("trigger", ["api", "http"])
 def test_manual_reload_that_finds_nothing_changed_logs_at_info(
         start_service: StartService, config: Path, topic_base: str, logs: LogEvents,
-        trigger: str) -> None:
+        trigger: Trigger) -> None:
     """A manual reload of an unchanged file says so at info, with who asked; the watcher's and
     the safety re-read's unchanged reads stay silent."""
     clock = ShiftedClock()
