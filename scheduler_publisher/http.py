@@ -383,8 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
         except QueryError as exc:
             self._json(400, exc.as_dict())
             return
-        status = self.app.service.status().to_json()
-        self._json(200, status if query is None else select(status, query))
+        status = self.app.service.status()
+        self._json(200, status.to_json() if query is None else select(status, query))
 
     def _page(self) -> None:
         body = asset(ASSETS["/"][0])

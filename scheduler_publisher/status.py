@@ -8,7 +8,7 @@ copied when the snapshot is built: an HTTP thread can hold it while the owners m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -216,10 +216,12 @@ class ServiceStatus:
     def connected(self) -> bool:
         return self.connection.connected
 
-    def to_json(self) -> dict[str, Any]:
-        """The `/status` document (its shape is public: keep it backward compatible)."""
+    def to_json(self, only: Iterable[str] | None = None) -> dict[str, Any]:
+        """The `/status` document (its shape is public: keep it backward compatible); with
+        `only`, just those entries (a page, status_query.py), in that order."""
+        ids = self.entries if only is None else only
         return {"active_configs": self.active_configs, "connected": self.connected,
                 "statistics": self.statistics.to_json(),
                 "connection": self.connection.to_json(), "health": self.health.to_json(),
                 "config": self.config.to_json(),
-                "entries": {i: e.to_json() for i, e in self.entries.items()}}
+                "entries": {i: self.entries[i].to_json() for i in ids}}
