@@ -459,6 +459,19 @@ def test_safety_reread_runs_when_its_interval_has_passed_on_the_service_clock(
     assert service.stats.reloads == 1
 
 
+def test_a_stepped_service_shuts_down_at_the_step_after_a_stop_request(
+        start_service: StartService, topic_base: str, logs: LogEvents) -> None:
+    """With the loop left to the caller, a stop request is carried out by the next step,
+    which then says the service is no longer running."""
+    service = start_service([entry("a", f"{topic_base}/a", 3600)], loop=False)
+    assert service.step() is True
+    service.request_stop()
+    assert events(logs, "service_stopped") == []
+    assert service.step() is False
+    assert len(events(logs, "service_stopped")) == 1
+    assert service.step() is False  # and it stays stopped, shut down once
+
+
 class _Recorder(FileSystemEventHandler):
     """Feeds every raw event to the watcher's real filter and remembers which ones poked."""
 
