@@ -1,16 +1,46 @@
-"""Wall-clock sanity for gateways without a real-time clock (notes §1.6).
+"""The service's clock, and wall-clock sanity for gateways without a real-time clock.
 
-They boot in 1970 (or at the fake-hwclock time) and then step the clock when NTP syncs.
-APScheduler works in wall-clock time, so the service refuses to schedule against an implausible
-clock and re-anchors its jobs when it sees the wall clock step.
+Such gateways boot in 1970 (or at the fake-hwclock time) and then step the clock when NTP
+syncs. APScheduler works in wall-clock time, and walks every missed slot after such a step
+(APScheduler #35, #526, #1066; docs/design.md, "Why an inline executor"), so the service
+refuses to schedule against an implausible clock and re-anchors its jobs when it sees the wall
+clock step (README.md, "Clock steps"; docs/design.md, "The main loop, the config source and
+the status snapshot").
+
+`Clock` is what the service reads time through, so that tests can step the wall clock or
+stand still; `SystemClock` is the real one.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+from typing import Protocol
 
 BUILD_YEAR = 2026  # a gateway clock earlier than this year has not been set yet
 JUMP_THRESHOLD = 2.0  # seconds of disagreement between wall and monotonic time
+
+
+class Clock(Protocol):
+    """Time as the service's main loop reads it."""
+
+    def wall(self) -> float:
+        """Unix time (UTC): timestamps, and what a clock step moves."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds that never step: timers, debounces, durations."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 def clock_is_plausible(wall: float, build_year: int = BUILD_YEAR) -> bool:

@@ -738,8 +738,13 @@ def parse_config_steps(raw: bytes, *, source: str = "<config>",
                 invalid_ids.add(checked.entry_id)
     except document.DocumentError as exc:
         raise ConfigFileError(source, exc.detail, line=exc.line, column=exc.column) from None
-    digest = hashlib.sha256(raw).hexdigest()
-    return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids), digest)
+    return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids),
+                        config_digest(raw))
+
+
+def config_digest(raw: bytes) -> str:
+    """What tells two versions of the file apart (ConfigResult.digest)."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 # --- the file on disk ------------------------------------------------------------------------
@@ -807,10 +812,18 @@ class ConfigurationLoader:
     def path(self) -> Path:
         return self._path
 
+    def read(self) -> bytes:
+        """The file's bytes, within the size limit; raises ConfigFileError."""
+        return read_config_file(self._path, max_bytes=self._max_bytes)
+
     def load(self) -> ConfigResult:
         """Read and parse the file; raises ConfigFileError if it is unusable as a whole."""
-        raw = read_config_file(self._path, max_bytes=self._max_bytes)
-        return parse_config(raw, source=str(self._path))
+        return parse_config(self.read(), source=str(self._path))
+
+    def load_steps(self, raw: bytes) -> Generator[None, None, ConfigResult]:
+        """Parse bytes read with read() in steps (parse_config_steps); raises
+        ConfigFileError."""
+        return parse_config_steps(raw, source=str(self._path))
 
     def load_configurations(self) -> list[PublishConfig]:
         """Only the valid entries; use load() to see the problems too."""

@@ -28,17 +28,19 @@ from functools import cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import make_wsgi_app
 
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.metrics import PerEntrySwitch, build_registry
+from scheduler_publisher.metrics import MetricsSource, PerEntrySwitch, build_registry
 from scheduler_publisher.status_query import QueryError, parse_query, select
 
 if TYPE_CHECKING:
-    from scheduler_publisher.service import PublisherService
+    from scheduler_publisher.mailbox import Trigger
+    from scheduler_publisher.settings import ServiceSettings
+    from scheduler_publisher.status import ServiceStatus
 
 log = get_logger("scheduler_publisher.http")
 
@@ -95,16 +97,33 @@ def asset(name: str) -> bytes:
     return resources.files("scheduler_publisher").joinpath("web", name).read_bytes()
 
 
-class StatusServer:
-    """The HTTP endpoints of one service: built by the service, started and stopped by it."""
+class StatusSource(MetricsSource, Protocol):
+    """What the endpoints read from the service, and the one thing they ask of it (a
+    reload); PublisherService provides it. /metrics reads the MetricsSource part."""
 
-    def __init__(self, service: PublisherService, host: str, port: int, *,
-                 token: str | None = None) -> None:
+    def status(self) -> ServiceStatus: ...
+
+    def health_warnings(self) -> list[str]: ...
+
+    def reload_config(self, timeout: float = ..., *, trigger: Trigger = ...) -> bool: ...
+
+    @property
+    def active_configs(self) -> int: ...
+
+    @property
+    def last_config_error(self) -> str | None: ...
+
+
+class StatusServer:
+    """The HTTP endpoints of one service: built by the service, started and stopped by it.
+    Listens on `settings.http_host`/`http_port`; `POST /reload` wants `settings.http_token`
+    when one is set."""
+
+    def __init__(self, service: StatusSource, settings: ServiceSettings) -> None:
         self.service = service
-        self.host = host
-        self.port = port
-        self.token = token
-        settings = service.settings
+        self.host = settings.http_host
+        self.port = settings.http_port
+        self.token = settings.http_token
         self.request_timeout = settings.http_request_timeout
         self.per_entry = PerEntrySwitch(settings.metrics_per_entry, settings.metrics_entry_limit)
         self.registry = build_registry(service, self.per_entry)
@@ -123,7 +142,7 @@ class StatusServer:
         self.port = self._server.server_address[1]
         self._server.start()
         log.info("http_listening", host=self.host, port=self.port)
-        self.per_entry.update(len(self.service.entries))  # say it at start, not at 1st scrape
+        self.per_entry.update(self.service.active_configs)  # say it at start, not at 1st scrape
         return True
 
     def stop(self) -> None:
@@ -364,8 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
         except QueryError as exc:
             self._json(400, exc.as_dict())
             return
-        status = self.app.service.get_status()
-        self._json(200, status if query is None else select(status, query))
+        status = self.app.service.status()
+        self._json(200, status.to_json() if query is None else select(status, query))
 
     def _page(self) -> None:
         body = asset(ASSETS["/"][0])

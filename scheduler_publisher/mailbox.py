@@ -1,35 +1,55 @@
 """How other threads poke the service's main loop: a few flags and one Event to wake it.
 
 Signal handlers (via a short-lived thread), the config watcher, HTTP and the network thread
-post here; only the main loop takes things out.
+post here; only the main loop takes things out. Every reload, whoever asks for it, is a
+`ReloadRequest` with its trigger, taken out by the main loop in one place.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Who asked for a reload: SIGHUP, POST /reload, reload_config(), the config watcher (after
+# its debounce), or the periodic safety re-read.
+Trigger = Literal["signal", "http", "api", "watcher", "safety"]
+# Asked for by a person or a program: announced to systemd, and logged even when the file
+# turns out unchanged. The watcher and the safety re-read stay quiet when nothing changed.
+MANUAL_TRIGGERS: frozenset[Trigger] = frozenset({"signal", "http", "api"})
 
 
 @dataclass
 class ReloadRequest:
-    """A reload asked for from another thread; the main loop fills in the result."""
+    """A reload asked for; the main loop fills in the result."""
 
-    trigger: str  # who asked: "signal" (SIGHUP), "http" (POST /reload) or "api"
+    trigger: Trigger
     done: threading.Event = field(default_factory=threading.Event)
     applied: bool = False
 
+    @property
+    def manual(self) -> bool:
+        return self.trigger in MANUAL_TRIGGERS
+
 
 class Mailbox:
-    """How other threads poke the main loop: flags plus one Event to wake it."""
+    """How other threads poke the main loop: flags plus one Event to wake it.
 
-    def __init__(self) -> None:
+    `monotonic` is the service's clock (clock.Clock.monotonic): the watcher's debounce is
+    measured on it."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
         self.wake = threading.Event()
         self.lock = threading.Lock()
         self.stop = False
-        self.stop_requested_at: float | None = None  # monotonic, the first request
-        self.reloads: list[ReloadRequest] = []
-        self.file_poked_at: float | None = None  # monotonic; debounced by the loop
+        # time.monotonic() of the first request, not the service clock: the shutdown budget
+        # is spent in real waits
+        self.stop_requested_at: float | None = None
+        self._monotonic = monotonic
+        self._reloads: list[ReloadRequest] = []
+        self._file_poked_at: float | None = None  # monotonic; debounced by the loop
 
     def post_stop(self) -> None:
         if self.stop_requested_at is None:
@@ -37,18 +57,36 @@ class Mailbox:
         self.stop = True
         self.wake.set()
 
-    def post_reload(self, trigger: str) -> ReloadRequest:
+    def post_reload(self, trigger: Trigger) -> ReloadRequest:
         request = ReloadRequest(trigger)
         with self.lock:
-            self.reloads.append(request)
+            self._reloads.append(request)
         self.wake.set()
         return request
 
     def post_file_event(self) -> None:
-        self.file_poked_at = time.monotonic()
+        """The watcher saw a change: a "watcher" reload once the file has been quiet for the
+        debounce (editors write in several steps)."""
+        with self.lock:
+            self._file_poked_at = self._monotonic()
         self.wake.set()
 
-    def take_reloads(self) -> list[ReloadRequest]:
-        with self.lock:
-            taken, self.reloads = self.reloads, []
+    @property
+    def file_event_pending(self) -> bool:
+        """A watcher poke is waiting for its debounce."""
+        return self._file_poked_at is not None
+
+    def file_event_due(self, debounce: float) -> float | None:
+        """When the pending watcher poke turns into a reload (monotonic); None without one."""
+        poked = self._file_poked_at
+        return None if poked is None else poked + debounce
+
+    def take_reloads(self, debounce: float) -> list[ReloadRequest]:
+        """The reloads asked for so far, a watcher poke among them once its debounce is over."""
+        with self.lock:  # a poke that lands meanwhile is kept for the next reload
+            due = self.file_event_due(debounce)
+            if due is not None and self._monotonic() >= due:
+                self._file_poked_at = None
+                self._reloads.append(ReloadRequest("watcher"))
+            taken, self._reloads = self._reloads, []
         return taken

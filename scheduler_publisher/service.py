@@ -11,7 +11,6 @@ Threads, and who owns what:
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 import time
@@ -20,25 +19,31 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from scheduler_publisher.clock import ClockGuard, clock_is_plausible
+from scheduler_publisher.clock import Clock, ClockGuard, SystemClock, clock_is_plausible
 from scheduler_publisher.config import (
-    ConfigFileError,
     ConfigResult,
     ConfigurationLoader,
     PublishConfig,
-    parse_config_steps,
     permission_warnings,
-    read_config_file,
 )
 from scheduler_publisher.connection import MQTTConnectionManager
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.mailbox import Mailbox, ReloadRequest
+from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
 from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
 from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
+from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
 from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
 from scheduler_publisher.stats import Stats
+from scheduler_publisher.status import (
+    ConfigStatus,
+    ConnectionStatus,
+    EntryStatus,
+    HealthStatus,
+    ServiceStatus,
+    StatisticsStatus,
+)
 from scheduler_publisher.watcher import ConfigWatcher
 
 log = get_logger("scheduler_publisher.service")
@@ -74,15 +79,6 @@ class _ReloadJob:
     requests: list[ReloadRequest]
 
 
-def _errors_summary(result: ConfigResult) -> str | None:
-    """What is wrong with a parsed file, in one line; None when no entry was rejected."""
-    errors = result.errors
-    if not errors:
-        return None
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{errors[0]}{more}"
-
-
 @dataclass(slots=True)
 class _Timer:
     """A periodic main-loop action."""
@@ -93,17 +89,35 @@ class _Timer:
 
 
 class PublisherService:
-    def __init__(self, settings: ServiceSettings | None = None) -> None:
+    """Publishes the entries of one config file to one MQTT broker on their schedules, and
+    follows the file as it changes.
+
+    Args:
+        settings: what to read, where to publish, and how (settings.ServiceSettings); the
+            defaults when None.
+        clock: the time the main loop reads (clock.Clock): its timers, the watcher's debounce,
+            clock-step detection and timestamps. The real clock when None; tests pass one
+            they can step.
+
+    Building it does no I/O. `start()` runs the main loop in a thread of its own, `run()` in
+    the calling thread; `start(loop=False)` leaves the loop to the caller, one `step()` per
+    turn. `stop()` shuts down (within `settings.shutdown_timeout`). Other threads talk to the
+    running service through `request_stop()`, `request_reload()` and `reload_config()`, and
+    read it through `status()`, `health_problems()` and the read-only properties.
+    """
+
+    def __init__(self, settings: ServiceSettings | None = None, *,
+                 clock: Clock | None = None) -> None:
         self.settings = settings or ServiceSettings()
         self.stats = Stats()
         self.loader = ConfigurationLoader(self.settings.config_path,
                                           max_bytes=self.settings.max_config_bytes)
         self.notifier = SystemdNotifier()
         self.gave_up: str | None = None
-        self._mail = Mailbox()
+        self._clock: Clock = clock or SystemClock()
+        self._mail = Mailbox(self._clock.monotonic)
+        self._source = ConfigSource(self.loader)
         self._entries: dict[str, PublishConfig] = {}
-        self._digest: str | None = None
-        self._digest_errors: str | None = None  # the entry errors of that version, in one line
         self._last_file_problem: str | None = None
         self._broken: tuple[str, float] | None = None  # (what is wrong, since: monotonic)
         self._last_reload_at: float | None = None
@@ -117,21 +131,26 @@ class PublisherService:
             self.settings.state_db,
             history_retention_rows=self.settings.history_retention_rows,
         ) if self.settings.state_db else None
-        self._clock = ClockGuard()
+        self._clock_guard = ClockGuard()
         self._timers: list[_Timer] = []
         self._reload_job: _ReloadJob | None = None
-        self._reread_due = False
         self._loop_thread: threading.Thread | None = None
         self._loop_ident: int | None = None
+        self._caller_steps = False  # start(loop=False): the caller drives the loop with step()
         self._stopped = threading.Event()
         self._started = False
         self.http: Any = None  # the HTTP server, when enabled (set by start)
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def start(self) -> None:
-        """Load the config, schedule, connect, and run the main loop in a background thread.
+    def start(self, *, loop: bool = True) -> None:
+        """Load the config, schedule, connect, and run the main loop in a background thread;
+        with `loop=False`, the caller runs it instead, one `step()` at a time.
         Raises ConfigFileError when the file cannot be used at all."""
         self._startup()
+        if not loop:
+            self._caller_steps = True
+            self._arm_timers()  # the calling thread is the main loop from here on
+            return
         self._loop_thread = threading.Thread(target=self._main_loop, name="service-loop",
                                              daemon=True)
         self._loop_thread.start()
@@ -141,10 +160,24 @@ class PublisherService:
         self._startup()
         self._main_loop()
 
+    def step(self, timeout: float = 0.0) -> bool:
+        """One turn of the main loop, for a service started with `start(loop=False)`: wait
+        up to `timeout` seconds for a poke (less when a timer or a reload slice is due), then
+        run the timers that are due and the next slice of a reload. Call it from the thread
+        that called start(). Returns False, having shut the service down, once a stop was
+        asked for."""
+        if not self._mail.stop:
+            self._wait_and_turn(timeout)
+        if self._mail.stop and not self._stopped.is_set():
+            self._shutdown()
+        return not self._stopped.is_set()
+
     def stop(self) -> None:
         """Graceful stop; returns when the service has shut down (within about 5 s)."""
         self._mail.post_stop()
-        if self._loop_thread is not None and self._loop_thread is not threading.current_thread():
+        if self._caller_steps:
+            self.step()
+        elif self._loop_thread is not None and self._loop_thread is not threading.current_thread():
             self._stopped.wait(self.settings.shutdown_timeout + 3)
 
     def request_stop(self) -> None:
@@ -158,18 +191,24 @@ class PublisherService:
         request_stop, it takes locks: call it from a thread, never from a signal handler."""
         self._mail.post_reload("signal")
 
-    def reload_config(self, timeout: float = 10.0, *, trigger: str = "api") -> bool:
+    def reload_config(self, timeout: float = 10.0, *, trigger: Trigger = "api") -> bool:
         """Re-read the config file now; True when it was applied (fully or in part), or when
         nothing had changed. `trigger` names the caller in the log ("http", "api")."""
-        if threading.get_ident() == self._loop_ident or not self._started:
-            return _run_to_end(self._reload(trigger))
         request = self._mail.post_reload(trigger)
+        if threading.get_ident() == self._loop_ident or not self._started:
+            # The main loop cannot wait for itself: it answers the request at once, after
+            # the reload under way (two at once would interleave their batches).
+            if self._reload_job is not None:
+                _run_to_end(self._reload_job.steps)
+                self._reload_job = None
+            _run_to_end(self._reload_requests(self._mail.take_reloads(
+                self.settings.reload_debounce)))
         request.done.wait(timeout)
         return request.applied
 
     def _startup(self) -> None:
         self._wait_for_plausible_clock()
-        result = self.loader.load()  # ConfigFileError propagates: the CLI exits with code 3
+        result = self._source.load()  # ConfigFileError propagates: the CLI exits with code 3
         for problem in permission_warnings(self.settings.config_path):
             log.warning("config_file_insecure", problem=problem,
                         hint="anyone on this machine can change what is published")
@@ -189,9 +228,10 @@ class PublisherService:
     def _wait_for_plausible_clock(self) -> None:
         """Gateways without an RTC boot in 1970: never schedule against such a clock."""
         warned = False
-        while not clock_is_plausible(time.time()) and not self._mail.stop:
+        while not clock_is_plausible(self._clock.wall()) and not self._mail.stop:
             if not warned:
-                log.warning("clock_implausible", now=datetime.now(UTC).isoformat())
+                log.warning("clock_implausible",
+                            now=datetime.fromtimestamp(self._clock.wall(), UTC).isoformat())
                 self.notifier.status("waiting for the system clock to be set")
                 warned = True
             # Tell systemd we are alive but not ready, so TimeoutStartSec does not kill us.
@@ -211,15 +251,23 @@ class PublisherService:
             return
         from scheduler_publisher.http import StatusServer  # noqa: PLC0415 - optional component
 
-        self.http = StatusServer(self, self.settings.http_host, self.settings.http_port,
-                                 token=self.settings.http_token)
+        self.http = StatusServer(self, self.settings)
         if not self.http.start():
             self.http = None
 
     # ---- the main loop --------------------------------------------------------------------
     def _main_loop(self) -> None:
+        self._arm_timers()
+        try:
+            while not self._mail.stop:
+                self._wait_and_turn(None)
+        finally:
+            self._shutdown()
+
+    def _arm_timers(self) -> None:
         self._loop_ident = threading.get_ident()
-        now = time.monotonic()
+        now = self._clock.monotonic()
+        self._clock_guard.observe(self._clock.wall(), now)  # a step from here on is seen
         s = self.settings
         self._timers = [
             _Timer(period, action, now + period) for period, action in (
@@ -232,24 +280,24 @@ class PublisherService:
         ]
         if self.notifier.watchdog_interval:
             self._timers.append(_Timer(self.notifier.watchdog_interval, self._ping_watchdog, now))
-        try:
-            while not self._mail.stop:
-                self._mail.wake.wait(self._next_timeout())
-                self._mail.wake.clear()
-                self._turn()
-        finally:
-            self._shutdown()
+
+    def _wait_and_turn(self, timeout: float | None) -> None:
+        wait = self._next_timeout()
+        self._mail.wake.wait(wait if timeout is None else min(timeout, wait))
+        self._mail.wake.clear()
+        self._turn()
 
     def _next_timeout(self) -> float:
         if self._reload_job is not None:
             return 0.0  # a sliced reload is under way: its next slice is due now
         due = min(t.due for t in self._timers)
-        if self._mail.file_poked_at is not None:
-            due = min(due, self._mail.file_poked_at + self.settings.reload_debounce)
-        return max(0.0, due - time.monotonic())
+        file_due = self._mail.file_event_due(self.settings.reload_debounce)
+        if file_due is not None:
+            due = min(due, file_due)
+        return max(0.0, due - self._clock.monotonic())
 
     def _turn(self) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for timer in self._timers:
             if now >= timer.due:
                 timer.due = now + timer.period
@@ -260,43 +308,45 @@ class PublisherService:
             self._advance_reload(self._reload_job)
 
     # ---- reloads --------------------------------------------------------------------------
-    # A reload runs as steps (a generator) that the main loop advances one slice per turn,
+    # Every reload, whoever asks (mailbox.Trigger), is a request in the mailbox, taken out
+    # here. It runs as steps (a generator) that the main loop advances one slice per turn,
     # servicing its timers (the systemd watchdog ping above all) and stop requests in
     # between: a 100,000-entry file takes seconds to parse and schedule (docs/design.md).
     def _safety_check(self) -> None:
-        """Re-read the file in case the watcher missed an event (the hash makes it cheap)."""
-        self._reread_due = True
+        """Re-read the file in case the watcher missed an event (the digest makes it cheap)."""
+        self._mail.post_reload("safety")
 
     def _next_reload_job(self) -> _ReloadJob | None:
-        """Manual requests first (one reload answers all of them), then a debounced watcher
-        poke or the safety re-read."""
-        requests = self._mail.take_reloads()
-        if requests:
-            return _ReloadJob(self._reload(requests[0].trigger), requests)
-        poked = self._mail.file_poked_at
-        if poked is not None and time.monotonic() - poked >= self.settings.reload_debounce:
-            self._mail.file_poked_at = None
-            self._reread_due = True
-        if not self._reread_due:
+        """Every request so far, answered by one reload; a debounced watcher poke among them
+        once the file has been quiet long enough."""
+        requests = self._mail.take_reloads(self.settings.reload_debounce)
+        if not requests:
             return None
-        self._reread_due = False
-        self._watcher.refresh()  # first: a change made while the watches move is read
-        return _ReloadJob(self._reload(None), [])
+        return _ReloadJob(self._reload_requests(requests), requests)
+
+    def _reload_requests(self, requests: list[ReloadRequest]) -> Steps[bool]:
+        manual = next((r.trigger for r in requests if r.manual), None)
+        if any(not r.manual for r in requests):
+            self._watcher.refresh()  # first: a change made while the watches move is read
+        applied = yield from self._reload(manual)
+        for request in requests:
+            request.applied = applied
+            request.done.set()
+        return applied
 
     def _advance_reload(self, job: _ReloadJob) -> None:
+        # Real time, not the service clock: a slice bounds work, which a test clock that
+        # stands still would never end.
         slice_ends = time.monotonic() + RELOAD_SLICE
         try:
             while time.monotonic() < slice_ends:
                 next(job.steps)
-        except StopIteration as done:
+        except StopIteration:
             self._reload_job = None
-            for request in job.requests:
-                request.applied = bool(done.value)
-                request.done.set()
 
-    def _reload(self, trigger: str | None) -> Steps[bool]:
-        """Re-read the file. `trigger` is who asked for it (manual reloads), None for the
-        watcher and the safety re-read."""
+    def _reload(self, trigger: Trigger | None) -> Steps[bool]:
+        """Re-read the file. `trigger` is who asked for it when a person or program did
+        (mailbox.MANUAL_TRIGGERS), None for the watcher and the safety re-read."""
         if trigger is not None:
             self.notifier.reloading()
         applied = yield from self._reload_file(trigger)
@@ -304,25 +354,20 @@ class PublisherService:
             self.notifier.ready(self._status_line())
         return applied
 
-    def _reload_file(self, trigger: str | None) -> Steps[bool]:
-        path = self.settings.config_path
-        try:
-            raw = read_config_file(path, max_bytes=self.settings.max_config_bytes)
-            if hashlib.sha256(raw).hexdigest() == self._digest:
-                # Touch, identical rewrite, the safety check, or a file restored as it was:
-                # the running version's own entry errors, if any, are all that is wrong.
-                self._last_file_problem = None
-                self._recovered(still_broken=self._digest_errors)
-                if trigger is not None:
-                    log.info("config_unchanged", trigger=trigger,
-                             active_configs=len(self._entries))
-                return True
-            result = yield from parse_config_steps(raw, source=str(path))
-        except ConfigFileError as exc:
-            self._file_problem(str(exc))
+    def _reload_file(self, trigger: Trigger | None) -> Steps[bool]:
+        check = yield from self._source.check()
+        if isinstance(check, Failed):
+            self._file_problem(check.problem)
             return False
         self._last_file_problem = None
-        yield from self._apply(result, initial=False)
+        if isinstance(check, Unchanged):
+            # Touch, identical rewrite, the safety check, or a file restored as it was:
+            # the running version's own entry errors, if any, are all that is wrong.
+            self._recovered(still_broken=check.still_broken)
+            if trigger is not None:
+                log.info("config_unchanged", trigger=trigger, active_configs=len(self._entries))
+            return True
+        yield from self._apply(check.result, initial=False)
         return True
 
     def _file_problem(self, problem: str) -> None:
@@ -337,7 +382,7 @@ class PublisherService:
         """Track the config's broken spell: log `config_recovered` once a good version is in
         force again, with what was wrong and for how long. An operator who saw the error
         otherwise sees only silence."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if still_broken is not None:
             since = self._broken[1] if self._broken is not None else now
             self._broken = (still_broken, since)
@@ -362,13 +407,12 @@ class PublisherService:
         self._entries = wanted
         if not parts:
             self._connection.set_entries(wanted)
-        self._digest = result.digest  # only now: a reload cut short by a stop is not "applied"
-        self._digest_errors = _errors_summary(result)
-        self._last_reload_at = time.time()
+        self._source.applied(result)  # only now: a reload cut short by a stop is not applied
+        self._last_reload_at = self._clock.wall()
         if not initial:
             self.stats.reloads += 1
             self._log_reload(plan)
-        self._recovered(still_broken=self._digest_errors)
+        self._recovered(still_broken=errors_summary(result))
 
     def _schedule_batch(self, part: Plan) -> Steps[None]:
         for entry in part.removed:
@@ -418,7 +462,7 @@ class PublisherService:
     def _checkpoint(self) -> None:
         if self._store is not None:
             try:
-                self._store.checkpoint(self.stats.saved_state(), now=time.time())
+                self._store.checkpoint(self.stats.saved_state(), now=self._clock.wall())
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # a full disk must not
                 # stop publishing
                 log.error("state_checkpoint_failed", error=str(exc))
@@ -427,13 +471,13 @@ class PublisherService:
         if self._store is not None:
             t = self.stats.totals()
             try:
-                self._store.record_history(HistoryRow(time.time(), t.published, t.errors,
+                self._store.record_history(HistoryRow(self._clock.wall(), t.published, t.errors,
                                                       t.uptime_seconds))
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # never worth stopping for
                 log.error("state_history_failed", error=str(exc))
 
     def _check_clock(self) -> None:
-        jump = self._clock.observe(time.time(), time.monotonic())
+        jump = self._clock_guard.observe(self._clock.wall(), self._clock.monotonic())
         if jump is not None:
             self._schedule.rebuild(self._entries.values())
             # Logged once the jobs are re-anchored, so the event means "handled", not "seen".
@@ -517,28 +561,41 @@ class PublisherService:
         """Unix time the running entries were last applied (start or reload)."""
         return self._last_reload_at
 
-    def get_status(self) -> dict[str, Any]:
-        entries = dict(self._entries)  # a reference swap elsewhere: this copy is consistent
-        connection = self._connection.status()
-        problems = self.health_problems()
-        return {
-            "active_configs": len(entries),
-            "connected": connection["connected"],
-            "statistics": self.stats.summary(),
-            "connection": connection,
-            "health": {"ok": not problems, "problems": problems,
-                       "warnings": self.health_warnings()},
-            "config": {"path": str(self.settings.config_path), "digest": self._digest,
-                       "last_reload_at": self._last_reload_at,
-                       "last_error": self._last_file_problem, "watcher": self._watcher.kind},
-            "entries": {i: self._entry_status(e) for i, e in entries.items()},
-        }
+    def next_run(self, entry_id: str) -> datetime | None:
+        """When the entry's job runs next (UTC); None for an entry that is not scheduled."""
+        return self._schedule.next_run(entry_id)
 
-    def _entry_status(self, entry: PublishConfig) -> dict[str, Any]:
-        stats = self.stats.entries.get(entry.id)
-        next_run = self._schedule.next_run(entry.id)
-        return {"topic": entry.topic, "interval": entry.interval, "qos": entry.qos,
-                "retain": entry.retain, "lwt": entry.lwt,
-                "quarantined": self._connection.quarantined(entry.id),
-                "next_run_at": next_run.isoformat() if next_run else None,
-                **(stats.as_dict() if stats else {})}
+    @property
+    def scheduled_ids(self) -> set[str]:
+        """The ids of the entries that have a job in the scheduler."""
+        return self._schedule.job_ids()
+
+    @property
+    def file_change_pending(self) -> bool:
+        """The watcher saw a change that waits for its debounce before it is re-read."""
+        return self._mail.file_event_pending
+
+    def status(self) -> ServiceStatus:
+        """A typed snapshot of the whole service (any thread): what GET /status serves."""
+        entries = self._entries  # swapped whole, never changed in place: a consistent set
+        problems = self.health_problems()
+        return ServiceStatus(
+            statistics=StatisticsStatus.of(self.stats),
+            connection=ConnectionStatus.of(self._connection.status()),
+            health=HealthStatus(tuple(problems), tuple(self.health_warnings())),
+            config=ConfigStatus(path=str(self.settings.config_path),
+                                digest=self._source.digest,
+                                last_reload_at=self._last_reload_at,
+                                last_error=self._last_file_problem,
+                                watcher=self._watcher.kind),
+            entries={i: self._entry_status(e) for i, e in entries.items()},
+        )
+
+    def get_status(self) -> dict[str, Any]:
+        """The status snapshot as the JSON document GET /status serves."""
+        return self.status().to_json()
+
+    def _entry_status(self, entry: PublishConfig) -> EntryStatus:
+        return EntryStatus.of(entry, quarantined=self._connection.quarantined(entry.id),
+                              next_run_at=self._schedule.next_run(entry.id),
+                              stats=self.stats.entries.get(entry.id))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs
+
+if TYPE_CHECKING:
+    from scheduler_publisher.status import EntryCountersStatus, EntryStatus, ServiceStatus
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -21,26 +24,26 @@ MAX_FILTER = 200  # characters of `q`
 Order = Literal["asc", "desc"]
 
 
-def _lateness(entry: Mapping[str, Any]) -> Any:
-    lateness = entry.get("lateness")
-    return lateness.get("max_ms") if isinstance(lateness, Mapping) else None
+def _counter(read: Callable[[EntryCountersStatus], Any]) -> Callable[[str, EntryStatus], Any]:
+    """A sort key read from the entry's counters; None (sorted last) before it has any."""
+    return lambda _i, e: None if e.counters is None else read(e.counters)
 
 
-# Sort key -> how to read it from one entry of the snapshot (the id is the dict key).
-SORT_KEYS: dict[str, Callable[[str, Mapping[str, Any]], Any]] = {
+# Sort key -> how to read it from one entry of the snapshot (the id is the mapping's key).
+SORT_KEYS: dict[str, Callable[[str, EntryStatus], Any]] = {
     "id": lambda i, _e: i,
-    "topic": lambda _i, e: e.get("topic"),
-    "interval": lambda _i, e: e.get("interval"),
-    "qos": lambda _i, e: e.get("qos"),
-    "retain": lambda _i, e: e.get("retain"),
-    "lwt": lambda _i, e: e.get("lwt"),
-    "next_run_at": lambda _i, e: e.get("next_run_at"),
-    "last_published_at": lambda _i, e: e.get("last_published_at"),
-    "published": lambda _i, e: e.get("published"),
-    "errors": lambda _i, e: e.get("errors"),
-    "dropped": lambda _i, e: e.get("dropped"),
-    "missed": lambda _i, e: e.get("missed"),
-    "max_lateness_ms": lambda _i, e: _lateness(e),
+    "topic": lambda _i, e: e.topic,
+    "interval": lambda _i, e: e.interval,
+    "qos": lambda _i, e: e.qos,
+    "retain": lambda _i, e: e.retain,
+    "lwt": lambda _i, e: e.lwt,
+    "next_run_at": lambda _i, e: e.next_run_at,
+    "last_published_at": _counter(lambda c: c.last_published_at),
+    "published": _counter(lambda c: c.published),
+    "errors": _counter(lambda c: c.errors),
+    "dropped": _counter(lambda c: c.dropped),
+    "missed": _counter(lambda c: c.missed),
+    "max_lateness_ms": _counter(lambda c: c.lateness_max_ms),
 }
 PARAMETERS = ("offset", "limit", "q", "sort", "order")
 
@@ -119,24 +122,25 @@ def _choice(values: dict[str, str], name: str, default: str, choices: tuple[str,
     return text
 
 
-def select(status: Mapping[str, Any], query: StatusQuery) -> dict[str, Any]:
-    """The snapshot with one page of entries: those whose id or topic contains `q` (case
-    folded), sorted by `sort` (entries without the value last, ties by id), then sliced."""
-    entries: Mapping[str, Mapping[str, Any]] = status["entries"]
+def select(status: ServiceStatus, query: StatusQuery) -> dict[str, Any]:
+    """The snapshot's document with one page of entries: those whose id or topic contains `q`
+    (case folded), sorted by `sort` (entries without the value last, ties by id), then sliced.
+    Only the page's entries are rendered."""
+    entries = status.entries
     matched = [i for i, e in entries.items() if _matches(i, e, query.q)]
     ordered = _sorted(matched, entries, query)
     page = ordered[query.offset:query.offset + query.limit]
-    return {**status, "entries": {i: entries[i] for i in page},
+    return {**status.to_json(only=page),
             "page": {"offset": query.offset, "limit": query.limit, "q": query.q,
                      "sort": query.sort, "order": query.order, "total": len(entries),
                      "matched": len(matched), "ids": page}}
 
 
-def _matches(entry_id: str, entry: Mapping[str, Any], q: str) -> bool:
-    return not q or q in entry_id.casefold() or q in str(entry.get("topic", "")).casefold()
+def _matches(entry_id: str, entry: EntryStatus, q: str) -> bool:
+    return not q or q in entry_id.casefold() or q in entry.topic.casefold()
 
 
-def _sorted(ids: list[str], entries: Mapping[str, Mapping[str, Any]],
+def _sorted(ids: list[str], entries: Mapping[str, EntryStatus],
             query: StatusQuery) -> list[str]:
     read = SORT_KEYS[query.sort]
     by_id = sorted(ids)  # the tie-break: stable sorts keep it under the key sort below

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 if TYPE_CHECKING:  # the service's modules load only where a test starts one
+    from scheduler_publisher.clock import Clock
     from scheduler_publisher.service import PublisherService
     from scheduler_publisher.settings import ServiceSettings
 
@@ -354,7 +355,7 @@ class InProcessServices:
 
     def create(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
                config: Path | None = None, broker: dict[str, Any] | None = None,
-               **overrides: Any) -> PublisherService:
+               clock: Clock | None = None, **overrides: Any) -> PublisherService:
         """A service not yet started, for a test that starts it itself (inside capture_logs,
         say); close() stops it all the same. `config` defaults to a new file per service;
         `entries` (if given) are written to it."""
@@ -364,16 +365,19 @@ class InProcessServices:
         if entries is not None:
             write_config(config, entries)
         service = PublisherService(in_process_settings(config, broker_port, broker=broker,
-                                                       **overrides))
+                                                       **overrides), clock=clock)
         self.started.append(service)
         return service
 
     def start(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
               config: Path | None = None, broker: dict[str, Any] | None = None,
+              clock: Clock | None = None, loop: bool = True,
               **overrides: Any) -> PublisherService:
-        """create(), then start the service."""
-        service = self.create(broker_port, entries, config=config, broker=broker, **overrides)
-        service.start()
+        """create(), then start the service; `loop=False` leaves its main loop to the test,
+        which turns it with service.step()."""
+        service = self.create(broker_port, entries, config=config, broker=broker, clock=clock,
+                              **overrides)
+        service.start(loop=loop)
         return service
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from scheduler_publisher.clock import JUMP_THRESHOLD, ClockGuard, clock_is_plaus
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.scheduling import HEARTBEAT_JOB, GridTrigger, InlineExecutor
 from scheduler_publisher.service import PublisherService
+from tests.clocks import ShiftedClock
 from tests.support import (
     InProcessServices,
     Mosquitto,
@@ -185,45 +186,50 @@ def test_inline_executor_reports_nothing_missed_on_time() -> None:
 INTERVALS = {"fast": 0.2, "slow": 0.3}
 
 
+Running = tuple[PublisherService, Subscriber, ShiftedClock]
+
+
 @pytest.fixture
 def running(tmp_path: Path, broker: Mosquitto, topic_base: str,
-            subscriber_factory: SubscriberFactory) -> Iterator[tuple[PublisherService, Subscriber]]:
-    """A started in-process service with two entries, and a subscriber on both topics."""
+            subscriber_factory: SubscriberFactory) -> Iterator[Running]:
+    """A started in-process service with two entries on a clock the test can step, and a
+    subscriber on both topics."""
     services = InProcessServices(tmp_path)
     sub = subscriber_factory(f"{topic_base}/#")
+    clock = ShiftedClock()
     service = services.start(broker.port,
-                             [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()])
+                             [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()],
+                             clock=clock)
     for entry_id in INTERVALS:
         sub.wait_for(f"{topic_base}/{entry_id}", 2)
-    yield service, sub
+    yield service, sub, clock
     services.close()
+
+
+def apscheduler(service: PublisherService) -> Any:
+    """The APScheduler instance under the service. APScheduler reads the real clock, which no
+    test may step, so the one way to show it a step is to move its jobs: no public API of the
+    service should offer that."""
+    return service._schedule._scheduler
 
 
 def shift_every_job(service: PublisherService, by: timedelta) -> None:
     """What a wall-clock step looks like from the scheduler: every job's next run is `-by` away
     from where the new clock says it should be."""
-    scheduler = service._schedule._scheduler
+    scheduler = apscheduler(service)
     now = datetime.now(UTC)
     for job in scheduler.get_jobs():
         scheduler.modify_job(job.id, next_run_time=now - by)
 
 
-def feed_step(service: PublisherService, seconds: float) -> None:
-    """Hand the main loop a guard whose last reading is `seconds` off: its next clock check
-    (every second) sees a step of that size, as it would after a real one."""
-    guard = ClockGuard()
-    guard.observe(time.time() - seconds, time.monotonic())
-    service._clock = guard  # a reference swap: the main loop picks it up at its next check
-
-
 def assert_reanchored(service: PublisherService) -> None:
     now = datetime.now(UTC)
     for entry_id, interval in INTERVALS.items():
-        next_run = service._schedule.next_run(entry_id)
+        next_run = service.next_run(entry_id)
         assert next_run is not None
         assert now - timedelta(seconds=0.5) <= next_run <= now + timedelta(seconds=interval + 0.5)
         assert on_grid(next_run, interval, entry_id), (entry_id, next_run)
-    heartbeat = service._schedule._scheduler.get_job(HEARTBEAT_JOB).next_run_time
+    heartbeat = apscheduler(service).get_job(HEARTBEAT_JOB).next_run_time
     assert heartbeat <= now + timedelta(seconds=1.5), "the heartbeat job is re-anchored too"
 
 
@@ -237,12 +243,12 @@ def publishing_since(sub: Subscriber, topic: str, mark: float) -> Callable[[], b
 
 
 def test_backward_step_reanchors_every_job_and_publishing_resumes(
-        running: tuple[PublisherService, Subscriber], topic_base: str) -> None:
+        running: Running, topic_base: str) -> None:
     """The clock stepped back an hour: the clock check re-anchors every job near now."""
-    service, sub = running
+    service, sub, clock = running
     with capture_logs() as logs:
         shift_every_job(service, timedelta(hours=-1))  # an hour ahead of the new clock
-        feed_step(service, -3600)
+        clock.step_wall(-3600)  # the main loop's next clock check (every second) sees it
         jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
                           10, message="clock_jump")
     assert jump["seconds"] == pytest.approx(-3600, abs=2)
@@ -257,13 +263,13 @@ def test_backward_step_reanchors_every_job_and_publishing_resumes(
 
 
 def test_forward_step_runs_once_counts_missed_and_reanchors(
-        running: tuple[PublisherService, Subscriber], topic_base: str) -> None:
+        running: Running, topic_base: str) -> None:
     """The clock stepped forward a day: each job runs once, counts the skipped slots as missed,
     and the clock check leaves every job on its grid near now."""
-    service, sub = running
+    service, sub, clock = running
     with capture_logs() as logs:
         shift_every_job(service, timedelta(days=1))  # a day behind the new clock
-        feed_step(service, DAY)
+        clock.step_wall(DAY)
         jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
                           10, message="clock_jump")
     assert jump["seconds"] == pytest.approx(DAY, abs=2)

@@ -23,9 +23,12 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from scheduler_publisher.clock import Clock
+from scheduler_publisher.mailbox import Trigger
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.watcher import _Handler
+from tests.clocks import ShiftedClock
 from tests.support import (
     InProcessServices,
     Mosquitto,
@@ -95,11 +98,11 @@ def wait_for_event(logs: LogEvents, name: str, count: int = 1, timeout: float = 
 
 
 def job_ids(service: PublisherService) -> set[str]:
-    return service._schedule.job_ids()
+    return service.scheduled_ids
 
 
 def next_run(service: PublisherService, entry_id: str) -> datetime:
-    when = service._schedule.next_run(entry_id)
+    when = service.next_run(entry_id)
     assert when is not None, f"no job for {entry_id}"
     return when
 
@@ -111,12 +114,12 @@ def intervals(service: PublisherService) -> dict[str, float]:
 def wait_for_file_reload(service: PublisherService, timeout: float = 5) -> None:
     """The watcher noticed the last edit and the main loop has re-read the file since.
 
-    The debounce keeps the poke pending for 0.3 s, so polling every 5 ms cannot miss it. The
-    loop clears the poke just before it re-reads, so a manual reload (queued behind the re-read
-    in the same loop) is the barrier that says the re-read has finished."""
-    wait_until(lambda: service._mail.file_poked_at is not None, timeout, interval=0.005,
+    The debounce keeps the change pending for 0.3 s, so polling every 5 ms cannot miss it. The
+    loop takes the change just before it re-reads, so a manual reload (queued behind the
+    re-read in the same loop) is the barrier that says the re-read has finished."""
+    wait_until(lambda: service.file_change_pending, timeout, interval=0.005,
                message="the watcher to notice the edit")
-    wait_until(lambda: service._mail.file_poked_at is None, timeout, interval=0.005,
+    wait_until(lambda: not service.file_change_pending, timeout, interval=0.005,
                message="the debounced re-read")
     service.reload_config(timeout)
 
@@ -196,8 +199,10 @@ def logs() -> Iterator[LogEvents]:
 def start_service(tmp_path: Path, broker: Mosquitto, config: Path) -> Iterator[StartService]:
     services = InProcessServices(tmp_path)
 
-    def start(entries: Entries | None = None, **overrides: Any) -> PublisherService:
-        service = services.start(broker.port, entries, config=config,
+    def start(entries: Entries | None = None, *, loop: bool = True, clock: Clock | None = None,
+              **overrides: Any) -> PublisherService:
+        """`loop=False`: the test thread drives the main loop with service.step()."""
+        service = services.start(broker.port, entries, config=config, loop=loop, clock=clock,
                                  broker={"backoff_min": 0.2, "backoff_max": 1},
                                  **{"state_db": tmp_path / "s.db", **overrides})
         wait_until(service.is_connected, 10, message="the service's connection")
@@ -370,11 +375,11 @@ def test_edit_made_during_a_reload_is_not_lost(
     service = start_service([a])
     blob = list(range(150_000))  # about 1 MB: parsing it keeps the reload busy for a while
     save_atomically(config, dump([{**a, "data": {"v": 1, "blob": blob}}]))
-    poked = wait_until(lambda: service._mail.file_poked_at, 5, interval=0.005,
-                       message="the watcher to notice the first save")
-    # The loop clears the poke as it starts re-reading; the debounce says when that is due.
-    due = poked + service.settings.reload_debounce + 0.05
-    wait_until(lambda: service._mail.file_poked_at is None or time.monotonic() >= due, 5,
+    wait_until(lambda: service.file_change_pending, 5, interval=0.005,
+               message="the watcher to notice the first save")
+    # The loop takes the change as it starts re-reading; the debounce says when that is due.
+    due = time.monotonic() + service.settings.reload_debounce + 0.05
+    wait_until(lambda: not service.file_change_pending or time.monotonic() >= due, 5,
                interval=0.001, message="the first reload to begin")
     save_atomically(config, dump([{**a, "data": {"v": 2}}]))
     sub.wait_for(a["topic"], where=lambda m: m.json()["v"] == 2, timeout=5)
@@ -434,6 +439,37 @@ def test_safety_reread_applies_an_edit_without_any_watcher(
     save_in_place(config, dump([a, b]))
     sub.wait_for(b["topic"], timeout=3)
     wait_for_jobs(service, {"a", "b"})
+
+
+def test_safety_reread_runs_when_its_interval_has_passed_on_the_service_clock(
+        start_service: StartService, config: Path, topic_base: str) -> None:
+    """Without a watcher, an edit waits for the safety re-read, which the main loop runs at
+    the first turn after its interval has passed on the service's clock, not before."""
+    clock = ShiftedClock()
+    a = entry("a", f"{topic_base}/a", 3600)
+    service = start_service([a], watch=False, loop=False, clock=clock)
+    save_in_place(config, dump([a, entry("b", f"{topic_base}/b", 3600)]))
+    service.step()
+    clock.advance(service.settings.safety_check_interval - 1)
+    service.step()
+    assert job_ids(service) == {"a"}, "the safety re-read is not due yet"
+    clock.advance(1)
+    service.step()
+    assert job_ids(service) == {"a", "b"}
+    assert service.stats.reloads == 1
+
+
+def test_a_stepped_service_shuts_down_at_the_step_after_a_stop_request(
+        start_service: StartService, topic_base: str, logs: LogEvents) -> None:
+    """With the loop left to the caller, a stop request is carried out by the next step,
+    which then says the service is no longer running."""
+    service = start_service([entry("a", f"{topic_base}/a", 3600)], loop=False)
+    assert service.step() is True
+    service.request_stop()
+    assert events(logs, "service_stopped") == []
+    assert service.step() is False
+    assert len(events(logs, "service_stopped")) == 1
+    assert service.step() is False  # and it stays stopped, shut down once
 
 
 class _Recorder(FileSystemEventHandler):
@@ -846,17 +882,24 @@ def test_recovery_from_an_invalid_entry_is_logged(
 
 @pytest.mark.parametrize("trigger", ["api", "http"])
 def test_manual_reload_that_finds_nothing_changed_logs_at_info(
-        start_service: StartService, topic_base: str, logs: LogEvents, trigger: str) -> None:
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents,
+        trigger: Trigger) -> None:
     """A manual reload of an unchanged file says so at info, with who asked; the watcher's and
     the safety re-read's unchanged reads stay silent."""
-    service = start_service([entry("a", f"{topic_base}/a", 30)], watch=False)
-    assert service.reload_config(trigger=trigger) is True
+    clock = ShiftedClock()
+    service = start_service([entry("a", f"{topic_base}/a", 30)], loop=False, clock=clock)
+    assert service.reload_config(trigger=trigger) is True  # answered by this thread: the loop
     (unchanged,) = events(logs, "config_unchanged")
     assert (unchanged["trigger"], unchanged["log_level"], unchanged["active_configs"]) == (
         trigger, "info", 1)
-    service._mail.post_file_event()  # the watcher's poke: re-read after the debounce
-    wait_until(lambda: service._mail.file_poked_at is None, 5, message="the debounced re-read")
-    assert service.reload_config(trigger=trigger) is True  # queued behind the re-read
+    os.utime(config)  # the watcher sees it, and re-reads after the debounce
+    wait_until(lambda: service.file_change_pending, 5, message="the watcher to notice the touch")
+    clock.advance(service.settings.reload_debounce)
+    service.step()
+    assert not service.file_change_pending, "the debounced re-read was taken"
+    clock.advance(service.settings.safety_check_interval)
+    service.step()  # the safety re-read
+    assert service.reload_config(trigger=trigger) is True
     assert len(events(logs, "config_unchanged")) == 2
 
 

@@ -8,6 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scheduler_publisher.stats import Stats
+from scheduler_publisher.status import (
+    ConfigStatus,
+    ConnectionStatus,
+    EntryCountersStatus,
+    EntryStatus,
+    HealthStatus,
+    ServiceStatus,
+    StatisticsStatus,
+    UnconnectedStatus,
+)
 from scheduler_publisher.status_query import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -18,19 +29,25 @@ from scheduler_publisher.status_query import (
 )
 
 
-def status(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"active_configs": len(entries), "connected": True, "entries": entries}
+def status(entries: dict[str, EntryStatus]) -> ServiceStatus:
+    """A snapshot with these entries; the rest is what a fresh service would show."""
+    return ServiceStatus(
+        statistics=StatisticsStatus.of(Stats()),
+        connection=ConnectionStatus(
+            connected=True, connections=1, connections_up=1, broker="127.0.0.1:1883",
+            protocol="5", client_id="sp", last_error=None, client_id_conflict=None,
+            entries_without_connection=UnconnectedStatus(0, False, {}, 0),
+            quarantined_entries={}),
+        health=HealthStatus((), ()),
+        config=ConfigStatus("/c.json", None, None, None, "none"),
+        entries=entries)
 
 
-def stats(topic: str, published: int | None = None, max_ms: float | None = None) -> dict[str, Any]:
-    """An entry as get_status() shows it; one that never ticked has no counters."""
-    e: dict[str, Any] = {"topic": topic, "interval": 1.0, "qos": 0, "retain": False,
-                         "lwt": False, "next_run_at": None}
-    if published is not None:
-        e |= {"published": published, "errors": 0, "dropped": 0, "missed": 0,
-              "last_published_at": 1.0, "lateness": {"count": 1, "mean_ms": 0.0,
-                                                     "max_ms": max_ms or 0.0}}
-    return e
+def stats(topic: str, published: int | None = None, max_ms: float | None = None) -> EntryStatus:
+    """An entry of the snapshot; one that never ticked has no counters."""
+    counters = None if published is None else EntryCountersStatus(
+        published, 0, 0, 0, 0, 1.0, None, 1, 0.0, max_ms or 0.0)
+    return EntryStatus(topic, 1.0, 0, False, False, None, None, counters)
 
 
 def test_no_query_means_the_whole_snapshot() -> None:
@@ -113,6 +130,17 @@ def test_offset_and_limit_slice_the_sorted_list() -> None:
     assert beyond["page"]["matched"] == 30
 
 
+def test_a_page_renders_its_entries_as_the_whole_snapshot_does() -> None:
+    """The page's entries carry the same fields as in the whole document, in page order."""
+    snapshot = status({"a": stats("t/a", 5, 1.5), "b": stats("t/b")})
+    whole = snapshot.to_json()
+    page = select(snapshot, StatusQuery(sort="topic", order="desc"))
+    assert page["entries"] == {"b": whole["entries"]["b"], "a": whole["entries"]["a"]}
+    assert list(page["entries"]) == ["b", "a"]
+    assert {k: v for k, v in page.items() if k not in ("entries", "page")} == \
+        {k: v for k, v in whole.items() if k != "entries"}
+
+
 entry_maps = st.dictionaries(
     st.text(alphabet="abcXYZ01", min_size=1, max_size=4),
     st.builds(stats, st.text(alphabet="ab/", min_size=1, max_size=5),
@@ -123,7 +151,7 @@ entry_maps = st.dictionaries(
 @given(entries=entry_maps, q=st.sampled_from(["", "a", "B", "/"]),
        sort=st.sampled_from(["id", "topic", "published", "max_lateness_ms"]),
        order=st.sampled_from(["asc", "desc"]), limit=st.integers(1, 7))
-def test_pages_cover_every_match_exactly_once(entries: dict[str, dict[str, Any]], q: str,
+def test_pages_cover_every_match_exactly_once(entries: dict[str, EntryStatus], q: str,
                                               sort: str, order: Any, limit: int) -> None:
     """Walking the pages visits each matching entry once, in the same order as one big page."""
     snapshot = status(entries)
@@ -134,5 +162,5 @@ def test_pages_cover_every_match_exactly_once(entries: dict[str, dict[str, Any]]
         walked += select(snapshot, StatusQuery(offset, limit, query.q, sort, order))["page"]["ids"]
     assert walked == whole
     assert len(set(whole)) == len(whole)
-    assert all(q.casefold() in i.casefold() or q.casefold() in entries[i]["topic"].casefold()
+    assert all(q.casefold() in i.casefold() or q.casefold() in entries[i].topic.casefold()
                for i in whole)
