@@ -117,6 +117,16 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         self._do_submit_job(job, run_times)
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        # As APScheduler's DebugExecutor, with _run for run_job: whatever happens, the
+        # instance is released, or the job would never run again.
+        try:
+            events = self._run(job, run_times)
+        except BaseException as exc:  # noqa: BLE001 - logged by _run_job_error, as in APScheduler
+            self._run_job_error(job.id, exc, exc.__traceback__)
+        else:
+            self._run_job_success(job.id, events)
+
+    def _run(self, job: Any, run_times: list[datetime]) -> list[JobExecutionEvent]:
         # Events nobody listens to are not built: at thousands of runs a second their objects
         # and dispatch cost about a fifth of the bookkeeping (docs/design.md).
         wanted = self._wanted_events()
@@ -139,7 +149,7 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
             if wanted & EVENT_JOB_EXECUTED:
                 events.append(JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, alias, slot,
                                                 retval=retval))
-        self._run_job_success(job.id, events)
+        return events
 
     def _wanted_events(self) -> int:
         """The event codes some listener asked for."""

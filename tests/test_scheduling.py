@@ -150,6 +150,22 @@ def test_a_job_still_running_is_not_started_again() -> None:
     assert "e" not in executor._instances
 
 
+def test_a_run_the_executor_itself_fails_on_is_released(caplog: pytest.LogCaptureFixture) -> None:
+    """A job the executor fails on before its tick (here: a trigger without an interval) is
+    logged as APScheduler logs it, and its instance is released: it is not refused next time."""
+    executor = InlineExecutor()
+    executor.start(BackgroundScheduler(timezone=UTC), "default")
+    calls: list[str] = []
+    job = SimpleNamespace(id="e", func=lambda entry_id, *_: calls.append(entry_id), args=("e",),
+                          trigger=None, max_instances=1, _jobstore_alias=ENTRY_JOBS)
+    slot = datetime.now(UTC)
+    executor.submit_job(job, [slot])
+    assert "Error running job e" in caplog.text
+    assert calls == []
+    job.trigger = grid_trigger(1.0, grid_start("e", 1.0))
+    executor.submit_job(job, [slot])
+    assert calls == ["e"]
+
 def test_a_run_reentering_the_scheduler_reports_max_instances() -> None:
     """A tick that makes the scheduler look at due jobs again, before its own run is over, is
     not run a second time for that slot: listeners get EVENT_JOB_MAX_INSTANCES instead."""
