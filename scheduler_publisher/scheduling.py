@@ -7,7 +7,11 @@ Settings, and why (notes §1):
 - `coalesce=False`, so the executor sees every slot that came due at once: it publishes once
   and counts the rest as missed, instead of losing them silently.
 - An inline executor: the tick only hands a message to the network thread and never blocks,
-  so it runs in the scheduler thread itself, without a thread pool hop per run.
+  so it runs in the scheduler thread itself, without a thread pool hop per run. It keeps
+  APScheduler's executor contract (max_instances, job events for listeners).
+- Many jobs, few distinct run times: entries sit in phase groups, so the entries' job store
+  (jobstore.py) files jobs by run time, and each shared GridTrigger computes a group's next
+  slot once for all its jobs (docs/design.md, "CPU per message: profile").
 """
 
 from __future__ import annotations
@@ -17,15 +21,23 @@ import functools
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from traceback import format_tb
 from typing import Any
 
-from apscheduler.executors.base import BaseExecutor
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
+from apscheduler.executors.base import BaseExecutor, MaxInstancesReachedError
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.jobstore import GroupedJobStore
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.plan import grid_start
 
@@ -49,9 +61,30 @@ class GridTrigger(IntervalTrigger):  # type: ignore[misc]  # APScheduler 3 is un
     one: APScheduler's own walk is O(missed) per job, which after a clock step from 1970 hangs
     the process (APScheduler #35, #526, #1066; notes §1.6)."""
 
-    __slots__ = ()  # like IntervalTrigger's: no per-instance __dict__
+    # Like IntervalTrigger, no per-instance __dict__; one slot for the last answer.
+    __slots__ = ("_last",)
+
+    def __init__(self, **options: Any) -> None:
+        self._last: tuple[datetime | None, datetime, datetime | None] | None = None
+        super().__init__(**options)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._last = None
+        super().__setstate__(state)
 
     def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
+        # A trigger is shared by every job of a phase group, and the scheduler asks it the same
+        # question for each of them (twice: Job._get_run_times, then _process_jobs): answer
+        # from the last call. One tuple swapped whole, so a caller in another thread (add_job)
+        # sees either the old answer or the new one, each right for its own question.
+        last = self._last
+        if last is not None and last[0] == previous and last[1] == now:
+            return last[2]
+        following = self._following(previous, now)
+        self._last = (previous, now, following)
+        return following
+
+    def _following(self, previous: datetime | None, now: datetime) -> datetime | None:
         following = super().get_next_fire_time(previous, now)
         if previous is not None and following is not None and following < now:
             following = super().get_next_fire_time(None, now)  # the first slot at/after now
@@ -66,19 +99,66 @@ def grid_trigger(interval: float, start: datetime) -> GridTrigger:
 
 
 class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """Runs each due job directly in the scheduler thread."""
+    """Runs each due job directly in the scheduler thread, with APScheduler's executor contract:
+    `max_instances` is enforced, and listeners get EVENT_JOB_EXECUTED or EVENT_JOB_ERROR for the
+    run and EVENT_JOB_MISSED for every earlier slot handed over with it. The job is called once
+    with the latest slot and the number of slots missed before it."""
 
     def submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        slot = run_times[-1]
-        interval = job.trigger.interval_length
-        skipped = (slot - run_times[0]).total_seconds() + (datetime.now(UTC) - slot).total_seconds()
-        try:
-            job.func(*job.args, slot, int(skipped // interval))
-        except Exception:  # a failing tick must not stop the other jobs
-            log.exception("tick_failed", entry_id=job.id)
+        # BaseExecutor.submit_job counts the instance only once _do_submit_job has returned:
+        # right for a pool, but an inline run has finished by then, so its count would go
+        # -1 then 0 and a job re-entering the scheduler from its own run would pass the check.
+        # Count before running, under the same lock, and release through _run_job_success.
+        assert self._lock is not None, "This executor has not been started yet"
+        with self._lock:
+            if self._instances[job.id] >= job.max_instances:
+                raise MaxInstancesReachedError(job)
+            self._instances[job.id] += 1
+        self._do_submit_job(job, run_times)
 
-    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:  # pragma: no cover
-        raise NotImplementedError  # submit_job does the work
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        # As APScheduler's DebugExecutor, with _run for run_job: whatever happens, the
+        # instance is released, or the job would never run again.
+        try:
+            events = self._run(job, run_times)
+        except BaseException as exc:  # noqa: BLE001 - logged by _run_job_error, as in APScheduler
+            self._run_job_error(job.id, exc, exc.__traceback__)
+        else:
+            self._run_job_success(job.id, events)
+
+    def _run(self, job: Any, run_times: list[datetime]) -> list[JobExecutionEvent]:
+        # Events nobody listens to are not built: at thousands of runs a second their objects
+        # and dispatch cost about a fifth of the bookkeeping (docs/design.md).
+        wanted = self._wanted_events()
+        alias = job._jobstore_alias
+        events = [JobExecutionEvent(EVENT_JOB_MISSED, job.id, alias, run_time)
+                  for run_time in run_times[:-1]] if wanted & EVENT_JOB_MISSED else []
+        slot = run_times[-1]
+        # The slots handed over and those the trigger jumped (GridTrigger): every interval
+        # from the first due slot to now, bar the one being run.
+        missed = int((time.time() - run_times[0].timestamp()) // job.trigger.interval_length)
+        try:
+            retval = job.func(*job.args, slot, missed)
+        except BaseException as exc:  # like apscheduler.executors.base.run_job: report it
+            log.exception("tick_failed", entry_id=job.id)  # and let the other jobs run
+            if wanted & EVENT_JOB_ERROR:
+                events.append(JobExecutionEvent(
+                    EVENT_JOB_ERROR, job.id, alias, slot, exception=exc,
+                    traceback="".join(format_tb(exc.__traceback__))))
+        else:
+            if wanted & EVENT_JOB_EXECUTED:
+                events.append(JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, alias, slot,
+                                                retval=retval))
+        return events
+
+    def _wanted_events(self) -> int:
+        """The event codes some listener asked for."""
+        wanted = 0
+        # Read without the scheduler's listener lock: only the scheduler thread calls this, and
+        # a listener added meanwhile gets events from the next run on, as with the lock.
+        for _callback, mask in self._scheduler._listeners:
+            wanted |= mask
+        return wanted
 
 
 class Schedule:
@@ -89,7 +169,7 @@ class Schedule:
         self.heartbeat = time.monotonic()
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
-            jobstores={ENTRY_JOBS: MemoryJobStore(), INTERNAL_JOBS: MemoryJobStore()},
+            jobstores={ENTRY_JOBS: GroupedJobStore(), INTERNAL_JOBS: MemoryJobStore()},
             executors={"default": InlineExecutor()},
             job_defaults={"coalesce": False, "max_instances": 1, "misfire_grace_time": None},
         )

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from structlog.testing import capture_logs
 
 from scheduler_publisher.clock import JUMP_THRESHOLD, ClockGuard, clock_is_plausible
@@ -150,6 +151,19 @@ def test_grid_trigger_jumps_a_day_to_the_current_slot() -> None:
     assert len(walked) <= 2  # the stale slot, and the current one if it is exactly now
 
 
+def started_executor() -> InlineExecutor:
+    """An executor as a scheduler starts it (its lock and its scheduler's listeners), without
+    the scheduler's thread."""
+    executor = InlineExecutor()
+    executor.start(BackgroundScheduler(timezone=UTC), "default")
+    return executor
+
+
+def job_of(trigger: GridTrigger, func: Any) -> SimpleNamespace:
+    return SimpleNamespace(id="e", func=func, args=("e",), trigger=trigger, max_instances=1,
+                           _jobstore_alias="entries")
+
+
 def test_inline_executor_counts_the_slots_a_day_long_jump_skipped() -> None:
     """One tick runs for the whole gap, and it reports every slot it stands in for as missed."""
     interval = 0.1
@@ -158,9 +172,9 @@ def test_inline_executor_counts_the_slots_a_day_long_jump_skipped() -> None:
     first = next_slot(trigger, None, now - timedelta(days=1))
     due = run_times(trigger, first, now)
     calls: list[tuple[Any, ...]] = []
-    job = SimpleNamespace(id="e", func=lambda *a: calls.append(a), args=("e",), trigger=trigger)
+    job = job_of(trigger, lambda *a: calls.append(a))
 
-    InlineExecutor().submit_job(job, due)
+    started_executor().submit_job(job, due)
     elapsed = (datetime.now(UTC) - first).total_seconds()
 
     ((entry_id, slot, missed),) = calls
@@ -175,9 +189,9 @@ def test_inline_executor_reports_nothing_missed_on_time() -> None:
     trigger = grid(1.0)
     slot = next_slot(trigger, None, datetime.now(UTC) - timedelta(seconds=1))
     calls: list[tuple[Any, ...]] = []
-    job = SimpleNamespace(id="e", func=lambda *a: calls.append(a), args=("e",), trigger=trigger)
+    job = job_of(trigger, lambda *a: calls.append(a))
 
-    InlineExecutor().submit_job(job, [slot])
+    started_executor().submit_job(job, [slot])
 
     assert calls == [("e", slot, 0)]
 

@@ -3,11 +3,25 @@ carrying as little per job as APScheduler allows (10,000 entries means 10,000 jo
 
 from __future__ import annotations
 
+import queue
 import threading
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    JobEvent,
+)
+from apscheduler.executors.base import MaxInstancesReachedError
+from apscheduler.schedulers.background import BackgroundScheduler
 
 from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.scheduling import Schedule
+from scheduler_publisher.plan import grid_start
+from scheduler_publisher.scheduling import ENTRY_JOBS, InlineExecutor, Schedule, grid_trigger
 from tests.support import wait_until
 
 
@@ -56,3 +70,155 @@ def test_entries_named_like_internal_jobs_leave_the_heartbeat_alone() -> None:
         assert schedule.is_alive()
     finally:
         schedule.shutdown()
+
+
+def on_grid(when: datetime, entry_id: str, interval: float) -> bool:
+    offset_ms = round((when - grid_start(entry_id, interval)).total_seconds() * 1000)
+    return offset_ms % round(interval * 1000) == 0
+
+
+def entry_events(events: queue.Queue[JobEvent], wanted: int, until: Any) -> list[Any]:
+    """Entries' job events of the codes in `wanted`, gathered until `until(gathered)` holds."""
+    gathered: list[Any] = []
+    while not until(gathered):
+        event = events.get(timeout=10)
+        if event.jobstore == ENTRY_JOBS and event.code & wanted:
+            gathered.append(event)
+    return gathered
+
+
+def test_listeners_hear_every_run_on_its_grid_slot_and_every_failure() -> None:
+    """EVENT_JOB_EXECUTED for each run, at the slot the tick was given, on the entry's grid;
+    EVENT_JOB_ERROR with the exception when a tick raises, while the other entry keeps running."""
+    slots: list[datetime | None] = []
+
+    def tick(entry_id: str, slot: datetime | None = None, _missed: int = 0) -> None:
+        if entry_id == "bad":
+            raise RuntimeError("boom")
+        slots.append(slot)
+
+    events: queue.Queue[JobEvent] = queue.Queue()
+    schedule = Schedule(tick)
+    schedule._scheduler.add_listener(events.put, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+    schedule.start()
+    try:
+        for name in ("good", "bad"):
+            schedule.add(PublishConfig(id=name, topic=f"t/{name}", data={}, interval=0.1))
+        gathered = entry_events(events, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR, lambda got: (
+            sum(e.code == EVENT_JOB_EXECUTED for e in got) >= 3
+            and any(e.code == EVENT_JOB_ERROR for e in got)))
+    finally:
+        schedule.shutdown()
+    executed = [e for e in gathered if e.code == EVENT_JOB_EXECUTED]
+    assert {e.job_id for e in executed} == {"good"}
+    assert [e.scheduled_run_time for e in executed] == slots[:len(executed)]
+    assert all(on_grid(e.scheduled_run_time, "good", 0.1) for e in executed)
+    failed = next(e for e in gathered if e.code == EVENT_JOB_ERROR)
+    assert failed.job_id == "bad"
+    assert isinstance(failed.exception, RuntimeError)
+    assert "boom" in str(failed.exception)
+    assert "raise RuntimeError" in failed.traceback
+    assert on_grid(failed.scheduled_run_time, "bad", 0.1)
+
+
+def test_a_job_still_running_is_not_started_again() -> None:
+    """max_instances=1: a second submission while the run is going raises
+    MaxInstancesReachedError; once it has finished the job runs again, and no count is left."""
+    executor = InlineExecutor()
+    executor.start(BackgroundScheduler(timezone=UTC), "default")
+    running, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def tick(entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
+        calls.append(entry_id)
+        running.set()
+        release.wait(10)
+
+    trigger = grid_trigger(1.0, grid_start("e", 1.0))
+    job = SimpleNamespace(id="e", func=tick, args=("e",), trigger=trigger, max_instances=1,
+                          _jobstore_alias=ENTRY_JOBS)
+    slot = trigger.get_next_fire_time(None, datetime.now(UTC) - timedelta(seconds=1))
+    assert slot is not None
+    first = threading.Thread(target=executor.submit_job, args=(job, [slot]))
+    first.start()
+    assert running.wait(10)
+    with pytest.raises(MaxInstancesReachedError):
+        executor.submit_job(job, [slot])
+    release.set()
+    first.join(10)
+    executor.submit_job(job, [slot])
+    assert calls == ["e", "e"]
+    assert "e" not in executor._instances
+
+
+def test_a_run_the_executor_itself_fails_on_is_released(caplog: pytest.LogCaptureFixture) -> None:
+    """A job the executor fails on before its tick (here: a trigger without an interval) is
+    logged as APScheduler logs it, and its instance is released: it is not refused next time."""
+    executor = InlineExecutor()
+    executor.start(BackgroundScheduler(timezone=UTC), "default")
+    calls: list[str] = []
+    job = SimpleNamespace(id="e", func=lambda entry_id, *_: calls.append(entry_id), args=("e",),
+                          trigger=None, max_instances=1, _jobstore_alias=ENTRY_JOBS)
+    slot = datetime.now(UTC)
+    executor.submit_job(job, [slot])
+    assert "Error running job e" in caplog.text
+    assert calls == []
+    job.trigger = grid_trigger(1.0, grid_start("e", 1.0))
+    executor.submit_job(job, [slot])
+    assert calls == ["e"]
+
+def test_a_run_reentering_the_scheduler_reports_max_instances() -> None:
+    """A tick that makes the scheduler look at due jobs again, before its own run is over, is
+    not run a second time for that slot: listeners get EVENT_JOB_MAX_INSTANCES instead."""
+    slots: list[datetime | None] = []
+
+    def tick(_entry_id: str, slot: datetime | None = None, _missed: int = 0) -> None:
+        slots.append(slot)
+        if len(slots) == 1:
+            schedule._scheduler._process_jobs()  # re-enters: this job is still due and running
+
+    schedule = Schedule(tick)
+    events: queue.Queue[JobEvent] = queue.Queue()
+    schedule._scheduler.add_listener(events.put, EVENT_JOB_MAX_INSTANCES)
+    schedule.start()
+    try:
+        schedule.add(PublishConfig(id="e", topic="t/e", data={}, interval=0.2))
+        (refused,) = entry_events(events, EVENT_JOB_MAX_INSTANCES, lambda got: len(got) >= 1)
+    finally:
+        schedule.shutdown()
+    assert refused.job_id == "e"
+    assert refused.scheduled_run_times == [slots[0]]
+    assert slots.count(slots[0]) == 1, "the slot ran once"
+
+
+def test_a_rescheduled_job_keeps_its_phase() -> None:
+    """Replacing an entry's job (a reload) keeps it on its own grid; a new interval moves it
+    to the grid of that interval; the next run is never more than one interval away."""
+    schedule = Schedule(lambda *_: None)
+    schedule.start()
+    try:
+        for interval in (1.0, 1.0, 0.5):
+            schedule.add(PublishConfig(id="e", topic="t/e", data={}, interval=interval))
+            next_run = schedule.next_run("e")
+            assert next_run is not None
+            assert on_grid(next_run, "e", interval)
+            assert next_run - datetime.now(UTC) <= timedelta(seconds=interval)
+        assert schedule.job_ids() == {"e"}
+    finally:
+        schedule.shutdown()
+
+
+def test_a_shared_trigger_answers_each_question_for_itself() -> None:
+    """The shared trigger remembers its last answer, yet asked in turn about other slots and
+    other times (on time, behind, no previous run) it answers each as a fresh trigger would."""
+    start = grid_start("e", 1.0)
+    shared = grid_trigger(1.0, start)
+    now = datetime.now(UTC)
+    slot = shared.get_next_fire_time(None, now)
+    assert slot is not None
+    questions: list[tuple[datetime | None, datetime]] = [
+        (None, now), (slot, slot), (slot, slot), (slot, slot + timedelta(hours=1)),
+        (None, now), (slot + timedelta(seconds=1), slot + timedelta(seconds=1))]
+    for previous, when in questions * 2:
+        fresh = type(shared)(seconds=1.0, timezone=UTC, start_date=start)
+        assert shared.get_next_fire_time(previous, when) == fresh.get_next_fire_time(previous, when)

@@ -1,0 +1,115 @@
+"""A job store for many jobs that share a few hundred run times.
+
+APScheduler's MemoryJobStore keeps one list sorted by (next run time, id) and, for every job
+run, finds the job by bisection, deletes it and re-inserts it further on: two bisections, two
+list shifts and two `datetime_to_utc_timestamp` calls per run (docs/design.md, "CPU per
+message: profile"). Here the entries' jobs sit in phase groups (plan.grid_start), so thousands
+of jobs come due at the same few hundred instants. This store files each job under its next
+run time, in one bucket per instant, so that moving a job to its next slot is a few dict
+operations, and the sorted list it keeps is one of instants (a few hundred), not of jobs.
+
+The jobs are APScheduler's own `Job` objects, added, updated and removed through the standard
+BaseJobStore interface: nothing outside this module can tell it from MemoryJobStore, except
+that jobs due at the same instant come out in the order they were filed there instead of by
+id (get_all_jobs still breaks ties by id, as MemoryJobStore does).
+
+Thread safety: the scheduler calls every method under its own job store lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+from datetime import datetime
+from typing import Any
+
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+
+# A Job is untyped in APScheduler 3; only its id and next_run_time are read here.
+Job = Any
+
+
+class GroupedJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """In memory, like MemoryJobStore, with jobs bucketed by next run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._jobs: dict[str, Job] = {}
+        # The run time each job is filed under: the scheduler changes job.next_run_time in
+        # place (Job._modify) before it calls update_job, so the job itself no longer says.
+        self._filed: dict[str, datetime | None] = {}
+        self._buckets: dict[datetime, dict[str, Job]] = {}
+        self._times: list[datetime] = []  # the buckets' keys, ascending
+        self._paused: dict[str, Job] = {}  # next_run_time None: listed last
+
+    def lookup_job(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        due: list[Job] = []
+        for when in self._times:
+            if when > now:
+                break
+            due.extend(self._buckets[when].values())
+        return due
+
+    def get_next_run_time(self) -> datetime | None:
+        return self._times[0] if self._times else None
+
+    def get_all_jobs(self) -> list[Job]:
+        jobs: list[Job] = []
+        for when in self._times:
+            bucket = self._buckets[when]
+            jobs.extend(bucket[job_id] for job_id in sorted(bucket))
+        jobs.extend(self._paused[job_id] for job_id in sorted(self._paused))
+        return jobs
+
+    def add_job(self, job: Job) -> None:
+        if job.id in self._jobs:
+            raise ConflictingIdError(job.id)
+        self._file(job)
+
+    def update_job(self, job: Job) -> None:
+        if job.id not in self._jobs:
+            raise JobLookupError(job.id)
+        self._unfile(job.id)
+        self._file(job)
+
+    def remove_job(self, job_id: str) -> None:
+        if job_id not in self._jobs:
+            raise JobLookupError(job_id)
+        self._unfile(job_id)
+
+    def remove_all_jobs(self) -> None:
+        self._jobs.clear()
+        self._filed.clear()
+        self._buckets.clear()
+        self._times.clear()
+        self._paused.clear()
+
+    def shutdown(self) -> None:
+        self.remove_all_jobs()  # as MemoryJobStore does
+
+    def _file(self, job: Job) -> None:
+        when: datetime | None = job.next_run_time
+        self._jobs[job.id] = job
+        self._filed[job.id] = when
+        if when is None:
+            self._paused[job.id] = job
+            return
+        bucket = self._buckets.get(when)
+        if bucket is None:
+            bucket = self._buckets[when] = {}
+            bisect.insort(self._times, when)
+        bucket[job.id] = job
+
+    def _unfile(self, job_id: str) -> None:
+        del self._jobs[job_id]
+        when = self._filed.pop(job_id)
+        if when is None:
+            del self._paused[job_id]
+            return
+        bucket = self._buckets[when]
+        del bucket[job_id]
+        if not bucket:
+            del self._buckets[when]
+            del self._times[bisect.bisect_left(self._times, when)]

@@ -1,0 +1,176 @@
+"""GroupedJobStore keeps APScheduler's job store contract, and answers like MemoryJobStore."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from apscheduler.job import Job
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler_publisher.jobstore import GroupedJobStore
+from scheduler_publisher.scheduling import grid_trigger
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+SCHEDULER = BackgroundScheduler(timezone=UTC)  # never started: Job() only reads its timezone
+TRIGGER = grid_trigger(1.0, T0)
+
+
+def tick(*_args: Any) -> None:
+    pass
+
+
+def job(job_id: str, offset: float | None) -> Any:
+    """A real APScheduler Job due `offset` seconds after T0, or paused (None)."""
+    when = None if offset is None else T0 + timedelta(seconds=offset)
+    return Job(SCHEDULER, id=job_id, func=tick, args=(), kwargs={}, trigger=TRIGGER,
+               executor="default", name="publish", misfire_grace_time=None, coalesce=False,
+               max_instances=1, next_run_time=when)
+
+
+def move(store: BaseJobStore, moved: Any, offset: float | None) -> None:
+    """What the scheduler does: change the job in place, then tell the store."""
+    moved._modify(next_run_time=None if offset is None else T0 + timedelta(seconds=offset))
+    store.update_job(moved)
+
+
+def ids(jobs: list[Any]) -> list[str]:
+    return [j.id for j in jobs]
+
+
+@pytest.fixture
+def store() -> GroupedJobStore:
+    return GroupedJobStore()
+
+
+def test_added_jobs_are_found_by_id_and_unknown_ids_are_not(store: GroupedJobStore) -> None:
+    """lookup_job returns the very Job added, and None for an id never added."""
+    added = job("a", 1)
+    store.add_job(added)
+    assert store.lookup_job("a") is added
+    assert store.lookup_job("b") is None
+
+
+def test_adding_an_existing_id_raises_conflicting_id(store: GroupedJobStore) -> None:
+    """A second job with the same id is refused, even at another run time, and the first stays."""
+    first = job("a", 1)
+    store.add_job(first)
+    with pytest.raises(ConflictingIdError):
+        store.add_job(job("a", 5))
+    assert store.lookup_job("a") is first
+    assert ids(store.get_all_jobs()) == ["a"]
+
+
+def test_updating_or_removing_an_unknown_id_raises_job_lookup(store: GroupedJobStore) -> None:
+    """update_job and remove_job of an id not in the store raise JobLookupError."""
+    with pytest.raises(JobLookupError):
+        store.update_job(job("ghost", 1))
+    with pytest.raises(JobLookupError):
+        store.remove_job("ghost")
+    store.add_job(job("a", 1))
+    store.remove_job("a")
+    with pytest.raises(JobLookupError):
+        store.remove_job("a")
+
+
+def test_due_jobs_are_those_at_or_before_now_in_run_time_order(store: GroupedJobStore) -> None:
+    """get_due_jobs: every job due at or before now, earliest first; later and paused ones not."""
+    for job_id, offset in (("late", 3), ("b", 1), ("a", 1), ("early", 0), ("paused", None),
+                           ("future", 10)):
+        store.add_job(job(job_id, offset))
+    due = store.get_due_jobs(T0 + timedelta(seconds=3))
+    assert [j.next_run_time for j in due] == sorted(j.next_run_time for j in due)
+    assert set(ids(due)) == {"early", "a", "b", "late"}
+    assert ids(due)[0] == "early"
+    assert ids(due)[-1] == "late"
+    assert store.get_due_jobs(T0 - timedelta(seconds=1)) == []
+
+
+def test_next_run_time_is_the_earliest_and_none_when_nothing_runs(
+        store: GroupedJobStore) -> None:
+    """get_next_run_time: the earliest job's run time; None when empty or only paused jobs."""
+    assert store.get_next_run_time() is None
+    store.add_job(job("paused", None))
+    assert store.get_next_run_time() is None
+    store.add_job(job("b", 5))
+    store.add_job(job("a", 2))
+    assert store.get_next_run_time() == T0 + timedelta(seconds=2)
+
+
+def test_all_jobs_by_run_time_then_id_with_paused_last(store: GroupedJobStore) -> None:
+    """get_all_jobs sorts like MemoryJobStore: run time, then id; paused jobs last."""
+    for job_id, offset in (("z", None), ("c", 2), ("b", 1), ("a", 2), ("y", None)):
+        store.add_job(job(job_id, offset))
+    assert ids(store.get_all_jobs()) == ["b", "a", "c", "y", "z"]
+
+
+def test_an_updated_job_moves_to_its_new_run_time(store: GroupedJobStore) -> None:
+    """After update_job the job is due at its new time only; an emptied instant disappears."""
+    a, b = job("a", 1), job("b", 1)
+    store.add_job(a)
+    store.add_job(b)
+    move(store, a, 2)
+    assert ids(store.get_due_jobs(T0 + timedelta(seconds=1))) == ["b"]
+    move(store, b, 2)
+    assert store.get_next_run_time() == T0 + timedelta(seconds=2)
+    assert set(ids(store.get_due_jobs(T0 + timedelta(seconds=2)))) == {"a", "b"}
+    move(store, a, None)  # paused
+    assert ids(store.get_all_jobs()) == ["b", "a"]
+    assert store.lookup_job("a") is a
+
+
+def test_remove_all_and_shutdown_empty_the_store(store: GroupedJobStore) -> None:
+    """remove_all_jobs and shutdown leave nothing, and the ids can be added again."""
+    store.add_job(job("a", 1))
+    store.add_job(job("p", None))
+    store.remove_all_jobs()
+    assert store.get_all_jobs() == []
+    assert store.get_next_run_time() is None
+    store.add_job(job("a", 1))
+    store.shutdown()
+    assert store.get_all_jobs() == []
+    assert store.lookup_job("a") is None
+
+
+OFFSETS = st.one_of(st.none(), st.integers(0, 6).map(float))
+OPS = st.lists(st.tuples(st.sampled_from(["add", "update", "remove"]),
+                         st.sampled_from(["a", "b", "c", "d", "e"]), OFFSETS), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.integers(0, 7))
+def test_answers_like_memory_job_store(ops: list[tuple[str, str, float | None]],
+                                       now_offset: int) -> None:
+    """Any sequence of add/update/remove gives the same answers and errors as MemoryJobStore
+    (due jobs compared as (run time, id) pairs: ties may come out in another order)."""
+    ours, theirs = GroupedJobStore(), MemoryJobStore()
+    for op, job_id, offset in ops:
+        outcomes: list[type[Exception] | None] = []
+        for target in (ours, theirs):
+            try:
+                if op == "add":
+                    target.add_job(job(job_id, offset))
+                elif op == "update":
+                    move(target, job(job_id, offset), offset)
+                else:
+                    target.remove_job(job_id)
+                outcomes.append(None)
+            except (ConflictingIdError, JobLookupError) as exc:
+                outcomes.append(type(exc))
+        assert outcomes[0] == outcomes[1], (op, job_id)
+    assert ids(ours.get_all_jobs()) == ids(theirs.get_all_jobs())
+    assert ours.get_next_run_time() == theirs.get_next_run_time()
+    now = T0 + timedelta(seconds=now_offset)
+    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == \
+        [(j.next_run_time, j.id) for j in theirs.get_due_jobs(now)]
+    assert [j.next_run_time for j in ours.get_due_jobs(now)] == \
+        [j.next_run_time for j in theirs.get_due_jobs(now)]
+    for job_id in "abcde":
+        found, expected = ours.lookup_job(job_id), theirs.lookup_job(job_id)
+        assert (found is None) == (expected is None)
+        assert found is None or found.next_run_time == expected.next_run_time
