@@ -1,7 +1,7 @@
 """The APScheduler adapter: one interval job per entry, all calling one shared tick function.
 
-Settings, and why (read in APScheduler 3.11's triggers/interval.py and executors/base.py; docs/design.md,
-"Why an inline executor" and "Phase slots: spread, but in groups"):
+Settings, and why (read in APScheduler 3.11's triggers/interval.py and executors/base.py;
+docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups"):
 - UTC, and each job's grid anchored at a fixed start_date with a per-id phase (plan.grid_start):
   restarts and reschedules land on the same slots, and entries sharing an interval are spread.
 - No `jitter` (it drifts) and `misfire_grace_time=None` (the default of 1 s silently drops runs).
