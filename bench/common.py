@@ -10,9 +10,7 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from scheduler_publisher.plan import grid_start
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python bench/run.py`: make the test harness importable
+    sys.path.insert(0, str(REPO))
+
+from scheduler_publisher.plan import grid_start  # noqa: E402
+from tests.support import Mosquitto, cli_args, free_port  # noqa: E402 - one harness with the tests
+
 RUN = REPO / "bench" / "run.py"  # every helper role runs as `run.py --role NAME`
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GRID_ANCHOR = 1704067200.0  # 2024-01-01T00:00:00Z, the same anchor as scheduler_publisher.plan
@@ -41,12 +43,6 @@ def payload_for(i: int) -> bytes:
 def grid_offset(entry_id: str, interval: float) -> float:
     """The entry's phase on its grid: the service's own computation, not a copy of it."""
     return grid_start(entry_id, interval).timestamp() - GRID_ANCHOR
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raise_nofile() -> None:
@@ -81,47 +77,19 @@ def proc_rss_kb(pid: int) -> int:
 
 
 # ==== parent-side helpers ==========================================================================
-class Broker:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+# Queues and connections unbounded, so the broker never limits what a run measures (the tests'
+# broker keeps its bounds). The last value of a repeated Mosquitto option wins.
+BENCH_BROKER = (
+    "max_queued_messages 1000000\n"
+    "max_queued_bytes 0\n"
+    "max_connections -1\n"
+    "set_tcp_nodelay true\n"
+)
 
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 1000000\n"
-            "max_queued_bytes 0\n"
-            "max_inflight_messages 0\n"
-            "max_connections -1\n"
-            "set_tcp_nodelay true\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + "log_type error\nlog_type warning\n"
-            f"log_dest file {self.log}\n"
-        )
-        self._err = (self.log.parent / "mosquitto.stderr").open("wb")  # "run as root" warning
-        self.proc = subprocess.Popen(
-            [exe, "-c", str(self.conf)], stderr=self._err, preexec_fn=raise_nofile
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self._err.close()
+def Broker(workdir: Path) -> Mosquitto:  # noqa: N802 - reads as the class it used to be
+    """The benchmark's broker: the tests' Mosquitto launcher with unbounded queues."""
+    return Mosquitto(workdir, extra=BENCH_BROKER)
 
 
 class Sub:
@@ -214,42 +182,16 @@ class Service:
         (so that one in /etc cannot change the settings)."""
         if not self.http_port:
             self.http_port = free_port()
-        return [
-            sys.executable, "-m", "scheduler_publisher", "run",
-            "--options-file", "",
-            "--broker", "127.0.0.1",
-            "--port", str(port),
-            "--config", str(self.config),
-            "--http-port", str(self.http_port),
-            "--state-db", str(workdir / f"{name}.db"),
-            "--log-file", str(workdir / f"{name}.json.log"),
-            "--client-id", f"bench-{name}-{uuid.uuid4().hex[:6]}",
-        ]
+        return [sys.executable, "-m", "scheduler_publisher", *cli_args(
+            port, self.config, "--options-file", "", http_port=self.http_port,
+            state_db=workdir / f"{name}.db", log_file=workdir / f"{name}.json.log",
+            client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}")]
 
     def _lean_cmd(self, port: int, name: str, watch: bool) -> list[str]:
         """Issue #6's scenarios: no state DB, no log file, warnings only."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "scheduler_publisher",
-            "run",
-            "--broker",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--config",
-            str(self.config),
-            "--http-port",
-            str(self.http_port),
-            "--state-db",
-            "",
-            "--log-file",
-            "",
-            "--log-level",
-            "WARNING",
-            "--client-id",
-            f"bench-{name}-{uuid.uuid4().hex[:6]}",
-        ]
+        cmd = [sys.executable, "-m", "scheduler_publisher", *cli_args(
+            port, self.config, "--log-level", "WARNING", http_port=self.http_port,
+            client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}")]
         if not watch:
             cmd.append("--no-watch")
         return cmd

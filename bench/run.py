@@ -40,7 +40,6 @@ from common import (
     Broker,
     Service,
     Sub,
-    free_port,
     log,
     make_entries,
     proc_cpu_seconds,
@@ -51,6 +50,8 @@ from common import (
 from compare import CompareParams, comparison_table, issue12_rows, scenario_compare, scenario_loaded
 from peers import PEERS, install_node_red, node_red_unavailable, node_red_version
 from soak import sample, verdict
+
+from tests.support import free_port  # the harness the tests use (common.py makes it importable)
 
 SOAK_RSS_SLACK_KB = 1024  # RSS moves by a few pages as the allocator settles; growth shows above this
 

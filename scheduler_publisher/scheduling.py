@@ -1,6 +1,7 @@
 """The APScheduler adapter: one interval job per entry, all calling one shared tick function.
 
-Settings, and why (notes §1):
+Settings, and why (read in APScheduler 3.11's triggers/interval.py and executors/base.py;
+docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups"):
 - UTC, and each job's grid anchored at a fixed start_date with a per-id phase (plan.grid_start):
   restarts and reschedules land on the same slots, and entries sharing an interval are spread.
 - No `jitter` (it drifts) and `misfire_grace_time=None` (the default of 1 s silently drops runs).
@@ -59,7 +60,7 @@ class GridTrigger(IntervalTrigger):  # type: ignore[misc]  # APScheduler 3 is un
     """An IntervalTrigger that, when it finds itself behind (a stall, or the wall clock stepped
     forward), goes straight to the current slot instead of walking every missed slot one by
     one: APScheduler's own walk is O(missed) per job, which after a clock step from 1970 hangs
-    the process (APScheduler #35, #526, #1066; notes §1.6)."""
+    the process (APScheduler #35, #526, #1066; README "Clock steps")."""
 
     # Like IntervalTrigger, no per-instance __dict__; one slot for the last answer.
     __slots__ = ("_last",)

@@ -428,7 +428,7 @@ class PublisherService:
             emit = log.error if problem.severity == "error" else log.warning
             emit("config_entry_invalid" if problem.severity == "error" else "config_entry_warning",
                  error=str(problem), entry_position=problem.position, entry_id=problem.entry_id,
-                 field=problem.field)
+                 field=problem.field, line=problem.line, column=problem.column)
 
     def _log_reload(self, plan: Plan) -> None:
         log.info("config_reloaded", active_configs=len(self._entries), **plan.summary())

@@ -323,6 +323,10 @@ def test_invalid_entries_are_logged_with_where_and_what_while_valid_ones_publish
         == [("error", 2, "bad-qos", "qos"), ("error", 3, "bad-interval", "interval")]
     assert 'entry 2 (id "bad-qos"): qos must be 0, 1 or 2, got 7' in invalid[0]["error"]
     assert "interval must be between 0.1 and 86400, got 0" in invalid[1]["error"]
+    # Each names the line and column of its field in the file, as `validate` does.
+    lines = service.settings.config_path.read_text().splitlines()
+    for event, key in zip(invalid, ('"qos"', '"interval"'), strict=True):
+        assert lines[event["line"] - 1][event["column"] - 1:].startswith(key)
     status = service.get_status()
     assert status["active_configs"] == 2
     assert sorted(status["entries"]) == ["good-1", "good-2"]
