@@ -14,17 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/run.py`: make the test harness importable
     sys.path.insert(0, str(REPO))
 
 from scheduler_publisher.plan import grid_start  # noqa: E402
-from tests.support import Mosquitto, cli_args, free_port  # noqa: E402 - one harness with the tests
+from tests.support import Mosquitto, call, cli_args, free_port  # noqa: E402 - one harness with the tests
 
 RUN = REPO / "bench" / "run.py"  # every helper role runs as `run.py --role NAME`
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -206,8 +205,10 @@ class Service:
             raise RuntimeError(f"service exited with {self.proc.returncode}:\n{tail}")
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/status", timeout=30) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
+        reply = call(self.http_port, "/status", timeout=30)
+        if reply.status != 200:
+            raise RuntimeError(f"/status answered {reply.status}: {reply.body[:200]!r}")
+        return cast("dict[str, Any]", reply.json())
 
     def stop(self) -> None:
         if self.proc.poll() is None:
