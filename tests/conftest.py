@@ -2,10 +2,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support import InProcessServices, Mosquitto, Subscriber, SubscriberFactory, unique_topic
+from tests.support import (
+    InProcessServices,
+    Mosquitto,
+    ServiceStarter,
+    Subscriber,
+    SubscriberFactory,
+    free_port,
+    unique_topic,
+)
+
+if TYPE_CHECKING:
+    from scheduler_publisher.service import PublisherService
 
 
 @pytest.fixture
@@ -24,6 +36,27 @@ def services(tmp_path: Path) -> Iterator[InProcessServices]:
     s = InProcessServices(tmp_path)
     yield s
     s.close()
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    """The entries file of the service `http_service` starts."""
+    return tmp_path / "config.json"
+
+
+@pytest.fixture
+def http_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
+    """Starts in-process services on `config_path` with HTTP on a free loopback port; stopped
+    at teardown (the HTTP, metrics and status-page tests)."""
+    services = InProcessServices(config_path.parent)
+
+    def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
+        overrides.setdefault("http_port", free_port())
+        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
+                              **overrides)
+
+    yield start
+    services.close()
 
 
 @pytest.fixture

@@ -10,17 +10,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from structlog.testing import capture_logs
 
 from scheduler_publisher.http import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
-from scheduler_publisher.service import PublisherService
 from tests.support import (
-    InProcessServices,
     Mosquitto,
     ServiceProcess,
     ServiceStarter,
@@ -41,35 +37,16 @@ from tests.support import (
 )
 
 
-@pytest.fixture
-def config_path(tmp_path: Path) -> Path:
-    return tmp_path / "config.json"
-
-
-@pytest.fixture
-def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
-    """Starts an in-process service with HTTP on a free loopback port; stopped at teardown."""
-    services = InProcessServices(config_path.parent)
-
-    def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
-        overrides.setdefault("http_port", free_port())
-        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
-                              **overrides)
-
-    yield start
-    services.close()
-
-
 def two_entries(topic_base: str) -> list[dict[str, Any]]:
     return [entry("plain", f"{topic_base}/plain", 0.2),
             entry("willed", f"{topic_base}/willed", 0.2, lwt=True)]
 
 
-def test_health_is_ok_with_the_broker_up_and_down(start_service: ServiceStarter,
+def test_health_is_ok_with_the_broker_up_and_down(http_service: ServiceStarter,
                                                   broker: Mosquitto, topic_base: str) -> None:
     """GET /health is 200 while connected and stays 200 when the broker goes away, with the
     lost connection among its warnings."""
-    service = start_service(two_entries(topic_base))
+    service = http_service(two_entries(topic_base))
     wait_until(lambda: service.connection.connection_counts() == (2, 2), 10,
                message="both connections up")
 
@@ -85,10 +62,10 @@ def test_health_is_ok_with_the_broker_up_and_down(start_service: ServiceStarter,
     assert any(w.startswith("main connection") for w in down.json()["warnings"]), down.json()
 
 
-def test_health_is_503_with_the_problem_when_a_component_died(start_service: ServiceStarter,
+def test_health_is_503_with_the_problem_when_a_component_died(http_service: ServiceStarter,
                                                                 topic_base: str) -> None:
     """GET /health is 503 and names the problem once a component's thread has died."""
-    service = start_service(two_entries(topic_base))
+    service = http_service(two_entries(topic_base))
     assert get(service, "/health").status == 200
 
     service._watcher.stop()  # the observer thread ends, as if it had died
@@ -100,10 +77,10 @@ def test_health_is_503_with_the_problem_when_a_component_died(start_service: Ser
     assert get(service, "/status").json()["health"] == reply.json()
 
 
-def test_ready_follows_the_broker_connection(start_service: ServiceStarter,
+def test_ready_follows_the_broker_connection(http_service: ServiceStarter,
                                              broker: Mosquitto, topic_base: str) -> None:
     """GET /ready is 200 while connected, 503 once the broker stops, 200 again when it returns."""
-    service = start_service(two_entries(topic_base))
+    service = http_service(two_entries(topic_base))
     wait_until(lambda: get(service, "/ready").status == 200, 10, message="ready")
     assert get(service, "/ready").json() == {"ready": True}
 
@@ -116,10 +93,10 @@ def test_ready_follows_the_broker_connection(start_service: ServiceStarter,
     wait_until(lambda: get(service, "/ready").status == 200, 15, message="ready again")
 
 
-def test_status_is_get_status_as_json(start_service: ServiceStarter,
+def test_status_is_get_status_as_json(http_service: ServiceStarter,
                                       broker: Mosquitto, topic_base: str) -> None:
     """GET /status serves get_status(): configs, connection, statistics and every entry."""
-    service = start_service(two_entries(topic_base))
+    service = http_service(two_entries(topic_base))
     wait_until(lambda: service.stats.totals().published >= 4, 10, message="publishes")
 
     reply = get(service, "/status")
@@ -147,11 +124,11 @@ def test_status_is_get_status_as_json(start_service: ServiceStarter,
 
 
 def test_metrics_expose_counters_histogram_and_gauges(
-        start_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
+        http_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
     """GET /metrics parses as Prometheus text: per-entry and service-wide counters, the lateness
     histogram, gauges."""
     bad = entry("broken", f"{topic_base}/broken", interval=0)
-    service = start_service([*two_entries(topic_base), bad])
+    service = http_service([*two_entries(topic_base), bad])
     wait_until(lambda: all(service.stats.entry(i).published >= 2 for i in ("plain", "willed")),
                10, message="publishes on both entries")
 
@@ -194,13 +171,13 @@ def test_metrics_expose_counters_histogram_and_gauges(
     assert counter(down, "scheduler_publisher_dropped") >= 1
 
 
-def test_reload_applies_the_file_and_counts(start_service: ServiceStarter,
+def test_reload_applies_the_file_and_counts(http_service: ServiceStarter,
                                             config_path: Path, topic_base: str,
                                             subscriber_factory: SubscriberFactory) -> None:
     """POST /reload re-reads the file (no watcher here) and answers with the outcome."""
     added = f"{topic_base}/added"
     sub = subscriber_factory(added)
-    service = start_service([entry("one", f"{topic_base}/one", 0.2)], watch=False)
+    service = http_service([entry("one", f"{topic_base}/one", 0.2)], watch=False)
     write_config(config_path, [entry("one", f"{topic_base}/one", 0.2), entry("two", added, 0.2)])
 
     reply = post(service, "/reload")
@@ -211,10 +188,10 @@ def test_reload_applies_the_file_and_counts(start_service: ServiceStarter,
     assert counter(families, "scheduler_publisher_reloads") == 1
 
 
-def test_reload_reports_an_unusable_file(start_service: ServiceStarter,
+def test_reload_reports_an_unusable_file(http_service: ServiceStarter,
                                          config_path: Path, topic_base: str) -> None:
     """POST /reload of a broken file says why, keeps the running entries and counts the error."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.2)], watch=False)
+    service = http_service([entry("one", f"{topic_base}/one", 0.2)], watch=False)
     config_path.write_text("[{not json")
 
     reply = post(service, "/reload")
@@ -226,11 +203,11 @@ def test_reload_reports_an_unusable_file(start_service: ServiceStarter,
     assert counter(metrics(service), "scheduler_publisher_config_errors") == 1
 
 
-def test_reload_needs_the_bearer_token(start_service: ServiceStarter,
+def test_reload_needs_the_bearer_token(http_service: ServiceStarter,
                                        topic_base: str) -> None:
     """With a token, POST /reload is 401 without it or with a wrong one, 200 with it."""
     token = f"tok-{uuid.uuid4().hex}"
-    service = start_service([entry("one", f"{topic_base}/one", 0.2)], http_token=token)
+    service = http_service([entry("one", f"{topic_base}/one", 0.2)], http_token=token)
 
     missing = post(service, "/reload")
     assert missing.status == 401
@@ -272,10 +249,10 @@ def test_token_file_guards_reload_in_the_real_process(tmp_path: Path, broker: Mo
         proc.stop()
 
 
-def test_unknown_paths_are_404(start_service: ServiceStarter,
+def test_unknown_paths_are_404(http_service: ServiceStarter,
                                topic_base: str) -> None:
     """Paths the server does not serve answer 404 with a JSON error, whatever the method."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
 
     for method, path in (("GET", "/nope"), ("GET", "/health/extra"), ("POST", "/reload/x"),
                          ("PUT", "/nope"), ("HEAD", "/nope")):
@@ -286,11 +263,11 @@ def test_unknown_paths_are_404(start_service: ServiceStarter,
             assert path in reply.json()["error"]
 
 
-def test_wrong_methods_are_405_json_with_allow(start_service: ServiceStarter,
+def test_wrong_methods_are_405_json_with_allow(http_service: ServiceStarter,
                                                topic_base: str) -> None:
     """Any method an endpoint does not serve (PUT, DELETE, PATCH, OPTIONS, made-up ones) gets
     405 with a JSON error and an Allow header naming the methods it does serve."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
     port = service.http.port
 
     for method in ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FROB", "POST"):
@@ -306,10 +283,10 @@ def test_wrong_methods_are_405_json_with_allow(start_service: ServiceStarter,
     assert get(service, "/health").status == 200
 
 
-def test_malformed_requests_get_a_json_400(start_service: ServiceStarter,
+def test_malformed_requests_get_a_json_400(http_service: ServiceStarter,
                                            topic_base: str) -> None:
     """A request line the server cannot parse gets 400 with a JSON error, not an HTML page."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
 
     for line in (b"NONSENSE\r\n\r\n", b"GET /health HTTP/9.x\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", service.http.port), timeout=10) as s:
@@ -324,11 +301,11 @@ def test_malformed_requests_get_a_json_400(start_service: ServiceStarter,
     assert get(service, "/health").status == 200
 
 
-def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
+def test_request_bodies_are_read_and_bounded(http_service: ServiceStarter,
                                              topic_base: str) -> None:
     """A request body is bounded: a huge Content-Length gets 413 and a garbled one 400, both
     JSON; a POST /reload with a small body (curl -d) is served as without one."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
     port = service.http.port
     reply = request(port, "POST", "/reload", body=b'{"please": true}' * 1000)
     assert (reply.status, reply.json()["success"]) == (200, True)
@@ -341,10 +318,10 @@ def test_request_bodies_are_read_and_bounded(start_service: ServiceStarter,
     assert "Content-Length" in garbled.json()["error"]
 
 
-def test_head_answers_like_get_without_a_body(start_service: ServiceStarter,
+def test_head_answers_like_get_without_a_body(http_service: ServiceStarter,
                                               topic_base: str) -> None:
     """HEAD gets GET's status and headers, Content-Length included, and no body."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
     wait_until(service.is_connected, 10, message="connected")
     port = service.http.port
 
@@ -362,9 +339,9 @@ def test_head_answers_like_get_without_a_body(start_service: ServiceStarter,
     assert int(head.headers["Content-Length"]) > 1000
 
 
-def test_query_strings_are_ignored(start_service: ServiceStarter, topic_base: str) -> None:
+def test_query_strings_are_ignored(http_service: ServiceStarter, topic_base: str) -> None:
     """/health?x=1 is /health: the query string does not change the endpoint."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
     wait_until(service.is_connected, 10, message="connected")
 
     assert get(service, "/health?x=1").json() == {"ok": True, "problems": [], "warnings": []}
@@ -376,10 +353,10 @@ def test_query_strings_are_ignored(start_service: ServiceStarter, topic_base: st
 
 
 def test_every_endpoint_answers_when_the_broker_was_never_up(
-        start_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
+        http_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
     """Started with the broker down: health 200, ready 503, status/metrics say so, reload ok."""
     broker.stop()
-    service = start_service(two_entries(topic_base))
+    service = http_service(two_entries(topic_base))
 
     assert get(service, "/health").status == 200
     assert get(service, "/ready").status == 503
@@ -395,7 +372,7 @@ def test_every_endpoint_answers_when_the_broker_was_never_up(
 
 
 def test_port_in_use_is_logged_and_the_service_runs_on(
-        start_service: ServiceStarter, topic_base: str,
+        http_service: ServiceStarter, topic_base: str,
         subscriber_factory: SubscriberFactory) -> None:
     """A taken HTTP port logs http_bind_failed; publishing goes on without HTTP."""
     topic = f"{topic_base}/one"
@@ -405,7 +382,7 @@ def test_port_in_use_is_logged_and_the_service_runs_on(
         taken.listen()
         port = taken.getsockname()[1]
         with capture_logs() as logs:
-            service = start_service([entry("one", topic, 0.2)], http_port=port)
+            service = http_service([entry("one", topic, 0.2)], http_port=port)
             sub.wait_for(topic, 3)
 
     failures = [e for e in logs if e["event"] == "http_bind_failed"]
@@ -431,11 +408,11 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def test_idle_clients_cost_no_thread_and_are_cut_off(start_service: ServiceStarter,
+def test_idle_clients_cost_no_thread_and_are_cut_off(http_service: ServiceStarter,
                                                       topic_base: str) -> None:
     """Hundreds of silent connections add no threads, /health still answers beside them, and
     each is closed once the request timeout has passed."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=2.0)
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=2.0)
     port = service.http.port
     assert get(service, "/health").status == 200
     threads_before = threading.active_count()
@@ -454,10 +431,10 @@ def test_idle_clients_cost_no_thread_and_are_cut_off(start_service: ServiceStart
 
 
 def test_the_longest_silent_connections_go_first_beyond_the_cap(
-        start_service: ServiceStarter, topic_base: str) -> None:
+        http_service: ServiceStarter, topic_base: str) -> None:
     """Past MAX_WAITING silent connections, the oldest are closed to make room, long before
     the request timeout, and a real request still gets its answer."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=60)
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=60)
     port = service.http.port
     extra = 10
 
@@ -472,11 +449,11 @@ def test_the_longest_silent_connections_go_first_beyond_the_cap(
             s.close()
 
 
-def test_slow_requests_get_bounded_workers_then_503(start_service: ServiceStarter,
+def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter,
                                                     topic_base: str) -> None:
     """Clients that start a request and stall take the few workers and the queue; a request
     beyond them gets 503 JSON at once, no new thread, and all is well after the timeout."""
-    service = start_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=1.0)
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=1.0)
     port = service.http.port
     assert get(service, "/health").status == 200
     threads_before = threading.active_count()

@@ -7,7 +7,6 @@ import gzip
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,10 @@ from scheduler_publisher.metrics import OVERDUE_SLACK, PerEntrySwitch, overdue, 
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     REPO,
-    InProcessServices,
     Mosquitto,
     ServiceStarter,
     counter,
     entry,
-    free_port,
     post,
     request,
     value,
@@ -38,25 +35,6 @@ RULES = REPO / "docs" / "prometheus-rules.yml"
 RULES_TESTS = REPO / "docs" / "prometheus-rules.test.yml"
 DOC = REPO / "docs" / "metrics.md"
 
-
-@pytest.fixture
-def config_path(tmp_path: Path) -> Path:
-    return tmp_path / "config.json"
-
-
-@pytest.fixture
-def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
-    """Starts an in-process service with HTTP on a free loopback port; stopped at teardown
-    (as in test_http.py)."""
-    services = InProcessServices(config_path.parent)
-
-    def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
-        overrides.setdefault("http_port", free_port())
-        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
-                              **overrides)
-
-    yield start
-    services.close()
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +115,13 @@ def test_an_entry_is_overdue_after_a_whole_slot_and_some_slack() -> None:
 
 # ---- a real service ----------------------------------------------------------------------------
 
-def test_ten_thousand_entries_expose_at_most_400_series(start_service: ServiceStarter,
+def test_ten_thousand_entries_expose_at_most_400_series(http_service: ServiceStarter,
                                                         config_path: Path,
                                                         topic_base: str) -> None:
     """At 10,000 entries with the defaults, /metrics has only the service-wide series (said
     once in the log); a reload down to 5 entries brings the per-entry series back (said once)."""
     with capture_logs() as logs:
-        service = start_service(many(topic_base, 10_000), watch=False)
+        service = http_service(many(topic_base, 10_000), watch=False)
         text = scrape(service)
         scrape(service)
     assert series(text) <= 400, series(text)
@@ -166,23 +144,23 @@ def test_ten_thousand_entries_expose_at_most_400_series(start_service: ServiceSt
         "metrics_per_entry_enabled"]
 
 
-def test_per_entry_series_can_be_forced_on_or_off(start_service: ServiceStarter,
+def test_per_entry_series_can_be_forced_on_or_off(http_service: ServiceStarter,
                                                   topic_base: str) -> None:
     """--metrics-per-entry on exposes them past the limit; off never does; a small limit
     under auto turns them off."""
-    on = start_service(many(topic_base, 20), metrics_per_entry="on", metrics_entry_limit=10)
+    on = http_service(many(topic_base, 20), metrics_per_entry="on", metrics_entry_limit=10)
     assert len(families(scrape(on))["scheduler_publisher_entry_errors"].samples) == 20
-    off = start_service(many(topic_base, 2), metrics_per_entry="off")
+    off = http_service(many(topic_base, 2), metrics_per_entry="off")
     assert "scheduler_publisher_entry_errors" not in families(scrape(off))
-    limited = start_service(many(topic_base, 11), metrics_entry_limit=10)
+    limited = http_service(many(topic_base, 11), metrics_entry_limit=10)
     assert "scheduler_publisher_entry_errors" not in families(scrape(limited))
 
 
-def test_metrics_are_gzipped_when_the_scraper_accepts_it(start_service: ServiceStarter,
+def test_metrics_are_gzipped_when_the_scraper_accepts_it(http_service: ServiceStarter,
                                                          topic_base: str) -> None:
     """Accept-Encoding: gzip gets a gzip body (Content-Encoding: gzip) of the same metrics;
     without it the body is plain text."""
-    service = start_service(many(topic_base, 3))
+    service = http_service(many(topic_base, 3))
     plain = request(service.http.port, "GET", "/metrics")
     assert plain.headers.get("Content-Encoding") is None
     zipped = request(service.http.port, "GET", "/metrics",
@@ -196,20 +174,20 @@ def test_metrics_are_gzipped_when_the_scraper_accepts_it(start_service: ServiceS
         families(plain.body.decode()).keys()
 
 
-def test_openmetrics_is_served_when_asked_for(start_service: ServiceStarter,
+def test_openmetrics_is_served_when_asked_for(http_service: ServiceStarter,
                                               topic_base: str) -> None:
     """A scraper that asks for OpenMetrics gets it (prometheus_client's negotiation)."""
-    service = start_service(many(topic_base, 1))
+    service = http_service(many(topic_base, 1))
     reply = request(service.http.port, "GET", "/metrics",
                     {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert reply.content_type.startswith("application/openmetrics-text")
     assert reply.body.decode().endswith("# EOF\n")
 
 
-def test_process_python_and_build_info_are_exposed(start_service: ServiceStarter,
+def test_process_python_and_build_info_are_exposed(http_service: ServiceStarter,
                                                    topic_base: str) -> None:
     """The standard process_* and python_* collectors run, and build_info names the versions."""
-    service = start_service(many(topic_base, 1))
+    service = http_service(many(topic_base, 1))
     found = families(scrape(service))
     assert value(found, "process_resident_memory_bytes") > 0
     assert value(found, "process_open_fds") > 0
@@ -225,12 +203,12 @@ def test_process_python_and_build_info_are_exposed(start_service: ServiceStarter
     assert info.labels["python"].startswith("3.")
 
 
-def test_an_entry_that_stops_publishing_counts_as_overdue(start_service: ServiceStarter,
+def test_an_entry_that_stops_publishing_counts_as_overdue(http_service: ServiceStarter,
                                                           broker: Mosquitto,
                                                           topic_base: str) -> None:
     """entries_overdue is 0 while entries publish; with the broker gone, an entry that misses a
     whole slot and the slack is counted."""
-    service = start_service([entry("fast", f"{topic_base}/fast", 0.2)])
+    service = http_service([entry("fast", f"{topic_base}/fast", 0.2)])
     wait_until(lambda: service.stats.entry("fast").published >= 2, 10, message="publishing")
     assert value(families(scrape(service)), "scheduler_publisher_entries_overdue") == 0
     broker.stop()
@@ -239,10 +217,10 @@ def test_an_entry_that_stops_publishing_counts_as_overdue(start_service: Service
                OVERDUE_SLACK + 15, message="the entry counted as overdue")
 
 
-def test_promtool_check_metrics_passes_on_a_real_scrape(start_service: ServiceStarter,
+def test_promtool_check_metrics_passes_on_a_real_scrape(http_service: ServiceStarter,
                                                         promtool: str, topic_base: str) -> None:
     """promtool check metrics finds no problem in a real scrape, per-entry series included."""
-    service = start_service([*many(topic_base, 3), entry('odd "id" \\ with ünïcode',
+    service = http_service([*many(topic_base, 3), entry('odd "id" \\ with ünïcode',
                                                          f"{topic_base}/odd", 0.2)])
     wait_until(lambda: service.stats.totals().published >= 3, 10, message="publishes")
     text = scrape(service)
@@ -270,11 +248,11 @@ def test_the_alert_rules_fire_as_documented(promtool: str) -> None:
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
-def test_the_alert_rules_use_metrics_the_service_exposes(start_service: ServiceStarter,
+def test_the_alert_rules_use_metrics_the_service_exposes(http_service: ServiceStarter,
                                                          topic_base: str) -> None:
     """Every metric named in the rules (and their tests) exists in a real scrape, with the
     per-entry series off as they are at scale."""
-    service = start_service(many(topic_base, 2), metrics_per_entry="off")
+    service = http_service(many(topic_base, 2), metrics_per_entry="off")
     names = {s.name for f in text_string_to_metric_families(scrape(service)) for s in f.samples}
     for path in (RULES, RULES_TESTS):
         used = set(re.findall(r"\b((?:scheduler_publisher|process|python)_[a-z_]+)",

@@ -20,13 +20,11 @@ from scheduler_publisher.http import PAGE_POLICY
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     REPO,
-    InProcessServices,
     Mosquitto,
     ServiceStarter,
     SubscriberFactory,
     call,
     entry,
-    free_port,
     request,
     unique_topic,
     wait_until,
@@ -69,24 +67,6 @@ def browser() -> Iterator[WebDriver]:
     yield driver
     driver.quit()
 
-
-@pytest.fixture
-def config_path(tmp_path: Path) -> Path:
-    return tmp_path / "config.json"
-
-
-@pytest.fixture
-def start_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarter]:
-    """An in-process service with HTTP on a free loopback port; stopped at teardown."""
-    services = InProcessServices(config_path.parent)
-
-    def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
-        overrides.setdefault("http_port", free_port())
-        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
-                              **overrides)
-
-    yield start
-    services.close()
 
 
 @pytest.fixture
@@ -207,14 +187,14 @@ CONNECTION = 12
 # ---- the page in the browser --------------------------------------------------------------
 
 def test_page_shows_the_service_and_updates_live(
-        start_service: ServiceStarter, subscriber_factory: SubscriberFactory,
+        http_service: ServiceStarter, subscriber_factory: SubscriberFactory,
         page: Callable[[PublisherService], WebDriver]) -> None:
     """The page shows connection, broker, client id, totals and one row per entry, with
     entry text as text (never markup), and its counters rise as the service publishes."""
     topic_base = unique_topic("home")  # short: the topics are in the README's screenshot
     hostile = f"{topic_base}/<img src=x onerror=alert(1)>"
     sub = subscriber_factory(f"{topic_base}/#")
-    service = start_service([entry("kitchen", f"{topic_base}/kitchen", 0.3, qos=1, retain=True),
+    service = http_service([entry("kitchen", f"{topic_base}/kitchen", 0.3, qos=1, retain=True),
                              entry("porch", hostile, 0.5),
                              entry("garage", f"{topic_base}/garage", 0.4, lwt=True)])
     browser = page(service)
@@ -256,11 +236,11 @@ def test_page_shows_the_service_and_updates_live(
 
 
 def test_many_entries_are_paged_filtered_and_sorted(
-        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         topic_base: str) -> None:
     """With 2,000 entries the DOM holds one page of rows; the filter, the keyboard-driven
     sort (aria-sort follows) and the pager ask the server for the right page."""
-    service = start_service([entry(f"e{i:04d}", f"{topic_base}/{i:04d}", 3600)
+    service = http_service([entry(f"e{i:04d}", f"{topic_base}/{i:04d}", 3600)
                              for i in range(2000)])
     browser = page(service)
     table = wait_rows(browser, lambda t: len(t) == 50, "one page of 50 rows")
@@ -296,11 +276,11 @@ def test_many_entries_are_paged_filtered_and_sorted(
 
 
 def test_the_problem_banner_follows_the_entries_file(
-        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         config_path: Path, topic_base: str, tmp_path: Path) -> None:
     """A broken edit of the entries file shows a banner with the problem; fixing it hides it."""
     good = [entry("one", f"{topic_base}/one", 5)]
-    service = start_service(good)
+    service = http_service(good)
     browser = page(service)
     assert not visible(browser, "problem")
     config_path.write_text('[{"id": "one", "topic": ')
@@ -315,11 +295,11 @@ def test_the_problem_banner_follows_the_entries_file(
 
 
 def test_page_says_when_the_broker_or_the_service_is_gone(
-        start_service: ServiceStarter, broker: Mosquitto,
+        http_service: ServiceStarter, broker: Mosquitto,
         page: Callable[[PublisherService], WebDriver], topic_base: str) -> None:
     """The badge turns to Disconnected with the broker down; with the service gone the page
     keeps its last rows and says it cannot read /status."""
-    service = start_service([entry("one", f"{topic_base}/one", 5)])
+    service = http_service([entry("one", f"{topic_base}/one", 5)])
     browser = page(service)
     wait_until(lambda: text(browser, "conn-state") == "Connected", WAIT, message="connected")
     broker.stop()
@@ -335,11 +315,11 @@ def test_page_says_when_the_broker_or_the_service_is_gone(
 
 
 def test_reload_button_without_a_token(
-        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         config_path: Path, topic_base: str) -> None:
     """Without --http-token-file the button reloads at once (no token field) and says so; a
     refused reload says why."""
-    service = start_service([entry("one", f"{topic_base}/one", 5)], watch=False)
+    service = http_service([entry("one", f"{topic_base}/one", 5)], watch=False)
     browser = page(service)
     assert not visible(browser, "token-row")
     write_config(config_path, [entry("one", f"{topic_base}/one", 5),
@@ -360,11 +340,11 @@ def test_reload_button_without_a_token(
 
 
 def test_reload_button_with_a_token(
-        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         config_path: Path, topic_base: str) -> None:
     """With a token the page asks for it (a password field), refuses a wrong one as the server
     does, and reloads with the right one sent as a bearer token."""
-    service = start_service([entry("one", f"{topic_base}/one", 5)], watch=False,
+    service = http_service([entry("one", f"{topic_base}/one", 5)], watch=False,
                             http_token="s3cret-token")
     browser = page(service)
     assert visible(browser, "token-row")
@@ -391,11 +371,11 @@ def test_reload_button_with_a_token(
 
 
 def test_page_passes_an_accessibility_check(
-        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         topic_base: str) -> None:
     """Every control has a label, every sortable header is a button in a header with
     aria-sort, text meets WCAG AA contrast, and the filter and sort work from the keyboard."""
-    service = start_service([entry("b", f"{topic_base}/b", 60), entry("a", f"{topic_base}/a", 60),
+    service = http_service([entry("b", f"{topic_base}/b", 60), entry("a", f"{topic_base}/a", 60),
                              entry("c", f"{topic_base}/c", 60)], http_token="t")
     browser = page(service)
     wait_rows(browser, lambda t: len(t) == 3, "three rows")
@@ -426,14 +406,14 @@ def test_page_passes_an_accessibility_check(
 
 
 def test_times_are_told_by_the_service_s_clock(
-        start_service: ServiceStarter, browser: WebDriver,
+        http_service: ServiceStarter, browser: WebDriver,
         page: Callable[[PublisherService], WebDriver], topic_base: str) -> None:
     """With the browser's clock an hour ahead of the gateway's, "last published" still says
     seconds ago, not an hour: the page reads the service's clock from each answer's Date."""
     ahead = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
         "source": "const realNow = Date.now; Date.now = () => realNow() + 3600e3;"})
     try:
-        service = start_service([entry("one", f"{topic_base}/one", 0.5)])
+        service = http_service([entry("one", f"{topic_base}/one", 0.5)])
         page(service)
         assert browser.execute_script("return Date.now() - new Date().getTime()") > 3500e3
         wait_rows(browser, lambda t: t[0][PUBLISHED] not in ("0", "1"), "a few publishes")
@@ -444,11 +424,11 @@ def test_times_are_told_by_the_service_s_clock(
 
 
 def test_page_fits_a_phone(
-        start_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         topic_base: str, tmp_path: Path) -> None:
     """On a phone-sized window the page does not scroll sideways and each entry is a block of
     labelled fields."""
-    service = start_service([entry("a-long-entry-id", f"{topic_base}/{'x' * 60}", 5, lwt=True)])
+    service = http_service([entry("a-long-entry-id", f"{topic_base}/{'x' * 60}", 5, lwt=True)])
     browser = page(service)
     browser.set_window_size(*PHONE)
     wait_until(lambda: browser.execute_script("return innerWidth") <= PHONE[0], WAIT,
@@ -466,11 +446,11 @@ def test_page_fits_a_phone(
 
 # ---- what the server sends -------------------------------------------------------------------
 
-def test_page_and_assets_carry_a_strict_policy(start_service: ServiceStarter,
+def test_page_and_assets_carry_a_strict_policy(http_service: ServiceStarter,
                                                topic_base: str) -> None:
     """`/`, its script and its style sheet come from the package with their types, a strict
     Content-Security-Policy and nosniff; the page knows whether reload needs a token."""
-    service = start_service([entry("one", f"{topic_base}/one", 5)], http_token="t")
+    service = http_service([entry("one", f"{topic_base}/one", 5)], http_token="t")
     port = service.http.port
     expected = {"/": "text/html", "/page.js": "text/javascript", "/page.css": "text/css"}
     for path, kind in expected.items():
@@ -493,10 +473,10 @@ def test_page_and_assets_carry_a_strict_policy(start_service: ServiceStarter,
     assert "unsafe" not in PAGE_POLICY
 
 
-def test_status_paging_over_http(start_service: ServiceStarter, topic_base: str) -> None:
+def test_status_paging_over_http(http_service: ServiceStarter, topic_base: str) -> None:
     """`/status` without parameters is the whole snapshot as before; with them one page, in
     the order asked; a bad parameter is a 400 naming it, what came and what is expected."""
-    service = start_service([entry(f"n{i}", f"{topic_base}/{i}", 60) for i in range(12)])
+    service = http_service([entry(f"n{i}", f"{topic_base}/{i}", 60) for i in range(12)])
     port = service.http.port
     code, whole = get_json(port, "/status")
     assert code == 200
