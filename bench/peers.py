@@ -49,6 +49,31 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
             proc.wait()
 
 
+class _ProcessPeer:
+    """A peer that is one child process, its output in `<tag>.log` (the bare loop, Node-RED)."""
+
+    name: str
+
+    def _spawn(self, work: Path, tag: str, cmd: list[str]) -> None:
+        self._out = (work / f"{tag}.log").open("wb")
+        self.started_at = time.time()
+        self._proc = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=raise_nofile)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> None:
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self._proc.returncode}")
+
+    def stop(self) -> None:
+        stop_process(self._proc)
+        self._out.close()
+
+
 class ServicePeer:
     name = "service"
     on_grid = True
@@ -68,30 +93,13 @@ class ServicePeer:
         self._svc.stop()
 
 
-class LoopPeer:
+class LoopPeer(_ProcessPeer):
     name = "loop"
     on_grid = True
 
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
-        self._out = (work / f"{tag}.log").open("wb")
-        self.started_at = time.time()
-        self._proc = subprocess.Popen(
-            [sys.executable, str(RUN), "--role", "loop", "--port", str(port), "--n", str(n),
-             "--prefix", prefix],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=raise_nofile)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def alive(self) -> None:
-        if self._proc.poll() is not None:
-            raise RuntimeError(f"bare loop exited with {self._proc.returncode}")
-
-    def stop(self) -> None:
-        stop_process(self._proc)
-        self._out.close()
+        self._spawn(work, tag, [sys.executable, str(RUN), "--role", "loop", "--port", str(port),
+                                "--n", str(n), "--prefix", prefix])
 
 
 # ==== Node-RED ===================================================================================
@@ -165,7 +173,7 @@ def node_red_settings(user_dir: Path) -> str:
     )
 
 
-class NodeRedPeer:
+class NodeRedPeer(_ProcessPeer):
     name = "node-red"
     on_grid = False  # each inject node's timer starts at deploy: its own phase
 
@@ -177,25 +185,12 @@ class NodeRedPeer:
         (self._user_dir / "flows.json").write_text(json.dumps(flow))
         settings = self._user_dir / "settings.js"
         settings.write_text(node_red_settings(self._user_dir))
-        self._out = (work / f"{tag}.log").open("wb")
-        self.started_at = time.time()
-        self._proc = subprocess.Popen(
-            ["node", str(NODE_RED_JS), "--settings", str(settings), "--userDir",
-             str(self._user_dir), str(self._user_dir / "flows.json")],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=raise_nofile)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def alive(self) -> None:
-        if self._proc.poll() is not None:
-            raise RuntimeError(f"Node-RED exited with {self._proc.returncode}")
+        self._spawn(work, tag, ["node", str(NODE_RED_JS), "--settings", str(settings),
+                                "--userDir", str(self._user_dir),
+                                str(self._user_dir / "flows.json")])
 
     def stop(self) -> None:
-        stop_process(self._proc)
-        self._out.close()
+        super().stop()
         shutil.rmtree(self._user_dir, ignore_errors=True)
 
 
