@@ -533,6 +533,9 @@ class PublishConfig:
     version: int | None = None
     # Derived from data; compared so that 1, 1.0 and true in data (equal in Python) differ.
     payload: bytes = field(init=False, repr=False)
+    # The fingerprint of the file text this entry was read from, when it was read without a
+    # single finding: a reload that meets the same text again reuses the entry unchecked.
+    source_key: int | None = field(init=False, default=None, repr=False, compare=False)
 
     __hash__ = None  # type: ignore[assignment]  # equal configs exist, but data is unhashable
 
@@ -547,6 +550,7 @@ class PublishConfig:
         for spec in dataclasses.fields(cls):
             if spec.init:
                 object.__setattr__(config, spec.name, fields.get(spec.name, spec.default))
+        object.__setattr__(config, "source_key", None)
         config._derive()
         return config
 
@@ -675,6 +679,21 @@ def _unreadable_entry(position: int, element: document.UnreadableElement,
     return _Checked(None, [problem], entry_id)
 
 
+def _reused(position: int, located: document.Located, known: Mapping[str, PublishConfig],
+            first_seen: dict[str, int]) -> _Checked | None:
+    """The running entry, when the file still holds the very text it was read from: checking
+    that text again would find nothing and build an equal entry. A reload of a large file
+    that changed in one place so checks one entry instead of all of them."""
+    entry = located.value
+    entry_id = entry.get("id") if isinstance(entry, dict) else None
+    before = known.get(entry_id) if isinstance(entry_id, str) else None
+    if before is None or before.source_key is None or before.source_key != located.fingerprint:
+        return None
+    if first_seen.setdefault(before.id, position) != position:
+        return None  # a duplicate now: the full check says so
+    return _Checked(before, [], before.id)
+
+
 def _check_entry(position: int, located: document.Located,
                  first_seen: dict[str, int]) -> _Checked:
     entry = located.value
@@ -699,6 +718,8 @@ def _check_entry(position: int, located: document.Located,
     if any(problem.severity == "error" for problem in problems):
         return _Checked(None, problems, entry_id)
     config = PublishConfig._from_checked(entry)  # every field was checked just above
+    if not problems:
+        object.__setattr__(config, "source_key", located.fingerprint)
     return _Checked(config, problems, entry_id)
 
 
@@ -716,11 +737,16 @@ def parse_config(raw: bytes, *, source: str = "<config>") -> ConfigResult:
             return result
 
 
-def parse_config_steps(raw: bytes, *, source: str = "<config>",
-                       step: int = PARSE_STEP) -> Generator[None, None, ConfigResult]:
+def parse_config_steps(raw: bytes, *, source: str = "<config>", step: int = PARSE_STEP,
+                       known: Mapping[str, PublishConfig] | None = None,
+                       ) -> Generator[None, None, ConfigResult]:
     """parse_config in steps: pauses (yields) after every `step` entries and returns the
     result. The service's main loop parses a large file this way, a slice per turn, so its
-    systemd watchdog pings and stop requests are not held up (docs/design.md)."""
+    systemd watchdog pings and stop requests are not held up (docs/design.md).
+
+    `known` are the entries in force: an element whose text is the one such an entry was read
+    from is that entry again, without being checked a second time."""
+    known = known or {}
     entries: list[PublishConfig] = []
     problems: list[Problem] = []
     invalid_ids: set[str] = set()
@@ -729,7 +755,8 @@ def parse_config_steps(raw: bytes, *, source: str = "<config>",
         for position, entry in enumerate(document.located_elements(raw), start=1):
             if position % step == 0:
                 yield
-            checked = _check_entry(position, entry, first_seen)
+            checked = (_reused(position, entry, known, first_seen)
+                       or _check_entry(position, entry, first_seen))
             problems.extend(checked.problems)
             if checked.config is not None:
                 entries.append(checked.config)
@@ -820,10 +847,11 @@ class ConfigurationLoader:
         """Read and parse the file; raises ConfigFileError if it is unusable as a whole."""
         return parse_config(self.read(), source=str(self._path))
 
-    def load_steps(self, raw: bytes) -> Generator[None, None, ConfigResult]:
-        """Parse bytes read with read() in steps (parse_config_steps); raises
-        ConfigFileError."""
-        return parse_config_steps(raw, source=str(self._path))
+    def load_steps(self, raw: bytes, known: Mapping[str, PublishConfig] | None = None,
+                   ) -> Generator[None, None, ConfigResult]:
+        """Parse bytes read with read() in steps (parse_config_steps, which reuses the `known`
+        entries whose text did not change); raises ConfigFileError."""
+        return parse_config_steps(raw, source=str(self._path), known=known)
 
     def load_configurations(self) -> list[PublishConfig]:
         """Only the valid entries; use load() to see the problems too."""

@@ -355,7 +355,7 @@ class PublisherService:
         return applied
 
     def _reload_file(self, trigger: Trigger | None) -> Steps[bool]:
-        check = yield from self._source.check()
+        check = yield from self._source.check(self._entries)
         if isinstance(check, Failed):
             self._file_problem(check.problem)
             return False

@@ -13,13 +13,14 @@ time. Main-loop thread only.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 
 from scheduler_publisher.config import (
     ConfigFileError,
     ConfigResult,
     ConfigurationLoader,
+    PublishConfig,
     config_digest,
 )
 
@@ -75,14 +76,16 @@ class ConfigSource:
         """The file at start-up, parsed in one go; raises ConfigFileError."""
         return self._loader.load()
 
-    def check(self) -> Generator[None, None, Check]:
+    def check(self, running: Mapping[str, PublishConfig] | None = None,
+              ) -> Generator[None, None, Check]:
         """Read the file and compare it with the version in force; a new version is parsed
-        in steps (the generator pauses between them)."""
+        in steps (the generator pauses between them). Entries of `running` whose text is
+        unchanged are taken over as they are, not checked again."""
         try:
             raw = self._loader.read()
             if config_digest(raw) == self._digest:
                 return Unchanged(self._errors)
-            result = yield from self._loader.load_steps(raw)
+            result = yield from self._loader.load_steps(raw, running)
         except ConfigFileError as exc:
             return Failed(str(exc))
         return Candidate(result)

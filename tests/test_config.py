@@ -1007,6 +1007,77 @@ def test_parse_config_steps_pauses_and_returns_the_same_result() -> None:
     assert result == parse_config(raw)
 
 
+def steps_result(raw: bytes, known: dict[str, PublishConfig]) -> ConfigResult:
+    steps = parse_config_steps(raw, known=known)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: ConfigResult = done.value
+            return result
+
+
+def running(result: ConfigResult) -> dict[str, PublishConfig]:
+    return {config.id: config for config in result.entries}
+
+
+def test_a_reload_takes_over_entries_whose_text_did_not_change() -> None:
+    """Entries whose text is unchanged are the running objects again; a changed one is read
+    anew; the result equals a full parse of the new file."""
+    old = [entry(id=f"e{i}", topic=f"t/{i}") for i in range(5)]
+    first = parse_config(json.dumps(old).encode())
+    new = [*old[:2], entry(id="e2", topic="t/2", data={"v": 2}), *old[3:]]
+    raw = json.dumps(new).encode()
+
+    result = steps_result(raw, running(first))
+
+    assert result == parse_config(raw)
+    taken_over = {c.id for c in result.entries if c is running(first)[c.id]}
+    assert taken_over == {"e0", "e1", "e3", "e4"}
+    assert result.entries[2].payload == b'{"online":1,"v":2}'
+
+
+def test_a_reload_reports_a_duplicate_of_an_unchanged_entry() -> None:
+    """An unchanged entry that a new entry above it now duplicates is rejected as a duplicate,
+    like a full parse does; it is not taken over unchecked."""
+    first = parse_config(json.dumps([entry(id="a")]).encode())
+    raw = json.dumps([entry(id="a", topic="other"), entry(id="a")]).encode()
+
+    result = steps_result(raw, running(first))
+
+    assert result == parse_config(raw)
+    assert [c.topic for c in result.entries] == ["other"]
+    assert "id must be unique" in lines(result)[0]
+
+
+def test_a_reload_checks_again_every_entry_that_had_a_finding() -> None:
+    """An entry with a warning is checked on every reload, so its warning is reported again
+    (at its new line), never lost by taking the entry over."""
+    warned = entry(id="w", colour="red")
+    first = parse_config(json.dumps([warned]).encode())
+    assert first.warnings
+    raw = json.dumps([entry(id="new"), warned], indent=1).encode()
+
+    result = steps_result(raw, running(first))
+
+    assert result == parse_config(raw)
+    assert [p.entry_id for p in result.warnings] == ["w"]
+    assert result.warnings[0].line != first.warnings[0].line
+    assert running(result)["w"] is not running(first)["w"]
+
+
+def test_a_reload_takes_over_only_the_same_text_not_an_equal_value() -> None:
+    """1 and 1.0 are equal in Python but publish different bytes: an entry whose text changed
+    that way is read anew, and its payload follows the file."""
+    first = parse_config(b'[{"id": "a", "topic": "t", "data": {"v": 1}, "interval": 5}]')
+    raw = b'[{"id": "a", "topic": "t", "data": {"v": 1.0}, "interval": 5}]'
+
+    result = steps_result(raw, running(first))
+
+    assert result.entries[0].payload == b'{"online":1,"v":1.0}'
+    assert result.entries[0] != first.entries[0]
+
+
 # --- where problems are ----------------------------------------------------------------------
 
 
