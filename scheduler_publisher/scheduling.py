@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -167,6 +168,10 @@ class Schedule:
         # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
         # job (~100 B each), which only pickling job stores need; ours lives in memory.
         self._tick = functools.partial(tick)
+        # add_job checks the job's args against the callable's signature, and inspect builds
+        # that signature anew each time: about half of adding a job at start-up. The one
+        # callable's signature, computed once, is what inspect.signature returns first.
+        self._tick.__signature__ = inspect.signature(self._tick)  # type: ignore[attr-defined]
         self.heartbeat = time.monotonic()
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
