@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 from structlog.typing import EventDict
@@ -250,3 +251,10 @@ def _drop_fields(data: dict[str, Any], max_chars: int) -> str:
         if len(line) <= max_chars:
             break
     return line
+
+
+def format_timestamp(epoch: float) -> str:
+    """UTC ISO-8601 with milliseconds and `Z`, e.g. 2026-01-02T03:04:05.678Z."""
+    seconds = int(epoch)
+    millis = int((epoch - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

@@ -18,12 +18,11 @@ import errno
 import logging
 import logging.handlers
 import os
-import re
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +32,19 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from scheduler_publisher import ecs
+from scheduler_publisher.ecs import format_timestamp
+from scheduler_publisher.log_outputs import (
+    FileHandler,
+    StdoutHandler,
+    file_reporter,
+    is_journal_stream,
+)
+from scheduler_publisher.redaction import (
+    escape_controls,
+    escape_for_terminal,
+    redact,
+    register_secret,
+)
 
 __all__ = [
     "LogFormat",
@@ -47,14 +59,7 @@ __all__ = [
 
 LogFormat = Literal["json", "console"]
 
-REDACTED = "***"
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_SENSITIVE_KEY = re.compile("password|passwd|secret|token|authorization", re.IGNORECASE)
-# Written by the pipeline or the code, never by a peer: a registered secret that happens to be
-# a substring of one ("mqtt", "publisher") must not rewrite it (and so give itself away).
-_NEVER_REDACTED = frozenset({"@timestamp", "level", "logger", "error.type", "_record",
-                             "_from_structlog"})
-_SCALARS = (int, float, bool, type(None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,81 +85,7 @@ class LogSettings:
             raise ValueError("; ".join(problems))
 
 
-# --- secrets registry ------------------------------------------------------------------------
-# Any thread may register; the pipeline reads the tuple without locking because registration
-# swaps in a new immutable tuple.
-_secrets: tuple[str, ...] = ()
-_secrets_lock = threading.Lock()
-
-
-def register_secret(value: str) -> None:
-    """Redact every later log value that contains `value`."""
-    global _secrets  # noqa: PLW0603 -- a process-wide registry is the point
-    if not value:
-        return
-    with _secrets_lock:
-        if value not in _secrets:
-            _secrets = (*_secrets, value)
-
-
-def _hide_secrets(text: str, secrets: tuple[str, ...]) -> str:
-    """A value that carries a secret is replaced whole (a multi-line one, line by line).
-
-    Replacing only the secret inside it would show where it sat, and so what it is, whenever
-    the rest of the value is known: "paho.***.client" gives the password "mqtt" away.
-    """
-    if not any(secret in text for secret in secrets):
-        return text
-    if "\n" not in text:
-        return REDACTED
-    return "\n".join(REDACTED if any(s in line for s in secrets) else line
-                     for line in text.split("\n"))
-
-
-def _clean(value: Any, secrets: tuple[str, ...]) -> Any:
-    """Redact sensitive keys at any depth and, when secrets are registered, values carrying them."""
-    if isinstance(value, str):
-        return _hide_secrets(value, secrets) if secrets else value
-    if isinstance(value, dict):
-        return {k: _clean_field(k, v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v, secrets) for v in value]
-    if secrets and not isinstance(value, _SCALARS):
-        # The renderers would str() it anyway; do it first so the text is scrubbed too.
-        return _hide_secrets(str(value), secrets)
-    return value
-
-
-def _clean_field(key: Any, value: Any, secrets: tuple[str, ...]) -> Any:
-    if isinstance(key, str) and _SENSITIVE_KEY.search(key):
-        return REDACTED
-    return _clean(value, secrets)
-
-
-def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Processor: sensitive keys become "***", and so does every value carrying a secret.
-
-    Field names, logger names and our own event names are never touched; a foreign record's
-    message is free text and is scrubbed like any value.
-    """
-    secrets = _secrets
-    own_event = event_dict.get("_from_structlog", True)
-    return {
-        key: value
-        if key in _NEVER_REDACTED or (key == "event" and own_event)
-        else _clean_field(key, value, secrets)
-        for key, value in event_dict.items()
-    }
-
-
 # --- processors ------------------------------------------------------------------------------
-def format_timestamp(epoch: float) -> str:
-    """UTC ISO-8601 with milliseconds and `Z`, e.g. 2026-01-02T03:04:05.678Z."""
-    seconds = int(epoch)
-    millis = int((epoch - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
-
-
 def _add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     # A foreign record keeps the time it was created at, not the time it was formatted.
     record = event_dict.get("_record")
@@ -221,42 +152,6 @@ def _cap_lists(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> E
     return ecs.cap_lists(event_dict)
 
 
-# C0 and C1 controls, DEL, and the bidi overrides that reorder what a terminal shows.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_CONTROL_KEEP_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
-    """Control characters as visible escapes (\\x1b), so a value cannot drive the terminal."""
-    pattern = _CONTROL_KEEP_NEWLINE if keep_newlines else _CONTROL
-    return pattern.sub(_escape_char, text)
-
-
-def _escape_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return escape_controls(value)
-    if isinstance(value, dict):
-        return {_escape_value(k): _escape_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_escape_value(v) for v in value]
-    return value
-
-
-def _escape_for_terminal(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Processor (console only; JSON escapes them itself): ids, topics and foreign messages
-    come from files and peers, and must not reach a terminal as escape sequences."""
-    return {
-        escape_controls(str(key)): escape_controls(value, keep_newlines=True)
-        if key == "exception" and isinstance(value, str) else _escape_value(value)
-        for key, value in event_dict.items()
-    }
-
-
 _RECORD_KEYS = frozenset(logging.LogRecord("n", 0, "p", 0, "m", (), None).__dict__)
 
 
@@ -310,139 +205,15 @@ def _console_formatter(stream: TextIO) -> logging.Formatter:
         redact,
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
         _cap_lists,
-        _escape_for_terminal,
+        escape_for_terminal,
         renderer,
     ])
-
-
-# --- destinations ----------------------------------------------------------------------------
-def _journald_priority(levelno: int) -> int:
-    """sd-daemon(3) priority prefixes: journald files the line at it and strips the prefix."""
-    if levelno >= logging.ERROR:
-        return 3
-    if levelno >= logging.WARNING:
-        return 4
-    return 6 if levelno >= logging.INFO else 7
-
-
-def is_journal_stream(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
-    """True when `stream` is the journal systemd connected: $JOURNAL_STREAM names its device and
-    inode (systemd.exec(5)). A child whose stdout was redirected inherits the variable, but
-    its stdout is another file, so the check fails there as it should."""
-    dev, _, ino = environ.get("JOURNAL_STREAM", "").partition(":")
-    if not (dev.isdigit() and ino.isdigit()):
-        return False
-    try:
-        st = os.fstat(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        return False  # no file descriptor (io.StringIO raises UnsupportedOperation, a ValueError)
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
-
-
-class _StdoutHandler(logging.StreamHandler[TextIO]):
-    """Whole lines under the handler's lock, for log records and `echo_line` alike."""
-
-    def __init__(self, stream: TextIO, *, journald: bool) -> None:
-        super().__init__(stream)
-        self._journald = journald
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if not self._journald:
-            return text
-        prefix = f"<{_journald_priority(record.levelno)}>"
-        return "\n".join(prefix + line for line in text.split("\n"))
-
-    def write_line(self, text: str) -> None:
-        self.acquire()  # the lock `handle` takes around each record
-        try:
-            self.stream.write(text + self.terminator)
-            self.flush()
-        finally:
-            self.release()
-
-
-# Tells stderr and stdout that the file failed or works again; returns the record it sent.
-Report = Callable[[str, OSError | None], logging.LogRecord]
-
-
-class _FileHandler(logging.handlers.RotatingFileHandler):
-    """A rotated file whose write failures (disk full, file gone read-only) are reported once,
-    and once more on recovery, instead of one `--- Logging error ---` traceback per record.
-
-    A missing folder is created with the first line written to it, not before: a start that
-    fails before logging anything leaves no empty `./logs/` behind."""
-
-    def __init__(self, path: Path, settings: LogSettings, report: Report) -> None:
-        self.path = path  # before super().__init__, which may call _open()
-        super().__init__(path, maxBytes=settings.file_max_bytes,
-                         backupCount=settings.file_backups, encoding="utf-8",
-                         delay=not path.parent.is_dir())
-        self._report = report
-        self._failure: OSError | None = None
-        self._failing = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # Runs under the handler's lock (Handler.handle), so the state needs no lock of its own.
-        self._failure = None
-        super().emit(record)
-        failure = self._take_failure()
-        if failure is not None and not self._failing:
-            self._failing = True
-            self._report("log_file_write_failed", failure)
-        elif failure is None and self._failing:
-            self._failing = False
-            # Into the file too, so the file shows where its gap ends.
-            super().emit(self._report("log_file_write_recovered", None))
-
-    def _open(self) -> Any:  # the stdlib's name and (untyped) signature
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
-
-    @property
-    def opened(self) -> bool:
-        return self.stream is not None
-
-    def _take_failure(self) -> OSError | None:
-        failure, self._failure = self._failure, None
-        return failure
-
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- stdlib name
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            self._failure = exc
-        else:
-            super().handleError(record)  # a bug, not the disk: keep the stdlib's traceback
-
-
-def _own_record(level: int, event: str, **fields: Any) -> logging.LogRecord:
-    """A record that the formatter treats as one of ours (see `wrap_for_formatter`), for
-    handlers to receive directly, without passing through the logger and every handler."""
-    record = logging.LogRecord(__name__, level, __file__, 0, None, None, None)
-    record.msg = {"event": event, "level": logging.getLevelName(level).lower(),
-                  "logger": __name__, "@timestamp": format_timestamp(record.created), **fields}
-    record.__dict__.update(_logger=None, _name=logging.getLevelName(level).lower())
-    return record
-
-
-def _file_reporter(path: Path, stdout: logging.Handler) -> Report:
-    def report(event: str, error: OSError | None) -> logging.LogRecord:
-        if error is not None:
-            sys.stderr.write(f"scheduler-publisher: cannot write the log file {path}: {error}; "
-                             "logging continues on stdout and retries the file\n")
-            record = _own_record(logging.ERROR, event, path=str(path), error=str(error))
-        else:
-            sys.stderr.write(f"scheduler-publisher: the log file {path} is writable again\n")
-            record = _own_record(logging.WARNING, event, path=str(path))
-        stdout.handle(record)
-        return record
-    return report
 
 
 # --- installation ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class _Installed:
-    stdout: _StdoutHandler
+    stdout: StdoutHandler
     file: logging.Handler | None
     previous_root_level: int
     previous_apscheduler_level: int
@@ -475,7 +246,7 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
         previous = _installed
         if previous is not None:
             _uninstall(previous.handlers)
-        console = _StdoutHandler(out, journald=is_journal_stream(out))
+        console = StdoutHandler(out, journald=is_journal_stream(out))
         console.setFormatter(
             _console_formatter(out) if settings.format == "console"
             else _json_formatter(settings.service_name, version)
@@ -519,8 +290,8 @@ def _open_file_handler(
         return None, None
     try:
         _check_folder(settings.file.parent)
-        handler = _FileHandler(settings.file, settings,
-                               _file_reporter(settings.file, stdout))
+        handler = FileHandler(settings.file, settings,
+                               file_reporter(settings.file, stdout))
     except OSError as exc:
         return None, exc
     handler.setFormatter(_json_formatter(settings.service_name, version))
@@ -587,7 +358,7 @@ def log_startup_failure(settings: LogSettings, error: BaseException, *, exit_cod
         configure_logging(settings, stream=stream)
     installed = _installed
     unopened = installed.file if installed is not None and isinstance(
-        installed.file, _FileHandler) and not installed.file.opened else None
+        installed.file, FileHandler) and not installed.file.opened else None
     root = logging.getLogger()
     if unopened is not None:
         root.removeHandler(unopened)

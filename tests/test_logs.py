@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import structlog
 
-from scheduler_publisher import __version__, logs
+from scheduler_publisher import __version__, redaction
+from scheduler_publisher.ecs import format_timestamp
 from scheduler_publisher.logs import (
     LogSettings,
     configure_logging,
     echo_line,
-    format_timestamp,
     get_logger,
     log_startup_failure,
     register_secret,
@@ -485,7 +485,7 @@ def test_a_secret_that_is_a_common_word_rewrites_no_name(
         out: io.StringIO, password: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Event names, logger names, field names and generated fields keep their text when the
     password is a substring of them; a value that carries it is replaced whole."""
-    monkeypatch.setattr(logs, "_secrets", ())  # the registry is process-wide; start empty
+    monkeypatch.setattr(redaction, "_secrets", ())  # the registry is process-wide; start empty
     register_secret(password)
     configure(out)
     get_logger("scheduler_publisher.connection").info(
