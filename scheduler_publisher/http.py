@@ -1,12 +1,8 @@
 """Health, readiness, status, Prometheus metrics and reload over HTTP (stdlib server).
 
-Bound to loopback by default. Threads, and what each may cost:
-- the "http" thread accepts connections and holds each one, threadless, until its request
-  starts to arrive; a connection that stays silent for the request timeout is closed;
-- HTTP_WORKERS "http-worker" threads read and answer the requests that have begun. They only
-  read the service's state, or ask the main loop to reload. When they and the queue in front
-  of them are all taken, a new request gets a 503 at once: clients never cost a thread each.
-Connections are HTTP/1.0, one request each.
+Bound to loopback by default. The threads and their bounds are http_server.py's; the
+handlers here only read the service's state, or ask the main loop to reload. Connections are
+HTTP/1.0, one request each.
 
 `/` is a status page for people (scheduler_publisher/web/): static HTML, CSS and JavaScript
 that poll `/status` for one page of entries at a time. Its Content-Security-Policy allows
@@ -15,24 +11,19 @@ scripts, styles and requests from this origin only, so entry-provided text canno
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
-import queue
-import selectors
-import socket
-import threading
-import time
 from collections.abc import Iterable
 from functools import cache
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import make_wsgi_app
 
+from scheduler_publisher.http_server import BoundedHTTPServer
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.metrics import MetricsSource, PerEntrySwitch, build_registry
 from scheduler_publisher.status_query import QueryError, parse_query, select
@@ -44,18 +35,7 @@ if TYPE_CHECKING:
 
 log = get_logger("scheduler_publisher.http")
 
-HTTP_WORKERS = 4
-HTTP_QUEUE = 16  # requests that have begun, waiting for a worker; beyond this: 503
-MAX_WAITING = 256  # silent connections held; beyond this the longest-silent one is closed
-LISTEN_BACKLOG = 128
 MAX_BODY = 64 * 1024
-ACCEPT_BACKOFF_MIN = 0.05
-ACCEPT_BACKOFF_MAX = 1.0
-ACCEPT_LOG_PERIOD = 60.0
-# accept() fails with these while the process or the system is out of descriptors or memory.
-# The pending connection stays queued, so the listening socket stays readable: retrying at
-# once would spin a core (issue: "one HTTP connect can pin a core").
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 GET = ("GET", "HEAD")
 # path -> (methods, handler)
@@ -79,11 +59,6 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 # The page learns from this attribute whether the reload button must ask for a token.
 _TOKEN_MARK = b'data-token-required="no"'
-_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-         b"Retry-After: 1\r\nConnection: close\r\n\r\n"
-         b'{"error": "too many requests in progress; try again"}')
-
-
 def bearer_matches(header: str | None, token: str) -> bool:
     """`Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235 section 2.1)."""
     scheme, _, credentials = (header or "").strip().partition(" ")
@@ -128,13 +103,13 @@ class StatusServer:
         self.per_entry = PerEntrySwitch(settings.metrics_per_entry, settings.metrics_entry_limit)
         self.registry = build_registry(service, self.per_entry)
         self.metrics_app = make_wsgi_app(self.registry)  # gzip and content negotiation
-        self._server: _Server | None = None
+        self._server: BoundedHTTPServer | None = None
 
     def start(self) -> bool:
         """Serve in daemon threads; False (logged) when the port cannot be bound."""
         handler = type("Handler", (_Handler,), {"app": self, "timeout": self.request_timeout})
         try:
-            self._server = _Server((self.host, self.port), handler, self.request_timeout)
+            self._server = BoundedHTTPServer((self.host, self.port), handler, self.request_timeout)
         except OSError as exc:
             log.error("http_bind_failed", host=self.host, port=self.port, error=str(exc),
                       hint="choose another port with --http-port (0 turns HTTP off)")
@@ -151,163 +126,6 @@ class StatusServer:
 
     def authorized(self, header: str | None) -> bool:
         return self.token is None or bearer_matches(header, self.token)
-
-
-class _Server(HTTPServer):
-    """HTTPServer with bounded threads, an idle timeout, and an accept that backs off."""
-
-    request_queue_size = LISTEN_BACKLOG
-
-    def __init__(self, address: tuple[str, int], handler: type[_Handler],
-                 request_timeout: float) -> None:
-        super().__init__(address, handler)
-        self.request_timeout = request_timeout
-        self._stopping = threading.Event()
-        self._jobs: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(HTTP_QUEUE)
-        # Silent connections by arrival, so the oldest comes first: socket -> (address, deadline)
-        self._waiting: dict[socket.socket, tuple[Any, float]] = {}
-        self._selector = selectors.DefaultSelector()
-        self._paused_until: float | None = None
-        self._backoff = ACCEPT_BACKOFF_MIN
-        self._failed_accepts = 0  # in a row, in the current episode
-        self._logged_failure_at: float | None = None
-        self._episode_logged = False
-        self._threads = [threading.Thread(target=self._accept_loop, name="http", daemon=True)]
-        self._threads += [threading.Thread(target=self._work, name=f"http-worker-{i}",
-                                           daemon=True) for i in range(HTTP_WORKERS)]
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._threads[0].join(2)
-        for _ in range(HTTP_WORKERS):
-            try:
-                self._jobs.put_nowait(None)
-            except queue.Full:
-                break  # workers busy with stalled clients: daemons, they end with the process
-        self.server_close()
-
-    # ---- the "http" thread ------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        self._selector.register(self.socket, selectors.EVENT_READ)
-        try:
-            while not self._stopping.is_set():
-                self._resume_accepting(time.monotonic())
-                for key, _ in self._selector.select(self._select_timeout(time.monotonic())):
-                    if key.fileobj is self.socket:
-                        self._accept()
-                    else:
-                        self._begin(key.fileobj)  # type: ignore[arg-type]  # ours: sockets
-                self._expire(time.monotonic())
-        finally:
-            for conn in list(self._waiting):
-                self._drop(conn)
-            self._selector.close()
-
-    def _select_timeout(self, now: float) -> float:
-        due = [now + 0.5]  # bounds how long stop() waits
-        if self._waiting:
-            due.append(next(iter(self._waiting.values()))[1])
-        if self._paused_until is not None:
-            due.append(self._paused_until)
-        return max(0.0, min(due) - now)
-
-    def _accept(self) -> None:
-        try:
-            conn, address = self.socket.accept()
-        except OSError as exc:
-            if exc.errno in _OUT_OF_RESOURCES:
-                self._pause_accepting(exc)
-            return  # otherwise the client gave up before we got to it (ECONNABORTED)
-        if self._failed_accepts:
-            self._accepting_again()
-        if len(self._waiting) >= MAX_WAITING:
-            self._drop(next(iter(self._waiting)))
-        self._waiting[conn] = (address, time.monotonic() + self.request_timeout)
-        self._selector.register(conn, selectors.EVENT_READ)
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        """Stop watching the listening socket for a while (doubling up to a second). Logged
-        once per ACCEPT_LOG_PERIOD: freed descriptors are soon taken again, and each short
-        recovery must not add two lines."""
-        now = time.monotonic()
-        if not self._failed_accepts and (self._logged_failure_at is None
-                                         or now - self._logged_failure_at >= ACCEPT_LOG_PERIOD):
-            log.error("http_accept_failed", error=str(exc), errno=exc.errno,
-                      hint="out of file descriptors: raise LimitNOFILE or look for a leak; "
-                           "HTTP retries with a back-off")
-            self._logged_failure_at = now
-            self._episode_logged = True
-        self._failed_accepts += 1
-        self._selector.unregister(self.socket)
-        self._paused_until = time.monotonic() + self._backoff
-        self._backoff = min(ACCEPT_BACKOFF_MAX, self._backoff * 2)
-
-    def _accepting_again(self) -> None:
-        if self._episode_logged:
-            log.info("http_accept_resumed", failed_attempts=self._failed_accepts)
-        self._episode_logged = False
-        self._failed_accepts = 0
-        self._backoff = ACCEPT_BACKOFF_MIN
-
-    def _resume_accepting(self, now: float) -> None:
-        if self._paused_until is not None and now >= self._paused_until:
-            self._paused_until = None
-            self._selector.register(self.socket, selectors.EVENT_READ)
-
-    def _begin(self, conn: socket.socket) -> None:
-        """The request has started to arrive: hand it to a worker, or refuse it when all are
-        taken and the queue is full."""
-        if conn not in self._waiting:
-            return  # dropped earlier in the same batch of events (MAX_WAITING)
-        address, _deadline = self._waiting.pop(conn)
-        self._selector.unregister(conn)
-        try:
-            self._jobs.put_nowait((conn, address))
-        except queue.Full:
-            _refuse_busy(conn)
-
-    def _expire(self, now: float) -> None:
-        while self._waiting:
-            conn, (_address, deadline) = next(iter(self._waiting.items()))
-            if deadline > now:
-                return
-            self._drop(conn)
-
-    def _drop(self, conn: socket.socket) -> None:
-        self._waiting.pop(conn, None)
-        self._selector.unregister(conn)
-        conn.close()
-
-    # ---- "http-worker" threads ----------------------------------------------------------------
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            conn, address = job
-            try:
-                self.finish_request(conn, address)  # the handler sets the socket timeout
-            except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker
-                self._request_failed(address, exc)
-            finally:
-                self.shutdown_request(conn)
-
-    def _request_failed(self, address: Any, exc: Exception) -> None:
-        # Clients that hang up or time out mid-request are routine, not a server fault.
-        log.debug("http_request_failed", peer=str(address[0]), error=str(exc),
-                  **{"error.type": type(exc).__name__})
-
-
-def _refuse_busy(conn: socket.socket) -> None:
-    try:
-        conn.setblocking(False)
-        conn.recv(65536)  # what has arrived, so that close() does not reset the connection
-        conn.send(_BUSY)
-    except OSError:
-        pass  # the client is gone or its window is full: the close says enough
-    finally:
-        conn.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
