@@ -92,6 +92,13 @@ def test_substituted_text_is_json_escaped() -> None:
     assert got["who"] == f"{odd}/{odd}@h\tx"
 
 
+def test_percent_signs_and_repeated_placeholders_render_as_written() -> None:
+    """Literal "%" survives the compiled format; a placeholder used twice fills both slots."""
+    renderer = config({"p": "100% {{seq}}%", "a": "{{uptime}}", "b": "{{seq}}"}).renderer
+    assert renderer is not None
+    assert renderer.render(MOMENT) == b'{"online":1,"p":"100% 7%","a":42,"b":7}'
+
+
 def test_keys_are_not_templated() -> None:
     """A placeholder in a key is published as written."""
     assert rendered({"{{seq}}": "{{seq}}"}) == {"online": 1, "{{seq}}": 7}
