@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scheduler_publisher.config import PublishConfig, parse_config
+from scheduler_publisher.plan import diff
 from scheduler_publisher.statestore import EntryCounters, SavedState, StateStore, Totals
 from scheduler_publisher.stats import Stats
 from scheduler_publisher.template import Moment, Template
@@ -148,6 +149,17 @@ def test_template_flag_is_part_of_the_wire_identity() -> None:
     assert not on.same_wire(off)
     assert on.same_schedule(off)
     assert on.same_wire(config({"ts": "{{now}}"}))
+
+
+def test_turning_template_on_or_editing_templated_data_is_an_update_on_the_same_grid() -> None:
+    """A reload plans either change as an update (published now, same grid), never a
+    reschedule."""
+    static = PublishConfig(id="t", topic="site/t", data={"ts": "{{now}}"}, interval=1)
+    templated = config({"ts": "{{now}}"})
+    edited = config({"ts": "{{now_unix_ms}}"})
+    for before, after in ((static, templated), (templated, static), (templated, edited)):
+        plan = diff({"t": before}, {"t": after})
+        assert (plan.updated, plan.rescheduled, plan.added, plan.removed) == ((after,), (), (), ())
 
 
 # ---- validation -------------------------------------------------------------------------------
