@@ -34,9 +34,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
 
-from scheduler_publisher import document, template
+from scheduler_publisher import document
 from scheduler_publisher.document import MAX_DOCUMENT_DEPTH, nesting_depth
-from scheduler_publisher.template import Template
+from scheduler_publisher.template import (
+    Template,
+    key_placeholders,
+    placeholder_problems,
+    stray_placeholder,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -419,18 +424,18 @@ def _placeholder_findings(data: Mapping[str, Any], templated: bool) -> Iterator[
     """Errors for bad placeholders of a templated entry; a warning for a placeholder that would
     be published as literal text (no `template`, or in a key). `data` is already checked."""
     if not templated:
-        stray = template.stray_placeholder(data)
+        stray = stray_placeholder(data)
         if stray is not None:
             path, found = stray
             yield Finding("warning", f"{path}: {found} is published as literal text because the "
                           'entry has no "template": true (did you mean "template": true?)',
                           '"template": true', found)
         return
-    for problem in template.placeholder_problems(data):
+    for problem in placeholder_problems(data):
         got = _render(problem.received)
         yield Finding("error", f"{problem.path}: {problem.message}, got {got}",
                       "known placeholders", got)
-    for path in template.key_placeholders(data):
+    for path in key_placeholders(data):
         yield Finding("warning", f"{path}: keys are not templated; the key is published as "
                       "written", "placeholders in string values only", path)
 
