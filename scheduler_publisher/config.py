@@ -598,8 +598,8 @@ class PublishConfig:
             for finding in rule.check(getattr(self, rule.name))
             if finding.severity == "error"
         ]
-        if not errors:
-            errors = [f.message for f in _placeholder_findings(self.data, self.template)
+        if not errors and self.template:
+            errors = [f.message for f in _placeholder_findings(self.data, templated=True)
                       if f.severity == "error"]
         if errors:
             label = _id_label(self.id if isinstance(self.id, str) else None)

@@ -169,9 +169,26 @@ def placeholder_problems(data: Mapping[str, Any]) -> Iterator[PlaceholderProblem
                 return
 
 
+def _may_hold_placeholder(value: Any) -> bool:
+    """Whether a JSON-decoded value (dicts, lists, strings) has "{{" in a string value: the
+    check every static entry pays at load time (a few µs), so no generators."""
+    if isinstance(value, str):
+        return _OPEN in value
+    if isinstance(value, dict):  # the document reader's objects are dict subclasses
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    for member in value:  # noqa: SIM110 - any() over a generator is 4x slower here
+        if _may_hold_placeholder(member):
+            return True
+    return False
+
+
 def stray_placeholder(data: Mapping[str, Any]) -> tuple[str, str] | None:
     """The first (path, placeholder) of an entry WITHOUT template: published as literal text,
     which is probably not what its author meant."""
+    if not _may_hold_placeholder(data):
+        return None
     for path, text in _strings(data, "data"):
         found = _KNOWN.search(text) if _OPEN in text else None
         if found is not None:
