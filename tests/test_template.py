@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scheduler_publisher.cli import main
 from scheduler_publisher.config import PublishConfig, parse_config
 from scheduler_publisher.plan import diff
 from scheduler_publisher.statestore import EntryCounters, SavedState, StateStore, Totals
@@ -207,6 +208,18 @@ def test_constructing_a_templated_config_with_a_bad_placeholder_raises() -> None
     """PublishConfig itself refuses what the file validator refuses."""
     with pytest.raises(ValueError, match=r"data\.x: unknown placeholder \{\{nope\}\}"):
         config({"x": "{{nope}}"})
+
+
+def test_validate_prints_the_placeholder_error_at_its_entry_and_exits_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`scheduler-publisher validate` reports a bad placeholder with its data path."""
+    config_file = tmp_path / "entries.json"
+    write_config(config_file, [entry("t", "a/b", template=True, data={"r": [{"ts": "{{now"}]})])
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", "--config", str(config_file), "--options-file", ""])
+    assert exited.value.code == 1
+    assert 'error: entry 1 (id "t"): data.r[0].ts: unclosed placeholder {{now' in \
+        capsys.readouterr().err
 
 
 def test_placeholder_without_template_is_a_warning_that_suggests_it() -> None:
