@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import roles
+import template_cost
 from common import (
     REPO,
     RUN,
@@ -597,6 +598,9 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
         rows.append(soak if not quick else (*soak[:3], "(quick)"))
     result["table"] = [dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows]
     print_table(rows)
+    if "template_cost" in result:
+        print()
+        template_cost.report(result["template_cost"])
     print(
         f"\n{'quick mode: tiny N, verdicts not meaningful; ' if quick else ''}"
         f"elapsed {result['elapsed_s']:.0f} s, load average at start "
@@ -622,6 +626,9 @@ def main() -> int:
     result["node_red_skipped"] = nr_skip
     if nr_skip:
         log(f"Node-RED: skipped ({nr_skip})")
+    log("templated entry: payload cost per publish, next to a static one")
+    result["template_cost"] = template_cost.measure(2_000 if args.quick else 20_000,
+                                                    3 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
     broker = Broker(work)
     broker.start()

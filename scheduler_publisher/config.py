@@ -36,6 +36,12 @@ from typing import Any, Final, Literal, NamedTuple
 
 from scheduler_publisher import document
 from scheduler_publisher.document import MAX_DOCUMENT_DEPTH, nesting_depth
+from scheduler_publisher.template import (
+    Template,
+    key_placeholders,
+    placeholder_problems,
+    stray_placeholder,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -361,6 +367,11 @@ _ISO_NOTE: Final = ("the validator also requires what Python's datetime.fromisof
                     "checks only that it is a string")
 
 
+_PLACEHOLDER_NOTE: Final = ('with "template": true, the placeholders in its strings are only '
+                            "the names the service knows, written without spaces; the schema "
+                            "does not look inside data's strings")
+
+
 def _timestamp_rule(name: str, description: str) -> FieldRule:
     return FieldRule(name, "string", "an ISO-8601 date-time string", description,
                      nullable=True, custom=_check_timestamp, unexpressed=_ISO_NOTE)
@@ -386,7 +397,8 @@ FIELD_RULES: Final[tuple[FieldRule, ...]] = (
     FieldRule("data", "object", "an object",
               'The payload: published as {"online": 1, ...data}, compact UTF-8 JSON. A key '
               '"online" is overridden by the service (a warning).',
-              required=True, max_depth=MAX_DATA_DEPTH, payload=True, custom=_check_online_key),
+              required=True, max_depth=MAX_DATA_DEPTH, payload=True, custom=_check_online_key,
+              unexpressed=_PLACEHOLDER_NOTE),
     FieldRule("interval", "number", "a number", "Seconds between two publications.",
               required=True, minimum=MIN_INTERVAL, maximum=MAX_INTERVAL),
     FieldRule("qos", "integer", "0, 1 or 2", "MQTT QoS (default 0).", enum=(0, 1, 2),
@@ -394,12 +406,38 @@ FIELD_RULES: Final[tuple[FieldRule, ...]] = (
     FieldRule("retain", "boolean", "true or false", "Publish retained (default false)."),
     FieldRule("lwt", "boolean", "true or false",
               "Own connection with a Last Will of {\"online\": 0, ...data} (default false)."),
+    FieldRule("template", "boolean", "true or false",
+              "Fill placeholders such as {{now}} and {{seq}} in data's string values at each "
+              "publish (default false: braces are literal text)."),
     _timestamp_rule("created_at", "Metadata: when the entry was created (ISO 8601)."),
     _timestamp_rule("updated_at", "Metadata: when the entry was last changed (ISO 8601)."),
     FieldRule("version", "integer", "an integer >= 1", "Metadata: the entry's revision.",
               nullable=True, minimum=1, unexpressed=_INTEGRAL_NOTE),
 )
 _FIELDS: Final[Mapping[str, FieldRule]] = MappingProxyType({r.name: r for r in FIELD_RULES})
+
+
+# --- placeholders in `data` (template.py) ----------------------------------------------------
+
+
+def _placeholder_findings(data: Mapping[str, Any], templated: bool) -> Iterator[Finding]:
+    """Errors for bad placeholders of a templated entry; a warning for a placeholder that would
+    be published as literal text (no `template`, or in a key). `data` is already checked."""
+    if not templated:
+        stray = stray_placeholder(data)
+        if stray is not None:
+            path, found = stray
+            yield Finding("warning", f"{path}: {found} is published as literal text because the "
+                          'entry has no "template": true (did you mean "template": true?)',
+                          '"template": true', found)
+        return
+    for problem in placeholder_problems(data):
+        got = _render(problem.received)
+        yield Finding("error", f"{problem.path}: {problem.message}, got {got}",
+                      "known placeholders", got)
+    for path in key_placeholders(data):
+        yield Finding("warning", f"{path}: keys are not templated; the key is published as "
+                      "written", "placeholders in string values only", path)
 
 
 # --- JSON values inside `data` ---------------------------------------------------------------
@@ -528,11 +566,14 @@ class PublishConfig:
     qos: QoS = 0
     retain: bool = False
     lwt: bool = False
+    template: bool = False
     created_at: str | None = None
     updated_at: str | None = None
     version: int | None = None
     # Derived from data; compared so that 1, 1.0 and true in data (equal in Python) differ.
     payload: bytes = field(init=False, repr=False)
+    # Compiled from payload when `template` is true (template.py); None for a static entry.
+    renderer: Template | None = field(init=False, repr=False, compare=False)
     # The fingerprint of the file text this entry was read from, when it was read without a
     # single finding: a reload that meets the same text again reuses the entry unchecked.
     source_key: int | None = field(init=False, default=None, repr=False, compare=False)
@@ -561,6 +602,9 @@ class PublishConfig:
             for finding in rule.check(getattr(self, rule.name))
             if finding.severity == "error"
         ]
+        if not errors and self.template:
+            errors = [f.message for f in _placeholder_findings(self.data, templated=True)
+                      if f.severity == "error"]
         if errors:
             label = _id_label(self.id if isinstance(self.id, str) else None)
             raise ValueError(f"invalid PublishConfig{label}: " + "; ".join(errors))
@@ -569,6 +613,8 @@ class PublishConfig:
         payload = _render_payload(self.data, online=1)
         object.__setattr__(self, "payload", payload)
         object.__setattr__(self, "data", PayloadData(payload))
+        renderer = Template.compile(payload, self.id) if self.template else None
+        object.__setattr__(self, "renderer", renderer)
         object.__setattr__(self, "interval", _shared_interval(float(self.interval)))
 
     @property
@@ -577,14 +623,19 @@ class PublishConfig:
         on demand instead of being kept for every entry."""
         return _render_payload(_data_of(self.payload), online=0)
 
+    @property
+    def offline_renderer(self) -> Template | None:
+        """The will of a templated entry, compiled when its connection is opened."""
+        return Template.compile(self.offline_payload, self.id) if self.template else None
+
     def same_schedule(self, other: PublishConfig) -> bool:
         """True when `other` fires at the same rate, so its job need not be rescheduled."""
         return self.interval == other.interval
 
     def same_wire(self, other: PublishConfig) -> bool:
         """True when `other` puts the same bytes on the wire, with the same options."""
-        return (self.topic, self.payload, self.qos, self.retain, self.lwt) == (
-            other.topic, other.payload, other.qos, other.retain, other.lwt,
+        return (self.topic, self.payload, self.qos, self.retain, self.lwt, self.template) == (
+            other.topic, other.payload, other.qos, other.retain, other.lwt, other.template,
         )
 
 
@@ -651,12 +702,15 @@ def _unknown_field(name: str) -> Finding:
 
 
 def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:
+    refused: set[str] = set()  # fields with an error
     for name, value in entry.items():
         rule = _FIELDS.get(name)
         if rule is None:
             yield name, _unknown_field(name)
             continue
         for finding in rule.check(value):
+            if finding.severity == "error":
+                refused.add(name)
             yield name, finding
     for name in getattr(entry, "repeated", ()):
         message = f"field {_render(name)} appears more than once; the last one wins"
@@ -664,6 +718,9 @@ def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:
     for rule in FIELD_RULES:
         if rule.required and rule.name not in entry:
             yield rule.name, Finding("error", f"{rule.name} is required", rule.expected)
+    if "data" in entry and not refused & {"data", "template"}:
+        for finding in _placeholder_findings(entry["data"], entry.get("template", False)):
+            yield "data", finding
 
 
 def _unreadable_entry(position: int, element: document.UnreadableElement,

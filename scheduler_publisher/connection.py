@@ -17,6 +17,7 @@ thread's view of the running entries, replaced whole by `set_entries`.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -29,6 +30,7 @@ from scheduler_publisher.netloop import NetworkLoop, SessionView
 from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will
 from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
+from scheduler_publisher.template import Moment, Template
 
 log = get_logger("scheduler_publisher.connection")
 
@@ -78,8 +80,8 @@ class FaultAttribution:
         return set()
 
 
-def entry_will(entry: PublishConfig) -> Will:
-    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain)
+def entry_will(entry: PublishConfig, render: Callable[[str], bytes] | None = None) -> Will:
+    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain, render)
 
 
 class MQTTConnectionManager:
@@ -123,6 +125,7 @@ class MQTTConnectionManager:
         # entry id -> why; replaced whole (never mutated) so other threads may read it
         self._quarantined: dict[str, str] = {}
         self._broker = f"{settings.host}:{settings.port}"
+        self._hostname = socket.gethostname()  # for {{hostname}}
 
     # ---- public API (any thread) ------------------------------------------------------------
     def connect(self, wait: float = 0.0) -> bool:
@@ -241,7 +244,7 @@ class MQTTConnectionManager:
 
     def _open_entry_link(self, entry: PublishConfig) -> None:
         self._loop.open(LinkKey(entry.id), self.settings.entry_client_id(entry.id),
-                        entry_will(entry))
+                        self._will(entry))
 
     def _link_for(self, entry: PublishConfig) -> SessionView | None:
         return self._loop.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
@@ -272,11 +275,37 @@ class MQTTConnectionManager:
         self._send(link, entry)
 
     def _send(self, link: SessionView, entry: PublishConfig) -> None:
-        if not self._loop.publish(link.key, entry.topic, entry.payload, entry.qos, entry.retain,
+        # The one branch between static and templated entries: a static entry sends the bytes
+        # rendered at load time; a templated one renders fresh bytes for this publish.
+        payload = entry.payload if entry.renderer is None else \
+            self._rendered(link, entry.id, entry.renderer)
+        if not self._loop.publish(link.key, entry.topic, payload, entry.qos, entry.retain,
                                   entry.id):
             self.stats.record_error(entry.id, "publish refused by the client")
         elif link.key.is_main:
             self._recent.append((time.monotonic(), entry.id))
+
+    def _rendered(self, link: SessionView, entry_id: str, renderer: Template) -> bytes:
+        """A templated entry's payload for one publish; each render takes the next {{seq}}."""
+        return renderer.render(self._moment(link.client_id, self.stats.next_seq(entry_id)))
+
+    def _moment(self, client_id: str, seq: int) -> Moment:
+        return Moment(time.time_ns() // 1_000_000, seq, int(self.stats.uptime()),
+                      self._hostname, client_id)
+
+    def _will(self, entry: PublishConfig) -> Will:
+        """The entry's will; a templated one renders at each CONNECT of its connection, with
+        the entry's last {{seq}} (it takes none of its own): it holds the values of that
+        connect, not of the moment the connection dies (README, "Templated values")."""
+        renderer = entry.offline_renderer
+        if renderer is None:
+            return entry_will(entry)
+        entry_id = entry.id
+
+        def render(client_id: str) -> bytes:  # network thread: before a connect attempt
+            return renderer.render(self._moment(client_id, self.stats.entry(entry_id).seq))
+
+        return entry_will(entry, render)
 
     def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
         main = self._loop.get(MAIN_LINK)
@@ -308,12 +337,12 @@ class MQTTConnectionManager:
         if entry.lwt and link is not None and link.state is State.CLOSING:
             # Back while its connection is still closing (removed or moved to main a moment
             # ago, or closed mid-connect): reconnect it once closed, or it would stay without.
-            self._loop.renew(key, entry_will(entry))
+            self._loop.renew(key, self._will(entry))
             return
         if entry.lwt and link is not None and before is not None and \
-                entry_will(before) != entry_will(entry):
+                (entry_will(before), before.template) != (entry_will(entry), entry.template):
             # The will is fixed at CONNECT: only this entry's connection reconnects.
-            self._loop.renew(key, entry_will(entry))
+            self._loop.renew(key, self._will(entry))
             return
         if not entry.lwt and link is not None:
             self._loop.close_quietly(key)  # moved to the main connection

@@ -472,6 +472,7 @@ class NetworkLoop:
                 next_check = min(next_check, session.due)
             elif self._bucket.take(now):
                 session.fire(Event.BACKOFF_ELAPSED)
+                session.render_will()
                 self._connector.submit(self._attempt, session)
             else:  # rate limited: come back when the bucket has a token again
                 next_check = min(next_check, now + 1 / self._bucket.rate)

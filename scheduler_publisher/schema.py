@@ -33,7 +33,8 @@ _GENERAL: Final = ("Patterns use Unicode code-point semantics (ECMA-262 with the
                    "VS Code and Python's jsonschema apply them). Not in the schema, so only "
                    "`scheduler-publisher validate` reports them: warnings (unknown or "
                    "repeated fields, a data key \"online\", a \"$\" topic outside the "
-                   "broker-owned trees); and ")
+                   "broker-owned trees, a placeholder in an entry without \"template\" or in "
+                   "a key); and ")
 
 
 def _never(pattern: str) -> dict[str, Any]:

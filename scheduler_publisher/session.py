@@ -17,7 +17,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
@@ -51,6 +51,10 @@ class Will:
     payload: bytes
     qos: int
     retain: bool
+    # A templated will: the payload for a client id, rendered before each CONNECT, since the
+    # broker keeps the will it was given at CONNECT (MQTT 5 3.1.2.5). Not compared: two wills
+    # of the same template are the same will.
+    render: Callable[[str], bytes] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,12 +216,16 @@ def paho_client(session: Session) -> mqtt.Client:
         client.tls_set_context(s.tls_context)
         client.tls_insecure_set(s.tls_insecure)
     if session.will is not None:
-        w = session.will
-        client.will_set(w.topic, w.payload, w.qos, w.retain, properties=_will_properties(s))
+        _set_will(client, session.will, s)
     session.bind(client)
     client.connect_async(s.host, s.port, keepalive=s.keepalive,
                          properties=_connect_properties(s))
     return client
+
+
+def _set_will(client: mqtt.Client, will: Will, settings: BrokerSettings) -> None:
+    client.will_set(will.topic, will.payload, will.qos, will.retain,
+                    properties=_will_properties(settings))
 
 
 def _will_properties(settings: BrokerSettings) -> Properties | None:
@@ -332,6 +340,16 @@ class Session:
         self.conflict = None
         self.flaps = 0
         self.backoff.reset()
+
+    def render_will(self) -> None:
+        """Before a connect attempt (network thread; the client is idle): a templated will gets
+        this connect's values. `will` then holds what the broker will keep, which is also what
+        a graceful stop announces on MQTT 3.1.1."""
+        will = self.will
+        if will is None or will.render is None:
+            return
+        self.will = replace(will, payload=will.render(self.client_id))
+        _set_will(self.client, self.will, self.settings)
 
     def rebuild(self) -> None:
         """A new paho client with `next_will`; only while the old one is closed."""

@@ -33,6 +33,7 @@ class EntryCounters:
     errors: int = 0
     dropped: int = 0
     last_published_at: float | None = None  # unix time
+    seq: int = 0  # the last {{seq}} a templated entry published (template.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,9 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX history_at ON history (at);
     """,
+    """
+    ALTER TABLE entries ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 _CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
@@ -144,7 +148,7 @@ class StateStore:
     def checkpoint(self, state: SavedState, *, now: float) -> None:
         """Save `state` in one transaction; entries absent from it are deleted."""
         t = state.totals
-        rows = [(entry_id, c.published, c.errors, c.dropped, c.last_published_at)
+        rows = [(entry_id, c.published, c.errors, c.dropped, c.last_published_at, c.seq)
                 for entry_id, c in state.entries.items()]
         with self._transaction() as conn:
             conn.execute(
@@ -160,8 +164,8 @@ class StateStore:
             # the same pages, and entries removed from the config go without a diff.
             conn.execute("DELETE FROM entries")
             conn.executemany(
-                "INSERT INTO entries (entry_id, published, errors, dropped, last_published_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO entries (entry_id, published, errors, dropped, last_published_at,"
+                " seq) VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -303,8 +307,8 @@ def _load(conn: sqlite3.Connection) -> SavedState:
                        " FROM totals WHERE id = 1").fetchone()
     totals = Totals(*row) if row else Totals()
     entries = {
-        entry_id: EntryCounters(published, errors, dropped, last)
-        for entry_id, published, errors, dropped, last in conn.execute(
-            "SELECT entry_id, published, errors, dropped, last_published_at FROM entries")
+        entry_id: EntryCounters(published, errors, dropped, last, seq)
+        for entry_id, published, errors, dropped, last, seq in conn.execute(
+            "SELECT entry_id, published, errors, dropped, last_published_at, seq FROM entries")
     }
     return SavedState(totals, MappingProxyType(entries))

@@ -40,6 +40,7 @@ class EntryStats:
     ticks: int = 0
     lateness_total: float = 0.0
     lateness_max: float = 0.0
+    seq: int = 0  # the last {{seq}} rendered; kept in the state DB
 
     def observe_lateness(self, seconds: float) -> None:
         self.ticks += 1
@@ -92,9 +93,18 @@ class Stats:
         if saved is not None:
             e.published, e.errors, e.dropped = saved.published, saved.errors, saved.dropped
             e.last_published_at = saved.last_published_at
+            e.seq = saved.seq
 
     def remove_entry(self, entry_id: str) -> None:
         self.entries.pop(entry_id, None)
+
+    def next_seq(self, entry_id: str) -> int:
+        """The entry's next {{seq}} (from 1), counted as used; 1 for an entry without counters."""
+        e = self.entries.get(entry_id)
+        if e is None:
+            return 1
+        e.seq += 1
+        return e.seq
 
     def record_published(self, entry_id: str) -> None:
         self.published += 1
@@ -156,7 +166,7 @@ class Stats:
 
     def saved_state(self) -> SavedState:
         entries = {
-            entry_id: EntryCounters(e.published, e.errors, e.dropped, e.last_published_at)
+            entry_id: EntryCounters(e.published, e.errors, e.dropped, e.last_published_at, e.seq)
             for entry_id, e in list(self.entries.items())
         }
         return SavedState(self.totals(), entries)

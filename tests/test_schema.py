@@ -126,6 +126,7 @@ def _calendar(_expected: str | None, value: Any) -> bool:
 # rules with `unexpressed` set.
 GAPS: dict[str, Callable[[str | None, Any], bool]] = {
     "id": lambda expected, _value: expected == "unique",
+    "data": lambda expected, _value: expected == "known placeholders",
     "topic": lambda expected, value: (expected == f"at most {MAX_TOPIC_BYTES} UTF-8 bytes"
                                       and len(value) <= MAX_TOPIC_BYTES),
     "qos": _integral_float,

@@ -128,6 +128,10 @@ class FakeClient:
     def socket(self) -> socket.socket | None:
         return self.sock
 
+    def will_set(self, topic: str, payload: bytes, qos: int, retain: bool,
+                 properties: Any = None) -> None:
+        self.will = Will(topic, payload, qos, retain)
+
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> FakeInfo:
         self.published.append((topic, payload, qos, retain))
         return FakeInfo(0, next(self._mids))
@@ -588,6 +592,28 @@ def test_renew_reconnects_with_the_new_will(harness: Harness) -> None:
     assert harness.client(key).will == NEW_WILL
     assert session.due <= harness.now()
     assert "closed" not in harness.heard.kinds(key)
+
+
+def test_a_templated_will_is_rendered_before_every_connect_attempt(harness: Harness) -> None:
+    """A will with a renderer is rendered for the client id before each CONNECT, again after a
+    loss, and the session holds what the broker was given (issue 13, templated values)."""
+    renders: list[str] = []
+
+    def render(client_id: str) -> bytes:
+        renders.append(client_id)
+        return f'{{"online":0,"n":{len(renders)}}}'.encode()
+
+    key = LinkKey("e")
+    harness.connect()
+    session = harness.connect(key, Will("t/e", b'{"online":0,"n":"{{seq}}"}', 1, True, render))
+    assert renders == ["fake/e"]
+    assert harness.client(key).will == Will("t/e", b'{"online":0,"n":1}', 1, True)
+    assert session.will == Will("t/e", b'{"online":0,"n":1}', 1, True)  # what the broker holds
+
+    harness.client(key).socket_lost()
+    harness.turn()
+    assert renders == ["fake/e", "fake/e"]
+    assert harness.client(key).will == Will("t/e", b'{"online":0,"n":2}', 1, True)
 
 
 def test_renew_in_backoff_rebuilds_at_once(harness: Harness) -> None:

@@ -92,7 +92,7 @@ def test_schema_version_recorded(store: StateStore, db_path: Path) -> None:
     store.open()
     with closing(sqlite3.connect(db_path)) as conn:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
-    assert versions == [1]
+    assert versions == [1, 2]
 
 
 def test_newer_schema_is_refused(db_path: Path) -> None:
