@@ -80,10 +80,11 @@ COMMANDS = ("run", "validate", "schema", "show-options", "sample-config", "sampl
             "systemd-unit")
 # The commands whose flags may also come from the environment and the options file.
 OPTION_COMMANDS = ("run", "validate", "show-options")
-# Package data: copies of JSON/payloadStaticConfig.json and systemd/scheduler-publisher.service,
-# kept identical by tests/test_packaging.py, so that a wheel carries them (README, "Packaging").
+# Package data: copies of JSON/payloadStaticConfig.json and the units in systemd/, kept
+# identical by tests/test_packaging.py, so that a wheel carries them (README, "Packaging").
 SAMPLE_CONFIG = "payloadStaticConfig.json"
 SYSTEMD_UNIT = "scheduler-publisher.service"
+SYSTEMD_TEMPLATE_UNIT = "scheduler-publisher@.service"
 log = get_logger("scheduler_publisher.cli")
 
 
@@ -152,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(show)
     sub.add_parser("sample-config", help="print the sample entries file")
     sub.add_parser("sample-options", help="print a commented options file with every default")
-    sub.add_parser("systemd-unit", help="print the systemd unit")
+    unit = sub.add_parser("systemd-unit", help="print the systemd unit")
+    unit.add_argument("--template", action="store_true",
+                      help="print the template unit scheduler-publisher@.service instead: one "
+                           "instance per shard, named K-of-N (docs/scaling.md)")
     return parser
 
 
@@ -409,8 +413,8 @@ def cmd_sample_config(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_systemd_unit(_args: argparse.Namespace) -> int:
-    sys.stdout.write(package_text(SYSTEMD_UNIT))
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    sys.stdout.write(package_text(SYSTEMD_TEMPLATE_UNIT if args.template else SYSTEMD_UNIT))
     return EXIT_OK
 
 
