@@ -7,13 +7,12 @@ talking to each other. When N grows to N+1, an entry moves only if the new shard
 the old owner: about 1/(N+1) of the entries move, all of them to the new shard, and the
 others stay where they were (docs/scaling.md).
 
-Pure: no I/O, no clock. Scoring costs N digests per id; owners are memoised per (id, N), so
-a reload re-hashes only the ids it has not seen.
+No I/O, no clock. Scoring costs N digests per id; owners are memoised per (id, N), so a
+reload re-hashes only the ids it has not seen.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterable
@@ -23,8 +22,11 @@ from typing import Final, TypeVar
 MAX_SHARDS: Final = 1024
 EXPECTED: Final = f"K/N or K-of-N with 1 <= K <= N <= {MAX_SHARDS}"
 _SPEC = re.compile(r"\s*(\d{1,5})\s*(?:/|-of-)\s*(\d{1,5})\s*")
-# Enough for 100,000 entries at two values of N (a resize) without evicting.
-_OWNER_CACHE: Final = 1 << 18
+# Owners already computed, by N, then by id. A plain dict rather than functools.lru_cache:
+# its keys are the entries' own id strings, about 40 bytes an entry against lru_cache's 160.
+# Pure memoisation, so no lock: two threads that race compute the same value.
+_owners: dict[int, dict[str, int]] = {}
+_OWNER_CACHE: Final = 1 << 18  # ids per N: a 100,000-entry file and its churn
 
 _T = TypeVar("_T")
 
@@ -39,10 +41,16 @@ def _score(shard: int, entry_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
 
-@functools.lru_cache(maxsize=_OWNER_CACHE)
 def owner(entry_id: str, shards: int) -> int:
     """The shard (1..shards) that runs `entry_id`: the one with the highest score."""
-    return max(range(1, shards + 1), key=lambda shard: _score(shard, entry_id))
+    known = _owners.setdefault(shards, {})
+    found = known.get(entry_id)
+    if found is None:
+        if len(known) >= _OWNER_CACHE:
+            known.clear()  # ids churned past the bound: start over rather than grow
+        found = known[entry_id] = max(range(1, shards + 1),
+                                      key=lambda shard: _score(shard, entry_id))
+    return found
 
 
 @dataclass(frozen=True, slots=True)
