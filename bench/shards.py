@@ -50,9 +50,11 @@ def measure(work: Path, port: int, n: int, processes: int, warmup: float,
         alive(services)
         a = time.time()
         cpu0 = [proc_cpu_seconds(s.pid) for s in services]
+        sub_cpu0 = sub.ask(op="cpu")["cpu_s"]
         time.sleep(window)
         cpu1 = [proc_cpu_seconds(s.pid) for s in services]
         b = time.time()
+        sub_cpu1 = sub.ask(op="cpu")["cpu_s"]
         alive(services)
         time.sleep(1.0)  # let the window's last messages arrive
         res = sub.ask(op="window", a=a, b=b, interval=1.0, topics=[e["topic"] for e in entries])
@@ -64,6 +66,8 @@ def measure(work: Path, port: int, n: int, processes: int, warmup: float,
             "startup_s": seen - min(s.started_at for s in services),
             "cpu_pct_of_core_each": [100 * c / (b - a) for c in cpu],
             "cpu_pct_of_core_total": 100 * sum(cpu) / (b - a),
+            # whether the one subscriber process, not the publishers, was the bottleneck
+            "subscriber_cpu_pct_of_core": 100 * (sub_cpu1 - sub_cpu0) / (b - a),
             "rss_kb_each": [proc_rss_kb(s.pid) for s in services],
             "loadavg_1m": os.getloadavg()[0],
         })
@@ -84,7 +88,8 @@ def _figures(m: dict[str, Any]) -> str:
     twice = f", {m['extra']:,} extra arrivals" if m["extra"] else ""
     return (f"{m['delivered_pct']:.2f} % delivered{twice}, {m['missed_ticks']:,} missed ticks, "
             f"period error p99 {m['period_error_ms']['p99']:.1f} ms, CPU "
-            f"{m['cpu_pct_of_core_total']:.0f} % of a core in all")
+            f"{m['cpu_pct_of_core_total']:.0f} % of a core in all (subscriber "
+            f"{m['subscriber_cpu_pct_of_core']:.0f} %)")
 
 
 def shard_rows(result: dict[str, Any], quick: bool) -> list[tuple[str, str, str, str]]:

@@ -90,7 +90,7 @@ def _check_shards(result: dict[str, object]) -> None:
         assert m["processes"] == processes
         assert len(m["cpu_pct_of_core_each"]) == processes
         _numeric(m, "expected", "received", "delivered_pct", "missed_ticks",
-                 "cpu_pct_of_core_total", "startup_s")
+                 "cpu_pct_of_core_total", "subscriber_cpu_pct_of_core", "startup_s")
     rows = {row["figure"] for row in result["table"]}  # type: ignore[attr-defined]
     n = shards["entries"]
     assert {f"2 shards, {n:,} at 1 s", f"1 process, {n:,} at 1 s"} <= rows
