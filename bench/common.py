@@ -162,12 +162,18 @@ class Service:
         http_port: int = 0,
         watch: bool = False,
         defaults: bool = False,
+        shard: str | None = None,
+        config_name: str | None = None,
     ) -> None:
-        self.config = workdir / f"{name}.json"
+        """`shard` ("K/N") runs one shard of the entries; shards share one file when they
+        are given one `config_name` (the file is `<config_name>.json`, else `<name>.json`)."""
+        self.config = workdir / f"{config_name or name}.json"
         write_atomically(self.config, entries)
         self.out = workdir / f"{name}.log"
         self.http_port = http_port
         cmd = self._default_cmd(workdir, port, name) if defaults else self._lean_cmd(port, name, watch)
+        if shard is not None:
+            cmd += ["--shard", shard]
         self._out = self.out.open("wb")
         self.started_at = time.time()
         self.proc = subprocess.Popen(

@@ -4,14 +4,16 @@
 # starts its children from its only thread)
 """Performance benchmark for scheduler-publisher.
 
-    .venv/bin/python bench/run.py [--quick] [--no-node-red] [--out bench/results/latest.json]
+    .venv/bin/python bench/run.py [--quick] [--no-node-red] [--only-shards] [--out bench/results/latest.json]
 
 One run starts its own Mosquitto (own config file, free 127.0.0.1 port) and measures, side by
 side: the service beside Node-RED and a bare scheduled paho loop at 100, 1,000 and 5,000
 entries x 1 s, interleaved (issue 12), the same at the largest size with one core kept busy,
 then issue #6's figures: the bare paho ceiling, sustained scheduled publishing, idle cost,
-memory, start-up, live reload and a short soak. It prints the tables with the targets beside
-the measurements and writes JSON. See bench/README.md for what every figure means.
+memory, start-up, live reload and a short soak, and last issue 13's shards (2 shard processes
+on one file, then one process, at 20,000 entries x 1 s; `--only-shards` runs just that). It
+prints the tables with the targets beside the measurements and writes JSON. See
+bench/README.md for what every figure means.
 
 The helper processes run as `run.py --role NAME` (bench/roles.py).
 """
@@ -50,6 +52,7 @@ from common import (
 )
 from compare import CompareParams, comparison_table, issue12_rows, scenario_compare, scenario_loaded
 from peers import PEERS, install_node_red, node_red_unavailable, node_red_version
+from shards import scenario_shards, shard_rows
 from soak import sample, verdict
 
 from tests.support import free_port  # the harness the tests use (common.py makes it importable)
@@ -459,6 +462,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="windows per peer and size (default 2)")
     p.add_argument("--window", type=float, help="seconds per comparison window (default 30)")
     p.add_argument("--only-compare", action="store_true", help="skip issue #6's scenarios")
+    p.add_argument("--only-shards", action="store_true",
+                   help="run only the shard measurement (issue 13): 2 shard processes, then one process")
+    p.add_argument("--shard-entries", type=int, help="entries of the shard measurement (default 20000)")
     p.add_argument(
         "--role", choices=("main", "bare", "loop", "sub", "spin"), default="main", help=argparse.SUPPRESS
     )
@@ -499,6 +505,10 @@ def make_params(args: argparse.Namespace) -> dict[str, Any]:
         "soak_s": 4.0 if q else 120.0,
         "soak_sample_s": 1.0 if q else 10.0,
         "soak_reload_s": 2.0 if q else 30.0,
+        "shard_n": args.shard_entries or (400 if q else 20_000),
+        "shard_processes": 2,
+        "shard_warmup_s": 1.0 if q else 5.0,
+        "shard_window_s": args.window or (3.0 if q else 20.0),
     }
 
 
@@ -575,6 +585,13 @@ def run_issue6(result: dict[str, Any], work: Path, port: int, params: dict[str, 
     )
 
 
+def run_shards(result: dict[str, Any], work: Path, port: int, params: dict[str, Any]) -> None:
+    result["shards"] = scenario_shards(
+        work, port, params["shard_n"], params["shard_processes"], params["shard_warmup_s"],
+        params["shard_window_s"],
+    )
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -596,6 +613,8 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
         rows += verdicts(result, quick)
         soak = soak_row(result["soak"])
         rows.append(soak if not quick else (*soak[:3], "(quick)"))
+    if "shards" in result:
+        rows += shard_rows(result["shards"], quick)
     result["table"] = [dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows]
     print_table(rows)
     if "template_cost" in result:
@@ -622,7 +641,7 @@ def main() -> int:
         "params": {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
                    for k, v in params.items()},
     }
-    nr_skip = node_red_peer(args)
+    nr_skip = "--only-shards given" if args.only_shards else node_red_peer(args)
     result["node_red_skipped"] = nr_skip
     if nr_skip:
         log(f"Node-RED: skipped ({nr_skip})")
@@ -634,9 +653,12 @@ def main() -> int:
     broker.start()
     result["machine"]["mosquitto_port"] = broker.port
     try:
-        run_compare(result, work, broker.port, params, nr_skip)
-        if not args.only_compare:
+        if not args.only_shards:
+            run_compare(result, work, broker.port, params, nr_skip)
+        if not (args.only_compare or args.only_shards):
             run_issue6(result, work, broker.port, params)
+        if not args.only_compare:
+            run_shards(result, work, broker.port, params)
     finally:
         broker.stop()
         result["elapsed_s"] = time.time() - started

@@ -57,6 +57,7 @@ from scheduler_publisher.options import (
     options_of,
     read_options_file,
     resolve,
+    shard_spec,
 )
 from scheduler_publisher.report import FORMATS, Report, render
 from scheduler_publisher.schema import schema_text
@@ -79,10 +80,11 @@ COMMANDS = ("run", "validate", "schema", "show-options", "sample-config", "sampl
             "systemd-unit")
 # The commands whose flags may also come from the environment and the options file.
 OPTION_COMMANDS = ("run", "validate", "show-options")
-# Package data: copies of JSON/payloadStaticConfig.json and systemd/scheduler-publisher.service,
-# kept identical by tests/test_packaging.py, so that a wheel carries them (README, "Packaging").
+# Package data: copies of JSON/payloadStaticConfig.json and the units in systemd/, kept
+# identical by tests/test_packaging.py, so that a wheel carries them (README, "Packaging").
 SAMPLE_CONFIG = "payloadStaticConfig.json"
 SYSTEMD_UNIT = "scheduler-publisher.service"
+SYSTEMD_TEMPLATE_UNIT = "scheduler-publisher@.service"
 log = get_logger("scheduler_publisher.cli")
 
 
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--format", choices=FORMATS, default="text",
                           help="text (default; problems on stderr as file:line:column), json "
                                "(one object on stdout) or github (workflow annotations)")
+    _add_shard(validate, "list the entries shard K of N would run")
     _add_options_file(validate)
     sub.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the entries file")
     show = sub.add_parser("show-options", help="print every option's effective value and "
@@ -150,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(show)
     sub.add_parser("sample-config", help="print the sample entries file")
     sub.add_parser("sample-options", help="print a commented options file with every default")
-    sub.add_parser("systemd-unit", help="print the systemd unit")
+    unit = sub.add_parser("systemd-unit", help="print the systemd unit")
+    unit.add_argument("--template", action="store_true",
+                      help="print the template unit scheduler-publisher@.service instead: one "
+                           "instance per shard, named K-of-N (docs/scaling.md)")
     return parser
 
 
@@ -159,6 +165,13 @@ def _add_options_file(p: argparse.ArgumentParser) -> None:
                    help="TOML file of options, keys named like the long flags; '' for none "
                         "(default: /etc/scheduler-publisher/scheduler-publisher.toml when it "
                         "exists)")
+
+
+def _add_shard(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    p.add_argument("--shard", type=shard_spec, metavar="K/N",
+                   help=f"{what}: one entries file split across N processes or hosts by a "
+                        f"stable hash of the entry id; 1 <= K <= N <= 1024, K-of-N also "
+                        f"accepted (docs/scaling.md)")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -207,6 +220,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="clear a removed retained entry's message from the broker")
     c.add_argument("--max-config-bytes", type=Number(int, 2, 2**30), default=d.max_config_bytes,
                    help="largest config file accepted (default: 16 MiB)")
+    _add_shard(c, "run only the entries of shard K of N; the client id and status topic get "
+                  "a -K-of-N suffix")
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
@@ -317,10 +332,13 @@ def _derived_default(name: str, args: argparse.Namespace) -> Any:
     """What the service uses for an option left unset, where that is computed at start."""
     if name == "port":
         return 8883 if (args.tls or args.cafile or args.certfile or args.tls_insecure) else 1883
+    shard = getattr(args, "shard", None)
     if name == "client-id":
-        return default_client_id()
+        client_id = default_client_id()
+        return shard.client_id(client_id) if shard else client_id
     if name == "status-topic":
-        return f"scheduler-publisher/{args.client_id or default_client_id()}/status"
+        client_id = args.client_id or default_client_id()
+        return f"scheduler-publisher/{shard.client_id(client_id) if shard else client_id}/status"
     return None
 
 
@@ -395,8 +413,8 @@ def cmd_sample_config(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_systemd_unit(_args: argparse.Namespace) -> int:
-    sys.stdout.write(package_text(SYSTEMD_UNIT))
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    sys.stdout.write(package_text(SYSTEMD_TEMPLATE_UNIT if args.template else SYSTEMD_UNIT))
     return EXIT_OK
 
 
@@ -458,7 +476,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         max_retries=args.max_retries, will_delay=args.will_delay,
         status_topic=args.status_topic, connect_rate=args.connect_rate, tls_context=ctx,
         tls_insecure=args.tls_insecure)
-    return ServiceSettings(
+    settings = ServiceSettings(
         config_path=args.config, broker=broker,
         logging=log_settings(args),
         stats_interval=args.stats_interval,
@@ -469,6 +487,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
         force_polling=args.force_polling, max_config_bytes=args.max_config_bytes)
+    return settings.for_shard(args.shard) if args.shard else settings
 
 
 def log_settings(args: argparse.Namespace) -> LogSettings:
@@ -478,9 +497,10 @@ def log_settings(args: argparse.Namespace) -> LogSettings:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        report = Report(str(args.config), ConfigurationLoader(args.config).load())
+        report = Report(str(args.config), ConfigurationLoader(args.config).load(),
+                        shard=args.shard)
     except ConfigFileError as exc:
-        report = Report(str(args.config), None, exc)
+        report = Report(str(args.config), None, exc, shard=args.shard)
     out, err = render(report, args.format)
     if report.failure is not None and args.format == "text":
         err.append(config_hint(args.config))

@@ -37,6 +37,7 @@ from scheduler_publisher.stats import LATENESS_BUCKETS, EntryStats, Stats
 
 if TYPE_CHECKING:
     from scheduler_publisher.config import PublishConfig
+    from scheduler_publisher.shard import Shard
 
 log = get_logger("scheduler_publisher.metrics")
 
@@ -72,6 +73,9 @@ class MetricsSource(Protocol):
 
     @property
     def connection(self) -> ConnectionCounts: ...
+
+    @property
+    def shard(self) -> Shard | None: ...
 
     def is_connected(self) -> bool: ...
 
@@ -162,6 +166,8 @@ class ServiceCollector(Collector):
                                  "libraries (always 1)", labels=list(self._build))
         info.add_metric(list(self._build.values()), 1)
         yield info
+        if source.shard is not None:
+            yield _shard_info(source.shard)
         yield from self._service_wide(source, stats, entries)
         yield _lateness(stats)
         per_entry = self._switch.update(len(entries))
@@ -204,6 +210,15 @@ class ServiceCollector(Collector):
             e = counters.get(entry_id)
             count += overdue(config.interval, e.last_published_at if e else None, applied, now)
         return count
+
+
+def _shard_info(shard: Shard) -> GaugeMetricFamily:
+    """Which shard this process is, so a dashboard can tell the shards of one file apart."""
+    info = GaugeMetricFamily(f"{PREFIX}_shard_info", "This process runs shard `shard` of "
+                             "`shards` of the entries file (--shard; always 1)",
+                             labels=["shard", "shards"])
+    info.add_metric([str(shard.k), str(shard.n)], 1)
+    return info
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from scheduler_publisher.shard import Shard, ShardError, parse_shard
+
 ENV_PREFIX = "SCHEDULER_PUBLISHER_"
 OPTIONS_FILE_ENV = f"{ENV_PREFIX}OPTIONS_FILE"
 DEFAULT_OPTIONS_FILE = Path("/etc/scheduler-publisher/scheduler-publisher.toml")
@@ -167,6 +169,14 @@ def host_name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must be a host name or IP address without spaces, got {text!r}")
     return text
+
+
+def shard_spec(text: str) -> Shard:
+    """An argparse `type` for `--shard`: `K/N`, or `K-of-N` as a systemd instance name gives it."""
+    try:
+        return parse_shard(text)
+    except ShardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def options_of(parser: argparse.ArgumentParser) -> list[Option]:

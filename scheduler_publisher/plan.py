@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from scheduler_publisher.config import ConfigResult, PublishConfig
+from scheduler_publisher.shard import Shard
 
 # Every entry's grid is anchored here, so a restart or a reschedule lands on the same slots.
 GRID_ANCHOR = datetime(2024, 1, 1, tzinfo=UTC)
@@ -63,16 +64,22 @@ def applied(entries: Entries, plan: Plan) -> dict[str, PublishConfig]:
     return result
 
 
-def effective_entries(running: Entries, result: ConfigResult) -> tuple[dict[str, PublishConfig],
-                                                                        tuple[str, ...]]:
+def effective_entries(running: Entries, result: ConfigResult, shard: Shard | None = None
+                      ) -> tuple[dict[str, PublishConfig], tuple[str, ...]]:
     """The entries that should run after `result` is applied, and the ids kept at their last good
     version because the new file made them invalid. An id that vanished from the file is removed;
-    an id that is still there but broken keeps running as it was."""
-    wanted = {e.id: e for e in result.entries}
+    an id that is still there but broken keeps running as it was. With a `shard`, only the
+    entries it owns run; `running` already holds only those, so no other shard's entry is kept."""
+    entries = result.entries if shard is None else shard.select(result.entries, _entry_id)
+    wanted = {e.id: e for e in entries}
     kept = tuple(i for i in sorted(result.invalid_ids) if i in running and i not in wanted)
     for entry_id in kept:
         wanted[entry_id] = running[entry_id]
     return wanted, kept
+
+
+def _entry_id(entry: PublishConfig) -> str:
+    return entry.id
 
 
 def diff(old: Entries, new: Entries, kept_last_good: tuple[str, ...] = ()) -> Plan:

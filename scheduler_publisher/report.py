@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from scheduler_publisher.config import ConfigFileError, ConfigResult, Problem, Severity
+from scheduler_publisher.shard import Shard
 
-__all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render", "summary"]
+__all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render",
+           "shard_lines", "summary"]
 
 Format = Literal["text", "json", "github"]
 FORMATS: Final[tuple[Format, ...]] = ("text", "json", "github")
@@ -27,6 +29,7 @@ class Report:
     file: str
     result: ConfigResult | None
     failure: ConfigFileError | None = None
+    shard: Shard | None = None  # validate --shard: also say which entries this shard runs
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -45,6 +48,14 @@ class Report:
     @property
     def valid_entries(self) -> int:
         return len(self.result.entries) if self.result is not None else 0
+
+    @property
+    def shard_entries(self) -> tuple[str, ...]:
+        """The ids of the valid entries the shard runs, in file order (every valid entry is
+        checked: an invalid one is reported whichever shard it would belong to)."""
+        if self.result is None or self.shard is None:
+            return ()
+        return tuple(e.id for e in self.result.entries if self.shard.owns(e.id))
 
 
 def _pointer(problem: Problem) -> str:
@@ -82,6 +93,9 @@ def as_json(report: Report) -> str:
         "warnings": report.count("warning"),
         "problems": [_problem_object(problem) for problem in report.problems],
     }
+    if report.shard is not None:
+        body["shard"] = {"k": report.shard.k, "n": report.shard.n, "name": report.shard.name,
+                         "entries": list(report.shard_entries)}
     return json.dumps(body, ensure_ascii=False, indent=2)
 
 
@@ -89,6 +103,16 @@ def summary(report: Report) -> str:
     verdict = "valid" if report.valid else "invalid"
     return (f"{report.file}: {verdict}: {report.valid_entries} valid entries, "
             f"{report.count('error')} errors, {report.count('warning')} warnings")
+
+
+def shard_lines(report: Report) -> list[str]:
+    """`shard K/N runs X of Y valid entries:` and then their ids, one per line; nothing
+    without --shard."""
+    if report.shard is None or report.result is None:
+        return []
+    ids = report.shard_entries
+    return [f"shard {report.shard} runs {len(ids)} of {report.valid_entries} valid entries"
+            f"{':' if ids else ''}", *(f"  {entry_id}" for entry_id in ids)]
 
 
 def _place(file: str, problem: Problem) -> str:
@@ -129,5 +153,5 @@ def render(report: Report, output: Format) -> tuple[list[str], list[str]]:
     if output == "json":
         return [as_json(report)], []
     if output == "github":
-        return [*as_github(report), summary(report)], []
-    return [summary(report)], list(as_text(report))
+        return [*as_github(report), summary(report), *shard_lines(report)], []
+    return [summary(report), *shard_lines(report)], list(as_text(report))

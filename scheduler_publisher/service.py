@@ -33,6 +33,7 @@ from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
 from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
+from scheduler_publisher.shard import Shard
 from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
 from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
 from scheduler_publisher.stats import Stats
@@ -223,7 +224,8 @@ class PublisherService:
         self.notifier.ready(self._status_line())
         log.info("service_started", active_configs=len(self._entries),
                  config=str(self.settings.config_path), watcher=self._watcher.kind,
-                 broker=f"{self.settings.broker.host}:{self.settings.broker.port}")
+                 broker=f"{self.settings.broker.host}:{self.settings.broker.port}",
+                 **self._shard_fields())
 
     def _wait_for_plausible_clock(self) -> None:
         """Gateways without an RTC boot in 1970: never schedule against such a clock."""
@@ -394,7 +396,7 @@ class PublisherService:
 
     def _apply(self, result: ConfigResult, *, initial: bool) -> Steps[None]:
         self._log_problems(result)
-        wanted, kept = effective_entries(self._entries, result)
+        wanted, kept = effective_entries(self._entries, result, self.settings.shard)
         plan = diff(self._entries, wanted, kept)
         parts = list(batches(plan, NETWORK_BATCH))
         for n, part in enumerate(parts, start=1):
@@ -456,8 +458,14 @@ class PublisherService:
                  total_errors=summary["total_errors"], total_dropped=summary["total_dropped"],
                  reconnects=summary["reconnects"], uptime_seconds=summary["uptime_seconds"],
                  connected=self._connection.is_connected(), connections=total,
-                 connections_up=up)
+                 connections_up=up, **self._shard_fields())
         self.notifier.status(self._status_line())
+
+    def _shard_fields(self) -> dict[str, str]:
+        """`shard="K/N"` for the start and statistics events of a sharded service; nothing
+        otherwise, so an unsharded service logs what it always did."""
+        shard = self.shard
+        return {} if shard is None else {"shard": str(shard)}
 
     def _checkpoint(self) -> None:
         if self._store is not None:
@@ -543,6 +551,11 @@ class PublisherService:
         return len(self._entries)
 
     @property
+    def shard(self) -> Shard | None:
+        """The shard this service runs (--shard); None when it runs every entry."""
+        return self.settings.shard
+
+    @property
     def last_config_error(self) -> str | None:
         return self._last_file_problem
 
@@ -589,6 +602,7 @@ class PublisherService:
                                 last_error=self._last_file_problem,
                                 watcher=self._watcher.kind),
             entries={i: self._entry_status(e) for i, e in entries.items()},
+            shard=self.shard,
         )
 
     def get_status(self) -> dict[str, Any]:

@@ -7,11 +7,12 @@ import os
 import re
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from scheduler_publisher.logs import LogSettings
+from scheduler_publisher.shard import Shard
 
 MQTTVersion = Literal["5", "3.1.1"]
 MetricsPerEntry = Literal["auto", "on", "off"]
@@ -82,6 +83,16 @@ class ServiceSettings:
     watch: bool = True
     force_polling: bool = False
     max_config_bytes: int = 16 * 1024 * 1024
+    shard: Shard | None = None  # None: every entry; set it with for_shard()
+
+    def for_shard(self, shard: Shard) -> ServiceSettings:
+        """These settings for shard `shard`: it runs only its entries, and its client id (so
+        its lwt entries' ids too) and status topic carry the `-K-of-N` suffix, so shards on
+        one broker never take over each other's connections or status (docs/scaling.md)."""
+        broker = self.broker
+        topic = shard.status_topic(broker.status_topic) if broker.status_topic else None
+        return replace(self, shard=shard, broker=replace(
+            broker, client_id=shard.client_id(broker.client_id), status_topic=topic))
 
 
 def default_client_id(config_path: Path | None = None) -> str:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.shard import Shard
 from scheduler_publisher.stats import EntryStats, Stats
 
 
@@ -207,6 +208,7 @@ class ServiceStatus:
     health: HealthStatus
     config: ConfigStatus
     entries: Mapping[str, EntryStatus]  # by entry id
+    shard: Shard | None = None  # --shard: this process runs only this shard's entries
 
     @property
     def active_configs(self) -> int:
@@ -220,8 +222,16 @@ class ServiceStatus:
         """The `/status` document (its shape is public: keep it backward compatible); with
         `only`, just those entries (a page, status_query.py), in that order."""
         ids = self.entries if only is None else only
-        return {"active_configs": self.active_configs, "connected": self.connected,
-                "statistics": self.statistics.to_json(),
-                "connection": self.connection.to_json(), "health": self.health.to_json(),
-                "config": self.config.to_json(),
-                "entries": {i: self.entries[i].to_json() for i in ids}}
+        body: dict[str, Any] = {
+            "active_configs": self.active_configs, "connected": self.connected,
+            "statistics": self.statistics.to_json(), "connection": self.connection.to_json(),
+            "health": self.health.to_json(), "config": self.config.to_json()}
+        if self.shard is not None:  # only when sharded: an unsharded document stays as it was
+            body["shard"] = shard_json(self.shard)
+        body["entries"] = {i: self.entries[i].to_json() for i in ids}
+        return body
+
+
+def shard_json(shard: Shard) -> dict[str, Any]:
+    """`{"k": 1, "n": 2, "name": "1-of-2"}`: which shard of how many this process is."""
+    return {"k": shard.k, "n": shard.n, "name": shard.name}

@@ -77,6 +77,39 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
              "phase_moved_on_wire", "phase_compared_on_wire", "phase_moved_next_run_at",
              "phase_compared_next_run_at")
     assert len(result["table"]) >= 14
+    _check_shards(result)
+
+
+def _check_shards(result: dict[str, object]) -> None:
+    """The shard section: both phases measured, and their two rows in the table."""
+    shards = result["shards"]
+    assert isinstance(shards, dict)
+    assert shards["shards"] == 2
+    for phase, processes in (("sharded", 2), ("one_process", 1)):
+        m = shards[phase]
+        assert m["processes"] == processes
+        assert len(m["cpu_pct_of_core_each"]) == processes
+        _numeric(m, "expected", "received", "delivered_pct", "missed_ticks",
+                 "cpu_pct_of_core_total", "subscriber_cpu_pct_of_core", "startup_s")
+    rows = {row["figure"] for row in result["table"]}  # type: ignore[attr-defined]
+    n = shards["entries"]
+    assert {f"2 shards, {n:,} at 1 s", f"1 process, {n:,} at 1 s"} <= rows
+
+
+def test_bench_only_shards_runs_just_the_shard_section(tmp_path: Path) -> None:
+    """`run.py --only-shards --quick` measures 2 shard processes and then one process on one
+    entries file, and nothing else."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--only-shards",
+                           "--quick", "--shard-entries", "200", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert not {"compare", "sustained", "soak"} & set(result)
+    _check_shards(result)
+    assert result["shards"]["entries"] == 200
+    # every entry was delivered by exactly one of the two shards: nothing arrived twice
+    assert result["shards"]["sharded"]["extra"] == 0
 
 
 @pytest.fixture

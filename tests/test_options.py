@@ -121,13 +121,15 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
     """Each option of `run`, set through its variable and then through its key, is taken."""
     samples = {"boolean": (True, "true"), "integer": (7, "7"), "number": (7.5, "7.5"),
                "string": ("x7", "x7")}
+    formatted = {"shard": ("1/2", "1/2")}  # strings with a form of their own
     every = run_options()
     for option in every:
         if option.action.choices is not None:
             choice = str(list(option.action.choices)[-1])
             monkeypatch.setenv(option.env, choice)
         else:
-            monkeypatch.setenv(option.env, samples[option.kind][1])
+            monkeypatch.setenv(option.env, formatted.get(option.name,
+                                                         samples[option.kind])[1])
     by_env = show(capsys, "--options-file", "")
     assert {n: s for n, (_, s) in by_env.items()} == {o.name: f"env {o.env}" for o in every}
 
@@ -136,7 +138,7 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
     lines = []
     for option in every:
         value: Any = (str(list(option.action.choices)[-1]) if option.action.choices is not None
-                      else samples[option.kind][0])
+                      else formatted.get(option.name, samples[option.kind])[0])
         lines.append(f"{option.name} = {cli._toml_value(value)}")
     opts = write_options(tmp_path / "all.toml", "\n".join(lines) + "\n")
     by_file = show(capsys, "--options-file", str(opts))

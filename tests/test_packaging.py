@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "scheduler_publisher" / "data"
 # Package data that must stay byte-identical to the files at the top of the tree.
 COPIES = {DATA / "payloadStaticConfig.json": REPO / "JSON" / "payloadStaticConfig.json",
-          DATA / "scheduler-publisher.service": REPO / "systemd" / "scheduler-publisher.service"}
+          DATA / "scheduler-publisher.service": REPO / "systemd" / "scheduler-publisher.service",
+          DATA / "scheduler-publisher@.service": REPO / "systemd" / "scheduler-publisher@.service"}
 # Tracked files the sdist leaves out on purpose: git's own, and the placeholder of the
 # run-time log folder.
 NOT_IN_SDIST = {".gitignore", "logs/.gitkeep"}
@@ -116,7 +117,8 @@ def test_wheel_carries_licence_unit_sample_and_py_typed(built: Built) -> None:
     names = wheel_names(built)
     dist_info = f"scheduler_publisher-{__version__}.dist-info"
     for name in ("scheduler_publisher/py.typed", "scheduler_publisher/data/scheduler-publisher"
-                 ".service", "scheduler_publisher/data/payloadStaticConfig.json",
+                 ".service", "scheduler_publisher/data/scheduler-publisher@.service",
+                 "scheduler_publisher/data/payloadStaticConfig.json",
                  f"{dist_info}/LICENSE", *(f"scheduler_publisher/web/{page}" for page in
                                            ("index.html", "page.css", "page.js"))):
         assert name in names, name
@@ -192,11 +194,14 @@ def test_wheel_install_validates_its_sample_without_the_git_tree(installed: Path
 
 
 def test_wheel_prints_the_unit_and_a_sample_options_file(installed: Path, tmp_path: Path) -> None:
-    """`systemd-unit` prints the shipped unit, `schema` the committed entries schema, and
-    `sample-options` TOML the service reads."""
+    """`systemd-unit` prints the shipped unit (`--template`: the per-shard template unit),
+    `schema` the committed entries schema, and `sample-options` TOML the service reads."""
     unit = gateway(installed, tmp_path, "systemd-unit")
     assert unit.returncode == 0
     assert unit.stdout == (REPO / "systemd" / "scheduler-publisher.service").read_text()
+    template = gateway(installed, tmp_path, "systemd-unit", "--template")
+    assert template.returncode == 0
+    assert template.stdout == (REPO / "systemd" / "scheduler-publisher@.service").read_text()
 
     schema = gateway(installed, tmp_path, "schema")
     assert schema.returncode == 0

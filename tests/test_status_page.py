@@ -18,6 +18,7 @@ import pytest
 
 from scheduler_publisher.http import PAGE_POLICY
 from scheduler_publisher.service import PublisherService
+from scheduler_publisher.shard import Shard
 from tests.support import (
     REPO,
     Mosquitto,
@@ -292,6 +293,29 @@ def test_the_problem_banner_follows_the_entries_file(
     write_config(config_path, [*good, entry("two", f"{topic_base}/two", 5)])
     wait_until(lambda: not visible(browser, "problem"), WAIT, message="the banner gone")
     wait_rows(browser, lambda t: [r[ID] for r in t] == ["one", "two"], "the new entry's row")
+
+
+def test_the_config_card_names_the_shard(
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        topic_base: str) -> None:
+    """A service run with --shard 2/3 says "Shard 2 of 3" in the config card and lists only
+    its own entries ("c" is shard 2's of 3, "a" shard 1's)."""
+    service = http_service([entry("a", f"{topic_base}/a", 5), entry("c", f"{topic_base}/c", 5)],
+                           shard=Shard(2, 3))
+    browser = page(service)
+    wait_rows(browser, lambda t: [r[ID] for r in t] == ["c"], "shard 2's one entry")
+    assert visible(browser, "config-shard-row")
+    assert text(browser, "config-shard") == "2 of 3"
+
+
+def test_an_unsharded_page_shows_no_shard(
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
+        topic_base: str) -> None:
+    """Without --shard the config card has no Shard line."""
+    service = http_service([entry("a", f"{topic_base}/a", 5)])
+    browser = page(service)
+    wait_rows(browser, lambda t: len(t) == 1, "the entry's row")
+    assert not visible(browser, "config-shard-row")
 
 
 def test_page_says_when_the_broker_or_the_service_is_gone(

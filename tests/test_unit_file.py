@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from scheduler_publisher.options import shard_spec
+from scheduler_publisher.shard import Shard
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "scheduler-publisher.service"
+TEMPLATE = REPO / "systemd" / "scheduler-publisher@.service"
 EXECUTABLE = "/opt/scheduler-publisher/venv/bin/scheduler-publisher"
 
 # `systemd-analyze verify` complaints that only mean "this is a build machine, not an
@@ -22,7 +27,8 @@ EXECUTABLE = "/opt/scheduler-publisher/venv/bin/scheduler-publisher"
 #    verify; this pattern is for releases that do, and names our user explicitly).
 # Anything else printed (unknown keys, unparsable values, bad dependencies) fails the test.
 EXPECTED_ON_BUILD_MACHINE = [
-    re.compile(rf"^scheduler-publisher\.service: Command {re.escape(EXECUTABLE)} is not "
+    re.compile(rf"^scheduler-publisher(?:@[0-9]+-of-[0-9]+)?\.service: Command "
+               rf"{re.escape(EXECUTABLE)} is not "
                r"executable: No such file or directory$"),
     re.compile(r"^.*\b(?:[Uu]ser|[Gg]roup)\b.*\bscheduler-publisher\b.*"
                r"(?:not found|does not exist|No such process|Failed to resolve).*$"),
@@ -184,3 +190,50 @@ def test_load_credential_offered_commented_out() -> None:
     assert re.search(r"^#\s*LoadCredential=mqtt-password:/etc/scheduler-publisher/mqtt-password$",
                      text, re.MULTILINE)
     assert values(parse_unit(text)["Service"], "LoadCredential") == []
+
+
+# ---- the template unit: one instance per shard ------------------------------------------------
+
+# What a shard instance sets differently from the plain unit; everything else is the same.
+TEMPLATE_ONLY = {
+    ("Unit", "Description"): ["MQTT scheduled payload publisher, shard %I"],
+    ("Service", "ExecStart"): [f"{EXECUTABLE} run --options-file "
+                               "/etc/scheduler-publisher/scheduler-publisher.toml --shard %i "
+                               "$SP_ARGS"],
+    ("Service", "EnvironmentFile"): ["-/etc/scheduler-publisher/env",
+                                     "-/etc/scheduler-publisher/%i.env"],
+    ("Service", "WorkingDirectory"): ["/var/lib/scheduler-publisher/%i"],
+    ("Service", "StateDirectory"): ["scheduler-publisher/%i"],
+}
+
+
+def test_template_instance_verifies_clean(tmp_path: Path) -> None:
+    """`systemd-analyze verify scheduler-publisher@1-of-2.service` (the template, instanced)
+    prints nothing beyond the build-machine complaints."""
+    shutil.copyfile(TEMPLATE, tmp_path / TEMPLATE.name)
+    assert verify_complaints(tmp_path / "scheduler-publisher@1-of-2.service") == []
+
+
+def test_template_is_the_unit_but_for_the_shard() -> None:
+    """The template has every directive of the plain unit with the same value (hardening,
+    notify, restart, ordering), except that the instance name is the shard, and each instance
+    has its own environment file, working and state directory."""
+    plain, template = parse_unit(UNIT.read_text()), parse_unit(TEMPLATE.read_text())
+    assert list(template) == list(plain)
+    for name, section in template.items():
+        keys = {k for k, _ in section} | {k for k, _ in plain[name]}
+        for key in sorted(keys):
+            expected = TEMPLATE_ONLY.get((name, key), values(plain[name], key))
+            got = [" ".join(v.split()) for v in values(section, key)]  # continuation spaces
+            assert got == expected, f"[{name}] {key}"
+
+
+def test_instance_names_are_shards() -> None:
+    """The instance name goes to --shard as it is: `1-of-2` is shard 1/2, and a name that is
+    no shard (`main`) is refused with what was expected."""
+    argv = shlex.split(one(parse_unit(TEMPLATE.read_text())["Service"], "ExecStart"))
+    assert argv[argv.index("--shard") + 1] == "%i"
+    assert shard_spec("1-of-2") == Shard(1, 2)
+    assert shard_spec("12-of-16") == Shard(12, 16)
+    with pytest.raises(argparse.ArgumentTypeError, match="K-of-N"):
+        shard_spec("main")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from scheduler_publisher.service import PublisherService
+from scheduler_publisher.shard import Shard
 from scheduler_publisher.watcher import ConfigWatcher, followed_paths, watched_folders
 from tests.support import (
     InProcessServices,
@@ -43,22 +44,23 @@ class ConfigMap:
     to a timestamped folder; an update writes a new folder, points `..data_tmp` at it, renames
     that over `..data`, and deletes the old folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str = "publish.json") -> None:
         self.root = root
+        self.name = name  # the ConfigMap's key: the file name in the mounted folder
         self.generation = 0
         self.current: Path | None = None
 
     def create(self, text: str) -> Path:
         self.root.mkdir()
         self.update(text)
-        (self.root / "publish.json").symlink_to("..data/publish.json")
-        return self.root / "publish.json"
+        (self.root / self.name).symlink_to(f"..data/{self.name}")
+        return self.root / self.name
 
     def update(self, text: str) -> None:
         self.generation += 1
         fresh = self.root / f"..2026_11_28_17_00_{self.generation:02d}.{os.getpid()}"
         fresh.mkdir()
-        (fresh / "publish.json").write_text(text)
+        (fresh / self.name).write_text(text)
         tmp = self.root / "..data_tmp"
         tmp.symlink_to(fresh.name)
         tmp.replace(self.root / "..data")
@@ -159,6 +161,33 @@ def test_each_swap_reaches_the_wire_within_the_debounce(
     if layout == "swapped-folder":
         config.write_text(dump(topic, 5))  # the new folder's file, same inode, in place
         sub.wait_for(topic, where=lambda m: m.json()["v"] == 5, timeout=SWAP_SEEN_WITHIN)
+
+
+def test_a_shard_follows_a_configmap_swap_with_only_its_entries(
+        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
+        topic_base: str, force_polling: bool) -> None:
+    """Shard 1/2 on a ConfigMap-mounted payloadStaticConfig.json: a `..data` swap that adds
+    one entry per shard (and edits one of each) reaches the wire within seconds for shard 1's
+    entries, and shard 2's new entry never joins its running set (docs/scaling.md)."""
+    def text(version: int, ids: list[str]) -> str:
+        return json.dumps([entry(i, f"{topic_base}/{i}", 3600, data={"v": version})
+                           for i in ids])
+
+    sub = subscriber_factory(f"{topic_base}/#")
+    files = ConfigMap(tmp_path / "config", "payloadStaticConfig.json")
+    config = files.create(text(1, ["a", "c"]))  # "a", "g" are shard 1's; "c", "d" shard 2's
+    services = InProcessServices(tmp_path)
+    try:
+        service = services.start(broker.port, config=config, safety_check_interval=3600.0,
+                                 force_polling=force_polling, shard=Shard(1, 2))
+        sub.wait_for(f"{topic_base}/a", where=json_has(v=1))
+        files.update(text(2, ["a", "c", "g", "d"]))
+        sub.wait_for(f"{topic_base}/a", where=json_has(v=2), timeout=SWAP_SEEN_WITHIN)
+        sub.wait_for(f"{topic_base}/g", where=json_has(v=2), timeout=SWAP_SEEN_WITHIN)
+        assert sorted(service.get_status()["entries"]) == ["a", "g"]
+        assert not [m for m in sub.snapshot() if m.topic.endswith(("/c", "/d"))]
+    finally:
+        services.close()
 
 
 # --- the watcher alone -------------------------------------------------------------------------

@@ -115,7 +115,7 @@ async function poll() {
 function render(status) {
   renderHeader(status);
   renderTotals(status.statistics || {}, status.active_configs);
-  renderConfig(status.config || {});
+  renderConfig(status.config || {}, status.shard);
   renderRows(status);
   renderPager(status.page);
   setText("updated", `updated ${new Date().toLocaleTimeString("en-GB")}`);
@@ -147,8 +147,11 @@ function renderTotals(stats, active) {
   addRateSample(stats.published_this_run, stats.uptime_seconds);
 }
 
-function renderConfig(config) {
+function renderConfig(config, shard) {
   setText("config-path", config.path || "–");
+  // Only a sharded service (--shard K/N) has `shard`: it runs its share of the file's entries.
+  $("config-shard-row").hidden = !shard;
+  setText("config-shard", shard ? `${shard.k} of ${shard.n}` : "");
   setText("config-reload", config.last_reload_at ? ago(config.last_reload_at) : "at start");
   setText("config-watcher", config.watcher || "–");
   $("problem").hidden = !config.last_error;
