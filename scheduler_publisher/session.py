@@ -27,6 +27,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from scheduler_publisher.config import MessageProperties
+
 if TYPE_CHECKING:
     from scheduler_publisher.settings import BrokerSettings
 
@@ -51,6 +53,7 @@ class Will:
     payload: bytes
     qos: int
     retain: bool
+    properties: MessageProperties | None = None  # the entry's (MQTT 5 only: its will's too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,18 +216,38 @@ def paho_client(session: Session) -> mqtt.Client:
         client.tls_insecure_set(s.tls_insecure)
     if session.will is not None:
         w = session.will
-        client.will_set(w.topic, w.payload, w.qos, w.retain, properties=_will_properties(s))
+        client.will_set(w.topic, w.payload, w.qos, w.retain,
+                        properties=_will_properties(s, w.properties))
     session.bind(client)
     client.connect_async(s.host, s.port, keepalive=s.keepalive,
                          properties=_connect_properties(s))
     return client
 
 
-def _will_properties(settings: BrokerSettings) -> Properties | None:
-    if settings.protocol != "5" or settings.will_delay <= 0:
+def _will_properties(settings: BrokerSettings,
+                     entry: MessageProperties | None) -> Properties | None:
+    if settings.protocol != "5" or (settings.will_delay <= 0 and entry is None):
         return None
-    props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
-    props.WillDelayInterval = settings.will_delay
+    props = paho_properties(entry, PacketTypes.WILLMESSAGE)
+    if settings.will_delay > 0:
+        props.WillDelayInterval = settings.will_delay
+    return props
+
+
+def paho_properties(entry: MessageProperties | None, packet_type: int) -> Properties:
+    """An entry's properties as paho sends them in a PUBLISH or with a will (MQTT 5 only)."""
+    props = Properties(packet_type)  # type: ignore[no-untyped-call]
+    if entry is None:
+        return props
+    if entry.message_expiry is not None:
+        props.MessageExpiryInterval = entry.message_expiry
+    if entry.content_type is not None:
+        props.ContentType = entry.content_type
+    if entry.user_properties:
+        # A list in one assignment keeps the file's order (paho appends, MQTT 5 3.3.2.3.7).
+        props.UserProperty = list(entry.user_properties)
+    if entry.payload_format_utf8:
+        props.PayloadFormatIndicator = 1
     return props
 
 
