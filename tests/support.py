@@ -180,7 +180,8 @@ class Subscriber:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            props = msg.properties.json() if msg.properties is not None else {}
+            # paho's Properties is untyped.
+            props = msg.properties.json() if msg.properties is not None else {}  # type: ignore[no-untyped-call]
             self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
                                           time.monotonic(), props))
 

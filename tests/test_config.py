@@ -527,7 +527,9 @@ def test_property_errors_point_at_the_properties_field() -> None:
 def test_direct_construction_takes_properties_as_an_object_or_a_value() -> None:
     """PublishConfig(properties=...) takes the file's object or MessageProperties, and
     validates either."""
-    from_object = PublishConfig("a", "t", {}, 1, properties={"content_type": "text/plain"})
+    # The file's form: typed as the value it becomes, as parse_config hands it over.
+    from_object = PublishConfig("a", "t", {}, 1,
+                                properties={"content_type": "text/plain"})  # type: ignore[arg-type]
     from_value = PublishConfig("a", "t", {}, 1,
                                properties=MessageProperties(content_type="text/plain"))
     assert from_object == from_value
