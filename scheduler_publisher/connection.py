@@ -23,13 +23,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from scheduler_publisher.config import MessageProperties, PublishConfig
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.netloop import NetworkLoop, SessionView
-from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will, paho_properties
+from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will, publish_properties
 from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
 
@@ -327,8 +326,7 @@ class MQTTConnectionManager:
         for entry_id, entry in new.items():
             if entry.properties is not None:
                 if entry.properties not in built:
-                    built[entry.properties] = paho_properties(entry.properties,
-                                                              PacketTypes.PUBLISH)
+                    built[entry.properties] = publish_properties(entry.properties)
                 wire[entry_id] = built[entry.properties]
         self._wire_properties = wire
 

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from scheduler_publisher.logs import get_logger
@@ -47,7 +46,7 @@ from scheduler_publisher.session import (
     Will,
     describe_error,
     paho_client,
-    paho_properties,
+    publish_properties,
 )
 from scheduler_publisher.settings import BrokerSettings
 
@@ -575,7 +574,7 @@ def _offline_properties(session: Session, will: Will) -> Properties | None:
     """The will's properties, for the offline message the service sends itself."""
     if will.properties is None or not session.is_v5:
         return None
-    return paho_properties(will.properties, PacketTypes.PUBLISH)
+    return publish_properties(will.properties)
 
 
 def _no_delay(sock: Any) -> None:

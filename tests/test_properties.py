@@ -3,6 +3,7 @@ will, on reload, retained messages that expire, and MQTT 3.1.1 (ignored, with a 
 
 from __future__ import annotations
 
+import json
 import signal
 import uuid
 from pathlib import Path
@@ -11,8 +12,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 
+from scheduler_publisher.config import parse_config
+from scheduler_publisher.session import publish_properties
 from tests.support import (
     InProcessServices,
     Mosquitto,
@@ -71,6 +76,26 @@ def retained_on(broker: Mosquitto, topic: str) -> list[Received]:
         return [m for m in sub.on(topic) if m.retain]
     finally:
         sub.stop()
+
+
+# ---- the packet ------------------------------------------------------------------------------
+
+
+def test_publish_properties_pack_as_paho_packs_them_and_only_once() -> None:
+    """An entry's PUBLISH properties are the bytes paho itself would pack, in the file's order
+    of user properties, and packing them again returns the same bytes object."""
+    (config,) = parse_config(json.dumps([entry("a", "t", properties=PROPERTIES)]).encode()).entries
+    assert config.properties is not None
+    built = publish_properties(config.properties)
+    reference = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    reference.MessageExpiryInterval = 600
+    reference.ContentType = "application/json"
+    reference.UserProperty = ("site", "gw01")
+    reference.UserProperty = ("b", "2")
+    reference.UserProperty = ("a", "1")
+    reference.PayloadFormatIndicator = 1
+    assert built.pack() == reference.pack()  # type: ignore[no-untyped-call]
+    assert built.pack() is built.pack()  # type: ignore[no-untyped-call]
 
 
 # ---- every publish --------------------------------------------------------------------------
