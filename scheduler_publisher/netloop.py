@@ -287,8 +287,7 @@ class NetworkLoop:
                 self._flush(session)
                 return
             # MQTT 3.1.1 (or a will delay the broker would honour): say it ourselves first.
-            info = session.client.publish(will.topic, will.payload, will.qos, will.retain,
-                                          _offline_properties(session, will))
+            info = _publish_offline(session, will)
             if will.qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
                 # A DISCONNECT right behind a QoS 2 PUBLISH makes the broker discard it (it is
                 # only forwarded on PUBREL): disconnect once the broker has acknowledged it.
@@ -570,11 +569,12 @@ class NetworkLoop:
         self._selector.close()
 
 
-def _offline_properties(session: Session, will: Will) -> Properties | None:
-    """The will's properties, for the offline message the service sends itself."""
+def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:
+    """The will, published by the service itself: with its properties, if it has any (MQTT 5)."""
     if will.properties is None or not session.is_v5:
-        return None
-    return publish_properties(will.properties)
+        return session.client.publish(will.topic, will.payload, will.qos, will.retain)
+    return session.client.publish(will.topic, will.payload, will.qos, will.retain,
+                                  publish_properties(will.properties))
 
 
 def _no_delay(sock: Any) -> None:
