@@ -50,8 +50,11 @@ __all__ = [
     "MAX_DATA_DEPTH",
     "MAX_DOCUMENT_DEPTH",
     "MAX_INTERVAL",
+    "MAX_MESSAGE_EXPIRY",
+    "MAX_PROPERTY_CHARS",
     "MAX_TOPIC_BYTES",
     "MAX_TOPIC_LEVELS",
+    "MAX_USER_PROPERTIES",
     "MIN_INTERVAL",
     "UNSENDABLE_CLASS",
     "ConfigError",
@@ -61,6 +64,7 @@ __all__ = [
     "FieldRule",
     "Finding",
     "Forbidden",
+    "MessageProperties",
     "PayloadData",
     "Problem",
     "PublishConfig",
@@ -82,6 +86,13 @@ MAX_TOPIC_BYTES: Final = 65535  # MQTT strings carry a 16-bit length prefix
 # Mosquitto drops the connection ("Protocol error") at a topic of more than 201 levels
 # (TOPIC_HIERARCHY_LIMIT, 200 separators): a round limit just under it.
 MAX_TOPIC_LEVELS: Final = 200
+# MQTT 5 properties (README, "MQTT 5 properties"). The expiry is a Four Byte Integer (MQTT 5
+# 3.3.2.3.3). The other two limits are ours: properties travel with every publish, so they
+# stay small, and a string of at most 4096 characters is at most 16384 UTF-8 bytes, always
+# within MQTT's 65535-byte strings (and a limit JSON Schema can state exactly).
+MAX_MESSAGE_EXPIRY: Final = 2**32 - 1
+MAX_USER_PROPERTIES: Final = 64
+MAX_PROPERTY_CHARS: Final = 4096
 # Broker-owned `$` prefixes: $SYS is the broker's own status tree (MQTT 5 4.7.2; Mosquitto
 # silently drops client publishes to it), $CONTROL is Mosquitto's control API, $share is the
 # MQTT 5 shared-subscription prefix (4.8.2), never a topic name. Other `$` topics ($aws/...,
@@ -227,10 +238,12 @@ _NOT_A_SURROGATE: Final = Forbidden(LONE_SURROGATE, _VALID_UNICODE)
 _RESERVED_TREES: Final = Forbidden(
     "^\\$(?:" + "|".join(p.removeprefix("$") for p in RESERVED_TOPIC_PREFIXES) + ")(?![^/])",
     "outside the broker-owned " + ", ".join(RESERVED_TOPIC_PREFIXES) + " trees")
+_SENDABLE_TEXT: Final = Forbidden(UNSENDABLE_CLASS, "free of NUL, control characters "
+                                  "(U+0001-U+001F, U+007F-U+009F) and noncharacters",
+                                  received=_where_unsendable)
 _TOPIC_FORBIDS: Final = (
     Forbidden("[+#]", 'free of the wildcards "+" and "#"'),
-    Forbidden(UNSENDABLE_CLASS, "free of NUL, control characters (U+0001-U+001F, "
-              "U+007F-U+009F) and noncharacters", received=_where_unsendable),
+    _SENDABLE_TEXT,
     _NOT_A_SURROGATE,
     # 200 levels have 199 separators: 200 of them make one level too many.
     Forbidden(f"(?:/[^/]*){{{MAX_TOPIC_LEVELS}}}", f"at most {MAX_TOPIC_LEVELS} levels",
@@ -254,6 +267,7 @@ class FieldRule:
     required: bool = False
     nullable: bool = False
     min_length: int = 0
+    max_length: int | None = None  # in characters (code points), as JSON Schema counts them
     max_utf8_bytes: int | None = None
     minimum: float | None = None
     maximum: float | None = None
@@ -261,13 +275,25 @@ class FieldRule:
     forbidden: tuple[Forbidden, ...] = ()
     max_depth: int | None = None  # of an object, counting itself
     payload: bool = False  # a JSON payload: finite numbers, valid Unicode strings and keys
+    # An object with named members (each checked by its rule, named "<name>.<member>";
+    # others are a warning, like unknown fields of an entry), or a map whose every key and
+    # value follows one rule, with at most `max_members` of them.
+    members: tuple[FieldRule, ...] = ()
+    key_rule: FieldRule | None = None
+    value_rule: FieldRule | None = None
+    max_members: int | None = None
     custom: _Check | None = None
     unexpressed: str | None = None
 
     @property
+    def key(self) -> str:
+        """The rule's own key in its object: a member rule is named "<object>.<key>"."""
+        return self.name.rpartition(".")[2]
+
+    @property
     def range_text(self) -> str:
         if self.minimum is not None and self.maximum is not None:
-            return f"between {self.minimum:g} and {self.maximum:g}"
+            return f"between {_plain(self.minimum)} and {_plain(self.maximum)}"
         return self.expected
 
     def check(self, value: Any) -> Iterator[Finding]:
@@ -287,6 +313,10 @@ class FieldRule:
                 return  # the checks below recurse: only within the limit
         if self.payload:
             yield from _payload_findings(self.name, value)
+        if self.members:
+            yield from _member_findings(self, value)
+        if self.key_rule is not None or self.value_rule is not None:
+            yield from _map_findings(self, value)
         if self.custom is not None:
             yield from self.custom(self.name, value)
 
@@ -307,11 +337,19 @@ class FieldRule:
     def _string_findings(self, value: str) -> Iterator[Finding]:
         for forbidden in self.forbidden:
             yield from forbidden.findings(self.name, value)
+        if self.max_length is not None and len(value) > self.max_length:
+            yield _must(self.name, f"at most {self.max_length} characters",
+                        f"{len(value)} characters")
         if self.max_utf8_bytes is None:
             return
         size = _utf8_size(value)  # None: a lone surrogate, which a Forbidden reports
         if size is not None and size > self.max_utf8_bytes:
             yield _must(self.name, f"at most {self.max_utf8_bytes} UTF-8 bytes", f"{size} bytes")
+
+
+def _plain(number: float) -> str:
+    """An int in full (4294967295, not 4.29497e+09); a float in its shortest form."""
+    return str(number) if isinstance(number, int) else f"{number:g}"
 
 
 _HAS_TYPE: Final[Mapping[JsonType, Callable[[Any], bool]]] = MappingProxyType({
@@ -336,6 +374,37 @@ def _payload_findings(name: str, value: Any) -> Iterator[Finding]:
     if culprit is not None:
         subject, expected, bad = culprit
         yield _error(f"{name} {subject}", expected, bad)
+
+
+def _member_findings(rule: FieldRule, value: Mapping[str, Any]) -> Iterator[Finding]:
+    known = {member.key: member for member in rule.members}
+    for key, member_value in value.items():
+        member = known.get(key)
+        if member is None:
+            yield _unknown_member(f"{rule.name}.", key, list(known))
+        else:
+            yield from member.check(member_value)
+    yield from _repeated_keys(value, lambda key: f"field {_render(f'{rule.name}.{key}')}")
+
+
+def _map_findings(rule: FieldRule, value: Mapping[str, Any]) -> Iterator[Finding]:
+    if rule.max_members is not None and len(value) > rule.max_members:
+        yield _must(rule.name, f"at most {rule.max_members} members", str(len(value)), "have")
+    for key, member in value.items():
+        if rule.key_rule is not None:
+            named = dataclasses.replace(rule.key_rule, name=f"{rule.name} key {_render(key)}")
+            yield from named.check(key)
+        if rule.value_rule is not None:
+            named = dataclasses.replace(rule.value_rule, name=f"{rule.name}[{_render(key)}]")
+            yield from named.check(member)
+    yield from _repeated_keys(value, lambda key: f"{rule.name} key {_render(key)}")
+
+
+def _repeated_keys(value: Mapping[str, Any], subject: Callable[[str], str]) -> Iterator[Finding]:
+    """The keys a JSON object in the file repeats (document.JsonObject): json keeps the last."""
+    for key in getattr(value, "repeated", ()):
+        message = f"{subject(key)} appears more than once; the last one wins"
+        yield Finding("warning", message, "once", "more than once")
 
 
 def _check_online_key(name: str, value: Mapping[str, Any]) -> Iterator[Finding]:
@@ -377,6 +446,41 @@ def _timestamp_rule(name: str, description: str) -> FieldRule:
                      nullable=True, custom=_check_timestamp, unexpressed=_ISO_NOTE)
 
 
+# MQTT 5 1.5.4 holds for every UTF-8 string of a packet, and Mosquitto closes the connection
+# at a control character or noncharacter in a property as in a topic.
+_PROPERTY_TEXT_FORBIDS: Final = (_SENDABLE_TEXT, _NOT_A_SURROGATE)
+_PROPERTIES_RULE: Final = FieldRule(
+    "properties", "object", "an object",
+    "MQTT 5 properties sent with every publish of the entry and with its will (lwt); "
+    "ignored, with one warning per entry, on MQTT 3.1.1.",
+    nullable=True,
+    members=(
+        FieldRule("properties.message_expiry", "integer",
+                  f"an integer between 1 and {MAX_MESSAGE_EXPIRY}",
+                  "Message Expiry Interval, seconds: the broker discards the message (a "
+                  "retained one too) when it has not reached a subscriber by then.",
+                  minimum=1, maximum=MAX_MESSAGE_EXPIRY, unexpressed=_INTEGRAL_NOTE),
+        FieldRule("properties.content_type", "string", "a non-empty string",
+                  'Content Type: a MIME type such as "application/json".',
+                  min_length=1, max_length=MAX_PROPERTY_CHARS, forbidden=_PROPERTY_TEXT_FORBIDS),
+        FieldRule("properties.user_properties", "object", "an object of strings",
+                  f"User Properties: names and string values, sent in this order; at most "
+                  f"{MAX_USER_PROPERTIES}.",
+                  max_members=MAX_USER_PROPERTIES,
+                  key_rule=FieldRule("name", "string", "a non-empty string",
+                                     "A user property's name.", min_length=1,
+                                     max_length=MAX_PROPERTY_CHARS,
+                                     forbidden=_PROPERTY_TEXT_FORBIDS),
+                  value_rule=FieldRule("value", "string", "a string",
+                                       "A user property's value.",
+                                       max_length=MAX_PROPERTY_CHARS,
+                                       forbidden=_PROPERTY_TEXT_FORBIDS)),
+        FieldRule("properties.payload_format_utf8", "boolean", "true or false",
+                  "Payload Format Indicator: true says the payload is UTF-8 text (it is: "
+                  "JSON). False or absent sends no indicator."),
+    ),
+)
+
 # Order matters: it is the order of PublishConfig's fields and of its ValueError messages.
 FIELD_RULES: Final[tuple[FieldRule, ...]] = (
     FieldRule("id", "string", "a non-empty string",
@@ -409,6 +513,7 @@ FIELD_RULES: Final[tuple[FieldRule, ...]] = (
     FieldRule("template", "boolean", "true or false",
               "Fill placeholders such as {{now}} and {{seq}} in data's string values at each "
               "publish (default false: braces are literal text)."),
+    _PROPERTIES_RULE,
     _timestamp_rule("created_at", "Metadata: when the entry was created (ISO 8601)."),
     _timestamp_rule("updated_at", "Metadata: when the entry was last changed (ISO 8601)."),
     FieldRule("version", "integer", "an integer >= 1", "Metadata: the entry's revision.",
@@ -556,6 +661,41 @@ class PayloadData(Mapping[str, Any]):
 
 
 @dataclass(frozen=True, slots=True)
+class MessageProperties:
+    """An entry's MQTT 5 properties: sent with each of its publishes, and with its will."""
+
+    message_expiry: int | None = None  # seconds
+    content_type: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()  # in the file's order
+    payload_format_utf8: bool = False
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> MessageProperties | None:
+        """From a checked `properties` object; None when it sets nothing (`{}`, or unknown
+        keys only), so that such an entry stays on the path of entries without properties."""
+        users = value.get("user_properties") or {}
+        found = cls(value.get("message_expiry"), value.get("content_type"),
+                    tuple(users.items()), bool(value.get("payload_format_utf8", False)))
+        return found if found != _NO_PROPERTIES else None
+
+    def as_json(self) -> dict[str, Any]:
+        """The `properties` object that reads back as these properties."""
+        found: dict[str, Any] = {}
+        if self.message_expiry is not None:
+            found["message_expiry"] = self.message_expiry
+        if self.content_type is not None:
+            found["content_type"] = self.content_type
+        if self.user_properties:
+            found["user_properties"] = dict(self.user_properties)
+        if self.payload_format_utf8:
+            found["payload_format_utf8"] = True
+        return found
+
+
+_NO_PROPERTIES: Final = MessageProperties()
+
+
+@dataclass(frozen=True, slots=True)
 class PublishConfig:
     """One scheduled publication. Constructing it validates it; invalid ones cannot exist."""
 
@@ -567,6 +707,9 @@ class PublishConfig:
     retain: bool = False
     lwt: bool = False
     template: bool = False
+    # Given as the file's object (a Mapping) or as MessageProperties; always the latter (or
+    # None) once constructed.
+    properties: MessageProperties | None = None
     created_at: str | None = None
     updated_at: str | None = None
     version: int | None = None
@@ -599,7 +742,7 @@ class PublishConfig:
         errors = [
             finding.message
             for rule in FIELD_RULES
-            for finding in rule.check(getattr(self, rule.name))
+            for finding in rule.check(self._as_read(rule.name))
             if finding.severity == "error"
         ]
         if not errors and self.template:
@@ -609,7 +752,15 @@ class PublishConfig:
             label = _id_label(self.id if isinstance(self.id, str) else None)
             raise ValueError(f"invalid PublishConfig{label}: " + "; ".join(errors))
 
+    def _as_read(self, name: str) -> Any:
+        """A field as the file would hold it, for its rule to check."""
+        value = getattr(self, name)
+        return value.as_json() if isinstance(value, MessageProperties) else value
+
     def _derive(self) -> None:
+        given: Any = self.properties
+        if isinstance(given, Mapping):
+            object.__setattr__(self, "properties", MessageProperties.from_json(given))
         payload = _render_payload(self.data, online=1)
         object.__setattr__(self, "payload", payload)
         object.__setattr__(self, "data", PayloadData(payload))
@@ -634,8 +785,10 @@ class PublishConfig:
 
     def same_wire(self, other: PublishConfig) -> bool:
         """True when `other` puts the same bytes on the wire, with the same options."""
-        return (self.topic, self.payload, self.qos, self.retain, self.lwt, self.template) == (
+        return (self.topic, self.payload, self.qos, self.retain, self.lwt, self.template,
+                self.properties) == (
             other.topic, other.payload, other.qos, other.retain, other.lwt, other.template,
+            other.properties,
         )
 
 
@@ -694,11 +847,18 @@ def _usable_id(value: Any) -> str | None:
 
 
 def _unknown_field(name: str) -> Finding:
-    message = f"unknown field {_render(name)} is ignored"
-    guesses = difflib.get_close_matches(name, list(_FIELDS), n=1)
+    return _unknown_member("", name, list(_FIELDS))
+
+
+def _unknown_member(prefix: str, key: str, known: list[str]) -> Finding:
+    """A key no rule knows, in the object whose members are `known` (`prefix` names the
+    object: "" for an entry, "properties." for its properties): ignored, with a warning."""
+    message = f"unknown field {_render(prefix + key)} is ignored"
+    guesses = difflib.get_close_matches(key, known, n=1)
     if guesses:
-        message = f"{message} (did you mean {_render(guesses[0])}?)"
-    return Finding("warning", message, "one of " + ", ".join(_FIELDS), _render(name))
+        message = f"{message} (did you mean {_render(prefix + guesses[0])}?)"
+    return Finding("warning", message, "one of " + ", ".join(prefix + k for k in known),
+                   _render(prefix + key))
 
 
 def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:

@@ -24,10 +24,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from scheduler_publisher.config import PublishConfig
+from paho.mqtt.properties import Properties
+
+from scheduler_publisher.config import MessageProperties, PublishConfig
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.netloop import NetworkLoop, SessionView
-from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will
+from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will, publish_properties
 from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
 from scheduler_publisher.template import Moment, Template
@@ -81,7 +83,8 @@ class FaultAttribution:
 
 
 def entry_will(entry: PublishConfig, render: Callable[[str], bytes] | None = None) -> Will:
-    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain, render)
+    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain, render=render,
+                properties=entry.properties)
 
 
 class MQTTConnectionManager:
@@ -111,6 +114,9 @@ class MQTTConnectionManager:
         self._clear_retained = clear_retained_on_remove
         self._loop = NetworkLoop(settings, self)
         self._entries: dict[str, PublishConfig] = {}
+        # MQTT 5: the PUBLISH properties of each entry that has some, built once per config
+        # version (equal ones shared), never per publish; replaced whole by set_entries.
+        self._wire_properties: dict[str, Properties] = {}
         self._pending_raw: OrderedDict[str, tuple[bytes, int, bool]] = OrderedDict()
         self._main_up = threading.Event()
         self._all_closed = threading.Event()
@@ -279,8 +285,12 @@ class MQTTConnectionManager:
         # rendered at load time; a templated one renders fresh bytes for this publish.
         payload = entry.payload if entry.renderer is None else \
             self._rendered(link, entry.id, entry.renderer)
-        if not self._loop.publish(link.key, entry.topic, payload, entry.qos, entry.retain,
-                                  entry.id):
+        if entry.properties is not None and self.settings.protocol == "5":
+            sent = self._send_with_properties(link, entry, payload)  # the one branch point
+        else:
+            sent = self._loop.publish(link.key, entry.topic, payload, entry.qos, entry.retain,
+                                      entry.id)
+        if not sent:
             self.stats.record_error(entry.id, "publish refused by the client")
         elif link.key.is_main:
             self._recent.append((time.monotonic(), entry.id))
@@ -307,6 +317,12 @@ class MQTTConnectionManager:
 
         return entry_will(entry, render)
 
+    def _send_with_properties(self, link: SessionView, entry: PublishConfig,
+                              payload: bytes) -> bool:
+        return self._loop.publish_with_properties(link.key, entry.topic, payload,
+                                                  entry.qos, entry.retain, entry.id,
+                                                  self._wire_properties[entry.id])
+
     def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
         main = self._loop.get(MAIN_LINK)
         if main is not None and main.is_up:
@@ -319,12 +335,38 @@ class MQTTConnectionManager:
 
     def _apply_entries(self, new: dict[str, PublishConfig]) -> None:
         old, self._entries = self._entries, new
+        self._prepare_properties(old, new)
         for entry_id, entry in new.items():
             self.stats.add_entry(entry_id)
-            self._apply_one(old.get(entry_id), entry)
+            before = old.get(entry_id)
+            if entry.properties is not None and self.settings.protocol != "5" and (
+                    before is None or before.properties != entry.properties):
+                self._warn_properties_ignored(entry.id, entry.properties)
+            self._apply_one(before, entry)
         for entry_id, gone in old.items():
             if entry_id not in new:
                 self._remove_one(gone)
+
+    def _prepare_properties(self, old: dict[str, PublishConfig],
+                            new: dict[str, PublishConfig]) -> None:
+        if self.settings.protocol != "5":
+            return  # MQTT 3.1.1 has no properties: _send never asks for them
+        built: dict[MessageProperties | None, Properties] = {
+            old[i].properties: props for i, props in self._wire_properties.items() if i in old}
+        wire = {}
+        for entry_id, entry in new.items():
+            if entry.properties is not None:
+                if entry.properties not in built:
+                    built[entry.properties] = publish_properties(entry.properties)
+                wire[entry_id] = built[entry.properties]
+        self._wire_properties = wire
+
+    def _warn_properties_ignored(self, entry_id: str, properties: MessageProperties) -> None:
+        """MQTT 3.1.1 has no properties: once per entry and version of its properties."""
+        log.warning("entry_properties_ignored", entry_id=entry_id,
+                    ignored=list(properties.as_json()),
+                    mqtt_version=self.settings.protocol,
+                    hint="properties need MQTT 5 (--mqtt-version 5, the default)")
 
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
         if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
 
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.session import (
@@ -45,6 +46,7 @@ from scheduler_publisher.session import (
     Will,
     describe_error,
     paho_client,
+    publish_properties,
 )
 from scheduler_publisher.settings import BrokerSettings
 
@@ -225,6 +227,23 @@ class NetworkLoop:
         session.track(info.mid, entry_id, qos)
         return True
 
+    def publish_with_properties(self, key: LinkKey, topic: str, payload: bytes, qos: int,
+                                retain: bool, entry_id: str, properties: Properties) -> bool:
+        """publish() for an entry with MQTT 5 properties: always paho's own publish, since
+        the properties go into its PUBLISH packet; entries without any never come here."""
+        session = self._sessions.get(key)
+        if session is None:
+            return False
+        try:
+            info = session.client.publish(topic, payload, qos, retain, properties)
+        except ValueError as exc:  # payload too large, bad topic: paho raises before queueing
+            log.error("publish_rejected", topic=topic, entry_id=entry_id, error=str(exc))
+            return False
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        session.track(info.mid, entry_id, qos)
+        return True
+
     def close_quietly(self, key: LinkKey) -> None:
         """End the connection for good without its will (the entry moved elsewhere)."""
         self._request(key, Event.CLOSE_REQUESTED, announce=False)
@@ -268,7 +287,7 @@ class NetworkLoop:
                 self._flush(session)
                 return
             # MQTT 3.1.1 (or a will delay the broker would honour): say it ourselves first.
-            info = session.client.publish(will.topic, will.payload, will.qos, will.retain)
+            info = _publish_offline(session, will)
             if will.qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
                 # A DISCONNECT right behind a QoS 2 PUBLISH makes the broker discard it (it is
                 # only forwarded on PUBREL): disconnect once the broker has acknowledged it.
@@ -549,6 +568,14 @@ class NetworkLoop:
                     self._selector.unregister(sock)
                 sock.close()
         self._selector.close()
+
+
+def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:
+    """The will, published by the service itself: with its properties, if it has any (MQTT 5)."""
+    if will.properties is None or not session.is_v5:
+        return session.client.publish(will.topic, will.payload, will.qos, will.retain)
+    return session.client.publish(will.topic, will.payload, will.qos, will.retain,
+                                  publish_properties(will.properties))
 
 
 def _no_delay(sock: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any, Final
 
 from scheduler_publisher.config import (
@@ -70,10 +71,13 @@ def _string_keywords(rule: FieldRule) -> dict[str, Any]:
     found: dict[str, Any] = {}
     if rule.min_length:
         found["minLength"] = rule.min_length
+    if rule.max_length is not None:
+        found["maxLength"] = rule.max_length
     if rule.max_utf8_bytes is not None:
         # A character is 1 to 4 UTF-8 bytes: at most as many characters as bytes is the
         # strictest bound that never refuses a valid topic (see `unexpressed`).
-        found["maxLength"] = rule.max_utf8_bytes
+        found["maxLength"] = min(found.get("maxLength", rule.max_utf8_bytes),
+                                 rule.max_utf8_bytes)
     if rule.forbidden:
         found["allOf"] = [{**_never(f.pattern), "$comment": f"must {f.verb} {f.expected}"}
                           for f in rule.forbidden]
@@ -105,13 +109,39 @@ def _field_schema(rule: FieldRule) -> dict[str, Any]:
         schema["additionalProperties"] = inner
         if rule.payload:
             schema["propertyNames"] = _never(LONE_SURROGATE)
+    schema.update(_object_keywords(rule))
     if rule.unexpressed:
         schema["$comment"] = f"Not checked here: {rule.unexpressed}."
     return schema
 
 
+def _object_keywords(rule: FieldRule) -> dict[str, Any]:
+    """An object's named members (others are only a warning, so any value nesting within the
+    file's limit passes), or a map's rule for every key and value."""
+    found: dict[str, Any] = {}
+    if rule.members:
+        found["properties"] = {member.key: _field_schema(member) for member in rule.members}
+        # One level below an entry's own unknown fields.
+        found["additionalProperties"] = {"$ref": f"#/$defs/nested{_UNKNOWN_FIELD_DEPTH - 1}"}
+    if rule.max_members is not None:
+        found["maxProperties"] = rule.max_members
+    if rule.key_rule is not None:
+        key = _field_schema(rule.key_rule)
+        del key["type"]  # keys are strings; the keyword checks no type of its own
+        found["propertyNames"] = key
+    if rule.value_rule is not None:
+        found["additionalProperties"] = _field_schema(rule.value_rule)
+    return found
+
+
+def _all_rules(rules: tuple[FieldRule, ...]) -> Iterator[FieldRule]:
+    for rule in rules:
+        yield rule
+        yield from _all_rules(rule.members)
+
+
 def _gaps() -> str:
-    return "; ".join(f"{rule.name}: {rule.unexpressed}" for rule in FIELD_RULES
+    return "; ".join(f"{rule.name}: {rule.unexpressed}" for rule in _all_rules(FIELD_RULES)
                      if rule.unexpressed) + "."
 
 

@@ -148,6 +148,9 @@ class Received:
     qos: int
     retain: bool
     at: float  # time.monotonic() on arrival
+    # MQTT 5 properties as paho's Properties.json() names them ("MessageExpiryInterval",
+    # "UserProperty" as a list of pairs, ...); empty when the message carried none.
+    properties: dict[str, Any] = field(default_factory=dict)
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -177,8 +180,10 @@ class Subscriber:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
+            # paho's Properties is untyped.
+            props = msg.properties.json() if msg.properties is not None else {}  # type: ignore[no-untyped-call]
             self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
-                                          time.monotonic()))
+                                          time.monotonic(), props))
 
     def start(self) -> Subscriber:
         self.client.connect("127.0.0.1", self.port)

@@ -18,10 +18,14 @@ from hypothesis import strategies as st
 
 from scheduler_publisher.config import (
     DEFAULT_MAX_BYTES,
+    MAX_MESSAGE_EXPIRY,
+    MAX_PROPERTY_CHARS,
+    MAX_USER_PROPERTIES,
     ConfigError,
     ConfigFileError,
     ConfigResult,
     ConfigurationLoader,
+    MessageProperties,
     Problem,
     PublishConfig,
     parse_config,
@@ -395,6 +399,143 @@ def test_invalid_versions(version: Any, shown: str) -> None:
     assert only_error(parse(entry(version=version))) == (
         f'entry 1 (id "a"): version must be an integer >= 1, got {shown}'
     )
+
+
+# --- MQTT 5 properties -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("properties", "expected"), [
+    ({"message_expiry": 1}, MessageProperties(message_expiry=1)),
+    ({"message_expiry": MAX_MESSAGE_EXPIRY}, MessageProperties(message_expiry=2**32 - 1)),
+    ({"content_type": "application/json"}, MessageProperties(content_type="application/json")),
+    ({"user_properties": {"site": "gw01", "empty": ""}},
+     MessageProperties(user_properties=(("site", "gw01"), ("empty", "")))),
+    ({"payload_format_utf8": True}, MessageProperties(payload_format_utf8=True)),
+    ({"message_expiry": 60, "content_type": "application/json", "payload_format_utf8": True,
+      "user_properties": {"é": "温度"}},
+     MessageProperties(60, "application/json", (("é", "温度"),), True)),
+])
+def test_valid_properties(properties: dict[str, Any], expected: MessageProperties) -> None:
+    """Each property is read into the entry's MessageProperties."""
+    result = parse(entry(properties=properties))
+    assert result.problems == ()
+    assert result.entries[0].properties == expected
+
+
+@pytest.mark.parametrize("properties", [None, {}, {"payload_format_utf8": False},
+                                        {"user_properties": {}}])
+def test_properties_that_set_nothing_are_none(properties: dict[str, Any] | None) -> None:
+    """null, {} and properties that send nothing leave the entry without properties."""
+    result = parse(entry(properties=properties))
+    assert result.problems == ()
+    assert result.entries[0].properties is None
+
+
+def test_user_properties_keep_the_files_order() -> None:
+    """User properties are kept in the order the file writes them (MQTT 5 keeps it too)."""
+    names = ["z", "a", "m", "b"]
+    (config,) = parse(entry(properties={"user_properties": {n: n.upper() for n in names}})).entries
+    assert config.properties is not None
+    assert [name for name, _ in config.properties.user_properties] == names
+
+
+@pytest.mark.parametrize(("properties", "shown"), [
+    ([1], "properties must be an object, got [1]"),
+    ("json", 'properties must be an object, got "json"'),
+    ({"message_expiry": 0}, "properties.message_expiry must be between 1 and 4294967295, got 0"),
+    ({"message_expiry": 2**32},
+     "properties.message_expiry must be between 1 and 4294967295, got 4294967296"),
+    ({"message_expiry": 1.5},
+     "properties.message_expiry must be an integer between 1 and 4294967295, got 1.5"),
+    ({"message_expiry": 60.0},
+     "properties.message_expiry must be an integer between 1 and 4294967295, got 60.0"),
+    ({"message_expiry": "60"},
+     'properties.message_expiry must be an integer between 1 and 4294967295, got "60"'),
+    ({"content_type": ""}, 'properties.content_type must be a non-empty string, got ""'),
+    ({"content_type": 5}, "properties.content_type must be a non-empty string, got 5"),
+    ({"content_type": "text/\x00"},
+     'properties.content_type must be free of NUL, control characters (U+0001-U+001F, '
+     'U+007F-U+009F) and noncharacters, got "text/\\u0000": U+0000 (NUL) at character 6'),
+    ({"content_type": "x" * 4097},
+     "properties.content_type must be at most 4096 characters, got 4097 characters"),
+    ({"user_properties": ["a", "b"]},
+     'properties.user_properties must be an object of strings, got ["a", "b"]'),
+    ({"user_properties": {"n": 5}}, 'properties.user_properties["n"] must be a string, got 5'),
+    ({"user_properties": {"": "v"}},
+     'properties.user_properties key "" must be a non-empty string, got ""'),
+    ({"user_properties": {"n": "a\tb"}},
+     'properties.user_properties["n"] must be free of NUL, control characters (U+0001-U+001F, '
+     'U+007F-U+009F) and noncharacters, got "a\\tb": U+0009 (a control character) at '
+     'character 2'),
+    ({"user_properties": {"n": "v" * 4097}},
+     'properties.user_properties["n"] must be at most 4096 characters, got 4097 characters'),
+    ({"user_properties": {f"k{i}": "v" for i in range(65)}},
+     "properties.user_properties must have at most 64 members, got 65"),
+    ({"payload_format_utf8": 1}, "properties.payload_format_utf8 must be true or false, got 1"),
+])
+def test_invalid_properties(properties: Any, shown: str) -> None:
+    """A bad property is an error naming the entry and the path inside properties."""
+    result = parse(entry(properties=properties))
+    assert only_error(result) == f'entry 1 (id "a"): {shown}'
+    assert result.errors[0].field == "properties"
+
+
+def test_property_limits_are_inclusive() -> None:
+    """64 user properties and 4096-character strings (of 4-byte characters, too) are fine."""
+    longest = "\U0001f600" * MAX_PROPERTY_CHARS
+    users = {f"k{i}": "v" for i in range(MAX_USER_PROPERTIES - 1)} | {longest: longest}
+    result = parse(entry(properties={"content_type": longest, "user_properties": users}))
+    assert result.problems == ()
+
+
+def test_unknown_property_is_a_warning_with_its_path() -> None:
+    """An unknown key inside properties is ignored with a warning naming properties.<key>, and
+    a close misspelling gets a hint."""
+    result = parse(entry(properties={"message_expiry": 5, "colour": 1, "content_typ": "x"}))
+    assert lines(result) == [
+        'entry 1 (id "a"): unknown field "properties.colour" is ignored',
+        'entry 1 (id "a"): unknown field "properties.content_typ" is ignored '
+        '(did you mean "properties.content_type"?)',
+    ]
+    assert {p.severity for p in result.problems} == {"warning"}
+    assert result.entries[0].properties == MessageProperties(message_expiry=5)
+
+
+def test_repeated_keys_inside_properties_are_warnings() -> None:
+    """A property or a user property written twice is a warning; the last one wins."""
+    raw = (b'[{"id": "a", "topic": "t", "data": {}, "interval": 5, "properties": '
+           b'{"content_type": "x", "content_type": "y", "user_properties": {"k": "1", "k": "2"}}}]')
+    result = parse_config(raw)
+    assert lines(result) == [
+        'entry 1 (id "a"): properties.user_properties key "k" appears more than once; the '
+        "last one wins",
+        'entry 1 (id "a"): field "properties.content_type" appears more than once; the last '
+        "one wins",
+    ]
+    assert result.entries[0].properties == MessageProperties(content_type="y",
+                                                             user_properties=(("k", "2"),))
+
+
+def test_property_errors_point_at_the_properties_field() -> None:
+    """The line and column of a property error are those of the entry's "properties" key."""
+    raw = (b'[{"id": "a", "topic": "t", "data": {}, "interval": 5,\n'
+           b'  "properties": {"message_expiry": 0}}]')
+    (problem,) = parse_config(raw).problems
+    assert (problem.line, problem.column) == (2, 3)
+
+
+def test_direct_construction_takes_properties_as_an_object_or_a_value() -> None:
+    """PublishConfig(properties=...) takes the file's object or MessageProperties, and
+    validates either."""
+    # The file's form: typed as the value it becomes, as parse_config hands it over.
+    from_object = PublishConfig("a", "t", {}, 1,
+                                properties={"content_type": "text/plain"})  # type: ignore[arg-type]
+    from_value = PublishConfig("a", "t", {}, 1,
+                               properties=MessageProperties(content_type="text/plain"))
+    assert from_object == from_value
+    assert from_object.properties == MessageProperties(content_type="text/plain")
+    with pytest.raises(ValueError, match=r"properties\.message_expiry must be between"):
+        PublishConfig("a", "t", {}, 1, properties=MessageProperties(message_expiry=0))
 
 
 # --- unknown and repeated fields -------------------------------------------------------------

@@ -79,15 +79,26 @@ def test_interval_change_is_rescheduled_even_when_the_payload_changes_too() -> N
 
 
 def test_wire_only_changes_are_updates_on_the_same_grid() -> None:
-    """data, qos, retain, topic and lwt changes are updates, never reschedules."""
+    """data, qos, retain, topic, lwt and properties changes are updates, never reschedules."""
     changes: list[dict[str, Any]] = [
         {"data": {"v": 2}}, {"qos": 1}, {"retain": True}, {"topic": "site/moved"}, {"lwt": True},
+        {"properties": {"message_expiry": 60}},
     ]
     for change in changes:
         new = cfg("a", **change)
         plan = diff(by_id(cfg("a")), by_id(new))
         assert plan.updated == (new,), change
         assert plan.rescheduled == (), change
+
+
+def test_changed_properties_are_an_update_and_equal_ones_are_no_change() -> None:
+    """A changed property (even the order of user properties) is an update on the same grid;
+    the same properties written again change nothing."""
+    before = cfg("a", properties={"user_properties": {"x": "1", "y": "2"}})
+    reordered = cfg("a", properties={"user_properties": {"y": "2", "x": "1"}})
+    assert ids(diff(by_id(before), by_id(reordered)).updated) == ["a"]
+    again = cfg("a", properties={"user_properties": {"x": "1", "y": "2"}})
+    assert diff(by_id(before), by_id(again)).is_empty
 
 
 def test_json_values_equal_in_python_but_not_on_the_wire_are_updates() -> None:
