@@ -149,6 +149,20 @@ def test_mqtt5_subscriber_sees_the_properties_on_every_publish(
     assert [m.properties for m in plain] == [{}, {}, {}]
 
 
+def test_a_templated_entry_carries_its_properties_and_fresh_values(
+        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
+        topic_base: str) -> None:
+    """An entry that is both templated and has properties publishes freshly rendered payloads
+    ({{seq}} counting up) with its properties on each of them."""
+    topic = f"{topic_base}/both"
+    sub = subscriber_factory(topic)
+    services.start(broker.port, [entry("both", topic, 0.2, template=True, properties=PROPERTIES,
+                                       data={"seq": "{{seq}}"})])
+    published = sub.wait_for(topic, count=3)
+    assert [m.json()["seq"] for m in published] == [1, 2, 3]
+    assert all(shown(m) == ON_THE_WIRE for m in published)
+
+
 # ---- retained messages expire ---------------------------------------------------------------
 
 
