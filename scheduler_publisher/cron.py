@@ -60,7 +60,7 @@ def _weekday_names(token: str) -> str:
         return token  # names ("mon-fri"), or something APScheduler will explain
     whole, first, last, step = found.groups()
     low, high = (0, 6) if whole == "*" else (int(first), int(last or first))
-    if high > 7:  # noqa: PLR2004 - 7 is crontab's second Sunday
+    if high > 7:  # 7 is crontab's second Sunday
         raise CronError(f"day_of_week: {high} is not a weekday number (0-7, 0 and 7 are Sunday)")
     if low > high:
         raise CronError(f"day_of_week: the range {token!r} runs backwards")
@@ -84,7 +84,7 @@ def parse_cron(expression: str, timezone: str = "UTC") -> dict[str, str]:
     if len(values) not in (5, 6):
         raise CronError(f"expected 5 fields (minute hour day month day_of_week) or 6 (seconds "
                         f"first), got {len(values)}")
-    if len(values) == 5:  # noqa: PLR2004 - crontab's own form: on the minute
+    if len(values) == 5:  # crontab's own form: on the minute
         values.insert(0, "0")
     fields = dict(zip(FIELDS, values, strict=True))
     fields["day_of_week"] = crontab_weekdays(fields["day_of_week"])

@@ -1,4 +1,5 @@
-"""The APScheduler adapter: one interval job per entry, all calling one shared tick function.
+"""The APScheduler adapter: one job per entry (an interval grid or a cron expression), all calling
+one shared tick function.
 
 Settings, and why (read in APScheduler 3.11's triggers/interval.py and executors/base.py;
 docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups"):
@@ -38,6 +39,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.cron import CronSlots, cron_slots
 from scheduler_publisher.jobstore import GroupedJobStore
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.plan import grid_start
@@ -99,6 +101,15 @@ def grid_trigger(interval: float, start: datetime) -> GridTrigger:
     return GridTrigger(seconds=interval, timezone=UTC, start_date=start)
 
 
+def trigger_of(entry: PublishConfig) -> GridTrigger | CronSlots:
+    """The entry's shared trigger: its phase slot's grid, or its cron expression's slots (no
+    phase: a cron entry fires on the slots its expression names, as cron does)."""
+    if entry.cron is not None:
+        return cron_slots(entry.cron, entry.timezone)
+    assert entry.interval is not None  # exactly one of the two (config.py)
+    return grid_trigger(entry.interval, grid_start(entry.id, entry.interval))
+
+
 class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
     """Runs each due job directly in the scheduler thread, with APScheduler's executor contract:
     `max_instances` is enforced, and listeners get EVENT_JOB_EXECUTED or EVENT_JOB_ERROR for the
@@ -135,9 +146,13 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         events = [JobExecutionEvent(EVENT_JOB_MISSED, job.id, alias, run_time)
                   for run_time in run_times[:-1]] if wanted & EVENT_JOB_MISSED else []
         slot = run_times[-1]
-        # The slots handed over and those the trigger jumped (GridTrigger): every interval
-        # from the first due slot to now, bar the one being run.
-        missed = int((time.time() - run_times[0].timestamp()) // job.trigger.interval_length)
+        # The slots handed over and those the trigger jumped (GridTrigger, CronSlots): every
+        # slot from the first due one to now, bar the one being run.
+        trigger = job.trigger
+        if isinstance(trigger, CronSlots):
+            missed = trigger.missed_between(run_times[0], datetime.now(UTC))
+        else:
+            missed = int((time.time() - run_times[0].timestamp()) // trigger.interval_length)
         try:
             retval = job.func(*job.args, slot, missed)
         except BaseException as exc:  # like apscheduler.executors.base.run_job: report it
@@ -197,8 +212,9 @@ class Schedule:
         return bool(alive) and time.monotonic() - self.heartbeat < max_silence
 
     def add(self, entry: PublishConfig) -> None:
-        """Add, or replace with a new grid: the next slot of the grid, not now + interval."""
-        trigger = grid_trigger(entry.interval, grid_start(entry.id, entry.interval))
+        """Add, or replace with a new schedule: the next slot of the entry's grid (not now +
+        interval), or of its cron expression."""
+        trigger = trigger_of(entry)
         # A shared name: APScheduler would otherwise build the same string for every job.
         self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
                                 name=JOB_NAME, replace_existing=True, jobstore=ENTRY_JOBS)

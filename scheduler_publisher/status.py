@@ -175,24 +175,30 @@ class EntryStatus:
     """One running entry: its settings, its next slot, and its counters once it has any."""
 
     topic: str
-    interval: float
+    interval: float | None  # None for a cron entry
     qos: int
     retain: bool
     lwt: bool
     quarantined: str | None
     next_run_at: datetime | None
     counters: EntryCountersStatus | None  # None until the network thread has learnt it
+    cron: str | None = None
+    timezone: str | None = None  # a cron entry's
 
     @classmethod
     def of(cls, entry: PublishConfig, *, quarantined: str | None,
            next_run_at: datetime | None, stats: EntryStats | None) -> EntryStatus:
         return cls(entry.topic, entry.interval, entry.qos, entry.retain, entry.lwt, quarantined,
-                   next_run_at, None if stats is None else EntryCountersStatus.of(stats))
+                   next_run_at, None if stats is None else EntryCountersStatus.of(stats),
+                   entry.cron, entry.schedule_timezone)
 
     def to_json(self) -> dict[str, Any]:
         body = {"topic": self.topic, "interval": self.interval, "qos": self.qos,
                 "retain": self.retain, "lwt": self.lwt, "quarantined": self.quarantined,
                 "next_run_at": self.next_run_at.isoformat() if self.next_run_at else None}
+        if self.cron is not None:  # only then: an interval entry's document stays as it was
+            body["cron"] = self.cron
+            body["timezone"] = self.timezone
         if self.counters is not None:
             body.update(self.counters.to_json())
         return body
