@@ -26,6 +26,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -478,7 +479,8 @@ def log_settings(args: argparse.Namespace) -> LogSettings:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        report = Report(str(args.config), ConfigurationLoader(args.config).load())
+        report = Report(str(args.config), ConfigurationLoader(args.config).load(),
+                        now=datetime.now(UTC))
     except ConfigFileError as exc:
         report = Report(str(args.config), None, exc)
     out, err = render(report, args.format)

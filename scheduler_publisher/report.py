@@ -10,9 +10,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Literal
 
-from scheduler_publisher.config import ConfigFileError, ConfigResult, Problem, Severity
+from scheduler_publisher.config import (
+    ConfigFileError,
+    ConfigResult,
+    Problem,
+    PublishConfig,
+    Severity,
+)
+from scheduler_publisher.cron import cron_slots
 
 __all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render", "summary"]
 
@@ -27,6 +35,19 @@ class Report:
     file: str
     result: ConfigResult | None
     failure: ConfigFileError | None = None
+    # When the report was made: each cron entry's next slot is shown from it.
+    now: datetime | None = None
+
+    @property
+    def cron_entries(self) -> tuple[PublishConfig, ...]:
+        entries = self.result.entries if self.result is not None else ()
+        return tuple(entry for entry in entries if entry.cron is not None)
+
+    def next_slot(self, entry: PublishConfig) -> datetime | None:
+        """A cron entry's next slot after `now` (None without `now`, or past its last)."""
+        if self.now is None or entry.cron is None:
+            return None
+        return cron_slots(entry.cron, entry.timezone).slot_after(self.now)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -82,7 +103,25 @@ def as_json(report: Report) -> str:
         "warnings": report.count("warning"),
         "problems": [_problem_object(problem) for problem in report.problems],
     }
+    if report.cron_entries:  # only then: a file without any keeps the document it had
+        body["cron_entries"] = [_cron_object(report, entry) for entry in report.cron_entries]
     return json.dumps(body, ensure_ascii=False, indent=2)
+
+
+def _cron_object(report: Report, entry: PublishConfig) -> dict[str, Any]:
+    following = report.next_slot(entry)
+    return {"id": entry.id, "cron": entry.cron, "timezone": entry.timezone,
+            "next_run_at": following.isoformat() if following else None}
+
+
+def cron_lines(report: Report) -> Iterator[str]:
+    """One line per valid cron entry: its schedule and next slot, to check how CronTrigger
+    read the expression (weekdays, time zone) before it runs."""
+    for entry in report.cron_entries:
+        following = report.next_slot(entry)
+        after = f", next slot {following.isoformat()}" if following else ""
+        named = json.dumps(entry.id, ensure_ascii=False)
+        yield f"{report.file}: id {named}: {entry.schedule}{after}"
 
 
 def summary(report: Report) -> str:
@@ -130,4 +169,4 @@ def render(report: Report, output: Format) -> tuple[list[str], list[str]]:
         return [as_json(report)], []
     if output == "github":
         return [*as_github(report), summary(report)], []
-    return [summary(report)], list(as_text(report))
+    return [summary(report), *cron_lines(report)], list(as_text(report))

@@ -419,8 +419,17 @@ class PublisherService:
             self._schedule.remove(entry.id)
         for n, entry in enumerate((*part.added, *part.rescheduled), start=1):
             self._schedule.add(entry)  # ~0.1 ms each in APScheduler 3: pause now and then
+            if entry.cron is not None:
+                self._log_cron(entry)
             if n % SCHEDULE_STEP == 0:
                 yield
+
+    def _log_cron(self, entry: PublishConfig) -> None:
+        # The next slot shows how CronTrigger read the expression (weekdays, time zone): the
+        # line to look at when a cron entry fires at an unexpected time.
+        following = self._schedule.next_run(entry.id)
+        log.info("cron_scheduled", entry_id=entry.id, cron=entry.cron, timezone=entry.timezone,
+                 next_run_at=following.isoformat() if following else None)
 
     def _log_problems(self, result: ConfigResult) -> None:
         self.stats.config_errors += len(result.errors)
