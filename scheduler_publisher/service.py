@@ -27,6 +27,7 @@ from scheduler_publisher.config import (
     permission_warnings,
 )
 from scheduler_publisher.connection import MQTTConnectionManager
+from scheduler_publisher.cron import cron_slots
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
 from scheduler_publisher.notify import SystemdNotifier
@@ -427,7 +428,9 @@ class PublisherService:
     def _log_cron(self, entry: PublishConfig) -> None:
         # The next slot shows how CronTrigger read the expression (weekdays, time zone): the
         # line to look at when a cron entry fires at an unexpected time.
-        following = self._schedule.next_run(entry.id)
+        assert entry.cron is not None
+        now = datetime.fromtimestamp(self._clock.wall(), UTC)
+        following = cron_slots(entry.cron, entry.timezone).slot_after(now)
         log.info("cron_scheduled", entry_id=entry.id, cron=entry.cron, timezone=entry.timezone,
                  next_run_at=following.isoformat() if following else None)
 
