@@ -47,7 +47,9 @@ class Report:
         """A cron entry's next slot after `now` (None without `now`, or past its last)."""
         if self.now is None or entry.cron is None:
             return None
-        return cron_slots(entry.cron, entry.timezone).slot_after(self.now)
+        slots = cron_slots(entry.cron, entry.timezone)
+        following = slots.slot_after(self.now)
+        return None if following is None else slots.local(following)
 
     @property
     def problems(self) -> tuple[Problem, ...]:

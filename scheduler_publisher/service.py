@@ -430,9 +430,10 @@ class PublisherService:
         # line to look at when a cron entry fires at an unexpected time.
         assert entry.cron is not None
         now = datetime.fromtimestamp(self._clock.wall(), UTC)
-        following = cron_slots(entry.cron, entry.timezone).slot_after(now)
+        slots = cron_slots(entry.cron, entry.timezone)
+        following = slots.slot_after(now)
         log.info("cron_scheduled", entry_id=entry.id, cron=entry.cron, timezone=entry.timezone,
-                 next_run_at=following.isoformat() if following else None)
+                 next_run_at=slots.local(following).isoformat() if following else None)
 
     def _log_problems(self, result: ConfigResult) -> None:
         self.stats.config_errors += len(result.errors)

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.cron import time_zone
 from scheduler_publisher.stats import EntryStats, Stats
 
 
@@ -188,6 +189,8 @@ class EntryStatus:
     @classmethod
     def of(cls, entry: PublishConfig, *, quarantined: str | None,
            next_run_at: datetime | None, stats: EntryStats | None) -> EntryStatus:
+        if entry.cron is not None and next_run_at is not None:
+            next_run_at = next_run_at.astimezone(time_zone(entry.timezone))  # as people read it
         return cls(entry.topic, entry.interval, entry.qos, entry.retain, entry.lwt, quarantined,
                    next_run_at, None if stats is None else EntryCountersStatus.of(stats),
                    entry.cron, entry.schedule_timezone)

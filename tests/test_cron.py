@@ -99,6 +99,38 @@ def test_fields_are_read_in_the_entry_time_zone() -> None:
     assert summer.astimezone(UTC) == datetime(2026, 7, 2, 7, 0, tzinfo=UTC)
 
 
+def utc_walk(expression: str, start: datetime, count: int) -> list[str]:
+    """`count` consecutive slots after `start` in Europe/Berlin, as UTC day and time."""
+    slots, slot = [], start
+    for _ in range(count):
+        slot = next_slot(expression, slot, "Europe/Berlin")
+        slots.append(slot.astimezone(UTC).strftime("%d %H:%M:%S"))
+    return slots
+
+
+@pytest.mark.parametrize(("expression", "walk"), [
+    # The repeated hour (00:00 to 02:00 UTC on 25 October) is walked once per pass, forward.
+    ("*/30 * * * *", ["25 00:00:00", "25 00:30:00", "25 01:00:00", "25 01:30:00",
+                      "25 02:00:00"]),
+    ("0 * * * *", ["25 00:00:00", "25 01:00:00", "25 02:00:00", "25 03:00:00", "25 04:00:00"]),
+    ("30 2 * * *", ["25 00:30:00", "25 01:30:00", "26 01:30:00", "27 01:30:00",
+                    "28 01:30:00"]),
+])
+def test_autumn_dst_fold_never_goes_back(expression: str, walk: list[str]) -> None:
+    """Through the hour autumn repeats, slots only move forward (APScheduler 3.11's own
+    CronTrigger answers a first-pass slot again there, which would fire the job in a loop)."""
+    assert utc_walk(expression, datetime(2026, 10, 24, 23, 50, tzinfo=UTC), 5) == walk
+
+
+def test_scheduler_question_inside_the_fold_moves_forward() -> None:
+    """Asked for the slot after 01:00 UTC (second pass of 02:00 local) a moment later, a
+    20-second cron answers 01:00:20 UTC, not a slot of the first pass."""
+    trigger = cron_slots("*/20 * * * * *", "Europe/Berlin")
+    previous = datetime(2026, 10, 25, 1, 0, tzinfo=UTC)
+    following = trigger.get_next_fire_time(previous, previous + timedelta(milliseconds=5))
+    assert following == previous + timedelta(seconds=20)
+
+
 @pytest.mark.parametrize(("expression", "message"), [
     ("* * *", "expected 5 fields (minute hour day month day_of_week) or 6 (seconds first), "
               "got 3"),
@@ -171,7 +203,8 @@ def test_publish_config_checks_the_alternatives_too() -> None:
     with pytest.raises(ValueError, match="not both"):
         PublishConfig("x", "t", {}, 5, cron="* * * * *")
     weekly = PublishConfig("x", "t", {}, cron="0 0 * * 0", timezone="Europe/Berlin")
-    assert (weekly.interval, weekly.period) == (None, 7 * DAY)
+    assert weekly.interval is None
+    assert weekly.period == 7 * DAY - 3600  # the shortest week: the one losing an hour to DST
     assert weekly.schedule == 'cron "0 0 * * 0" in Europe/Berlin'
 
 
