@@ -20,7 +20,6 @@ from scheduler_publisher.config import (
     PublishConfig,
     Severity,
 )
-from scheduler_publisher.cron import cron_slots
 
 __all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render", "summary"]
 
@@ -47,6 +46,9 @@ class Report:
         """A cron entry's next slot after `now` (None without `now`, or past its last)."""
         if self.now is None or entry.cron is None:
             return None
+        # Only here: the CLI's import loads no scheduler (scheduler_publisher/cron.py).
+        from scheduler_publisher.scheduling import cron_slots  # noqa: PLC0415
+
         slots = cron_slots(entry.cron, entry.timezone)
         following = slots.slot_after(self.now)
         return None if following is None else slots.local(following)

@@ -27,12 +27,11 @@ from scheduler_publisher.config import (
     permission_warnings,
 )
 from scheduler_publisher.connection import MQTTConnectionManager
-from scheduler_publisher.cron import cron_slots
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
 from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
-from scheduler_publisher.scheduling import Schedule
+from scheduler_publisher.scheduling import Schedule, cron_slots
 from scheduler_publisher.settings import ServiceSettings
 from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
 from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError

@@ -16,10 +16,11 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher.cli import main
 from scheduler_publisher.config import PublishConfig, parse_config
-from scheduler_publisher.cron import MAX_COUNTED, CronError, cron_period, cron_slots, parse_cron
+from scheduler_publisher.cron import CronError, cron_period, parse_cron
 from scheduler_publisher.jobstore import GroupedJobStore
 from scheduler_publisher.metrics import cron_overdue
 from scheduler_publisher.plan import diff
+from scheduler_publisher.scheduling import MAX_COUNTED, cron_slots
 from scheduler_publisher.service import PublisherService
 from tests.clocks import ShiftedClock
 from tests.support import (
