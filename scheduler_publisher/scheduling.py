@@ -111,8 +111,9 @@ _TICK = timedelta(microseconds=1)
 class CronSlots(CronTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
     """A CronTrigger that, when it finds itself behind (a stall, or the wall clock stepped
     forward), goes straight to the first slot at or after now instead of walking every missed
-    slot, as GridTrigger does for intervals (scheduling.py): the slots in between are counted
-    as missed (`missed_between`), never replayed.
+    slot, as GridTrigger does for intervals: the slots in between are counted as missed
+    (`missed_between`), never replayed. Shared by every entry with the same expression and
+    zone (`cron_slots`), so their jobs share a bucket of the job store, as a phase group does.
 
     Its slots are UTC datetimes (see `_after`; show them in the entry's zone with `local`).
     It also never goes back in time. In the hour an autumn DST change repeats, APScheduler
@@ -177,7 +178,7 @@ class CronSlots(CronTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
     def _twin(self, offset: timedelta | None) -> CronTrigger:
         key = offset or timedelta(0)
         twin = self._twins.get(key)
-        if twin is None:
+        if twin is None:  # two threads may both build one: the same trigger either way
             twin = self._twins[key] = CronTrigger(**self._fields, timezone=dt_timezone(key))
         return twin
 
