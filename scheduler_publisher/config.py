@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
 
 from scheduler_publisher import document
-from scheduler_publisher.cron import CronError, cron_period, parse_cron, time_zone
+from scheduler_publisher.cron import CronError, check_fires, cron_period, parse_cron, time_zone
 from scheduler_publisher.document import MAX_DOCUMENT_DEPTH, nesting_depth
 
 __all__ = [
@@ -374,6 +374,7 @@ def _timestamp_rule(name: str, description: str) -> FieldRule:
 def _check_cron(name: str, value: str) -> Iterator[Finding]:
     try:
         parse_cron(value)
+        check_fires(value)
     except CronError as exc:
         got = _render(value)
         yield Finding("error", f"{name}: {exc}, got {got}", _CRON_EXPECTED, got)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final
 from zoneinfo import ZoneInfo
 
-__all__ = ["CronError", "cron_period", "crontab_weekdays", "parse_cron", "time_zone"]
+__all__ = ["CronError", "check_fires", "cron_period", "crontab_weekdays", "parse_cron", "time_zone"]
 
 # The fields of a 6-field expression, in order; a 5-field one has no seconds.
 FIELDS: Final = ("second", "minute", "hour", "day", "month", "day_of_week")
@@ -93,6 +93,15 @@ def parse_cron(expression: str, timezone: str = "UTC") -> dict[str, str]:
             raise CronError(f"{name}: {exc}") from None
     time_zone(timezone)
     return fields
+
+
+def check_fires(expression: str) -> None:
+    """Raises CronError when a valid expression names no time that exists ("0 0 30 2 *"):
+    such an entry would never publish on schedule."""
+    from scheduler_publisher.scheduling import cron_slots  # noqa: PLC0415 - see the module doc
+
+    if cron_slots(expression, "UTC").slot_after(_SAMPLE_FROM) is None:
+        raise CronError("names no date that exists (such as 30 February), so it never fires")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -166,6 +166,8 @@ def problems_of(*entries: dict[str, Any]) -> list[tuple[str, str | None, str]]:
     ({"cron": "0 25 * * *"}, "cron",
      "cron: hour: Error validating expression '25': the last value (25) is higher than the "
      'maximum value (23), got "0 25 * * *"'),
+    ({"cron": "0 0 30 2 *"}, "cron", "cron: names no date that exists (such as 30 February), "
+                                     'so it never fires, got "0 0 30 2 *"'),
     ({"cron": 5}, "cron", 'cron must be a crontab expression: 5 fields ("0 * * * *"), or 6 with '
                           'seconds first ("*/10 * * * * *"), got 5'),
     ({"timezone": "Mars/Phobos"}, "timezone",
