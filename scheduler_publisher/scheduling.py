@@ -1,5 +1,5 @@
-"""The APScheduler adapter: one job per entry (an interval grid or a cron expression), all calling
-one shared tick function.
+"""The APScheduler adapter: one job per entry (an interval grid or a cron expression), all
+calling one shared tick function.
 
 Settings, and why (read in APScheduler 3.11's triggers/interval.py and executors/base.py;
 docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups"):
@@ -14,6 +14,9 @@ docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups
 - Many jobs, few distinct run times: entries sit in phase groups, so the entries' job store
   (jobstore.py) files jobs by run time, and each shared GridTrigger computes a group's next
   slot once for all its jobs (docs/design.md, "CPU per message: profile").
+- A cron entry's job runs on CronSlots, shared by every entry with the same expression and
+  zone: no phase, slots in UTC that never go back through a DST fold, and the same jump to
+  the current slot when behind (docs/design.md, "Cron entries").
 """
 
 from __future__ import annotations
