@@ -125,16 +125,18 @@ class CronSlots(CronTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
     the job over and over. There the fields are read at the fixed UTC offset the zone has at
     that moment instead (`_after`)."""
 
-    __slots__ = ("_fields", "_last", "_twins")
+    __slots__ = ("_fields", "_last", "_missed", "_twins")
 
     def __init__(self, fields: dict[str, str], zone: tzinfo) -> None:
         self._last: tuple[datetime | None, datetime, datetime | None] | None = None
+        self._missed: tuple[tuple[datetime, datetime], int] | None = None
         self._fields = fields
         self._twins: dict[timedelta, CronTrigger] = {}  # by UTC offset, for DST folds
         super().__init__(**fields, timezone=zone)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._last = None
+        self._missed = None
         self._twins = {}
         super().__setstate__(state)
 
@@ -192,6 +194,18 @@ class CronSlots(CronTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
     def missed_between(self, first: datetime, now: datetime) -> int:
         """The slots after `first` up to `now`: exact up to MAX_COUNTED, then estimated from
         their mean gap (a clock step from 1970 would otherwise mean billions of steps)."""
+        # Every job of the trigger's group asks after a stall, with the same first slot and a
+        # `now` a few microseconds on: slots fall on whole seconds, so the whole second of
+        # `now` gives the same count. One tuple, swapped whole, as `_last`.
+        key = (first, now.replace(microsecond=0))
+        memo = self._missed
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        count = self._count_after(first, key[1])
+        self._missed = (key, count)
+        return count
+
+    def _count_after(self, first: datetime, now: datetime) -> int:
         count, slot = 0, first
         while count < MAX_COUNTED:
             following = self.slot_after(slot)
