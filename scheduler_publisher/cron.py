@@ -10,7 +10,8 @@ are handled here rather than left to surprise the operator (README, "Cron schedu
 - Six fields: the leading one is seconds ("*/10 * * * * *"), which `from_crontab` refuses.
 What stays APScheduler's: a restricted day of month AND a restricted day of week must both
 match (crontab fires when either does), and daylight-saving gaps and repeats behave as
-CronTrigger defines them.
+CronTrigger defines them (except that its slots never go back in the repeated hour, which is
+CronTrigger's bug: scheduling.CronSlots).
 
 The trigger itself (`CronSlots`, scheduling.py) lives with the scheduler. APScheduler is
 imported only when a cron expression is checked: `validate` of a file without one, and the
