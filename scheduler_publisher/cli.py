@@ -26,6 +26,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -498,7 +499,7 @@ def log_settings(args: argparse.Namespace) -> LogSettings:
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
         report = Report(str(args.config), ConfigurationLoader(args.config).load(),
-                        shard=args.shard)
+                        shard=args.shard, now=datetime.now(UTC))
     except ConfigFileError as exc:
         report = Report(str(args.config), None, exc, shard=args.shard)
     out, err = render(report, args.format)

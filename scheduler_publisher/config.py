@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
 
 from scheduler_publisher import document
+from scheduler_publisher.cron import CronError, check_fires, cron_period, parse_cron, time_zone
 from scheduler_publisher.document import MAX_DOCUMENT_DEPTH, nesting_depth
 from scheduler_publisher.template import (
     Template,
@@ -45,6 +46,7 @@ from scheduler_publisher.template import (
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_TIMEZONE",
     "FIELD_RULES",
     "LONE_SURROGATE",
     "MAX_DATA_DEPTH",
@@ -79,6 +81,7 @@ QoS = Literal[0, 1, 2]
 Severity = Literal["error", "warning"]
 
 DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_TIMEZONE: Final = "UTC"
 MAX_DATA_DEPTH: Final = 32  # levels of objects/arrays in `data`, counting `data` itself
 MIN_INTERVAL: Final = 0.1
 MAX_INTERVAL: Final = 86400
@@ -284,6 +287,8 @@ class FieldRule:
     max_members: int | None = None
     custom: _Check | None = None
     unexpressed: str | None = None
+    # The field an entry has instead of this one: exactly one of the two (interval or cron).
+    alternative: str | None = None
 
     @property
     def key(self) -> str:
@@ -481,6 +486,30 @@ _PROPERTIES_RULE: Final = FieldRule(
     ),
 )
 
+
+def _check_cron(name: str, value: str) -> Iterator[Finding]:
+    try:
+        parse_cron(value)
+        check_fires(value)
+    except CronError as exc:
+        got = _render(value)
+        yield Finding("error", f"{name}: {exc}, got {got}", _CRON_EXPECTED, got)
+
+
+def _check_timezone(name: str, value: str) -> Iterator[Finding]:
+    try:
+        time_zone(value)
+    except CronError:
+        got = _render(value)
+        yield Finding("error", f"{name}: expected {_TIMEZONE_EXPECTED}, got {got}",
+                      _TIMEZONE_EXPECTED, got)
+
+
+_CRON_EXPECTED: Final = ('a crontab expression: 5 fields ("0 * * * *"), or 6 with seconds '
+                         'first ("*/10 * * * * *")')
+_TIMEZONE_EXPECTED: Final = 'an IANA time zone name such as "Europe/Berlin"'
+
+
 # Order matters: it is the order of PublishConfig's fields and of its ValueError messages.
 FIELD_RULES: Final[tuple[FieldRule, ...]] = (
     FieldRule("id", "string", "a non-empty string",
@@ -503,13 +532,26 @@ FIELD_RULES: Final[tuple[FieldRule, ...]] = (
               '"online" is overridden by the service (a warning).',
               required=True, max_depth=MAX_DATA_DEPTH, payload=True, custom=_check_online_key,
               unexpressed=_PLACEHOLDER_NOTE),
-    FieldRule("interval", "number", "a number", "Seconds between two publications.",
-              required=True, minimum=MIN_INTERVAL, maximum=MAX_INTERVAL),
+    FieldRule("interval", "number", "a number",
+              "Seconds between two publications. An entry has exactly one of interval and cron.",
+              minimum=MIN_INTERVAL, maximum=MAX_INTERVAL, alternative="cron"),
     FieldRule("qos", "integer", "0, 1 or 2", "MQTT QoS (default 0).", enum=(0, 1, 2),
               unexpressed=_INTEGRAL_NOTE),
     FieldRule("retain", "boolean", "true or false", "Publish retained (default false)."),
     FieldRule("lwt", "boolean", "true or false",
               "Own connection with a Last Will of {\"online\": 0, ...data} (default false)."),
+    FieldRule("cron", "string", _CRON_EXPECTED,
+              "When to publish, as a crontab expression in `timezone`: 5 fields (minute hour "
+              "day month day_of_week, 0 and 7 are Sunday) or 6 with seconds first. An entry "
+              "has exactly one of interval and cron.",
+              min_length=1, custom=_check_cron, alternative="interval",
+              unexpressed="a valid expression: the schema checks only that it is a string; "
+                          "APScheduler's CronTrigger decides"),
+    FieldRule("timezone", "string", _TIMEZONE_EXPECTED,
+              "The IANA time zone a cron entry's fields are read in (default UTC). An interval "
+              "entry ignores it (a warning).",
+              min_length=1, custom=_check_timezone,
+              unexpressed="a known IANA name: the schema checks only that it is a string"),
     FieldRule("template", "boolean", "true or false",
               "Fill placeholders such as {{now}} and {{seq}} in data's string values at each "
               "publish (default false: braces are literal text)."),
@@ -520,6 +562,8 @@ FIELD_RULES: Final[tuple[FieldRule, ...]] = (
               nullable=True, minimum=1, unexpressed=_INTEGRAL_NOTE),
 )
 _FIELDS: Final[Mapping[str, FieldRule]] = MappingProxyType({r.name: r for r in FIELD_RULES})
+_FIELD_ORDER: Final[Mapping[str, int]] = MappingProxyType(
+    {r.name: n for n, r in enumerate(FIELD_RULES)})
 
 
 # --- placeholders in `data` (template.py) ----------------------------------------------------
@@ -702,10 +746,12 @@ class PublishConfig:
     id: str
     topic: str
     data: Mapping[str, Any]
-    interval: float
+    interval: float | None = None  # exactly one of interval and cron
     qos: QoS = 0
     retain: bool = False
     lwt: bool = False
+    cron: str | None = None
+    timezone: str = DEFAULT_TIMEZONE  # of a cron entry's fields; an interval entry ignores it
     template: bool = False
     # Given as the file's object (a Mapping) or as MessageProperties; always the latter (or
     # None) once constructed.
@@ -720,6 +766,10 @@ class PublishConfig:
     # The fingerprint of the file text this entry was read from, when it was read without a
     # single finding: a reload that meets the same text again reuses the entry unchecked.
     source_key: int | None = field(init=False, default=None, repr=False, compare=False)
+    # Seconds between publications: the interval, or a cron entry's shortest gap between slots
+    # (cron.cron_period). Only where a rough period will do; a cron entry's slots come from
+    # its trigger. A field, not a property: the publish path reads it (connection.py).
+    period: float = field(init=False, repr=False, compare=False)
 
     __hash__ = None  # type: ignore[assignment]  # equal configs exist, but data is unhashable
 
@@ -742,9 +792,15 @@ class PublishConfig:
         errors = [
             finding.message
             for rule in FIELD_RULES
+            # Left out (None) is the alternative's business: _alternative_findings says.
+            if not (rule.alternative is not None and getattr(self, rule.name) is None)
             for finding in rule.check(self._as_read(rule.name))
             if finding.severity == "error"
         ]
+        present = {rule.name: getattr(self, rule.name) for rule in FIELD_RULES
+                   if rule.alternative is not None and getattr(self, rule.name) is not None}
+        errors.extend(f.message for _name, f in _alternative_findings(present)
+                      if f.severity == "error")
         if not errors and self.template:
             errors = [f.message for f in _placeholder_findings(self.data, templated=True)
                       if f.severity == "error"]
@@ -766,7 +822,13 @@ class PublishConfig:
         object.__setattr__(self, "data", PayloadData(payload))
         renderer = Template.compile(payload, self.id) if self.template else None
         object.__setattr__(self, "renderer", renderer)
-        object.__setattr__(self, "interval", _shared_interval(float(self.interval)))
+        if self.interval is not None:
+            interval = _shared_interval(float(self.interval))
+            object.__setattr__(self, "interval", interval)
+            object.__setattr__(self, "period", interval)
+        else:
+            assert self.cron is not None  # checked: exactly one of the two
+            object.__setattr__(self, "period", cron_period(self.cron, self.timezone))
 
     @property
     def offline_payload(self) -> bytes:
@@ -780,8 +842,22 @@ class PublishConfig:
         return Template.compile(self.offline_payload, self.id) if self.template else None
 
     def same_schedule(self, other: PublishConfig) -> bool:
-        """True when `other` fires at the same rate, so its job need not be rescheduled."""
-        return self.interval == other.interval
+        """True when `other` fires on the same slots, so its job need not be rescheduled."""
+        return (self.interval, self.cron, self.schedule_timezone) == (
+            other.interval, other.cron, other.schedule_timezone)
+
+    @property
+    def schedule_timezone(self) -> str | None:
+        """The time zone the schedule is read in: a cron entry's; None for an interval."""
+        return self.timezone if self.cron is not None else None
+
+    @property
+    def schedule(self) -> str:
+        """The schedule in a few words, for logs and the status page: "every 5 s", or
+        'cron "0 * * * *" in Europe/Berlin'."""
+        if self.cron is None:
+            return f"every {self.interval:g} s"
+        return f"cron {_render(self.cron)} in {self.timezone}"
 
     def same_wire(self, other: PublishConfig) -> bool:
         """True when `other` puts the same bytes on the wire, with the same options."""
@@ -881,6 +957,27 @@ def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:
     if "data" in entry and not refused & {"data", "template"}:
         for finding in _placeholder_findings(entry["data"], entry.get("template", False)):
             yield "data", finding
+    yield from _alternative_findings(entry)
+    if "timezone" in entry and "cron" not in entry and "interval" in entry:
+        got = _render(entry["timezone"])
+        yield "timezone", Finding("warning", f"timezone: applies to cron entries only; an "
+                                  f"interval entry ignores it, got {got}", "no timezone", got)
+
+
+def _alternative_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:
+    """An entry has exactly one field of each pair of alternatives (interval or cron)."""
+    for rule in FIELD_RULES:
+        other = rule.alternative
+        if other is None or rule.name > other:
+            continue  # each pair once
+        first, second = sorted((rule.name, other), key=_FIELD_ORDER.__getitem__)
+        if first in entry and second in entry:
+            got = f"both ({first} {_render(entry[first])}, {second} {_render(entry[second])})"
+            yield second, Finding("error", f"{second}: an entry has either {first} or {second}, "
+                                  f"not both, got {got}", f"one of {first} and {second}", got)
+        elif first not in entry and second not in entry:
+            yield first, Finding("error", f"{first} or {second} is required (exactly one of "
+                                 f"them)", f"one of {first} and {second}")
 
 
 def _unreadable_entry(position: int, element: document.UnreadableElement,

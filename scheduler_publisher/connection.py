@@ -266,9 +266,10 @@ class MQTTConnectionManager:
             return  # removed since the tick was queued, or held back
         link = self._link_for(entry)
         if link is not None and link.is_up and \
-                time.monotonic() - link.connected_at < entry.interval / 2:
+                time.monotonic() - link.connected_at < entry.period / 2:
             # The connect published the entry (the birth burst) moments ago: a grid slot this
-            # close would publish it twice within half its interval (issue 11 #5).
+            # close would publish it twice within half its interval (issue 11 #5); a cron
+            # entry's period is its shortest gap between slots.
             return
         if link is None or not link.is_up or link.saturated(entry_id):
             # Down, or up but stalled (the broker stopped reading or acknowledging): paho's

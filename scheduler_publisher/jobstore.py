@@ -19,7 +19,7 @@ Thread safety: the scheduler calls every method under its own job store lock.
 from __future__ import annotations
 
 import bisect
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
@@ -91,6 +91,11 @@ class GroupedJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is u
 
     def _file(self, job: Job) -> None:
         when: datetime | None = job.next_run_time
+        if when is not None and when.tzinfo is not UTC:
+            # A cron job's run time is in its own zone. Filed in UTC: during a repeated hour
+            # an aware datetime never equals one of another zone (PEP 495), which would split
+            # one instant into two buckets and confuse the bisection that removes them.
+            when = when.astimezone(UTC)
         self._jobs[job.id] = job
         self._filed[job.id] = when
         if when is None:

@@ -14,6 +14,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +33,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from scheduler_publisher.logs import get_logger
+from scheduler_publisher.scheduling import CronSlots, cron_slots
 from scheduler_publisher.settings import MetricsPerEntry
 from scheduler_publisher.stats import LATENESS_BUCKETS, EntryStats, Stats
 
@@ -87,6 +89,10 @@ def per_entry_series(mode: MetricsPerEntry, limit: int, entries: int) -> bool:
     return mode == "on" or (mode == "auto" and entries <= limit)
 
 
+def _since(last_published_at: float | None, applied_at: float | None) -> float | None:
+    return max((t for t in (last_published_at, applied_at) if t is not None), default=None)
+
+
 def overdue(interval: float, last_published_at: float | None, applied_at: float | None,
             now: float) -> bool:
     """True when an entry has gone a whole slot (and some slack) without a publish.
@@ -94,10 +100,35 @@ def overdue(interval: float, last_published_at: float | None, applied_at: float 
     The clock starts at the later of its last publish and the last apply of the entries (a
     reload, or the start): an entry that was just added or edited is not yet overdue.
     """
-    since = max((t for t in (last_published_at, applied_at) if t is not None), default=None)
+    since = _since(last_published_at, applied_at)
     if since is None:
         return False
     return now - since > max(2 * interval, interval + OVERDUE_SLACK)
+
+
+def cron_overdue(slots: CronSlots, period: float, last_published_at: float | None,
+                 applied_at: float | None, now: float) -> bool:
+    """overdue() against a cron entry's own slots: the second slot after the clock started
+    has passed, and the first one more than OVERDUE_SLACK ago (for an interval that is
+    exactly overdue()'s rule). `period` is the shortest gap between slots: an entry heard
+    from within it cannot be overdue, which spares most entries the trigger's arithmetic."""
+    since = _since(last_published_at, applied_at)
+    if since is None or now - since <= max(period, OVERDUE_SLACK):
+        return False
+    first = slots.slot_after(datetime.fromtimestamp(since, UTC))
+    second = None if first is None else slots.slot_after(first)
+    if first is None or second is None:
+        return False  # the expression has no more slots
+    return now > max(second.timestamp(), first.timestamp() + OVERDUE_SLACK)
+
+
+def entry_overdue(config: PublishConfig, last_published_at: float | None,
+                  applied_at: float | None, now: float) -> bool:
+    """overdue() or cron_overdue(), whichever schedules the entry."""
+    if config.cron is not None:
+        return cron_overdue(cron_slots(config.cron, config.timezone), config.period,
+                            last_published_at, applied_at, now)
+    return overdue(config.period, last_published_at, applied_at, now)
 
 
 class PerEntrySwitch:
@@ -208,7 +239,7 @@ class ServiceCollector(Collector):
         count = 0
         for entry_id, config in entries.items():
             e = counters.get(entry_id)
-            count += overdue(config.interval, e.last_published_at if e else None, applied, now)
+            count += entry_overdue(config, e.last_published_at if e else None, applied, now)
         return count
 
 

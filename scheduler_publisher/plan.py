@@ -25,7 +25,7 @@ class Plan:
 
     added: tuple[PublishConfig, ...] = ()
     removed: tuple[PublishConfig, ...] = ()
-    rescheduled: tuple[PublishConfig, ...] = ()  # interval changed: new grid
+    rescheduled: tuple[PublishConfig, ...] = ()  # interval, cron or timezone changed
     updated: tuple[PublishConfig, ...] = ()  # payload/qos/retain/topic/lwt changed: same grid
     kept_last_good: tuple[str, ...] = ()  # invalid in the new file, the old version keeps running
 

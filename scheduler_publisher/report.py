@@ -10,9 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Literal
 
-from scheduler_publisher.config import ConfigFileError, ConfigResult, Problem, Severity
+from scheduler_publisher.config import (
+    ConfigFileError,
+    ConfigResult,
+    Problem,
+    PublishConfig,
+    Severity,
+)
 from scheduler_publisher.shard import Shard
 
 __all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render",
@@ -30,6 +37,24 @@ class Report:
     result: ConfigResult | None
     failure: ConfigFileError | None = None
     shard: Shard | None = None  # validate --shard: also say which entries this shard runs
+    # When the report was made: each cron entry's next slot is shown from it.
+    now: datetime | None = None
+
+    @property
+    def cron_entries(self) -> tuple[PublishConfig, ...]:
+        entries = self.result.entries if self.result is not None else ()
+        return tuple(entry for entry in entries if entry.cron is not None)
+
+    def next_slot(self, entry: PublishConfig) -> datetime | None:
+        """A cron entry's next slot after `now` (None without `now`, or past its last)."""
+        if self.now is None or entry.cron is None:
+            return None
+        # Only here: the CLI's import loads no scheduler (scheduler_publisher/cron.py).
+        from scheduler_publisher.scheduling import cron_slots  # noqa: PLC0415
+
+        slots = cron_slots(entry.cron, entry.timezone)
+        following = slots.slot_after(self.now)
+        return None if following is None else slots.local(following)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -96,7 +121,25 @@ def as_json(report: Report) -> str:
     if report.shard is not None:
         body["shard"] = {"k": report.shard.k, "n": report.shard.n, "name": report.shard.name,
                          "entries": list(report.shard_entries)}
+    if report.cron_entries:  # only then: a file without any keeps the document it had
+        body["cron_entries"] = [_cron_object(report, entry) for entry in report.cron_entries]
     return json.dumps(body, ensure_ascii=False, indent=2)
+
+
+def _cron_object(report: Report, entry: PublishConfig) -> dict[str, Any]:
+    following = report.next_slot(entry)
+    return {"id": entry.id, "cron": entry.cron, "timezone": entry.timezone,
+            "next_run_at": following.isoformat() if following else None}
+
+
+def cron_lines(report: Report) -> Iterator[str]:
+    """One line per valid cron entry: its schedule and next slot, to check how CronTrigger
+    read the expression (weekdays, time zone) before it runs."""
+    for entry in report.cron_entries:
+        following = report.next_slot(entry)
+        after = f", next slot {following.isoformat()}" if following else ""
+        named = json.dumps(entry.id, ensure_ascii=False)
+        yield f"{report.file}: id {named}: {entry.schedule}{after}"
 
 
 def summary(report: Report) -> str:
@@ -154,4 +197,4 @@ def render(report: Report, output: Format) -> tuple[list[str], list[str]]:
         return [as_json(report)], []
     if output == "github":
         return [*as_github(report), summary(report), *shard_lines(report)], []
-    return [summary(report), *shard_lines(report)], list(as_text(report))
+    return [summary(report), *shard_lines(report), *cron_lines(report)], list(as_text(report))

@@ -92,7 +92,7 @@ _DEFAULTS: Final = {spec.name: spec.default for spec in dataclasses.fields(Publi
 def _field_schema(rule: FieldRule) -> dict[str, Any]:
     schema: dict[str, Any] = {"description": rule.description,
                               "type": [rule.type, "null"] if rule.nullable else rule.type}
-    if rule.name in _DEFAULTS:
+    if rule.name in _DEFAULTS and rule.alternative is None:  # an alternative has no default
         schema["default"] = _DEFAULTS[rule.name]
     if rule.type == "string":
         schema.update(_string_keywords(rule))
@@ -140,6 +140,16 @@ def _all_rules(rules: tuple[FieldRule, ...]) -> Iterator[FieldRule]:
         yield from _all_rules(rule.members)
 
 
+def _alternatives() -> list[dict[str, Any]]:
+    """Exactly one field of each pair of alternatives (interval or cron): a `oneOf` per pair,
+    all of them in an `allOf`."""
+    pairs = {tuple(sorted((rule.name, rule.alternative))) for rule in FIELD_RULES
+             if rule.alternative is not None}
+    order = [rule.name for rule in FIELD_RULES]
+    return [{"oneOf": [{"required": [name]} for name in sorted(pair, key=order.index)]}
+            for pair in sorted(pairs)]
+
+
 def _gaps() -> str:
     return "; ".join(f"{rule.name}: {rule.unexpressed}" for rule in _all_rules(FIELD_RULES)
                      if rule.unexpressed) + "."
@@ -151,6 +161,7 @@ def entries_schema() -> dict[str, Any]:
     entry = {
         "type": "object",
         "required": [rule.name for rule in FIELD_RULES if rule.required],
+        "allOf": _alternatives(),
         "properties": {rule.name: _field_schema(rule) for rule in FIELD_RULES},
         # Unknown fields are only a warning; still, they count towards the file's nesting.
         "additionalProperties": {"$ref": f"#/$defs/nested{_UNKNOWN_FIELD_DEPTH}"},

@@ -31,7 +31,7 @@ from scheduler_publisher.logs import get_logger
 from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
 from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
-from scheduler_publisher.scheduling import Schedule
+from scheduler_publisher.scheduling import Schedule, cron_slots
 from scheduler_publisher.settings import ServiceSettings
 from scheduler_publisher.shard import Shard
 from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
@@ -421,8 +421,20 @@ class PublisherService:
             self._schedule.remove(entry.id)
         for n, entry in enumerate((*part.added, *part.rescheduled), start=1):
             self._schedule.add(entry)  # ~0.1 ms each in APScheduler 3: pause now and then
+            if entry.cron is not None:
+                self._log_cron(entry)
             if n % SCHEDULE_STEP == 0:
                 yield
+
+    def _log_cron(self, entry: PublishConfig) -> None:
+        # The next slot shows how CronTrigger read the expression (weekdays, time zone): the
+        # line to look at when a cron entry fires at an unexpected time.
+        assert entry.cron is not None
+        now = datetime.fromtimestamp(self._clock.wall(), UTC)
+        slots = cron_slots(entry.cron, entry.timezone)
+        following = slots.slot_after(now)
+        log.info("cron_scheduled", entry_id=entry.id, cron=entry.cron, timezone=entry.timezone,
+                 next_run_at=slots.local(following).isoformat() if following else None)
 
     def _log_problems(self, result: ConfigResult) -> None:
         self.stats.config_errors += len(result.errors)

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.cron import time_zone
 from scheduler_publisher.shard import Shard
 from scheduler_publisher.stats import EntryStats, Stats
 
@@ -176,24 +177,32 @@ class EntryStatus:
     """One running entry: its settings, its next slot, and its counters once it has any."""
 
     topic: str
-    interval: float
+    interval: float | None  # None for a cron entry
     qos: int
     retain: bool
     lwt: bool
     quarantined: str | None
     next_run_at: datetime | None
     counters: EntryCountersStatus | None  # None until the network thread has learnt it
+    cron: str | None = None
+    timezone: str | None = None  # a cron entry's
 
     @classmethod
     def of(cls, entry: PublishConfig, *, quarantined: str | None,
            next_run_at: datetime | None, stats: EntryStats | None) -> EntryStatus:
+        if entry.cron is not None and next_run_at is not None:
+            next_run_at = next_run_at.astimezone(time_zone(entry.timezone))  # as people read it
         return cls(entry.topic, entry.interval, entry.qos, entry.retain, entry.lwt, quarantined,
-                   next_run_at, None if stats is None else EntryCountersStatus.of(stats))
+                   next_run_at, None if stats is None else EntryCountersStatus.of(stats),
+                   entry.cron, entry.schedule_timezone)
 
     def to_json(self) -> dict[str, Any]:
         body = {"topic": self.topic, "interval": self.interval, "qos": self.qos,
                 "retain": self.retain, "lwt": self.lwt, "quarantined": self.quarantined,
                 "next_run_at": self.next_run_at.isoformat() if self.next_run_at else None}
+        if self.cron is not None:  # only then: an interval entry's document stays as it was
+            body["cron"] = self.cron
+            body["timezone"] = self.timezone
         if self.counters is not None:
             body.update(self.counters.to_json())
         return body

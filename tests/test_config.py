@@ -320,8 +320,8 @@ def test_interval_must_be_finite() -> None:
 
 
 def test_interval_is_required() -> None:
-    """The exact message for a missing required field."""
-    expected = 'entry 1 (id "x"): interval is required'
+    """The exact message for an entry with neither interval nor cron."""
+    expected = 'entry 1 (id "x"): interval or cron is required (exactly one of them)'
     assert only_error(parse(entry(id="x", interval=ABSENT))) == expected
 
 
@@ -624,7 +624,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "entry 3: data must be an object, got []",
         'entry 3: lwt must be true or false, got "yes"',
         "entry 3: id is required",
-        "entry 3: interval is required",
+        "entry 3: interval or cron is required (exactly one of them)",
         'entry 4 (id "d"): data key "online" is overridden by the service '
         "(1 while running, 0 when offline), got 0",
         'entry 4 (id "d"): retain must be true or false, got null',

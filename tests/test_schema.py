@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler_publisher.config import (
+    _CRON_EXPECTED,
+    _TIMEZONE_EXPECTED,
     FIELD_RULES,
     MAX_MESSAGE_EXPIRY,
     MAX_TOPIC_BYTES,
@@ -76,7 +78,8 @@ def test_schema_names_every_field_and_what_it_cannot_check() -> None:
     schema = entries_schema()
     entry = schema["$defs"]["entry"]
     assert set(entry["properties"]) == FIELDS
-    assert entry["required"] == ["id", "topic", "data", "interval"]
+    assert entry["required"] == ["id", "topic", "data"]
+    assert entry["allOf"] == [{"oneOf": [{"required": ["interval"]}, {"required": ["cron"]}]}]
     for rule in every_rule():
         if rule.unexpressed:
             assert f"{rule.name}: {rule.unexpressed}" in schema["$comment"]
@@ -91,7 +94,8 @@ def test_schema_defaults_are_what_an_omitted_field_becomes() -> None:
     properties = entries_schema()["$defs"]["entry"]["properties"]
     (config,) = parse_config(json.dumps([test_config.entry()]).encode()).entries
     defaults = {name: spec["default"] for name, spec in properties.items() if "default" in spec}
-    assert set(defaults) == {rule.name for rule in FIELD_RULES if not rule.required}
+    assert set(defaults) == {rule.name for rule in FIELD_RULES
+                             if not rule.required and rule.alternative is None}
     assert defaults == {name: getattr(config, name) for name in defaults}
 
 
@@ -150,6 +154,8 @@ GAPS: dict[str, Callable[[str | None, Any], bool]] = {
     "properties": lambda expected, value: (
         expected == f"an integer between 1 and {MAX_MESSAGE_EXPIRY}"
         and _integral_float(expected, value.get("message_expiry"))),
+    "cron": lambda expected, value: expected == _CRON_EXPECTED and isinstance(value, str),
+    "timezone": lambda expected, value: expected == _TIMEZONE_EXPECTED and isinstance(value, str),
 }
 
 
@@ -266,6 +272,13 @@ BODY_CASES = {
     "not an object": b'[1, "x", null]',
     "empty array": b"[]",
     "unknown and repeated fields": _entry_text(extra="1", interval="2, \"interval\": 3"),
+    "cron instead of interval": b'[{"id": "a", "topic": "t", "data": {}, "cron": "0 * * * *"}]',
+    "cron and interval": _entry_text(cron='"0 * * * *"'),
+    "neither cron nor interval": b'[{"id": "a", "topic": "t", "data": {}}]',
+    "malformed cron": b'[{"id": "a", "topic": "t", "data": {}, "cron": "0 25 * * *"}]',
+    "unknown time zone": b'[{"id": "a", "topic": "t", "data": {}, "cron": "* * * * *", '
+                         b'"timezone": "Mars/Phobos"}]',
+    "timezone on an interval entry": _entry_text(timezone='"Europe/Berlin"'),
 }
 
 
@@ -321,6 +334,9 @@ VALID_FIELDS = {
         "payload_format_utf8": st.booleans(),
         "unknown": json_values | st.just(test_config.nested(61)),
     }),
+    "cron": st.sampled_from(["0 * * * *", "*/10 * * * * *", "0 9 * * 1-5", "0 0 * * 7",
+                             "30 2 * * sun", "0 0 1 1 *"]),
+    "timezone": st.sampled_from(["UTC", "Europe/Berlin", "America/New_York"]),
     "extra": json_values | st.just(test_config.nested(62)),
 }
 INVALID_FIELDS = {
@@ -349,6 +365,9 @@ INVALID_FIELDS = {
         "payload_format_utf8": json_values,
         "unknown": st.just(test_config.nested(62)),
     }),
+    "cron": st.sampled_from(["", "* * *", "0 25 * * *", "0 0 * * 8", "x * * * *", None, 5])
+    | json_values,
+    "timezone": st.sampled_from(["", "Mars/Phobos", "utc", "../etc", None]) | json_values,
     "extra": st.just(test_config.nested(63)),
 }
 REQUIRED = ("id", "topic", "data", "interval")
@@ -357,6 +376,15 @@ REQUIRED = ("id", "topic", "data", "interval")
 def _entries(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, Any]]:
     optional = {name: value for name, value in fields.items() if name not in REQUIRED}
     return st.fixed_dictionaries({name: fields[name] for name in REQUIRED}, optional=optional)
+
+
+def _valid_entries() -> st.SearchStrategy[dict[str, Any]]:
+    """Valid entries: an interval one, or a cron one (exactly one of the two)."""
+    common = {name: value for name, value in VALID_FIELDS.items() if name != "cron"}
+    scheduled_by_cron = {**common, "interval": VALID_FIELDS["cron"]}
+    return _entries(common) | _entries(scheduled_by_cron).map(
+        lambda entry: {("cron" if name == "interval" else name): value
+                       for name, value in entry.items()})
 
 
 def _mixed(name: str) -> st.SearchStrategy[Any]:
@@ -373,7 +401,7 @@ def _file(entries: list[Any]) -> bytes:
 
 
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_entries(VALID_FIELDS), max_size=4, unique_by=lambda e: e["id"]))
+@given(st.lists(_valid_entries(), max_size=4, unique_by=lambda e: e["id"]))
 def test_generated_valid_files_pass_both(entries: list[dict[str, Any]]) -> None:
     """Files of valid entries (warnings allowed) pass the validator and the schema."""
     found = verdicts(_file(entries))

@@ -236,6 +236,19 @@ def test_page_shows_the_service_and_updates_live(
         browser.save_screenshot(str(REPO / "docs" / "status-page.png"))
 
 
+def test_page_shows_a_cron_entry_expression_and_time_zone(
+        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver]) -> None:
+    """A cron entry's Schedule cell shows its expression and time zone."""
+    topic_base = unique_topic("cron")
+    nightly = {"id": "nightly", "topic": f"{topic_base}/nightly", "data": {},
+               "cron": "30 2 * * *", "timezone": "Europe/Berlin"}
+    service = http_service([entry("tick", f"{topic_base}/tick", 60), nightly])
+    table = wait_rows(page(service), lambda t: len(t) == 2, "two rows")
+    by_id = {r[ID]: r for r in table}
+    assert by_id["nightly"][SCHEDULE] == "cron 30 2 * * * (Europe/Berlin)"
+    assert by_id["tick"][SCHEDULE] == "every 1m"
+
+
 def test_many_entries_are_paged_filtered_and_sorted(
         http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
         topic_base: str) -> None:

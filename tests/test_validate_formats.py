@@ -103,8 +103,9 @@ def test_json_places_missing_fields_and_non_objects_at_the_entry(
     missing, number = json.loads(out)["problems"]
     assert missing == {"severity": "error", "index": 0, "id": "x", "field": "interval",
                        "path": "/0/interval", "line": 2, "column": 3, "received": None,
-                       "expected": "a number",
-                       "message": 'entry 1 (id "x"): interval is required'}
+                       "expected": "one of interval and cron",
+                       "message": 'entry 1 (id "x"): interval or cron is required (exactly '
+                                  'one of them)'}
     assert {k: number[k] for k in ("index", "id", "field", "path", "line", "column",
                                    "received", "expected")} == {
         "index": 1, "id": None, "field": None, "path": "/1", "line": 3, "column": 5,

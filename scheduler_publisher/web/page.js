@@ -44,6 +44,8 @@ function duration(seconds) {
 }
 
 function schedule(e) {
+  // A cron entry has no interval: its expression and the zone it is read in.
+  if (e.cron) return `cron ${e.cron} (${e.timezone})`;
   if (e.interval < 60) return `every ${e.interval}s`;
   const units = [[86400, "d"], [3600, "h"], [60, "m"], [1, "s"]];
   let rest = e.interval;
