@@ -1,4 +1,4 @@
-"""The entries file as JSON Schema (draft 2020-12), written out from config.py's FIELD_RULES.
+"""The entries file as JSON Schema (draft 2020-12), written out from rules.py's FIELD_RULES.
 
 Nothing here restates a rule: each keyword comes from a FieldRule field or a config.py
 constant, so the schema changes when validation does. Where a rule has no JSON Schema form,
@@ -15,13 +15,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Final
 
-from scheduler_publisher.config import (
-    FIELD_RULES,
-    LONE_SURROGATE,
-    MAX_DOCUMENT_DEPTH,
-    FieldRule,
-    PublishConfig,
-)
+from scheduler_publisher.document import MAX_DOCUMENT_DEPTH
+from scheduler_publisher.entry import PublishConfig
+from scheduler_publisher.fields import LONE_SURROGATE, FieldRule
+from scheduler_publisher.rules import FIELD_RULES
 
 __all__ = ["DIALECT", "entries_schema", "schema_text"]
 

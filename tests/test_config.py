@@ -18,9 +18,6 @@ from hypothesis import strategies as st
 
 from scheduler_publisher.config import (
     DEFAULT_MAX_BYTES,
-    MAX_MESSAGE_EXPIRY,
-    MAX_PROPERTY_CHARS,
-    MAX_USER_PROPERTIES,
     ConfigError,
     ConfigFileError,
     ConfigResult,
@@ -32,6 +29,7 @@ from scheduler_publisher.config import (
     parse_config_steps,
     read_config_file,
 )
+from scheduler_publisher.rules import MAX_MESSAGE_EXPIRY, MAX_PROPERTY_CHARS, MAX_USER_PROPERTIES
 
 SAMPLE = Path(__file__).resolve().parent.parent / "JSON" / "payloadStaticConfig.json"
 ABSENT = object()  # marks a field to leave out of an entry

@@ -25,16 +25,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler_publisher.config import (
-    _CRON_EXPECTED,
-    _TIMEZONE_EXPECTED,
+from scheduler_publisher.config import ConfigFileError, Problem, parse_config
+from scheduler_publisher.fields import FieldRule
+from scheduler_publisher.rules import (
+    CRON_EXPECTED,
     FIELD_RULES,
     MAX_MESSAGE_EXPIRY,
     MAX_TOPIC_BYTES,
-    ConfigFileError,
-    FieldRule,
-    Problem,
-    parse_config,
+    TIMEZONE_EXPECTED,
 )
 from scheduler_publisher.schema import DIALECT, entries_schema, schema_text
 from tests import test_config, test_faults
@@ -154,8 +152,8 @@ GAPS: dict[str, Callable[[str | None, Any], bool]] = {
     "properties": lambda expected, value: (
         expected == f"an integer between 1 and {MAX_MESSAGE_EXPIRY}"
         and _integral_float(expected, value.get("message_expiry"))),
-    "cron": lambda expected, value: expected == _CRON_EXPECTED and isinstance(value, str),
-    "timezone": lambda expected, value: expected == _TIMEZONE_EXPECTED and isinstance(value, str),
+    "cron": lambda expected, value: expected == CRON_EXPECTED and isinstance(value, str),
+    "timezone": lambda expected, value: expected == TIMEZONE_EXPECTED and isinstance(value, str),
 }
 
 
