@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from scheduler_publisher.rules import FIELDS_BY_NAME
 from scheduler_publisher.shard import Shard, ShardError, parse_shard
 
 ENV_PREFIX = "SCHEDULER_PUBLISHER_"
@@ -134,21 +135,14 @@ def _utf8_length(text: str) -> int | None:
 
 
 def mqtt_topic(text: str) -> str:
-    """An argparse `type` for a topic the service publishes to (what MQTT and brokers accept)."""
-    size = _utf8_length(text)
-    if not text:
-        raise argparse.ArgumentTypeError("must be a non-empty MQTT topic, got ''")
-    if "+" in text or "#" in text:
-        raise argparse.ArgumentTypeError(
-            f'must be a topic without the wildcards "+" and "#", got {text!r}')
-    if text.startswith("$"):
-        raise argparse.ArgumentTypeError(
-            f'must not start with "$" (brokers reserve those topics), got {text!r}')
-    if size is None or not _control_free(text):
-        raise argparse.ArgumentTypeError(
-            f"must be valid UTF-8 without control characters, got {text!r}")
-    if size > 65535:
-        raise argparse.ArgumentTypeError(f"must be at most 65535 UTF-8 bytes, got {size}")
+    """An argparse `type` for a topic the service publishes to: an entry's topic rule
+    (rules.py), and no "$" topic at all, since brokers reserve those."""
+    problems = [f.message for f in FIELDS_BY_NAME["topic"].check(text) if f.severity == "error"]
+    if not problems and text.startswith("$"):
+        problems.append(f'topic must not start with "$" (brokers reserve those topics), '
+                        f"got {text!r}")
+    if problems:
+        raise argparse.ArgumentTypeError("; ".join(problems))
     return text
 
 
