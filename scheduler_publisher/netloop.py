@@ -225,6 +225,17 @@ class NetworkLoop:
         session.track(info.mid, entry_id, qos)
         return True
 
+    def publish_packet(self, key: LinkKey, packet: bytes, entry_id: str) -> bool:
+        """Queue an entry's pre-encoded QoS 0 PUBLISH (packet.py) on the session's socket,
+        behind whatever paho has queued; written with the rest of this turn's packets in one
+        `send()`. False if there is no such session or it has no socket."""
+        session = self._sessions.get(key)
+        if session is None or session.client.socket() is None:
+            return False
+        session.send_packet(packet, entry_id)
+        self._want_write.add(session)
+        return True
+
     def close_quietly(self, key: LinkKey) -> None:
         """End the connection for good without its will (the entry moved elsewhere)."""
         self._request(key, Event.CLOSE_REQUESTED, announce=False)
@@ -343,6 +354,7 @@ class NetworkLoop:
             self.listener.link_refused(session, refused)
             return
         was_up = session.is_up
+        self._report_written(session)  # written before the loss, in the write that lost it
         for entry_id in session.drop_unsent_qos0():
             self.listener.lost_unsent(session, entry_id)
         self._want_write.discard(session)
@@ -443,6 +455,8 @@ class NetworkLoop:
     def _flush(self, session: Session) -> None:
         client = session.client
         client.loop_write()
+        if session.packets.batches:
+            self._report_written(session)
         sock = client.socket()
         if sock is None:
             return
@@ -452,6 +466,10 @@ class NetworkLoop:
                 self._selector.modify(sock, events, session)
         except (KeyError, ValueError):
             pass  # the socket closed while writing; _on_lost has run
+
+    def _report_written(self, session: Session) -> None:
+        for entry_id in session.written_packets():
+            self.listener.published(session, entry_id, 0, None)
 
     def _start_due_connects(self, now: float) -> None:
         if now < self._next_connect_check or self._stopping.is_set():
