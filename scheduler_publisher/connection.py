@@ -17,6 +17,7 @@ thread's view of the running entries, replaced whole by `set_entries`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -164,6 +165,11 @@ class MQTTConnectionManager:
         `lateness` and `missed` describe the tick; the network thread counts them, as the one
         writer of the entry's counters (stats.py)."""
         self._loop.call_soon(lambda: self._tick(entry_id, lateness, missed))
+
+    def ticks_together(self) -> contextlib.AbstractContextManager[None]:
+        """Around a burst of `publish_entry` calls from one thread (the scheduler's phase
+        group): the network thread takes them in one turn, one write per connection."""
+        return self._loop.wake_once()
 
     def disconnect(self, timeout: float = 3.0) -> None:
         """Graceful stop: let in-flight QoS>0 messages reach the broker, announce every lwt

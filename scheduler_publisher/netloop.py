@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -163,13 +163,34 @@ class NetworkLoop:
         """Run `fn` on the network thread. Cheap enough for every publish: one wake-up write per
         batch, not per call (the flag is cleared by the loop before it drains the queue)."""
         self._commands.append(fn)
+        if not self._wake_pending:
+            self._wake()
+
+    def _wake(self) -> None:
         if self._closed:
             return  # no pipe: before start() the thread runs the queue when it starts
-        if not self._wake_pending:
-            self._wake_pending = True
-            # A full pipe means wake-ups are pending already: the loop is bound to wake.
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"\0")
+        self._wake_pending = True
+        # A full pipe means wake-ups are pending already: the loop is bound to wake.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    @contextlib.contextmanager
+    def wake_once(self) -> Iterator[None]:
+        """Queue a burst of commands (a phase group's ticks) and wake the network thread once,
+        at the end: woken at the first tick, it would take the group in pieces, a `send()`
+        each, contending for the GIL with the thread still queueing. One thread at a time
+        (the scheduler's); another thread's call_soon meanwhile waits for the same wake-up."""
+        held = self._wake_pending
+        self._wake_pending = True  # call_soon writes no wake-up meanwhile
+        try:
+            yield
+        finally:
+            # The loop clears the flag whenever it drains the queue, so a loop that woke for
+            # another reason meanwhile has taken what was queued, or was woken for it.
+            if not held and self._wake_pending:
+                self._wake_pending = False
+                if self._commands:
+                    self._wake()
 
     def stop(self, timeout: float) -> None:
         if self._thread is None or self._closed:
