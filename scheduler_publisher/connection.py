@@ -27,7 +27,7 @@ from typing import Any
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.netloop import NetworkLoop, SessionView
-from scheduler_publisher.packet import has_static_packet, static_packet
+from scheduler_publisher.packet import has_static_packet, static_header
 from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will
 from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
@@ -111,9 +111,9 @@ class MQTTConnectionManager:
         self._clear_retained = clear_retained_on_remove
         self._loop = NetworkLoop(settings, self)
         self._entries: dict[str, PublishConfig] = {}
-        # entry id -> its pre-encoded QoS 0 PUBLISH (packet.py), for the entries that have one;
-        # network thread only, rebuilt with `_entries`
-        self._packets: dict[str, bytes] = {}
+        # entry id -> its pre-encoded QoS 0 PUBLISH header (packet.py), for the entries that
+        # have one; network thread only, rebuilt with `_entries`
+        self._headers: dict[str, bytes] = {}
         self._pending_raw: OrderedDict[str, tuple[bytes, int, bool]] = OrderedDict()
         self._main_up = threading.Event()
         self._all_closed = threading.Event()
@@ -282,9 +282,9 @@ class MQTTConnectionManager:
         self._send(link, entry)
 
     def _send(self, link: SessionView, entry: PublishConfig) -> None:
-        packet = self._packets.get(entry.id)
-        if packet is not None:
-            sent = self._loop.publish_packet(link.key, packet, entry.id)
+        header = self._headers.get(entry.id)
+        if header is not None:
+            sent = self._loop.publish_packet(link.key, header, entry.payload, entry.id)
         else:
             sent = self._loop.publish(link.key, entry.topic, entry.payload, entry.qos,
                                       entry.retain, entry.id)
@@ -305,7 +305,7 @@ class MQTTConnectionManager:
 
     def _apply_entries(self, new: dict[str, PublishConfig]) -> None:
         old, self._entries = self._entries, new
-        self._packets = self._encode(old, new)
+        self._headers = self._encode(old, new)
         for entry_id, entry in new.items():
             self.stats.add_entry(entry_id)
             self._apply_one(old.get(entry_id), entry)
@@ -315,17 +315,17 @@ class MQTTConnectionManager:
 
     def _encode(self, old: dict[str, PublishConfig],
                 new: dict[str, PublishConfig]) -> dict[str, bytes]:
-        """The pre-encoded packets of `new`, reusing those of entries whose wire form is
+        """The pre-encoded headers of `new`, reusing those of entries whose wire form is
         unchanged (a reload of thousands of entries re-encodes only the edited ones)."""
-        packets = {}
+        headers = {}
         for entry_id, entry in new.items():
             before = old.get(entry_id)
-            packet = self._packets.get(entry_id) if before is not None and \
+            header = self._headers.get(entry_id) if before is not None and \
                 before.same_wire(entry) and has_static_packet(entry) else None
-            packet = packet or static_packet(entry, self.settings.protocol)
-            if packet is not None:
-                packets[entry_id] = packet
-        return packets
+            header = header or static_header(entry, self.settings.protocol)
+            if header is not None:
+                headers[entry_id] = header
+        return headers
 
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
         if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):

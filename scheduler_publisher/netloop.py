@@ -246,14 +246,14 @@ class NetworkLoop:
         session.track(info.mid, entry_id, qos)
         return True
 
-    def publish_packet(self, key: LinkKey, packet: bytes, entry_id: str) -> bool:
+    def publish_packet(self, key: LinkKey, header: bytes, payload: bytes, entry_id: str) -> bool:
         """Queue an entry's pre-encoded QoS 0 PUBLISH (packet.py) on the session's socket,
         behind whatever paho has queued; written with the rest of this turn's packets in one
         `send()`. False if there is no such session or it has no socket."""
         session = self._sessions.get(key)
         if session is None or session.client.socket() is None:
             return False
-        session.send_packet(packet, entry_id)
+        session.send_packet(header, payload, entry_id)
         self._want_write.add(session)
         return True
 

@@ -1,7 +1,7 @@
 """Pre-encoded QoS 0 PUBLISH packets, written through paho's own out-queue.
 
 A static entry at QoS 0 sends the same bytes on every tick: encoding the packet once per
-config version (`static_packet`) and appending it to the connection's socket queue takes
+config version (`static_header`) and appending it to the connection's socket queue takes
 paho's per-message work off the hot path (a `MQTTMessageInfo` with its `Condition`, the
 encoding, and for every written QoS 0 packet a `Properties` and a `ReasonCode` built for
 `on_publish`; docs/design.md, "CPU per message: profile").
@@ -52,28 +52,38 @@ def has_static_packet(entry: PublishConfig) -> bool:
         not getattr(entry, "properties", None)
 
 
-def static_packet(entry: PublishConfig, protocol: MQTTVersion) -> bytes | None:
-    """The entry's whole PUBLISH packet if it has one (`has_static_packet`), else None."""
+def static_header(entry: PublishConfig, protocol: MQTTVersion) -> bytes | None:
+    """The entry's PUBLISH packet up to its payload (`entry.payload` follows it on the wire),
+    if it has a static packet (`has_static_packet`), else None. Only the header is kept: the
+    payload bytes are the config's own, not a second copy per entry."""
     if not has_static_packet(entry):
         return None
-    return encode_qos0(entry.topic, entry.payload, retain=entry.retain, protocol=protocol)
+    return publish_header(entry.topic, len(entry.payload), retain=entry.retain,
+                          protocol=protocol)
 
 
 def encode_qos0(topic: str, payload: bytes, *, retain: bool,
                 protocol: MQTTVersion) -> bytes | None:
-    """A QoS 0 PUBLISH as paho 2.x encodes it (`Client._send_publish`): fixed header, topic,
-    for MQTT 5 an empty property set, payload. None for what paho's `publish` would refuse
-    (a wildcard or oversized topic, an oversized packet), so that the refusal is reported
-    where it is today."""
+    """A whole QoS 0 PUBLISH packet, or None (see `publish_header`)."""
+    header = publish_header(topic, len(payload), retain=retain, protocol=protocol)
+    return None if header is None else header + payload
+
+
+def publish_header(topic: str, payload_length: int, *, retain: bool,
+                   protocol: MQTTVersion) -> bytes | None:
+    """A QoS 0 PUBLISH as paho 2.x encodes it (`Client._send_publish`), up to the payload:
+    fixed header, topic, for MQTT 5 an empty property set. None for what paho's `publish`
+    would refuse (a wildcard or oversized topic, an oversized packet), so that the refusal is
+    reported where it is today."""
     name = topic.encode("utf-8")
     if not name or b"+" in name or b"#" in name or len(name) > MAX_TOPIC_BYTES:
         return None
     properties = b"\x00" if protocol == "5" else b""  # property length 0 (MQTT 5 3.3.2.3)
-    remaining = 2 + len(name) + len(properties) + len(payload)
+    remaining = 2 + len(name) + len(properties) + payload_length
     if remaining > MAX_REMAINING_LENGTH:
         return None
     return b"".join((bytes((PUBLISH | int(retain),)), _varint(remaining),
-                     struct.pack("!H", len(name)), name, properties, payload))
+                     struct.pack("!H", len(name)), name, properties))
 
 
 def _varint(value: int) -> bytes:
@@ -101,18 +111,22 @@ class PacketQueue:
 
     batches: collections.deque[_Batch] = field(default_factory=collections.deque)
 
-    def put(self, client: mqtt.Client, packet: bytes, entry_id: str) -> None:
-        """Queue `packet` behind everything paho has queued. While our last item is still the
-        newest in paho's queue the packet joins it (one `send()` for the lot); once paho has
-        queued a packet of its own behind it, a new item keeps the order."""
+    def put(self, client: mqtt.Client, header: bytes, payload: bytes, entry_id: str) -> None:
+        """Queue the packet `header` + `payload` behind everything paho has queued. While our
+        last item is still the newest in paho's queue the packet joins it (one `send()` for
+        the lot); once paho has queued a packet of its own behind it, a new item keeps the
+        order."""
         out = client._out_packet  # paho-internal: see the module docstring
         last = self.batches[-1] if self.batches else None
         if last is not None and out and out[-1] is last.item:
-            last.item["packet"] += packet
-            last.item["to_process"] += len(packet)
+            buffer = last.item["packet"]
+            buffer += header
+            buffer += payload
+            last.item["to_process"] += len(header) + len(payload)
         else:
             item: Any = {"command": RAW_COMMAND, "mid": 0, "qos": 0, "pos": 0,
-                    "to_process": len(packet), "packet": bytearray(packet), "info": None}
+                         "to_process": len(header) + len(payload),
+                         "packet": bytearray(header) + payload, "info": None}
             out.append(item)
             last = _Batch(item)
             self.batches.append(last)

@@ -363,10 +363,10 @@ class Session:
         if entry_id is not None:
             self._hold(entry_id)
 
-    def send_packet(self, packet: bytes, entry_id: str) -> None:
+    def send_packet(self, header: bytes, payload: bytes, entry_id: str) -> None:
         """A pre-encoded QoS 0 packet (packet.py): queued on paho's socket queue, held (like a
         message in paho) until written."""
-        self.packets.put(self.client, packet, entry_id)
+        self.packets.put(self.client, header, payload, entry_id)
         self._hold(entry_id)
 
     def settle(self, mid: int) -> tuple[str | None, int]:

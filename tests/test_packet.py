@@ -25,7 +25,7 @@ from scheduler_publisher.packet import (
     check_paho,
     encode_qos0,
     has_static_packet,
-    static_packet,
+    static_header,
 )
 from scheduler_publisher.session import MAIN_LINK, MAX_PENDING_PER_ENTRY, LinkKey, Session
 from scheduler_publisher.settings import BrokerSettings, MQTTVersion
@@ -74,10 +74,11 @@ def test_only_static_qos0_entries_have_a_packet() -> None:
     zero = PublishConfig(id="z", topic="t/z", data={"v": 1}, interval=1)
     one = PublishConfig(id="o", topic="t/o", data={"v": 1}, interval=1, qos=1)
     assert has_static_packet(zero)
-    assert static_packet(zero, "5") == encode_qos0("t/z", zero.payload, retain=False,
-                                                   protocol="5")
+    header = static_header(zero, "5")
+    assert header is not None
+    assert header + zero.payload == encode_qos0("t/z", zero.payload, retain=False, protocol="5")
     assert not has_static_packet(one)
-    assert static_packet(one, "5") is None
+    assert static_header(one, "5") is None
 
 
 # ---- the paho internals written through -------------------------------------------------------
@@ -126,7 +127,7 @@ def test_paho_writes_a_queued_batch_as_plain_bytes_in_one_item() -> None:
         packets = [encode_qos0(f"t/{i}", b"{}", retain=False, protocol="5") for i in range(50)]
         for i, packet in enumerate(packets):
             assert packet is not None
-            queue.put(wired.client, packet, f"e{i}")
+            queue.put(wired.client, packet[:-2], packet[-2:], f"e{i}")
         assert len(wired.client._out_packet) == 1  # the group is one item: one send()
         assert wired.client._out_packet[0]["command"] == RAW_COMMAND
         expected = b"".join(p for p in packets if p is not None)
@@ -164,14 +165,14 @@ def test_a_partial_write_keeps_packets_whole_and_in_order_with_pahos_own() -> No
                  for i in range(40)]
         for i, packet in enumerate(first):
             assert packet is not None
-            queue.put(wired.client, packet, f"a{i}")
+            queue.put(wired.client, packet[:-3000], packet[-3000:], f"a{i}")
         wired.client.loop_write()  # the socket buffer fills: EAGAIN, the rest stays queued
         assert wired.client.want_write()
         assert list(queue.written()) == []
         info = wired.client.publish("q/1", b"qos1", qos=1)
         last = encode_qos0("b/0", b"late", retain=False, protocol="5")
         assert last is not None
-        queue.put(wired.client, last, "b0")  # behind the QoS 1 packet: a new item
+        queue.put(wired.client, last[:-4], last[-4:], "b0")  # behind the QoS 1 packet: a new item
         stream = wired.read_until(lambda got: got.endswith(last))
         kinds = [(first_byte & 0xF0, pkt) for first_byte, pkt in split_packets(stream)]
         assert [k for k, _ in kinds] == [0x30] * 40 + [0x30, 0x30]
@@ -449,7 +450,7 @@ def test_a_broker_that_stops_reading_gets_no_unbounded_queue_and_ticks_count_as_
     wait_until(lambda: all(session.pending.get(e.id, 0) == MAX_PENDING_PER_ENTRY
                            for e in entries), 10, message="every entry held at its limit")
     queued = sum(len(b.item["packet"]) - b.item["pos"] for b in session.packets.batches)
-    packet_size = len(static_packet(entries[0], "5") or b"")
+    packet_size = len(static_header(entries[0], "5") or b"") + len(entries[0].payload)
     assert queued <= len(entries) * MAX_PENDING_PER_ENTRY * packet_size
     proxy.resume()
     healed = time.monotonic()
