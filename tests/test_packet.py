@@ -459,6 +459,40 @@ def test_a_broker_that_stops_reading_gets_no_unbounded_queue_and_ticks_count_as_
     sub.wait_for(f"{topic_base}/d0", where=lambda msg: msg.at > healed, timeout=20)
 
 
+def test_every_tick_is_counted_once_as_published_or_dropped_when_the_link_dies_full(
+        broker: Mosquitto, proxy: NetProxy, topic_base: str, manager: Manager) -> None:
+    """Packets still queued when a stalled connection dies count as dropped: for each entry,
+    published + dropped is exactly the number of times it was handed to the connection."""
+    entries = [PublishConfig(id=f"c{i}", topic=f"{topic_base}/c{i}",
+                             data={"blob": "c" * 60_000}, interval=0.1) for i in range(10)]
+    m = manager(proxy.port, keepalive=60)
+    m.set_entries(configs(*entries))
+    assert m.connect(wait=10)
+    wait_until(lambda: all(published(m, e.id) == 1 for e in entries), 10,
+               message="the birth burst written")
+    session = main_session(m)
+    # Ticks within half the interval of a connect are skipped (docs/design.md): start later.
+    wait_until(lambda: time.monotonic() - session.connected_at > 0.1, 5, message="past it")
+    proxy.blackhole()
+    ticks, stop = 0, threading.Event()
+    deadline = time.monotonic() + 60
+    while not all(m.stats.entry(e.id).dropped for e in entries) and time.monotonic() < deadline:
+        for e in entries:
+            m.publish_entry(e.id)
+        ticks += 1
+        stop.wait(0.02)
+    wait_until(lambda: session.packets.batches and
+               all(session.pending.get(e.id, 0) == MAX_PENDING_PER_ENTRY for e in entries),
+               10, message="packets held unwritten")
+    proxy.sever()
+    wait_until(lambda: not m.is_connected(), 10, message="the loss noticed")
+    assert not session.pending
+    assert not session.packets.batches
+    for e in entries:
+        counters = m.stats.entry(e.id)
+        assert counters.published + counters.dropped == 1 + ticks, (e.id, counters)
+
+
 def test_packets_flow_again_after_a_broker_restart(
         broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
         manager: Manager) -> None:
