@@ -12,9 +12,10 @@ queued packet, which paho's `loop_write` writes and resumes after a partial writ
 other. Consecutive packets share one queue item, so a phase group reaches the socket in one
 `send()`. Keepalive needs nothing from us: paho 2.1/2.2 moves its `_last_msg_out` only when it
 pings, reconnects or disconnects, never for a written PUBLISH, so it pings every keepalive
-whatever else is written. paho-mqtt has no public API for this; the
-internals used are checked by `check_paho` (tests/test_packet.py) and the versions read are
-pinned in setup.cfg.
+whatever else is written.
+
+paho-mqtt has no public API for this. The internals used are checked by `check_paho` and
+tests/test_packet.py, and setup.cfg pins the versions they were read in.
 """
 
 from __future__ import annotations
@@ -152,4 +153,4 @@ def check_paho(client: mqtt.Client) -> None:
     out = getattr(client, "_out_packet", None)
     if not isinstance(out, collections.deque):
         raise TypeError("paho-mqtt's Client._out_packet is not a deque: this paho version is "
-                           "not one the pre-encoded QoS 0 path was checked against (setup.cfg)")
+                        "not one the pre-encoded QoS 0 path was checked against (setup.cfg)")
