@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -165,13 +165,34 @@ class NetworkLoop:
         """Run `fn` on the network thread. Cheap enough for every publish: one wake-up write per
         batch, not per call (the flag is cleared by the loop before it drains the queue)."""
         self._commands.append(fn)
+        if not self._wake_pending:
+            self._wake()
+
+    def _wake(self) -> None:
         if self._closed:
             return  # no pipe: before start() the thread runs the queue when it starts
-        if not self._wake_pending:
-            self._wake_pending = True
-            # A full pipe means wake-ups are pending already: the loop is bound to wake.
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"\0")
+        self._wake_pending = True
+        # A full pipe means wake-ups are pending already: the loop is bound to wake.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    @contextlib.contextmanager
+    def wake_once(self) -> Iterator[None]:
+        """Queue a burst of commands (a phase group's ticks) and wake the network thread once,
+        at the end: woken at the first tick, it would take the group in pieces, a `send()`
+        each, contending for the GIL with the thread still queueing. One thread at a time
+        (the scheduler's); another thread's call_soon meanwhile waits for the same wake-up."""
+        held = self._wake_pending
+        self._wake_pending = True  # call_soon writes no wake-up meanwhile
+        try:
+            yield
+        finally:
+            # The loop clears the flag whenever it drains the queue, so a loop that woke for
+            # another reason meanwhile has taken what was queued, or was woken for it.
+            if not held and self._wake_pending:
+                self._wake_pending = False
+                if self._commands:
+                    self._wake()
 
     def stop(self, timeout: float) -> None:
         if self._thread is None or self._closed:
@@ -211,26 +232,9 @@ class NetworkLoop:
         self._wait(session, time.monotonic())
 
     def publish(self, key: LinkKey, topic: str, payload: bytes, qos: int, retain: bool,
-                entry_id: str | None) -> bool:
-        """Hand a message to the session's client; False if there is no such session or paho
-        refuses it."""
-        session = self._sessions.get(key)
-        if session is None:
-            return False
-        try:
-            info = session.client.publish(topic, payload, qos, retain)
-        except ValueError as exc:  # payload too large, bad topic: paho raises before queueing
-            log.error("publish_rejected", topic=topic, entry_id=entry_id, error=str(exc))
-            return False
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        session.track(info.mid, entry_id, qos)
-        return True
-
-    def publish_with_properties(self, key: LinkKey, topic: str, payload: bytes, qos: int,
-                                retain: bool, entry_id: str, properties: Properties) -> bool:
-        """publish() for an entry with MQTT 5 properties: always paho's own publish, since
-        the properties go into its PUBLISH packet; entries without any never come here."""
+                entry_id: str | None, properties: Properties | None = None) -> bool:
+        """Hand a message to the session's client (with an entry's MQTT 5 `properties`, if it
+        has any); False if there is no such session or paho refuses it."""
         session = self._sessions.get(key)
         if session is None:
             return False
@@ -242,6 +246,17 @@ class NetworkLoop:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         session.track(info.mid, entry_id, qos)
+        return True
+
+    def publish_packet(self, key: LinkKey, header: bytes, payload: bytes, entry_id: str) -> bool:
+        """Queue an entry's pre-encoded QoS 0 PUBLISH (packet.py) on the session's socket,
+        behind whatever paho has queued; written with the rest of this turn's packets in one
+        `send()`. False if there is no such session or it has no socket."""
+        session = self._sessions.get(key)
+        if session is None or session.client.socket() is None:
+            return False
+        session.send_packet(header, payload, entry_id)
+        self._want_write.add(session)
         return True
 
     def close_quietly(self, key: LinkKey) -> None:
@@ -362,6 +377,7 @@ class NetworkLoop:
             self.listener.link_refused(session, refused)
             return
         was_up = session.is_up
+        self._report_written(session)  # written before the loss, in the write that lost it
         for entry_id in session.drop_unsent_qos0():
             self.listener.lost_unsent(session, entry_id)
         self._want_write.discard(session)
@@ -462,6 +478,8 @@ class NetworkLoop:
     def _flush(self, session: Session) -> None:
         client = session.client
         client.loop_write()
+        if session.packets.batches:
+            self._report_written(session)
         sock = client.socket()
         if sock is None:
             return
@@ -471,6 +489,10 @@ class NetworkLoop:
                 self._selector.modify(sock, events, session)
         except (KeyError, ValueError):
             pass  # the socket closed while writing; _on_lost has run
+
+    def _report_written(self, session: Session) -> None:
+        for entry_id in session.written_packets():
+            self.listener.published(session, entry_id, 0, None)
 
     def _start_due_connects(self, now: float) -> None:
         if now < self._next_connect_check or self._stopping.is_set():

@@ -17,6 +17,9 @@ docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups
 - A cron entry's job runs on CronSlots, shared by every entry with the same expression and
   zone: no phase, slots in UTC that never go back through a DST fold, and the same jump to
   the current slot when behind (docs/design.md, "Cron entries").
+- Each wake-up's due jobs run inside `around_group` (GroupingScheduler): the service hands
+  the network thread a phase group's ticks with one wake-up, so they reach the socket in one
+  `send()` (connection.ticks_together).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime, timedelta, tzinfo
 from datetime import timezone as dt_timezone
 from traceback import format_tb
@@ -299,8 +303,23 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         return wanted
 
 
+class GroupingScheduler(BackgroundScheduler):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """Runs each wake-up's due jobs (a phase group) inside `around_group`, so that whoever the
+    ticks hand work to can take the group as one (connection.ticks_together)."""
+
+    def __init__(self, around_group: Callable[[], AbstractContextManager[None]],
+                 **options: Any) -> None:
+        self._around_group = around_group
+        super().__init__(**options)
+
+    def _process_jobs(self) -> float | None:
+        with self._around_group():
+            return super()._process_jobs()  # type: ignore[no-any-return]
+
+
 class Schedule:
-    def __init__(self, tick: Tick) -> None:
+    def __init__(self, tick: Tick,
+                 around_group: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
         # job (~100 B each), which only pickling job stores need; ours lives in memory.
         self._tick = functools.partial(tick)
@@ -309,7 +328,8 @@ class Schedule:
         # callable's signature, computed once, is what inspect.signature returns first.
         self._tick.__signature__ = inspect.signature(self._tick)  # type: ignore[attr-defined]
         self.heartbeat = time.monotonic()
-        self._scheduler = BackgroundScheduler(
+        self._scheduler = GroupingScheduler(
+            around_group,
             timezone=UTC,
             jobstores={ENTRY_JOBS: GroupedJobStore(), INTERNAL_JOBS: MemoryJobStore()},
             executors={"default": InlineExecutor()},

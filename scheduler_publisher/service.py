@@ -125,7 +125,7 @@ class PublisherService:
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
             clear_retained_on_remove=self.settings.clear_retained_on_remove)
-        self._schedule = Schedule(self._tick)
+        self._schedule = Schedule(self._tick, self._connection.ticks_together)
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)
         self._store = StateStore(

@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from scheduler_publisher.config import MessageProperties
+from scheduler_publisher.packet import PacketQueue, check_paho
 
 if TYPE_CHECKING:
     from scheduler_publisher.settings import BrokerSettings
@@ -209,6 +210,7 @@ def paho_client(session: Session) -> mqtt.Client:
     protocol = MQTTProtocolVersion.MQTTv5 if session.is_v5 else MQTTProtocolVersion.MQTTv311
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=session.client_id,
                          protocol=protocol, reconnect_on_failure=False)
+    check_paho(client)  # pre-encoded packets go through its out-queue (packet.py)
     client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
     client.enable_logger(PAHO_LOGGER)
     client.connect_timeout = s.connect_timeout
@@ -320,6 +322,7 @@ class Session:
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
     last_read: float = 0.0  # monotonic; when the broker last sent us anything
+    packets: PacketQueue = field(default_factory=PacketQueue)  # pre-encoded QoS 0, unwritten
     client: mqtt.Client = field(init=False)
     backoff: Backoff = field(init=False)
     _saturated: int = field(default=0, init=False)  # entries at MAX_PENDING_PER_ENTRY
@@ -397,6 +400,7 @@ class Session:
         self.announce_offline = False
         self.inflight.clear()
         self.pending.clear()
+        self.packets.drop()
         self._saturated = 0
         self.client = self.make_client(self)
 
@@ -414,25 +418,44 @@ class Session:
     def track(self, mid: int, entry_id: str | None, qos: int) -> None:
         self.inflight[mid] = (entry_id, qos)
         if entry_id is not None:
-            count = self.pending.get(entry_id, 0) + 1
-            self.pending[entry_id] = count
-            if count == MAX_PENDING_PER_ENTRY:
-                self._saturated += 1
-                self.check_stall()
+            self._hold(entry_id)
+
+    def send_packet(self, header: bytes, payload: bytes, entry_id: str) -> None:
+        """A pre-encoded QoS 0 packet (packet.py): queued on paho's socket queue, held (like a
+        message in paho) until written."""
+        self.packets.put(self.client, header, payload, entry_id)
+        self._hold(entry_id)
 
     def settle(self, mid: int) -> tuple[str | None, int]:
         """A message left (QoS 0: written) or was acknowledged (QoS 1/2)."""
         entry_id, qos = self.inflight.pop(mid, (None, 0))
         if entry_id is not None:
-            left = self.pending.get(entry_id, 0) - 1
-            if left == MAX_PENDING_PER_ENTRY - 1:
-                self._saturated -= 1
-            if left > 0:
-                self.pending[entry_id] = left
-            else:
-                self.pending.pop(entry_id, None)
-            self.check_stall()
+            self.release(entry_id)
         return entry_id, qos
+
+    def written_packets(self) -> list[str]:
+        """The entries whose pre-encoded packets paho has written since the last call."""
+        done = list(self.packets.written())
+        for entry_id in done:
+            self.release(entry_id)
+        return done
+
+    def _hold(self, entry_id: str) -> None:
+        count = self.pending.get(entry_id, 0) + 1
+        self.pending[entry_id] = count
+        if count == MAX_PENDING_PER_ENTRY:
+            self._saturated += 1
+            self.check_stall()
+
+    def release(self, entry_id: str) -> None:
+        left = self.pending.get(entry_id, 0) - 1
+        if left == MAX_PENDING_PER_ENTRY - 1:
+            self._saturated -= 1
+        if left > 0:
+            self.pending[entry_id] = left
+        else:
+            self.pending.pop(entry_id, None)
+        self.check_stall()
 
     def check_stall(self) -> None:
         """STALLED while some entry is at its limit in paho, CONNECTED again once none is."""
@@ -442,9 +465,14 @@ class Session:
             self.fire(Event.STALL_CLEARED)
 
     def drop_unsent_qos0(self) -> list[str | None]:
-        """The connection is gone: paho discards unsent QoS 0 packets (QoS 1/2 are resent)."""
+        """The connection is gone: paho discards unsent QoS 0 packets (QoS 1/2 are resent),
+        and the pre-encoded ones go with them."""
         lost = [mid for mid, (_, qos) in self.inflight.items() if qos == 0]
-        return [self.settle(mid)[0] for mid in lost]
+        dropped: list[str | None] = [self.settle(mid)[0] for mid in lost]
+        for entry_id in self.packets.drop():
+            self.release(entry_id)
+            dropped.append(entry_id)
+        return dropped
 
     # ---- paho callbacks (network thread) ----------------------------------------------------
     def bind(self, client: mqtt.Client) -> None:

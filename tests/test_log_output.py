@@ -124,8 +124,10 @@ def test_echo_and_debug_logs_under_load_keep_every_line_whole(
     """--echo with DEBUG logs, 50 entries at 0.1 s against a real Mosquitto: every stdout line
     is a whole JSON log line or a whole echo line."""
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
+    # QoS 1: paho logs each publish and PUBACK at DEBUG (static QoS 0 entries bypass paho's
+    # publish, and its log lines with it: packet.py).
     write_config(tmp_path / "config.json",
-                 [entry(f"e{i}", f"{base}/{i}", 0.1) for i in range(50)])
+                 [entry(f"e{i}", f"{base}/{i}", 0.1, qos=1) for i in range(50)])
     proc = launch(*cli_args(broker.port, tmp_path / "config.json", "--echo", "--log-level",
                             "DEBUG", command=()))
     wait_until(lambda: sum(line.startswith(f"echo {base}/") for line in proc.stdout) >= 1500,
@@ -163,7 +165,10 @@ def test_a_log_file_that_stops_growing_is_reported_once_and_again_on_recovery(
     """A log file that cannot grow gives one stderr line and one JSON event, not a traceback
     per record; when it can grow again, one recovery line, and the file carries on."""
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
-    write_config(tmp_path / "config.json", [entry(f"e{i}", f"{base}/{i}", 0.1) for i in range(5)])
+    # QoS 1, so that paho's DEBUG lines for each publish fill the file (packet.py: static
+    # QoS 0 entries bypass paho's publish and its log lines).
+    write_config(tmp_path / "config.json",
+                 [entry(f"e{i}", f"{base}/{i}", 0.1, qos=1) for i in range(5)])
     log_file = tmp_path / "service.log"
     proc = ServiceProcess(
         cli_args(broker.port, tmp_path / "config.json", "--log-level", "DEBUG", command=(),

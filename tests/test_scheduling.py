@@ -3,8 +3,10 @@ carrying as little per job as APScheduler allows (10,000 entries means 10,000 jo
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -222,3 +224,44 @@ def test_a_shared_trigger_answers_each_question_for_itself() -> None:
     for previous, when in questions * 2:
         fresh = type(shared)(seconds=1.0, timezone=UTC, start_date=start)
         assert shared.get_next_fire_time(previous, when) == fresh.get_next_fire_time(previous, when)
+
+
+def test_a_phase_group_runs_inside_around_group() -> None:
+    """Every tick of a wake-up runs inside the `around_group` context (the service's
+    connection.ticks_together), entered and left once per wake-up, not per job."""
+    interval = 0.2
+    ids: list[str] = []
+    n = 0
+    while len(ids) < 5:  # five ids on one phase slot: one wake-up runs them all
+        if grid_start(f"g{n}", interval) == grid_start("g0", interval):
+            ids.append(f"g{n}")
+        n += 1
+    inside = threading.local()
+    groups: list[list[str]] = []
+    outside: list[str] = []
+
+    @contextlib.contextmanager
+    def around() -> Iterator[None]:
+        inside.group = []
+        try:
+            yield
+        finally:
+            if inside.group:
+                groups.append(inside.group)
+            inside.group = None
+
+    def tick(entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
+        group = getattr(inside, "group", None)
+        (group if group is not None else outside).append(entry_id)
+
+    schedule = Schedule(tick, around)
+    schedule.start()
+    try:
+        for entry_id in ids:
+            schedule.add(PublishConfig(id=entry_id, topic=f"t/{entry_id}", data={},
+                                       interval=interval))
+        wait_until(lambda: any(sorted(g) == sorted(ids) for g in list(groups)), 10,
+                   message="one wake-up running the whole group")
+        assert outside == []
+    finally:
+        schedule.shutdown()
