@@ -88,6 +88,19 @@ def test_only_static_qos0_entries_have_a_packet() -> None:
     assert static_header(one, "5") is None
 
 
+def test_templated_entries_and_entries_with_properties_have_no_packet() -> None:
+    """A templated entry renders each payload, and an entry with MQTT 5 properties sends them
+    in its PUBLISH: neither has a static packet, whatever its QoS."""
+    templated = PublishConfig(id="t", topic="t/t", data={"n": "{{seq}}"}, interval=1,
+                              template=True)
+    with_properties = PublishConfig(id="p", topic="t/p", data={"v": 1}, interval=1,
+                                    properties={"content_type": "application/json"})
+    for entry in (templated, with_properties):
+        assert not has_static_packet(entry)
+        assert static_header(entry, "5") is None
+        assert static_header(entry, "3.1.1") is None
+
+
 # ---- the paho internals written through -------------------------------------------------------
 def test_paho_has_the_out_queue_the_packets_are_written_through() -> None:
     """Fails loudly if a paho upgrade drops or reshapes `Client._out_packet`."""
