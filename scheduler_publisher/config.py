@@ -210,9 +210,11 @@ def _check_entry(position: int, located: document.Located,
 PARSE_STEP: Final = 250  # entries parsed between two pauses of parse_config_steps
 
 
-def parse_config(raw: bytes, *, source: str = "<config>") -> ConfigResult:
-    """Validate the file's bytes; raises ConfigFileError only if it is not an entry list."""
-    steps = parse_config_steps(raw, source=source)
+def parse_config(raw: bytes, *, source: str = "<config>",
+                 known: Mapping[str, PublishConfig] | None = None) -> ConfigResult:
+    """Validate the file's bytes (taking over the `known` entries whose text is unchanged, as
+    parse_config_steps does); raises ConfigFileError only if it is not an entry list."""
+    steps = parse_config_steps(raw, source=source, known=known)
     while True:
         try:
             next(steps)

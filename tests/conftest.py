@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.netproxy import NetProxy
 from tests.support import (
     InProcessServices,
     Mosquitto,
+    ServiceProcess,
     ServiceStarter,
     Subscriber,
     SubscriberFactory,
@@ -27,6 +29,25 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def proxy(broker: Mosquitto) -> Iterator[NetProxy]:
+    """A TCP proxy in front of `broker` that a test can black-hole, cut or slow down."""
+    p = NetProxy(broker.port).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServiceProcess]]:
+    """Real service processes started by the test; stopped at teardown, their last output
+    printed (pytest shows it only for a failed test)."""
+    started: list[ServiceProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()
+        print(*proc.stdout[-30:], *proc.stderr[-20:], sep="\n")
 
 
 @pytest.fixture

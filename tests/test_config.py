@@ -1146,16 +1146,6 @@ def test_parse_config_steps_pauses_and_returns_the_same_result() -> None:
     assert result == parse_config(raw)
 
 
-def steps_result(raw: bytes, known: dict[str, PublishConfig]) -> ConfigResult:
-    steps = parse_config_steps(raw, known=known)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: ConfigResult = done.value
-            return result
-
-
 def running(result: ConfigResult) -> dict[str, PublishConfig]:
     return {config.id: config for config in result.entries}
 
@@ -1168,7 +1158,7 @@ def test_a_reload_takes_over_entries_whose_text_did_not_change() -> None:
     new = [*old[:2], entry(id="e2", topic="t/2", data={"v": 2}), *old[3:]]
     raw = json.dumps(new).encode()
 
-    result = steps_result(raw, running(first))
+    result = parse_config(raw, known=running(first))
 
     assert result == parse_config(raw)
     taken_over = {c.id for c in result.entries if c is running(first)[c.id]}
@@ -1182,7 +1172,7 @@ def test_a_reload_reports_a_duplicate_of_an_unchanged_entry() -> None:
     first = parse_config(json.dumps([entry(id="a")]).encode())
     raw = json.dumps([entry(id="a", topic="other"), entry(id="a")]).encode()
 
-    result = steps_result(raw, running(first))
+    result = parse_config(raw, known=running(first))
 
     assert result == parse_config(raw)
     assert [c.topic for c in result.entries] == ["other"]
@@ -1197,7 +1187,7 @@ def test_a_reload_checks_again_every_entry_that_had_a_finding() -> None:
     assert first.warnings
     raw = json.dumps([entry(id="new"), warned], indent=1).encode()
 
-    result = steps_result(raw, running(first))
+    result = parse_config(raw, known=running(first))
 
     assert result == parse_config(raw)
     assert [p.entry_id for p in result.warnings] == ["w"]
@@ -1211,7 +1201,7 @@ def test_a_reload_takes_over_only_the_same_text_not_an_equal_value() -> None:
     first = parse_config(b'[{"id": "a", "topic": "t", "data": {"v": 1}, "interval": 5}]')
     raw = b'[{"id": "a", "topic": "t", "data": {"v": 1.0}, "interval": 5}]'
 
-    result = steps_result(raw, running(first))
+    result = parse_config(raw, known=running(first))
 
     assert result.entries[0].payload == b'{"online":1,"v":1.0}'
     assert result.entries[0] != first.entries[0]

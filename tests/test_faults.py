@@ -95,13 +95,6 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
         service.proc.stop()
 
 
-@pytest.fixture
-def proxy(broker: Mosquitto) -> Iterator[NetProxy]:
-    p = NetProxy(broker.port, max_lifetime=240).start()
-    yield p
-    p.stop()
-
-
 # ---- broker restarts ------------------------------------------------------------------------
 
 

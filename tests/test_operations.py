@@ -48,15 +48,6 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ServiceProcess]]:
-    """Real service processes started by the test; killed at teardown if still running."""
-    started: list[ServiceProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
 def run_process(processes: list[ServiceProcess], tmp_path: Path, port: int, config: Path,
                 *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
     args = cli_args(port, config, *extra, command=(), backoff=(0.1, 0.5))

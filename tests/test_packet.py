@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from scheduler_publisher import MQTTConnectionManager, PublishConfig
+from scheduler_publisher.config import MessageProperties
 from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.packet import (
     RAW_COMMAND,
@@ -94,11 +95,11 @@ def test_templated_entries_and_entries_with_properties_have_no_packet() -> None:
     templated = PublishConfig(id="t", topic="t/t", data={"n": "{{seq}}"}, interval=1,
                               template=True)
     with_properties = PublishConfig(id="p", topic="t/p", data={"v": 1}, interval=1,
-                                    properties={"content_type": "application/json"})
-    for entry in (templated, with_properties):
-        assert not has_static_packet(entry)
-        assert static_header(entry, "5") is None
-        assert static_header(entry, "3.1.1") is None
+                                    properties=MessageProperties(content_type="application/json"))
+    for config in (templated, with_properties):
+        assert not has_static_packet(config)
+        assert static_header(config, "5") is None
+        assert static_header(config, "3.1.1") is None
 
 
 # ---- the paho internals written through -------------------------------------------------------
@@ -432,13 +433,6 @@ def test_keepalive_pings_go_out_while_only_packets_are_written(
     # paho pings once `keepalive` has passed since it last heard from the broker, checked
     # once a second (netloop.MISC_PERIOD): every 2 to 3 s, with slack for a busy machine.
     assert all(1.5 <= gap <= 4.5 for gap in gaps), gaps
-
-
-@pytest.fixture
-def proxy(broker: Mosquitto) -> Iterator[NetProxy]:
-    p = NetProxy(broker.port).start()
-    yield p
-    p.stop()
 
 
 def test_a_broker_that_stops_reading_gets_no_unbounded_queue_and_ticks_count_as_dropped(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from paho.mqtt.client import DisconnectFlags
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from scheduler_publisher.netloop import NetworkLoop, SessionView
@@ -132,7 +133,9 @@ class FakeClient:
                  properties: Any = None) -> None:
         self.will = Will(topic, payload, qos, retain)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> FakeInfo:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
+                properties: Properties | None = None) -> FakeInfo:
+        assert properties is None  # the entries of these tests have none
         self.published.append((topic, payload, qos, retain))
         return FakeInfo(0, next(self._mids))
 

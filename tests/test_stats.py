@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from scheduler_publisher.statestore import EntryCounters, SavedState, StateStore, Totals
 from scheduler_publisher.stats import Stats
@@ -20,13 +17,6 @@ from tests.support import (
     wait_until,
     write_config,
 )
-
-
-@pytest.fixture
-def proxy(broker: Mosquitto) -> Iterator[NetProxy]:
-    p = NetProxy(broker.port).start()
-    yield p
-    p.stop()
 
 
 def test_a_late_acknowledgement_does_not_bring_a_removed_entry_back(

@@ -7,7 +7,6 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,15 +359,6 @@ def test_seq_keeps_counting_through_a_data_edit(
     all_seqs = seqs(sub.on(topic))
     assert all_seqs == list(range(1, len(all_seqs) + 1))  # no restart, no gap
     assert edited[0].json()["seq"] > 2
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
-        print(*proc.stdout[-30:], *proc.stderr[-20:], sep="\n")  # shown only on failure
 
 
 def test_will_holds_the_values_of_the_connect_not_of_the_death(
