@@ -294,8 +294,8 @@ def test_job_store_files_equal_instants_of_any_zone_together() -> None:
     store: BaseJobStore = GroupedJobStore()
     instant = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST, just before the repeat
     berlin = instant.astimezone(ZoneInfo("Europe/Berlin"))
-    jobs = [type("J", (), {"id": i, "next_run_time": t})() for i, t in (("b", berlin),
-                                                                      ("u", instant))]
+    jobs = [type("J", (), {"id": i, "next_run_time": t, "kwargs": {}})()
+            for i, t in (("b", berlin), ("u", instant))]
     for job in jobs:
         store.add_job(job)
     assert {j.id for j in store.get_due_jobs(instant)} == {"b", "u"}

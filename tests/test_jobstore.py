@@ -174,3 +174,22 @@ def test_answers_like_memory_job_store(ops: list[tuple[str, str, float | None]],
         found, expected = ours.lookup_job(job_id), theirs.lookup_job(job_id)
         assert (found is None) == (expected is None)
         assert found is None or found.next_run_time == expected.next_run_time
+
+
+def test_the_jobs_of_a_group_share_one_run_time_and_one_empty_kwargs() -> None:
+    """Jobs filed at one instant hold one datetime between them, and jobs without keyword
+    arguments one empty dict, so a job costs no more for them; a job moved on gets its new
+    run time, equal to what the scheduler set."""
+    store = GroupedJobStore()
+    a, b, c = job("a", 1), job("b", 1), job("c", 2)
+    for filed in (a, b, c):
+        store.add_job(filed)
+    assert a.next_run_time is b.next_run_time
+    assert a.next_run_time == T0 + timedelta(seconds=1)
+    assert a.kwargs is b.kwargs is c.kwargs
+    assert a.kwargs == {}
+    move(store, b, 2)
+    assert b.next_run_time is c.next_run_time
+    assert b.next_run_time == T0 + timedelta(seconds=2)
+    assert [j.id for j in store.get_due_jobs(T0 + timedelta(seconds=1))] == ["a"]
+
