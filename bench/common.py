@@ -83,6 +83,7 @@ BENCH_BROKER = (
     "max_queued_bytes 0\n"
     "max_connections -1\n"
     "set_tcp_nodelay true\n"
+    "sys_interval 1\n"  # $SYS counters every second: what the broker received (bench/shards.py)
 )
 
 
