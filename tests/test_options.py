@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from scheduler_publisher import cli, options
+from scheduler_publisher import arguments, cli, options
 from scheduler_publisher.cli import main
 from tests.support import (
     REPO,
@@ -81,7 +81,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 def run_options() -> list[options.Option]:
-    return options.options_of(cli._subparser(cli.build_parser(), "run"))
+    return options.options_of(arguments.subparser(arguments.build_parser(), "run"))
 
 
 def write_options(path: Path, text: str) -> Path:
@@ -149,13 +149,13 @@ def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """The mechanism lists no options: a new `run` flag works from env and file unchanged."""
-    original = cli._add_run_arguments
+    original = arguments.add_run_arguments
 
     def with_extra(p: argparse.ArgumentParser) -> None:
         original(p)
         p.add_argument("--frobnicate-limit", type=options.Number(int, 1, 9), default=3)
 
-    monkeypatch.setattr(cli, "_add_run_arguments", with_extra)
+    monkeypatch.setattr(arguments, "add_run_arguments", with_extra)
     monkeypatch.setenv("SCHEDULER_PUBLISHER_FROBNICATE_LIMIT", "4")
     assert show(capsys)["frobnicate-limit"] == ("4", "env SCHEDULER_PUBLISHER_FROBNICATE_LIMIT")
     monkeypatch.delenv("SCHEDULER_PUBLISHER_FROBNICATE_LIMIT")
@@ -333,10 +333,9 @@ def test_a_password_file_flag_beats_a_password_in_the_options_file(
     """Two ways to give one secret: the stronger source wins, the weaker is dropped."""
     (tmp_path / "pw").write_text("from-the-flag-file\n")
     opts = write_options(tmp_path / "o.toml", 'password = "from-options-file"\n')
-    args = cli.build_parser().parse_args(["run", "--password-file", str(tmp_path / "pw"),
-                                          "--options-file", str(opts)])
-    cli.apply_options(cli.build_parser(), ["run", "--password-file", str(tmp_path / "pw"),
-                                           "--options-file", str(opts)], args, {})
+    argv = ["run", "--password-file", str(tmp_path / "pw"), "--options-file", str(opts)]
+    args = arguments.build_parser().parse_args(argv)
+    arguments.apply_options(arguments.build_parser(), argv, args, {})
     assert cli.read_password(args, {}) == "from-the-flag-file"
 
 
