@@ -216,6 +216,21 @@ class Subscriber:
 SubscriberFactory = Callable[..., Subscriber]  # the conftest fixture's type
 
 
+def barrier(port: int, sub: Subscriber, topic: str, qos: int = 1) -> None:
+    """Publish a marker to `topic` through the broker and wait until `sub` has it: whatever
+    the broker had queued for `sub` before it has arrived too."""
+    marker = uuid.uuid4().hex.encode()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, marker, qos=qos).wait_for_publish(10)
+        sub.wait_for(topic, where=lambda m: m.payload == marker, timeout=10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 class ServiceProcess:
     """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
 

@@ -29,6 +29,7 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    barrier,
     call,
     cli_args,
     entry,
@@ -99,19 +100,6 @@ def start_service(broker: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., R
               *run.proc.stdout[-40:], *run.proc.stderr[-20:], sep="\n")
 
 
-def barrier(broker: Mosquitto, sub: Subscriber, topic: str) -> None:
-    """Publish a marker through the broker and wait for it: what came before has arrived."""
-    marker = uuid.uuid4().hex.encode()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
-    try:
-        client.publish(topic, marker, qos=2).wait_for_publish(10)
-        sub.wait_for(topic, where=lambda m: m.payload == marker, timeout=10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
 
 def connect_count(broker: Mosquitto, client_id: str) -> int:
     """How often the broker accepted a connection with this client id (its notice log)."""
@@ -151,7 +139,7 @@ def assert_wills(sub: Subscriber, base: str, timeout: float = 10) -> None:
 def assert_late_subscriber_sees_retained_wills(broker: Mosquitto, base: str, status_topic: str,
                                                subscriber_factory: SubscriberFactory) -> None:
     late = subscriber_factory(f"{base}/#", status_topic)
-    barrier(broker, late, f"{base}/marker")
+    barrier(broker.port, late, f"{base}/marker", qos=2)
     retained = {m.topic: m for m in late.snapshot() if m.retain}
     assert retained[f"{base}/a"].json() == {"online": 0, "room": "a", "n": 1}
     assert retained[f"{base}/c"].json() == {"online": 0, "room": "c"}
@@ -179,7 +167,7 @@ def test_sigkill_publishes_each_lwt_entry_will_with_its_qos_and_retain(
     status_will = status.wait_for(run.status_topic, where=offline, timeout=10)[-1]
     assert status_will.json() == {"online": 0}
     assert status_will.qos == 1
-    barrier(broker, sub, f"{topic_base}/marker")
+    barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.on(f"{topic_base}/plain") if offline(m)]
     assert_late_subscriber_sees_retained_wills(broker, topic_base, run.status_topic,
                                                subscriber_factory)
@@ -205,7 +193,7 @@ def test_sigterm_announces_every_lwt_entry_offline_and_exits_zero(
     status.wait_for(run.status_topic, where=offline, timeout=5)
     assert run.proc.wait(5) == 0
     assert time.monotonic() - sent < 5 + 1  # + the poll step and process reaping
-    barrier(broker, sub, f"{topic_base}/marker")
+    barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.on(f"{topic_base}/plain") if offline(m)]
     for key in ("a", "b", "c"):  # announced once, not by both the service and the broker
         assert len([m for m in sub.on(f"{topic_base}/{key}") if offline(m)]) == 1
@@ -228,7 +216,7 @@ def test_data_edit_reconnects_only_that_entry_with_the_new_will(
     run.reconfigure(entries)
     sub.wait_for(f"{topic_base}/a", where=lambda m: m.json() == {"online": 1, "room": "a", "n": 2},
                  timeout=20)
-    barrier(broker, sub, f"{topic_base}/marker")
+    barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.snapshot() if m.topic != f"{topic_base}/marker" and offline(m)]
     assert connect_count(broker, run.entry_client_id("a")) == 2
     for untouched in (run.client_id, run.entry_client_id("b"), run.entry_client_id("c")):
@@ -267,7 +255,7 @@ def test_lwt_turned_off_moves_the_entry_to_the_main_connection_silently(
 
     status.wait_for(run.status_topic, where=offline, timeout=10)
     sub.wait_for(f"{topic_base}/other", where=offline, timeout=10)
-    barrier(broker, sub, f"{topic_base}/marker")
+    barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.on(f"{topic_base}/t") if offline(m)]
 
 
@@ -314,7 +302,7 @@ def test_removing_an_lwt_entry_announces_it_offline(
     assert will.qos == 2
     after = time.monotonic()
     sub.wait_for(f"{topic_base}/keep", where=lambda m: m.at > after and online(m), timeout=10)
-    barrier(broker, sub, f"{topic_base}/marker")
+    barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.on(f"{topic_base}/keep") if offline(m)]
     assert len([m for m in sub.on(f"{topic_base}/gone") if offline(m)]) == 1
     assert run.proc.proc.poll() is None
@@ -386,7 +374,7 @@ def test_will_delay_keeps_a_short_disconnect_quiet(
                message="the service to reconnect after the kick")
     # Past the will delay (and Mosquitto's once-a-second will timer), still publishing.
     sub.wait_for(f"{topic_base}/w", where=lambda m: m.at > kicked + 7 and online(m), timeout=20)
-    barrier(broker, sub, f"{topic_base}/marker")
+    barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.on(f"{topic_base}/w") if offline(m)]
 
     killed = run.kill()

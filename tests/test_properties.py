@@ -27,6 +27,7 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    barrier,
     cli_args,
     entry,
     offline,
@@ -65,16 +66,7 @@ def retained_on(broker: Mosquitto, topic: str) -> list[Received]:
     marker_topic = f"{topic}-marker-{uuid.uuid4().hex[:6]}"
     sub = Subscriber(broker.port, [topic, marker_topic], qos=1).start()
     try:
-        marker = uuid.uuid4().hex.encode()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        try:
-            client.publish(marker_topic, marker, qos=1).wait_for_publish(10)
-            sub.wait_for(marker_topic, where=lambda m: m.payload == marker)
-        finally:
-            client.disconnect()
-            client.loop_stop()
+        barrier(broker.port, sub, marker_topic)
         return [m for m in sub.on(topic) if m.retain]
     finally:
         sub.stop()

@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from structlog.testing import capture_logs
 
 from scheduler_publisher.plan import GRID_ANCHOR, grid_start
@@ -30,6 +27,7 @@ from tests.support import (
     ServiceProcess,
     Subscriber,
     SubscriberFactory,
+    barrier,
     cli_args,
     entry,
     free_port,
@@ -75,20 +73,6 @@ def entry_stats(service: PublisherService, entry_id: str) -> dict[str, Any]:
     found: dict[str, Any] = service.get_status()["entries"].get(entry_id, {})
     return found
 
-
-def barrier(port: int, sub: Subscriber, topic: str) -> None:
-    """Publish a marker through the broker and wait for it: whatever the broker had queued for
-    `sub` before it has arrived too."""
-    marker = uuid.uuid4().hex.encode()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.publish(topic, marker, qos=1).wait_for_publish(10)
-        sub.wait_for(topic, where=lambda m: m.payload == marker, timeout=10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def wall_clock(messages: list[Received]) -> list[float]:
