@@ -9,10 +9,11 @@ N entries x 1 s and a no-op tick, then drives the scheduler's own `_process_jobs
 fake clock that jumps from one due group to the next: `--seconds` simulated seconds run in
 well under that, with no sleeping and no other thread competing. It prints the CPU time per
 job run (process time over the runs) of each repeat, and their median and minimum: that is
-what the scheduler thread spends per publish apart from the publish itself. On a shared
+what the scheduler spends per publish apart from the publish itself. On a shared
 machine compare minimums, or interleave runs. `--profile` runs once under cProfile and prints
 the top functions by internal time. `--real` instead starts the scheduler as the service does
-and lets it run `--seconds` of real time per repeat, its thread waking on the real clock.
+and lets it run `--seconds` of real time per repeat on a network loop without sessions (the
+thread the service's scheduler runs on), waking on the real clock.
 `--listen` adds a no-op listener for every job event, so the executor builds and dispatches
 EVENT_JOB_EXECUTED for every run (without one, it builds none).
 """
@@ -29,11 +30,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apscheduler.schedulers.base as aps_base
+import common  # noqa: F401 - puts the repository on sys.path: one harness with the tests
 from apscheduler.events import EVENT_ALL
 from apscheduler.schedulers.base import STATE_RUNNING
 
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.scheduling import Schedule
+from tests.support import session_free_loop
 
 
 class FakeClock:
@@ -52,11 +55,12 @@ def build(entries: int, listen: bool) -> tuple[Schedule, list[int]]:
     def tick(_entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
         runs[0] += 1
 
-    schedule = Schedule(tick)
+    # The scheduler never wakes itself here (started paused, see below): this thread drives
+    # _process_jobs.
+    schedule = Schedule(tick, session_free_loop())
     if listen:
         schedule._scheduler.add_listener(lambda _event: None, EVENT_ALL)
-    # Started paused: the scheduler thread then sleeps until shutdown and this thread drives
-    # _process_jobs itself. Jobs added while paused go straight into the job store.
+    # Started paused: jobs added while paused go straight into the job store.
     schedule._scheduler.start(paused=True)
     for i in range(entries):
         schedule.add(PublishConfig(id=f"bench/{i}", topic=f"bench/{i}", data={}, interval=1.0))
@@ -97,15 +101,17 @@ def measure_real(entries: int, seconds: float) -> float:
     def tick(_entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
         runs[0] += 1
 
-    schedule = Schedule(tick)
+    loop = session_free_loop()
+    schedule = Schedule(tick, loop)
     schedule.start()
     for i in range(entries):
         schedule.add(PublishConfig(id=f"bench/{i}", topic=f"bench/{i}", data={}, interval=1.0))
     threading.Event().wait(2.0)  # warm-up: every group once
     runs[0], start = 0, time.process_time()
-    threading.Event().wait(seconds)  # the scheduler thread works meanwhile; this one idles
+    threading.Event().wait(seconds)  # the loop's thread works meanwhile; this one idles
     cpu, done = time.process_time() - start, runs[0]
     schedule.shutdown()
+    loop.stop(5)
     return cpu * 1e6 / max(1, done)
 
 

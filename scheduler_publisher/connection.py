@@ -17,7 +17,6 @@ thread's view of the running entries, replaced whole by `set_entries`.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -170,15 +169,20 @@ class MQTTConnectionManager:
 
     def publish_entry(self, entry_id: str, lateness: float | None = None,
                       missed: int = 0) -> None:
-        """The scheduler's tick: publish the entry's current version (network thread decides).
-        `lateness` and `missed` describe the tick; the network thread counts them, as the one
-        writer of the entry's counters (stats.py)."""
-        self._loop.call_soon(lambda: self._tick(entry_id, lateness, missed))
+        """The scheduler's tick: publish the entry's current version. `lateness` and `missed`
+        describe the tick; the network thread counts them, as the one writer of the entry's
+        counters (stats.py). The scheduler runs on the network thread (`event_loop`), so a
+        tick is handled at once and its packet goes out with the rest of its phase group;
+        from another thread it is handed over."""
+        if self._loop.in_loop_thread:
+            self._tick(entry_id, lateness, missed)
+        else:
+            self._loop.call_soon(lambda: self._tick(entry_id, lateness, missed))
 
-    def ticks_together(self) -> contextlib.AbstractContextManager[None]:
-        """Around a burst of `publish_entry` calls from one thread (the scheduler's phase
-        group): the network thread takes them in one turn, one write per connection."""
-        return self._loop.wake_once()
+    @property
+    def event_loop(self) -> NetworkLoop:
+        """The network thread's loop, which also runs the scheduler (scheduling.LoopScheduler)."""
+        return self._loop
 
     def disconnect(self, timeout: float = 3.0) -> None:
         """Graceful stop: let in-flight QoS>0 messages reach the broker, announce every lwt

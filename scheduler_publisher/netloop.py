@@ -19,6 +19,7 @@ thread, while the session is CONNECTING and the network thread does not touch it
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import selectors
 import socket
@@ -26,7 +27,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -149,6 +150,9 @@ class NetworkLoop:
                                    time.monotonic())
         self._next_misc = 0.0
         self._next_connect_check = 0.0  # earliest `due` of any session in BACKOFF
+        # The one timer (call_at): the scheduler's next due job, run on this thread.
+        self._timer_at = math.inf
+        self._timer: Callable[[], None] | None = None
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> None:
@@ -168,6 +172,13 @@ class NetworkLoop:
         if not self._wake_pending:
             self._wake()
 
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        """Network thread: run `fn` on this thread once `time.monotonic()` reaches `when`, in
+        the turn that then writes what it queued. One timer, the scheduler's: a later call
+        replaces it, and `when` of `math.inf` cancels it."""
+        self._timer_at = when
+        self._timer = None if when == math.inf else fn
+
     def _wake(self) -> None:
         if self._closed:
             return  # no pipe: before start() the thread runs the queue when it starts
@@ -175,24 +186,6 @@ class NetworkLoop:
         # A full pipe means wake-ups are pending already: the loop is bound to wake.
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
-
-    @contextlib.contextmanager
-    def wake_once(self) -> Iterator[None]:
-        """Queue a burst of commands (a phase group's ticks) and wake the network thread once,
-        at the end: woken at the first tick, it would take the group in pieces, a `send()`
-        each, contending for the GIL with the thread still queueing. One thread at a time
-        (the scheduler's); another thread's call_soon meanwhile waits for the same wake-up."""
-        held = self._wake_pending
-        self._wake_pending = True  # call_soon writes no wake-up meanwhile
-        try:
-            yield
-        finally:
-            # The loop clears the flag whenever it drains the queue, so a loop that woke for
-            # another reason meanwhile has taken what was queued, or was woken for it.
-            if not held and self._wake_pending:
-                self._wake_pending = False
-                if self._commands:
-                    self._wake()
 
     def stop(self, timeout: float) -> None:
         if self._thread is None or self._closed:
@@ -428,19 +421,30 @@ class NetworkLoop:
     def _iterate(self) -> None:
         now = time.monotonic()
         self.heartbeat = now
-        timeout = max(0.0, min(self._next_misc, self._next_connect_check) - now)
+        timeout = max(0.0, min(self._next_misc, self._next_connect_check, self._timer_at) - now)
         for key, mask in self._selector.select(0 if self._commands else timeout):
             if key.data is None:
                 self._drain_wake()
             else:
                 self._service_socket(key.data, mask)
         self._run_commands()
-        self._flush_all()
+        if time.monotonic() >= self._timer_at:
+            self._run_timer()
+        self._flush_all()  # whatever the commands and the timer queued: one send() a socket
         now = time.monotonic()
         self._start_due_connects(now)
         if now >= self._next_misc:
             self._next_misc = now + MISC_PERIOD
             self._misc(now)
+
+    def _run_timer(self) -> None:
+        fn, self._timer, self._timer_at = self._timer, None, math.inf
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception:
+            log.exception("network_command_failed")
 
     def _drain_wake(self) -> None:
         try:

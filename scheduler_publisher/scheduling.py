@@ -8,8 +8,8 @@ docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups
 - No `jitter` (it drifts) and `misfire_grace_time=None` (the default of 1 s silently drops runs).
 - `coalesce=False`, so the executor sees every slot that came due at once: it publishes once
   and counts the rest as missed, instead of losing them silently.
-- An inline executor: the tick only hands a message to the network thread and never blocks,
-  so it runs in the scheduler thread itself, without a thread pool hop per run. It keeps
+- An inline executor: the tick only queues a packet and never blocks, so it runs on the
+  scheduler's thread itself, without a thread pool hop per run. It keeps
   APScheduler's executor contract (max_instances, job events for listeners).
 - Many jobs, few distinct run times: entries sit in phase groups, so the entries' job store
   (jobstore.py) files jobs by run time, and each shared GridTrigger computes a group's next
@@ -17,9 +17,9 @@ docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups
 - A cron entry's job runs on CronSlots, shared by every entry with the same expression and
   zone: no phase, slots in UTC that never go back through a DST fold, and the same jump to
   the current slot when behind (docs/design.md, "Cron entries").
-- Each wake-up's due jobs run inside `around_group` (GroupingScheduler): the service hands
-  the network thread a phase group's ticks with one wake-up, so they reach the socket in one
-  `send()` (connection.ticks_together).
+- The scheduler has no thread of its own: it runs on the network thread's event loop
+  (LoopScheduler), so a phase group's ticks queue their packets where they are written, and
+  the group reaches the socket in one `send()`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime, timedelta, tzinfo
 from datetime import timezone as dt_timezone
 from traceback import format_tb
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -44,7 +44,7 @@ from apscheduler.events import (
 from apscheduler.executors.base import BaseExecutor, MaxInstancesReachedError
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -237,10 +237,11 @@ def trigger_of(entry: PublishConfig) -> GridTrigger | CronSlots:
 
 
 class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """Runs each due job directly in the scheduler thread, with APScheduler's executor contract:
-    `max_instances` is enforced, and listeners get EVENT_JOB_EXECUTED or EVENT_JOB_ERROR for the
-    run and EVENT_JOB_MISSED for every earlier slot handed over with it. The job is called once
-    with the latest slot and the number of slots missed before it."""
+    """Runs each due job directly on the scheduler's thread (the network thread), with
+    APScheduler's executor contract: `max_instances` is enforced, and listeners get
+    EVENT_JOB_EXECUTED or EVENT_JOB_ERROR for the run and EVENT_JOB_MISSED for every earlier
+    slot handed over with it. The job is called once with the latest slot and the number of
+    slots missed before it."""
 
     def submit_job(self, job: Any, run_times: list[datetime]) -> None:
         # BaseExecutor.submit_job counts the instance only once _do_submit_job has returned:
@@ -296,30 +297,59 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
     def _wanted_events(self) -> int:
         """The event codes some listener asked for."""
         wanted = 0
-        # Read without the scheduler's listener lock: only the scheduler thread calls this, and
+        # Read without the scheduler's listener lock: only the scheduler's thread calls this, and
         # a listener added meanwhile gets events from the next run on, as with the lock.
         for _callback, mask in self._scheduler._listeners:
             wanted |= mask
         return wanted
 
 
-class GroupingScheduler(BackgroundScheduler):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """Runs each wake-up's due jobs (a phase group) inside `around_group`, so that whoever the
-    ticks hand work to can take the group as one (connection.ticks_together)."""
+class Host(Protocol):
+    """The event loop the scheduler runs on: the network thread's (netloop.NetworkLoop)."""
 
-    def __init__(self, around_group: Callable[[], AbstractContextManager[None]],
-                 **options: Any) -> None:
-        self._around_group = around_group
+    def call_soon(self, fn: Callable[[], None]) -> None: ...  # any thread
+    def call_at(self, when: float, fn: Callable[[], None]) -> None: ...  # its own thread
+    def is_alive(self) -> bool: ...
+
+
+class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """APScheduler driven by the network thread's event loop, as AsyncIOScheduler is by
+    asyncio's: the loop's one timer (`Host.call_at`) runs `_process_jobs` when the next job is
+    due, and `wakeup()` (a job added, changed or removed, from any thread) asks the loop to
+    look again. A phase group's ticks then run on the thread that writes their packets, in the
+    loop turn that writes them in one `send()`: no thread of its own waking per group, no
+    hand-over of each tick, no GIL passed back and forth (docs/design.md, "One thread")."""
+
+    def __init__(self, host: Host, **options: Any) -> None:
+        self._host = host
+        self._wakeup_queued = False
         super().__init__(**options)
 
-    def _process_jobs(self) -> float | None:
-        with self._around_group():
-            return super()._process_jobs()  # type: ignore[no-any-return]
+    def shutdown(self, wait: bool = True) -> None:
+        super().shutdown(wait)
+        self._host.call_soon(self._run_due)  # which, stopped, cancels the timer
+
+    def wakeup(self) -> None:
+        # Any thread. One queued look at a time: a reload that adds thousands of jobs, each
+        # add calling wakeup(), costs one _process_jobs, not thousands.
+        if not self._wakeup_queued:
+            self._wakeup_queued = True
+            self._host.call_soon(self._run_due)
+
+    def _run_due(self) -> None:
+        """The host's thread: run the due jobs, then set the timer for the next one."""
+        self._wakeup_queued = False  # before the look: a wakeup() from now on queues another
+        if self.state == STATE_STOPPED:
+            self._host.call_at(math.inf, self._run_due)
+            return
+        wait = self._process_jobs()
+        when = math.inf if wait is None else time.monotonic() + wait
+        self._host.call_at(when, self._run_due)
 
 
 class Schedule:
-    def __init__(self, tick: Tick,
-                 around_group: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
+    def __init__(self, tick: Tick, host: Host) -> None:
+        """`tick` is called for every due slot of every entry, on `host`'s thread."""
         # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
         # job (~100 B each), which only pickling job stores need; ours lives in memory.
         self._tick = functools.partial(tick)
@@ -328,8 +358,9 @@ class Schedule:
         # callable's signature, computed once, is what inspect.signature returns first.
         self._tick.__signature__ = inspect.signature(self._tick)  # type: ignore[attr-defined]
         self.heartbeat = time.monotonic()
-        self._scheduler = GroupingScheduler(
-            around_group,
+        self._host = host
+        self._scheduler = LoopScheduler(
+            host,
             timezone=UTC,
             jobstores={ENTRY_JOBS: GroupedJobStore(), INTERNAL_JOBS: MemoryJobStore()},
             executors={"default": InlineExecutor()},
@@ -353,9 +384,7 @@ class Schedule:
         self.heartbeat = time.monotonic()
 
     def is_alive(self, max_silence: float = 10.0) -> bool:
-        thread = getattr(self._scheduler, "_thread", None)
-        alive = thread is not None and thread.is_alive()
-        return bool(alive) and time.monotonic() - self.heartbeat < max_silence
+        return self._host.is_alive() and time.monotonic() - self.heartbeat < max_silence
 
     def add(self, entry: PublishConfig) -> None:
         """Add, or replace with a new schedule: the next slot of the entry's grid (not now +

@@ -4,8 +4,8 @@ Threads, and who owns what:
 - the main loop (the thread that calls `run()`, or "service-loop" after `start()`) owns the
   running entries, reloads, timers (stats, checkpoints, safety re-read, clock checks,
   systemd pings) and shutdown. Everything else only pokes it through the `Mailbox` (mailbox.py);
-- the scheduler thread runs the ticks (scheduling.py), which only hand an entry id to
-- the network thread (netloop.py), which owns every paho client;
+- the network thread (netloop.py) owns every paho client and also runs the scheduler
+  (scheduling.LoopScheduler): each tick publishes there, with its phase group;
 - the watchdog observer thread (watcher.py) and the HTTP threads (http.py) only poke or read.
 """
 
@@ -125,7 +125,7 @@ class PublisherService:
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
             clear_retained_on_remove=self.settings.clear_retained_on_remove)
-        self._schedule = Schedule(self._tick, self._connection.ticks_together)
+        self._schedule = Schedule(self._tick, self._connection.event_loop)
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)
         self._store = StateStore(
@@ -447,7 +447,7 @@ class PublisherService:
     def _log_reload(self, plan: Plan) -> None:
         log.info("config_reloaded", active_configs=len(self._entries), **plan.summary())
 
-    # ---- ticks (scheduler thread) ---------------------------------------------------------
+    # ---- ticks (the network thread, which runs the scheduler) ------------------------------------
     def _tick(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
         # APScheduler checks the signature against add_job's args: hence the defaults.
         # The lateness travels with the tick: the network thread is the one writer of the

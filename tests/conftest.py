@@ -15,10 +15,12 @@ from tests.support import (
     Subscriber,
     SubscriberFactory,
     free_port,
+    session_free_loop,
     unique_topic,
 )
 
 if TYPE_CHECKING:
+    from scheduler_publisher.netloop import NetworkLoop
     from scheduler_publisher.service import PublisherService
 
 
@@ -29,6 +31,14 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def loop() -> Iterator[NetworkLoop]:
+    """A running network loop without sessions, for a Schedule to run on."""
+    running = session_free_loop()
+    yield running
+    running.stop(5)
 
 
 @pytest.fixture

@@ -32,13 +32,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 if TYPE_CHECKING:  # the service's modules load only where a test starts one
     from scheduler_publisher.clock import Clock
+    from scheduler_publisher.netloop import NetworkLoop
     from scheduler_publisher.service import PublisherService
     from scheduler_publisher.settings import ServiceSettings
 
@@ -81,6 +82,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         threading.Event().wait(interval)  # a poll step, not a synchronisation sleep
+
+
+def session_free_loop() -> NetworkLoop:
+    """A started network loop without sessions: the thread a Schedule runs on, without MQTT
+    (the service's Schedule runs on its connection manager's loop). Stop it with `stop()`."""
+    from scheduler_publisher.netloop import NetworkLoop, SessionListener  # noqa: PLC0415
+    from scheduler_publisher.settings import BrokerSettings  # noqa: PLC0415
+
+    # No session is ever opened, so the listener is never called.
+    loop = NetworkLoop(BrokerSettings(client_id="no-sessions"), cast("SessionListener", None))
+    loop.start()
+    return loop
 
 
 def unique_topic(name: str = "t") -> str:

@@ -19,7 +19,6 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from scheduler_publisher import MQTTConnectionManager, PublishConfig
 from scheduler_publisher.config import MessageProperties
-from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.packet import (
     RAW_COMMAND,
     PacketQueue,
@@ -205,38 +204,6 @@ def test_a_partial_write_keeps_packets_whole_and_in_order_with_pahos_own() -> No
         assert info.mid in wired.client._out_messages  # paho still awaits its PUBACK
     finally:
         wired.close()
-
-
-# ---- one wake-up per phase group ----------------------------------------------------------------
-def test_a_burst_of_commands_wakes_the_network_thread_once_and_all_of_them_run() -> None:
-    """Inside wake_once the network thread is not woken per command; at the end it is woken
-    once, and runs every command queued (none is left waiting for the next timer)."""
-    loop = NetworkLoop(BrokerSettings(client_id="burst"), listener=None)  # type: ignore[arg-type]
-    wakes: list[float] = []
-    real_wake = loop._wake
-
-    def counted() -> None:
-        wakes.append(time.monotonic())
-        real_wake()
-
-    loop._wake = counted  # type: ignore[method-assign]
-    loop.start()
-    try:
-        ran: list[int] = []
-        done = threading.Event()
-        loop.call_soon(done.set)
-        assert done.wait(5)
-        before = len(wakes)
-        with loop.wake_once():
-            for i in range(500):
-                loop.call_soon(lambda i=i: ran.append(i))  # type: ignore[misc]
-            assert len(wakes) == before
-        assert len(wakes) == before + 1
-        wait_until(lambda: len(ran) == 500, 0.9,  # within one MISC_PERIOD: not the timer
-                   message="every command run")
-        assert ran == list(range(500))
-    finally:
-        loop.stop(3)
 
 
 # ---- on the wire --------------------------------------------------------------------------------
@@ -555,7 +522,9 @@ def test_the_service_writes_each_phase_group_in_one_piece(
     services.start(broker.port, [entry(i, f"{topic_base}/{i}", 1) for i in ids])
     for i in ids:
         sub.wait_for(f"{topic_base}/{i}", count=4, timeout=20)  # the birth, then 3 slots
-    # A group can still be split when the network thread wakes for something else (its
-    # once-a-second timer, a read) while the scheduler is queueing it: rare, so allow one.
-    whole = [group for group in items if sorted(group) == sorted(ids)]
+    # The scheduler runs on the network thread, so a group is queued and written in one turn
+    # of its loop: from the first whole group on, no item holds less than a whole group.
+    whole = [k for k, group in enumerate(items) if sorted(group) == sorted(ids)]
     assert len(whole) >= 3, [len(group) for group in items]
+    assert all(sorted(group) == sorted(ids) for group in items[whole[0]:]), \
+        [len(group) for group in items]

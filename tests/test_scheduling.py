@@ -3,10 +3,8 @@ carrying as little per job as APScheduler allows (10,000 entries means 10,000 jo
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -22,12 +20,13 @@ from apscheduler.executors.base import MaxInstancesReachedError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.scheduling import ENTRY_JOBS, InlineExecutor, Schedule, grid_trigger
 from tests.support import wait_until
 
 
-def test_jobs_share_one_tick_and_keep_no_per_job_strings() -> None:
+def test_jobs_share_one_tick_and_keep_no_per_job_strings(loop: NetworkLoop) -> None:
     ticked: list[str] = []
     lock = threading.Lock()
 
@@ -35,7 +34,7 @@ def test_jobs_share_one_tick_and_keep_no_per_job_strings() -> None:
         with lock:
             ticked.append(entry_id)
 
-    schedule = Schedule(tick)
+    schedule = Schedule(tick, loop)
     schedule.start()
     try:
         for i in range(3):
@@ -53,10 +52,10 @@ def test_jobs_share_one_tick_and_keep_no_per_job_strings() -> None:
         schedule.shutdown()
 
 
-def test_entries_named_like_internal_jobs_leave_the_heartbeat_alone() -> None:
+def test_entries_named_like_internal_jobs_leave_the_heartbeat_alone(loop: NetworkLoop) -> None:
     """Entries whose ids equal internal job ids, added and removed, neither replace nor remove
     the scheduler's heartbeat: it keeps beating, and job_ids() lists entries only."""
-    schedule = Schedule(lambda *_: None)
+    schedule = Schedule(lambda *_: None, loop)
     schedule.start()
     try:
         for name in ("__heartbeat__", "heartbeat"):
@@ -89,7 +88,7 @@ def entry_events(events: queue.Queue[JobEvent], wanted: int, until: Any) -> list
     return gathered
 
 
-def test_listeners_hear_every_run_on_its_grid_slot_and_every_failure() -> None:
+def test_listeners_hear_every_run_on_its_grid_slot_and_every_failure(loop: NetworkLoop) -> None:
     """EVENT_JOB_EXECUTED for each run, at the slot the tick was given, on the entry's grid;
     EVENT_JOB_ERROR with the exception when a tick raises, while the other entry keeps running."""
     slots: list[datetime | None] = []
@@ -100,7 +99,7 @@ def test_listeners_hear_every_run_on_its_grid_slot_and_every_failure() -> None:
         slots.append(slot)
 
     events: queue.Queue[JobEvent] = queue.Queue()
-    schedule = Schedule(tick)
+    schedule = Schedule(tick, loop)
     schedule._scheduler.add_listener(events.put, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
     schedule.start()
     try:
@@ -169,7 +168,7 @@ def test_a_run_the_executor_itself_fails_on_is_released(caplog: pytest.LogCaptur
     executor.submit_job(job, [slot])
     assert calls == ["e"]
 
-def test_a_run_reentering_the_scheduler_reports_max_instances() -> None:
+def test_a_run_reentering_the_scheduler_reports_max_instances(loop: NetworkLoop) -> None:
     """A tick that makes the scheduler look at due jobs again, before its own run is over, is
     not run a second time for that slot: listeners get EVENT_JOB_MAX_INSTANCES instead."""
     slots: list[datetime | None] = []
@@ -179,7 +178,7 @@ def test_a_run_reentering_the_scheduler_reports_max_instances() -> None:
         if len(slots) == 1:
             schedule._scheduler._process_jobs()  # re-enters: this job is still due and running
 
-    schedule = Schedule(tick)
+    schedule = Schedule(tick, loop)
     events: queue.Queue[JobEvent] = queue.Queue()
     schedule._scheduler.add_listener(events.put, EVENT_JOB_MAX_INSTANCES)
     schedule.start()
@@ -193,10 +192,10 @@ def test_a_run_reentering_the_scheduler_reports_max_instances() -> None:
     assert slots.count(slots[0]) == 1, "the slot ran once"
 
 
-def test_a_rescheduled_job_keeps_its_phase() -> None:
+def test_a_rescheduled_job_keeps_its_phase(loop: NetworkLoop) -> None:
     """Replacing an entry's job (a reload) keeps it on its own grid; a new interval moves it
     to the grid of that interval; the next run is never more than one interval away."""
-    schedule = Schedule(lambda *_: None)
+    schedule = Schedule(lambda *_: None, loop)
     schedule.start()
     try:
         for interval in (1.0, 1.0, 0.5):
@@ -226,42 +225,98 @@ def test_a_shared_trigger_answers_each_question_for_itself() -> None:
         assert shared.get_next_fire_time(previous, when) == fresh.get_next_fire_time(previous, when)
 
 
-def test_a_phase_group_runs_inside_around_group() -> None:
-    """Every tick of a wake-up runs inside the `around_group` context (the service's
-    connection.ticks_together), entered and left once per wake-up, not per job."""
-    interval = 0.2
+def same_slot_ids(count: int, interval: float) -> list[str]:
+    """`count` entry ids whose grids share one phase slot: one wake-up runs them all."""
     ids: list[str] = []
     n = 0
-    while len(ids) < 5:  # five ids on one phase slot: one wake-up runs them all
+    while len(ids) < count:
         if grid_start(f"g{n}", interval) == grid_start("g0", interval):
             ids.append(f"g{n}")
         n += 1
-    inside = threading.local()
-    groups: list[list[str]] = []
-    outside: list[str] = []
+    return ids
 
-    @contextlib.contextmanager
-    def around() -> Iterator[None]:
-        inside.group = []
-        try:
-            yield
-        finally:
-            if inside.group:
-                groups.append(inside.group)
-            inside.group = None
+
+def test_a_phase_group_runs_on_the_loop_thread_in_one_turn(loop: NetworkLoop) -> None:
+    """The scheduler has no thread of its own: every tick runs on the network loop's thread,
+    and a phase group's ticks run in one turn of that loop (the turn that then writes their
+    packets in one send()), never spread over several."""
+    interval = 0.2
+    ids = same_slot_ids(5, interval)
+    runs: list[tuple[str, str, float]] = []  # (entry, thread, the loop turn's start)
 
     def tick(entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
-        group = getattr(inside, "group", None)
-        (group if group is not None else outside).append(entry_id)
+        runs.append((entry_id, threading.current_thread().name, loop.heartbeat))
 
-    schedule = Schedule(tick, around)
+    schedule = Schedule(tick, loop)
     schedule.start()
     try:
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("APScheduler")]
         for entry_id in ids:
             schedule.add(PublishConfig(id=entry_id, topic=f"t/{entry_id}", data={},
                                        interval=interval))
-        wait_until(lambda: any(sorted(g) == sorted(ids) for g in list(groups)), 10,
-                   message="one wake-up running the whole group")
-        assert outside == []
+        wait_until(lambda: len(runs) >= 4 * len(ids), 10, message="four rounds of the group")
     finally:
         schedule.shutdown()
+    assert {thread for _, thread, _ in runs} == {"mqtt-network"}
+    turns: dict[float, list[str]] = {}
+    for entry_id, _, turn in runs:
+        turns.setdefault(turn, []).append(entry_id)
+    # The first turn may have run only the jobs added by then; every later one the whole group.
+    whole = [sorted(group) == sorted(ids) for group in turns.values()]
+    assert all(whole[1:]), list(turns.values())
+
+
+def test_a_burst_of_job_changes_makes_one_look_not_one_each(loop: NetworkLoop) -> None:
+    """Every job added, changed or removed calls the scheduler's wakeup(); from another thread
+    they are folded into the one look already queued on the loop, so a reload of 2,000
+    entries does not make the network thread process the job store 2,000 times."""
+    schedule = Schedule(lambda *_: None, loop)
+    scheduler = schedule._scheduler
+    looks = [0]
+    real = scheduler._process_jobs
+
+    def counted() -> float | None:
+        looks[0] += 1
+        return real()  # type: ignore[no-any-return]
+
+    scheduler._process_jobs = counted
+    schedule.start()
+    try:
+        wait_until(lambda: looks[0] >= 1, 5, message="the look at start")
+        before = looks[0]
+        for i in range(2000):
+            schedule.add(PublishConfig(id=f"e{i}", topic=f"t/{i}", data={}, interval=3600))
+        settled = threading.Event()
+        loop.call_soon(settled.set)  # queued behind every look the adds queued
+        assert settled.wait(5)
+        assert 1 <= looks[0] - before < 200, looks[0] - before
+        assert len(schedule.job_ids()) == 2000
+    finally:
+        schedule.shutdown()
+
+
+def test_after_shutdown_nothing_runs_and_the_timer_is_gone(loop: NetworkLoop) -> None:
+    """Shutdown stops the ticks and clears the loop's timer; the scheduler's liveness follows
+    the loop's thread."""
+    ticks = [0]
+
+    def tick(_entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
+        ticks[0] += 1
+
+    schedule = Schedule(tick, loop)
+    schedule.start()
+    schedule.add(PublishConfig(id="e", topic="t/e", data={}, interval=0.1))
+    wait_until(lambda: ticks[0] >= 2, 5, message="ticking")
+    assert schedule.is_alive()
+    schedule.shutdown()
+    settled = threading.Event()
+    loop.call_soon(settled.set)
+    assert settled.wait(5)
+    assert loop._timer is None
+    count = ticks[0]
+    marks = threading.Event()
+    loop.call_soon(marks.set)  # one more full turn of the loop: still no tick
+    assert marks.wait(5)
+    assert ticks[0] == count
+    loop.stop(5)
+    assert not schedule.is_alive()
