@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import apscheduler.schedulers.base as aps_base
 import pytest
 from apscheduler.events import (
+    EVENT_ALL,
     EVENT_JOB_ERROR,
     EVENT_JOB_EXECUTED,
     EVENT_JOB_MAX_INSTANCES,
@@ -18,7 +20,9 @@ from apscheduler.events import (
 )
 from apscheduler.executors.base import MaxInstancesReachedError
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_PAUSED, STATE_RUNNING, BaseScheduler
 
+from scheduler_publisher import scheduling
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.plan import grid_start
@@ -153,20 +157,25 @@ def test_a_job_still_running_is_not_started_again() -> None:
 
 
 def test_a_run_the_executor_itself_fails_on_is_released(caplog: pytest.LogCaptureFixture) -> None:
-    """A job the executor fails on before its tick (here: a trigger without an interval) is
-    logged as APScheduler logs it, and its instance is released: it is not refused next time."""
+    """A job the executor fails on before its tick (here: a grid trigger whose slot it cannot
+    place) is logged as APScheduler logs it, and its instance is released: it is not refused
+    next time. A trigger of another kind runs, with the slots handed over as the missed ones."""
     executor = InlineExecutor()
     executor.start(BackgroundScheduler(timezone=UTC), "default")
-    calls: list[str] = []
-    job = SimpleNamespace(id="e", func=lambda entry_id, *_: calls.append(entry_id), args=("e",),
-                          trigger=None, max_instances=1, _jobstore_alias=ENTRY_JOBS)
+    calls: list[tuple[str, int]] = []
+    job = SimpleNamespace(id="e", func=lambda entry_id, _slot, missed: calls.append(
+        (entry_id, missed)), args=("e",), trigger=grid_trigger(1.0, grid_start("e", 1.0)),
+        max_instances=1, _jobstore_alias=ENTRY_JOBS)
     slot = datetime.now(UTC)
-    executor.submit_job(job, [slot])
+    executor.submit_job(job, ["not a slot"])  # type: ignore[list-item]
     assert "Error running job e" in caplog.text
     assert calls == []
-    job.trigger = grid_trigger(1.0, grid_start("e", 1.0))
     executor.submit_job(job, [slot])
-    assert calls == ["e"]
+    assert calls == [("e", 0)]
+    job.trigger = None
+    executor.submit_job(job, [slot - timedelta(seconds=2), slot - timedelta(seconds=1), slot])
+    assert calls == [("e", 0), ("e", 2)]
+
 
 def test_a_run_reentering_the_scheduler_reports_max_instances(loop: NetworkLoop) -> None:
     """A tick that makes the scheduler look at due jobs again, before its own run is over, is
@@ -267,9 +276,9 @@ def test_a_phase_group_runs_on_the_loop_thread_in_one_turn(loop: NetworkLoop) ->
 
 
 def test_a_burst_of_job_changes_makes_one_look_not_one_each(loop: NetworkLoop) -> None:
-    """Every job added, changed or removed calls the scheduler's wakeup(); from another thread
-    they are folded into the one look already queued on the loop, so a reload of 2,000
-    entries does not make the network thread process the job store 2,000 times."""
+    """Every job added, changed or removed calls the scheduler's wakeup(); from another thread,
+    while the loop is busy, they are folded into the one look already queued, so a reload of
+    2,000 entries during a busy turn queues one look at the job store, not 2,000."""
     schedule = Schedule(lambda *_: None, loop)
     scheduler = schedule._scheduler
     looks = [0]
@@ -277,21 +286,32 @@ def test_a_burst_of_job_changes_makes_one_look_not_one_each(loop: NetworkLoop) -
 
     def counted() -> float | None:
         looks[0] += 1
-        return real()  # type: ignore[no-any-return]
+        return real()
 
-    scheduler._process_jobs = counted
+    scheduler._process_jobs = counted  # type: ignore[method-assign]
+    busy, release = threading.Event(), threading.Event()
     schedule.start()
     try:
         wait_until(lambda: looks[0] >= 1, 5, message="the look at start")
         before = looks[0]
+
+        def hold() -> None:
+            busy.set()
+            release.wait(10)
+
+        loop.call_soon(hold)  # the loop's thread is busy until released
+        assert busy.wait(5)
         for i in range(2000):
             schedule.add(PublishConfig(id=f"e{i}", topic=f"t/{i}", data={}, interval=3600))
+        assert len(loop._commands) == 1, "one queued look"
+        release.set()
         settled = threading.Event()
-        loop.call_soon(settled.set)  # queued behind every look the adds queued
+        loop.call_soon(settled.set)  # queued behind the look
         assert settled.wait(5)
-        assert 1 <= looks[0] - before < 200, looks[0] - before
+        assert looks[0] - before == 1
         assert len(schedule.job_ids()) == 2000
     finally:
+        release.set()
         schedule.shutdown()
 
 
@@ -320,3 +340,79 @@ def test_after_shutdown_nothing_runs_and_the_timer_is_gone(loop: NetworkLoop) ->
     assert ticks[0] == count
     loop.stop(5)
     assert not schedule.is_alive()
+
+
+class FrozenClock:
+    """`datetime` where the schedulers read the time, stopped at one instant."""
+
+    current = datetime.now(UTC)
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:
+        return cls.current if tz is None else cls.current.astimezone(tz)
+
+
+Outcome = tuple[list[Any], list[Any], dict[str, datetime | None], float | None]
+
+
+def process_on_a_twin(loop: NetworkLoop, own: bool, frozen: datetime, interval: float,
+                      behind: dict[str, float]) -> Outcome:
+    """Build a Schedule with the entries of `behind`, each due that many seconds before
+    `frozen` (0: due now), plus a one-shot job and one with an unknown executor; run one
+    `_process_jobs`, ours (`own`) or APScheduler's; return the ticks, the events, the jobs
+    left with their next run times, and the wait."""
+    ticks: list[Any] = []
+    events: list[Any] = []
+
+    def tick(entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
+        ticks.append((entry_id, slot, missed))
+
+    def heard(ev: Any) -> None:
+        runs = getattr(ev, "scheduled_run_times", None) or getattr(ev, "scheduled_run_time", None)
+        events.append((ev.code, getattr(ev, "job_id", None), runs))
+
+    schedule = Schedule(tick, loop)
+    scheduler = schedule._scheduler
+    scheduler.add_listener(heard, EVENT_ALL)
+    scheduler.start(paused=True)  # the jobs go into the stores; nothing runs on its own
+    for entry_id, late in behind.items():
+        schedule.add(PublishConfig(id=entry_id, topic=f"t/{entry_id}", data={},
+                                   interval=interval if entry_id != "other" else 3.0))
+        job = scheduler.get_job(entry_id, ENTRY_JOBS)
+        due = job.trigger.get_next_fire_time(None, frozen - timedelta(seconds=late))
+        scheduler.modify_job(entry_id, ENTRY_JOBS, next_run_time=min(due, frozen))
+    scheduler.add_job(tick, "date", run_date=frozen, args=("once",), id="once",
+                      jobstore=ENTRY_JOBS)
+    scheduler.add_job(tick, "date", run_date=frozen, args=("lost",), id="lost",
+                      jobstore=ENTRY_JOBS, executor="nowhere")
+    scheduler.state = STATE_RUNNING
+    events.clear()
+    wait = scheduler._process_jobs() if own else BaseScheduler._process_jobs(scheduler)
+    left = {job.id: job.next_run_time for job in scheduler.get_jobs(ENTRY_JOBS)}
+    scheduler.state = STATE_PAUSED
+    schedule.shutdown()
+    return sorted(ticks, key=repr), sorted(events, key=repr), left, wait
+
+
+def test_processing_due_jobs_does_what_apschedulers_own_loop_does(
+        loop: NetworkLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoopScheduler._process_jobs (worked out once per group) against APScheduler's own
+    BaseScheduler._process_jobs, on twin schedulers at one frozen instant: the same ticks with
+    the same slots and missed counts, the same events, the same next run times, the same jobs
+    left (a one-shot job removed, a job with an unknown executor dropped), the same wait."""
+    frozen = datetime.now(UTC).replace(microsecond=500_000)
+    FrozenClock.current = frozen
+    monkeypatch.setattr(aps_base, "datetime", FrozenClock)
+    monkeypatch.setattr(scheduling, "datetime", FrozenClock)
+    interval = 10.0
+    group = same_slot_ids(4, interval)
+    # The group shares one trigger: on time, one slot and several slots behind.
+    behind = {group[0]: 0.0, group[1]: 0.0, group[2]: 10.0, group[3]: 35.0, "other": 2.0}
+    ours = process_on_a_twin(loop, True, frozen, interval, behind)
+    theirs = process_on_a_twin(loop, False, frozen, interval, behind)
+    assert ours == theirs
+    ticks, _events, left, _wait = ours
+    assert {t[0] for t in ticks} >= {*group, "other", "once"}
+    assert "once" not in left
+    assert "lost" not in left
+    assert any(t[2] > 0 for t in ticks), "some ran behind: slots counted as missed"
