@@ -26,6 +26,10 @@ from scheduler_publisher.plan import grid_start  # noqa: E402
 from tests.support import Mosquitto, call, cli_args, free_port  # noqa: E402 - one harness with the tests
 
 RUN = REPO / "bench" / "run.py"  # every helper role runs as `run.py --role NAME`
+RUNTIME_VENV = REPO / "bench" / ".runtime-venv"  # git-ignored; made by runtime_python()
+# The interpreter the service runs under: this one (the development venv), unless
+# use_service_python() chose the runtime venv's.
+_service_python = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GRID_ANCHOR = 1704067200.0  # 2024-01-01T00:00:00Z, the same anchor as scheduler_publisher.plan
 
@@ -42,6 +46,34 @@ def payload_for(i: int) -> bytes:
 def grid_offset(entry_id: str, interval: float) -> float:
     """The entry's phase on its grid: the service's own computation, not a copy of it."""
     return grid_start(entry_id, interval).timestamp() - GRID_ANCHOR
+
+
+def runtime_python() -> str:
+    """The interpreter of a venv that holds what `pip install scheduler-publisher` gives a
+    gateway: this checkout installed as a wheel with its runtime dependencies, and nothing
+    else. The development venv also holds the test and demo tools, and some change the
+    service: structlog imports `rich` whenever it is installed (4.5 MB of RSS here, pulled in
+    by amqtt's typer). Made on first use (PyPI); the package is reinstalled from the checkout
+    every time, so the code measured is the code checked out."""
+    python = RUNTIME_VENV / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(RUNTIME_VENV)], check=True)
+        subprocess.run([*pip, str(REPO)], check=True, timeout=900, stdin=subprocess.DEVNULL)
+    else:
+        subprocess.run([*pip, "--no-deps", "--force-reinstall", str(REPO)], check=True,
+                       timeout=900, stdin=subprocess.DEVNULL)
+    return str(python)
+
+
+def use_service_python(python: str) -> None:
+    """Run every later Service under `python`."""
+    global _service_python  # noqa: PLW0603 - one setting for the whole benchmark run
+    _service_python = python
+
+
+def service_python() -> str:
+    return _service_python
 
 
 def raise_nofile() -> None:
@@ -188,14 +220,14 @@ class Service:
         (so that one in /etc cannot change the settings)."""
         if not self.http_port:
             self.http_port = free_port()
-        return [sys.executable, "-m", "scheduler_publisher", *cli_args(
+        return [_service_python, "-m", "scheduler_publisher", *cli_args(
             port, self.config, "--options-file", "", http_port=self.http_port,
             state_db=workdir / f"{name}.db", log_file=workdir / f"{name}.json.log",
             client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}")]
 
     def _lean_cmd(self, port: int, name: str, watch: bool) -> list[str]:
         """Issue #6's scenarios: no state DB, no log file, warnings only."""
-        cmd = [sys.executable, "-m", "scheduler_publisher", *cli_args(
+        cmd = [_service_python, "-m", "scheduler_publisher", *cli_args(
             port, self.config, "--log-level", "WARNING", http_port=self.http_port,
             client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}")]
         if not watch:

@@ -40,6 +40,7 @@ import template_cost
 from common import (
     REPO,
     RUN,
+    RUNTIME_VENV,
     Broker,
     Service,
     Sub,
@@ -48,6 +49,9 @@ from common import (
     proc_cpu_seconds,
     proc_rss_kb,
     raise_nofile,
+    runtime_python,
+    service_python,
+    use_service_python,
     write_atomically,
 )
 from compare import CompareParams, comparison_table, issue12_rows, scenario_compare, scenario_loaded
@@ -458,6 +462,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny N, short windows (about a minute): CI smoke")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     p.add_argument("--no-node-red", action="store_true", help="leave Node-RED out of the comparison")
+    p.add_argument("--dev-python", action="store_true",
+                   help="run the service in this venv (with the test tools) instead of a venv "
+                        "holding only its wheel and runtime dependencies (the default, not in --quick)")
     p.add_argument("--sizes", help="comparison sizes, comma-separated (default 100,1000,5000)")
     p.add_argument("--rounds", type=int, help="windows per peer and size (default 2)")
     p.add_argument("--window", type=float, help="seconds per comparison window (default 30)")
@@ -598,6 +605,7 @@ def machine() -> dict[str, Any]:
         "loadavg_at_start": os.getloadavg(),
         "python": sys.version.split()[0],
         "node_red": node_red_version(),
+        "service_python": service_python(),
     }
 
 
@@ -620,8 +628,9 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
     if "template_cost" in result:
         print()
         template_cost.report(result["template_cost"])
+    print(f"\nthe service ran under {result['machine']['service_python']}")
     print(
-        f"\n{'quick mode: tiny N, verdicts not meaningful; ' if quick else ''}"
+        f"{'quick mode: tiny N, verdicts not meaningful; ' if quick else ''}"
         f"elapsed {result['elapsed_s']:.0f} s, load average at start "
         f"{result['machine']['loadavg_at_start'][0]:.2f}, at end {result['machine']['loadavg_at_end'][0]:.2f}"
     )
@@ -633,6 +642,9 @@ def main() -> int:
         getattr(roles, f"role_{args.role}")(args)
         return 0
     raise_nofile()
+    if not (args.quick or args.dev_python):
+        log(f"the service as a gateway installs it: the checkout's wheel in {RUNTIME_VENV}")
+        use_service_python(runtime_python())
     params = make_params(args)
     started = time.time()
     result: dict[str, Any] = {

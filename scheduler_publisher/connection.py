@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from paho.mqtt.properties import Properties
@@ -167,17 +168,17 @@ class MQTTConnectionManager:
         snapshot = dict(entries)
         self._loop.call_soon(lambda: self._apply_entries(snapshot))
 
-    def publish_entry(self, entry_id: str, lateness: float | None = None,
+    def publish_entry(self, entry_id: str, slot: datetime | None = None,
                       missed: int = 0) -> None:
-        """The scheduler's tick: publish the entry's current version. `lateness` and `missed`
-        describe the tick; the network thread counts them, as the one writer of the entry's
-        counters (stats.py). The scheduler runs on the network thread (`event_loop`), so a
-        tick is handled at once and its packet goes out with the rest of its phase group;
-        from another thread it is handed over."""
+        """The scheduler's tick (scheduling.Tick): publish the entry's current version. `slot`
+        is the grid slot it was due at and `missed` the slots skipped before it; the network
+        thread counts both, as the one writer of the entry's counters (stats.py). The scheduler
+        runs on the network thread (`event_loop`), so a tick is handled at once and its packet
+        goes out with the rest of its phase group; from another thread it is handed over."""
         if self._loop.in_loop_thread:
-            self._tick(entry_id, lateness, missed)
+            self._tick(entry_id, slot, missed)
         else:
-            self._loop.call_soon(lambda: self._tick(entry_id, lateness, missed))
+            self._loop.call_soon(lambda: self._tick(entry_id, slot, missed))
 
     @property
     def event_loop(self) -> NetworkLoop:
@@ -269,9 +270,9 @@ class MQTTConnectionManager:
     def _link_for(self, entry: PublishConfig) -> SessionView | None:
         return self._loop.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
 
-    def _tick(self, entry_id: str, lateness: float | None, missed: int) -> None:
-        if lateness is not None:
-            self.stats.record_tick(entry_id, lateness, missed)
+    def _tick(self, entry_id: str, slot: datetime | None, missed: int) -> None:
+        if slot is not None:
+            self.stats.record_tick(entry_id, time.time() - slot.timestamp(), missed)
         self._publish_entry(entry_id)
 
     def _publish_entry(self, entry_id: str) -> None:

@@ -125,7 +125,7 @@ class PublisherService:
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
             clear_retained_on_remove=self.settings.clear_retained_on_remove)
-        self._schedule = Schedule(self._tick, self._connection.event_loop)
+        self._schedule = Schedule(self._connection.publish_entry, self._connection.event_loop)
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)
         self._store = StateStore(
@@ -446,14 +446,6 @@ class PublisherService:
 
     def _log_reload(self, plan: Plan) -> None:
         log.info("config_reloaded", active_configs=len(self._entries), **plan.summary())
-
-    # ---- ticks (the network thread, which runs the scheduler) ------------------------------------
-    def _tick(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
-        # APScheduler checks the signature against add_job's args: hence the defaults.
-        # The lateness travels with the tick: the network thread is the one writer of the
-        # entry's counters, so a tick racing the entry's removal cannot re-create them.
-        lateness = None if slot is None else (datetime.now(UTC) - slot).total_seconds()
-        self._connection.publish_entry(entry_id, lateness, missed)
 
     def _give_up(self, reason: str) -> None:
         """Network thread: --max-retries reached. The CLI turns this into its exit code."""
