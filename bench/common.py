@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -197,9 +198,11 @@ class Service:
         defaults: bool = False,
         shard: str | None = None,
         config_name: str | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         """`shard` ("K/N") runs one shard of the entries; shards share one file when they
-        are given one `config_name` (the file is `<config_name>.json`, else `<name>.json`)."""
+        are given one `config_name` (the file is `<config_name>.json`, else `<name>.json`).
+        `extra`: more flags of `run`."""
         self.config = workdir / f"{config_name or name}.json"
         write_atomically(self.config, entries)
         self.out = workdir / f"{name}.log"
@@ -207,6 +210,7 @@ class Service:
         cmd = self._default_cmd(workdir, port, name) if defaults else self._lean_cmd(port, name, watch)
         if shard is not None:
             cmd += ["--shard", shard]
+        cmd += extra  # more flags of `run`
         self._out = self.out.open("wb")
         self.started_at = time.time()
         self.proc = subprocess.Popen(

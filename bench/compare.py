@@ -169,7 +169,20 @@ def _rows_small(summary: dict[str, Any], n: int, nr_skip: str | None) -> list[tu
          _verdict(p99_ok) + (" (≤ 5 ms only: Node-RED skipped)" if nr_skip else "")),
         (f"{n:,} × 1 s: delivered", "≥ 99.5 %", f"{_f(delivered, '.2f')} %",
          _verdict(None if delivered is None else delivered >= 99.5)),
+        *_rows_opt_in(summary, n, nr_cpu),
     ]
+
+
+def _rows_opt_in(summary: dict[str, Any], n: int,
+                 nr_cpu: float | None) -> list[tuple[str, str, str, str]]:
+    """The opt-in `--phase-slots 10` beside Node-RED: shown, not a target (other phases)."""
+    few = _median(summary, n, "service-10-slots", "cpu_us_per_msg")
+    if few is None:
+        return []
+    p99 = _median(summary, n, "service-10-slots", "p99_ms")
+    return [(f"{n:,} × 1 s, --phase-slots 10: CPU per message", "(opt-in, not a target)",
+             f"{_f(few)} µs vs Node-RED's {_f(nr_cpu)} µs = {_f(_ratio(few, nr_cpu), '.2f')}×; "
+             f"p99 {_f(p99, '.2f')} ms", "info")]
 
 
 def _rows_large(summary: dict[str, Any], n: int, loaded: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:

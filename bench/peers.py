@@ -23,7 +23,7 @@ from common import REPO, RUN, Service, make_entries, payload_for, raise_nofile
 NODE_RED_DIR = REPO / "bench" / ".node-red"  # git-ignored; filled by `npm install` on first use
 NODE_RED_JS = NODE_RED_DIR / "node_modules" / "node-red" / "red.js"
 NODE_RED_PACKAGE = "node-red@4"
-PEERS = ("service", "node-red", "loop")
+PEERS = ("service", "node-red", "loop", "service-10-slots")
 
 
 class Peer(Protocol):
@@ -77,9 +77,11 @@ class _ProcessPeer:
 class ServicePeer:
     name = "service"
     on_grid = True
+    flags: tuple[str, ...] = ()  # beyond the defaults
 
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
-        self._svc = Service(work, port, make_entries(n, 1.0, prefix), tag, defaults=True)
+        self._svc = Service(work, port, make_entries(n, 1.0, prefix), tag, defaults=True,
+                            extra=self.flags)
         self.started_at = self._svc.started_at
 
     @property
@@ -91,6 +93,16 @@ class ServicePeer:
 
     def stop(self) -> None:
         self._svc.stop()
+
+
+class FewSlotsPeer(ServicePeer):
+    """The service with its one opt-in trade of spread for CPU: 10 phase groups per period
+    instead of 100 (`--phase-slots 10`). Its phases are not the default grid's, so its
+    expected slots come from its own arrivals, as Node-RED's do."""
+
+    name = "service-10-slots"
+    on_grid = False
+    flags = ("--phase-slots", "10")
 
 
 class LoopPeer(_ProcessPeer):
@@ -196,7 +208,8 @@ class NodeRedPeer(_ProcessPeer):
 
 def start_peer(name: str, work: Path, port: int, n: int, prefix: str, tag: str) -> Peer:
     kinds: dict[str, type[ServicePeer] | type[LoopPeer] | type[NodeRedPeer]] = {
-        "service": ServicePeer, "loop": LoopPeer, "node-red": NodeRedPeer}
+        "service": ServicePeer, "service-10-slots": FewSlotsPeer, "loop": LoopPeer,
+        "node-red": NodeRedPeer}
     return kinds[name](work, port, n, prefix, tag)
 
 

@@ -29,6 +29,7 @@ from scheduler_publisher.options import (
     resolve,
     shard_spec,
 )
+from scheduler_publisher.plan import MAX_SLOTS, MIN_SLOTS
 from scheduler_publisher.report import FORMATS
 from scheduler_publisher.settings import ServiceSettings
 
@@ -180,6 +181,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="clear a removed retained entry's message from the broker")
     c.add_argument("--max-config-bytes", type=Number(int, 2, 2**30), default=d.max_config_bytes,
                    help="largest config file accepted (default: 16 MiB)")
+    c.add_argument("--phase-slots", type=Number(int, MIN_SLOTS, MAX_SLOTS), default=d.phase_slots,
+                   help="phase groups per period that interval entries are spread over; fewer "
+                        "cost less CPU, load the broker in bigger bursts and move every "
+                        "entry's phase (default: 100)")
     _add_shard(c, "run only the entries of shard K of N; the client id and status topic get "
                   "a -K-of-N suffix")
     o = p.add_argument_group("operations")

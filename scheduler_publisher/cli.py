@@ -245,7 +245,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         http_host=args.http_host, http_port=args.http_port, http_token=token,
         metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
-        force_polling=args.force_polling, max_config_bytes=args.max_config_bytes)
+        force_polling=args.force_polling, max_config_bytes=args.max_config_bytes,
+        phase_slots=args.phase_slots)
     return settings.for_shard(args.shard) if args.shard else settings
 
 

@@ -100,27 +100,30 @@ def diff(old: Entries, new: Entries, kept_last_good: tuple[str, ...] = ()) -> Pl
     return Plan(added, removed, tuple(rescheduled), tuple(updated), kept_last_good)
 
 
-# Phases are multiples of a slot: about 1/100 of the interval, between 1 ms and 100 ms.
+# Phases are multiples of a slot: 1/slots of the interval (100 slots unless the operator chose
+# fewer, `--phase-slots`), at least 1 ms and at most 10 s / slots (100 ms by default).
 SLOTS_PER_PERIOD = 100
-MAX_SLOT_MS = 100
+MIN_SLOTS, MAX_SLOTS = 1, SLOTS_PER_PERIOD
+SLOT_CAP_MS = 10_000  # divided by the slots: the longest slot
 
 
-def phase_slot_ms(interval: float) -> int:
-    """The granularity of phases for an interval (10 ms for a 1 s interval)."""
+def phase_slot_ms(interval: float, slots: int = SLOTS_PER_PERIOD) -> int:
+    """The granularity of phases for an interval (10 ms for a 1 s interval by default)."""
     period_ms = max(1, round(interval * 1000))
-    return min(MAX_SLOT_MS, max(1, period_ms // SLOTS_PER_PERIOD))
+    return min(SLOT_CAP_MS // slots, max(1, period_ms // slots))
 
 
-def grid_start(entry_id: str, interval: float) -> datetime:
+def grid_start(entry_id: str, interval: float, slots: int = SLOTS_PER_PERIOD) -> datetime:
     """The first slot of an entry's fixed-rate grid.
 
     A deterministic per-id offset inside one interval spreads entries that share an interval
     across the period, and keeps each entry's phase stable across restarts and reloads. The
     offset is a whole number of phase slots (`phase_slot_ms`), so entries that share an
-    interval fall into about a hundred groups per period: the scheduler and the network thread
-    then wake once per group, not once per entry, which more than halves the CPU per publish
-    (docs/design.md), while the load is still spread across the whole period."""
+    interval fall into about `slots` groups per period: the scheduler wakes once per group,
+    not once per entry, which more than halves the CPU per publish (docs/design.md), while the
+    load is still spread across the whole period. Fewer slots mean fewer, fuller groups: less
+    CPU, burstier load on the broker, and different phases (docs/design.md, "Phase slots")."""
     period_ms = max(1, round(interval * 1000))
-    slot_ms = phase_slot_ms(interval)
+    slot_ms = phase_slot_ms(interval, slots)
     slot = zlib.crc32(entry_id.encode("utf-8")) % max(1, period_ms // slot_ms)
     return GRID_ANCHOR + timedelta(milliseconds=slot * slot_ms)

@@ -56,7 +56,7 @@ from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.cron import parse_cron, time_zone
 from scheduler_publisher.jobstore import GroupedJobStore
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.plan import grid_start
+from scheduler_publisher.plan import SLOTS_PER_PERIOD, grid_start
 
 log = get_logger("scheduler_publisher.scheduling")
 
@@ -233,13 +233,14 @@ def cron_slots(expression: str, timezone: str) -> CronSlots:
     return CronSlots(parse_cron(expression, timezone), time_zone(timezone))
 
 
-def trigger_of(entry: PublishConfig) -> GridTrigger | CronSlots:
-    """The entry's shared trigger: its phase slot's grid, or its cron expression's slots (no
-    phase: a cron entry fires on the slots its expression names, as cron does)."""
+def trigger_of(entry: PublishConfig, slots: int = SLOTS_PER_PERIOD) -> GridTrigger | CronSlots:
+    """The entry's shared trigger: its phase slot's grid (`slots` per period), or its cron
+    expression's slots (no phase: a cron entry fires on the slots its expression names, as
+    cron does)."""
     if entry.cron is not None:
         return cron_slots(entry.cron, entry.timezone)
     assert entry.interval is not None  # exactly one of the two (config.py)
-    return grid_trigger(entry.interval, grid_start(entry.id, entry.interval))
+    return grid_trigger(entry.interval, grid_start(entry.id, entry.interval, slots))
 
 
 class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
@@ -444,8 +445,10 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
 
 
 class Schedule:
-    def __init__(self, tick: Tick, host: Host) -> None:
-        """`tick` is called for every due slot of every entry, on `host`'s thread."""
+    def __init__(self, tick: Tick, host: Host, phase_slots: int = SLOTS_PER_PERIOD) -> None:
+        """`tick` is called for every due slot of every entry, on `host`'s thread; interval
+        entries are spread over `phase_slots` phase groups per period (plan.grid_start)."""
+        self._phase_slots = phase_slots
         # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
         # job (~100 B each), which only pickling job stores need; ours lives in memory.
         self._tick = functools.partial(tick)
@@ -485,7 +488,7 @@ class Schedule:
     def add(self, entry: PublishConfig) -> None:
         """Add, or replace with a new schedule: the next slot of the entry's grid (not now +
         interval), or of its cron expression."""
-        trigger = trigger_of(entry)
+        trigger = trigger_of(entry, self._phase_slots)
         # A shared name: APScheduler would otherwise build the same string for every job.
         self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
                                 name=JOB_NAME, replace_existing=True, jobstore=ENTRY_JOBS)

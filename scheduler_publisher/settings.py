@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from scheduler_publisher.logs import LogSettings
+from scheduler_publisher.plan import SLOTS_PER_PERIOD
 from scheduler_publisher.shard import Shard
 
 MQTTVersion = Literal["5", "3.1.1"]
@@ -83,6 +84,7 @@ class ServiceSettings:
     watch: bool = True
     force_polling: bool = False
     max_config_bytes: int = 16 * 1024 * 1024
+    phase_slots: int = SLOTS_PER_PERIOD  # phase groups per period of an interval entry
     shard: Shard | None = None  # None: every entry; set it with for_shard()
 
     def for_shard(self, shard: Shard) -> ServiceSettings:

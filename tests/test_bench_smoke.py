@@ -51,7 +51,8 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
 
     windows = result["compare"]["windows"]
     assert {(w["peer"], w["entries"]) for w in windows} == {
-        (peer, n) for peer in ("service", "loop") for n in result["params"]["compare_sizes"]}
+        (peer, n) for peer in ("service", "loop", "service-10-slots")
+        for n in result["params"]["compare_sizes"]}
     for w in [*windows, result["loaded"]]:
         _numeric(w, "cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms",
                  "p99_ms", "max_ms", "startup_s", "missed_ticks")
@@ -60,6 +61,8 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     small = min(result["params"]["compare_sizes"])
     assert rows[f"{small:,} × 1 s: CPU per delivered message"]["verdict"].startswith("skipped")
     assert f"{max(result['params']['compare_sizes']):,} × 1 s: CPU per message" in rows
+    assert rows[f"{small:,} × 1 s, --phase-slots 10: CPU per message"]["verdict"] == "info"
+    assert result["machine"]["service_python"] == sys.executable  # --quick: this venv
     _numeric(result["soak"], "rss_growth_second_half_kb", "rss_max_kb")
     assert "soak" in rows
 

@@ -349,6 +349,8 @@ BAD_VALUES = [
     ("checkpoint-interval", "0", "must be a number from 0.1 to 86400, got 0"),
     ("history-interval", "0", "must be a number from 0.1 to 86400, got 0"),
     ("history-retention", "0", "must be an integer from 1 to 1000000000, got 0"),
+    ("phase-slots", "0", "must be an integer from 1 to 100, got 0"),
+    ("phase-slots", "101", "must be an integer from 1 to 100, got 101"),
     ("keepalive", "-5", "must be an integer from 1 to 65535, got -5"),
     ("keepalive", "70000", "must be an integer from 1 to 65535, got 70000"),
     ("status-topic", "", "topic must be a non-empty string, got \"\""),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from datetime import timedelta
 from typing import Any
 
@@ -235,6 +236,39 @@ def test_phases_are_whole_slots_of_about_a_hundredth_of_the_interval(
         offset_ms = round(offset(f"e{n}", interval) * 1000)
         assert offset_ms % slot_ms == 0
         assert 0 <= offset_ms < interval * 1000
+
+
+@pytest.mark.parametrize(("interval", "slots", "slot_ms"), [
+    (1, 100, 10), (60, 100, 100), (1, 10, 100), (60, 10, 1000), (0.1, 10, 10), (1, 1, 1000),
+    (60, 1, 10_000), (0.5, 7, 71),
+])
+def test_fewer_phase_slots_make_fewer_fuller_groups(interval: float, slots: int,
+                                                    slot_ms: int) -> None:
+    """`--phase-slots N`: phases are whole slots of 1/N of the interval, at most 10 s / N
+    long, so entries sharing an interval fall into at most max(N, interval / (10 s / N))
+    groups; each id's phase is still fixed (the same on every call)."""
+    assert phase_slot_ms(interval, slots) == slot_ms
+    phases = {grid_start(f"e{n}", interval, slots) for n in range(1000)}
+    assert len(phases) <= max(slots, round(interval * 1000) // slot_ms)
+    for n in range(200):
+        start = grid_start(f"e{n}", interval, slots)
+        assert start == grid_start(f"e{n}", interval, slots)
+        offset_ms = round((start - GRID_ANCHOR).total_seconds() * 1000)
+        assert offset_ms % slot_ms == 0
+        assert 0 <= offset_ms < interval * 1000
+
+
+def test_the_default_phase_slots_keep_every_phase_where_it_was() -> None:
+    """100 slots, the default, are the phases of every release before the option: the slot
+    rule of those releases (1/100 of the interval, 1 ms to 100 ms), computed here by hand."""
+    for interval in (0.1, 0.5, 1, 2.5, 60, 3600):
+        period_ms = round(interval * 1000)
+        slot_ms = min(100, max(1, period_ms // 100))
+        for n in range(100):
+            entry_id = f"sensor/{n}"
+            slot = zlib.crc32(entry_id.encode()) % (period_ms // slot_ms)
+            assert offset(entry_id, interval) * 1000 == pytest.approx(slot * slot_ms)
+            assert grid_start(entry_id, interval) == grid_start(entry_id, interval, 100)
 
 
 def test_grid_start_spreads_sub_second_intervals() -> None:

@@ -31,6 +31,7 @@ from tests.support import (
     cli_args,
     entry,
     free_port,
+    json_has,
     wait_until,
     write_config,
 )
@@ -197,6 +198,31 @@ def test_entries_sharing_an_interval_are_spread_over_the_period(
     ticks = sorted(sub.wait_for(f"{topic_base}/{i}", count=2)[1].at for i in ids)
     assert ticks[-1] - ticks[0] > (interval - largest_gap) - 0.1
     assert len({round(t, 3) for t in ticks}) == len(ids)
+
+
+def test_one_phase_slot_publishes_every_entry_of_an_interval_together(
+        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
+        topic_base: str) -> None:
+    """`--phase-slots 1`: the entries that share an interval are one phase group, so they tick
+    at the same instant on the grid of slot 0 (as Node-RED's inject nodes would), and keep it
+    after a reload that changes one of them."""
+    interval = 0.5
+    ids = spread_out_ids(interval, count=5, min_gap=0.05)  # spread apart by default
+    sub = subscriber_factory(f"{topic_base}/#")
+    entries = [entry(i, f"{topic_base}/{i}", interval=interval) for i in ids]
+    service = start_service(broker.port, entries, phase_slots=1)
+    ticks = [sub.wait_for(f"{topic_base}/{i}", count=2)[1].at for i in ids]
+    assert max(ticks) - min(ticks) < 0.05, ticks
+    slots = {service.next_run(i) for i in ids}
+    assert len(slots) == 1
+    (slot,) = slots
+    assert slot is not None
+    assert round((slot - GRID_ANCHOR).total_seconds() * 1000) % round(interval * 1000) == 0
+    entries[0]["data"] = {"changed": 1}
+    write_config(service.settings.config_path, entries)
+    assert service.reload_config(timeout=10)
+    sub.wait_for(f"{topic_base}/{ids[0]}", count=1, where=json_has(changed=1))
+    assert len({service.next_run(i) for i in ids}) == 1
 
 
 # ---- the broker comes and goes --------------------------------------------------------------
