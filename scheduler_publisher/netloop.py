@@ -172,13 +172,6 @@ class NetworkLoop:
         if not self._wake_pending:
             self._wake()
 
-    def call_at(self, when: float, fn: Callable[[], None]) -> None:
-        """Network thread: run `fn` on this thread once `time.monotonic()` reaches `when`, in
-        the turn that then writes what it queued. One timer, the scheduler's: a later call
-        replaces it, and `when` of `math.inf` cancels it."""
-        self._timer_at = when
-        self._timer = None if when == math.inf else fn
-
     def _wake(self) -> None:
         if self._closed:
             return  # no pipe: before start() the thread runs the queue when it starts
@@ -217,6 +210,13 @@ class NetworkLoop:
         return list(self._sessions.values())
 
     # ---- network thread: what the manager asks for ------------------------------------------
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        """Network thread: run `fn` on this thread once `time.monotonic()` reaches `when`, in
+        the turn that then writes what it queued. One timer, the scheduler's: a later call
+        replaces it, and `when` of `math.inf` cancels it."""
+        self._timer_at = when
+        self._timer = None if when == math.inf else fn
+
     def open(self, key: LinkKey, client_id: str, will: Will | None) -> None:
         session = Session(key, client_id, will, self.settings, self._callbacks(),
                           max_retries=self.settings.max_retries if key.is_main else None,

@@ -319,6 +319,9 @@ def _listened(scheduler: BaseScheduler) -> int:
     return wanted
 
 
+RETRY_AFTER_FAILURE = 1.0  # seconds until the scheduler looks again after _process_jobs raised
+
+
 class Host(Protocol):
     """The event loop the scheduler runs on: the network thread's (netloop.NetworkLoop)."""
 
@@ -439,7 +442,11 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
         if self.state == STATE_STOPPED:
             self._host.call_at(math.inf, self._run_due)
             return
-        wait = self._process_jobs()
+        try:
+            wait = self._process_jobs()
+        except Exception:  # a bug, or a job store that failed: look again soon, never stop
+            log.exception("scheduler_failed", retry_in=RETRY_AFTER_FAILURE)
+            wait = RETRY_AFTER_FAILURE
         when = math.inf if wait is None else time.monotonic() + wait
         self._host.call_at(when, self._run_due)
 

@@ -21,6 +21,7 @@ from apscheduler.events import (
 from apscheduler.executors.base import MaxInstancesReachedError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_RUNNING, BaseScheduler
+from structlog.testing import capture_logs
 
 from scheduler_publisher import scheduling
 from scheduler_publisher.config import PublishConfig
@@ -340,6 +341,41 @@ def test_after_shutdown_nothing_runs_and_the_timer_is_gone(loop: NetworkLoop) ->
     assert ticks[0] == count
     loop.stop(5)
     assert not schedule.is_alive()
+
+
+def test_a_failing_look_at_the_jobs_is_logged_and_the_scheduler_goes_on(
+        loop: NetworkLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If looking for due jobs raises (a bug, a job store gone wrong), the error is logged as
+    `scheduler_failed` and the scheduler looks again a moment later: ticks go on."""
+    monkeypatch.setattr(scheduling, "RETRY_AFTER_FAILURE", 0.05)
+    ticks = [0]
+
+    def tick(_entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
+        ticks[0] += 1
+
+    schedule = Schedule(tick, loop)
+    scheduler = schedule._scheduler
+    real = scheduler._process_jobs
+    failures = [0]
+
+    def flaky() -> float | None:
+        if failures[0] < 3:
+            failures[0] += 1
+            raise RuntimeError("job store gone wrong")
+        return real()
+
+    with capture_logs() as logs:
+        scheduler._process_jobs = flaky  # type: ignore[method-assign]
+        schedule.start()
+        try:
+            schedule.add(PublishConfig(id="e", topic="t/e", data={}, interval=0.1))
+            wait_until(lambda: ticks[0] >= 2, 10, message="ticks after the failures")
+        finally:
+            schedule.shutdown()
+    failed = [e for e in logs if e["event"] == "scheduler_failed"]
+    assert len(failed) == 3
+    assert failed[0]["retry_in"] == 0.05
+    assert failed[0]["log_level"] == "error"
 
 
 class FrozenClock:
