@@ -11,9 +11,9 @@ are handled here rather than left to surprise the operator (README, "Cron schedu
 What stays APScheduler's: a restricted day of month AND a restricted day of week must both
 match (crontab fires when either does), and daylight-saving gaps and repeats behave as
 CronTrigger defines them (except that its slots never go back in the repeated hour, which is
-CronTrigger's bug: scheduling.CronSlots).
+CronTrigger's bug: triggers.CronSlots).
 
-The trigger itself (`CronSlots`, scheduling.py) lives with the scheduler. APScheduler is
+The trigger itself (`CronSlots`, triggers.py) lives with the grid's. APScheduler is
 imported only when a cron expression is checked: `validate` of a file without one, and the
 CLI's start, load no scheduler (tests/test_cli.py).
 """
@@ -99,7 +99,7 @@ def parse_cron(expression: str, timezone: str = "UTC") -> dict[str, str]:
 def check_fires(expression: str) -> None:
     """Raises CronError when a valid expression names no time that exists ("0 0 30 2 *"):
     such an entry would never publish on schedule."""
-    from scheduler_publisher.scheduling import cron_slots  # noqa: PLC0415 - see the module doc
+    from scheduler_publisher.triggers import cron_slots  # noqa: PLC0415 - see the module doc
 
     if cron_slots(expression, "UTC").slot_after(_SAMPLE_FROM) is None:
         raise CronError("names no date that exists (such as 30 February), so it never fires")
@@ -109,7 +109,7 @@ def check_fires(expression: str) -> None:
 def cron_period(expression: str, timezone: str) -> float:
     """The shortest gap, in seconds, between consecutive slots sampled from a fixed date: what
     stands for an interval where only a rough period is needed (connection.py's birth burst)."""
-    from scheduler_publisher.scheduling import cron_slots  # noqa: PLC0415 - see the module doc
+    from scheduler_publisher.triggers import cron_slots  # noqa: PLC0415 - see the module doc
 
     trigger = cron_slots(expression, timezone)
     slot = trigger.slot_after(_SAMPLE_FROM)

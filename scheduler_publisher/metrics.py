@@ -33,9 +33,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.scheduling import CronSlots, cron_slots
 from scheduler_publisher.settings import MetricsPerEntry
 from scheduler_publisher.stats import LATENESS_BUCKETS, EntryStats, Stats
+from scheduler_publisher.triggers import CronSlots, cron_slots
 
 if TYPE_CHECKING:
     from scheduler_publisher.config import PublishConfig

@@ -50,7 +50,7 @@ class Report:
         if self.now is None or entry.cron is None:
             return None
         # Only here: the CLI's import loads no scheduler (scheduler_publisher/cron.py).
-        from scheduler_publisher.scheduling import cron_slots  # noqa: PLC0415
+        from scheduler_publisher.triggers import cron_slots  # noqa: PLC0415
 
         slots = cron_slots(entry.cron, entry.timezone)
         following = slots.slot_after(self.now)

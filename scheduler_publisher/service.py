@@ -31,7 +31,7 @@ from scheduler_publisher.logs import get_logger
 from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
 from scheduler_publisher.notify import SystemdNotifier
 from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
-from scheduler_publisher.scheduling import Schedule, cron_slots
+from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
 from scheduler_publisher.shard import Shard
 from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
@@ -45,6 +45,7 @@ from scheduler_publisher.status import (
     ServiceStatus,
     StatisticsStatus,
 )
+from scheduler_publisher.triggers import cron_slots
 from scheduler_publisher.watcher import ConfigWatcher
 
 log = get_logger("scheduler_publisher.service")

@@ -15,8 +15,9 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher.clock import JUMP_THRESHOLD, ClockGuard, clock_is_plausible
 from scheduler_publisher.plan import grid_start
-from scheduler_publisher.scheduling import HEARTBEAT_JOB, GridTrigger, InlineExecutor
+from scheduler_publisher.scheduling import HEARTBEAT_JOB, InlineExecutor
 from scheduler_publisher.service import PublisherService
+from scheduler_publisher.triggers import GridTrigger
 from tests.clocks import ShiftedClock
 from tests.support import (
     InProcessServices,

@@ -20,8 +20,8 @@ from scheduler_publisher.cron import CronError, cron_period, parse_cron
 from scheduler_publisher.jobstore import GroupedJobStore
 from scheduler_publisher.metrics import cron_overdue
 from scheduler_publisher.plan import diff
-from scheduler_publisher.scheduling import MAX_COUNTED, cron_slots
 from scheduler_publisher.service import PublisherService
+from scheduler_publisher.triggers import MAX_COUNTED, cron_slots
 from tests.clocks import ShiftedClock
 from tests.support import (
     InProcessServices,

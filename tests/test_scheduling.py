@@ -27,7 +27,8 @@ from scheduler_publisher import scheduling
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.plan import grid_start
-from scheduler_publisher.scheduling import ENTRY_JOBS, InlineExecutor, Schedule, grid_trigger
+from scheduler_publisher.scheduling import ENTRY_JOBS, InlineExecutor, Schedule
+from scheduler_publisher.triggers import grid_trigger
 from tests.support import wait_until
 
 
