@@ -59,6 +59,7 @@ MISC_PERIOD = 1.0  # keepalive bookkeeping for every session, once a second
 # trip of our PINGREQ, so silence for 1.5x keepalive already means the path is gone.
 SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
+TIMER_GRAIN = 0.001  # epoll_wait's resolution (it rounds timeouts up to whole milliseconds)
 
 
 class SessionView(Protocol):
@@ -421,14 +422,20 @@ class NetworkLoop:
     def _iterate(self) -> None:
         now = time.monotonic()
         self.heartbeat = now
-        timeout = max(0.0, min(self._next_misc, self._next_connect_check, self._timer_at) - now)
+        # epoll waits in whole milliseconds, rounded up: for the timer (the scheduler's next
+        # phase group) it is woken one grain early, and the rest is slept precisely below.
+        timer_wake = self._timer_at - TIMER_GRAIN
+        timeout = max(0.0, min(self._next_misc, self._next_connect_check, timer_wake) - now)
         for key, mask in self._selector.select(0 if self._commands else timeout):
             if key.data is None:
                 self._drain_wake()
             else:
                 self._service_socket(key.data, mask)
         self._run_commands()
-        if time.monotonic() >= self._timer_at:
+        early = self._timer_at - time.monotonic()
+        if early <= TIMER_GRAIN:
+            if early > 0:
+                time.sleep(early)  # under a millisecond: nanosleep, not epoll's rounding
             self._run_timer()
         self._flush_all()  # whatever the commands and the timer queued: one send() a socket
         now = time.monotonic()

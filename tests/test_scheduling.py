@@ -4,7 +4,9 @@ carrying as little per job as APScheduler allows (10,000 entries means 10,000 jo
 from __future__ import annotations
 
 import queue
+import random
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -453,3 +455,29 @@ def test_processing_due_jobs_does_what_apschedulers_own_loop_does(
     assert "once" not in left
     assert "lost" not in left
     assert any(t[2] > 0 for t in ticks), "some ran behind: slots counted as missed"
+
+
+def test_the_loops_timer_never_fires_early_and_fires_every_time(loop: NetworkLoop) -> None:
+    """NetworkLoop.call_at, the scheduler's timer: epoll is woken a millisecond early and the
+    rest is slept, so a timer runs at or after its deadline, never before, and each one runs
+    (200 in a row, deadlines 0 to 5 ms ahead, some below epoll's millisecond)."""
+    rng = random.Random(7)
+    fired: list[tuple[float, float]] = []  # (deadline, when it ran)
+    done = threading.Event()
+
+    def arm() -> None:
+        deadline = time.monotonic() + rng.uniform(0, 0.005)
+
+        def run() -> None:
+            fired.append((deadline, time.monotonic()))
+            if len(fired) < 200:
+                arm()
+            else:
+                done.set()
+
+        loop.call_at(deadline, run)
+
+    loop.call_soon(arm)
+    assert done.wait(30)
+    assert len(fired) == 200
+    assert all(ran >= deadline for deadline, ran in fired)
