@@ -172,8 +172,8 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
         self._host.call_soon(self._run_due)  # which, stopped, cancels the timer
 
     def wakeup(self) -> None:
-        # Any thread. One queued look at a time: a reload that adds thousands of jobs, each
-        # add calling wakeup(), costs one _process_jobs, not thousands.
+        # Any thread. One queued look at a time: while a look waits for the loop (busy with a
+        # group, say), more adds, changes and removals queue nothing more.
         if not self._wakeup_queued:
             self._wakeup_queued = True
             self._host.call_soon(self._run_due)

@@ -96,6 +96,22 @@ def session_free_loop() -> NetworkLoop:
     return loop
 
 
+def group_ids(count: int, interval: float) -> list[str]:
+    """`count` entry ids that share one phase slot (plan.grid_start): one scheduler wake-up
+    runs them all."""
+    from scheduler_publisher.plan import grid_start  # noqa: PLC0415
+
+    ids: list[str] = []
+    start = grid_start("g-0", interval)
+    n = 0
+    while len(ids) < count:
+        candidate = f"g-{n}"
+        if grid_start(candidate, interval) == start:
+            ids.append(candidate)
+        n += 1
+    return ids
+
+
 def unique_topic(name: str = "t") -> str:
     return f"sp-test/{uuid.uuid4().hex[:10]}/{name}"
 

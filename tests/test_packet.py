@@ -36,6 +36,7 @@ from tests.support import (
     Subscriber,
     SubscriberFactory,
     entry,
+    group_ids,
     wait_until,
 )
 
@@ -282,21 +283,6 @@ def test_static_qos0_entries_arrive_as_configured_without_paho_publish(
     finally:
         late.stop()
     assert not {plain.topic, kept.topic} & set(spy.topics)
-
-
-def group_ids(count: int, interval: float) -> list[str]:
-    """`count` entry ids that share one phase slot (plan.grid_start): one scheduler wake-up."""
-    from scheduler_publisher.plan import grid_start  # noqa: PLC0415
-
-    ids: list[str] = []
-    start = grid_start("g-0", interval)
-    n = 0
-    while len(ids) < count:
-        candidate = f"g-{n}"
-        if grid_start(candidate, interval) == start:
-            ids.append(candidate)
-        n += 1
-    return ids
 
 
 def test_a_whole_phase_group_with_a_qos1_entry_among_it_all_arrives(

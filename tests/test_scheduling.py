@@ -31,7 +31,7 @@ from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.plan import grid_start
 from scheduler_publisher.scheduling import ENTRY_JOBS, InlineExecutor, Schedule
 from scheduler_publisher.triggers import grid_trigger
-from tests.support import wait_until
+from tests.support import group_ids, wait_until
 
 
 def test_jobs_share_one_tick_and_keep_no_per_job_strings(loop: NetworkLoop) -> None:
@@ -238,23 +238,12 @@ def test_a_shared_trigger_answers_each_question_for_itself() -> None:
         assert shared.get_next_fire_time(previous, when) == fresh.get_next_fire_time(previous, when)
 
 
-def same_slot_ids(count: int, interval: float) -> list[str]:
-    """`count` entry ids whose grids share one phase slot: one wake-up runs them all."""
-    ids: list[str] = []
-    n = 0
-    while len(ids) < count:
-        if grid_start(f"g{n}", interval) == grid_start("g0", interval):
-            ids.append(f"g{n}")
-        n += 1
-    return ids
-
-
 def test_a_phase_group_runs_on_the_loop_thread_in_one_turn(loop: NetworkLoop) -> None:
     """The scheduler has no thread of its own: every tick runs on the network loop's thread,
     and a phase group's ticks run in one turn of that loop (the turn that then writes their
     packets in one send()), never spread over several."""
     interval = 0.2
-    ids = same_slot_ids(5, interval)
+    ids = group_ids(5, interval)
     runs: list[tuple[str, str, float]] = []  # (entry, thread, the loop turn's start)
 
     def tick(entry_id: str, _slot: datetime | None = None, _missed: int = 0) -> None:
@@ -444,7 +433,7 @@ def test_processing_due_jobs_does_what_apschedulers_own_loop_does(
     monkeypatch.setattr(aps_base, "datetime", FrozenClock)
     monkeypatch.setattr(scheduling, "datetime", FrozenClock)
     interval = 10.0
-    group = same_slot_ids(4, interval)
+    group = group_ids(4, interval)
     # The group shares one trigger: on time, one slot and several slots behind.
     behind = {group[0]: 0.0, group[1]: 0.0, group[2]: 10.0, group[3]: 35.0, "other": 2.0}
     ours = process_on_a_twin(loop, True, frozen, interval, behind)
