@@ -44,9 +44,10 @@ def payload_for(i: int) -> bytes:
     return json.dumps({"online": 1, **data_for(i)}, separators=(",", ":")).encode()
 
 
-def grid_offset(entry_id: str, interval: float) -> float:
-    """The entry's phase on its grid: the service's own computation, not a copy of it."""
-    return grid_start(entry_id, interval).timestamp() - GRID_ANCHOR
+def grid_offset(entry_id: str, interval: float, slots: int) -> float:
+    """The entry's phase on its grid with `slots` phase groups: the service's own computation,
+    not a copy of it."""
+    return grid_start(entry_id, interval, slots).timestamp() - GRID_ANCHOR
 
 
 def runtime_python() -> str:

@@ -29,6 +29,8 @@ from typing import Any
 
 from common import GRID_ANCHOR, Broker, grid_offset, pct
 
+from scheduler_publisher.spread import auto_slots
+
 LATE_MS = 20.0
 AFTER_PING_S = 0.1  # a late publish this soon after a PINGREQ counts as the PINGREQ's stall
 
@@ -55,7 +57,8 @@ def publish_trial(port: int, prefix: str, n: int, seconds: float, keepalive: int
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     groups: dict[float, list[str]] = {}
     for i in range(n):
-        groups.setdefault(grid_offset(f"e{i:05d}", 1.0), []).append(f"{prefix}/e{i:05d}")
+        groups.setdefault(grid_offset(f"e{i:05d}", 1.0, auto_slots(n)), []).append(
+            f"{prefix}/e{i:05d}")
     end = time.time() + seconds
     period = GRID_ANCHOR + math.ceil(time.time() - GRID_ANCHOR)
     while period < end:

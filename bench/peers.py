@@ -20,15 +20,18 @@ from typing import Any, Protocol
 
 from common import REPO, RUN, Service, make_entries, payload_for, raise_nofile
 
+from scheduler_publisher.spread import auto_slots
+
 NODE_RED_DIR = REPO / "bench" / ".node-red"  # git-ignored; filled by `npm install` on first use
 NODE_RED_JS = NODE_RED_DIR / "node_modules" / "node-red" / "red.js"
 NODE_RED_PACKAGE = "node-red@4"
-PEERS = ("service", "node-red", "loop", "service-10-slots")
+PEERS = ("service", "node-red", "loop", "service-100-slots")
 
 
 class Peer(Protocol):
     name: str
-    on_grid: bool  # publishes on the service's grid phases (else: its own phases)
+    # publishes on the service's grid with this many phase slots (None: on phases of its own)
+    phase_slots: int | None
     started_at: float  # time.time() just before the process was spawned
 
     @property
@@ -76,10 +79,11 @@ class _ProcessPeer:
 
 class ServicePeer:
     name = "service"
-    on_grid = True
     flags: tuple[str, ...] = ()  # beyond the defaults
+    fixed_slots: int | None = None  # --phase-slots in `flags`; None: auto, the default
 
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
+        self.phase_slots: int | None = self.fixed_slots or auto_slots(n)  # its interval's
         self._svc = Service(work, port, make_entries(n, 1.0, prefix), tag, defaults=True,
                             extra=self.flags)
         self.started_at = self._svc.started_at
@@ -95,21 +99,21 @@ class ServicePeer:
         self._svc.stop()
 
 
-class FewSlotsPeer(ServicePeer):
-    """The service with its one opt-in trade of spread for CPU: 10 phase groups per period
-    instead of 100 (`--phase-slots 10`). Its phases are not the default grid's, so its
-    expected slots come from its own arrivals, as Node-RED's do."""
+class WideSpreadPeer(ServicePeer):
+    """The service with 100 phase groups per period at every size (`--phase-slots 100`): the
+    spread of every release before auto, what it costs beside what auto costs."""
 
-    name = "service-10-slots"
-    on_grid = False
-    flags = ("--phase-slots", "10")
+    name = "service-100-slots"
+    fixed_slots = 100
+    flags = ("--phase-slots", "100")
 
 
 class LoopPeer(_ProcessPeer):
     name = "loop"
-    on_grid = True
 
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
+        # the service's default grid (roles.loop_groups)
+        self.phase_slots: int | None = auto_slots(n)
         self._spawn(work, tag, [sys.executable, str(RUN), "--role", "loop", "--port", str(port),
                                 "--n", str(n), "--prefix", prefix])
 
@@ -187,7 +191,7 @@ def node_red_settings(user_dir: Path) -> str:
 
 class NodeRedPeer(_ProcessPeer):
     name = "node-red"
-    on_grid = False  # each inject node's timer starts at deploy: its own phase
+    phase_slots: int | None = None  # each inject node's timer starts at deploy: its own phase
 
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
         self._user_dir = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=work))
@@ -208,7 +212,7 @@ class NodeRedPeer(_ProcessPeer):
 
 def start_peer(name: str, work: Path, port: int, n: int, prefix: str, tag: str) -> Peer:
     kinds: dict[str, type[ServicePeer] | type[LoopPeer] | type[NodeRedPeer]] = {
-        "service": ServicePeer, "service-10-slots": FewSlotsPeer, "loop": LoopPeer,
+        "service": ServicePeer, "service-100-slots": WideSpreadPeer, "loop": LoopPeer,
         "node-red": NodeRedPeer}
     return kinds[name](work, port, n, prefix, tag)
 

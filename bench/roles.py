@@ -20,6 +20,8 @@ from typing import Any
 
 from common import GRID_ANCHOR, grid_offset, make_entries, payload_for, pct
 
+from scheduler_publisher.spread import auto_slots
+
 
 # ==== role: bare paho loop (own process, so its CPU is its own) ===================================
 def role_bare(args: argparse.Namespace) -> None:
@@ -136,7 +138,7 @@ def role_sub(args: argparse.Namespace) -> None:
         elif op == "window":
             reply = analyse_window(
                 snapshot(cmd["a"], cmd["b"]), cmd["a"], cmd["b"], cmd["interval"], cmd["topics"],
-                on_grid=cmd.get("on_grid", True),
+                slots=cmd.get("slots"),
             )
         elif op == "phases":
             reply = {
@@ -175,7 +177,7 @@ def analyse_window(
     interval: float,
     topics: list[str],
     *,
-    on_grid: bool = True,
+    slots: int | None,
 ) -> dict[str, Any]:
     """Delivery and period error of `topics` over [a, b). Expected slots come from each
     entry's grid phase (`on_grid`: the service and the bare loop), or else from the phase its
@@ -186,8 +188,8 @@ def analyse_window(
     for topic_i, topic in enumerate(topics):
         ts = snap.get(topic, [])
         entry_id = topic.rsplit("/", 1)[1]
-        if on_grid:
-            off = grid_offset(entry_id, interval)
+        if slots is not None:
+            off = grid_offset(entry_id, interval, slots)
         else:  # the circular mean of its arrival phases in the window
             off = circ_phase(ts, interval) if ts else 0.0
         # grid slots in [a, b): the slot arriving just after a boundary is counted by arrival
@@ -195,7 +197,7 @@ def analyse_window(
         k1 = math.ceil((b - GRID_ANCHOR - off) / interval)
         # off the grid, a drifting phase makes the slot count at the edges uncertain; the
         # window holds round(length / interval) periods whatever the phase
-        exp = k1 - k0 if on_grid else round((b - a) / interval)
+        exp = k1 - k0 if slots is not None else round((b - a) / interval)
         expected += exp
         received += len(ts)
         if not ts:
@@ -241,11 +243,12 @@ def analyse_window(
 
 # ==== role: bare scheduled loop (the issue-12 peer) ================================================
 def loop_groups(n: int, prefix: str, interval: float) -> list[tuple[float, list[tuple[str, bytes]]]]:
-    """The n entries grouped by their grid phase, as the service groups them (phase slots),
-    earliest first: (offset in the period, [(topic, payload)])."""
+    """The n entries grouped by their grid phase, as the service groups them by default
+    (phase slots sized from the entries), earliest first: (offset in the period, [(topic,
+    payload)])."""
     groups: dict[float, list[tuple[str, bytes]]] = {}
     for e in make_entries(n, interval, prefix):
-        groups.setdefault(grid_offset(e["id"], interval), []).append(
+        groups.setdefault(grid_offset(e["id"], interval, auto_slots(n)), []).append(
             (e["topic"], payload_for(int(e["id"][1:]))))
     return sorted(groups.items())
 

@@ -32,6 +32,7 @@ from scheduler_publisher.options import (
 from scheduler_publisher.plan import MAX_SLOTS, MIN_SLOTS
 from scheduler_publisher.report import FORMATS
 from scheduler_publisher.settings import ServiceSettings
+from scheduler_publisher.spread import AUTO
 
 __all__ = [
     "COMMANDS",
@@ -181,10 +182,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="clear a removed retained entry's message from the broker")
     c.add_argument("--max-config-bytes", type=Number(int, 2, 2**30), default=d.max_config_bytes,
                    help="largest config file accepted (default: 16 MiB)")
-    c.add_argument("--phase-slots", type=Number(int, MIN_SLOTS, MAX_SLOTS), default=d.phase_slots,
-                   help="phase groups per period that interval entries are spread over; fewer "
-                        "cost less CPU, load the broker in bigger bursts and move every "
-                        "entry's phase (default: 100)")
+    c.add_argument("--phase-slots", type=Number(int, MIN_SLOTS, MAX_SLOTS, words=(AUTO,)),
+                   default=AUTO,
+                   help="phase groups per period that interval entries are spread over (1 to "
+                        "100); fewer cost less CPU and load the broker in bigger bursts. "
+                        "auto (the default): one group per 100 entries of an interval")
     _add_shard(c, "run only the entries of shard K of N; the client id and status topic get "
                   "a -K-of-N suffix")
     o = p.add_argument_group("operations")

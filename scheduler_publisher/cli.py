@@ -57,6 +57,7 @@ from scheduler_publisher.settings import (
     ServiceSettings,
     default_client_id,
 )
+from scheduler_publisher.spread import AUTO
 from scheduler_publisher.statestore import StateStoreError
 
 EXIT_OK = 0
@@ -246,7 +247,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
         force_polling=args.force_polling, max_config_bytes=args.max_config_bytes,
-        phase_slots=args.phase_slots)
+        phase_slots=None if args.phase_slots == AUTO else args.phase_slots)
     return settings.for_shard(args.shard) if args.shard else settings
 
 

@@ -96,8 +96,11 @@ class Number:
     low: float
     high: float | None = None
     low_open: bool = False  # True: the value must be larger than `low`, not equal to it
+    words: tuple[str, ...] = ()  # also accepted, as themselves ("auto")
 
-    def __call__(self, text: str) -> int | float:
+    def __call__(self, text: str) -> int | float | str:
+        if text in self.words:
+            return text
         try:
             value = self.kind(text)
         except ValueError:
@@ -108,6 +111,9 @@ class Number:
         return value
 
     def expected(self) -> str:
+        return self._range() + "".join(f" or {word!r}" for word in self.words)
+
+    def _range(self) -> str:
         noun = "an integer" if self.kind is int else "a number"
         low = _plain(self.low)
         at_least = f"larger than {low}" if self.low_open else f"at least {low}"
@@ -256,7 +262,9 @@ def from_toml(option: Option, value: Any, where: str) -> Any:
     # `mqtt-version = 5` reads naturally; a number that names one of the choices is accepted.
     named_choice = (kind == "string" and option.action.choices is not None
                     and isinstance(value, int | float) and str(value) in option.action.choices)
-    if not ok and not named_choice:
+    # `phase-slots = "auto"`: a word a number option also takes
+    named_word = isinstance(value, str) and value in getattr(option.action.type, "words", ())
+    if not ok and not named_choice and not named_word:
         raise OptionsError(f"{where}: expected {_article(kind)}, got {_toml_type(value)} "
                            f"{_render(value)}")
     if option.is_switch:

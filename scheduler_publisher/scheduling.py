@@ -49,6 +49,7 @@ from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.jobstore import GroupedJobStore
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.plan import SLOTS_PER_PERIOD
+from scheduler_publisher.spread import PhaseSpread
 from scheduler_publisher.triggers import CronSlots, GridTrigger, trigger_of
 
 log = get_logger("scheduler_publisher.scheduling")
@@ -276,10 +277,11 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
 
 
 class Schedule:
-    def __init__(self, tick: Tick, host: Host, phase_slots: int = SLOTS_PER_PERIOD) -> None:
+    def __init__(self, tick: Tick, host: Host, spread: PhaseSpread | None = None) -> None:
         """`tick` is called for every due slot of every entry, on `host`'s thread; interval
-        entries are spread over `phase_slots` phase groups per period (plan.grid_start)."""
-        self._phase_slots = phase_slots
+        entries are spread over the phase groups `spread` gives their interval (plan.grid_start;
+        by default 100 per period)."""
+        self.spread = PhaseSpread(SLOTS_PER_PERIOD) if spread is None else spread
         # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
         # job (~100 B each), which only pickling job stores need; ours lives in memory.
         self._tick = functools.partial(tick)
@@ -319,7 +321,8 @@ class Schedule:
     def add(self, entry: PublishConfig) -> None:
         """Add, or replace with a new schedule: the next slot of the entry's grid (not now +
         interval), or of its cron expression."""
-        trigger = trigger_of(entry, self._phase_slots)
+        slots = self.spread.slots(entry.interval) if entry.interval is not None else 1
+        trigger = trigger_of(entry, slots)
         # A shared name: APScheduler would otherwise build the same string for every job.
         self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
                                 name=JOB_NAME, replace_existing=True, jobstore=ENTRY_JOBS)

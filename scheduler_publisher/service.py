@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
 from scheduler_publisher.shard import Shard
 from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
+from scheduler_publisher.spread import PhaseSpread, period_ms
 from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
 from scheduler_publisher.stats import Stats
 from scheduler_publisher.status import (
@@ -127,7 +128,7 @@ class PublisherService:
             self.settings.broker, self.stats, on_give_up=self._give_up,
             clear_retained_on_remove=self.settings.clear_retained_on_remove)
         self._schedule = Schedule(self._connection.publish_entry, self._connection.event_loop,
-                                  self.settings.phase_slots)
+                                  PhaseSpread(self.settings.phase_slots))
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)
         self._store = StateStore(
@@ -400,7 +401,7 @@ class PublisherService:
         self._log_problems(result)
         wanted, kept = effective_entries(self._entries, result, self.settings.shard)
         plan = diff(self._entries, wanted, kept)
-        parts = list(batches(plan, NETWORK_BATCH))
+        parts = list(batches(self._respread(plan, wanted), NETWORK_BATCH))
         for n, part in enumerate(parts, start=1):
             # Order matters: the network thread learns a batch's entries before any tick can
             # name them. The last batch hands over `wanted` itself, so entries whose metadata
@@ -417,6 +418,24 @@ class PublisherService:
             self.stats.reloads += 1
             self._log_reload(plan)
         self._recovered(still_broken=errors_summary(result))
+
+    def _respread(self, plan: Plan, wanted: Mapping[str, PublishConfig]) -> Plan:
+        """`plan`, plus every running entry of an interval that is spread over more phase
+        groups from now on (spread.py): they are scheduled again, on their new phases."""
+        respread = self._schedule.spread.size(wanted.values())
+        if not respread:
+            return plan
+        for change in respread:
+            log.warning("phases_respread", interval=change.interval, entries=change.entries,
+                        phase_groups_before=change.slots_before,
+                        phase_groups=change.slots_after)
+        periods = {period_ms(change.interval) for change in respread}
+        moving = {entry_id for entry_id, entry in wanted.items() if entry_id in self._entries
+                  and entry.interval is not None and period_ms(entry.interval) in periods}
+        moving -= {entry.id for entry in (*plan.added, *plan.rescheduled)}
+        return replace(
+            plan, rescheduled=(*plan.rescheduled, *(e for i, e in wanted.items() if i in moving)),
+            updated=tuple(entry for entry in plan.updated if entry.id not in moving))
 
     def _schedule_batch(self, part: Plan) -> Steps[None]:
         for entry in part.removed:
@@ -583,6 +602,10 @@ class PublisherService:
     def next_run(self, entry_id: str) -> datetime | None:
         """When the entry's job runs next (UTC); None for an entry that is not scheduled."""
         return self._schedule.next_run(entry_id)
+
+    def phase_slots(self, interval: float) -> int:
+        """The phase groups per period the entries at `interval` are spread over (spread.py)."""
+        return self._schedule.spread.slots(interval)
 
     @property
     def scheduled_ids(self) -> set[str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 from scheduler_publisher.logs import LogSettings
-from scheduler_publisher.plan import SLOTS_PER_PERIOD
 from scheduler_publisher.shard import Shard
 
 MQTTVersion = Literal["5", "3.1.1"]
@@ -84,7 +83,8 @@ class ServiceSettings:
     watch: bool = True
     force_polling: bool = False
     max_config_bytes: int = 16 * 1024 * 1024
-    phase_slots: int = SLOTS_PER_PERIOD  # phase groups per period of an interval entry
+    # phase groups per period of an interval entry; None: sized from the entries (spread.py)
+    phase_slots: int | None = None
     shard: Shard | None = None  # None: every entry; set it with for_shard()
 
     def for_shard(self, shard: Shard) -> ServiceSettings:

@@ -51,7 +51,7 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
 
     windows = result["compare"]["windows"]
     assert {(w["peer"], w["entries"]) for w in windows} == {
-        (peer, n) for peer in ("service", "loop", "service-10-slots")
+        (peer, n) for peer in ("service", "loop", "service-100-slots")
         for n in result["params"]["compare_sizes"]}
     for w in [*windows, result["loaded"]]:
         _numeric(w, "cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms",
@@ -61,7 +61,7 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     small = min(result["params"]["compare_sizes"])
     assert rows[f"{small:,} × 1 s: CPU per delivered message"]["verdict"].startswith("skipped")
     assert f"{max(result['params']['compare_sizes']):,} × 1 s: CPU per message" in rows
-    assert rows[f"{small:,} × 1 s, --phase-slots 10: CPU per message"]["verdict"] == "info"
+    assert rows[f"{small:,} × 1 s, --phase-slots 100: CPU per message"]["verdict"] == "info"
     assert result["machine"]["service_python"] == sys.executable  # --quick: this venv
     _numeric(result["soak"], "rss_growth_second_half_kb", "rss_max_kb")
     assert "soak" in rows
@@ -138,7 +138,7 @@ def test_off_grid_window_counts_a_peer_on_its_own_phase(roles: ModuleType) -> No
     steady = [a + 0.37 + k for k in range(10)]
     gap = [a + 0.81 + k + (0.004 if k == 3 else 0) for k in range(10) if k != 5]
     res = roles.analyse_window({"x/e00001": steady, "x/e00002": gap}, a, a + 10, 1.0,
-                               ["x/e00001", "x/e00002"], on_grid=False)
+                               ["x/e00001", "x/e00002"], slots=None)
     assert (res["expected"], res["received"], res["missed_ticks"]) == (20, 19, 1)
     assert res["delivered_pct"] == pytest.approx(95.0)
     assert res["period_error_ms"]["max"] == pytest.approx(1000.0, abs=0.01)

@@ -14,7 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from structlog.testing import capture_logs
 
 from scheduler_publisher.clock import JUMP_THRESHOLD, ClockGuard, clock_is_plausible
-from scheduler_publisher.plan import grid_start
+from scheduler_publisher.plan import SLOTS_PER_PERIOD, grid_start
 from scheduler_publisher.scheduling import HEARTBEAT_JOB, InlineExecutor
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.triggers import GridTrigger
@@ -100,8 +100,9 @@ def grid(interval: float, entry_id: str = "e") -> GridTrigger:
     return GridTrigger(seconds=interval, timezone=UTC, start_date=grid_start(entry_id, interval))
 
 
-def on_grid(when: datetime, interval: float, entry_id: str = "e") -> bool:
-    offset_ms = round((when - grid_start(entry_id, interval)).total_seconds() * 1000)
+def on_grid(when: datetime, interval: float, entry_id: str = "e",
+            slots: int = SLOTS_PER_PERIOD) -> bool:
+    offset_ms = round((when - grid_start(entry_id, interval, slots)).total_seconds() * 1000)
     return offset_ms % round(interval * 1000) == 0
 
 
@@ -243,7 +244,8 @@ def assert_reanchored(service: PublisherService) -> None:
         next_run = service.next_run(entry_id)
         assert next_run is not None
         assert now - timedelta(seconds=0.5) <= next_run <= now + timedelta(seconds=interval + 0.5)
-        assert on_grid(next_run, interval, entry_id), (entry_id, next_run)
+        assert on_grid(next_run, interval, entry_id, service.phase_slots(interval)), (
+            entry_id, next_run)
     heartbeat = apscheduler(service).get_job(HEARTBEAT_JOB).next_run_time
     assert heartbeat <= now + timedelta(seconds=1.5), "the heartbeat job is re-anchored too"
 

@@ -234,6 +234,29 @@ def test_a_number_naming_a_choice_is_accepted(tmp_path: Path,
     assert shown["log-level"][0] == '"DEBUG"'
 
 
+@pytest.mark.parametrize(("source", "text", "toml", "shown"), [
+    ("flag", "auto", "", '"auto"'), ("env", "auto", "", '"auto"'),
+    ("file", "", '"auto"', '"auto"'), ("flag", "10", "", "10"), ("file", "", "10", "10")])
+def test_phase_slots_take_auto_or_a_count_from_every_source(
+        source: str, text: str, toml: str, shown: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--phase-slots` is a count from 1 to 100 or the word auto: from a flag, a variable, or
+    the options file as a TOML string or integer; auto reaches the settings as None."""
+    argv: list[str] = []
+    if source == "flag":
+        argv = ["--phase-slots", text]
+    elif source == "env":
+        monkeypatch.setenv("SCHEDULER_PUBLISHER_PHASE_SLOTS", text)
+    else:
+        argv = ["--options-file", str(write_options(tmp_path / "o.toml",
+                                                   f"phase-slots = {toml}\n"))]
+    value, where = show(capsys, *argv)["phase-slots"]
+    assert (value, where.split()[0]) == (shown, source)
+    settings = cli.build_settings(arguments.build_parser().parse_args(
+        ["run", "--phase-slots", shown.strip('"')]), {})
+    assert settings.phase_slots == (None if shown == '"auto"' else int(shown))
+
+
 def test_invalid_toml_exits_2_naming_the_file_and_the_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Text that is not TOML: the file and the place tomllib found."""
@@ -349,8 +372,8 @@ BAD_VALUES = [
     ("checkpoint-interval", "0", "must be a number from 0.1 to 86400, got 0"),
     ("history-interval", "0", "must be a number from 0.1 to 86400, got 0"),
     ("history-retention", "0", "must be an integer from 1 to 1000000000, got 0"),
-    ("phase-slots", "0", "must be an integer from 1 to 100, got 0"),
-    ("phase-slots", "101", "must be an integer from 1 to 100, got 101"),
+    ("phase-slots", "0", "must be an integer from 1 to 100 or 'auto', got 0"),
+    ("phase-slots", "101", "must be an integer from 1 to 100 or 'auto', got 101"),
     ("keepalive", "-5", "must be an integer from 1 to 65535, got -5"),
     ("keepalive", "70000", "must be an integer from 1 to 65535, got 70000"),
     ("status-topic", "", "topic must be a non-empty string, got \"\""),

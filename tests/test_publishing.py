@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from scheduler_publisher.plan import GRID_ANCHOR, grid_start
+from scheduler_publisher.plan import GRID_ANCHOR, SLOTS_PER_PERIOD, grid_start
 from scheduler_publisher.service import PublisherService
 from tests.netproxy import NetProxy
 from tests.support import (
@@ -82,15 +82,16 @@ def wall_clock(messages: list[Received]) -> list[float]:
     return [m.at + offset for m in messages]
 
 
-def phase_error(wall: float, entry_id: str, interval: float) -> float:
-    """How far after the entry's nearest grid slot `wall` lies, in [-interval/2, interval/2)."""
-    anchor = grid_start(entry_id, interval).timestamp()
+def phase_error(wall: float, entry_id: str, interval: float, slots: int) -> float:
+    """How far after the entry's nearest grid slot `wall` lies, in [-interval/2, interval/2),
+    with its interval spread over `slots` phase groups (PublisherService.phase_slots)."""
+    anchor = grid_start(entry_id, interval, slots).timestamp()
     return (wall - anchor + interval / 2) % interval - interval / 2
 
 
-def slots_between(entry_id: str, interval: float, start: float, end: float) -> int:
+def slots_between(entry_id: str, interval: float, slots: int, start: float, end: float) -> int:
     """How many of the entry's grid slots fall in the wall-clock window [start, end]."""
-    anchor = grid_start(entry_id, interval).timestamp()
+    anchor = grid_start(entry_id, interval, slots).timestamp()
     first = -(-(start - anchor) // interval)  # ceil
     last = (end - anchor) // interval
     return max(0, int(last - first) + 1)
@@ -150,7 +151,7 @@ def test_fixed_rate_entry_publishes_window_over_interval_times_on_its_grid(
     interval, window = 0.2, 4.0
     topic = f"{topic_base}/rate"
     sub = subscriber_factory(topic)
-    start_service(broker.port, [entry("rate", topic, interval=interval)])
+    service = start_service(broker.port, [entry("rate", topic, interval=interval)])
 
     first_tick = sub.wait_for(topic, count=2)[1]  # the first message is the publish on connect
     start = first_tick.at
@@ -158,7 +159,8 @@ def test_fixed_rate_entry_publishes_window_over_interval_times_on_its_grid(
 
     ticks = [m for m in sub.on(topic) if start <= m.at < start + window]
     assert abs(len(ticks) - window / interval) <= 2
-    errors = [phase_error(w, "rate", interval) for w in wall_clock(ticks)]
+    slots = service.phase_slots(interval)
+    errors = [phase_error(w, "rate", interval, slots) for w in wall_clock(ticks)]
     # Ticks land just after their grid slot, at the start of the window as at its end.
     assert -0.02 < statistics.median(errors[:5]) < 0.08
     assert -0.02 < statistics.median(errors[-5:]) < 0.08
@@ -183,7 +185,9 @@ def spread_out_ids(interval: float, count: int, min_gap: float) -> list[str]:
 def test_entries_sharing_an_interval_are_spread_over_the_period(
         broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
         topic_base: str) -> None:
-    """Entries with the same interval tick at their own phases, not all in the same millisecond."""
+    """With 100 phase groups (`--phase-slots 100`; auto gives an interval that many from
+    10,000 entries on), entries with the same interval tick at their own phases, not all in
+    the same millisecond."""
     interval = 0.5
     ids = spread_out_ids(interval, count=5, min_gap=0.05)
     offsets = sorted((grid_start(i, interval) - GRID_ANCHOR).total_seconds() for i in ids)
@@ -191,7 +195,8 @@ def test_entries_sharing_an_interval_are_spread_over_the_period(
                       + [interval - offsets[-1] + offsets[0]])
     sub = subscriber_factory(f"{topic_base}/#")
 
-    start_service(broker.port, [entry(i, f"{topic_base}/{i}", interval=interval) for i in ids])
+    start_service(broker.port, [entry(i, f"{topic_base}/{i}", interval=interval) for i in ids],
+                  phase_slots=SLOTS_PER_PERIOD)
 
     # Each entry's second message is its first tick after the publish on connect; those all
     # fall within one period, at the entries' own phases.
@@ -200,17 +205,20 @@ def test_entries_sharing_an_interval_are_spread_over_the_period(
     assert len({round(t, 3) for t in ticks}) == len(ids)
 
 
+@pytest.mark.parametrize("phase_slots", [None, 1], ids=["auto", "fixed-1"])
 def test_one_phase_slot_publishes_every_entry_of_an_interval_together(
         broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
-    """`--phase-slots 1`: the entries that share an interval are one phase group, so they tick
-    at the same instant on the grid of slot 0 (as Node-RED's inject nodes would), and keep it
-    after a reload that changes one of them."""
+        topic_base: str, phase_slots: int | None) -> None:
+    """`--phase-slots 1`, and auto (the default) below 200 entries at an interval: the entries
+    that share an interval are one phase group, so they tick at the same instant on the grid of
+    slot 0 (as Node-RED's inject nodes would), and keep it after a reload that changes one of
+    them."""
     interval = 0.5
-    ids = spread_out_ids(interval, count=5, min_gap=0.05)  # spread apart by default
+    ids = spread_out_ids(interval, count=5, min_gap=0.05)  # apart with 100 groups
     sub = subscriber_factory(f"{topic_base}/#")
     entries = [entry(i, f"{topic_base}/{i}", interval=interval) for i in ids]
-    service = start_service(broker.port, entries, phase_slots=1)
+    service = start_service(broker.port, entries, phase_slots=phase_slots)
+    assert service.phase_slots(interval) == 1
     ticks = [sub.wait_for(f"{topic_base}/{i}", count=2)[1].at for i in ids]
     assert max(ticks) - min(ticks) < 0.05, ticks
     slots = {service.next_run(i) for i in ids}
@@ -300,7 +308,8 @@ def test_outage_sends_only_the_newest_qos1_message_on_reconnect_and_drops_qos0_t
     burst = [m for m in sub.on(keep) if m.at - online.at < 0.05]
     (online_wall,) = wall_clock([online])
     # A regular tick may fall due in the very same moment; a replayed backlog would be >= 4.
-    coinciding = slots_between("keep", interval, online_wall - 0.1, online_wall + 0.05)
+    coinciding = slots_between("keep", interval, service.phase_slots(interval),
+                               online_wall - 0.1, online_wall + 0.05)
     assert 1 <= len(burst) <= 1 + coinciding
     assert burst[0].json() == {"online": 1, "sensor": "keep"}
     assert burst[0].qos == 1

@@ -291,11 +291,53 @@ def test_interval_change_reschedules_the_job(
     write_config(config, [{**a, "interval": 0.25}])
     sub.wait_for(a["topic"], count=5, timeout=3)
     assert next_run(service, "a") < hourly_next
-    phase = (next_run(service, "a") - grid_start("a", 0.25)).total_seconds() % 0.25
+    slots = service.phase_slots(0.25)
+    phase = (next_run(service, "a") - grid_start("a", 0.25, slots)).total_seconds() % 0.25
     assert min(phase, 0.25 - phase) < 1e-3  # on the new grid
     assert intervals(service) == {"a": 0.25}
     (reloaded,) = wait_for_event(logs, "config_reloaded")
     assert (reloaded["rescheduled"], reloaded["updated"]) == (["a"], [])
+
+
+def test_auto_spread_keeps_phases_until_an_interval_outgrows_it_four_times(
+        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    """`--phase-slots auto`: an interval's phase groups are sized when it first has entries and
+    kept by reloads that add to it, so no running entry's phase moves; a reload that brings it
+    four times the groups it was sized for spreads its entries again, once, logged."""
+    interval = 3600.0
+    first = [entry(f"old-{n}", f"{topic_base}/old-{n}", interval) for n in range(5)]
+    service = start_service(first)
+    assert service.phase_slots(interval) == 1  # 5 entries: one group
+
+    def phases(ids: list[str]) -> dict[str, datetime | None]:
+        return {i: next_run(service, i) for i in ids}
+
+    def on_grid(entry_id: str, slots: int) -> bool:
+        offset = (next_run(service, entry_id) - grid_start(entry_id, interval, slots))
+        return offset.total_seconds() % interval == 0
+
+    old_ids = [e["id"] for e in first]
+    before = phases(old_ids)
+    assert all(on_grid(i, 1) for i in old_ids)
+    more = [entry(f"new-{n}", f"{topic_base}/new-{n}", interval) for n in range(394)]
+    write_config(config, first + more)  # 399 entries: auto would give 3 groups, < 4 x 1
+    assert service.reload_config(timeout=20)
+    assert service.phase_slots(interval) == 1
+    assert phases(old_ids) == before  # nothing moved
+    assert events(logs, "phases_respread") == []
+
+    write_config(config, [*first, *more, entry("last", f"{topic_base}/last", interval)])
+    assert service.reload_config(timeout=20)  # 400 entries: 4 groups, 4 x what it was sized for
+    assert service.phase_slots(interval) == 4
+    everyone = [*old_ids, *(e["id"] for e in more), "last"]
+    assert all(on_grid(i, 4) for i in everyone)
+    assert phases(old_ids) != before
+    (respread,) = events(logs, "phases_respread")
+    assert (respread["interval"], respread["entries"]) == (interval, 400)
+    assert (respread["phase_groups_before"], respread["phase_groups"]) == (1, 4)
+    # The reload's own summary names what the file changed, not the entries that moved.
+    reloads = events(logs, "config_reloaded")
+    assert (reloads[-1]["added"], reloads[-1]["rescheduled"]) == (["last"], [])
 
 
 def test_payload_qos_retain_change_uses_new_values_on_the_same_phase(
@@ -317,7 +359,8 @@ def test_payload_qos_retain_change_uses_new_values_on_the_same_phase(
                          timeout=3)
     assert {m.qos for m in fresh} == {1}
     assert next_run(service, "hourly") == hourly_next  # the phase was not reset
-    phase = (next_run(service, "fast") - grid_start("fast", 1)).total_seconds() % 1
+    slots = service.phase_slots(1)
+    phase = (next_run(service, "fast") - grid_start("fast", 1, slots)).total_seconds() % 1
     assert min(phase, 1 - phase) < 1e-3
     (reloaded,) = wait_for_event(logs, "config_reloaded")
     assert sorted(reloaded["updated"]) == ["fast", "hourly"]
