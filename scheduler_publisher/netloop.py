@@ -59,6 +59,7 @@ MISC_PERIOD = 1.0  # keepalive bookkeeping for every session, once a second
 # trip of our PINGREQ, so silence for 1.5x keepalive already means the path is gone.
 SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
+FLUSH_BYTES = 4096  # a phase group's packets leave in sends of about this size
 TIMER_GRAIN = 0.001  # epoll_wait's resolution (it rounds timeouts up to whole milliseconds)
 
 
@@ -250,6 +251,8 @@ class NetworkLoop:
         if session is None or session.client.socket() is None:
             return False
         session.send_packet(header, payload, entry_id)
+        if session.packets.unwritten_bytes() >= FLUSH_BYTES:
+            self._flush(session)  # a large group: its first packets leave while the rest queue
         self._want_write.add(session)
         return True
 

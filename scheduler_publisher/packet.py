@@ -132,6 +132,10 @@ class PacketQueue:
             self.batches.append(last)
         last.entry_ids.append(entry_id)
 
+    def unwritten_bytes(self) -> int:
+        """Bytes of the newest item not yet written (what the next `send()` would carry)."""
+        return self.batches[-1].item["to_process"] if self.batches else 0
+
     def written(self) -> Iterator[str]:
         """The entries of every packet paho has written since the last call, oldest first."""
         batches = self.batches

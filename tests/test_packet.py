@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from scheduler_publisher import MQTTConnectionManager, PublishConfig
 from scheduler_publisher.config import MessageProperties
+from scheduler_publisher.netloop import FLUSH_BYTES
 from scheduler_publisher.packet import (
     RAW_COMMAND,
     PacketQueue,
@@ -492,9 +493,9 @@ def test_packets_flow_again_after_a_broker_restart(
 def test_the_service_writes_each_phase_group_in_one_piece(
         broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
         services: InProcessServices, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real service: each scheduler wake-up's group of static QoS 0 entries reaches the
-    connection as one item of paho's queue, written whole (one send()), and every message
-    arrives."""
+    """The real service: each scheduler wake-up's group of static QoS 0 entries (here under
+    FLUSH_BYTES) reaches the connection as one item of paho's queue, written whole (one
+    send()), and every message arrives."""
     ids = group_ids(40, 1.0)
     items: list[list[str]] = []  # the entries of each written item
     real = PacketQueue.written
@@ -514,3 +515,38 @@ def test_the_service_writes_each_phase_group_in_one_piece(
     assert len(whole) >= 3, [len(group) for group in items]
     assert all(sorted(group) == sorted(ids) for group in items[whole[0]:]), \
         [len(group) for group in items]
+
+
+def test_a_large_phase_group_leaves_in_sends_of_about_flush_bytes(
+        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
+        services: InProcessServices, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group bigger than FLUSH_BYTES is not held back until its last tick has run: once the
+    queued packets reach FLUSH_BYTES they are written, while the rest of the group queues
+    behind them. Every message still arrives."""
+    count = 200  # ~70 B a packet: about 14 KB a group, so at least 3 sends
+    written: list[tuple[int, int]] = []  # (bytes, packets queued in the turn so far) per item
+    queued = [0]
+    real_written, real_put = PacketQueue.written, PacketQueue.put
+
+    def put(queue: PacketQueue, *args: Any) -> None:
+        queued[0] += 1
+        real_put(queue, *args)
+
+    def spy(queue: PacketQueue) -> Iterator[str]:
+        written.extend((len(b.item["packet"]), queued[0])
+                       for b in queue.batches if b.item["to_process"] == 0)
+        return real_written(queue)
+
+    monkeypatch.setattr(PacketQueue, "put", put)
+    monkeypatch.setattr(PacketQueue, "written", spy)
+    sub = subscriber_factory(f"{topic_base}/#", qos=0)
+    ids = [f"big-{n}" for n in range(count)]
+    services.start(broker.port, [entry(i, f"{topic_base}/{i}", 1) for i in ids], phase_slots=1)
+    for i in ids:
+        sub.wait_for(f"{topic_base}/{i}", count=3, timeout=20)  # the birth, then 2 slots
+    largest_packet = 200
+    assert all(size < FLUSH_BYTES + largest_packet for size, _ in written), written
+    full = [(size, at) for size, at in written if size >= FLUSH_BYTES]
+    assert len(full) >= 3, written
+    # Written part-way through a group's turn: fewer than the whole group queued by then.
+    assert any(at % count != 0 for _, at in full), written
