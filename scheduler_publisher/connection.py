@@ -51,21 +51,34 @@ RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attri
 SUSPECT_DROPS = 5  # drops after which a few entries that cannot be told apart are all guilty
 SUSPECT_GROUP = 5
 SUSPECT_MEMORY = 60.0  # seconds after which an unresolved suspicion is forgotten
+QUIET_MARGIN = 1.0  # seconds beyond the longest period of the suspects not held
 
 
 class FaultAttribution:
     """Which entry gets the shared connection dropped (issue 11 #13). Pure bookkeeping: each
     drop the broker blames on one of our packets names the entries published just before it;
-    the culprit is in every such set, so the sets are intersected until one entry is left (or
-    a few that always went out together, after SUSPECT_DROPS drops)."""
+    the culprit is in every such set, so the sets are intersected until one entry is left.
+
+    Entries of one phase group always go out together, so intersecting alone cannot tell them
+    apart. So after each drop that leaves several suspects, half of them are held back (not
+    published, `held`) while the connection is up again: a drop then names only the other
+    half, and a quiet spell long enough for that half to publish (`settle`) clears it, so the
+    culprit is among the held. Each step halves the suspects. A few that still cannot be told
+    apart after SUSPECT_DROPS drops are all guilty."""
 
     def __init__(self) -> None:
         self._suspects: frozenset[str] = frozenset()
+        self._held: frozenset[str] = frozenset()
         self.drops = 0
-        self._last = 0.0  # monotonic time of the last blamed drop
+        self._last = 0.0  # monotonic time of the last blamed drop (or step of the search)
+        self._up_since: float | None = None  # the connection up again since, while holding
 
     def suspects(self, now: float) -> frozenset[str]:
         return self._suspects if now - self._last < SUSPECT_MEMORY else frozenset()
+
+    def held(self, now: float) -> frozenset[str]:
+        """The suspects not published while the search goes on."""
+        return self._held if now - self._last < SUSPECT_MEMORY else frozenset()
 
     def observe(self, published: set[str], now: float) -> set[str]:
         """One blamed drop, with the entries published just before it; returns the guilty."""
@@ -78,10 +91,42 @@ class FaultAttribution:
         self.drops += 1
         if len(self._suspects) == 1 or (self.drops >= SUSPECT_DROPS and
                                         len(self._suspects) <= SUSPECT_GROUP):
-            guilty = set(self._suspects)
-            self._suspects, self.drops = frozenset(), 0
-            return guilty
+            return self._found(self._suspects)
+        self._hold_half()
         return set()
+
+    def link_up(self, now: float) -> None:
+        """The connection is up again: the quiet spell of the held search starts now."""
+        self._up_since = now if self._held else None
+
+    def settle(self, now: float, quiet: float) -> set[str]:
+        """While holding: once the connection has been up `quiet` seconds without a blamed
+        drop (long enough for every suspect not held to publish), the culprit is among the
+        held, who become the suspects; returns the guilty when one is left."""
+        if not self._held or self._up_since is None or now - self._up_since < quiet:
+            return set()
+        if now - self._last >= SUSPECT_MEMORY + quiet:
+            self._suspects, self._held, self.drops = frozenset(), frozenset(), 0
+            return set()
+        self._suspects, self._last = self._held, now
+        if len(self._suspects) == 1:
+            return self._found(self._suspects)
+        self._hold_half(up_since=now)  # still up: the next quiet spell starts now
+        return set()
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def _hold_half(self, up_since: float | None = None) -> None:
+        ordered = sorted(self._suspects)
+        self._held = frozenset(ordered[:len(ordered) // 2])
+        self._up_since = up_since  # after a drop: from the next connect
+
+    def _found(self, guilty: frozenset[str]) -> set[str]:
+        self._suspects, self._held, self.drops, self._up_since = (
+            frozenset(), frozenset(), 0, None)
+        return set(guilty)
 
 
 def entry_will(entry: PublishConfig, render: Callable[[str], bytes] | None = None) -> Will:
@@ -133,6 +178,7 @@ class MQTTConnectionManager:
         self._warned: dict[LinkKey, str] = {}  # an entry connection's refusal logged at warning
         self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_PUBLISHES)
         self._faults = FaultAttribution()
+        self._fault_reason = ""  # of the last drop blamed on a packet of ours
         # entry id -> why; replaced whole (never mutated) so other threads may read it
         self._quarantined: dict[str, str] = {}
         self._broker = f"{settings.host}:{settings.port}"
@@ -279,6 +325,9 @@ class MQTTConnectionManager:
         entry = self._entries.get(entry_id)
         if entry is None or entry_id in self._quarantined:
             return  # removed since the tick was queued, or held back
+        if self._faults.holding and self._held_back(entry_id):
+            self.stats.record_dropped(entry_id)
+            return
         link = self._link_for(entry)
         if link is not None and link.is_up and \
                 time.monotonic() - link.connected_at < entry.period / 2:
@@ -295,6 +344,18 @@ class MQTTConnectionManager:
                 self.stats.record_deferred(entry_id)  # the birth publish carries the newest
             return
         self._send(link, entry)
+
+    def _held_back(self, entry_id: str) -> bool:
+        """While the culprit of blamed drops is searched for: a quiet spell may have cleared
+        the suspects that publish; is this entry one of those held back now?"""
+        now = time.monotonic()
+        suspects = self._faults.suspects(now)
+        held = self._faults.held(now)
+        periods = [self._entries[i].period for i in suspects - held if i in self._entries]
+        guilty = self._faults.settle(now, max(periods, default=0.0) + QUIET_MARGIN)
+        for culprit in sorted(guilty & self._entries.keys()):
+            self._quarantine(self._entries[culprit], self._fault_reason, together=len(guilty))
+        return entry_id in self._faults.held(now) or entry_id in self._quarantined
 
     def _send(self, link: SessionView, entry: PublishConfig) -> None:
         header = self._headers.get(entry.id)
@@ -479,6 +540,7 @@ class MQTTConnectionManager:
         self._warned.pop(link.key, None)
         if link.key.is_main:
             self._main_up.set()
+            self._faults.link_up(time.monotonic())
             log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
         self._birth(link)
 
@@ -510,6 +572,7 @@ class MQTTConnectionManager:
         now = time.monotonic()
         published = {entry_id for at, entry_id in self._recent if at >= now - window}
         self._recent.clear()
+        self._fault_reason = reason
         guilty = self._faults.observe(published & self._entries.keys(), now)
         for entry_id in sorted(guilty):
             self._quarantine(self._entries[entry_id], reason, together=len(guilty))

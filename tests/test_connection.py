@@ -384,6 +384,32 @@ def test_fault_attribution_narrows_the_suspects_to_the_entry_in_every_drop() -> 
     assert old.suspects(100.0) == {"b", "c"}
 
 
+@pytest.mark.parametrize("culprit", ["e0", "e5", "e12"])
+def test_fault_attribution_tells_a_phase_group_apart_by_holding_half_back(culprit: str) -> None:
+    """Entries that always tick together (one phase group): after each blamed drop half the
+    suspects are held back; a drop names the other half, a quiet spell clears it. The culprit
+    is found alone, in about log2(group) steps, and nobody stays held."""
+    faults = FaultAttribution()
+    group = {f"e{n}" for n in range(13)}
+    now, steps, guilty = 0.0, 0, set[str]()
+    while not guilty and steps < 20:
+        steps += 1
+        now += 1.0
+        faults.link_up(now)
+        published = group - faults.held(now)  # the group's tick: the held ones stay back
+        assert faults.held(now) <= group
+        if culprit in published:
+            guilty = faults.observe(published, now)  # the broker drops the connection
+        else:
+            assert faults.settle(now + 1.0, quiet=2.0) == set()  # not quiet long enough yet
+            now += 2.0
+            guilty = faults.settle(now, quiet=2.0)
+    assert guilty == {culprit}
+    assert steps <= 6
+    assert faults.held(now) == frozenset()
+    assert faults.suspects(now) == frozenset()
+
+
 def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
         tmp_path: Path, start_service: StartService, topic_base: str) -> None:
     """An entry the broker refuses at runtime (here a payload over its max_packet_size) is
