@@ -186,7 +186,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    default=AUTO,
                    help="phase groups per period that interval entries are spread over (1 to "
                         "100); fewer cost less CPU and load the broker in bigger bursts. "
-                        "auto (the default): one group per 100 entries of an interval")
+                        "auto (the default): groups of about 100 entries of an interval, 50 "
+                        "from 2,000 entries on")
     _add_shard(c, "run only the entries of shard K of N; the client id and status topic get "
                   "a -K-of-N suffix")
     o = p.add_argument_group("operations")

@@ -4,9 +4,10 @@
 Every phase group costs the service a wake-up, whatever it publishes, so a group should be
 full enough to be worth one, and small enough that it does not leave as a burst the broker and
 the period error notice. `--phase-slots N` fixes N groups per period for every interval. By
-default (`auto`) each interval gets one group per `ENTRIES_PER_GROUP` of its entries, from 1
-to 100: 100 entries at 1 s publish together, as Node-RED's inject nodes do; 1,000 in 10
-groups; 10,000 and more over 100.
+default (`auto`) each interval gets groups of about `ENTRIES_PER_GROUP` of its entries up to
+1,000 entries, shrinking to `SMALLEST_GROUP` from 2,000 on, and 1 to 100 groups: 100 entries
+at 1 s publish together, as Node-RED's inject nodes do; 1,000 in 10 groups; 2,000 in 40;
+5,000 and more over 100.
 
 The count is chosen when an interval first has entries (at start, or in the reload that
 brings its first entry) and then kept, so a reload never moves a running entry's phase. Only
@@ -25,13 +26,16 @@ from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.plan import MAX_SLOTS, MIN_SLOTS
 
 AUTO = "auto"  # --phase-slots auto: sized from the entries
-ENTRIES_PER_GROUP = 100
+ENTRIES_PER_GROUP = 100  # up to 1,000 entries: a wake-up is worth about 100 messages
+SMALLEST_GROUP = 50  # from 2,000 entries on: bursts matter more than wake-ups there
+GROUP_BUDGET = 100_000  # entries x group size: where the groups shrink between the two
 RESPREAD_FACTOR = 4
 
 
 def auto_slots(entries: int) -> int:
     """The phase groups per period for `entries` entries that share an interval."""
-    return max(MIN_SLOTS, min(MAX_SLOTS, entries // ENTRIES_PER_GROUP))
+    group = max(SMALLEST_GROUP, min(ENTRIES_PER_GROUP, GROUP_BUDGET // max(1, entries)))
+    return max(MIN_SLOTS, min(MAX_SLOTS, entries // group))
 
 
 def period_ms(interval: float) -> int:
