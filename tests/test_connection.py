@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
 from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.connection import FaultAttribution
+from scheduler_publisher.faults import FaultAttribution
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.session import (
     MAIN_LINK,
