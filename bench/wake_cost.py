@@ -7,7 +7,7 @@ Measurement only. A thread that does nothing but sleep in `epoll_wait` (the sele
 network loop uses) with a timeout of `--period-ms`, as the service's loop does between phase
 groups, reports the CPU time of each wake-up (`time.thread_time`, which counts the kernel's
 share too) and the process's CPU over the run. The service pays this once per phase group,
-whatever the group publishes (docs/design.md, "Fewer slots").
+whatever the group publishes (docs/design.md, "How many groups").
 """
 
 from __future__ import annotations
