@@ -272,13 +272,15 @@ class MQTTConnectionManager:
         """While the culprit of blamed drops is searched for: a quiet spell may have cleared
         the suspects that publish; is this entry one of those held back now?"""
         now = time.monotonic()
-        suspects = self._faults.suspects(now)
-        held = self._faults.held(now)
-        periods = [self._entries[i].period for i in suspects - held if i in self._entries]
-        guilty = self._faults.settle(now, max(periods, default=0.0) + QUIET_MARGIN)
+        guilty = self._faults.settle(now, self._quiet_for)
         for culprit in sorted(guilty & self._entries.keys()):
             self._quarantine(self._entries[culprit], self._fault_reason, together=len(guilty))
         return entry_id in self._faults.held(now) or entry_id in self._quarantined
+
+    def _quiet_for(self, publishing: frozenset[str]) -> float:
+        """How long the connection must stay up for every one of `publishing` to have ticked."""
+        periods = [self._entries[i].period for i in publishing if i in self._entries]
+        return max(periods, default=0.0) + QUIET_MARGIN
 
     def _send(self, link: SessionView, entry: PublishConfig) -> None:
         header = self._headers.get(entry.id)

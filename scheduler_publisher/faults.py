@@ -4,6 +4,8 @@ or the clock; the connection manager (connection.py) feeds it drops, connects an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 SUSPECT_DROPS = 5  # drops after which a few entries that cannot be told apart are all guilty
 SUSPECT_GROUP = 5
 SUSPECT_MEMORY = 60.0  # seconds after which an unresolved suspicion is forgotten
@@ -27,20 +29,24 @@ class FaultAttribution:
         self.drops = 0
         self._last = 0.0  # monotonic time of the last blamed drop (or step of the search)
         self._up_since: float | None = None  # the connection up again since, while holding
+        self._quiet: float | None = None  # the quiet spell this step needs, once known
 
     def suspects(self, now: float) -> frozenset[str]:
-        return self._suspects if now - self._last < SUSPECT_MEMORY else frozenset()
+        return frozenset() if self._expired(now) else self._suspects
 
     def held(self, now: float) -> frozenset[str]:
         """The suspects not published while the search goes on."""
-        return self._held if now - self._last < SUSPECT_MEMORY else frozenset()
+        return frozenset() if self._expired(now) else self._held
+
+    def _expired(self, now: float) -> bool:
+        return now - self._last >= SUSPECT_MEMORY
 
     def observe(self, published: set[str], now: float) -> set[str]:
         """One blamed drop, with the entries published just before it; returns the guilty."""
         if not published:
             return set()
-        if now - self._last >= SUSPECT_MEMORY:
-            self._suspects, self.drops = frozenset(), 0  # an old one-off: start over
+        if self._expired(now):
+            self._forget()  # an old one-off: start over
         self._last = now
         self._suspects = frozenset(self._suspects & published or published)
         self.drops += 1
@@ -54,14 +60,21 @@ class FaultAttribution:
         """The connection is up again: the quiet spell of the held search starts now."""
         self._up_since = now if self._held else None
 
-    def settle(self, now: float, quiet: float) -> set[str]:
-        """While holding: once the connection has been up `quiet` seconds without a blamed
-        drop (long enough for every suspect not held to publish), the culprit is among the
-        held, who become the suspects; returns the guilty when one is left."""
-        if not self._held or self._up_since is None or now - self._up_since < quiet:
+    def settle(self, now: float, quiet_for: Callable[[frozenset[str]], float]) -> set[str]:
+        """While holding: once the connection has been up without a blamed drop for as long
+        as `quiet_for` says the suspects not held need to publish (asked once a step), the
+        culprit is among the held, who become the suspects; returns the guilty when one is
+        left. A search that made no step for SUSPECT_MEMORY is forgotten, as `held` says."""
+        if not self._held:
             return set()
-        if now - self._last >= SUSPECT_MEMORY + quiet:
-            self._suspects, self._held, self.drops = frozenset(), frozenset(), 0
+        if self._expired(now):
+            self._forget()  # nobody is held any more: `holding` says so too
+            return set()
+        if self._up_since is None:
+            return set()
+        if self._quiet is None:
+            self._quiet = quiet_for(self._suspects - self._held)
+        if now - self._up_since < self._quiet:
             return set()
         self._suspects, self._last = self._held, now
         if len(self._suspects) == 1:
@@ -77,8 +90,12 @@ class FaultAttribution:
         ordered = sorted(self._suspects)
         self._held = frozenset(ordered[:len(ordered) // 2])
         self._up_since = up_since  # after a drop: from the next connect
+        self._quiet = None
 
     def _found(self, guilty: frozenset[str]) -> set[str]:
-        self._suspects, self._held, self.drops, self._up_since = (
-            frozenset(), frozenset(), 0, None)
+        self._forget()
         return set(guilty)
+
+    def _forget(self) -> None:
+        self._suspects, self._held, self.drops = frozenset(), frozenset(), 0
+        self._up_since = self._quiet = None

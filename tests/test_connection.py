@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
 from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.faults import FaultAttribution
+from scheduler_publisher.faults import SUSPECT_MEMORY, FaultAttribution
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.session import (
     MAIN_LINK,
@@ -401,13 +401,24 @@ def test_fault_attribution_tells_a_phase_group_apart_by_holding_half_back(culpri
         if culprit in published:
             guilty = faults.observe(published, now)  # the broker drops the connection
         else:
-            assert faults.settle(now + 1.0, quiet=2.0) == set()  # not quiet long enough yet
+            assert faults.settle(now + 1.0, lambda _publishing: 2.0) == set()  # not yet
             now += 2.0
-            guilty = faults.settle(now, quiet=2.0)
+            guilty = faults.settle(now, lambda _publishing: 2.0)
     assert guilty == {culprit}
     assert steps <= 6
     assert faults.held(now) == frozenset()
     assert faults.suspects(now) == frozenset()
+
+
+def test_a_stalled_search_is_forgotten_and_holds_nobody_back() -> None:
+    """No drop and no step for SUSPECT_MEMORY (the connection never came back, say): the
+    search ends, so no tick keeps paying for it and nobody stays held back."""
+    faults = FaultAttribution()
+    assert faults.observe({"a", "b", "c", "d"}, 0.0) == set()
+    assert faults.held(1.0) == {"a", "b"}
+    assert faults.settle(SUSPECT_MEMORY, lambda _publishing: 1.0) == set()
+    assert not faults.holding
+    assert faults.held(1.0) == faults.suspects(1.0) == frozenset()  # cleared, not just old
 
 
 def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
