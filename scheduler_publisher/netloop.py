@@ -28,8 +28,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -53,6 +53,7 @@ from scheduler_publisher.settings import BrokerSettings
 
 log = get_logger("scheduler_publisher.network")  # the logger name users filter on: unchanged
 
+_T = TypeVar("_T")
 MISC_PERIOD = 1.0  # keepalive bookkeeping for every session, once a second
 # paho alone notices a dead path only ~2x keepalive after the last byte (PINGREQ after one
 # keepalive of silence, give up one keepalive later). The broker sends PINGRESP within a round
@@ -173,6 +174,29 @@ class NetworkLoop:
         self._commands.append(fn)
         if not self._wake_pending:
             self._wake()
+
+    def call_and_wait(self, fn: Callable[[], _T], timeout: float) -> _T:
+        """Any thread: `fn()` run on the network thread between two of its turns, so never in
+        the middle of a phase group, and its result. Run on the calling thread instead when
+        that is the network thread, when the loop is not running, or when it has not answered
+        within `timeout`: a wedged loop must not hold its caller (the main loop) up."""
+        if self.in_loop_thread or not self.is_alive():
+            return fn()
+        answer: Future[_T] = Future()
+
+        def run() -> None:
+            if answer.set_running_or_notify_cancel():
+                try:
+                    answer.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    answer.set_exception(exc)
+
+        self.call_soon(run)
+        try:
+            return answer.result(timeout)
+        except TimeoutError:
+            answer.cancel()  # not run yet: it never will; running: its result is dropped
+            return fn()
 
     def _wake(self) -> None:
         if self._closed:

@@ -58,6 +58,7 @@ CLOCK_CHECK_PERIOD = 1.0
 RELOAD_SLICE = 0.05
 NETWORK_BATCH = 5000  # changed entries handed to the network thread at once
 SCHEDULE_STEP = 50  # jobs added between two looks at the slice's clock
+SNAPSHOT_WAIT = 1.0  # seconds the main loop waits for the network thread to copy the counters
 
 
 _T = TypeVar("_T")
@@ -494,8 +495,15 @@ class PublisherService:
 
     def _checkpoint(self) -> None:
         if self._store is not None:
+            # The counters are copied on the network thread, their one writer, between two of
+            # its turns: copied here, the main loop would hold the GIL for milliseconds at
+            # thousands of entries, and a phase group due meanwhile would wait for it. The
+            # write, here, lets the GIL go while SQLite works (docs/design.md, "Checkpoints
+            # off the publishing path").
+            state = self._connection.event_loop.call_and_wait(self.stats.saved_state,
+                                                              SNAPSHOT_WAIT)
             try:
-                self._store.checkpoint(self.stats.saved_state(), now=self._clock.wall())
+                self._store.checkpoint(state, now=self._clock.wall())
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # a full disk must not
                 # stop publishing
                 log.error("state_checkpoint_failed", error=str(exc))

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from scheduler_publisher.service import PublisherService
+from scheduler_publisher.statestore import SavedState
 from tests.support import (
     InProcessServices,
     Mosquitto,
@@ -100,6 +102,35 @@ def test_totals_continue_after_a_graceful_restart(tmp_path: Path, broker: Mosqui
         assert after["total_published"] == before.published + after["published_this_run"]
     finally:
         second.stop()
+
+
+def test_checkpoints_copy_the_counters_on_the_network_thread(
+        tmp_path: Path, broker: Mosquitto, config_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the service runs, a checkpoint copies the counters on their one writer, the network
+    thread, between two of its turns: copied on the main loop they would hold the GIL for
+    milliseconds at thousands of entries, just when a phase group may be due. The last
+    checkpoint, once the network thread has stopped, copies them where it runs."""
+    db = tmp_path / "state.db"
+    service = PublisherService(in_process_settings(config_path, broker.port, state_db=db,
+                                                   checkpoint_interval=0.2))
+    copied_on: list[str] = []
+    copy = service.stats.saved_state
+
+    def recorded() -> SavedState:
+        copied_on.append(threading.current_thread().name)
+        return copy()
+
+    monkeypatch.setattr(service.stats, "saved_state", recorded)
+    service.start()
+    try:
+        wait_until(lambda: len(copied_on) >= 2 and (db_totals(db) or 0) > 0, 10,
+                   message="two checkpoints, one with publishes")
+    finally:
+        service.stop()
+    assert copied_on[:2] == ["mqtt-network", "mqtt-network"]
+    assert copied_on[-1] != "mqtt-network"  # at stop
+    assert db_totals(db) == service.stats.totals().published
 
 
 def test_totals_survive_sigkill_from_the_last_checkpoint(

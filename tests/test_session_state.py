@@ -671,3 +671,53 @@ def test_a_disconnect_that_cannot_be_sent_times_out(harness: Harness) -> None:
     harness.loop.close_quietly(MAIN_LINK)
     harness.loop._misc(session.closing_since + 60)
     assert harness.loop.get(MAIN_LINK) is None
+
+
+# ---- call_and_wait: the main loop reads what the network thread owns ------------------------
+def _started_loop() -> NetworkLoop:
+    loop = NetworkLoop(BrokerSettings(client_id="fake"), Heard())
+    loop.start()
+    return loop
+
+
+def test_call_and_wait_runs_on_the_network_thread_and_returns_its_result() -> None:
+    loop = _started_loop()
+    try:
+        assert loop.call_and_wait(lambda: threading.current_thread().name, 5.0) == "mqtt-network"
+        with pytest.raises(ZeroDivisionError):
+            loop.call_and_wait(lambda: 1 // 0, 5.0)
+    finally:
+        loop.stop(5.0)
+
+
+def test_call_and_wait_runs_on_the_caller_when_the_loop_is_not_running() -> None:
+    loop = NetworkLoop(BrokerSettings(client_id="fake"), Heard())
+    here = threading.current_thread().name
+    assert loop.call_and_wait(lambda: threading.current_thread().name, 5.0) == here
+
+
+def test_call_and_wait_does_not_wait_longer_than_its_timeout_for_a_wedged_loop() -> None:
+    """The network thread stuck in a command: the caller gets the answer computed itself, and
+    the queued call, cancelled, never runs once the loop comes back."""
+    loop = _started_loop()
+    release, stuck = threading.Event(), threading.Event()
+    ran_on: list[str] = []
+
+    def wedge() -> None:
+        stuck.set()
+        release.wait(30)
+
+    def where() -> str:
+        ran_on.append(threading.current_thread().name)
+        return ran_on[-1]
+
+    try:
+        loop.call_soon(wedge)
+        assert stuck.wait(5)
+        assert loop.call_and_wait(where, 0.2) == threading.current_thread().name
+        release.set()
+        assert loop.call_and_wait(lambda: "back", 5.0) == "back"  # the loop turned since
+        assert ran_on == [threading.current_thread().name]
+    finally:
+        release.set()
+        loop.stop(5.0)
