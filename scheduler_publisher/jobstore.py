@@ -79,6 +79,33 @@ class GroupedJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is u
         self._unfile(job.id)
         self._file(job)
 
+    def update_jobs(self, jobs: list[Job]) -> None:
+        """`update_job` for each of `jobs`, which the scheduler has just run and moved to
+        their next run time: a phase group leaves its bucket for one other bucket, looked up
+        once for all the jobs given the same run time. A job that is no longer here as this
+        object (its run removed or replaced it) is left alone."""
+        given: datetime | None = None  # the run time the last bucket was found for
+        shared: datetime | None = None  # that bucket's instant, which its jobs share
+        bucket: dict[str, Job] = {}
+        for job in jobs:
+            job_id = job.id
+            if job_id not in self._jobs or self._jobs[job_id] is not job:
+                continue
+            self._unfile(job_id)
+            when = job.next_run_time
+            if when is not None and when is given:
+                job.next_run_time = shared
+                self._jobs[job_id] = job
+                self._filed[job_id] = shared
+                bucket[job_id] = job
+                continue
+            self._file(job)
+            filed = self._filed[job_id]
+            if filed is not None and job.next_run_time is filed:  # UTC, as the grid's
+                given, shared, bucket = when, filed, self._buckets[filed]
+            else:  # paused, or another zone's time (a cron entry's): filed one by one
+                given = None
+
     def remove_job(self, job_id: str) -> None:
         if job_id not in self._jobs:
             raise JobLookupError(job_id)

@@ -97,41 +97,105 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         else:
             self._run_job_success(job.id, events)
 
-    def _run(self, job: Any, run_times: list[datetime]) -> list[JobExecutionEvent]:
-        # Events nobody listens to are not built: at thousands of runs a second their objects
-        # and dispatch cost about a fifth of the bookkeeping (docs/design.md).
-        wanted = self._wanted_events()
-        alias = job._jobstore_alias
-        events = [JobExecutionEvent(EVENT_JOB_MISSED, job.id, alias, run_time)
-                  for run_time in run_times[:-1]] if wanted & EVENT_JOB_MISSED else []
+    def run_group(self, jobs: list[Any], run_times: list[datetime], missed: int,
+                  wanted: int) -> list[Any]:
+        """Run the jobs of one phase group, due at the same `run_times` of one trigger, with
+        the contract of `submit_job` for each: `max_instances` enforced, the instance released
+        whatever the run does, and for every job its EVENT_JOB_MISSED (each earlier slot),
+        then EVENT_JOB_EXECUTED or EVENT_JOB_ERROR, dispatched as it finishes. What all the
+        jobs share is worked out once: the slot, the missed count, which events anybody
+        listens to. Returns the jobs refused for `max_instances`, for the scheduler to report
+        as it does for `submit_job`'s refusals."""
+        assert self._lock is not None, "This executor has not been started yet"
+        refused = []
         slot = run_times[-1]
-        # The slots handed over and those the trigger jumped (GridTrigger, CronSlots): every
-        # slot from the first due one to now, bar the one being run. Any other trigger (none
-        # of the service's) jumps nothing: the slots handed over, bar the one being run.
-        trigger = job.trigger
-        kind = type(trigger)  # not isinstance: the triggers' ABCMeta makes that slow
-        if kind is GridTrigger:
-            missed = int((time.time() - run_times[0].timestamp()) // trigger.interval_length)
-        elif kind is CronSlots:
-            missed = trigger.missed_between(run_times[0], datetime.now(UTC))
-        else:
-            missed = len(run_times) - 1
-        try:
-            retval = job.func(*job.args, slot, missed)
-        except BaseException as exc:  # like apscheduler.executors.base.run_job: report it
-            log.exception("tick_failed", entry_id=job.id)  # and let the other jobs run
+        instances = self._instances
+        dispatch = self._scheduler._dispatch_event
+        for job in jobs:
+            job_id = job.id
+            with self._lock:  # as submit_job: counted before running
+                running = instances.get(job_id, 0)
+                if running >= job.max_instances:
+                    refused.append(job)
+                    continue
+                instances[job_id] = running + 1
+            alias = job._jobstore_alias
+            failure: BaseException | None = None
+            try:
+                job.func(*job.args, slot, missed)
+            except BaseException as exc:  # like apscheduler.executors.base.run_job
+                failure = exc
+                log.exception("tick_failed", entry_id=job_id)  # and the other jobs run
+            with self._lock:
+                left = instances[job_id] - 1
+                if left:
+                    instances[job_id] = left
+                else:
+                    del instances[job_id]
+            if wanted:
+                for event in self._events(job_id, alias, run_times, failure, wanted):
+                    dispatch(event)
+        return refused
+
+    @staticmethod
+    def _events(job_id: str, alias: str, run_times: list[datetime],
+                failure: BaseException | None, wanted: int,
+                retval: Any = None) -> list[JobExecutionEvent]:
+        """A run's events that somebody listens to (events nobody listens to are not built: at
+        thousands of runs a second their objects and dispatch cost about a fifth of the
+        bookkeeping, docs/design.md): MISSED for each earlier slot, then EXECUTED or ERROR."""
+        slot = run_times[-1]
+        events = [JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
+                  for run_time in run_times[:-1]] if wanted & EVENT_JOB_MISSED else []
+        if failure is not None:
             if wanted & EVENT_JOB_ERROR:
                 events.append(JobExecutionEvent(
-                    EVENT_JOB_ERROR, job.id, alias, slot, exception=exc,
-                    traceback="".join(format_tb(exc.__traceback__))))
-        else:
-            if wanted & EVENT_JOB_EXECUTED:
-                events.append(JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, alias, slot,
-                                                retval=retval))
+                    EVENT_JOB_ERROR, job_id, alias, slot, exception=failure,
+                    traceback="".join(format_tb(failure.__traceback__))))
+        elif wanted & EVENT_JOB_EXECUTED:
+            events.append(JobExecutionEvent(EVENT_JOB_EXECUTED, job_id, alias, slot,
+                                            retval=retval))
         return events
+
+    def _run(self, job: Any, run_times: list[datetime]) -> list[JobExecutionEvent]:
+        wanted = self._wanted_events()
+        missed = missed_slots(job.trigger, run_times)  # a failure here: _run_job_error's
+        failure: BaseException | None = None
+        retval = None
+        try:
+            retval = job.func(*job.args, run_times[-1], missed)
+        except BaseException as exc:  # like apscheduler.executors.base.run_job: report it
+            failure = exc
+            log.exception("tick_failed", entry_id=job.id)  # and let the other jobs run
+        return self._events(job.id, job._jobstore_alias, run_times, failure, wanted, retval)
 
     def _wanted_events(self) -> int:
         return _listened(self._scheduler)
+
+
+def missed_slots(trigger: Any, run_times: list[datetime]) -> int:
+    """The slots handed over and those the trigger jumped (GridTrigger, CronSlots): every slot
+    from the first due one to now, bar the one being run. Any other trigger (none of the
+    service's) jumps nothing: the slots handed over, bar the one being run."""
+    kind = type(trigger)  # not isinstance: the triggers' ABCMeta makes that slow
+    if kind is GridTrigger:
+        return int((time.time() - run_times[0].timestamp()) // trigger.interval_length)
+    if kind is CronSlots:
+        return int(trigger.missed_between(run_times[0], datetime.now(UTC)))
+    return len(run_times) - 1
+
+
+def _group_missed(executor: BaseExecutor, trigger: Any, run_times: list[datetime]) -> int | None:
+    """The missed count a group's jobs share, when the inline executor runs them together;
+    None sends each job through `submit_job` instead: another executor (none of the
+    service's), or a slot the trigger cannot place, which APScheduler's contract logs and
+    releases job by job (`InlineExecutor._do_submit_job`)."""
+    if not isinstance(executor, InlineExecutor):
+        return None
+    try:
+        return missed_slots(trigger, run_times)
+    except Exception:  # noqa: BLE001 - reported per job by the executor's own path
+        return None
 
 
 def _listened(scheduler: BaseScheduler) -> int:
@@ -216,44 +280,79 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
 
     def _run_due_jobs(self, alias: str, store: Any, due: list[Any], now: datetime,
                       wanted: int, events: list[SchedulerEvent]) -> None:
-        plans: dict[tuple[int, datetime, bool], tuple[list[datetime], Any]] = {}
+        # The jobs of a phase group share a trigger, a run time and an executor: each group's
+        # run times, next slot and missed count are worked out once, its jobs run in one call
+        # of the inline executor, and the job store moves them to their next slot together.
+        groups: dict[tuple[int, datetime, bool, str], list[Any]] = {}
         for job in due:
-            try:
-                executor = self._executors[job.executor]
-            except KeyError:
-                self._logger.error('Executor lookup ("%s") failed for job "%s" -- '
-                                   "removing it from the job store", job.executor, job)
-                self.remove_job(job.id, alias)
-                continue
-            key = (id(job.trigger), job.next_run_time, job.coalesce)
-            plan = plans.get(key)
-            if plan is None:
-                run_times = job._get_run_times(now)
-                if run_times and job.coalesce:
-                    run_times = run_times[-1:]
-                following = job.trigger.get_next_fire_time(run_times[-1], now) \
-                    if run_times else None
-                plan = plans[key] = (run_times, following)
-            run_times, following = plan
-            if not run_times:
-                continue
-            self._submit(executor, job, alias, run_times, wanted, events)
-            if following:
-                job.next_run_time = following  # what Job._modify does with it
-                store.update_job(job)
+            key = (id(job.trigger), job.next_run_time, job.coalesce, job.executor)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [job]
             else:
+                group.append(job)
+        for jobs in groups.values():
+            executor = self._executors.get(jobs[0].executor)
+            if executor is None:
+                for job in jobs:
+                    self._logger.error('Executor lookup ("%s") failed for job "%s" -- '
+                                       "removing it from the job store", job.executor, job)
+                    self.remove_job(job.id, alias)
+            else:
+                self._run_group(executor, alias, store, jobs, now, wanted, events)
+
+    def _run_group(self, executor: BaseExecutor, alias: str, store: Any, jobs: list[Any],
+                   now: datetime, wanted: int, events: list[SchedulerEvent]) -> None:
+        first = jobs[0]
+        run_times = first._get_run_times(now)
+        if run_times and first.coalesce:
+            run_times = run_times[-1:]
+        if not run_times:
+            return
+        following = first.trigger.get_next_fire_time(run_times[-1], now)
+        missed = _group_missed(executor, first.trigger, run_times)
+        if missed is None:
+            for job in jobs:
+                self._submit(executor, job, alias, run_times, wanted, events)
+        else:
+            assert isinstance(executor, InlineExecutor)
+            refused = executor.run_group(jobs, run_times, missed, wanted)
+            for job in refused:
+                self._refused(job, alias, run_times, wanted, events)
+            if wanted & EVENT_JOB_SUBMITTED:
+                events.extend(JobSubmissionEvent(EVENT_JOB_SUBMITTED, job.id, alias, run_times)
+                              for job in jobs if job not in refused)
+        if following:
+            self._move(store, jobs, following)
+        else:
+            for job in jobs:
                 self.remove_job(job.id, alias)
+
+    @staticmethod
+    def _move(store: Any, jobs: list[Any], following: datetime) -> None:
+        """The group's jobs to their next slot (what Job._modify does with it), in one call to
+        a GroupedJobStore; any other store (none of the service's) is told job by job."""
+        for job in jobs:
+            job.next_run_time = following
+        if isinstance(store, GroupedJobStore):
+            store.update_jobs(jobs)
+        else:
+            for job in jobs:
+                store.update_job(job)
+
+    def _refused(self, job: Any, alias: str, run_times: list[datetime], wanted: int,
+                 events: list[SchedulerEvent]) -> None:
+        self._logger.warning('Execution of job "%s" skipped: maximum number of running '
+                             "instances reached (%d)", job, job.max_instances)
+        if wanted & EVENT_JOB_MAX_INSTANCES:
+            events.append(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, job.id, alias, run_times))
 
     def _submit(self, executor: BaseExecutor, job: Any, alias: str, run_times: list[datetime],
                 wanted: int, events: list[SchedulerEvent]) -> None:
         try:
             executor.submit_job(job, run_times)
         except MaxInstancesReachedError:
-            self._logger.warning('Execution of job "%s" skipped: maximum number of running '
-                                 "instances reached (%d)", job, job.max_instances)
-            if wanted & EVENT_JOB_MAX_INSTANCES:
-                events.append(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, job.id, alias,
-                                                 run_times))
+            self._refused(job, alias, run_times, wanted, events)
         except BaseException:  # as APScheduler: logged, the other jobs run
             self._logger.exception('Error submitting job "%s" to executor "%s"', job,
                                    job.executor)

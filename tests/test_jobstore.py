@@ -39,6 +39,12 @@ def move(store: BaseJobStore, moved: Any, offset: float | None) -> None:
     store.update_job(moved)
 
 
+def filed_job(store: BaseJobStore, job_id: str) -> Any:
+    found = store.lookup_job(job_id)
+    assert found is not None, job_id
+    return found
+
+
 def ids(jobs: list[Any]) -> list[str]:
     return [j.id for j in jobs]
 
@@ -193,3 +199,57 @@ def test_the_jobs_of_a_group_share_one_run_time_and_one_empty_kwargs() -> None:
     assert b.next_run_time == T0 + timedelta(seconds=2)
     assert [j.id for j in store.get_due_jobs(T0 + timedelta(seconds=1))] == ["a"]
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdefgh"), OFFSETS, min_size=1),
+       st.lists(st.sampled_from("abcdefgh"), unique=True), OFFSETS, st.integers(0, 7))
+def test_a_group_moved_at_once_answers_like_its_jobs_moved_one_by_one(
+        filed: dict[str, float | None], moved: list[str], offset: float | None,
+        now_offset: int) -> None:
+    """update_jobs (the scheduler moving a phase group to its next slot, every job given the
+    same run time object) leaves the store as update_job job by job leaves MemoryJobStore, and
+    the moved jobs share the run time of the jobs already filed there."""
+    ours, theirs = GroupedJobStore(), MemoryJobStore()
+    for target in (ours, theirs):
+        for job_id, at in filed.items():
+            target.add_job(job(job_id, at))
+    when = None if offset is None else T0 + timedelta(seconds=offset)
+    group = [filed_job(ours, job_id) for job_id in moved if job_id in filed]
+    for moving in group:
+        moving.next_run_time = when
+    ours.update_jobs(group)
+    for moving in group:
+        move(theirs, filed_job(theirs, moving.id), offset)
+    assert ids(ours.get_all_jobs()) == ids(theirs.get_all_jobs())
+    assert ours.get_next_run_time() == theirs.get_next_run_time()
+    now = T0 + timedelta(seconds=now_offset)
+    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == \
+        [(j.next_run_time, j.id) for j in theirs.get_due_jobs(now)]
+    for job_id in filed:
+        assert filed_job(ours, job_id).next_run_time == filed_job(theirs, job_id).next_run_time
+    instants = {id(j.next_run_time) for j in ours.get_all_jobs()
+                if j.next_run_time == when and when is not None}
+    assert len(instants) <= 1
+
+
+def test_a_group_move_leaves_alone_a_job_its_run_removed_or_replaced() -> None:
+    """A job removed, or replaced by another Job under its id, while its group ran is not
+    filed again by the group's move: the replacement keeps its own run time."""
+    store = GroupedJobStore()
+    a, b, c = job("a", 1), job("b", 1), job("c", 1)
+    for filed in (a, b, c):
+        store.add_job(filed)
+    store.remove_job("b")
+    store.remove_job("c")
+    replacement = job("c", 5)
+    store.add_job(replacement)
+    following = T0 + timedelta(seconds=2)
+    for moving in (a, b, c):
+        moving.next_run_time = following
+    store.update_jobs([a, b, c])
+    assert store.lookup_job("a") is a
+    assert store.lookup_job("b") is None
+    assert replacement.next_run_time == T0 + timedelta(seconds=5)
+    assert filed_job(store, "c") is replacement
+    assert ids(store.get_all_jobs()) == ["a", "c"]
