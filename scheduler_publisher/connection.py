@@ -559,6 +559,10 @@ class MQTTConnectionManager:
         if qos and self._draining:
             self._check_drained()
 
+    def written(self, link: SessionView, entry_ids: list[str]) -> None:
+        """Pre-encoded QoS 0 packets (packet.py) that reached the socket: published."""
+        self.stats.record_written(entry_ids)
+
     def lost_unsent(self, link: SessionView, entry_id: str | None) -> None:
         if entry_id is not None:
             self.stats.record_dropped(entry_id)

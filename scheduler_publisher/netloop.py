@@ -103,6 +103,7 @@ class SessionListener(Protocol):
     def link_closed(self, session: SessionView) -> None: ...
     def published(self, session: SessionView, entry_id: str | None, qos: int,
                   failure: str | None) -> None: ...
+    def written(self, session: SessionView, entry_ids: list[str]) -> None: ...
     def lost_unsent(self, session: SessionView, entry_id: str | None) -> None: ...
 
 
@@ -529,8 +530,9 @@ class NetworkLoop:
             pass  # the socket closed while writing; _on_lost has run
 
     def _report_written(self, session: Session) -> None:
-        for entry_id in session.written_packets():
-            self.listener.published(session, entry_id, 0, None)
+        written = session.written_packets()
+        if written:
+            self.listener.written(session, written)
 
     def _start_due_connects(self, now: float) -> None:
         if now < self._next_connect_check or self._stopping.is_set():

@@ -11,8 +11,9 @@ docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups
   scheduler's thread itself, without a thread pool hop per run. It keeps
   APScheduler's executor contract (max_instances, job events for listeners).
 - Many jobs, few distinct run times: entries sit in phase groups, so the entries' job store
-  (jobstore.py) files jobs by run time, and the scheduler works out a group's run times and
-  next slot once for all its jobs (docs/design.md, "CPU per message: profile").
+  (jobstore.py) files jobs by run time, and the scheduler works out a group's run times,
+  next slot and missed count once for all its jobs, runs them in one executor call and moves
+  them in one job store call (docs/design.md, "A phase group run as one").
 - The scheduler has no thread of its own: it runs on the network thread's event loop
   (LoopScheduler), so a phase group's ticks queue their packets where they are written, and
   the group reaches the socket in one `send()`.

@@ -18,7 +18,7 @@ import random
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import DisconnectFlags
@@ -61,12 +61,13 @@ class Will:
     properties: MessageProperties | None = None  # the entry's (MQTT 5 only: its will's too)
 
 
-@dataclass(frozen=True, slots=True)
-class LinkKey:
+class LinkKey(NamedTuple):
     """Which connection: the shared main one, or the own one of the lwt entry `entry_id`.
 
     A type of its own rather than a string, so that no entry id can ever name the main
     connection: an entry called "main" is `LinkKey("main")`, never `MAIN_LINK` (issue 11 #9).
+    A named tuple, not a frozen dataclass: every publish looks its connection up by it, and a
+    tuple hashes in C where the dataclass's `__hash__` is Python.
     """
 
     entry_id: str | None = None
@@ -342,7 +343,9 @@ class Session:
 
     @property
     def is_up(self) -> bool:
-        return self.state in UP_STATES
+        # UP_STATES, spelt out: asked twice per publish, and an Enum hashes in Python
+        state = self.state
+        return state is State.CONNECTED or state is State.STALLED
 
     @property
     def is_v5(self) -> bool:
@@ -436,8 +439,17 @@ class Session:
     def written_packets(self) -> list[str]:
         """The entries whose pre-encoded packets paho has written since the last call."""
         done = list(self.packets.written())
-        for entry_id in done:
-            self.release(entry_id)
+        pending = self.pending
+        for entry_id in done:  # release(), with one stall check for the lot: releases only
+            left = pending.get(entry_id, 0) - 1  # lower counts, so the last check decides
+            if left == MAX_PENDING_PER_ENTRY - 1:
+                self._saturated -= 1
+            if left > 0:
+                pending[entry_id] = left
+            else:
+                pending.pop(entry_id, None)
+        if done:
+            self.check_stall()
         return done
 
     def _hold(self, entry_id: str) -> None:

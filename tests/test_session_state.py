@@ -202,6 +202,9 @@ class Heard:
                   failure: str | None) -> None:
         self.events.append(("published", session.key, entry_id))
 
+    def written(self, session: SessionView, entry_ids: list[str]) -> None:
+        self.events.extend(("published", session.key, entry_id) for entry_id in entry_ids)
+
     def lost_unsent(self, session: SessionView, entry_id: str | None) -> None:
         self.events.append(("lost_unsent", session.key, entry_id))
 

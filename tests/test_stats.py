@@ -82,3 +82,20 @@ def test_counters_are_created_only_for_added_entries() -> None:
     stats.remove_entry("real")
     stats.record_published("real")
     assert stats.entries == {}
+
+
+def test_packets_written_together_count_as_published_at_one_moment() -> None:
+    """record_written (one send() of pre-encoded packets) counts like record_published for each
+    entry, an entry twice if it was written twice, ghosts in the totals only, and stamps every
+    entry with the one moment of the write."""
+    moments = iter([1000.0, 2000.0])
+    stats = Stats(wall=lambda: next(moments))
+    for entry_id in ("a", "b"):
+        stats.add_entry(entry_id)
+    stats.record_written(["a", "b", "ghost", "a"])
+    assert stats.published == 4
+    assert (stats.entry("a").published, stats.entry("b").published) == (2, 1)
+    assert stats.entry("a").last_published_at == stats.entry("b").last_published_at == 1000.0
+    assert "ghost" not in stats.entries
+    stats.record_written(["b"])
+    assert (stats.entry("b").published, stats.entry("b").last_published_at) == (2, 2000.0)
