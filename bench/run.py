@@ -37,6 +37,7 @@ from typing import Any
 
 import roles
 import template_cost
+import wake_cost
 from common import (
     REPO,
     RUN,
@@ -617,6 +618,10 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
         print("\n".join(comparison_table(result["compare"])))
         print()
         rows += issue12_rows(result["compare"], result.get("loaded"), nr_skip, quick)
+        if "timer_floor" in result:
+            rows.append(("this machine: a sleeping thread's wake-up lateness at 10 deadlines a "
+                         "second", "(the floor under every p99; not a target)",
+                         wake_cost.describe_lateness(result["timer_floor"]), "info"))
     if "soak" in result:
         rows += verdicts(result, quick)
         soak = soak_row(result["soak"])
@@ -660,6 +665,9 @@ def main() -> int:
     log("templated entry: payload cost per publish, next to a static one")
     result["template_cost"] = template_cost.measure(2_000 if args.quick else 20_000,
                                                     3 if args.quick else 5)
+    if not args.only_shards:
+        log("this machine's floor: how late a sleeping thread wakes at its deadlines")
+        result["timer_floor"] = wake_cost.lateness(1.0 if args.quick else 30.0, 0.1)
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
     broker = Broker(work)
     broker.start()

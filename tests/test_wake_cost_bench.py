@@ -18,3 +18,18 @@ def test_wake_cost_bench_reports_cpu_per_wakeup() -> None:
                       r"([\d.]+) wake-ups a second, ([\d.]+) % of a core", done.stdout)
     assert found is not None, done.stdout
     assert 0 < float(found.group(2)) <= 101  # at most one wake-up per 10 ms (and the last)
+
+
+def test_wake_cost_bench_reports_how_late_a_thread_wakes_at_its_deadlines() -> None:
+    """The lateness line: percentiles, the worst and the count over 5 ms, for as many
+    wake-ups as the run holds deadlines."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--seconds", "0.5", "--period-ms", "10"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    found = re.search(r"woken at a deadline every 10 ms: lateness p50 ([\d.]+) / p99 ([\d.]+) / "
+                      r"max ([\d.]+) ms over (\d+) wake-ups, (\d+) more than 5 ms late",
+                      done.stdout)
+    assert found is not None, done.stdout
+    p50, p99, worst = (float(found.group(i)) for i in (1, 2, 3))
+    assert 0 <= p50 <= p99 <= worst
+    assert int(found.group(4)) == 50
+    assert int(found.group(5)) <= 50
