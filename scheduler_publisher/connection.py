@@ -139,15 +139,12 @@ class MQTTConnectionManager:
 
     def publish_entry(self, entry_id: str, slot: datetime | None = None,
                       missed: int = 0) -> None:
-        """The scheduler's tick (scheduling.Tick): publish the entry's current version. `slot`
-        is the grid slot it was due at and `missed` the slots skipped before it; the network
-        thread counts both, as the one writer of the entry's counters (stats.py). The scheduler
-        runs on the network thread (`event_loop`), so a tick is handled at once and its packet
-        goes out with the rest of its phase group; from another thread it is handed over."""
+        """Publish the entry's current version, from any thread: `tick`, on the network thread
+        (at once there, handed over from any other)."""
         if self._loop.in_loop_thread:
-            self._tick(entry_id, slot, missed)
+            self.tick(entry_id, slot, missed)
         else:
-            self._loop.call_soon(lambda: self._tick(entry_id, slot, missed))
+            self._loop.call_soon(lambda: self.tick(entry_id, slot, missed))
 
     @property
     def event_loop(self) -> NetworkLoop:
@@ -239,7 +236,12 @@ class MQTTConnectionManager:
     def _link_for(self, entry: PublishConfig) -> SessionView | None:
         return self._loop.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
 
-    def _tick(self, entry_id: str, slot: datetime | None, missed: int) -> None:
+    def tick(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
+        """The scheduler's tick (scheduling.Tick), network thread only: publish the entry's
+        current version. `slot` is the grid slot it was due at and `missed` the slots skipped
+        before it; counted here, by the one writer of the entry's counters (stats.py). The
+        scheduler runs on this thread (`event_loop`), so the packet goes out with the rest of
+        its phase group; any other thread calls `publish_entry`."""
         if slot is not None:
             self.stats.record_tick(entry_id, time.time() - slot.timestamp(), missed)
         self._publish_entry(entry_id)
@@ -251,22 +253,22 @@ class MQTTConnectionManager:
         if self._faults.holding and self._held_back(entry_id):
             self.stats.record_dropped(entry_id)
             return
-        link = self._link_for(entry)
-        if link is not None and link.is_up and \
-                time.monotonic() - link.connected_at < entry.period / 2:
-            # The connect published the entry (the birth burst) moments ago: a grid slot this
-            # close would publish it twice within half its interval (issue 11 #5); a cron
-            # entry's period is its shortest gap between slots.
-            return
-        if link is None or not link.is_up or link.saturated(entry_id):
-            # Down, or up but stalled (the broker stopped reading or acknowledging): paho's
-            # queues keep at most a few messages per entry, however long it lasts.
-            if entry.qos == 0:
-                self.stats.record_dropped(entry_id)
-            else:
-                self.stats.record_deferred(entry_id)  # the birth publish carries the newest
-            return
-        self._send(link, entry)
+        link = self._loop.get(LinkKey(entry_id) if entry.lwt else MAIN_LINK)
+        if link is not None and link.is_up:
+            if time.monotonic() - link.connected_at < entry.period / 2:
+                # The connect published the entry (the birth burst) moments ago: a grid slot
+                # this close would publish it twice within half its interval (issue 11 #5); a
+                # cron entry's period is its shortest gap between slots.
+                return
+            if not link.saturated(entry_id):
+                self._send(link, entry)
+                return
+        # Down, or up but stalled (the broker stopped reading or acknowledging): paho's queues
+        # keep at most a few messages per entry, however long it lasts.
+        if entry.qos == 0:
+            self.stats.record_dropped(entry_id)
+        else:
+            self.stats.record_deferred(entry_id)  # the birth publish carries the newest
 
     def _held_back(self, entry_id: str) -> bool:
         """While the culprit of blamed drops is searched for: a quiet spell may have cleared

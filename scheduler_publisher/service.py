@@ -128,7 +128,7 @@ class PublisherService:
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
             clear_retained_on_remove=self.settings.clear_retained_on_remove)
-        self._schedule = Schedule(self._connection.publish_entry, self._connection.event_loop,
+        self._schedule = Schedule(self._connection.tick, self._connection.event_loop,
                                   PhaseSpread(self.settings.phase_slots))
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)

@@ -42,11 +42,6 @@ class EntryStats:
     lateness_max: float = 0.0
     seq: int = 0  # the last {{seq}} rendered; kept in the state DB
 
-    def observe_lateness(self, seconds: float) -> None:
-        self.ticks += 1
-        self.lateness_total += seconds
-        self.lateness_max = max(self.lateness_max, seconds)
-
     def as_dict(self) -> dict[str, Any]:
         mean = self.lateness_total / self.ticks if self.ticks else 0.0
         return {
@@ -154,7 +149,9 @@ class Stats:
         self.lateness_total += late
         e = self.entries.get(entry_id)
         if e is not None:
-            e.observe_lateness(late)
+            e.ticks += 1
+            e.lateness_total += late
+            e.lateness_max = max(e.lateness_max, late)
             e.missed += missed
 
     # main loop, before the network thread starts
