@@ -27,9 +27,10 @@ from structlog.testing import capture_logs
 
 from scheduler_publisher import scheduling
 from scheduler_publisher.config import PublishConfig
+from scheduler_publisher.executor import InlineExecutor
 from scheduler_publisher.netloop import NetworkLoop
 from scheduler_publisher.plan import grid_start
-from scheduler_publisher.scheduling import ENTRY_JOBS, InlineExecutor, Schedule
+from scheduler_publisher.scheduling import ENTRY_JOBS, Schedule
 from scheduler_publisher.triggers import grid_trigger
 from tests.support import group_ids, wait_until
 
