@@ -269,16 +269,16 @@ def test_log_calls_name_no_ecs_field_by_accident() -> None:
 INJECT = '''
 import scheduler_publisher.connection as connection
 
-_original = connection.MQTTConnectionManager.publish_entry
+_original = connection.MQTTConnectionManager.tick
 
 
-def publish_entry(self, entry_id, *args, **kwargs):
+def tick(self, entry_id, *args, **kwargs):
     if entry_id == "boom":
         raise RuntimeError("injected for the ECS test")
     return _original(self, entry_id, *args, **kwargs)
 
 
-connection.MQTTConnectionManager.publish_entry = publish_entry
+connection.MQTTConnectionManager.tick = tick
 '''
 
 
