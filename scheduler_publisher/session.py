@@ -439,15 +439,8 @@ class Session:
     def written_packets(self) -> list[str]:
         """The entries whose pre-encoded packets paho has written since the last call."""
         done = list(self.packets.written())
-        pending = self.pending
-        for entry_id in done:  # release(), with one stall check for the lot: releases only
-            left = pending.get(entry_id, 0) - 1  # lower counts, so the last check decides
-            if left == MAX_PENDING_PER_ENTRY - 1:
-                self._saturated -= 1
-            if left > 0:
-                pending[entry_id] = left
-            else:
-                pending.pop(entry_id, None)
+        for entry_id in done:  # one stall check for the lot: releases only lower the counts,
+            self._unhold(entry_id)  # so the last check decides
         if done:
             self.check_stall()
         return done
@@ -460,6 +453,10 @@ class Session:
             self.check_stall()
 
     def release(self, entry_id: str) -> None:
+        self._unhold(entry_id)
+        self.check_stall()
+
+    def _unhold(self, entry_id: str) -> None:
         left = self.pending.get(entry_id, 0) - 1
         if left == MAX_PENDING_PER_ENTRY - 1:
             self._saturated -= 1
@@ -467,7 +464,6 @@ class Session:
             self.pending[entry_id] = left
         else:
             self.pending.pop(entry_id, None)
-        self.check_stall()
 
     def check_stall(self) -> None:
         """STALLED while some entry is at its limit in paho, CONNECTED again once none is."""
