@@ -81,12 +81,7 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
                     continue
                 instances[job_id] = running + 1
             alias = job._jobstore_alias
-            failure: BaseException | None = None
-            try:
-                job.func(*job.args, slot, missed)
-            except BaseException as exc:  # like apscheduler.executors.base.run_job
-                failure = exc
-                log.exception("tick_failed", entry_id=job_id)  # and the other jobs run
+            _retval, failure = _call(job, slot, missed)
             with self._lock:
                 left = instances[job_id] - 1
                 if left:
@@ -121,17 +116,21 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
     def _run(self, job: Any, run_times: list[datetime]) -> list[JobExecutionEvent]:
         wanted = self._wanted_events()
         missed = missed_slots(job.trigger, run_times)  # a failure here: _run_job_error's
-        failure: BaseException | None = None
-        retval = None
-        try:
-            retval = job.func(*job.args, run_times[-1], missed)
-        except BaseException as exc:  # like apscheduler.executors.base.run_job: report it
-            failure = exc
-            log.exception("tick_failed", entry_id=job.id)  # and let the other jobs run
+        retval, failure = _call(job, run_times[-1], missed)
         return self._events(job.id, job._jobstore_alias, run_times, failure, wanted, retval)
 
     def _wanted_events(self) -> int:
         return listened(self._scheduler)
+
+
+def _call(job: Any, slot: datetime, missed: int) -> tuple[Any, BaseException | None]:
+    """Run the job's tick: its return value, or the exception it raised, logged (like
+    apscheduler.executors.base.run_job), so that the other jobs run."""
+    try:
+        return job.func(*job.args, slot, missed), None
+    except BaseException as exc:  # reported as EVENT_JOB_ERROR by the caller
+        log.exception("tick_failed", entry_id=job.id)
+        return None, exc
 
 
 def missed_slots(trigger: Any, run_times: list[datetime]) -> int:
