@@ -44,10 +44,6 @@ MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while di
 STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
 STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
-# DISCONNECT reasons by which an MQTT 5 broker blames a packet we sent (MQTT 5.0 §3.14.2.1):
-# malformed packet, protocol error, topic name invalid, packet too large, payload format
-# invalid, retain not supported, QoS not supported.
-PACKET_FAULTS = frozenset({0x81, 0x82, 0x90, 0x95, 0x99, 0x9A, 0x9B})
 RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attribution
 QUIET_MARGIN = 1.0  # seconds beyond the longest period of the suspects not held
 
@@ -477,7 +473,7 @@ class MQTTConnectionManager:
             self._report_conflict(link)
         if link.key.is_main:
             self._main_up.clear()
-            if was_up and link.broker_reason in PACKET_FAULTS:
+            if was_up and link.blames_a_packet:
                 self._attribute(link, reason)
             if was_up:
                 log.warning("mqtt_disconnected", reason=reason, broker=self._broker,
@@ -499,10 +495,13 @@ class MQTTConnectionManager:
         now = time.monotonic()
         published = {entry_id for at, entry_id in self._recent if at >= now - window}
         self._recent.clear()
-        self._fault_reason = reason
+        if link.broker_reason is not None or not self._faults.suspects(now):
+            # A reset names nothing: the search keeps the reason an earlier drop gave.
+            self._fault_reason = reason
         guilty = self._faults.observe(published & self._entries.keys(), now)
         for entry_id in sorted(guilty):
-            self._quarantine(self._entries[entry_id], reason, together=len(guilty))
+            self._quarantine(self._entries[entry_id], self._fault_reason,
+                             together=len(guilty))
 
     def _quarantine(self, entry: PublishConfig, reason: str, *, together: int) -> None:
         why = f"the broker dropped the connection at its publish: {reason}"

@@ -90,6 +90,8 @@ class SessionView(Protocol):
     @property
     def broker_reason(self) -> int | None: ...
     @property
+    def blames_a_packet(self) -> bool: ...
+    @property
     def awaiting_acks(self) -> bool: ...
     def saturated(self, entry_id: str) -> bool: ...
 
@@ -370,6 +372,7 @@ class NetworkLoop:
             return  # the CONNACK crossed our DISCONNECT
         session.last_error = None
         session.broker_reason = None
+        session.reset_by_broker = False
         session.connected_at = time.monotonic()
         session.quick_reconnect = session.backoff.failures <= 1
         if session.conflict is None:
@@ -597,6 +600,7 @@ class NetworkLoop:
         """Drop the socket without a DISCONNECT: the peer is not answering."""
         session.client._sock_close()  # paho has no public "drop the socket" call
         session.broker_reason = None
+        session.reset_by_broker = False
         self._on_lost(session, event, reason)
 
     def _misc(self, now: float) -> None:

@@ -152,7 +152,12 @@ class PacketQueue:
 
 
 def check_paho(client: mqtt.Client) -> None:
-    """Raise if the installed paho lacks the out-queue PacketQueue writes through."""
+    """Raise if the installed paho lacks an internal we use: the out-queue PacketQueue writes
+    through, and the socket wrappers that note a reset."""
+    for name in ("_sock_recv", "_sock_send"):  # session.ResetAwareClient wraps these
+        if not callable(getattr(client, name, None)):
+            raise TypeError(f"paho-mqtt's Client has no {name}: this paho version is not one "
+                            "the reset detection was checked against (setup.cfg)")
     out = getattr(client, "_out_packet", None)
     if not isinstance(out, collections.deque):
         raise TypeError("paho-mqtt's Client._out_packet is not a deque: this paho version is "

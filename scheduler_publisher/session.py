@@ -44,6 +44,10 @@ MAX_PENDING_PER_ENTRY = 4
 # an MQTT 5 broker that sends reason 0x8E says so outright).
 STABLE_AFTER = 30.0
 FLAP_LIMIT = 3
+# DISCONNECT reasons by which an MQTT 5 broker blames a packet we sent (MQTT 5.0 §3.14.2.1):
+# malformed packet, protocol error, topic name invalid, packet too large, payload format
+# invalid, retain not supported, QoS not supported.
+PACKET_FAULTS = frozenset({0x81, 0x82, 0x90, 0x95, 0x99, 0x9A, 0x9B})
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,12 +209,40 @@ class SessionCallbacks:
     socket_closed: Callable[[Session, Any], None]
 
 
+class ResetAwareClient(mqtt.Client):
+    """paho's client, noting when the broker reset the connection: paho reports a reset and a
+    clean close alike ("Unspecified error"), and a reset is how an MQTT 5 broker's DISCONNECT
+    for a refused packet gets lost (`Session.blames_a_packet`). Overrides paho's socket
+    wrappers `_sock_recv` and `_sock_send`, which `check_paho` checks exist."""
+
+    _reset = False
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except ConnectionResetError:
+            self._reset = True
+            raise
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except ConnectionResetError:
+            self._reset = True
+            raise
+
+    def take_reset(self) -> bool:
+        """Whether the connection just lost was reset, and forget it for the next one."""
+        reset, self._reset = self._reset, False
+        return reset
+
+
 def paho_client(session: Session) -> mqtt.Client:
     """The real client for `session`: its protocol, credentials, TLS, will and callbacks."""
     s = session.settings
     protocol = MQTTProtocolVersion.MQTTv5 if session.is_v5 else MQTTProtocolVersion.MQTTv311
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=session.client_id,
-                         protocol=protocol, reconnect_on_failure=False)
+    client = ResetAwareClient(CallbackAPIVersion.VERSION2, client_id=session.client_id,
+                              protocol=protocol, reconnect_on_failure=False)
     check_paho(client)  # pre-encoded packets go through its out-queue (packet.py)
     client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
     client.enable_logger(PAHO_LOGGER)
@@ -319,6 +351,7 @@ class Session:
     quick_reconnect: bool = False  # the last connect succeeded at the first attempt
     conflict: str | None = None
     broker_reason: int | None = None  # the reason code of the broker's last DISCONNECT, if any
+    reset_by_broker: bool = False  # the last loss was a TCP reset, no DISCONNECT read
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
@@ -352,6 +385,17 @@ class Session:
         return self.settings.protocol == "5"
 
     @property
+    def blames_a_packet(self) -> bool:
+        """The broker dropped this connection for something we sent: its DISCONNECT says so,
+        or (MQTT 5) it reset the connection. An MQTT 5 broker that refuses a packet sends that
+        DISCONNECT and closes while the rest of our write is unread, and the close is then a
+        reset that can discard the DISCONNECT before we read it (docs/design.md, "An entry
+        that gets the shared connection dropped")."""
+        if self.broker_reason is not None:
+            return self.broker_reason in PACKET_FAULTS
+        return self.reset_by_broker and self.is_v5
+
+    @property
     def failures(self) -> int:
         """Failed attempts (and losses) since the last reset of the backoff."""
         return self.backoff.failures
@@ -371,7 +415,8 @@ class Session:
         lived = now - self.connected_at
         if taken_over:
             self.conflict = f"the broker says another client took over client id {self.client_id}"
-        elif self.broker_reason is None and lived < STABLE_AFTER and self.quick_reconnect:
+        elif self.broker_reason is None and not self.blames_a_packet and \
+                lived < STABLE_AFTER and self.quick_reconnect:
             self.flaps += 1
             if self.flaps >= FLAP_LIMIT and self.conflict is None:
                 self.conflict = (f"the broker closed this connection {self.flaps} times in a "
@@ -498,10 +543,12 @@ class Session:
             return
         self.callbacks.connected(self)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, flags: DisconnectFlags,
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, flags: DisconnectFlags,
                        reason: ReasonCode, _props: Any) -> None:
         from_server = flags.is_disconnect_packet_from_server
         self.broker_reason = reason.value if from_server else None
+        self.reset_by_broker = not from_server and isinstance(client, ResetAwareClient) and \
+            client.take_reset()
         if from_server:
             self.callbacks.lost(self, Event.DISCONNECT_RECEIVED, describe_reason(reason),
                                 reason.value == SESSION_TAKEN_OVER)
@@ -510,7 +557,8 @@ class Session:
         # know instead: the socket was closed under us (Mosquitto 2.0 closes a taken-over or
         # over-limit connection without a packet).
         words = "connection closed by the broker before CONNACK" \
-            if self.state is State.HANDSHAKE else "connection closed by the broker"
+            if self.state is State.HANDSHAKE else "connection reset by the broker" \
+            if self.reset_by_broker else "connection closed by the broker"
         self.callbacks.lost(self, Event.SOCKET_CLOSED, words, False)
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode,

@@ -5,6 +5,7 @@
     proxy.resume()       # forward again (and accept new connections again after sever())
     proxy.throttle(500)  # at most ~500 bytes/s per direction per connection; 0 = unlimited
     proxy.sever()        # close every connection and refuse new ones until resume()
+    proxy.reset_at_disconnect()  # the broker's DISCONNECT and close become a TCP reset
     proxy.stop()         # close everything; also runs at `max_lifetime` (self-stopping)
 
 Bounded: at most `max_connections` live connections, every thread polls with a short timeout
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import struct
 import threading
 import time
 
@@ -43,6 +45,7 @@ class NetProxy:
         self._forwarding.set()
         self._refusing = False
         self._rate = 0.0  # bytes per second per direction; 0 = unlimited
+        self._reset_at_disconnect = False
         self.accepted = 0
 
     # ---- control ----------------------------------------------------------------------------
@@ -60,6 +63,13 @@ class NetProxy:
 
     def throttle(self, bytes_per_sec: float) -> None:
         self._rate = max(0.0, float(bytes_per_sec))
+
+    def reset_at_disconnect(self) -> None:
+        """From the broker, forward whole MQTT packets; when the broker sends a DISCONNECT or
+        ends the connection, reset the client's connection (an RST, no FIN) and forward
+        nothing more. A broker that closes with the client's bytes unread resets the
+        connection itself, and the reset can overtake its DISCONNECT; here it always does."""
+        self._reset_at_disconnect = True
 
     def sever(self) -> None:
         """Close every open connection (the peers see a close) and refuse new ones."""
@@ -127,6 +137,7 @@ class NetProxy:
         except (ValueError, OSError):
             return
         budget_at = {a: time.monotonic(), b: time.monotonic()}
+        from_broker = bytearray()  # an incomplete packet, after reset_at_disconnect()
         try:
             while not self._stopped.is_set():
                 if not self._forwarding.is_set():
@@ -156,7 +167,11 @@ class NetProxy:
                     except BlockingIOError:
                         continue
                     except OSError:
-                        return
+                        data = b""
+                    if src is b and self._reset_at_disconnect:
+                        if self._from_broker(a, from_broker, data):
+                            return
+                        continue
                     if not data:
                         return
                     if not self._send_all(peer[src], data):
@@ -167,6 +182,17 @@ class NetProxy:
             _close(b)
             with self._lock:
                 self._pairs = [p for p in self._pairs if p != (a, b)]
+
+    def _from_broker(self, client: socket.socket, pending: bytearray, data: bytes) -> bool:
+        """After reset_at_disconnect(): forward the whole packets; True once the client's
+        connection is reset because the broker sent a DISCONNECT or ended (`data` empty)."""
+        pending += data
+        whole, disconnect = _whole_packets(pending)
+        self._send_all(client, whole)
+        if data and not disconnect:
+            return False
+        _reset(client)
+        return True
 
     def _send_all(self, dst: socket.socket, data: bytes) -> bool:
         view = memoryview(data)
@@ -180,6 +206,45 @@ class NetProxy:
                 return False
             view = view[sent:]
         return True
+
+
+def _whole_packets(buffer: bytearray) -> tuple[bytes, bool]:
+    """Take the complete MQTT packets off the front of `buffer`, up to a DISCONNECT; returns
+    them and whether a DISCONNECT came next (which stays in `buffer`, never forwarded)."""
+    done = 0
+    disconnect = False
+    while done < len(buffer):
+        if buffer[done] >> 4 == 14:  # DISCONNECT
+            disconnect = True
+            break
+        end = _packet_end(buffer, done)
+        if end is None:
+            break
+        done = end
+    whole = bytes(buffer[:done])
+    del buffer[:done]
+    return whole, disconnect
+
+
+def _packet_end(buffer: bytearray, start: int) -> int | None:
+    """Where the MQTT packet at `start` ends, or None while it is incomplete."""
+    size, pos = 0, start + 1
+    for shift in (0, 7, 14, 21):  # the remaining length: up to four bytes, 7 bits each
+        if pos >= len(buffer):
+            return None
+        byte = buffer[pos]
+        pos += 1
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return pos + size if pos + size <= len(buffer) else None
+    raise ValueError(f"malformed remaining length at byte {start}")
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with an RST: SO_LINGER on, with a zero timeout."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _close(s)
 
 
 def _close(s: socket.socket) -> None:

@@ -9,6 +9,7 @@ import logging
 import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,12 +105,16 @@ def test_templated_entries_and_entries_with_properties_have_no_packet() -> None:
 
 
 # ---- the paho internals written through -------------------------------------------------------
-def test_paho_has_the_out_queue_the_packets_are_written_through() -> None:
-    """Fails loudly if a paho upgrade drops or reshapes `Client._out_packet`."""
+def test_paho_has_the_internals_we_use() -> None:
+    """Fails loudly if a paho upgrade drops or reshapes `Client._out_packet` (the pre-encoded
+    packets go through it) or the socket wrappers `session.ResetAwareClient` overrides."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     check_paho(client)
-    with pytest.raises(TypeError, match="_out_packet"):
+    with pytest.raises(TypeError, match="_sock_recv"):
         check_paho(object())  # type: ignore[arg-type]
+    wrappers = types.SimpleNamespace(_sock_recv=client._sock_recv, _sock_send=client._sock_send)
+    with pytest.raises(TypeError, match="_out_packet"):
+        check_paho(wrappers)  # type: ignore[arg-type]
 
 
 class Wired:
