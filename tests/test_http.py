@@ -453,7 +453,9 @@ def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter
                                                     topic_base: str) -> None:
     """Clients that start a request and stall take the few workers and the queue; a request
     beyond them gets 503 JSON at once, no new thread, and all is well after the timeout."""
-    service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=1.0)
+    # The stalled requests hold the workers until this timeout: long enough for a loaded
+    # machine to open them all and ask once more before the first ones are let go.
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=4.0)
     port = service.http.port
     assert get(service, "/health").status == 200
     threads_before = threading.active_count()

@@ -380,7 +380,10 @@ def test_get_status_reports_configs_connection_totals_and_per_entry_counters(
     assert (fast_status["topic"], fast_status["interval"], fast_status["qos"],
             fast_status["retain"], fast_status["lwt"]) == (fast, 0.2, 1, False, False)
     assert fast_status["published"] >= 3
-    assert (fast_status["errors"], fast_status["dropped"], fast_status["deferred"]) == (0, 0, 0)
+    assert (fast_status["errors"], fast_status["dropped"]) == (0, 0)
+    # A QoS 1 tick that finds the connection still in its handshake, or four messages still
+    # unacknowledged (a loaded machine), is deferred to the next one, not lost.
+    assert 0 <= fast_status["deferred"] < fast_status["published"]
     assert abs(fast_status["last_published_at"] - time.time()) < 30
     assert fast_status["next_run_at"] is not None
     assert status["entries"]["slow"]["retain"] is True
