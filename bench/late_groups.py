@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Where the late phase groups are late: in the service, or after it.
+
+    .venv/bin/python bench/late_groups.py [--entries 100] [--seconds 120]
+
+Measurement only. Runs the service's CLI with its default settings at `--entries` x 1 s,
+traced: each phase group's due time, when the group's run started and ended, and when each
+`send()` of the main connection returned. A C subscriber (`mosquitto_sub`) stamps every
+arrival. Each group whose last message arrived more than LATE_MS after the median group's
+last arrival is put down to one of:
+
+- "woke late": the group's run started late (the network thread's wake-up);
+- "ran long": it started on time, and its last send left late (the run or its sends were
+  held up inside the service);
+- "after the service": its last send left on time and its messages still arrived late (the
+  broker or the subscriber).
+
+A group late for more than one reason is counted under the first that applies. A group late
+by this much moves the period error of every entry in it, so at 100 entries in one group a
+single late group in a 30 s window puts that window's p99 over the target (docs/design.md,
+"Where a late group is late").
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import bisect
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import Broker, Service, make_entries
+
+LATE_MS = 3.0  # beyond the median group's last arrival
+WOKE_LATE_MS = 2.0  # a run that starts this much after the due time woke late
+WARM_UP = 6.0  # seconds: the connect and its birth burst are not measured
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One phase group as the service ran it and the subscriber saw it; ms after its due
+    time."""
+
+    due: float  # wall clock
+    started_ms: float
+    ended_ms: float
+    last_send_ms: float
+    first_arrival_ms: float
+    last_arrival_ms: float
+
+
+def trace_service(out: Path, cli_args: list[str]) -> None:
+    """Run as the service process: the CLI, with its groups and sends recorded to `out` at
+    exit. Wraps the executor's `run_group` and the client's `_sock_send`, nothing else."""
+    from scheduler_publisher import executor, session  # noqa: PLC0415
+    from scheduler_publisher.cli import main  # noqa: PLC0415
+
+    groups: list[tuple[float, float, float, int]] = []
+    sends: list[float] = []
+    run_group = executor.InlineExecutor.run_group
+    sock_send = session.ResetAwareClient._sock_send
+
+    def traced_run_group(self: executor.InlineExecutor, jobs: list[Any], run_times: list[Any],
+                         missed: int, wanted: int) -> list[Any]:
+        started = time.time()
+        refused = run_group(self, jobs, run_times, missed, wanted)
+        groups.append((run_times[-1].timestamp(), started, time.time(), len(jobs)))
+        return refused
+
+    def traced_send(self: session.ResetAwareClient, buf: bytes | bytearray) -> int:
+        sent = sock_send(self, buf)
+        sends.append(time.time())
+        return sent
+
+    executor.InlineExecutor.run_group = traced_run_group  # type: ignore[method-assign]
+    session.ResetAwareClient._sock_send = traced_send  # type: ignore[method-assign]
+    atexit.register(lambda: out.write_text(json.dumps({"groups": groups, "sends": sends})))
+    sys.argv = [sys.argv[0], *cli_args]
+    main()
+
+
+def explain(groups: list[tuple[float, float, float, int]], sends: list[float],
+            arrivals: list[float], smallest: int) -> list[Group]:
+    """Match each traced group of at least `smallest` jobs with its sends (until its last
+    arrival) and its arrivals (until the next group's due time)."""
+    groups = sorted(g for g in groups if g[3] >= smallest)
+    dues = [g[0] for g in groups]
+    by_group: dict[int, list[float]] = {}
+    for t in arrivals:
+        i = bisect.bisect_right(dues, t) - 1
+        if i >= 0:
+            by_group.setdefault(i, []).append(t)
+    found = []
+    for i, (due, started, ended, _size) in enumerate(groups):
+        seen = by_group.get(i)
+        if not seen:
+            continue
+        sent = [s for s in sends[bisect.bisect_left(sends, started):] if s <= max(seen)]
+        if not sent:
+            continue
+        found.append(Group(due, (started - due) * 1e3, (ended - due) * 1e3,
+                           (sent[-1] - due) * 1e3, (min(seen) - due) * 1e3,
+                           (max(seen) - due) * 1e3))
+    return found
+
+
+def classify(groups: list[Group]) -> dict[str, list[Group]]:
+    """The late groups by where they were late (see the module's docstring)."""
+    causes: dict[str, list[Group]] = {"woke late": [], "ran long": [], "after the service": []}
+    if not groups:
+        return causes
+    arrival = statistics.median(g.last_arrival_ms for g in groups)
+    start = statistics.median(g.started_ms for g in groups)
+    send = statistics.median(g.last_send_ms for g in groups)
+    for g in groups:
+        if g.last_arrival_ms <= arrival + LATE_MS:
+            continue
+        if g.started_ms > start + WOKE_LATE_MS:
+            causes["woke late"].append(g)
+        elif g.last_send_ms > send + LATE_MS:
+            causes["ran long"].append(g)
+        else:
+            causes["after the service"].append(g)
+    return causes
+
+
+def measure(entries: int, seconds: float) -> list[Group]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = Broker(work)
+        broker.start()
+        prefix = f"bench/late/{uuid.uuid4().hex[:6]}"
+        stamps = work / "arrivals.txt"
+        trace = work / "trace.json"
+        with stamps.open("w") as sink:
+            sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-t",
+                                    f"{prefix}/#", "-F", "%U"], stdout=sink)
+            service = _TracedService(work, broker.port, make_entries(entries, 1.0, prefix),
+                                     "traced", defaults=True, trace=trace)
+            try:
+                time.sleep(WARM_UP)
+                begin = time.time()
+                time.sleep(seconds)
+                end = time.time()
+            finally:
+                service.stop()
+                sub.terminate()
+                sub.wait(5)
+                broker.stop()
+        recorded = json.loads(trace.read_text())
+        arrivals = [t for t in (float(line) for line in stamps.read_text().split())
+                    if begin <= t < end + 1.0]
+        groups = [tuple(g) for g in recorded["groups"] if begin <= g[0] < end]
+        return explain(groups, recorded["sends"], arrivals,
+                       smallest=max(1, entries // 200))
+
+
+class _TracedService(Service):
+    """The CLI with default settings, started through `trace_service`."""
+
+    def __init__(self, *args: Any, trace: Path, **kwargs: Any) -> None:
+        self._trace = trace
+        super().__init__(*args, **kwargs)
+
+    def _default_cmd(self, workdir: Path, port: int, name: str) -> list[str]:
+        python, _m, _module, *args = super()._default_cmd(workdir, port, name)
+        return [python, __file__, "--trace", str(self._trace), "--", *args]
+
+
+def report(groups: list[Group], seconds: float) -> None:
+    if not groups:
+        print("no phase group was seen")
+        return
+    med = {name: statistics.median(getattr(g, name) for g in groups) for name in (
+        "started_ms", "ended_ms", "last_send_ms", "first_arrival_ms", "last_arrival_ms")}
+    print(f"{len(groups)} phase groups in {seconds:g} s; medians after the due time: "
+          f"run started {med['started_ms']:.2f} ms, ended {med['ended_ms']:.2f} ms, last send "
+          f"{med['last_send_ms']:.2f} ms, first arrival {med['first_arrival_ms']:.2f} ms, last "
+          f"arrival {med['last_arrival_ms']:.2f} ms")
+    causes = classify(groups)
+    late = sum(len(v) for v in causes.values())
+    print(f"late groups (last arrival > median + {LATE_MS:g} ms): {late} of {len(groups)}: "
+          + ", ".join(f"{name} {len(v)}" for name, v in causes.items()))
+    for name, late_groups in causes.items():
+        for g in late_groups:
+            print(f"  {name:17s} started {g.started_ms:6.2f}  ended {g.ended_ms:6.2f}  last send "
+                  f"{g.last_send_ms:6.2f}  arrivals {g.first_arrival_ms:6.2f}-"
+                  f"{g.last_arrival_ms:6.2f} ms")
+
+
+def main() -> None:
+    if "--trace" in sys.argv:  # the service process
+        at = sys.argv.index("--trace")
+        trace_service(Path(sys.argv[at + 1]), sys.argv[at + 3:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=120.0)
+    args = parser.parse_args()
+    report(measure(args.entries, args.seconds), args.seconds)
+
+
+if __name__ == "__main__":
+    main()
