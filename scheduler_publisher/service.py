@@ -2,8 +2,9 @@
 
 Threads, and who owns what:
 - the main loop (the thread that calls `run()`, or "service-loop" after `start()`) owns the
-  running entries, reloads, timers (stats, checkpoints, safety re-read, clock checks,
-  systemd pings) and shutdown. Everything else only pokes it through the `Mailbox` (mailbox.py);
+  running entries and their reloads (reloads.py), timers (stats, checkpoints, safety re-read,
+  clock checks, systemd pings) and shutdown. Everything else only pokes it through the
+  `Mailbox` (mailbox.py);
 - the network thread (netloop.py) owns every paho client and also runs the scheduler
   (scheduling.LoopScheduler): each tick publishes there, with its phase group;
 - the watchdog observer thread (watcher.py) and the HTTP threads (http.py) only poke or read.
@@ -14,28 +15,27 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from scheduler_publisher.clock import Clock, ClockGuard, SystemClock, clock_is_plausible
 from scheduler_publisher.config import (
-    ConfigResult,
     ConfigurationLoader,
     PublishConfig,
     permission_warnings,
 )
 from scheduler_publisher.connection import MQTTConnectionManager
 from scheduler_publisher.logs import get_logger
-from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
+from scheduler_publisher.mailbox import Mailbox, Trigger
 from scheduler_publisher.notify import SystemdNotifier
-from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
+from scheduler_publisher.reloads import Reloads, run_to_end
 from scheduler_publisher.scheduling import Schedule
 from scheduler_publisher.settings import ServiceSettings
 from scheduler_publisher.shard import Shard
-from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
-from scheduler_publisher.spread import PhaseSpread, period_ms
+from scheduler_publisher.source import ConfigSource
+from scheduler_publisher.spread import PhaseSpread
 from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
 from scheduler_publisher.stats import Stats
 from scheduler_publisher.status import (
@@ -46,41 +46,13 @@ from scheduler_publisher.status import (
     ServiceStatus,
     StatisticsStatus,
 )
-from scheduler_publisher.triggers import cron_slots
 from scheduler_publisher.watcher import ConfigWatcher
 
 log = get_logger("scheduler_publisher.service")
 
 HEALTH_MAX_SILENCE = 10.0  # seconds without a heartbeat before a component counts as wedged
 CLOCK_CHECK_PERIOD = 1.0
-# A large reload is cut into slices of this many seconds of main-loop work; the loop's
-# timers (watchdog ping, stats) and stop requests are serviced between two slices.
-RELOAD_SLICE = 0.05
-NETWORK_BATCH = 5000  # changed entries handed to the network thread at once
-SCHEDULE_STEP = 50  # jobs added between two looks at the slice's clock
 SNAPSHOT_WAIT = 1.0  # seconds the main loop waits for the network thread to copy the counters
-
-
-_T = TypeVar("_T")
-Steps = Generator[None, None, _T]  # work that pauses (yields) where the main loop may cut it
-
-
-def _run_to_end(steps: Steps[_T]) -> _T:
-    """Run stepped work in one go (at start-up, or when called from the loop thread)."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: _T = done.value
-            return result
-
-
-@dataclass(slots=True)
-class _ReloadJob:
-    """A reload under way, advanced a slice per main-loop turn; the requests it answers."""
-
-    steps: Steps[bool]
-    requests: list[ReloadRequest]
 
 
 @dataclass(slots=True)
@@ -121,10 +93,6 @@ class PublisherService:
         self._clock: Clock = clock or SystemClock()
         self._mail = Mailbox(self._clock.monotonic)
         self._source = ConfigSource(self.loader)
-        self._entries: dict[str, PublishConfig] = {}
-        self._last_file_problem: str | None = None
-        self._broken: tuple[str, float] | None = None  # (what is wrong, since: monotonic)
-        self._last_reload_at: float | None = None
         self._connection = MQTTConnectionManager(
             self.settings.broker, self.stats, on_give_up=self._give_up,
             clear_retained_on_remove=self.settings.clear_retained_on_remove)
@@ -132,13 +100,16 @@ class PublisherService:
                                   PhaseSpread(self.settings.phase_slots))
         self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
                                       force_polling=self.settings.force_polling)
+        self._reloads = Reloads(self.settings, source=self._source, schedule=self._schedule,
+                                connection=self._connection, stats=self.stats,
+                                notifier=self.notifier, watcher=self._watcher, mail=self._mail,
+                                clock=self._clock, status_line=self._status_line)
         self._store = StateStore(
             self.settings.state_db,
             history_retention_rows=self.settings.history_retention_rows,
         ) if self.settings.state_db else None
         self._clock_guard = ClockGuard()
         self._timers: list[_Timer] = []
-        self._reload_job: _ReloadJob | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_ident: int | None = None
         self._caller_steps = False  # start(loop=False): the caller drives the loop with step()
@@ -203,10 +174,8 @@ class PublisherService:
         if threading.get_ident() == self._loop_ident or not self._started:
             # The main loop cannot wait for itself: it answers the request at once, after
             # the reload under way (two at once would interleave their batches).
-            if self._reload_job is not None:
-                _run_to_end(self._reload_job.steps)
-                self._reload_job = None
-            _run_to_end(self._reload_requests(self._mail.take_reloads(
+            self._reloads.finish()
+            run_to_end(self._reloads.answer(self._mail.take_reloads(
                 self.settings.reload_debounce)))
         request.done.wait(timeout)
         return request.applied
@@ -218,7 +187,7 @@ class PublisherService:
             log.warning("config_file_insecure", problem=problem,
                         hint="anyone on this machine can change what is published")
         self._restore_counters()
-        _run_to_end(self._apply(result, initial=True))  # no loop yet, no watchdog armed
+        run_to_end(self._reloads.apply(result, initial=True))  # no loop yet, no watchdog armed
         self._connection.connect()
         self._schedule.start()
         if self.settings.watch:
@@ -226,7 +195,7 @@ class PublisherService:
         self._start_http()
         self._started = True
         self.notifier.ready(self._status_line())
-        log.info("service_started", active_configs=len(self._entries),
+        log.info("service_started", active_configs=len(self._reloads.entries),
                  config=str(self.settings.config_path), watcher=self._watcher.kind,
                  broker=f"{self.settings.broker.host}:{self.settings.broker.port}",
                  **self._shard_fields())
@@ -294,7 +263,7 @@ class PublisherService:
         self._turn()
 
     def _next_timeout(self) -> float:
-        if self._reload_job is not None:
+        if self._reloads.job is not None:
             return 0.0  # a sliced reload is under way: its next slice is due now
         due = min(t.due for t in self._timers)
         file_due = self._mail.file_event_due(self.settings.reload_debounce)
@@ -308,166 +277,16 @@ class PublisherService:
             if now >= timer.due:
                 timer.due = now + timer.period
                 timer.action()
-        if self._reload_job is None:
-            self._reload_job = self._next_reload_job()
-        if self._reload_job is not None:
-            self._advance_reload(self._reload_job)
+        self._reloads.turn()
 
-    # ---- reloads --------------------------------------------------------------------------
-    # Every reload, whoever asks (mailbox.Trigger), is a request in the mailbox, taken out
-    # here. It runs as steps (a generator) that the main loop advances one slice per turn,
-    # servicing its timers (the systemd watchdog ping above all) and stop requests in
-    # between: a 100,000-entry file takes seconds to parse and schedule (docs/design.md).
+    # ---- reloads (reloads.py) ---------------------------------------------------------------
+    # Every reload, whoever asks (mailbox.Trigger), is a request in the mailbox. It runs as
+    # steps (a generator) that the main loop advances one slice per turn, servicing its
+    # timers (the systemd watchdog ping above all) and stop requests in between: a
+    # 100,000-entry file takes seconds to parse and schedule (docs/design.md).
     def _safety_check(self) -> None:
         """Re-read the file in case the watcher missed an event (the digest makes it cheap)."""
         self._mail.post_reload("safety")
-
-    def _next_reload_job(self) -> _ReloadJob | None:
-        """Every request so far, answered by one reload; a debounced watcher poke among them
-        once the file has been quiet long enough."""
-        requests = self._mail.take_reloads(self.settings.reload_debounce)
-        if not requests:
-            return None
-        return _ReloadJob(self._reload_requests(requests), requests)
-
-    def _reload_requests(self, requests: list[ReloadRequest]) -> Steps[bool]:
-        manual = next((r.trigger for r in requests if r.manual), None)
-        if any(not r.manual for r in requests):
-            self._watcher.refresh()  # first: a change made while the watches move is read
-        applied = yield from self._reload(manual)
-        for request in requests:
-            request.applied = applied
-            request.done.set()
-        return applied
-
-    def _advance_reload(self, job: _ReloadJob) -> None:
-        # Real time, not the service clock: a slice bounds work, which a test clock that
-        # stands still would never end.
-        slice_ends = time.monotonic() + RELOAD_SLICE
-        try:
-            while time.monotonic() < slice_ends:
-                next(job.steps)
-        except StopIteration:
-            self._reload_job = None
-
-    def _reload(self, trigger: Trigger | None) -> Steps[bool]:
-        """Re-read the file. `trigger` is who asked for it when a person or program did
-        (mailbox.MANUAL_TRIGGERS), None for the watcher and the safety re-read."""
-        if trigger is not None:
-            self.notifier.reloading()
-        applied = yield from self._reload_file(trigger)
-        if trigger is not None:
-            self.notifier.ready(self._status_line())
-        return applied
-
-    def _reload_file(self, trigger: Trigger | None) -> Steps[bool]:
-        check = yield from self._source.check(self._entries)
-        if isinstance(check, Failed):
-            self._file_problem(check.problem)
-            return False
-        self._last_file_problem = None
-        if isinstance(check, Unchanged):
-            # Touch, identical rewrite, the safety check, or a file restored as it was:
-            # the running version's own entry errors, if any, are all that is wrong.
-            self._recovered(still_broken=check.still_broken)
-            if trigger is not None:
-                log.info("config_unchanged", trigger=trigger, active_configs=len(self._entries))
-            return True
-        yield from self._apply(check.result, initial=False)
-        return True
-
-    def _file_problem(self, problem: str) -> None:
-        """Keep everything running; say so once per distinct problem, not once per event."""
-        self.stats.config_errors += problem != self._last_file_problem
-        if problem != self._last_file_problem:
-            log.error("config_reload_failed", error=problem, kept_entries=len(self._entries))
-            self._last_file_problem = problem
-        self._recovered(still_broken=problem)
-
-    def _recovered(self, still_broken: str | None) -> None:
-        """Track the config's broken spell: log `config_recovered` once a good version is in
-        force again, with what was wrong and for how long. An operator who saw the error
-        otherwise sees only silence."""
-        now = self._clock.monotonic()
-        if still_broken is not None:
-            since = self._broken[1] if self._broken is not None else now
-            self._broken = (still_broken, since)
-        elif self._broken is not None:
-            problem, since = self._broken
-            self._broken = None
-            log.info("config_recovered", problem=problem, broken_seconds=round(now - since, 3),
-                     active_configs=len(self._entries))
-
-    def _apply(self, result: ConfigResult, *, initial: bool) -> Steps[None]:
-        self._log_problems(result)
-        wanted, kept = effective_entries(self._entries, result, self.settings.shard)
-        plan = diff(self._entries, wanted, kept)
-        parts = list(batches(self._respread(plan, wanted), NETWORK_BATCH))
-        for n, part in enumerate(parts, start=1):
-            # Order matters: the network thread learns a batch's entries before any tick can
-            # name them. The last batch hands over `wanted` itself, so entries whose metadata
-            # alone changed (no batch holds them) are current too.
-            self._entries = wanted if n == len(parts) else applied(self._entries, part)
-            self._connection.set_entries(self._entries)
-            yield from self._schedule_batch(part)
-        self._entries = wanted
-        if not parts:
-            self._connection.set_entries(wanted)
-        self._source.applied(result)  # only now: a reload cut short by a stop is not applied
-        self._last_reload_at = self._clock.wall()
-        if not initial:
-            self.stats.reloads += 1
-            self._log_reload(plan)
-        self._recovered(still_broken=errors_summary(result))
-
-    def _respread(self, plan: Plan, wanted: Mapping[str, PublishConfig]) -> Plan:
-        """`plan`, plus every running entry of an interval that is spread over more phase
-        groups from now on (spread.py): they are scheduled again, on their new phases."""
-        respread = self._schedule.spread.size(wanted.values())
-        if not respread:
-            return plan
-        for change in respread:
-            log.warning("phases_respread", interval=change.interval, entries=change.entries,
-                        phase_groups_before=change.slots_before,
-                        phase_groups=change.slots_after)
-        periods = {period_ms(change.interval) for change in respread}
-        moving = {entry_id for entry_id, entry in wanted.items() if entry_id in self._entries
-                  and entry.interval is not None and period_ms(entry.interval) in periods}
-        moving -= {entry.id for entry in (*plan.added, *plan.rescheduled)}
-        return replace(
-            plan, rescheduled=(*plan.rescheduled, *(e for i, e in wanted.items() if i in moving)),
-            updated=tuple(entry for entry in plan.updated if entry.id not in moving))
-
-    def _schedule_batch(self, part: Plan) -> Steps[None]:
-        for entry in part.removed:
-            self._schedule.remove(entry.id)
-        for n, entry in enumerate((*part.added, *part.rescheduled), start=1):
-            self._schedule.add(entry)  # ~0.1 ms each in APScheduler 3: pause now and then
-            if entry.cron is not None:
-                self._log_cron(entry)
-            if n % SCHEDULE_STEP == 0:
-                yield
-
-    def _log_cron(self, entry: PublishConfig) -> None:
-        # The next slot shows how CronTrigger read the expression (weekdays, time zone): the
-        # line to look at when a cron entry fires at an unexpected time.
-        assert entry.cron is not None
-        now = datetime.fromtimestamp(self._clock.wall(), UTC)
-        slots = cron_slots(entry.cron, entry.timezone)
-        following = slots.slot_after(now)
-        log.info("cron_scheduled", entry_id=entry.id, cron=entry.cron, timezone=entry.timezone,
-                 next_run_at=slots.local(following).isoformat() if following else None)
-
-    def _log_problems(self, result: ConfigResult) -> None:
-        self.stats.config_errors += len(result.errors)
-        for problem in result.problems:
-            emit = log.error if problem.severity == "error" else log.warning
-            emit("config_entry_invalid" if problem.severity == "error" else "config_entry_warning",
-                 error=str(problem), entry_position=problem.position, entry_id=problem.entry_id,
-                 field=problem.field, line=problem.line, column=problem.column)
-
-    def _log_reload(self, plan: Plan) -> None:
-        log.info("config_reloaded", active_configs=len(self._entries), **plan.summary())
 
     def _give_up(self, reason: str) -> None:
         """Network thread: --max-retries reached. The CLI turns this into its exit code."""
@@ -479,7 +298,7 @@ class PublisherService:
     def _log_statistics(self) -> None:
         total, up = self._connection.connection_counts()
         summary = self.stats.summary()
-        log.info("publisher_statistics", active_configs=len(self._entries),
+        log.info("publisher_statistics", active_configs=len(self._reloads.entries),
                  total_published=summary["total_published"],
                  total_errors=summary["total_errors"], total_dropped=summary["total_dropped"],
                  reconnects=summary["reconnects"], uptime_seconds=summary["uptime_seconds"],
@@ -520,9 +339,9 @@ class PublisherService:
     def _check_clock(self) -> None:
         jump = self._clock_guard.observe(self._clock.wall(), self._clock.monotonic())
         if jump is not None:
-            self._schedule.rebuild(self._entries.values())
+            self._schedule.rebuild(self._reloads.entries.values())
             # Logged once the jobs are re-anchored, so the event means "handled", not "seen".
-            log.warning("clock_jump", seconds=round(jump, 3), reanchored=len(self._entries))
+            log.warning("clock_jump", seconds=round(jump, 3), reanchored=len(self._reloads.entries))
 
     def _ping_watchdog(self) -> None:
         problems = self.health_problems()
@@ -534,15 +353,13 @@ class PublisherService:
     def _status_line(self) -> str:
         total, up = self._connection.connection_counts()
         state = "connected" if self._connection.is_connected() else "not connected"
-        return f"{state}; {len(self._entries)} entries; {up}/{total} connections up"
+        return f"{state}; {len(self._reloads.entries)} entries; {up}/{total} connections up"
 
     # ---- shutdown -------------------------------------------------------------------------
     def _shutdown(self) -> None:
         # Counted from the stop request, not from here: a reload slice may have been running.
         started = self._mail.stop_requested_at or time.monotonic()
-        if self._reload_job is not None:  # cut short: the file is read afresh at next start
-            for request in self._reload_job.requests:
-                request.done.set()
+        self._reloads.abandon()
         self.notifier.stopping()
         log.info("service_stopping")
         self._watcher.stop()
@@ -581,7 +398,7 @@ class PublisherService:
 
     @property
     def active_configs(self) -> int:
-        return len(self._entries)
+        return len(self._reloads.entries)
 
     @property
     def shard(self) -> Shard | None:
@@ -590,7 +407,7 @@ class PublisherService:
 
     @property
     def last_config_error(self) -> str | None:
-        return self._last_file_problem
+        return self._reloads.last_file_problem
 
     @property
     def connection(self) -> MQTTConnectionManager:
@@ -600,12 +417,12 @@ class PublisherService:
     def entries(self) -> Mapping[str, PublishConfig]:
         """The running entries by id. Replaced whole on every apply, never changed in place, so
         a reader on another thread (HTTP) holds a consistent set."""
-        return self._entries
+        return self._reloads.entries
 
     @property
     def last_applied_at(self) -> float | None:
         """Unix time the running entries were last applied (start or reload)."""
-        return self._last_reload_at
+        return self._reloads.last_reload_at
 
     def next_run(self, entry_id: str) -> datetime | None:
         """When the entry's job runs next (UTC); None for an entry that is not scheduled."""
@@ -627,7 +444,7 @@ class PublisherService:
 
     def status(self) -> ServiceStatus:
         """A typed snapshot of the whole service (any thread): what GET /status serves."""
-        entries = self._entries  # swapped whole, never changed in place: a consistent set
+        entries = self._reloads.entries  # swapped whole, never changed in place: a consistent set
         problems = self.health_problems()
         return ServiceStatus(
             statistics=StatisticsStatus.of(self.stats),
@@ -635,8 +452,8 @@ class PublisherService:
             health=HealthStatus(tuple(problems), tuple(self.health_warnings())),
             config=ConfigStatus(path=str(self.settings.config_path),
                                 digest=self._source.digest,
-                                last_reload_at=self._last_reload_at,
-                                last_error=self._last_file_problem,
+                                last_reload_at=self._reloads.last_reload_at,
+                                last_error=self._reloads.last_file_problem,
                                 watcher=self._watcher.kind),
             entries={i: self._entry_status(e) for i, e in entries.items()},
             shard=self.shard,
