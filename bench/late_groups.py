@@ -60,13 +60,13 @@ class Group:
 def trace_service(out: Path, cli_args: list[str]) -> None:
     """Run as the service process: the CLI, with its groups and sends recorded to `out` at
     exit. Wraps the executor's `run_group` and the client's `_sock_send`, nothing else."""
-    from scheduler_publisher import executor, session  # noqa: PLC0415
+    from scheduler_publisher import client, executor  # noqa: PLC0415
     from scheduler_publisher.cli import main  # noqa: PLC0415
 
     groups: list[tuple[float, float, float, int]] = []
     sends: list[float] = []
     run_group = executor.InlineExecutor.run_group
-    sock_send = session.ResetAwareClient._sock_send
+    sock_send = client.ResetAwareClient._sock_send
 
     def traced_run_group(self: executor.InlineExecutor, jobs: list[Any], run_times: list[Any],
                          missed: int, wanted: int) -> list[Any]:
@@ -75,13 +75,13 @@ def trace_service(out: Path, cli_args: list[str]) -> None:
         groups.append((run_times[-1].timestamp(), started, time.time(), len(jobs)))
         return refused
 
-    def traced_send(self: session.ResetAwareClient, buf: bytes | bytearray) -> int:
+    def traced_send(self: client.ResetAwareClient, buf: bytes | bytearray) -> int:
         sent = sock_send(self, buf)
         sends.append(time.time())
         return sent
 
     executor.InlineExecutor.run_group = traced_run_group  # type: ignore[method-assign]
-    session.ResetAwareClient._sock_send = traced_send  # type: ignore[method-assign]
+    client.ResetAwareClient._sock_send = traced_send  # type: ignore[method-assign]
     atexit.register(lambda: out.write_text(json.dumps({"groups": groups, "sends": sends})))
     sys.argv = [sys.argv[0], *cli_args]
     main()

@@ -27,12 +27,13 @@ from typing import Any
 
 from paho.mqtt.properties import Properties
 
+from scheduler_publisher.client import publish_properties
 from scheduler_publisher.config import MessageProperties, PublishConfig
 from scheduler_publisher.faults import FaultAttribution
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.netloop import NetworkLoop, SessionView
 from scheduler_publisher.packet import has_static_packet, static_header
-from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will, publish_properties
+from scheduler_publisher.session import MAIN_LINK, LinkKey, State, Will
 from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
 from scheduler_publisher.template import Moment, Template

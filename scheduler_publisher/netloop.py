@@ -34,9 +34,14 @@ from typing import Any, Protocol, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
+from scheduler_publisher.client import (
+    DISCONNECT_WITH_WILL,
+    describe_error,
+    paho_client,
+    publish_properties,
+)
 from scheduler_publisher.logs import get_logger
 from scheduler_publisher.session import (
-    DISCONNECT_WITH_WILL,
     MAIN_LINK,
     STABLE_AFTER,
     Event,
@@ -45,9 +50,6 @@ from scheduler_publisher.session import (
     SessionCallbacks,
     State,
     Will,
-    describe_error,
-    paho_client,
-    publish_properties,
 )
 from scheduler_publisher.settings import BrokerSettings
 

@@ -154,7 +154,7 @@ class PacketQueue:
 def check_paho(client: mqtt.Client) -> None:
     """Raise if the installed paho lacks an internal we use: the out-queue PacketQueue writes
     through, and the socket wrappers that note a reset."""
-    for name in ("_sock_recv", "_sock_send"):  # session.ResetAwareClient wraps these
+    for name in ("_sock_recv", "_sock_send"):  # client.ResetAwareClient wraps these
         if not callable(getattr(client, name, None)):
             raise TypeError(f"paho-mqtt's Client has no {name}: this paho version is not one "
                             "the reset detection was checked against (setup.cfg)")

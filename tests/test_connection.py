@@ -18,6 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
+from scheduler_publisher.client import describe_reason
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.faults import SUSPECT_MEMORY, FaultAttribution
 from scheduler_publisher.service import PublisherService
@@ -27,7 +28,6 @@ from scheduler_publisher.session import (
     Session,
     SessionCallbacks,
     State,
-    describe_reason,
 )
 from scheduler_publisher.settings import BrokerSettings, MQTTVersion, default_client_id
 from tests.netproxy import NetProxy

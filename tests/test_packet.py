@@ -107,7 +107,7 @@ def test_templated_entries_and_entries_with_properties_have_no_packet() -> None:
 # ---- the paho internals written through -------------------------------------------------------
 def test_paho_has_the_internals_we_use() -> None:
     """Fails loudly if a paho upgrade drops or reshapes `Client._out_packet` (the pre-encoded
-    packets go through it) or the socket wrappers `session.ResetAwareClient` overrides."""
+    packets go through it) or the socket wrappers `client.ResetAwareClient` overrides."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     check_paho(client)
     with pytest.raises(TypeError, match="_sock_recv"):
