@@ -9,7 +9,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -31,6 +31,10 @@ class ResetAwareClient(mqtt.Client):
     wrappers `_sock_recv` and `_sock_send`, which `check_paho` checks exist."""
 
     _reset = False
+
+    def reconnect(self) -> MQTTErrorCode:
+        self._reset = False  # a new socket: a loss of the old one noted but never reported
+        return super().reconnect()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         try:

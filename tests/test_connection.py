@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator, MutableMapping
@@ -13,12 +14,13 @@ from typing import Any
 
 import pytest
 from paho.mqtt.client import DisconnectFlags
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
-from scheduler_publisher.client import describe_reason
+from scheduler_publisher.client import ResetAwareClient, describe_reason
 from scheduler_publisher.config import PublishConfig
 from scheduler_publisher.faults import SUSPECT_MEMORY, FaultAttribution
 from scheduler_publisher.service import PublisherService
@@ -500,6 +502,34 @@ def test_a_reset_that_swallows_the_brokers_disconnect_still_finds_the_entry(
         sub.stop()
         proxy.stop()
         strict.stop()
+
+
+def test_the_client_notes_a_reset_once_and_forgets_it_on_the_next_connect() -> None:
+    """ResetAwareClient, on real sockets: a peer that resets the connection is noted by the
+    read that meets it; take_reset() reports it once; a reset noted but never reported (the
+    loop dropped the socket itself) does not outlive the next connect."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = ResetAwareClient(CallbackAPIVersion.VERSION2, client_id="reset-test")
+
+    def connect_and_reset() -> None:
+        assert client.reconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # an RST: the CONNECT it did not read is discarded
+        wait_until(lambda: client.loop_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST, 5,
+                   message="the read that meets the reset")
+
+    try:
+        client.connect_async("127.0.0.1", listener.getsockname()[1])
+        connect_and_reset()
+        assert client.take_reset() is True
+        assert client.take_reset() is False
+        connect_and_reset()
+        assert client.reconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS  # noted, never taken
+        assert client.take_reset() is False
+    finally:
+        client._sock_close()
+        listener.close()
 
 
 def test_which_losses_blame_a_packet() -> None:
