@@ -89,12 +89,14 @@ class Reloads:
         if self.job is not None:
             self._advance(self.job)
 
-    def finish(self) -> None:
-        """Run the reload under way to its end now (the main loop answering a request of its
-        own: two reloads at once would interleave their batches)."""
+    def now(self) -> None:
+        """Answer every request so far at once, after the reload under way: the main loop
+        asking for a reload cannot wait for a later turn (and two reloads at once would
+        interleave their batches)."""
         if self.job is not None:
             run_to_end(self.job.steps)
             self.job = None
+        run_to_end(self._answer(self._mail.take_reloads(self.settings.reload_debounce)))
 
     def abandon(self) -> None:
         """At shutdown: a reload cut short is not applied (the file is read afresh at the next
@@ -109,9 +111,9 @@ class Reloads:
         requests = self._mail.take_reloads(self.settings.reload_debounce)
         if not requests:
             return None
-        return ReloadJob(self.answer(requests), requests)
+        return ReloadJob(self._answer(requests), requests)
 
-    def answer(self, requests: list[ReloadRequest]) -> Steps[bool]:
+    def _answer(self, requests: list[ReloadRequest]) -> Steps[bool]:
         """One reload for `requests`, which learn whether it was applied."""
         manual = next((r.trigger for r in requests if r.manual), None)
         if any(not r.manual for r in requests):

@@ -172,11 +172,7 @@ class PublisherService:
         nothing had changed. `trigger` names the caller in the log ("http", "api")."""
         request = self._mail.post_reload(trigger)
         if threading.get_ident() == self._loop_ident or not self._started:
-            # The main loop cannot wait for itself: it answers the request at once, after
-            # the reload under way (two at once would interleave their batches).
-            self._reloads.finish()
-            run_to_end(self._reloads.answer(self._mail.take_reloads(
-                self.settings.reload_debounce)))
+            self._reloads.now()  # the main loop cannot wait for itself
         request.done.wait(timeout)
         return request.applied
 
