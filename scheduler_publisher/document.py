@@ -292,15 +292,20 @@ class _LineCounter:
     """Offsets to line and column, for offsets that only grow: each character is looked at
     once, so locating every element of a 10,000-entry file costs one pass over the text."""
 
-    __slots__ = ("_at", "_line", "_text")
+    __slots__ = ("_at", "_line", "_line_start", "_text")
 
     def __init__(self, text: str) -> None:
-        self._text, self._at, self._line = text, 0, 1
+        self._text, self._at, self._line, self._line_start = text, 0, 1, 0
 
     def position(self, at: int) -> tuple[int, int]:
-        self._line += self._text.count("\n", self._at, at)
+        newlines = self._text.count("\n", self._at, at)
+        if newlines:
+            self._line += newlines
+            # Searched back only to the last offset: a file on one line (as programs write
+            # them) would otherwise be searched back to its start for every element.
+            self._line_start = self._text.rfind("\n", self._at, at) + 1
         self._at = at
-        return self._line, at - self._text.rfind("\n", 0, at)
+        return self._line, at - self._line_start + 1
 
 
 def _stream_array(text: str) -> Iterator[tuple[Any, int, int]]:

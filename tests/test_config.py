@@ -29,6 +29,7 @@ from scheduler_publisher.config import (
     parse_config_steps,
     read_config_file,
 )
+from scheduler_publisher.document import located_elements
 from scheduler_publisher.rules import MAX_MESSAGE_EXPIRY, MAX_PROPERTY_CHARS, MAX_USER_PROPERTIES
 
 SAMPLE = Path(__file__).resolve().parent.parent / "JSON" / "payloadStaticConfig.json"
@@ -1249,3 +1250,18 @@ def test_file_errors_carry_line_and_column(raw: bytes, line: int, column: int) -
     with pytest.raises(ConfigFileError) as caught:
         parse_config(raw)
     assert (caught.value.line, caught.value.column) == (line, column)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["", " ", "\n", "\n  ", "\r\n", " \n\n "]),
+                          st.integers(0, 99)), min_size=1, max_size=30))
+def test_each_element_is_located_at_its_line_and_column(layout: list[tuple[str, int]]) -> None:
+    """Where located_elements says each element of the array starts is where it starts, on
+    files laid out on one line or many: the line counts the newlines before it, the column the
+    characters since the last one (both 1-based)."""
+    text = "[" + ",".join(f"{gap}{{\"n\": {n}}}" for gap, n in layout) + "\n]"
+    elements = list(located_elements(text.encode()))
+    assert [e.value for e in elements] == [{"n": n} for _gap, n in layout]
+    for element in elements:
+        before = text[:element.start]
+        assert (element.line, element.column) == (before.count("\n") + 1,
+                                                   element.start - before.rfind("\n"))

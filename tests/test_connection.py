@@ -424,23 +424,38 @@ def test_a_stalled_search_is_forgotten_and_holds_nobody_back() -> None:
     assert faults.held(1.0) == faults.suspects(1.0) == frozenset()  # cleared, not just old
 
 
+MAX_PACKET = 400  # the strict broker's max_packet_size: the "big" entry's payload is over it
+LogEvents = MutableMapping[str, Any]
+
+
+def small_entries(topic_base: str) -> list[dict[str, Any]]:
+    return [entry(f"small-{n}", f"{topic_base}/small-{n}", 0.5) for n in range(3)]
+
+
+def run_until_quarantined(start_service: StartService, port: int, topic_base: str
+                          ) -> tuple[PublisherService, list[LogEvents], list[LogEvents]]:
+    """Three small entries and "big", whose payload is over the broker's max_packet_size, until
+    "big" is quarantined: the service, the quarantine events (only "big"'s) and the log."""
+    big = entry("big", f"{topic_base}/big", 1, data={"blob": "x" * (MAX_PACKET + 200)})
+    with capture_logs() as logs:
+        service = start_service(port, [*small_entries(topic_base), big])
+        held = wait_until(lambda: [e for e in list(logs) if e["event"] == "entry_quarantined"],
+                          60, message="the entry quarantined")
+    assert [e["entry_id"] for e in held] == ["big"], held
+    return service, held, logs
+
+
 def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
         tmp_path: Path, start_service: StartService, topic_base: str) -> None:
     """An entry the broker refuses at runtime (here a payload over its max_packet_size) is
     named, held back and reported, and the other entries keep publishing on a connection that
     stays up."""
-    strict = Mosquitto(tmp_path, extra="max_packet_size 400")
+    strict = Mosquitto(tmp_path, extra=f"max_packet_size {MAX_PACKET}")
     strict.start()
     sub = Subscriber(strict.port, [f"{topic_base}/#"]).start()
     try:
-        small = [entry(f"small-{n}", f"{topic_base}/small-{n}", 0.5) for n in range(3)]
-        big = entry("big", f"{topic_base}/big", 1, data={"blob": "x" * 600})
-        with capture_logs() as logs:
-            service = start_service(strict.port, [*small, big])
-            held = wait_until(lambda: [e for e in list(logs)
-                                       if e["event"] == "entry_quarantined"], 60,
-                              message="the entry quarantined")
-        assert [e["entry_id"] for e in held] == ["big"], held
+        small = small_entries(topic_base)
+        service, held, logs = run_until_quarantined(start_service, strict.port, topic_base)
         # The broker sends DISCONNECT "packet too large" and closes with the rest of our write
         # unread: a reset, which may discard the packet (the test below makes it always do).
         reasons = {e["reason"] for e in logs if e["event"] == "mqtt_disconnected"}
@@ -475,20 +490,13 @@ def test_a_reset_that_swallows_the_brokers_disconnect_still_finds_the_entry(
     write unread, so the close is a TCP reset, which can discard the DISCONNECT before we read
     it. Here a proxy makes every such close a reset without the packet: the entry is still
     found and quarantined, and the resets are not taken for a client-id conflict."""
-    strict = Mosquitto(tmp_path, extra="max_packet_size 400")
+    strict = Mosquitto(tmp_path, extra=f"max_packet_size {MAX_PACKET}")
     strict.start()
     proxy = NetProxy(strict.port).start()
     proxy.reset_at_disconnect()
     sub = Subscriber(strict.port, [f"{topic_base}/#"]).start()
     try:
-        small = [entry(f"small-{n}", f"{topic_base}/small-{n}", 0.5) for n in range(3)]
-        big = entry("big", f"{topic_base}/big", 1, data={"blob": "x" * 600})
-        with capture_logs() as logs:
-            service = start_service(proxy.port, [*small, big])
-            held = wait_until(lambda: [e for e in list(logs)
-                                       if e["event"] == "entry_quarantined"], 60,
-                              message="the entry quarantined")
-        assert [e["entry_id"] for e in held] == ["big"], held
+        service, held, logs = run_until_quarantined(start_service, proxy.port, topic_base)
         assert held[0]["reason"] == "connection reset by the broker"
         drops = [e for e in logs if e["event"] == "mqtt_disconnected"]
         assert drops
