@@ -77,7 +77,7 @@ def lateness(seconds: float, period_s: float) -> dict[str, float]:
 
 
 def describe_lateness(r: dict[str, float]) -> str:
-    return (f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} / max {r['max_ms']:.1f} ms over "
+    return (f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} / max {r['max_ms']:.2f} ms over "
             f"{r['wakeups']:,} wake-ups, {r['over_5ms']:,} more than 5 ms late")
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "wake_cost.py"
 
@@ -33,3 +36,16 @@ def test_wake_cost_bench_reports_how_late_a_thread_wakes_at_its_deadlines() -> N
     assert 0 <= p50 <= p99 <= worst
     assert int(found.group(4)) == 50
     assert int(found.group(5)) <= 50
+
+
+def test_the_lateness_line_never_shows_a_p99_above_the_worst(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A p99 just under the worst wake-up (4.236 and 4.24 ms) reads as at most the worst: the
+    line rounds them alike (the worst, once rounded coarser, read 4.2 under a p99 of 4.24)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    wake_cost = importlib.import_module("wake_cost")
+    line = wake_cost.describe_lateness({"p50_ms": 0.15, "p99_ms": 4.236, "max_ms": 4.24,
+                                        "wakeups": 300, "over_5ms": 0})
+    found = re.search(r"p99 ([\d.]+) / max ([\d.]+) ms", line)
+    assert found is not None, line
+    assert float(found.group(1)) <= float(found.group(2))
