@@ -451,23 +451,31 @@ def test_the_longest_silent_connections_go_first_beyond_the_cap(
 
 def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter,
                                                     topic_base: str) -> None:
-    """Clients that start a request and stall take the few workers and the queue; a request
-    beyond them gets 503 JSON at once, no new thread, and all is well after the timeout."""
+    """Clients that start a request and stall take the few workers and the queue; the
+    requests beyond them get 503 JSON at once, no new thread, and all is well after the
+    timeout."""
     # The stalled requests hold the workers until this timeout: long enough for a loaded
-    # machine to open them all and ask once more before the first ones are let go.
+    # machine to open them all before the first ones are let go.
     service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=4.0)
     port = service.http.port
     assert get(service, "/health").status == 200
     threads_before = threading.active_count()
 
-    stalled = open_sockets(port, HTTP_WORKERS + HTTP_QUEUE + 4)
+    beyond = 4
+    stalled = open_sockets(port, HTTP_WORKERS + HTTP_QUEUE + beyond)
     try:
         for s in stalled:
             s.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n")  # no blank line: never complete
-        busy = wait_until(lambda: (r := get(service, "/health")).status == 503 and r, 10,
-                          message="503 while every worker is taken")
-        assert busy.json() == {"error": "too many requests in progress; try again"}
-        assert busy.headers.get("Retry-After") == "1"
+        # Which of them find the workers and the queue taken depends on the order the server
+        # sees them begin; a request of ours sent now could find a place and wait for one.
+        refused = wait_until(lambda: len(busy := [r for s in stalled
+                                                  if (r := busy_reply(s)) is not None])
+                             >= beyond and busy, 10, message="503 while every worker is taken")
+        assert len(refused) == beyond
+        head, body = refused[0].split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.0 503 ")
+        assert b"\r\nRetry-After: 1" in head
+        assert json.loads(body) == {"error": "too many requests in progress; try again"}
         assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
         wait_until(lambda: all(closed_by_peer(s) for s in stalled), 30,
                    message="stalled requests timed out")
@@ -475,6 +483,16 @@ def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter
         for s in stalled:
             s.close()
     wait_until(lambda: get(service, "/health").status == 200, 10, message="/health 200 again")
+
+
+def busy_reply(sock: socket.socket) -> bytes | None:
+    """The whole reply on `sock` once the server has sent a 503 and closed; None until then
+    (or for any other reply). Peeks, so the socket can still be read."""
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, ConnectionResetError):
+        return None
+    return data if data.startswith(b"HTTP/1.0 503 ") and data.endswith(b"}") else None
 
 
 def cpu_seconds(pid: int) -> float:
