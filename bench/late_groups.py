@@ -103,12 +103,13 @@ def explain(groups: list[tuple[float, float, float, int]], sends: list[float],
         seen = by_group.get(i)
         if not seen:
             continue
-        sent = [s for s in sends[bisect.bisect_left(sends, started):] if s <= max(seen)]
+        last = max(seen)
+        sent = sends[bisect.bisect_left(sends, started):bisect.bisect_right(sends, last)]
         if not sent:
             continue
         found.append(Group(due, (started - due) * 1e3, (ended - due) * 1e3,
                            (sent[-1] - due) * 1e3, (min(seen) - due) * 1e3,
-                           (max(seen) - due) * 1e3))
+                           (last - due) * 1e3))
     return found
 
 

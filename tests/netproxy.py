@@ -217,7 +217,7 @@ def _whole_packets(buffer: bytearray) -> tuple[bytes, bool]:
         if buffer[done] >> 4 == 14:  # DISCONNECT
             disconnect = True
             break
-        end = _packet_end(buffer, done)
+        end = packet_end(buffer, done)
         if end is None:
             break
         done = end
@@ -226,7 +226,7 @@ def _whole_packets(buffer: bytearray) -> tuple[bytes, bool]:
     return whole, disconnect
 
 
-def _packet_end(buffer: bytearray, start: int) -> int | None:
+def packet_end(buffer: bytes | bytearray, start: int) -> int | None:
     """Where the MQTT packet at `start` ends, or None while it is incomplete."""
     size, pos = 0, start + 1
     for shift in (0, 7, 14, 21):  # the remaining length: up to four bytes, 7 bits each

@@ -31,7 +31,7 @@ from scheduler_publisher.packet import (
 )
 from scheduler_publisher.session import MAIN_LINK, MAX_PENDING_PER_ENTRY, LinkKey, Session
 from scheduler_publisher.settings import BrokerSettings, MQTTVersion
-from tests.netproxy import NetProxy
+from tests.netproxy import NetProxy, packet_end
 from tests.support import (
     InProcessServices,
     Mosquitto,
@@ -169,16 +169,10 @@ def split_packets(stream: bytes) -> list[tuple[int, bytes]]:
     """(first byte, whole packet) for each MQTT packet in `stream`; fails on a torn one."""
     packets, pos = [], 0
     while pos < len(stream):
-        length, shift, i = 0, 0, pos + 1
-        while True:
-            byte = stream[i]
-            length |= (byte & 0x7F) << shift
-            shift, i = shift + 7, i + 1
-            if not byte & 0x80:
-                break
-        assert i + length <= len(stream), "a packet cut short"
-        packets.append((stream[pos], stream[pos:i + length]))
-        pos = i + length
+        end = packet_end(stream, pos)
+        assert end is not None, "a packet cut short"
+        packets.append((stream[pos], stream[pos:end]))
+        pos = end
     return packets
 
 
