@@ -257,7 +257,8 @@ def test_changes_beside_the_path_do_not_poke(
         (tmp_path / "conf" / f".publish.json.swp{n}").write_text("x")
         (tmp_path / f"neighbour{n}").write_text("x")
         (tmp_path / f"neighbour{n}").chmod(0o600)
-    config.write_text("[ ]")  # a marker: once it poked, the churn before it was filtered
+    with config.open("a") as marker:  # once it poked, the churn before it was filtered
+        marker.write(" ")  # appended: a truncating write would add a third event of its own
     pokes.wait()
     assert pokes.count <= 2  # the marker's own "modified" and "closed"; the churn made 30 events
 
