@@ -12,13 +12,14 @@ import itertools
 import json
 import math
 import resource
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from typing import Any
 
-from common import GRID_ANCHOR, grid_offset, make_entries, payload_for, pct
+from common import GRID_ANCHOR, grid_offset, make_entries, payload_for, pct, proc_cpu_seconds
 
 from scheduler_publisher.spread import auto_slots
 
@@ -72,42 +73,68 @@ def role_bare(args: argparse.Namespace) -> None:
 
 
 # ==== role: subscriber (own process) ================================================================
+PROBE = ".probe"  # the topic under the prefix that shows the subscription is in place
+
+
 def role_sub(args: argparse.Namespace) -> None:
-    """Counts every message under the prefix with its arrival time (time.time()), and answers
-    JSON commands on stdin, one per line, with one JSON line on stdout."""
+    """Counts every message under the prefix with its arrival time, and answers JSON commands on
+    stdin, one per line, with one JSON line on stdout.
+
+    The arrivals are stamped by a C subscriber, `mosquitto_sub -F "%U %t %x"`, when its
+    callback gets the message (CLOCK_REALTIME, the clock of time.time()); this process only
+    reads its lines. A Python subscriber stamped them itself before: it needs about 20 µs per
+    message, so the last stamp of a 100-message group depended on how its own process was
+    scheduled through the burst, and at 1,000 messages a second it took a tenth of one of
+    the machine's two cores from the processes it measured (docs/design.md, "The measuring
+    subscriber")."""
     import paho.mqtt.client as mqtt  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
     lock = threading.Lock()
     times: dict[str, list[float]] = {}
-    last: dict[str, bytes] = {}
+    last: dict[str, str] = {}
     changes: dict[str, list[tuple[float, str]]] = {}
-    subscribed = threading.Event()
-    now = time.time
+    probe = f"{args.prefix}/{PROBE}"
+    probed = threading.Event()
+    stamper = subprocess.Popen(
+        ["mosquitto_sub", "-p", str(args.port), "-t", f"{args.prefix}/#", "-F", "%U %t %x",
+         "-i", f"bench-sub-{uuid.uuid4().hex[:8]}"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    assert stamper.stdout is not None
+    lines = stamper.stdout
 
-    def on_message(_c: Any, _u: Any, msg: Any) -> None:
-        t = now()
-        topic = msg.topic
-        p = msg.payload
-        with lock:
-            lst = times.get(topic)
-            if lst is None:
-                times[topic] = [t]
-                last[topic] = p
-                return
-            lst.append(t)
-            if p != last[topic]:
-                last[topic] = p
-                changes.setdefault(topic, []).append((t, p.decode("utf-8", "replace")))
+    def read() -> None:
+        for line in lines:
+            t, topic, hex_payload = parse_arrival(line)
+            if topic == probe:
+                probed.set()
+                continue
+            with lock:
+                lst = times.get(topic)
+                if lst is None:
+                    times[topic] = [t]
+                    last[topic] = hex_payload
+                    continue
+                lst.append(t)
+                if hex_payload != last[topic]:
+                    last[topic] = hex_payload
+                    text = bytes.fromhex(hex_payload).decode("utf-8", "replace")
+                    changes.setdefault(topic, []).append((t, text))
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:8]}")
-    client.on_message = on_message
-    client.on_connect = lambda c, *_a: c.subscribe(f"{args.prefix}/#", qos=0)
-    client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect("127.0.0.1", args.port, keepalive=60)
-    client.loop_start()
-    if not subscribed.wait(10):
-        raise SystemExit("sub: no SUBACK")
+    threading.Thread(target=read, daemon=True).start()
+    # mosquitto_sub does not say when its SUBACK came: publish a probe until it shows up
+    prober = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{uuid.uuid4().hex[:8]}")
+    prober.connect("127.0.0.1", args.port, keepalive=60)
+    prober.loop_start()
+    deadline = time.monotonic() + 10
+    while not probed.is_set():
+        if time.monotonic() > deadline or stamper.poll() is not None:
+            raise SystemExit("sub: mosquitto_sub did not subscribe")
+        prober.publish(probe, b"", qos=0)
+        probed.wait(0.1)
+    prober.disconnect()
+    prober.loop_stop()
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
@@ -151,16 +178,24 @@ def role_sub(args: argparse.Namespace) -> None:
         elif op == "changes":
             with lock:
                 reply = {"changes": list(changes.get(cmd["topic"], []))}
-        elif op == "cpu":
-            reply = {"cpu_s": time.process_time()}
+        elif op == "cpu":  # the stamper's and this reader's
+            reply = {"cpu_s": time.process_time() + proc_cpu_seconds(stamper.pid)}
         elif op == "quit":
             break
         else:
             reply = {"error": f"unknown op {op}"}
         out.write(json.dumps(reply) + "\n")
         out.flush()
-    client.disconnect()
-    client.loop_stop()
+    stamper.terminate()
+    stamper.wait(5)
+
+
+def parse_arrival(line: bytes) -> tuple[float, str, str]:
+    """One line of `mosquitto_sub -F "%U %t %x"`: (arrival, topic, payload in hex). The
+    payload is hex so that spaces and newlines in it cannot split the line; topics under the
+    benchmark's prefixes have no spaces."""
+    stamp, topic, hex_payload = line.rstrip(b"\n").split(b" ", 2)
+    return float(stamp), topic.decode(), hex_payload.decode()
 
 
 def circ_phase(ts: list[float], interval: float) -> float:

@@ -151,6 +151,17 @@ def test_off_grid_window_counts_a_peer_on_its_own_phase(roles: ModuleType) -> No
     assert res["lateness_vs_grid_ms"]["p50"] == pytest.approx(0.0, abs=0.01)
 
 
+def test_arrival_lines_keep_the_stamp_topic_and_payload(roles: ModuleType) -> None:
+    """The stamper's lines: nanosecond stamps, and a payload with spaces and a newline in it
+    comes back whole from its hex."""
+    payload = b'{"online": 1,\n "a b": 2}'
+    line = b"1795945150.191277828 bench/c1/e00007 " + payload.hex().encode() + b"\n"
+    t, topic, hex_payload = roles.parse_arrival(line)
+    assert t == pytest.approx(1795945150.191277828, abs=1e-6)
+    assert topic == "bench/c1/e00007"
+    assert bytes.fromhex(hex_payload) == payload
+
+
 def test_node_red_flow_wires_an_inject_per_topic_to_one_mqtt_out(peers: ModuleType) -> None:
     """The generated flow: one inject per topic with its static payload, repeating every
     second, all wired to one QoS 0 `mqtt out` on a broker node pointing at the given port."""
