@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from common import GRID_ANCHOR, grid_offset, make_entries, payload_for, pct, proc_cpu_seconds
@@ -87,107 +88,120 @@ def role_sub(args: argparse.Namespace) -> None:
     scheduled through the burst, and at 1,000 messages a second it took a tenth of one of
     the machine's two cores from the processes it measured (docs/design.md, "The measuring
     subscriber")."""
-    import paho.mqtt.client as mqtt  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
-
-    lock = threading.Lock()
-    times: dict[str, list[float]] = {}
-    last: dict[str, str] = {}
-    changes: dict[str, list[tuple[float, str]]] = {}
-    probe = f"{args.prefix}/{PROBE}"
-    probed = threading.Event()
+    arrivals = Arrivals(probe=f"{args.prefix}/{PROBE}")
     stamper = subprocess.Popen(
         ["mosquitto_sub", "-p", str(args.port), "-t", f"{args.prefix}/#", "-F", "%U %t %x",
          "-i", f"bench-sub-{uuid.uuid4().hex[:8]}"],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
     assert stamper.stdout is not None
-    lines = stamper.stdout
+    threading.Thread(target=arrivals.read, args=(stamper.stdout,), daemon=True).start()
+    try:
+        _wait_subscribed(args.port, arrivals, stamper)
+        _reply({"ready": True})
+        _answer_commands(arrivals, stamper)
+    finally:
+        stamper.terminate()
+        stamper.wait(5)
 
-    def read() -> None:
+
+class Arrivals:
+    """Every arrival under the prefix, by topic, and each topic's payload changes. Filled by the
+    thread that reads the stamper's lines; read by the command loop."""
+
+    def __init__(self, probe: str) -> None:
+        self._lock = threading.Lock()
+        self._times: dict[str, list[float]] = {}
+        self._last: dict[str, str] = {}  # each topic's latest payload, hex
+        self._changes: dict[str, list[tuple[float, str]]] = {}
+        self.probe = probe
+        self.probed = threading.Event()
+
+    def read(self, lines: Iterable[bytes]) -> None:
         for line in lines:
-            t, topic, hex_payload = parse_arrival(line)
-            if topic == probe:
-                probed.set()
-                continue
-            with lock:
-                lst = times.get(topic)
-                if lst is None:
-                    times[topic] = [t]
-                    last[topic] = hex_payload
-                    continue
-                lst.append(t)
-                if hex_payload != last[topic]:
-                    last[topic] = hex_payload
-                    text = bytes.fromhex(hex_payload).decode("utf-8", "replace")
-                    changes.setdefault(topic, []).append((t, text))
+            self.add(*parse_arrival(line))
 
-    threading.Thread(target=read, daemon=True).start()
-    # mosquitto_sub does not say when its SUBACK came: publish a probe until it shows up
+    def add(self, t: float, topic: str, hex_payload: str) -> None:
+        if topic == self.probe:
+            self.probed.set()
+            return
+        with self._lock:
+            times = self._times.get(topic)
+            if times is None:
+                self._times[topic] = [t]
+                self._last[topic] = hex_payload
+                return
+            times.append(t)
+            if hex_payload != self._last[topic]:
+                self._last[topic] = hex_payload
+                text = bytes.fromhex(hex_payload).decode("utf-8", "replace")
+                self._changes.setdefault(topic, []).append((t, text))
+
+    def first_seen(self, prefix: str) -> dict[str, Any]:
+        """How many topics were seen, and when the last of them was first seen."""
+        with self._lock:
+            seen = [times for topic, times in self._times.items() if topic.startswith(prefix)]
+            firsts = [times[0] for times in seen]
+            total = sum(len(times) for times in seen)
+        return {"topics": len(firsts), "last_first": max(firsts, default=None), "total": total}
+
+    def between(self, a: float, b: float) -> dict[str, list[float]]:
+        with self._lock:
+            items = list(self._times.items())
+        return {topic: times[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
+                for topic, times in items}
+
+    def changes(self, topic: str) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self._changes.get(topic, []))
+
+
+def _wait_subscribed(port: int, arrivals: Arrivals, stamper: subprocess.Popen[bytes]) -> None:
+    """mosquitto_sub does not say when its SUBACK came: publish a probe until it shows up."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
     prober = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{uuid.uuid4().hex[:8]}")
-    prober.connect("127.0.0.1", args.port, keepalive=60)
+    prober.connect("127.0.0.1", port, keepalive=60)
     prober.loop_start()
-    deadline = time.monotonic() + 10
-    while not probed.is_set():
-        if time.monotonic() > deadline or stamper.poll() is not None:
-            raise SystemExit("sub: mosquitto_sub did not subscribe")
-        prober.publish(probe, b"", qos=0)
-        probed.wait(0.1)
-    prober.disconnect()
-    prober.loop_stop()
-    out = sys.stdout
-    out.write(json.dumps({"ready": True}) + "\n")
-    out.flush()
+    try:
+        deadline = time.monotonic() + 10
+        while not arrivals.probed.is_set():
+            if time.monotonic() > deadline or stamper.poll() is not None:
+                raise SystemExit("sub: mosquitto_sub did not subscribe")
+            prober.publish(arrivals.probe, b"", qos=0)
+            arrivals.probed.wait(0.1)
+    finally:
+        prober.disconnect()
+        prober.loop_stop()
 
-    def snapshot(a: float, b: float) -> dict[str, list[float]]:
-        with lock:
-            items = list(times.items())
-        res = {}
-        for topic, lst in items:
-            lo, hi = bisect.bisect_left(lst, a), bisect.bisect_left(lst, b)
-            res[topic] = lst[lo:hi]
-        return res
 
+def _answer_commands(arrivals: Arrivals, stamper: subprocess.Popen[bytes]) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
-        if op == "first_seen":  # how many topics seen, and when the last of them was first seen
-            prefix = cmd.get("prefix", "")
-            with lock:
-                seen = [lst for topic, lst in times.items() if topic.startswith(prefix)]
-                firsts = [lst[0] for lst in seen]
-                total = sum(len(lst) for lst in seen)
-            reply: dict[str, Any] = {
-                "topics": len(firsts),
-                "last_first": max(firsts, default=None),
-                "total": total,
-            }
+        if op == "quit":
+            return
+        if op == "first_seen":
+            reply = arrivals.first_seen(cmd.get("prefix", ""))
         elif op == "window":
-            reply = analyse_window(
-                snapshot(cmd["a"], cmd["b"]), cmd["a"], cmd["b"], cmd["interval"], cmd["topics"],
-                slots=cmd.get("slots"),
-            )
+            reply = analyse_window(arrivals.between(cmd["a"], cmd["b"]), cmd["a"], cmd["b"],
+                                   cmd["interval"], cmd["topics"], slots=cmd.get("slots"))
         elif op == "phases":
-            reply = {
-                "phases": {
-                    t: circ_phase(v, cmd["interval"])
-                    for t, v in snapshot(cmd["a"], cmd["b"]).items()
-                    if v
-                }
-            }
+            reply = {"phases": {t: circ_phase(v, cmd["interval"])
+                                for t, v in arrivals.between(cmd["a"], cmd["b"]).items() if v}}
         elif op == "changes":
-            with lock:
-                reply = {"changes": list(changes.get(cmd["topic"], []))}
+            reply = {"changes": arrivals.changes(cmd["topic"])}
         elif op == "cpu":  # the stamper's and this reader's
             reply = {"cpu_s": time.process_time() + proc_cpu_seconds(stamper.pid)}
-        elif op == "quit":
-            break
         else:
             reply = {"error": f"unknown op {op}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-    stamper.terminate()
-    stamper.wait(5)
+        _reply(reply)
+
+
+def _reply(reply: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
 
 
 def parse_arrival(line: bytes) -> tuple[float, str, str]:

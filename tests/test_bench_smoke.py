@@ -162,6 +162,21 @@ def test_arrival_lines_keep_the_stamp_topic_and_payload(roles: ModuleType) -> No
     assert bytes.fromhex(hex_payload) == payload
 
 
+def test_arrivals_count_by_topic_and_keep_each_payload_change(roles: ModuleType) -> None:
+    """The probe only says the subscription is in place; every other arrival is kept by
+    topic, and a payload that differs from the topic's last one is a change."""
+    arrivals = roles.Arrivals(probe="p/.probe")
+    lines = [f"{t} p/{topic} {payload.hex()}\n".encode() for t, topic, payload in (
+        (10.0, ".probe", b""), (10.5, "a", b"1"), (11.5, "a", b"1"), (11.6, "b", b"x"),
+        (12.5, "a", b"2 two"), (13.5, "a", b"2 two"))]
+    arrivals.read(lines)
+    assert arrivals.probed.is_set()
+    assert arrivals.between(11.0, 13.0) == {"p/a": [11.5, 12.5], "p/b": [11.6]}
+    assert arrivals.changes("p/a") == [(12.5, "2 two")]
+    assert arrivals.first_seen("p/") == {"topics": 2, "last_first": 11.6, "total": 5}
+    assert arrivals.first_seen("p/b") == {"topics": 1, "last_first": 11.6, "total": 1}
+
+
 def test_node_red_flow_wires_an_inject_per_topic_to_one_mqtt_out(peers: ModuleType) -> None:
     """The generated flow: one inject per topic with its static payload, repeating every
     second, all wired to one QoS 0 `mqtt out` on a broker node pointing at the given port."""
