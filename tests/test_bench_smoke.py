@@ -177,6 +177,31 @@ def test_arrivals_count_by_topic_and_keep_each_payload_change(roles: ModuleType)
     assert arrivals.first_seen("p/b") == {"topics": 1, "last_first": 11.6, "total": 1}
 
 
+@pytest.fixture
+def compare(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/compare.py (the comparison's verdicts), imported the way run.py imports it."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module("compare")
+
+
+def test_p99_verdict_shows_each_round_beside_the_bare_loop(compare: ModuleType) -> None:
+    """The p99 row takes the median over the rounds, and lists each round's p99 of the service
+    and of the bare loop, in the order the rounds ran."""
+    def window(peer: str, n: int, p99: float) -> dict[str, object]:
+        return {"peer": peer, "entries": n, "p99_ms": p99,
+                **{fig: 1.0 for fig in compare.FIGURES if fig != "p99_ms"}}
+    p99s = {"service": (15.88, 4.32), "loop": (15.93, 4.35), "node-red": (44.31, 40.18)}
+    windows = [window(peer, n, p99s[peer][r]) for n in (100, 5000) for r in (0, 1)
+               for peer in p99s]
+    rows = compare.issue12_rows({"windows": windows, "summary": compare.summarise(windows)},
+                                None, None, quick=False)
+    (measured, verdict), = [(row[2], row[3]) for row in rows
+                            if row[0] == "100 × 1 s: p99 period error"]
+    assert measured == ("10.10 ms vs 42.25 ms; by round: service 15.88, 4.32, "
+                        "bare loop 15.93, 4.35")
+    assert verdict == "MISSED"
+
+
 def test_node_red_flow_wires_an_inject_per_topic_to_one_mqtt_out(peers: ModuleType) -> None:
     """The generated flow: one inject per topic with its static payload, repeating every
     second, all wired to one QoS 0 `mqtt out` on a broker node pointing at the given port."""
