@@ -100,9 +100,8 @@ def summarise(windows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
         out.setdefault(str(w["entries"]), {}).setdefault(w["peer"], {"rounds": 0})["rounds"] += 1
     for n, peers in out.items():
         for peer, summary in peers.items():
-            mine = [w for w in windows if str(w["entries"]) == n and w["peer"] == peer]
             for fig in FIGURES:
-                vals = [float(w[fig]) for w in mine if not math.isnan(float(w[fig]))]
+                vals = [v for v in by_round(windows, int(n), peer, fig) if not math.isnan(v)]
                 summary[fig] = ({"median": statistics.median(vals), "min": min(vals),
                                  "max": max(vals)} if vals else None)
     return out
