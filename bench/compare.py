@@ -10,6 +10,7 @@ import os
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,22 +34,28 @@ class CompareParams:
 
 
 def measure_peer(work: Path, port: int, sub: Sub, peer_name: str, n: int, prefix: str,
-                 p: CompareParams) -> dict[str, Any]:
+                 p: CompareParams, *, started: Callable[[int], None] | None = None,
+                 ) -> dict[str, Any]:
     """One window of one peer: start it, wait until every topic arrived once (start-up), warm
-    up, then count CPU over the window and ask the subscriber for delivery and period error."""
+    up, then count CPU over the window and ask the subscriber for delivery and period error.
+    `started` is called with the peer's pid once it is publishing, before the warm-up (an
+    experiment changing how the process is run: bench/priority_ab.py)."""
     tag = f"{peer_name}-{n}-{uuid.uuid4().hex[:4]}"
     peer = start_peer(peer_name, work, port, n, prefix, tag)
     try:
-        return _measure(peer, sub, n, prefix, p)
+        return _measure(peer, sub, n, prefix, p, started)
     finally:
         peer.stop()
 
 
-def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams) -> dict[str, Any]:
+def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams,
+             started: Callable[[int], None] | None) -> dict[str, Any]:
     seen = sub.wait_all_seen(n, p.startup_timeout_s, prefix=prefix + "/")
     peer.alive()
     if seen is None:
         raise RuntimeError(f"{peer.name}: not every topic seen within {p.startup_timeout_s} s")
+    if started is not None:
+        started(peer.pid)
     time.sleep(p.warmup_s)
     peer.alive()
     a, cpu0 = time.time(), proc_cpu_seconds(peer.pid)
