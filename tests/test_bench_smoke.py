@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -232,3 +235,64 @@ def test_node_red_is_skipped_with_a_reason_without_node(peers: ModuleType) -> No
     """Without `node` on PATH the peer is unavailable, and the reason names what is missing."""
     assert "node" in peers.node_red_unavailable(which=lambda _name: None)
     assert peers.node_red_unavailable(which=lambda name: f"/usr/bin/{name}") is None
+
+
+@pytest.fixture
+def priority_ab(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/priority_ab.py, imported the way run.py imports its modules."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module("priority_ab")
+
+
+_SPINNER = """
+import threading, time
+def spin():
+    print(threading.get_native_id(), flush=True)
+    end = time.thread_time() + 0.5
+    while time.thread_time() < end:
+        pass
+    time.sleep(60)
+threading.Thread(target=spin, daemon=True).start()
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def spinner(priority_ab: ModuleType) -> Iterator[tuple[int, int]]:
+    """A child process whose second thread has used 0.4 s of CPU, its main thread next to
+    none: (pid, the spinning thread's id)."""
+    child = subprocess.Popen([sys.executable, "-c", _SPINNER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        tid = int(child.stdout.readline())
+        deadline = time.monotonic() + 30
+        while priority_ab.thread_cpu_ticks(child.pid, tid) < 40:  # 0.4 s at 100 ticks/s
+            assert time.monotonic() < deadline, "the spinning thread never used its CPU"
+            time.sleep(0.05)
+        yield child.pid, tid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_busiest_thread_is_the_one_that_used_the_most_cpu(
+        priority_ab: ModuleType, spinner: tuple[int, int]) -> None:
+    pid, tid = spinner
+    assert tid in priority_ab.thread_ids(pid)
+    assert len(priority_ab.thread_ids(pid)) == 2
+    assert priority_ab.busiest_thread(pid) == tid
+    assert priority_ab.policy("off", 10) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root (CI runs as root)")
+def test_priority_modes_switch_the_busiest_thread_or_every_thread(
+        priority_ab: ModuleType, spinner: tuple[int, int]) -> None:
+    """`network-thread` makes only the busiest thread (in the service, the network thread)
+    SCHED_FIFO, `process` every thread."""
+    pid, tid = spinner
+    priority_ab.policy("network-thread", 10)(pid)
+    policies = {t: os.sched_getscheduler(t) for t in priority_ab.thread_ids(pid)}
+    assert policies.pop(tid) == os.SCHED_FIFO
+    assert set(policies.values()) == {os.SCHED_OTHER}
+    priority_ab.policy("process", 10)(pid)
+    assert {os.sched_getscheduler(t) for t in priority_ab.thread_ids(pid)} == {os.SCHED_FIFO}
