@@ -34,6 +34,20 @@ class ReloadRequest:
         return self.trigger in MANUAL_TRIGGERS
 
 
+@dataclass(frozen=True, slots=True)
+class Debounce:
+    """How long the config path must stay quiet after the watcher's last poke before it is
+    re-read (docs/design.md, "Following the config path")."""
+
+    quiet: float = 0.3  # after most changes: editors write in several steps
+    # after a change that ends a write (the file closed after writing, or renamed into place):
+    # only long enough to take in the events that come with it
+    write_ended: float = 0.05
+
+    def after(self, *, write_ended: bool) -> float:
+        return self.write_ended if write_ended else self.quiet
+
+
 class Mailbox:
     """How other threads poke the main loop: flags plus one Event to wake it.
 
@@ -50,6 +64,7 @@ class Mailbox:
         self._monotonic = monotonic
         self._reloads: list[ReloadRequest] = []
         self._file_poked_at: float | None = None  # monotonic; debounced by the loop
+        self._file_write_ended = False  # what the last poke saw
 
     def post_stop(self) -> None:
         if self.stop_requested_at is None:
@@ -64,11 +79,13 @@ class Mailbox:
         self.wake.set()
         return request
 
-    def post_file_event(self) -> None:
+    def post_file_event(self, write_ended: bool = False) -> None:
         """The watcher saw a change: a "watcher" reload once the file has been quiet for the
-        debounce (editors write in several steps)."""
+        debounce. `write_ended`: the change ends a write, so a short debounce will do, unless
+        another change comes in it."""
         with self.lock:
             self._file_poked_at = self._monotonic()
+            self._file_write_ended = write_ended
         self.wake.set()
 
     @property
@@ -76,12 +93,14 @@ class Mailbox:
         """A watcher poke is waiting for its debounce."""
         return self._file_poked_at is not None
 
-    def file_event_due(self, debounce: float) -> float | None:
+    def file_event_due(self, debounce: Debounce) -> float | None:
         """When the pending watcher poke turns into a reload (monotonic); None without one."""
         poked = self._file_poked_at
-        return None if poked is None else poked + debounce
+        if poked is None:
+            return None
+        return poked + debounce.after(write_ended=self._file_write_ended)
 
-    def take_reloads(self, debounce: float) -> list[ReloadRequest]:
+    def take_reloads(self, debounce: Debounce) -> list[ReloadRequest]:
         """The reloads asked for so far, a watcher poke among them once its debounce is over."""
         with self.lock:  # a poke that lands meanwhile is kept for the next reload
             due = self.file_event_due(debounce)

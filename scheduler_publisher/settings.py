@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from scheduler_publisher.logs import LogSettings
+from scheduler_publisher.mailbox import Debounce
 from scheduler_publisher.shard import Shard
 
 MQTTVersion = Literal["5", "3.1.1"]
@@ -77,7 +78,7 @@ class ServiceSettings:
     metrics_per_entry: MetricsPerEntry = "auto"  # auto: per-entry series up to the limit
     metrics_entry_limit: int = 1000
     shutdown_timeout: float = 4.0
-    reload_debounce: float = 0.3
+    reload_debounce: Debounce = field(default_factory=Debounce)
     safety_check_interval: float = 60.0
     clear_retained_on_remove: bool = False
     watch: bool = True

@@ -11,9 +11,10 @@ swapped folder), `refresh()` moves the watches; the main loop calls it before ev
 re-read, so a change made while the watches move is still read (docs/design.md).
 
 Events for other names in the same folders (editors' swap and backup files) are ignored. The
-watcher never reads or parses anything: it only calls `poke`, and the service's main loop
-debounces, re-reads and decides. With --force-polling (or where inotify is unavailable) a
-thread compares `lstat` fingerprints of the same paths instead.
+watcher never reads or parses anything: it only calls `poke`, saying whether the change ends
+a write (`ends_a_write`), and the service's main loop debounces, re-reads and decides. With
+--force-polling (or where inotify is unavailable) a thread compares `lstat` fingerprints of
+the same paths instead.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ EMITTER_STOP_WAIT = 2.0  # seconds; watchdog holds an unpaired move for 0.5 s
 _NO_INOTIFY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOSYS, errno.ENOMEM})
 
 ROOT = Path("/")
+# What the watcher calls, with whether the change ends a write (`ends_a_write`).
+Poke = Callable[[bool], None]
 Fingerprint = tuple[tuple[str, tuple[int, ...] | None, str | None], ...]
 
 
@@ -108,8 +111,16 @@ def _identity(folder: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def ends_a_write(event_type: str, src: str, dest: str, paths: frozenset[str]) -> bool:
+    """Whether an event on the followed paths finishes a change: one of them closed after
+    writing (IN_CLOSE_WRITE), or something renamed onto one of them (a save by rename, a
+    swapped symlink or folder). A change that does not (a truncate, a write, a create, a
+    removal) may be the first of several."""
+    return (event_type == "closed" and src in paths) or (event_type == "moved" and dest in paths)
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, paths: tuple[str, ...], poke: Callable[[], None]) -> None:
+    def __init__(self, paths: tuple[str, ...], poke: Poke) -> None:
         self.paths = frozenset(paths)  # replaced whole by refresh() (main loop), read here
         self._poke = poke
 
@@ -121,9 +132,10 @@ class _Handler(FileSystemEventHandler):
                 # watchdog adds a "modified" event for the folder at every change inside it;
                 # a change that matters arrives as its own event, with its own path.
                 return
-            paths = {os.fsdecode(event.src_path), os.fsdecode(event.dest_path or b"")}
-            if not self.paths.isdisjoint(paths):
-                self._poke()
+            src, dest = os.fsdecode(event.src_path), os.fsdecode(event.dest_path or b"")
+            paths = self.paths
+            if src in paths or dest in paths:
+                self._poke(ends_a_write(event.event_type, src, dest, paths))
         except Exception:
             log.exception("watch_handler_failed")
 
@@ -156,7 +168,7 @@ class _FolderWatch:
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, poke: Callable[[], None], *, force_polling: bool = False,
+    def __init__(self, path: Path, poke: Poke, *, force_polling: bool = False,
                  polling_interval: float = 0.5) -> None:
         self.path = path.absolute()  # as written: links are followed afresh at every walk
         self._poke = poke
@@ -244,7 +256,7 @@ class ConfigWatcher:
                 continue
             if now != last:
                 last = now
-                self._poke()
+                self._poke(False)  # a fingerprint cannot tell whether a write has ended
 
     def stop(self) -> None:
         self._stop_observer()

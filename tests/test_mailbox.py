@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from scheduler_publisher.mailbox import Mailbox, Trigger
+from scheduler_publisher.mailbox import Debounce, Mailbox, Trigger
 
-DEBOUNCE = 0.3
+DEBOUNCE = Debounce(quiet=0.3, write_ended=0.05)
 
 
 class Now:
@@ -41,7 +41,7 @@ def test_a_watcher_poke_becomes_a_reload_only_after_the_debounce() -> None:
     mail = Mailbox(now)
     mail.post_file_event()
     assert pending(mail)
-    assert mail.file_event_due(DEBOUNCE) == 100.0 + DEBOUNCE
+    assert mail.file_event_due(DEBOUNCE) == 100.0 + DEBOUNCE.quiet
     now.t += 0.2
     assert mail.take_reloads(DEBOUNCE) == []
     mail.post_file_event()  # the editor writes again: quiet for another debounce from here
@@ -52,6 +52,25 @@ def test_a_watcher_poke_becomes_a_reload_only_after_the_debounce() -> None:
     assert (request.trigger, request.manual) == ("watcher", False)
     assert not pending(mail)
     assert mail.file_event_due(DEBOUNCE) is None
+
+
+def test_a_poke_that_ends_a_write_is_due_sooner_until_another_change_comes() -> None:
+    """After a change that ends a write (closed after writing, renamed into place) the short
+    debounce is enough; any later poke restarts the wait with its own kind."""
+    now = Now()
+    mail = Mailbox(now)
+    mail.post_file_event(write_ended=True)
+    assert mail.file_event_due(DEBOUNCE) == 100.0 + DEBOUNCE.write_ended
+    mail.post_file_event()  # e.g. a chmod right after the save: it may be one of several
+    now.t += DEBOUNCE.write_ended
+    assert mail.take_reloads(DEBOUNCE) == []
+    assert mail.file_event_due(DEBOUNCE) == 100.0 + DEBOUNCE.quiet
+    mail.post_file_event(write_ended=True)  # ... and the save that ends it
+    assert mail.take_reloads(DEBOUNCE) == []
+    now.t += DEBOUNCE.write_ended
+    (request,) = mail.take_reloads(DEBOUNCE)
+    assert request.trigger == "watcher"
+    assert not pending(mail)
 
 
 def test_stop_is_remembered_from_the_first_request() -> None:

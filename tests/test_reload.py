@@ -421,7 +421,7 @@ def test_edit_made_during_a_reload_is_not_lost(
     wait_until(lambda: service.file_change_pending, 5, interval=0.005,
                message="the watcher to notice the first save")
     # The loop takes the change as it starts re-reading; the debounce says when that is due.
-    due = time.monotonic() + service.settings.reload_debounce + 0.05
+    due = time.monotonic() + service.settings.reload_debounce.quiet + 0.05
     wait_until(lambda: not service.file_change_pending or time.monotonic() >= due, 5,
                interval=0.001, message="the first reload to begin")
     save_atomically(config, dump([{**a, "data": {"v": 2}}]))
@@ -521,7 +521,12 @@ class _Recorder(FileSystemEventHandler):
     def __init__(self, path: Path) -> None:
         self.seen: list[FileSystemEvent] = []
         self.poked: list[FileSystemEvent] = []
-        self._filter = _Handler((str(path),), lambda: self.poked.append(self.seen[-1]))
+        self.write_ended: list[bool] = []  # for each poke: whether it ended a write
+        self._filter = _Handler((str(path),), self._poke)
+
+    def _poke(self, write_ended: bool) -> None:
+        self.poked.append(self.seen[-1])
+        self.write_ended.append(write_ended)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.seen.append(event)
@@ -547,8 +552,8 @@ def test_watcher_filter_pokes_only_for_the_config_file(config: Path) -> None:
         moved_in = [e for e in recorder.poked if e.event_type == "moved"]
         assert [os.fsdecode(e.dest_path) for e in moved_in] == [str(config.resolve())]
         save_in_place(config, "[  ]")
-        wait_until(lambda: any(e.event_type == "modified" for e in recorder.poked), 5,
-                   message="a poke for an in-place write")
+        wait_until(lambda: {"modified", "closed"} <= {e.event_type for e in recorder.poked}, 5,
+                   message="the pokes of an in-place write and of its close")
     finally:
         observer.stop()
         observer.join(5)
@@ -556,6 +561,11 @@ def test_watcher_filter_pokes_only_for_the_config_file(config: Path) -> None:
     assert all(target in (os.fsdecode(e.src_path), os.fsdecode(e.dest_path))
                for e in recorder.poked)
     assert len(recorder.seen) > len(recorder.poked)  # the churn was seen, and filtered out
+    # A rename onto the file and its close after writing end a write; the rest may not.
+    ended = {(e.event_type, flag) for e, flag in zip(recorder.poked, recorder.write_ended,
+                                                     strict=True)}
+    assert {("moved", True), ("modified", False), ("closed", True)} <= ended
+    assert all(flag == (kind in ("moved", "closed")) for kind, flag in ended)
 
 
 # --- how files get saved -----------------------------------------------------------------------
@@ -937,13 +947,46 @@ def test_manual_reload_that_finds_nothing_changed_logs_at_info(
         trigger, "info", 1)
     os.utime(config)  # the watcher sees it, and re-reads after the debounce
     wait_until(lambda: service.file_change_pending, 5, message="the watcher to notice the touch")
-    clock.advance(service.settings.reload_debounce)
+    clock.advance(service.settings.reload_debounce.quiet)
     service.step()
     assert not service.file_change_pending, "the debounced re-read was taken"
     clock.advance(service.settings.safety_check_interval)
     service.step()  # the safety re-read
     assert service.reload_config(trigger=trigger) is True
     assert len(events(logs, "config_unchanged")) == 2
+
+
+def test_a_save_by_rename_is_read_after_the_short_debounce_a_touch_after_the_long_one(
+        start_service: StartService, config: Path, topic_base: str) -> None:
+    """A rename onto the file ends a write: it is re-read once the path has been quiet for
+    `write_ended`. A touch may be the first of several changes: it waits for `quiet`."""
+    clock = ShiftedClock()
+    a = entry("a", f"{topic_base}/a", 30)
+    service = start_service([a], loop=False, clock=clock)
+    debounce = service.settings.reload_debounce
+    assert debounce.write_ended < debounce.quiet
+
+    def digest() -> object:
+        return service.get_status()["config"]["digest"]
+
+    def pending() -> bool:  # read afresh: mypy would keep an earlier assert's narrowing
+        return service.file_change_pending
+
+    save_atomically(config, dump([{**a, "data": {"v": 2}}]))
+    wait_until(pending, 5, message="the watcher to see the save")
+    clock.advance(debounce.write_ended)
+    service.step()
+    assert not pending(), "the save was taken after the short debounce"
+    assert digest() == hashlib.sha256(config.read_bytes()).hexdigest()
+
+    os.utime(config)
+    wait_until(pending, 5, message="the watcher to see the touch")
+    clock.advance(debounce.write_ended)
+    service.step()
+    assert pending(), "a touch waits for the full debounce"
+    clock.advance(debounce.quiet - debounce.write_ended)
+    service.step()
+    assert not pending()
 
 
 def test_request_methods_do_not_claim_signal_handler_safety() -> None:

@@ -198,7 +198,7 @@ class Pokes:
         self.count = 0
         self.event = threading.Event()
 
-    def __call__(self) -> None:
+    def __call__(self, _write_ended: bool) -> None:
         self.count += 1
         self.event.set()
 
@@ -347,7 +347,7 @@ def test_stopping_the_watcher_while_its_folder_changes_logs_no_error(
     config.write_text("[]")
     with caplog.at_level("ERROR", logger="watchdog"), Churn(folder):
         for _ in range(400):
-            watcher = ConfigWatcher(config, lambda: None)
+            watcher = ConfigWatcher(config, lambda _write_ended: None)
             watcher.start()
             assert watcher.kind == "inotify"
             watcher.stop()
