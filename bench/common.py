@@ -94,11 +94,21 @@ def pct(values: list[float], p: float) -> float:
 
 
 # ==== /proc readings ===============================================================================
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of the process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+def _stat_cpu_seconds(path: str) -> float:
+    """utime + stime of a /proc stat file (a process's or one thread's), in seconds."""
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of the process, in seconds."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread of the process, in seconds."""
+    return _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
 
 
 def proc_rss_kb(pid: int) -> int:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from common import Broker, Sub
+from common import Broker, Sub, thread_cpu_seconds
 from compare import CompareParams, measure_peer
 
 MODES = ("off", "process", "network-thread")
@@ -37,15 +37,8 @@ def thread_ids(pid: int) -> list[int]:
     return [int(name) for name in os.listdir(f"/proc/{pid}/task")]
 
 
-def thread_cpu_ticks(pid: int, tid: int) -> int:
-    """utime + stime of one thread, in clock ticks (/proc/<pid>/task/<tid>/stat)."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def busiest_thread(pid: int) -> int:
-    return max(thread_ids(pid), key=lambda tid: thread_cpu_ticks(pid, tid))
+    return max(thread_ids(pid), key=lambda tid: thread_cpu_seconds(pid, tid))
 
 
 def policy(mode: str, priority: int) -> Callable[[int], None] | None:

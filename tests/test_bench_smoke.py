@@ -266,7 +266,7 @@ def spinner(priority_ab: ModuleType) -> Iterator[tuple[int, int]]:
         assert child.stdout is not None
         tid = int(child.stdout.readline())
         deadline = time.monotonic() + 30
-        while priority_ab.thread_cpu_ticks(child.pid, tid) < 40:  # 0.4 s at 100 ticks/s
+        while priority_ab.thread_cpu_seconds(child.pid, tid) < 0.4:
             assert time.monotonic() < deadline, "the spinning thread never used its CPU"
             time.sleep(0.05)
         yield child.pid, tid
