@@ -213,8 +213,14 @@ class Service:
     ) -> None:
         """`shard` ("K/N") runs one shard of the entries; shards share one file when they
         are given one `config_name` (the file is `<config_name>.json`, else `<name>.json`).
-        `extra`: more flags of `run`."""
-        self.config = workdir / f"{config_name or name}.json"
+        `extra`: more flags of `run`.
+
+        The config file is in a folder of its own, `workdir/JSON/`, as on a gateway: the
+        watcher follows that folder, and the logs, the state database and whatever the
+        benchmark writes stay out of it (each write there would wake the watcher's threads)."""
+        folder = workdir / "JSON"
+        folder.mkdir(exist_ok=True)
+        self.config = folder / f"{config_name or name}.json"
         write_atomically(self.config, entries)
         self.out = workdir / f"{name}.log"
         self.http_port = http_port
