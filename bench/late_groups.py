@@ -19,6 +19,14 @@ A group late for more than one reason is counted under the first that applies. A
 by this much moves the period error of every entry in it, so at 100 entries in one group a
 single late group in a 30 s window puts that window's p99 over the target (docs/design.md,
 "Where a late group is late").
+
+It then splits the p99 period error of each WINDOW-second window between the two legs a
+message travels. A group's period is the time between its last message one second and the
+next; it is the sum of the change in the service's leg (due time to the group's last send) and
+the change in the leg after it (last send to last arrival: the broker and the subscriber). The
+p99 of each leg on its own is the period error a subscriber would have seen if the other leg
+had been perfectly steady: the after-the-service figure is what a publisher that always sent
+on time would get here.
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Broker, Service, make_entries
+from common import Broker, Service, make_entries, pct
 
 LATE_MS = 3.0  # beyond the median group's last arrival
 WOKE_LATE_MS = 2.0  # a run that starts this much after the due time woke late
 WARM_UP = 6.0  # seconds: the connect and its birth burst are not measured
+WINDOW = 30.0  # seconds: as the benchmark's comparison windows
+INTERVAL = 1.0  # every entry's interval, seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +143,64 @@ def classify(groups: list[Group]) -> dict[str, list[Group]]:
     return causes
 
 
-def measure(entries: int, seconds: float) -> list[Group]:
+@dataclass(frozen=True, slots=True)
+class Legs:
+    """p99 period error (ms) of one window: measured per entry from the subscriber's stamps,
+    and of each group's last message, whole and split between the two legs."""
+
+    start: float  # wall clock
+    per_entry: float
+    last_message: float
+    service_leg: float
+    after_leg: float
+
+
+def legs(groups: list[Group], periods: dict[float, list[float]], window: float) -> list[Legs]:
+    """Each whole `window` from the first group on. `periods` are the entries' measured
+    period errors (ms) by the arrival that ends them."""
+    following = {round(g.due * 1e3): g for g in groups}
+    pairs: list[tuple[float, float, float, float]] = []
+    for g in groups:
+        nxt = following.get(round((g.due + INTERVAL) * 1e3))
+        if nxt is not None:
+            sent = nxt.last_send_ms - g.last_send_ms
+            whole = nxt.last_arrival_ms - g.last_arrival_ms
+            pairs.append((nxt.due, abs(whole), abs(sent), abs(whole - sent)))
+    found = []
+    start = min((g.due for g in groups), default=0.0)
+    while pairs and start + window <= max(p[0] for p in pairs) + INTERVAL:
+        inside = [p for p in pairs if start <= p[0] < start + window]
+        errors = [e for t, es in periods.items() if start <= t < start + window for e in es]
+        if inside:
+            found.append(Legs(start, pct(errors, 99),
+                              *(pct([p[i] for p in inside], 99) for i in (1, 2, 3))))
+        start += window
+    return found
+
+
+def period_errors(arrivals: list[tuple[float, str]]) -> dict[float, list[float]]:
+    """Each entry's period errors (ms), filed under the second its period ended in."""
+    last: dict[str, float] = {}
+    errors: dict[float, list[float]] = {}
+    for t, topic in sorted(arrivals):
+        before = last.get(topic)
+        if before is not None:
+            errors.setdefault(float(int(t)), []).append(abs(t - before - INTERVAL) * 1e3)
+        last[topic] = t
+    return errors
+
+
+def measure(entries: int, seconds: float) -> tuple[list[Group], list[Legs]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Broker(work)
         broker.start()
         prefix = f"bench/late/{uuid.uuid4().hex[:6]}"
-        stamps = work / "arrivals.txt"
+        stamps = work / "arrivals.txt"  # not in the config's folder, which the watcher follows
         trace = work / "trace.json"
         with stamps.open("w") as sink:
             sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-t",
-                                    f"{prefix}/#", "-F", "%U"], stdout=sink)
+                                    f"{prefix}/#", "-F", "%U %t"], stdout=sink)
             service = _TracedService(work, broker.port, make_entries(entries, 1.0, prefix),
                                      "traced", defaults=True, trace=trace)
             try:
@@ -157,11 +214,15 @@ def measure(entries: int, seconds: float) -> list[Group]:
                 sub.wait(5)
                 broker.stop()
         recorded = json.loads(trace.read_text())
-        arrivals = [t for t in (float(line) for line in stamps.read_text().split())
-                    if begin <= t < end + 1.0]
+        stamped = [(float(t), topic) for t, topic in
+                   (line.split(" ", 1) for line in stamps.read_text().splitlines())]
+        arrivals = [t for t, _topic in stamped if begin <= t < end + 1.0]
         groups = [tuple(g) for g in recorded["groups"] if begin <= g[0] < end]
-        return explain(groups, recorded["sends"], arrivals,
-                       smallest=max(1, entries // 200))
+        found = explain(groups, recorded["sends"], arrivals, smallest=max(1, entries // 200))
+        # periods that end inside the measured span (the first one starts in the warm-up)
+        errors = period_errors([(t, topic) for t, topic in stamped if t < end + 1.0])
+        periods = {t: e for t, e in errors.items() if begin + INTERVAL <= t}
+        return found, legs(found, periods, WINDOW)
 
 
 class _TracedService(Service):
@@ -174,6 +235,14 @@ class _TracedService(Service):
     def _default_cmd(self, workdir: Path, port: int, name: str) -> list[str]:
         python, _m, _module, *args = super()._default_cmd(workdir, port, name)
         return [python, __file__, "--trace", str(self._trace), "--", *args]
+
+
+def report_legs(windows: list[Legs]) -> None:
+    print(f"p99 period error in each {WINDOW:g} s window (ms): per entry | the groups' last "
+          "message | from the service's leg alone | from the leg after the service alone")
+    for w in windows:
+        print(f"  {w.per_entry:6.2f} | {w.last_message:6.2f} | {w.service_leg:6.2f} | "
+              f"{w.after_leg:6.2f}")
 
 
 def report(groups: list[Group], seconds: float) -> None:
@@ -206,7 +275,9 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=120.0)
     args = parser.parse_args()
-    report(measure(args.entries, args.seconds), args.seconds)
+    groups, windows = measure(args.entries, args.seconds)
+    report(groups, args.seconds)
+    report_legs(windows)
 
 
 if __name__ == "__main__":

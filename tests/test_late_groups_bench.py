@@ -75,3 +75,36 @@ def test_a_short_run_traces_the_service_and_reports_every_group() -> None:
     assert late is not None, done.stdout
     assert int(late.group(1)) == sum(int(late.group(i)) for i in (3, 4, 5))
     assert late.group(2) == summary.group(1)
+    assert "from the leg after the service alone" in done.stdout
+
+
+def test_a_windows_period_error_is_split_between_the_service_and_what_follows(
+        late_groups: ModuleType) -> None:
+    """A group whose messages left late moves the service's leg; one whose messages left on
+    time and arrived late moves the leg after it. Each leg's p99 sees only its own delay, and
+    the per-entry figure is the measured periods' p99 in the same window."""
+    group = late_groups.Group
+    groups = [group(float(i), 0.4, 1.8, 2.2, 3.2, 5.2) for i in range(60)]
+    groups[10] = group(10.0, 0.4, 1.8, 2.2, 3.2, 13.2)  # left on time, arrived 8 ms late
+    groups[40] = group(40.0, 6.4, 7.8, 8.2, 9.2, 11.2)  # woke 6 ms late, arrived as late
+    periods = {float(t): [0.5, 0.25 if t != 41 else 6.0] for t in range(1, 60)}
+    first, second = late_groups.legs(groups, periods, 30.0)
+    assert (first.start, second.start) == (0.0, 30.0)
+    assert first.last_message == pytest.approx(8.0)
+    assert first.after_leg == pytest.approx(8.0)
+    assert first.service_leg == pytest.approx(0.0)
+    assert first.per_entry == pytest.approx(0.5)
+    assert second.last_message == pytest.approx(6.0)
+    assert second.service_leg == pytest.approx(6.0)
+    assert second.after_leg == pytest.approx(0.0)
+    assert second.per_entry == pytest.approx(6.0)
+    assert late_groups.legs([], {}, 30.0) == []
+
+
+def test_period_errors_are_filed_under_the_second_their_period_ended_in(
+        late_groups: ModuleType) -> None:
+    arrivals = [(100.010, "a"), (101.012, "a"), (100.5, "b"), (102.010, "a"), (101.49, "b")]
+    errors = late_groups.period_errors(arrivals)
+    assert errors.keys() == {101.0, 102.0}
+    assert sorted(errors[101.0]) == [pytest.approx(2.0), pytest.approx(10.0)]
+    assert errors[102.0] == [pytest.approx(2.0)]
