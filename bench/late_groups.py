@@ -20,7 +20,7 @@ by this much moves the period error of every entry in it, so at 100 entries in o
 single late group in a 30 s window puts that window's p99 over the target (docs/design.md,
 "Where a late group is late").
 
-It then splits the p99 period error of each WINDOW-second window between the two legs a
+It then splits the p99 period error of each 30 s window (WINDOW) between the two legs a
 message travels. A group's period is the time between its last message one second and the
 next; it is the sum of the change in the service's leg (due time to the group's last send) and
 the change in the leg after it (last send to last arrival: the broker and the subscriber). The
@@ -166,9 +166,12 @@ def legs(groups: list[Group], periods: dict[float, list[float]], window: float) 
             sent = nxt.last_send_ms - g.last_send_ms
             whole = nxt.last_arrival_ms - g.last_arrival_ms
             pairs.append((nxt.due, abs(whole), abs(sent), abs(whole - sent)))
-    found = []
-    start = min((g.due for g in groups), default=0.0)
-    while pairs and start + window <= max(p[0] for p in pairs) + INTERVAL:
+    found: list[Legs] = []
+    if not pairs:
+        return found
+    start = min(g.due for g in groups)
+    last_period_end = max(p[0] for p in pairs)
+    while start + window <= last_period_end + INTERVAL:
         inside = [p for p in pairs if start <= p[0] < start + window]
         errors = [e for t, es in periods.items() if start <= t < start + window for e in es]
         if inside:
