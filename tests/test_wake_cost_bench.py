@@ -49,3 +49,30 @@ def test_the_lateness_line_never_shows_a_p99_above_the_worst(
     found = re.search(r"p99 ([\d.]+) / max ([\d.]+) ms", line)
     assert found is not None, line
     assert float(found.group(1)) <= float(found.group(2))
+
+
+def test_wake_cost_bench_compares_a_timerfd_wake_up_with_the_loops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--timerfd` adds a line for the same deadlines met by one wake-up on a timerfd, and both
+    lines give the CPU per deadline. A timerfd that woke the thread at the wrong time would
+    show in the count (one wake-up per deadline) or in a lateness of a whole period."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--seconds", "0.5", "--period-ms", "10",
+                           "--timerfd"], capture_output=True, text=True, timeout=60, check=True)
+    lines = [re.search(r"woken at a deadline every 10 ms(?P<how> by a timerfd)?: lateness "
+                       r"p50 (?P<p50>[\d.]+) / p99 [\d.]+ / max [\d.]+ ms over (?P<n>\d+) "
+                       r"wake-ups, \d+ more than 5 ms late; (?P<cpu>\d+) µs of CPU per deadline",
+                       line) for line in done.stdout.splitlines()]
+    found = [m for m in lines if m is not None]
+    assert [bool(m.group("how")) for m in found] == [False, True], done.stdout
+    for m in found:
+        assert int(m.group("n")) == 50
+        assert 0 <= float(m.group("p50")) < 10
+        assert int(m.group("cpu")) > 0
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    wake_cost = importlib.import_module("wake_cost")
+    timer = wake_cost.TimerFd()
+    try:
+        timer.arm(wake_cost.time.monotonic() - 1)  # in the past: expired at once
+        assert int.from_bytes(wake_cost.os.read(timer.fd, 8), "little") == 1
+    finally:
+        timer.close()
