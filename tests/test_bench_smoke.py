@@ -22,6 +22,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.support import Mosquitto
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
@@ -296,3 +298,34 @@ def test_priority_modes_switch_the_busiest_thread_or_every_thread(
     assert set(policies.values()) == {os.SCHED_OTHER}
     priority_ab.policy("process", 10)(pid)
     assert {os.sched_getscheduler(t) for t in priority_ab.thread_ids(pid)} == {os.SCHED_FIFO}
+
+
+@pytest.fixture
+def common(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/common.py, imported the way run.py imports its modules."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module("common")
+
+
+def test_the_benchmarked_service_keeps_its_config_apart_from_its_own_files(
+        common: ModuleType, broker: Mosquitto, tmp_path: Path) -> None:
+    """As on a gateway, the config file is alone in the folder the watcher follows: the log
+    file, the state database and the service's output are written beside that folder, so
+    none of the service's own writes wakes its watcher."""
+    service = common.Service(tmp_path, broker.port,
+                             common.make_entries(3, 1.0, "bench/layout"), "layout",
+                             defaults=True)
+    log_file = tmp_path / "layout.json.log"
+    try:
+        deadline = time.monotonic() + 30
+        while not (log_file.exists() and "service_started" in log_file.read_text()
+                   and (tmp_path / "layout.db").exists()):
+            service.alive()
+            assert time.monotonic() < deadline, "the service never started"
+            time.sleep(0.05)
+        assert service.config == tmp_path / "JSON" / "layout.json"
+        assert sorted(p.name for p in service.config.parent.iterdir()) == ["layout.json"]
+        assert {"layout.db", "layout.json.log", "layout.log"} <= {
+            p.name for p in tmp_path.iterdir()}
+    finally:
+        service.stop()
