@@ -76,8 +76,8 @@ class TimerFd:
             raise OSError(ctypes.get_errno(), "timerfd_create")
 
     def arm(self, when: float) -> None:
-        whole = math.floor(when)
-        spec = _Itimerspec(_Timespec(0, 0), _Timespec(whole, round((when - whole) * 1e9)))
+        whole, nanos = divmod(round(when * 1e9), 1_000_000_000)  # nanos < 1e9, as required
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(whole, nanos))
         if self._libc.timerfd_settime(self.fd, self.TFD_TIMER_ABSTIME, ctypes.byref(spec),
                                       None) < 0:
             raise OSError(ctypes.get_errno(), "timerfd_settime")

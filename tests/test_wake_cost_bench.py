@@ -74,5 +74,7 @@ def test_wake_cost_bench_compares_a_timerfd_wake_up_with_the_loops(
     try:
         timer.arm(wake_cost.time.monotonic() - 1)  # in the past: expired at once
         assert int.from_bytes(wake_cost.os.read(timer.fd, 8), "little") == 1
+        timer.arm(41.9999999999)  # rounds up to a whole second: still a valid timespec
+        assert int.from_bytes(wake_cost.os.read(timer.fd, 8), "little") == 1
     finally:
         timer.close()
