@@ -15,14 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.support import Mosquitto
+from tests.support import Mosquitto, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -267,10 +266,8 @@ def spinner(priority_ab: ModuleType) -> Iterator[tuple[int, int]]:
     try:
         assert child.stdout is not None
         tid = int(child.stdout.readline())
-        deadline = time.monotonic() + 30
-        while priority_ab.thread_cpu_seconds(child.pid, tid) < 0.4:
-            assert time.monotonic() < deadline, "the spinning thread never used its CPU"
-            time.sleep(0.05)
+        wait_until(lambda: priority_ab.thread_cpu_seconds(child.pid, tid) >= 0.4, 30,
+                   interval=0.05, message="the spinning thread to use 0.4 s of CPU")
         yield child.pid, tid
     finally:
         child.kill()
@@ -316,13 +313,14 @@ def test_the_benchmarked_service_keeps_its_config_apart_from_its_own_files(
                              common.make_entries(3, 1.0, "bench/layout"), "layout",
                              defaults=True)
     log_file = tmp_path / "layout.json.log"
+
+    def started() -> bool:
+        service.alive()  # a service that exited fails here, with its output
+        return (log_file.exists() and "service_started" in log_file.read_text()
+                and (tmp_path / "layout.db").exists())
+
     try:
-        deadline = time.monotonic() + 30
-        while not (log_file.exists() and "service_started" in log_file.read_text()
-                   and (tmp_path / "layout.db").exists()):
-            service.alive()
-            assert time.monotonic() < deadline, "the service never started"
-            time.sleep(0.05)
+        wait_until(started, 30, interval=0.05, message="the service to start")
         assert service.config == tmp_path / "JSON" / "layout.json"
         assert sorted(p.name for p in service.config.parent.iterdir()) == ["layout.json"]
         assert {"layout.db", "layout.json.log", "layout.log"} <= {
