@@ -111,6 +111,21 @@ def thread_cpu_seconds(pid: int, tid: int) -> float:
     return _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
 
 
+def steal_ms(stat: str | None = None) -> float:
+    """Time the hypervisor ran something else on this guest's CPUs since boot, summed over the
+    CPUs, in ms: the `steal` column of the aggregate `cpu` line of /proc/stat (proc(5)), read
+    from `stat` when given. A window's share of it says whether a late window coincided with
+    the host taking the CPUs away (docs/design.md, "Host steal in the windows")."""
+    if stat is None:
+        with open("/proc/stat") as f:
+            stat = f.read()
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            return 1000 * int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
+    raise ValueError("no aggregate cpu line in /proc/stat")
+
+
 def proc_rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Sub, log, proc_cpu_seconds, proc_rss_kb
+from common import Sub, log, proc_cpu_seconds, proc_rss_kb, steal_ms
 from peers import Peer, Spinner, start_peer
 
 FIGURES = ("cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms", "p99_ms",
-           "max_ms", "startup_s", "missed_ticks")
+           "max_ms", "startup_s", "missed_ticks", "steal_ms")
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams,
         started(peer.pid)
     time.sleep(p.warmup_s)
     peer.alive()
-    a, cpu0 = time.time(), proc_cpu_seconds(peer.pid)
+    a, cpu0, steal0 = time.time(), proc_cpu_seconds(peer.pid), steal_ms()
     time.sleep(p.window_s)
-    cpu1, b = proc_cpu_seconds(peer.pid), time.time()
+    cpu1, b, steal1 = proc_cpu_seconds(peer.pid), time.time(), steal_ms()
     rss = proc_rss_kb(peer.pid)
     peer.alive()
     time.sleep(1.0)  # let the window's last messages arrive
@@ -78,6 +78,7 @@ def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams,
         "missed_ticks": w["missed_ticks"],
         "p50_ms": pe["p50"], "p99_ms": pe["p99"], "max_ms": pe["max"],
         "loadavg_1m": os.getloadavg()[0],
+        "steal_ms": steal1 - steal0,  # the host's, over the window, both CPUs
     }
 
 
@@ -156,16 +157,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def by_round(windows: list[dict[str, Any]], n: int, peer: str, fig: str) -> list[float]:
-    """One peer's figure at one size, window by window in the order of the rounds."""
-    return [float(w[fig]) for w in windows if w["entries"] == n and w["peer"] == peer]
+    """One peer's figure at one size, window by window in the order of the rounds (a figure
+    the window lacks, as results written before it was measured: none)."""
+    return [float(w[fig]) for w in windows if w["entries"] == n and w["peer"] == peer and fig in w]
 
 
 def _p99_rounds(windows: list[dict[str, Any]], n: int) -> str:
     """The service's p99 in each round beside the bare loop's in the same round: the loop does
-    nothing but publish on the same grid, so a window that both miss shows the machine's noise."""
+    nothing but publish on the same grid, so a window that both miss shows the machine's noise.
+    Then the host's steal in each of the service's windows: a window the host took the CPUs
+    from is late for a reason outside every peer."""
     service, loop = (", ".join(f"{v:.2f}" for v in by_round(windows, n, peer, "p99_ms"))
                      for peer in ("service", "loop"))
-    return f"; by round: service {service}" + (f", bare loop {loop}" if loop else "")
+    steal = ", ".join(f"{v:.0f}" for v in by_round(windows, n, "service", "steal_ms"))
+    return (f"; by round: service {service}" + (f", bare loop {loop}" if loop else "")
+            + (f"; host steal in the service's windows {steal} ms" if steal else ""))
 
 
 def _rows_small(summary: dict[str, Any], windows: list[dict[str, Any]], n: int,

@@ -59,7 +59,7 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
         for n in result["params"]["compare_sizes"]}
     for w in [*windows, result["loaded"]]:
         _numeric(w, "cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms",
-                 "p99_ms", "max_ms", "startup_s", "missed_ticks")
+                 "p99_ms", "max_ms", "startup_s", "missed_ticks", "steal_ms")
     _numeric(result["loaded"], "spinner_cpu_pct_of_core")
     rows = {row["figure"]: row for row in result["table"]}
     small = min(result["params"]["compare_sizes"])
@@ -188,22 +188,60 @@ def compare(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("compare")
 
 
+def _window(compare: ModuleType, peer: str, n: int, p99: float,
+            steal: float | None = 1.0) -> dict[str, object]:
+    """One comparison window; `steal` None: a window from before steal was measured."""
+    figures = {fig: 1.0 for fig in compare.FIGURES if fig not in ("p99_ms", "steal_ms")}
+    return {"peer": peer, "entries": n, "p99_ms": p99, **figures,
+            **({} if steal is None else {"steal_ms": steal})}
+
+
 def test_p99_verdict_shows_each_round_beside_the_bare_loop(compare: ModuleType) -> None:
     """The p99 row takes the median over the rounds, and lists each round's p99 of the service
-    and of the bare loop, in the order the rounds ran."""
-    def window(peer: str, n: int, p99: float) -> dict[str, object]:
-        return {"peer": peer, "entries": n, "p99_ms": p99,
-                **{fig: 1.0 for fig in compare.FIGURES if fig != "p99_ms"}}
+    and of the bare loop, in the order the rounds ran, then the host's steal in each of the
+    service's windows."""
     p99s = {"service": (15.88, 4.32), "loop": (15.93, 4.35), "node-red": (44.31, 40.18)}
-    windows = [window(peer, n, p99s[peer][r]) for n in (100, 5000) for r in (0, 1)
-               for peer in p99s]
+    steals = {"service": (240.0, 10.0), "loop": (230.0, 0.0), "node-red": (50.0, 0.0)}
+    windows = [_window(compare, peer, n, p99s[peer][r], steals[peer][r])
+               for n in (100, 5000) for r in (0, 1) for peer in p99s]
     rows = compare.issue12_rows({"windows": windows, "summary": compare.summarise(windows)},
                                 None, None, quick=False)
     (measured, verdict), = [(row[2], row[3]) for row in rows
                             if row[0] == "100 × 1 s: p99 period error"]
     assert measured == ("10.10 ms vs 42.25 ms; by round: service 15.88, 4.32, "
-                        "bare loop 15.93, 4.35")
+                        "bare loop 15.93, 4.35; host steal in the service's windows 240, 10 ms")
     assert verdict == "MISSED"
+
+
+def test_results_written_before_steal_was_measured_still_report(compare: ModuleType) -> None:
+    """Windows without a steal figure (the runs before it was measured) give the same rows,
+    without the steal list, and no steal summary."""
+    windows = [_window(compare, peer, n, p99, steal=None) for n in (100, 5000)
+               for peer, p99 in (("service", 4.0), ("loop", 6.0), ("node-red", 40.0))]
+    summary = compare.summarise(windows)
+    assert summary["100"]["service"]["steal_ms"] is None
+    rows = compare.issue12_rows({"windows": windows, "summary": summary}, None, None, quick=False)
+    (measured,), = [(row[2],) for row in rows if row[0] == "100 × 1 s: p99 period error"]
+    assert measured == "4.00 ms vs 40.00 ms; by round: service 4.00, bare loop 6.00"
+
+
+def test_steal_is_read_from_the_aggregate_cpu_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's steal is the eighth figure of /proc/stat's `cpu` line (proc(5)), in clock
+    ticks, summed over the CPUs; the per-CPU lines are not added again."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    common = importlib.import_module("common")
+    stat = ("cpu  100 0 50 9000 3 0 2 37 0 0\n"
+            "cpu0 50 0 25 4500 1 0 1 30 0 0\n"
+            "cpu1 50 0 25 4500 2 0 1 7 0 0\n"
+            "intr 12345\n")
+    assert common.steal_ms(stat) == pytest.approx(37 * 1000 / os.sysconf("SC_CLK_TCK"))
+    # a kernel too old to count steal (fewer columns) has none to report
+    assert common.steal_ms("cpu  100 0 50 9000 3 0 2\n") == 0.0
+    with pytest.raises(ValueError, match="no aggregate cpu line"):
+        common.steal_ms("cpu0 1 2 3 4 5 6 7 8\n")
+    # this machine's own reading never goes backwards
+    first = common.steal_ms()
+    assert common.steal_ms() >= first >= 0
 
 
 def test_node_red_flow_wires_an_inject_per_topic_to_one_mqtt_out(peers: ModuleType) -> None:
