@@ -30,6 +30,8 @@ import selectors
 import statistics
 import time
 
+from common import steal_ms
+
 GRAIN = 0.001  # as netloop.TIMER_GRAIN: epoll_wait rounds its timeout up to whole milliseconds
 
 
@@ -88,9 +90,10 @@ class TimerFd:
 
 def lateness(seconds: float, period_s: float, *, timerfd: bool = False) -> dict[str, float]:
     """How late (ms) a thread wakes at deadlines `period_s` apart for `seconds`: p50, p99,
-    max, how many of the wake-ups were more than 5 ms late, and the thread's CPU per deadline.
-    Woken as the network loop wakes (`epoll_wait` to GRAIN before, then a precise sleep), or,
-    with `timerfd`, once, by `epoll_wait` on a timerfd armed at the deadline."""
+    max, how many of the wake-ups were more than 5 ms late, the thread's CPU per deadline, and
+    the host's steal meanwhile (ms, both CPUs). Woken as the network loop wakes (`epoll_wait`
+    to GRAIN before, then a precise sleep), or, with `timerfd`, once, by `epoll_wait` on a
+    timerfd armed at the deadline."""
     selector = selectors.DefaultSelector()
     read_end, write_end = os.pipe()
     selector.register(read_end, selectors.EVENT_READ)
@@ -98,7 +101,7 @@ def lateness(seconds: float, period_s: float, *, timerfd: bool = False) -> dict[
     if timer is not None:
         selector.register(timer.fd, selectors.EVENT_READ)
     late: list[float] = []
-    cpu0 = time.thread_time()
+    cpu0, steal0 = time.thread_time(), steal_ms()
     try:
         due = time.monotonic() + period_s
         for _ in range(max(1, math.floor(seconds / period_s))):
@@ -121,7 +124,8 @@ def lateness(seconds: float, period_s: float, *, timerfd: bool = False) -> dict[
     late.sort()
     return {"wakeups": len(late), "p50_ms": late[len(late) // 2],
             "p99_ms": late[min(len(late) - 1, int(len(late) * 0.99))], "max_ms": late[-1],
-            "over_5ms": sum(x > 5 for x in late), "cpu_us_per_deadline": cpu_us}
+            "over_5ms": sum(x > 5 for x in late), "cpu_us_per_deadline": cpu_us,
+            "steal_ms": steal_ms() - steal0}
 
 
 def _sleep_until(selector: selectors.BaseSelector, due: float) -> None:
@@ -135,8 +139,10 @@ def _sleep_until(selector: selectors.BaseSelector, due: float) -> None:
 
 
 def describe_lateness(r: dict[str, float]) -> str:
+    """One line; the host's steal when it was measured (results written before it: none)."""
+    steal = f"; host steal meanwhile {r['steal_ms']:.0f} ms" if "steal_ms" in r else ""
     return (f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} / max {r['max_ms']:.2f} ms over "
-            f"{r['wakeups']:,} wake-ups, {r['over_5ms']:,} more than 5 ms late")
+            f"{r['wakeups']:,} wake-ups, {r['over_5ms']:,} more than 5 ms late{steal}")
 
 
 def main() -> None:

@@ -51,16 +51,33 @@ def test_the_lateness_line_never_shows_a_p99_above_the_worst(
     assert float(found.group(1)) <= float(found.group(2))
 
 
+def test_the_lateness_line_gives_the_hosts_steal_when_it_was_measured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A floor measured with the host's steal says how much the host took meanwhile; one from a
+    result written before steal was measured reads as it did."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    wake_cost = importlib.import_module("wake_cost")
+    floor = {"p50_ms": 0.15, "p99_ms": 2.6, "max_ms": 5.4, "wakeups": 300, "over_5ms": 1}
+    assert wake_cost.describe_lateness(floor).endswith("1 more than 5 ms late")
+    line = wake_cost.describe_lateness({**floor, "steal_ms": 40.0})
+    assert line.endswith("1 more than 5 ms late; host steal meanwhile 40 ms"), line
+    measured = wake_cost.lateness(0.2, 0.05)
+    assert measured["wakeups"] == 4
+    assert measured["steal_ms"] >= 0
+
+
 def test_wake_cost_bench_compares_a_timerfd_wake_up_with_the_loops(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`--timerfd` adds a line for the same deadlines met by one wake-up on a timerfd, and both
-    lines give the CPU per deadline. A timerfd that woke the thread at the wrong time would
-    show in the count (one wake-up per deadline) or in a lateness of a whole period."""
+    lines give the host's steal and the CPU per deadline. A timerfd that woke the thread at the
+    wrong time would show in the count (one wake-up per deadline) or in a lateness of a whole
+    period."""
     done = subprocess.run([sys.executable, str(SCRIPT), "--seconds", "0.5", "--period-ms", "10",
                            "--timerfd"], capture_output=True, text=True, timeout=60, check=True)
     lines = [re.search(r"woken at a deadline every 10 ms(?P<how> by a timerfd)?: lateness "
                        r"p50 (?P<p50>[\d.]+) / p99 [\d.]+ / max [\d.]+ ms over (?P<n>\d+) "
-                       r"wake-ups, \d+ more than 5 ms late; (?P<cpu>\d+) µs of CPU per deadline",
+                       r"wake-ups, \d+ more than 5 ms late; host steal meanwhile \d+ ms; "
+                       r"(?P<cpu>\d+) µs of CPU per deadline",
                        line) for line in done.stdout.splitlines()]
     found = [m for m in lines if m is not None]
     assert [bool(m.group("how")) for m in found] == [False, True], done.stdout
