@@ -27,6 +27,12 @@ the change in the leg after it (last send to last arrival: the broker and the su
 p99 of each leg on its own is the period error a subscriber would have seen if the other leg
 had been perfectly steady: the after-the-service figure is what a publisher that always sent
 on time would get here.
+
+Meanwhile a thread of this process reads the host's steal (`/proc/stat`) every STEAL_SAMPLE_S,
+and each group is checked for steal recorded within STEAL_MARGIN_S of it, from before its due
+time to after its last arrival. The share of late groups with steal beside it, against the
+share of the groups on time, says how many late groups the hypervisor explains (docs/design.md,
+"Host steal in the windows").
 """
 
 from __future__ import annotations
@@ -39,19 +45,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Broker, Service, make_entries, pct
+from common import Broker, Service, make_entries, pct, steal_ms
 
 LATE_MS = 3.0  # beyond the median group's last arrival
 WOKE_LATE_MS = 2.0  # a run that starts this much after the due time woke late
 WARM_UP = 6.0  # seconds: the connect and its birth burst are not measured
 WINDOW = 30.0  # seconds: as the benchmark's comparison windows
 INTERVAL = 1.0  # every entry's interval, seconds
+STEAL_SAMPLE_S = 0.005  # how often the host's steal is read
+# /proc/stat counts steal in 10 ms ticks, so a pause shows at the first read after a tick ends
+STEAL_MARGIN_S = 0.015
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,55 @@ def classify(groups: list[Group]) -> dict[str, list[Group]]:
     return causes
 
 
+class StealSampler:
+    """The host's steal (ms, both CPUs), read every STEAL_SAMPLE_S by a thread of this process
+    while in the `with` block: each increase, stamped with the wall clock of the read that saw
+    it."""
+
+    def __init__(self) -> None:
+        self.increases: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steal-sampler", daemon=True)
+
+    def __enter__(self) -> StealSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last = steal_ms()
+        while not self._stop.wait(STEAL_SAMPLE_S):
+            now = steal_ms()
+            if now > last:
+                self.increases.append((time.time(), now - last))
+            last = now
+
+
+def stolen_around(g: Group, increases: list[tuple[float, float]]) -> float:
+    """The host's steal (ms) recorded from STEAL_MARGIN_S before the group's due time to
+    STEAL_MARGIN_S after its last arrival. `increases`: (wall clock, ms), in time order."""
+    times = [t for t, _ms in increases]
+    lo = bisect.bisect_left(times, g.due - STEAL_MARGIN_S)
+    hi = bisect.bisect_right(times, g.due + g.last_arrival_ms / 1e3 + STEAL_MARGIN_S)
+    return sum(ms for _t, ms in increases[lo:hi])
+
+
+def steal_shares(groups: list[Group], increases: list[tuple[float, float]],
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(late groups with steal around them, late groups), (the same for the groups on time);
+    late as in `classify`."""
+    late = {id(g) for found in classify(groups).values() for g in found}
+    counts = {True: [0, 0], False: [0, 0]}
+    for g in groups:
+        tally = counts[id(g) in late]
+        tally[0] += stolen_around(g, increases) > 0
+        tally[1] += 1
+    return (counts[True][0], counts[True][1]), (counts[False][0], counts[False][1])
+
+
 @dataclass(frozen=True, slots=True)
 class Legs:
     """p99 period error (ms) of one window: measured per entry from the subscriber's stamps,
@@ -193,7 +252,8 @@ def period_errors(arrivals: list[tuple[float, str]]) -> dict[float, list[float]]
     return errors
 
 
-def measure(entries: int, seconds: float) -> tuple[list[Group], list[Legs]]:
+def measure(entries: int, seconds: float,
+            ) -> tuple[list[Group], list[Legs], list[tuple[float, float]]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Broker(work)
@@ -208,9 +268,10 @@ def measure(entries: int, seconds: float) -> tuple[list[Group], list[Legs]]:
                                      "traced", defaults=True, trace=trace)
             try:
                 time.sleep(WARM_UP)
-                begin = time.time()
-                time.sleep(seconds)
-                end = time.time()
+                with StealSampler() as steal:
+                    begin = time.time()
+                    time.sleep(seconds)
+                    end = time.time()
             finally:
                 service.stop()
                 sub.terminate()
@@ -225,7 +286,7 @@ def measure(entries: int, seconds: float) -> tuple[list[Group], list[Legs]]:
         # periods that end inside the measured span (the first one starts in the warm-up)
         errors = period_errors([(t, topic) for t, topic in stamped if t < end + 1.0])
         periods = {t: e for t, e in errors.items() if begin + INTERVAL <= t}
-        return found, legs(found, periods, WINDOW)
+        return found, legs(found, periods, WINDOW), steal.increases
 
 
 class _TracedService(Service):
@@ -248,7 +309,7 @@ def report_legs(windows: list[Legs]) -> None:
               f"{w.after_leg:6.2f}")
 
 
-def report(groups: list[Group], seconds: float) -> None:
+def report(groups: list[Group], seconds: float, increases: list[tuple[float, float]]) -> None:
     if not groups:
         print("no phase group was seen")
         return
@@ -266,7 +327,11 @@ def report(groups: list[Group], seconds: float) -> None:
         for g in late_groups:
             print(f"  {name:17s} started {g.started_ms:6.2f}  ended {g.ended_ms:6.2f}  last send "
                   f"{g.last_send_ms:6.2f}  arrivals {g.first_arrival_ms:6.2f}-"
-                  f"{g.last_arrival_ms:6.2f} ms")
+                  f"{g.last_arrival_ms:6.2f} ms  host steal {stolen_around(g, increases):.0f} ms")
+    (late_stolen, late_n), (on_time_stolen, on_time_n) = steal_shares(groups, increases)
+    print(f"host steal within {STEAL_MARGIN_S * 1e3:g} ms of the group "
+          f"({sum(ms for _t, ms in increases):.0f} ms in all): late groups {late_stolen} of "
+          f"{late_n}, groups on time {on_time_stolen} of {on_time_n}")
 
 
 def main() -> None:
@@ -278,8 +343,8 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=120.0)
     args = parser.parse_args()
-    groups, windows = measure(args.entries, args.seconds)
-    report(groups, args.seconds)
+    groups, windows, increases = measure(args.entries, args.seconds)
+    report(groups, args.seconds, increases)
     report_legs(windows)
 
 

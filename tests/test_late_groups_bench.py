@@ -76,6 +76,36 @@ def test_a_short_run_traces_the_service_and_reports_every_group() -> None:
     assert int(late.group(1)) == sum(int(late.group(i)) for i in (3, 4, 5))
     assert late.group(2) == summary.group(1)
     assert "from the leg after the service alone" in done.stdout
+    steal = re.search(r"host steal within 15 ms of the group \((\d+) ms in all\): late groups "
+                      r"(\d+) of (\d+), groups on time (\d+) of (\d+)", done.stdout)
+    assert steal is not None, done.stdout
+    assert int(steal.group(3)) == int(late.group(1))
+    assert int(steal.group(3)) + int(steal.group(5)) == int(summary.group(1))
+    assert int(steal.group(2)) <= int(steal.group(3))
+    assert int(steal.group(4)) <= int(steal.group(5))
+
+
+def test_steal_counts_around_a_group_from_before_its_due_time_to_after_its_last_arrival(
+        late_groups: ModuleType) -> None:
+    """A group due at 100 s whose last message arrived 6 ms later: steal read from 15 ms before
+    the due time to 15 ms after that arrival is counted, steal read outside is not."""
+    g = late_groups.Group(100.0, 0.5, 2.0, 2.5, 3.0, 6.0)
+    increases = [(99.980, 10.0), (99.986, 20.0), (100.003, 10.0), (100.020, 30.0),
+                 (100.022, 40.0)]
+    assert late_groups.stolen_around(g, increases) == pytest.approx(60.0)
+    assert late_groups.stolen_around(g, []) == 0
+
+
+def test_the_late_groups_and_the_ones_on_time_are_counted_with_steal_around_them(
+        late_groups: ModuleType) -> None:
+    """Of two late groups (as `classify` has them) one had steal around it; of 20 on time one
+    did. Steal between the groups counts for neither."""
+    group = late_groups.Group
+    on_time = [group(float(i), 0.4, 1.8, 2.2, 3.2, 5.2) for i in range(20)]
+    woke, after = group(100.0, 4.5, 5.9, 6.3, 7.3, 9.3), group(101.0, 0.5, 1.9, 2.3, 3.4, 12.0)
+    increases = [(3.001, 10.0), (10.5, 20.0), (100.004, 30.0)]
+    shares = late_groups.steal_shares([*on_time, woke, after], increases)
+    assert shares == ((1, 2), (1, 20))
 
 
 def test_a_windows_period_error_is_split_between_the_service_and_what_follows(
