@@ -193,13 +193,10 @@ def steal_shares(groups: list[Group], increases: list[tuple[float, float]],
                  ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(late groups with steal around them, late groups), (the same for the groups on time);
     late as in `classify`."""
-    late = {id(g) for found in classify(groups).values() for g in found}
-    counts = {True: [0, 0], False: [0, 0]}
-    for g in groups:
-        tally = counts[id(g) in late]
-        tally[0] += stolen_around(g, increases) > 0
-        tally[1] += 1
-    return (counts[True][0], counts[True][1]), (counts[False][0], counts[False][1])
+    late = {g for found in classify(groups).values() for g in found}
+    stolen = {g for g in groups if stolen_around(g, increases) > 0}
+    on_time = [g for g in groups if g not in late]
+    return (len(late & stolen), len(late)), (sum(g in stolen for g in on_time), len(on_time))
 
 
 @dataclass(frozen=True, slots=True)
