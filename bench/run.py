@@ -520,6 +520,16 @@ def make_params(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def prepare_node_red(args: argparse.Namespace, result: dict[str, Any]) -> str | None:
+    """Installs Node-RED when the run wants it and it can (first use), then records why it is
+    skipped and the version that runs (read after the install: before it, a first use has
+    none). Returns why it is skipped, or None."""
+    nr_skip = "--only-shards given" if args.only_shards else node_red_peer(args)
+    result["node_red_skipped"] = nr_skip
+    result["machine"]["node_red"] = node_red_version()
+    return nr_skip
+
+
 def node_red_peer(args: argparse.Namespace) -> str | None:
     """Installs Node-RED when it can; returns why it is skipped, or None."""
     if args.no_node_red:
@@ -605,7 +615,6 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_at_start": os.getloadavg(),
         "python": sys.version.split()[0],
-        "node_red": node_red_version(),
         "service_python": service_python(),
     }
 
@@ -658,8 +667,7 @@ def main() -> int:
         "params": {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
                    for k, v in params.items()},
     }
-    nr_skip = "--only-shards given" if args.only_shards else node_red_peer(args)
-    result["node_red_skipped"] = nr_skip
+    nr_skip = prepare_node_red(args, result)
     if nr_skip:
         log(f"Node-RED: skipped ({nr_skip})")
     log("templated entry: payload cost per publish, next to a static one")

@@ -8,6 +8,7 @@ benchmark itself works (broker, subscriber, service, every scenario, the JSON re
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import math
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -275,6 +277,34 @@ def test_node_red_is_skipped_with_a_reason_without_node(peers: ModuleType) -> No
     """Without `node` on PATH the peer is unavailable, and the reason names what is missing."""
     assert "node" in peers.node_red_unavailable(which=lambda _name: None)
     assert peers.node_red_unavailable(which=lambda name: f"/usr/bin/{name}") is None
+
+
+def test_a_first_use_records_the_node_red_version_it_installed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The run's machine section names the Node-RED that ran, also on the run that installed
+    it (the version used to be read before the install, so a first use recorded none)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    peers, run = importlib.import_module("peers"), importlib.import_module("run")
+    red_js = tmp_path / "node_modules" / "node-red" / "red.js"
+    monkeypatch.setattr(peers, "NODE_RED_JS", red_js)
+    monkeypatch.setattr(run, "node_red_unavailable", lambda: None)
+
+    def install(_log: object) -> None:  # what `npm install` leaves behind
+        red_js.parent.mkdir(parents=True)
+        red_js.write_text("")
+        (red_js.parent / "package.json").write_text(json.dumps({"version": "4.9.9"}))
+
+    monkeypatch.setattr(run, "install_node_red", install)
+    result: dict[str, Any] = {"machine": {}}
+    args = argparse.Namespace(only_shards=False, no_node_red=False)
+    assert run.prepare_node_red(args, result) is None
+    assert result["machine"]["node_red"] == "4.9.9"
+    assert result["node_red_skipped"] is None
+
+    skipped: dict[str, Any] = {"machine": {}}
+    args = argparse.Namespace(only_shards=False, no_node_red=True)
+    assert run.prepare_node_red(args, skipped) == "--no-node-red given"
+    assert skipped["node_red_skipped"] == "--no-node-red given"
 
 
 @pytest.fixture
