@@ -139,6 +139,14 @@ def _add_shard(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = ServiceSettings()
     _add_options_file(p)
+    _add_broker_arguments(p)
+    _add_tls_arguments(p)
+    _add_config_arguments(p, d)
+    _add_operations_arguments(p, d)
+    _add_quick_start_arguments(p)
+
+
+def _add_broker_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("broker")
     b.add_argument("--broker", type=host_name, default="localhost",
                    help="MQTT broker host (default: localhost)")
@@ -166,6 +174,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: scheduler-publisher/<client-id>/status)")
     b.add_argument("--connect-rate", type=Number(float, 0.1, 100_000), default=200.0,
                    help="connection attempts per second across all connections (default: 200)")
+
+
+def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("TLS")
     t.add_argument("--tls", action="store_true", help="connect with TLS (server verified)")
     t.add_argument("--cafile", type=Path, help="CA bundle to verify the broker with")
@@ -173,6 +184,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keyfile", type=Path, help="client key (mutual TLS)")
     t.add_argument("--tls-insecure", action="store_true",
                    help="DANGEROUS: skip certificate and host name verification")
+
+
+def _add_config_arguments(p: argparse.ArgumentParser, d: ServiceSettings) -> None:
     c = p.add_argument_group("config")
     c.add_argument("--config", type=Path, default=d.config_path, help="default: %(default)s")
     c.add_argument("--no-watch", action="store_true", help="do not watch the file for edits")
@@ -190,6 +204,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "from 2,000 entries on")
     _add_shard(c, "run only the entries of shard K of N; the client id and status topic get "
                   "a -K-of-N suffix")
+
+
+def _add_operations_arguments(p: argparse.ArgumentParser, d: ServiceSettings) -> None:
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
@@ -224,6 +241,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "entries (default: %(default)s)")
     o.add_argument("--metrics-entry-limit", type=Number(int, 1), default=d.metrics_entry_limit,
                    help="most entries with per-entry series under auto (default: %(default)s)")
+
+
+def _add_quick_start_arguments(p: argparse.ArgumentParser) -> None:
     x = p.add_argument_group("quick start")
     x.add_argument("--embedded-broker", action="store_true",
                    help="start an in-process broker (amqtt, MQTT 3.1.1) and publish to it")
