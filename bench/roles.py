@@ -241,33 +241,18 @@ def analyse_window(
             off = grid_offset(entry_id, interval, slots)
         else:  # the circular mean of its arrival phases in the window
             off = circ_phase(ts, interval) if ts else 0.0
-        # grid slots in [a, b): the slot arriving just after a boundary is counted by arrival
-        k0 = math.ceil((a - GRID_ANCHOR - off) / interval)
-        k1 = math.ceil((b - GRID_ANCHOR - off) / interval)
-        # off the grid, a drifting phase makes the slot count at the edges uncertain; the
-        # window holds round(length / interval) periods whatever the phase
-        exp = k1 - k0 if slots is not None else round((b - a) / interval)
+        exp = _expected_slots(a, b, interval, off, on_grid=slots is not None)
         expected += exp
         received += len(ts)
         if not ts:
             entries_missing += 1
             missed += exp
             continue
-        entry_missed = 0
-        for x, y in itertools.pairwise(ts):
-            d = y - x
-            errors.append(abs(d - interval))
-            entry_missed += max(0, round(d / interval) - 1)
-        # gaps at the window's edges
-        entry_missed += max(0, math.floor((ts[0] - a) / interval - 0.5))
-        entry_missed += max(0, math.floor((b - ts[-1]) / interval - 0.5))
-        missed += entry_missed
+        missed += _periods(ts, a, b, interval, errors)
         extra += max(0, len(ts) - exp - 1)
         if topic_i % 10 == 0:  # end-to-end lateness against the ideal grid slot, sampled
-            for t in ts:
-                lateness.append(
-                    ((t - GRID_ANCHOR - off) % interval + interval / 2) % interval - interval / 2
-                )
+            lateness += [((t - GRID_ANCHOR - off) % interval + interval / 2) % interval
+                         - interval / 2 for t in ts]
     return {
         "expected": expected,
         "received": received,
@@ -288,6 +273,29 @@ def analyse_window(
         },
     }
 
+
+def _expected_slots(a: float, b: float, interval: float, off: float, *, on_grid: bool) -> int:
+    """The slots of an entry at phase `off` that fall in [a, b): the slot arriving just after a
+    boundary is counted by arrival. Off the grid, a drifting phase makes the count at the
+    edges uncertain; the window holds round(length / interval) periods whatever the phase."""
+    if not on_grid:
+        return round((b - a) / interval)
+    k0 = math.ceil((a - GRID_ANCHOR - off) / interval)
+    k1 = math.ceil((b - GRID_ANCHOR - off) / interval)
+    return k1 - k0
+
+
+def _periods(ts: list[float], a: float, b: float, interval: float, errors: list[float]) -> int:
+    """Append each period's error (|gap - interval|) of one entry's arrivals `ts` in [a, b)
+    to `errors`; return the slots it missed, in the gaps and at the window's edges."""
+    missed = 0
+    for x, y in itertools.pairwise(ts):
+        d = y - x
+        errors.append(abs(d - interval))
+        missed += max(0, round(d / interval) - 1)
+    missed += max(0, math.floor((ts[0] - a) / interval - 0.5))
+    missed += max(0, math.floor((b - ts[-1]) / interval - 0.5))
+    return missed
 
 
 # ==== role: bare scheduled loop (the issue-12 peer) ================================================

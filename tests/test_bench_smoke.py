@@ -159,6 +159,26 @@ def test_off_grid_window_counts_a_peer_on_its_own_phase(roles: ModuleType) -> No
     assert res["lateness_vs_grid_ms"]["p50"] == pytest.approx(0.0, abs=0.01)
 
 
+def test_on_grid_window_expects_each_slot_of_the_entrys_phase(roles: ModuleType) -> None:
+    """On the grid (the service, the bare loop), each entry is expected at every slot of its
+    own phase in the window: a skipped slot is one missed tick, an entry never seen misses
+    them all, and a steady lateness (2 ms) is no period error."""
+    interval, slots = 1.0, 10
+    a = roles.GRID_ANCHOR + 1_000.5
+    b = a + 10
+    off = roles.grid_offset("e00003", interval, slots)
+    first = a + (off - (a - roles.GRID_ANCHOR)) % interval  # the entry's first slot in [a, b)
+    arrivals = [first + k * interval + 0.002 for k in range(10) if k != 5]
+    res = roles.analyse_window({"x/e00003": arrivals}, a, b, interval,
+                               ["x/e00003", "x/e00004"], slots=slots)
+    assert (res["expected"], res["received"], res["missed_ticks"]) == (20, 9, 11)
+    assert res["entries_never_seen"] == 1
+    assert res["period_error_ms"]["samples"] == 8
+    assert res["period_error_ms"]["p50"] == pytest.approx(0.0, abs=0.01)
+    assert res["period_error_ms"]["max"] == pytest.approx(1000.0, abs=0.01)
+    assert res["lateness_vs_grid_ms"]["p50"] == pytest.approx(2.0, abs=0.01)
+
+
 def test_arrival_lines_keep_the_stamp_topic_and_payload(roles: ModuleType) -> None:
     """The stamper's lines: nanosecond stamps, and a payload with spaces and a newline in it
     comes back whole from its hex."""
