@@ -126,10 +126,10 @@ class NetProxy:
             self._spawn(self._pump, "netproxy-pump", client, upstream)
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        """Move bytes both ways between a and b until either closes or the proxy stops."""
+        """Move bytes both ways between a (the client) and b (the broker) until either closes
+        or the proxy stops."""
         for s in (a, b):
             s.setblocking(False)
-        peer = {a: b, b: a}
         sel = selectors.DefaultSelector()
         try:
             sel.register(a, selectors.EVENT_READ)
@@ -139,14 +139,10 @@ class NetProxy:
         budget_at = {a: time.monotonic(), b: time.monotonic()}
         from_broker = bytearray()  # an incomplete packet, after reset_at_disconnect()
         try:
-            while not self._stopped.is_set():
+            while not self._stopped.is_set() and a.fileno() >= 0 and b.fileno() >= 0:
                 if not self._forwarding.is_set():
                     self._forwarding.wait(POLL)  # hold the bytes in the kernel buffers
-                    if a.fileno() < 0 or b.fileno() < 0:
-                        return
                     continue
-                if a.fileno() < 0 or b.fileno() < 0:
-                    return
                 for key, _ in sel.select(POLL):
                     if not self._forwarding.is_set():
                         # blackhole() came while select() waited: bytes written after it must
@@ -154,27 +150,8 @@ class NetProxy:
                         break
                     src = key.fileobj
                     assert isinstance(src, socket.socket)
-                    size = CHUNK
-                    rate = self._rate
-                    if rate:
-                        now = time.monotonic()
-                        if budget_at[src] > now:
-                            continue  # this direction has spent its budget; wait
-                        size = max(1, min(CHUNK, int(rate * POLL)))
-                        budget_at[src] = now + size / rate
-                    try:
-                        data = src.recv(size)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        data = b""
-                    if src is b and self._reset_at_disconnect:
-                        if self._from_broker(a, from_broker, data):
-                            return
-                        continue
-                    if not data:
-                        return
-                    if not self._send_all(peer[src], data):
+                    data = self._read(src, budget_at)
+                    if data is not None and not self._forward(src, a, b, data, from_broker):
                         return
         finally:
             sel.close()
@@ -182,6 +159,31 @@ class NetProxy:
             _close(b)
             with self._lock:
                 self._pairs = [p for p in self._pairs if p != (a, b)]
+
+    def _read(self, src: socket.socket, budget_at: dict[socket.socket, float]) -> bytes | None:
+        """What `src` has, within the throttle's budget for its direction: None when nothing
+        is to be read now, b"" when it closed."""
+        size = CHUNK
+        rate = self._rate
+        if rate:
+            now = time.monotonic()
+            if budget_at[src] > now:
+                return None  # this direction has spent its budget; wait
+            size = max(1, min(CHUNK, int(rate * POLL)))
+            budget_at[src] = now + size / rate
+        try:
+            return src.recv(size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def _forward(self, src: socket.socket, client: socket.socket, broker: socket.socket,
+                 data: bytes, from_broker: bytearray) -> bool:
+        """Pass `data` from `src` to the other side; False once the connection is over."""
+        if src is broker and self._reset_at_disconnect:
+            return not self._from_broker(client, from_broker, data)
+        return bool(data) and self._send_all(client if src is broker else broker, data)
 
     def _from_broker(self, client: socket.socket, pending: bytearray, data: bytes) -> bool:
         """After reset_at_disconnect(): forward the whole packets; True once the client's
