@@ -315,6 +315,11 @@ def make_entries(n: int, interval: float, prefix: str) -> list[dict[str, Any]]:
     ]
 
 
+def verdict_word(ok: bool | None) -> str:
+    """A target's verdict in the benchmark's tables: met, MISSED, or n/a when not measured."""
+    return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

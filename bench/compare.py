@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Sub, log, proc_cpu_seconds, proc_rss_kb, steal_ms
+from common import Sub, log, proc_cpu_seconds, proc_rss_kb, steal_ms, verdict_word
 from peers import Peer, Spinner, start_peer
 
 FIGURES = ("cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms", "p99_ms",
@@ -144,10 +144,6 @@ def _f(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None or math.isnan(x) else format(x, spec)
 
 
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "MISSED")
-
-
 def _mb(kb: float | None) -> float | None:
     return None if kb is None else kb / 1024
 
@@ -186,15 +182,15 @@ def _rows_small(summary: dict[str, Any], windows: list[dict[str, Any]], n: int,
     return [
         (f"{n:,} × 1 s: CPU per delivered message", "≤ Node-RED's, same run",
          f"{_f(svc_cpu)} µs vs {_f(nr_cpu)} µs = {_f(cpu_ratio, '.2f')}×",
-         skipped or _verdict(None if cpu_ratio is None else cpu_ratio <= 1)),
+         skipped or verdict_word(None if cpu_ratio is None else cpu_ratio <= 1)),
         (f"{n:,} × 1 s: RSS", "≤ 40 % of Node-RED's",
          f"{_f(_mb(svc_rss))} MB vs {_f(_mb(nr_rss))} MB = {_f(rss_ratio and 100 * rss_ratio, '.0f')} %",
-         skipped or _verdict(None if rss_ratio is None else rss_ratio <= 0.4)),
+         skipped or verdict_word(None if rss_ratio is None else rss_ratio <= 0.4)),
         (f"{n:,} × 1 s: p99 period error", "≤ Node-RED's and ≤ 5 ms",
          f"{_f(svc_p99, '.2f')} ms vs {_f(nr_p99, '.2f')} ms{_p99_rounds(windows, n)}",
-         _verdict(p99_ok) + (" (≤ 5 ms only: Node-RED skipped)" if nr_skip else "")),
+         verdict_word(p99_ok) + (" (≤ 5 ms only: Node-RED skipped)" if nr_skip else "")),
         (f"{n:,} × 1 s: delivered", "≥ 99.5 %", f"{_f(delivered, '.2f')} %",
-         _verdict(None if delivered is None else delivered >= 99.5)),
+         verdict_word(None if delivered is None else delivered >= 99.5)),
         *_rows_opt_in(summary, n, nr_cpu),
     ]
 
@@ -219,16 +215,16 @@ def _rows_large(summary: dict[str, Any], n: int, loaded: dict[str, Any] | None) 
     rows = [
         (f"{n:,} × 1 s: CPU per message", "≤ 1.0× the bare loop's, same run",
          f"{_f(svc_cpu)} µs vs {_f(loop_cpu)} µs = {_f(ratio, '.2f')}×",
-         _verdict(None if ratio is None else ratio <= 1)),
+         verdict_word(None if ratio is None else ratio <= 1)),
         (f"{n:,} × 1 s: p99 period error", "≤ 20 ms", f"{_f(svc_p99, '.2f')} ms",
-         _verdict(None if svc_p99 is None else svc_p99 <= 20)),
+         verdict_word(None if svc_p99 is None else svc_p99 <= 20)),
     ]
     if loaded is not None:
         ok = loaded["p99_ms"] <= 50 and loaded["missed_ticks"] == 0
         rows.append((f"{loaded['entries']:,} × 1 s, one core busy", "p99 ≤ 50 ms, nothing missed",
                      f"p99 {_f(loaded['p99_ms'], '.2f')} ms, max {_f(loaded['max_ms'], '.1f')} ms, "
                      f"{loaded['missed_ticks']:,} missed, {_f(loaded['delivered_pct'], '.2f')} % delivered",
-                     _verdict(ok)))
+                     verdict_word(ok)))
     return rows
 
 

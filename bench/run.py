@@ -54,6 +54,7 @@ from common import (
     runtime_python,
     service_python,
     use_service_python,
+    verdict_word,
     write_atomically,
 )
 from compare import CompareParams, comparison_table, issue12_rows, scenario_compare, scenario_loaded
@@ -323,10 +324,6 @@ def verdicts(r: dict[str, Any], quick: bool) -> list[Row]:
     return rows
 
 
-def _met(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
 def _row_bare(bare: dict[str, Any]) -> Row:
     q0, q1 = bare["qos0"], bare["qos1"]
     return (
@@ -355,7 +352,7 @@ def _rows_sustained(r: dict[str, Any]) -> list[Row]:
             f"{fmt(pe['p50'])} / p99 {fmt(pe['p99'])} / "
             f"max {fmt(pe['max'])} ms, {s['missed_ticks']:,} missed ticks, "
             f"CPU {fmt(s['service_cpu_pct_of_core'])} % of a core",
-            _met(ok) if is_target else ("ok" if ok else "no"),
+            verdict_word(ok) if is_target else ("ok" if ok else "no"),
         ))
     bare_us = r["bare"]["qos0"]["cpu_us_per_publish"]
     rows += [(
@@ -363,7 +360,7 @@ def _rows_sustained(r: dict[str, Any]) -> list[Row]:
         "≤ 3× the bare paho loop's",
         f"{fmt(s['cpu_us_per_publish'])} µs vs {fmt(bare_us)}"
         f" µs = {fmt(s['cost_ratio_vs_bare_qos0'], '.2f')}× (at {s['entries']:,} entries)",
-        _met(s["cost_ratio_vs_bare_qos0"] <= 3),
+        verdict_word(s["cost_ratio_vs_bare_qos0"] <= 3),
     ) for s in r["sustained"] if s["entries"] == target_n]
     return rows
 
@@ -373,7 +370,7 @@ def _row_idle(idle: dict[str, Any]) -> Row:
         "idle",
         f"{idle['entries']:,} at 60 s: ≤ 5 % of one core",
         f"{fmt(idle['idle_cpu_pct_of_core'], '.2f')} % over {fmt(idle['idle_window_s'], '.0f')} s",
-        _met(idle["idle_cpu_pct_of_core"] <= 5),
+        verdict_word(idle["idle_cpu_pct_of_core"] <= 5),
     )
 
 
@@ -384,7 +381,7 @@ def _row_startup(idle: dict[str, Any]) -> Row:
         "start-up",
         f"{idle['entries']:,} entries all published once within 5 s",
         f"{fmt(st, '.2f')} s from process start",
-        _met(st is not None and st <= 5),
+        verdict_word(st is not None and st <= 5),
     )
 
 
@@ -395,7 +392,7 @@ def _row_memory(mem: dict[str, Any]) -> Row:
         f"{fmt(mem['rss_small_kb'] / 1024)} MB at {mem['small_entries']}, "
         f"{fmt(mem['rss_large_kb'] / 1024)} MB at {mem['large_entries']:,} → "
         f"{fmt(mem['kb_per_entry'], '.2f')} KB/entry",
-        _met(mem["rss_small_kb"] <= 45 * 1024 and mem["kb_per_entry"] <= 1.5),
+        verdict_word(mem["rss_small_kb"] <= 45 * 1024 and mem["kb_per_entry"] <= 1.5),
     )
 
 
@@ -410,7 +407,7 @@ def _row_reload(rl: dict[str, Any]) -> Row:
         f"{fmt(rl['interval_s'], 'g')} s; reload applied ≤ {fmt(rl['applied_latency_max_s'], '.2f')} s); "
         f"phases moved: {rl['phase_moved_on_wire']}/{rl['phase_compared_on_wire']} on the wire, "
         f"{rl['phase_moved_next_run_at']}/{rl['phase_compared_next_run_at']} in next_run_at",
-        _met(ok),
+        verdict_word(ok),
     )
 
 
@@ -457,7 +454,7 @@ def soak_row(soak: dict[str, Any]) -> tuple[str, str, str, str]:
         f"{soak['seconds']:.0f} s: RSS {soak['rss_growth_second_half_kb']:+,} KB over the second half "
         f"({soak['rss_min_kb'] / 1024:.1f}-{soak['rss_max_kb'] / 1024:.1f} MB), threads "
         f"{'flat' if soak['threads_stable'] else 'CHANGED'}, fds {'flat' if soak['fds_stable'] else 'CHANGED'}",
-        "met" if ok else "MISSED",
+        verdict_word(ok),
     )
 
 

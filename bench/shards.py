@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from common import Service, Sub, log, make_entries, proc_cpu_seconds, proc_rss_kb
+from common import Service, Sub, log, make_entries, proc_cpu_seconds, proc_rss_kb, verdict_word
 from paho.mqtt.enums import CallbackAPIVersion
 
 TARGET_PCT = 99.5
@@ -152,7 +152,7 @@ def shard_rows(result: dict[str, Any], quick: bool) -> list[tuple[str, str, str,
     return [
         (f"{shards} shards, {n:,} at 1 s",
          f"≥ {TARGET_PCT} % delivered to the broker, no entry twice",
-         _figures(split), "(quick)" if quick else ("met" if ok else "MISSED")),
+         _figures(split), "(quick)" if quick else verdict_word(ok)),
         (f"1 process, {n:,} at 1 s", "reference (same load, no shards)", _figures(single),
          "-"),
     ]

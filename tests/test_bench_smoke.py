@@ -300,12 +300,18 @@ def test_node_red_is_skipped_with_a_reason_without_node(peers: ModuleType) -> No
     assert peers.node_red_unavailable(which=lambda name: f"/usr/bin/{name}") is None
 
 
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/run.py, imported with bench/ on the path, as it runs."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module("run")
+
+
 def test_a_first_use_records_the_node_red_version_it_installed(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        peers: ModuleType, run: ModuleType, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
     """The run's machine section names the Node-RED that ran, also on the run that installed
     it (the version used to be read before the install, so a first use recorded none)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    peers, run = importlib.import_module("peers"), importlib.import_module("run")
     red_js = tmp_path / "node_modules" / "node-red" / "red.js"
     monkeypatch.setattr(peers, "NODE_RED_JS", red_js)
     monkeypatch.setattr(run, "node_red_unavailable", lambda: None)
@@ -328,13 +334,6 @@ def test_a_first_use_records_the_node_red_version_it_installed(
     assert skipped["node_red_skipped"] == "--no-node-red given"
 
 
-@pytest.fixture
-def run(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """bench/run.py, imported with bench/ on the path, as it runs."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    return importlib.import_module("run")
-
-
 def _stored(name: str) -> dict[str, Any]:
     """A full run kept in bench/results/ (cited by the README)."""
     result: dict[str, Any] = json.loads((REPO / "bench" / "results" / name).read_text())
@@ -350,11 +349,11 @@ def test_issue6_verdicts_of_stored_full_runs(run: ModuleType) -> None:
     assert [c[f] for f in ("idle", "memory", "start-up", "cost per publish",
                            "sustained 5,000 at 1 s")] == ["met"] * 5
     assert c["ceiling (bare paho)"] == "-"
-    k = run.verdicts(_stored("full-2026-11-29-k.json"), False)
+    run_k = _stored("full-2026-11-29-k.json")
+    k = run.verdicts(run_k, False)
     assert [row[0] for row in k if row[3] == "MISSED"] == []
     assert [row[0] for row in k][-4:] == ["idle", "memory", "start-up", "reload"]
-    assert {row[3] for row in run.verdicts(_stored("full-2026-11-29-k.json"), True)} \
-        <= {"(quick)", "-", "ok", "no"}
+    assert {row[3] for row in run.verdicts(run_k, True)} <= {"(quick)", "-", "ok", "no"}
 
 
 def test_a_phase_shift_on_the_wire_is_taken_the_short_way_round_the_period(
