@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/run.py`: make the test harness importable
     sys.path.insert(0, str(REPO))
 
-from scheduler_publisher.plan import grid_start  # noqa: E402
+from scheduler_publisher.scheduling.plan import grid_start  # noqa: E402
 from tests.support import Mosquitto, call, cli_args, free_port  # noqa: E402 - one harness with the tests
 
 RUN = REPO / "bench" / "run.py"  # every helper role runs as `run.py --role NAME`

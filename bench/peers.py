@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from common import REPO, RUN, Service, make_entries, payload_for, raise_nofile
 
-from scheduler_publisher.spread import auto_slots
+from scheduler_publisher.scheduling.spread import auto_slots
 
 NODE_RED_DIR = REPO / "bench" / ".node-red"  # git-ignored; filled by `npm install` on first use
 NODE_RED_JS = NODE_RED_DIR / "node_modules" / "node-red" / "red.js"

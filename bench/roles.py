@@ -22,7 +22,7 @@ from typing import Any
 
 from common import GRID_ANCHOR, grid_offset, make_entries, payload_for, pct, proc_cpu_seconds
 
-from scheduler_publisher.spread import auto_slots
+from scheduler_publisher.scheduling.spread import auto_slots
 
 
 # ==== role: bare paho loop (own process, so its CPU is its own) ===================================

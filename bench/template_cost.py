@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.connection import MQTTConnectionManager
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.mqtt.connection import MQTTConnectionManager
 from scheduler_publisher.settings import BrokerSettings
 
 SMALL = {"sensor": "pump-7", "ts": "{{now_unix_ms}}", "seq": "{{seq}}", "unit": "bar",

@@ -11,16 +11,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from scheduler_publisher.config import ConfigurationLoader, PublishConfig
-    from scheduler_publisher.connection import MQTTConnectionManager
+    from scheduler_publisher.config.loader import ConfigurationLoader, PublishConfig
+    from scheduler_publisher.mqtt.connection import MQTTConnectionManager
     from scheduler_publisher.service import PublisherService
 
 # The one place the version is defined: setup.cfg reads it with `attr:`.
 __version__ = "0.1.0"
 __all__ = ["ConfigurationLoader", "MQTTConnectionManager", "PublishConfig", "PublisherService"]
 
-_HOMES = {"ConfigurationLoader": "config", "PublishConfig": "config",
-          "MQTTConnectionManager": "connection", "PublisherService": "service"}
+_HOMES = {"ConfigurationLoader": "config.loader", "PublishConfig": "config.loader",
+          "MQTTConnectionManager": "mqtt.connection", "PublisherService": "service"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,3 +1,3 @@
-from scheduler_publisher.cli import main
+from scheduler_publisher.cli.main import main
 
 main()

@@ -4,7 +4,7 @@ Such gateways boot in 1970 (or at the fake-hwclock time) and then step the clock
 syncs. APScheduler works in wall-clock time, and walks every missed slot after such a step
 (APScheduler #35, #526, #1066; docs/design.md, "Why an inline executor"), so the service
 refuses to schedule against an implausible clock and re-anchors its jobs when it sees the wall
-clock step (README.md, "Clock steps"; docs/design.md, "The main loop, the config source and
+clock step (docs/operations.md, "Clock steps"; docs/design.md, "The main loop, the config source and
 the status snapshot").
 
 `Clock` is what the service reads time through, so that tests can step the wall clock or

@@ -12,18 +12,18 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from scheduler_publisher.clock import Clock
-from scheduler_publisher.config import ConfigResult, PublishConfig
-from scheduler_publisher.connection import MQTTConnectionManager
-from scheduler_publisher.logs import get_logger
+from scheduler_publisher.config.cron_slots import cron_slots
+from scheduler_publisher.config.loader import ConfigResult, PublishConfig
+from scheduler_publisher.config.source import ConfigSource, Failed, Unchanged, errors_summary
+from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
-from scheduler_publisher.notify import SystemdNotifier
-from scheduler_publisher.plan import Plan, applied, batches, diff, effective_entries
-from scheduler_publisher.scheduling import Schedule
+from scheduler_publisher.mqtt.connection import MQTTConnectionManager
+from scheduler_publisher.ops.notify import SystemdNotifier
+from scheduler_publisher.scheduling.plan import Plan, applied, batches, diff, effective_entries
+from scheduler_publisher.scheduling.scheduler import Schedule
+from scheduler_publisher.scheduling.spread import period_ms
 from scheduler_publisher.settings import ServiceSettings
-from scheduler_publisher.source import ConfigSource, Failed, Unchanged, errors_summary
-from scheduler_publisher.spread import period_ms
 from scheduler_publisher.stats import Stats
-from scheduler_publisher.triggers import cron_slots
 from scheduler_publisher.watcher import ConfigWatcher
 
 log = get_logger("scheduler_publisher.service")  # the events' logger, as before the split

@@ -21,24 +21,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scheduler_publisher.clock import Clock, ClockGuard, SystemClock, clock_is_plausible
-from scheduler_publisher.config import (
+from scheduler_publisher.config.loader import (
     ConfigurationLoader,
     PublishConfig,
     permission_warnings,
 )
-from scheduler_publisher.connection import MQTTConnectionManager
-from scheduler_publisher.logs import get_logger
+from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.config.source import ConfigSource
+from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mailbox import Mailbox, Trigger
-from scheduler_publisher.notify import SystemdNotifier
-from scheduler_publisher.reloads import Reloads, run_to_end
-from scheduler_publisher.scheduling import Schedule
-from scheduler_publisher.settings import ServiceSettings
-from scheduler_publisher.shard import Shard
-from scheduler_publisher.source import ConfigSource
-from scheduler_publisher.spread import PhaseSpread
-from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
-from scheduler_publisher.stats import Stats
-from scheduler_publisher.status import (
+from scheduler_publisher.mqtt.connection import MQTTConnectionManager
+from scheduler_publisher.ops.notify import SystemdNotifier
+from scheduler_publisher.ops.status import (
     ConfigStatus,
     ConnectionStatus,
     EntryStatus,
@@ -46,6 +40,12 @@ from scheduler_publisher.status import (
     ServiceStatus,
     StatisticsStatus,
 )
+from scheduler_publisher.reloads import Reloads, run_to_end
+from scheduler_publisher.scheduling.scheduler import Schedule
+from scheduler_publisher.scheduling.spread import PhaseSpread
+from scheduler_publisher.settings import ServiceSettings
+from scheduler_publisher.statestore import HistoryRow, StateStore, StateStoreError
+from scheduler_publisher.stats import Stats
 from scheduler_publisher.watcher import ConfigWatcher
 
 log = get_logger("scheduler_publisher.service")
@@ -158,7 +158,7 @@ class PublisherService:
 
     def request_stop(self) -> None:
         """Ask the main loop to stop, without waiting. Not for a signal handler itself: it
-        takes the wake Event's lock, which the interrupted main thread may hold (cli.py hands
+        takes the wake Event's lock, which the interrupted main thread may hold (cli/main.py hands
         it to a short-lived thread for that reason)."""
         self._mail.post_stop()
 
@@ -220,7 +220,7 @@ class PublisherService:
     def _start_http(self) -> None:
         if self.settings.http_port == 0:
             return
-        from scheduler_publisher.http import StatusServer  # noqa: PLC0415 - optional component
+        from scheduler_publisher.ops.http import StatusServer  # noqa: PLC0415 - optional component
 
         self.http = StatusServer(self, self.settings)
         if not self.http.start():

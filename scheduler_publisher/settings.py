@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from scheduler_publisher.logs import LogSettings
+from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.logs.setup import LogSettings
 from scheduler_publisher.mailbox import Debounce
-from scheduler_publisher.shard import Shard
 
 MQTTVersion = Literal["5", "3.1.1"]
 MetricsPerEntry = Literal["auto", "on", "off"]

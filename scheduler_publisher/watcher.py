@@ -30,7 +30,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter
 
-from scheduler_publisher.logs import get_logger
+from scheduler_publisher.logs.setup import get_logger
 
 log = get_logger("scheduler_publisher.watcher")
 

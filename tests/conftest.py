@@ -20,7 +20,7 @@ from tests.support import (
 )
 
 if TYPE_CHECKING:
-    from scheduler_publisher.netloop import NetworkLoop
+    from scheduler_publisher.mqtt.netloop import NetworkLoop
     from scheduler_publisher.service import PublisherService
 
 

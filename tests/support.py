@@ -39,7 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 if TYPE_CHECKING:  # the service's modules load only where a test starts one
     from scheduler_publisher.clock import Clock
-    from scheduler_publisher.netloop import NetworkLoop
+    from scheduler_publisher.mqtt.netloop import NetworkLoop
     from scheduler_publisher.service import PublisherService
     from scheduler_publisher.settings import ServiceSettings
 
@@ -87,7 +87,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 def session_free_loop() -> NetworkLoop:
     """A started network loop without sessions: the thread a Schedule runs on, without MQTT
     (the service's Schedule runs on its connection manager's loop). Stop it with `stop()`."""
-    from scheduler_publisher.netloop import NetworkLoop, SessionListener  # noqa: PLC0415
+    from scheduler_publisher.mqtt.netloop import NetworkLoop, SessionListener  # noqa: PLC0415
     from scheduler_publisher.settings import BrokerSettings  # noqa: PLC0415
 
     # No session is ever opened, so the listener is never called.
@@ -99,7 +99,7 @@ def session_free_loop() -> NetworkLoop:
 def group_ids(count: int, interval: float) -> list[str]:
     """`count` entry ids that share one phase slot (plan.grid_start): one scheduler wake-up
     runs them all."""
-    from scheduler_publisher.plan import grid_start  # noqa: PLC0415
+    from scheduler_publisher.scheduling.plan import grid_start  # noqa: PLC0415
 
     ids: list[str] = []
     start = grid_start("g-0", interval)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from scheduler_publisher import __version__
-from scheduler_publisher.cli import main
+from scheduler_publisher.cli.main import main
 from tests.support import (
     REPO,
     Mosquitto,
@@ -252,7 +252,7 @@ def test_version_prints_the_package_and_library_versions(
 
 def test_importing_the_cli_loads_no_mqtt_scheduler_or_watcher_library() -> None:
     """`validate`, `--version` and the sample commands load no paho, APScheduler or watchdog."""
-    code = ("import sys, scheduler_publisher, scheduler_publisher.cli; "
+    code = ("import sys, scheduler_publisher, scheduler_publisher.cli.main; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'paho', 'apscheduler', 'watchdog', 'amqtt'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

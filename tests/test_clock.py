@@ -14,11 +14,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from structlog.testing import capture_logs
 
 from scheduler_publisher.clock import JUMP_THRESHOLD, ClockGuard, clock_is_plausible
-from scheduler_publisher.executor import InlineExecutor
-from scheduler_publisher.plan import SLOTS_PER_PERIOD, grid_start
-from scheduler_publisher.scheduling import HEARTBEAT_JOB
+from scheduler_publisher.scheduling.executor import InlineExecutor
+from scheduler_publisher.scheduling.plan import SLOTS_PER_PERIOD, grid_start
+from scheduler_publisher.scheduling.scheduler import HEARTBEAT_JOB
+from scheduler_publisher.scheduling.triggers import GridTrigger
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.triggers import GridTrigger
 from tests.clocks import ShiftedClock
 from tests.support import (
     InProcessServices,

@@ -1,4 +1,4 @@
-"""config.py: the JSON entries file becomes validated, frozen PublishConfig objects."""
+"""config/loader.py: the JSON entries file becomes validated, frozen PublishConfig objects."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler_publisher.config import (
+from scheduler_publisher.config.document import located_elements
+from scheduler_publisher.config.loader import (
     DEFAULT_MAX_BYTES,
     ConfigError,
     ConfigFileError,
@@ -29,8 +30,11 @@ from scheduler_publisher.config import (
     parse_config_steps,
     read_config_file,
 )
-from scheduler_publisher.document import located_elements
-from scheduler_publisher.rules import MAX_MESSAGE_EXPIRY, MAX_PROPERTY_CHARS, MAX_USER_PROPERTIES
+from scheduler_publisher.config.rules import (
+    MAX_MESSAGE_EXPIRY,
+    MAX_PROPERTY_CHARS,
+    MAX_USER_PROPERTIES,
+)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "JSON" / "payloadStaticConfig.json"
 ABSENT = object()  # marks a field to leave out of an entry

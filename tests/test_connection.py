@@ -20,17 +20,17 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
 from scheduler_publisher import MQTTConnectionManager
-from scheduler_publisher.client import ResetAwareClient, describe_reason
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.faults import SUSPECT_MEMORY, FaultAttribution
-from scheduler_publisher.service import PublisherService
-from scheduler_publisher.session import (
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.mqtt.client import ResetAwareClient, describe_reason
+from scheduler_publisher.mqtt.faults import SUSPECT_MEMORY, FaultAttribution
+from scheduler_publisher.mqtt.session import (
     MAIN_LINK,
     LinkKey,
     Session,
     SessionCallbacks,
     State,
 )
+from scheduler_publisher.service import PublisherService
 from scheduler_publisher.settings import BrokerSettings, MQTTVersion, default_client_id
 from tests.netproxy import NetProxy
 from tests.support import (

@@ -14,14 +14,14 @@ import pytest
 from apscheduler.jobstores.base import BaseJobStore
 from structlog.testing import capture_logs
 
-from scheduler_publisher.cli import main
-from scheduler_publisher.config import PublishConfig, parse_config
-from scheduler_publisher.cron import CronError, cron_period, parse_cron
-from scheduler_publisher.jobstore import GroupedJobStore
-from scheduler_publisher.metrics import cron_overdue
-from scheduler_publisher.plan import diff
+from scheduler_publisher.cli.main import main
+from scheduler_publisher.config.cron import CronError, cron_period, parse_cron
+from scheduler_publisher.config.cron_slots import MAX_COUNTED, cron_slots
+from scheduler_publisher.config.loader import PublishConfig, parse_config
+from scheduler_publisher.ops.metrics import cron_overdue
+from scheduler_publisher.scheduling.jobstore import GroupedJobStore
+from scheduler_publisher.scheduling.plan import diff
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.triggers import MAX_COUNTED, cron_slots
 from tests.clocks import ShiftedClock
 from tests.support import (
     InProcessServices,

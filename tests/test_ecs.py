@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from scheduler_publisher import ecs
+from scheduler_publisher.logs import ecs
 from tests.support import (
     REPO,
     Mosquitto,
@@ -222,7 +222,7 @@ def logged_event_names() -> set[str]:
                       r'\(\s*"([a-z][a-z_]*)"')
     alternative = re.compile(r'\bemit\("[a-z_]+" if [^\n]* else "([a-z][a-z_]*)"')
     names: set[str] = set()
-    for path in (REPO / "scheduler_publisher").glob("*.py"):
+    for path in (REPO / "scheduler_publisher").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         names |= set(call.findall(text)) | set(alternative.findall(text))
     return names
@@ -242,7 +242,7 @@ def logged_field_names() -> dict[str, set[str]]:
     """Keyword names of every log call in the code, by event name."""
     levels = {"debug", "info", "warning", "error", "exception", "critical"}
     found: dict[str, set[str]] = {}
-    for path in (REPO / "scheduler_publisher").glob("*.py"):
+    for path in (REPO / "scheduler_publisher").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in levels and node.args
@@ -267,7 +267,7 @@ def test_log_calls_name_no_ecs_field_by_accident() -> None:
 
 # Makes one entry's tick raise, for a real exception through the real pipeline (`tick_failed`).
 INJECT = '''
-import scheduler_publisher.connection as connection
+import scheduler_publisher.mqtt.connection as connection
 
 _original = connection.MQTTConnectionManager.tick
 

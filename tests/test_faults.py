@@ -440,7 +440,7 @@ def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
     """A QoS 1 message written but never acknowledged (the path went dark under it) is sent
     again on the new connection, as MQTT requires, and reaches subscribers."""
     from scheduler_publisher import MQTTConnectionManager  # noqa: PLC0415
-    from scheduler_publisher.session import MAIN_LINK, Session  # noqa: PLC0415
+    from scheduler_publisher.mqtt.session import MAIN_LINK, Session  # noqa: PLC0415
     from scheduler_publisher.settings import BrokerSettings  # noqa: PLC0415
 
     topic = f"{topic_base}/inflight"

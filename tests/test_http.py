@@ -15,7 +15,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from scheduler_publisher.http_server import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
+from scheduler_publisher.ops.http_server import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
 from tests.support import (
     Mosquitto,
     ServiceProcess,

@@ -13,8 +13,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler_publisher.jobstore import GroupedJobStore
-from scheduler_publisher.triggers import grid_trigger
+from scheduler_publisher.scheduling.jobstore import GroupedJobStore
+from scheduler_publisher.scheduling.triggers import grid_trigger
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 SCHEDULER = BackgroundScheduler(timezone=UTC)  # never started: Job() only reads its timezone

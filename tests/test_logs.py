@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import structlog
 
-from scheduler_publisher import __version__, redaction
-from scheduler_publisher.ecs import format_timestamp
-from scheduler_publisher.logs import (
+from scheduler_publisher import __version__
+from scheduler_publisher.logs import redaction
+from scheduler_publisher.logs.ecs import format_timestamp
+from scheduler_publisher.logs.setup import (
     LogSettings,
     configure_logging,
     echo_line,

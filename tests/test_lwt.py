@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.connection import MQTTConnectionManager
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.mqtt.connection import MQTTConnectionManager
 from scheduler_publisher.settings import BrokerSettings
 from tests.support import (
     Mosquitto,

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from scheduler_publisher import __version__
-from scheduler_publisher.arguments import build_parser
-from scheduler_publisher.cli import build_settings
-from scheduler_publisher.metrics import OVERDUE_SLACK, PerEntrySwitch, overdue, per_entry_series
+from scheduler_publisher.cli.arguments import build_parser
+from scheduler_publisher.cli.main import build_settings
+from scheduler_publisher.ops.metrics import OVERDUE_SLACK, PerEntrySwitch, overdue, per_entry_series
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     REPO,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_publisher.notify import SystemdNotifier
+from scheduler_publisher.ops.notify import SystemdNotifier
 
 RECV_TIMEOUT_S = 5.0
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from scheduler_publisher import arguments, cli, options
-from scheduler_publisher.cli import main
+from scheduler_publisher.cli import arguments, options
+from scheduler_publisher.cli import main as cli
+from scheduler_publisher.cli.main import main
 from tests.support import (
     REPO,
     Mosquitto,

@@ -119,7 +119,7 @@ def test_wheel_carries_licence_unit_sample_and_py_typed(built: Built) -> None:
     for name in ("scheduler_publisher/py.typed", "scheduler_publisher/data/scheduler-publisher"
                  ".service", "scheduler_publisher/data/scheduler-publisher@.service",
                  "scheduler_publisher/data/payloadStaticConfig.json",
-                 f"{dist_info}/LICENSE", *(f"scheduler_publisher/web/{page}" for page in
+                 f"{dist_info}/LICENSE", *(f"scheduler_publisher/ops/web/{page}" for page in
                                            ("index.html", "page.css", "page.js"))):
         assert name in names, name
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
@@ -168,11 +168,11 @@ def test_installed_wheel_runs_from_its_own_files(installed: Path, tmp_path: Path
 def test_installed_wheel_serves_the_status_page_from_its_files(installed: Path,
                                                                tmp_path: Path) -> None:
     """The status page's files are read from the installed package, byte for byte."""
-    code = ("from scheduler_publisher.http import ASSETS, asset; import hashlib; "
+    code = ("from scheduler_publisher.ops.http import ASSETS, asset; import hashlib; "
             "print(*(hashlib.sha256(asset(f)).hexdigest() for f, _ in ASSETS.values()))")
     result = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path,
                             capture_output=True, text=True, check=True)
-    web = REPO / "scheduler_publisher" / "web"
+    web = REPO / "scheduler_publisher" / "ops" / "web"
     assert result.stdout.split() == [hashlib.sha256((web / f).read_bytes()).hexdigest()
                                      for f in ("index.html", "page.js", "page.css")]
 

@@ -19,9 +19,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from scheduler_publisher import MQTTConnectionManager, PublishConfig
-from scheduler_publisher.config import MessageProperties
-from scheduler_publisher.netloop import FLUSH_BYTES
-from scheduler_publisher.packet import (
+from scheduler_publisher.config.loader import MessageProperties
+from scheduler_publisher.mqtt.netloop import FLUSH_BYTES
+from scheduler_publisher.mqtt.packet import (
     RAW_COMMAND,
     PacketQueue,
     check_paho,
@@ -29,7 +29,7 @@ from scheduler_publisher.packet import (
     has_static_packet,
     static_header,
 )
-from scheduler_publisher.session import MAIN_LINK, MAX_PENDING_PER_ENTRY, LinkKey, Session
+from scheduler_publisher.mqtt.session import MAIN_LINK, MAX_PENDING_PER_ENTRY, LinkKey, Session
 from scheduler_publisher.settings import BrokerSettings, MQTTVersion
 from tests.netproxy import NetProxy, packet_end
 from tests.support import (

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler_publisher.config import ConfigResult, PublishConfig, parse_config
-from scheduler_publisher.plan import (
+from scheduler_publisher.config.loader import ConfigResult, PublishConfig, parse_config
+from scheduler_publisher.scheduling.plan import (
     GRID_ANCHOR,
     Plan,
     applied,
@@ -202,7 +202,7 @@ def test_grid_start_is_stable_for_an_id() -> None:
 
 def test_grid_start_is_stable_across_processes() -> None:
     """The phase survives a restart: another interpreter, with another hash seed, agrees."""
-    code = ("from scheduler_publisher.plan import grid_start;"
+    code = ("from scheduler_publisher.scheduling.plan import grid_start;"
             "print(grid_start('pump-7', 60).isoformat(), grid_start('ü/x', 0.5).isoformat())")
     outputs = set()
     for seed in ("1", "2"):

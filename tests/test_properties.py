@@ -18,8 +18,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 
-from scheduler_publisher.client import publish_properties
-from scheduler_publisher.config import parse_config
+from scheduler_publisher.config.loader import parse_config
+from scheduler_publisher.mqtt.client import publish_properties
 from tests.support import (
     InProcessServices,
     Mosquitto,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from scheduler_publisher.plan import GRID_ANCHOR, SLOTS_PER_PERIOD, grid_start
+from scheduler_publisher.scheduling.plan import GRID_ANCHOR, SLOTS_PER_PERIOD, grid_start
 from scheduler_publisher.service import PublisherService
 from tests.netproxy import NetProxy
 from tests.support import (

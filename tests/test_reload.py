@@ -25,7 +25,7 @@ from watchdog.observers import Observer
 
 from scheduler_publisher.clock import Clock
 from scheduler_publisher.mailbox import Trigger
-from scheduler_publisher.plan import grid_start
+from scheduler_publisher.scheduling.plan import grid_start
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.watcher import _Handler
 from tests.clocks import ShiftedClock
@@ -991,7 +991,7 @@ def test_a_save_by_rename_is_read_after_the_short_debounce_a_touch_after_the_lon
 
 
 def test_request_methods_do_not_claim_signal_handler_safety() -> None:
-    """request_stop and request_reload take locks, which is why cli.py calls them from a
+    """request_stop and request_reload take locks, which is why cli/main.py calls them from a
     thread; their docstrings say that instead of calling them signal-handler safe."""
     for method in (PublisherService.request_stop, PublisherService.request_reload):
         doc = " ".join((method.__doc__ or "").split())

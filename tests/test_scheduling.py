@@ -3,6 +3,7 @@ carrying as little per job as APScheduler allows (10,000 entries means 10,000 jo
 
 from __future__ import annotations
 
+import math
 import queue
 import random
 import threading
@@ -25,13 +26,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_RUNNING, BaseScheduler
 from structlog.testing import capture_logs
 
-from scheduler_publisher import scheduling
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.executor import InlineExecutor
-from scheduler_publisher.netloop import NetworkLoop
-from scheduler_publisher.plan import grid_start
-from scheduler_publisher.scheduling import ENTRY_JOBS, Schedule
-from scheduler_publisher.triggers import grid_trigger
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.mqtt.netloop import NetworkLoop
+from scheduler_publisher.scheduling import scheduler as scheduling
+from scheduler_publisher.scheduling.executor import InlineExecutor
+from scheduler_publisher.scheduling.plan import grid_start
+from scheduler_publisher.scheduling.scheduler import ENTRY_JOBS, Schedule
+from scheduler_publisher.scheduling.triggers import grid_trigger
 from tests.support import group_ids, wait_until
 
 
@@ -48,7 +49,7 @@ def test_jobs_share_one_tick_and_keep_no_per_job_strings(loop: NetworkLoop) -> N
     try:
         for i in range(3):
             schedule.add(PublishConfig(id=f"e{i}", topic=f"t/{i}", data={}, interval=0.1))
-        jobs = [schedule._scheduler.get_job(f"e{i}") for i in range(3)]
+        jobs = [schedule.scheduler.get_job(f"e{i}") for i in range(3)]
         assert schedule.job_ids() == {"e0", "e1", "e2"}
         assert len({id(job.func) for job in jobs}) == 1, "one shared publish function"
         assert [job.args for job in jobs] == [("e0",), ("e1",), ("e2",)]
@@ -109,7 +110,7 @@ def test_listeners_hear_every_run_on_its_grid_slot_and_every_failure(loop: Netwo
 
     events: queue.Queue[JobEvent] = queue.Queue()
     schedule = Schedule(tick, loop)
-    schedule._scheduler.add_listener(events.put, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+    schedule.scheduler.add_listener(events.put, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
     schedule.start()
     try:
         for name in ("good", "bad"):
@@ -190,11 +191,11 @@ def test_a_run_reentering_the_scheduler_reports_max_instances(loop: NetworkLoop)
     def tick(_entry_id: str, slot: datetime | None = None, _missed: int = 0) -> None:
         slots.append(slot)
         if len(slots) == 1:
-            schedule._scheduler._process_jobs()  # re-enters: this job is still due and running
+            schedule.scheduler._process_jobs()  # re-enters: this job is still due and running
 
     schedule = Schedule(tick, loop)
     events: queue.Queue[JobEvent] = queue.Queue()
-    schedule._scheduler.add_listener(events.put, EVENT_JOB_MAX_INSTANCES)
+    schedule.scheduler.add_listener(events.put, EVENT_JOB_MAX_INSTANCES)
     schedule.start()
     try:
         schedule.add(PublishConfig(id="e", topic="t/e", data={}, interval=0.2))
@@ -274,7 +275,7 @@ def test_a_burst_of_job_changes_makes_one_look_not_one_each(loop: NetworkLoop) -
     while the loop is busy, they are folded into the one look already queued, so a reload of
     2,000 entries during a busy turn queues one look at the job store, not 2,000."""
     schedule = Schedule(lambda *_: None, loop)
-    scheduler = schedule._scheduler
+    scheduler = schedule.scheduler
     looks = [0]
     real = scheduler._process_jobs
 
@@ -297,7 +298,7 @@ def test_a_burst_of_job_changes_makes_one_look_not_one_each(loop: NetworkLoop) -
         assert busy.wait(5)
         for i in range(2000):
             schedule.add(PublishConfig(id=f"e{i}", topic=f"t/{i}", data={}, interval=3600))
-        assert len(loop._commands) == 1, "one queued look"
+        assert loop.queued == 1, "one queued look"
         release.set()
         settled = threading.Event()
         loop.call_soon(settled.set)  # queued behind the look
@@ -326,7 +327,7 @@ def test_after_shutdown_nothing_runs_and_the_timer_is_gone(loop: NetworkLoop) ->
     settled = threading.Event()
     loop.call_soon(settled.set)
     assert settled.wait(5)
-    assert loop._timer is None
+    assert loop.timer_due == math.inf
     count = ticks[0]
     marks = threading.Event()
     loop.call_soon(marks.set)  # one more full turn of the loop: still no tick
@@ -347,7 +348,7 @@ def test_a_failing_look_at_the_jobs_is_logged_and_the_scheduler_goes_on(
         ticks[0] += 1
 
     schedule = Schedule(tick, loop)
-    scheduler = schedule._scheduler
+    scheduler = schedule.scheduler
     real = scheduler._process_jobs
     failures = [0]
 
@@ -401,7 +402,7 @@ def process_on_a_twin(loop: NetworkLoop, own: bool, frozen: datetime, interval: 
         events.append((ev.code, getattr(ev, "job_id", None), runs))
 
     schedule = Schedule(tick, loop)
-    scheduler = schedule._scheduler
+    scheduler = schedule.scheduler
     scheduler.add_listener(heard, EVENT_ALL)
     scheduler.start(paused=True)  # the jobs go into the stores; nothing runs on its own
     for entry_id, late in behind.items():

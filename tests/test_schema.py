@@ -25,16 +25,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler_publisher.config import ConfigFileError, Problem, parse_config
-from scheduler_publisher.fields import FieldRule
-from scheduler_publisher.rules import (
+from scheduler_publisher.config.fields import FieldRule
+from scheduler_publisher.config.loader import ConfigFileError, Problem, parse_config
+from scheduler_publisher.config.rules import (
     CRON_EXPECTED,
     FIELD_RULES,
     MAX_MESSAGE_EXPIRY,
     MAX_TOPIC_BYTES,
     TIMEZONE_EXPECTED,
 )
-from scheduler_publisher.schema import DIALECT, entries_schema, schema_text
+from scheduler_publisher.config.schema import DIALECT, entries_schema, schema_text
 from tests import test_config, test_faults
 from tests.support import REPO
 
@@ -432,7 +432,7 @@ def test_patterns_use_code_points(value: str, accepted: bool) -> None:
 
 @pytest.fixture
 def schema_command_output(capsys: pytest.CaptureFixture[str]) -> str:
-    from scheduler_publisher.cli import main  # noqa: PLC0415 - only this fixture needs it
+    from scheduler_publisher.cli.main import main  # noqa: PLC0415 - only this fixture needs it
 
     with pytest.raises(SystemExit) as exit_info:
         main(["schema"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import selectors
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -23,8 +22,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from scheduler_publisher.netloop import NetworkLoop, SessionView
-from scheduler_publisher.session import (
+from scheduler_publisher.mqtt.netloop import NetworkLoop, SessionView
+from scheduler_publisher.mqtt.session import (
     MAIN_LINK,
     MAX_PENDING_PER_ENTRY,
     TRANSITIONS,
@@ -213,13 +212,26 @@ class Heard:
 
 
 class Inline:
-    """Runs the connector's work at once, on the test's thread."""
+    """Runs the connector's work at once, on the test's thread; or, while `held`, keeps it
+    until `release`, as a connector thread still busy with the TCP connect would."""
 
-    def submit(self, fn: Callable[[Session], None], session: Session) -> None:
-        fn(session)
+    def __init__(self) -> None:
+        self.held = False
+        self.waiting: list[tuple[Callable[[Session], None], Session]] = []
 
-    def shutdown(self, **_: Any) -> None:
-        pass
+    def submit(self, fn: Callable[[Session], None], session: Session, /) -> None:
+        if self.held:
+            self.waiting.append((fn, session))
+        else:
+            fn(session)
+
+    def release(self) -> None:
+        waiting, self.waiting, self.held = self.waiting, [], False
+        for fn, session in waiting:
+            fn(session)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.waiting.clear()
 
 
 class Harness:
@@ -231,11 +243,10 @@ class Harness:
         self.heard = Heard()
         base = {"client_id": "fake", "backoff_min": 1.0, "backoff_max": 8.0,
                 "connect_rate": 1000.0}
+        self.connector = Inline()
         self.loop = NetworkLoop(BrokerSettings(**{**base, **settings}), self.heard,
-                                make_client=self._make)
-        self.loop._selector = selectors.DefaultSelector()
-        self.loop._connector = Inline()  # type: ignore[assignment]
-        self.loop._thread = threading.current_thread()  # the test's thread is the loop's
+                                make_client=self._make, connector=self.connector)
+        self.loop.drive()  # the test's thread is the loop's
 
     def _make(self, session: Session) -> Any:
         client = FakeClient(session.will, fail_connect=self.fail_connect)
@@ -244,8 +255,8 @@ class Harness:
         return client
 
     def session(self, key: LinkKey = MAIN_LINK) -> Session:
-        found = self.loop._sessions.get(key)
-        assert found is not None, f"no session {key}"
+        found = self.loop.get(key)
+        assert isinstance(found, Session), f"no session {key}"
         return found
 
     def client(self, key: LinkKey = MAIN_LINK) -> FakeClient:
@@ -253,14 +264,12 @@ class Harness:
         return client
 
     def turn(self, *, due_now: bool = True) -> None:
-        """One loop turn without the selector: queued commands, then due connects."""
+        """One loop turn: queued commands, then due connects (every session's, by default)."""
         if due_now:
-            for session in self.loop._sessions.values():
-                session.due = 0.0
-            self.loop._next_connect_check = 0.0
-        self.loop._run_commands()
-        self.loop._start_due_connects(self.now())
-        self.loop._run_commands()  # the connector's outcome (_adopt, _attempt_failed)
+            for view in self.loop.sessions():
+                assert isinstance(view, Session)
+                view.due = 0.0
+        self.loop.turn(self.now())
 
     def open(self, key: LinkKey = MAIN_LINK, will: Will | None = None) -> Session:
         self.loop.open(key, f"fake/{key.entry_id}" if key.entry_id else "fake", will)
@@ -285,7 +294,7 @@ class Harness:
             for s in (client.sock, client.peer):
                 if s is not None:
                     s.close()
-        self.loop._selector.close()
+        self.loop.stop(timeout=0)
 
 
 @pytest.fixture
@@ -478,11 +487,11 @@ def test_silence_for_one_and_a_half_keepalives_drops_the_connection(harness: Har
     session = harness.connect()
     now = harness.now()
     session.last_read = now - 1.4 * 30
-    harness.loop._misc(now)
+    harness.loop.check_timeouts(now)
     assert state_of(session) is State.CONNECTED
     assert harness.client().misc_calls == 1
     session.last_read = now - 1.6 * 30
-    harness.loop._misc(now)
+    harness.loop.check_timeouts(now)
     assert state_of(session) is State.BACKOFF
     kind, _, (reason, was_up) = harness.heard.events[-1]
     assert (kind, was_up) == ("down", True)
@@ -493,7 +502,7 @@ def test_no_connack_in_time_drops_the_handshake(harness: Harness) -> None:
     """A CONNECT left unanswered past the limit is a failed attempt."""
     session = harness.open()
     harness.turn()
-    harness.loop._misc(session.handshake_since + 60)
+    harness.loop.check_timeouts(session.handshake_since + 60)
     assert state_of(session) is State.BACKOFF
     assert session.failures == 1
     assert "no CONNACK" in (session.last_error or "")
@@ -646,12 +655,13 @@ def test_a_close_while_connecting_says_goodbye_on_the_fresh_socket(harness: Harn
     """Closed while the connector runs: once the socket is up, DISCONNECT goes out on it, and
     no CONNACK that crosses it makes the session connected."""
     session = harness.open()
-    session.fire(Event.BACKOFF_ELAPSED)  # the connector has the client now
+    harness.connector.held = True
+    harness.turn()  # the connector has the client now, and is still connecting
     harness.loop.close_quietly(MAIN_LINK)
     assert state_of(session) is State.CLOSING
     client = harness.client()
-    client.reconnect()
-    harness.loop._adopt(session)
+    harness.connector.release()  # the TCP connect succeeds
+    harness.turn(due_now=False)  # the loop adopts the fresh socket
     assert client.disconnects == [None]
     client.connack()
     assert state_of(session) is State.CLOSING
@@ -672,7 +682,7 @@ def test_a_disconnect_that_cannot_be_sent_times_out(harness: Harness) -> None:
     """CLOSING for longer than the limit: the socket is dropped and the session forgotten."""
     session = harness.connect()
     harness.loop.close_quietly(MAIN_LINK)
-    harness.loop._misc(session.closing_since + 60)
+    harness.loop.check_timeouts(session.closing_since + 60)
     assert harness.loop.get(MAIN_LINK) is None
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_publisher import options
-from scheduler_publisher.cli import main
-from scheduler_publisher.config import ConfigurationLoader
-from scheduler_publisher.plan import effective_entries, grid_start
+from scheduler_publisher.cli import options
+from scheduler_publisher.cli.main import main
+from scheduler_publisher.config.loader import ConfigurationLoader
+from scheduler_publisher.config.shard import MAX_SHARDS, Shard, ShardError, owner, parse_shard
+from scheduler_publisher.scheduling.plan import effective_entries, grid_start
 from scheduler_publisher.service import PublisherService
 from scheduler_publisher.settings import BrokerSettings, ServiceSettings
-from scheduler_publisher.shard import MAX_SHARDS, Shard, ShardError, owner, parse_shard
 from tests.support import (
     Mosquitto,
     ServiceProcess,

@@ -8,8 +8,8 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from scheduler_publisher.config import ConfigurationLoader
-from scheduler_publisher.source import Candidate, Check, ConfigSource, Failed, Unchanged
+from scheduler_publisher.config.loader import ConfigurationLoader
+from scheduler_publisher.config.source import Candidate, Check, ConfigSource, Failed, Unchanged
 from tests.support import entry, write_config
 
 

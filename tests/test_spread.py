@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.plan import MAX_SLOTS
-from scheduler_publisher.spread import PhaseSpread, Respread, auto_slots
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.scheduling.plan import MAX_SLOTS
+from scheduler_publisher.scheduling.spread import PhaseSpread, Respread, auto_slots
 
 
 def entries(count: int, interval: float = 1.0, prefix: str = "e") -> list[PublishConfig]:

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.stats import Stats
-from scheduler_publisher.status import (
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.ops.status import (
     ConfigStatus,
     ConnectionStatus,
     EntryStatus,
@@ -19,6 +18,7 @@ from scheduler_publisher.status import (
     ServiceStatus,
     StatisticsStatus,
 )
+from scheduler_publisher.stats import Stats
 
 CONNECTION_VIEW: dict[str, Any] = {
     "connected": True, "connections": 2, "connections_up": 1, "broker": "127.0.0.1:1883",

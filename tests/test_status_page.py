@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from scheduler_publisher.http import PAGE_POLICY
+from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.ops.http import PAGE_POLICY
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.shard import Shard
 from tests.support import (
     REPO,
     Mosquitto,

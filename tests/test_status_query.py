@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler_publisher.stats import Stats
-from scheduler_publisher.status import (
+from scheduler_publisher.ops.status import (
     ConfigStatus,
     ConnectionStatus,
     EntryCountersStatus,
@@ -19,7 +18,7 @@ from scheduler_publisher.status import (
     StatisticsStatus,
     UnconnectedStatus,
 )
-from scheduler_publisher.status_query import (
+from scheduler_publisher.ops.status_query import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     QueryError,
@@ -27,6 +26,7 @@ from scheduler_publisher.status_query import (
     parse_query,
     select,
 )
+from scheduler_publisher.stats import Stats
 
 
 def status(entries: dict[str, EntryStatus]) -> ServiceStatus:

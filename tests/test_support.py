@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_publisher.arguments import build_parser
-from scheduler_publisher.cli import build_settings
+from scheduler_publisher.cli.arguments import build_parser
+from scheduler_publisher.cli.main import build_settings
 from scheduler_publisher.settings import ServiceSettings
 from tests.support import REPO, call, cli_args, free_port, request
 

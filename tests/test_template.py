@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler_publisher.cli import main
-from scheduler_publisher.config import PublishConfig, parse_config
-from scheduler_publisher.plan import diff
+from scheduler_publisher.cli.main import main
+from scheduler_publisher.config.loader import PublishConfig, parse_config
+from scheduler_publisher.config.template import Moment, Template
+from scheduler_publisher.scheduling.plan import diff
 from scheduler_publisher.statestore import EntryCounters, SavedState, StateStore, Totals
 from scheduler_publisher.stats import Stats
-from scheduler_publisher.template import Moment, Template
 from tests.support import (
     InProcessServices,
     Mosquitto,

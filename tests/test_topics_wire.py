@@ -15,7 +15,7 @@ import pytest
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from scheduler_publisher.config import parse_config
+from scheduler_publisher.config.loader import parse_config
 from tests.support import (
     InProcessServices,
     Mosquitto,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_publisher.options import shard_spec
-from scheduler_publisher.shard import Shard
+from scheduler_publisher.cli.options import shard_spec
+from scheduler_publisher.config.shard import Shard
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "scheduler-publisher.service"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_publisher.cli import main
-from scheduler_publisher.config import ConfigResult, Problem
-from scheduler_publisher.report import Report, as_github
+from scheduler_publisher.cli.main import main
+from scheduler_publisher.cli.report import Report, as_github
+from scheduler_publisher.config.loader import ConfigResult, Problem
 from tests.support import REPO
 
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from scheduler_publisher.config.shard import Shard
 from scheduler_publisher.service import PublisherService
-from scheduler_publisher.shard import Shard
 from scheduler_publisher.watcher import ConfigWatcher, followed_paths, watched_folders
 from tests.support import (
     InProcessServices,

@@ -1,0 +1,390 @@
+"""Command line: running the commands, secrets, settings, exit codes. The only module that
+calls sys.exit. The commands' grammar, and where each option came from, is arguments.py's.
+
+Exit codes (also in docs/options.md):
+  0  stopped cleanly (SIGTERM/SIGINT), or `validate` found the file valid
+  1  `validate` found problems in the file
+  2  usage error (unknown flag, bad value, from a flag, the environment or the options file)
+  3  the config file cannot be used at start-up (missing, unreadable, not JSON, not an array,
+     too big)
+  4  gave up connecting after --max-retries failed attempts in a row
+  5  another start-up failure (password or TLS files unreadable, HTTP token, state DB,
+     embedded broker)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import ssl
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from scheduler_publisher.cli import arguments
+from scheduler_publisher.cli.arguments import apply_options, build_parser, normalise_argv
+from scheduler_publisher.cli.demo import DemoError, EchoSubscriber, EmbeddedBroker
+from scheduler_publisher.cli.options import (
+    SECRET_OPTIONS,
+    Option,
+    OptionsError,
+    Origin,
+    options_of,
+)
+from scheduler_publisher.cli.report import Report, render
+from scheduler_publisher.config.loader import ConfigFileError, ConfigurationLoader, read_config_file
+from scheduler_publisher.config.schema import schema_text
+from scheduler_publisher.logs.setup import (
+    LogSettings,
+    configure_logging,
+    echo_line,
+    get_logger,
+    log_startup_failure,
+    register_secret,
+)
+from scheduler_publisher.scheduling.spread import AUTO
+from scheduler_publisher.settings import (
+    BrokerSettings,
+    MQTTVersion,
+    ServiceSettings,
+    default_client_id,
+)
+from scheduler_publisher.statestore import StateStoreError
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = arguments.EXIT_USAGE
+EXIT_CONFIG = 3
+EXIT_GAVE_UP = 4
+EXIT_STARTUP = 5
+
+SAMPLE_CONFIG = "payloadStaticConfig.json"
+SYSTEMD_UNIT = "scheduler-publisher.service"
+SYSTEMD_TEMPLATE_UNIT = "scheduler-publisher@.service"
+log = get_logger("scheduler_publisher.cli")
+
+
+class StartupError(Exception):
+    """A start-up problem with a one-line explanation (exit code 5)."""
+
+
+# ---- show-options, sample-options, sample-config, systemd-unit --------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # JSON strings are TOML basic strings
+
+
+def _derived_default(name: str, args: argparse.Namespace) -> Any:
+    """What the service uses for an option left unset, where that is computed at start."""
+    if name == "port":
+        return 8883 if (args.tls or args.cafile or args.certfile or args.tls_insecure) else 1883
+    shard = getattr(args, "shard", None)
+    if name == "client-id":
+        client_id = default_client_id()
+        return shard.client_id(client_id) if shard else client_id
+    if name == "status-topic":
+        client_id = args.client_id or default_client_id()
+        return f"scheduler-publisher/{shard.client_id(client_id) if shard else client_id}/status"
+    return None
+
+
+def _password_origin(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    if environ.get("MQTT_PASSWORD"):
+        return "env MQTT_PASSWORD"
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "mqtt-password").is_file():
+        return "systemd credential mqtt-password"
+    return None
+
+
+def show_options_text(args: argparse.Namespace, origins: Mapping[str, Origin],
+                      options: Sequence[Option], environ: Mapping[str, str]) -> str:
+    """One `key = value  # source` line per option, secrets redacted."""
+    lines = [f"# options file: {args.options_file or 'none'}",
+             "# precedence: flag > environment > options file > default"]
+    for option in options:
+        value, origin = getattr(args, option.dest), str(origins[option.name])
+        if value is None and option.name == "password":
+            found = _password_origin(args, environ)
+            value, origin = ("set", found) if found else (None, origin)
+        if value is None:
+            derived = _derived_default(option.name, args)
+            if derived is None:
+                lines.append(f"# {option.name} is not set  # {origin}")
+                continue
+            value, origin = derived, f"{origin} (derived)"
+        shown = '"<redacted>"' if option.name in SECRET_OPTIONS else _toml_value(value)
+        lines.append(f"{option.name} = {shown}  # {origin}")
+    return "\n".join(lines)
+
+
+def sample_options_text(options: Sequence[Option]) -> str:
+    """A commented TOML options file: every option, its help and its default."""
+    out = ["# scheduler-publisher options file (TOML). Keys are the long flags without "
+           "\"--\".",
+           "# Precedence: flag > SCHEDULER_PUBLISHER_<OPTION> > this file > default.",
+           "# Uncomment and edit what you need; `scheduler-publisher show-options` prints the",
+           "# effective values and where each came from."]
+    for option in options:
+        action = option.action
+        helptext = (action.help or "").replace("%(default)s", str(action.default))
+        out += ["", *textwrap.wrap(f"--{option.name}: {helptext}", 90, initial_indent="# ",
+                                   subsequent_indent="#   ")]
+        if action.choices is not None:
+            out.append(f"# one of: {', '.join(str(c) for c in action.choices)}")
+        if action.default is None:
+            out.append(f"# {option.name}: not set by default ({option.kind})")
+        else:
+            out.append(f"#{option.name} = {_toml_value(action.default)}")
+    return "\n".join(out)
+
+
+def package_text(name: str) -> str:
+    return resources.files("scheduler_publisher").joinpath("data", name).read_text("utf-8")
+
+
+def cmd_show_options(args: argparse.Namespace) -> int:
+    options = options_of(arguments.subparser(build_parser(), "show-options"))
+    print(show_options_text(args, args.origins, options, os.environ))
+    return EXIT_OK
+
+
+def cmd_sample_options(_args: argparse.Namespace) -> int:
+    print(sample_options_text(options_of(arguments.subparser(build_parser(), "run"))))
+    return EXIT_OK
+
+
+def cmd_sample_config(_args: argparse.Namespace) -> int:
+    sys.stdout.write(package_text(SAMPLE_CONFIG))
+    return EXIT_OK
+
+
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    sys.stdout.write(package_text(SYSTEMD_TEMPLATE_UNIT if args.template else SYSTEMD_UNIT))
+    return EXIT_OK
+
+
+# ---- run --------------------------------------------------------------------------------------
+
+
+def read_password(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
+    """--password, then --password-file, then $MQTT_PASSWORD, then systemd credentials."""
+    if args.password:
+        return str(args.password)
+    if args.password_file:
+        return _first_line(args.password_file, "--password-file")
+    if environ.get("MQTT_PASSWORD"):
+        return environ["MQTT_PASSWORD"]
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "mqtt-password").is_file():
+        return _first_line(Path(creds) / "mqtt-password", "credential mqtt-password")
+    return None
+
+
+def _first_line(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        raise StartupError(f"{what} {path}: cannot read a password from it ({exc})") from None
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls or args.cafile or args.certfile or args.tls_insecure):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(args.cafile) if args.cafile else None)
+        if args.certfile:
+            ctx.load_cert_chain(str(args.certfile), str(args.keyfile) if args.keyfile else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"TLS files: {exc}") from None
+    if args.tls_insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> ServiceSettings:
+    password = read_password(args, environ)
+    if password:
+        register_secret(password)
+    token = _first_line(args.http_token_file, "--http-token-file") if args.http_token_file \
+        else None
+    if token:
+        register_secret(token)
+    ctx = tls_context(args)
+    protocol: MQTTVersion = "3.1.1" if args.embedded_broker else args.mqtt_version
+    broker = BrokerSettings(
+        host="127.0.0.1" if args.embedded_broker else args.broker,
+        port=args.port or (8883 if ctx else 1883),
+        client_id=args.client_id or default_client_id(args.config), username=args.username,
+        password=password, protocol=protocol, keepalive=args.keepalive,
+        backoff_min=args.backoff_min, backoff_max=args.backoff_max,
+        max_retries=args.max_retries, will_delay=args.will_delay,
+        status_topic=args.status_topic, connect_rate=args.connect_rate, tls_context=ctx,
+        tls_insecure=args.tls_insecure)
+    settings = ServiceSettings(
+        config_path=args.config, broker=broker,
+        logging=log_settings(args),
+        stats_interval=args.stats_interval,
+        state_db=Path(args.state_db) if args.state_db else None,
+        checkpoint_interval=args.checkpoint_interval,
+        history_interval=args.history_interval, history_retention_rows=args.history_retention,
+        http_host=args.http_host, http_port=args.http_port, http_token=token,
+        metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
+        clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
+        force_polling=args.force_polling, max_config_bytes=args.max_config_bytes,
+        phase_slots=None if args.phase_slots == AUTO else args.phase_slots)
+    return settings.for_shard(args.shard) if args.shard else settings
+
+
+def log_settings(args: argparse.Namespace) -> LogSettings:
+    return LogSettings(level=args.log_level, format=args.log_format,
+                       file=Path(args.log_file) if args.log_file else None)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        report = Report(str(args.config), ConfigurationLoader(args.config).load(),
+                        shard=args.shard, now=datetime.now(UTC))
+    except ConfigFileError as exc:
+        report = Report(str(args.config), None, exc, shard=args.shard)
+    out, err = render(report, args.format)
+    if report.failure is not None and args.format == "text":
+        err.append(config_hint(args.config))
+    for line in err:
+        print(line, file=sys.stderr)
+    for line in out:
+        print(line)
+    return EXIT_OK if report.valid else EXIT_INVALID
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    sys.stdout.write(schema_text())
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Until the service exists, remember SIGTERM/SIGINT/SIGHUP instead of dying of them (the
+    # default action): a stop during start-up must still end with a clean shutdown and exit 0.
+    early: set[int] = set()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: early.add(signum))
+    if args.tls_insecure:
+        print("WARNING: --tls-insecure: the broker's certificate is NOT verified", file=sys.stderr)
+    settings = build_settings(args, dict(os.environ))
+    # Stdout only until the config file is known to be readable: the log file's handler creates
+    # its folder (./logs/ by default), and a start that fails on a missing or unreadable file
+    # must leave nothing behind. Lines logged meanwhile are still JSON on stdout.
+    configure_logging(dataclasses.replace(settings.logging, file=None))
+    read_config_file(settings.config_path, max_bytes=settings.max_config_bytes)
+    configure_logging(settings.logging)
+    if args.tls_insecure:
+        log.warning("tls_verification_disabled", hint="anyone on the path can impersonate the "
+                    "broker and read the credentials")
+    extras = _start_demo(args, settings)
+    try:
+        return _run_service(settings, early)
+    finally:
+        for part in reversed(extras):
+            part.stop()
+
+
+def _start_demo(args: argparse.Namespace,
+                settings: ServiceSettings) -> list[EmbeddedBroker | EchoSubscriber]:
+    parts: list[EmbeddedBroker | EchoSubscriber] = []
+    if args.embedded_broker:
+        broker = EmbeddedBroker(settings.broker.port)
+        broker.start()
+        parts.append(broker)
+    if args.echo:
+        echo = EchoSubscriber(settings.broker.host, settings.broker.port, _print_message)
+        echo.start()
+        parts.append(echo)
+    return parts
+
+
+def _print_message(topic: str, payload: bytes, retained: bool) -> None:
+    mark = " (retained)" if retained else ""
+    echo_line(f"echo {topic}{mark}: {payload.decode('utf-8', 'replace')}")
+
+
+def _run_service(settings: ServiceSettings, early: set[int]) -> int:
+    from scheduler_publisher.service import PublisherService  # noqa: PLC0415 - after logging setup
+
+    service = PublisherService(settings)
+
+    # A handler runs on the main thread between two bytecodes, possibly while that thread holds
+    # the mailbox lock or the wake Event's lock (the main loop is this thread): taking them
+    # here could deadlock. Hand the request to a short-lived thread instead.
+    def stop(_sig: int, _frame: FrameType | None) -> None:
+        threading.Thread(target=service.request_stop, name="signal-stop", daemon=True).start()
+
+    def reload(_sig: int, _frame: FrameType | None) -> None:
+        threading.Thread(target=service.request_reload, name="signal-reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    if early & {signal.SIGTERM, signal.SIGINT}:
+        service.request_stop()
+    elif signal.SIGHUP in early:
+        service.request_reload()
+    service.run()
+    return EXIT_GAVE_UP if service.gave_up else EXIT_OK
+
+
+def config_hint(path: Path) -> str:
+    """What to do about a config file that cannot be used: a missing one usually means the
+    default relative path from the wrong folder, or a wheel install without the git tree."""
+    if path.exists():
+        return (f"Fix the file (check it with `scheduler-publisher validate --config {path}`) "
+                f"and start again.")
+    where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+    return (f"No config file at {path}{where}. Give its path with --config PATH (or `config = "
+            f"\"PATH\"` in the options file); `scheduler-publisher sample-config > PATH` "
+            f"writes a sample.")
+
+
+COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
+    "show-options": cmd_show_options,
+    "sample-config": cmd_sample_config, "sample-options": cmd_sample_options,
+    "systemd-unit": cmd_systemd_unit,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    raw = normalise_argv(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(raw)
+    try:
+        args.origins = apply_options(parser, raw, args, os.environ)
+    except OptionsError as exc:
+        print(f"scheduler-publisher {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        code = COMMAND_HANDLERS[args.command](args)
+    except ConfigFileError as exc:
+        print(f"scheduler-publisher: cannot start: {exc}\n{config_hint(args.config)}",
+              file=sys.stderr)
+        code = EXIT_CONFIG
+        log_startup_failure(log_settings(args), exc, exit_code=code)
+    except (StartupError, DemoError, StateStoreError) as exc:
+        print(f"scheduler-publisher: cannot start: {exc}", file=sys.stderr)
+        code = EXIT_STARTUP
+        log_startup_failure(log_settings(args), exc, exit_code=code)
+    sys.exit(code)

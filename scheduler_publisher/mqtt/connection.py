@@ -1,0 +1,570 @@
+"""MQTTConnectionManager: which connection carries which entry, wills, and what goes on the wire.
+
+Entries without `lwt` share the main connection, which also carries the service's retained
+status topic (`{"online": 1}`, and `{"online": 0}` as its will). Each `lwt: true` entry gets a
+connection of its own whose will is the entry's `{"online": 0, ...data}`: MQTT carries one will
+per connection, so this is the only way the broker itself can announce every entry offline.
+
+This module routes: it decides which connection carries which entry and what to publish
+when. It knows connections only by `LinkKey`, asks the network loop (netloop.py) to open, use
+and end them, and reads them through `SessionView`; each connection's lifecycle is the state
+machine in session.py.
+
+Threads: the public methods may be called from any thread; they hand work to the network
+thread (netloop.py), which owns every Session and every paho call. `_entries` is the network
+thread's view of the running entries, replaced whole by `set_entries`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from paho.mqtt.properties import Properties
+
+from scheduler_publisher.config.loader import MessageProperties, PublishConfig
+from scheduler_publisher.config.template import Moment, Template
+from scheduler_publisher.logs.setup import get_logger
+from scheduler_publisher.mqtt.client import publish_properties
+from scheduler_publisher.mqtt.faults import FaultAttribution
+from scheduler_publisher.mqtt.netloop import NetworkLoop, SessionView
+from scheduler_publisher.mqtt.packet import has_static_packet, static_header
+from scheduler_publisher.mqtt.session import MAIN_LINK, LinkKey, State, Will
+from scheduler_publisher.settings import BrokerSettings
+from scheduler_publisher.stats import Stats
+
+log = get_logger("scheduler_publisher.connection")
+
+BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
+MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
+STATUS_ONLINE = b'{"online":1}'
+STATUS_OFFLINE = b'{"online":0}'
+STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
+RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attribution
+QUIET_MARGIN = 1.0  # seconds beyond the longest period of the suspects not held
+
+
+def entry_will(entry: PublishConfig, render: Callable[[str], bytes] | None = None) -> Will:
+    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain, render=render,
+                properties=entry.properties)
+
+
+class MQTTConnectionManager:
+    """The service's MQTT side: one shared main connection, one connection per lwt entry,
+    and which of them carries each entry.
+
+    Args:
+        settings: the broker, credentials, TLS, protocol, client id, keepalive, backoff,
+            connect rate, will delay and `max_retries` (settings.BrokerSettings).
+        stats: where publishes, drops, deferrals, errors and reconnects are counted; the
+            network thread is the one writer of its per-entry counters. A fresh `Stats` if
+            omitted.
+        on_give_up: called once, on the network thread, with the last failure's reason when
+            the main connection has failed `settings.max_retries` attempts in a row.
+        clear_retained_on_remove: publish an empty retained message to the topic of a removed
+            entry that was retained, so that the broker forgets its last payload.
+
+    Nothing connects until `connect()`; `disconnect()` stops gracefully (wills, reason 0x04).
+    """
+
+    def __init__(self, settings: BrokerSettings, stats: Stats | None = None, *,
+                 on_give_up: Callable[[str], None] | None = None,
+                 clear_retained_on_remove: bool = False) -> None:
+        self.settings = settings
+        self.stats = stats or Stats()
+        self._on_give_up = on_give_up
+        self._clear_retained = clear_retained_on_remove
+        self._loop = NetworkLoop(settings, self)
+        self._entries: dict[str, PublishConfig] = {}
+        # MQTT 5: the PUBLISH properties of each entry that has some, built once per config
+        # version (equal ones shared), never per publish; replaced whole by set_entries.
+        self._wire_properties: dict[str, Properties] = {}
+        # entry id -> its pre-encoded QoS 0 PUBLISH header (packet.py), for the entries that
+        # have one; network thread only, rebuilt with `_entries`
+        self._headers: dict[str, bytes] = {}
+        self._pending_raw: OrderedDict[str, tuple[bytes, int, bool]] = OrderedDict()
+        self._main_up = threading.Event()
+        self._all_closed = threading.Event()
+        self._drained = threading.Event()
+        self._draining = False
+        self._started = False
+        self._gave_up = False
+        self._conflicts_warned: set[LinkKey] = set()
+        self._warned: dict[LinkKey, str] = {}  # an entry connection's refusal logged at warning
+        self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_PUBLISHES)
+        self._faults = FaultAttribution()
+        self._fault_reason = ""  # of the last drop blamed on a packet of ours
+        # entry id -> why; replaced whole (never mutated) so other threads may read it
+        self._quarantined: dict[str, str] = {}
+        self._broker = f"{settings.host}:{settings.port}"
+        self._hostname = socket.gethostname()  # for {{hostname}}
+
+    # ---- public API (any thread) ------------------------------------------------------------
+    def connect(self, wait: float = 0.0) -> bool:
+        """Start connecting (in the background, retried with backoff) and return whether the
+        main connection is up after waiting at most `wait` seconds. A broker that is down is
+        not an error: the connection comes up when the broker does."""
+        if not self._started:
+            self._started = True
+            self._loop.start()
+            self._loop.call_soon(self._open_main)
+        if wait > 0:
+            self._main_up.wait(wait)
+        return self.is_connected()
+
+    def is_connected(self) -> bool:
+        return self._main_up.is_set()
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0,
+                retain: bool = False) -> bool:
+        """Publish on the main connection. QoS 0 while disconnected returns False (dropped);
+        QoS 1/2 keeps the newest message per topic and sends it on reconnect."""
+        data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        if qos == 0 and not self.is_connected():
+            return False
+        self._loop.call_soon(lambda: self._publish_raw(topic, data, qos, retain))
+        return True
+
+    def set_entries(self, entries: Mapping[str, PublishConfig]) -> None:
+        snapshot = dict(entries)
+        self._loop.call_soon(lambda: self._apply_entries(snapshot))
+
+    def publish_entry(self, entry_id: str, slot: datetime | None = None,
+                      missed: int = 0) -> None:
+        """Publish the entry's current version, from any thread: `tick`, on the network thread
+        (at once there, handed over from any other)."""
+        if self._loop.in_loop_thread:
+            self.tick(entry_id, slot, missed)
+        else:
+            self._loop.call_soon(lambda: self.tick(entry_id, slot, missed))
+
+    @property
+    def event_loop(self) -> NetworkLoop:
+        """The network thread's loop, which also runs the scheduler (scheduling.LoopScheduler)."""
+        return self._loop
+
+    def disconnect(self, timeout: float = 3.0) -> None:
+        """Graceful stop: let in-flight QoS>0 messages reach the broker, announce every lwt
+        entry (and the status topic) offline, disconnect, stop the network thread."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        self._loop.call_soon(self._start_drain)
+        self._drained.wait(max(0.0, timeout / 2))
+        self._loop.call_soon(self._close_all)
+        self._all_closed.wait(max(0.0, deadline - time.monotonic()))
+        self._loop.stop(max(0.1, deadline - time.monotonic()))
+        self._main_up.clear()
+
+    def is_healthy(self, max_silence: float = 10.0) -> bool:
+        return self._loop.is_alive() and time.monotonic() - self._loop.heartbeat < max_silence
+
+    def connection_counts(self) -> tuple[int, int]:
+        links = self._loop.sessions()
+        return len(links), sum(1 for lk in links if lk.is_up)
+
+    def status(self) -> dict[str, Any]:
+        """Any thread: a view built from the network thread's links (read, never changed)."""
+        links = self._loop.sessions()
+        main = self._loop.get(MAIN_LINK)
+        down = [lk for lk in links if not lk.key.is_main and not lk.is_up]
+        conflicts = [lk.conflict for lk in links if lk.conflict is not None]
+        return {"connected": self.is_connected(), "connections": len(links),
+                "connections_up": sum(1 for lk in links if lk.is_up),
+                "broker": self._broker,
+                "protocol": self.settings.protocol, "client_id": self.settings.client_id,
+                "last_error": main.last_error if main else None,
+                "client_id_conflict": conflicts[0] if conflicts else None,
+                "entries_without_connection": self._unconnected(main, down),
+                "quarantined_entries": dict(self._quarantined)}
+
+    def quarantined(self, entry_id: str) -> str | None:
+        """Why the entry is held back (the broker dropped the connection at its publishes)."""
+        return self._quarantined.get(entry_id)
+
+    def _unconnected(self, main: SessionView | None,
+                     down: list[SessionView]) -> dict[str, Any]:
+        entries = self._entries  # a reference the network thread swaps whole
+        shared = 0 if main is not None and main.is_up else \
+            sum(1 for e in entries.values() if not e.lwt)
+        named = sorted(down, key=lambda lk: lk.key.entry_id or "")[:STATUS_SAMPLE]
+        return {"count": shared + len(down), "main_connection_down": shared > 0,
+                "lwt_entries": {lk.key.entry_id: lk.last_error or lk.state.value
+                                for lk in named},
+                "lwt_entries_total": len(down)}
+
+    def health_warnings(self) -> list[str]:
+        """What an operator should know that is not a liveness problem: connections that are
+        not up, and why; a suspected client-id conflict."""
+        status = self.status()
+        warnings = []
+        if status["client_id_conflict"]:
+            warnings.append(status["client_id_conflict"])
+        unconnected = status["entries_without_connection"]
+        if unconnected["main_connection_down"]:
+            warnings.append(f"main connection to {self._broker} is not up "
+                            f"({status['last_error'] or 'connecting'}): entries without lwt "
+                            "and the status topic are not published")
+        if unconnected["lwt_entries_total"]:
+            named = ", ".join(f"{i} ({why})" for i, why in unconnected["lwt_entries"].items())
+            more = unconnected["lwt_entries_total"] - len(unconnected["lwt_entries"])
+            warnings.append(f"{unconnected['lwt_entries_total']} lwt entries have no "
+                            f"connection: {named}" + (f" and {more} more" if more else ""))
+        if status["quarantined_entries"]:
+            held = ", ".join(f"{i} ({why})" for i, why in status["quarantined_entries"].items())
+            warnings.append(f"entries held back because the broker dropped the connection at "
+                            f"their publishes: {held}")
+        return warnings
+
+    # ---- network thread ---------------------------------------------------------------------
+    def _open_main(self) -> None:
+        topic = self.settings.effective_status_topic
+        self._loop.open(MAIN_LINK, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
+
+    def _open_entry_link(self, entry: PublishConfig) -> None:
+        self._loop.open(LinkKey(entry.id), self.settings.entry_client_id(entry.id),
+                        self._will(entry))
+
+    def _link_for(self, entry: PublishConfig) -> SessionView | None:
+        return self._loop.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
+
+    def tick(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
+        """The scheduler's tick (scheduling.Tick), network thread only: publish the entry's
+        current version. `slot` is the grid slot it was due at and `missed` the slots skipped
+        before it; counted here, by the one writer of the entry's counters (stats.py). The
+        scheduler runs on this thread (`event_loop`), so the packet goes out with the rest of
+        its phase group; any other thread calls `publish_entry`."""
+        if slot is not None:
+            self.stats.record_tick(entry_id, time.time() - slot.timestamp(), missed)
+        self._publish_entry(entry_id)
+
+    def _publish_entry(self, entry_id: str) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is None or entry_id in self._quarantined:
+            return  # removed since the tick was queued, or held back
+        if self._faults.holding and self._held_back(entry_id):
+            self.stats.record_dropped(entry_id)
+            return
+        link = self._loop.get(LinkKey(entry_id) if entry.lwt else MAIN_LINK)
+        if link is not None and link.is_up:
+            if time.monotonic() - link.connected_at < entry.period / 2:
+                # The connect published the entry (the birth burst) moments ago: a grid slot
+                # this close would publish it twice within half its interval (issue 11 #5); a
+                # cron entry's period is its shortest gap between slots.
+                return
+            if not link.saturated(entry_id):
+                self._send(link, entry)
+                return
+        # Down, or up but stalled (the broker stopped reading or acknowledging): paho's queues
+        # keep at most a few messages per entry, however long it lasts.
+        if entry.qos == 0:
+            self.stats.record_dropped(entry_id)
+        else:
+            self.stats.record_deferred(entry_id)  # the birth publish carries the newest
+
+    def _held_back(self, entry_id: str) -> bool:
+        """While the culprit of blamed drops is searched for: a quiet spell may have cleared
+        the suspects that publish; is this entry one of those held back now?"""
+        now = time.monotonic()
+        guilty = self._faults.settle(now, self._quiet_for)
+        for culprit in sorted(guilty & self._entries.keys()):
+            self._quarantine(self._entries[culprit], self._fault_reason, together=len(guilty))
+        return entry_id in self._faults.held(now) or entry_id in self._quarantined
+
+    def _quiet_for(self, publishing: frozenset[str]) -> float:
+        """How long the connection must stay up for every one of `publishing` to have ticked."""
+        periods = [self._entries[i].period for i in publishing if i in self._entries]
+        return max(periods, default=0.0) + QUIET_MARGIN
+
+    def _send(self, link: SessionView, entry: PublishConfig) -> None:
+        header = self._headers.get(entry.id)
+        if header is not None:  # static QoS 0 (packet.py): its pre-encoded packet
+            sent = self._loop.publish_packet(link.key, header, entry.payload, entry.id)
+        else:
+            # The one branch between static and templated entries: a static entry sends the
+            # bytes rendered at load time; a templated one renders fresh bytes for this publish.
+            payload = entry.payload if entry.renderer is None else \
+                self._rendered(link, entry.id, entry.renderer)
+            # MQTT 5 properties, built once per config version (None: the entry has none)
+            properties = self._wire_properties.get(entry.id)
+            sent = self._loop.publish(link.key, entry.topic, payload, entry.qos, entry.retain,
+                                      entry.id, properties)
+        if not sent:
+            self.stats.record_error(entry.id, "publish refused by the client")
+        elif link.key.is_main:
+            self._recent.append((time.monotonic(), entry.id))
+
+    def _rendered(self, link: SessionView, entry_id: str, renderer: Template) -> bytes:
+        """A templated entry's payload for one publish; each render takes the next {{seq}}."""
+        return renderer.render(self._moment(link.client_id, self.stats.next_seq(entry_id)))
+
+    def _moment(self, client_id: str, seq: int) -> Moment:
+        return Moment(time.time_ns() // 1_000_000, seq, int(self.stats.uptime()),
+                      self._hostname, client_id)
+
+    def _will(self, entry: PublishConfig) -> Will:
+        """The entry's will; a templated one renders at each CONNECT of its connection, with
+        the entry's last {{seq}} (it takes none of its own): it holds the values of that
+        connect, not of the moment the connection dies (docs/entries.md, "Templated values")."""
+        renderer = entry.offline_renderer
+        if renderer is None:
+            return entry_will(entry)
+        entry_id = entry.id
+
+        def render(client_id: str) -> bytes:  # network thread: before a connect attempt
+            return renderer.render(self._moment(client_id, self.stats.entry(entry_id).seq))
+
+        return entry_will(entry, render)
+
+    def _publish_raw(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        main = self._loop.get(MAIN_LINK)
+        if main is not None and main.is_up:
+            self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
+        elif qos > 0:
+            self._pending_raw[topic] = (data, qos, retain)
+            self._pending_raw.move_to_end(topic)
+            while len(self._pending_raw) > MAX_PENDING_RAW:
+                self._pending_raw.popitem(last=False)
+
+    def _apply_entries(self, new: dict[str, PublishConfig]) -> None:
+        old, self._entries = self._entries, new
+        self._prepare_properties(old, new)
+        self._headers = self._encode(old, new)
+        for entry_id, entry in new.items():
+            self.stats.add_entry(entry_id)
+            before = old.get(entry_id)
+            if entry.properties is not None and self.settings.protocol != "5" and (
+                    before is None or before.properties != entry.properties):
+                self._warn_properties_ignored(entry.id, entry.properties)
+            self._apply_one(before, entry)
+        for entry_id, gone in old.items():
+            if entry_id not in new:
+                self._remove_one(gone)
+
+    def _prepare_properties(self, old: dict[str, PublishConfig],
+                            new: dict[str, PublishConfig]) -> None:
+        if self.settings.protocol != "5":
+            return  # MQTT 3.1.1 has no properties: _send never asks for them
+        built: dict[MessageProperties | None, Properties] = {
+            old[i].properties: props for i, props in self._wire_properties.items() if i in old}
+        wire = {}
+        for entry_id, entry in new.items():
+            if entry.properties is not None:
+                if entry.properties not in built:
+                    built[entry.properties] = publish_properties(entry.properties)
+                wire[entry_id] = built[entry.properties]
+        self._wire_properties = wire
+
+    def _warn_properties_ignored(self, entry_id: str, properties: MessageProperties) -> None:
+        """MQTT 3.1.1 has no properties: once per entry and version of its properties."""
+        log.warning("entry_properties_ignored", entry_id=entry_id,
+                    ignored=list(properties.as_json()),
+                    mqtt_version=self.settings.protocol,
+                    hint="properties need MQTT 5 (--mqtt-version 5, the default)")
+
+    def _encode(self, old: dict[str, PublishConfig],
+                new: dict[str, PublishConfig]) -> dict[str, bytes]:
+        """The pre-encoded headers of `new`, reusing those of entries whose wire form is
+        unchanged (a reload of thousands of entries re-encodes only the edited ones)."""
+        headers = {}
+        for entry_id, entry in new.items():
+            before = old.get(entry_id)
+            header = self._headers.get(entry_id) if before is not None and \
+                before.same_wire(entry) and has_static_packet(entry) else None
+            header = header or static_header(entry, self.settings.protocol)
+            if header is not None:
+                headers[entry_id] = header
+        return headers
+
+    def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
+        if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):
+            self._release(entry.id)  # edited: give the new version its chance
+        key = LinkKey(entry.id)
+        link = self._loop.get(key)
+        if entry.lwt and link is None:
+            self._open_entry_link(entry)  # publishes on connect
+            return
+        if entry.lwt and link is not None and link.state is State.CLOSING:
+            # Back while its connection is still closing (removed or moved to main a moment
+            # ago, or closed mid-connect): reconnect it once closed, or it would stay without.
+            self._loop.renew(key, self._will(entry))
+            return
+        if entry.lwt and link is not None and before is not None and \
+                (entry_will(before), before.template) != (entry_will(entry), entry.template):
+            # The will is fixed at CONNECT: only this entry's connection reconnects.
+            self._loop.renew(key, self._will(entry))
+            return
+        if not entry.lwt and link is not None:
+            self._loop.close_quietly(key)  # moved to the main connection
+        if before is None or not (before.same_wire(entry) and before.same_schedule(entry)):
+            # An added or edited entry reaches the wire now, not at its next grid slot (which
+            # may be an interval away); its grid, and so its phase, stays as the plan says.
+            target = self._link_for(entry)
+            if target is not None and target.is_up:
+                self._send(target, entry)
+
+    def _remove_one(self, gone: PublishConfig) -> None:
+        if gone.lwt:
+            self._loop.close_announcing(LinkKey(gone.id))  # subscribers see it go offline
+        if self._clear_retained and gone.retain:
+            self._publish_raw(gone.topic, b"", 1, True)  # an empty retained payload clears it
+        self.stats.remove_entry(gone.id)
+        self._release(gone.id)
+
+    def _release(self, entry_id: str) -> None:
+        if entry_id in self._quarantined:
+            self._quarantined = {i: w for i, w in self._quarantined.items() if i != entry_id}
+
+    def _birth(self, link: SessionView) -> None:
+        if link.key.is_main:
+            self._loop.publish(MAIN_LINK, self.settings.effective_status_topic, STATUS_ONLINE, 1,
+                               True, None)
+            pending, self._pending_raw = self._pending_raw, OrderedDict()
+            for topic, (data, qos, retain) in pending.items():
+                self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
+            # Suspects of the last blamed drop wait for their grid slot, so that the next drop
+            # (if any) follows a tick and narrows them down, instead of following the burst.
+            held = self._faults.suspects(time.monotonic()) | self._quarantined.keys()
+            ids = [i for i, e in self._entries.items() if not e.lwt and i not in held]
+        else:
+            ids = [link.key.entry_id] if link.key.entry_id is not None else []
+        self._birth_chunk(link, ids, 0)
+
+    def _birth_chunk(self, link: SessionView, ids: list[str], start: int) -> None:
+        if not link.is_up:
+            return  # lost again; the next connect starts over
+        for entry_id in ids[start:start + BIRTH_CHUNK]:
+            entry = self._entries.get(entry_id)
+            if entry is not None and self._link_for(entry) is link:
+                self._send(link, entry)
+        if start + BIRTH_CHUNK < len(ids):
+            self._loop.call_soon(lambda: self._birth_chunk(link, ids, start + BIRTH_CHUNK))
+
+    def _start_drain(self) -> None:
+        self._draining = True
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._draining and not any(lk.awaiting_acks for lk in self._loop.sessions()):
+            self._drained.set()
+
+    def _close_all(self) -> None:
+        for link in self._loop.sessions():
+            self._loop.close_announcing(link.key)
+        if not self._loop.sessions():
+            self._all_closed.set()
+
+    # ---- SessionListener (network thread) ---------------------------------------------------
+    def link_up(self, link: SessionView) -> None:
+        self._warned.pop(link.key, None)
+        if link.key.is_main:
+            self._main_up.set()
+            self._faults.link_up(time.monotonic())
+            log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
+        self._birth(link)
+
+    def link_down(self, link: SessionView, reason: str, was_up: bool) -> None:
+        if was_up:
+            self.stats.record_reconnect()
+            self._report_conflict(link)
+        if link.key.is_main:
+            self._main_up.clear()
+            if was_up and link.blames_a_packet:
+                self._attribute(link, reason)
+            if was_up:
+                log.warning("mqtt_disconnected", reason=reason, broker=self._broker,
+                            client_id=link.client_id,
+                            retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+            else:
+                self._failed_attempt(link, reason)
+        elif was_up:
+            log.debug("entry_connection_lost", entry_id=link.key.entry_id, reason=reason,
+                      broker=self._broker)
+        else:
+            self.link_refused(link, reason)
+
+    def _attribute(self, link: SessionView, reason: str) -> None:
+        """The broker dropped the main connection blaming a packet of ours: find the entry."""
+        # What went out within a few round trips of the drop (the CONNECT -> CONNACK time is
+        # the round trip we know); the broker stops reading at the bad packet.
+        window = 0.05 + 4 * max(0.0, link.connected_at - link.handshake_since)
+        now = time.monotonic()
+        published = {entry_id for at, entry_id in self._recent if at >= now - window}
+        self._recent.clear()
+        if link.broker_reason is not None or not self._faults.suspects(now):
+            # A reset names nothing: the search keeps the reason an earlier drop gave.
+            self._fault_reason = reason
+        guilty = self._faults.observe(published & self._entries.keys(), now)
+        for entry_id in sorted(guilty):
+            self._quarantine(self._entries[entry_id], self._fault_reason,
+                             together=len(guilty))
+
+    def _quarantine(self, entry: PublishConfig, reason: str, *, together: int) -> None:
+        why = f"the broker dropped the connection at its publish: {reason}"
+        self._quarantined = {**self._quarantined, entry.id: why}
+        self.stats.record_error(entry.id, why)
+        log.error("entry_quarantined", entry_id=entry.id, topic=entry.topic, reason=reason,
+                  broker=self._broker, told_apart=together == 1,
+                  hint="the entry is not published until it is edited or the service restarts")
+
+    def _report_conflict(self, link: SessionView) -> None:
+        """One warning per connection and conflict, however often the broker drops it."""
+        if link.conflict is None:
+            self._conflicts_warned.discard(link.key)
+        elif link.key not in self._conflicts_warned:
+            self._conflicts_warned.add(link.key)
+            log.warning("mqtt_client_id_conflict", client_id=link.client_id,
+                        broker=self._broker, reason=link.conflict,
+                        hint="give each process its own --client-id")
+
+    def link_refused(self, link: SessionView, reason: str) -> None:
+        if link.key.is_main:
+            self._failed_attempt(link, reason)
+            return
+        # At warning once per connection and cause (the main connection is up, or the entry
+        # links would not be trying: this is about this entry, not a broker outage).
+        emit = log.debug if self._warned.get(link.key) == reason else log.warning
+        self._warned[link.key] = reason
+        emit("entry_connection_failed", entry_id=link.key.entry_id, reason=reason,
+             broker=self._broker, client_id=link.client_id,
+             retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+
+    def _failed_attempt(self, link: SessionView, reason: str) -> None:
+        attempts = link.failures
+        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts, broker=self._broker,
+                    client_id=link.client_id,
+                    retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+        if link.state is State.GIVEN_UP and not self._gave_up:
+            self._gave_up = True
+            if self._on_give_up is not None:
+                self._on_give_up(reason)
+
+    def link_closed(self, link: SessionView) -> None:
+        self._warned.pop(link.key, None)
+        if link.key.is_main:
+            self._main_up.clear()
+        if not self._loop.sessions():
+            self._all_closed.set()
+
+    def published(self, link: SessionView, entry_id: str | None, qos: int,
+                  failure: str | None) -> None:
+        if entry_id is not None:
+            if failure is None:
+                self.stats.record_published(entry_id)
+            else:
+                self.stats.record_error(entry_id, failure)
+        if qos and self._draining:
+            self._check_drained()
+
+    def written(self, link: SessionView, entry_ids: list[str]) -> None:
+        """Pre-encoded QoS 0 packets (packet.py) that reached the socket: published."""
+        self.stats.record_written(entry_ids)
+
+    def lost_unsent(self, link: SessionView, entry_id: str | None) -> None:
+        if entry_id is not None:
+            self.stats.record_dropped(entry_id)

@@ -1,0 +1,246 @@
+"""One typed snapshot of the service, as `GET /status` shows it.
+
+`PublisherService.status()` builds a `ServiceStatus` from its own state, the counters
+(stats.py) and the connections (connection.py); `to_json()` is the `/status` document, whose
+shape the status page (web/page.js), status_query.py and operators' scripts read. Every value is
+copied when the snapshot is built: an HTTP thread can hold it while the owners move on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from scheduler_publisher.config.cron import time_zone
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.stats import EntryStats, Stats
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True, slots=True)
+class StatisticsStatus:
+    """Service-wide counters; the totals include what earlier runs left in the state DB."""
+
+    total_published: int
+    total_errors: int
+    total_dropped: int
+    reconnects: int
+    uptime_seconds: float
+    lifetime_uptime_seconds: float
+    published_this_run: int
+    reloads: int
+    config_errors: int
+
+    @classmethod
+    def of(cls, stats: Stats) -> StatisticsStatus:
+        t = stats.totals()
+        return cls(total_published=t.published, total_errors=t.errors, total_dropped=t.dropped,
+                   reconnects=t.reconnects, uptime_seconds=round(stats.uptime(), 3),
+                   lifetime_uptime_seconds=round(t.uptime_seconds, 3),
+                   published_this_run=stats.published, reloads=stats.reloads,
+                   config_errors=stats.config_errors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total_published": self.total_published, "total_errors": self.total_errors,
+                "total_dropped": self.total_dropped, "reconnects": self.reconnects,
+                "uptime_seconds": self.uptime_seconds,
+                "lifetime_uptime_seconds": self.lifetime_uptime_seconds,
+                "published_this_run": self.published_this_run, "reloads": self.reloads,
+                "config_errors": self.config_errors}
+
+
+@dataclass(frozen=True, slots=True)
+class UnconnectedStatus:
+    """Entries that have no connection up: those on the main connection while it is down,
+    and the lwt entries whose own connection is down (a sample of them by id, with why)."""
+
+    count: int
+    main_connection_down: bool
+    lwt_entries: Mapping[str, str]
+    lwt_entries_total: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "main_connection_down": self.main_connection_down,
+                "lwt_entries": dict(self.lwt_entries),
+                "lwt_entries_total": self.lwt_entries_total}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatus:
+    """The MQTT connections: the main one and one per lwt entry."""
+
+    connected: bool  # the main connection is up
+    connections: int
+    connections_up: int
+    broker: str
+    protocol: str
+    client_id: str
+    last_error: str | None  # of the main connection
+    client_id_conflict: str | None
+    entries_without_connection: UnconnectedStatus
+    quarantined_entries: Mapping[str, str]  # entry id -> why it is held back
+
+    @classmethod
+    def of(cls, view: Mapping[str, Any]) -> ConnectionStatus:
+        """From MQTTConnectionManager.status(), the one place that reads it."""
+        unconnected = view["entries_without_connection"]
+        return cls(
+            connected=bool(view["connected"]), connections=view["connections"],
+            connections_up=view["connections_up"], broker=view["broker"],
+            protocol=str(view["protocol"]), client_id=view["client_id"],
+            last_error=view["last_error"], client_id_conflict=view["client_id_conflict"],
+            entries_without_connection=UnconnectedStatus(
+                count=unconnected["count"],
+                main_connection_down=unconnected["main_connection_down"],
+                lwt_entries=_frozen(unconnected["lwt_entries"]),
+                lwt_entries_total=unconnected["lwt_entries_total"]),
+            quarantined_entries=_frozen(view["quarantined_entries"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"connected": self.connected, "connections": self.connections,
+                "connections_up": self.connections_up, "broker": self.broker,
+                "protocol": self.protocol, "client_id": self.client_id,
+                "last_error": self.last_error, "client_id_conflict": self.client_id_conflict,
+                "entries_without_connection": self.entries_without_connection.to_json(),
+                "quarantined_entries": dict(self.quarantined_entries)}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    """What GET /health says: liveness problems (503) and warnings that are not."""
+
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": list(self.problems), "warnings": list(self.warnings)}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigStatus:
+    """The config file and the version in force."""
+
+    path: str
+    digest: str | None
+    last_reload_at: float | None  # unix time of the last apply (start or reload)
+    last_error: str | None  # why the file on disk cannot be used, while it cannot
+    watcher: str  # "inotify", "polling", ... or "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "digest": self.digest, "last_reload_at": self.last_reload_at,
+                "last_error": self.last_error, "watcher": self.watcher}
+
+
+@dataclass(frozen=True, slots=True)
+class EntryCountersStatus:
+    """One entry's counters (stats.EntryStats), frozen."""
+
+    published: int
+    errors: int
+    dropped: int
+    deferred: int
+    missed: int
+    last_published_at: float | None
+    last_error: str | None
+    ticks: int
+    lateness_mean_ms: float
+    lateness_max_ms: float
+
+    @classmethod
+    def of(cls, e: EntryStats) -> EntryCountersStatus:
+        # Positional: /status builds one per entry (100,000 at the most), and keywords cost.
+        mean = e.lateness_total / e.ticks if e.ticks else 0.0
+        return cls(e.published, e.errors, e.dropped, e.deferred, e.missed, e.last_published_at,
+                   e.last_error, e.ticks, round(mean * 1000, 3), round(e.lateness_max * 1000, 3))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"published": self.published, "errors": self.errors, "dropped": self.dropped,
+                "deferred": self.deferred, "missed": self.missed,
+                "last_published_at": self.last_published_at, "last_error": self.last_error,
+                "lateness": {"count": self.ticks, "mean_ms": self.lateness_mean_ms,
+                             "max_ms": self.lateness_max_ms}}
+
+
+@dataclass(frozen=True, slots=True)
+class EntryStatus:
+    """One running entry: its settings, its next slot, and its counters once it has any."""
+
+    topic: str
+    interval: float | None  # None for a cron entry
+    qos: int
+    retain: bool
+    lwt: bool
+    quarantined: str | None
+    next_run_at: datetime | None
+    counters: EntryCountersStatus | None  # None until the network thread has learnt it
+    cron: str | None = None
+    timezone: str | None = None  # a cron entry's
+
+    @classmethod
+    def of(cls, entry: PublishConfig, *, quarantined: str | None,
+           next_run_at: datetime | None, stats: EntryStats | None) -> EntryStatus:
+        if entry.cron is not None and next_run_at is not None:
+            next_run_at = next_run_at.astimezone(time_zone(entry.timezone))  # as people read it
+        return cls(entry.topic, entry.interval, entry.qos, entry.retain, entry.lwt, quarantined,
+                   next_run_at, None if stats is None else EntryCountersStatus.of(stats),
+                   entry.cron, entry.schedule_timezone)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {"topic": self.topic, "interval": self.interval, "qos": self.qos,
+                "retain": self.retain, "lwt": self.lwt, "quarantined": self.quarantined,
+                "next_run_at": self.next_run_at.isoformat() if self.next_run_at else None}
+        if self.cron is not None:  # only then: an interval entry's document stays as it was
+            body["cron"] = self.cron
+            body["timezone"] = self.timezone
+        if self.counters is not None:
+            body.update(self.counters.to_json())
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """The whole service at one moment: what GET /status serves."""
+
+    statistics: StatisticsStatus
+    connection: ConnectionStatus
+    health: HealthStatus
+    config: ConfigStatus
+    entries: Mapping[str, EntryStatus]  # by entry id
+    shard: Shard | None = None  # --shard: this process runs only this shard's entries
+
+    @property
+    def active_configs(self) -> int:
+        return len(self.entries)
+
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected
+
+    def to_json(self, only: Iterable[str] | None = None) -> dict[str, Any]:
+        """The `/status` document (its shape is public: keep it backward compatible); with
+        `only`, just those entries (a page, status_query.py), in that order."""
+        ids = self.entries if only is None else only
+        body: dict[str, Any] = {
+            "active_configs": self.active_configs, "connected": self.connected,
+            "statistics": self.statistics.to_json(), "connection": self.connection.to_json(),
+            "health": self.health.to_json(), "config": self.config.to_json()}
+        if self.shard is not None:  # only when sharded: an unsharded document stays as it was
+            body["shard"] = shard_json(self.shard)
+        body["entries"] = {i: self.entries[i].to_json() for i in ids}
+        return body
+
+
+def shard_json(shard: Shard) -> dict[str, Any]:
+    """`{"k": 1, "n": 2, "name": "1-of-2"}`: which shard of how many this process is."""
+    return {"k": shard.k, "n": shard.n, "name": shard.name}

@@ -1,0 +1,150 @@
+"""Paging, filtering and sorting of the `/status` snapshot: pure functions, no HTTP.
+
+`GET /status` without parameters answers the whole snapshot as it always has. With any of
+`offset`, `limit`, `q`, `sort` or `order`, `entries` holds one page of entries, and `page` says
+which ones, in which order (JSON object keys that look like integers lose their order in
+JavaScript, so the order travels as a list). The status page asks for one page at each poll,
+so 10,000 entries never cross the wire every few seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qs
+
+if TYPE_CHECKING:
+    from scheduler_publisher.ops.status import EntryCountersStatus, EntryStatus, ServiceStatus
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+MAX_FILTER = 200  # characters of `q`
+
+Order = Literal["asc", "desc"]
+
+
+def _counter(read: Callable[[EntryCountersStatus], Any]) -> Callable[[str, EntryStatus], Any]:
+    """A sort key read from the entry's counters; None (sorted last) before it has any."""
+    return lambda _i, e: None if e.counters is None else read(e.counters)
+
+
+# Sort key -> how to read it from one entry of the snapshot (the id is the mapping's key).
+SORT_KEYS: dict[str, Callable[[str, EntryStatus], Any]] = {
+    "id": lambda i, _e: i,
+    "topic": lambda _i, e: e.topic,
+    "interval": lambda _i, e: e.interval,
+    "qos": lambda _i, e: e.qos,
+    "retain": lambda _i, e: e.retain,
+    "lwt": lambda _i, e: e.lwt,
+    "next_run_at": lambda _i, e: e.next_run_at,
+    "last_published_at": _counter(lambda c: c.last_published_at),
+    "published": _counter(lambda c: c.published),
+    "errors": _counter(lambda c: c.errors),
+    "dropped": _counter(lambda c: c.dropped),
+    "missed": _counter(lambda c: c.missed),
+    "max_lateness_ms": _counter(lambda c: c.lateness_max_ms),
+}
+PARAMETERS = ("offset", "limit", "q", "sort", "order")
+
+
+class QueryError(ValueError):
+    """One bad query parameter: which, what came, what was expected."""
+
+    def __init__(self, parameter: str, received: str, expected: str) -> None:
+        super().__init__(f"{parameter}: expected {expected}, got {received!r}")
+        self.parameter = parameter
+        self.received = received
+        self.expected = expected
+
+    def as_dict(self) -> dict[str, str]:
+        return {"error": str(self), "parameter": self.parameter, "received": self.received,
+                "expected": self.expected}
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    offset: int = 0
+    limit: int = DEFAULT_LIMIT
+    q: str = ""
+    sort: str = "id"
+    order: Order = "asc"
+
+
+def parse_query(query: str) -> StatusQuery | None:
+    """None for an empty query string (the whole snapshot); raises QueryError otherwise."""
+    if not query:
+        return None
+    values = _single_values(parse_qs(query, keep_blank_values=True))
+    return StatusQuery(
+        offset=_integer(values, "offset", 0, 0, None),
+        limit=_integer(values, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        q=_filter(values.get("q", "")),
+        sort=_choice(values, "sort", "id", tuple(SORT_KEYS)),
+        order="desc" if _choice(values, "order", "asc", ("asc", "desc")) == "desc" else "asc",
+    )
+
+
+def _single_values(parsed: dict[str, list[str]]) -> dict[str, str]:
+    for name, values in parsed.items():
+        if name not in PARAMETERS:
+            raise QueryError(name, name, f"one of the parameters {', '.join(PARAMETERS)}")
+        if len(values) > 1:
+            raise QueryError(name, ", ".join(values), "the parameter at most once")
+    return {name: values[0] for name, values in parsed.items()}
+
+
+def _integer(values: dict[str, str], name: str, default: int, low: int,
+             high: int | None) -> int:
+    text = values.get(name)
+    if text is None:
+        return default
+    expected = f"an integer from {low} to {high}" if high is not None \
+        else f"an integer of at least {low}"
+    if not text.isascii() or not text.isdigit():
+        raise QueryError(name, text, expected)
+    number = int(text)
+    if number < low or (high is not None and number > high):
+        raise QueryError(name, text, expected)
+    return number
+
+
+def _filter(text: str) -> str:
+    if len(text) > MAX_FILTER:
+        raise QueryError("q", text[:40] + "…", f"at most {MAX_FILTER} characters")
+    return text.strip().casefold()
+
+
+def _choice(values: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    text = values.get(name, default)
+    if text not in choices:
+        raise QueryError(name, text, f"one of {', '.join(choices)}")
+    return text
+
+
+def select(status: ServiceStatus, query: StatusQuery) -> dict[str, Any]:
+    """The snapshot's document with one page of entries: those whose id or topic contains `q`
+    (case folded), sorted by `sort` (entries without the value last, ties by id), then sliced.
+    Only the page's entries are rendered."""
+    entries = status.entries
+    matched = [i for i, e in entries.items() if _matches(i, e, query.q)]
+    ordered = _sorted(matched, entries, query)
+    page = ordered[query.offset:query.offset + query.limit]
+    return {**status.to_json(only=page),
+            "page": {"offset": query.offset, "limit": query.limit, "q": query.q,
+                     "sort": query.sort, "order": query.order, "total": len(entries),
+                     "matched": len(matched), "ids": page}}
+
+
+def _matches(entry_id: str, entry: EntryStatus, q: str) -> bool:
+    return not q or q in entry_id.casefold() or q in entry.topic.casefold()
+
+
+def _sorted(ids: list[str], entries: Mapping[str, EntryStatus],
+            query: StatusQuery) -> list[str]:
+    read = SORT_KEYS[query.sort]
+    by_id = sorted(ids)  # the tie-break: stable sorts keep it under the key sort below
+    present = [i for i in by_id if read(i, entries[i]) is not None]
+    missing = [i for i in by_id if read(i, entries[i]) is None]
+    present.sort(key=lambda i: read(i, entries[i]), reverse=query.order == "desc")
+    return present + missing
