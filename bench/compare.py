@@ -38,8 +38,8 @@ def measure_peer(work: Path, port: int, sub: Sub, peer_name: str, n: int, prefix
                  ) -> dict[str, Any]:
     """One window of one peer: start it, wait until every topic arrived once (start-up), warm
     up, then count CPU over the window and ask the subscriber for delivery and period error.
-    `started` is called with the peer's pid once it is publishing, before the warm-up (an
-    experiment changing how the process is run: bench/priority_ab.py)."""
+    `started` is called with the peer's pid once it is publishing, before the warm-up (for an
+    experiment that changes how the process is run)."""
     tag = f"{peer_name}-{n}-{uuid.uuid4().hex[:4]}"
     peer = start_peer(peer_name, work, port, n, prefix, tag)
     try:

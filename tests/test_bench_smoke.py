@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -376,65 +375,6 @@ def test_a_phase_in_the_schedule_moves_only_off_its_grid(run: ModuleType) -> Non
     before = {"a": at(0.0), "b": at(1.0), "c": at(2.0), "d": at(3.0), "e": {"next_run_at": None}}
     after = {"a": at(10.0), "b": at(6.002), "c": at(7.5), "d": at(4.0), "e": at(5.0)}
     assert run.phases_moved_in_schedule(before, after, {"c"}, 5.0) == (3, 2)
-
-
-@pytest.fixture
-def priority_ab(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """bench/priority_ab.py, imported the way run.py imports its modules."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    return importlib.import_module("priority_ab")
-
-
-_SPINNER = """
-import threading, time
-def spin():
-    print(threading.get_native_id(), flush=True)
-    end = time.thread_time() + 0.5
-    while time.thread_time() < end:
-        pass
-    time.sleep(60)
-threading.Thread(target=spin, daemon=True).start()
-time.sleep(60)
-"""
-
-
-@pytest.fixture
-def spinner(priority_ab: ModuleType) -> Iterator[tuple[int, int]]:
-    """A child process whose second thread has used 0.4 s of CPU, its main thread next to
-    none: (pid, the spinning thread's id)."""
-    child = subprocess.Popen([sys.executable, "-c", _SPINNER], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        tid = int(child.stdout.readline())
-        wait_until(lambda: priority_ab.thread_cpu_seconds(child.pid, tid) >= 0.4, 30,
-                   interval=0.05, message="the spinning thread to use 0.4 s of CPU")
-        yield child.pid, tid
-    finally:
-        child.kill()
-        child.wait()
-
-
-def test_the_busiest_thread_is_the_one_that_used_the_most_cpu(
-        priority_ab: ModuleType, spinner: tuple[int, int]) -> None:
-    pid, tid = spinner
-    assert tid in priority_ab.thread_ids(pid)
-    assert len(priority_ab.thread_ids(pid)) == 2
-    assert priority_ab.busiest_thread(pid) == tid
-    assert priority_ab.policy("off", 10) is None
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root (CI runs as root)")
-def test_priority_modes_switch_the_busiest_thread_or_every_thread(
-        priority_ab: ModuleType, spinner: tuple[int, int]) -> None:
-    """`network-thread` makes only the busiest thread (in the service, the network thread)
-    SCHED_FIFO, `process` every thread."""
-    pid, tid = spinner
-    priority_ab.policy("network-thread", 10)(pid)
-    policies = {t: os.sched_getscheduler(t) for t in priority_ab.thread_ids(pid)}
-    assert policies.pop(tid) == os.SCHED_FIFO
-    assert set(policies.values()) == {os.SCHED_OTHER}
-    priority_ab.policy("process", 10)(pid)
-    assert {os.sched_getscheduler(t) for t in priority_ab.thread_ids(pid)} == {os.SCHED_FIFO}
 
 
 @pytest.fixture

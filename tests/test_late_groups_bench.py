@@ -1,4 +1,4 @@
-"""bench/late_groups.py: its classification of late phase groups, and a short real run.
+"""bench/experiments/late_groups.py: its classification of late phase groups, and a short real run.
 
 No timing assertions: which groups are late depends on the machine. The run only proves the
 tool traces the real service and matches its groups with what a subscriber received.
@@ -16,13 +16,13 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "bench" / "late_groups.py"
+SCRIPT = REPO / "bench" / "experiments" / "late_groups.py"
 
 
 @pytest.fixture
 def late_groups(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """bench/late_groups.py, imported as it runs (bench/ on the path)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    """bench/experiments/late_groups.py, imported as it runs (bench/ on the path)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "experiments"))
     return importlib.import_module("late_groups")
 
 

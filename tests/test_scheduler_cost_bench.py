@@ -1,4 +1,5 @@
-"""Smoke test for bench/scheduler_cost.py: it runs end to end in each mode and prints its figure.
+"""Smoke test for bench/experiments/scheduler_cost.py: it runs end to end in each mode and
+prints its figure.
 
 No timing assertions: only that the script still drives the real Schedule and reports.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "scheduler_cost.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "experiments" / "scheduler_cost.py"
 
 
 @pytest.mark.parametrize("mode", [[], ["--listen"], ["--profile"]])

@@ -2,8 +2,8 @@
 """CPU per delivered message of two versions of the service, run back to back (issue 12).
 
     git archive <commit> scheduler_publisher | tar -x -C /tmp/before
-    .venv/bin/python bench/cpu_ab.py --before /tmp/before [--entries 1000] [--seconds 15]
-                                     [--repeats 3]
+    .venv/bin/python bench/experiments/cpu_ab.py --before /tmp/before \
+        [--entries 1000] [--seconds 15] [--repeats 3]
 
 Measurement only, for a shared machine: each repeat runs the service of `--before` (a folder
 holding an older `scheduler_publisher` package, put first on PYTHONPATH) and this checkout's,
@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: the shared harness
 
 from common import Broker, Sub, proc_cpu_seconds
 from peers import ServicePeer

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the late phase groups are late: in the service, or after it.
 
-    .venv/bin/python bench/late_groups.py [--entries 100] [--seconds 120]
+    .venv/bin/python bench/experiments/late_groups.py [--entries 100] [--seconds 120]
 
 Measurement only. Runs the service's CLI with its default settings at `--entries` x 1 s,
 traced: each phase group's due time, when the group's run started and ended, and when each
@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: the shared harness
+
 from common import Broker, Service, make_entries, pct, steal_ms
 
 LATE_MS = 3.0  # beyond the median group's last arrival
@@ -80,8 +82,9 @@ class Group:
 def trace_service(out: Path, cli_args: list[str]) -> None:
     """Run as the service process: the CLI, with its groups and sends recorded to `out` at
     exit. Wraps the executor's `run_group` and the client's `_sock_send`, nothing else."""
-    from scheduler_publisher import client, executor  # noqa: PLC0415
-    from scheduler_publisher.cli import main  # noqa: PLC0415
+    from scheduler_publisher.cli.main import main  # noqa: PLC0415
+    from scheduler_publisher.mqtt import client  # noqa: PLC0415
+    from scheduler_publisher.scheduling import executor  # noqa: PLC0415
 
     groups: list[tuple[float, float, float, int]] = []
     sends: list[float] = []

@@ -2,7 +2,8 @@
 """Where the service's CPU per message goes: py-spy on the real CLI (default settings).
 
     .venv/bin/pip install py-spy   # not a project dependency
-    .venv/bin/python bench/profile_service.py [--entries 1000] [--seconds 20] [--rate 500]
+    .venv/bin/python bench/experiments/profile_service.py \
+        [--entries 1000] [--seconds 20] [--rate 500]
 
 Measurement only. It starts its own Mosquitto, the service with N entries at 1 s (HTTP, state
 DB, watcher and JSON logs on, as in the issue-12 comparison) and a counting subscriber, waits
@@ -25,6 +26,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: the shared harness
 
 from common import Broker, Sub, proc_cpu_seconds
 from peers import ServicePeer

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """APScheduler's bookkeeping per job run, without MQTT (issue 12).
 
-    .venv/bin/python bench/scheduler_cost.py [--entries 5000] [--seconds 10] [--repeats 5]
-                                             [--profile | --real] [--listen]
+    .venv/bin/python bench/experiments/scheduler_cost.py [--entries 5000] [--seconds 10] \
+        [--repeats 5] [--profile | --real] [--listen]
 
 Builds the service's real `Schedule` (its job stores, executor and shared grid triggers) with
 N entries x 1 s and a no-op tick, then drives the scheduler's own `_process_jobs` loop on a
@@ -24,19 +24,24 @@ import argparse
 import cProfile
 import pstats
 import statistics
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import apscheduler.schedulers.base as aps_base
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: the shared harness
+
 import common  # noqa: F401 - puts the repository on sys.path: one harness with the tests
 from apscheduler.events import EVENT_ALL
 from apscheduler.schedulers.base import STATE_RUNNING
 
-from scheduler_publisher import scheduling
-from scheduler_publisher.config import PublishConfig
-from scheduler_publisher.scheduling import Schedule
+from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.scheduling import scheduler as scheduling
+from scheduler_publisher.scheduling.scheduler import Schedule
 from tests.support import session_free_loop
 
 
@@ -60,18 +65,18 @@ def build(entries: int, listen: bool) -> tuple[Schedule, list[int]]:
     # _process_jobs.
     schedule = Schedule(tick, session_free_loop())
     if listen:
-        schedule._scheduler.add_listener(lambda _event: None, EVENT_ALL)
+        schedule.scheduler.add_listener(lambda _event: None, EVENT_ALL)
     # Started paused: jobs added while paused go straight into the job store.
-    schedule._scheduler.start(paused=True)
+    schedule.scheduler.start(paused=True)
     for i in range(entries):
         schedule.add(PublishConfig(id=f"bench/{i}", topic=f"bench/{i}", data={}, interval=1.0))
-    schedule._scheduler.state = STATE_RUNNING
+    schedule.scheduler.state = STATE_RUNNING
     return schedule, runs
 
 
 def drive(schedule: Schedule, seconds: float) -> int:
     """Runs every due group until `seconds` of fake time have passed; returns the wake-ups."""
-    scheduler = schedule._scheduler
+    scheduler = schedule.scheduler
     store = scheduler._jobstores["entries"]
     end = FakeClock.current + timedelta(seconds=seconds)
     wakeups = 0
