@@ -63,8 +63,12 @@ def runtime_python() -> str:
         subprocess.run([sys.executable, "-m", "venv", str(RUNTIME_VENV)], check=True)
         subprocess.run([*pip, str(REPO)], check=True, timeout=900, stdin=subprocess.DEVNULL)
     else:
-        subprocess.run([*pip, "--no-deps", "--force-reinstall", str(REPO)], check=True,
-                       timeout=900, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [*pip, "--no-deps", "--force-reinstall", str(REPO)],
+            check=True,
+            timeout=900,
+            stdin=subprocess.DEVNULL,
+        )
     return str(python)
 
 
@@ -239,7 +243,11 @@ class Service:
         write_atomically(self.config, entries)
         self.out = workdir / f"{name}.log"
         self.http_port = http_port
-        cmd = self._default_cmd(workdir, port, name) if defaults else self._lean_cmd(port, name, watch)
+        cmd = (
+            self._default_cmd(workdir, port, name)
+            if defaults
+            else self._lean_cmd(port, name, watch)
+        )
         if shard is not None:
             cmd += ["--shard", shard]
         cmd += extra  # more flags of `run`
@@ -256,16 +264,37 @@ class Service:
         (so that one in /etc cannot change the settings)."""
         if not self.http_port:
             self.http_port = free_port()
-        return [_service_python, "-m", "scheduler_publisher", *cli_args(
-            port, self.config, "--options-file", "", http_port=self.http_port,
-            state_db=workdir / f"{name}.db", log_file=workdir / f"{name}.json.log",
-            client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}")]
+        return [
+            _service_python,
+            "-m",
+            "scheduler_publisher",
+            *cli_args(
+                port,
+                self.config,
+                "--options-file",
+                "",
+                http_port=self.http_port,
+                state_db=workdir / f"{name}.db",
+                log_file=workdir / f"{name}.json.log",
+                client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
+            ),
+        ]
 
     def _lean_cmd(self, port: int, name: str, watch: bool) -> list[str]:
         """Issue #6's scenarios: no state DB, no log file, warnings only."""
-        cmd = [_service_python, "-m", "scheduler_publisher", *cli_args(
-            port, self.config, "--log-level", "WARNING", http_port=self.http_port,
-            client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}")]
+        cmd = [
+            _service_python,
+            "-m",
+            "scheduler_publisher",
+            *cli_args(
+                port,
+                self.config,
+                "--log-level",
+                "WARNING",
+                http_port=self.http_port,
+                client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
+            ),
+        ]
         if not watch:
             cmd.append("--no-watch")
         return cmd
@@ -322,4 +351,3 @@ def verdict_word(ok: bool | None) -> str:
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-

@@ -18,8 +18,18 @@ from typing import Any
 from common import Sub, log, proc_cpu_seconds, proc_rss_kb, steal_ms, verdict_word
 from peers import Peer, Spinner, start_peer
 
-FIGURES = ("cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms", "p99_ms",
-           "max_ms", "startup_s", "missed_ticks", "steal_ms")
+FIGURES = (
+    "cpu_us_per_msg",
+    "cpu_pct_of_core",
+    "rss_kb",
+    "delivered_pct",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "startup_s",
+    "missed_ticks",
+    "steal_ms",
+)
 
 
 @dataclass(frozen=True)
@@ -33,9 +43,17 @@ class CompareParams:
     startup_timeout_s: float = 120.0
 
 
-def measure_peer(work: Path, port: int, sub: Sub, peer_name: str, n: int, prefix: str,
-                 p: CompareParams, *, started: Callable[[int], None] | None = None,
-                 ) -> dict[str, Any]:
+def measure_peer(
+    work: Path,
+    port: int,
+    sub: Sub,
+    peer_name: str,
+    n: int,
+    prefix: str,
+    p: CompareParams,
+    *,
+    started: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """One window of one peer: start it, wait until every topic arrived once (start-up), warm
     up, then count CPU over the window and ask the subscriber for delivery and period error.
     `started` is called with the peer's pid once it is publishing, before the warm-up (for an
@@ -48,8 +66,14 @@ def measure_peer(work: Path, port: int, sub: Sub, peer_name: str, n: int, prefix
         peer.stop()
 
 
-def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams,
-             started: Callable[[int], None] | None) -> dict[str, Any]:
+def _measure(
+    peer: Peer,
+    sub: Sub,
+    n: int,
+    prefix: str,
+    p: CompareParams,
+    started: Callable[[int], None] | None,
+) -> dict[str, Any]:
     seen = sub.wait_all_seen(n, p.startup_timeout_s, prefix=prefix + "/")
     peer.alive()
     if seen is None:
@@ -69,14 +93,21 @@ def _measure(peer: Peer, sub: Sub, n: int, prefix: str, p: CompareParams,
     cpu = cpu1 - cpu0
     pe = w["period_error_ms"]
     return {
-        "peer": peer.name, "entries": n, "window_s": b - a,
+        "peer": peer.name,
+        "entries": n,
+        "window_s": b - a,
         "startup_s": seen - peer.started_at,
-        "cpu_s": cpu, "cpu_pct_of_core": 100 * cpu / (b - a),
+        "cpu_s": cpu,
+        "cpu_pct_of_core": 100 * cpu / (b - a),
         "cpu_us_per_msg": cpu * 1e6 / w["received"] if w["received"] else math.nan,
         "rss_kb": rss,
-        "delivered_pct": w["delivered_pct"], "expected": w["expected"], "received": w["received"],
+        "delivered_pct": w["delivered_pct"],
+        "expected": w["expected"],
+        "received": w["received"],
         "missed_ticks": w["missed_ticks"],
-        "p50_ms": pe["p50"], "p99_ms": pe["p99"], "max_ms": pe["max"],
+        "p50_ms": pe["p50"],
+        "p99_ms": pe["p99"],
+        "max_ms": pe["max"],
         "loadavg_1m": os.getloadavg()[0],
         "steal_ms": steal1 - steal0,  # the host's, over the window, both CPUs
     }
@@ -91,11 +122,12 @@ def scenario_compare(work: Path, port: int, p: CompareParams) -> dict[str, Any]:
         sub = Sub(port, prefix)
         try:
             for r in range(p.rounds):
-                order = p.peers[r % len(p.peers):] + p.peers[:r % len(p.peers)]
+                order = p.peers[r % len(p.peers) :] + p.peers[: r % len(p.peers)]
                 for name in order:
                     log(f"compare: {name}, {n:,} entries × 1 s, round {r + 1}/{p.rounds}")
-                    windows.append(measure_peer(work, port, sub, name, n,
-                                                f"{prefix}/{name}-{r}", p))
+                    windows.append(
+                        measure_peer(work, port, sub, name, n, f"{prefix}/{name}-{r}", p)
+                    )
         finally:
             sub.close()
     return {"windows": windows, "summary": summarise(windows)}
@@ -110,8 +142,11 @@ def summarise(windows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
         for peer, summary in peers.items():
             for fig in FIGURES:
                 vals = [v for v in by_round(windows, int(n), peer, fig) if not math.isnan(v)]
-                summary[fig] = ({"median": statistics.median(vals), "min": min(vals),
-                                 "max": max(vals)} if vals else None)
+                summary[fig] = (
+                    {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+                    if vals
+                    else None
+                )
     return out
 
 
@@ -127,7 +162,9 @@ def scenario_loaded(work: Path, port: int, p: CompareParams) -> dict[str, Any]:
         t0, c0 = time.time(), proc_cpu_seconds(spinner.pid)
         res = measure_peer(work, port, sub, "service", n, f"{prefix}/service", p)
         # proof that the core really was busy throughout
-        res["spinner_cpu_pct_of_core"] = 100 * (proc_cpu_seconds(spinner.pid) - c0) / (time.time() - t0)
+        res["spinner_cpu_pct_of_core"] = (
+            100 * (proc_cpu_seconds(spinner.pid) - c0) / (time.time() - t0)
+        )
         return res
     finally:
         spinner.stop()
@@ -163,73 +200,126 @@ def _p99_rounds(windows: list[dict[str, Any]], n: int) -> str:
     nothing but publish on the same grid, so a window that both miss shows the machine's noise.
     Then the host's steal in each of the service's windows: a window the host took the CPUs
     from is late for a reason outside every peer."""
-    service, loop = (", ".join(f"{v:.2f}" for v in by_round(windows, n, peer, "p99_ms"))
-                     for peer in ("service", "loop"))
+    service, loop = (
+        ", ".join(f"{v:.2f}" for v in by_round(windows, n, peer, "p99_ms"))
+        for peer in ("service", "loop")
+    )
     steal = ", ".join(f"{v:.0f}" for v in by_round(windows, n, "service", "steal_ms"))
-    return (f"; by round: service {service}" + (f", bare loop {loop}" if loop else "")
-            + (f"; host steal in the service's windows {steal} ms" if steal else ""))
+    return (
+        f"; by round: service {service}"
+        + (f", bare loop {loop}" if loop else "")
+        + (f"; host steal in the service's windows {steal} ms" if steal else "")
+    )
 
 
-def _rows_small(summary: dict[str, Any], windows: list[dict[str, Any]], n: int,
-                nr_skip: str | None) -> list[tuple[str, str, str, str]]:
-    svc_cpu, nr_cpu = _median(summary, n, "service", "cpu_us_per_msg"), _median(summary, n, "node-red", "cpu_us_per_msg")
-    svc_rss, nr_rss = _median(summary, n, "service", "rss_kb"), _median(summary, n, "node-red", "rss_kb")
-    svc_p99, nr_p99 = _median(summary, n, "service", "p99_ms"), _median(summary, n, "node-red", "p99_ms")
+def _rows_small(
+    summary: dict[str, Any], windows: list[dict[str, Any]], n: int, nr_skip: str | None
+) -> list[tuple[str, str, str, str]]:
+    svc_cpu, nr_cpu = (
+        _median(summary, n, "service", "cpu_us_per_msg"),
+        _median(summary, n, "node-red", "cpu_us_per_msg"),
+    )
+    svc_rss, nr_rss = (
+        _median(summary, n, "service", "rss_kb"),
+        _median(summary, n, "node-red", "rss_kb"),
+    )
+    svc_p99, nr_p99 = (
+        _median(summary, n, "service", "p99_ms"),
+        _median(summary, n, "node-red", "p99_ms"),
+    )
     delivered = _median(summary, n, "service", "delivered_pct")
     cpu_ratio, rss_ratio = _ratio(svc_cpu, nr_cpu), _ratio(svc_rss, nr_rss)
     skipped = f"skipped: {nr_skip}" if nr_skip else None
     p99_ok = None if svc_p99 is None else svc_p99 <= 5 and (nr_p99 is None or svc_p99 <= nr_p99)
     return [
-        (f"{n:,} × 1 s: CPU per delivered message", "≤ Node-RED's, same run",
-         f"{_f(svc_cpu)} µs vs {_f(nr_cpu)} µs = {_f(cpu_ratio, '.2f')}×",
-         skipped or verdict_word(None if cpu_ratio is None else cpu_ratio <= 1)),
-        (f"{n:,} × 1 s: RSS", "≤ 40 % of Node-RED's",
-         f"{_f(_mb(svc_rss))} MB vs {_f(_mb(nr_rss))} MB = {_f(rss_ratio and 100 * rss_ratio, '.0f')} %",
-         skipped or verdict_word(None if rss_ratio is None else rss_ratio <= 0.4)),
-        (f"{n:,} × 1 s: p99 period error", "≤ Node-RED's and ≤ 5 ms",
-         f"{_f(svc_p99, '.2f')} ms vs {_f(nr_p99, '.2f')} ms{_p99_rounds(windows, n)}",
-         verdict_word(p99_ok) + (" (≤ 5 ms only: Node-RED skipped)" if nr_skip else "")),
-        (f"{n:,} × 1 s: delivered", "≥ 99.5 %", f"{_f(delivered, '.2f')} %",
-         verdict_word(None if delivered is None else delivered >= 99.5)),
+        (
+            f"{n:,} × 1 s: CPU per delivered message",
+            "≤ Node-RED's, same run",
+            f"{_f(svc_cpu)} µs vs {_f(nr_cpu)} µs = {_f(cpu_ratio, '.2f')}×",
+            skipped or verdict_word(None if cpu_ratio is None else cpu_ratio <= 1),
+        ),
+        (
+            f"{n:,} × 1 s: RSS",
+            "≤ 40 % of Node-RED's",
+            f"{_f(_mb(svc_rss))} MB vs {_f(_mb(nr_rss))} MB = {_f(rss_ratio and 100 * rss_ratio, '.0f')} %",
+            skipped or verdict_word(None if rss_ratio is None else rss_ratio <= 0.4),
+        ),
+        (
+            f"{n:,} × 1 s: p99 period error",
+            "≤ Node-RED's and ≤ 5 ms",
+            f"{_f(svc_p99, '.2f')} ms vs {_f(nr_p99, '.2f')} ms{_p99_rounds(windows, n)}",
+            verdict_word(p99_ok) + (" (≤ 5 ms only: Node-RED skipped)" if nr_skip else ""),
+        ),
+        (
+            f"{n:,} × 1 s: delivered",
+            "≥ 99.5 %",
+            f"{_f(delivered, '.2f')} %",
+            verdict_word(None if delivered is None else delivered >= 99.5),
+        ),
         *_rows_opt_in(summary, n, nr_cpu),
     ]
 
 
-def _rows_opt_in(summary: dict[str, Any], n: int,
-                 nr_cpu: float | None) -> list[tuple[str, str, str, str]]:
+def _rows_opt_in(
+    summary: dict[str, Any], n: int, nr_cpu: float | None
+) -> list[tuple[str, str, str, str]]:
     """`--phase-slots 100` (the spread before auto became the default) beside Node-RED:
     shown, not a target."""
     few = _median(summary, n, "service-100-slots", "cpu_us_per_msg")
     if few is None:
         return []
     p99 = _median(summary, n, "service-100-slots", "p99_ms")
-    return [(f"{n:,} × 1 s, --phase-slots 100: CPU per message", "(not a target)",
-             f"{_f(few)} µs vs Node-RED's {_f(nr_cpu)} µs = {_f(_ratio(few, nr_cpu), '.2f')}×; "
-             f"p99 {_f(p99, '.2f')} ms", "info")]
+    return [
+        (
+            f"{n:,} × 1 s, --phase-slots 100: CPU per message",
+            "(not a target)",
+            f"{_f(few)} µs vs Node-RED's {_f(nr_cpu)} µs = {_f(_ratio(few, nr_cpu), '.2f')}×; "
+            f"p99 {_f(p99, '.2f')} ms",
+            "info",
+        )
+    ]
 
 
-def _rows_large(summary: dict[str, Any], n: int, loaded: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
-    svc_cpu, loop_cpu = _median(summary, n, "service", "cpu_us_per_msg"), _median(summary, n, "loop", "cpu_us_per_msg")
+def _rows_large(
+    summary: dict[str, Any], n: int, loaded: dict[str, Any] | None
+) -> list[tuple[str, str, str, str]]:
+    svc_cpu, loop_cpu = (
+        _median(summary, n, "service", "cpu_us_per_msg"),
+        _median(summary, n, "loop", "cpu_us_per_msg"),
+    )
     svc_p99 = _median(summary, n, "service", "p99_ms")
     ratio = _ratio(svc_cpu, loop_cpu)
     rows = [
-        (f"{n:,} × 1 s: CPU per message", "≤ 1.0× the bare loop's, same run",
-         f"{_f(svc_cpu)} µs vs {_f(loop_cpu)} µs = {_f(ratio, '.2f')}×",
-         verdict_word(None if ratio is None else ratio <= 1)),
-        (f"{n:,} × 1 s: p99 period error", "≤ 20 ms", f"{_f(svc_p99, '.2f')} ms",
-         verdict_word(None if svc_p99 is None else svc_p99 <= 20)),
+        (
+            f"{n:,} × 1 s: CPU per message",
+            "≤ 1.0× the bare loop's, same run",
+            f"{_f(svc_cpu)} µs vs {_f(loop_cpu)} µs = {_f(ratio, '.2f')}×",
+            verdict_word(None if ratio is None else ratio <= 1),
+        ),
+        (
+            f"{n:,} × 1 s: p99 period error",
+            "≤ 20 ms",
+            f"{_f(svc_p99, '.2f')} ms",
+            verdict_word(None if svc_p99 is None else svc_p99 <= 20),
+        ),
     ]
     if loaded is not None:
         ok = loaded["p99_ms"] <= 50 and loaded["missed_ticks"] == 0
-        rows.append((f"{loaded['entries']:,} × 1 s, one core busy", "p99 ≤ 50 ms, nothing missed",
-                     f"p99 {_f(loaded['p99_ms'], '.2f')} ms, max {_f(loaded['max_ms'], '.1f')} ms, "
-                     f"{loaded['missed_ticks']:,} missed, {_f(loaded['delivered_pct'], '.2f')} % delivered",
-                     verdict_word(ok)))
+        rows.append(
+            (
+                f"{loaded['entries']:,} × 1 s, one core busy",
+                "p99 ≤ 50 ms, nothing missed",
+                f"p99 {_f(loaded['p99_ms'], '.2f')} ms, max {_f(loaded['max_ms'], '.1f')} ms, "
+                f"{loaded['missed_ticks']:,} missed, {_f(loaded['delivered_pct'], '.2f')} % delivered",
+                verdict_word(ok),
+            )
+        )
     return rows
 
 
-def issue12_rows(compare: dict[str, Any], loaded: dict[str, Any] | None, nr_skip: str | None,
-                 quick: bool) -> list[tuple[str, str, str, str]]:
+def issue12_rows(
+    compare: dict[str, Any], loaded: dict[str, Any] | None, nr_skip: str | None, quick: bool
+) -> list[tuple[str, str, str, str]]:
     """The issue's targets: the smaller sizes against Node-RED, the largest against the bare
     loop and on a loaded machine."""
     summary = compare["summary"]
@@ -252,9 +342,11 @@ def _cell(s: dict[str, Any] | None, spec: str, scale: float = 1.0) -> str:
 
 def comparison_table(compare: dict[str, Any]) -> list[str]:
     """Markdown: one row per size and peer; median over the rounds (min-max in brackets)."""
-    lines = ["| entries × 1 s | peer | CPU µs per delivered msg | % of a core | RSS MB | "
-             "delivered % | period error p50 / p99 / max ms | start-up s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| entries × 1 s | peer | CPU µs per delivered msg | % of a core | RSS MB | "
+        "delivered % | period error p50 / p99 / max ms | start-up s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n, peers in sorted(compare["summary"].items(), key=lambda kv: int(kv[0])):
         for peer, s in peers.items():
             lines.append(
@@ -262,5 +354,6 @@ def comparison_table(compare: dict[str, Any]) -> list[str]:
                 f"{_cell(s['cpu_pct_of_core'], '.2f')} | {_cell(s['rss_kb'], '.1f', 1 / 1024)} | "
                 f"{_cell(s['delivered_pct'], '.2f')} | {_cell(s['p50_ms'], '.2f')} / "
                 f"{_cell(s['p99_ms'], '.2f')} / {_cell(s['max_ms'], '.1f')} | "
-                f"{_cell(s['startup_s'], '.2f')} |")
+                f"{_cell(s['startup_s'], '.2f')} |"
+            )
     return lines

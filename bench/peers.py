@@ -61,8 +61,12 @@ class _ProcessPeer:
         self._out = (work / f"{tag}.log").open("wb")
         self.started_at = time.time()
         self._proc = subprocess.Popen(
-            cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=raise_nofile)
+            cmd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=raise_nofile,
+        )
 
     @property
     def pid(self) -> int:
@@ -84,8 +88,9 @@ class ServicePeer:
 
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
         self.phase_slots: int | None = self.fixed_slots or auto_slots(n)  # its interval's
-        self._svc = Service(work, port, make_entries(n, 1.0, prefix), tag, defaults=True,
-                            extra=self.flags)
+        self._svc = Service(
+            work, port, make_entries(n, 1.0, prefix), tag, defaults=True, extra=self.flags
+        )
         self.started_at = self._svc.started_at
 
     @property
@@ -114,8 +119,22 @@ class LoopPeer(_ProcessPeer):
     def __init__(self, work: Path, port: int, n: int, prefix: str, tag: str) -> None:
         # the service's default grid (roles.loop_groups)
         self.phase_slots: int | None = auto_slots(n)
-        self._spawn(work, tag, [sys.executable, str(RUN), "--role", "loop", "--port", str(port),
-                                "--n", str(n), "--prefix", prefix])
+        self._spawn(
+            work,
+            tag,
+            [
+                sys.executable,
+                str(RUN),
+                "--role",
+                "loop",
+                "--port",
+                str(port),
+                "--n",
+                str(n),
+                "--prefix",
+                prefix,
+            ],
+        )
 
 
 # ==== Node-RED ===================================================================================
@@ -135,9 +154,21 @@ def install_node_red(log: Callable[[str], None]) -> None:
     log(f"installing {NODE_RED_PACKAGE} into {NODE_RED_DIR} (first use)")
     NODE_RED_DIR.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["npm", "install", "--prefix", str(NODE_RED_DIR), "--no-audit", "--no-fund",
-         "--omit=dev", "--loglevel=error", NODE_RED_PACKAGE],
-        check=True, timeout=600, stdin=subprocess.DEVNULL)
+        [
+            "npm",
+            "install",
+            "--prefix",
+            str(NODE_RED_DIR),
+            "--no-audit",
+            "--no-fund",
+            "--omit=dev",
+            "--loglevel=error",
+            NODE_RED_PACKAGE,
+        ],
+        check=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def node_red_version() -> str | None:
@@ -154,19 +185,50 @@ def node_red_flow(
     repeat 1 s, fired once 0.1 s after deploy like the service's first publish at start),
     all wired to one `mqtt out` node, QoS 0, on one broker connection (MQTT 3.1.1, Node-RED's
     default; keepalive 30 s like the service's)."""
-    broker = {"id": "bench-broker", "type": "mqtt-broker", "name": "bench",
-              "broker": "127.0.0.1", "port": str(port), "clientid": client_id,
-              "autoConnect": True, "usetls": False, "protocolVersion": "4", "keepalive": "30",
-              "cleansession": True}
-    out = {"id": "bench-out", "type": "mqtt out", "z": "bench-tab", "name": "", "topic": "",
-           "qos": "0", "retain": "false", "broker": "bench-broker", "x": 400, "y": 40,
-           "wires": []}
+    broker = {
+        "id": "bench-broker",
+        "type": "mqtt-broker",
+        "name": "bench",
+        "broker": "127.0.0.1",
+        "port": str(port),
+        "clientid": client_id,
+        "autoConnect": True,
+        "usetls": False,
+        "protocolVersion": "4",
+        "keepalive": "30",
+        "cleansession": True,
+    }
+    out = {
+        "id": "bench-out",
+        "type": "mqtt out",
+        "z": "bench-tab",
+        "name": "",
+        "topic": "",
+        "qos": "0",
+        "retain": "false",
+        "broker": "bench-broker",
+        "x": 400,
+        "y": 40,
+        "wires": [],
+    }
     injects = [
-        {"id": f"bench-inject-{i}", "type": "inject", "z": "bench-tab", "name": "",
-         "props": [{"p": "payload"}, {"p": "topic", "vt": "str"}],
-         "repeat": "1", "crontab": "", "once": True, "onceDelay": 0.1,
-         "topic": topic, "payload": payload.decode(), "payloadType": "str",
-         "x": 100, "y": 40 + i, "wires": [["bench-out"]]}
+        {
+            "id": f"bench-inject-{i}",
+            "type": "inject",
+            "z": "bench-tab",
+            "name": "",
+            "props": [{"p": "payload"}, {"p": "topic", "vt": "str"}],
+            "repeat": "1",
+            "crontab": "",
+            "once": True,
+            "onceDelay": 0.1,
+            "topic": topic,
+            "payload": payload.decode(),
+            "payloadType": "str",
+            "x": 100,
+            "y": 40 + i,
+            "wires": [["bench-out"]],
+        }
         for i, (topic, payload) in enumerate(messages)
     ]
     return [{"id": "bench-tab", "type": "tab", "label": "bench"}, broker, out, *injects]
@@ -201,9 +263,19 @@ class NodeRedPeer(_ProcessPeer):
         (self._user_dir / "flows.json").write_text(json.dumps(flow))
         settings = self._user_dir / "settings.js"
         settings.write_text(node_red_settings(self._user_dir))
-        self._spawn(work, tag, ["node", str(NODE_RED_JS), "--settings", str(settings),
-                                "--userDir", str(self._user_dir),
-                                str(self._user_dir / "flows.json")])
+        self._spawn(
+            work,
+            tag,
+            [
+                "node",
+                str(NODE_RED_JS),
+                "--settings",
+                str(settings),
+                "--userDir",
+                str(self._user_dir),
+                str(self._user_dir / "flows.json"),
+            ],
+        )
 
     def stop(self) -> None:
         super().stop()
@@ -212,8 +284,11 @@ class NodeRedPeer(_ProcessPeer):
 
 def start_peer(name: str, work: Path, port: int, n: int, prefix: str, tag: str) -> Peer:
     kinds: dict[str, type[ServicePeer] | type[LoopPeer] | type[NodeRedPeer]] = {
-        "service": ServicePeer, "service-100-slots": WideSpreadPeer, "loop": LoopPeer,
-        "node-red": NodeRedPeer}
+        "service": ServicePeer,
+        "service-100-slots": WideSpreadPeer,
+        "loop": LoopPeer,
+        "node-red": NodeRedPeer,
+    }
     return kinds[name](work, port, n, prefix, tag)
 
 
@@ -223,7 +298,8 @@ class Spinner:
     def __init__(self, seconds: float) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, str(RUN), "--role", "spin", "--seconds", str(seconds)],
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL,
+        )
 
     @property
     def pid(self) -> int:

@@ -90,9 +90,19 @@ def role_sub(args: argparse.Namespace) -> None:
     subscriber")."""
     arrivals = Arrivals(probe=f"{args.prefix}/{PROBE}")
     stamper = subprocess.Popen(
-        ["mosquitto_sub", "-p", str(args.port), "-t", f"{args.prefix}/#", "-F", "%U %t %x",
-         "-i", f"bench-sub-{uuid.uuid4().hex[:8]}"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [
+            "mosquitto_sub",
+            "-p",
+            str(args.port),
+            "-t",
+            f"{args.prefix}/#",
+            "-F",
+            "%U %t %x",
+            "-i",
+            f"bench-sub-{uuid.uuid4().hex[:8]}",
+        ],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     assert stamper.stdout is not None
     threading.Thread(target=arrivals.read, args=(stamper.stdout,), daemon=True).start()
@@ -148,8 +158,10 @@ class Arrivals:
     def between(self, a: float, b: float) -> dict[str, list[float]]:
         with self._lock:
             items = list(self._times.items())
-        return {topic: times[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
-                for topic, times in items}
+        return {
+            topic: times[bisect.bisect_left(times, a) : bisect.bisect_left(times, b)]
+            for topic, times in items
+        }
 
     def changes(self, topic: str) -> list[tuple[float, str]]:
         with self._lock:
@@ -161,7 +173,9 @@ def _wait_subscribed(port: int, arrivals: Arrivals, stamper: subprocess.Popen[by
     import paho.mqtt.client as mqtt  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
-    prober = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{uuid.uuid4().hex[:8]}")
+    prober = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{uuid.uuid4().hex[:8]}"
+    )
     prober.connect("127.0.0.1", port, keepalive=60)
     prober.loop_start()
     try:
@@ -185,11 +199,22 @@ def _answer_commands(arrivals: Arrivals, stamper: subprocess.Popen[bytes]) -> No
         if op == "first_seen":
             reply = arrivals.first_seen(cmd.get("prefix", ""))
         elif op == "window":
-            reply = analyse_window(arrivals.between(cmd["a"], cmd["b"]), cmd["a"], cmd["b"],
-                                   cmd["interval"], cmd["topics"], slots=cmd.get("slots"))
+            reply = analyse_window(
+                arrivals.between(cmd["a"], cmd["b"]),
+                cmd["a"],
+                cmd["b"],
+                cmd["interval"],
+                cmd["topics"],
+                slots=cmd.get("slots"),
+            )
         elif op == "phases":
-            reply = {"phases": {t: circ_phase(v, cmd["interval"])
-                                for t, v in arrivals.between(cmd["a"], cmd["b"]).items() if v}}
+            reply = {
+                "phases": {
+                    t: circ_phase(v, cmd["interval"])
+                    for t, v in arrivals.between(cmd["a"], cmd["b"]).items()
+                    if v
+                }
+            }
         elif op == "changes":
             reply = {"changes": arrivals.changes(cmd["topic"])}
         elif op == "cpu":  # the stamper's and this reader's
@@ -251,8 +276,10 @@ def analyse_window(
         missed += _periods(ts, a, b, interval, errors)
         extra += max(0, len(ts) - exp - 1)
         if topic_i % 10 == 0:  # end-to-end lateness against the ideal grid slot, sampled
-            lateness += [((t - GRID_ANCHOR - off) % interval + interval / 2) % interval
-                         - interval / 2 for t in ts]
+            lateness += [
+                ((t - GRID_ANCHOR - off) % interval + interval / 2) % interval - interval / 2
+                for t in ts
+            ]
     return {
         "expected": expected,
         "received": received,
@@ -299,14 +326,17 @@ def _periods(ts: list[float], a: float, b: float, interval: float, errors: list[
 
 
 # ==== role: bare scheduled loop (the issue-12 peer) ================================================
-def loop_groups(n: int, prefix: str, interval: float) -> list[tuple[float, list[tuple[str, bytes]]]]:
+def loop_groups(
+    n: int, prefix: str, interval: float
+) -> list[tuple[float, list[tuple[str, bytes]]]]:
     """The n entries grouped by their grid phase, as the service groups them by default
     (phase slots sized from the entries), earliest first: (offset in the period, [(topic,
     payload)])."""
     groups: dict[float, list[tuple[str, bytes]]] = {}
     for e in make_entries(n, interval, prefix):
         groups.setdefault(grid_offset(e["id"], interval, auto_slots(n)), []).append(
-            (e["topic"], payload_for(int(e["id"][1:]))))
+            (e["topic"], payload_for(int(e["id"][1:])))
+        )
     return sorted(groups.items())
 
 
@@ -320,9 +350,11 @@ def role_loop(args: argparse.Namespace) -> None:
 
     interval = 1.0
     groups = loop_groups(args.n, args.prefix, interval)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                         client_id=f"bench-loop-{uuid.uuid4().hex[:8]}",
-                         protocol=MQTTProtocolVersion.MQTTv5)  # the service's default protocol
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"bench-loop-{uuid.uuid4().hex[:8]}",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )  # the service's default protocol
     client.connect("127.0.0.1", args.port, keepalive=30)  # the service's default keepalive
     deadline = time.monotonic() + 10
     while not client.is_connected():

@@ -64,7 +64,9 @@ from soak import sample, verdict
 
 from tests.support import free_port  # the harness the tests use (common.py makes it importable)
 
-SOAK_RSS_SLACK_KB = 1024  # RSS moves by a few pages as the allocator settles; growth shows above this
+SOAK_RSS_SLACK_KB = (
+    1024  # RSS moves by a few pages as the allocator settles; growth shows above this
+)
 
 
 def run_bare(port: int, n: int, qos: int) -> dict[str, Any]:
@@ -225,7 +227,8 @@ def scenario_reload(
         ph1 = sub.ask(op="phases", a=a1, b=b1, interval=interval)["phases"]
         deltas, moved_wire = phases_moved_on_wire(ph0, ph1, changed, interval)
         compared, moved_sched = phases_moved_in_schedule(
-            status_before["entries"], status_after["entries"], changed, interval)
+            status_before["entries"], status_after["entries"], changed, interval
+        )
         wire = [r["wire_latency_s"] for r in results if r["wire_latency_s"] is not None]
         applied = [r["applied_latency_s"] for r in results if r["applied_latency_s"] is not None]
         return {
@@ -247,8 +250,9 @@ def scenario_reload(
         sub.close()
 
 
-def _reload_trial(svc: Service, sub: Sub, entries: list[dict[str, Any]], trial: int,
-                  interval: float) -> dict[str, Any]:
+def _reload_trial(
+    svc: Service, sub: Sub, entries: list[dict[str, Any]], trial: int, interval: float
+) -> dict[str, Any]:
     """Change one entry's data in the file (`entries` is updated too) and wait for the
     change on the wire: how long it took to arrive, and to be applied by the service."""
     idx = (trial * 7919 + 17) % len(entries)
@@ -273,8 +277,9 @@ def _reload_trial(svc: Service, sub: Sub, entries: list[dict[str, Any]], trial: 
     }
 
 
-def phases_moved_on_wire(before: dict[str, float], after: dict[str, float], changed: set[str],
-                         interval: float) -> tuple[list[float], int]:
+def phases_moved_on_wire(
+    before: dict[str, float], after: dict[str, float], changed: set[str], interval: float
+) -> tuple[list[float], int]:
     """Each unchanged topic's phase shift on the wire (seconds, the shorter way round the
     period), and how many shifted more than 50 ms: well above the arrival jitter, far below
     a re-anchored phase. Topics seen in only one of the windows are left out."""
@@ -286,8 +291,9 @@ def phases_moved_on_wire(before: dict[str, float], after: dict[str, float], chan
     return deltas, sum(1 for d in deltas if d > 0.05)
 
 
-def phases_moved_in_schedule(before: dict[str, Any], after: dict[str, Any], changed: set[str],
-                             interval: float) -> tuple[int, int]:
+def phases_moved_in_schedule(
+    before: dict[str, Any], after: dict[str, Any], changed: set[str], interval: float
+) -> tuple[int, int]:
     """The scheduler's own view from two `/status` entry maps: of the unchanged entries with
     a `next_run_at` in both, how many were compared and how many moved off their grid (the
     next run times differ by more than 1 ms modulo the interval)."""
@@ -317,8 +323,14 @@ Row = tuple[str, str, str, str]  # figure, target, measured, verdict
 
 def verdicts(r: dict[str, Any], quick: bool) -> list[Row]:
     """Issue #6's rows: the bare loop's ceiling, then each scenario against its target."""
-    rows = [_row_bare(r["bare"]), *_rows_sustained(r), _row_idle(r["idle"]),
-            _row_memory(r["memory"]), _row_startup(r["idle"]), _row_reload(r["reload"])]
+    rows = [
+        _row_bare(r["bare"]),
+        *_rows_sustained(r),
+        _row_idle(r["idle"]),
+        _row_memory(r["memory"]),
+        _row_startup(r["idle"]),
+        _row_reload(r["reload"]),
+    ]
     if quick:
         rows = [(a, b, c, "(quick)" if d in ("met", "MISSED") else d) for a, b, c, d in rows]
     return rows
@@ -344,24 +356,31 @@ def _rows_sustained(r: dict[str, Any]) -> list[Row]:
         pe = s["period_error_ms"]
         ok = s["delivered_pct"] >= 99.5 and pe["p99"] <= 20 and s["missed_ticks"] == 0
         is_target = s["entries"] == target_n
-        rows.append((
-            f"sustained {s['entries']:,} at 1 s",
-            "≥ 99.5 % delivered, p99 period error ≤ 20 ms, no missed ticks"
-            if is_target else "(beyond target)",
-            f"{fmt(s['delivered_pct'], '.2f')} % delivered, period error p50 "
-            f"{fmt(pe['p50'])} / p99 {fmt(pe['p99'])} / "
-            f"max {fmt(pe['max'])} ms, {s['missed_ticks']:,} missed ticks, "
-            f"CPU {fmt(s['service_cpu_pct_of_core'])} % of a core",
-            verdict_word(ok) if is_target else ("ok" if ok else "no"),
-        ))
+        rows.append(
+            (
+                f"sustained {s['entries']:,} at 1 s",
+                "≥ 99.5 % delivered, p99 period error ≤ 20 ms, no missed ticks"
+                if is_target
+                else "(beyond target)",
+                f"{fmt(s['delivered_pct'], '.2f')} % delivered, period error p50 "
+                f"{fmt(pe['p50'])} / p99 {fmt(pe['p99'])} / "
+                f"max {fmt(pe['max'])} ms, {s['missed_ticks']:,} missed ticks, "
+                f"CPU {fmt(s['service_cpu_pct_of_core'])} % of a core",
+                verdict_word(ok) if is_target else ("ok" if ok else "no"),
+            )
+        )
     bare_us = r["bare"]["qos0"]["cpu_us_per_publish"]
-    rows += [(
-        "cost per publish",
-        "≤ 3× the bare paho loop's",
-        f"{fmt(s['cpu_us_per_publish'])} µs vs {fmt(bare_us)}"
-        f" µs = {fmt(s['cost_ratio_vs_bare_qos0'], '.2f')}× (at {s['entries']:,} entries)",
-        verdict_word(s["cost_ratio_vs_bare_qos0"] <= 3),
-    ) for s in r["sustained"] if s["entries"] == target_n]
+    rows += [
+        (
+            "cost per publish",
+            "≤ 3× the bare paho loop's",
+            f"{fmt(s['cpu_us_per_publish'])} µs vs {fmt(bare_us)}"
+            f" µs = {fmt(s['cost_ratio_vs_bare_qos0'], '.2f')}× (at {s['entries']:,} entries)",
+            verdict_word(s["cost_ratio_vs_bare_qos0"] <= 3),
+        )
+        for s in r["sustained"]
+        if s["entries"] == target_n
+    ]
     return rows
 
 
@@ -397,8 +416,12 @@ def _row_memory(mem: dict[str, Any]) -> Row:
 
 
 def _row_reload(rl: dict[str, Any]) -> Row:
-    ok = (rl["wire_latency_max_s"] is not None and rl["wire_latency_max_s"] <= 1
-          and rl["phase_moved_on_wire"] == 0 and rl["phase_moved_next_run_at"] == 0)
+    ok = (
+        rl["wire_latency_max_s"] is not None
+        and rl["wire_latency_max_s"] <= 1
+        and rl["phase_moved_on_wire"] == 0
+        and rl["phase_moved_next_run_at"] == 0
+    )
     return (
         "reload",
         f"one-entry change in {rl['entries']:,} on the wire within 1 s, other phases untouched",
@@ -419,8 +442,15 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 
 # ==== soak (issue #6) ===============================================================================
-def scenario_soak(work: Path, port: int, n: int, interval: float, seconds: float,
-                  sample_every: float, reload_every: float) -> dict[str, Any]:
+def scenario_soak(
+    work: Path,
+    port: int,
+    n: int,
+    interval: float,
+    seconds: float,
+    sample_every: float,
+    reload_every: float,
+) -> dict[str, Any]:
     """bench/soak.py's measurement, shortened: RSS, threads and fds sampled while the service
     publishes at a high rate and reloads now and then."""
     entries = make_entries(n, interval, f"bench/soak-{uuid.uuid4().hex[:6]}")
@@ -442,12 +472,21 @@ def scenario_soak(work: Path, port: int, n: int, interval: float, seconds: float
         samples.append(sample(svc, started))
     finally:
         svc.stop()
-    return {"entries": n, "interval_s": interval, "seconds": seconds, "samples": samples,
-            **verdict(samples)}
+    return {
+        "entries": n,
+        "interval_s": interval,
+        "seconds": seconds,
+        "samples": samples,
+        **verdict(samples),
+    }
 
 
 def soak_row(soak: dict[str, Any]) -> tuple[str, str, str, str]:
-    ok = soak["threads_stable"] and soak["fds_stable"] and soak["rss_growth_second_half_kb"] <= SOAK_RSS_SLACK_KB
+    ok = (
+        soak["threads_stable"]
+        and soak["fds_stable"]
+        and soak["rss_growth_second_half_kb"] <= SOAK_RSS_SLACK_KB
+    )
     return (
         "soak",
         f"{soak['entries']:,} at {soak['interval_s']:g} s with reloads: RSS (± {SOAK_RSS_SLACK_KB // 1024} MB), threads and fds flat over the second half",
@@ -463,21 +502,36 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="tiny N, short windows (about a minute): CI smoke")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny N, short windows (about a minute): CI smoke"
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
-    p.add_argument("--no-node-red", action="store_true", help="leave Node-RED out of the comparison")
-    p.add_argument("--dev-python", action="store_true",
-                   help="run the service in this venv (with the test tools) instead of a venv "
-                        "holding only its wheel and runtime dependencies (the default, not in --quick)")
+    p.add_argument(
+        "--no-node-red", action="store_true", help="leave Node-RED out of the comparison"
+    )
+    p.add_argument(
+        "--dev-python",
+        action="store_true",
+        help="run the service in this venv (with the test tools) instead of a venv "
+        "holding only its wheel and runtime dependencies (the default, not in --quick)",
+    )
     p.add_argument("--sizes", help="comparison sizes, comma-separated (default 100,1000,5000)")
     p.add_argument("--rounds", type=int, help="windows per peer and size (default 2)")
     p.add_argument("--window", type=float, help="seconds per comparison window (default 30)")
     p.add_argument("--only-compare", action="store_true", help="skip issue #6's scenarios")
-    p.add_argument("--only-shards", action="store_true",
-                   help="run only the shard measurement (issue 13): 2 shard processes, then one process")
-    p.add_argument("--shard-entries", type=int, help="entries of the shard measurement (default 20000)")
     p.add_argument(
-        "--role", choices=("main", "bare", "loop", "sub", "spin"), default="main", help=argparse.SUPPRESS
+        "--only-shards",
+        action="store_true",
+        help="run only the shard measurement (issue 13): 2 shard processes, then one process",
+    )
+    p.add_argument(
+        "--shard-entries", type=int, help="entries of the shard measurement (default 20000)"
+    )
+    p.add_argument(
+        "--role",
+        choices=("main", "bare", "loop", "sub", "spin"),
+        default="main",
+        help=argparse.SUPPRESS,
     )
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -489,7 +543,11 @@ def parse_args() -> argparse.Namespace:
 
 def make_params(args: argparse.Namespace) -> dict[str, Any]:
     q = args.quick
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([20, 100] if q else [100, 1_000, 5_000])
+    sizes = (
+        [int(s) for s in args.sizes.split(",")]
+        if args.sizes
+        else ([20, 100] if q else [100, 1_000, 5_000])
+    )
     return {
         "quick": q,
         "compare_sizes": sizes,
@@ -546,8 +604,9 @@ def node_red_peer(args: argparse.Namespace) -> str | None:
     return reason
 
 
-def run_compare(result: dict[str, Any], work: Path, port: int, params: dict[str, Any],
-                nr_skip: str | None) -> None:
+def run_compare(
+    result: dict[str, Any], work: Path, port: int, params: dict[str, Any], nr_skip: str | None
+) -> None:
     cp = CompareParams(
         sizes=tuple(params["compare_sizes"]),
         peers=tuple(peer for peer in PEERS if not (nr_skip and peer == "node-red")),
@@ -596,19 +655,34 @@ def run_issue6(result: dict[str, Any], work: Path, port: int, params: dict[str, 
     }
     log(f"reload in {params['reload_n']} entries at {params['reload_interval_s']} s")
     result["reload"] = scenario_reload(
-        work, port, params["reload_n"], params["reload_interval_s"], params["reload_trials"],
+        work,
+        port,
+        params["reload_n"],
+        params["reload_interval_s"],
+        params["reload_trials"],
         params["reload_phase_window_s"],
     )
-    log(f"soak: {params['soak_n']} entries at {params['soak_interval_s']} s for {params['soak_s']:.0f} s")
+    log(
+        f"soak: {params['soak_n']} entries at {params['soak_interval_s']} s for {params['soak_s']:.0f} s"
+    )
     result["soak"] = scenario_soak(
-        work, port, params["soak_n"], params["soak_interval_s"], params["soak_s"],
-        params["soak_sample_s"], params["soak_reload_s"],
+        work,
+        port,
+        params["soak_n"],
+        params["soak_interval_s"],
+        params["soak_s"],
+        params["soak_sample_s"],
+        params["soak_reload_s"],
     )
 
 
 def run_shards(result: dict[str, Any], work: Path, port: int, params: dict[str, Any]) -> None:
     result["shards"] = scenario_shards(
-        work, port, params["shard_n"], params["shard_processes"], params["shard_warmup_s"],
+        work,
+        port,
+        params["shard_n"],
+        params["shard_processes"],
+        params["shard_warmup_s"],
         params["shard_window_s"],
     )
 
@@ -631,16 +705,23 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
         print()
         rows += issue12_rows(result["compare"], result.get("loaded"), nr_skip, quick)
         if "timer_floor" in result:
-            rows.append(("this machine: a sleeping thread's wake-up lateness at 10 deadlines a "
-                         "second", "(the floor under every p99; not a target)",
-                         wake_cost.describe_lateness(result["timer_floor"]), "info"))
+            rows.append(
+                (
+                    "this machine: a sleeping thread's wake-up lateness at 10 deadlines a second",
+                    "(the floor under every p99; not a target)",
+                    wake_cost.describe_lateness(result["timer_floor"]),
+                    "info",
+                )
+            )
     if "soak" in result:
         rows += verdicts(result, quick)
         soak = soak_row(result["soak"])
         rows.append(soak if not quick else (*soak[:3], "(quick)"))
     if "shards" in result:
         rows += shard_rows(result["shards"], quick)
-    result["table"] = [dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows]
+    result["table"] = [
+        dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows
+    ]
     print_table(rows)
     if "template_cost" in result:
         print()
@@ -667,15 +748,18 @@ def main() -> int:
     result: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine(),
-        "params": {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
-                   for k, v in params.items()},
+        "params": {
+            k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in params.items()
+        },
     }
     nr_skip = prepare_node_red(args, result)
     if nr_skip:
         log(f"Node-RED: skipped ({nr_skip})")
     log("templated entry: payload cost per publish, next to a static one")
-    result["template_cost"] = template_cost.measure(2_000 if args.quick else 20_000,
-                                                    3 if args.quick else 5)
+    result["template_cost"] = template_cost.measure(
+        2_000 if args.quick else 20_000, 3 if args.quick else 5
+    )
     if not args.only_shards:
         log("this machine's floor: how late a sleeping thread wakes at its deadlines")
         result["timer_floor"] = wake_cost.lateness(1.0 if args.quick else 30.0, 0.1)

@@ -37,15 +37,15 @@ class BrokerCount:
     def __init__(self, port: int) -> None:
         self.samples: list[tuple[float, int]] = []
         self._lock = threading.Lock()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                   client_id=f"bench-count-{uuid.uuid4().hex[:6]}")
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"bench-count-{uuid.uuid4().hex[:6]}"
+        )
         self._client.on_message = self._on_message
         self._client.connect("127.0.0.1", port)
         self._client.subscribe(RECEIVED_COUNTER)
         self._client.loop_start()
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.samples.append((time.time(), int(message.payload)))
 
@@ -63,33 +63,49 @@ class BrokerCount:
         self._client.disconnect()
 
 
-def scenario_shards(work: Path, port: int, n: int, shards: int, warmup: float,
-                    window: float) -> dict[str, Any]:
+def scenario_shards(
+    work: Path, port: int, n: int, shards: int, warmup: float, window: float
+) -> dict[str, Any]:
     """`shards` processes, then one, each delivering n entries x 1 s."""
     log(f"shards: {n:,} entries at 1 s in {shards} shard processes")
     split = measure(work, port, n, shards, warmup, window)
     log(f"shards: the same {n:,} entries in one process")
     single = measure(work, port, n, 1, warmup, window)
-    return {"entries": n, "interval_s": 1.0, "shards": shards, "sharded": split,
-            "one_process": single}
+    return {
+        "entries": n,
+        "interval_s": 1.0,
+        "shards": shards,
+        "sharded": split,
+        "one_process": single,
+    }
 
 
-def measure(work: Path, port: int, n: int, processes: int, warmup: float,
-            window: float) -> dict[str, Any]:
+def measure(
+    work: Path, port: int, n: int, processes: int, warmup: float, window: float
+) -> dict[str, Any]:
     prefix = f"bench/shard{processes}-{n}-{uuid.uuid4().hex[:6]}"
     entries = make_entries(n, 1.0, prefix)
     sub = Sub(port, prefix)
     counter = BrokerCount(port)
     config = f"shards-{processes}-{n}"
-    services = [Service(work, port, entries, f"{config}-{k}", config_name=config,
-                        shard=f"{k}/{processes}" if processes > 1 else None)
-                for k in range(1, processes + 1)]
+    services = [
+        Service(
+            work,
+            port,
+            entries,
+            f"{config}-{k}",
+            config_name=config,
+            shard=f"{k}/{processes}" if processes > 1 else None,
+        )
+        for k in range(1, processes + 1)
+    ]
     try:
         seen = sub.wait_all_seen(n, 120)
         alive(services)
         if seen is None:
-            raise RuntimeError(f"not every topic was seen within 120 s ({n} entries, "
-                               f"{processes} processes)")
+            raise RuntimeError(
+                f"not every topic was seen within 120 s ({n} entries, {processes} processes)"
+            )
         time.sleep(warmup)
         alive(services)
         a = time.time()
@@ -104,19 +120,21 @@ def measure(work: Path, port: int, n: int, processes: int, warmup: float,
         res = sub.ask(op="window", a=a, b=b, interval=1.0, topics=[e["topic"] for e in entries])
         cpu = [after - before for before, after in zip(cpu0, cpu1, strict=True)]
         received = counter.rate(a, b)
-        res.update({
-            "broker_received_pct": None if received is None else 100 * received / n,
-            "processes": processes,
-            "window_s": b - a,
-            "warmup_s": warmup,
-            "startup_s": seen - min(s.started_at for s in services),
-            "cpu_pct_of_core_each": [100 * c / (b - a) for c in cpu],
-            "cpu_pct_of_core_total": 100 * sum(cpu) / (b - a),
-            # whether the one subscriber process, not the publishers, was the bottleneck
-            "subscriber_cpu_pct_of_core": 100 * (sub_cpu1 - sub_cpu0) / (b - a),
-            "rss_kb_each": [proc_rss_kb(s.pid) for s in services],
-            "loadavg_1m": os.getloadavg()[0],
-        })
+        res.update(
+            {
+                "broker_received_pct": None if received is None else 100 * received / n,
+                "processes": processes,
+                "window_s": b - a,
+                "warmup_s": warmup,
+                "startup_s": seen - min(s.started_at for s in services),
+                "cpu_pct_of_core_each": [100 * c / (b - a) for c in cpu],
+                "cpu_pct_of_core_total": 100 * sum(cpu) / (b - a),
+                # whether the one subscriber process, not the publishers, was the bottleneck
+                "subscriber_cpu_pct_of_core": 100 * (sub_cpu1 - sub_cpu0) / (b - a),
+                "rss_kb_each": [proc_rss_kb(s.pid) for s in services],
+                "loadavg_1m": os.getloadavg()[0],
+            }
+        )
         return res
     finally:
         for service in services:
@@ -135,11 +153,13 @@ def _figures(m: dict[str, Any]) -> str:
     twice = f", {m['extra']:,} extra arrivals" if m["extra"] else ""
     received = m.get("broker_received_pct")
     at_broker = "n/a" if received is None else f"{received:.2f} %"
-    return (f"{at_broker} of the slots received by the broker; the subscriber saw "
-            f"{m['delivered_pct']:.2f} %{twice}, {m['missed_ticks']:,} missed ticks, "
-            f"period error p99 {m['period_error_ms']['p99']:.1f} ms, CPU "
-            f"{m['cpu_pct_of_core_total']:.0f} % of a core in all (subscriber "
-            f"{m['subscriber_cpu_pct_of_core']:.0f} %)")
+    return (
+        f"{at_broker} of the slots received by the broker; the subscriber saw "
+        f"{m['delivered_pct']:.2f} %{twice}, {m['missed_ticks']:,} missed ticks, "
+        f"period error p99 {m['period_error_ms']['p99']:.1f} ms, CPU "
+        f"{m['cpu_pct_of_core_total']:.0f} % of a core in all (subscriber "
+        f"{m['subscriber_cpu_pct_of_core']:.0f} %)"
+    )
 
 
 def shard_rows(result: dict[str, Any], quick: bool) -> list[tuple[str, str, str, str]]:
@@ -150,9 +170,11 @@ def shard_rows(result: dict[str, Any], quick: bool) -> list[tuple[str, str, str,
     received = split.get("broker_received_pct")
     ok = received is not None and received >= TARGET_PCT and split["extra"] == 0
     return [
-        (f"{shards} shards, {n:,} at 1 s",
-         f"≥ {TARGET_PCT} % delivered to the broker, no entry twice",
-         _figures(split), "(quick)" if quick else verdict_word(ok)),
-        (f"1 process, {n:,} at 1 s", "reference (same load, no shards)", _figures(single),
-         "-"),
+        (
+            f"{shards} shards, {n:,} at 1 s",
+            f"≥ {TARGET_PCT} % delivered to the broker, no entry twice",
+            _figures(split),
+            "(quick)" if quick else verdict_word(ok),
+        ),
+        (f"1 process, {n:,} at 1 s", "reference (same load, no shards)", _figures(single), "-"),
     ]

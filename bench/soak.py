@@ -37,12 +37,17 @@ def threads_and_fds(pid: int) -> tuple[int, int]:
 
 def sample(service: Service, started: float) -> dict[str, Any]:
     threads, fds = threads_and_fds(service.pid)
-    return {"t": round(time.monotonic() - started, 1), "rss_kb": proc_rss_kb(service.pid),
-            "threads": threads, "fds": fds, "cpu_s": round(proc_cpu_seconds(service.pid), 2)}
+    return {
+        "t": round(time.monotonic() - started, 1),
+        "rss_kb": proc_rss_kb(service.pid),
+        "threads": threads,
+        "fds": fds,
+        "cpu_s": round(proc_cpu_seconds(service.pid), 2),
+    }
 
 
 def verdict(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    half = samples[len(samples) // 2:]
+    half = samples[len(samples) // 2 :]
     growth = half[-1]["rss_kb"] - half[0]["rss_kb"] if len(half) > 1 else 0
     return {
         "rss_growth_second_half_kb": growth,
@@ -58,13 +63,20 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--entries", type=int, default=2000)
     ap.add_argument("--interval", type=float, default=0.5)
-    ap.add_argument("--reloads-every", type=float, default=30.0,
-                    help="rewrite one entry every N seconds (0: never)")
+    ap.add_argument(
+        "--reloads-every",
+        type=float,
+        default=30.0,
+        help="rewrite one entry every N seconds (0: never)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     args = ap.parse_args()
     rate = args.entries / args.interval
-    print(f"soak: {args.entries} entries at {args.interval} s ({rate:,.0f} publishes/s) "
-          f"for {args.minutes} min", flush=True)
+    print(
+        f"soak: {args.entries} entries at {args.interval} s ({rate:,.0f} publishes/s) "
+        f"for {args.minutes} min",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="sp-soak-") as tmp:
         work = Path(tmp)
         broker = Broker(work)
@@ -90,8 +102,11 @@ def main() -> int:
         finally:
             service.stop()
             broker.stop()
-    result = {"settings": vars(args) | {"out": str(args.out)}, "samples": samples,
-              "verdict": verdict(samples)}
+    result = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "samples": samples,
+        "verdict": verdict(samples),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["verdict"], indent=2))

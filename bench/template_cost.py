@@ -27,11 +27,13 @@ from scheduler_publisher.config.loader import PublishConfig
 from scheduler_publisher.mqtt.connection import MQTTConnectionManager
 from scheduler_publisher.settings import BrokerSettings
 
-SMALL = {"sensor": "pump-7", "ts": "{{now_unix_ms}}", "seq": "{{seq}}", "unit": "bar",
-         "value": 4.2}
-LARGE = {"site": "gw-01", "sent": "{{now}}", "seq": "{{seq}}",
-         "readings": [{"channel": i, "value": i * 0.5, "unit": "°C", "ok": True}
-                      for i in range(40)]}
+SMALL = {"sensor": "pump-7", "ts": "{{now_unix_ms}}", "seq": "{{seq}}", "unit": "bar", "value": 4.2}
+LARGE = {
+    "site": "gw-01",
+    "sent": "{{now}}",
+    "seq": "{{seq}}",
+    "readings": [{"channel": i, "value": i * 0.5, "unit": "°C", "ok": True} for i in range(40)],
+}
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,13 @@ def time_per_call(call: Callable[[], Any], number: int, repeats: int) -> list[fl
     return figures
 
 
-def cases(manager: MQTTConnectionManager, data: dict[str, Any],
-          label: str) -> dict[str, Callable[[], Any]]:
+def cases(
+    manager: MQTTConnectionManager, data: dict[str, Any], label: str
+) -> dict[str, Callable[[], Any]]:
     static = PublishConfig(id=f"{label}-static", topic="bench/s", data=data, interval=1)
-    templated = PublishConfig(id=f"{label}-template", topic="bench/t", data=data, interval=1,
-                              template=True)
+    templated = PublishConfig(
+        id=f"{label}-template", topic="bench/t", data=data, interval=1, template=True
+    )
     manager.stats.add_entry(templated.id)
     link: Any = Link()
 
@@ -66,23 +70,29 @@ def cases(manager: MQTTConnectionManager, data: dict[str, Any],
 
     def templated_payload() -> bytes:
         renderer = templated.renderer
-        return templated.payload if renderer is None else \
-            manager._rendered(link, templated.id, renderer)
+        return (
+            templated.payload
+            if renderer is None
+            else manager._rendered(link, templated.id, renderer)
+        )
 
     plain = dict(data)
     return {
         f"{label}: static (pre-rendered bytes)": static_payload,
         f"{label}: templated (render)": templated_payload,
         f"{label}: reference, json.dumps of the data": lambda: json.dumps(
-            plain, separators=(",", ":"), ensure_ascii=False).encode(),
+            plain, separators=(",", ":"), ensure_ascii=False
+        ).encode(),
     }
 
 
 def measure(number: int, repeats: int) -> dict[str, dict[str, float]]:
     manager = MQTTConnectionManager(BrokerSettings())  # never connected: nothing starts
     results: dict[str, dict[str, float]] = {}
-    for label, data in (("5 fields, 2 placeholders", SMALL),
-                        ("40 readings, 2 placeholders", LARGE)):
+    for label, data in (
+        ("5 fields, 2 placeholders", SMALL),
+        ("40 readings, 2 placeholders", LARGE),
+    ):
         for name, call in cases(manager, data, label).items():
             figures = time_per_call(call, number, repeats)
             results[name] = {"median_us": statistics.median(figures), "min_us": min(figures)}
@@ -97,8 +107,9 @@ def report(results: dict[str, dict[str, float]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--number", type=int, default=20_000, help="calls per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

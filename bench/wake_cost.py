@@ -50,9 +50,11 @@ def measure(seconds: float, period_s: float) -> dict[str, float]:
         selector.close()
         os.close(read_end)
         os.close(write_end)
-    return {"wakeups_per_s": len(costs) / seconds,
-            "median_us": statistics.median(costs) / 1000,
-            "cpu_pct_of_core": 100 * (time.process_time() - cpu0) / seconds}
+    return {
+        "wakeups_per_s": len(costs) / seconds,
+        "median_us": statistics.median(costs) / 1000,
+        "cpu_pct_of_core": 100 * (time.process_time() - cpu0) / seconds,
+    }
 
 
 class _Timespec(ctypes.Structure):
@@ -72,16 +74,19 @@ class TimerFd:
 
     def __init__(self) -> None:
         self._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.timerfd_create(self.CLOCK_MONOTONIC,
-                                            self.TFD_NONBLOCK | self.TFD_CLOEXEC)
+        self.fd = self._libc.timerfd_create(
+            self.CLOCK_MONOTONIC, self.TFD_NONBLOCK | self.TFD_CLOEXEC
+        )
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "timerfd_create")
 
     def arm(self, when: float) -> None:
         whole, nanos = divmod(round(when * 1e9), 1_000_000_000)  # nanos < 1e9, as required
         spec = _Itimerspec(_Timespec(0, 0), _Timespec(whole, nanos))
-        if self._libc.timerfd_settime(self.fd, self.TFD_TIMER_ABSTIME, ctypes.byref(spec),
-                                      None) < 0:
+        if (
+            self._libc.timerfd_settime(self.fd, self.TFD_TIMER_ABSTIME, ctypes.byref(spec), None)
+            < 0
+        ):
             raise OSError(ctypes.get_errno(), "timerfd_settime")
 
     def close(self) -> None:
@@ -122,10 +127,15 @@ def lateness(seconds: float, period_s: float, *, timerfd: bool = False) -> dict[
             timer.close()
     cpu_us = (time.thread_time() - cpu0) * 1e6 / len(late)
     late.sort()
-    return {"wakeups": len(late), "p50_ms": late[len(late) // 2],
-            "p99_ms": late[min(len(late) - 1, int(len(late) * 0.99))], "max_ms": late[-1],
-            "over_5ms": sum(x > 5 for x in late), "cpu_us_per_deadline": cpu_us,
-            "steal_ms": steal_ms() - steal0}
+    return {
+        "wakeups": len(late),
+        "p50_ms": late[len(late) // 2],
+        "p99_ms": late[min(len(late) - 1, int(len(late) * 0.99))],
+        "max_ms": late[-1],
+        "over_5ms": sum(x > 5 for x in late),
+        "cpu_us_per_deadline": cpu_us,
+        "steal_ms": steal_ms() - steal0,
+    }
 
 
 def _sleep_until(selector: selectors.BaseSelector, due: float) -> None:
@@ -141,29 +151,40 @@ def _sleep_until(selector: selectors.BaseSelector, due: float) -> None:
 def describe_lateness(r: dict[str, float]) -> str:
     """One line; the host's steal when it was measured (results written before it: none)."""
     steal = f"; host steal meanwhile {r['steal_ms']:.0f} ms" if "steal_ms" in r else ""
-    return (f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} / max {r['max_ms']:.2f} ms over "
-            f"{r['wakeups']:,} wake-ups, {r['over_5ms']:,} more than 5 ms late{steal}")
+    return (
+        f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} / max {r['max_ms']:.2f} ms over "
+        f"{r['wakeups']:,} wake-ups, {r['over_5ms']:,} more than 5 ms late{steal}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--period-ms", type=float, default=15.0)
-    parser.add_argument("--timerfd", action="store_true",
-                        help="also wake at the deadlines through a timerfd, and compare")
+    parser.add_argument(
+        "--timerfd",
+        action="store_true",
+        help="also wake at the deadlines through a timerfd, and compare",
+    )
     args = parser.parse_args()
     r = measure(args.seconds, args.period_ms / 1000)
-    print(f"an empty wake-up every {args.period_ms:g} ms: {r['median_us']:.1f} µs of CPU each "
-          f"(median), {r['wakeups_per_s']:.1f} wake-ups a second, "
-          f"{r['cpu_pct_of_core']:.2f} % of a core")
+    print(
+        f"an empty wake-up every {args.period_ms:g} ms: {r['median_us']:.1f} µs of CPU each "
+        f"(median), {r['wakeups_per_s']:.1f} wake-ups a second, "
+        f"{r['cpu_pct_of_core']:.2f} % of a core"
+    )
     late = lateness(args.seconds, args.period_ms / 1000)
-    print(f"woken at a deadline every {args.period_ms:g} ms: lateness {describe_lateness(late)}; "
-          f"{late['cpu_us_per_deadline']:.0f} µs of CPU per deadline")
+    print(
+        f"woken at a deadline every {args.period_ms:g} ms: lateness {describe_lateness(late)}; "
+        f"{late['cpu_us_per_deadline']:.0f} µs of CPU per deadline"
+    )
     if args.timerfd:
         late = lateness(args.seconds, args.period_ms / 1000, timerfd=True)
-        print(f"woken at a deadline every {args.period_ms:g} ms by a timerfd: lateness "
-              f"{describe_lateness(late)}; {late['cpu_us_per_deadline']:.0f} µs of CPU per "
-              "deadline")
+        print(
+            f"woken at a deadline every {args.period_ms:g} ms by a timerfd: lateness "
+            f"{describe_lateness(late)}; {late['cpu_us_per_deadline']:.0f} µs of CPU per "
+            "deadline"
+        )
 
 
 if __name__ == "__main__":

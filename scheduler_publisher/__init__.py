@@ -19,8 +19,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = ["ConfigurationLoader", "MQTTConnectionManager", "PublishConfig", "PublisherService"]
 
-_HOMES = {"ConfigurationLoader": "config.loader", "PublishConfig": "config.loader",
-          "MQTTConnectionManager": "mqtt.connection", "PublisherService": "service"}
+_HOMES = {
+    "ConfigurationLoader": "config.loader",
+    "PublishConfig": "config.loader",
+    "MQTTConnectionManager": "mqtt.connection",
+    "PublisherService": "service",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -62,10 +62,20 @@ class Reloads:
     answered by it. Main loop only, but for the reads of `entries` (replaced whole, never
     changed in place) and the two fields of the config's status."""
 
-    def __init__(self, settings: ServiceSettings, *, source: ConfigSource, schedule: Schedule,
-                 connection: MQTTConnectionManager, stats: Stats, notifier: SystemdNotifier,
-                 watcher: ConfigWatcher, mail: Mailbox, clock: Clock,
-                 status_line: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        source: ConfigSource,
+        schedule: Schedule,
+        connection: MQTTConnectionManager,
+        stats: Stats,
+        notifier: SystemdNotifier,
+        watcher: ConfigWatcher,
+        mail: Mailbox,
+        clock: Clock,
+        status_line: Callable[[], str],
+    ) -> None:
         self.settings = settings
         self.stats = stats
         self.notifier = notifier
@@ -179,8 +189,12 @@ class Reloads:
         elif self._broken is not None:
             problem, since = self._broken
             self._broken = None
-            log.info("config_recovered", problem=problem, broken_seconds=round(now - since, 3),
-                     active_configs=len(self.entries))
+            log.info(
+                "config_recovered",
+                problem=problem,
+                broken_seconds=round(now - since, 3),
+                active_configs=len(self.entries),
+            )
 
     def apply(self, result: ConfigResult, *, initial: bool) -> Steps[None]:
         """Bring the valid entries of `result` into force: the network thread learns them
@@ -213,16 +227,27 @@ class Reloads:
         if not respread:
             return plan
         for change in respread:
-            log.warning("phases_respread", interval=change.interval, entries=change.entries,
-                        phase_groups_before=change.slots_before,
-                        phase_groups=change.slots_after)
+            log.warning(
+                "phases_respread",
+                interval=change.interval,
+                entries=change.entries,
+                phase_groups_before=change.slots_before,
+                phase_groups=change.slots_after,
+            )
         periods = {period_ms(change.interval) for change in respread}
-        moving = {entry_id for entry_id, entry in wanted.items() if entry_id in self.entries
-                  and entry.interval is not None and period_ms(entry.interval) in periods}
+        moving = {
+            entry_id
+            for entry_id, entry in wanted.items()
+            if entry_id in self.entries
+            and entry.interval is not None
+            and period_ms(entry.interval) in periods
+        }
         moving -= {entry.id for entry in (*plan.added, *plan.rescheduled)}
         return replace(
-            plan, rescheduled=(*plan.rescheduled, *(e for i, e in wanted.items() if i in moving)),
-            updated=tuple(entry for entry in plan.updated if entry.id not in moving))
+            plan,
+            rescheduled=(*plan.rescheduled, *(e for i, e in wanted.items() if i in moving)),
+            updated=tuple(entry for entry in plan.updated if entry.id not in moving),
+        )
 
     def _schedule_batch(self, part: Plan) -> Steps[None]:
         for entry in part.removed:
@@ -241,16 +266,27 @@ class Reloads:
         now = datetime.fromtimestamp(self._clock.wall(), UTC)
         slots = cron_slots(entry.cron, entry.timezone)
         following = slots.slot_after(now)
-        log.info("cron_scheduled", entry_id=entry.id, cron=entry.cron, timezone=entry.timezone,
-                 next_run_at=slots.local(following).isoformat() if following else None)
+        log.info(
+            "cron_scheduled",
+            entry_id=entry.id,
+            cron=entry.cron,
+            timezone=entry.timezone,
+            next_run_at=slots.local(following).isoformat() if following else None,
+        )
 
     def _log_problems(self, result: ConfigResult) -> None:
         self.stats.config_errors += len(result.errors)
         for problem in result.problems:
             emit = log.error if problem.severity == "error" else log.warning
-            emit("config_entry_invalid" if problem.severity == "error" else "config_entry_warning",
-                 error=str(problem), entry_position=problem.position, entry_id=problem.entry_id,
-                 field=problem.field, line=problem.line, column=problem.column)
+            emit(
+                "config_entry_invalid" if problem.severity == "error" else "config_entry_warning",
+                error=str(problem),
+                entry_position=problem.position,
+                entry_id=problem.entry_id,
+                field=problem.field,
+                line=problem.line,
+                column=problem.column,
+            )
 
     def _log_reload(self, plan: Plan) -> None:
         log.info("config_reloaded", active_configs=len(self.entries), **plan.summary())

@@ -82,32 +82,55 @@ class PublisherService:
     read it through `status()`, `health_problems()` and the read-only properties.
     """
 
-    def __init__(self, settings: ServiceSettings | None = None, *,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: ServiceSettings | None = None, *, clock: Clock | None = None
+    ) -> None:
         self.settings = settings or ServiceSettings()
         self.stats = Stats()
-        self.loader = ConfigurationLoader(self.settings.config_path,
-                                          max_bytes=self.settings.max_config_bytes)
+        self.loader = ConfigurationLoader(
+            self.settings.config_path, max_bytes=self.settings.max_config_bytes
+        )
         self.notifier = SystemdNotifier()
         self.gave_up: str | None = None
         self._clock: Clock = clock or SystemClock()
         self._mail = Mailbox(self._clock.monotonic)
         self._source = ConfigSource(self.loader)
         self._connection = MQTTConnectionManager(
-            self.settings.broker, self.stats, on_give_up=self._give_up,
-            clear_retained_on_remove=self.settings.clear_retained_on_remove)
-        self._schedule = Schedule(self._connection.tick, self._connection.event_loop,
-                                  PhaseSpread(self.settings.phase_slots))
-        self._watcher = ConfigWatcher(self.settings.config_path, self._mail.post_file_event,
-                                      force_polling=self.settings.force_polling)
-        self._reloads = Reloads(self.settings, source=self._source, schedule=self._schedule,
-                                connection=self._connection, stats=self.stats,
-                                notifier=self.notifier, watcher=self._watcher, mail=self._mail,
-                                clock=self._clock, status_line=self._status_line)
-        self._store = StateStore(
-            self.settings.state_db,
-            history_retention_rows=self.settings.history_retention_rows,
-        ) if self.settings.state_db else None
+            self.settings.broker,
+            self.stats,
+            on_give_up=self._give_up,
+            clear_retained_on_remove=self.settings.clear_retained_on_remove,
+        )
+        self._schedule = Schedule(
+            self._connection.tick,
+            self._connection.event_loop,
+            PhaseSpread(self.settings.phase_slots),
+        )
+        self._watcher = ConfigWatcher(
+            self.settings.config_path,
+            self._mail.post_file_event,
+            force_polling=self.settings.force_polling,
+        )
+        self._reloads = Reloads(
+            self.settings,
+            source=self._source,
+            schedule=self._schedule,
+            connection=self._connection,
+            stats=self.stats,
+            notifier=self.notifier,
+            watcher=self._watcher,
+            mail=self._mail,
+            clock=self._clock,
+            status_line=self._status_line,
+        )
+        self._store = (
+            StateStore(
+                self.settings.state_db,
+                history_retention_rows=self.settings.history_retention_rows,
+            )
+            if self.settings.state_db
+            else None
+        )
         self._clock_guard = ClockGuard()
         self._timers: list[_Timer] = []
         self._loop_thread: threading.Thread | None = None
@@ -127,8 +150,9 @@ class PublisherService:
             self._caller_steps = True
             self._arm_timers()  # the calling thread is the main loop from here on
             return
-        self._loop_thread = threading.Thread(target=self._main_loop, name="service-loop",
-                                             daemon=True)
+        self._loop_thread = threading.Thread(
+            target=self._main_loop, name="service-loop", daemon=True
+        )
         self._loop_thread.start()
 
     def run(self) -> None:
@@ -180,8 +204,11 @@ class PublisherService:
         self._wait_for_plausible_clock()
         result = self._source.load()  # ConfigFileError propagates: the CLI exits with code 3
         for problem in permission_warnings(self.settings.config_path):
-            log.warning("config_file_insecure", problem=problem,
-                        hint="anyone on this machine can change what is published")
+            log.warning(
+                "config_file_insecure",
+                problem=problem,
+                hint="anyone on this machine can change what is published",
+            )
         self._restore_counters()
         run_to_end(self._reloads.apply(result, initial=True))  # no loop yet, no watchdog armed
         self._connection.connect()
@@ -191,18 +218,24 @@ class PublisherService:
         self._start_http()
         self._started = True
         self.notifier.ready(self._status_line())
-        log.info("service_started", active_configs=len(self._reloads.entries),
-                 config=str(self.settings.config_path), watcher=self._watcher.kind,
-                 broker=f"{self.settings.broker.host}:{self.settings.broker.port}",
-                 **self._shard_fields())
+        log.info(
+            "service_started",
+            active_configs=len(self._reloads.entries),
+            config=str(self.settings.config_path),
+            watcher=self._watcher.kind,
+            broker=f"{self.settings.broker.host}:{self.settings.broker.port}",
+            **self._shard_fields(),
+        )
 
     def _wait_for_plausible_clock(self) -> None:
         """Gateways without an RTC boot in 1970: never schedule against such a clock."""
         warned = False
         while not clock_is_plausible(self._clock.wall()) and not self._mail.stop:
             if not warned:
-                log.warning("clock_implausible",
-                            now=datetime.fromtimestamp(self._clock.wall(), UTC).isoformat())
+                log.warning(
+                    "clock_implausible",
+                    now=datetime.fromtimestamp(self._clock.wall(), UTC).isoformat(),
+                )
                 self.notifier.status("waiting for the system clock to be set")
                 warned = True
             # Tell systemd we are alive but not ready, so TimeoutStartSec does not kill us.
@@ -241,7 +274,8 @@ class PublisherService:
         self._clock_guard.observe(self._clock.wall(), now)  # a step from here on is seen
         s = self.settings
         self._timers = [
-            _Timer(period, action, now + period) for period, action in (
+            _Timer(period, action, now + period)
+            for period, action in (
                 (s.stats_interval, self._log_statistics),
                 (s.checkpoint_interval, self._checkpoint),
                 (s.history_interval, self._record_history),
@@ -294,12 +328,19 @@ class PublisherService:
     def _log_statistics(self) -> None:
         total, up = self._connection.connection_counts()
         summary = self.stats.summary()
-        log.info("publisher_statistics", active_configs=len(self._reloads.entries),
-                 total_published=summary["total_published"],
-                 total_errors=summary["total_errors"], total_dropped=summary["total_dropped"],
-                 reconnects=summary["reconnects"], uptime_seconds=summary["uptime_seconds"],
-                 connected=self._connection.is_connected(), connections=total,
-                 connections_up=up, **self._shard_fields())
+        log.info(
+            "publisher_statistics",
+            active_configs=len(self._reloads.entries),
+            total_published=summary["total_published"],
+            total_errors=summary["total_errors"],
+            total_dropped=summary["total_dropped"],
+            reconnects=summary["reconnects"],
+            uptime_seconds=summary["uptime_seconds"],
+            connected=self._connection.is_connected(),
+            connections=total,
+            connections_up=up,
+            **self._shard_fields(),
+        )
         self.notifier.status(self._status_line())
 
     def _shard_fields(self) -> dict[str, str]:
@@ -315,8 +356,7 @@ class PublisherService:
             # thousands of entries, and a phase group due meanwhile would wait for it. The
             # write, here, lets the GIL go while SQLite works (docs/design.md, "Checkpoints
             # off the publishing path").
-            state = self._connection.event_loop.call_and_wait(self.stats.saved_state,
-                                                              SNAPSHOT_WAIT)
+            state = self._connection.event_loop.call_and_wait(self.stats.saved_state, SNAPSHOT_WAIT)
             try:
                 self._store.checkpoint(state, now=self._clock.wall())
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # a full disk must not
@@ -327,8 +367,9 @@ class PublisherService:
         if self._store is not None:
             t = self.stats.totals()
             try:
-                self._store.record_history(HistoryRow(self._clock.wall(), t.published, t.errors,
-                                                      t.uptime_seconds))
+                self._store.record_history(
+                    HistoryRow(self._clock.wall(), t.published, t.errors, t.uptime_seconds)
+                )
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # never worth stopping for
                 log.error("state_history_failed", error=str(exc))
 
@@ -367,8 +408,11 @@ class PublisherService:
             self._store.close()
         if self.http is not None:
             self.http.stop()
-        log.info("service_stopped", total_published=self.stats.totals().published,
-                 seconds=round(time.monotonic() - started, 3))
+        log.info(
+            "service_stopped",
+            total_published=self.stats.totals().published,
+            seconds=round(time.monotonic() - started, 3),
+        )
         self._stopped.set()
 
     # ---- status ---------------------------------------------------------------------------
@@ -446,11 +490,13 @@ class PublisherService:
             statistics=StatisticsStatus.of(self.stats),
             connection=ConnectionStatus.of(self._connection.status()),
             health=HealthStatus(tuple(problems), tuple(self.health_warnings())),
-            config=ConfigStatus(path=str(self.settings.config_path),
-                                digest=self._source.digest,
-                                last_reload_at=self._reloads.last_reload_at,
-                                last_error=self._reloads.last_file_problem,
-                                watcher=self._watcher.kind),
+            config=ConfigStatus(
+                path=str(self.settings.config_path),
+                digest=self._source.digest,
+                last_reload_at=self._reloads.last_reload_at,
+                last_error=self._reloads.last_file_problem,
+                watcher=self._watcher.kind,
+            ),
             entries={i: self._entry_status(e) for i, e in entries.items()},
             shard=self.shard,
         )
@@ -460,6 +506,9 @@ class PublisherService:
         return self.status().to_json()
 
     def _entry_status(self, entry: PublishConfig) -> EntryStatus:
-        return EntryStatus.of(entry, quarantined=self._connection.quarantined(entry.id),
-                              next_run_at=self._schedule.next_run(entry.id),
-                              stats=self.stats.entries.get(entry.id))
+        return EntryStatus.of(
+            entry,
+            quarantined=self._connection.quarantined(entry.id),
+            next_run_at=self._schedule.next_run(entry.id),
+            stats=self.stats.entries.get(entry.id),
+        )

@@ -57,7 +57,7 @@ class BrokerSettings:
         # NUL, control characters, spaces or wildcards would make a broker refuse the CONNECT
         # (issue 11 #14); a long id would exceed what some brokers take.
         digest = hashlib.sha256(entry_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-        prefix = self.client_id.encode("utf-8")[:MAX_CLIENT_ID_LENGTH - 22]
+        prefix = self.client_id.encode("utf-8")[: MAX_CLIENT_ID_LENGTH - 22]
         return f"{prefix.decode('utf-8', 'ignore')}/~{digest}"
 
 
@@ -94,8 +94,11 @@ class ServiceSettings:
         one broker never take over each other's connections or status (docs/scaling.md)."""
         broker = self.broker
         topic = shard.status_topic(broker.status_topic) if broker.status_topic else None
-        return replace(self, shard=shard, broker=replace(
-            broker, client_id=shard.client_id(broker.client_id), status_topic=topic))
+        return replace(
+            self,
+            shard=shard,
+            broker=replace(broker, client_id=shard.client_id(broker.client_id), status_topic=topic),
+        )
 
 
 def default_client_id(config_path: Path | None = None) -> str:

@@ -117,11 +117,17 @@ class _NewerSchemaError(Exception):
 class StateStore:
     """Owns one SQLite connection; every method takes a small lock, so any thread may call."""
 
-    def __init__(self, path: Path, *, history_retention_rows: int = 10_000,
-                 history_max_age_s: float = 30 * 86400) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        history_retention_rows: int = 10_000,
+        history_max_age_s: float = 30 * 86400,
+    ) -> None:
         if history_retention_rows < 1:
             raise ValueError(
-                f"history_retention_rows must be at least 1, got {history_retention_rows}")
+                f"history_retention_rows must be at least 1, got {history_retention_rows}"
+            )
         if history_max_age_s <= 0:
             raise ValueError(f"history_max_age_s must be positive, got {history_max_age_s}")
         self.path = path
@@ -227,8 +233,9 @@ class StateStore:
     def _connect_and_load(self) -> tuple[sqlite3.Connection, SavedState]:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         # check_same_thread=False: the lock, not the creating thread, guards the connection.
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+        )
         try:
             _configure(conn)
             _migrate(conn)
@@ -290,29 +297,37 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     with _immediate(conn):
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations"
-                     " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
         current = row[0] or 0
         if current > len(_MIGRATIONS):
-            raise _NewerSchemaError(f"schema version {current} is newer than this program knows"
-                                    f" ({len(_MIGRATIONS)}); was the service downgraded?")
+            raise _NewerSchemaError(
+                f"schema version {current} is newer than this program knows"
+                f" ({len(_MIGRATIONS)}); was the service downgraded?"
+            )
         for version in range(current + 1, len(_MIGRATIONS) + 1):
             # Statement by statement: executescript() would COMMIT our transaction first.
             for statement in _MIGRATIONS[version - 1].split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                         (version, time.time()))
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, time.time()),
+            )
 
 
 def _load(conn: sqlite3.Connection) -> SavedState:
-    row = conn.execute("SELECT published, errors, dropped, reconnects, uptime_seconds"
-                       " FROM totals WHERE id = 1").fetchone()
+    row = conn.execute(
+        "SELECT published, errors, dropped, reconnects, uptime_seconds FROM totals WHERE id = 1"
+    ).fetchone()
     totals = Totals(*row) if row else Totals()
     entries = {
         entry_id: EntryCounters(published, errors, dropped, last, seq)
         for entry_id, published, errors, dropped, last, seq in conn.execute(
-            "SELECT entry_id, published, errors, dropped, last_published_at, seq FROM entries")
+            "SELECT entry_id, published, errors, dropped, last_published_at, seq FROM entries"
+        )
     }
     return SavedState(totals, MappingProxyType(entries))

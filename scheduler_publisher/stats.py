@@ -45,11 +45,18 @@ class EntryStats:
     def as_dict(self) -> dict[str, Any]:
         mean = self.lateness_total / self.ticks if self.ticks else 0.0
         return {
-            "published": self.published, "errors": self.errors, "dropped": self.dropped,
-            "deferred": self.deferred, "missed": self.missed,
-            "last_published_at": self.last_published_at, "last_error": self.last_error,
-            "lateness": {"count": self.ticks, "mean_ms": round(mean * 1000, 3),
-                         "max_ms": round(self.lateness_max * 1000, 3)},
+            "published": self.published,
+            "errors": self.errors,
+            "dropped": self.dropped,
+            "deferred": self.deferred,
+            "missed": self.missed,
+            "last_published_at": self.last_published_at,
+            "last_error": self.last_error,
+            "lateness": {
+                "count": self.ticks,
+                "mean_ms": round(mean * 1000, 3),
+                "max_ms": round(self.lateness_max * 1000, 3),
+            },
         }
 
 

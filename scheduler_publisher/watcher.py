@@ -96,8 +96,14 @@ def fingerprint(paths: tuple[str, ...]) -> Fingerprint:
         except OSError:
             found.append((path, None, None))
             continue
-        stamp = (info.st_dev, info.st_ino, info.st_mode, info.st_size, info.st_mtime_ns,
-                 info.st_ctime_ns)
+        stamp = (
+            info.st_dev,
+            info.st_ino,
+            info.st_mode,
+            info.st_size,
+            info.st_mtime_ns,
+            info.st_ctime_ns,
+        )
         target = _link_target(Path(path))
         found.append((path, stamp, None if target is None else str(target)))
     return tuple(found)
@@ -127,8 +133,9 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Observer thread. An exception here would kill the observer, so none escapes.
         try:
-            if event.event_type in IGNORED_EVENTS or (event.is_directory and
-                                                      event.event_type == "modified"):
+            if event.event_type in IGNORED_EVENTS or (
+                event.is_directory and event.event_type == "modified"
+            ):
                 # watchdog adds a "modified" event for the folder at every change inside it;
                 # a change that matters arrives as its own event, with its own path.
                 return
@@ -168,8 +175,9 @@ class _FolderWatch:
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, poke: Poke, *, force_polling: bool = False,
-                 polling_interval: float = 0.5) -> None:
+    def __init__(
+        self, path: Path, poke: Poke, *, force_polling: bool = False, polling_interval: float = 0.5
+    ) -> None:
         self.path = path.absolute()  # as written: links are followed afresh at every walk
         self._poke = poke
         self._force_polling = force_polling
@@ -194,8 +202,9 @@ class ConfigWatcher:
                 self.kind = "inotify"
                 return
         baseline = fingerprint(followed_paths(self.path))  # now: a change from here on counts
-        self._poller = threading.Thread(target=self._poll, args=(baseline,),
-                                        name="config-poller", daemon=True)
+        self._poller = threading.Thread(
+            target=self._poll, args=(baseline,), name="config-poller", daemon=True
+        )
         self._poller.start()
         self.kind = "polling"
 

@@ -83,8 +83,9 @@ def http_service(config_path: Path, broker: Mosquitto) -> Iterator[ServiceStarte
 
     def start(entries: list[dict[str, Any]], **overrides: Any) -> PublisherService:
         overrides.setdefault("http_port", free_port())
-        return services.start(broker.port, entries, config=config_path, http_host="127.0.0.1",
-                              **overrides)
+        return services.start(
+            broker.port, entries, config=config_path, http_host="127.0.0.1", **overrides
+        )
 
     yield start
     services.close()

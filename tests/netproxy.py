@@ -26,8 +26,14 @@ CHUNK = 16384
 
 
 class NetProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *,
-                 max_connections: int = 256, max_lifetime: float = 300.0) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        *,
+        max_connections: int = 256,
+        max_lifetime: float = 300.0,
+    ) -> None:
         self.target = (target_host, target_port)
         self.max_connections = max_connections
         self.max_lifetime = max_lifetime
@@ -178,8 +184,14 @@ class NetProxy:
         except OSError:
             return b""
 
-    def _forward(self, src: socket.socket, client: socket.socket, broker: socket.socket,
-                 data: bytes, from_broker: bytearray) -> bool:
+    def _forward(
+        self,
+        src: socket.socket,
+        client: socket.socket,
+        broker: socket.socket,
+        data: bytes,
+        from_broker: bytearray,
+    ) -> bool:
         """Pass `data` from `src` to the other side; False once the connection is over."""
         if src is broker and self._reset_at_disconnect:
             return not self._from_broker(client, from_broker, data)

@@ -71,8 +71,9 @@ def free_port() -> int:
     raise AssertionError(f"no free loopback port below {high}")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
-               message: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.02, message: str = "condition"
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail with `message` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -197,9 +198,11 @@ class Subscriber:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"sub-{uuid.uuid4().hex[:8]}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"sub-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
@@ -211,8 +214,16 @@ class Subscriber:
         with self._lock:
             # paho's Properties is untyped.
             props = msg.properties.json() if msg.properties is not None else {}  # type: ignore[no-untyped-call]
-            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
-                                          time.monotonic(), props))
+            self.messages.append(
+                Received(
+                    msg.topic,
+                    bytes(msg.payload),
+                    msg.qos,
+                    bool(msg.retain),
+                    time.monotonic(),
+                    props,
+                )
+            )
 
     def start(self) -> Subscriber:
         self.client.connect("127.0.0.1", self.port)
@@ -232,8 +243,13 @@ class Subscriber:
         with self._lock:
             return list(self.messages)
 
-    def wait_for(self, topic: str, count: int = 1, timeout: float = 10,
-                 where: Callable[[Received], bool] = lambda m: True) -> list[Received]:
+    def wait_for(
+        self,
+        topic: str,
+        count: int = 1,
+        timeout: float = 10,
+        where: Callable[[Received], bool] = lambda m: True,
+    ) -> list[Received]:
         def got() -> list[Received] | None:
             hits = [m for m in self.on(topic) if where(m)]
             return hits if len(hits) >= count else None
@@ -263,9 +279,14 @@ def barrier(port: int, sub: Subscriber, topic: str, qos: int = 1) -> None:
 class ServiceProcess:
     """The real `python -m scheduler_publisher` in a child process; its JSON log lines are kept."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
-                 max_open_files: int | None = None,
-                 before_exec: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        max_open_files: int | None = None,
+        before_exec: Callable[[], None] | None = None,
+    ) -> None:
         """`args` as cli_args() builds them; `before_exec` runs in the child (setrlimit and
         signal dispositions only: the child of a threaded parent may call little else)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -279,7 +300,10 @@ class ServiceProcess:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler_publisher", *args],
-            cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             preexec_fn=limit,  # noqa: PLW1509 - the child only calls setrlimit and signal
         )
         self.lines: queue.Queue[str] = queue.Queue()
@@ -308,15 +332,21 @@ class ServiceProcess:
                 out.append(obj)
         return out
 
-    def wait_for_event(self, name: str, timeout: float = 15,
-                       where: Callable[[dict[str, Any]], bool] = lambda e: True) -> dict[str, Any]:
+    def wait_for_event(
+        self,
+        name: str,
+        timeout: float = 15,
+        where: Callable[[dict[str, Any]], bool] = lambda e: True,
+    ) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
             for e in self.events():
                 if e.get("message") == name and where(e):
                     return e
             if self.proc.poll() is not None:
-                raise AssertionError(f"service exited ({self.proc.returncode}) before {name!r}:\n"
-                                     + "\n".join(self.stdout[-20:] + self.stderr[-20:]))
+                raise AssertionError(
+                    f"service exited ({self.proc.returncode}) before {name!r}:\n"
+                    + "\n".join(self.stdout[-20:] + self.stderr[-20:])
+                )
             return None
 
         result: dict[str, Any] = wait_until(found, timeout, message=f"log event {name!r}")
@@ -365,8 +395,13 @@ def write_config(path: Path, entries: list[dict[str, Any]]) -> None:
 
 def entry(id_: str, topic: str, interval: float = 1, **extra: Any) -> dict[str, Any]:
     """An entries-file entry; `data` defaults to {"sensor": id_}, other fields pass through."""
-    return {"id": id_, "topic": topic, "data": extra.pop("data", {"sensor": id_}),
-            "interval": interval, **extra}
+    return {
+        "id": id_,
+        "topic": topic,
+        "data": extra.pop("data", {"sensor": id_}),
+        "interval": interval,
+        **extra,
+    }
 
 
 def iter_json(lines: list[str]) -> Iterator[dict[str, Any]]:
@@ -377,18 +412,33 @@ def iter_json(lines: list[str]) -> Iterator[dict[str, Any]]:
             continue
 
 
-def in_process_settings(config_path: Path, broker_port: int, *,
-                        broker: dict[str, Any] | None = None, **overrides: Any) -> ServiceSettings:
+def in_process_settings(
+    config_path: Path, broker_port: int, *, broker: dict[str, Any] | None = None, **overrides: Any
+) -> ServiceSettings:
     """ServiceSettings for an in-process service: test broker, unique client id, no state DB and
     no HTTP unless asked for (the defaults would write logs/state.db and bind port 8080).
     `broker` overrides BrokerSettings fields (backoff, client_id, protocol, ...)."""
     from scheduler_publisher.settings import BrokerSettings, ServiceSettings  # noqa: PLC0415
 
-    broker_settings = BrokerSettings(**{
-        "host": "127.0.0.1", "port": broker_port, "backoff_min": 0.1, "backoff_max": 0.5,
-        "client_id": f"sp-test-{uuid.uuid4().hex[:10]}", **(broker or {})})
-    return ServiceSettings(**{"config_path": config_path, "broker": broker_settings,
-                              "state_db": None, "http_port": 0, **overrides})
+    broker_settings = BrokerSettings(
+        **{
+            "host": "127.0.0.1",
+            "port": broker_port,
+            "backoff_min": 0.1,
+            "backoff_max": 0.5,
+            "client_id": f"sp-test-{uuid.uuid4().hex[:10]}",
+            **(broker or {}),
+        }
+    )
+    return ServiceSettings(
+        **{
+            "config_path": config_path,
+            "broker": broker_settings,
+            "state_db": None,
+            "http_port": 0,
+            **overrides,
+        }
+    )
 
 
 class InProcessServices:
@@ -402,9 +452,16 @@ class InProcessServices:
         self.workdir = workdir
         self.started: list[PublisherService] = []
 
-    def create(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
-               config: Path | None = None, broker: dict[str, Any] | None = None,
-               clock: Clock | None = None, **overrides: Any) -> PublisherService:
+    def create(
+        self,
+        broker_port: int,
+        entries: list[dict[str, Any]] | None = None,
+        *,
+        config: Path | None = None,
+        broker: dict[str, Any] | None = None,
+        clock: Clock | None = None,
+        **overrides: Any,
+    ) -> PublisherService:
         """A service not yet started, for a test that starts it itself (inside capture_logs,
         say); close() stops it all the same. `config` defaults to a new file per service;
         `entries` (if given) are written to it."""
@@ -413,19 +470,28 @@ class InProcessServices:
         config = config or self.workdir / f"config-{len(self.started)}.json"
         if entries is not None:
             write_config(config, entries)
-        service = PublisherService(in_process_settings(config, broker_port, broker=broker,
-                                                       **overrides), clock=clock)
+        service = PublisherService(
+            in_process_settings(config, broker_port, broker=broker, **overrides), clock=clock
+        )
         self.started.append(service)
         return service
 
-    def start(self, broker_port: int, entries: list[dict[str, Any]] | None = None, *,
-              config: Path | None = None, broker: dict[str, Any] | None = None,
-              clock: Clock | None = None, loop: bool = True,
-              **overrides: Any) -> PublisherService:
+    def start(
+        self,
+        broker_port: int,
+        entries: list[dict[str, Any]] | None = None,
+        *,
+        config: Path | None = None,
+        broker: dict[str, Any] | None = None,
+        clock: Clock | None = None,
+        loop: bool = True,
+        **overrides: Any,
+    ) -> PublisherService:
         """create(), then start the service; `loop=False` leaves its main loop to the test,
         which turns it with service.step()."""
-        service = self.create(broker_port, entries, config=config, broker=broker, clock=clock,
-                              **overrides)
+        service = self.create(
+            broker_port, entries, config=config, broker=broker, clock=clock, **overrides
+        )
         service.start(loop=loop)
         return service
 
@@ -435,11 +501,17 @@ class InProcessServices:
             service.stop()
 
 
-def cli_args(broker_port: int, config: Path | None, *extra: str,
-             command: tuple[str, ...] = ("run",),
-             http_port: int = 0, state_db: Path | None = None, log_file: Path | None = None,
-             client_id: str | None = None, backoff: tuple[float, float] | None = None
-             ) -> list[str]:
+def cli_args(
+    broker_port: int,
+    config: Path | None,
+    *extra: str,
+    command: tuple[str, ...] = ("run",),
+    http_port: int = 0,
+    state_db: Path | None = None,
+    log_file: Path | None = None,
+    client_id: str | None = None,
+    backoff: tuple[float, float] | None = None,
+) -> list[str]:
     """The one builder of the CLI's argument list for a test run: the broker on loopback, an
     HTTP port (0: none of its own), no state database or log file unless given (the defaults
     would write under ./logs/), and `client_id` or else a unique one (tests share brokers'
@@ -447,8 +519,14 @@ def cli_args(broker_port: int, config: Path | None, *extra: str,
     args = [*command, "--broker", "127.0.0.1", "--port", str(broker_port)]
     if config is not None:
         args += ["--config", str(config)]
-    args += ["--http-port", str(http_port), "--state-db", str(state_db or ""),
-             "--log-file", str(log_file or "")]
+    args += [
+        "--http-port",
+        str(http_port),
+        "--state-db",
+        str(state_db or ""),
+        "--log-file",
+        str(log_file or ""),
+    ]
     args += ["--client-id", client_id or f"sp-test-{uuid.uuid4().hex[:8]}"]
     if backoff is not None:
         args += ["--backoff-min", str(backoff[0]), "--backoff-max", str(backoff[1])]
@@ -469,8 +547,14 @@ class Reply:
         return json.loads(self.body)
 
 
-def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
-            body: bytes | None = None, timeout: float = 10) -> Reply:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10,
+) -> Reply:
     """Any method, any headers, to 127.0.0.1; every status is a Reply, never an exception (the
     body as sent: http.client reads none for HEAD)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -482,11 +566,18 @@ def request(port: int, method: str, path: str, headers: dict[str, str] | None = 
         conn.close()
 
 
-def call(port: int, path: str, method: str = "GET", token: str | None = None,
-         authorization: str | None = None, timeout: float = 10) -> Reply:
+def call(
+    port: int,
+    path: str,
+    method: str = "GET",
+    token: str | None = None,
+    authorization: str | None = None,
+    timeout: float = 10,
+) -> Reply:
     """GET (or `method`) with an optional bearer token or a whole Authorization header."""
-    headers = {"Authorization": authorization or f"Bearer {token}"} \
-        if (token or authorization) else {}
+    headers = (
+        {"Authorization": authorization or f"Bearer {token}"} if (token or authorization) else {}
+    )
     return request(port, method, path, headers, b"" if method == "POST" else None, timeout)
 
 
@@ -506,8 +597,9 @@ def get(service: ServesHttp, path: str) -> Reply:
     return call(service.http.port, path)
 
 
-def post(service: ServesHttp, path: str, token: str | None = None,
-         authorization: str | None = None) -> Reply:
+def post(
+    service: ServesHttp, path: str, token: str | None = None, authorization: str | None = None
+) -> Reply:
     return call(service.http.port, path, "POST", token, authorization)
 
 
@@ -521,16 +613,19 @@ def metrics(service: ServesHttp) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
 
 
-def samples(families: dict[str, Any], family: str, sample: str | None = None,
-            **labels: str) -> list[float]:
+def samples(
+    families: dict[str, Any], family: str, sample: str | None = None, **labels: str
+) -> list[float]:
     """Values of the samples named `sample` (default: the family) whose labels include `labels`."""
     name = sample or family
-    return [s.value for s in families[family].samples
-            if s.name == name and labels.items() <= s.labels.items()]
+    return [
+        s.value
+        for s in families[family].samples
+        if s.name == name and labels.items() <= s.labels.items()
+    ]
 
 
-def value(families: dict[str, Any], family: str, sample: str | None = None,
-          **labels: str) -> float:
+def value(families: dict[str, Any], family: str, sample: str | None = None, **labels: str) -> float:
     (found,) = samples(families, family, sample, **labels)
     return found
 
@@ -586,9 +681,11 @@ class NotifySocket:
     def with_line(self, prefix: str, since: float = 0.0) -> list[Datagram]:
         return [d for d in self.datagrams(since) if any(x.startswith(prefix) for x in d.lines)]
 
-    def wait_for(self, prefix: str, count: int = 1, timeout: float = 10,
-                 since: float = 0.0) -> list[Datagram]:
+    def wait_for(
+        self, prefix: str, count: int = 1, timeout: float = 10, since: float = 0.0
+    ) -> list[Datagram]:
         """At least `count` datagrams with a line starting with `prefix`, received after `since`."""
+
         def got() -> list[Datagram] | None:
             hits = self.with_line(prefix, since)
             return hits if len(hits) >= count else None

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
-    reason="needs Mosquitto")
+    reason="needs Mosquitto",
+)
 
 
 def _numeric(section: dict[str, object], *keys: str) -> None:
@@ -45,9 +46,20 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     every figure of issue 12's comparison and of issue #6's scenarios."""
     out = tmp_path / "bench.json"
     # CI leaves Node-RED out: the first use is an npm install, neither fast nor offline-safe
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick",
-                           "--no-node-red", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--quick",
+            "--no-node-red",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Node-RED: skipped (--no-node-red given)" in proc.stdout
     assert "| figure | target | measured | verdict |" in proc.stdout
@@ -57,11 +69,24 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
 
     windows = result["compare"]["windows"]
     assert {(w["peer"], w["entries"]) for w in windows} == {
-        (peer, n) for peer in ("service", "loop", "service-100-slots")
-        for n in result["params"]["compare_sizes"]}
+        (peer, n)
+        for peer in ("service", "loop", "service-100-slots")
+        for n in result["params"]["compare_sizes"]
+    }
     for w in [*windows, result["loaded"]]:
-        _numeric(w, "cpu_us_per_msg", "cpu_pct_of_core", "rss_kb", "delivered_pct", "p50_ms",
-                 "p99_ms", "max_ms", "startup_s", "missed_ticks", "steal_ms")
+        _numeric(
+            w,
+            "cpu_us_per_msg",
+            "cpu_pct_of_core",
+            "rss_kb",
+            "delivered_pct",
+            "p50_ms",
+            "p99_ms",
+            "max_ms",
+            "startup_s",
+            "missed_ticks",
+            "steal_ms",
+        )
     _numeric(result["loaded"], "spinner_cpu_pct_of_core")
     rows = {row["figure"]: row for row in result["table"]}
     small = min(result["params"]["compare_sizes"])
@@ -69,8 +94,7 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     assert f"{max(result['params']['compare_sizes']):,} × 1 s: CPU per message" in rows
     assert rows[f"{small:,} × 1 s, --phase-slots 100: CPU per message"]["verdict"] == "info"
     assert result["machine"]["service_python"] == sys.executable  # --quick: this venv
-    _numeric(result["timer_floor"], "p50_ms", "p99_ms", "max_ms", "wakeups", "over_5ms",
-             "steal_ms")
+    _numeric(result["timer_floor"], "p50_ms", "p99_ms", "max_ms", "wakeups", "over_5ms", "steal_ms")
     assert result["timer_floor"]["wakeups"] == 10  # --quick: a second of deadlines 100 ms apart
     floor = next(row for figure, row in rows.items() if figure.startswith("this machine:"))
     assert floor["verdict"] == "info"
@@ -81,15 +105,30 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
         _numeric(result["bare"][qos], "publishes_per_s", "cpu_us_per_publish", "wall_s", "cpu_s")
     assert result["sustained"]
     for run in result["sustained"]:
-        _numeric(run, "entries", "expected", "received", "delivered_pct", "missed_ticks",
-                 "service_cpu_pct_of_core", "cpu_us_per_publish", "cost_ratio_vs_bare_qos0")
+        _numeric(
+            run,
+            "entries",
+            "expected",
+            "received",
+            "delivered_pct",
+            "missed_ticks",
+            "service_cpu_pct_of_core",
+            "cpu_us_per_publish",
+            "cost_ratio_vs_bare_qos0",
+        )
         _numeric(run["period_error_ms"], "p50", "p99", "max")
     _numeric(result["idle"], "entries", "idle_cpu_pct_of_core", "idle_window_s", "rss_kb")
     _numeric(result["memory"], "rss_small_kb", "rss_large_kb", "kb_per_entry")
     _numeric(result["startup"], "entries", "seconds")
-    _numeric(result["reload"], "wire_latency_max_s", "applied_latency_max_s",
-             "phase_moved_on_wire", "phase_compared_on_wire", "phase_moved_next_run_at",
-             "phase_compared_next_run_at")
+    _numeric(
+        result["reload"],
+        "wire_latency_max_s",
+        "applied_latency_max_s",
+        "phase_moved_on_wire",
+        "phase_compared_on_wire",
+        "phase_moved_next_run_at",
+        "phase_compared_next_run_at",
+    )
     assert len(result["table"]) >= 14
     _check_shards(result)
 
@@ -103,8 +142,16 @@ def _check_shards(result: dict[str, object]) -> None:
         m = shards[phase]
         assert m["processes"] == processes
         assert len(m["cpu_pct_of_core_each"]) == processes
-        _numeric(m, "expected", "received", "delivered_pct", "missed_ticks",
-                 "cpu_pct_of_core_total", "subscriber_cpu_pct_of_core", "startup_s")
+        _numeric(
+            m,
+            "expected",
+            "received",
+            "delivered_pct",
+            "missed_ticks",
+            "cpu_pct_of_core_total",
+            "subscriber_cpu_pct_of_core",
+            "startup_s",
+        )
         # None only when the broker's counter gave fewer than two samples in the window
         assert "broker_received_pct" in m
     rows = {row["figure"] for row in result["table"]}  # type: ignore[attr-defined]
@@ -116,9 +163,22 @@ def test_bench_only_shards_runs_just_the_shard_section(tmp_path: Path) -> None:
     """`run.py --only-shards --quick` measures 2 shard processes and then one process on one
     entries file, and nothing else."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--only-shards",
-                           "--quick", "--shard-entries", "200", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--only-shards",
+            "--quick",
+            "--shard-entries",
+            "200",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert not {"compare", "sustained", "soak"} & set(result)
@@ -148,8 +208,9 @@ def test_off_grid_window_counts_a_peer_on_its_own_phase(roles: ModuleType) -> No
     a = 1_800_000_000.25
     steady = [a + 0.37 + k for k in range(10)]
     gap = [a + 0.81 + k + (0.004 if k == 3 else 0) for k in range(10) if k != 5]
-    res = roles.analyse_window({"x/e00001": steady, "x/e00002": gap}, a, a + 10, 1.0,
-                               ["x/e00001", "x/e00002"], slots=None)
+    res = roles.analyse_window(
+        {"x/e00001": steady, "x/e00002": gap}, a, a + 10, 1.0, ["x/e00001", "x/e00002"], slots=None
+    )
     assert (res["expected"], res["received"], res["missed_ticks"]) == (20, 19, 1)
     assert res["delivered_pct"] == pytest.approx(95.0)
     assert res["period_error_ms"]["max"] == pytest.approx(1000.0, abs=0.01)
@@ -168,8 +229,9 @@ def test_on_grid_window_expects_each_slot_of_the_entrys_phase(roles: ModuleType)
     off = roles.grid_offset("e00003", interval, slots)
     first = a + (off - (a - roles.GRID_ANCHOR)) % interval  # the entry's first slot in [a, b)
     arrivals = [first + k * interval + 0.002 for k in range(10) if k != 5]
-    res = roles.analyse_window({"x/e00003": arrivals}, a, b, interval,
-                               ["x/e00003", "x/e00004"], slots=slots)
+    res = roles.analyse_window(
+        {"x/e00003": arrivals}, a, b, interval, ["x/e00003", "x/e00004"], slots=slots
+    )
     assert (res["expected"], res["received"], res["missed_ticks"]) == (20, 9, 11)
     assert res["entries_never_seen"] == 1
     assert res["period_error_ms"]["samples"] == 8
@@ -193,9 +255,17 @@ def test_arrivals_count_by_topic_and_keep_each_payload_change(roles: ModuleType)
     """The probe only says the subscription is in place; every other arrival is kept by
     topic, and a payload that differs from the topic's last one is a change."""
     arrivals = roles.Arrivals(probe="p/.probe")
-    lines = [f"{t} p/{topic} {payload.hex()}\n".encode() for t, topic, payload in (
-        (10.0, ".probe", b""), (10.5, "a", b"1"), (11.5, "a", b"1"), (11.6, "b", b"x"),
-        (12.5, "a", b"2 two"), (13.5, "a", b"2 two"))]
+    lines = [
+        f"{t} p/{topic} {payload.hex()}\n".encode()
+        for t, topic, payload in (
+            (10.0, ".probe", b""),
+            (10.5, "a", b"1"),
+            (11.5, "a", b"1"),
+            (11.6, "b", b"x"),
+            (12.5, "a", b"2 two"),
+            (13.5, "a", b"2 two"),
+        )
+    ]
     arrivals.read(lines)
     assert arrivals.probed.is_set()
     assert arrivals.between(11.0, 13.0) == {"p/a": [11.5, 12.5], "p/b": [11.6]}
@@ -211,12 +281,18 @@ def compare(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("compare")
 
 
-def _window(compare: ModuleType, peer: str, n: int, p99: float,
-            steal: float | None = 1.0) -> dict[str, object]:
+def _window(
+    compare: ModuleType, peer: str, n: int, p99: float, steal: float | None = 1.0
+) -> dict[str, object]:
     """One comparison window; `steal` None: a window from before steal was measured."""
     figures = {fig: 1.0 for fig in compare.FIGURES if fig not in ("p99_ms", "steal_ms")}
-    return {"peer": peer, "entries": n, "p99_ms": p99, **figures,
-            **({} if steal is None else {"steal_ms": steal})}
+    return {
+        "peer": peer,
+        "entries": n,
+        "p99_ms": p99,
+        **figures,
+        **({} if steal is None else {"steal_ms": steal}),
+    }
 
 
 def test_p99_verdict_shows_each_round_beside_the_bare_loop(compare: ModuleType) -> None:
@@ -225,26 +301,37 @@ def test_p99_verdict_shows_each_round_beside_the_bare_loop(compare: ModuleType) 
     service's windows."""
     p99s = {"service": (15.88, 4.32), "loop": (15.93, 4.35), "node-red": (44.31, 40.18)}
     steals = {"service": (240.0, 10.0), "loop": (230.0, 0.0), "node-red": (50.0, 0.0)}
-    windows = [_window(compare, peer, n, p99s[peer][r], steals[peer][r])
-               for n in (100, 5000) for r in (0, 1) for peer in p99s]
-    rows = compare.issue12_rows({"windows": windows, "summary": compare.summarise(windows)},
-                                None, None, quick=False)
-    (measured, verdict), = [(row[2], row[3]) for row in rows
-                            if row[0] == "100 × 1 s: p99 period error"]
-    assert measured == ("10.10 ms vs 42.25 ms; by round: service 15.88, 4.32, "
-                        "bare loop 15.93, 4.35; host steal in the service's windows 240, 10 ms")
+    windows = [
+        _window(compare, peer, n, p99s[peer][r], steals[peer][r])
+        for n in (100, 5000)
+        for r in (0, 1)
+        for peer in p99s
+    ]
+    rows = compare.issue12_rows(
+        {"windows": windows, "summary": compare.summarise(windows)}, None, None, quick=False
+    )
+    ((measured, verdict),) = [
+        (row[2], row[3]) for row in rows if row[0] == "100 × 1 s: p99 period error"
+    ]
+    assert measured == (
+        "10.10 ms vs 42.25 ms; by round: service 15.88, 4.32, "
+        "bare loop 15.93, 4.35; host steal in the service's windows 240, 10 ms"
+    )
     assert verdict == "MISSED"
 
 
 def test_results_written_before_steal_was_measured_still_report(compare: ModuleType) -> None:
     """Windows without a steal figure (the runs before it was measured) give the same rows,
     without the steal list, and no steal summary."""
-    windows = [_window(compare, peer, n, p99, steal=None) for n in (100, 5000)
-               for peer, p99 in (("service", 4.0), ("loop", 6.0), ("node-red", 40.0))]
+    windows = [
+        _window(compare, peer, n, p99, steal=None)
+        for n in (100, 5000)
+        for peer, p99 in (("service", 4.0), ("loop", 6.0), ("node-red", 40.0))
+    ]
     summary = compare.summarise(windows)
     assert summary["100"]["service"]["steal_ms"] is None
     rows = compare.issue12_rows({"windows": windows, "summary": summary}, None, None, quick=False)
-    (measured,), = [(row[2],) for row in rows if row[0] == "100 × 1 s: p99 period error"]
+    ((measured,),) = [(row[2],) for row in rows if row[0] == "100 × 1 s: p99 period error"]
     assert measured == "4.00 ms vs 40.00 ms; by round: service 4.00, bare loop 6.00"
 
 
@@ -253,10 +340,12 @@ def test_steal_is_read_from_the_aggregate_cpu_line(monkeypatch: pytest.MonkeyPat
     ticks, summed over the CPUs; the per-CPU lines are not added again."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     common = importlib.import_module("common")
-    stat = ("cpu  100 0 50 9000 3 0 2 37 0 0\n"
-            "cpu0 50 0 25 4500 1 0 1 30 0 0\n"
-            "cpu1 50 0 25 4500 2 0 1 7 0 0\n"
-            "intr 12345\n")
+    stat = (
+        "cpu  100 0 50 9000 3 0 2 37 0 0\n"
+        "cpu0 50 0 25 4500 1 0 1 30 0 0\n"
+        "cpu1 50 0 25 4500 2 0 1 7 0 0\n"
+        "intr 12345\n"
+    )
     assert common.steal_ms(stat) == pytest.approx(37 * 1000 / os.sysconf("SC_CLK_TCK"))
     # a kernel too old to count steal (fewer columns) has none to report
     assert common.steal_ms("cpu  100 0 50 9000 3 0 2\n") == 0.0
@@ -281,7 +370,8 @@ def test_node_red_flow_wires_an_inject_per_topic_to_one_mqtt_out(peers: ModuleTy
     assert (broker["broker"], broker["port"]) == ("127.0.0.1", "18830")
     injects = by_type["inject"]
     assert [(n["topic"], n["payload"], n["payloadType"]) for n in injects] == [
-        (t, p.decode(), "str") for t, p in messages]
+        (t, p.decode(), "str") for t, p in messages
+    ]
     assert all(n["repeat"] == "1" and n["wires"] == [[out["id"]]] for n in injects)
 
 
@@ -307,8 +397,8 @@ def run(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def test_a_first_use_records_the_node_red_version_it_installed(
-        peers: ModuleType, run: ModuleType, monkeypatch: pytest.MonkeyPatch,
-        tmp_path: Path) -> None:
+    peers: ModuleType, run: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The run's machine section names the Node-RED that ran, also on the run that installed
     it (the version used to be read before the install, so a first use recorded none)."""
     red_js = tmp_path / "node_modules" / "node-red" / "red.js"
@@ -342,11 +432,16 @@ def _stored(name: str) -> dict[str, Any]:
 def test_issue6_verdicts_of_stored_full_runs(run: ModuleType) -> None:
     """The verdicts of two real full runs: run c missed the reload target (1.04 s on the
     wire) and met the rest; run k met every one. Each row says which figure it judges."""
-    c = {figure: verdict for figure, _target, _measured, verdict
-         in run.verdicts(_stored("full-2026-11-29-c.json"), False)}
+    c = {
+        figure: verdict
+        for figure, _target, _measured, verdict in run.verdicts(
+            _stored("full-2026-11-29-c.json"), False
+        )
+    }
     assert c["reload"] == "MISSED"
-    assert [c[f] for f in ("idle", "memory", "start-up", "cost per publish",
-                           "sustained 5,000 at 1 s")] == ["met"] * 5
+    assert [
+        c[f] for f in ("idle", "memory", "start-up", "cost per publish", "sustained 5,000 at 1 s")
+    ] == ["met"] * 5
     assert c["ceiling (bare paho)"] == "-"
     run_k = _stored("full-2026-11-29-k.json")
     k = run.verdicts(run_k, False)
@@ -355,8 +450,7 @@ def test_issue6_verdicts_of_stored_full_runs(run: ModuleType) -> None:
     assert {row[3] for row in run.verdicts(run_k, True)} <= {"(quick)", "-", "ok", "no"}
 
 
-def test_a_phase_shift_on_the_wire_is_taken_the_short_way_round_the_period(
-        run: ModuleType) -> None:
+def test_a_phase_shift_on_the_wire_is_taken_the_short_way_round_the_period(run: ModuleType) -> None:
     """0.99 s to 0.01 s is 20 ms, not 980; the changed entry and a topic seen in one window
     only are left out; more than 50 ms counts as moved."""
     before = {"p/a": 0.99, "p/b": 0.50, "p/changed": 0.10, "p/gone": 0.30}
@@ -369,6 +463,7 @@ def test_a_phase_shift_on_the_wire_is_taken_the_short_way_round_the_period(
 def test_a_phase_in_the_schedule_moves_only_off_its_grid(run: ModuleType) -> None:
     """A next run a whole number of intervals later is the same phase; 2 ms off the grid is
     moved; entries changed on purpose, or without a next run, are not compared."""
+
     def at(seconds: float) -> dict[str, str]:
         return {"next_run_at": datetime.fromtimestamp(1_800_000_000 + seconds, UTC).isoformat()}
 
@@ -385,25 +480,30 @@ def common(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def test_the_benchmarked_service_keeps_its_config_apart_from_its_own_files(
-        common: ModuleType, broker: Mosquitto, tmp_path: Path) -> None:
+    common: ModuleType, broker: Mosquitto, tmp_path: Path
+) -> None:
     """As on a gateway, the config file is alone in the folder the watcher follows: the log
     file, the state database and the service's output are written beside that folder, so
     none of the service's own writes wakes its watcher."""
-    service = common.Service(tmp_path, broker.port,
-                             common.make_entries(3, 1.0, "bench/layout"), "layout",
-                             defaults=True)
+    service = common.Service(
+        tmp_path, broker.port, common.make_entries(3, 1.0, "bench/layout"), "layout", defaults=True
+    )
     log_file = tmp_path / "layout.json.log"
 
     def started() -> bool:
         service.alive()  # a service that exited fails here, with its output
-        return (log_file.exists() and "service_started" in log_file.read_text()
-                and (tmp_path / "layout.db").exists())
+        return (
+            log_file.exists()
+            and "service_started" in log_file.read_text()
+            and (tmp_path / "layout.db").exists()
+        )
 
     try:
         wait_until(started, 30, interval=0.05, message="the service to start")
         assert service.config == tmp_path / "JSON" / "layout.json"
         assert sorted(p.name for p in service.config.parent.iterdir()) == ["layout.json"]
         assert {"layout.db", "layout.json.log", "layout.log"} <= {
-            p.name for p in tmp_path.iterdir()}
+            p.name for p in tmp_path.iterdir()
+        }
     finally:
         service.stop()

@@ -41,14 +41,23 @@ from tests.support import (
 )
 
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"
-ECS_KEYS = ("@timestamp", "log.level", "message", "ecs.version", "log.logger", "service.name",
-            "service.version", "process.pid")
+ECS_KEYS = (
+    "@timestamp",
+    "log.level",
+    "message",
+    "ecs.version",
+    "log.logger",
+    "service.name",
+    "service.version",
+    "process.pid",
+)
 USER, PASSWORD = "gw01", "s3cr3t-XYZ"
 
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to open a connection fails the test."""
+
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("tried to connect somewhere")
 
@@ -69,15 +78,25 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     """Starts the real CLI with its files under tmp_path; killed at teardown if still running."""
     procs: list[ServiceProcess] = []
 
-    def start(port: int, entries: list[dict[str, Any]] | None, *extra: str,
-              command: tuple[str, ...] = ("run",)) -> ServiceProcess:
+    def start(
+        port: int,
+        entries: list[dict[str, Any]] | None,
+        *extra: str,
+        command: tuple[str, ...] = ("run",),
+    ) -> ServiceProcess:
         config = None
         if entries is not None:
             config = tmp_path / "config.json"
             write_config(config, entries)
-        args = cli_args(port, config, *extra, command=command,
-                        state_db=tmp_path / "state.db", log_file=tmp_path / "service.log",
-                        backoff=(0.2, 1))
+        args = cli_args(
+            port,
+            config,
+            *extra,
+            command=command,
+            state_db=tmp_path / "state.db",
+            log_file=tmp_path / "service.log",
+            backoff=(0.2, 1),
+        )
         proc = ServiceProcess(args, cwd=tmp_path)
         procs.append(proc)
         return proc
@@ -111,8 +130,9 @@ def all_output(proc: ServiceProcess, log_file: Path) -> str:
 # ---- validate -------------------------------------------------------------------------------
 
 
-def test_validate_accepts_the_bundled_sample(no_network: None,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_accepts_the_bundled_sample(
+    no_network: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`validate` exits 0 on JSON/payloadStaticConfig.json without connecting anywhere."""
     assert run_main(["validate", "--config", str(SAMPLE)]) == 0
 
@@ -121,15 +141,19 @@ def test_validate_accepts_the_bundled_sample(no_network: None,
 
 
 def test_validate_reports_every_problem_and_exits_1(
-        no_network: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    no_network: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`validate` on an invalid file prints every problem with its place and exits 1."""
     config = tmp_path / "bad.json"
-    write_config(config, [
-        entry("ok", "a/ok"),
-        entry("pump-7", "a/pump", interval=0, qos=5),
-        {"id": "no-topic", "data": {}, "interval": 1},
-        entry("ok", "a/dup"),
-    ])
+    write_config(
+        config,
+        [
+            entry("ok", "a/ok"),
+            entry("pump-7", "a/pump", interval=0, qos=5),
+            {"id": "no-topic", "data": {}, "interval": 1},
+            entry("ok", "a/dup"),
+        ],
+    )
 
     assert run_main(["validate", "--config", str(config)]) == 1
 
@@ -144,7 +168,8 @@ def test_validate_reports_every_problem_and_exits_1(
 
 
 def test_validate_on_unparsable_json_exits_1_with_the_place(
-        no_network: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    no_network: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`validate` on text that is not JSON says where it broke and exits 1."""
     config = tmp_path / "broken.json"
     config.write_text('[{"id": "a", "topic": "t",\n')
@@ -160,7 +185,8 @@ def test_validate_on_unparsable_json_exits_1_with_the_place(
 
 
 def test_run_on_a_broken_config_exits_3_with_a_short_message(
-        tmp_path: Path, start_process: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, start_process: Callable[..., ServiceProcess]
+) -> None:
     """`run` with a config that is not JSON exits 3 with a few lines and no traceback."""
     config = tmp_path / "config.json"
     config.write_text("{ this is not json")
@@ -178,12 +204,18 @@ def test_run_on_a_broken_config_exits_3_with_a_short_message(
 
 
 def test_a_start_without_a_config_file_says_how_to_get_one_and_creates_no_logs_folder(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Run from a folder without JSON/: exit 3, a hint naming --config and sample-config, and
     no ./logs/ left behind."""
-    proc = subprocess.run([sys.executable, "-m", "scheduler_publisher", "--options-file", "",
-                           "--http-port", "0"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_publisher", "--options-file", "", "--http-port", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
@@ -195,7 +227,8 @@ def test_a_start_without_a_config_file_says_how_to_get_one_and_creates_no_logs_f
 
 
 def test_embedded_broker_on_a_busy_port_exits_5_in_one_line_naming_port(
-        tmp_path: Path, start_process: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, start_process: Callable[..., ServiceProcess]
+) -> None:
     """`--embedded-broker` on a port in use: exit 5, one line suggesting --port, no traceback."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -207,27 +240,35 @@ def test_embedded_broker_on_a_busy_port_exits_5_in_one_line_naming_port(
     assert proc.stderr == [
         f"scheduler-publisher: cannot start: port {port} on 127.0.0.1 is already in use (another "
         f"MQTT broker?); pick a free one with --port, for example `scripts/demo --port "
-        f"{port + 10000 if port < 55535 else 11883}`"]
+        f"{port + 10000 if port < 55535 else 11883}`"
+    ]
     assert not [line for line in proc.stdout if "Traceback" in line]
 
 
 def test_busy_http_port_is_logged_with_a_hint_to_use_http_port(
-        broker: Mosquitto, tmp_path: Path, start_process: Callable[..., ServiceProcess],
-        topic_base: str) -> None:
+    broker: Mosquitto, tmp_path: Path, start_process: Callable[..., ServiceProcess], topic_base: str
+) -> None:
     """When --http-port is taken, http_bind_failed suggests --http-port; publishing goes on."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = start_process(broker.port, [entry("h", f"{topic_base}/h", interval=3600)],
-                             "--http-port", str(taken.getsockname()[1]))
+        proc = start_process(
+            broker.port,
+            [entry("h", f"{topic_base}/h", interval=3600)],
+            "--http-port",
+            str(taken.getsockname()[1]),
+        )
         failed = proc.wait_for_event("http_bind_failed", timeout=20)
     assert "--http-port" in failed["hint"]
     proc.wait_for_event("mqtt_connected", timeout=20)
 
 
 def test_run_is_the_default_command(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory,
-        start_process: Callable[..., ServiceProcess], topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_process: Callable[..., ServiceProcess],
+    topic_base: str,
+) -> None:
     """`python -m scheduler_publisher --broker ... --port ...` runs the publisher."""
     topic = f"{topic_base}/default"
     sub = subscriber_factory(topic)
@@ -239,24 +280,30 @@ def test_run_is_the_default_command(
 
 
 def test_version_prints_the_package_and_library_versions(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """`--version` prints this version, then paho-mqtt's, APScheduler's and Python's; exit 0."""
     assert run_main(["--version"]) == 0
 
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"scheduler-publisher {__version__}",
-                     f"paho-mqtt {importlib.metadata.version('paho-mqtt')}",
-                     f"APScheduler {importlib.metadata.version('APScheduler')}",
-                     f"Python {platform.python_version()}"]
+    assert lines == [
+        f"scheduler-publisher {__version__}",
+        f"paho-mqtt {importlib.metadata.version('paho-mqtt')}",
+        f"APScheduler {importlib.metadata.version('APScheduler')}",
+        f"Python {platform.python_version()}",
+    ]
 
 
 def test_importing_the_cli_loads_no_mqtt_scheduler_or_watcher_library() -> None:
     """`validate`, `--version` and the sample commands load no paho, APScheduler or watchdog."""
-    code = ("import sys, scheduler_publisher, scheduler_publisher.cli.main; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'paho', 'apscheduler', 'watchdog', 'amqtt'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=REPO).stdout
+    code = (
+        "import sys, scheduler_publisher, scheduler_publisher.cli.main; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'paho', 'apscheduler', 'watchdog', 'amqtt'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -269,23 +316,44 @@ def test_sample_commands_print_the_shipped_files(capsys: pytest.CaptureFixture[s
 
 
 def test_help_names_the_commands_and_run_help_lists_every_flag(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """`--help` names run (the default) and validate; `run --help` lists the flags."""
     assert run_main(["--help"]) == 0
     top = capsys.readouterr().out
-    for command in ("validate", "show-options", "sample-config", "sample-options",
-                    "systemd-unit"):
+    for command in ("validate", "show-options", "sample-config", "sample-options", "systemd-unit"):
         assert command in top
     assert "run the publisher (default)" in top
 
     assert run_main(["run", "--help"]) == 0
     flags = capsys.readouterr().out
-    for flag in ("--broker", "--port", "--username", "--password", "--password-file",
-                 "--config", "--client-id", "--mqtt-version", "--backoff-min", "--backoff-max",
-                 "--max-retries", "--will-delay", "--status-topic", "--tls", "--cafile",
-                 "--tls-insecure", "--no-watch", "--log-level", "--log-format", "--log-file",
-                 "--stats-interval", "--state-db", "--http-port", "--embedded-broker",
-                 "--echo"):
+    for flag in (
+        "--broker",
+        "--port",
+        "--username",
+        "--password",
+        "--password-file",
+        "--config",
+        "--client-id",
+        "--mqtt-version",
+        "--backoff-min",
+        "--backoff-max",
+        "--max-retries",
+        "--will-delay",
+        "--status-topic",
+        "--tls",
+        "--cafile",
+        "--tls-insecure",
+        "--no-watch",
+        "--log-level",
+        "--log-format",
+        "--log-file",
+        "--stats-interval",
+        "--state-db",
+        "--http-port",
+        "--embedded-broker",
+        "--echo",
+    ):
         assert re.search(rf"\s{re.escape(flag)}\b", flags), flag
 
 
@@ -293,21 +361,32 @@ def test_help_names_the_commands_and_run_help_lists_every_flag(
 
 
 def test_sigterm_delivers_a_just_published_qos1_message_then_goes_offline_and_exits_0(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
-        start_process: Callable[..., ServiceProcess], topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    start_process: Callable[..., ServiceProcess],
+    topic_base: str,
+) -> None:
     """SIGTERM: a just-published QoS 1 message arrives, then offline and exit 0 within 5 s."""
     client_id = f"sp-sigterm-{uuid.uuid4().hex[:8]}"
     status_topic = f"scheduler-publisher/{client_id}/status"
     tick, added = f"{topic_base}/tick", f"{topic_base}/added"
     sub = subscriber_factory(f"{topic_base}/#", status_topic)
-    proc = start_process(broker.port, [entry("tick", tick, interval=0.1, qos=1)],
-                         "--no-watch", "--client-id", client_id)
+    proc = start_process(
+        broker.port,
+        [entry("tick", tick, interval=0.1, qos=1)],
+        "--no-watch",
+        "--client-id",
+        client_id,
+    )
     sub.wait_for(tick, count=5, timeout=20)
     sub.wait_for(status_topic, where=lambda m: m.json() == {"online": 1})
 
     # SIGHUP makes the service publish the added entry at once; SIGTERM follows right away.
-    write_config(tmp_path / "config.json", [entry("tick", tick, interval=0.1, qos=1),
-                                            entry("added", added, interval=3600, qos=1)])
+    write_config(
+        tmp_path / "config.json",
+        [entry("tick", tick, interval=0.1, qos=1), entry("added", added, interval=3600, qos=1)],
+    )
     proc.signal(signal.SIGHUP)
     proc.wait_for_event("config_reloaded")
     sent = time.monotonic()
@@ -329,16 +408,27 @@ def test_sigterm_delivers_a_just_published_qos1_message_then_goes_offline_and_ex
 
 
 def test_password_never_appears_in_any_log_line_even_at_debug(
-        auth_broker: Mosquitto, tmp_path: Path, start_process: Callable[..., ServiceProcess],
-        topic_base: str) -> None:
+    auth_broker: Mosquitto,
+    tmp_path: Path,
+    start_process: Callable[..., ServiceProcess],
+    topic_base: str,
+) -> None:
     """With --log-level DEBUG and a broker that needs it, the password is in no output."""
     topic = f"{topic_base}/auth"
     sub = Subscriber(auth_broker.port, [topic])
     sub.client.username_pw_set(USER, PASSWORD)
     sub.start()
     try:
-        proc = start_process(auth_broker.port, [entry("auth", topic, interval=0.5, qos=1)],
-                             "--username", USER, "--password", PASSWORD, "--log-level", "DEBUG")
+        proc = start_process(
+            auth_broker.port,
+            [entry("auth", topic, interval=0.5, qos=1)],
+            "--username",
+            USER,
+            "--password",
+            PASSWORD,
+            "--log-level",
+            "DEBUG",
+        )
         sub.wait_for(topic, count=2, timeout=20)
     finally:
         sub.stop()
@@ -354,13 +444,27 @@ def test_password_never_appears_in_any_log_line_even_at_debug(
 
 
 def test_wrong_password_is_reported_in_words_and_retried_with_backoff(
-        auth_broker: Mosquitto, tmp_path: Path, start_process: Callable[..., ServiceProcess],
-        topic_base: str) -> None:
+    auth_broker: Mosquitto,
+    tmp_path: Path,
+    start_process: Callable[..., ServiceProcess],
+    topic_base: str,
+) -> None:
     """A refused password is logged in words ("Not authorized") and retried with backoff."""
     wrong = f"wrong-{PASSWORD}"
-    proc = start_process(auth_broker.port, [entry("x", f"{topic_base}/x")],
-                         "--username", USER, "--password", wrong, "--log-level", "DEBUG",
-                         "--backoff-min", "0.4", "--backoff-max", "0.8")
+    proc = start_process(
+        auth_broker.port,
+        [entry("x", f"{topic_base}/x")],
+        "--username",
+        USER,
+        "--password",
+        wrong,
+        "--log-level",
+        "DEBUG",
+        "--backoff-min",
+        "0.4",
+        "--backoff-max",
+        "0.8",
+    )
 
     def failures() -> list[dict[str, Any]]:
         return [e for e in proc.events() if e["message"] == "mqtt_connect_failed"]
@@ -371,8 +475,9 @@ def test_wrong_password_is_reported_in_words_and_retried_with_backoff(
     proc.stop()
 
     seen = failures()
-    assert all(re.search(r"not authori[sz]ed|bad user ?name or password", e["reason"], re.I)
-               for e in seen), [e["reason"] for e in seen]
+    assert all(
+        re.search(r"not authori[sz]ed|bad user ?name or password", e["reason"], re.I) for e in seen
+    ), [e["reason"] for e in seen]
     times = [log_timestamp(e) for e in seen]
     gaps = [b - a for a, b in pairwise(times)]
     # The backoff waits at least half of 0.4 s before each retry (jitter); a hot loop would not.
@@ -386,13 +491,16 @@ def test_wrong_password_is_reported_in_words_and_retried_with_backoff(
 
 
 def test_every_stdout_line_is_ecs_json_paho_included_and_no_info_line_per_publish(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
-        start_process: Callable[..., ServiceProcess], topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    start_process: Callable[..., ServiceProcess],
+    topic_base: str,
+) -> None:
     """Every stdout line is ECS JSON, paho's DEBUG records too; no INFO line per publish."""
     topic = f"{topic_base}/often"
     sub = subscriber_factory(topic)
-    proc = start_process(broker.port, [entry("often", topic, interval=0.1)],
-                         "--log-level", "DEBUG")
+    proc = start_process(broker.port, [entry("often", topic, interval=0.1)], "--log-level", "DEBUG")
     sub.wait_for(topic, count=20, timeout=20)
     proc.signal(signal.SIGTERM)
     assert proc.wait(10) == 0
@@ -406,7 +514,7 @@ def test_every_stdout_line_is_ecs_json_paho_included_and_no_info_line_per_publis
     assert len(events) == len(lines)  # every line parsed
     for event in events:
         assert isinstance(event, dict)
-        assert list(event)[:len(ECS_KEYS)] == list(ECS_KEYS), event
+        assert list(event)[: len(ECS_KEYS)] == list(ECS_KEYS), event
         assert event["service.name"] == "scheduler-publisher"
     paho = [e for e in events if e["log.logger"] == "paho.mqtt.client"]
     assert any(e["log.level"] == "debug" and "PUBLISH" in e["message"] for e in paho)
@@ -416,27 +524,33 @@ def test_every_stdout_line_is_ecs_json_paho_included_and_no_info_line_per_publis
     assert len(info) < 10, info  # 20+ messages were published
     file_events = list(iter_json((tmp_path / "service.log").read_text().splitlines()))
     assert file_events
-    assert all(list(e)[:len(ECS_KEYS)] == list(ECS_KEYS) for e in file_events)
+    assert all(list(e)[: len(ECS_KEYS)] == list(ECS_KEYS) for e in file_events)
 
 
 # ---- run: the quick start -------------------------------------------------------------------
 
 
 def test_embedded_broker_with_echo_prints_the_sample_entries(
-        tmp_path: Path, start_process: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, start_process: Callable[..., ServiceProcess]
+) -> None:
     """`--embedded-broker --echo` prints `echo <topic>` for every sample entry within 10 s."""
     topics = [e["topic"] for e in json.loads(SAMPLE.read_text())]
-    proc = start_process(free_port(), None, "--config", str(SAMPLE), "--embedded-broker",
-                         "--echo")
+    proc = start_process(free_port(), None, "--config", str(SAMPLE), "--embedded-broker", "--echo")
 
     def echoed() -> set[str]:
-        return {t for t in topics for line in list(proc.stdout)
-                if line.startswith((f"echo {t}: ", f"echo {t} (retained): "))}
+        return {
+            t
+            for t in topics
+            for line in list(proc.stdout)
+            if line.startswith((f"echo {t}: ", f"echo {t} (retained): "))
+        }
 
     try:
         wait_until(lambda: echoed() == set(topics), 10, message="an echo line per sample topic")
     except AssertionError:
-        raise AssertionError(f"echoed {sorted(echoed())}; output:\n"
-                             + "\n".join(proc.stdout[-20:] + proc.stderr[-20:])) from None
+        raise AssertionError(
+            f"echoed {sorted(echoed())}; output:\n"
+            + "\n".join(proc.stdout[-20:] + proc.stderr[-20:])
+        ) from None
     first = next(line for line in proc.stdout if line.startswith("echo site/"))
     assert json.loads(first.split(": ", 1)[1])["online"] == 1

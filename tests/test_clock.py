@@ -61,8 +61,9 @@ def test_step_from_1970_is_reported() -> None:
     assert guard.observe(1_800_000_000.0, 61.0) == pytest.approx(1_800_000_000.0 - 61.0)
 
 
-@pytest.mark.parametrize("drift", [0.0, 0.5, -0.5, JUMP_THRESHOLD - 0.01, -JUMP_THRESHOLD,
-                                   JUMP_THRESHOLD])
+@pytest.mark.parametrize(
+    "drift", [0.0, 0.5, -0.5, JUMP_THRESHOLD - 0.01, -JUMP_THRESHOLD, JUMP_THRESHOLD]
+)
 def test_drift_within_the_threshold_is_ignored(drift: float) -> None:
     """NTP slewing and scheduling noise up to the threshold are not steps."""
     guard = ClockGuard()
@@ -90,8 +91,9 @@ def test_threshold_is_configurable() -> None:
 def test_clock_is_plausible_rejects_an_unset_clock() -> None:
     """1970 (no RTC) and a year before the build are implausible; the build year onwards is not."""
     assert not clock_is_plausible(0.0)
-    assert not clock_is_plausible(datetime(2025, 12, 31, 23, 59, tzinfo=UTC).timestamp(),
-                                  build_year=2026)
+    assert not clock_is_plausible(
+        datetime(2025, 12, 31, 23, 59, tzinfo=UTC).timestamp(), build_year=2026
+    )
     assert clock_is_plausible(datetime(2026, 1, 1, tzinfo=UTC).timestamp(), build_year=2026)
     assert clock_is_plausible(time.time())
 
@@ -101,8 +103,9 @@ def grid(interval: float, entry_id: str = "e") -> GridTrigger:
     return GridTrigger(seconds=interval, timezone=UTC, start_date=grid_start(entry_id, interval))
 
 
-def on_grid(when: datetime, interval: float, entry_id: str = "e",
-            slots: int = SLOTS_PER_PERIOD) -> bool:
+def on_grid(
+    when: datetime, interval: float, entry_id: str = "e", slots: int = SLOTS_PER_PERIOD
+) -> bool:
     offset_ms = round((when - grid_start(entry_id, interval, slots)).total_seconds() * 1000)
     return offset_ms % round(interval * 1000) == 0
 
@@ -163,8 +166,9 @@ def started_executor() -> InlineExecutor:
 
 
 def job_of(trigger: GridTrigger, func: Any) -> SimpleNamespace:
-    return SimpleNamespace(id="e", func=func, args=("e",), trigger=trigger, max_instances=1,
-                           _jobstore_alias="entries")
+    return SimpleNamespace(
+        id="e", func=func, args=("e",), trigger=trigger, max_instances=1, _jobstore_alias="entries"
+    )
 
 
 def test_inline_executor_counts_the_slots_a_day_long_jump_skipped() -> None:
@@ -207,16 +211,17 @@ Running = tuple[PublisherService, Subscriber, ShiftedClock]
 
 
 @pytest.fixture
-def running(tmp_path: Path, broker: Mosquitto, topic_base: str,
-            subscriber_factory: SubscriberFactory) -> Iterator[Running]:
+def running(
+    tmp_path: Path, broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory
+) -> Iterator[Running]:
     """A started in-process service with two entries on a clock the test can step, and a
     subscriber on both topics."""
     services = InProcessServices(tmp_path)
     sub = subscriber_factory(f"{topic_base}/#")
     clock = ShiftedClock()
-    service = services.start(broker.port,
-                             [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()],
-                             clock=clock)
+    service = services.start(
+        broker.port, [entry(i, f"{topic_base}/{i}", v) for i, v in INTERVALS.items()], clock=clock
+    )
     for entry_id in INTERVALS:
         sub.wait_for(f"{topic_base}/{entry_id}", 2)
     yield service, sub, clock
@@ -246,7 +251,9 @@ def assert_reanchored(service: PublisherService) -> None:
         assert next_run is not None
         assert now - timedelta(seconds=0.5) <= next_run <= now + timedelta(seconds=interval + 0.5)
         assert on_grid(next_run, interval, entry_id, service.phase_slots(interval)), (
-            entry_id, next_run)
+            entry_id,
+            next_run,
+        )
     heartbeat = apscheduler(service).get_job(HEARTBEAT_JOB).next_run_time
     assert heartbeat <= now + timedelta(seconds=1.5), "the heartbeat job is re-anchored too"
 
@@ -261,35 +268,46 @@ def publishing_since(sub: Subscriber, topic: str, mark: float) -> Callable[[], b
 
 
 def test_backward_step_reanchors_every_job_and_publishing_resumes(
-        running: Running, topic_base: str) -> None:
+    running: Running, topic_base: str
+) -> None:
     """The clock stepped back an hour: the clock check re-anchors every job near now."""
     service, sub, clock = running
     with capture_logs() as logs:
         shift_every_job(service, timedelta(hours=-1))  # an hour ahead of the new clock
         clock.step_wall(-3600)  # the main loop's next clock check (every second) sees it
-        jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
-                          10, message="clock_jump")
+        jump = wait_until(
+            lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
+            10,
+            message="clock_jump",
+        )
     assert jump["seconds"] == pytest.approx(-3600, abs=2)
     assert jump["reanchored"] == len(INTERVALS)
 
     assert_reanchored(service)
     mark = time.monotonic()
     for entry_id in INTERVALS:
-        wait_until(publishing_since(sub, f"{topic_base}/{entry_id}", mark), 10,
-                   message=f"{entry_id} publishing again")
+        wait_until(
+            publishing_since(sub, f"{topic_base}/{entry_id}", mark),
+            10,
+            message=f"{entry_id} publishing again",
+        )
     assert service.health_problems() == []
 
 
 def test_forward_step_runs_once_counts_missed_and_reanchors(
-        running: Running, topic_base: str) -> None:
+    running: Running, topic_base: str
+) -> None:
     """The clock stepped forward a day: each job runs once, counts the skipped slots as missed,
     and the clock check leaves every job on its grid near now."""
     service, sub, clock = running
     with capture_logs() as logs:
         shift_every_job(service, timedelta(days=1))  # a day behind the new clock
         clock.step_wall(DAY)
-        jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
-                          10, message="clock_jump")
+        jump = wait_until(
+            lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
+            10,
+            message="clock_jump",
+        )
     assert jump["seconds"] == pytest.approx(DAY, abs=2)
     assert jump["reanchored"] == len(INTERVALS)
 
@@ -299,6 +317,9 @@ def test_forward_step_runs_once_counts_missed_and_reanchors(
     assert_reanchored(service)
     mark = time.monotonic()
     for entry_id in INTERVALS:
-        wait_until(publishing_since(sub, f"{topic_base}/{entry_id}", mark), 10,
-                   message=f"{entry_id} publishing again")
+        wait_until(
+            publishing_since(sub, f"{topic_base}/{entry_id}", mark),
+            10,
+            message=f"{entry_id} publishing again",
+        )
     assert service.health_problems() == []

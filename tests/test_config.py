@@ -84,8 +84,16 @@ def test_minimal_entry_gets_defaults() -> None:
 
 def test_full_entry_keeps_every_field() -> None:
     """Every documented field is read into the config."""
-    result = parse(entry(qos=2, retain=True, lwt=True, created_at="2024-03-04T09:15:00+00:00",
-                         updated_at="2024-06-18", version=3))
+    result = parse(
+        entry(
+            qos=2,
+            retain=True,
+            lwt=True,
+            created_at="2024-03-04T09:15:00+00:00",
+            updated_at="2024-06-18",
+            version=3,
+        )
+    )
     (config,) = result.entries
     assert (config.qos, config.retain, config.lwt, config.version) == (2, True, True, 3)
     assert (config.created_at, config.updated_at) == ("2024-03-04T09:15:00+00:00", "2024-06-18")
@@ -94,9 +102,16 @@ def test_full_entry_keeps_every_field() -> None:
 # --- id --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "shown"), [
-    ("", '""'), (5, "5"), (True, "true"), (None, "null"), (["a"], '["a"]'),
-])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("", '""'),
+        (5, "5"),
+        (True, "true"),
+        (None, "null"),
+        (["a"], '["a"]'),
+    ],
+)
 def test_id_must_be_a_non_empty_string(value: Any, shown: str) -> None:
     """A non-string or empty id is rejected, and the message has no id label."""
     expected = f"entry 1: id must be a non-empty string, got {shown}"
@@ -118,40 +133,48 @@ def test_id_with_lone_surrogate_is_rejected() -> None:
 
 # --- topic -----------------------------------------------------------------------------------
 
-UNSENDABLE = ("topic must be free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) "
-              "and noncharacters")
+UNSENDABLE = (
+    "topic must be free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) and noncharacters"
+)
 RESERVED = "topic must be outside the broker-owned $SYS, $CONTROL, $share trees"
 
 
-@pytest.mark.parametrize("topic", ["t", "site/gw01/boiler/temperature", "/lead", "trail/", "a//b",
-                                   "café/温度", "a b"])
+@pytest.mark.parametrize(
+    "topic", ["t", "site/gw01/boiler/temperature", "/lead", "trail/", "a//b", "café/温度", "a b"]
+)
 def test_valid_topics(topic: str) -> None:
     """Any non-empty literal topic, including Unicode and empty levels, is accepted."""
     assert parse(entry(topic=topic)).entries[0].topic == topic
 
 
-@pytest.mark.parametrize(("topic", "expected"), [
-    ("", 'topic must be a non-empty string, got ""'),
-    (5, "topic must be a non-empty string, got 5"),
-    (None, "topic must be a non-empty string, got null"),
-    ("a/+/b", 'topic must be free of the wildcards "+" and "#", got "a/+/b"'),
-    ("a/#", 'topic must be free of the wildcards "+" and "#", got "a/#"'),
-    ("+", 'topic must be free of the wildcards "+" and "#", got "+"'),
-    ("a\0b", f'{UNSENDABLE}, got "a\\u0000b": U+0000 (NUL) at character 2'),
-    ("a\x07b", f'{UNSENDABLE}, got "a\\u0007b": U+0007 (a control character) at character 2'),
-    ("a/\nb", f'{UNSENDABLE}, got "a/\\nb": U+000A (a control character) at character 3'),
-    ("a\x7f", f'{UNSENDABLE}, got "a\\u007f": U+007F (a control character) at character 2'),
-    ("\x9b2J", f'{UNSENDABLE}, got "\\u009b2J": U+009B (a control character) at character 1'),
-    ("t\uffff", f'{UNSENDABLE}, got "t\\uffff": U+FFFF (a noncharacter) at character 2'),
-    ("t\ufffe", f'{UNSENDABLE}, got "t\\ufffe": U+FFFE (a noncharacter) at character 2'),
-    ("t\ufdd0", f'{UNSENDABLE}, got "t\\ufdd0": U+FDD0 (a noncharacter) at character 2'),
-    ("t\U0010ffff", f'{UNSENDABLE}, got "t\\U0010ffff": U+10FFFF (a noncharacter) at character 2'),
-    ("/".join("l" * 201), "topic must have at most 200 levels, got 201"),
-    ("$SYS/site/gw", f'{RESERVED}, got "$SYS/site/gw"'),
-    ("$SYS", f'{RESERVED}, got "$SYS"'),
-    ("$CONTROL/dynamic-security/v1", f'{RESERVED}, got "$CONTROL/dynamic-security/v1"'),
-    ("$share/group/t", f'{RESERVED}, got "$share/group/t"'),
-])
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("", 'topic must be a non-empty string, got ""'),
+        (5, "topic must be a non-empty string, got 5"),
+        (None, "topic must be a non-empty string, got null"),
+        ("a/+/b", 'topic must be free of the wildcards "+" and "#", got "a/+/b"'),
+        ("a/#", 'topic must be free of the wildcards "+" and "#", got "a/#"'),
+        ("+", 'topic must be free of the wildcards "+" and "#", got "+"'),
+        ("a\0b", f'{UNSENDABLE}, got "a\\u0000b": U+0000 (NUL) at character 2'),
+        ("a\x07b", f'{UNSENDABLE}, got "a\\u0007b": U+0007 (a control character) at character 2'),
+        ("a/\nb", f'{UNSENDABLE}, got "a/\\nb": U+000A (a control character) at character 3'),
+        ("a\x7f", f'{UNSENDABLE}, got "a\\u007f": U+007F (a control character) at character 2'),
+        ("\x9b2J", f'{UNSENDABLE}, got "\\u009b2J": U+009B (a control character) at character 1'),
+        ("t\uffff", f'{UNSENDABLE}, got "t\\uffff": U+FFFF (a noncharacter) at character 2'),
+        ("t\ufffe", f'{UNSENDABLE}, got "t\\ufffe": U+FFFE (a noncharacter) at character 2'),
+        ("t\ufdd0", f'{UNSENDABLE}, got "t\\ufdd0": U+FDD0 (a noncharacter) at character 2'),
+        (
+            "t\U0010ffff",
+            f'{UNSENDABLE}, got "t\\U0010ffff": U+10FFFF (a noncharacter) at character 2',
+        ),
+        ("/".join("l" * 201), "topic must have at most 200 levels, got 201"),
+        ("$SYS/site/gw", f'{RESERVED}, got "$SYS/site/gw"'),
+        ("$SYS", f'{RESERVED}, got "$SYS"'),
+        ("$CONTROL/dynamic-security/v1", f'{RESERVED}, got "$CONTROL/dynamic-security/v1"'),
+        ("$share/group/t", f'{RESERVED}, got "$share/group/t"'),
+    ],
+)
 def test_invalid_topics(topic: Any, expected: str) -> None:
     """Non-strings, empty topics, wildcards, NUL, control characters, noncharacters, more
     levels than Mosquitto accepts and broker-owned $ trees are rejected with what was
@@ -197,8 +220,18 @@ def test_dollar_topic_is_a_warning_only() -> None:
     assert result.warnings[0].field == "topic"
 
 
-@pytest.mark.parametrize("topic", ["/".join("l" * 200), "a\u200bb", "a\ue000b", "\u00a0",
-                                   "$SYSTEM/x", "a/$SYS", "emoji/\U0001f600"])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "/".join("l" * 200),
+        "a\u200bb",
+        "a\ue000b",
+        "\u00a0",
+        "$SYSTEM/x",
+        "a/$SYS",
+        "emoji/\U0001f600",
+    ],
+)
 def test_topics_brokers_accept_pass(topic: str) -> None:
     """The limits are exact: 200 levels, format and private-use characters, U+00A0, and $SYS
     as a prefix of a longer first level or below the first level all pass without error."""
@@ -208,9 +241,16 @@ def test_topics_brokers_accept_pass(topic: str) -> None:
 # --- data ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("data", "shown"), [
-    ([1, 2], "[1, 2]"), ("x", '"x"'), (1, "1"), (None, "null"), (True, "true"),
-])
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        ([1, 2], "[1, 2]"),
+        ("x", '"x"'),
+        (1, "1"),
+        (None, "null"),
+        (True, "true"),
+    ],
+)
 def test_data_must_be_an_object(data: Any, shown: str) -> None:
     """data that is not a JSON object is rejected."""
     expected = f'entry 1 (id "a"): data must be an object, got {shown}'
@@ -295,10 +335,17 @@ def test_valid_intervals(interval: float) -> None:
     assert type(config.interval) is float
 
 
-@pytest.mark.parametrize(("interval", "shown"), [
-    (0, "0"), (0.09999999999999999, "0.09999999999999999"), (-1, "-1"), (86400.001, "86400.001"),
-    (86401, "86401"), (10**30, str(10**30)),
-])
+@pytest.mark.parametrize(
+    ("interval", "shown"),
+    [
+        (0, "0"),
+        (0.09999999999999999, "0.09999999999999999"),
+        (-1, "-1"),
+        (86400.001, "86400.001"),
+        (86401, "86401"),
+        (10**30, str(10**30)),
+    ],
+)
 def test_interval_out_of_range(interval: float, shown: str) -> None:
     """Intervals outside [0.1, 86400] are rejected with the exact received number."""
     assert only_error(parse(entry(interval=interval))) == (
@@ -306,9 +353,17 @@ def test_interval_out_of_range(interval: float, shown: str) -> None:
     )
 
 
-@pytest.mark.parametrize(("interval", "shown"), [
-    ("5", '"5"'), (True, "true"), (False, "false"), (None, "null"), ([5], "[5]"), ({}, "{}"),
-])
+@pytest.mark.parametrize(
+    ("interval", "shown"),
+    [
+        ("5", '"5"'),
+        (True, "true"),
+        (False, "false"),
+        (None, "null"),
+        ([5], "[5]"),
+        ({}, "{}"),
+    ],
+)
 def test_interval_must_be_a_number(interval: Any, shown: str) -> None:
     """Strings, booleans and containers are not numbers, even when they look like one."""
     assert only_error(parse(entry(interval=interval))) == (
@@ -337,10 +392,18 @@ def test_valid_qos(qos: int) -> None:
     assert parse(entry(qos=qos)).entries[0].qos == qos
 
 
-@pytest.mark.parametrize(("qos", "shown"), [
-    ("1", '"1"'), (True, "true"), (False, "false"), (1.0, "1.0"), (3, "3"), (-1, "-1"),
-    (None, "null"),
-])
+@pytest.mark.parametrize(
+    ("qos", "shown"),
+    [
+        ("1", '"1"'),
+        (True, "true"),
+        (False, "false"),
+        (1.0, "1.0"),
+        (3, "3"),
+        (-1, "-1"),
+        (None, "null"),
+    ],
+)
 def test_invalid_qos(qos: Any, shown: str) -> None:
     """Anything but the integers 0, 1, 2 is rejected, including true and 1.0."""
     expected = f'entry 1 (id "a"): qos must be 0, 1 or 2, got {shown}'
@@ -356,9 +419,15 @@ def test_valid_flags(name: str, value: bool) -> None:
 
 
 @pytest.mark.parametrize("name", ["retain", "lwt"])
-@pytest.mark.parametrize(("value", "shown"), [
-    (1, "1"), (0, "0"), ("true", '"true"'), (None, "null"),
-])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (1, "1"),
+        (0, "0"),
+        ("true", '"true"'),
+        (None, "null"),
+    ],
+)
 def test_invalid_flags(name: str, value: Any, shown: str) -> None:
     """retain and lwt reject numbers, strings and null."""
     assert only_error(parse(entry(**{name: value}))) == (
@@ -370,17 +439,31 @@ def test_invalid_flags(name: str, value: Any, shown: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["created_at", "updated_at"])
-@pytest.mark.parametrize("value", ["2024-03-04T09:15:00+00:00", "2024-03-04", "2024-03-04 09:15",
-                                   "2024-03-04T09:15:00.123456", None])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2024-03-04T09:15:00+00:00",
+        "2024-03-04",
+        "2024-03-04 09:15",
+        "2024-03-04T09:15:00.123456",
+        None,
+    ],
+)
 def test_valid_timestamps(name: str, value: str | None) -> None:
     """Anything datetime.fromisoformat accepts, or null, is a valid timestamp."""
     assert getattr(parse(entry(**{name: value})).entries[0], name) == value
 
 
 @pytest.mark.parametrize("name", ["created_at", "updated_at"])
-@pytest.mark.parametrize(("value", "shown"), [
-    ("yesterday", '"yesterday"'), ("", '""'), (1714000000, "1714000000"), (True, "true"),
-])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("yesterday", '"yesterday"'),
+        ("", '""'),
+        (1714000000, "1714000000"),
+        (True, "true"),
+    ],
+)
 def test_invalid_timestamps(name: str, value: Any, shown: str) -> None:
     """Non-ISO strings and epoch numbers are rejected."""
     assert only_error(parse(entry(**{name: value}))) == (
@@ -394,9 +477,17 @@ def test_valid_versions(version: int | None) -> None:
     assert parse(entry(version=version)).entries[0].version == version
 
 
-@pytest.mark.parametrize(("version", "shown"), [
-    (0, "0"), (-1, "-1"), (True, "true"), (1.5, "1.5"), (1.0, "1.0"), ("2", '"2"'),
-])
+@pytest.mark.parametrize(
+    ("version", "shown"),
+    [
+        (0, "0"),
+        (-1, "-1"),
+        (True, "true"),
+        (1.5, "1.5"),
+        (1.0, "1.0"),
+        ("2", '"2"'),
+    ],
+)
 def test_invalid_versions(version: Any, shown: str) -> None:
     """version rejects zero, negatives, booleans, floats and strings."""
     assert only_error(parse(entry(version=version))) == (
@@ -407,17 +498,28 @@ def test_invalid_versions(version: Any, shown: str) -> None:
 # --- MQTT 5 properties -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("properties", "expected"), [
-    ({"message_expiry": 1}, MessageProperties(message_expiry=1)),
-    ({"message_expiry": MAX_MESSAGE_EXPIRY}, MessageProperties(message_expiry=2**32 - 1)),
-    ({"content_type": "application/json"}, MessageProperties(content_type="application/json")),
-    ({"user_properties": {"site": "gw01", "empty": ""}},
-     MessageProperties(user_properties=(("site", "gw01"), ("empty", "")))),
-    ({"payload_format_utf8": True}, MessageProperties(payload_format_utf8=True)),
-    ({"message_expiry": 60, "content_type": "application/json", "payload_format_utf8": True,
-      "user_properties": {"é": "温度"}},
-     MessageProperties(60, "application/json", (("é", "温度"),), True)),
-])
+@pytest.mark.parametrize(
+    ("properties", "expected"),
+    [
+        ({"message_expiry": 1}, MessageProperties(message_expiry=1)),
+        ({"message_expiry": MAX_MESSAGE_EXPIRY}, MessageProperties(message_expiry=2**32 - 1)),
+        ({"content_type": "application/json"}, MessageProperties(content_type="application/json")),
+        (
+            {"user_properties": {"site": "gw01", "empty": ""}},
+            MessageProperties(user_properties=(("site", "gw01"), ("empty", ""))),
+        ),
+        ({"payload_format_utf8": True}, MessageProperties(payload_format_utf8=True)),
+        (
+            {
+                "message_expiry": 60,
+                "content_type": "application/json",
+                "payload_format_utf8": True,
+                "user_properties": {"é": "温度"},
+            },
+            MessageProperties(60, "application/json", (("é", "温度"),), True),
+        ),
+    ],
+)
 def test_valid_properties(properties: dict[str, Any], expected: MessageProperties) -> None:
     """Each property is read into the entry's MessageProperties."""
     result = parse(entry(properties=properties))
@@ -425,8 +527,9 @@ def test_valid_properties(properties: dict[str, Any], expected: MessagePropertie
     assert result.entries[0].properties == expected
 
 
-@pytest.mark.parametrize("properties", [None, {}, {"payload_format_utf8": False},
-                                        {"user_properties": {}}])
+@pytest.mark.parametrize(
+    "properties", [None, {}, {"payload_format_utf8": False}, {"user_properties": {}}]
+)
 def test_properties_that_set_nothing_are_none(properties: dict[str, Any] | None) -> None:
     """null, {} and properties that send nothing leave the entry without properties."""
     result = parse(entry(properties=properties))
@@ -442,40 +545,68 @@ def test_user_properties_keep_the_files_order() -> None:
     assert [name for name, _ in config.properties.user_properties] == names
 
 
-@pytest.mark.parametrize(("properties", "shown"), [
-    ([1], "properties must be an object, got [1]"),
-    ("json", 'properties must be an object, got "json"'),
-    ({"message_expiry": 0}, "properties.message_expiry must be between 1 and 4294967295, got 0"),
-    ({"message_expiry": 2**32},
-     "properties.message_expiry must be between 1 and 4294967295, got 4294967296"),
-    ({"message_expiry": 1.5},
-     "properties.message_expiry must be an integer between 1 and 4294967295, got 1.5"),
-    ({"message_expiry": 60.0},
-     "properties.message_expiry must be an integer between 1 and 4294967295, got 60.0"),
-    ({"message_expiry": "60"},
-     'properties.message_expiry must be an integer between 1 and 4294967295, got "60"'),
-    ({"content_type": ""}, 'properties.content_type must be a non-empty string, got ""'),
-    ({"content_type": 5}, "properties.content_type must be a non-empty string, got 5"),
-    ({"content_type": "text/\x00"},
-     'properties.content_type must be free of NUL, control characters (U+0001-U+001F, '
-     'U+007F-U+009F) and noncharacters, got "text/\\u0000": U+0000 (NUL) at character 6'),
-    ({"content_type": "x" * 4097},
-     "properties.content_type must be at most 4096 characters, got 4097 characters"),
-    ({"user_properties": ["a", "b"]},
-     'properties.user_properties must be an object of strings, got ["a", "b"]'),
-    ({"user_properties": {"n": 5}}, 'properties.user_properties["n"] must be a string, got 5'),
-    ({"user_properties": {"": "v"}},
-     'properties.user_properties key "" must be a non-empty string, got ""'),
-    ({"user_properties": {"n": "a\tb"}},
-     'properties.user_properties["n"] must be free of NUL, control characters (U+0001-U+001F, '
-     'U+007F-U+009F) and noncharacters, got "a\\tb": U+0009 (a control character) at '
-     'character 2'),
-    ({"user_properties": {"n": "v" * 4097}},
-     'properties.user_properties["n"] must be at most 4096 characters, got 4097 characters'),
-    ({"user_properties": {f"k{i}": "v" for i in range(65)}},
-     "properties.user_properties must have at most 64 members, got 65"),
-    ({"payload_format_utf8": 1}, "properties.payload_format_utf8 must be true or false, got 1"),
-])
+@pytest.mark.parametrize(
+    ("properties", "shown"),
+    [
+        ([1], "properties must be an object, got [1]"),
+        ("json", 'properties must be an object, got "json"'),
+        (
+            {"message_expiry": 0},
+            "properties.message_expiry must be between 1 and 4294967295, got 0",
+        ),
+        (
+            {"message_expiry": 2**32},
+            "properties.message_expiry must be between 1 and 4294967295, got 4294967296",
+        ),
+        (
+            {"message_expiry": 1.5},
+            "properties.message_expiry must be an integer between 1 and 4294967295, got 1.5",
+        ),
+        (
+            {"message_expiry": 60.0},
+            "properties.message_expiry must be an integer between 1 and 4294967295, got 60.0",
+        ),
+        (
+            {"message_expiry": "60"},
+            'properties.message_expiry must be an integer between 1 and 4294967295, got "60"',
+        ),
+        ({"content_type": ""}, 'properties.content_type must be a non-empty string, got ""'),
+        ({"content_type": 5}, "properties.content_type must be a non-empty string, got 5"),
+        (
+            {"content_type": "text/\x00"},
+            "properties.content_type must be free of NUL, control characters (U+0001-U+001F, "
+            'U+007F-U+009F) and noncharacters, got "text/\\u0000": U+0000 (NUL) at character 6',
+        ),
+        (
+            {"content_type": "x" * 4097},
+            "properties.content_type must be at most 4096 characters, got 4097 characters",
+        ),
+        (
+            {"user_properties": ["a", "b"]},
+            'properties.user_properties must be an object of strings, got ["a", "b"]',
+        ),
+        ({"user_properties": {"n": 5}}, 'properties.user_properties["n"] must be a string, got 5'),
+        (
+            {"user_properties": {"": "v"}},
+            'properties.user_properties key "" must be a non-empty string, got ""',
+        ),
+        (
+            {"user_properties": {"n": "a\tb"}},
+            'properties.user_properties["n"] must be free of NUL, control characters '
+            '(U+0001-U+001F, U+007F-U+009F) and noncharacters, got "a\\tb": '
+            "U+0009 (a control character) at character 2",
+        ),
+        (
+            {"user_properties": {"n": "v" * 4097}},
+            'properties.user_properties["n"] must be at most 4096 characters, got 4097 characters',
+        ),
+        (
+            {"user_properties": {f"k{i}": "v" for i in range(65)}},
+            "properties.user_properties must have at most 64 members, got 65",
+        ),
+        ({"payload_format_utf8": 1}, "properties.payload_format_utf8 must be true or false, got 1"),
+    ],
+)
 def test_invalid_properties(properties: Any, shown: str) -> None:
     """A bad property is an error naming the entry and the path inside properties."""
     result = parse(entry(properties=properties))
@@ -506,8 +637,10 @@ def test_unknown_property_is_a_warning_with_its_path() -> None:
 
 def test_repeated_keys_inside_properties_are_warnings() -> None:
     """A property or a user property written twice is a warning; the last one wins."""
-    raw = (b'[{"id": "a", "topic": "t", "data": {}, "interval": 5, "properties": '
-           b'{"content_type": "x", "content_type": "y", "user_properties": {"k": "1", "k": "2"}}}]')
+    raw = (
+        b'[{"id": "a", "topic": "t", "data": {}, "interval": 5, "properties": '
+        b'{"content_type": "x", "content_type": "y", "user_properties": {"k": "1", "k": "2"}}}]'
+    )
     result = parse_config(raw)
     assert lines(result) == [
         'entry 1 (id "a"): properties.user_properties key "k" appears more than once; the '
@@ -515,14 +648,17 @@ def test_repeated_keys_inside_properties_are_warnings() -> None:
         'entry 1 (id "a"): field "properties.content_type" appears more than once; the last '
         "one wins",
     ]
-    assert result.entries[0].properties == MessageProperties(content_type="y",
-                                                             user_properties=(("k", "2"),))
+    assert result.entries[0].properties == MessageProperties(
+        content_type="y", user_properties=(("k", "2"),)
+    )
 
 
 def test_property_errors_point_at_the_properties_field() -> None:
     """The line and column of a property error are those of the entry's "properties" key."""
-    raw = (b'[{"id": "a", "topic": "t", "data": {}, "interval": 5,\n'
-           b'  "properties": {"message_expiry": 0}}]')
+    raw = (
+        b'[{"id": "a", "topic": "t", "data": {}, "interval": 5,\n'
+        b'  "properties": {"message_expiry": 0}}]'
+    )
     (problem,) = parse_config(raw).problems
     assert (problem.line, problem.column) == (2, 3)
 
@@ -531,10 +667,10 @@ def test_direct_construction_takes_properties_as_an_object_or_a_value() -> None:
     """PublishConfig(properties=...) takes the file's object or MessageProperties, and
     validates either."""
     # The file's form: typed as the value it becomes, as parse_config hands it over.
-    from_object = PublishConfig("a", "t", {}, 1,
-                                properties={"content_type": "text/plain"})  # type: ignore[arg-type]
-    from_value = PublishConfig("a", "t", {}, 1,
-                               properties=MessageProperties(content_type="text/plain"))
+    from_object = PublishConfig("a", "t", {}, 1, properties={"content_type": "text/plain"})  # type: ignore[arg-type]
+    from_value = PublishConfig(
+        "a", "t", {}, 1, properties=MessageProperties(content_type="text/plain")
+    )
     assert from_object == from_value
     assert from_object.properties == MessageProperties(content_type="text/plain")
     with pytest.raises(ValueError, match=r"properties\.message_expiry must be between"):
@@ -579,8 +715,9 @@ def test_message_format_is_exact() -> None:
     result = parse(entry(id="p1"), entry(id="pump-7", interval=0))
     assert lines(result) == ['entry 2 (id "pump-7"): interval must be between 0.1 and 86400, got 0']
     (problem,) = result.problems
-    assert problem == Problem("error", 2, "pump-7", "interval",
-                              "interval must be between 0.1 and 86400, got 0")
+    assert problem == Problem(
+        "error", 2, "pump-7", "interval", "interval must be between 0.1 and 86400, got 0"
+    )
 
 
 def test_entry_that_is_not_an_object() -> None:
@@ -686,8 +823,13 @@ def test_duplicate_of_an_invalid_entry_is_still_a_duplicate() -> None:
 
 def test_invalid_ids_holds_only_usable_string_ids() -> None:
     """Rejected entries without a usable id cannot be named, so they are not in invalid_ids."""
-    result = parse(entry(id="x", interval=0), entry(id=5, interval=0), entry(id="", topic=""),
-                   [1], entry(id="y"))
+    result = parse(
+        entry(id="x", interval=0),
+        entry(id=5, interval=0),
+        entry(id="", topic=""),
+        [1],
+        entry(id="y"),
+    )
     assert result.invalid_ids == {"x"}
     assert [config.id for config in result.entries] == ["y"]
 
@@ -705,13 +847,16 @@ def test_direct_construction_validates() -> None:
     )
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    ({"x": {1, 2}}, "data values must be JSON values, got {1, 2}"),
-    ({1: "a"}, "data keys must be strings, got 1"),
-    ({"x": float("nan")}, "data numbers must be finite, got NaN"),
-    ({"x": [float("-inf")]}, "data numbers must be finite, got -Infinity"),
-    ({"x": b"raw"}, "data values must be JSON values, got b'raw'"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"x": {1, 2}}, "data values must be JSON values, got {1, 2}"),
+        ({1: "a"}, "data keys must be strings, got 1"),
+        ({"x": float("nan")}, "data numbers must be finite, got NaN"),
+        ({"x": [float("-inf")]}, "data numbers must be finite, got -Infinity"),
+        ({"x": b"raw"}, "data values must be JSON values, got b'raw'"),
+    ],
+)
 def test_direct_construction_rejects_non_json_data(data: Any, fragment: str) -> None:
     """Python values that are not JSON cannot reach a payload."""
     with pytest.raises(ValueError, match="invalid PublishConfig") as caught:
@@ -894,12 +1039,16 @@ def test_bad_json_names_line_and_column() -> None:
 def test_non_finite_literals_are_rejected(literal: str) -> None:
     """Python's json accepts NaN and Infinity; the config does not: the entry holding one is
     rejected, named by position, id, path and line/column, and the next entry is kept."""
-    raw = (f'[\n  {{"id": "b", "topic": "t", "data": {{}}, "interval": 1}},\n'
-           f'  {{"id": "a", "topic": "t", "data": {{"x": [1, {literal}]}}, "interval": 1}},\n'
-           f'  {{"id": "c", "topic": "t", "data": {{}}, "interval": 1}}\n]').encode()
+    raw = (
+        f'[\n  {{"id": "b", "topic": "t", "data": {{}}, "interval": 1}},\n'
+        f'  {{"id": "a", "topic": "t", "data": {{"x": [1, {literal}]}}, "interval": 1}},\n'
+        f'  {{"id": "c", "topic": "t", "data": {{}}, "interval": 1}}\n]'
+    ).encode()
     result = parse_config(raw, source="c.json")
-    assert lines(result) == [f'entry 2 (id "a"): data.x[1]: {literal} is not valid JSON (use a '
-                             'number or null) (line 3, column 3)']
+    assert lines(result) == [
+        f'entry 2 (id "a"): data.x[1]: {literal} is not valid JSON (use a '
+        "number or null) (line 3, column 3)"
+    ]
     assert [e.id for e in result.entries] == ["b", "c"]
     assert result.invalid_ids == {"a"}  # its last good version keeps running
     assert result.errors[0].field == "data"
@@ -907,10 +1056,12 @@ def test_non_finite_literals_are_rejected(literal: str) -> None:
 
 def test_refused_literal_in_an_entry_without_an_id_names_its_place() -> None:
     """Without a usable id the entry is still named by position, line and column."""
-    result = parse_config(b'[{"interval": NaN}, {"id": "ok", "topic": "t", "data": {}, '
-                          b'"interval": 1}]')
-    assert lines(result) == ["entry 1: interval: NaN is not valid JSON (use a number or null) "
-                             "(line 1, column 2)"]
+    result = parse_config(
+        b'[{"interval": NaN}, {"id": "ok", "topic": "t", "data": {}, "interval": 1}]'
+    )
+    assert lines(result) == [
+        "entry 1: interval: NaN is not valid JSON (use a number or null) (line 1, column 2)"
+    ]
     assert [e.id for e in result.entries] == ["ok"]
 
 
@@ -932,8 +1083,9 @@ def test_very_deep_nesting_is_a_file_error() -> None:
     RecursionError: too deep for the decoder to find where the element ends."""
     with pytest.raises(ConfigFileError) as caught:
         parse_config(b'[{"id": "a"},\n ' + b"[" * 100_000 + b"]" * 100_000 + b"]", source="c")
-    assert str(caught.value) == ("c: JSON nesting is deeper than 64 levels, in the element at "
-                                 "line 2, column 2")
+    assert str(caught.value) == (
+        "c: JSON nesting is deeper than 64 levels, in the element at line 2, column 2"
+    )
 
 
 def test_nesting_limit_is_64_levels() -> None:
@@ -941,26 +1093,38 @@ def test_nesting_limit_is_64_levels() -> None:
     result = parse_config(b"[" * 64 + b"]" * 64)
     assert lines(result) == ["entry 1: must be an object, got " + "[" * 59 + "…"]
     result = parse_config(b"[" * 65 + b"]" * 65)
-    assert lines(result) == ["entry 1: [0][0][0][0][0][0]…: JSON nesting is deeper than 64 "
-                             "levels (line 1, column 2)"]
+    assert lines(result) == [
+        "entry 1: [0][0][0][0][0][0]…: JSON nesting is deeper than 64 levels (line 1, column 2)"
+    ]
 
 
 def test_data_nested_deeper_than_64_rejects_only_its_entry() -> None:
     """One entry whose data is nested 70 deep is rejected by id and field; the others stay."""
     deep = b'{"k": ' * 70 + b"1" + b"}" * 70
-    raw = (b'[{"id": "deep", "topic": "t", "interval": 1, "data": ' + deep + b"},\n"
-           b' {"id": "ok", "topic": "t", "data": {}, "interval": 1}]')
+    raw = (
+        b'[{"id": "deep", "topic": "t", "interval": 1, "data": ' + deep + b"},\n"
+        b' {"id": "ok", "topic": "t", "data": {}, "interval": 1}]'
+    )
     result = parse_config(raw)
-    assert lines(result) == ['entry 1 (id "deep"): data.k.k.k.k.k…: JSON nesting is deeper than '
-                             "64 levels (line 1, column 2)"]
+    assert lines(result) == [
+        'entry 1 (id "deep"): data.k.k.k.k.k…: JSON nesting is deeper than '
+        "64 levels (line 1, column 2)"
+    ]
     assert [e.id for e in result.entries] == ["ok"]
     assert result.invalid_ids == {"deep"}
 
 
-@pytest.mark.parametrize(("raw", "kind"), [
-    (b"{}", "object"), (b'"x"', "string"), (b"1", "number"), (b"2.5", "number"),
-    (b"null", "null"), (b"true", "boolean"),
-])
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"{}", "object"),
+        (b'"x"', "string"),
+        (b"1", "number"),
+        (b"2.5", "number"),
+        (b"null", "null"),
+        (b"true", "boolean"),
+    ],
+)
 def test_top_level_must_be_an_array(raw: bytes, kind: str) -> None:
     """Anything but an array at the top is refused, naming what was found."""
     with pytest.raises(ConfigFileError) as caught:
@@ -978,12 +1142,16 @@ def test_empty_file(raw: bytes) -> None:
 def test_overlong_integer_rejects_only_its_entry() -> None:
     """An integer beyond Python's digit limit is reported by entry, path and digit count, not
     raised as a bare ValueError; the other entries are kept."""
-    raw = (b'[{"id": "ok", "topic": "t", "data": {}, "interval": 1},\n'
-           b' {"id": "big", "topic": "t", "data": {"n": -' + b"9" * 5000 + b'}, "interval": 1}]')
+    raw = (
+        b'[{"id": "ok", "topic": "t", "data": {}, "interval": 1},\n'
+        b' {"id": "big", "topic": "t", "data": {"n": -' + b"9" * 5000 + b'}, "interval": 1}]'
+    )
     result = parse_config(raw)
     limit = sys.get_int_max_str_digits()
-    assert lines(result) == [f'entry 2 (id "big"): data.n: an integer of 5000 digits is longer '
-                             f"than the {limit}-digit limit (line 2, column 2)"]
+    assert lines(result) == [
+        f'entry 2 (id "big"): data.n: an integer of 5000 digits is longer '
+        f"than the {limit}-digit limit (line 2, column 2)"
+    ]
     assert [e.id for e in result.entries] == ["ok"]
     assert parse_config(b"[" + b"9" * 5000 + b"]").errors[0].position == 1
 
@@ -1028,33 +1196,41 @@ def test_bundled_sample_is_valid() -> None:
     assert {config.qos for config in result.entries} == {0, 1, 2}
     assert {config.retain for config in result.entries} == {True, False}
     assert sum(config.lwt for config in result.entries) >= 1
-    assert all(config.version and config.created_at and config.updated_at
-               for config in result.entries)
+    assert all(
+        config.version and config.created_at and config.updated_at for config in result.entries
+    )
 
 
 # --- properties ------------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
-entry_like = st.fixed_dictionaries({}, optional={
-    "id": st.sampled_from(["a", "b", "c", ""]) | json_values,
-    "topic": st.sampled_from(["t/1", "a/+", "$s", "", "x\0"]) | json_values,
-    "data": st.dictionaries(st.sampled_from(["online", "v", "w"]), json_values, max_size=3)
-    | json_values,
-    "interval": st.sampled_from([0, 0.1, 5, 86400, 86401, True]) | json_values,
-    "qos": st.sampled_from([0, 1, 2, 3, True]) | json_values,
-    "retain": st.booleans() | json_values,
-    "lwt": st.booleans() | json_values,
-    "created_at": st.sampled_from(["2024-01-01", "nope", None]) | json_values,
-    "version": st.sampled_from([1, 0, None]) | json_values,
-    "extra": json_values,
-})
+entry_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.sampled_from(["a", "b", "c", ""]) | json_values,
+        "topic": st.sampled_from(["t/1", "a/+", "$s", "", "x\0"]) | json_values,
+        "data": st.dictionaries(st.sampled_from(["online", "v", "w"]), json_values, max_size=3)
+        | json_values,
+        "interval": st.sampled_from([0, 0.1, 5, 86400, 86401, True]) | json_values,
+        "qos": st.sampled_from([0, 1, 2, 3, True]) | json_values,
+        "retain": st.booleans() | json_values,
+        "lwt": st.booleans() | json_values,
+        "created_at": st.sampled_from(["2024-01-01", "nope", None]) | json_values,
+        "version": st.sampled_from([1, 0, None]) | json_values,
+        "extra": json_values,
+    },
+)
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1091,13 +1267,14 @@ def test_entry_lists_split_cleanly_into_valid_and_rejected(document: list[Any]) 
 @settings(deadline=None)
 @given(st.lists(entry_like | json_values, max_size=4), st.sampled_from([None, 0, 2]), st.data())
 def test_entries_read_one_by_one_match_json_reading_the_whole_file(
-        document: list[Any], indent: int | None, data: st.DataObject) -> None:
+    document: list[Any], indent: int | None, data: st.DataObject
+) -> None:
     """The file is decoded an entry at a time (it saves memory), with the outcome json.loads
     gives for the whole text: the same entries and problems, or json's error at its position."""
     text = json.dumps(document, indent=indent)
     at = data.draw(st.integers(0, len(text)))
     insert = data.draw(st.sampled_from(["", ",", "]", "[", " ", "\n", "x", "}", '"', "1"]))
-    text = text[:at] + insert + text[at + data.draw(st.integers(0, 1)):]
+    text = text[:at] + insert + text[at + data.draw(st.integers(0, 1)) :]
     json_error: str | None
     try:
         whole = json.loads(text)
@@ -1122,12 +1299,15 @@ def test_entries_read_one_by_one_match_json_reading_the_whole_file(
     assert outcome(parse_config(text.encode())) == outcome(parse_config(json.dumps(whole).encode()))
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    (b'[{"id": "a"},\n ]', "Expecting value at line 2, column 2"),
-    (b'[{"id": "a"}] x', "Extra data at line 1, column 15"),
-    (b'[{"id": "a"} {"id": "b"}]', "Expecting ',' delimiter at line 1, column 14"),
-    (b'[{"id": "a"}, ', "Expecting value at line 1, column 15"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'[{"id": "a"},\n ]', "Expecting value at line 2, column 2"),
+        (b'[{"id": "a"}] x', "Extra data at line 1, column 15"),
+        (b'[{"id": "a"} {"id": "b"}]', "Expecting ',' delimiter at line 1, column 14"),
+        (b'[{"id": "a"}, ', "Expecting value at line 1, column 15"),
+    ],
+)
 def test_structural_errors_after_good_entries_name_json_position(raw: bytes, expected: str) -> None:
     """A broken array after valid entries is still a file error, at json's own position."""
     with pytest.raises(ConfigFileError) as caught:
@@ -1218,14 +1398,15 @@ def test_a_reload_takes_over_only_the_same_text_not_an_equal_value() -> None:
 def test_problems_carry_the_line_and_column_of_their_field() -> None:
     """A field's problem is at its key; a missing field, a non-object and an entry JSON refuses
     are at the entry's start. CRLF line ends count as one line each."""
-    raw = (b'[\r\n  {"id": "a", "topic": "t", "data": {}, "interval": 1},\r\n'
-           b'  {"id": "b",\r\n     "topic": "x/#", "data": {}},\r\n'
-           b'   5,\r\n'
-           b'  {"id": "c", "topic": "t", "data": {"v": NaN}, "interval": 1}\r\n]')
+    raw = (
+        b'[\r\n  {"id": "a", "topic": "t", "data": {}, "interval": 1},\r\n'
+        b'  {"id": "b",\r\n     "topic": "x/#", "data": {}},\r\n'
+        b"   5,\r\n"
+        b'  {"id": "c", "topic": "t", "data": {"v": NaN}, "interval": 1}\r\n]'
+    )
     result = parse_config(raw)
     where = [(p.position, p.field, p.line, p.column) for p in result.problems]
-    assert where == [(2, "topic", 4, 6), (2, "interval", 3, 3), (3, None, 5, 4),
-                     (4, "data", 6, 3)]
+    assert where == [(2, "topic", 4, 6), (2, "interval", 3, 3), (3, None, 5, 4), (4, "data", 6, 3)]
 
 
 def test_a_repeated_key_is_located_at_its_last_occurrence() -> None:
@@ -1243,11 +1424,14 @@ def test_problem_places_do_not_change_equality() -> None:
     assert compact.problems[0].line != indented.problems[0].line
 
 
-@pytest.mark.parametrize(("raw", "line", "column"), [
-    (b'[\n  {"id": "a",\n   "topic" "t"}]', 3, 12),
-    (b'[\n  {"id": "\xc3\xa9\xff"}]', 2, 12),
-    (b'\xef\xbb\xbf[{"id": "\xff"}]', 1, 10),
-])
+@pytest.mark.parametrize(
+    ("raw", "line", "column"),
+    [
+        (b'[\n  {"id": "a",\n   "topic" "t"}]', 3, 12),
+        (b'[\n  {"id": "\xc3\xa9\xff"}]', 2, 12),
+        (b'\xef\xbb\xbf[{"id": "\xff"}]', 1, 10),
+    ],
+)
 def test_file_errors_carry_line_and_column(raw: bytes, line: int, column: int) -> None:
     """A syntax error and bytes that are not UTF-8 are placed by line and column (characters,
     after a BOM)."""
@@ -1256,16 +1440,23 @@ def test_file_errors_carry_line_and_column(raw: bytes, line: int, column: int) -
     assert (caught.value.line, caught.value.column) == (line, column)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["", " ", "\n", "\n  ", "\r\n", " \n\n "]),
-                          st.integers(0, 99)), min_size=1, max_size=30))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["", " ", "\n", "\n  ", "\r\n", " \n\n "]), st.integers(0, 99)),
+        min_size=1,
+        max_size=30,
+    )
+)
 def test_each_element_is_located_at_its_line_and_column(layout: list[tuple[str, int]]) -> None:
     """Where located_elements says each element of the array starts is where it starts, on
     files laid out on one line or many: the line counts the newlines before it, the column the
     characters since the last one (both 1-based)."""
-    text = "[" + ",".join(f"{gap}{{\"n\": {n}}}" for gap, n in layout) + "\n]"
+    text = "[" + ",".join(f'{gap}{{"n": {n}}}' for gap, n in layout) + "\n]"
     elements = list(located_elements(text.encode()))
     assert [e.value for e in elements] == [{"n": n} for _gap, n in layout]
     for element in elements:
-        before = text[:element.start]
-        assert (element.line, element.column) == (before.count("\n") + 1,
-                                                   element.start - before.rfind("\n"))
+        before = text[: element.start]
+        assert (element.line, element.column) == (
+            before.count("\n") + 1,
+            element.start - before.rfind("\n"),
+        )

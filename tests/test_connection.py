@@ -92,8 +92,11 @@ def broker_sockets(port: int) -> list[socket.socket]:
         except OSError:
             continue  # closed meanwhile
         try:
-            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM \
-                    and sock.getpeername()[1] == port:
+            if (
+                sock.family == socket.AF_INET
+                and sock.type == socket.SOCK_STREAM
+                and sock.getpeername()[1] == port
+            ):
                 found.append(sock)
                 continue
         except OSError:
@@ -105,11 +108,23 @@ def broker_sockets(port: int) -> list[socket.socket]:
 def test_every_connection_turns_nagle_off(broker: Mosquitto) -> None:
     """TCP_NODELAY is set on the main and the lwt connections: with Nagle on, a PINGREQ held
     back for the broker's delayed ACK stalled the publishes behind it by ~40 ms."""
-    manager = MQTTConnectionManager(BrokerSettings(host="127.0.0.1", port=broker.port,
-                                                   client_id=f"sp-nd-{uuid.uuid4().hex[:8]}"))
+    manager = MQTTConnectionManager(
+        BrokerSettings(
+            host="127.0.0.1", port=broker.port, client_id=f"sp-nd-{uuid.uuid4().hex[:8]}"
+        )
+    )
     try:
-        manager.set_entries({"nd": PublishConfig(id="nd", topic=f"sp-test/{uuid.uuid4().hex}/nd",
-                                                 data={"k": 1}, interval=30, lwt=True)})
+        manager.set_entries(
+            {
+                "nd": PublishConfig(
+                    id="nd",
+                    topic=f"sp-test/{uuid.uuid4().hex}/nd",
+                    data={"k": 1},
+                    interval=30,
+                    lwt=True,
+                )
+            }
+        )
         assert manager.connect(wait=10)
         wait_until(lambda: manager.connection_counts() == (2, 2), 10, message="2 connections up")
         socks = broker_sockets(broker.port)
@@ -136,8 +151,9 @@ def start_service(tmp_path: Path) -> Iterator[StartService]:
     Request it after the broker fixtures, so that teardown stops the services first."""
     services = InProcessServices(tmp_path)
 
-    def start(port: int, entries: list[dict[str, Any]], *, client_id: str | None = None,
-              **overrides: Any) -> PublisherService:
+    def start(
+        port: int, entries: list[dict[str, Any]], *, client_id: str | None = None, **overrides: Any
+    ) -> PublisherService:
         broker = {"client_id": client_id} if client_id is not None else None
         return services.start(port, entries, broker=broker, watch=False, **overrides)
 
@@ -151,16 +167,21 @@ def reconfigure(service: PublisherService, entries: list[dict[str, Any]]) -> Non
 
 
 def test_an_entry_named_main_leaves_the_main_connection_alone(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory,
-        start_service: StartService, topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """Entries with id "main", added and removed live, plain or lwt, never close the shared
     main connection: the other entries keep publishing and the status topic stays online."""
     keep = entry("keep", f"{topic_base}/keep", 0.5)
     sub = subscriber_factory(f"{topic_base}/#")
     service = start_service(broker.port, [keep])
     sub.wait_for(f"{topic_base}/keep")
-    for named_main in (entry("main", f"{topic_base}/plain-main", 0.5),
-                       entry("main", f"{topic_base}/lwt-main", 0.5, lwt=True)):
+    for named_main in (
+        entry("main", f"{topic_base}/plain-main", 0.5),
+        entry("main", f"{topic_base}/lwt-main", 0.5, lwt=True),
+    ):
         reconfigure(service, [keep, named_main])
         sub.wait_for(named_main["topic"], where=online)
         reconfigure(service, [keep])
@@ -175,8 +196,11 @@ def test_an_entry_named_main_leaves_the_main_connection_alone(
 
 
 def test_lwt_entries_with_control_characters_in_their_id_connect(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory,
-        start_service: StartService, topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """lwt entries whose ids hold NUL, BEL, a newline, a space or a wildcard get client ids the
     broker accepts: each connects, publishes and has its will."""
     ids = ["nul\x00id", "bell\x07", "line\nbreak", "with space", "wild+#", "~tilde", "x" * 80]
@@ -207,9 +231,10 @@ def test_entry_client_ids_are_always_valid_and_distinct() -> None:
     assert broker.entry_client_id("a/b") == "svc/a/b"  # plain ids stay readable
 
 
-def test_default_client_id_differs_per_config_path_and_is_stable(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch,
-                                                               ) -> None:
+def test_default_client_id_differs_per_config_path_and_is_stable(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Two config files on one host give two client ids; one file gives the same id every
     time, whether written relative or absolute."""
     one, other = tmp_path / "one.json", tmp_path / "other.json"
@@ -224,6 +249,7 @@ def test_default_client_id_differs_per_config_path_and_is_stable(tmp_path: Path,
 
 def test_mqtt5_reason_codes_are_named_in_words() -> None:
     """Broker reason codes read as their MQTT 5 names, never as a bare number."""
+
     def name(code: int) -> str:
         return describe_reason(ReasonCode(PacketTypes.DISCONNECT, identifier=code))
 
@@ -238,42 +264,51 @@ def get_json(port: int, path: str) -> dict[str, Any]:
 
 
 def test_two_services_with_one_client_id_get_one_warning_each_and_say_so(
-        broker: Mosquitto, start_service: StartService, topic_base: str) -> None:
+    broker: Mosquitto, start_service: StartService, topic_base: str
+) -> None:
     """Two processes on one client id: every disconnect names its cause and the broker, each
     service warns once that another process uses its client id, however often it is knocked
     off, and /status and /health say so."""
     client_id = f"sp-twin-{uuid.uuid4().hex[:8]}"
     port = free_port()
     with capture_logs() as logs:
-        first = start_service(broker.port, [entry("a", f"{topic_base}/a", 1)],
-                              client_id=client_id, http_port=port)
+        first = start_service(
+            broker.port, [entry("a", f"{topic_base}/a", 1)], client_id=client_id, http_port=port
+        )
         assert first.connection.connect(wait=10)
-        second = start_service(broker.port, [entry("b", f"{topic_base}/b", 1)],
-                               client_id=client_id)
+        second = start_service(broker.port, [entry("b", f"{topic_base}/b", 1)], client_id=client_id)
 
         def conflicts() -> list[MutableMapping[str, Any]]:
             return [e for e in list(logs) if e["event"] == "mqtt_client_id_conflict"]
 
         wait_until(lambda: len(conflicts()) >= 2, 30, message="a conflict warning from both")
         knocked = first.stats.reconnects + second.stats.reconnects
-        wait_until(lambda: first.stats.reconnects + second.stats.reconnects >= knocked + 4, 30,
-                   message="four more take-overs")
+        wait_until(
+            lambda: first.stats.reconnects + second.stats.reconnects >= knocked + 4,
+            30,
+            message="four more take-overs",
+        )
         health = get_json(port, "/health")
         status = get_json(port, "/status")
     assert len(conflicts()) == 2, conflicts()
     assert all(e["client_id"] == client_id and client_id in e["reason"] for e in conflicts())
     lost = [e for e in logs if e["event"] == "mqtt_disconnected"]
     assert lost
-    assert all(e["reason"] == "connection closed by the broker" and
-               e["broker"] == f"127.0.0.1:{broker.port}" for e in lost), lost
-    assert "another process is probably using client id" in \
-        str(status["connection"]["client_id_conflict"])
+    assert all(
+        e["reason"] == "connection closed by the broker"
+        and e["broker"] == f"127.0.0.1:{broker.port}"
+        for e in lost
+    ), lost
+    assert "another process is probably using client id" in str(
+        status["connection"]["client_id_conflict"]
+    )
     assert any(client_id in w for w in health["warnings"]), health
     assert health["ok"], "a conflict is not a liveness problem: a restart would not fix it"
 
 
 def test_the_main_connection_comes_first_under_a_connection_limit(
-        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    tmp_path: Path, start_service: StartService, topic_base: str
+) -> None:
     """With fewer broker connections than links, the main connection still gets one: plain
     entries publish, each refused lwt entry is warned about with its cause, and /status and
     /health name the entries without a connection."""
@@ -287,38 +322,54 @@ def test_the_main_connection_comes_first_under_a_connection_limit(
             sub.wait_for(f"{topic_base}/p", count=3)
 
             def warned() -> set[str]:
-                return {e["entry_id"] for e in list(logs) if e["log_level"] == "warning"
-                        and e["event"] == "entry_connection_failed"}
+                return {
+                    e["entry_id"]
+                    for e in list(logs)
+                    if e["log_level"] == "warning" and e["event"] == "entry_connection_failed"
+                }
 
             def unconnected() -> dict[str, Any]:
-                found: dict[str, Any] = \
-                    service.get_status()["connection"]["entries_without_connection"]
+                found: dict[str, Any] = service.get_status()["connection"][
+                    "entries_without_connection"
+                ]
                 return found
 
             # Mosquitto counts its limit loosely: some lwt entries connect, most do not.
-            wait_until(lambda: unconnected()["lwt_entries_total"] >= 2 and
-                       warned() == set(unconnected()["lwt_entries"]), 30,
-                       message="a warning for each lwt entry without a connection")
+            wait_until(
+                lambda: (
+                    unconnected()["lwt_entries_total"] >= 2
+                    and warned() == set(unconnected()["lwt_entries"])
+                ),
+                30,
+                message="a warning for each lwt entry without a connection",
+            )
         assert service.is_connected()
         failed = [e for e in logs if e["event"] == "entry_connection_failed"]
-        assert all(e["reason"] == "connection closed by the broker before CONNACK" and
-                   e["broker"] == f"127.0.0.1:{limited.port}" for e in failed), failed
+        assert all(
+            e["reason"] == "connection closed by the broker before CONNACK"
+            and e["broker"] == f"127.0.0.1:{limited.port}"
+            for e in failed
+        ), failed
         # One warning per entry and cause, however often it is retried.
         assert len([e for e in failed if e["log_level"] == "warning"]) == len(warned())
         status = unconnected()
         assert not status["main_connection_down"]
         assert status["count"] == status["lwt_entries_total"] == len(status["lwt_entries"])
         assert set(status["lwt_entries"].values()) == {
-            "connection closed by the broker before CONNACK"}
-        assert any(f"{status['count']} lwt entries have no connection" in w
-                   for w in service.health_warnings())
+            "connection closed by the broker before CONNACK"
+        }
+        assert any(
+            f"{status['count']} lwt entries have no connection" in w
+            for w in service.health_warnings()
+        )
     finally:
         sub.stop()
         limited.stop()
 
 
 def test_status_last_error_carries_why_the_main_connection_fails_before_connack(
-        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    tmp_path: Path, start_service: StartService, topic_base: str
+) -> None:
     """While the broker turns the main connection away before CONNACK, /status
     connection.last_error says what the log says, and /health names the main connection."""
     full = Mosquitto(tmp_path, extra="max_connections 1")
@@ -328,17 +379,20 @@ def test_status_last_error_carries_why_the_main_connection_fails_before_connack(
     try:
         with capture_logs() as logs:
             service = start_service(full.port, [entry("a", f"{topic_base}/a", 1)])
-            failed = wait_until(lambda: [e for e in list(logs)
-                                         if e["event"] == "mqtt_connect_failed"], 20,
-                                message="a failed connect")
+            failed = wait_until(
+                lambda: [e for e in list(logs) if e["event"] == "mqtt_connect_failed"],
+                20,
+                message="a failed connect",
+            )
         status = service.get_status()["connection"]
         assert failed[0]["reason"] == "connection closed by the broker before CONNACK"
         assert failed[0]["broker"] == f"127.0.0.1:{full.port}"
         assert status["last_error"] == failed[0]["reason"]
         assert not status["connected"]
         assert status["entries_without_connection"]["main_connection_down"]
-        assert any("main connection" in w and failed[0]["reason"] in w
-                   for w in service.health_warnings())
+        assert any(
+            "main connection" in w and failed[0]["reason"] in w for w in service.health_warnings()
+        )
     finally:
         for holder in holders:
             holder.stop()
@@ -346,18 +400,25 @@ def test_status_last_error_carries_why_the_main_connection_fails_before_connack(
 
 
 def test_the_main_connection_comes_first_under_a_low_open_file_limit(
-        tmp_path: Path, broker: Mosquitto, subscriber_factory: SubscriberFactory,
-        topic_base: str) -> None:
+    tmp_path: Path, broker: Mosquitto, subscriber_factory: SubscriberFactory, topic_base: str
+) -> None:
     """Under a `ulimit -n` too low for every link, the main connection still connects and
     the plain entry publishes; lwt entries left without a descriptor are warned about with
     the cause."""
     config = tmp_path / "config.json"
-    write_config(config, [*(entry(f"lwt-{n}", f"{topic_base}/lwt-{n}", 1, lwt=True)
-                            for n in range(40)), entry("plain", f"{topic_base}/plain", 0.5)])
+    write_config(
+        config,
+        [
+            *(entry(f"lwt-{n}", f"{topic_base}/lwt-{n}", 1, lwt=True) for n in range(40)),
+            entry("plain", f"{topic_base}/plain", 0.5),
+        ],
+    )
     sub = subscriber_factory(f"{topic_base}/#")
-    proc = ServiceProcess(cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.5",
-                                   command=()),
-                          cwd=tmp_path, max_open_files=32)
+    proc = ServiceProcess(
+        cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.5", command=()),
+        cwd=tmp_path,
+        max_open_files=32,
+    )
     try:
         proc.wait_for_event("mqtt_connected", timeout=20)
         sub.wait_for(f"{topic_base}/plain", count=3)
@@ -432,21 +493,26 @@ def small_entries(topic_base: str) -> list[dict[str, Any]]:
     return [entry(f"small-{n}", f"{topic_base}/small-{n}", 0.5) for n in range(3)]
 
 
-def run_until_quarantined(start_service: StartService, port: int, topic_base: str
-                          ) -> tuple[PublisherService, list[LogEvents], list[LogEvents]]:
+def run_until_quarantined(
+    start_service: StartService, port: int, topic_base: str
+) -> tuple[PublisherService, list[LogEvents], list[LogEvents]]:
     """Three small entries and "big", whose payload is over the broker's max_packet_size, until
     "big" is quarantined: the service, the quarantine events (only "big"'s) and the log."""
     big = entry("big", f"{topic_base}/big", 1, data={"blob": "x" * (MAX_PACKET + 200)})
     with capture_logs() as logs:
         service = start_service(port, [*small_entries(topic_base), big])
-        held = wait_until(lambda: [e for e in list(logs) if e["event"] == "entry_quarantined"],
-                          60, message="the entry quarantined")
+        held = wait_until(
+            lambda: [e for e in list(logs) if e["event"] == "entry_quarantined"],
+            60,
+            message="the entry quarantined",
+        )
     assert [e["entry_id"] for e in held] == ["big"], held
     return service, held, logs
 
 
 def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
-        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    tmp_path: Path, start_service: StartService, topic_base: str
+) -> None:
     """An entry the broker refuses at runtime (here a payload over its max_packet_size) is
     named, held back and reported, and the other entries keep publishing on a connection that
     stays up."""
@@ -461,8 +527,9 @@ def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
         reasons = {e["reason"] for e in logs if e["event"] == "mqtt_disconnected"}
         assert reasons <= {"packet too large", "connection reset by the broker"}, reasons
         named = "packet too large" in reasons
-        assert held[0]["reason"] == ("packet too large" if named else
-                                     "connection reset by the broker")
+        assert held[0]["reason"] == (
+            "packet too large" if named else "connection reset by the broker"
+        )
         assert not [e for e in logs if e["event"] == "mqtt_client_id_conflict"]
         assert held[0]["log_level"] == "error"
         wait_until(service.is_connected, 10, message="connected again")
@@ -485,7 +552,8 @@ def test_an_entry_whose_publish_gets_the_connection_dropped_is_quarantined(
 
 
 def test_a_reset_that_swallows_the_brokers_disconnect_still_finds_the_entry(
-        tmp_path: Path, start_service: StartService, topic_base: str) -> None:
+    tmp_path: Path, start_service: StartService, topic_base: str
+) -> None:
     """A broker that refuses a packet sends its DISCONNECT and closes with the rest of our
     write unread, so the close is a TCP reset, which can discard the DISCONNECT before we read
     it. Here a proxy makes every such close a reset without the packet: the entry is still
@@ -524,8 +592,11 @@ def test_the_client_notes_a_reset_once_and_forgets_it_on_the_next_connect() -> N
         peer, _ = listener.accept()
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()  # an RST: the CONNECT it did not read is discarded
-        wait_until(lambda: client.loop_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST, 5,
-                   message="the read that meets the reset")
+        wait_until(
+            lambda: client.loop_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST,
+            5,
+            message="the read that meets the reset",
+        )
 
     try:
         client.connect_async("127.0.0.1", listener.getsockname()[1])
@@ -545,14 +616,26 @@ def test_which_losses_blame_a_packet() -> None:
     sent and is no flap. MQTT 3.1.1 brokers close without a reason whatever the cause, so a
     reset there says nothing about our packets: it counts as a flap, as a clean close does."""
     ignore: Any = lambda *_: None  # noqa: E731 - the callbacks this test does not watch
-    callbacks = SessionCallbacks(connected=ignore, refused=ignore, lost=ignore,
-                                 published=ignore, want_write=ignore, socket_closed=ignore)
+    callbacks = SessionCallbacks(
+        connected=ignore,
+        refused=ignore,
+        lost=ignore,
+        published=ignore,
+        want_write=ignore,
+        socket_closed=ignore,
+    )
     cases: list[tuple[MQTTVersion, int | None, bool, bool]] = [  # protocol, DISCONNECT, reset
-        ("5", 0x95, False, True), ("5", 0x8E, False, False), ("5", None, False, False),
-        ("5", None, True, True), ("3.1.1", None, True, False), ("3.1.1", None, False, False)]
+        ("5", 0x95, False, True),
+        ("5", 0x8E, False, False),
+        ("5", None, False, False),
+        ("5", None, True, True),
+        ("3.1.1", None, True, False),
+        ("3.1.1", None, False, False),
+    ]
     for protocol, reason, reset, blames in cases:
-        link = Session(MAIN_LINK, "p", None, BrokerSettings(client_id="p", protocol=protocol),
-                       callbacks)
+        link = Session(
+            MAIN_LINK, "p", None, BrokerSettings(client_id="p", protocol=protocol), callbacks
+        )
         link.broker_reason, link.reset_by_broker = reason, reset
         assert link.blames_a_packet is blames, (protocol, reason, reset)
         if reason is not None:
@@ -568,14 +651,20 @@ def test_an_mqtt5_take_over_is_named_and_marks_a_conflict_at_once() -> None:
     flaps in a row."""
     lost: list[tuple[str, bool]] = []
     ignore: Any = lambda *_: None  # noqa: E731 - the callbacks this test does not watch
-    callbacks = SessionCallbacks(connected=ignore, refused=ignore,
-                                 lost=lambda _s, _event, why, over: lost.append((why, over)),
-                                 published=ignore, want_write=ignore, socket_closed=ignore)
+    callbacks = SessionCallbacks(
+        connected=ignore,
+        refused=ignore,
+        lost=lambda _s, _event, why, over: lost.append((why, over)),
+        published=ignore,
+        want_write=ignore,
+        socket_closed=ignore,
+    )
     link = Session(MAIN_LINK, "twin", None, BrokerSettings(client_id="twin"), callbacks)
     link.state = State.CONNECTED
     taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
-    link._on_disconnect(link.client, None, DisconnectFlags(is_disconnect_packet_from_server=True),
-                        taken, None)
+    link._on_disconnect(
+        link.client, None, DisconnectFlags(is_disconnect_packet_from_server=True), taken, None
+    )
     assert lost == [("session taken over", True)]
     link.judge_loss(*lost[0], time.monotonic())
     assert link.conflict is not None
@@ -583,8 +672,9 @@ def test_an_mqtt5_take_over_is_named_and_marks_a_conflict_at_once() -> None:
 
     silent = Session(LinkKey("e"), "twin/e", None, BrokerSettings(client_id="twin"), callbacks)
     silent.state = State.CONNECTED
-    silent._on_disconnect(silent.client, None,
-                          DisconnectFlags(is_disconnect_packet_from_server=False), taken, None)
+    silent._on_disconnect(
+        silent.client, None, DisconnectFlags(is_disconnect_packet_from_server=False), taken, None
+    )
     assert lost[-1] == ("connection closed by the broker", False)
     silent.quick_reconnect = True  # each connect accepted at the first attempt, ...
     silent.connected_at = time.monotonic()  # ... and closed again soon after

@@ -61,41 +61,46 @@ def weekdays_of(expression: str) -> set[str]:
 
 @pytest.mark.parametrize("sunday", ["0", "7", "sun"])
 def test_crontab_day_zero_and_seven_are_sunday(sunday: str) -> None:
-    """"0 0 * * 0" (or 7, or sun) fires at the next Sunday midnight, not on a Monday as
+    """ "0 0 * * 0" (or 7, or sun) fires at the next Sunday midnight, not on a Monday as
     APScheduler 3's own numbering would have it."""
     slot = next_slot(f"0 0 * * {sunday}", WEDNESDAY)
     assert slot == datetime(2026, 11, 29, 0, 0, tzinfo=UTC)
     assert slot.weekday() == 6
 
 
-@pytest.mark.parametrize(("field", "days"), [
-    ("1", {"mon"}),
-    ("1-5", {"mon", "tue", "wed", "thu", "fri"}),
-    ("5-7", {"fri", "sat", "sun"}),
-    ("0-2", {"sun", "mon", "tue"}),
-    ("*/2", {"sun", "tue", "thu", "sat"}),
-    ("1-5/2", {"mon", "wed", "fri"}),
-    ("mon-fri", {"mon", "tue", "wed", "thu", "fri"}),
-    ("sat,0", {"sat", "sun"}),
-    ("*", set(WEEKDAYS)),
-])
+@pytest.mark.parametrize(
+    ("field", "days"),
+    [
+        ("1", {"mon"}),
+        ("1-5", {"mon", "tue", "wed", "thu", "fri"}),
+        ("5-7", {"fri", "sat", "sun"}),
+        ("0-2", {"sun", "mon", "tue"}),
+        ("*/2", {"sun", "tue", "thu", "sat"}),
+        ("1-5/2", {"mon", "wed", "fri"}),
+        ("mon-fri", {"mon", "tue", "wed", "thu", "fri"}),
+        ("sat,0", {"sat", "sun"}),
+        ("*", set(WEEKDAYS)),
+    ],
+)
 def test_weekday_numbers_ranges_and_steps_follow_crontab(field: str, days: set[str]) -> None:
     """Numbers, ranges and steps in the weekday field count from Sunday = 0, as crontab does."""
     assert weekdays_of(f"0 0 * * {field}") == days
 
 
 def test_six_fields_lead_with_seconds_and_five_fire_on_the_minute() -> None:
-    """"*/10 * * * * *" fires every ten seconds; "* * * * *" once a minute at second 0."""
-    assert next_slot("*/10 * * * * *", WEDNESDAY + timedelta(seconds=1)) == \
-        WEDNESDAY + timedelta(seconds=10)
-    assert next_slot("* * * * *", WEDNESDAY + timedelta(seconds=1)) == \
-        WEDNESDAY + timedelta(minutes=1)
+    """ "*/10 * * * * *" fires every ten seconds; "* * * * *" once a minute at second 0."""
+    assert next_slot("*/10 * * * * *", WEDNESDAY + timedelta(seconds=1)) == WEDNESDAY + timedelta(
+        seconds=10
+    )
+    assert next_slot("* * * * *", WEDNESDAY + timedelta(seconds=1)) == WEDNESDAY + timedelta(
+        minutes=1
+    )
     assert cron_period("*/10 * * * * *", "UTC") == 10
     assert cron_period("0 9 * * 1-5", "UTC") == DAY
 
 
 def test_fields_are_read_in_the_entry_time_zone() -> None:
-    """"0 9 * * *" in Europe/Berlin is 08:00 UTC in winter and 07:00 UTC in summer."""
+    """ "0 9 * * *" in Europe/Berlin is 08:00 UTC in winter and 07:00 UTC in summer."""
     winter = next_slot("0 9 * * *", WEDNESDAY, "Europe/Berlin")
     summer = next_slot("0 9 * * *", datetime(2026, 7, 1, 12, tzinfo=UTC), "Europe/Berlin")
     assert winter.astimezone(UTC) == datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
@@ -111,14 +116,18 @@ def utc_walk(expression: str, start: datetime, count: int) -> list[str]:
     return slots
 
 
-@pytest.mark.parametrize(("expression", "walk"), [
-    # The repeated hour (00:00 to 02:00 UTC on 25 October) is walked once per pass, forward.
-    ("*/30 * * * *", ["25 00:00:00", "25 00:30:00", "25 01:00:00", "25 01:30:00",
-                      "25 02:00:00"]),
-    ("0 * * * *", ["25 00:00:00", "25 01:00:00", "25 02:00:00", "25 03:00:00", "25 04:00:00"]),
-    ("30 2 * * *", ["25 00:30:00", "25 01:30:00", "26 01:30:00", "27 01:30:00",
-                    "28 01:30:00"]),
-])
+@pytest.mark.parametrize(
+    ("expression", "walk"),
+    [
+        # The repeated hour (00:00 to 02:00 UTC on 25 October) is walked once per pass, forward.
+        (
+            "*/30 * * * *",
+            ["25 00:00:00", "25 00:30:00", "25 01:00:00", "25 01:30:00", "25 02:00:00"],
+        ),
+        ("0 * * * *", ["25 00:00:00", "25 01:00:00", "25 02:00:00", "25 03:00:00", "25 04:00:00"]),
+        ("30 2 * * *", ["25 00:30:00", "25 01:30:00", "26 01:30:00", "27 01:30:00", "28 01:30:00"]),
+    ],
+)
 def test_autumn_dst_fold_never_goes_back(expression: str, walk: list[str]) -> None:
     """Through the hour autumn repeats, slots only move forward (APScheduler 3.11's own
     CronTrigger answers a first-pass slot again there, which would fire the job in a loop)."""
@@ -134,15 +143,23 @@ def test_scheduler_question_inside_the_fold_moves_forward() -> None:
     assert following == previous + timedelta(seconds=20)
 
 
-@pytest.mark.parametrize(("expression", "message"), [
-    ("* * *", "expected 5 fields (minute hour day month day_of_week) or 6 (seconds first), "
-              "got 3"),
-    ("0 25 * * *", "hour: Error validating expression '25': the last value (25) is higher "
-                   "than the maximum value (23)"),
-    ("0 0 * * 8", "day_of_week: 8 is not a weekday number (0-7, 0 and 7 are Sunday)"),
-    ("0 0 * * 5-2", "day_of_week: the range '5-2' runs backwards"),
-    ("x * * * *", 'minute: Unrecognized expression "x" for field "minute"'),
-])
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        (
+            "* * *",
+            "expected 5 fields (minute hour day month day_of_week) or 6 (seconds first), got 3",
+        ),
+        (
+            "0 25 * * *",
+            "hour: Error validating expression '25': the last value (25) is higher "
+            "than the maximum value (23)",
+        ),
+        ("0 0 * * 8", "day_of_week: 8 is not a weekday number (0-7, 0 and 7 are Sunday)"),
+        ("0 0 * * 5-2", "day_of_week: the range '5-2' runs backwards"),
+        ("x * * * *", 'minute: Unrecognized expression "x" for field "minute"'),
+    ],
+)
 def test_malformed_expressions_name_the_field(expression: str, message: str) -> None:
     """A malformed expression is refused with CronTrigger's reason and the field it is in."""
     with pytest.raises(CronError) as refused:
@@ -162,21 +179,41 @@ def problems_of(*entries: dict[str, Any]) -> list[tuple[str, str | None, str]]:
     return [(p.severity, p.field, str(p)) for p in result.problems]
 
 
-@pytest.mark.parametrize(("fields", "field", "message"), [
-    ({"interval": 60}, "cron", 'cron: an entry has either interval or cron, not both, got both '
-                               '(interval 60, cron "0 * * * *")'),
-    ({"cron": "0 25 * * *"}, "cron",
-     "cron: hour: Error validating expression '25': the last value (25) is higher than the "
-     'maximum value (23), got "0 25 * * *"'),
-    ({"cron": "0 0 30 2 *"}, "cron", "cron: names no date that exists (such as 30 February), "
-                                     'so it never fires, got "0 0 30 2 *"'),
-    ({"cron": 5}, "cron", 'cron must be a crontab expression: 5 fields ("0 * * * *"), or 6 with '
-                          'seconds first ("*/10 * * * * *"), got 5'),
-    ({"timezone": "Mars/Phobos"}, "timezone",
-     'timezone: expected an IANA time zone name such as "Europe/Berlin", got "Mars/Phobos"'),
-])
-def test_cron_errors_name_entry_and_field(fields: dict[str, Any], field: str,
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        (
+            {"interval": 60},
+            "cron",
+            "cron: an entry has either interval or cron, not both, got both "
+            '(interval 60, cron "0 * * * *")',
+        ),
+        (
+            {"cron": "0 25 * * *"},
+            "cron",
+            "cron: hour: Error validating expression '25': the last value (25) is higher than the "
+            'maximum value (23), got "0 25 * * *"',
+        ),
+        (
+            {"cron": "0 0 30 2 *"},
+            "cron",
+            "cron: names no date that exists (such as 30 February), "
+            'so it never fires, got "0 0 30 2 *"',
+        ),
+        (
+            {"cron": 5},
+            "cron",
+            'cron must be a crontab expression: 5 fields ("0 * * * *"), or 6 with '
+            'seconds first ("*/10 * * * * *"), got 5',
+        ),
+        (
+            {"timezone": "Mars/Phobos"},
+            "timezone",
+            'timezone: expected an IANA time zone name such as "Europe/Berlin", got "Mars/Phobos"',
+        ),
+    ],
+)
+def test_cron_errors_name_entry_and_field(fields: dict[str, Any], field: str, message: str) -> None:
     """Both interval and cron, a bad expression or a bad zone: an error at the entry's place
     and field, and the entry is not run."""
     ok = {"id": "ok", "topic": "site/ok", "data": {}, "interval": 1}
@@ -187,18 +224,31 @@ def test_cron_errors_name_entry_and_field(fields: dict[str, Any], field: str,
 def test_an_entry_without_interval_or_cron_is_refused() -> None:
     """Neither interval nor cron: one error naming both."""
     found = problems_of({"id": "x", "topic": "t", "data": {}})
-    assert found == [("error", "interval",
-                      'entry 1 (id "x"): interval or cron is required (exactly one of them)')]
+    assert found == [
+        (
+            "error",
+            "interval",
+            'entry 1 (id "x"): interval or cron is required (exactly one of them)',
+        )
+    ]
 
 
 def test_timezone_on_an_interval_entry_is_a_warning() -> None:
     """An interval entry ignores `timezone`: it runs, with a warning saying so."""
-    result = parse_config(json.dumps([{"id": "i", "topic": "t", "data": {}, "interval": 5,
-                                       "timezone": "Europe/Berlin"}]).encode())
+    result = parse_config(
+        json.dumps(
+            [{"id": "i", "topic": "t", "data": {}, "interval": 5, "timezone": "Europe/Berlin"}]
+        ).encode()
+    )
     assert [e.id for e in result.entries] == ["i"]
     assert [(p.severity, p.field, str(p)) for p in result.problems] == [
-        ("warning", "timezone", 'entry 1 (id "i"): timezone: applies to cron entries only; an '
-                                'interval entry ignores it, got "Europe/Berlin"')]
+        (
+            "warning",
+            "timezone",
+            'entry 1 (id "i"): timezone: applies to cron entries only; an '
+            'interval entry ignores it, got "Europe/Berlin"',
+        )
+    ]
 
 
 def test_publish_config_checks_the_alternatives_too() -> None:
@@ -213,16 +263,20 @@ def test_publish_config_checks_the_alternatives_too() -> None:
     assert weekly.schedule == 'cron "0 0 * * 0" in Europe/Berlin'
 
 
-@pytest.mark.parametrize(("before", "after", "rescheduled"), [
-    ({"interval": 5}, {"cron": "*/5 * * * * *"}, True),
-    ({"cron": "*/5 * * * * *"}, {"interval": 5}, True),
-    ({"cron": "0 * * * *"}, {"cron": "30 * * * *"}, True),
-    ({"cron": "0 * * * *"}, {"cron": "0 * * * *", "timezone": "Asia/Tokyo"}, True),
-    ({"cron": "0 * * * *", "data": {"v": 1}}, {"cron": "0 * * * *", "data": {"v": 2}}, False),
-    ({"interval": 5}, {"interval": 5, "timezone": "Asia/Tokyo"}, False),
-])
-def test_schedule_changes_are_reschedules(before: dict[str, Any], after: dict[str, Any],
-                                          rescheduled: bool) -> None:
+@pytest.mark.parametrize(
+    ("before", "after", "rescheduled"),
+    [
+        ({"interval": 5}, {"cron": "*/5 * * * * *"}, True),
+        ({"cron": "*/5 * * * * *"}, {"interval": 5}, True),
+        ({"cron": "0 * * * *"}, {"cron": "30 * * * *"}, True),
+        ({"cron": "0 * * * *"}, {"cron": "0 * * * *", "timezone": "Asia/Tokyo"}, True),
+        ({"cron": "0 * * * *", "data": {"v": 1}}, {"cron": "0 * * * *", "data": {"v": 2}}, False),
+        ({"interval": 5}, {"interval": 5, "timezone": "Asia/Tokyo"}, False),
+    ],
+)
+def test_schedule_changes_are_reschedules(
+    before: dict[str, Any], after: dict[str, Any], rescheduled: bool
+) -> None:
     """A change of cron or timezone, or between interval and cron, is a reschedule; a time
     zone an interval entry ignores is not."""
     old = PublishConfig("e", "t", before.pop("data", {}), **before)
@@ -232,11 +286,14 @@ def test_schedule_changes_are_reschedules(before: dict[str, Any], after: dict[st
 
 
 def test_validate_lists_cron_entries_with_their_next_slot(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """`validate` shows each cron entry's expression, zone and next slot, in text and JSON."""
     path = tmp_path / "entries.json"
-    write_config(path, [cron_entry(timezone="Asia/Tokyo"),
-                        {"id": "i", "topic": "t", "data": {}, "interval": 5}])
+    write_config(
+        path,
+        [cron_entry(timezone="Asia/Tokyo"), {"id": "i", "topic": "t", "data": {}, "interval": 5}],
+    )
     with pytest.raises(SystemExit):
         main(["validate", "--config", str(path)])
     out = capsys.readouterr().out.splitlines()
@@ -249,7 +306,10 @@ def test_validate_lists_cron_entries_with_their_next_slot(
         main(["validate", "--config", str(path), "--format", "json"])
     (listed,) = json.loads(capsys.readouterr().out)["cron_entries"]
     assert {k: listed[k] for k in ("id", "cron", "timezone")} == {
-        "id": "hourly", "cron": "0 * * * *", "timezone": "Asia/Tokyo"}
+        "id": "hourly",
+        "cron": "0 * * * *",
+        "timezone": "Asia/Tokyo",
+    }
     assert datetime.fromisoformat(listed["next_run_at"]) == shown
 
 
@@ -294,8 +354,10 @@ def test_job_store_files_equal_instants_of_any_zone_together() -> None:
     store: BaseJobStore = GroupedJobStore()
     instant = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST, just before the repeat
     berlin = instant.astimezone(ZoneInfo("Europe/Berlin"))
-    jobs = [type("J", (), {"id": i, "next_run_time": t, "kwargs": {}})()
-            for i, t in (("b", berlin), ("u", instant))]
+    jobs = [
+        type("J", (), {"id": i, "next_run_time": t, "kwargs": {}})()
+        for i, t in (("b", berlin), ("u", instant))
+    ]
     for job in jobs:
         store.add_job(job)
     assert {j.id for j in store.get_due_jobs(instant)} == {"b", "u"}
@@ -335,24 +397,34 @@ def ticks_after_start(sub: Subscriber, topic: str, count: int) -> list[Received]
 
 
 def test_cron_entries_fire_on_their_whole_second_slots(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str) -> None:
-    """"* * * * * *" publishes at each whole second and "*/2 * * * * *" at each even one, in
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+) -> None:
+    """ "* * * * * *" publishes at each whole second and "*/2 * * * * *" at each even one, in
     the entry's time zone; status shows the expression, zone and next slot, and lateness is
     measured against the cron slots."""
     every, even = f"{topic_base}/every", f"{topic_base}/even"
     sub = subscriber_factory(f"{topic_base}/#")
-    service = services.start(broker.port, [cron("every", every, "* * * * * *"),
-                                           cron("even", even, "*/2 * * * * *",
-                                                timezone="Asia/Kolkata")])
+    service = services.start(
+        broker.port,
+        [
+            cron("every", every, "* * * * * *"),
+            cron("even", even, "*/2 * * * * *", timezone="Asia/Kolkata"),
+        ],
+    )
     for message in ticks_after_start(sub, every, 4):
         assert wall_time(message) % 1 < LATE
     for message in ticks_after_start(sub, even, 3):
         assert int(wall_time(message)) % 2 == 0, wall_time(message)
         assert wall_time(message) % 1 < LATE
     shown = service.get_status()["entries"]["even"]
-    assert (shown["interval"], shown["cron"], shown["timezone"]) == (None, "*/2 * * * * *",
-                                                                      "Asia/Kolkata")
+    assert (shown["interval"], shown["cron"], shown["timezone"]) == (
+        None,
+        "*/2 * * * * *",
+        "Asia/Kolkata",
+    )
     following = datetime.fromisoformat(shown["next_run_at"])
     assert following.utcoffset() == timedelta(hours=5, minutes=30)
     assert following.second % 2 == 0
@@ -362,8 +434,12 @@ def test_cron_entries_fire_on_their_whole_second_slots(
 
 
 def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str, tmp_path: Path) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+    tmp_path: Path,
+) -> None:
     """An hourly interval entry turned into "*/2 * * * * *" is rescheduled onto even seconds,
     and back again; the other entry keeps publishing throughout."""
     keep, moved = f"{topic_base}/keep", f"{topic_base}/moved"
@@ -371,28 +447,39 @@ def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
     steady = entry("keep", keep, 0.2)
     sub = subscriber_factory(f"{topic_base}/#")
     with capture_logs() as logs:
-        service = services.start(broker.port, [steady, entry("moved", moved, 3600)],
-                                 config=config)
+        service = services.start(broker.port, [steady, entry("moved", moved, 3600)], config=config)
         sub.wait_for(moved)
         hourly = wait_until(lambda: service.next_run("moved"), 10, message="the hourly slot")
         before_reload = len(sub.on(moved))
         write_config(config, [steady, cron("moved", moved, "*/2 * * * * *")])
-        reloaded = wait_until(lambda: [e for e in logs if e["event"] == "config_reloaded"], 10,
-                              message="config_reloaded")
+        reloaded = wait_until(
+            lambda: [e for e in logs if e["event"] == "config_reloaded"],
+            10,
+            message="config_reloaded",
+        )
         assert reloaded[0]["rescheduled"] == ["moved"]
-        (scheduled,) = wait_until(lambda: [e for e in logs if e["event"] == "cron_scheduled"],
-                                  10, message="cron_scheduled")
+        (scheduled,) = wait_until(
+            lambda: [e for e in logs if e["event"] == "cron_scheduled"],
+            10,
+            message="cron_scheduled",
+        )
     assert (scheduled["entry_id"], scheduled["cron"], scheduled["timezone"]) == (
-        "moved", "*/2 * * * * *", "UTC")
+        "moved",
+        "*/2 * * * * *",
+        "UTC",
+    )
     # The edit is published at once (not on a slot), then the even seconds follow.
-    ticks = sub.wait_for(moved, before_reload + 3, timeout=15)[before_reload + 1:]
+    ticks = sub.wait_for(moved, before_reload + 3, timeout=15)[before_reload + 1 :]
     assert all(int(wall_time(m)) % 2 == 0 for m in ticks), [wall_time(m) for m in ticks]
     before = len(sub.on(keep))
     sub.wait_for(keep, before + 5, timeout=5)  # the untouched entry never stopped
 
     write_config(config, [steady, entry("moved", moved, 3600)])
-    wait_until(lambda: service.get_status()["entries"]["moved"]["interval"] == 3600, 10,
-               message="moved back to an interval")
+    wait_until(
+        lambda: service.get_status()["entries"]["moved"]["interval"] == 3600,
+        10,
+        message="moved back to an interval",
+    )
     # The status shows the new entry as soon as the reload takes it; its job is replaced a
     # moment later, in the same reload: wait for that, not for a fixed time. Back on its hourly
     # grid, its next run is the slot it had before the cron, or a whole number of hours later.
@@ -400,27 +487,40 @@ def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
     # failed in the half-minute before it. The cron's next even second lands on that grid only
     # if it is the hourly slot itself.)
     hour = timedelta(hours=1)
-    wait_until(lambda: (following := service.next_run("moved")) is not None
-               and following >= hourly and (following - hourly) % hour == timedelta(0),
-               10, message="its hourly grid again, not the cron's next even second")
+    wait_until(
+        lambda: (
+            (following := service.next_run("moved")) is not None
+            and following >= hourly
+            and (following - hourly) % hour == timedelta(0)
+        ),
+        10,
+        message="its hourly grid again, not the cron's next even second",
+    )
 
 
 def test_clock_step_forward_never_replays_missed_cron_slots(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+) -> None:
     """The wall clock stepped a day forward: a per-second cron entry runs once, counts the
     day's slots as missed, and is back on its whole seconds without a burst."""
     topic = f"{topic_base}/c"
     sub = subscriber_factory(topic)
     clock = ShiftedClock()
-    service: PublisherService = services.start(broker.port, [cron("c", topic, "* * * * * *")],
-                                               clock=clock)
+    service: PublisherService = services.start(
+        broker.port, [cron("c", topic, "* * * * * *")], clock=clock
+    )
     sub.wait_for(topic, 2)
     with capture_logs() as logs:
         shift_every_job(service, timedelta(days=1))  # a day behind the new clock
         clock.step_wall(DAY)
-        jump = wait_until(lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
-                          10, message="clock_jump")
+        jump = wait_until(
+            lambda: next((e for e in logs if e["event"] == "clock_jump"), None),
+            10,
+            message="clock_jump",
+        )
     assert jump["reanchored"] == 1
     counters = service.stats.entry("c")
     assert counters.missed >= DAY - 10

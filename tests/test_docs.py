@@ -16,14 +16,31 @@ PATH = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w.-]+\.(?:py|md|yml|json|service
 MODULE = re.compile(r"`([a-z_]+\.py)`")
 # Paths into the project's own tree; others (`group_vars/x.yml`, `.vscode/settings.json`) are
 # the reader's files.
-OWN_FOLDERS = ("scheduler_publisher", "bench", "tests", "docs", "scripts", "systemd", "JSON",
-               "cli", "config", "scheduling", "mqtt", "ops", "logs", "data")
+OWN_FOLDERS = (
+    "scheduler_publisher",
+    "bench",
+    "tests",
+    "docs",
+    "scripts",
+    "systemd",
+    "JSON",
+    "cli",
+    "config",
+    "scheduling",
+    "mqtt",
+    "ops",
+    "logs",
+    "data",
+)
 WRITTEN_BY_RUNS = {"bench/results/latest.json"}  # git-ignored: what a benchmark run writes
 
 
 def named_paths(text: str) -> set[str]:
-    return {match for match in PATH.findall(text)
-            if match.split("/")[0] in OWN_FOLDERS and match not in WRITTEN_BY_RUNS}
+    return {
+        match
+        for match in PATH.findall(text)
+        if match.split("/")[0] in OWN_FOLDERS and match not in WRITTEN_BY_RUNS
+    }
 
 
 def exists(path: str, page: Path) -> bool:
@@ -33,8 +50,11 @@ def exists(path: str, page: Path) -> bool:
 
 
 def known_module(name: str) -> bool:
-    return any(PACKAGE.rglob(name)) or any((REPO / "bench").rglob(name)) \
+    return (
+        any(PACKAGE.rglob(name))
+        or any((REPO / "bench").rglob(name))
         or (REPO / "tests" / name).exists()
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))

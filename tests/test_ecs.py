@@ -121,14 +121,18 @@ def problems(line: str) -> list[str]:
         return [*found, f"not JSON: {line[:80]!r}"]
     if not isinstance(event, dict):
         return [*found, "not a JSON object"]
-    ordered = sorted((f for f, d in spec().items() if "index" in d),
-                     key=lambda f: spec()[f]["index"])
-    if list(event)[:len(ordered)] != ordered:
-        found.append(f"starts with {list(event)[:len(ordered)]}, spec wants {ordered}")
+    ordered = sorted(
+        (f for f, d in spec().items() if "index" in d), key=lambda f: spec()[f]["index"]
+    )
+    if list(event)[: len(ordered)] != ordered:
+        found.append(f"starts with {list(event)[: len(ordered)]}, spec wants {ordered}")
     required = [f for f, d in spec().items() if d.get("required")]
     found += [f"missing {f}" for f in dict.fromkeys([*required, *ALWAYS]) if f not in event]
-    found += [f"{f}: spec type {spec()[f]['type']}, got {event[f]!r}" for f in spec()
-              if f in event and not _spec_type_ok(spec()[f]["type"], event[f])]
+    found += [
+        f"{f}: spec type {spec()[f]['type']}, got {event[f]!r}"
+        for f in spec()
+        if f in event and not _spec_type_ok(spec()[f]["type"], event[f])
+    ]
     try:
         tree = expand(event)
     except ValueError as exc:
@@ -163,8 +167,14 @@ def _walk(node: dict[str, Any], prefix: str, found: list[str]) -> None:
 
 def json_types(events: list[dict[str, Any]]) -> dict[str, set[str]]:
     """The JSON types each top-level field takes across lines (numbers count as one)."""
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-             dict: "object"}
+    names = {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }
     types: dict[str, set[str]] = {}
     for event in events:
         for key, value in event.items():
@@ -176,9 +186,16 @@ def json_types(events: list[dict[str, Any]]) -> dict[str, set[str]]:
 # ---- the checker, checked -------------------------------------------------------------------
 
 
-GOOD = {"@timestamp": "2026-01-02T03:04:05.678Z", "log.level": "info", "message": "m",
-        "ecs.version": "9.4.0", "log.logger": "t", "service.name": "s", "service.version": "1",
-        "process.pid": 1}
+GOOD = {
+    "@timestamp": "2026-01-02T03:04:05.678Z",
+    "log.level": "info",
+    "message": "m",
+    "ecs.version": "9.4.0",
+    "log.logger": "t",
+    "service.name": "s",
+    "service.version": "1",
+    "process.pid": 1,
+}
 
 
 def test_reference_files_are_the_ones_named_in_the_readme() -> None:
@@ -218,8 +235,10 @@ def test_the_namespace_list_matches_fields_csv() -> None:
 
 def logged_event_names() -> set[str]:
     """The event names the code logs: the first argument of each log call."""
-    call = re.compile(r'(?:\.(?:debug|info|warning|error|exception|critical)|\bemit|_report)'
-                      r'\(\s*"([a-z][a-z_]*)"')
+    call = re.compile(
+        r"(?:\.(?:debug|info|warning|error|exception|critical)|\bemit|_report)"
+        r'\(\s*"([a-z][a-z_]*)"'
+    )
     alternative = re.compile(r'\bemit\("[a-z_]+" if [^\n]* else "([a-z][a-z_]*)"')
     names: set[str] = set()
     for path in (REPO / "scheduler_publisher").rglob("*.py"):
@@ -244,9 +263,13 @@ def logged_field_names() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path in (REPO / "scheduler_publisher").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in levels and node.args
-                    and isinstance(node.args[0], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in levels
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 names = {k.arg for k in node.keywords if k.arg is not None}
                 found.setdefault(str(node.args[0].value), set()).update(names)
     return found
@@ -258,15 +281,19 @@ def test_log_calls_name_no_ecs_field_by_accident() -> None:
     mapped = {"error", "host", "port", "broker"}
     fields = logged_field_names()
     assert "config_reload_failed" in fields
-    clashes = {(event, name) for event, names in fields.items() for name in names - mapped
-               if name.split(".", 1)[0] in ecs.ECS_ROOTS and name not in ecs.ECS_TYPES}
+    clashes = {
+        (event, name)
+        for event, names in fields.items()
+        for name in names - mapped
+        if name.split(".", 1)[0] in ecs.ECS_ROOTS and name not in ecs.ECS_TYPES
+    }
     assert clashes == set()
 
 
 # ---- the scenario ---------------------------------------------------------------------------
 
 # Makes one entry's tick raise, for a real exception through the real pipeline (`tick_failed`).
-INJECT = '''
+INJECT = """
 import scheduler_publisher.mqtt.connection as connection
 
 _original = connection.MQTTConnectionManager.tick
@@ -279,7 +306,7 @@ def tick(self, entry_id, *args, **kwargs):
 
 
 connection.MQTTConnectionManager.tick = tick
-'''
+"""
 
 
 @pytest.fixture
@@ -292,8 +319,9 @@ def busy_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def service(tmp_path: Path, broker: Mosquitto,
-            busy_port: int) -> Iterator[Callable[[list[dict[str, Any]]], ServiceProcess]]:
+def service(
+    tmp_path: Path, broker: Mosquitto, busy_port: int
+) -> Iterator[Callable[[list[dict[str, Any]]], ServiceProcess]]:
     procs: list[ServiceProcess] = []
 
     def start(entries: list[dict[str, Any]]) -> ServiceProcess:
@@ -301,11 +329,27 @@ def service(tmp_path: Path, broker: Mosquitto,
         (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT)
         write_config(tmp_path / "config.json", entries)
         proc = ServiceProcess(
-            cli_args(broker.port, tmp_path / "config.json", "--http-host", "127.0.0.1",
-                     "--log-level", "DEBUG", "--stats-interval", "1", command=(),
-                     http_port=busy_port, log_file=tmp_path / "service.log", backoff=(0.2, 1)),
-            cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(
-                [str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])})
+            cli_args(
+                broker.port,
+                tmp_path / "config.json",
+                "--http-host",
+                "127.0.0.1",
+                "--log-level",
+                "DEBUG",
+                "--stats-interval",
+                "1",
+                command=(),
+                http_port=busy_port,
+                log_file=tmp_path / "service.log",
+                backoff=(0.2, 1),
+            ),
+            cwd=tmp_path,
+            env={
+                "PYTHONPATH": os.pathsep.join(
+                    [str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")]
+                )
+            },
+        )
         procs.append(proc)
         return proc
 
@@ -320,14 +364,21 @@ def count(proc: ServiceProcess, name: str) -> int:
 
 @pytest.mark.slow
 def test_every_line_of_a_rough_run_conforms_to_ecs(
-        tmp_path: Path, broker: Mosquitto, busy_port: int,
-        service: Callable[[list[dict[str, Any]]], ServiceProcess]) -> None:
+    tmp_path: Path,
+    broker: Mosquitto,
+    busy_port: int,
+    service: Callable[[list[dict[str, Any]]], ServiceProcess],
+) -> None:
     """Invalid entries, a busy HTTP port, a broker restart, a reload to 3,000 entries and back,
     a broken edit and an exception: every line on stdout and in the file is ECS 9.4, follows
     the ecs-logging spec, is under 8 KiB, and each field keeps one JSON type."""
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
-    small = [entry("ok", f"{base}/ok", 0.5), entry("boom", f"{base}/boom", 0.5),
-             {**entry("bad-qos", f"{base}/q"), "qos": 7}, entry("bad-interval", f"{base}/i", 0)]
+    small = [
+        entry("ok", f"{base}/ok", 0.5),
+        entry("boom", f"{base}/boom", 0.5),
+        {**entry("bad-qos", f"{base}/q"), "qos": 7},
+        entry("bad-interval", f"{base}/i", 0),
+    ]
     proc = service(small)
     proc.wait_for_event("service_started", timeout=30)
     proc.wait_for_event("tick_failed", timeout=15)
@@ -352,7 +403,8 @@ def test_every_line_of_a_rough_run_conforms_to_ecs(
     for where, lines in (("stdout", stdout), ("file", file_lines)):
         bad = {line[:200]: p for line in lines if (p := problems(line))}
         assert not bad, f"{where}: {len(bad)} of {len(lines)} lines:\n" + "\n".join(
-            f"{p}\n  {line}" for line, p in list(bad.items())[:10])
+            f"{p}\n  {line}" for line, p in list(bad.items())[:10]
+        )
     events = [json.loads(line) for line in file_lines]
     mixed = {k: t for k, t in json_types(events).items() if len(t) > 1}
     assert not mixed, f"fields with more than one JSON type (ES would reject some): {mixed}"

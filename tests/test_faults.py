@@ -63,8 +63,11 @@ class Service:
         return sum(1 for e in self.proc.events() if e.get("message") == event)
 
     def wait_count(self, event: str, count: int, timeout: float = 30) -> None:
-        wait_until(lambda: self.count(event) >= count, timeout,
-                   message=f"{count} x {event!r} (output: {self.proc.stdout[-5:]})")
+        wait_until(
+            lambda: self.count(event) >= count,
+            timeout,
+            message=f"{count} x {event!r} (output: {self.proc.stdout[-5:]})",
+        )
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.proc.pid}/status").read_text().splitlines():
@@ -82,8 +85,14 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
         config = tmp_path / "config.json"
         write_config(config, entries)
         http_port = free_port()
-        args = cli_args(port, config, *extra, http_port=http_port,
-                        log_file=tmp_path / "service.log", backoff=(0.2, 1))
+        args = cli_args(
+            port,
+            config,
+            *extra,
+            http_port=http_port,
+            log_file=tmp_path / "service.log",
+            backoff=(0.2, 1),
+        )
         service = Service(ServiceProcess(args, cwd=tmp_path), config, http_port)
         started.append(service)
         service.proc.wait_for_event("service_started", timeout=30)
@@ -99,7 +108,8 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
 
 
 def test_broker_killed_and_restarted_five_times_publishing_resumes_each_time(
-        broker: Mosquitto, topic_base: str, start_service: Callable[..., Service]) -> None:
+    broker: Mosquitto, topic_base: str, start_service: Callable[..., Service]
+) -> None:
     """SIGKILL the broker 5 times: each time publishing resumes within the backoff (max 1 s)."""
     topic = f"{topic_base}/r"
     service = start_service(broker.port, [entry("r", topic, 0.5)])
@@ -125,14 +135,21 @@ def test_broker_killed_and_restarted_five_times_publishing_resumes_each_time(
 
 
 def test_blackholed_network_is_noticed_wills_fire_and_service_reconnects(
-        broker: Mosquitto, proxy: NetProxy, topic_base: str,
-        subscriber_factory: SubscriberFactory, start_service: Callable[..., Service]) -> None:
+    broker: Mosquitto,
+    proxy: NetProxy,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Service],
+) -> None:
     """No FIN, no RST: with --keepalive 2 the service notices within 1.5x keepalive, the broker
     fires the lwt will (1.5x keepalive), and once the path is back it reconnects."""
     sub = subscriber_factory(f"{topic_base}/#")
-    service = start_service(proxy.port, [entry("w", f"{topic_base}/w", 1, qos=1, lwt=True),
-                                         entry("p", f"{topic_base}/p", 1)],
-                            "--keepalive", "2")
+    service = start_service(
+        proxy.port,
+        [entry("w", f"{topic_base}/w", 1, qos=1, lwt=True), entry("p", f"{topic_base}/p", 1)],
+        "--keepalive",
+        "2",
+    )
     sub.wait_for(f"{topic_base}/w", where=online, timeout=20)
     sub.wait_for(f"{topic_base}/p", timeout=20)
 
@@ -162,19 +179,26 @@ def test_blackholed_network_is_noticed_wills_fire_and_service_reconnects(
 
 
 def ticks(service: Service) -> dict[str, int]:
-    return {i: e.get("lateness", {}).get("count", 0)
-            for i, e in service.status()["entries"].items()}
+    return {
+        i: e.get("lateness", {}).get("count", 0) for i, e in service.status()["entries"].items()
+    }
 
 
 @pytest.mark.parametrize("fault", ["blackhole", "throttle"])
 def test_stalled_broker_does_not_block_the_scheduler(
-        broker: Mosquitto, proxy: NetProxy, topic_base: str,
-        subscriber_factory: SubscriberFactory, start_service: Callable[..., Service],
-        fault: str) -> None:
+    broker: Mosquitto,
+    proxy: NetProxy,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Service],
+    fault: str,
+) -> None:
     """A broker that stops reading (or trickles): ticks keep running on time and /health is 200."""
     sub = subscriber_factory(f"{topic_base}/#")
-    entries = [entry(f"s{i}", f"{topic_base}/s{i}", 0.2, qos=1, data={"blob": "x" * 2000})
-               for i in range(10)]
+    entries = [
+        entry(f"s{i}", f"{topic_base}/s{i}", 0.2, qos=1, data={"blob": "x" * 2000})
+        for i in range(10)
+    ]
     service = start_service(proxy.port, entries, "--keepalive", "60")
     sub.wait_for(f"{topic_base}/s9", timeout=20)
     if fault == "blackhole":
@@ -184,8 +208,11 @@ def test_stalled_broker_does_not_block_the_scheduler(
     before = ticks(service)
     deferred_before = sum(e.get("deferred", 0) for e in service.status()["entries"].values())
     # 25 more ticks per entry is 5 s of schedule at 0.2 s.
-    wait_until(lambda: all(n >= before[i] + 25 for i, n in ticks(service).items()), 30,
-               message="ticks to keep coming during the stall")
+    wait_until(
+        lambda: all(n >= before[i] + 25 for i, n in ticks(service).items()),
+        30,
+        message="ticks to keep coming during the stall",
+    )
     assert service.healthy()
     status = service.status()
     assert status["connected"] is True  # keepalive 60: the stall is not a disconnect (yet)
@@ -206,26 +233,38 @@ def test_stalled_broker_does_not_block_the_scheduler(
 
 
 def test_qos1_outage_keeps_memory_bounded_and_sends_only_the_newest_after_reconnect(
-        broker: Mosquitto, proxy: NetProxy, topic_base: str,
-        subscriber_factory: SubscriberFactory, start_service: Callable[..., Service]) -> None:
+    broker: Mosquitto,
+    proxy: NetProxy,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Service],
+) -> None:
     """60 s without the broker at 200 QoS 1 ticks/s of 8 KB: RSS stays flat (no backlog), and
     after reconnect each entry sends its current payload, not the stale backlog."""
     sub = subscriber_factory(f"{topic_base}/#", qos=1)
-    entries = [entry(f"q{i}", f"{topic_base}/q{i}", 0.1, qos=1, data={"blob": "y" * 8000})
-               for i in range(20)]
+    entries = [
+        entry(f"q{i}", f"{topic_base}/q{i}", 0.1, qos=1, data={"blob": "y" * 8000})
+        for i in range(20)
+    ]
     service = start_service(proxy.port, entries)
-    wait_until(lambda: all(e.get("published", 0) >= 20
-                           for e in service.status()["entries"].values()), 30,
-               message="every entry publishing")
+    wait_until(
+        lambda: all(e.get("published", 0) >= 20 for e in service.status()["entries"].values()),
+        30,
+        message="every entry publishing",
+    )
     baseline = service.rss_kib()
 
     proxy.sever()
     service.wait_count("mqtt_disconnected", 1)
     start = {i: e.get("deferred", 0) for i, e in service.status()["entries"].items()}
     # A 60 s outage: 595 deferred ticks per entry at 0.1 s.
-    wait_until(lambda: all(e.get("deferred", 0) >= start[i] + 595
-                           for i, e in service.status()["entries"].items()), 120,
-               message="60 s of deferred QoS 1 ticks")
+    wait_until(
+        lambda: all(
+            e.get("deferred", 0) >= start[i] + 595 for i, e in service.status()["entries"].items()
+        ),
+        120,
+        message="60 s of deferred QoS 1 ticks",
+    )
     grown = service.rss_kib() - baseline
     # A replayed backlog would be 20 x 595 x 8 KB, about 95 MB, plus paho's message objects.
     assert grown < 6 * 1024, f"RSS grew by {grown} KiB during the outage"
@@ -257,12 +296,18 @@ def hostile_files(topic: str, limit: int) -> list[tuple[str, bytes | None]]:
     """(name, content); None content means "swap a directory in for the file"."""
     good = {"id": "keep", "topic": topic, "data": {"sensor": "keep"}, "interval": 0.5}
     return [
-        ("wrong types", json.dumps([{**good, "data": "text", "interval": "fast",
-                                     "qos": "1", "retain": "yes"}]).encode()),
+        (
+            "wrong types",
+            json.dumps(
+                [{**good, "data": "text", "interval": "fast", "qos": "1", "retain": "yes"}]
+            ).encode(),
+        ),
         ("huge numbers", json.dumps([{**good, "interval": 1e308, "qos": 10**30}]).encode()),
         ("overflowing float", json.dumps([good]).replace("0.5", "1e999").encode()),
-        ("integer above the str digit limit",
-         json.dumps([good]).replace("0.5", "9" * 5000).encode()),
+        (
+            "integer above the str digit limit",
+            json.dumps([good]).replace("0.5", "9" * 5000).encode(),
+        ),
         ("NaN", json.dumps([good]).replace("0.5", "NaN").encode()),
         ("deep data", json.dumps([{**good, "data": deep(40)}]).encode()),
         ("deep document", b"[" * 5000 + b"]" * 5000),
@@ -270,8 +315,10 @@ def hostile_files(topic: str, limit: int) -> list[tuple[str, bytes | None]]:
         ("empty", b""),
         ("half written", json.dumps([good]).encode()[:20]),
         ("not an array", b'{"id": "keep"}'),
-        ("above the size limit",
-         json.dumps([{**good, "data": {"pad": "z" * (limit + 10)}}]).encode()),
+        (
+            "above the size limit",
+            json.dumps([{**good, "data": {"pad": "z" * (limit + 10)}}]).encode(),
+        ),
         ("directory", None),
     ]
 
@@ -297,15 +344,20 @@ def assert_keeps_running(service: Service, topic: str, after: str = "") -> None:
 
 
 def test_hostile_config_edits_never_kill_the_service(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Service], tmp_path: Path) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Service],
+    tmp_path: Path,
+) -> None:
     """Wrong types, huge numbers, NaN, deep nesting, bad UTF-8, empty, a directory, too big: the
     service keeps the last good entry publishing and then applies the next valid file."""
     topic = f"{topic_base}/keep"
     sub = subscriber_factory(f"{topic_base}/#")
     limit = 4096
-    service = start_service(broker.port, [entry("keep", topic, 0.5)],
-                            "--max-config-bytes", str(limit))
+    service = start_service(
+        broker.port, [entry("keep", topic, 0.5)], "--max-config-bytes", str(limit)
+    )
     sub.wait_for(topic, timeout=20)
     for name, content in hostile_files(topic, limit):
         write_bytes(service.config, content)
@@ -327,8 +379,11 @@ def test_hostile_config_edits_never_kill_the_service(
 
 
 def test_a_100_mb_config_file_is_refused_without_reading_it_into_memory(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Service]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Service],
+) -> None:
     """A 100 MB file (default 16 MiB limit) is refused with a clear error; the running entry
     keeps publishing and the process does not swallow the file (RSS grows far less)."""
     topic = f"{topic_base}/keep"
@@ -350,8 +405,11 @@ def test_a_100_mb_config_file_is_refused_without_reading_it_into_memory(
 
 
 def test_random_byte_flips_of_a_valid_file_never_kill_the_service(
-        broker: Mosquitto, topic_base: str, start_service: Callable[..., Service],
-        subscriber_factory: SubscriberFactory) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    start_service: Callable[..., Service],
+    subscriber_factory: SubscriberFactory,
+) -> None:
     """Hypothesis flips bytes of a valid file; after each reload the service is alive and
     healthy, and it applies the next valid file."""
     topic = f"{topic_base}/keep"
@@ -360,10 +418,20 @@ def test_random_byte_flips_of_a_valid_file_never_kill_the_service(
     service = start_service(broker.port, good)
     sub = subscriber_factory(f"{topic_base}/#")
 
-    @settings(max_examples=30, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)),
-                    min_size=1, max_size=6))
+    @settings(
+        max_examples=30,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)),
+            min_size=1,
+            max_size=6,
+        )
+    )
     def flips(changes: list[tuple[int, int]]) -> None:
         mutated = bytearray(original)
         for at, value in changes:
@@ -378,16 +446,22 @@ def test_random_byte_flips_of_a_valid_file_never_kill_the_service(
     assert service.reload()["success"] is True
     sub.wait_for(f"{topic_base}/l", timeout=20)
     assert set(service.status()["entries"]) == {"keep", "last"}
-    assert not [e for e in service.proc.events() if e.get("message") in
-                ("network_loop_error", "network_command_failed")]
+    assert not [
+        e
+        for e in service.proc.events()
+        if e.get("message") in ("network_loop_error", "network_command_failed")
+    ]
 
 
 # ---- signals ----------------------------------------------------------------------------------
 
 
 def test_sighup_storm_leaves_the_service_healthy_and_sigterm_exits_zero(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Service]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Service],
+) -> None:
     """50 SIGHUPs in a row: still healthy and publishing; then SIGTERM exits 0."""
     topic = f"{topic_base}/h"
     sub = subscriber_factory(topic)
@@ -404,8 +478,9 @@ def test_sighup_storm_leaves_the_service_healthy_and_sigterm_exits_zero(
 
 
 @pytest.mark.parametrize("moment", ["logging configured", "service started"])
-def test_sigterm_during_startup_exits_zero(broker: Mosquitto, tmp_path: Path,
-                                           topic_base: str, moment: str) -> None:
+def test_sigterm_during_startup_exits_zero(
+    broker: Mosquitto, tmp_path: Path, topic_base: str, moment: str
+) -> None:
     """SIGTERM while the service is still starting up ends it cleanly with exit code 0."""
     # The window between "logging configured" and "service built" is tens of ms: try it a few
     # times so that at least one signal lands inside it.
@@ -435,8 +510,12 @@ def test_sigterm_during_startup_exits_zero(broker: Mosquitto, tmp_path: Path,
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
-        broker: Mosquitto, proxy: NetProxy, topic_base: str,
-        subscriber_factory: SubscriberFactory, protocol: str) -> None:
+    broker: Mosquitto,
+    proxy: NetProxy,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    protocol: str,
+) -> None:
     """A QoS 1 message written but never acknowledged (the path went dark under it) is sent
     again on the new connection, as MQTT requires, and reaches subscribers."""
     from scheduler_publisher import MQTTConnectionManager  # noqa: PLC0415
@@ -445,9 +524,16 @@ def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
 
     topic = f"{topic_base}/inflight"
     sub = subscriber_factory(topic, qos=1)
-    manager = MQTTConnectionManager(BrokerSettings(
-        host="127.0.0.1", port=proxy.port, protocol=protocol,  # type: ignore[arg-type]
-        backoff_min=0.2, backoff_max=0.5, client_id=f"inflight-{uuid.uuid4().hex[:8]}"))
+    manager = MQTTConnectionManager(
+        BrokerSettings(
+            host="127.0.0.1",
+            port=proxy.port,
+            protocol=protocol,  # type: ignore[arg-type]
+            backoff_min=0.2,
+            backoff_max=0.5,
+            client_id=f"inflight-{uuid.uuid4().hex[:8]}",
+        )
+    )
     try:
         assert manager.connect(wait=10)
         proxy.blackhole()
@@ -455,8 +541,11 @@ def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
         assert manager.publish(topic, payload, qos=1)
         main = manager._loop.get(MAIN_LINK)  # private: the only view of paho's in-flight set
         assert isinstance(main, Session)
-        wait_until(lambda: any(qos == 1 for _, qos in list(main.inflight.values())), 10,
-                   message="the message handed to paho and unacknowledged")
+        wait_until(
+            lambda: any(qos == 1 for _, qos in list(main.inflight.values())),
+            10,
+            message="the message handed to paho and unacknowledged",
+        )
         proxy.sever()  # the dark connection dies; what it carried never reached the broker
         wait_until(lambda: not manager.is_connected(), 10, message="the loss noticed")
         assert sub.on(topic) == []

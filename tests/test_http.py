@@ -38,17 +38,21 @@ from tests.support import (
 
 
 def two_entries(topic_base: str) -> list[dict[str, Any]]:
-    return [entry("plain", f"{topic_base}/plain", 0.2),
-            entry("willed", f"{topic_base}/willed", 0.2, lwt=True)]
+    return [
+        entry("plain", f"{topic_base}/plain", 0.2),
+        entry("willed", f"{topic_base}/willed", 0.2, lwt=True),
+    ]
 
 
-def test_health_is_ok_with_the_broker_up_and_down(http_service: ServiceStarter,
-                                                  broker: Mosquitto, topic_base: str) -> None:
+def test_health_is_ok_with_the_broker_up_and_down(
+    http_service: ServiceStarter, broker: Mosquitto, topic_base: str
+) -> None:
     """GET /health is 200 while connected and stays 200 when the broker goes away, with the
     lost connection among its warnings."""
     service = http_service(two_entries(topic_base))
-    wait_until(lambda: service.connection.connection_counts() == (2, 2), 10,
-               message="both connections up")
+    wait_until(
+        lambda: service.connection.connection_counts() == (2, 2), 10, message="both connections up"
+    )
 
     up = get(service, "/health")
     assert (up.status, up.json()) == (200, {"ok": True, "problems": [], "warnings": []})
@@ -62,8 +66,9 @@ def test_health_is_ok_with_the_broker_up_and_down(http_service: ServiceStarter,
     assert any(w.startswith("main connection") for w in down.json()["warnings"]), down.json()
 
 
-def test_health_is_503_with_the_problem_when_a_component_died(http_service: ServiceStarter,
-                                                                topic_base: str) -> None:
+def test_health_is_503_with_the_problem_when_a_component_died(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """GET /health is 503 and names the problem once a component's thread has died."""
     service = http_service(two_entries(topic_base))
     assert get(service, "/health").status == 200
@@ -72,29 +77,31 @@ def test_health_is_503_with_the_problem_when_a_component_died(http_service: Serv
 
     reply = get(service, "/health")
     assert reply.status == 503
-    assert (reply.json()["ok"], reply.json()["problems"]) == (False,
-                                                              ["config watcher not running"])
+    assert (reply.json()["ok"], reply.json()["problems"]) == (False, ["config watcher not running"])
     assert get(service, "/status").json()["health"] == reply.json()
 
 
-def test_ready_follows_the_broker_connection(http_service: ServiceStarter,
-                                             broker: Mosquitto, topic_base: str) -> None:
+def test_ready_follows_the_broker_connection(
+    http_service: ServiceStarter, broker: Mosquitto, topic_base: str
+) -> None:
     """GET /ready is 200 while connected, 503 once the broker stops, 200 again when it returns."""
     service = http_service(two_entries(topic_base))
     wait_until(lambda: get(service, "/ready").status == 200, 10, message="ready")
     assert get(service, "/ready").json() == {"ready": True}
 
     broker.stop()
-    down = wait_until(lambda: (r := get(service, "/ready")).status == 503 and r, 10,
-                      message="/ready 503")
+    down = wait_until(
+        lambda: (r := get(service, "/ready")).status == 503 and r, 10, message="/ready 503"
+    )
     assert down.json() == {"ready": False}
 
     broker.start()
     wait_until(lambda: get(service, "/ready").status == 200, 15, message="ready again")
 
 
-def test_status_is_get_status_as_json(http_service: ServiceStarter,
-                                      broker: Mosquitto, topic_base: str) -> None:
+def test_status_is_get_status_as_json(
+    http_service: ServiceStarter, broker: Mosquitto, topic_base: str
+) -> None:
     """GET /status serves get_status(): configs, connection, statistics and every entry."""
     service = http_service(two_entries(topic_base))
     wait_until(lambda: service.stats.totals().published >= 4, 10, message="publishes")
@@ -115,8 +122,11 @@ def test_status_is_get_status_as_json(http_service: ServiceStarter,
     assert status["entries"]["plain"]["published"] >= 1
 
     broker.stop()
-    wait_until(lambda: get(service, "/status").json()["connected"] is False, 10,
-               message="status disconnected")
+    wait_until(
+        lambda: get(service, "/status").json()["connected"] is False,
+        10,
+        message="status disconnected",
+    )
     down = get(service, "/status").json()
     assert down["active_configs"] == 2
     assert down["connection"]["connections_up"] == 0
@@ -124,33 +134,52 @@ def test_status_is_get_status_as_json(http_service: ServiceStarter,
 
 
 def test_metrics_expose_counters_histogram_and_gauges(
-        http_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
+    http_service: ServiceStarter, broker: Mosquitto, topic_base: str
+) -> None:
     """GET /metrics parses as Prometheus text: per-entry and service-wide counters, the lateness
     histogram, gauges."""
     bad = entry("broken", f"{topic_base}/broken", interval=0)
     service = http_service([*two_entries(topic_base), bad])
-    wait_until(lambda: all(service.stats.entry(i).published >= 2 for i in ("plain", "willed")),
-               10, message="publishes on both entries")
+    wait_until(
+        lambda: all(service.stats.entry(i).published >= 2 for i in ("plain", "willed")),
+        10,
+        message="publishes on both entries",
+    )
 
     ticked = sum(service.stats.entry(i).ticks for i in ("plain", "willed"))
     assert ticked >= 2
     families = metrics(service)  # scraped after `ticked` was read: it can only count more
     for entry_id in ("plain", "willed"):
         assert counter(families, "scheduler_publisher_entry_published", entry=entry_id) >= 2
-        assert value(families, "scheduler_publisher_entry_tick_lateness_max_seconds",
-                     entry=entry_id) >= 0
+        assert (
+            value(families, "scheduler_publisher_entry_tick_lateness_max_seconds", entry=entry_id)
+            >= 0
+        )
     assert counter(families, "scheduler_publisher_published") >= 4
     assert value(families, "scheduler_publisher_metrics_per_entry") == 1
     # One service-wide histogram (per-entry buckets would be a series per entry and bucket).
-    buckets = samples(families, "scheduler_publisher_tick_lateness_seconds",
-                      "scheduler_publisher_tick_lateness_seconds_bucket")
+    buckets = samples(
+        families,
+        "scheduler_publisher_tick_lateness_seconds",
+        "scheduler_publisher_tick_lateness_seconds_bucket",
+    )
     assert buckets == sorted(buckets), "histogram buckets are cumulative"
-    count = value(families, "scheduler_publisher_tick_lateness_seconds",
-                  "scheduler_publisher_tick_lateness_seconds_count")
+    count = value(
+        families,
+        "scheduler_publisher_tick_lateness_seconds",
+        "scheduler_publisher_tick_lateness_seconds_count",
+    )
     assert count >= ticked
     assert buckets[-1] == count
-    assert value(families, "scheduler_publisher_tick_lateness_seconds",
-                 "scheduler_publisher_tick_lateness_seconds_bucket", le="+Inf") == count
+    assert (
+        value(
+            families,
+            "scheduler_publisher_tick_lateness_seconds",
+            "scheduler_publisher_tick_lateness_seconds_bucket",
+            le="+Inf",
+        )
+        == count
+    )
     assert families["scheduler_publisher_tick_lateness_seconds"].type == "histogram"
     assert families["scheduler_publisher_connections_up"].type == "gauge"
     assert value(families, "scheduler_publisher_connections_up") == 2  # main + the lwt entry
@@ -162,18 +191,27 @@ def test_metrics_expose_counters_histogram_and_gauges(
     assert counter(families, "scheduler_publisher_config_errors") == 1
 
     broker.stop()
-    wait_until(lambda: value(metrics(service), "scheduler_publisher_connections_up") == 0, 10,
-               message="connections_up 0")
-    wait_until(lambda: counter(metrics(service), "scheduler_publisher_entry_dropped",
-                               entry="plain") >= 1, 10, message="dropped ticks counted")
+    wait_until(
+        lambda: value(metrics(service), "scheduler_publisher_connections_up") == 0,
+        10,
+        message="connections_up 0",
+    )
+    wait_until(
+        lambda: counter(metrics(service), "scheduler_publisher_entry_dropped", entry="plain") >= 1,
+        10,
+        message="dropped ticks counted",
+    )
     down = metrics(service)
     assert value(down, "scheduler_publisher_ready") == 0
     assert counter(down, "scheduler_publisher_dropped") >= 1
 
 
-def test_reload_applies_the_file_and_counts(http_service: ServiceStarter,
-                                            config_path: Path, topic_base: str,
-                                            subscriber_factory: SubscriberFactory) -> None:
+def test_reload_applies_the_file_and_counts(
+    http_service: ServiceStarter,
+    config_path: Path,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+) -> None:
     """POST /reload re-reads the file (no watcher here) and answers with the outcome."""
     added = f"{topic_base}/added"
     sub = subscriber_factory(added)
@@ -188,8 +226,9 @@ def test_reload_applies_the_file_and_counts(http_service: ServiceStarter,
     assert counter(families, "scheduler_publisher_reloads") == 1
 
 
-def test_reload_reports_an_unusable_file(http_service: ServiceStarter,
-                                         config_path: Path, topic_base: str) -> None:
+def test_reload_reports_an_unusable_file(
+    http_service: ServiceStarter, config_path: Path, topic_base: str
+) -> None:
     """POST /reload of a broken file says why, keeps the running entries and counts the error."""
     service = http_service([entry("one", f"{topic_base}/one", 0.2)], watch=False)
     config_path.write_text("[{not json")
@@ -203,8 +242,7 @@ def test_reload_reports_an_unusable_file(http_service: ServiceStarter,
     assert counter(metrics(service), "scheduler_publisher_config_errors") == 1
 
 
-def test_reload_needs_the_bearer_token(http_service: ServiceStarter,
-                                       topic_base: str) -> None:
+def test_reload_needs_the_bearer_token(http_service: ServiceStarter, topic_base: str) -> None:
     """With a token, POST /reload is 401 without it or with a wrong one, 200 with it."""
     token = f"tok-{uuid.uuid4().hex}"
     service = http_service([entry("one", f"{topic_base}/one", 0.2)], http_token=token)
@@ -227,17 +265,26 @@ def test_reload_needs_the_bearer_token(http_service: ServiceStarter,
     assert get(service, "/health").status == 200  # reads stay open
 
 
-def test_token_file_guards_reload_in_the_real_process(tmp_path: Path, broker: Mosquitto,
-                                                      topic_base: str) -> None:
+def test_token_file_guards_reload_in_the_real_process(
+    tmp_path: Path, broker: Mosquitto, topic_base: str
+) -> None:
     """--http-token-file's first line is the bearer token the real process wants for /reload."""
     token = f"tok-{uuid.uuid4().hex}"
     (tmp_path / "token").write_text(f"{token}\nignored second line\n")
     config = tmp_path / "config.json"
     write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
     port = free_port()
-    proc = ServiceProcess(cli_args(broker.port, config, "--http-token-file",
-                                   str(tmp_path / "token"), command=(), http_port=port),
-                          cwd=tmp_path)
+    proc = ServiceProcess(
+        cli_args(
+            broker.port,
+            config,
+            "--http-token-file",
+            str(tmp_path / "token"),
+            command=(),
+            http_port=port,
+        ),
+        cwd=tmp_path,
+    )
     try:
         proc.wait_for_event("http_listening")
         assert call(port, "/reload", "POST").status == 401
@@ -249,13 +296,17 @@ def test_token_file_guards_reload_in_the_real_process(tmp_path: Path, broker: Mo
         proc.stop()
 
 
-def test_unknown_paths_are_404(http_service: ServiceStarter,
-                               topic_base: str) -> None:
+def test_unknown_paths_are_404(http_service: ServiceStarter, topic_base: str) -> None:
     """Paths the server does not serve answer 404 with a JSON error, whatever the method."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)])
 
-    for method, path in (("GET", "/nope"), ("GET", "/health/extra"), ("POST", "/reload/x"),
-                         ("PUT", "/nope"), ("HEAD", "/nope")):
+    for method, path in (
+        ("GET", "/nope"),
+        ("GET", "/health/extra"),
+        ("POST", "/reload/x"),
+        ("PUT", "/nope"),
+        ("HEAD", "/nope"),
+    ):
         reply = request(service.http.port, method, path)
         assert reply.status == 404, (method, path)
         assert reply.content_type == "application/json"
@@ -263,8 +314,9 @@ def test_unknown_paths_are_404(http_service: ServiceStarter,
             assert path in reply.json()["error"]
 
 
-def test_wrong_methods_are_405_json_with_allow(http_service: ServiceStarter,
-                                               topic_base: str) -> None:
+def test_wrong_methods_are_405_json_with_allow(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Any method an endpoint does not serve (PUT, DELETE, PATCH, OPTIONS, made-up ones) gets
     405 with a JSON error and an Allow header naming the methods it does serve."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)])
@@ -273,8 +325,7 @@ def test_wrong_methods_are_405_json_with_allow(http_service: ServiceStarter,
     for method in ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FROB", "POST"):
         for path in ("/health", "/ready", "/status", "/metrics"):
             reply = request(port, method, path)
-            assert (reply.status, reply.headers.get("Allow")) == (405, "GET, HEAD"), \
-                (method, path)
+            assert (reply.status, reply.headers.get("Allow")) == (405, "GET, HEAD"), (method, path)
             assert reply.content_type == "application/json"
             assert method in reply.json()["error"]
     for method in ("GET", "HEAD", "PUT", "DELETE"):
@@ -283,8 +334,7 @@ def test_wrong_methods_are_405_json_with_allow(http_service: ServiceStarter,
     assert get(service, "/health").status == 200
 
 
-def test_malformed_requests_get_a_json_400(http_service: ServiceStarter,
-                                           topic_base: str) -> None:
+def test_malformed_requests_get_a_json_400(http_service: ServiceStarter, topic_base: str) -> None:
     """A request line the server cannot parse gets 400 with a JSON error, not an HTML page."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)])
 
@@ -301,8 +351,7 @@ def test_malformed_requests_get_a_json_400(http_service: ServiceStarter,
     assert get(service, "/health").status == 200
 
 
-def test_request_bodies_are_read_and_bounded(http_service: ServiceStarter,
-                                             topic_base: str) -> None:
+def test_request_bodies_are_read_and_bounded(http_service: ServiceStarter, topic_base: str) -> None:
     """A request body is bounded: a huge Content-Length gets 413 and a garbled one 400, both
     JSON; a POST /reload with a small body (curl -d) is served as without one."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
@@ -318,8 +367,9 @@ def test_request_bodies_are_read_and_bounded(http_service: ServiceStarter,
     assert "Content-Length" in garbled.json()["error"]
 
 
-def test_head_answers_like_get_without_a_body(http_service: ServiceStarter,
-                                              topic_base: str) -> None:
+def test_head_answers_like_get_without_a_body(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """HEAD gets GET's status and headers, Content-Length included, and no body."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)])
     wait_until(service.is_connected, 10, message="connected")
@@ -353,7 +403,8 @@ def test_query_strings_are_ignored(http_service: ServiceStarter, topic_base: str
 
 
 def test_every_endpoint_answers_when_the_broker_was_never_up(
-        http_service: ServiceStarter, broker: Mosquitto, topic_base: str) -> None:
+    http_service: ServiceStarter, broker: Mosquitto, topic_base: str
+) -> None:
     """Started with the broker down: health 200, ready 503, status/metrics say so, reload ok."""
     broker.stop()
     service = http_service(two_entries(topic_base))
@@ -362,8 +413,11 @@ def test_every_endpoint_answers_when_the_broker_was_never_up(
     assert get(service, "/ready").status == 503
     status = get(service, "/status").json()
     assert (status["connected"], status["active_configs"]) == (False, 2)
-    wait_until(lambda: counter(metrics(service), "scheduler_publisher_entry_dropped",
-                               entry="plain") >= 1, 10, message="dropped ticks counted")
+    wait_until(
+        lambda: counter(metrics(service), "scheduler_publisher_entry_dropped", entry="plain") >= 1,
+        10,
+        message="dropped ticks counted",
+    )
     assert value(metrics(service), "scheduler_publisher_connections_up") == 0
     assert post(service, "/reload").json()["success"] is True
 
@@ -372,8 +426,8 @@ def test_every_endpoint_answers_when_the_broker_was_never_up(
 
 
 def test_port_in_use_is_logged_and_the_service_runs_on(
-        http_service: ServiceStarter, topic_base: str,
-        subscriber_factory: SubscriberFactory) -> None:
+    http_service: ServiceStarter, topic_base: str, subscriber_factory: SubscriberFactory
+) -> None:
     """A taken HTTP port logs http_bind_failed; publishing goes on without HTTP."""
     topic = f"{topic_base}/one"
     sub = subscriber_factory(topic)
@@ -408,8 +462,9 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def test_idle_clients_cost_no_thread_and_are_cut_off(http_service: ServiceStarter,
-                                                      topic_base: str) -> None:
+def test_idle_clients_cost_no_thread_and_are_cut_off(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Hundreds of silent connections add no threads, /health still answers beside them, and
     each is closed once the request timeout has passed."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=2.0)
@@ -422,8 +477,11 @@ def test_idle_clients_cost_no_thread_and_are_cut_off(http_service: ServiceStarte
         # The backlog is accepted in order: once /health is answered, every idle one is in.
         assert get(service, "/health").json() == {"ok": True, "problems": [], "warnings": []}
         assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
-        wait_until(lambda: all(closed_by_peer(s) for s in idle), 20,
-                   message="idle connections closed by the request timeout")
+        wait_until(
+            lambda: all(closed_by_peer(s) for s in idle),
+            20,
+            message="idle connections closed by the request timeout",
+        )
     finally:
         for s in idle:
             s.close()
@@ -431,7 +489,8 @@ def test_idle_clients_cost_no_thread_and_are_cut_off(http_service: ServiceStarte
 
 
 def test_the_longest_silent_connections_go_first_beyond_the_cap(
-        http_service: ServiceStarter, topic_base: str) -> None:
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Past MAX_WAITING silent connections, the oldest are closed to make room, long before
     the request timeout, and a real request still gets its answer."""
     service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=60)
@@ -441,16 +500,20 @@ def test_the_longest_silent_connections_go_first_beyond_the_cap(
     idle = open_sockets(port, MAX_WAITING + extra)
     try:
         assert get(service, "/health").status == 200  # accepted after every idle one
-        wait_until(lambda: all(closed_by_peer(s) for s in idle[:extra + 1]), 10,
-                   message="the oldest silent connections closed")
-        assert not any(closed_by_peer(s) for s in idle[extra + 1:])
+        wait_until(
+            lambda: all(closed_by_peer(s) for s in idle[: extra + 1]),
+            10,
+            message="the oldest silent connections closed",
+        )
+        assert not any(closed_by_peer(s) for s in idle[extra + 1 :])
     finally:
         for s in idle:
             s.close()
 
 
-def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter,
-                                                    topic_base: str) -> None:
+def test_slow_requests_get_bounded_workers_then_503(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Clients that start a request and stall take the few workers and the queue; the
     requests beyond them get 503 JSON at once, no new thread, and all is well after the
     timeout."""
@@ -468,9 +531,14 @@ def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter
             s.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n")  # no blank line: never complete
         # Which of them find the workers and the queue taken depends on the order the server
         # sees them begin; a request of ours sent now could find a place and wait for one.
-        refused = wait_until(lambda: len(busy := [r for s in stalled
-                                                  if (r := busy_reply(s)) is not None])
-                             >= beyond and busy, 10, message="503 while every worker is taken")
+        refused = wait_until(
+            lambda: (
+                len(busy := [r for s in stalled if (r := busy_reply(s)) is not None]) >= beyond
+                and busy
+            ),
+            10,
+            message="503 while every worker is taken",
+        )
         # Every request beyond the workers and the queue is refused; those the workers had
         # not yet taken from the queue when the last began are refused with them.
         assert beyond <= len(refused) <= beyond + HTTP_WORKERS
@@ -479,8 +547,11 @@ def test_slow_requests_get_bounded_workers_then_503(http_service: ServiceStarter
         assert b"\r\nRetry-After: 1" in head
         assert json.loads(body) == {"error": "too many requests in progress; try again"}
         assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
-        wait_until(lambda: all(closed_by_peer(s) for s in stalled), 30,
-                   message="stalled requests timed out")
+        wait_until(
+            lambda: all(closed_by_peer(s) for s in stalled),
+            30,
+            message="stalled requests timed out",
+        )
     finally:
         for s in stalled:
             s.close()
@@ -504,14 +575,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_out_of_file_descriptors_backs_off_instead_of_spinning(
-        tmp_path: Path, broker: Mosquitto, topic_base: str) -> None:
+    tmp_path: Path, broker: Mosquitto, topic_base: str
+) -> None:
     """With the process out of descriptors, accept() failing with EMFILE is logged once and
     retried with a back-off (no core spinning), and HTTP recovers once descriptors free up."""
     config = tmp_path / "config.json"
     write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
     port = free_port()
-    proc = ServiceProcess(cli_args(broker.port, config, command=(), http_port=port),
-                          cwd=tmp_path)
+    proc = ServiceProcess(cli_args(broker.port, config, command=(), http_port=port), cwd=tmp_path)
     clients: list[socket.socket] = []
     try:
         proc.wait_for_event("http_listening")
@@ -525,8 +596,9 @@ def test_out_of_file_descriptors_backs_off_instead_of_spinning(
         proc.wait_for_event("http_accept_failed", where=lambda e: e.get("errno") == errno.EMFILE)
         window = 3.0
         before, started = cpu_seconds(pid), time.monotonic()
-        wait_until(lambda: time.monotonic() - started >= window, window + 5,
-                   message="the measuring window")  # a spin would burn ~1 CPU-second a second
+        wait_until(
+            lambda: time.monotonic() - started >= window, window + 5, message="the measuring window"
+        )  # a spin would burn ~1 CPU-second a second
         used = cpu_seconds(pid) - before
         assert used < 0.3 * (time.monotonic() - started), f"{used:.2f} s of CPU in the window"
 

@@ -28,9 +28,20 @@ def tick(*_args: Any) -> None:
 def job(job_id: str, offset: float | None) -> Any:
     """A real APScheduler Job due `offset` seconds after T0, or paused (None)."""
     when = None if offset is None else T0 + timedelta(seconds=offset)
-    return Job(SCHEDULER, id=job_id, func=tick, args=(), kwargs={}, trigger=TRIGGER,
-               executor="default", name="publish", misfire_grace_time=None, coalesce=False,
-               max_instances=1, next_run_time=when)
+    return Job(
+        SCHEDULER,
+        id=job_id,
+        func=tick,
+        args=(),
+        kwargs={},
+        trigger=TRIGGER,
+        executor="default",
+        name="publish",
+        misfire_grace_time=None,
+        coalesce=False,
+        max_instances=1,
+        next_run_time=when,
+    )
 
 
 def move(store: BaseJobStore, moved: Any, offset: float | None) -> None:
@@ -86,8 +97,14 @@ def test_updating_or_removing_an_unknown_id_raises_job_lookup(store: GroupedJobS
 
 def test_due_jobs_are_those_at_or_before_now_in_run_time_order(store: GroupedJobStore) -> None:
     """get_due_jobs: every job due at or before now, earliest first; later and paused ones not."""
-    for job_id, offset in (("late", 3), ("b", 1), ("a", 1), ("early", 0), ("paused", None),
-                           ("future", 10)):
+    for job_id, offset in (
+        ("late", 3),
+        ("b", 1),
+        ("a", 1),
+        ("early", 0),
+        ("paused", None),
+        ("future", 10),
+    ):
         store.add_job(job(job_id, offset))
     due = store.get_due_jobs(T0 + timedelta(seconds=3))
     assert [j.next_run_time for j in due] == sorted(j.next_run_time for j in due)
@@ -97,8 +114,7 @@ def test_due_jobs_are_those_at_or_before_now_in_run_time_order(store: GroupedJob
     assert store.get_due_jobs(T0 - timedelta(seconds=1)) == []
 
 
-def test_next_run_time_is_the_earliest_and_none_when_nothing_runs(
-        store: GroupedJobStore) -> None:
+def test_next_run_time_is_the_earliest_and_none_when_nothing_runs(store: GroupedJobStore) -> None:
     """get_next_run_time: the earliest job's run time; None when empty or only paused jobs."""
     assert store.get_next_run_time() is None
     store.add_job(job("paused", None))
@@ -144,14 +160,21 @@ def test_remove_all_and_shutdown_empty_the_store(store: GroupedJobStore) -> None
 
 
 OFFSETS = st.one_of(st.none(), st.integers(0, 6).map(float))
-OPS = st.lists(st.tuples(st.sampled_from(["add", "update", "remove"]),
-                         st.sampled_from(["a", "b", "c", "d", "e"]), OFFSETS), max_size=40)
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "update", "remove"]),
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        OFFSETS,
+    ),
+    max_size=40,
+)
 
 
 @settings(max_examples=200, deadline=None)
 @given(OPS, st.integers(0, 7))
-def test_answers_like_memory_job_store(ops: list[tuple[str, str, float | None]],
-                                       now_offset: int) -> None:
+def test_answers_like_memory_job_store(
+    ops: list[tuple[str, str, float | None]], now_offset: int
+) -> None:
     """Any sequence of add/update/remove gives the same answers and errors as MemoryJobStore
     (due jobs compared as (run time, id) pairs: ties may come out in another order)."""
     ours, theirs = GroupedJobStore(), MemoryJobStore()
@@ -172,10 +195,12 @@ def test_answers_like_memory_job_store(ops: list[tuple[str, str, float | None]],
     assert ids(ours.get_all_jobs()) == ids(theirs.get_all_jobs())
     assert ours.get_next_run_time() == theirs.get_next_run_time()
     now = T0 + timedelta(seconds=now_offset)
-    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == \
-        [(j.next_run_time, j.id) for j in theirs.get_due_jobs(now)]
-    assert [j.next_run_time for j in ours.get_due_jobs(now)] == \
-        [j.next_run_time for j in theirs.get_due_jobs(now)]
+    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == [
+        (j.next_run_time, j.id) for j in theirs.get_due_jobs(now)
+    ]
+    assert [j.next_run_time for j in ours.get_due_jobs(now)] == [
+        j.next_run_time for j in theirs.get_due_jobs(now)
+    ]
     for job_id in "abcde":
         found, expected = ours.lookup_job(job_id), theirs.lookup_job(job_id)
         assert (found is None) == (expected is None)
@@ -200,13 +225,16 @@ def test_the_jobs_of_a_group_share_one_run_time_and_one_empty_kwargs() -> None:
     assert [j.id for j in store.get_due_jobs(T0 + timedelta(seconds=1))] == ["a"]
 
 
-
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from("abcdefgh"), OFFSETS, min_size=1),
-       st.lists(st.sampled_from("abcdefgh"), unique=True), OFFSETS, st.integers(0, 7))
+@given(
+    st.dictionaries(st.sampled_from("abcdefgh"), OFFSETS, min_size=1),
+    st.lists(st.sampled_from("abcdefgh"), unique=True),
+    OFFSETS,
+    st.integers(0, 7),
+)
 def test_a_group_moved_at_once_answers_like_its_jobs_moved_one_by_one(
-        filed: dict[str, float | None], moved: list[str], offset: float | None,
-        now_offset: int) -> None:
+    filed: dict[str, float | None], moved: list[str], offset: float | None, now_offset: int
+) -> None:
     """update_jobs (the scheduler moving a phase group to its next slot, every job given the
     same run time object) leaves the store as update_job job by job leaves MemoryJobStore, and
     the moved jobs share the run time of the jobs already filed there."""
@@ -224,12 +252,16 @@ def test_a_group_moved_at_once_answers_like_its_jobs_moved_one_by_one(
     assert ids(ours.get_all_jobs()) == ids(theirs.get_all_jobs())
     assert ours.get_next_run_time() == theirs.get_next_run_time()
     now = T0 + timedelta(seconds=now_offset)
-    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == \
-        [(j.next_run_time, j.id) for j in theirs.get_due_jobs(now)]
+    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == [
+        (j.next_run_time, j.id) for j in theirs.get_due_jobs(now)
+    ]
     for job_id in filed:
         assert filed_job(ours, job_id).next_run_time == filed_job(theirs, job_id).next_run_time
-    instants = {id(j.next_run_time) for j in ours.get_all_jobs()
-                if j.next_run_time == when and when is not None}
+    instants = {
+        id(j.next_run_time)
+        for j in ours.get_all_jobs()
+        if j.next_run_time == when and when is not None
+    }
     assert len(instants) <= 1
 
 

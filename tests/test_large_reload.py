@@ -44,8 +44,10 @@ class Launch:
         self.notify = NotifySocket(tmp_path / "notify.sock")
         self.http_port = free_port()
         args = cli_args(broker.port, self.config, "--no-watch", http_port=self.http_port)
-        env = {"NOTIFY_SOCKET": str(self.notify.path),
-               "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000))}
+        env = {
+            "NOTIFY_SOCKET": str(self.notify.path),
+            "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000)),
+        }
         self.proc = ServiceProcess(args, cwd=tmp_path, env=env)
         self.proc.wait_for_event("service_started", timeout=30)
 
@@ -98,7 +100,8 @@ def largest_gap(times: list[float]) -> float:
 
 
 def test_a_large_reload_keeps_the_watchdog_pinged_and_health_green(
-        launch: Launch, topic_base: str) -> None:
+    launch: Launch, topic_base: str
+) -> None:
     """While a SIGHUP reload from 10 to 50,000 entries runs, WATCHDOG=1 keeps coming well
     inside WatchdogSec, /health never answers 503, and no ping is withheld."""
     launch.notify.wait_for("WATCHDOG=1", count=2, timeout=10)
@@ -118,7 +121,8 @@ def test_a_large_reload_keeps_the_watchdog_pinged_and_health_green(
 
 
 def test_sigterm_during_a_large_reload_stops_within_five_seconds(
-        launch: Launch, topic_base: str) -> None:
+    launch: Launch, topic_base: str
+) -> None:
     """SIGTERM a second into a 50,000-entry reload: the process exits within the documented
     5 s, the reload is cut short, and service_stopped reports the time since the signal."""
     write_config(launch.config, large_config(topic_base, LARGE))

@@ -60,24 +60,38 @@ def test_groups_are_matched_with_their_sends_and_arrivals(late_groups: ModuleTyp
 def test_a_short_run_traces_the_service_and_reports_every_group() -> None:
     """Four seconds at 20 entries: about four groups of 20, each matched with its arrivals,
     and the late ones counted by cause."""
-    done = subprocess.run([sys.executable, str(SCRIPT), "--entries", "20", "--seconds", "4"],
-                          capture_output=True, text=True, timeout=120, check=True)
-    summary = re.search(r"(\d+) phase groups in 4 s; medians after the due time: run started "
-                        r"(-?[\d.]+) ms, ended (-?[\d.]+) ms, last send (-?[\d.]+) ms, first "
-                        r"arrival (-?[\d.]+) ms, last arrival (-?[\d.]+) ms", done.stdout)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--entries", "20", "--seconds", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    summary = re.search(
+        r"(\d+) phase groups in 4 s; medians after the due time: run started "
+        r"(-?[\d.]+) ms, ended (-?[\d.]+) ms, last send (-?[\d.]+) ms, first "
+        r"arrival (-?[\d.]+) ms, last arrival (-?[\d.]+) ms",
+        done.stdout,
+    )
     assert summary is not None, done.stdout + done.stderr
     assert 3 <= int(summary.group(1)) <= 5
     started, ended, _sent, first, last = (float(summary.group(i)) for i in range(2, 7))
     assert started <= ended
     assert first <= last
-    late = re.search(r"late groups \(last arrival > median \+ 3 ms\): (\d+) of (\d+): woke late "
-                     r"(\d+), ran long (\d+), after the service (\d+)", done.stdout)
+    late = re.search(
+        r"late groups \(last arrival > median \+ 3 ms\): (\d+) of (\d+): woke late "
+        r"(\d+), ran long (\d+), after the service (\d+)",
+        done.stdout,
+    )
     assert late is not None, done.stdout
     assert int(late.group(1)) == sum(int(late.group(i)) for i in (3, 4, 5))
     assert late.group(2) == summary.group(1)
     assert "from the leg after the service alone" in done.stdout
-    steal = re.search(r"host steal within 15 ms of the group \((\d+) ms in all\): late groups "
-                      r"(\d+) of (\d+), groups on time (\d+) of (\d+)", done.stdout)
+    steal = re.search(
+        r"host steal within 15 ms of the group \((\d+) ms in all\): late groups "
+        r"(\d+) of (\d+), groups on time (\d+) of (\d+)",
+        done.stdout,
+    )
     assert steal is not None, done.stdout
     assert int(steal.group(3)) == int(late.group(1))
     assert int(steal.group(3)) + int(steal.group(5)) == int(summary.group(1))
@@ -86,18 +100,19 @@ def test_a_short_run_traces_the_service_and_reports_every_group() -> None:
 
 
 def test_steal_counts_around_a_group_from_before_its_due_time_to_after_its_last_arrival(
-        late_groups: ModuleType) -> None:
+    late_groups: ModuleType,
+) -> None:
     """A group due at 100 s whose last message arrived 6 ms later: steal read from 15 ms before
     the due time to 15 ms after that arrival is counted, steal read outside is not."""
     g = late_groups.Group(100.0, 0.5, 2.0, 2.5, 3.0, 6.0)
-    increases = [(99.980, 10.0), (99.986, 20.0), (100.003, 10.0), (100.020, 30.0),
-                 (100.022, 40.0)]
+    increases = [(99.980, 10.0), (99.986, 20.0), (100.003, 10.0), (100.020, 30.0), (100.022, 40.0)]
     assert late_groups.stolen_around(g, increases) == pytest.approx(60.0)
     assert late_groups.stolen_around(g, []) == 0
 
 
 def test_the_late_groups_and_the_ones_on_time_are_counted_with_steal_around_them(
-        late_groups: ModuleType) -> None:
+    late_groups: ModuleType,
+) -> None:
     """Of two late groups (as `classify` has them) one had steal around it; of 20 on time one
     did. Steal between the groups counts for neither."""
     group = late_groups.Group
@@ -109,7 +124,8 @@ def test_the_late_groups_and_the_ones_on_time_are_counted_with_steal_around_them
 
 
 def test_a_windows_period_error_is_split_between_the_service_and_what_follows(
-        late_groups: ModuleType) -> None:
+    late_groups: ModuleType,
+) -> None:
     """A group whose messages left late moves the service's leg; one whose messages left on
     time and arrived late moves the leg after it. Each leg's p99 sees only its own delay, and
     the per-entry figure is the measured periods' p99 in the same window."""
@@ -132,7 +148,8 @@ def test_a_windows_period_error_is_split_between_the_service_and_what_follows(
 
 
 def test_period_errors_are_filed_under_the_second_their_period_ended_in(
-        late_groups: ModuleType) -> None:
+    late_groups: ModuleType,
+) -> None:
     arrivals = [(100.010, "a"), (101.012, "a"), (100.5, "b"), (102.010, "a"), (101.49, "b")]
     errors = late_groups.period_errors(arrivals)
     assert errors.keys() == {101.0, 102.0}

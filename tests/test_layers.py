@@ -64,9 +64,11 @@ def imported_modules(path: Path) -> set[str]:
                 continue
             found.add(node.module)
             if node.module == NAME:  # `from scheduler_publisher import x`: x may be a module
-                found.update(f"{NAME}.{alias.name}" for alias in node.names
-                             if (PACKAGE / f"{alias.name}.py").exists()
-                             or (PACKAGE / alias.name).is_dir())
+                found.update(
+                    f"{NAME}.{alias.name}"
+                    for alias in node.names
+                    if (PACKAGE / f"{alias.name}.py").exists() or (PACKAGE / alias.name).is_dir()
+                )
     return found
 
 
@@ -90,8 +92,11 @@ def violations(importer: str, imported: set[str]) -> list[str]:
 
 
 def test_every_import_points_down_the_layers() -> None:
-    problems = [problem for path in own_modules()
-                for problem in violations(module_name(path), imported_modules(path))]
+    problems = [
+        problem
+        for path in own_modules()
+        for problem in violations(module_name(path), imported_modules(path))
+    ]
     assert problems == []
 
 
@@ -106,15 +111,25 @@ def test_the_package_root_keeps_few_modules() -> None:
     assert len(list(PACKAGE.glob("*.py"))) <= MAX_ROOT_MODULES
 
 
-@pytest.mark.parametrize(("importer", "imported", "complaint"), [
-    ("scheduler_publisher.config.cron", {"scheduler_publisher.scheduling.triggers"},
-     "a layer above it"),
-    ("scheduler_publisher.mqtt.session", {"scheduler_publisher.scheduling.plan"},
-     "its sibling in one layer"),
-    ("scheduler_publisher.logs.setup", {"scheduler_publisher.settings"}, "a layer above it"),
-])
+@pytest.mark.parametrize(
+    ("importer", "imported", "complaint"),
+    [
+        (
+            "scheduler_publisher.config.cron",
+            {"scheduler_publisher.scheduling.triggers"},
+            "a layer above it",
+        ),
+        (
+            "scheduler_publisher.mqtt.session",
+            {"scheduler_publisher.scheduling.plan"},
+            "its sibling in one layer",
+        ),
+        ("scheduler_publisher.logs.setup", {"scheduler_publisher.settings"}, "a layer above it"),
+    ],
+)
 def test_an_import_up_the_layers_or_across_siblings_is_caught(
-        importer: str, imported: set[str], complaint: str) -> None:
+    importer: str, imported: set[str], complaint: str
+) -> None:
     """The check itself: the cycle this layout removed (config → triggers) would be caught."""
     [problem] = violations(importer, imported)
     assert complaint in problem
@@ -122,7 +137,8 @@ def test_an_import_up_the_layers_or_across_siblings_is_caught(
 
 def test_imports_inside_functions_are_read(tmp_path: Path) -> None:
     source = tmp_path / "late.py"
-    source.write_text("def f():\n    from scheduler_publisher.mqtt import netloop\n"
-                      "    import scheduler_publisher.ops.http\n")
-    assert imported_modules(source) == {"scheduler_publisher.mqtt",
-                                        "scheduler_publisher.ops.http"}
+    source.write_text(
+        "def f():\n    from scheduler_publisher.mqtt import netloop\n"
+        "    import scheduler_publisher.ops.http\n"
+    )
+    assert imported_modules(source) == {"scheduler_publisher.mqtt", "scheduler_publisher.ops.http"}

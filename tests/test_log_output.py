@@ -47,11 +47,18 @@ def json_lines(lines: list[str]) -> list[dict[str, Any]]:
 
 
 def test_a_failed_start_is_a_json_line_on_stdout_and_creates_no_log_folder(
-        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, launch: Callable[..., ServiceProcess]
+) -> None:
     """Exit 5 (unreadable password file) before logging is set up: the short stderr message
     stays, stdout gets `service_start_failed`, and the default ./logs/ is not created."""
-    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()),
-                  "--password-file", str(tmp_path / "missing"))
+    proc = launch(
+        "--broker",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--password-file",
+        str(tmp_path / "missing"),
+    )
     assert proc.wait(30) == 5
     proc.stop()
 
@@ -66,7 +73,8 @@ def test_a_failed_start_is_a_json_line_on_stdout_and_creates_no_log_folder(
 
 
 def test_a_failed_start_reaches_a_log_file_whose_folder_exists(
-        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, launch: Callable[..., ServiceProcess]
+) -> None:
     """The same failure is written to --log-file when its folder is there."""
     log_file = tmp_path / "service.log"
     proc = launch("--password-file", str(tmp_path / "missing"), "--log-file", str(log_file))
@@ -78,12 +86,19 @@ def test_a_failed_start_reaches_a_log_file_whose_folder_exists(
 
 
 def test_an_unusable_config_at_start_creates_no_log_folder(
-        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, launch: Callable[..., ServiceProcess]
+) -> None:
     """Exit 3 with the default --log-file: the failure is on stdout, and ./logs/ (which only
     the failure line would have created) does not appear."""
     (tmp_path / "config.json").write_text("[")
-    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()),
-                  "--config", str(tmp_path / "config.json"))
+    proc = launch(
+        "--broker",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--config",
+        str(tmp_path / "config.json"),
+    )
     assert proc.wait(30) == 3
     proc.stop()
 
@@ -93,24 +108,39 @@ def test_an_unusable_config_at_start_creates_no_log_folder(
 
 
 def test_an_unusable_config_and_the_insecure_tls_warning_reach_stdout_and_the_file(
-        tmp_path: Path, launch: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, launch: Callable[..., ServiceProcess]
+) -> None:
     """Exit 3 (config not JSON) with --tls-insecure: the warning and the failure are JSON
     lines on stdout and in the log file, besides the human text on stderr."""
     (tmp_path / "config.json").write_text("{not json")
     log_file = tmp_path / "service.log"
-    proc = launch("--broker", "127.0.0.1", "--port", str(free_port()), "--tls",
-                  "--tls-insecure", "--config", str(tmp_path / "config.json"),
-                  "--log-file", str(log_file))
+    proc = launch(
+        "--broker",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--tls",
+        "--tls-insecure",
+        "--config",
+        str(tmp_path / "config.json"),
+        "--log-file",
+        str(log_file),
+    )
     assert proc.wait(30) == 3
     proc.stop()
 
     assert any("NOT verified" in line for line in proc.stderr)
     assert any("cannot start" in line for line in proc.stderr)
     for events in (json_lines(proc.stdout), json_lines(log_file.read_text().splitlines())):
-        warning, failure = (e for e in events if e["message"] in
-                            ("tls_verification_disabled", "service_start_failed"))
-        assert (warning["message"], warning["log.level"]) == ("tls_verification_disabled",
-                                                              "warning")
+        warning, failure = (
+            e
+            for e in events
+            if e["message"] in ("tls_verification_disabled", "service_start_failed")
+        )
+        assert (warning["message"], warning["log.level"]) == (
+            "tls_verification_disabled",
+            "warning",
+        )
         assert (failure["message"], failure["process.exit_code"]) == ("service_start_failed", 3)
         assert "config.json" in failure["error.message"]
 
@@ -120,18 +150,26 @@ def test_an_unusable_config_and_the_insecure_tls_warning_reach_stdout_and_the_fi
 
 @pytest.mark.slow
 def test_echo_and_debug_logs_under_load_keep_every_line_whole(
-        tmp_path: Path, broker: Mosquitto, launch: Callable[..., ServiceProcess]) -> None:
+    tmp_path: Path, broker: Mosquitto, launch: Callable[..., ServiceProcess]
+) -> None:
     """--echo with DEBUG logs, 50 entries at 0.1 s against a real Mosquitto: every stdout line
     is a whole JSON log line or a whole echo line."""
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
     # QoS 1: paho logs each publish and PUBACK at DEBUG (static QoS 0 entries bypass paho's
     # publish, and its log lines with it: packet.py).
-    write_config(tmp_path / "config.json",
-                 [entry(f"e{i}", f"{base}/{i}", 0.1, qos=1) for i in range(50)])
-    proc = launch(*cli_args(broker.port, tmp_path / "config.json", "--echo", "--log-level",
-                            "DEBUG", command=()))
-    wait_until(lambda: sum(line.startswith(f"echo {base}/") for line in proc.stdout) >= 1500,
-               60, message="1500 echo lines")
+    write_config(
+        tmp_path / "config.json", [entry(f"e{i}", f"{base}/{i}", 0.1, qos=1) for i in range(50)]
+    )
+    proc = launch(
+        *cli_args(
+            broker.port, tmp_path / "config.json", "--echo", "--log-level", "DEBUG", command=()
+        )
+    )
+    wait_until(
+        lambda: sum(line.startswith(f"echo {base}/") for line in proc.stdout) >= 1500,
+        60,
+        message="1500 echo lines",
+    )
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     proc.stop()
@@ -161,29 +199,46 @@ def _limit_file_size() -> None:
 
 @pytest.mark.slow
 def test_a_log_file_that_stops_growing_is_reported_once_and_again_on_recovery(
-        tmp_path: Path, broker: Mosquitto) -> None:
+    tmp_path: Path, broker: Mosquitto
+) -> None:
     """A log file that cannot grow gives one stderr line and one JSON event, not a traceback
     per record; when it can grow again, one recovery line, and the file carries on."""
     base = f"sp-test/{uuid.uuid4().hex[:8]}"
     # QoS 1, so that paho's DEBUG lines for each publish fill the file (packet.py: static
     # QoS 0 entries bypass paho's publish and its log lines).
-    write_config(tmp_path / "config.json",
-                 [entry(f"e{i}", f"{base}/{i}", 0.1, qos=1) for i in range(5)])
+    write_config(
+        tmp_path / "config.json", [entry(f"e{i}", f"{base}/{i}", 0.1, qos=1) for i in range(5)]
+    )
     log_file = tmp_path / "service.log"
     proc = ServiceProcess(
-        cli_args(broker.port, tmp_path / "config.json", "--log-level", "DEBUG", command=(),
-                 log_file=log_file),
-        cwd=tmp_path, before_exec=_limit_file_size)
+        cli_args(
+            broker.port,
+            tmp_path / "config.json",
+            "--log-level",
+            "DEBUG",
+            command=(),
+            log_file=log_file,
+        ),
+        cwd=tmp_path,
+        before_exec=_limit_file_size,
+    )
     stdout, stderr = proc.stdout, proc.stderr
     try:
-        wait_until(lambda: any("log_file_write_failed" in line for line in stdout), 60,
-                   message="the failure report")
+        wait_until(
+            lambda: any("log_file_write_failed" in line for line in stdout),
+            60,
+            message="the failure report",
+        )
         lines_at_failure = len(stdout)
         wait_until(lambda: len(stdout) > lines_at_failure + 200, 30, message="more records")
-        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE,
-                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        wait_until(lambda: any("log_file_write_recovered" in line for line in stdout), 30,
-                   message="the recovery report")
+        resource.prlimit(
+            proc.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
+        wait_until(
+            lambda: any("log_file_write_recovered" in line for line in stdout),
+            30,
+            message="the recovery report",
+        )
     finally:
         proc.signal(signal.SIGTERM)
         proc.wait(30)

@@ -31,8 +31,16 @@ from scheduler_publisher.logs.setup import (
 )
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-ECS_KEYS = ["@timestamp", "log.level", "message", "ecs.version", "log.logger", "service.name",
-            "service.version", "process.pid"]
+ECS_KEYS = [
+    "@timestamp",
+    "log.level",
+    "message",
+    "ecs.version",
+    "log.logger",
+    "service.name",
+    "service.version",
+    "process.pid",
+]
 
 
 @pytest.fixture
@@ -185,7 +193,8 @@ def test_file_is_json_and_rotates(out: io.StringIO, tmp_path: Path) -> None:
 
 
 def test_the_log_folder_is_created_by_the_first_line_not_before(
-        out: io.StringIO, tmp_path: Path) -> None:
+    out: io.StringIO, tmp_path: Path
+) -> None:
     """A missing log folder appears with the first line written to it, not at set-up."""
     path = tmp_path / "logs" / "app.log"
     configure(out, file=path)
@@ -200,8 +209,14 @@ def test_sensitive_keys_are_redacted(out: io.StringIO) -> None:
     """Fields named like password/passwd/secret/token/authorization become "***" at any depth."""
     configure(out)
     get_logger("t").info(
-        "connecting", password="p1", DB_PASSWD="p2", client_secret="p3", ApiToken="p4",
-        Authorization="p5", auth={"password": "p6", "user": "bob"}, user="bob",
+        "connecting",
+        password="p1",
+        DB_PASSWD="p2",
+        client_secret="p3",
+        ApiToken="p4",
+        Authorization="p5",
+        auth={"password": "p6", "user": "bob"},
+        user="bob",
     )
     logging.getLogger("paho.mqtt.client").info("connect", extra={"mqtt_password": "p7"})
 
@@ -394,10 +409,12 @@ def test_fields_named_like_ecs_sets_move_under_the_namespace(out: io.StringIO) -
     """A field whose name ECS uses for something else moves under scheduler_publisher.*; an
     ECS field with ECS's type stays where it is."""
     configure(out)
-    logging.getLogger("foreign").warning("odd extras", extra={
-        "url": "x", "event": "worker", "file.path": ["a"], "topic": "a/b"})
-    get_logger("t").error("service_start_failed", **{"process.exit_code": 3,
-                                                      "server.port": "not a number"})
+    logging.getLogger("foreign").warning(
+        "odd extras", extra={"url": "x", "event": "worker", "file.path": ["a"], "topic": "a/b"}
+    )
+    get_logger("t").error(
+        "service_start_failed", **{"process.exit_code": 3, "server.port": "not a number"}
+    )
 
     foreign, own = events(out)
     assert foreign["scheduler_publisher.url"] == "x"
@@ -416,7 +433,10 @@ def test_a_field_cannot_overwrite_the_fields_the_pipeline_writes(out: io.StringI
 
     (event,) = events(out)
     assert (event["message"], event["process.pid"], event["ecs.version"]) == (
-        "tick", os.getpid(), "9.4.0")
+        "tick",
+        os.getpid(),
+        "9.4.0",
+    )
     assert event["scheduler_publisher.message"] == "hello"
     assert event["scheduler_publisher.process.pid"] == 1
     assert event["scheduler_publisher.ecs.version"] == "1.0"
@@ -457,8 +477,9 @@ def test_an_oversized_value_is_cut_in_the_middle(out: io.StringIO) -> None:
 def test_not_a_number_is_logged_as_null(out: io.StringIO) -> None:
     """NaN and infinity, which JSON cannot carry, become null: the line stays valid JSON."""
     configure(out)
-    get_logger("t").info("publisher_statistics", uptime_seconds=float("nan"),
-                         lateness=[1.5, float("inf")], fine=2.5)
+    get_logger("t").info(
+        "publisher_statistics", uptime_seconds=float("nan"), lateness=[1.5, float("inf")], fine=2.5
+    )
 
     (event,) = events(out)
     assert (event["uptime_seconds"], event["lateness"], event["fine"]) == (None, [1.5, None], 2.5)
@@ -483,14 +504,16 @@ def test_many_small_fields_are_dropped_and_named_as_a_last_resort(out: io.String
 
 @pytest.mark.parametrize("password", ["mqtt", "publisher", "info", "connected"])
 def test_a_secret_that_is_a_common_word_rewrites_no_name(
-        out: io.StringIO, password: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    out: io.StringIO, password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Event names, logger names, field names and generated fields keep their text when the
     password is a substring of them; a value that carries it is replaced whole."""
     monkeypatch.setattr(redaction, "_secrets", ())  # the registry is process-wide; start empty
     register_secret(password)
     configure(out)
     get_logger("scheduler_publisher.connection").info(
-        "mqtt_connected", broker="127.0.0.1:1883", client_id="scheduler-publisher-gw")
+        "mqtt_connected", broker="127.0.0.1:1883", client_id="scheduler-publisher-gw"
+    )
     logging.getLogger("paho.mqtt.client").info("Received CONNACK (0, 0)")
 
     own, foreign = events(out)
@@ -524,7 +547,8 @@ def test_console_format_escapes_control_characters_from_values(out: io.StringIO)
 
 
 def test_journal_stream_gets_sd_daemon_priority_prefixes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With $JOURNAL_STREAM naming stdout, each stdout line starts with <3>/<4>/<6>/<7>;
     the file never has a prefix."""
     with (tmp_path / "stdout").open("w+") as stdout:
@@ -548,7 +572,8 @@ def test_journal_stream_gets_sd_daemon_priority_prefixes(
 
 
 def test_a_journal_stream_naming_another_file_adds_no_prefix(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An inherited $JOURNAL_STREAM that names another file (stdout redirected) is ignored."""
     other = os.stat(tmp_path)
     monkeypatch.setenv("JOURNAL_STREAM", f"{other.st_dev}:{other.st_ino}")
@@ -579,8 +604,9 @@ def test_echo_lines_and_log_lines_never_split_each_other(tmp_path: Path) -> None
             for i in range(300):
                 echo_line(f"echo site/{n}: " + json.dumps({"i": i, "pad": "q" * 200}))
 
-        threads = [threading.Thread(target=f, args=(n,)) for n in range(3)
-                   for f in (logger, echoer)]
+        threads = [
+            threading.Thread(target=f, args=(n,)) for n in range(3) for f in (logger, echoer)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -609,7 +635,8 @@ def test_echo_line_escapes_control_characters(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_is_reported_once_not_per_record(
-        tmp_path: Path, out: io.StringIO, capfd: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, out: io.StringIO, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Writes to a full disk (/dev/full) give one stderr line and one JSON event, however many
     records fail, and never the stdlib's `--- Logging error ---` traceback."""
     if not os.path.exists("/dev/full"):
@@ -637,13 +664,18 @@ def test_a_full_disk_is_reported_once_not_per_record(
 
 
 def test_startup_failure_before_logging_is_set_up_goes_to_stdout_and_an_existing_file(
-        tmp_path: Path, out: io.StringIO) -> None:
+    tmp_path: Path, out: io.StringIO
+) -> None:
     """log_startup_failure sets logging up for one line: stdout, and the file when its folder
     exists; it creates no folder."""
     settings = LogSettings(file=tmp_path / "app.log")
     log_startup_failure(settings, FileNotFoundError(2, "No such file"), exit_code=5, stream=out)
-    log_startup_failure(replace(settings, file=tmp_path / "absent" / "app.log"),
-                        ValueError("bad"), exit_code=3, stream=out)
+    log_startup_failure(
+        replace(settings, file=tmp_path / "absent" / "app.log"),
+        ValueError("bad"),
+        exit_code=3,
+        stream=out,
+    )
 
     first, second = events(out)
     assert first["message"] == "service_start_failed"

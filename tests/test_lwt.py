@@ -85,9 +85,16 @@ def start_service(broker: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., R
         client_id = f"sp-lwt-{uuid.uuid4().hex[:8]}"
         config = tmp_path / "config.json"
         write_config(config, entries)
-        args = cli_args(broker.port, config, *extra, http_port=http_port,
-                        state_db=tmp_path / "state.db", log_file=tmp_path / "service.log",
-                        client_id=client_id, backoff=(0.2, 1))
+        args = cli_args(
+            broker.port,
+            config,
+            *extra,
+            http_port=http_port,
+            state_db=tmp_path / "state.db",
+            log_file=tmp_path / "service.log",
+            client_id=client_id,
+            backoff=(0.2, 1),
+        )
         run = Running(ServiceProcess(args, cwd=tmp_path), client_id, config, http_port)
         running.append(run)
         return run
@@ -96,9 +103,12 @@ def start_service(broker: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., R
     for run in running:
         run.proc.stop()
         # Shown by pytest only when the test failed.
-        print(f"--- service {run.client_id} (exit {run.proc.proc.returncode}) ---",
-              *run.proc.stdout[-40:], *run.proc.stderr[-20:], sep="\n")
-
+        print(
+            f"--- service {run.client_id} (exit {run.proc.proc.returncode}) ---",
+            *run.proc.stdout[-40:],
+            *run.proc.stderr[-20:],
+            sep="\n",
+        )
 
 
 def connect_count(broker: Mosquitto, client_id: str) -> int:
@@ -136,8 +146,9 @@ def assert_wills(sub: Subscriber, base: str, timeout: float = 10) -> None:
     assert (a.qos, b.qos, c.qos) == (1, 2, 0)
 
 
-def assert_late_subscriber_sees_retained_wills(broker: Mosquitto, base: str, status_topic: str,
-                                               subscriber_factory: SubscriberFactory) -> None:
+def assert_late_subscriber_sees_retained_wills(
+    broker: Mosquitto, base: str, status_topic: str, subscriber_factory: SubscriberFactory
+) -> None:
     late = subscriber_factory(f"{base}/#", status_topic)
     barrier(broker.port, late, f"{base}/marker", qos=2)
     retained = {m.topic: m for m in late.snapshot() if m.retain}
@@ -152,8 +163,11 @@ def assert_late_subscriber_sees_retained_wills(broker: Mosquitto, base: str, sta
 
 
 def test_sigkill_publishes_each_lwt_entry_will_with_its_qos_and_retain(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """SIGKILL: the broker publishes every lwt entry's will and the status will, nothing else."""
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
     run = start_service(mixed_entries(topic_base))
@@ -169,16 +183,27 @@ def test_sigkill_publishes_each_lwt_entry_will_with_its_qos_and_retain(
     assert status_will.qos == 1
     barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.on(f"{topic_base}/plain") if offline(m)]
-    assert_late_subscriber_sees_retained_wills(broker, topic_base, run.status_topic,
-                                               subscriber_factory)
+    assert_late_subscriber_sees_retained_wills(
+        broker, topic_base, run.status_topic, subscriber_factory
+    )
 
 
-@pytest.mark.parametrize("args", [["--mqtt-version", "5"], ["--mqtt-version", "3.1.1"],
-                                  ["--mqtt-version", "5", "--will-delay", "5"]],
-                         ids=["mqtt5", "mqtt311", "mqtt5-will-delay"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--mqtt-version", "5"],
+        ["--mqtt-version", "3.1.1"],
+        ["--mqtt-version", "5", "--will-delay", "5"],
+    ],
+    ids=["mqtt5", "mqtt311", "mqtt5-will-delay"],
+)
 def test_sigterm_announces_every_lwt_entry_offline_and_exits_zero(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running], args: list[str]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+    args: list[str],
+) -> None:
     """SIGTERM: every lwt entry and the status topic go offline within 5 s; exit code 0."""
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
     run = start_service(mixed_entries(topic_base), *args)
@@ -197,13 +222,17 @@ def test_sigterm_announces_every_lwt_entry_offline_and_exits_zero(
     assert not [m for m in sub.on(f"{topic_base}/plain") if offline(m)]
     for key in ("a", "b", "c"):  # announced once, not by both the service and the broker
         assert len([m for m in sub.on(f"{topic_base}/{key}") if offline(m)]) == 1
-    assert_late_subscriber_sees_retained_wills(broker, topic_base, run.status_topic,
-                                               subscriber_factory)
+    assert_late_subscriber_sees_retained_wills(
+        broker, topic_base, run.status_topic, subscriber_factory
+    )
 
 
 def test_data_edit_reconnects_only_that_entry_with_the_new_will(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """Editing an lwt entry's data swaps its will; the other connections stay up untouched."""
     entries = mixed_entries(topic_base)
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
@@ -214,8 +243,11 @@ def test_data_edit_reconnects_only_that_entry_with_the_new_will(
 
     entries[0] = {**entries[0], "data": {"room": "a", "n": 2}}
     run.reconfigure(entries)
-    sub.wait_for(f"{topic_base}/a", where=lambda m: m.json() == {"online": 1, "room": "a", "n": 2},
-                 timeout=20)
+    sub.wait_for(
+        f"{topic_base}/a",
+        where=lambda m: m.json() == {"online": 1, "room": "a", "n": 2},
+        timeout=20,
+    )
     barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
     assert not [m for m in sub.snapshot() if m.topic != f"{topic_base}/marker" and offline(m)]
     assert connect_count(broker, run.entry_client_id("a")) == 2
@@ -232,11 +264,16 @@ def test_data_edit_reconnects_only_that_entry_with_the_new_will(
 
 
 def test_lwt_turned_off_moves_the_entry_to_the_main_connection_silently(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """lwt true -> false: no offline message, it keeps publishing, and a crash leaves it alone."""
-    entries = [entry("t", f"{topic_base}/t", 1, qos=1, lwt=True),
-               entry("other", f"{topic_base}/other", 1, qos=1, lwt=True)]
+    entries = [
+        entry("t", f"{topic_base}/t", 1, qos=1, lwt=True),
+        entry("other", f"{topic_base}/other", 1, qos=1, lwt=True),
+    ]
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
     run = start_service(entries)
     status = subscriber_factory(run.status_topic, qos=2)
@@ -244,11 +281,13 @@ def test_lwt_turned_off_moves_the_entry_to_the_main_connection_silently(
     status.wait_for(run.status_topic, where=online, timeout=20)
 
     run.reconfigure([{**entries[0], "lwt": False}, entries[1]])
-    wait_until(lambda: f"Client {run.entry_client_id('t')} disconnected."
-               in broker.log.read_text(), 20, message="the entry's own connection to close")
+    wait_until(
+        lambda: f"Client {run.entry_client_id('t')} disconnected." in broker.log.read_text(),
+        20,
+        message="the entry's own connection to close",
+    )
     moved = time.monotonic()
-    sub.wait_for(f"{topic_base}/t", count=2, where=lambda m: m.at > moved and online(m),
-                 timeout=20)
+    sub.wait_for(f"{topic_base}/t", count=2, where=lambda m: m.at > moved and online(m), timeout=20)
     assert connect_count(broker, run.entry_client_id("t")) == 1  # not reopened
 
     run.kill()
@@ -260,8 +299,11 @@ def test_lwt_turned_off_moves_the_entry_to_the_main_connection_silently(
 
 
 def test_lwt_turned_on_gives_the_entry_a_will(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """lwt false -> true: the entry gets its own connection, and a crash announces it offline."""
     plain = entry("u", f"{topic_base}/u", 1, qos=1, data={"kind": "u"})
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
@@ -270,8 +312,11 @@ def test_lwt_turned_on_gives_the_entry_a_will(
     assert connect_count(broker, run.entry_client_id("u")) == 0
 
     run.reconfigure([{**plain, "lwt": True}])
-    wait_until(lambda: connect_count(broker, run.entry_client_id("u")) == 1, 20,
-               message="the entry's own connection")
+    wait_until(
+        lambda: connect_count(broker, run.entry_client_id("u")) == 1,
+        20,
+        message="the entry's own connection",
+    )
     moved = time.monotonic()
     sub.wait_for(f"{topic_base}/u", where=lambda m: m.at > moved and online(m), timeout=20)
     assert not [m for m in sub.on(f"{topic_base}/u") if offline(m)]
@@ -285,11 +330,16 @@ def test_lwt_turned_on_gives_the_entry_a_will(
 
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 def test_removing_an_lwt_entry_announces_it_offline(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running], version: str) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+    version: str,
+) -> None:
     """Removing an lwt entry publishes its offline payload (QoS, retain kept); the rest runs on."""
-    gone = entry("gone", f"{topic_base}/gone", 1, qos=2, retain=True, lwt=True,
-                 data={"kind": "gone"})
+    gone = entry(
+        "gone", f"{topic_base}/gone", 1, qos=2, retain=True, lwt=True, data={"kind": "gone"}
+    )
     keep = entry("keep", f"{topic_base}/keep", 1, qos=1, lwt=True)
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
     run = start_service([gone, keep], "--mqtt-version", version)
@@ -312,13 +362,20 @@ def test_removing_an_lwt_entry_announces_it_offline(
 
 
 def test_an_lwt_entry_back_while_its_connection_closes_gets_one_again(
-        broker: Mosquitto, topic_base: str) -> None:
+    broker: Mosquitto, topic_base: str
+) -> None:
     """Removed and re-added while its offline announcement is in flight: reconnected, not lost."""
-    settings = BrokerSettings(host="127.0.0.1", port=broker.port,
-                              client_id=f"sp-lwt-{uuid.uuid4().hex[:8]}", protocol="3.1.1",
-                              backoff_min=0.2, backoff_max=1)
-    config = PublishConfig(id="r", topic=f"{topic_base}/r", data={"k": 1}, interval=30, qos=1,
-                           lwt=True)
+    settings = BrokerSettings(
+        host="127.0.0.1",
+        port=broker.port,
+        client_id=f"sp-lwt-{uuid.uuid4().hex[:8]}",
+        protocol="3.1.1",
+        backoff_min=0.2,
+        backoff_max=1,
+    )
+    config = PublishConfig(
+        id="r", topic=f"{topic_base}/r", data={"k": 1}, interval=30, qos=1, lwt=True
+    )
     manager = MQTTConnectionManager(settings)
     manager.set_entries({"r": config})
     try:
@@ -329,8 +386,11 @@ def test_an_lwt_entry_back_while_its_connection_closes_gets_one_again(
         manager.set_entries({})
         manager.set_entries({"r": config})
 
-        wait_until(lambda: connect_count(broker, settings.entry_client_id("r")) == 2, 20,
-                   message="the entry's connection to reconnect")
+        wait_until(
+            lambda: connect_count(broker, settings.entry_client_id("r")) == 2,
+            20,
+            message="the entry's connection to reconnect",
+        )
         wait_until(lambda: manager.connection_counts() == (2, 2), 20, message="2 connections up")
     finally:
         manager.disconnect()
@@ -346,8 +406,12 @@ def kick(broker: Mosquitto, client_id: str) -> None:
     broker is concerned: the will waits for its delay; with no session to resume, it goes now.
     """
     connected = Event()
-    impostor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                           protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
+    impostor = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        reconnect_on_failure=False,
+    )
     impostor.on_connect = lambda *_: connected.set()
     impostor.connect("127.0.0.1", broker.port, clean_start=False)
     impostor.loop_start()
@@ -359,8 +423,11 @@ def kick(broker: Mosquitto, client_id: str) -> None:
 
 
 def test_will_delay_keeps_a_short_disconnect_quiet(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """--will-delay 5: a kicked entry connection reconnects without an offline message."""
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
     run = start_service([entry("w", f"{topic_base}/w", 1, qos=1, lwt=True)], "--will-delay", "5")
@@ -370,8 +437,11 @@ def test_will_delay_keeps_a_short_disconnect_quiet(
     kicked = time.monotonic()
     kick(broker, client_id)
 
-    wait_until(lambda: connect_count(broker, client_id) >= 3, 20,
-               message="the service to reconnect after the kick")
+    wait_until(
+        lambda: connect_count(broker, client_id) >= 3,
+        20,
+        message="the service to reconnect after the kick",
+    )
     # Past the will delay (and Mosquitto's once-a-second will timer), still publishing.
     sub.wait_for(f"{topic_base}/w", where=lambda m: m.at > kicked + 7 and online(m), timeout=20)
     barrier(broker.port, sub, f"{topic_base}/marker", qos=2)
@@ -384,8 +454,11 @@ def test_will_delay_keeps_a_short_disconnect_quiet(
 
 
 def test_without_will_delay_a_kick_announces_offline_at_once(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """--will-delay 0: the same kick publishes the entry's offline payload, then it recovers."""
     sub = subscriber_factory(f"{topic_base}/#", qos=2)
     run = start_service([entry("w", f"{topic_base}/w", 1, qos=1, lwt=True)])
@@ -412,10 +485,14 @@ def connection_status(run: Running) -> dict[str, Any] | None:
 
 
 def test_status_reports_connections_and_connections_up(
-        broker: Mosquitto, topic_base: str, start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto, topic_base: str, start_service: Callable[..., Running]
+) -> None:
     """/status counts the main connection plus one per lwt entry, and how many are up."""
-    entries = [entry("a", f"{topic_base}/a", 1, lwt=True), entry("b", f"{topic_base}/b", 1,
-               lwt=True), entry("plain", f"{topic_base}/plain", 1)]
+    entries = [
+        entry("a", f"{topic_base}/a", 1, lwt=True),
+        entry("b", f"{topic_base}/b", 1, lwt=True),
+        entry("plain", f"{topic_base}/plain", 1),
+    ]
     run = start_service(entries, http_port=free_port())
 
     def counts() -> tuple[int, int] | None:
@@ -426,8 +503,11 @@ def test_status_reports_connections_and_connections_up(
     body = run.status()
     assert body["connection"]["connected"] is True
     assert body["connection"]["client_id"] == run.client_id
-    assert {i: e["lwt"] for i, e in body["entries"].items()} == {"a": True, "b": True,
-                                                                 "plain": False}
+    assert {i: e["lwt"] for i, e in body["entries"].items()} == {
+        "a": True,
+        "b": True,
+        "plain": False,
+    }
 
     broker.kill()
     wait_until(lambda: counts() == (3, 0), 20, message="0 of 3 connections up")
@@ -463,11 +543,16 @@ def many_files() -> Iterator[None]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("many_files")
 def test_a_thousand_lwt_entries_each_get_a_will(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        start_service: Callable[..., Running]) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    start_service: Callable[..., Running],
+) -> None:
     """1,000 lwt entries in one process: 1,001 connections up, all publish, all wills arrive."""
-    entries = [entry(f"e{i:04d}", f"{topic_base}/e{i:04d}", 30, lwt=True, data={"i": i})
-               for i in range(SCALE)]
+    entries = [
+        entry(f"e{i:04d}", f"{topic_base}/e{i:04d}", 30, lwt=True, data={"i": i})
+        for i in range(SCALE)
+    ]
     sub = subscriber_factory(f"{topic_base}/#", qos=1)
     run = start_service(entries, http_port=free_port())
     assert broker.proc is not None
@@ -478,19 +563,18 @@ def test_a_thousand_lwt_entries_each_get_a_will(
         status = connection_status(run)
         return status["connections_up"] if status else 0
 
-    wait_until(lambda: up() == SCALE + 1, 90, interval=0.5,
-               message=f"{SCALE + 1} connections up")
+    wait_until(lambda: up() == SCALE + 1, 90, interval=0.5, message=f"{SCALE + 1} connections up")
     expected = {e["topic"] for e in entries}
 
     def topics(where: Callable[[Received], bool]) -> set[str]:
         return {m.topic for m in sub.snapshot() if where(m)}
 
-    wait_until(lambda: topics(online) == expected, 60, interval=0.2,
-               message=f"{SCALE} topics publishing")
+    wait_until(
+        lambda: topics(online) == expected, 60, interval=0.2, message=f"{SCALE} topics publishing"
+    )
 
     run.kill()
 
-    wait_until(lambda: topics(offline) == expected, 60, interval=0.2,
-               message=f"{SCALE} wills")
+    wait_until(lambda: topics(offline) == expected, 60, interval=0.2, message=f"{SCALE} wills")
     wills = {m.topic: m.json() for m in sub.snapshot() if offline(m)}
     assert all(wills[e["topic"]] == {"online": 0, "i": e["data"]["i"]} for e in entries)

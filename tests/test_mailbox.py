@@ -30,7 +30,11 @@ def test_requests_are_taken_once_with_their_triggers() -> None:
         mail.post_reload(trigger)
     taken = mail.take_reloads(DEBOUNCE)
     assert [(r.trigger, r.manual) for r in taken] == [
-        ("signal", True), ("http", True), ("api", True), ("safety", False)]
+        ("signal", True),
+        ("http", True),
+        ("api", True),
+        ("safety", False),
+    ]
     assert mail.take_reloads(DEBOUNCE) == []
     assert mail.wake.is_set()
 

@@ -37,14 +37,15 @@ RULES_TESTS = REPO / "docs" / "prometheus-rules.test.yml"
 DOC = REPO / "docs" / "metrics.md"
 
 
-
 @pytest.fixture(scope="module")
 def promtool() -> str:
     """promtool from Debian's `prometheus` package, which scripts/setup installs."""
     found = shutil.which("promtool")
     if found is None:
-        pytest.skip("promtool is not installed and could not be: run scripts/setup as root "
-                    "(apt-get install prometheus)")
+        pytest.skip(
+            "promtool is not installed and could not be: run scripts/setup as root "
+            "(apt-get install prometheus)"
+        )
     return found
 
 
@@ -69,12 +70,21 @@ def many(topic_base: str, count: int) -> list[dict[str, Any]]:
 
 # ---- the pure decisions ----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("mode", "entries", "expected"), [
-    ("auto", 0, True), ("auto", 1000, True), ("auto", 1001, False), ("auto", 10_000, False),
-    ("on", 10_000, True), ("off", 1, False),
-])
-def test_per_entry_series_follow_the_mode_and_limit(mode: Any, entries: int,
-                                                    expected: bool) -> None:
+
+@pytest.mark.parametrize(
+    ("mode", "entries", "expected"),
+    [
+        ("auto", 0, True),
+        ("auto", 1000, True),
+        ("auto", 1001, False),
+        ("auto", 10_000, False),
+        ("on", 10_000, True),
+        ("off", 1, False),
+    ],
+)
+def test_per_entry_series_follow_the_mode_and_limit(
+    mode: Any, entries: int, expected: bool
+) -> None:
     """auto keeps per-entry series up to the limit (inclusive); on and off are absolute."""
     assert per_entry_series(mode, 1000, entries) is expected
 
@@ -88,7 +98,9 @@ def test_the_switch_logs_once_when_auto_turns_per_entry_series_off_and_once_back
         assert [switch.update(11) for _ in range(3)] == [False] * 3
         assert [switch.update(10) for _ in range(3)] == [True] * 3
     assert [(e["event"], e["entries"], e["limit"]) for e in logs] == [
-        ("metrics_per_entry_disabled", 11, 10), ("metrics_per_entry_enabled", 10, 10)]
+        ("metrics_per_entry_disabled", 11, 10),
+        ("metrics_per_entry_enabled", 10, 10),
+    ]
     assert logs[0]["log_level"] == "info"
 
 
@@ -116,9 +128,10 @@ def test_an_entry_is_overdue_after_a_whole_slot_and_some_slack() -> None:
 
 # ---- a real service ----------------------------------------------------------------------------
 
-def test_ten_thousand_entries_expose_at_most_400_series(http_service: ServiceStarter,
-                                                        config_path: Path,
-                                                        topic_base: str) -> None:
+
+def test_ten_thousand_entries_expose_at_most_400_series(
+    http_service: ServiceStarter, config_path: Path, topic_base: str
+) -> None:
     """At 10,000 entries with the defaults, /metrics has only the service-wide series (said
     once in the log); a reload down to 5 entries brings the per-entry series back (said once)."""
     with capture_logs() as logs:
@@ -132,7 +145,8 @@ def test_ten_thousand_entries_expose_at_most_400_series(http_service: ServiceSta
     assert not [name for name in found if name.startswith("scheduler_publisher_entry_")]
     off = [e for e in logs if e["event"].startswith("metrics_per_entry")]
     assert [(e["event"], e["entries"], e["limit"]) for e in off] == [
-        ("metrics_per_entry_disabled", 10_000, 1000)]
+        ("metrics_per_entry_disabled", 10_000, 1000)
+    ]
 
     write_config(config_path, many(topic_base, 5))
     with capture_logs() as logs:
@@ -142,11 +156,13 @@ def test_ten_thousand_entries_expose_at_most_400_series(http_service: ServiceSta
     assert value(small, "scheduler_publisher_metrics_per_entry") == 1
     assert len(small["scheduler_publisher_entry_published"].samples) == 5
     assert [e["event"] for e in logs if e["event"].startswith("metrics_per_entry")] == [
-        "metrics_per_entry_enabled"]
+        "metrics_per_entry_enabled"
+    ]
 
 
-def test_per_entry_series_can_be_forced_on_or_off(http_service: ServiceStarter,
-                                                  topic_base: str) -> None:
+def test_per_entry_series_can_be_forced_on_or_off(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """--metrics-per-entry on exposes them past the limit; off never does; a small limit
     under auto turns them off."""
     on = http_service(many(topic_base, 20), metrics_per_entry="on", metrics_entry_limit=10)
@@ -157,36 +173,46 @@ def test_per_entry_series_can_be_forced_on_or_off(http_service: ServiceStarter,
     assert "scheduler_publisher_entry_errors" not in families(scrape(limited))
 
 
-def test_metrics_are_gzipped_when_the_scraper_accepts_it(http_service: ServiceStarter,
-                                                         topic_base: str) -> None:
+def test_metrics_are_gzipped_when_the_scraper_accepts_it(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Accept-Encoding: gzip gets a gzip body (Content-Encoding: gzip) of the same metrics;
     without it the body is plain text."""
     service = http_service(many(topic_base, 3))
     plain = request(service.http.port, "GET", "/metrics")
     assert plain.headers.get("Content-Encoding") is None
-    zipped = request(service.http.port, "GET", "/metrics",
-                     {"Accept-Encoding": "deflate, gzip;q=1.0, *;q=0.5"})
+    zipped = request(
+        service.http.port, "GET", "/metrics", {"Accept-Encoding": "deflate, gzip;q=1.0, *;q=0.5"}
+    )
     assert zipped.status == 200
     assert zipped.headers.get("Content-Encoding") == "gzip"
     assert zipped.content_type.startswith("text/plain")
     assert int(zipped.headers["Content-Length"]) == len(zipped.body)
     assert len(zipped.body) < len(plain.body)
-    assert families(gzip.decompress(zipped.body).decode()).keys() == \
-        families(plain.body.decode()).keys()
+    assert (
+        families(gzip.decompress(zipped.body).decode()).keys()
+        == families(plain.body.decode()).keys()
+    )
 
 
-def test_openmetrics_is_served_when_asked_for(http_service: ServiceStarter,
-                                              topic_base: str) -> None:
+def test_openmetrics_is_served_when_asked_for(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """A scraper that asks for OpenMetrics gets it (prometheus_client's negotiation)."""
     service = http_service(many(topic_base, 1))
-    reply = request(service.http.port, "GET", "/metrics",
-                    {"Accept": "application/openmetrics-text; version=1.0.0"})
+    reply = request(
+        service.http.port,
+        "GET",
+        "/metrics",
+        {"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
     assert reply.content_type.startswith("application/openmetrics-text")
     assert reply.body.decode().endswith("# EOF\n")
 
 
-def test_process_python_and_build_info_are_exposed(http_service: ServiceStarter,
-                                                   topic_base: str) -> None:
+def test_process_python_and_build_info_are_exposed(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """The standard process_* and python_* collectors run, and build_info names the versions."""
     service = http_service(many(topic_base, 1))
     found = families(scrape(service))
@@ -204,60 +230,78 @@ def test_process_python_and_build_info_are_exposed(http_service: ServiceStarter,
     assert info.labels["python"].startswith("3.")
 
 
-def test_an_entry_that_stops_publishing_counts_as_overdue(http_service: ServiceStarter,
-                                                          broker: Mosquitto,
-                                                          topic_base: str) -> None:
+def test_an_entry_that_stops_publishing_counts_as_overdue(
+    http_service: ServiceStarter, broker: Mosquitto, topic_base: str
+) -> None:
     """entries_overdue is 0 while entries publish; with the broker gone, an entry that misses a
     whole slot and the slack is counted."""
     service = http_service([entry("fast", f"{topic_base}/fast", 0.2)])
     wait_until(lambda: service.stats.entry("fast").published >= 2, 10, message="publishing")
     assert value(families(scrape(service)), "scheduler_publisher_entries_overdue") == 0
     broker.stop()
-    wait_until(lambda: value(families(scrape(service)),
-                             "scheduler_publisher_entries_overdue") == 1,
-               OVERDUE_SLACK + 15, message="the entry counted as overdue")
+    wait_until(
+        lambda: value(families(scrape(service)), "scheduler_publisher_entries_overdue") == 1,
+        OVERDUE_SLACK + 15,
+        message="the entry counted as overdue",
+    )
 
 
-def test_promtool_check_metrics_passes_on_a_real_scrape(http_service: ServiceStarter,
-                                                        promtool: str, topic_base: str) -> None:
+def test_promtool_check_metrics_passes_on_a_real_scrape(
+    http_service: ServiceStarter, promtool: str, topic_base: str
+) -> None:
     """promtool check metrics finds no problem in a real scrape, per-entry series included."""
-    service = http_service([*many(topic_base, 3), entry('odd "id" \\ with ünïcode',
-                                                         f"{topic_base}/odd", 0.2)])
+    service = http_service(
+        [*many(topic_base, 3), entry('odd "id" \\ with ünïcode', f"{topic_base}/odd", 0.2)]
+    )
     wait_until(lambda: service.stats.totals().published >= 3, 10, message="publishes")
     text = scrape(service)
     assert 'entry="odd \\"id\\" \\\\ with ünïcode"' in text
-    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                            capture_output=True, timeout=60, check=False)
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert result.stdout.decode().strip() == "", result.stdout.decode()  # no lint advice
 
 
 # ---- the alert rules in docs/ ----------------------------------------------------------------
 
+
 def test_the_alert_rules_pass_promtool_check_rules(promtool: str) -> None:
     """docs/prometheus-rules.yml is a valid Prometheus rules file."""
-    result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert "SUCCESS" in result.stdout.decode()
 
 
 def test_the_alert_rules_fire_as_documented(promtool: str) -> None:
     """promtool test rules: each alert fires on the series that describe its case, not before."""
-    result = subprocess.run([promtool, "test", "rules", str(RULES_TESTS)], capture_output=True,
-                            timeout=60, check=False, cwd=RULES_TESTS.parent)
+    result = subprocess.run(
+        [promtool, "test", "rules", str(RULES_TESTS)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=RULES_TESTS.parent,
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
-def test_the_alert_rules_use_metrics_the_service_exposes(http_service: ServiceStarter,
-                                                         topic_base: str) -> None:
+def test_the_alert_rules_use_metrics_the_service_exposes(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Every metric named in the rules (and their tests) exists in a real scrape, with the
     per-entry series off as they are at scale."""
     service = http_service(many(topic_base, 2), metrics_per_entry="off")
     names = {s.name for f in text_string_to_metric_families(scrape(service)) for s in f.samples}
     for path in (RULES, RULES_TESTS):
-        used = set(re.findall(r"\b((?:scheduler_publisher|process|python)_[a-z_]+)",
-                              path.read_text()))
+        used = set(
+            re.findall(r"\b((?:scheduler_publisher|process|python)_[a-z_]+)", path.read_text())
+        )
         assert used, path
         assert used <= names, f"{path.name}: not in a scrape: {sorted(used - names)}"
 
@@ -269,6 +313,7 @@ def test_the_metrics_doc_carries_the_rules_file_verbatim() -> None:
 
 # ---- the CLI -------------------------------------------------------------------------------
 
+
 def test_cli_flags_set_the_metrics_settings() -> None:
     """--metrics-per-entry and --metrics-entry-limit reach ServiceSettings; defaults auto/1000."""
     parser = build_parser()
@@ -279,14 +324,18 @@ def test_cli_flags_set_the_metrics_settings() -> None:
     assert (settings.metrics_per_entry, settings.metrics_entry_limit) == ("off", 50)
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["--metrics-per-entry", "sometimes"], "invalid choice: 'sometimes'"),
-    (["--metrics-entry-limit", "0"], "must be an integer at least 1, got 0"),
-    (["--metrics-entry-limit", "-3"], "must be an integer at least 1, got -3"),
-    (["--metrics-entry-limit", "many"], "must be an integer at least 1, got 'many'"),
-])
-def test_cli_rejects_bad_metrics_values_with_exit_2(argv: list[str], expected: str,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--metrics-per-entry", "sometimes"], "invalid choice: 'sometimes'"),
+        (["--metrics-entry-limit", "0"], "must be an integer at least 1, got 0"),
+        (["--metrics-entry-limit", "-3"], "must be an integer at least 1, got -3"),
+        (["--metrics-entry-limit", "many"], "must be an integer at least 1, got 'many'"),
+    ],
+)
+def test_cli_rejects_bad_metrics_values_with_exit_2(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A bad value exits 2 with one line naming the option, what came and what is expected."""
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["run", *argv])

@@ -128,8 +128,9 @@ def test_disabled_without_notify_socket() -> None:
     assert [n.ready("x"), n.reloading(), n.stopping(), n.status("x"), n.watchdog()] == [False] * 5
 
 
-def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch,
-                                     path_listener: Listener) -> None:
+def test_reads_os_environ_by_default(
+    monkeypatch: pytest.MonkeyPatch, path_listener: Listener
+) -> None:
     """With no mapping given, the process environment is read at construction."""
     monkeypatch.setenv("NOTIFY_SOCKET", path_listener.env_value)
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")

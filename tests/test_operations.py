@@ -37,8 +37,13 @@ LogEvent = MutableMapping[str, Any]  # what structlog's capture_logs() collects
 @pytest.fixture
 def config_path(tmp_path: Path, topic_base: str) -> Path:
     path = tmp_path / "config.json"
-    write_config(path, [entry("fast", f"{topic_base}/fast", 0.2),
-                        entry("willed", f"{topic_base}/willed", 0.3, lwt=True)])
+    write_config(
+        path,
+        [
+            entry("fast", f"{topic_base}/fast", 0.2),
+            entry("willed", f"{topic_base}/willed", 0.3, lwt=True),
+        ],
+    )
     return path
 
 
@@ -50,8 +55,14 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-def run_process(processes: list[ServiceProcess], tmp_path: Path, port: int, config: Path,
-                *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
+def run_process(
+    processes: list[ServiceProcess],
+    tmp_path: Path,
+    port: int,
+    config: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
     args = cli_args(port, config, *extra, command=(), backoff=(0.1, 0.5))
     proc = ServiceProcess(args, cwd=tmp_path, env=env)
     processes.append(proc)
@@ -75,8 +86,9 @@ def stats_events(proc: ServiceProcess) -> list[dict[str, Any]]:
 
 
 # ---- counters across restarts ---------------------------------------------------------------
-def test_totals_continue_after_a_graceful_restart(tmp_path: Path, broker: Mosquitto,
-                                                  config_path: Path) -> None:
+def test_totals_continue_after_a_graceful_restart(
+    tmp_path: Path, broker: Mosquitto, config_path: Path
+) -> None:
     """A restart with the same state DB carries on from the previous run's totals."""
     settings = in_process_settings(config_path, broker.port, state_db=tmp_path / "state.db")
     first = PublisherService(settings)
@@ -105,15 +117,16 @@ def test_totals_continue_after_a_graceful_restart(tmp_path: Path, broker: Mosqui
 
 
 def test_checkpoints_copy_the_counters_on_the_network_thread(
-        tmp_path: Path, broker: Mosquitto, config_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, broker: Mosquitto, config_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While the service runs, a checkpoint copies the counters on their one writer, the network
     thread, between two of its turns: copied on the main loop they would hold the GIL for
     milliseconds at thousands of entries, just when a phase group may be due. The last
     checkpoint, once the network thread has stopped, copies them where it runs."""
     db = tmp_path / "state.db"
-    service = PublisherService(in_process_settings(config_path, broker.port, state_db=db,
-                                                   checkpoint_interval=0.2))
+    service = PublisherService(
+        in_process_settings(config_path, broker.port, state_db=db, checkpoint_interval=0.2)
+    )
     copied_on: list[str] = []
     copy = service.stats.saved_state
 
@@ -124,8 +137,11 @@ def test_checkpoints_copy_the_counters_on_the_network_thread(
     monkeypatch.setattr(service.stats, "saved_state", recorded)
     service.start()
     try:
-        wait_until(lambda: len(copied_on) >= 2 and (db_totals(db) or 0) > 0, 10,
-                   message="two checkpoints, one with publishes")
+        wait_until(
+            lambda: len(copied_on) >= 2 and (db_totals(db) or 0) > 0,
+            10,
+            message="two checkpoints, one with publishes",
+        )
     finally:
         service.stop()
     assert copied_on[:2] == ["mqtt-network", "mqtt-network"]
@@ -134,16 +150,24 @@ def test_checkpoints_copy_the_counters_on_the_network_thread(
 
 
 def test_totals_survive_sigkill_from_the_last_checkpoint(
-        tmp_path: Path, broker: Mosquitto, config_path: Path, topic_base: str,
-        subscriber_factory: SubscriberFactory, processes: list[ServiceProcess]) -> None:
+    tmp_path: Path,
+    broker: Mosquitto,
+    config_path: Path,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    processes: list[ServiceProcess],
+) -> None:
     """After SIGKILL the next run starts from at least the last committed checkpoint."""
     db = tmp_path / "state.db"
     sub = subscriber_factory(f"{topic_base}/#")
     extra = ("--state-db", str(db), "--checkpoint-interval", "1", "--stats-interval", "0.3")
     first = run_process(processes, tmp_path, broker.port, config_path, *extra)
     sub.wait_for(f"{topic_base}/fast", 5)
-    checkpointed = wait_until(lambda: (n := db_totals(db)) is not None and n >= 5 and n, 15,
-                              message="a checkpoint with at least 5 published")
+    checkpointed = wait_until(
+        lambda: (n := db_totals(db)) is not None and n >= 5 and n,
+        15,
+        message="a checkpoint with at least 5 published",
+    )
 
     first.signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
@@ -155,18 +179,29 @@ def test_totals_survive_sigkill_from_the_last_checkpoint(
     second = run_process(processes, tmp_path, broker.port, config_path, *extra)
     event = second.wait_for_event("publisher_statistics")
     assert event["total_published"] >= at_kill
-    later = second.wait_for_event("publisher_statistics",
-                                  where=lambda e: e["total_published"] > at_kill)
+    later = second.wait_for_event(
+        "publisher_statistics", where=lambda e: e["total_published"] > at_kill
+    )
     assert later["total_published"] > at_kill
 
 
-def test_history_keeps_only_the_newest_rows(tmp_path: Path, broker: Mosquitto,
-                                            config_path: Path,
-                                            processes: list[ServiceProcess]) -> None:
+def test_history_keeps_only_the_newest_rows(
+    tmp_path: Path, broker: Mosquitto, config_path: Path, processes: list[ServiceProcess]
+) -> None:
     """--history-retention bounds the history table to the newest rows, oldest pruned first."""
     db = tmp_path / "state.db"
-    run_process(processes, tmp_path, broker.port, config_path, "--state-db", str(db),
-                "--history-interval", "0.1", "--history-retention", "3")
+    run_process(
+        processes,
+        tmp_path,
+        broker.port,
+        config_path,
+        "--state-db",
+        str(db),
+        "--history-interval",
+        "0.1",
+        "--history-retention",
+        "3",
+    )
 
     def history() -> list[tuple[int, int]]:
         if not db.exists():
@@ -195,17 +230,23 @@ def test_history_keeps_only_the_newest_rows(tmp_path: Path, broker: Mosquitto,
 
 
 # ---- the statistics event ---------------------------------------------------------------------
-def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Path,
-                                             services: InProcessServices) -> None:
+def test_statistics_event_carries_the_totals(
+    broker: Mosquitto, config_path: Path, services: InProcessServices
+) -> None:
     """publisher_statistics reports totals and connection state every stats_interval."""
     service = services.create(broker.port, config=config_path, stats_interval=0.2)
     with capture_logs() as logs:
         service.start()
         try:
+
             def stats(where: Callable[[LogEvent], bool]) -> LogEvent:
-                found: list[LogEvent] = wait_until(lambda: [e for e in list(logs)
-                                            if e["event"] == "publisher_statistics" and where(e)],
-                                   10, message="publisher_statistics")
+                found: list[LogEvent] = wait_until(
+                    lambda: [
+                        e for e in list(logs) if e["event"] == "publisher_statistics" and where(e)
+                    ],
+                    10,
+                    message="publisher_statistics",
+                )
                 return found[-1]
 
             up = stats(lambda e: e["total_published"] >= 3)
@@ -229,13 +270,20 @@ def test_statistics_event_carries_the_totals(broker: Mosquitto, config_path: Pat
 
 
 # ---- systemd notifications from the real process ----------------------------------------------
-def test_ready_is_sent_before_the_broker_is_up(tmp_path: Path, config_path: Path,
-                                               notify_socket: NotifySocket,
-                                               processes: list[ServiceProcess]) -> None:
+def test_ready_is_sent_before_the_broker_is_up(
+    tmp_path: Path, config_path: Path, notify_socket: NotifySocket, processes: list[ServiceProcess]
+) -> None:
     """READY=1 does not wait for the broker; STATUS= then says when it is connected."""
     port = free_port()  # nothing listens here yet
-    run_process(processes, tmp_path, port, config_path, "--stats-interval", "0.2",
-                env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    run_process(
+        processes,
+        tmp_path,
+        port,
+        config_path,
+        "--stats-interval",
+        "0.2",
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+    )
 
     (ready,) = notify_socket.wait_for("READY=1", timeout=15)
     assert ready.lines[0] == "READY=1"
@@ -249,12 +297,21 @@ def test_ready_is_sent_before_the_broker_is_up(tmp_path: Path, config_path: Path
         late.stop()
 
 
-def test_sighup_sends_reloading_then_ready(tmp_path: Path, broker: Mosquitto, config_path: Path,
-                                           notify_socket: NotifySocket,
-                                           processes: list[ServiceProcess]) -> None:
+def test_sighup_sends_reloading_then_ready(
+    tmp_path: Path,
+    broker: Mosquitto,
+    config_path: Path,
+    notify_socket: NotifySocket,
+    processes: list[ServiceProcess],
+) -> None:
     """SIGHUP: RELOADING=1 with MONOTONIC_USEC=, then READY=1 once the reload is done."""
-    proc = run_process(processes, tmp_path, broker.port, config_path,
-                       env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    proc = run_process(
+        processes,
+        tmp_path,
+        broker.port,
+        config_path,
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+    )
     notify_socket.wait_for("READY=1", timeout=15)
     mark = time.monotonic()
 
@@ -270,12 +327,21 @@ def test_sighup_sends_reloading_then_ready(tmp_path: Path, broker: Mosquitto, co
     assert proc.proc.poll() is None
 
 
-def test_watchdog_pings_at_half_of_watchdog_usec(tmp_path: Path, broker: Mosquitto,
-                                                 config_path: Path, notify_socket: NotifySocket,
-                                                 processes: list[ServiceProcess]) -> None:
+def test_watchdog_pings_at_half_of_watchdog_usec(
+    tmp_path: Path,
+    broker: Mosquitto,
+    config_path: Path,
+    notify_socket: NotifySocket,
+    processes: list[ServiceProcess],
+) -> None:
     """WATCHDOG_USEC=1000000: WATCHDOG=1 about every 0.5 s, never a gap near the limit."""
-    run_process(processes, tmp_path, broker.port, config_path,
-                env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"})
+    run_process(
+        processes,
+        tmp_path,
+        broker.port,
+        config_path,
+        env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"},
+    )
     notify_socket.wait_for("READY=1", timeout=15)
 
     pings = notify_socket.wait_for("WATCHDOG=1", count=9, timeout=15)
@@ -284,22 +350,42 @@ def test_watchdog_pings_at_half_of_watchdog_usec(tmp_path: Path, broker: Mosquit
     assert 0.35 < sorted(gaps)[len(gaps) // 2] < 0.65, gaps
 
 
-def test_no_watchdog_pings_without_watchdog_usec(tmp_path: Path, broker: Mosquitto,
-                                                 config_path: Path, notify_socket: NotifySocket,
-                                                 processes: list[ServiceProcess]) -> None:
+def test_no_watchdog_pings_without_watchdog_usec(
+    tmp_path: Path,
+    broker: Mosquitto,
+    config_path: Path,
+    notify_socket: NotifySocket,
+    processes: list[ServiceProcess],
+) -> None:
     """Without WATCHDOG_USEC the service never pings the watchdog."""
-    run_process(processes, tmp_path, broker.port, config_path, "--stats-interval", "0.2",
-                env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    run_process(
+        processes,
+        tmp_path,
+        broker.port,
+        config_path,
+        "--stats-interval",
+        "0.2",
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+    )
     notify_socket.wait_for("STATUS=connected", count=3, timeout=15)
     assert notify_socket.with_line("WATCHDOG=1") == []
 
 
-def test_sigterm_sends_stopping_and_exits_cleanly(tmp_path: Path, broker: Mosquitto,
-                                                  config_path: Path, notify_socket: NotifySocket,
-                                                  processes: list[ServiceProcess]) -> None:
+def test_sigterm_sends_stopping_and_exits_cleanly(
+    tmp_path: Path,
+    broker: Mosquitto,
+    config_path: Path,
+    notify_socket: NotifySocket,
+    processes: list[ServiceProcess],
+) -> None:
     """SIGTERM: STOPPING=1, then a clean exit with code 0."""
-    proc = run_process(processes, tmp_path, broker.port, config_path,
-                       env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    proc = run_process(
+        processes,
+        tmp_path,
+        broker.port,
+        config_path,
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+    )
     notify_socket.wait_for("READY=1", timeout=15)
     mark = time.monotonic()
 
@@ -313,8 +399,12 @@ def test_sigterm_sends_stopping_and_exits_cleanly(tmp_path: Path, broker: Mosqui
 
 # ---- the watchdog and health (in-process) -----------------------------------------------------
 @pytest.fixture
-def watched_service(monkeypatch: pytest.MonkeyPatch, notify_socket: NotifySocket,
-                    broker: Mosquitto, config_path: Path) -> Iterator[PublisherService]:
+def watched_service(
+    monkeypatch: pytest.MonkeyPatch,
+    notify_socket: NotifySocket,
+    broker: Mosquitto,
+    config_path: Path,
+) -> Iterator[PublisherService]:
     """An in-process service under a 0.4 s systemd watchdog (a ping every 0.2 s)."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
@@ -335,13 +425,19 @@ def wedge_scheduler(service: PublisherService) -> None:
     service._schedule.shutdown()  # the scheduler thread ends, as if it had died
 
 
-@pytest.mark.parametrize(("wedge", "problem"), [
-    (wedge_watcher, "config watcher not running"),
-    (wedge_scheduler, "scheduler not running"),
-])
+@pytest.mark.parametrize(
+    ("wedge", "problem"),
+    [
+        (wedge_watcher, "config watcher not running"),
+        (wedge_scheduler, "scheduler not running"),
+    ],
+)
 def test_watchdog_pings_stop_when_a_component_is_wedged(
-        watched_service: PublisherService, notify_socket: NotifySocket,
-        wedge: Callable[[PublisherService], None], problem: str) -> None:
+    watched_service: PublisherService,
+    notify_socket: NotifySocket,
+    wedge: Callable[[PublisherService], None],
+    problem: str,
+) -> None:
     """A dead component is a health problem: the pings stop, so systemd restarts the service."""
     service = watched_service
     with capture_logs() as logs:
@@ -362,9 +458,9 @@ def test_watchdog_pings_stop_when_a_component_is_wedged(
     assert event["log_level"] == "error"
 
 
-def test_watchdog_pings_go_on_through_a_broker_outage(watched_service: PublisherService,
-                                                      notify_socket: NotifySocket,
-                                                      broker: Mosquitto) -> None:
+def test_watchdog_pings_go_on_through_a_broker_outage(
+    watched_service: PublisherService, notify_socket: NotifySocket, broker: Mosquitto
+) -> None:
     """A broker outage is not a liveness problem: restarting would not fix it."""
     service = watched_service
     with capture_logs() as logs:

@@ -40,7 +40,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No option variable from the caller's shell, and no /etc options file, leaks in."""
     for name in list(os.environ):
         if name.startswith("SCHEDULER_PUBLISHER_") or name in (
-                "MQTT_PASSWORD", "CREDENTIALS_DIRECTORY", *options.FOREIGN_ENV):
+            "MQTT_PASSWORD",
+            "CREDENTIALS_DIRECTORY",
+            *options.FOREIGN_ENV,
+        ):
             monkeypatch.delenv(name)
     monkeypatch.setattr(options, "DEFAULT_OPTIONS_FILE", tmp_path / "absent" / "default.toml")
 
@@ -48,6 +51,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def never_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """`run` must not start here: every run in this module is expected to exit 2 first."""
+
     def refuse(_args: argparse.Namespace) -> int:
         raise AssertionError("the service was started; the options should have been refused")
 
@@ -94,34 +98,43 @@ def write_options(path: Path, text: str) -> Path:
 
 
 def test_precedence_is_flag_then_environment_then_file_then_default(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One option given at every level: each level beats the ones below it."""
     opts = write_options(tmp_path / "o.toml", "port = 1886\n")
     monkeypatch.setenv("SCHEDULER_PUBLISHER_PORT", "1885")
 
     assert show(capsys, "--options-file", str(opts), "--port", "1884")["port"] == (
-        "1884", "flag --port")
+        "1884",
+        "flag --port",
+    )
     assert show(capsys, "--options-file", str(opts))["port"] == (
-        "1885", "env SCHEDULER_PUBLISHER_PORT")
+        "1885",
+        "env SCHEDULER_PUBLISHER_PORT",
+    )
     monkeypatch.delenv("SCHEDULER_PUBLISHER_PORT")
     assert show(capsys, "--options-file", str(opts))["port"] == ("1886", f"file {opts}")
     assert show(capsys, "--options-file", "")["port"] == ("1883", "default (derived)")
 
 
 def test_abbreviated_and_equals_flags_count_as_flags(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`--brok=h` is a flag like `--broker h`: the environment does not override it."""
     monkeypatch.setenv("SCHEDULER_PUBLISHER_BROKER", "from-env")
     assert show(capsys, "--brok=from-flag")["broker"] == ('"from-flag"', "flag --broker")
 
 
 def test_every_run_option_can_come_from_the_environment_or_the_file(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Each option of `run`, set through its variable and then through its key, is taken."""
-    samples = {"boolean": (True, "true"), "integer": (7, "7"), "number": (7.5, "7.5"),
-               "string": ("x7", "x7")}
+    samples = {
+        "boolean": (True, "true"),
+        "integer": (7, "7"),
+        "number": (7.5, "7.5"),
+        "string": ("x7", "x7"),
+    }
     formatted = {"shard": ("1/2", "1/2")}  # strings with a form of their own
     every = run_options()
     for option in every:
@@ -129,8 +142,7 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
             choice = str(list(option.action.choices)[-1])
             monkeypatch.setenv(option.env, choice)
         else:
-            monkeypatch.setenv(option.env, formatted.get(option.name,
-                                                         samples[option.kind])[1])
+            monkeypatch.setenv(option.env, formatted.get(option.name, samples[option.kind])[1])
     by_env = show(capsys, "--options-file", "")
     assert {n: s for n, (_, s) in by_env.items()} == {o.name: f"env {o.env}" for o in every}
 
@@ -138,8 +150,11 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
         monkeypatch.delenv(option.env)
     lines = []
     for option in every:
-        value: Any = (str(list(option.action.choices)[-1]) if option.action.choices is not None
-                      else formatted.get(option.name, samples[option.kind])[0])
+        value: Any = (
+            str(list(option.action.choices)[-1])
+            if option.action.choices is not None
+            else formatted.get(option.name, samples[option.kind])[0]
+        )
         lines.append(f"{option.name} = {cli._toml_value(value)}")
     opts = write_options(tmp_path / "all.toml", "\n".join(lines) + "\n")
     by_file = show(capsys, "--options-file", str(opts))
@@ -147,8 +162,8 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
 
 
 def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The mechanism lists no options: a new `run` flag works from env and file unchanged."""
     original = arguments.add_run_arguments
 
@@ -171,8 +186,8 @@ def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(
 
 
 def test_default_options_file_is_read_when_it_exists_and_can_be_turned_off(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The default path is read if present; `--options-file ''` ignores it."""
     default = write_options(tmp_path / "default.toml", 'broker = "from-default-file"\n')
     monkeypatch.setattr(options, "DEFAULT_OPTIONS_FILE", default)
@@ -182,8 +197,8 @@ def test_default_options_file_is_read_when_it_exists_and_can_be_turned_off(
 
 
 def test_options_file_named_by_the_environment(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SCHEDULER_PUBLISHER_OPTIONS_FILE names the file when no flag does."""
     opts = write_options(tmp_path / "env.toml", "keepalive = 45\n")
     monkeypatch.setenv("SCHEDULER_PUBLISHER_OPTIONS_FILE", str(opts))
@@ -191,43 +206,55 @@ def test_options_file_named_by_the_environment(
 
 
 def test_a_missing_named_options_file_exits_2_and_says_how_to_make_one(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A named file that does not exist is a usage error, with the sample-options command."""
     line = usage_error(capsys, ["run", "--options-file", str(tmp_path / "nope.toml")])
     assert f"options file {tmp_path / 'nope.toml'}: not found" in line
     assert "scheduler-publisher sample-options >" in line
 
 
-@pytest.mark.parametrize(("key", "suggestion"), [
-    ("http_port", "http-port"), ("brokr", "broker"), ("HTTP-PORT", "http-port"),
-    ("stats-intervall", "stats-interval"),
-])
-def test_unknown_key_exits_2_with_did_you_mean(key: str, suggestion: str, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("http_port", "http-port"),
+        ("brokr", "broker"),
+        ("HTTP-PORT", "http-port"),
+        ("stats-intervall", "stats-interval"),
+    ],
+)
+def test_unknown_key_exits_2_with_did_you_mean(
+    key: str, suggestion: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An unknown key names itself and the nearest option."""
     opts = write_options(tmp_path / "o.toml", f"{key} = 1\n")
     line = usage_error(capsys, ["run", "--options-file", str(opts)])
     assert f"unknown option {key!r}; did you mean {suggestion!r}?" in line
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('port = "1883"', "port: expected an integer, got string '1883'"),
-    ('tls = "yes"', "tls: expected true or false, got string 'yes'"),
-    ("broker = 5", "broker: expected a string, got integer 5"),
-    ("backoff-max = true", "backoff-max: expected a number, got boolean true"),
-    ("username = [1, 2]", "username: expected a string, got array [1, 2]"),
-    ("stats-interval = 0", "stats-interval: must be a number from 0.1 to 86400, got 0"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('port = "1883"', "port: expected an integer, got string '1883'"),
+        ('tls = "yes"', "tls: expected true or false, got string 'yes'"),
+        ("broker = 5", "broker: expected a string, got integer 5"),
+        ("backoff-max = true", "backoff-max: expected a number, got boolean true"),
+        ("username = [1, 2]", "username: expected a string, got array [1, 2]"),
+        ("stats-interval = 0", "stats-interval: must be a number from 0.1 to 86400, got 0"),
+    ],
+)
 def test_file_type_errors_name_key_received_and_expected(
-        text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A value of the wrong TOML type or range: the key, what came, what was expected."""
     opts = write_options(tmp_path / "o.toml", text + "\n")
     line = usage_error(capsys, ["run", "--options-file", str(opts)])
     assert f"options file {opts}: {expected}" in line
 
 
-def test_a_number_naming_a_choice_is_accepted(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_number_naming_a_choice_is_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`mqtt-version = 5` reads as the choice "5"; `log-level = "debug"` as DEBUG."""
     opts = write_options(tmp_path / "o.toml", 'mqtt-version = 5\nlog-level = "debug"\n')
     shown = show(capsys, "--options-file", str(opts))
@@ -235,12 +262,25 @@ def test_a_number_naming_a_choice_is_accepted(tmp_path: Path,
     assert shown["log-level"][0] == '"DEBUG"'
 
 
-@pytest.mark.parametrize(("source", "text", "toml", "shown"), [
-    ("flag", "auto", "", '"auto"'), ("env", "auto", "", '"auto"'),
-    ("file", "", '"auto"', '"auto"'), ("flag", "10", "", "10"), ("file", "", "10", "10")])
+@pytest.mark.parametrize(
+    ("source", "text", "toml", "shown"),
+    [
+        ("flag", "auto", "", '"auto"'),
+        ("env", "auto", "", '"auto"'),
+        ("file", "", '"auto"', '"auto"'),
+        ("flag", "10", "", "10"),
+        ("file", "", "10", "10"),
+    ],
+)
 def test_phase_slots_take_auto_or_a_count_from_every_source(
-        source: str, text: str, toml: str, shown: str, monkeypatch: pytest.MonkeyPatch,
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source: str,
+    text: str,
+    toml: str,
+    shown: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """`--phase-slots` is a count from 1 to 100 or the word auto: from a flag, a variable, or
     the options file as a TOML string or integer; auto reaches the settings as None."""
     argv: list[str] = []
@@ -249,17 +289,21 @@ def test_phase_slots_take_auto_or_a_count_from_every_source(
     elif source == "env":
         monkeypatch.setenv("SCHEDULER_PUBLISHER_PHASE_SLOTS", text)
     else:
-        argv = ["--options-file", str(write_options(tmp_path / "o.toml",
-                                                   f"phase-slots = {toml}\n"))]
+        argv = [
+            "--options-file",
+            str(write_options(tmp_path / "o.toml", f"phase-slots = {toml}\n")),
+        ]
     value, where = show(capsys, *argv)["phase-slots"]
     assert (value, where.split()[0]) == (shown, source)
-    settings = cli.build_settings(arguments.build_parser().parse_args(
-        ["run", "--phase-slots", shown.strip('"')]), {})
+    settings = cli.build_settings(
+        arguments.build_parser().parse_args(["run", "--phase-slots", shown.strip('"')]), {}
+    )
     assert settings.phase_slots == (None if shown == '"auto"' else int(shown))
 
 
 def test_invalid_toml_exits_2_naming_the_file_and_the_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Text that is not TOML: the file and the place tomllib found."""
     opts = write_options(tmp_path / "o.toml", 'broker = "a"\nport = \n')
     line = usage_error(capsys, ["run", "--options-file", str(opts)])
@@ -268,7 +312,8 @@ def test_invalid_toml_exits_2_naming_the_file_and_the_line(
 
 
 def test_validate_takes_its_config_path_from_the_options_file(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`validate` reads `config` from the file and ignores the keys only `run` uses."""
     sample = REPO / "JSON" / "payloadStaticConfig.json"
     opts = write_options(tmp_path / "o.toml", f'config = "{sample}"\nbroker = "mqtt.example"\n')
@@ -279,20 +324,31 @@ def test_validate_takes_its_config_path_from_the_options_file(
 # ---- the environment ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("true", "true"), ("1", "true"), ("yes", "true"), ("YES", "true"), ("on", "true"),
-    ("false", "false"), ("0", "false"), ("no", "false"), ("off", "false"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("true", "true"),
+        ("1", "true"),
+        ("yes", "true"),
+        ("YES", "true"),
+        ("on", "true"),
+        ("false", "false"),
+        ("0", "false"),
+        ("no", "false"),
+        ("off", "false"),
+    ],
+)
 def test_environment_switches_accept_true_false_1_0_yes_no(
-        text: str, expected: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    text: str, expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SCHEDULER_PUBLISHER_TLS=yes turns --tls on; =0 leaves it off."""
     monkeypatch.setenv("SCHEDULER_PUBLISHER_TLS", text)
     assert show(capsys)["tls"] == (expected, "env SCHEDULER_PUBLISHER_TLS")
 
 
 def test_environment_switch_with_another_word_exits_2(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SCHEDULER_PUBLISHER_NO_WATCH=maybe: exit 2 naming the variable and the accepted words."""
     monkeypatch.setenv("SCHEDULER_PUBLISHER_NO_WATCH", "maybe")
     line = usage_error(capsys, ["run"])
@@ -300,22 +356,30 @@ def test_environment_switch_with_another_word_exits_2(
 
 
 def test_unknown_variable_warns_with_did_you_mean_and_does_not_stop(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SCHEDULER_PUBLISHER_BROKR is reported with the right name; the command still runs."""
     monkeypatch.setenv("SCHEDULER_PUBLISHER_BROKR", "mqtt.example")
     assert run_main(["show-options"]) == 0
     err = capsys.readouterr().err
-    assert ("SCHEDULER_PUBLISHER_BROKR is not an option and is ignored; did you mean "
-            "SCHEDULER_PUBLISHER_BROKER?") in err
+    assert (
+        "SCHEDULER_PUBLISHER_BROKR is not an option and is ignored; did you mean "
+        "SCHEDULER_PUBLISHER_BROKER?"
+    ) in err
 
 
-@pytest.mark.parametrize(("name", "right"), [
-    ("MQTT_BROKER", "SCHEDULER_PUBLISHER_BROKER"), ("MQTT_HOST", "SCHEDULER_PUBLISHER_BROKER"),
-    ("MQTT_PORT", "SCHEDULER_PUBLISHER_PORT"), ("MQTT_USERNAME", "SCHEDULER_PUBLISHER_USERNAME"),
-])
+@pytest.mark.parametrize(
+    ("name", "right"),
+    [
+        ("MQTT_BROKER", "SCHEDULER_PUBLISHER_BROKER"),
+        ("MQTT_HOST", "SCHEDULER_PUBLISHER_BROKER"),
+        ("MQTT_PORT", "SCHEDULER_PUBLISHER_PORT"),
+        ("MQTT_USERNAME", "SCHEDULER_PUBLISHER_USERNAME"),
+    ],
+)
 def test_other_tools_mqtt_variables_warn_and_name_the_right_one(
-        name: str, right: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    name: str, right: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """MQTT_HOST and friends are not read: a warning says which variable to set instead."""
     monkeypatch.setenv(name, "1884")
     shown = show(capsys)
@@ -329,20 +393,26 @@ def test_other_tools_mqtt_variables_warn_and_name_the_right_one(
 
 @pytest.mark.parametrize("source", ["flag", "env", "file", "MQTT_PASSWORD"])
 def test_show_options_redacts_the_password_and_names_its_source(
-        source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The password shows as <redacted> with where it came from, from any source."""
     secret = f"pw-{uuid.uuid4().hex}"
     argv = ["show-options"]
-    expected = {"flag": "flag --password", "env": "env SCHEDULER_PUBLISHER_PASSWORD",
-                "file": f"file {tmp_path / 'o.toml'}", "MQTT_PASSWORD": "env MQTT_PASSWORD"}
+    expected = {
+        "flag": "flag --password",
+        "env": "env SCHEDULER_PUBLISHER_PASSWORD",
+        "file": f"file {tmp_path / 'o.toml'}",
+        "MQTT_PASSWORD": "env MQTT_PASSWORD",
+    }
     if source == "flag":
         argv += ["--password", secret]
     elif source == "env":
         monkeypatch.setenv("SCHEDULER_PUBLISHER_PASSWORD", secret)
     elif source == "file":
-        argv += ["--options-file",
-                 str(write_options(tmp_path / "o.toml", f'password = "{secret}"\n'))]
+        argv += [
+            "--options-file",
+            str(write_options(tmp_path / "o.toml", f'password = "{secret}"\n')),
+        ]
     else:
         monkeypatch.setenv("MQTT_PASSWORD", secret)
 
@@ -353,7 +423,8 @@ def test_show_options_redacts_the_password_and_names_its_source(
 
 
 def test_a_password_file_flag_beats_a_password_in_the_options_file(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Two ways to give one secret: the stronger source wins, the weaker is dropped."""
     (tmp_path / "pw").write_text("from-the-flag-file\n")
     opts = write_options(tmp_path / "o.toml", 'password = "from-options-file"\n')
@@ -377,7 +448,7 @@ BAD_VALUES = [
     ("phase-slots", "101", "must be an integer from 1 to 100 or 'auto', got 101"),
     ("keepalive", "-5", "must be an integer from 1 to 65535, got -5"),
     ("keepalive", "70000", "must be an integer from 1 to 65535, got 70000"),
-    ("status-topic", "", "topic must be a non-empty string, got \"\""),
+    ("status-topic", "", 'topic must be a non-empty string, got ""'),
     ("status-topic", "a/+/b", 'topic must be free of the wildcards "+" and "#", got "a/+/b"'),
     ("status-topic", "a/#", 'topic must be free of the wildcards "+" and "#", got'),
     ("status-topic", "$SYS/x", "topic must be outside the broker-owned $SYS"),
@@ -401,12 +472,19 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "message"), BAD_VALUES,
-                         ids=[f"{n}={v!r}" for n, v, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    ("name", "value", "message"), BAD_VALUES, ids=[f"{n}={v!r}" for n, v, _ in BAD_VALUES]
+)
 @pytest.mark.parametrize("source", ["flag", "env", "file"])
 def test_out_of_range_values_exit_2_in_one_line_from_every_source(
-        name: str, value: str, message: str, source: str, monkeypatch: pytest.MonkeyPatch,
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name: str,
+    value: str,
+    message: str,
+    source: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """A nonsense value exits 2 with one line naming the option, the range and the value."""
     argv = ["run"]
     option = next(o for o in run_options() if o.name == name)
@@ -428,31 +506,46 @@ def test_out_of_range_values_exit_2_in_one_line_from_every_source(
     assert message in line, line
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--backoff-min", "5", "--backoff-max", "1"],
-     "backoff-min (5, flag --backoff-min) must not be larger than backoff-max (1, flag "
-     "--backoff-max)"),
-    (["--backoff-min", "90"],
-     "backoff-min (90, flag --backoff-min) must not be larger than backoff-max (60, default)"),
-    (["--keyfile", "k.pem"], "keyfile (flag --keyfile) needs certfile"),
-    (["--mqtt-version", "4"], "argument --mqtt-version: invalid choice: '4'"),
-    (["--log-level", "verbose"], "argument --log-level: invalid choice: 'VERBOSE'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--backoff-min", "5", "--backoff-max", "1"],
+            "backoff-min (5, flag --backoff-min) must not be larger than backoff-max (1, flag "
+            "--backoff-max)",
+        ),
+        (
+            ["--backoff-min", "90"],
+            "backoff-min (90, flag --backoff-min) must not be larger than "
+            "backoff-max (60, default)",
+        ),
+        (["--keyfile", "k.pem"], "keyfile (flag --keyfile) needs certfile"),
+        (["--mqtt-version", "4"], "argument --mqtt-version: invalid choice: '4'"),
+        (["--log-level", "verbose"], "argument --log-level: invalid choice: 'VERBOSE'"),
+    ],
+)
 def test_contradicting_or_unknown_values_exit_2_in_one_line(
-        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Options that contradict each other, or a value outside the choices, exit 2."""
     assert message in usage_error(capsys, ["run", *argv])
 
 
 def test_the_real_process_refuses_connect_rate_0_without_creating_logs(tmp_path: Path) -> None:
     """`scheduler-publisher --connect-rate 0` exits 2 with one line and leaves no ./logs/."""
-    proc = subprocess.run([sys.executable, "-m", "scheduler_publisher", "--connect-rate", "0",
-                           "--options-file", ""], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_publisher", "--connect-rate", "0", "--options-file", ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "scheduler-publisher run: error: argument --connect-rate: must be a number from 0.1 to "
-        "100000, got 0 (see `scheduler-publisher run --help`)"]
+        "100000, got 0 (see `scheduler-publisher run --help`)"
+    ]
     assert not (tmp_path / "logs").exists()
 
 
@@ -460,7 +553,8 @@ def test_the_real_process_refuses_connect_rate_0_without_creating_logs(tmp_path:
 
 
 def test_sample_options_lists_every_option_and_uncommented_gives_the_defaults(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Every option appears; uncommenting its `#key = value` lines changes no effective value."""
     assert run_main(["sample-options"]) == 0
     text = capsys.readouterr().out
@@ -493,19 +587,36 @@ def started(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
 
 
 def test_service_takes_broker_and_entries_from_the_options_file_and_the_environment(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
-        started: Callable[..., ServiceProcess], topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    started: Callable[..., ServiceProcess],
+    topic_base: str,
+) -> None:
     """With no flag but --options-file, the service publishes where the file and env say."""
     topic = f"{topic_base}/from-file"
     sub = subscriber_factory(topic)
     write_config(tmp_path / "entries.json", [entry("from-file", topic, interval=3600)])
-    opts = write_options(tmp_path / "gateway.toml", "\n".join([
-        'broker = "127.0.0.1"', f"port = {broker.port}", 'config = "entries.json"',
-        f'state-db = "{tmp_path / "state.db"}"', 'log-file = ""', "http-port = 0",
-        f'client-id = "sp-opts-{uuid.uuid4().hex[:8]}"', "backoff-max = 1", ""]))
+    opts = write_options(
+        tmp_path / "gateway.toml",
+        "\n".join(
+            [
+                'broker = "127.0.0.1"',
+                f"port = {broker.port}",
+                'config = "entries.json"',
+                f'state-db = "{tmp_path / "state.db"}"',
+                'log-file = ""',
+                "http-port = 0",
+                f'client-id = "sp-opts-{uuid.uuid4().hex[:8]}"',
+                "backoff-max = 1",
+                "",
+            ]
+        ),
+    )
 
-    proc = started("run", "--options-file", str(opts),
-                   env={"SCHEDULER_PUBLISHER_STATS_INTERVAL": "0.2"})
+    proc = started(
+        "run", "--options-file", str(opts), env={"SCHEDULER_PUBLISHER_STATS_INTERVAL": "0.2"}
+    )
 
     assert sub.wait_for(topic, timeout=20)[0].json() == {"online": 1, "sensor": "from-file"}
     proc.wait_for_event("publisher_statistics", timeout=20)  # the 0.2 s interval from env

@@ -60,14 +60,18 @@ def paho_encoded(topic: str, payload: bytes, retain: bool, protocol: MQTTVersion
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize(("topic", "payload", "retain"), [
-    ("a/b", b'{"x":1}', False),
-    ("caf\u00e9/\u6e29\u5ea6", b'{"t":21.5}', True),
-    ("t", b"", False),
-    ("long/" + "x" * 300, b"y" * 20_000, True),  # a three-byte remaining length
-])
-def test_encoding_matches_paho_byte_for_byte(topic: str, payload: bytes, retain: bool,
-                                             protocol: MQTTVersion) -> None:
+@pytest.mark.parametrize(
+    ("topic", "payload", "retain"),
+    [
+        ("a/b", b'{"x":1}', False),
+        ("caf\u00e9/\u6e29\u5ea6", b'{"t":21.5}', True),
+        ("t", b"", False),
+        ("long/" + "x" * 300, b"y" * 20_000, True),  # a three-byte remaining length
+    ],
+)
+def test_encoding_matches_paho_byte_for_byte(
+    topic: str, payload: bytes, retain: bool, protocol: MQTTVersion
+) -> None:
     """The pre-encoded packet is exactly what paho would have written for the message."""
     ours = encode_qos0(topic, payload, retain=retain, protocol=protocol)
     assert ours == paho_encoded(topic, payload, retain, protocol)
@@ -94,10 +98,14 @@ def test_only_static_qos0_entries_have_a_packet() -> None:
 def test_templated_entries_and_entries_with_properties_have_no_packet() -> None:
     """A templated entry renders each payload, and an entry with MQTT 5 properties sends them
     in its PUBLISH: neither has a static packet, whatever its QoS."""
-    templated = PublishConfig(id="t", topic="t/t", data={"n": "{{seq}}"}, interval=1,
-                              template=True)
-    with_properties = PublishConfig(id="p", topic="t/p", data={"v": 1}, interval=1,
-                                    properties=MessageProperties(content_type="application/json"))
+    templated = PublishConfig(id="t", topic="t/t", data={"n": "{{seq}}"}, interval=1, template=True)
+    with_properties = PublishConfig(
+        id="p",
+        topic="t/p",
+        data={"v": 1},
+        interval=1,
+        properties=MessageProperties(content_type="application/json"),
+    )
     for config in (templated, with_properties):
         assert not has_static_packet(config)
         assert static_header(config, "5") is None
@@ -121,8 +129,7 @@ class Wired:
     """A real paho client whose socket is one end of a socket pair (the test reads the other)."""
 
     def __init__(self, sndbuf: int | None = None) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
         ours, self.peer = socket.socketpair()
         if sndbuf is not None:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -182,8 +189,7 @@ def test_a_partial_write_keeps_packets_whole_and_in_order_with_pahos_own() -> No
     wired = Wired(sndbuf=4096)
     try:
         queue = PacketQueue()
-        first = [encode_qos0(f"a/{i}", b"p" * 3000, retain=False, protocol="5")
-                 for i in range(40)]
+        first = [encode_qos0(f"a/{i}", b"p" * 3000, retain=False, protocol="5") for i in range(40)]
         for i, packet in enumerate(first):
             assert packet is not None
             queue.put(wired.client, packet[:-3000], packet[-3000:], f"a{i}")
@@ -230,8 +236,13 @@ def manager() -> Iterator[Manager]:
     made: list[MQTTConnectionManager] = []
 
     def make(port: int, **settings: Any) -> MQTTConnectionManager:
-        base: dict[str, Any] = {"host": "127.0.0.1", "port": port, "backoff_min": 0.2,
-                                "backoff_max": 0.5, "client_id": f"pk-{uuid.uuid4().hex[:8]}"}
+        base: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": port,
+            "backoff_min": 0.2,
+            "backoff_max": 0.5,
+            "client_id": f"pk-{uuid.uuid4().hex[:8]}",
+        }
         m = MQTTConnectionManager(BrokerSettings(**{**base, **settings}))
         made.append(m)
         return m
@@ -257,15 +268,20 @@ def published(m: MQTTConnectionManager, entry_id: str) -> int:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_static_qos0_entries_arrive_as_configured_without_paho_publish(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        manager: Manager, monkeypatch: pytest.MonkeyPatch, protocol: MQTTVersion) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    manager: Manager,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: MQTTVersion,
+) -> None:
     """Topic, payload, QoS 0 and the retain flag reach subscribers as paho would send them,
     none of them through paho's publish, and each write is counted as published."""
     spy = PahoPublishes(monkeypatch)
-    plain = PublishConfig(id="plain", topic=f"{topic_base}/plain", data={"v": 1.5},
-                          interval=60)
-    kept = PublishConfig(id="kept", topic=f"{topic_base}/k\u00e9pt", data={"s": "\u00fc"},
-                         interval=60, retain=True)
+    plain = PublishConfig(id="plain", topic=f"{topic_base}/plain", data={"v": 1.5}, interval=60)
+    kept = PublishConfig(
+        id="kept", topic=f"{topic_base}/k\u00e9pt", data={"s": "\u00fc"}, interval=60, retain=True
+    )
     sub = subscriber_factory(f"{topic_base}/#", qos=1)
     m = manager(broker.port, protocol=protocol)
     m.set_entries(configs(plain, kept))
@@ -273,8 +289,11 @@ def test_static_qos0_entries_arrive_as_configured_without_paho_publish(
     for e in (plain, kept):
         got = sub.wait_for(e.topic)[0]
         assert (got.payload, got.qos, got.retain) == (e.payload, 0, False)  # live: retain off
-    wait_until(lambda: published(m, "plain") == 1 and published(m, "kept") == 1, 10,
-               message="both writes counted")
+    wait_until(
+        lambda: published(m, "plain") == 1 and published(m, "kept") == 1,
+        10,
+        message="both writes counted",
+    )
     late = Subscriber(broker.port, [f"{topic_base}/#"], 1).start()  # gets the retained one
     try:
         got = late.wait_for(kept.topic)[0]
@@ -286,23 +305,28 @@ def test_static_qos0_entries_arrive_as_configured_without_paho_publish(
 
 
 def test_a_whole_phase_group_with_a_qos1_entry_among_it_all_arrives(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        manager: Manager, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    manager: Manager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A phase group of static QoS 0 entries and one QoS 1 entry, ticked together several
     times: every message arrives, the QoS 0 writes are counted, and paho tracks the QoS 1
     publishes to their PUBACK (counted on acknowledgement, nothing left in flight)."""
     spy = PahoPublishes(monkeypatch)
     ids = group_ids(200, 0.5)
-    entries = [PublishConfig(id=i, topic=f"{topic_base}/{i}", data={"i": i}, interval=0.5)
-               for i in ids]
-    sure = PublishConfig(id="sure", topic=f"{topic_base}/sure", data={"q": 1}, interval=0.5,
-                         qos=1)
+    entries = [
+        PublishConfig(id=i, topic=f"{topic_base}/{i}", data={"i": i}, interval=0.5) for i in ids
+    ]
+    sure = PublishConfig(id="sure", topic=f"{topic_base}/sure", data={"q": 1}, interval=0.5, qos=1)
     sub = subscriber_factory(f"{topic_base}/#", qos=1)
     m = manager(broker.port)
     m.set_entries(configs(*entries, sure))
     assert m.connect(wait=10)
-    wait_until(lambda: all(published(m, e.id) == 1 for e in entries), 10,
-               message="the birth burst written")
+    wait_until(
+        lambda: all(published(m, e.id) == 1 for e in entries), 10, message="the birth burst written"
+    )
     wait_until(lambda: published(m, "sure") == 1, 10, message="the birth QoS 1 acknowledged")
     session = main_session(m)
     # Ticks within half the interval of a connect are skipped (docs/design.md, "Publish on
@@ -317,12 +341,21 @@ def test_a_whole_phase_group_with_a_qos1_entry_among_it_all_arrives(
     for e in entries:
         sub.wait_for(e.topic, count=1 + rounds)
     sub.wait_for(sure.topic, count=1 + rounds)
-    wait_until(lambda: all(published(m, e.id) == 1 + rounds for e in entries), 10,
-               message="every QoS 0 write counted")
-    wait_until(lambda: published(m, "sure") == 1 + rounds, 10,
-               message="every QoS 1 publish acknowledged and counted")
-    wait_until(lambda: not session.inflight and not session.pending, 10,
-               message="nothing left in paho or in the packet queue")
+    wait_until(
+        lambda: all(published(m, e.id) == 1 + rounds for e in entries),
+        10,
+        message="every QoS 0 write counted",
+    )
+    wait_until(
+        lambda: published(m, "sure") == 1 + rounds,
+        10,
+        message="every QoS 1 publish acknowledged and counted",
+    )
+    wait_until(
+        lambda: not session.inflight and not session.pending,
+        10,
+        message="nothing left in paho or in the packet queue",
+    )
     assert spy.topics.count(sure.topic) == 1 + rounds  # QoS 1 went through paho
     assert not {e.topic for e in entries} & set(spy.topics)
     assert m.stats.entry("sure").errors == 0
@@ -356,8 +389,12 @@ def paho_log() -> Iterator[PahoLog]:
 
 
 def test_keepalive_pings_go_out_while_only_packets_are_written(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        manager: Manager, paho_log: PahoLog) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    manager: Manager,
+    paho_log: PahoLog,
+) -> None:
     """With keepalive 2 and nothing but pre-encoded QoS 0 traffic, paho still sends a PINGREQ
     about every keepalive and gets its PINGRESP, so neither the broker nor the service's
     silence check (1.5x keepalive without a byte from the broker) drops the connection over
@@ -389,18 +426,27 @@ def test_keepalive_pings_go_out_while_only_packets_are_written(
 
 
 def test_a_broker_that_stops_reading_gets_no_unbounded_queue_and_ticks_count_as_dropped(
-        broker: Mosquitto, proxy: NetProxy, topic_base: str,
-        subscriber_factory: SubscriberFactory, manager: Manager) -> None:
+    broker: Mosquitto,
+    proxy: NetProxy,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    manager: Manager,
+) -> None:
     """While the path is dark, at most MAX_PENDING_PER_ENTRY packets per entry wait unwritten;
     further ticks are counted as dropped. After the path heals the entries publish again."""
-    entries = [PublishConfig(id=f"d{i}", topic=f"{topic_base}/d{i}",
-                             data={"blob": "z" * 60_000}, interval=0.1) for i in range(20)]
+    entries = [
+        PublishConfig(
+            id=f"d{i}", topic=f"{topic_base}/d{i}", data={"blob": "z" * 60_000}, interval=0.1
+        )
+        for i in range(20)
+    ]
     sub = subscriber_factory(f"{topic_base}/#", qos=0)
     m = manager(proxy.port, keepalive=60)
     m.set_entries(configs(*entries))
     assert m.connect(wait=10)
-    wait_until(lambda: all(published(m, e.id) >= 1 for e in entries), 10,
-               message="the birth burst written")
+    wait_until(
+        lambda: all(published(m, e.id) >= 1 for e in entries), 10, message="the birth burst written"
+    )
     session = main_session(m)
     proxy.blackhole()
     stop = threading.Event()
@@ -414,8 +460,11 @@ def test_a_broker_that_stops_reading_gets_no_unbounded_queue_and_ticks_count_as_
             m.publish_entry(e.id)
         stop.wait(0.02)
     assert dropped() >= 100
-    wait_until(lambda: all(session.pending.get(e.id, 0) == MAX_PENDING_PER_ENTRY
-                           for e in entries), 10, message="every entry held at its limit")
+    wait_until(
+        lambda: all(session.pending.get(e.id, 0) == MAX_PENDING_PER_ENTRY for e in entries),
+        10,
+        message="every entry held at its limit",
+    )
     queued = sum(len(b.item["packet"]) - b.item["pos"] for b in session.packets.batches)
     packet_size = len(static_header(entries[0], "5") or b"") + len(entries[0].payload)
     assert queued <= len(entries) * MAX_PENDING_PER_ENTRY * packet_size
@@ -427,16 +476,22 @@ def test_a_broker_that_stops_reading_gets_no_unbounded_queue_and_ticks_count_as_
 
 
 def test_every_tick_is_counted_once_as_published_or_dropped_when_the_link_dies_full(
-        broker: Mosquitto, proxy: NetProxy, topic_base: str, manager: Manager) -> None:
+    broker: Mosquitto, proxy: NetProxy, topic_base: str, manager: Manager
+) -> None:
     """Packets still queued when a stalled connection dies count as dropped: for each entry,
     published + dropped is exactly the number of times it was handed to the connection."""
-    entries = [PublishConfig(id=f"c{i}", topic=f"{topic_base}/c{i}",
-                             data={"blob": "c" * 60_000}, interval=0.1) for i in range(10)]
+    entries = [
+        PublishConfig(
+            id=f"c{i}", topic=f"{topic_base}/c{i}", data={"blob": "c" * 60_000}, interval=0.1
+        )
+        for i in range(10)
+    ]
     m = manager(proxy.port, keepalive=60)
     m.set_entries(configs(*entries))
     assert m.connect(wait=10)
-    wait_until(lambda: all(published(m, e.id) == 1 for e in entries), 10,
-               message="the birth burst written")
+    wait_until(
+        lambda: all(published(m, e.id) == 1 for e in entries), 10, message="the birth burst written"
+    )
     session = main_session(m)
     # Ticks within half the interval of a connect are skipped (docs/design.md): start later.
     wait_until(lambda: time.monotonic() - session.connected_at > 0.1, 5, message="past it")
@@ -448,9 +503,14 @@ def test_every_tick_is_counted_once_as_published_or_dropped_when_the_link_dies_f
             m.publish_entry(e.id)
         ticks += 1
         stop.wait(0.02)
-    wait_until(lambda: session.packets.batches and
-               all(session.pending.get(e.id, 0) == MAX_PENDING_PER_ENTRY for e in entries),
-               10, message="packets held unwritten")
+    wait_until(
+        lambda: (
+            session.packets.batches
+            and all(session.pending.get(e.id, 0) == MAX_PENDING_PER_ENTRY for e in entries)
+        ),
+        10,
+        message="packets held unwritten",
+    )
     proxy.sever()
     wait_until(lambda: not m.is_connected(), 10, message="the loss noticed")
     assert not session.pending
@@ -461,37 +521,50 @@ def test_every_tick_is_counted_once_as_published_or_dropped_when_the_link_dies_f
 
 
 def test_packets_flow_again_after_a_broker_restart(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        manager: Manager) -> None:
+    broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory, manager: Manager
+) -> None:
     """After the broker restarts, the new connections (shared and an lwt entry's own) carry
     the entries' packets again: the birth burst and later ticks, counted as published."""
     e = PublishConfig(id="r", topic=f"{topic_base}/r", data={"r": 1}, interval=0.2)
-    lwt = PublishConfig(id="own", topic=f"{topic_base}/own", data={"o": 1}, interval=0.2,
-                        lwt=True)
+    lwt = PublishConfig(id="own", topic=f"{topic_base}/own", data={"o": 1}, interval=0.2, lwt=True)
     m = manager(broker.port)
     m.set_entries(configs(e, lwt))
     assert m.connect(wait=10)
-    wait_until(lambda: published(m, "r") == 1 and published(m, "own") == 1, 10,
-               message="the first connection's birth publishes")
+    wait_until(
+        lambda: published(m, "r") == 1 and published(m, "own") == 1,
+        10,
+        message="the first connection's birth publishes",
+    )
     broker.restart()
     wait_until(lambda: m.stats.reconnects >= 1, 15, message="the loss noticed")
     sub = subscriber_factory(f"{topic_base}/#", qos=0)
-    wait_until(lambda: published(m, "r") >= 2 and published(m, "own") >= 2, 20,
-               message="the birth publishes of the new connections")
+    wait_until(
+        lambda: published(m, "r") >= 2 and published(m, "own") >= 2,
+        20,
+        message="the birth publishes of the new connections",
+    )
     links = [m._loop.get(MAIN_LINK), m._loop.get(LinkKey("own"))]
-    wait_until(lambda: all(lk is not None and time.monotonic() - lk.connected_at > 0.15
-                           for lk in links), 5, message="past half the interval (see above)")
+    wait_until(
+        lambda: all(lk is not None and time.monotonic() - lk.connected_at > 0.15 for lk in links),
+        5,
+        message="past half the interval (see above)",
+    )
     for entry_id in ("r", "own"):
         m.publish_entry(entry_id)
     sub.wait_for(e.topic, count=1)
     sub.wait_for(lwt.topic, count=1)
-    wait_until(lambda: published(m, "r") >= 3 and published(m, "own") >= 3, 10,
-               message="the ticks counted")
+    wait_until(
+        lambda: published(m, "r") >= 3 and published(m, "own") >= 3, 10, message="the ticks counted"
+    )
 
 
 def test_the_service_writes_each_phase_group_in_one_piece(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        services: InProcessServices, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    services: InProcessServices,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The real service: each scheduler wake-up's group of static QoS 0 entries (here under
     FLUSH_BYTES) reaches the connection as one item of paho's queue, written whole (one
     send()), and every message arrives."""
@@ -512,13 +585,18 @@ def test_the_service_writes_each_phase_group_in_one_piece(
     # of its loop: from the first whole group on, no item holds less than a whole group.
     whole = [k for k, group in enumerate(items) if sorted(group) == sorted(ids)]
     assert len(whole) >= 3, [len(group) for group in items]
-    assert all(sorted(group) == sorted(ids) for group in items[whole[0]:]), \
-        [len(group) for group in items]
+    assert all(sorted(group) == sorted(ids) for group in items[whole[0] :]), [
+        len(group) for group in items
+    ]
 
 
 def test_a_large_phase_group_leaves_in_sends_of_about_flush_bytes(
-        broker: Mosquitto, topic_base: str, subscriber_factory: SubscriberFactory,
-        services: InProcessServices, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker: Mosquitto,
+    topic_base: str,
+    subscriber_factory: SubscriberFactory,
+    services: InProcessServices,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A group bigger than FLUSH_BYTES is not held back until its last tick has run: once the
     queued packets reach FLUSH_BYTES they are written, while the rest of the group queues
     behind them. Every message still arrives."""
@@ -532,8 +610,9 @@ def test_a_large_phase_group_leaves_in_sends_of_about_flush_bytes(
         real_put(queue, *args)
 
     def spy(queue: PacketQueue) -> Iterator[str]:
-        written.extend((len(b.item["packet"]), queued[0])
-                       for b in queue.batches if b.item["to_process"] == 0)
+        written.extend(
+            (len(b.item["packet"]), queued[0]) for b in queue.batches if b.item["to_process"] == 0
+        )
         return real_written(queue)
 
     monkeypatch.setattr(PacketQueue, "put", put)

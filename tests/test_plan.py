@@ -82,7 +82,11 @@ def test_interval_change_is_rescheduled_even_when_the_payload_changes_too() -> N
 def test_wire_only_changes_are_updates_on_the_same_grid() -> None:
     """data, qos, retain, topic, lwt and properties changes are updates, never reschedules."""
     changes: list[dict[str, Any]] = [
-        {"data": {"v": 2}}, {"qos": 1}, {"retain": True}, {"topic": "site/moved"}, {"lwt": True},
+        {"data": {"v": 2}},
+        {"qos": 1},
+        {"retain": True},
+        {"topic": "site/moved"},
+        {"lwt": True},
         {"properties": {"message_expiry": 60}},
     ]
     for change in changes:
@@ -131,7 +135,10 @@ def test_summary_names_every_id_per_kind() -> None:
     old = by_id(cfg("gone"), cfg("slow"), cfg("same"), cfg("data"))
     new = by_id(cfg("slow", interval=60), cfg("same"), cfg("data", data={"v": 9}), cfg("new"))
     assert diff(old, new, ("broken",)).summary() == {
-        "added": ["new"], "removed": ["gone"], "rescheduled": ["slow"], "updated": ["data"],
+        "added": ["new"],
+        "removed": ["gone"],
+        "rescheduled": ["slow"],
+        "updated": ["data"],
         "kept_last_good": ["broken"],
     }
 
@@ -202,13 +209,16 @@ def test_grid_start_is_stable_for_an_id() -> None:
 
 def test_grid_start_is_stable_across_processes() -> None:
     """The phase survives a restart: another interpreter, with another hash seed, agrees."""
-    code = ("from scheduler_publisher.scheduling.plan import grid_start;"
-            "print(grid_start('pump-7', 60).isoformat(), grid_start('ü/x', 0.5).isoformat())")
+    code = (
+        "from scheduler_publisher.scheduling.plan import grid_start;"
+        "print(grid_start('pump-7', 60).isoformat(), grid_start('ü/x', 0.5).isoformat())"
+    )
     outputs = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        done = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+        )
         outputs.add(done.stdout.strip())
     here = f"{grid_start('pump-7', 60).isoformat()} {grid_start('ü/x', 0.5).isoformat()}"
     assert outputs == {here}
@@ -225,11 +235,20 @@ def test_grid_start_spreads_entries_sharing_an_interval() -> None:
     assert buckets == set(range(10))
 
 
-@pytest.mark.parametrize(("interval", "slot_ms"), [
-    (0.1, 1), (0.5, 5), (1, 10), (5, 50), (60, 100), (86400, 100),
-])
+@pytest.mark.parametrize(
+    ("interval", "slot_ms"),
+    [
+        (0.1, 1),
+        (0.5, 5),
+        (1, 10),
+        (5, 50),
+        (60, 100),
+        (86400, 100),
+    ],
+)
 def test_phases_are_whole_slots_of_about_a_hundredth_of_the_interval(
-        interval: float, slot_ms: int) -> None:
+    interval: float, slot_ms: int
+) -> None:
     """Phases are multiples of phase_slot_ms: ~1/100 of the interval, from 1 ms to 100 ms."""
     assert phase_slot_ms(interval) == slot_ms
     for n in range(300):
@@ -238,12 +257,22 @@ def test_phases_are_whole_slots_of_about_a_hundredth_of_the_interval(
         assert 0 <= offset_ms < interval * 1000
 
 
-@pytest.mark.parametrize(("interval", "slots", "slot_ms"), [
-    (1, 100, 10), (60, 100, 100), (1, 10, 100), (60, 10, 1000), (0.1, 10, 10), (1, 1, 1000),
-    (60, 1, 10_000), (0.5, 7, 71),
-])
-def test_fewer_phase_slots_make_fewer_fuller_groups(interval: float, slots: int,
-                                                    slot_ms: int) -> None:
+@pytest.mark.parametrize(
+    ("interval", "slots", "slot_ms"),
+    [
+        (1, 100, 10),
+        (60, 100, 100),
+        (1, 10, 100),
+        (60, 10, 1000),
+        (0.1, 10, 10),
+        (1, 1, 1000),
+        (60, 1, 10_000),
+        (0.5, 7, 71),
+    ],
+)
+def test_fewer_phase_slots_make_fewer_fuller_groups(
+    interval: float, slots: int, slot_ms: int
+) -> None:
     """`--phase-slots N`: phases are whole slots of 1/N of the interval, at most 10 s / N
     long, so entries sharing an interval fall into at most max(N, interval / (10 s / N))
     groups; each id's phase is still fixed (the same on every call)."""
@@ -285,12 +314,14 @@ def test_batches_cut_a_plan_into_parts_removals_first() -> None:
     """Every change lands in exactly one batch of at most `size`, removals before the rest,
     each kind in the plan's order."""
     old = by_id(*(cfg(f"r{i}") for i in range(3)), cfg("s", interval=5), cfg("u"))
-    new = by_id(*(cfg(f"n{i}") for i in range(4)), cfg("s", interval=9),
-                cfg("u", data={"v": 2}))
+    new = by_id(*(cfg(f"n{i}") for i in range(4)), cfg("s", interval=9), cfg("u", data={"v": 2}))
     plan = diff(old, new)
     parts = list(batches(plan, 3))
-    assert [len(p.removed) + len(p.added) + len(p.rescheduled) + len(p.updated)
-            for p in parts] == [3, 3, 3]
+    assert [len(p.removed) + len(p.added) + len(p.rescheduled) + len(p.updated) for p in parts] == [
+        3,
+        3,
+        3,
+    ]
     order = [e.id for p in parts for e in (*p.removed, *p.added, *p.rescheduled, *p.updated)]
     assert order == ["r0", "r1", "r2", "n0", "n1", "n2", "n3", "s", "u"]
     assert list(batches(diff(old, old), 3)) == []
@@ -300,8 +331,9 @@ def test_applying_every_batch_gives_the_new_entries() -> None:
     """Applying the batches one after another ends exactly where the whole plan does; each
     step in between holds every entry at its old or its new version, never a mix."""
     old = by_id(*(cfg(f"k{i}", data={"v": 1}) for i in range(10)))
-    new = by_id(*(cfg(f"k{i}", data={"v": 2}) for i in range(0, 10, 2)),
-                *(cfg(f"n{i}") for i in range(5)))
+    new = by_id(
+        *(cfg(f"k{i}", data={"v": 2}) for i in range(0, 10, 2)), *(cfg(f"n{i}") for i in range(5))
+    )
     current: dict[str, PublishConfig] = dict(old)
     for part in batches(diff(old, new), 4):
         current = applied(current, part)

@@ -36,12 +36,18 @@ from tests.support import (
     write_config,
 )
 
-PROPERTIES = {"message_expiry": 600, "content_type": "application/json",
-              "user_properties": {"site": "gw01", "b": "2", "a": "1"},
-              "payload_format_utf8": True}
+PROPERTIES = {
+    "message_expiry": 600,
+    "content_type": "application/json",
+    "user_properties": {"site": "gw01", "b": "2", "a": "1"},
+    "payload_format_utf8": True,
+}
 # How paho's Properties.json() shows them: the expiry aside (it arrives as what remains).
-ON_THE_WIRE = {"ContentType": "application/json", "PayloadFormatIndicator": 1,
-               "UserProperty": [("site", "gw01"), ("b", "2"), ("a", "1")]}
+ON_THE_WIRE = {
+    "ContentType": "application/json",
+    "PayloadFormatIndicator": 1,
+    "UserProperty": [("site", "gw01"), ("b", "2"), ("a", "1")],
+}
 
 
 def shown(message: Received) -> dict[str, Any]:
@@ -120,16 +126,23 @@ def test_publish_properties_pack_as_paho_packs_them_and_only_once() -> None:
 
 @pytest.mark.parametrize("qos", [0, 1])
 def test_mqtt5_subscriber_sees_the_properties_on_every_publish(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str, qos: int) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+    qos: int,
+) -> None:
     """Each publish of an entry carries its expiry (as what remains of it), content type,
     user properties in the file's order and payload format indicator; an entry without
     properties on the same connection carries none."""
     sub = subscriber_factory(f"{topic_base}/#")
-    services.start(broker.port, [
-        entry("with", f"{topic_base}/with", 0.2, qos=qos, properties=PROPERTIES),
-        entry("without", f"{topic_base}/without", 0.2, qos=qos),
-    ])
+    services.start(
+        broker.port,
+        [
+            entry("with", f"{topic_base}/with", 0.2, qos=qos, properties=PROPERTIES),
+            entry("without", f"{topic_base}/without", 0.2, qos=qos),
+        ],
+    )
     published = sub.wait_for(f"{topic_base}/with", count=3)
     for message in published:
         assert shown(message) == ON_THE_WIRE
@@ -142,14 +155,19 @@ def test_mqtt5_subscriber_sees_the_properties_on_every_publish(
 
 
 def test_a_templated_entry_carries_its_properties_and_fresh_values(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+) -> None:
     """An entry that is both templated and has properties publishes freshly rendered payloads
     ({{seq}} counting up) with its properties on each of them."""
     topic = f"{topic_base}/both"
     sub = subscriber_factory(topic)
-    services.start(broker.port, [entry("both", topic, 0.2, template=True, properties=PROPERTIES,
-                                       data={"seq": "{{seq}}"})])
+    services.start(
+        broker.port,
+        [entry("both", topic, 0.2, template=True, properties=PROPERTIES, data={"seq": "{{seq}}"})],
+    )
     published = sub.wait_for(topic, count=3)
     assert [m.json()["seq"] for m in published] == [1, 2, 3]
     assert all(shown(m) == ON_THE_WIRE for m in published)
@@ -159,16 +177,23 @@ def test_a_templated_entry_carries_its_properties_and_fresh_values(
 
 
 def test_retained_status_with_message_expiry_expires_at_the_broker(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+) -> None:
     """A retained entry with message_expiry: a subscriber that comes before the expiry gets
     the retained value; once the gateway is gone and the expiry has passed, a new subscriber
     gets nothing retained, while a retained entry without expiry is still there."""
     expiring, lasting = f"{topic_base}/status", f"{topic_base}/lasting"
     watcher = subscriber_factory(f"{topic_base}/#")
-    service = services.start(broker.port, [
-        entry("status", expiring, 3600, retain=True, properties={"message_expiry": 2}),
-        entry("lasting", lasting, 3600, retain=True, properties={"content_type": "x/y"})])
+    service = services.start(
+        broker.port,
+        [
+            entry("status", expiring, 3600, retain=True, properties={"message_expiry": 2}),
+            entry("lasting", lasting, 3600, retain=True, properties={"content_type": "x/y"}),
+        ],
+    )
     newcomer = Newcomer(broker.port)  # connected now, so that it subscribes at once below
     try:
         watcher.wait_for(expiring)
@@ -182,8 +207,12 @@ def test_retained_status_with_message_expiry_expires_at_the_broker(
 
     service.stop()  # the gateway vanishes: nothing refreshes the retained values
 
-    wait_until(lambda: not retained_on(broker, expiring), timeout=20, interval=0.2,
-               message="the retained message to expire")
+    wait_until(
+        lambda: not retained_on(broker, expiring),
+        timeout=20,
+        interval=0.2,
+        message="the retained message to expire",
+    )
     (kept,) = retained_on(broker, lasting)
     assert kept.properties == {"ContentType": "x/y"}
 
@@ -192,14 +221,13 @@ def test_retained_status_with_message_expiry_expires_at_the_broker(
 
 
 def test_sigkill_will_of_an_lwt_entry_carries_its_properties(
-        broker: Mosquitto, tmp_path: Path, subscriber_factory: SubscriberFactory,
-        topic_base: str) -> None:
+    broker: Mosquitto, tmp_path: Path, subscriber_factory: SubscriberFactory, topic_base: str
+) -> None:
     """Killed hard, the broker publishes the lwt entry's will with the entry's properties as
     will properties."""
     sub = subscriber_factory(f"{topic_base}/#")
     config = tmp_path / "config.json"
-    write_config(config, [entry("a", f"{topic_base}/a", 1, qos=1, lwt=True,
-                                properties=PROPERTIES)])
+    write_config(config, [entry("a", f"{topic_base}/a", 1, qos=1, lwt=True, properties=PROPERTIES)])
     run = ServiceProcess(cli_args(broker.port, config, backoff=(0.2, 1)), cwd=tmp_path)
     try:
         sub.wait_for(f"{topic_base}/a", where=online, timeout=20)
@@ -217,14 +245,20 @@ def test_sigkill_will_of_an_lwt_entry_carries_its_properties(
 
 @pytest.mark.parametrize("will_delay", [0, 5], ids=["broker-sends-will", "service-announces"])
 def test_graceful_stop_announces_an_lwt_entry_offline_with_its_properties(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str, will_delay: int) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+    will_delay: int,
+) -> None:
     """On a clean stop the offline message carries the properties, whether the broker sends
     the will (DISCONNECT 0x04) or the service announces it itself (a will delay)."""
     sub = subscriber_factory(f"{topic_base}/#")
-    service = services.start(broker.port, [
-        entry("a", f"{topic_base}/a", 1, qos=1, lwt=True, properties=PROPERTIES)],
-        broker={"will_delay": will_delay})
+    service = services.start(
+        broker.port,
+        [entry("a", f"{topic_base}/a", 1, qos=1, lwt=True, properties=PROPERTIES)],
+        broker={"will_delay": will_delay},
+    )
     sub.wait_for(f"{topic_base}/a", where=online, timeout=20)
     service.stop()
     (gone,) = sub.wait_for(f"{topic_base}/a", where=offline, timeout=10)
@@ -235,14 +269,20 @@ def test_graceful_stop_announces_an_lwt_entry_offline_with_its_properties(
 
 
 def test_editing_properties_renews_only_that_lwt_entrys_connection_and_will(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str, tmp_path: Path) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+    tmp_path: Path,
+) -> None:
     """A properties edit publishes the new properties at once, and renews the will of that
     lwt entry alone: its connection reconnects, the other lwt entry's does not."""
     sub = subscriber_factory(f"{topic_base}/#")
     config = tmp_path / "edited.json"
-    first = [entry("a", f"{topic_base}/a", 3600, lwt=True, properties=PROPERTIES),
-             entry("b", f"{topic_base}/b", 3600, lwt=True, properties=PROPERTIES)]
+    first = [
+        entry("a", f"{topic_base}/a", 3600, lwt=True, properties=PROPERTIES),
+        entry("b", f"{topic_base}/b", 3600, lwt=True, properties=PROPERTIES),
+    ]
     service = services.start(broker.port, first, config=config)
     for key in ("a", "b"):
         sub.wait_for(f"{topic_base}/{key}", where=online, timeout=20)
@@ -251,8 +291,11 @@ def test_editing_properties_renews_only_that_lwt_entrys_connection_and_will(
     write_config(config, [{**first[0], "properties": edited}, first[1]])
     service.reload_config()
 
-    (fresh,) = sub.wait_for(f"{topic_base}/a", timeout=10,
-                            where=lambda m: m.properties.get("UserProperty") == [("site", "gw02")])
+    (fresh,) = sub.wait_for(
+        f"{topic_base}/a",
+        timeout=10,
+        where=lambda m: m.properties.get("UserProperty") == [("site", "gw02")],
+    )
     assert online(fresh)
     client_id = service.settings.broker.client_id
     assert connect_count(broker, service.settings.broker.entry_client_id("a")) == 2
@@ -269,18 +312,23 @@ def test_editing_properties_renews_only_that_lwt_entrys_connection_and_will(
 
 
 def test_mqtt311_ignores_properties_with_one_warning_per_entry_and_still_publishes(
-        broker: Mosquitto, services: InProcessServices, subscriber_factory: SubscriberFactory,
-        topic_base: str, tmp_path: Path) -> None:
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+    tmp_path: Path,
+) -> None:
     """On MQTT 3.1.1 each entry with properties gets one warning at load time (again only
     when its properties change), and every entry publishes, without properties."""
     sub = subscriber_factory(f"{topic_base}/#")
     config = tmp_path / "v311.json"
-    entries = [entry("p", f"{topic_base}/p", 0.2, properties=PROPERTIES),
-               entry("q", f"{topic_base}/q", 0.2, lwt=True, properties={"message_expiry": 5}),
-               entry("plain", f"{topic_base}/plain", 0.2)]
+    entries = [
+        entry("p", f"{topic_base}/p", 0.2, properties=PROPERTIES),
+        entry("q", f"{topic_base}/q", 0.2, lwt=True, properties={"message_expiry": 5}),
+        entry("plain", f"{topic_base}/plain", 0.2),
+    ]
     with capture_logs() as logs:
-        service = services.start(broker.port, entries, config=config,
-                                 broker={"protocol": "3.1.1"})
+        service = services.start(broker.port, entries, config=config, broker={"protocol": "3.1.1"})
         for key in ("p", "q", "plain"):
             published = sub.wait_for(f"{topic_base}/{key}", count=2, timeout=20)
             assert [m.properties for m in published[:2]] == [{}, {}]
@@ -288,14 +336,30 @@ def test_mqtt311_ignores_properties_with_one_warning_per_entry_and_still_publish
         write_config(config, [{**entries[0], "data": {"v": 2}}, entries[1], entries[2]])
         service.reload_config()
         sub.wait_for(f"{topic_base}/p", where=lambda m: m.json().get("v") == 2)
-        write_config(config, [{**entries[0], "data": {"v": 2}},
-                              {**entries[1], "properties": {"message_expiry": 6}}, entries[2]])
+        write_config(
+            config,
+            [
+                {**entries[0], "data": {"v": 2}},
+                {**entries[1], "properties": {"message_expiry": 6}},
+                entries[2],
+            ],
+        )
         service.reload_config()
-        wait_until(lambda: sum(e["event"] == "entry_properties_ignored" for e in logs) == 3, 10,
-                   message="the warning for q's new properties")
+        wait_until(
+            lambda: sum(e["event"] == "entry_properties_ignored" for e in logs) == 3,
+            10,
+            message="the warning for q's new properties",
+        )
     warned = [e for e in logs if e["event"] == "entry_properties_ignored"]
     assert [(e["log_level"], e["entry_id"]) for e in warned] == [
-        ("warning", "p"), ("warning", "q"), ("warning", "q")]
-    assert warned[0]["ignored"] == ["message_expiry", "content_type", "user_properties",
-                                    "payload_format_utf8"]
+        ("warning", "p"),
+        ("warning", "q"),
+        ("warning", "q"),
+    ]
+    assert warned[0]["ignored"] == [
+        "message_expiry",
+        "content_type",
+        "user_properties",
+        "payload_format_utf8",
+    ]
     assert warned[0]["mqtt_version"] == "3.1.1"

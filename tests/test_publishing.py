@@ -46,12 +46,20 @@ def start_service(tmp_path: Path) -> Iterator[StartService]:
     Request it after the broker fixtures, so that teardown stops the service first."""
     services = InProcessServices(tmp_path)
 
-    def start(port: int, entries: list[dict[str, Any]], *, broker: dict[str, Any] | None = None,
-              **settings: Any) -> PublisherService:
+    def start(
+        port: int,
+        entries: list[dict[str, Any]],
+        *,
+        broker: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> PublisherService:
         state_db = tmp_path / f"state-{len(services.started)}.db"
-        return services.start(port, entries, broker={"backoff_min": 0.2, "backoff_max": 1.0,
-                                                     **(broker or {})},
-                              **{"state_db": state_db, "watch": False, **settings})
+        return services.start(
+            port,
+            entries,
+            broker={"backoff_min": 0.2, "backoff_max": 1.0, **(broker or {})},
+            **{"state_db": state_db, "watch": False, **settings},
+        )
 
     yield start
     services.close()
@@ -66,14 +74,14 @@ def cold_broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 def expected_payload(data: dict[str, Any]) -> bytes:
-    return json.dumps({"online": 1, **data}, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return json.dumps({"online": 1, **data}, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
 
 
 def entry_stats(service: PublisherService, entry_id: str) -> dict[str, Any]:
     found: dict[str, Any] = service.get_status()["entries"].get(entry_id, {})
     return found
-
 
 
 def wall_clock(messages: list[Received]) -> list[float]:
@@ -101,13 +109,17 @@ def slots_between(entry_id: str, interval: float, slots: int, start: float, end:
 
 
 def test_payload_qos_and_retain_reach_subscribers_as_configured(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """Entries arrive as compact UTF-8 {"online": 1, ...data} at their QoS; retained ones stay."""
     data = {"unit": "°C", "value": 21.5, "label": "plant room", "nested": {"a": [1, None, True]}}
     topics = {q: f"{topic_base}/q{q}" for q in (0, 1, 2)}
-    entries = [entry(f"q{q}", topics[q], interval=3600, qos=q, retain=q == 1, data=data)
-               for q in (0, 1, 2)]
+    entries = [
+        entry(f"q{q}", topics[q], interval=3600, qos=q, retain=q == 1, data=data) for q in (0, 1, 2)
+    ]
     live = subscriber_factory(f"{topic_base}/#", qos=2)
 
     start_service(broker.port, entries)
@@ -125,11 +137,16 @@ def test_payload_qos_and_retain_reach_subscribers_as_configured(
 
 
 def test_every_entry_publishes_once_as_soon_as_the_connection_is_up(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """On connect every entry publishes once within 2 s, not one interval later."""
-    slow = [entry(f"slow-{i}", f"{topic_base}/slow-{i}", interval=3600, qos=i % 3, lwt=i == 3)
-            for i in range(4)]
+    slow = [
+        entry(f"slow-{i}", f"{topic_base}/slow-{i}", interval=3600, qos=i % 3, lwt=i == 3)
+        for i in range(4)
+    ]
     clock = f"{topic_base}/clock"
     sub = subscriber_factory(f"{topic_base}/#")
 
@@ -145,8 +162,11 @@ def test_every_entry_publishes_once_as_soon_as_the_connection_is_up(
 
 
 def test_fixed_rate_entry_publishes_window_over_interval_times_on_its_grid(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """A 0.2 s entry publishes window/interval ±2 times, on its fixed grid (no drift)."""
     interval, window = 0.2, 4.0
     topic = f"{topic_base}/rate"
@@ -183,20 +203,25 @@ def spread_out_ids(interval: float, count: int, min_gap: float) -> list[str]:
 
 
 def test_entries_sharing_an_interval_are_spread_over_the_period(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """With 100 phase groups (`--phase-slots 100`; auto gives an interval that many from
     10,000 entries on), entries with the same interval tick at their own phases, not all in
     the same millisecond."""
     interval = 0.5
     ids = spread_out_ids(interval, count=5, min_gap=0.05)
     offsets = sorted((grid_start(i, interval) - GRID_ANCHOR).total_seconds() for i in ids)
-    largest_gap = max([b - a for a, b in pairwise(offsets)]
-                      + [interval - offsets[-1] + offsets[0]])
+    largest_gap = max([b - a for a, b in pairwise(offsets)] + [interval - offsets[-1] + offsets[0]])
     sub = subscriber_factory(f"{topic_base}/#")
 
-    start_service(broker.port, [entry(i, f"{topic_base}/{i}", interval=interval) for i in ids],
-                  phase_slots=SLOTS_PER_PERIOD)
+    start_service(
+        broker.port,
+        [entry(i, f"{topic_base}/{i}", interval=interval) for i in ids],
+        phase_slots=SLOTS_PER_PERIOD,
+    )
 
     # Each entry's second message is its first tick after the publish on connect; those all
     # fall within one period, at the entries' own phases.
@@ -207,8 +232,12 @@ def test_entries_sharing_an_interval_are_spread_over_the_period(
 
 @pytest.mark.parametrize("phase_slots", [None, 1], ids=["auto", "fixed-1"])
 def test_one_phase_slot_publishes_every_entry_of_an_interval_together(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str, phase_slots: int | None) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+    phase_slots: int | None,
+) -> None:
     """`--phase-slots 1`, and auto (the default) below 200 entries at an interval: the entries
     that share an interval are one phase group, so they tick at the same instant on the grid of
     slot 0 (as Node-RED's inject nodes would), and keep it after a reload that changes one of
@@ -237,12 +266,16 @@ def test_one_phase_slot_publishes_every_entry_of_an_interval_together(
 
 
 def test_broker_down_at_start_is_retried_and_publishing_starts_when_it_comes_up(
-        cold_broker: Mosquitto, start_service: StartService, topic_base: str) -> None:
+    cold_broker: Mosquitto, start_service: StartService, topic_base: str
+) -> None:
     """A broker down at start is retried with backoff; publishing starts once it is up."""
     topic = f"{topic_base}/early"
     service = start_service(cold_broker.port, [entry("early", topic, interval=0.5, qos=1)])
-    wait_until(lambda: service.get_status()["connection"]["last_error"], 10,
-               message="a failed connection attempt")
+    wait_until(
+        lambda: service.get_status()["connection"]["last_error"],
+        10,
+        message="a failed connection attempt",
+    )
     assert not service.is_connected()
 
     cold_broker.start()
@@ -254,13 +287,19 @@ def test_broker_down_at_start_is_retried_and_publishing_starts_when_it_comes_up(
         sub.stop()
     assert message.json() == {"online": 1, "sensor": "early"}
     # A QoS 1 publish counts once its PUBACK is back, which can trail the subscriber's copy.
-    wait_until(lambda: service.get_status()["statistics"]["total_published"] >= 1, 10,
-               message="the acknowledged publish to be counted")
+    wait_until(
+        lambda: service.get_status()["statistics"]["total_published"] >= 1,
+        10,
+        message="the acknowledged publish to be counted",
+    )
 
 
 def test_publishing_resumes_after_a_broker_restart(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """After the broker restarts, the service reconnects by itself and publishing resumes."""
     topic = f"{topic_base}/r"
     before = subscriber_factory(topic)
@@ -276,17 +315,24 @@ def test_publishing_resumes_after_a_broker_restart(
 
 
 def test_outage_sends_only_the_newest_qos1_message_on_reconnect_and_drops_qos0_ticks(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """In an outage QoS 1 sends one message on reconnect, not a backlog; QoS 0 ticks are dropped."""
     interval = 0.25
     keep, drop = f"{topic_base}/keep", f"{topic_base}/drop"
     # A long first retry (3-6 s after the loss) leaves time to have a subscriber in place
     # before the service comes back.
     service = start_service(
-        broker.port, [entry("keep", keep, interval=interval, qos=1),
-                      entry("drop", drop, interval=interval, qos=0)],
-        broker={"backoff_min": 6.0, "backoff_max": 6.0})
+        broker.port,
+        [
+            entry("keep", keep, interval=interval, qos=1),
+            entry("drop", drop, interval=interval, qos=0),
+        ],
+        broker={"backoff_min": 6.0, "backoff_max": 6.0},
+    )
     status_topic = service.settings.broker.effective_status_topic
     subscriber_factory(keep).wait_for(keep, count=2)
     # Stop the broker right after a PUBACK, so that no QoS 1 message is in flight (those are
@@ -308,8 +354,9 @@ def test_outage_sends_only_the_newest_qos1_message_on_reconnect_and_drops_qos0_t
     burst = [m for m in sub.on(keep) if m.at - online.at < 0.05]
     (online_wall,) = wall_clock([online])
     # A regular tick may fall due in the very same moment; a replayed backlog would be >= 4.
-    coinciding = slots_between("keep", interval, service.phase_slots(interval),
-                               online_wall - 0.1, online_wall + 0.05)
+    coinciding = slots_between(
+        "keep", interval, service.phase_slots(interval), online_wall - 0.1, online_wall + 0.05
+    )
     assert 1 <= len(burst) <= 1 + coinciding
     assert burst[0].json() == {"online": 1, "sensor": "keep"}
     assert burst[0].qos == 1
@@ -323,8 +370,11 @@ def test_outage_sends_only_the_newest_qos1_message_on_reconnect_and_drops_qos0_t
 
 
 def test_invalid_entries_are_logged_with_where_and_what_while_valid_ones_publish(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """Invalid entries are skipped and logged with position, id and field; valid ones run."""
     entries = [
         entry("good-1", f"{topic_base}/good-1", interval=3600),
@@ -340,14 +390,16 @@ def test_invalid_entries_are_logged_with_where_and_what_while_valid_ones_publish
         sub.wait_for(f"{topic_base}/good-2")
 
     invalid = [e for e in logs if e["event"] == "config_entry_invalid"]
-    assert [(e["log_level"], e["entry_position"], e["entry_id"], e["field"]) for e in invalid] \
-        == [("error", 2, "bad-qos", "qos"), ("error", 3, "bad-interval", "interval")]
+    assert [(e["log_level"], e["entry_position"], e["entry_id"], e["field"]) for e in invalid] == [
+        ("error", 2, "bad-qos", "qos"),
+        ("error", 3, "bad-interval", "interval"),
+    ]
     assert 'entry 2 (id "bad-qos"): qos must be 0, 1 or 2, got 7' in invalid[0]["error"]
     assert "interval must be between 0.1 and 86400, got 0" in invalid[1]["error"]
     # Each names the line and column of its field in the file, as `validate` does.
     lines = service.settings.config_path.read_text().splitlines()
     for event, key in zip(invalid, ('"qos"', '"interval"'), strict=True):
-        assert lines[event["line"] - 1][event["column"] - 1:].startswith(key)
+        assert lines[event["line"] - 1][event["column"] - 1 :].startswith(key)
     status = service.get_status()
     assert status["active_configs"] == 2
     assert sorted(status["entries"]) == ["good-1", "good-2"]
@@ -357,13 +409,18 @@ def test_invalid_entries_are_logged_with_where_and_what_while_valid_ones_publish
 
 
 def test_get_status_reports_configs_connection_totals_and_per_entry_counters(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """get_status() has active_configs, connected, statistics totals and per-entry counters."""
     fast, slow = f"{topic_base}/fast", f"{topic_base}/slow"
     sub = subscriber_factory(f"{topic_base}/#")
-    service = start_service(broker.port, [entry("fast", fast, interval=0.2, qos=1),
-                                          entry("slow", slow, interval=3600, retain=True)])
+    service = start_service(
+        broker.port,
+        [entry("fast", fast, interval=0.2, qos=1), entry("slow", slow, interval=3600, retain=True)],
+    )
     sub.wait_for(fast, count=3)
     wait_until(lambda: entry_stats(service, "fast").get("published", 0) >= 3, 10)
 
@@ -377,8 +434,13 @@ def test_get_status_reports_configs_connection_totals_and_per_entry_counters(
     assert isinstance(totals["uptime_seconds"], float)
     assert 0 < totals["uptime_seconds"] < 60
     fast_status = status["entries"]["fast"]
-    assert (fast_status["topic"], fast_status["interval"], fast_status["qos"],
-            fast_status["retain"], fast_status["lwt"]) == (fast, 0.2, 1, False, False)
+    assert (
+        fast_status["topic"],
+        fast_status["interval"],
+        fast_status["qos"],
+        fast_status["retain"],
+        fast_status["lwt"],
+    ) == (fast, 0.2, 1, False, False)
     assert fast_status["published"] >= 3
     assert (fast_status["errors"], fast_status["dropped"]) == (0, 0)
     # A QoS 1 tick that finds the connection still in its handshake, or four messages still
@@ -395,9 +457,17 @@ def test_max_retries_gives_up_with_exit_code_4(tmp_path: Path, topic_base: str) 
     config = tmp_path / "config.json"
     write_config(config, [entry("x", f"{topic_base}/x")])
     proc = ServiceProcess(
-        cli_args(free_port(), config, "--max-retries", "2", state_db=tmp_path / "state.db",
-                 log_file=tmp_path / "service.log", backoff=(0.1, 0.2)),
-        cwd=tmp_path)
+        cli_args(
+            free_port(),
+            config,
+            "--max-retries",
+            "2",
+            state_db=tmp_path / "state.db",
+            log_file=tmp_path / "service.log",
+            backoff=(0.1, 0.2),
+        ),
+        cwd=tmp_path,
+    )
     try:
         assert proc.wait(30) == 4
     finally:
@@ -409,13 +479,17 @@ def test_max_retries_gives_up_with_exit_code_4(tmp_path: Path, topic_base: str) 
 
 
 def test_mqtt_311_mode_publishes(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """With mqtt_version 3.1.1 the service connects with MQTT 3.1.1 and publishes."""
     topic = f"{topic_base}/v311"
     sub = subscriber_factory(topic)
-    service = start_service(broker.port, [entry("v311", topic, interval=3600, qos=1)],
-                            broker={"protocol": "3.1.1"})
+    service = start_service(
+        broker.port, [entry("v311", topic, interval=3600, qos=1)], broker={"protocol": "3.1.1"}
+    )
 
     message = sub.wait_for(topic)[0]
 
@@ -427,8 +501,11 @@ def test_mqtt_311_mode_publishes(
 
 
 def test_no_entry_publishes_twice_within_half_its_interval_after_a_connect(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, start_service: StartService,
-        topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_service: StartService,
+    topic_base: str,
+) -> None:
     """The publish on connect and the entry's next grid slot are at least half an interval
     apart, at start and after a reconnect (eight entries on different phases: some slot falls
     just after the connect)."""
@@ -442,8 +519,9 @@ def test_no_entry_publishes_twice_within_half_its_interval_after_a_connect(
         def first_two_gaps(since: float) -> list[float]:
             gaps = []
             for e in entries:
-                after = sub.wait_for(e["topic"], count=2, timeout=3 * interval,
-                                     where=lambda m: m.at > since)
+                after = sub.wait_for(
+                    e["topic"], count=2, timeout=3 * interval, where=lambda m: m.at > since
+                )
                 gaps.append(after[1].at - after[0].at)
             return gaps
 

@@ -92,8 +92,11 @@ def events(logs: LogEvents, name: str) -> LogEvents:
 
 
 def wait_for_event(logs: LogEvents, name: str, count: int = 1, timeout: float = 5) -> LogEvents:
-    found: LogEvents = wait_until(lambda: len(events(logs, name)) >= count and events(logs, name),
-                                  timeout, message=f"{count} {name!r} event(s)")
+    found: LogEvents = wait_until(
+        lambda: len(events(logs, name)) >= count and events(logs, name),
+        timeout,
+        message=f"{count} {name!r} event(s)",
+    )
     return found
 
 
@@ -117,10 +120,18 @@ def wait_for_file_reload(service: PublisherService, timeout: float = 5) -> None:
     The debounce keeps the change pending for 0.3 s, so polling every 5 ms cannot miss it. The
     loop takes the change just before it re-reads, so a manual reload (queued behind the
     re-read in the same loop) is the barrier that says the re-read has finished."""
-    wait_until(lambda: service.file_change_pending, timeout, interval=0.005,
-               message="the watcher to notice the edit")
-    wait_until(lambda: not service.file_change_pending, timeout, interval=0.005,
-               message="the debounced re-read")
+    wait_until(
+        lambda: service.file_change_pending,
+        timeout,
+        interval=0.005,
+        message="the watcher to notice the edit",
+    )
+    wait_until(
+        lambda: not service.file_change_pending,
+        timeout,
+        interval=0.005,
+        message="the debounced re-read",
+    )
     service.reload_config(timeout)
 
 
@@ -199,12 +210,23 @@ def logs() -> Iterator[LogEvents]:
 def start_service(tmp_path: Path, broker: Mosquitto, config: Path) -> Iterator[StartService]:
     services = InProcessServices(tmp_path)
 
-    def start(entries: Entries | None = None, *, loop: bool = True, clock: Clock | None = None,
-              **overrides: Any) -> PublisherService:
+    def start(
+        entries: Entries | None = None,
+        *,
+        loop: bool = True,
+        clock: Clock | None = None,
+        **overrides: Any,
+    ) -> PublisherService:
         """`loop=False`: the test thread drives the main loop with service.step()."""
-        service = services.start(broker.port, entries, config=config, loop=loop, clock=clock,
-                                 broker={"backoff_min": 0.2, "backoff_max": 1},
-                                 **{"state_db": tmp_path / "s.db", **overrides})
+        service = services.start(
+            broker.port,
+            entries,
+            config=config,
+            loop=loop,
+            clock=clock,
+            broker={"backoff_min": 0.2, "backoff_max": 1},
+            **{"state_db": tmp_path / "s.db", **overrides},
+        )
         wait_until(service.is_connected, 10, message="the service's connection")
         return service
 
@@ -221,8 +243,12 @@ def subscribe(subscriber_factory: MakeSubscriber, topic_base: str) -> Callable[[
 
 
 def test_added_entry_publishes_promptly_before_its_first_slot(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """A new hourly entry gets a job and publishes within 2 s, not at its first grid slot."""
     a = entry("a", f"{topic_base}/a", 3600)
     sub = subscribe()
@@ -243,8 +269,8 @@ def test_added_entry_publishes_promptly_before_its_first_slot(
 
 
 def test_removed_entry_loses_its_job_and_publishes_no_more(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str) -> None:
+    start_service: StartService, subscribe: Callable[[], Subscriber], config: Path, topic_base: str
+) -> None:
     """A removed entry's job goes and its topic stays silent while the others keep publishing."""
     keep = entry("keep", f"{topic_base}/keep", 0.2)
     gone = entry("gone", f"{topic_base}/gone", 0.2)
@@ -263,8 +289,8 @@ def test_removed_entry_loses_its_job_and_publishes_no_more(
 
 
 def test_removed_retained_entry_is_cleared_when_configured(
-        start_service: StartService, subscriber_factory: MakeSubscriber, config: Path,
-        topic_base: str) -> None:
+    start_service: StartService, subscriber_factory: MakeSubscriber, config: Path, topic_base: str
+) -> None:
     """With clear_retained_on_remove a removed entry's retained message is wiped from the broker."""
     keep = entry("keep", f"{topic_base}/keep", 3600, retain=True)
     gone = entry("gone", f"{topic_base}/gone", 3600, retain=True)
@@ -280,8 +306,12 @@ def test_removed_retained_entry_is_cleared_when_configured(
 
 
 def test_interval_change_reschedules_the_job(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """An hourly entry made fast is rescheduled onto its new grid and starts ticking at once."""
     a = entry("a", f"{topic_base}/a", 3600)
     sub = subscribe()
@@ -300,7 +330,8 @@ def test_interval_change_reschedules_the_job(
 
 
 def test_auto_spread_keeps_phases_until_an_interval_outgrows_it_four_times(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """`--phase-slots auto`: an interval's phase groups are sized when it first has entries and
     kept by reloads that add to it, so no running entry's phase moves; a reload that brings it
     four times the groups it was sized for spreads its entries again, once, logged."""
@@ -313,7 +344,7 @@ def test_auto_spread_keeps_phases_until_an_interval_outgrows_it_four_times(
         return {i: next_run(service, i) for i in ids}
 
     def on_grid(entry_id: str, slots: int) -> bool:
-        offset = (next_run(service, entry_id) - grid_start(entry_id, interval, slots))
+        offset = next_run(service, entry_id) - grid_start(entry_id, interval, slots)
         return offset.total_seconds() % interval == 0
 
     old_ids = [e["id"] for e in first]
@@ -341,8 +372,12 @@ def test_auto_spread_keeps_phases_until_an_interval_outgrows_it_four_times(
 
 
 def test_payload_qos_retain_change_uses_new_values_on_the_same_phase(
-        start_service: StartService, subscriber_factory: MakeSubscriber, config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscriber_factory: MakeSubscriber,
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """data/qos/retain-only changes reach the wire at once and on every tick; phases are kept."""
     fast = entry("fast", f"{topic_base}/fast", 1, data={"v": "old"})
     hourly = entry("hourly", f"{topic_base}/hourly", 3600, data={"v": "old"})
@@ -351,12 +386,16 @@ def test_payload_qos_retain_change_uses_new_values_on_the_same_phase(
     sub.wait_for(fast["topic"], count=2)
     hourly_next = next_run(service, "hourly")
     written = time.monotonic()
-    write_config(config, [{**fast, "data": {"v": "new"}, "qos": 1, "retain": True},
-                          {**hourly, "data": {"v": "new"}}])
+    write_config(
+        config,
+        [
+            {**fast, "data": {"v": "new"}, "qos": 1, "retain": True},
+            {**hourly, "data": {"v": "new"}},
+        ],
+    )
     (edited,) = sub.wait_for(hourly["topic"], where=lambda m: m.json()["v"] == "new", timeout=2)
     assert edited.at - written < 2  # an hourly entry's edit does not wait for its next slot
-    fresh = sub.wait_for(fast["topic"], count=2, where=lambda m: m.json()["v"] == "new",
-                         timeout=3)
+    fresh = sub.wait_for(fast["topic"], count=2, where=lambda m: m.json()["v"] == "new", timeout=3)
     assert {m.qos for m in fresh} == {1}
     # the phase was not reset: the same hourly slot, or a later one if that slot came meanwhile
     assert (next_run(service, "hourly") - hourly_next) % timedelta(hours=1) == timedelta(0)
@@ -373,15 +412,22 @@ def test_payload_qos_retain_change_uses_new_values_on_the_same_phase(
 
 
 def test_reload_leaves_unchanged_entries_next_run_untouched(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """Adding, removing and rescheduling other entries does not move an unchanged job."""
     still = entry("still", f"{topic_base}/still", 3600)
     other = entry("other", f"{topic_base}/other", 3600)
     gone = entry("gone", f"{topic_base}/gone", 3600)
     service = start_service([still, other, gone])
     before = next_run(service, "still")
-    write_config(config, [still, {**other, "interval": 1800, "data": {"x": 1}},
-                          entry("new", f"{topic_base}/new", 3600)])
+    write_config(
+        config,
+        [
+            still,
+            {**other, "interval": 1800, "data": {"x": 1}},
+            entry("new", f"{topic_base}/new", 3600),
+        ],
+    )
     wait_for_event(logs, "config_reloaded")
     assert job_ids(service) == {"still", "other", "new"}
     assert next_run(service, "still") == before
@@ -393,7 +439,8 @@ def test_reload_leaves_unchanged_entries_next_run_untouched(
 
 
 def test_burst_of_saves_is_debounced_into_one_reload(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """Five saves in quick succession give one reload of the last version."""
     base = [entry("a", f"{topic_base}/a", 60)]
     service = start_service(base)
@@ -404,37 +451,47 @@ def test_burst_of_saves_is_debounced_into_one_reload(
     assert reloaded["added"] == [f"n{n}" for n in range(5)]
     # A later, separate edit is the second reload: nothing else came between.
     save_atomically(config, dump(base))
-    assert [e["removed"] for e in wait_for_event(logs, "config_reloaded", 2)][1] == \
-        [f"n{n}" for n in range(5)]
+    assert [e["removed"] for e in wait_for_event(logs, "config_reloaded", 2)][1] == [
+        f"n{n}" for n in range(5)
+    ]
     assert len(events(logs, "config_reloaded")) == 2
     assert job_ids(service) == {"a"}
 
 
 def test_edit_made_during_a_reload_is_not_lost(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str) -> None:
+    start_service: StartService, subscribe: Callable[[], Subscriber], config: Path, topic_base: str
+) -> None:
     """A save that lands while the loop is still parsing the previous one is applied after it."""
     a = entry("a", f"{topic_base}/a", 3600, data={"v": 0})
     sub = subscribe()
     service = start_service([a])
     blob = list(range(150_000))  # about 1 MB: parsing it keeps the reload busy for a while
     save_atomically(config, dump([{**a, "data": {"v": 1, "blob": blob}}]))
-    wait_until(lambda: service.file_change_pending, 5, interval=0.005,
-               message="the watcher to notice the first save")
+    wait_until(
+        lambda: service.file_change_pending,
+        5,
+        interval=0.005,
+        message="the watcher to notice the first save",
+    )
     # The loop takes the change as it starts re-reading; the debounce says when that is due.
     due = time.monotonic() + service.settings.reload_debounce.quiet + 0.05
-    wait_until(lambda: not service.file_change_pending or time.monotonic() >= due, 5,
-               interval=0.001, message="the first reload to begin")
+    wait_until(
+        lambda: not service.file_change_pending or time.monotonic() >= due,
+        5,
+        interval=0.001,
+        message="the first reload to begin",
+    )
     save_atomically(config, dump([{**a, "data": {"v": 2}}]))
     sub.wait_for(a["topic"], where=lambda m: m.json()["v"] == 2, timeout=5)
-    assert service.get_status()["config"]["digest"] == hashlib.sha256(
-        config.read_bytes()).hexdigest()
+    assert (
+        service.get_status()["config"]["digest"] == hashlib.sha256(config.read_bytes()).hexdigest()
+    )
 
 
 @pytest.mark.parametrize("force_polling", [False, True], ids=["inotify", "polling"])
 def test_touch_and_identical_rewrite_are_not_reloads(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents,
-        force_polling: bool) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents, force_polling: bool
+) -> None:
     """Touching or rewriting the same bytes re-reads the file but reloads nothing."""
     # An hour's interval: no regular slot falls inside the test and moves next_run by itself.
     a = entry("a", f"{topic_base}/a", 3600)
@@ -455,8 +512,8 @@ def test_touch_and_identical_rewrite_are_not_reloads(
 
 
 def test_polling_fallback_applies_edits(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str) -> None:
+    start_service: StartService, subscribe: Callable[[], Subscriber], config: Path, topic_base: str
+) -> None:
     """With force_polling the polling observer picks up in-place and atomic saves."""
     a = entry("a", f"{topic_base}/a", 3600)
     sub = subscribe()
@@ -472,8 +529,8 @@ def test_polling_fallback_applies_edits(
 
 
 def test_safety_reread_applies_an_edit_without_any_watcher(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str) -> None:
+    start_service: StartService, subscribe: Callable[[], Subscriber], config: Path, topic_base: str
+) -> None:
     """With no watcher, the periodic safety re-read still finds and applies an edit."""
     a = entry("a", f"{topic_base}/a", 3600)
     sub = subscribe()
@@ -486,7 +543,8 @@ def test_safety_reread_applies_an_edit_without_any_watcher(
 
 
 def test_safety_reread_runs_when_its_interval_has_passed_on_the_service_clock(
-        start_service: StartService, config: Path, topic_base: str) -> None:
+    start_service: StartService, config: Path, topic_base: str
+) -> None:
     """Without a watcher, an edit waits for the safety re-read, which the main loop runs at
     the first turn after its interval has passed on the service's clock, not before."""
     clock = ShiftedClock()
@@ -504,7 +562,8 @@ def test_safety_reread_runs_when_its_interval_has_passed_on_the_service_clock(
 
 
 def test_a_stepped_service_shuts_down_at_the_step_after_a_stop_request(
-        start_service: StartService, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, topic_base: str, logs: LogEvents
+) -> None:
     """With the loop left to the caller, a stop request is carried out by the next step,
     which then says the service is no longer running."""
     service = start_service([entry("a", f"{topic_base}/a", 3600)], loop=False)
@@ -553,18 +612,23 @@ def test_watcher_filter_pokes_only_for_the_config_file(config: Path) -> None:
         moved_in = [e for e in recorder.poked if e.event_type == "moved"]
         assert [os.fsdecode(e.dest_path) for e in moved_in] == [str(config.resolve())]
         save_in_place(config, "[  ]")
-        wait_until(lambda: {"modified", "closed"} <= {e.event_type for e in recorder.poked}, 5,
-                   message="the pokes of an in-place write and of its close")
+        wait_until(
+            lambda: {"modified", "closed"} <= {e.event_type for e in recorder.poked},
+            5,
+            message="the pokes of an in-place write and of its close",
+        )
     finally:
         observer.stop()
         observer.join(5)
     target = str(config.resolve())
-    assert all(target in (os.fsdecode(e.src_path), os.fsdecode(e.dest_path))
-               for e in recorder.poked)
+    assert all(
+        target in (os.fsdecode(e.src_path), os.fsdecode(e.dest_path)) for e in recorder.poked
+    )
     assert len(recorder.seen) > len(recorder.poked)  # the churn was seen, and filtered out
     # A rename onto the file and its close after writing end a write; the rest may not.
-    ended = {(e.event_type, flag) for e, flag in zip(recorder.poked, recorder.write_ended,
-                                                     strict=True)}
+    ended = {
+        (e.event_type, flag) for e, flag in zip(recorder.poked, recorder.write_ended, strict=True)
+    }
     assert {("moved", True), ("modified", False), ("closed", True)} <= ended
     assert all(flag == (kind in ("moved", "closed")) for kind, flag in ended)
 
@@ -572,14 +636,18 @@ def test_watcher_filter_pokes_only_for_the_config_file(config: Path) -> None:
 # --- how files get saved -----------------------------------------------------------------------
 
 
-def assert_edit_applied(service: PublisherService, sub: Subscriber, topic_base: str,
-                        logs: LogEvents) -> None:
+def assert_edit_applied(
+    service: PublisherService, sub: Subscriber, topic_base: str, logs: LogEvents
+) -> None:
     """The edit made by each save-pattern test: a's payload v1 -> v2, b added."""
     sub.wait_for(f"{topic_base}/b", timeout=2)
     sub.wait_for(f"{topic_base}/a", where=lambda m: m.json()["v"] == 2, timeout=3)
     # The network thread learns an entry before its job exists: the log line comes last.
-    wait_until(lambda: any(e["added"] == ["b"] for e in events(logs, "config_reloaded")), 3,
-               message="the config_reloaded event")
+    wait_until(
+        lambda: any(e["added"] == ["b"] for e in events(logs, "config_reloaded")),
+        3,
+        message="the config_reloaded event",
+    )
     assert job_ids(service) == {"a", "b"}
 
 
@@ -589,8 +657,13 @@ def before_and_after(topic_base: str) -> tuple[Entries, Entries]:
     return [a], [{**a, "data": {"v": 2}}, b]
 
 
-def test_save_in_place(start_service: StartService, subscribe: Callable[[], Subscriber],
-                       config: Path, topic_base: str, logs: LogEvents) -> None:
+def test_save_in_place(
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """Truncating and rewriting the same inode is applied."""
     old, new = before_and_after(topic_base)
     sub = subscribe()
@@ -599,8 +672,13 @@ def test_save_in_place(start_service: StartService, subscribe: Callable[[], Subs
     assert_edit_applied(service, sub, topic_base, logs)
 
 
-def test_save_atomic_rename(start_service: StartService, subscribe: Callable[[], Subscriber],
-                            config: Path, topic_base: str, logs: LogEvents) -> None:
+def test_save_atomic_rename(
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """A temporary file os.replace()d over the config (Ansible, Salt) is applied."""
     old, new = before_and_after(topic_base)
     sub = subscribe()
@@ -610,24 +688,32 @@ def test_save_atomic_rename(start_service: StartService, subscribe: Callable[[],
     assert len(events(logs, "config_reloaded")) == 1
 
 
-def test_save_with_sed_in_place(start_service: StartService, subscribe: Callable[[], Subscriber],
-                                config: Path, topic_base: str, logs: LogEvents) -> None:
+def test_save_with_sed_in_place(
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """The real `sed -i` (a temp file in the folder, renamed over the config) is applied."""
     old, new = before_and_after(topic_base)
     sub = subscribe()
     service = start_service(old)
     sed = shutil.which("sed") or "/usr/bin/sed"
     append_b = f"s|^]$|, {json.dumps(new[1])}]|"
-    subprocess.run([sed, "-i", "-e", 's/"v": 1/"v": 2/', "-e", append_b, str(config)],
-                   check=True)
+    subprocess.run([sed, "-i", "-e", 's/"v": 1/"v": 2/', "-e", append_b, str(config)], check=True)
     assert json.loads(config.read_text()) == new
     assert_edit_applied(service, sub, topic_base, logs)
     assert len(events(logs, "config_reloaded")) == 1
 
 
 def test_save_vim_style_with_backup_and_swap_churn(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """vim's save (rename to `~` backup, write new, delete backup) amid .swp churn is applied."""
     old, new = before_and_after(topic_base)
     sub = subscribe()
@@ -647,8 +733,12 @@ def test_save_vim_style_with_backup_and_swap_churn(
 
 
 def test_save_truncate_then_write_after_a_pause(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """A writer that truncates, then writes in two steps 0.4 s apart never takes entries down."""
     old, new = before_and_after(topic_base)
     sub = subscribe()
@@ -662,8 +752,12 @@ def test_save_truncate_then_write_after_a_pause(
 
 
 def test_save_delete_then_recreate(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """Deleting the file keeps everything running (logged once); recreating it is applied."""
     old, new = before_and_after(topic_base)
     sub = subscribe()
@@ -692,8 +786,13 @@ def break_file(path: Path, how: str, good: str) -> None:
 
 @pytest.mark.parametrize("how", ["half-written", "empty", "deleted"])
 def test_unusable_file_keeps_everything_running_and_is_logged_once(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents, how: str) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+    how: str,
+) -> None:
     """A file that cannot be parsed changes nothing, is logged once, and the next good one wins."""
     a = entry("a", f"{topic_base}/a", 0.3, data={"v": 1})
     sub = subscribe()
@@ -719,7 +818,8 @@ def test_unusable_file_keeps_everything_running_and_is_logged_once(
 
 
 def test_distinct_problems_are_each_logged_once(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """Each different problem is logged once however often it is seen; a repeat after a good
     version is a new report."""
     a = entry("a", f"{topic_base}/a", 30)
@@ -743,8 +843,13 @@ def test_distinct_problems_are_each_logged_once(
 
 @pytest.mark.parametrize("refused", ["Infinity", "9" * 5000, '{"k": ' * 70 + "1" + "}" * 70])
 def test_entry_json_refuses_keeps_its_last_good_version_and_the_rest_applies(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents, refused: str) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+    refused: str,
+) -> None:
     """One Infinity, one 5,000-digit integer or one data nested 70 deep no longer makes the
     whole file unusable: that entry is reported by id and line, keeps publishing its last good
     version, and the other entry's edit reaches the wire."""
@@ -765,8 +870,12 @@ def test_entry_json_refuses_keeps_its_last_good_version_and_the_rest_applies(
 
 
 def test_invalid_entry_keeps_its_last_good_version(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """An entry made invalid keeps publishing its old version; the rest of the file applies."""
     a = entry("a", f"{topic_base}/a", 0.3, data={"v": 1})
     b = entry("b", f"{topic_base}/b", 0.3, data={"v": 1})
@@ -802,22 +911,33 @@ def random_entries(rng: random.Random, current: Entries, topic_base: str) -> Ent
         action = rng.choice(["add", "remove", "modify", "modify"])
         if action == "add" or not entries:
             id_ = f"e{rng.randrange(14)}"
-            entries[id_] = entry(id_, f"{topic_base}/{id_}", rng.choice([0.5, 1, 2]),
-                                 data={"n": rng.randrange(10**6)})
+            entries[id_] = entry(
+                id_,
+                f"{topic_base}/{id_}",
+                rng.choice([0.5, 1, 2]),
+                data={"n": rng.randrange(10**6)},
+            )
         elif action == "remove":
             entries.pop(rng.choice(sorted(entries)))
         else:
             id_ = rng.choice(sorted(entries))
             field = rng.choice(["interval", "data", "qos"])
-            value = {"interval": rng.choice([0.5, 1, 2]), "data": {"n": rng.randrange(10**6)},
-                     "qos": rng.choice([0, 1])}[field]
+            value = {
+                "interval": rng.choice([0.5, 1, 2]),
+                "data": {"n": rng.randrange(10**6)},
+                "qos": rng.choice([0, 1]),
+            }[field]
             entries[id_] = {**entries[id_], field: value}
     return list(entries.values())
 
 
 def test_random_rapid_edits_converge_to_the_final_file(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService,
+    subscribe: Callable[[], Subscriber],
+    config: Path,
+    topic_base: str,
+    logs: LogEvents,
+) -> None:
     """300 random edits in mixed save styles end with exactly the last file's entries running."""
     rng = random.Random(20240601)
     current = [entry("e0", f"{topic_base}/e0", 1, data={"n": 0})]
@@ -830,9 +950,14 @@ def test_random_rapid_edits_converge_to_the_final_file(
         if rng.random() < 0.06:  # now and then a pause long enough for a reload to happen
             threading.Event().wait(rng.uniform(0.2, 0.45))
     final = {e["id"]: e for e in current}
-    wait_until(lambda: job_ids(service) == set(final)
-               and intervals(service) == {i: e["interval"] for i, e in final.items()}, 2,
-               message="the final file's entries and intervals")
+    wait_until(
+        lambda: (
+            job_ids(service) == set(final)
+            and intervals(service) == {i: e["interval"] for i, e in final.items()}
+        ),
+        2,
+        message="the final file's entries and intervals",
+    )
     assert len(events(logs, "config_reloaded")) > 5  # reloads happened along the way, too
     for e in final.values():
         sub.wait_for(e["topic"], where=payload_is(wire(e["data"])), timeout=5)
@@ -844,7 +969,8 @@ def test_random_rapid_edits_converge_to_the_final_file(
 
 
 def test_reload_config_reports_whether_it_applied(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """reload_config() applies the file before returning True, and returns False when unusable."""
     a = entry("a", f"{topic_base}/a", 30)
     service = start_service([a], watch=False)
@@ -863,24 +989,34 @@ def test_reload_config_reports_whether_it_applied(
 
 
 def test_one_config_reloaded_event_lists_every_change(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """One applied reload logs one config_reloaded naming the added/removed/rescheduled/updated."""
     old = [entry(i, f"{topic_base}/{i}", 30) for i in ("same", "gone", "slow", "data")]
     service = start_service(old, watch=False)
-    new = [old[0], {**old[2], "interval": 60}, {**old[3], "data": {"x": 1}},
-           entry("new", f"{topic_base}/new", 30)]
+    new = [
+        old[0],
+        {**old[2], "interval": 60},
+        {**old[3], "data": {"x": 1}},
+        entry("new", f"{topic_base}/new", 30),
+    ]
     save_in_place(config, dump(new))
     assert service.reload_config() is True
     (reloaded,) = events(logs, "config_reloaded")
     assert {k: reloaded[k] for k in ("added", "removed", "rescheduled", "updated")} == {
-        "added": ["new"], "removed": ["gone"], "rescheduled": ["slow"], "updated": ["data"]}
+        "added": ["new"],
+        "removed": ["gone"],
+        "rescheduled": ["slow"],
+        "updated": ["data"],
+    }
     assert reloaded["active_configs"] == 4
     assert service.reload_config() is True  # unchanged: applied nothing, logged nothing
     assert len(events(logs, "config_reloaded")) == 1
 
 
 def test_recovery_from_a_broken_file_is_logged_with_the_problem_and_its_duration(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """A good version applied after an unusable file logs one config_recovered naming what
     was broken and for how long; a later good reload logs no second one."""
     a = entry("a", f"{topic_base}/a", 30)
@@ -903,7 +1039,8 @@ def test_recovery_from_a_broken_file_is_logged_with_the_problem_and_its_duration
 
 
 def test_restoring_the_running_version_after_a_problem_is_a_recovery(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """Putting back the exact bytes that were running (chmod 000 then 644, a revert) ends the
     broken spell too, though nothing needs applying."""
     a = entry("a", f"{topic_base}/a", 30)
@@ -919,7 +1056,8 @@ def test_restoring_the_running_version_after_a_problem_is_a_recovery(
 
 
 def test_recovery_from_an_invalid_entry_is_logged(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents
+) -> None:
     """An entry-level error (its last good version kept) that a later save fixes ends with a
     config_recovered naming the entry."""
     a = entry("a", f"{topic_base}/a", 30)
@@ -936,8 +1074,8 @@ def test_recovery_from_an_invalid_entry_is_logged(
 
 @pytest.mark.parametrize("trigger", ["api", "http"])
 def test_manual_reload_that_finds_nothing_changed_logs_at_info(
-        start_service: StartService, config: Path, topic_base: str, logs: LogEvents,
-        trigger: Trigger) -> None:
+    start_service: StartService, config: Path, topic_base: str, logs: LogEvents, trigger: Trigger
+) -> None:
     """A manual reload of an unchanged file says so at info, with who asked; the watcher's and
     the safety re-read's unchanged reads stay silent."""
     clock = ShiftedClock()
@@ -945,7 +1083,10 @@ def test_manual_reload_that_finds_nothing_changed_logs_at_info(
     assert service.reload_config(trigger=trigger) is True  # answered by this thread: the loop
     (unchanged,) = events(logs, "config_unchanged")
     assert (unchanged["trigger"], unchanged["log_level"], unchanged["active_configs"]) == (
-        trigger, "info", 1)
+        trigger,
+        "info",
+        1,
+    )
     os.utime(config)  # the watcher sees it, and re-reads after the debounce
     wait_until(lambda: service.file_change_pending, 5, message="the watcher to notice the touch")
     clock.advance(service.settings.reload_debounce.quiet)
@@ -958,7 +1099,8 @@ def test_manual_reload_that_finds_nothing_changed_logs_at_info(
 
 
 def test_a_save_by_rename_is_read_after_the_short_debounce_a_touch_after_the_long_one(
-        start_service: StartService, config: Path, topic_base: str) -> None:
+    start_service: StartService, config: Path, topic_base: str
+) -> None:
     """A rename onto the file ends a write: it is re-read once the path has been quiet for
     `write_ended`. A touch may be the first of several changes: it waits for `quiet`."""
     clock = ShiftedClock()
@@ -999,16 +1141,21 @@ def test_request_methods_do_not_claim_signal_handler_safety() -> None:
         assert "signal handler" in doc
 
 
-def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, config: Path,
-                                         subscriber_factory: MakeSubscriber,
-                                         topic_base: str) -> None:
+def test_sighup_reloads_the_real_process(
+    broker: Mosquitto,
+    tmp_path: Path,
+    config: Path,
+    subscriber_factory: MakeSubscriber,
+    topic_base: str,
+) -> None:
     """SIGHUP makes the real CLI process, running without a watcher, apply the edited file; a
     second SIGHUP with nothing changed logs config_unchanged."""
     a = entry("a", f"{topic_base}/a", 3600)
     write_config(config, [a])
     sub = subscriber_factory(f"{topic_base}/#")
     proc = ServiceProcess(
-        cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.2"), cwd=tmp_path)
+        cli_args(broker.port, config, "--no-watch", "--backoff-min", "0.2"), cwd=tmp_path
+    )
     try:
         assert proc.wait_for_event("service_started")["watcher"] == "none"
         sub.wait_for(a["topic"])
@@ -1033,8 +1180,8 @@ def test_sighup_reloads_the_real_process(broker: Mosquitto, tmp_path: Path, conf
 
 
 def test_payload_change_under_fast_publishing_is_never_mixed(
-        start_service: StartService, subscribe: Callable[[], Subscriber], config: Path,
-        topic_base: str) -> None:
+    start_service: StartService, subscribe: Callable[[], Subscriber], config: Path, topic_base: str
+) -> None:
     """While a 0.1 s entry publishes, every message is wholly the old or wholly the new payload."""
     old = {"v": "old", "blob": "o" * 4000}
     new = {"v": "new", "blob": "n" * 4000}
@@ -1044,8 +1191,11 @@ def test_payload_change_under_fast_publishing_is_never_mixed(
     sub.wait_for(fast["topic"], count=5)
     for data in [new, old, new, old, new]:
         save_atomically(config, dump([{**fast, "data": data}]))
-        wait_until(latest_are(sub, fast["topic"], [wire(data)] * 3), 3,
-                   message="three ticks of the new payload")
+        wait_until(
+            latest_are(sub, fast["topic"], [wire(data)] * 3),
+            3,
+            message="three ticks of the new payload",
+        )
     received = payloads(sub.on(fast["topic"]))
     assert set(map(json.dumps, received)) == {json.dumps(wire(old)), json.dumps(wire(new))}
     flips = sum(1 for x, y in itertools.pairwise(received) if x != y)

@@ -115,14 +115,19 @@ def test_listeners_hear_every_run_on_its_grid_slot_and_every_failure(loop: Netwo
     try:
         for name in ("good", "bad"):
             schedule.add(PublishConfig(id=name, topic=f"t/{name}", data={}, interval=0.1))
-        gathered = entry_events(events, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR, lambda got: (
-            sum(e.code == EVENT_JOB_EXECUTED for e in got) >= 3
-            and any(e.code == EVENT_JOB_ERROR for e in got)))
+        gathered = entry_events(
+            events,
+            EVENT_JOB_EXECUTED | EVENT_JOB_ERROR,
+            lambda got: (
+                sum(e.code == EVENT_JOB_EXECUTED for e in got) >= 3
+                and any(e.code == EVENT_JOB_ERROR for e in got)
+            ),
+        )
     finally:
         schedule.shutdown()
     executed = [e for e in gathered if e.code == EVENT_JOB_EXECUTED]
     assert {e.job_id for e in executed} == {"good"}
-    assert [e.scheduled_run_time for e in executed] == slots[:len(executed)]
+    assert [e.scheduled_run_time for e in executed] == slots[: len(executed)]
     assert all(on_grid(e.scheduled_run_time, "good", 0.1) for e in executed)
     failed = next(e for e in gathered if e.code == EVENT_JOB_ERROR)
     assert failed.job_id == "bad"
@@ -146,8 +151,9 @@ def test_a_job_still_running_is_not_started_again() -> None:
         release.wait(10)
 
     trigger = grid_trigger(1.0, grid_start("e", 1.0))
-    job = SimpleNamespace(id="e", func=tick, args=("e",), trigger=trigger, max_instances=1,
-                          _jobstore_alias=ENTRY_JOBS)
+    job = SimpleNamespace(
+        id="e", func=tick, args=("e",), trigger=trigger, max_instances=1, _jobstore_alias=ENTRY_JOBS
+    )
     slot = trigger.get_next_fire_time(None, datetime.now(UTC) - timedelta(seconds=1))
     assert slot is not None
     first = threading.Thread(target=executor.submit_job, args=(job, [slot]))
@@ -169,9 +175,14 @@ def test_a_run_the_executor_itself_fails_on_is_released(caplog: pytest.LogCaptur
     executor = InlineExecutor()
     executor.start(BackgroundScheduler(timezone=UTC), "default")
     calls: list[tuple[str, int]] = []
-    job = SimpleNamespace(id="e", func=lambda entry_id, _slot, missed: calls.append(
-        (entry_id, missed)), args=("e",), trigger=grid_trigger(1.0, grid_start("e", 1.0)),
-        max_instances=1, _jobstore_alias=ENTRY_JOBS)
+    job = SimpleNamespace(
+        id="e",
+        func=lambda entry_id, _slot, missed: calls.append((entry_id, missed)),
+        args=("e",),
+        trigger=grid_trigger(1.0, grid_start("e", 1.0)),
+        max_instances=1,
+        _jobstore_alias=ENTRY_JOBS,
+    )
     slot = datetime.now(UTC)
     executor.submit_job(job, ["not a slot"])  # type: ignore[list-item]
     assert "Error running job e" in caplog.text
@@ -233,8 +244,13 @@ def test_a_shared_trigger_answers_each_question_for_itself() -> None:
     slot = shared.get_next_fire_time(None, now)
     assert slot is not None
     questions: list[tuple[datetime | None, datetime]] = [
-        (None, now), (slot, slot), (slot, slot), (slot, slot + timedelta(hours=1)),
-        (None, now), (slot + timedelta(seconds=1), slot + timedelta(seconds=1))]
+        (None, now),
+        (slot, slot),
+        (slot, slot),
+        (slot, slot + timedelta(hours=1)),
+        (None, now),
+        (slot + timedelta(seconds=1), slot + timedelta(seconds=1)),
+    ]
     for previous, when in questions * 2:
         fresh = type(shared)(seconds=1.0, timezone=UTC, start_date=start)
         assert shared.get_next_fire_time(previous, when) == fresh.get_next_fire_time(previous, when)
@@ -256,8 +272,9 @@ def test_a_phase_group_runs_on_the_loop_thread_in_one_turn(loop: NetworkLoop) ->
     try:
         assert not [t.name for t in threading.enumerate() if t.name.startswith("APScheduler")]
         for entry_id in ids:
-            schedule.add(PublishConfig(id=entry_id, topic=f"t/{entry_id}", data={},
-                                       interval=interval))
+            schedule.add(
+                PublishConfig(id=entry_id, topic=f"t/{entry_id}", data={}, interval=interval)
+            )
         wait_until(lambda: len(runs) >= 4 * len(ids), 10, message="four rounds of the group")
     finally:
         schedule.shutdown()
@@ -338,7 +355,8 @@ def test_after_shutdown_nothing_runs_and_the_timer_is_gone(loop: NetworkLoop) ->
 
 
 def test_a_failing_look_at_the_jobs_is_logged_and_the_scheduler_goes_on(
-        loop: NetworkLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop: NetworkLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If looking for due jobs raises (a bug, a job store gone wrong), the error is logged as
     `scheduler_failed` and the scheduler looks again a moment later: ticks go on."""
     monkeypatch.setattr(scheduling, "RETRY_AFTER_FAILURE", 0.05)
@@ -385,8 +403,9 @@ class FrozenClock:
 Outcome = tuple[list[Any], list[Any], dict[str, datetime | None], float | None]
 
 
-def process_on_a_twin(loop: NetworkLoop, own: bool, frozen: datetime, interval: float,
-                      behind: dict[str, float]) -> Outcome:
+def process_on_a_twin(
+    loop: NetworkLoop, own: bool, frozen: datetime, interval: float, behind: dict[str, float]
+) -> Outcome:
     """Build a Schedule with the entries of `behind`, each due that many seconds before
     `frozen` (0: due now), plus a one-shot job and one with an unknown executor; run one
     `_process_jobs`, ours (`own`) or APScheduler's; return the ticks, the events, the jobs
@@ -406,15 +425,27 @@ def process_on_a_twin(loop: NetworkLoop, own: bool, frozen: datetime, interval: 
     scheduler.add_listener(heard, EVENT_ALL)
     scheduler.start(paused=True)  # the jobs go into the stores; nothing runs on its own
     for entry_id, late in behind.items():
-        schedule.add(PublishConfig(id=entry_id, topic=f"t/{entry_id}", data={},
-                                   interval=interval if entry_id != "other" else 3.0))
+        schedule.add(
+            PublishConfig(
+                id=entry_id,
+                topic=f"t/{entry_id}",
+                data={},
+                interval=interval if entry_id != "other" else 3.0,
+            )
+        )
         job = scheduler.get_job(entry_id, ENTRY_JOBS)
         due = job.trigger.get_next_fire_time(None, frozen - timedelta(seconds=late))
         scheduler.modify_job(entry_id, ENTRY_JOBS, next_run_time=min(due, frozen))
-    scheduler.add_job(tick, "date", run_date=frozen, args=("once",), id="once",
-                      jobstore=ENTRY_JOBS)
-    scheduler.add_job(tick, "date", run_date=frozen, args=("lost",), id="lost",
-                      jobstore=ENTRY_JOBS, executor="nowhere")
+    scheduler.add_job(tick, "date", run_date=frozen, args=("once",), id="once", jobstore=ENTRY_JOBS)
+    scheduler.add_job(
+        tick,
+        "date",
+        run_date=frozen,
+        args=("lost",),
+        id="lost",
+        jobstore=ENTRY_JOBS,
+        executor="nowhere",
+    )
     scheduler.state = STATE_RUNNING
     events.clear()
     wait = scheduler._process_jobs() if own else BaseScheduler._process_jobs(scheduler)
@@ -425,7 +456,8 @@ def process_on_a_twin(loop: NetworkLoop, own: bool, frozen: datetime, interval: 
 
 
 def test_processing_due_jobs_does_what_apschedulers_own_loop_does(
-        loop: NetworkLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop: NetworkLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """LoopScheduler._process_jobs (worked out once per group) against APScheduler's own
     BaseScheduler._process_jobs, on twin schedulers at one frozen instant: the same ticks with
     the same slots and missed counts, the same events, the same next run times, the same jobs

@@ -50,6 +50,7 @@ def every_rule(rules: tuple[FieldRule, ...] = FIELD_RULES) -> Iterator[FieldRule
         yield rule
         yield from every_rule(rule.members)
 
+
 NOT_JSON = object()  # what JSON itself refuses: an editor reports it, no schema applies
 INFINITY = "\x01inf"  # a string the generated files turn into 1e400 (which json.dumps cannot)
 
@@ -61,7 +62,8 @@ def test_committed_schema_is_the_generated_one() -> None:
     """JSON/entries.schema.json is exactly what `scheduler-publisher schema` prints."""
     assert COMMITTED.read_text(encoding="utf-8") == schema_text(), (
         "JSON/entries.schema.json is out of date: run "
-        "`scheduler-publisher schema > JSON/entries.schema.json` and commit it")
+        "`scheduler-publisher schema > JSON/entries.schema.json` and commit it"
+    )
 
 
 def test_schema_is_a_valid_draft_2020_12_schema() -> None:
@@ -92,15 +94,18 @@ def test_schema_defaults_are_what_an_omitted_field_becomes() -> None:
     properties = entries_schema()["$defs"]["entry"]["properties"]
     (config,) = parse_config(json.dumps([test_config.entry()]).encode()).entries
     defaults = {name: spec["default"] for name, spec in properties.items() if "default" in spec}
-    assert set(defaults) == {rule.name for rule in FIELD_RULES
-                             if not rule.required and rule.alternative is None}
+    assert set(defaults) == {
+        rule.name for rule in FIELD_RULES if not rule.required and rule.alternative is None
+    }
     assert defaults == {name: getattr(config, name) for name in defaults}
 
 
 def test_schema_errors_point_at_the_field() -> None:
     """An editor's squiggle lands on the bad field: the error's path is the entry's field."""
-    bad = [{"id": "a", "topic": "t", "data": {}, "interval": 1},
-           {"id": "b", "topic": "a/+", "data": {}, "interval": 1}]
+    bad = [
+        {"id": "a", "topic": "t", "data": {}, "interval": 1},
+        {"id": "b", "topic": "a/+", "data": {}, "interval": 1},
+    ]
     (error,) = VALIDATOR.iter_errors(bad)
     assert list(error.absolute_path) == [1, "topic"]
 
@@ -142,8 +147,9 @@ def _calendar(_expected: str | None, value: Any) -> bool:
 GAPS: dict[str, Callable[[str | None, Any], bool]] = {
     "id": lambda expected, _value: expected == "unique",
     "data": lambda expected, _value: expected == "known placeholders",
-    "topic": lambda expected, value: (expected == f"at most {MAX_TOPIC_BYTES} UTF-8 bytes"
-                                      and len(value) <= MAX_TOPIC_BYTES),
+    "topic": lambda expected, value: (
+        expected == f"at most {MAX_TOPIC_BYTES} UTF-8 bytes" and len(value) <= MAX_TOPIC_BYTES
+    ),
     "qos": _integral_float,
     "version": _integral_float,
     "created_at": _calendar,
@@ -151,7 +157,8 @@ GAPS: dict[str, Callable[[str | None, Any], bool]] = {
     # Problem.field names the entry's field; the member is in the expected text.
     "properties": lambda expected, value: (
         expected == f"an integer between 1 and {MAX_MESSAGE_EXPIRY}"
-        and _integral_float(expected, value.get("message_expiry"))),
+        and _integral_float(expected, value.get("message_expiry"))
+    ),
     "cron": lambda expected, value: expected == CRON_EXPECTED and isinstance(value, str),
     "timezone": lambda expected, value: expected == TIMEZONE_EXPECTED and isinstance(value, str),
 }
@@ -204,8 +211,9 @@ def _parametrized_cases(function: Any) -> Iterator[dict[str, Any]]:
         names, values = mark.args[0], mark.args[1]
         names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
         rows = [getattr(v, "values", v) for v in values]
-        expanded.append([dict(zip(names, row if len(names) > 1 else (row,), strict=True))
-                         for row in rows])
+        expanded.append(
+            [dict(zip(names, row if len(names) > 1 else (row,), strict=True)) for row in rows]
+        )
     for combination in itertools.product(*expanded) if expanded else ():
         yield {key: value for part in combination for key, value in part.items()}
 
@@ -260,7 +268,8 @@ BODY_CASES = {
     "data 32 deep": json.dumps([test_config.entry(data=test_config.nested(32))]).encode(),
     "data 33 deep": json.dumps([test_config.entry(data=test_config.nested(33))]).encode(),
     "data arrays 33 deep": json.dumps(
-        [test_config.entry(data={"n": json.loads("[" * 32 + "]" * 32)})]).encode(),
+        [test_config.entry(data={"n": json.loads("[" * 32 + "]" * 32)})]
+    ).encode(),
     "unknown field 62 deep": json.dumps([test_config.entry(x=test_config.nested(62))]).encode(),
     "unknown field 63 deep": json.dumps([test_config.entry(x=test_config.nested(63))]).encode(),
     "topic at the byte limit": json.dumps([test_config.entry(topic="€" * 21845)]).encode(),
@@ -269,13 +278,13 @@ BODY_CASES = {
     "duplicate id": json.dumps([test_config.entry(), test_config.entry()]).encode(),
     "not an object": b'[1, "x", null]',
     "empty array": b"[]",
-    "unknown and repeated fields": _entry_text(extra="1", interval="2, \"interval\": 3"),
+    "unknown and repeated fields": _entry_text(extra="1", interval='2, "interval": 3'),
     "cron instead of interval": b'[{"id": "a", "topic": "t", "data": {}, "cron": "0 * * * *"}]',
     "cron and interval": _entry_text(cron='"0 * * * *"'),
     "neither cron nor interval": b'[{"id": "a", "topic": "t", "data": {}}]',
     "malformed cron": b'[{"id": "a", "topic": "t", "data": {}, "cron": "0 25 * * *"}]',
     "unknown time zone": b'[{"id": "a", "topic": "t", "data": {}, "cron": "* * * * *", '
-                         b'"timezone": "Mars/Phobos"}]',
+    b'"timezone": "Mars/Phobos"}]',
     "timezone on an interval entry": _entry_text(timezone='"Europe/Berlin"'),
 }
 
@@ -301,19 +310,45 @@ def test_validator_and_schema_agree_on_the_hostile_files(tmp_path: Path) -> None
         if content is not None:
             judged.append((name, assert_agree(content)))
     assert {name for name, found in judged if found is not None} >= {
-        "wrong types", "huge numbers", "overflowing float", "deep data", "not an array"}
+        "wrong types",
+        "huge numbers",
+        "overflowing float",
+        "deep data",
+        "not an array",
+    }
 
 
 # --- generated entries ----------------------------------------------------------------------
 
 json_values = test_config.json_values
-topic_chars = st.sampled_from(["a", "b", "/", "+", "#", "$", " ", "\0", "\x1f", "\x7f", "\x9f",
-                               "\ufdd0", "\ufffe", "\U0001fffe", "\U0010ffff", "é", "\ud800",
-                               "\U0001f600", "\u200b"])
+topic_chars = st.sampled_from(
+    [
+        "a",
+        "b",
+        "/",
+        "+",
+        "#",
+        "$",
+        " ",
+        "\0",
+        "\x1f",
+        "\x7f",
+        "\x9f",
+        "\ufdd0",
+        "\ufffe",
+        "\U0001fffe",
+        "\U0010ffff",
+        "é",
+        "\ud800",
+        "\U0001f600",
+        "\u200b",
+    ]
+)
 VALID_FIELDS = {
     "id": st.sampled_from(["a", "b", "pump-7", "é"]),
-    "topic": st.sampled_from(["t", "site/gw/a", "$aws/x", "a/$SYS", "$SYSTEM/x", "/", "é/温度",
-                              "/" * 199, "€" * 21845]),
+    "topic": st.sampled_from(
+        ["t", "site/gw/a", "$aws/x", "a/$SYS", "$SYSTEM/x", "/", "é/温度", "/" * 199, "€" * 21845]
+    ),
     "data": st.dictionaries(st.sampled_from(["online", "v", "w"]), json_values, max_size=3)
     | st.sampled_from([{}, test_config.nested(32), {"x": 10**400}]),
     "interval": st.sampled_from([0.1, 1, 2.5, 86400, 86400.0]) | st.floats(0.1, 86400),
@@ -323,46 +358,69 @@ VALID_FIELDS = {
     "created_at": st.sampled_from([None, "2024-03-04", "2024-03-04T09:15:00+00:00"]),
     "updated_at": st.sampled_from([None, "2024-03-04 09:15"]),
     "version": st.sampled_from([None, 1, 7]),
-    "properties": st.none() | st.fixed_dictionaries({}, optional={
-        "message_expiry": st.sampled_from([1, 60, MAX_MESSAGE_EXPIRY]),
-        "content_type": st.sampled_from(["application/json", "é", "x" * 4096]),
-        "user_properties": st.dictionaries(st.sampled_from(["a", "é", "\U0001f600" * 4096]),
-                                           st.sampled_from(["", "v", "温度"]), max_size=3)
-        | st.just({f"k{i}": "v" for i in range(64)}),
-        "payload_format_utf8": st.booleans(),
-        "unknown": json_values | st.just(test_config.nested(61)),
-    }),
-    "cron": st.sampled_from(["0 * * * *", "*/10 * * * * *", "0 9 * * 1-5", "0 0 * * 7",
-                             "30 2 * * sun", "0 0 1 1 *"]),
+    "properties": st.none()
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "message_expiry": st.sampled_from([1, 60, MAX_MESSAGE_EXPIRY]),
+            "content_type": st.sampled_from(["application/json", "é", "x" * 4096]),
+            "user_properties": st.dictionaries(
+                st.sampled_from(["a", "é", "\U0001f600" * 4096]),
+                st.sampled_from(["", "v", "温度"]),
+                max_size=3,
+            )
+            | st.just({f"k{i}": "v" for i in range(64)}),
+            "payload_format_utf8": st.booleans(),
+            "unknown": json_values | st.just(test_config.nested(61)),
+        },
+    ),
+    "cron": st.sampled_from(
+        ["0 * * * *", "*/10 * * * * *", "0 9 * * 1-5", "0 0 * * 7", "30 2 * * sun", "0 0 1 1 *"]
+    ),
     "timezone": st.sampled_from(["UTC", "Europe/Berlin", "America/New_York"]),
     "extra": json_values | st.just(test_config.nested(62)),
 }
 INVALID_FIELDS = {
     "id": st.sampled_from(["", "a\ud800", 5, None, True, ["a"]]) | json_values,
-    "topic": st.text(topic_chars, max_size=6) | st.sampled_from(
-        ["", "$SYS", "$SYS/x", "$CONTROL/y", "$share/g/t", "/" * 200, "é" * 40000, 5, None]),
-    "data": st.sampled_from([[1], "x", None, test_config.nested(33), {"a": INFINITY},
-                             {"\ud800": 1}, {"a": ["\udfff"]}]) | json_values,
-    "interval": st.sampled_from([0, -1, 86400.001, 86401, 10**30, True, "5", None, INFINITY,
-                                 0.09999999999999999]) | json_values,
+    "topic": st.text(topic_chars, max_size=6)
+    | st.sampled_from(
+        ["", "$SYS", "$SYS/x", "$CONTROL/y", "$share/g/t", "/" * 200, "é" * 40000, 5, None]
+    ),
+    "data": st.sampled_from(
+        [[1], "x", None, test_config.nested(33), {"a": INFINITY}, {"\ud800": 1}, {"a": ["\udfff"]}]
+    )
+    | json_values,
+    "interval": st.sampled_from(
+        [0, -1, 86400.001, 86401, 10**30, True, "5", None, INFINITY, 0.09999999999999999]
+    )
+    | json_values,
     "qos": st.sampled_from([3, -1, True, False, 1.0, 2.0, 0.5, "1", None]) | json_values,
     "retain": st.sampled_from([0, 1, "true", None]) | json_values,
     "lwt": json_values,
     "created_at": st.sampled_from(["yesterday", "", "2024-02-30", 1714000000]) | json_values,
     "updated_at": json_values,
     "version": st.sampled_from([0, -1, 1.0, 1.5, True, "2"]) | json_values,
-    "properties": json_values | st.fixed_dictionaries({}, optional={
-        "message_expiry": st.sampled_from([0, -1, 60.0, 1.5, MAX_MESSAGE_EXPIRY + 1, True, "60"])
-        | json_values,
-        "content_type": st.sampled_from(["", "a\x00", "\x9f", "\ufffe", "a\ud800", "x" * 4097])
-        | json_values,
-        "user_properties": json_values | st.dictionaries(
-            st.sampled_from(["", "a", "\n", "\ud800", "x" * 4097]),
-            json_values | st.sampled_from(["\x7f", "\udfff", "v" * 4097]), max_size=3)
-        | st.just({f"k{i}": "v" for i in range(65)}),
-        "payload_format_utf8": json_values,
-        "unknown": st.just(test_config.nested(62)),
-    }),
+    "properties": json_values
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "message_expiry": st.sampled_from(
+                [0, -1, 60.0, 1.5, MAX_MESSAGE_EXPIRY + 1, True, "60"]
+            )
+            | json_values,
+            "content_type": st.sampled_from(["", "a\x00", "\x9f", "\ufffe", "a\ud800", "x" * 4097])
+            | json_values,
+            "user_properties": json_values
+            | st.dictionaries(
+                st.sampled_from(["", "a", "\n", "\ud800", "x" * 4097]),
+                json_values | st.sampled_from(["\x7f", "\udfff", "v" * 4097]),
+                max_size=3,
+            )
+            | st.just({f"k{i}": "v" for i in range(65)}),
+            "payload_format_utf8": json_values,
+            "unknown": st.just(test_config.nested(62)),
+        },
+    ),
     "cron": st.sampled_from(["", "* * *", "0 25 * * *", "0 0 * * 8", "x * * * *", None, 5])
     | json_values,
     "timezone": st.sampled_from(["", "Mars/Phobos", "utc", "../etc", None]) | json_values,
@@ -381,16 +439,19 @@ def _valid_entries() -> st.SearchStrategy[dict[str, Any]]:
     common = {name: value for name, value in VALID_FIELDS.items() if name != "cron"}
     scheduled_by_cron = {**common, "interval": VALID_FIELDS["cron"]}
     return _entries(common) | _entries(scheduled_by_cron).map(
-        lambda entry: {("cron" if name == "interval" else name): value
-                       for name, value in entry.items()})
+        lambda entry: {
+            ("cron" if name == "interval" else name): value for name, value in entry.items()
+        }
+    )
 
 
 def _mixed(name: str) -> st.SearchStrategy[Any]:
     return VALID_FIELDS[name] | INVALID_FIELDS[name]
 
 
-mixed_entry = (_entries({name: _mixed(name) for name in VALID_FIELDS})
-               | st.fixed_dictionaries({}, optional={n: _mixed(n) for n in VALID_FIELDS}))
+mixed_entry = _entries({name: _mixed(name) for name in VALID_FIELDS}) | st.fixed_dictionaries(
+    {}, optional={n: _mixed(n) for n in VALID_FIELDS}
+)
 
 
 def _file(entries: list[Any]) -> bytes:
@@ -417,10 +478,18 @@ def test_generated_files_get_the_same_verdict(entries: list[Any]) -> None:
     assert_agree(_file(entries))
 
 
-@pytest.mark.parametrize(("value", "accepted"), [
-    ("t", True), ("a\ud800", False), ("a\U0001f600", True), ("\U0001fffe", False),
-    ("\U0001fffd", True), ("$SYS\n", False), ("$SYSX", True),
-])
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("t", True),
+        ("a\ud800", False),
+        ("a\U0001f600", True),
+        ("\U0001fffe", False),
+        ("\U0001fffd", True),
+        ("$SYS\n", False),
+        ("$SYSX", True),
+    ],
+)
 def test_patterns_use_code_points(value: str, accepted: bool) -> None:
     """A lone surrogate and an astral noncharacter are refused, a well-formed astral
     character passes: the patterns match code points, in the validator and the schema."""
@@ -445,9 +514,27 @@ def test_schema_command_prints_the_committed_schema(schema_command_output: str) 
     assert schema_command_output == COMMITTED.read_text(encoding="utf-8")
 
 
-PATTERN_PROBES = ["t", "a\ud800", "a\U0001f600", "\U0001fffe", "\U0001fffd", "\U0010ffff",
-                  "$SYS\n", "$SYSX", "$SYS/x", "$share", "a/+", "#", "\0", "\x9f", "\xa0",
-                  "\ufdd0", "/" * 199, "/" * 200, "é/温度"]
+PATTERN_PROBES = [
+    "t",
+    "a\ud800",
+    "a\U0001f600",
+    "\U0001fffe",
+    "\U0001fffd",
+    "\U0010ffff",
+    "$SYS\n",
+    "$SYSX",
+    "$SYS/x",
+    "$share",
+    "a/+",
+    "#",
+    "\0",
+    "\x9f",
+    "\xa0",
+    "\ufdd0",
+    "/" * 199,
+    "/" * 200,
+    "é/温度",
+]
 NODE_PROBE = """
 const [patterns, probes] = JSON.parse(require('fs').readFileSync(0, 'utf8'));
 console.log(JSON.stringify(patterns.map(p => probes.map(s => new RegExp(p, 'u').test(s)))));
@@ -475,7 +562,13 @@ def test_patterns_read_the_same_in_ecmascript() -> None:
     patterns = sorted(set(_patterns(entries_schema())))
     assert len(patterns) >= 5
     request = json.dumps([patterns, PATTERN_PROBES])  # ASCII: surrogates travel as escapes
-    ran = subprocess.run([node, "-e", NODE_PROBE], input=request, capture_output=True,
-                         text=True, timeout=60, check=True)
+    ran = subprocess.run(
+        [node, "-e", NODE_PROBE],
+        input=request,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     python = [[re.search(p, probe) is not None for probe in PATTERN_PROBES] for p in patterns]
     assert json.loads(ran.stdout) == python

@@ -43,28 +43,74 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 def _issue(pki: Path, name: str, cn: str, san: str | None) -> None:
     """An EC key and a certificate for `cn` (with `san`), signed by pki/ca.pem."""
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}",
-             cwd=pki)
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={cn}",
+        cwd=pki,
+    )
     ext = pki / f"{name}.ext"
     lines = ["basicConstraints=CA:FALSE", "keyUsage=digitalSignature,keyEncipherment"]
     if san:
         lines.append(f"subjectAltName={san}")
     ext.write_text("\n".join(lines) + "\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-sha256",
-             "-extfile", ext.name, cwd=pki)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        ext.name,
+        cwd=pki,
+    )
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throwaway CA, a server cert for 127.0.0.1/localhost, one for another name, a client."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=scheduler-publisher test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=scheduler-publisher test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )
     _issue(d, "server", "127.0.0.1", "IP:127.0.0.1,DNS:localhost")
     _issue(d, "wrongname", "broker.invalid", "DNS:broker.invalid")
     _issue(d, "client", "sp-client", None)
@@ -72,8 +118,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tls_listener(pki: Path, server: str = "server", *, mutual: bool = False) -> str:
-    extra = (f"cafile {pki / 'ca.pem'}\ncertfile {pki / f'{server}.pem'}\n"
-             f"keyfile {pki / f'{server}.key'}\n")
+    extra = (
+        f"cafile {pki / 'ca.pem'}\ncertfile {pki / f'{server}.pem'}\n"
+        f"keyfile {pki / f'{server}.key'}\n"
+    )
     if mutual:
         extra += "require_certificate true\nuse_identity_as_username true\n"
     return extra
@@ -121,12 +169,14 @@ class Launcher:
         self.cleanup = cleanup
         self.topic = unique_topic("sec")
 
-    def __call__(self, port: int, *extra: str, env: dict[str, str] | None = None,
-                 log_level: str = "INFO") -> ServiceProcess:
+    def __call__(
+        self, port: int, *extra: str, env: dict[str, str] | None = None, log_level: str = "INFO"
+    ) -> ServiceProcess:
         config = self.tmp_path / "config.json"
         write_config(config, [entry("e1", self.topic, 0.5, qos=1)])
-        args = cli_args(port, config, "--log-level", log_level, *extra, log_file=self.log_file,
-                        backoff=(0.5, 1))
+        args = cli_args(
+            port, config, "--log-level", log_level, *extra, log_file=self.log_file, backoff=(0.5, 1)
+        )
         proc = ServiceProcess(args, cwd=self.tmp_path, env=env)
         self.cleanup.append(proc)
         return proc
@@ -148,13 +198,16 @@ def failures(proc: ServiceProcess) -> list[dict[str, Any]]:
 def wait_failures(proc: ServiceProcess, count: int, timeout: float = 20) -> list[dict[str, Any]]:
     def enough() -> list[dict[str, Any]] | None:
         if proc.proc.poll() is not None:
-            raise AssertionError(f"service exited ({proc.proc.returncode}):\n"
-                                 + "\n".join(proc.stdout[-10:] + proc.stderr[-10:]))
+            raise AssertionError(
+                f"service exited ({proc.proc.returncode}):\n"
+                + "\n".join(proc.stdout[-10:] + proc.stderr[-10:])
+            )
         got = failures(proc)
         return got if len(got) >= count else None
 
-    result: list[dict[str, Any]] = wait_until(enough, timeout,
-                                              message=f"{count} mqtt_connect_failed events")
+    result: list[dict[str, Any]] = wait_until(
+        enough, timeout, message=f"{count} mqtt_connect_failed events"
+    )
     return result
 
 
@@ -171,8 +224,9 @@ def assert_retried_with_backoff(proc: ServiceProcess, pattern: re.Pattern[str]) 
 # ---- TLS ----------------------------------------------------------------------------------
 
 
-def test_tls_with_cafile_publishes(tmp_path: Path, cleanup: list[Any], pki: Path,
-                                   launch: Launcher) -> None:
+def test_tls_with_cafile_publishes(
+    tmp_path: Path, cleanup: list[Any], pki: Path, launch: Launcher
+) -> None:
     """--tls --cafile ca.pem: the server is verified and entries are published over TLS."""
     plain = free_port()  # the first listener is TLS; a plain one is for the test's subscriber
     broker = start_broker(tmp_path, cleanup, tls_listener(pki) + f"listener {plain} 127.0.0.1\n")
@@ -184,8 +238,9 @@ def test_tls_with_cafile_publishes(tmp_path: Path, cleanup: list[Any], pki: Path
     assert not failures(proc)
 
 
-def test_tls_without_cafile_fails_verification_and_retries(tmp_path: Path, cleanup: list[Any],
-                                                            pki: Path, launch: Launcher) -> None:
+def test_tls_without_cafile_fails_verification_and_retries(
+    tmp_path: Path, cleanup: list[Any], pki: Path, launch: Launcher
+) -> None:
     """System CAs do not know the test CA: logged as a certificate failure, retried, alive."""
     broker = start_broker(tmp_path, cleanup, tls_listener(pki))
     proc = launch(broker.port, "--tls")
@@ -193,21 +248,26 @@ def test_tls_without_cafile_fails_verification_and_retries(tmp_path: Path, clean
 
 
 def test_tls_hostname_mismatch_fails_verification_and_retries(
-        tmp_path: Path, cleanup: list[Any], pki: Path, launch: Launcher) -> None:
+    tmp_path: Path, cleanup: list[Any], pki: Path, launch: Launcher
+) -> None:
     """A certificate for another host name is rejected in words and retried with backoff."""
     broker = start_broker(tmp_path, cleanup, tls_listener(pki, "wrongname"))
     proc = launch(broker.port, "--tls", "--cafile", str(pki / "ca.pem"))
     assert_retried_with_backoff(proc, CERT_FAILURE)
-    assert "127.0.0.1" in str(failures(proc)[0]["reason"]) or \
-        "mismatch" in str(failures(proc)[0]["reason"]).lower()
+    assert (
+        "127.0.0.1" in str(failures(proc)[0]["reason"])
+        or "mismatch" in str(failures(proc)[0]["reason"]).lower()
+    )
 
 
-def test_tls_insecure_connects_and_warns_loudly(tmp_path: Path, cleanup: list[Any], pki: Path,
-                                                launch: Launcher) -> None:
+def test_tls_insecure_connects_and_warns_loudly(
+    tmp_path: Path, cleanup: list[Any], pki: Path, launch: Launcher
+) -> None:
     """--tls-insecure connects to an unverifiable broker and says so on stderr and in the log."""
     plain = free_port()
-    broker = start_broker(tmp_path, cleanup,
-                          tls_listener(pki, "wrongname") + f"listener {plain} 127.0.0.1\n")
+    broker = start_broker(
+        tmp_path, cleanup, tls_listener(pki, "wrongname") + f"listener {plain} 127.0.0.1\n"
+    )
     sub = plain_subscriber(plain, cleanup, launch.topic)
     proc = launch(broker.port, "--tls", "--tls-insecure")
     warning = proc.wait_for_event("tls_verification_disabled", timeout=20)
@@ -217,15 +277,25 @@ def test_tls_insecure_connects_and_warns_loudly(tmp_path: Path, cleanup: list[An
     assert any("NOT verified" in line for line in proc.stderr)
 
 
-def test_mutual_tls_with_client_certificate(tmp_path: Path, cleanup: list[Any], pki: Path,
-                                            launch: Launcher) -> None:
+def test_mutual_tls_with_client_certificate(
+    tmp_path: Path, cleanup: list[Any], pki: Path, launch: Launcher
+) -> None:
     """require_certificate: --certfile/--keyfile connects and publishes; without them it fails."""
     plain = free_port()
-    broker = start_broker(tmp_path, cleanup,
-                          tls_listener(pki, mutual=True) + f"listener {plain} 127.0.0.1\n")
+    broker = start_broker(
+        tmp_path, cleanup, tls_listener(pki, mutual=True) + f"listener {plain} 127.0.0.1\n"
+    )
     sub = plain_subscriber(plain, cleanup, launch.topic)
-    proc = launch(broker.port, "--tls", "--cafile", str(pki / "ca.pem"),
-                  "--certfile", str(pki / "client.pem"), "--keyfile", str(pki / "client.key"))
+    proc = launch(
+        broker.port,
+        "--tls",
+        "--cafile",
+        str(pki / "ca.pem"),
+        "--certfile",
+        str(pki / "client.pem"),
+        "--keyfile",
+        str(pki / "client.key"),
+    )
     proc.wait_for_event("mqtt_connected", timeout=30)
     sub.wait_for(launch.topic, timeout=20)
 
@@ -246,8 +316,12 @@ def password_broker(tmp_path: Path, cleanup: list[Any], user: str, password: str
     """A broker that only lets in `user` (and the test's observer) with a password."""
     pwfile = tmp_path / "mosquitto.passwd"
     for i, (u, p) in enumerate(((user, password), (SUB_USER, SUB_PASSWORD))):
-        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(pwfile), u, p],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(pwfile), u, p],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     # The later allow_anonymous wins over the fixture's `allow_anonymous true`.
     return start_broker(tmp_path, cleanup, f"allow_anonymous false\npassword_file {pwfile}\n")
 
@@ -270,21 +344,26 @@ def assert_never_logged(proc: ServiceProcess, log_file: Path, secret: str) -> No
 
 
 def test_wrong_password_is_refused_in_words_and_retried_with_bounded_rate(
-        tmp_path: Path, cleanup: list[Any], launch: Launcher) -> None:
+    tmp_path: Path, cleanup: list[Any], launch: Launcher
+) -> None:
     """A wrong password: "not authorized" in words, retried with backoff (no hot loop), and the
     wrong password never shows up in stdout, stderr or the log file at DEBUG."""
     good, wrong = f"right-{uuid.uuid4().hex}", f"wrong-{uuid.uuid4().hex}"
     broker = password_broker(tmp_path, cleanup, "gw", good)
     pwfile = tmp_path / "pw"
     pwfile.write_text(wrong + "\n")
-    proc = launch(broker.port, "--username", "gw", "--password-file", str(pwfile),
-                  log_level="DEBUG")
+    proc = launch(
+        broker.port, "--username", "gw", "--password-file", str(pwfile), log_level="DEBUG"
+    )
     first = wait_failures(proc, 1, timeout=30)[0]
     assert AUTH_FAILURE.search(str(first["reason"])), first
     # Observe 6 s of the service's own log clock. With backoff 0.5..1 s there are at most ~13
     # attempts, one event each; a hot loop would log hundreds.
-    wait_until(lambda: any(ts(e) - ts(first) >= 6.0 for e in failures(proc)), 40,
-               message="a failure logged 6 s after the first")
+    wait_until(
+        lambda: any(ts(e) - ts(first) >= 6.0 for e in failures(proc)),
+        40,
+        message="a failure logged 6 s after the first",
+    )
     in_window = [e for e in failures(proc) if ts(e) - ts(first) < 6.0]
     assert 3 <= len(in_window) <= 16, len(in_window)
     assert all(AUTH_FAILURE.search(str(e["reason"])) for e in in_window), in_window
@@ -300,7 +379,8 @@ def ts(e: dict[str, Any]) -> float:
 
 @pytest.mark.parametrize("source", ["password-file", "env", "credentials-directory"])
 def test_password_sources_connect_and_never_log_the_password(
-        tmp_path: Path, cleanup: list[Any], launch: Launcher, source: str) -> None:
+    tmp_path: Path, cleanup: list[Any], launch: Launcher, source: str
+) -> None:
     """--password-file, $MQTT_PASSWORD and $CREDENTIALS_DIRECTORY/mqtt-password each connect,
     and the password is not in stdout, stderr or the log file at DEBUG."""
     password = f"pw-{uuid.uuid4().hex}"
@@ -333,16 +413,23 @@ def _post(port: int, token: str | None) -> tuple[int, dict[str, Any]]:
     return reply.status, json.loads(reply.body or b"{}")
 
 
-def test_http_reload_requires_the_bearer_token(tmp_path: Path, cleanup: list[Any],
-                                               launch: Launcher) -> None:
+def test_http_reload_requires_the_bearer_token(
+    tmp_path: Path, cleanup: list[Any], launch: Launcher
+) -> None:
     """POST /reload with --http-token-file: 401 without or with a wrong token, 200 with it; the
     token is never logged."""
     broker = start_broker(tmp_path, cleanup, "")
     token = f"tok-{uuid.uuid4().hex}"
     (tmp_path / "token").write_text(token + "\n")
     port = free_port()
-    proc = launch(broker.port, "--http-port", str(port), "--http-token-file",
-                  str(tmp_path / "token"), log_level="DEBUG")
+    proc = launch(
+        broker.port,
+        "--http-port",
+        str(port),
+        "--http-token-file",
+        str(tmp_path / "token"),
+        log_level="DEBUG",
+    )
     proc.wait_for_event("http_listening", timeout=30)
     assert _post(port, None)[0] == 401
     assert _post(port, "not-" + token)[0] == 401
@@ -393,19 +480,27 @@ def test_deeply_nested_config_at_start_exits_3(tmp_path: Path, depth: int) -> No
     assert "Traceback" not in err
 
 
-
 # ---- a config file anyone can write -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("file_mode", "folder_mode", "expected"), [
-    (0o644, 0o755, []),
-    (0o666, 0o755, ["config.json is world-writable"]),
-    (0o644, 0o777, ["folder", "is world-writable"]),
-    (0o644, 0o1777, ["folder", "is world-writable (sticky)"]),
-])
+@pytest.mark.parametrize(
+    ("file_mode", "folder_mode", "expected"),
+    [
+        (0o644, 0o755, []),
+        (0o666, 0o755, ["config.json is world-writable"]),
+        (0o644, 0o777, ["folder", "is world-writable"]),
+        (0o644, 0o1777, ["folder", "is world-writable (sticky)"]),
+    ],
+)
 def test_world_writable_config_is_warned_about_at_start(
-        tmp_path: Path, broker: Mosquitto, services: InProcessServices, topic_base: str,
-        file_mode: int, folder_mode: int, expected: list[str]) -> None:
+    tmp_path: Path,
+    broker: Mosquitto,
+    services: InProcessServices,
+    topic_base: str,
+    file_mode: int,
+    folder_mode: int,
+    expected: list[str],
+) -> None:
     """A config file, or its folder, that anyone may write is named in a warning at start."""
     folder = tmp_path / "etc"
     folder.mkdir()

@@ -128,12 +128,19 @@ class FakeClient:
     def socket(self) -> socket.socket | None:
         return self.sock
 
-    def will_set(self, topic: str, payload: bytes, qos: int, retain: bool,
-                 properties: Any = None) -> None:
+    def will_set(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Any = None
+    ) -> None:
         self.will = Will(topic, payload, qos, retain)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
-                properties: Properties | None = None) -> FakeInfo:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None = None,
+    ) -> FakeInfo:
         assert properties is None  # the entries of these tests have none
         self.published.append((topic, payload, qos, retain))
         return FakeInfo(0, next(self._mids))
@@ -167,13 +174,23 @@ class FakeClient:
 
     def broker_disconnect(self, code: int) -> None:
         self.close_socket()
-        self.on_disconnect(self, None, DisconnectFlags(is_disconnect_packet_from_server=True),
-                           ReasonCode(PacketTypes.DISCONNECT, identifier=code), None)
+        self.on_disconnect(
+            self,
+            None,
+            DisconnectFlags(is_disconnect_packet_from_server=True),
+            ReasonCode(PacketTypes.DISCONNECT, identifier=code),
+            None,
+        )
 
     def socket_lost(self) -> None:
         self.close_socket()
-        self.on_disconnect(self, None, DisconnectFlags(is_disconnect_packet_from_server=False),
-                           ReasonCode(PacketTypes.DISCONNECT, identifier=0x80), None)
+        self.on_disconnect(
+            self,
+            None,
+            DisconnectFlags(is_disconnect_packet_from_server=False),
+            ReasonCode(PacketTypes.DISCONNECT, identifier=0x80),
+            None,
+        )
 
     def ack(self, mid: int) -> None:
         self.on_publish(self, None, mid, ReasonCode(PacketTypes.PUBACK, identifier=0), None)
@@ -197,8 +214,9 @@ class Heard:
     def link_closed(self, session: SessionView) -> None:
         self.events.append(("closed", session.key, None))
 
-    def published(self, session: SessionView, entry_id: str | None, qos: int,
-                  failure: str | None) -> None:
+    def published(
+        self, session: SessionView, entry_id: str | None, qos: int, failure: str | None
+    ) -> None:
         self.events.append(("published", session.key, entry_id))
 
     def written(self, session: SessionView, entry_ids: list[str]) -> None:
@@ -241,11 +259,14 @@ class Harness:
         self.clients: list[FakeClient] = []
         self.fail_connect: BaseException | None = None
         self.heard = Heard()
-        base = {"client_id": "fake", "backoff_min": 1.0, "backoff_max": 8.0,
-                "connect_rate": 1000.0}
+        base = {"client_id": "fake", "backoff_min": 1.0, "backoff_max": 8.0, "connect_rate": 1000.0}
         self.connector = Inline()
-        self.loop = NetworkLoop(BrokerSettings(**{**base, **settings}), self.heard,
-                                make_client=self._make, connector=self.connector)
+        self.loop = NetworkLoop(
+            BrokerSettings(**{**base, **settings}),
+            self.heard,
+            make_client=self._make,
+            connector=self.connector,
+        )
         self.loop.drive()  # the test's thread is the loop's
 
     def _make(self, session: Session) -> Any:
@@ -311,10 +332,22 @@ def state_of(session: Session) -> State:
 
 def fake_session(state: State) -> Session:
     ignore: Any = lambda *_: None  # noqa: E731 - callbacks these tests do not watch
-    callbacks = SessionCallbacks(connected=ignore, refused=ignore, lost=ignore,
-                                 published=ignore, want_write=ignore, socket_closed=ignore)
-    session = Session(MAIN_LINK, "fake", None, BrokerSettings(client_id="fake"), callbacks,
-                      make_client=lambda s: FakeClient(s.will))  # type: ignore[arg-type,return-value]
+    callbacks = SessionCallbacks(
+        connected=ignore,
+        refused=ignore,
+        lost=ignore,
+        published=ignore,
+        want_write=ignore,
+        socket_closed=ignore,
+    )
+    session = Session(
+        MAIN_LINK,
+        "fake",
+        None,
+        BrokerSettings(client_id="fake"),
+        callbacks,
+        make_client=lambda s: FakeClient(s.will),  # type: ignore[arg-type,return-value]
+    )
     session.state = state
     return session
 
@@ -325,10 +358,12 @@ def test_the_table_is_the_lifecycle_read_from_the_spec() -> None:
     assert dict(TRANSITIONS) == EXPECTED
 
 
-@pytest.mark.parametrize(("pair", "after"), list(TRANSITIONS.items()),
-                         ids=[f"{s.name}-{e.name}" for s, e in TRANSITIONS])
+@pytest.mark.parametrize(
+    ("pair", "after"), list(TRANSITIONS.items()), ids=[f"{s.name}-{e.name}" for s, e in TRANSITIONS]
+)
 def test_every_transition_in_the_table_moves_the_session(
-        pair: tuple[State, Event], after: State) -> None:
+    pair: tuple[State, Event], after: State
+) -> None:
     """Firing an allowed event moves the session to the state the table names."""
     before, event = pair
     session = fake_session(before)
@@ -508,8 +543,7 @@ def test_no_connack_in_time_drops_the_handshake(harness: Harness) -> None:
     assert "no CONNACK" in (session.last_error or "")
 
 
-def test_a_stall_is_detected_at_the_per_entry_limit_and_cleared_by_an_ack(
-        harness: Harness) -> None:
+def test_a_stall_is_detected_at_the_per_entry_limit_and_cleared_by_an_ack(harness: Harness) -> None:
     """paho holding MAX_PENDING_PER_ENTRY messages of one entry is a stall; the connection
     still counts as up; the first acknowledgement clears it."""
     session = harness.connect()
@@ -526,8 +560,7 @@ def test_a_stall_is_detected_at_the_per_entry_limit_and_cleared_by_an_ack(
     assert ("published", MAIN_LINK, "e") in harness.heard.events
 
 
-def test_a_stall_survives_a_reconnect_while_paho_still_holds_the_messages(
-        harness: Harness) -> None:
+def test_a_stall_survives_a_reconnect_while_paho_still_holds_the_messages(harness: Harness) -> None:
     """QoS 1 messages resent after a reconnect still count: the new connection starts
     STALLED."""
     session = harness.connect()

@@ -51,7 +51,11 @@ def test_assignment_is_pinned_across_releases() -> None:
     """The same id lands on the same shard in every release and process: these owners are
     fixed, so an upgrade of some hosts of a fleet never runs an entry twice or not at all."""
     assert [owner(i, 2) for i in ("pump-circulation", "boiler-temperature", "a", "c")] == [
-        1, 2, 1, 2]
+        1,
+        2,
+        1,
+        2,
+    ]
     assert [owner(i, 8) for i in ("a", "b", "c", "g", "power-meter-main")] == [5, 6, 8, 4, 3]
 
 
@@ -91,9 +95,16 @@ def test_ids_outside_ascii_are_assigned() -> None:
         assert 1 <= owner(entry_id, 7) <= 7
 
 
-@pytest.mark.parametrize(("text", "shard"), [("1/2", Shard(1, 2)), ("2-of-2", Shard(2, 2)),
-                                             (" 3 / 4 ", Shard(3, 4)), ("1/1", Shard(1, 1)),
-                                             ("1024/1024", Shard(1024, 1024))])
+@pytest.mark.parametrize(
+    ("text", "shard"),
+    [
+        ("1/2", Shard(1, 2)),
+        ("2-of-2", Shard(2, 2)),
+        (" 3 / 4 ", Shard(3, 4)),
+        ("1/1", Shard(1, 1)),
+        ("1024/1024", Shard(1024, 1024)),
+    ],
+)
 def test_parse_shard_accepts_both_forms(text: str, shard: Shard) -> None:
     """`K/N` and the systemd instance form `K-of-N` both parse."""
     assert parse_shard(text) == shard
@@ -101,14 +112,16 @@ def test_parse_shard_accepts_both_forms(text: str, shard: Shard) -> None:
     assert parse_shard(str(shard)) == shard
 
 
-@pytest.mark.parametrize("text", ["0/2", "3/2", "1/1025", "x", "1/", "-1/2", "1.5/2", "",
-                                  "1/2/3", "1 of 2"])
+@pytest.mark.parametrize(
+    "text", ["0/2", "3/2", "1/1025", "x", "1/", "-1/2", "1.5/2", "", "1/2/3", "1 of 2"]
+)
 def test_parse_shard_refuses_with_what_was_expected(text: str) -> None:
     """A bad spec says what it got and that K/N with 1 <= K <= N <= 1024 was expected."""
     with pytest.raises(ShardError) as info:
         parse_shard(text)
-    assert str(info.value) == (f"must be K/N or K-of-N with 1 <= K <= N <= {MAX_SHARDS}, "
-                               f"got {text!r}")
+    assert str(info.value) == (
+        f"must be K/N or K-of-N with 1 <= K <= N <= {MAX_SHARDS}, got {text!r}"
+    )
 
 
 def test_shard_value_checks_its_range() -> None:
@@ -124,8 +137,16 @@ def test_only_the_shards_entries_run_and_validation_stays_file_wide(tmp_path: Pa
     """The running set holds only the shard's valid entries; an invalid entry of another shard
     is still a problem of the file, and a duplicate id is reported whoever owns it."""
     config = tmp_path / "c.json"
-    write_config(config, [entry("a", "t/a"), entry("c", "t/c"), entry("g", "t/g"),
-                          entry("d", "t/d", interval=0), entry("c", "t/c2")])
+    write_config(
+        config,
+        [
+            entry("a", "t/a"),
+            entry("c", "t/c"),
+            entry("g", "t/g"),
+            entry("d", "t/d", interval=0),
+            entry("c", "t/c2"),
+        ],
+    )
     result = ConfigurationLoader(config).load()
     wanted, kept = effective_entries({}, result, Shard(1, 2))
     assert sorted(wanted) == ["a", "g"]  # c is shard 2's (and a duplicate); d is invalid
@@ -150,7 +171,10 @@ def test_for_shard_suffixes_client_ids_and_status_topics() -> None:
     base = ServiceSettings(broker=BrokerSettings(client_id="gw"))
     one, two = base.for_shard(Shard(1, 2)), base.for_shard(Shard(2, 2))
     assert (one.shard, one.broker.client_id, two.broker.client_id) == (
-        Shard(1, 2), "gw-1-of-2", "gw-2-of-2")
+        Shard(1, 2),
+        "gw-1-of-2",
+        "gw-2-of-2",
+    )
     assert one.broker.effective_status_topic == "scheduler-publisher/gw-1-of-2/status"
     assert one.broker.entry_client_id("valve") == "gw-1-of-2/valve"
     explicit = ServiceSettings(broker=BrokerSettings(client_id="gw", status_topic="site/st"))
@@ -179,8 +203,11 @@ def run_main(argv: list[str]) -> int:
 
 
 def test_shard_option_from_flag_environment_and_options_file(
-        clean_environment: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    clean_environment: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """--shard, SCHEDULER_PUBLISHER_SHARD and `shard = "K/N"` in the options file all set it,
     in that precedence; show-options shows the suffixed client id."""
     opts = tmp_path / "o.toml"
@@ -201,15 +228,25 @@ def test_shard_option_from_flag_environment_and_options_file(
     assert "-1-of-2/status" in shown()["status-topic"]
 
 
-@pytest.mark.parametrize(("where", "error"), [
-    ("flag", "argument --shard: must be K/N or K-of-N with 1 <= K <= N <= 1024, got '3/2'"),
-    ("env", "SCHEDULER_PUBLISHER_SHARD: must be K/N or K-of-N with 1 <= K <= N <= 1024, "
-            "got '3/2'"),
-    ("file", "shard: must be K/N or K-of-N with 1 <= K <= N <= 1024, got '3/2'"),
-])
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("flag", "argument --shard: must be K/N or K-of-N with 1 <= K <= N <= 1024, got '3/2'"),
+        (
+            "env",
+            "SCHEDULER_PUBLISHER_SHARD: must be K/N or K-of-N with 1 <= K <= N <= 1024, got '3/2'",
+        ),
+        ("file", "shard: must be K/N or K-of-N with 1 <= K <= N <= 1024, got '3/2'"),
+    ],
+)
 def test_bad_shard_is_a_usage_error_naming_the_option(
-        clean_environment: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str], where: str, error: str) -> None:
+    clean_environment: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    error: str,
+) -> None:
     """--shard 3/2 from a flag, the environment or the options file: exit 2 and one line that
     names the option, the value and what was expected; nothing starts."""
     opts = tmp_path / "o.toml"
@@ -224,41 +261,62 @@ def test_bad_shard_is_a_usage_error_naming_the_option(
     assert error in line
 
 
-def test_a_shard_as_a_toml_number_is_refused(clean_environment: None, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_shard_as_a_toml_number_is_refused(
+    clean_environment: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`shard = 1` (a number, not "1/2") names the option and the string it expects."""
     opts = tmp_path / "o.toml"
     opts.write_text("shard = 1\n")
     assert run_main(["validate", "--options-file", str(opts), "--config", str(SAMPLE)]) == 2
     assert f"options file {opts}: shard: expected a string, got integer 1" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_validate_shard_lists_the_entries_the_shard_runs(
-        clean_environment: None, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`validate --shard K/N` lists, in file order, the valid entries shard K runs; the two
     shards' lists together are every entry, once."""
     listed = {}
     for k in (1, 2):
-        assert run_main(["validate", "--config", str(SAMPLE), "--shard", f"{k}/2",
-                         "--options-file", ""]) == 0
+        assert (
+            run_main(
+                ["validate", "--config", str(SAMPLE), "--shard", f"{k}/2", "--options-file", ""]
+            )
+            == 0
+        )
         out = capsys.readouterr().out.splitlines()
         assert out[0].endswith("valid: 4 valid entries, 0 errors, 0 warnings")
         listed[k] = [line.strip() for line in out[2:]]
         assert out[1] == f"shard {k}/2 runs {len(listed[k])} of 4 valid entries:"
         assert all(owner(i, 2) == k for i in listed[k])
-    assert listed == {1: ["pump-circulation", "door-plant-room", "power-meter-main"],
-                      2: ["boiler-temperature"]}
+    assert listed == {
+        1: ["pump-circulation", "door-plant-room", "power-meter-main"],
+        2: ["boiler-temperature"],
+    }
 
 
 def test_validate_shard_json_and_problems_anywhere(
-        clean_environment: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_environment: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """In JSON, `shard` holds k, n, name and the entries; an invalid entry that shard 1 would
     not run still makes the file invalid (exit 1)."""
     config = tmp_path / "c.json"
     write_config(config, [entry("a", "t/a"), entry("g", "t/g"), entry("c", "t/c", qos=7)])
-    code = run_main(["validate", "--config", str(config), "--shard", "1/2", "--format", "json",
-                     "--options-file", ""])
+    code = run_main(
+        [
+            "validate",
+            "--config",
+            str(config),
+            "--shard",
+            "1/2",
+            "--format",
+            "json",
+            "--options-file",
+            "",
+        ]
+    )
     body = json.loads(capsys.readouterr().out)
     assert code == 1
     assert body["shard"] == {"k": 1, "n": 2, "name": "1-of-2", "entries": ["a", "g"]}
@@ -266,12 +324,15 @@ def test_validate_shard_json_and_problems_anywhere(
 
 
 def test_validate_without_shard_prints_what_it_always_did(
-        clean_environment: None, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """No --shard: one summary line and no `shard` key in JSON."""
     assert run_main(["validate", "--config", str(SAMPLE), "--options-file", ""]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
-    assert run_main(["validate", "--config", str(SAMPLE), "--options-file", "",
-                     "--format", "json"]) == 0
+    assert (
+        run_main(["validate", "--config", str(SAMPLE), "--options-file", "", "--format", "json"])
+        == 0
+    )
     assert "shard" not in json.loads(capsys.readouterr().out)
 
 
@@ -296,18 +357,25 @@ def shard_pair(broker: Mosquitto, tmp_path: Path) -> Iterator[list[PublisherServ
     """Shards 1/2 and 2/2 on one entries file, one base client id (as two processes with the
     default id on one host), not started yet."""
     base = f"sp-test-{uuid.uuid4().hex[:8]}"
-    pair = [PublisherService(in_process_settings(tmp_path / "entries.json", broker.port,
-                                                 broker={"client_id": base},
-                                                 http_port=0).for_shard(Shard(k, 2)))
-            for k in (1, 2)]
+    pair = [
+        PublisherService(
+            in_process_settings(
+                tmp_path / "entries.json", broker.port, broker={"client_id": base}, http_port=0
+            ).for_shard(Shard(k, 2))
+        )
+        for k in (1, 2)
+    ]
     yield pair
     for service in pair:
         service.stop()
 
 
 def test_two_shards_publish_every_entry_exactly_once(
-        shard_pair: list[PublisherService], subscriber_factory: SubscriberFactory,
-        tmp_path: Path, topic_base: str) -> None:
+    shard_pair: list[PublisherService],
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    topic_base: str,
+) -> None:
     """Two shards on one file: the union of what they run is every entry and the intersection
     is empty; on the wire every entry's topic arrives once (from its one owner), each lwt
     entry's own connection stays up, and both shards' retained statuses say online."""
@@ -329,11 +397,17 @@ def test_two_shards_publish_every_entry_exactly_once(
     assert runs[0] | runs[1] == set(entry_ids)
     assert runs[0] & runs[1] == set()
     assert all(owner(i, 2) == k for k, run in ((1, runs[0]), (2, runs[1])) for i in run)
-    data = Counter(m.topic for m in sub.snapshot() if m.topic.startswith(topic_base)
-                   and not (m.payload and m.json().get("online") == 0))
+    data = Counter(
+        m.topic
+        for m in sub.snapshot()
+        if m.topic.startswith(topic_base) and not (m.payload and m.json().get("online") == 0)
+    )
     assert data == dict.fromkeys((e["topic"] for e in entries), 1)
-    wait_until(lambda: all(s.get_status()["connection"]["connections_up"] == 2
-                           for s in shard_pair), 10, message="every connection up")
+    wait_until(
+        lambda: all(s.get_status()["connection"]["connections_up"] == 2 for s in shard_pair),
+        10,
+        message="every connection up",
+    )
     for service, k in ((one, 1), (two, 2)):
         status = service.get_status()
         assert status["shard"] == {"k": k, "n": 2, "name": f"{k}-of-2"}
@@ -344,8 +418,8 @@ def test_two_shards_publish_every_entry_exactly_once(
 
 
 def test_shard_processes_with_one_client_id_both_stay_connected(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
-        topic_base: str) -> None:
+    broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path, topic_base: str
+) -> None:
     """The real CLI twice with the same --client-id and --shard 1/2, 2/2: each connects as
     `<id>-K-of-N` and publishes only its own entries; neither is knocked off."""
     config = tmp_path / "entries.json"
@@ -353,8 +427,12 @@ def test_shard_processes_with_one_client_id_both_stay_connected(
     write_config(config, [entry(i, f"{topic_base}/{i}", DAY) for i in entry_ids])
     sub = subscriber_factory(f"{topic_base}/#")
     client_id = f"sp-test-{uuid.uuid4().hex[:8]}"
-    procs = [ServiceProcess(cli_args(broker.port, config, "--shard", f"{k}/2",
-                                     client_id=client_id), tmp_path) for k in (1, 2)]
+    procs = [
+        ServiceProcess(
+            cli_args(broker.port, config, "--shard", f"{k}/2", client_id=client_id), tmp_path
+        )
+        for k in (1, 2)
+    ]
     try:
         started = [p.wait_for_event("service_started") for p in procs]
         connected = [p.wait_for_event("mqtt_connected") for p in procs]
@@ -362,19 +440,22 @@ def test_shard_processes_with_one_client_id_both_stay_connected(
             sub.wait_for(f"{topic_base}/{i}")
         assert [e["shard"] for e in started] == ["1/2", "2/2"]
         assert [e["active_configs"] for e in started] == [2, 2]
-        assert [e["client_id"] for e in connected] == [f"{client_id}-1-of-2",
-                                                       f"{client_id}-2-of-2"]
-        assert Counter(m.topic for m in sub.snapshot()) == {f"{topic_base}/{i}": 1
-                                                             for i in entry_ids}
-        assert not [e for p in procs for e in p.events()
-                    if e.get("message") in ("mqtt_disconnected", "mqtt_client_id_conflict")]
+        assert [e["client_id"] for e in connected] == [f"{client_id}-1-of-2", f"{client_id}-2-of-2"]
+        assert Counter(m.topic for m in sub.snapshot()) == {
+            f"{topic_base}/{i}": 1 for i in entry_ids
+        }
+        assert not [
+            e
+            for p in procs
+            for e in p.events()
+            if e.get("message") in ("mqtt_disconnected", "mqtt_client_id_conflict")
+        ]
     finally:
         for p in procs:
             p.stop()
 
 
-def test_metrics_and_status_name_the_shard(http_service: ServiceStarter,
-                                           topic_base: str) -> None:
+def test_metrics_and_status_name_the_shard(http_service: ServiceStarter, topic_base: str) -> None:
     """/metrics has scheduler_publisher_shard_info{shard="2",shards="3"} 1 and /status a
     `shard` object; the unsharded service has neither."""
     sharded = http_service([entry("a", f"{topic_base}/a", DAY)], shard=Shard(2, 3))
@@ -384,7 +465,8 @@ def test_metrics_and_status_name_the_shard(http_service: ServiceStarter,
 
 
 def test_an_unsharded_service_has_no_shard_in_status_or_metrics(
-        http_service: ServiceStarter, topic_base: str) -> None:
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """Without --shard, /status has no `shard` key and /metrics no shard_info."""
     plain = http_service([entry("a", f"{topic_base}/a", DAY)])
     assert "scheduler_publisher_shard_info" not in metrics(plain)

@@ -82,8 +82,7 @@ def test_unchanged_carries_the_entry_errors_of_the_version_in_force(tmp_path: Pa
     assert "interval" in check.still_broken
 
 
-def test_unusable_files_fail_with_the_reason_and_keep_the_version_in_force(
-        tmp_path: Path) -> None:
+def test_unusable_files_fail_with_the_reason_and_keep_the_version_in_force(tmp_path: Path) -> None:
     """Missing, too big or not a list: Failed names the file and why; the digest stays."""
     path = tmp_path / "c.json"
     write_config(path, [entry("a", "t/a", 5)])

@@ -12,15 +12,34 @@ from scheduler_publisher.scheduling.spread import PhaseSpread, Respread, auto_sl
 
 
 def entries(count: int, interval: float = 1.0, prefix: str = "e") -> list[PublishConfig]:
-    return [PublishConfig(id=f"{prefix}{n}", topic=f"t/{prefix}{n}", data={}, interval=interval)
-            for n in range(count)]
+    return [
+        PublishConfig(id=f"{prefix}{n}", topic=f"t/{prefix}{n}", data={}, interval=interval)
+        for n in range(count)
+    ]
 
 
-@pytest.mark.parametrize(("count", "slots"), [
-    (0, 1), (1, 1), (100, 1), (199, 1), (200, 2), (999, 9), (1000, 10), (1500, 22),
-    (2000, 40), (3000, 60), (4999, 99), (5000, 100), (10_000, 100), (1_000_000, 100)])
+@pytest.mark.parametrize(
+    ("count", "slots"),
+    [
+        (0, 1),
+        (1, 1),
+        (100, 1),
+        (199, 1),
+        (200, 2),
+        (999, 9),
+        (1000, 10),
+        (1500, 22),
+        (2000, 40),
+        (3000, 60),
+        (4999, 99),
+        (5000, 100),
+        (10_000, 100),
+        (1_000_000, 100),
+    ],
+)
 def test_auto_gives_groups_of_100_up_to_1000_entries_then_of_50_from_1_to_100(
-        count: int, slots: int) -> None:
+    count: int, slots: int
+) -> None:
     assert auto_slots(count) == slots
 
 
@@ -64,7 +83,8 @@ def test_an_interval_without_entries_is_forgotten_and_sized_afresh() -> None:
 
 def test_cron_entries_are_not_counted_and_unsized_intervals_get_the_widest_spread() -> None:
     spread = PhaseSpread()
-    crons = [PublishConfig(id=f"c{n}", topic=f"t/c{n}", data={}, cron="* * * * *")
-             for n in range(500)]
+    crons = [
+        PublishConfig(id=f"c{n}", topic=f"t/c{n}", data={}, cron="* * * * *") for n in range(500)
+    ]
     assert spread.size(crons) == []
     assert spread.slots(1.0) == MAX_SLOTS

@@ -42,8 +42,15 @@ def store(db_path: Path) -> Iterator[StateStore]:
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def sample_state() -> SavedState:
@@ -75,9 +82,13 @@ def test_round_trip_across_restart(db_path: Path) -> None:
     second = StateStore(db_path)
     saved = second.open()
     assert saved == sample_state()
-    continued = Totals(published=saved.totals.published + 5, errors=saved.totals.errors,
-                       dropped=saved.totals.dropped, reconnects=saved.totals.reconnects + 1,
-                       uptime_seconds=saved.totals.uptime_seconds + 60)
+    continued = Totals(
+        published=saved.totals.published + 5,
+        errors=saved.totals.errors,
+        dropped=saved.totals.dropped,
+        reconnects=saved.totals.reconnects + 1,
+        uptime_seconds=saved.totals.uptime_seconds + 60,
+    )
     second.checkpoint(SavedState(continued, saved.entries), now=2000.0)
     second.close()
 
@@ -255,7 +266,7 @@ def test_damaged_pages_are_moved_aside(db_path: Path) -> None:
     data = bytearray(db_path.read_bytes())
     page = int.from_bytes(data[16:18], "big")
     for offset in range(2 * page, len(data), 2 * page):  # keep page 1 (header + schema) intact
-        data[offset:offset + 512] = bytes(range(256)) * 2
+        data[offset : offset + 512] = bytes(range(256)) * 2
     db_path.write_bytes(bytes(data))
 
     again = StateStore(db_path)
@@ -268,7 +279,8 @@ def test_damaged_pages_are_moved_aside(db_path: Path) -> None:
 
 
 def test_second_recovery_in_same_second_does_not_overwrite(
-        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two recoveries with the same timestamp keep both corrupt copies."""
     monkeypatch.setattr("scheduler_publisher.statestore.time.time", lambda: 1_700_000_000.5)
     db_path.parent.mkdir()
@@ -280,8 +292,10 @@ def test_second_recovery_in_same_second_does_not_overwrite(
         s.close()
         assert s.recovered_from is not None
         moved.append(s.recovered_from)
-    assert [p.name for p in moved] == ["state.db.corrupt-1700000000",
-                                       "state.db.corrupt-1700000000-1"]
+    assert [p.name for p in moved] == [
+        "state.db.corrupt-1700000000",
+        "state.db.corrupt-1700000000-1",
+    ]
     assert moved[0].read_bytes().startswith(b"garbage 0")
     assert moved[1].read_bytes().startswith(b"garbage 1")
 
@@ -311,21 +325,27 @@ def test_misuse_raises_store_error(db_path: Path) -> None:
     s.close()  # idempotent
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"history_retention_rows": 0}, "history_retention_rows must be at least 1, got 0"),
-    ({"history_max_age_s": 0}, "history_max_age_s must be positive, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"history_retention_rows": 0}, "history_retention_rows must be at least 1, got 0"),
+        ({"history_max_age_s": 0}, "history_max_age_s must be positive, got 0"),
+    ],
+)
 def test_invalid_retention_rejected(tmp_path: Path, kwargs: dict[str, float], message: str) -> None:
     """Retention bounds are validated in the constructor."""
     with pytest.raises(ValueError, match=message):
         StateStore(tmp_path / "s.db", **kwargs)  # type: ignore[arg-type]
 
 
-def test_ten_thousand_entry_checkpoint(store: StateStore,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_ten_thousand_entry_checkpoint(
+    store: StateStore, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A 10,000-entry checkpoint round-trips; its duration is reported, not asserted."""
-    entries = {f"gateway/sensor/{i:05d}": EntryCounters(i, i % 7, i % 3, 1_700_000_000.0 + i)
-               for i in range(10_000)}
+    entries = {
+        f"gateway/sensor/{i:05d}": EntryCounters(i, i % 7, i % 3, 1_700_000_000.0 + i)
+        for i in range(10_000)
+    }
     state = SavedState(Totals(published=sum(range(10_000))), entries)
     timings = []
     for n in range(3):
@@ -338,5 +358,7 @@ def test_ten_thousand_entry_checkpoint(store: StateStore,
     load = time.perf_counter() - start
     assert saved == state
     with capsys.disabled():
-        print(f"\n10,000-entry checkpoint: {', '.join(f'{t * 1000:.1f} ms' for t in timings)};"
-              f" open+load: {load * 1000:.1f} ms")
+        print(
+            f"\n10,000-entry checkpoint: {', '.join(f'{t * 1000:.1f} ms' for t in timings)};"
+            f" open+load: {load * 1000:.1f} ms"
+        )

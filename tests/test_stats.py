@@ -20,8 +20,12 @@ from tests.support import (
 
 
 def test_a_late_acknowledgement_does_not_bring_a_removed_entry_back(
-        tmp_path: Path, broker: Mosquitto, proxy: NetProxy,
-        subscriber_factory: SubscriberFactory, topic_base: str) -> None:
+    tmp_path: Path,
+    broker: Mosquitto,
+    proxy: NetProxy,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+) -> None:
     """A QoS 1 entry removed while its PUBACKs are held up stays gone once they arrive: not in
     the counters, not in /metrics, not in the state database."""
     config = tmp_path / "config.json"
@@ -31,13 +35,17 @@ def test_a_late_acknowledgement_does_not_bring_a_removed_entry_back(
     http_port = free_port()
     sub = subscriber_factory(f"{topic_base}/#")
     services = InProcessServices(tmp_path)
-    service = services.start(proxy.port, config=config, watch=False, http_port=http_port,
-                             state_db=tmp_path / "state.db")
+    service = services.start(
+        proxy.port, config=config, watch=False, http_port=http_port, state_db=tmp_path / "state.db"
+    )
     try:
         wait_until(lambda: service.stats.entry("gone").published >= 1, 10, message="a PUBACK")
         proxy.blackhole()  # PUBLISHes wait in the proxy; no PUBACK comes back
-        wait_until(lambda: service.stats.entry("gone").deferred >= 1, 10,
-                   message="the entry's messages held up")
+        wait_until(
+            lambda: service.stats.entry("gone").deferred >= 1,
+            10,
+            message="the entry's messages held up",
+        )
         held = len(sub.on(gone["topic"]))
         write_config(config, [stay])
         assert service.reload_config()
@@ -47,8 +55,11 @@ def test_a_late_acknowledgement_does_not_bring_a_removed_entry_back(
         sub.wait_for(gone["topic"], count=held + 1)  # the held messages reached the broker
         # PUBACKs come back in order on the one connection: once acknowledgements of messages
         # sent after the resume are counted, those of the removed entry have been handled.
-        wait_until(lambda: service.stats.entry("stay").published >= at_resume + 6, 15,
-                   message="acknowledgements after the resume")
+        wait_until(
+            lambda: service.stats.entry("stay").published >= at_resume + 6,
+            15,
+            message="acknowledgements after the resume",
+        )
         assert "gone" not in service.stats.entries
         assert "gone" not in service.get_status()["entries"]
         metrics = call(http_port, "/metrics", timeout=5).body.decode()
@@ -73,8 +84,11 @@ def test_counters_are_created_only_for_added_entries() -> None:
     stats.record_tick("ghost", 0.01, 0)
     assert stats.entries == {}
     assert (stats.published, stats.errors, stats.dropped) == (1, 1, 1)
-    stats.restore(SavedState(Totals(), {"real": EntryCounters(published=5),
-                                        "old": EntryCounters(published=7)}))
+    stats.restore(
+        SavedState(
+            Totals(), {"real": EntryCounters(published=5), "old": EntryCounters(published=7)}
+        )
+    )
     stats.add_entry("real")
     stats.record_published("real")
     assert stats.entry("real").published == 6

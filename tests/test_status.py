@@ -21,10 +21,20 @@ from scheduler_publisher.ops.status import (
 from scheduler_publisher.stats import Stats
 
 CONNECTION_VIEW: dict[str, Any] = {
-    "connected": True, "connections": 2, "connections_up": 1, "broker": "127.0.0.1:1883",
-    "protocol": "5", "client_id": "sp-1", "last_error": None, "client_id_conflict": None,
-    "entries_without_connection": {"count": 1, "main_connection_down": False,
-                                   "lwt_entries": {"b": "connecting"}, "lwt_entries_total": 1},
+    "connected": True,
+    "connections": 2,
+    "connections_up": 1,
+    "broker": "127.0.0.1:1883",
+    "protocol": "5",
+    "client_id": "sp-1",
+    "last_error": None,
+    "client_id_conflict": None,
+    "entries_without_connection": {
+        "count": 1,
+        "main_connection_down": False,
+        "lwt_entries": {"b": "connecting"},
+        "lwt_entries_total": 1,
+    },
     "quarantined_entries": {"c": "the broker dropped the connection"},
 }
 NEXT = datetime(2026, 6, 1, 12, 0, 5, tzinfo=UTC)
@@ -41,12 +51,21 @@ def snapshot(stats: Stats) -> ServiceStatus:
         statistics=StatisticsStatus.of(stats),
         connection=ConnectionStatus.of(CONNECTION_VIEW),
         health=HealthStatus(problems=(), warnings=("1 lwt entries have no connection: b",)),
-        config=ConfigStatus(path="/etc/c.json", digest="ab12", last_reload_at=1.5,
-                            last_error=None, watcher="inotify"),
-        entries={"a": EntryStatus.of(a, quarantined=None, next_run_at=NEXT,
-                                     stats=stats.entries.get("a")),
-                 "b": EntryStatus.of(b, quarantined="dropped", next_run_at=None,
-                                     stats=stats.entries.get("b"))},
+        config=ConfigStatus(
+            path="/etc/c.json",
+            digest="ab12",
+            last_reload_at=1.5,
+            last_error=None,
+            watcher="inotify",
+        ),
+        entries={
+            "a": EntryStatus.of(
+                a, quarantined=None, next_run_at=NEXT, stats=stats.entries.get("a")
+            ),
+            "b": EntryStatus.of(
+                b, quarantined="dropped", next_run_at=None, stats=stats.entries.get("b")
+            ),
+        },
     )
 
 
@@ -65,23 +84,53 @@ def test_to_json_is_the_status_document() -> None:
     assert snapshot(counted_stats()).to_json() == {
         "active_configs": 2,
         "connected": True,
-        "statistics": {"total_published": 1, "total_errors": 0, "total_dropped": 0,
-                       "reconnects": 0, "uptime_seconds": 0.0,
-                       "lifetime_uptime_seconds": 0.0, "published_this_run": 1, "reloads": 3,
-                       "config_errors": 0},
+        "statistics": {
+            "total_published": 1,
+            "total_errors": 0,
+            "total_dropped": 0,
+            "reconnects": 0,
+            "uptime_seconds": 0.0,
+            "lifetime_uptime_seconds": 0.0,
+            "published_this_run": 1,
+            "reloads": 3,
+            "config_errors": 0,
+        },
         "connection": CONNECTION_VIEW,
-        "health": {"ok": True, "problems": [],
-                   "warnings": ["1 lwt entries have no connection: b"]},
-        "config": {"path": "/etc/c.json", "digest": "ab12", "last_reload_at": 1.5,
-                   "last_error": None, "watcher": "inotify"},
+        "health": {"ok": True, "problems": [], "warnings": ["1 lwt entries have no connection: b"]},
+        "config": {
+            "path": "/etc/c.json",
+            "digest": "ab12",
+            "last_reload_at": 1.5,
+            "last_error": None,
+            "watcher": "inotify",
+        },
         "entries": {
-            "a": {"topic": "t/a", "interval": 5.0, "qos": 1, "retain": True, "lwt": False,
-                  "quarantined": None, "next_run_at": "2026-06-01T12:00:05+00:00",
-                  "published": 1, "errors": 0, "dropped": 0, "deferred": 0, "missed": 2,
-                  "last_published_at": 1_800_000_000.0, "last_error": None,
-                  "lateness": {"count": 1, "mean_ms": 4.0, "max_ms": 4.0}},
-            "b": {"topic": "t/b", "interval": 2.5, "qos": 0, "retain": False, "lwt": True,
-                  "quarantined": "dropped", "next_run_at": None},
+            "a": {
+                "topic": "t/a",
+                "interval": 5.0,
+                "qos": 1,
+                "retain": True,
+                "lwt": False,
+                "quarantined": None,
+                "next_run_at": "2026-06-01T12:00:05+00:00",
+                "published": 1,
+                "errors": 0,
+                "dropped": 0,
+                "deferred": 0,
+                "missed": 2,
+                "last_published_at": 1_800_000_000.0,
+                "last_error": None,
+                "lateness": {"count": 1, "mean_ms": 4.0, "max_ms": 4.0},
+            },
+            "b": {
+                "topic": "t/b",
+                "interval": 2.5,
+                "qos": 0,
+                "retain": False,
+                "lwt": True,
+                "quarantined": "dropped",
+                "next_run_at": None,
+            },
         },
     }
 

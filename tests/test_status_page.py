@@ -53,21 +53,30 @@ def browser() -> Iterator[WebDriver]:
     """One headless chromium for the module, from Debian's packages (scripts/setup installs
     them). The paths are given, so Selenium never tries to download a browser or driver."""
     if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("chromium and chromium-driver are missing: run scripts/setup "
-                    "(apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "chromium and chromium-driver are missing: run scripts/setup "
+            "(apt-get install chromium chromium-driver)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--disable-extensions", "--no-first-run", "--force-device-scale-factor=1",
-                f"--window-size={DESKTOP[0]},{DESKTOP[1]}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--disable-extensions",
+        "--no-first-run",
+        "--force-device-scale-factor=1",
+        f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options,
-                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    )
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
-
 
 
 @pytest.fixture
@@ -78,8 +87,11 @@ def page(browser: WebDriver, tmp_path: Path) -> Iterator[Callable[[PublisherServ
         browser.set_window_size(*DESKTOP)
         browser_log(browser)  # drop what earlier tests left
         browser.get(f"http://127.0.0.1:{service.http.port}/")
-        wait_until(lambda: browser.execute_script("return document.body.dataset.ready"), WAIT,
-                   message="the page's first poll rendered")
+        wait_until(
+            lambda: browser.execute_script("return document.body.dataset.ready"),
+            WAIT,
+            message="the page's first poll rendered",
+        )
         return browser
 
     yield open_page
@@ -87,6 +99,7 @@ def page(browser: WebDriver, tmp_path: Path) -> Iterator[Callable[[PublisherServ
 
 
 # ---- helpers ----------------------------------------------------------------------------
+
 
 def text(browser: WebDriver, element_id: str) -> str:
     return str(browser.find_element(By.ID, element_id).text)
@@ -96,7 +109,8 @@ def rows(browser: WebDriver) -> list[list[str]]:
     """The table as text, read in one script call (the page may replace text between calls)."""
     found = browser.execute_script(
         "return [...document.querySelectorAll('#rows tr')]"
-        ".map(r => [...r.cells].map(c => c.textContent))")
+        ".map(r => [...r.cells].map(c => c.textContent))"
+    )
     return [list(r) for r in found]
 
 
@@ -104,11 +118,13 @@ def column(browser: WebDriver, index: int) -> list[str]:
     return [r[index] for r in rows(browser)]
 
 
-def wait_rows(browser: WebDriver, predicate: Callable[[list[list[str]]], Any],
-              message: str) -> list[list[str]]:
+def wait_rows(
+    browser: WebDriver, predicate: Callable[[list[list[str]]], Any], message: str
+) -> list[list[str]]:
     def check() -> list[list[str]] | None:
         table = rows(browser)
         return table if predicate(table) else None
+
     result: list[list[str]] = wait_until(check, WAIT, message=message)
     return result
 
@@ -187,17 +203,24 @@ CONNECTION = 12
 
 # ---- the page in the browser --------------------------------------------------------------
 
+
 def test_page_shows_the_service_and_updates_live(
-        http_service: ServiceStarter, subscriber_factory: SubscriberFactory,
-        page: Callable[[PublisherService], WebDriver]) -> None:
+    http_service: ServiceStarter,
+    subscriber_factory: SubscriberFactory,
+    page: Callable[[PublisherService], WebDriver],
+) -> None:
     """The page shows connection, broker, client id, totals and one row per entry, with
     entry text as text (never markup), and its counters rise as the service publishes."""
     topic_base = unique_topic("home")  # short: the topics are in the README's screenshot
     hostile = f"{topic_base}/<img src=x onerror=alert(1)>"
     sub = subscriber_factory(f"{topic_base}/#")
-    service = http_service([entry("kitchen", f"{topic_base}/kitchen", 0.3, qos=1, retain=True),
-                             entry("porch", hostile, 0.5),
-                             entry("garage", f"{topic_base}/garage", 0.4, lwt=True)])
+    service = http_service(
+        [
+            entry("kitchen", f"{topic_base}/kitchen", 0.3, qos=1, retain=True),
+            entry("porch", hostile, 0.5),
+            entry("garage", f"{topic_base}/garage", 0.4, lwt=True),
+        ]
+    )
     browser = page(service)
     table = wait_rows(browser, lambda t: len(t) == 3, "three rows")
     assert [r[ID] for r in table] == ["garage", "kitchen", "porch"]
@@ -205,7 +228,7 @@ def test_page_shows_the_service_and_updates_live(
     assert by_id["kitchen"][TOPIC] == f"{topic_base}/kitchen"
     assert by_id["porch"][TOPIC] == hostile
     assert not browser.find_elements(By.CSS_SELECTOR, "#rows img")
-    assert by_id["kitchen"][QOS:LWT + 1] == ["1", "yes", "no"]
+    assert by_id["kitchen"][QOS : LWT + 1] == ["1", "yes", "no"]
     assert by_id["garage"][LWT] == "yes"
     assert by_id["kitchen"][CONNECTION] == "main"
     assert by_id["kitchen"][SCHEDULE] == "every 0.3s"
@@ -213,35 +236,60 @@ def test_page_shows_the_service_and_updates_live(
     assert text(browser, "broker") == f"127.0.0.1:{service.settings.broker.port}"
     assert text(browser, "client-id") == service.settings.broker.client_id
     assert text(browser, "config-path") == str(service.settings.config_path)
-    wait_rows(browser, lambda t: t[0][CONNECTION] == "connected",
-              "the lwt entry's connection shown as connected")
+    wait_rows(
+        browser,
+        lambda t: t[0][CONNECTION] == "connected",
+        "the lwt entry's connection shown as connected",
+    )
 
     sub.wait_for(f"{topic_base}/kitchen", count=3)
     before = int(column(browser, PUBLISHED)[1].replace(",", ""))
     sub.wait_for(f"{topic_base}/kitchen", count=before + 3)
-    wait_rows(browser, lambda t: int(t[1][PUBLISHED].replace(",", "")) >= before + 3,
-              "kitchen's published count rose without a reload")
-    wait_until(lambda: int(text(browser, "t-published").replace(",", "")) >= before + 3, WAIT,
-               message="the total rose")
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#rate-chart polyline"), WAIT,
-               message="the rate chart drawn")
+    wait_rows(
+        browser,
+        lambda t: int(t[1][PUBLISHED].replace(",", "")) >= before + 3,
+        "kitchen's published count rose without a reload",
+    )
+    wait_until(
+        lambda: int(text(browser, "t-published").replace(",", "")) >= before + 3,
+        WAIT,
+        message="the total rose",
+    )
+    wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#rate-chart polyline"),
+        WAIT,
+        message="the rate chart drawn",
+    )
     assert float(text(browser, "rate-now")) > 0
     assert browser.execute_script("return performance.getEntriesByType('navigation').length") == 1
     assert console_errors(browser) == []  # among them: any Content-Security-Policy refusal
 
     if os.environ.get("SP_README_SCREENSHOT"):
-        wait_until(lambda: browser.execute_script(
-            "return document.querySelector('#rate-chart polyline').points.length") >= 8,
-            60, message="a minute of the rate chart")
+        wait_until(
+            lambda: (
+                browser.execute_script(
+                    "return document.querySelector('#rate-chart polyline').points.length"
+                )
+                >= 8
+            ),
+            60,
+            message="a minute of the rate chart",
+        )
         browser.save_screenshot(str(REPO / "docs" / "status-page.png"))
 
 
 def test_page_shows_a_cron_entry_expression_and_time_zone(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver]) -> None:
+    http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver]
+) -> None:
     """A cron entry's Schedule cell shows its expression and time zone."""
     topic_base = unique_topic("cron")
-    nightly = {"id": "nightly", "topic": f"{topic_base}/nightly", "data": {},
-               "cron": "30 2 * * *", "timezone": "Europe/Berlin"}
+    nightly = {
+        "id": "nightly",
+        "topic": f"{topic_base}/nightly",
+        "data": {},
+        "cron": "30 2 * * *",
+        "timezone": "Europe/Berlin",
+    }
     service = http_service([entry("tick", f"{topic_base}/tick", 60), nightly])
     table = wait_rows(page(service), lambda t: len(t) == 2, "two rows")
     by_id = {r[ID]: r for r in table}
@@ -250,12 +298,11 @@ def test_page_shows_a_cron_entry_expression_and_time_zone(
 
 
 def test_many_entries_are_paged_filtered_and_sorted(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        topic_base: str) -> None:
+    http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver], topic_base: str
+) -> None:
     """With 2,000 entries the DOM holds one page of rows; the filter, the keyboard-driven
     sort (aria-sort follows) and the pager ask the server for the right page."""
-    service = http_service([entry(f"e{i:04d}", f"{topic_base}/{i:04d}", 3600)
-                             for i in range(2000)])
+    service = http_service([entry(f"e{i:04d}", f"{topic_base}/{i:04d}", 3600) for i in range(2000)])
     browser = page(service)
     table = wait_rows(browser, lambda t: len(t) == 50, "one page of 50 rows")
     assert [r[ID] for r in table] == [f"e{i:04d}" for i in range(50)]
@@ -272,8 +319,10 @@ def test_many_entries_are_paged_filtered_and_sorted(
     wait_rows(browser, lambda t: t[0][ID] == "e1999", "sorted by id, descending")
     th = browser.find_element(By.CSS_SELECTOR, "th[data-sort='id']")
     assert th.get_attribute("aria-sort") == "descending"
-    assert browser.find_element(By.CSS_SELECTOR, "th[data-sort='topic']") \
-        .get_attribute("aria-sort") is None
+    assert (
+        browser.find_element(By.CSS_SELECTOR, "th[data-sort='topic']").get_attribute("aria-sort")
+        is None
+    )
 
     box = browser.find_element(By.ID, "filter")
     box.send_keys("e012")  # e0120 .. e0129
@@ -284,14 +333,19 @@ def test_many_entries_are_paged_filtered_and_sorted(
     assert browser.execute_script("return document.querySelectorAll('#rows tr').length") == 10
     asked = browser.execute_script(
         "return performance.getEntriesByType('resource').map(r => r.name)"
-        ".filter(n => new URL(n).pathname === '/status')")
+        ".filter(n => new URL(n).pathname === '/status')"
+    )
     assert asked
     assert all("limit=50" in url for url in asked)  # never the whole snapshot
 
 
 def test_the_problem_banner_follows_the_entries_file(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        config_path: Path, topic_base: str, tmp_path: Path) -> None:
+    http_service: ServiceStarter,
+    page: Callable[[PublisherService], WebDriver],
+    config_path: Path,
+    topic_base: str,
+    tmp_path: Path,
+) -> None:
     """A broken edit of the entries file shows a banner with the problem; fixing it hides it."""
     good = [entry("one", f"{topic_base}/one", 5)]
     service = http_service(good)
@@ -309,12 +363,13 @@ def test_the_problem_banner_follows_the_entries_file(
 
 
 def test_the_config_card_names_the_shard(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        topic_base: str) -> None:
+    http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver], topic_base: str
+) -> None:
     """A service run with --shard 2/3 says "Shard 2 of 3" in the config card and lists only
     its own entries ("c" is shard 2's of 3, "a" shard 1's)."""
-    service = http_service([entry("a", f"{topic_base}/a", 5), entry("c", f"{topic_base}/c", 5)],
-                           shard=Shard(2, 3))
+    service = http_service(
+        [entry("a", f"{topic_base}/a", 5), entry("c", f"{topic_base}/c", 5)], shard=Shard(2, 3)
+    )
     browser = page(service)
     wait_rows(browser, lambda t: [r[ID] for r in t] == ["c"], "shard 2's one entry")
     assert visible(browser, "config-shard-row")
@@ -322,8 +377,8 @@ def test_the_config_card_names_the_shard(
 
 
 def test_an_unsharded_page_shows_no_shard(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        topic_base: str) -> None:
+    http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver], topic_base: str
+) -> None:
     """Without --shard the config card has no Shard line."""
     service = http_service([entry("a", f"{topic_base}/a", 5)])
     browser = page(service)
@@ -332,16 +387,22 @@ def test_an_unsharded_page_shows_no_shard(
 
 
 def test_page_says_when_the_broker_or_the_service_is_gone(
-        http_service: ServiceStarter, broker: Mosquitto,
-        page: Callable[[PublisherService], WebDriver], topic_base: str) -> None:
+    http_service: ServiceStarter,
+    broker: Mosquitto,
+    page: Callable[[PublisherService], WebDriver],
+    topic_base: str,
+) -> None:
     """The badge turns to Disconnected with the broker down; with the service gone the page
     keeps its last rows and says it cannot read /status."""
     service = http_service([entry("one", f"{topic_base}/one", 5)])
     browser = page(service)
     wait_until(lambda: text(browser, "conn-state") == "Connected", WAIT, message="connected")
     broker.stop()
-    wait_until(lambda: text(browser, "conn-state") == "Disconnected", WAIT,
-               message="the badge says disconnected")
+    wait_until(
+        lambda: text(browser, "conn-state") == "Disconnected",
+        WAIT,
+        message="the badge says disconnected",
+    )
     assert "badge-down" in str(browser.find_element(By.ID, "conn-state").get_attribute("class"))
     wait_rows(browser, lambda t: t[0][CONNECTION] == "main: down", "the entry's link down")
     assert contrast_failures(browser) == []
@@ -352,74 +413,105 @@ def test_page_says_when_the_broker_or_the_service_is_gone(
 
 
 def test_reload_button_without_a_token(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        config_path: Path, topic_base: str) -> None:
+    http_service: ServiceStarter,
+    page: Callable[[PublisherService], WebDriver],
+    config_path: Path,
+    topic_base: str,
+) -> None:
     """Without --http-token-file the button reloads at once (no token field) and says so; a
     refused reload says why."""
     service = http_service([entry("one", f"{topic_base}/one", 5)], watch=False)
     browser = page(service)
     assert not visible(browser, "token-row")
-    write_config(config_path, [entry("one", f"{topic_base}/one", 5),
-                               entry("two", f"{topic_base}/two", 5)])
+    write_config(
+        config_path, [entry("one", f"{topic_base}/one", 5), entry("two", f"{topic_base}/two", 5)]
+    )
     browser.find_element(By.ID, "reload").click()
-    wait_until(lambda: text(browser, "reload-result") == "Reloaded: 2 entries active.", WAIT,
-               message="the reload result")
+    wait_until(
+        lambda: text(browser, "reload-result") == "Reloaded: 2 entries active.",
+        WAIT,
+        message="the reload result",
+    )
     wait_rows(browser, lambda t: len(t) == 2, "the reloaded entry's row")
     assert service.active_configs == 2
 
     config_path.write_text("[{]")
     browser.find_element(By.ID, "reload").click()
-    wait_until(lambda: text(browser, "reload-result").startswith("Not applied: "), WAIT,
-               message="the refused reload's reason")
+    wait_until(
+        lambda: text(browser, "reload-result").startswith("Not applied: "),
+        WAIT,
+        message="the refused reload's reason",
+    )
     assert "not valid JSON" in text(browser, "reload-result")
     wait_until(lambda: visible(browser, "problem"), WAIT, message="the problem banner")
     assert len(rows(browser)) == 2  # the last good entries run on
 
 
 def test_reload_button_with_a_token(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        config_path: Path, topic_base: str) -> None:
+    http_service: ServiceStarter,
+    page: Callable[[PublisherService], WebDriver],
+    config_path: Path,
+    topic_base: str,
+) -> None:
     """With a token the page asks for it (a password field), refuses a wrong one as the server
     does, and reloads with the right one sent as a bearer token."""
-    service = http_service([entry("one", f"{topic_base}/one", 5)], watch=False,
-                            http_token="s3cret-token")
+    service = http_service(
+        [entry("one", f"{topic_base}/one", 5)], watch=False, http_token="s3cret-token"
+    )
     browser = page(service)
     assert visible(browser, "token-row")
     field = browser.find_element(By.ID, "token")
     assert field.get_attribute("type") == "password"
-    write_config(config_path, [entry("one", f"{topic_base}/one", 5),
-                               entry("two", f"{topic_base}/two", 5)])
+    write_config(
+        config_path, [entry("one", f"{topic_base}/one", 5), entry("two", f"{topic_base}/two", 5)]
+    )
     button = browser.find_element(By.ID, "reload")
 
     button.click()
-    wait_until(lambda: text(browser, "reload-result") == "Enter the reload token first.", WAIT,
-               message="asked for the token")
+    wait_until(
+        lambda: text(browser, "reload-result") == "Enter the reload token first.",
+        WAIT,
+        message="asked for the token",
+    )
     field.send_keys("wrong")
     button.click()
-    wait_until(lambda: text(browser, "reload-result") == "Wrong token.", WAIT,
-               message="a wrong token refused")
+    wait_until(
+        lambda: text(browser, "reload-result") == "Wrong token.",
+        WAIT,
+        message="a wrong token refused",
+    )
     assert service.active_configs == 1
 
     field.clear()
     field.send_keys("s3cret-token", Keys.ENTER)  # Enter in the field submits the form
-    wait_until(lambda: text(browser, "reload-result") == "Reloaded: 2 entries active.", WAIT,
-               message="reloaded with the token")
+    wait_until(
+        lambda: text(browser, "reload-result") == "Reloaded: 2 entries active.",
+        WAIT,
+        message="reloaded with the token",
+    )
     assert service.active_configs == 2
 
 
 def test_page_passes_an_accessibility_check(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        topic_base: str) -> None:
+    http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver], topic_base: str
+) -> None:
     """Every control has a label, every sortable header is a button in a header with
     aria-sort, text meets WCAG AA contrast, and the filter and sort work from the keyboard."""
-    service = http_service([entry("b", f"{topic_base}/b", 60), entry("a", f"{topic_base}/a", 60),
-                             entry("c", f"{topic_base}/c", 60)], http_token="t")
+    service = http_service(
+        [
+            entry("b", f"{topic_base}/b", 60),
+            entry("a", f"{topic_base}/a", 60),
+            entry("c", f"{topic_base}/c", 60),
+        ],
+        http_token="t",
+    )
     browser = page(service)
     wait_rows(browser, lambda t: len(t) == 3, "three rows")
     assert browser.execute_script("return document.documentElement.lang") == "en"
     unlabelled = browser.execute_script(
         "return [...document.querySelectorAll('input, select')]"
-        ".filter(e => !e.labels.length || !e.labels[0].textContent.trim()).map(e => e.id)")
+        ".filter(e => !e.labels.length || !e.labels[0].textContent.trim()).map(e => e.id)"
+    )
     assert unlabelled == []
     headers = browser.find_elements(By.CSS_SELECTOR, "th[data-sort]")
     assert len(headers) == 12
@@ -443,12 +535,17 @@ def test_page_passes_an_accessibility_check(
 
 
 def test_times_are_told_by_the_service_s_clock(
-        http_service: ServiceStarter, browser: WebDriver,
-        page: Callable[[PublisherService], WebDriver], topic_base: str) -> None:
+    http_service: ServiceStarter,
+    browser: WebDriver,
+    page: Callable[[PublisherService], WebDriver],
+    topic_base: str,
+) -> None:
     """With the browser's clock an hour ahead of the gateway's, "last published" still says
     seconds ago, not an hour: the page reads the service's clock from each answer's Date."""
-    ahead = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
-        "source": "const realNow = Date.now; Date.now = () => realNow() + 3600e3;"})
+    ahead = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {"source": "const realNow = Date.now; Date.now = () => realNow() + 3600e3;"},
+    )
     try:
         service = http_service([entry("one", f"{topic_base}/one", 0.5)])
         page(service)
@@ -456,26 +553,35 @@ def test_times_are_told_by_the_service_s_clock(
         wait_rows(browser, lambda t: t[0][PUBLISHED] not in ("0", "1"), "a few publishes")
         assert rows(browser)[0][LAST] in ("just now", "1s ago", "2s ago", "3s ago")
     finally:
-        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
-                                {"identifier": ahead["identifier"]})
+        browser.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": ahead["identifier"]}
+        )
 
 
 def test_page_fits_a_phone(
-        http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver],
-        topic_base: str, tmp_path: Path) -> None:
+    http_service: ServiceStarter,
+    page: Callable[[PublisherService], WebDriver],
+    topic_base: str,
+    tmp_path: Path,
+) -> None:
     """On a phone-sized window the page does not scroll sideways and each entry is a block of
     labelled fields."""
     service = http_service([entry("a-long-entry-id", f"{topic_base}/{'x' * 60}", 5, lwt=True)])
     browser = page(service)
     browser.set_window_size(*PHONE)
-    wait_until(lambda: browser.execute_script("return innerWidth") <= PHONE[0], WAIT,
-               message="the window resized")
+    wait_until(
+        lambda: browser.execute_script("return innerWidth") <= PHONE[0],
+        WAIT,
+        message="the window resized",
+    )
     overflow = browser.execute_script(
-        "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
     assert overflow <= 0
     label = browser.execute_script(
         "const c = document.querySelector('#rows td.topic');"
-        "return getComputedStyle(c, '::before').content")
+        "return getComputedStyle(c, '::before').content"
+    )
     assert label == '"Topic"'
     browser.execute_script("document.getElementById('entries').scrollIntoView()")
     browser.save_screenshot(str(tmp_path / "status-page-phone.png"))
@@ -483,8 +589,10 @@ def test_page_fits_a_phone(
 
 # ---- what the server sends -------------------------------------------------------------------
 
-def test_page_and_assets_carry_a_strict_policy(http_service: ServiceStarter,
-                                               topic_base: str) -> None:
+
+def test_page_and_assets_carry_a_strict_policy(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
     """`/`, its script and its style sheet come from the package with their types, a strict
     Content-Security-Policy and nosniff; the page knows whether reload needs a token."""
     service = http_service([entry("one", f"{topic_base}/one", 5)], http_token="t")
@@ -530,6 +638,9 @@ def test_status_paging_over_http(http_service: ServiceStarter, topic_base: str) 
     assert paged["page"]["total"] == 12
     code, error = get_json(port, "/status?limit=0")
     assert code == 400
-    assert error == {"error": "limit: expected an integer from 1 to 1000, got '0'",
-                     "parameter": "limit", "received": "0",
-                     "expected": "an integer from 1 to 1000"}
+    assert error == {
+        "error": "limit: expected an integer from 1 to 1000, got '0'",
+        "parameter": "limit",
+        "received": "0",
+        "expected": "an integer from 1 to 1000",
+    }

@@ -34,19 +34,30 @@ def status(entries: dict[str, EntryStatus]) -> ServiceStatus:
     return ServiceStatus(
         statistics=StatisticsStatus.of(Stats()),
         connection=ConnectionStatus(
-            connected=True, connections=1, connections_up=1, broker="127.0.0.1:1883",
-            protocol="5", client_id="sp", last_error=None, client_id_conflict=None,
+            connected=True,
+            connections=1,
+            connections_up=1,
+            broker="127.0.0.1:1883",
+            protocol="5",
+            client_id="sp",
+            last_error=None,
+            client_id_conflict=None,
             entries_without_connection=UnconnectedStatus(0, False, {}, 0),
-            quarantined_entries={}),
+            quarantined_entries={},
+        ),
         health=HealthStatus((), ()),
         config=ConfigStatus("/c.json", None, None, None, "none"),
-        entries=entries)
+        entries=entries,
+    )
 
 
 def stats(topic: str, published: int | None = None, max_ms: float | None = None) -> EntryStatus:
     """An entry of the snapshot; one that never ticked has no counters."""
-    counters = None if published is None else EntryCountersStatus(
-        published, 0, 0, 0, 0, 1.0, None, 1, 0.0, max_ms or 0.0)
+    counters = (
+        None
+        if published is None
+        else EntryCountersStatus(published, 0, 0, 0, 0, 1.0, None, 1, 0.0, max_ms or 0.0)
+    )
     return EntryStatus(topic, 1.0, 0, False, False, None, None, counters)
 
 
@@ -58,26 +69,31 @@ def test_no_query_means_the_whole_snapshot() -> None:
 def test_defaults_fill_what_the_query_leaves_out() -> None:
     """Any one parameter turns paging on; the others take their defaults."""
     assert parse_query("q=Kitchen") == StatusQuery(0, DEFAULT_LIMIT, "kitchen", "id", "asc")
-    assert parse_query("offset=100&limit=1000&sort=published&order=desc") == \
-        StatusQuery(100, MAX_LIMIT, "", "published", "desc")
+    assert parse_query("offset=100&limit=1000&sort=published&order=desc") == StatusQuery(
+        100, MAX_LIMIT, "", "published", "desc"
+    )
 
 
-@pytest.mark.parametrize(("query", "parameter", "received", "expected"), [
-    ("offset=-1", "offset", "-1", "an integer of at least 0"),
-    ("offset=ten", "offset", "ten", "an integer of at least 0"),
-    ("offset=", "offset", "", "an integer of at least 0"),
-    ("offset=%D9%A3", "offset", "\u0663", "an integer of at least 0"),  # an Arabic-Indic 3
-    ("limit=0", "limit", "0", "an integer from 1 to 1000"),
-    ("limit=1001", "limit", "1001", "an integer from 1 to 1000"),
-    ("limit=1.5", "limit", "1.5", "an integer from 1 to 1000"),
-    ("sort=colour", "sort", "colour", "one of id, topic, interval"),
-    ("order=up", "order", "up", "one of asc, desc"),
-    ("page=2", "page", "page", "one of the parameters offset, limit, q, sort, order"),
-    ("limit=5&limit=6", "limit", "5, 6", "the parameter at most once"),
-    ("q=" + "x" * 201, "q", "x" * 40 + "…", "at most 200 characters"),
-])
+@pytest.mark.parametrize(
+    ("query", "parameter", "received", "expected"),
+    [
+        ("offset=-1", "offset", "-1", "an integer of at least 0"),
+        ("offset=ten", "offset", "ten", "an integer of at least 0"),
+        ("offset=", "offset", "", "an integer of at least 0"),
+        ("offset=%D9%A3", "offset", "\u0663", "an integer of at least 0"),  # an Arabic-Indic 3
+        ("limit=0", "limit", "0", "an integer from 1 to 1000"),
+        ("limit=1001", "limit", "1001", "an integer from 1 to 1000"),
+        ("limit=1.5", "limit", "1.5", "an integer from 1 to 1000"),
+        ("sort=colour", "sort", "colour", "one of id, topic, interval"),
+        ("order=up", "order", "up", "one of asc, desc"),
+        ("page=2", "page", "page", "one of the parameters offset, limit, q, sort, order"),
+        ("limit=5&limit=6", "limit", "5, 6", "the parameter at most once"),
+        ("q=" + "x" * 201, "q", "x" * 40 + "…", "at most 200 characters"),
+    ],
+)
 def test_a_bad_parameter_is_named_with_what_came_and_what_is_expected(
-        query: str, parameter: str, received: str, expected: str) -> None:
+    query: str, parameter: str, received: str, expected: str
+) -> None:
     """Each bad value raises one error naming the parameter, the value and what would do."""
     with pytest.raises(QueryError) as caught:
         parse_query(query)
@@ -90,8 +106,9 @@ def test_a_bad_parameter_is_named_with_what_came_and_what_is_expected(
 
 def test_the_filter_matches_id_or_topic_ignoring_case() -> None:
     """`q` keeps the entries whose id or topic contains it, whatever the case."""
-    snapshot = status({"Kitchen": stats("home/a"), "hall": stats("home/KITCHEN/b"),
-                       "porch": stats("home/c")})
+    snapshot = status(
+        {"Kitchen": stats("home/a"), "hall": stats("home/KITCHEN/b"), "porch": stats("home/c")}
+    )
     page = select(snapshot, StatusQuery(q="kitchen"))
     assert page["page"]["ids"] == ["Kitchen", "hall"]  # code point order, as Python sorts
     assert list(page["entries"]) == ["Kitchen", "hall"]
@@ -102,8 +119,9 @@ def test_the_filter_matches_id_or_topic_ignoring_case() -> None:
 
 def test_sorting_puts_missing_values_last_and_breaks_ties_by_id() -> None:
     """Sorted by a counter both ways: entries that never ticked come last, equal ones by id."""
-    snapshot = status({"c": stats("t/c", 5), "a": stats("t/a", 5), "new": stats("t/n"),
-                       "b": stats("t/b", 9)})
+    snapshot = status(
+        {"c": stats("t/c", 5), "a": stats("t/a", 5), "new": stats("t/n"), "b": stats("t/b", 9)}
+    )
     ascending = select(snapshot, StatusQuery(sort="published"))
     descending = select(snapshot, StatusQuery(sort="published", order="desc"))
     assert ascending["page"]["ids"] == ["a", "c", "b", "new"]
@@ -113,8 +131,9 @@ def test_sorting_puts_missing_values_last_and_breaks_ties_by_id() -> None:
 
 def test_sorting_by_max_lateness_reads_the_nested_value() -> None:
     """`max_lateness_ms` sorts by lateness.max_ms."""
-    snapshot = status({"a": stats("t/a", 1, 30.0), "b": stats("t/b", 1, 2.5),
-                       "c": stats("t/c", 1, 700.0)})
+    snapshot = status(
+        {"a": stats("t/a", 1, 30.0), "b": stats("t/b", 1, 2.5), "c": stats("t/c", 1, 700.0)}
+    )
     page = select(snapshot, StatusQuery(sort="max_lateness_ms", order="desc"))
     assert page["page"]["ids"] == ["c", "a", "b"]
 
@@ -137,22 +156,30 @@ def test_a_page_renders_its_entries_as_the_whole_snapshot_does() -> None:
     page = select(snapshot, StatusQuery(sort="topic", order="desc"))
     assert page["entries"] == {"b": whole["entries"]["b"], "a": whole["entries"]["a"]}
     assert list(page["entries"]) == ["b", "a"]
-    assert {k: v for k, v in page.items() if k not in ("entries", "page")} == \
-        {k: v for k, v in whole.items() if k != "entries"}
+    assert {k: v for k, v in page.items() if k not in ("entries", "page")} == {
+        k: v for k, v in whole.items() if k != "entries"
+    }
 
 
 entry_maps = st.dictionaries(
     st.text(alphabet="abcXYZ01", min_size=1, max_size=4),
-    st.builds(stats, st.text(alphabet="ab/", min_size=1, max_size=5),
-              st.none() | st.integers(0, 3)),
-    max_size=25)
+    st.builds(
+        stats, st.text(alphabet="ab/", min_size=1, max_size=5), st.none() | st.integers(0, 3)
+    ),
+    max_size=25,
+)
 
 
-@given(entries=entry_maps, q=st.sampled_from(["", "a", "B", "/"]),
-       sort=st.sampled_from(["id", "topic", "published", "max_lateness_ms"]),
-       order=st.sampled_from(["asc", "desc"]), limit=st.integers(1, 7))
-def test_pages_cover_every_match_exactly_once(entries: dict[str, EntryStatus], q: str,
-                                              sort: str, order: Any, limit: int) -> None:
+@given(
+    entries=entry_maps,
+    q=st.sampled_from(["", "a", "B", "/"]),
+    sort=st.sampled_from(["id", "topic", "published", "max_lateness_ms"]),
+    order=st.sampled_from(["asc", "desc"]),
+    limit=st.integers(1, 7),
+)
+def test_pages_cover_every_match_exactly_once(
+    entries: dict[str, EntryStatus], q: str, sort: str, order: Any, limit: int
+) -> None:
     """Walking the pages visits each matching entry once, in the same order as one big page."""
     snapshot = status(entries)
     query = StatusQuery(limit=MAX_LIMIT, q=q.casefold(), sort=sort, order=order)
@@ -162,5 +189,6 @@ def test_pages_cover_every_match_exactly_once(entries: dict[str, EntryStatus], q
         walked += select(snapshot, StatusQuery(offset, limit, query.q, sort, order))["page"]["ids"]
     assert walked == whole
     assert len(set(whole)) == len(whole)
-    assert all(q.casefold() in i.casefold() or q.casefold() in entries[i].topic.casefold()
-               for i in whole)
+    assert all(
+        q.casefold() in i.casefold() or q.casefold() in entries[i].topic.casefold() for i in whole
+    )

@@ -51,8 +51,7 @@ class _Answers(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        body = json.dumps({"auth": self.headers.get("Authorization"),
-                           "length": length}).encode()
+        body = json.dumps({"auth": self.headers.get("Authorization"), "length": length}).encode()
         self.rfile.read(length)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -79,8 +78,11 @@ def test_the_http_client_returns_every_status_as_a_reply(http_port: int) -> None
     """A 503 is a Reply like a 200, with its body, type and headers; POST sends an empty body
     and the bearer token."""
     down = call(http_port, "/down")
-    assert (down.status, down.json(), down.content_type) == (503, {"path": "/down"},
-                                                            "application/json")
+    assert (down.status, down.json(), down.content_type) == (
+        503,
+        {"path": "/down"},
+        "application/json",
+    )
     assert down.headers["Content-Length"] == str(len(down.body))
     assert call(http_port, "/up?x=1").json() == {"path": "/up?x=1"}
     posted = call(http_port, "/reload", "POST", token="t")
@@ -92,9 +94,17 @@ def test_the_http_client_returns_every_status_as_a_reply(http_port: int) -> None
 def test_the_benchmark_can_import_the_harness_without_pytest() -> None:
     """bench/run.py runs as a script from bench/: with the repository on sys.path it gets the
     broker, the launchers and free_port from tests.support, and pytest is not needed."""
-    code = ("import sys; sys.modules['pytest'] = None; sys.path.insert(0, sys.argv[1]); "
-            "from tests.support import Mosquitto, ServiceProcess, cli_args, free_port, call; "
-            "print(free_port() > 0)")
-    out = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=REPO / "bench",
-                         capture_output=True, text=True, timeout=60, check=False)
+    code = (
+        "import sys; sys.modules['pytest'] = None; sys.path.insert(0, sys.argv[1]); "
+        "from tests.support import Mosquitto, ServiceProcess, cli_args, free_port, call; "
+        "print(free_port() > 0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO)],
+        cwd=REPO / "bench",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr

@@ -24,8 +24,17 @@ from tests.support import (
     write_config,
 )
 
-REFUSED_BY_THE_BROKER = ["a\x07b", "a\nb", "a\x7fb", "a\x85b", "a\ufffeb", "a\uffffb",
-                         "a\ufdd0b", "a\U0001fffeb", "/".join("l" * 202)]
+REFUSED_BY_THE_BROKER = [
+    "a\x07b",
+    "a\nb",
+    "a\x7fb",
+    "a\x85b",
+    "a\ufffeb",
+    "a\uffffb",
+    "a\ufdd0b",
+    "a\U0001fffeb",
+    "/".join("l" * 202),
+]
 ACCEPTED = ["/".join("l" * 200), "a\u200bb", "a\ue000b"]
 
 
@@ -41,9 +50,11 @@ class _Publisher:
         self.connected = threading.Event()
         self.dropped = threading.Event()
         self.reason = ""
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"tw-{uuid.uuid4().hex[:8]}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"tw-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
         self.client.on_connect = lambda *_: self.connected.set()
         self.client.on_disconnect = self._on_disconnect
         self.client.connect("127.0.0.1", port)
@@ -61,7 +72,8 @@ class _Publisher:
 
 @pytest.mark.parametrize("topic", REFUSED_BY_THE_BROKER, ids=ascii)
 def test_topics_validation_refuses_make_mosquitto_drop_the_connection(
-        broker: Mosquitto, topic: str) -> None:
+    broker: Mosquitto, topic: str
+) -> None:
     """Each kind of topic validation refuses (control character, noncharacter, too many levels)
     really gets a publisher's connection dropped by Mosquitto."""
     assert _validation_errors(topic), f"validation let {topic!r} through"
@@ -76,7 +88,8 @@ def test_topics_validation_refuses_make_mosquitto_drop_the_connection(
 
 @pytest.mark.parametrize("topic", ACCEPTED, ids=ascii)
 def test_topics_validation_accepts_are_delivered(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, topic: str) -> None:
+    broker: Mosquitto, subscriber_factory: SubscriberFactory, topic: str
+) -> None:
     """The limits are not stricter than needed: 200 levels, format and private-use characters
     pass validation and reach a subscriber."""
     assert _validation_errors(topic) == []
@@ -91,8 +104,12 @@ def test_topics_validation_accepts_are_delivered(
 
 
 def test_an_entry_with_a_refused_topic_is_rejected_and_the_others_keep_their_connection(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, services: InProcessServices,
-        tmp_path: Path, topic_base: str) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    services: InProcessServices,
+    tmp_path: Path,
+    topic_base: str,
+) -> None:
     """A file with a control character in one entry's topic: that entry is reported by
     position, field and what was received, and the good entry publishes on a connection that
     is never dropped."""

@@ -27,30 +27,43 @@ EXECUTABLE = "/opt/scheduler-publisher/venv/bin/scheduler-publisher"
 #    verify; this pattern is for releases that do, and names our user explicitly).
 # Anything else printed (unknown keys, unparsable values, bad dependencies) fails the test.
 EXPECTED_ON_BUILD_MACHINE = [
-    re.compile(rf"^scheduler-publisher(?:@[0-9]+-of-[0-9]+)?\.service: Command "
-               rf"{re.escape(EXECUTABLE)} is not "
-               r"executable: No such file or directory$"),
-    re.compile(r"^.*\b(?:[Uu]ser|[Gg]roup)\b.*\bscheduler-publisher\b.*"
-               r"(?:not found|does not exist|No such process|Failed to resolve).*$"),
+    re.compile(
+        rf"^scheduler-publisher(?:@[0-9]+-of-[0-9]+)?\.service: Command "
+        rf"{re.escape(EXECUTABLE)} is not "
+        r"executable: No such file or directory$"
+    ),
+    re.compile(
+        r"^.*\b(?:[Uu]ser|[Gg]roup)\b.*\bscheduler-publisher\b.*"
+        r"(?:not found|does not exist|No such process|Failed to resolve).*$"
+    ),
 ]
 
 
 def systemd_analyze() -> str:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.fail("systemd-analyze is not installed: it is required to check the unit file "
-                    "(Debian/Ubuntu: apt-get install systemd)")
+        pytest.fail(
+            "systemd-analyze is not installed: it is required to check the unit file "
+            "(Debian/Ubuntu: apt-get install systemd)"
+        )
     return exe
 
 
 def verify_complaints(unit: Path) -> list[str]:
     """Lines printed by `systemd-analyze verify`, minus the expected build-machine ones."""
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C"}
-    result = subprocess.run([systemd_analyze(), "verify", "--man=no", str(unit)],
-                            capture_output=True, text=True, timeout=60, env=env, check=False)
+    result = subprocess.run(
+        [systemd_analyze(), "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
     lines = [line for line in (result.stdout + "\n" + result.stderr).splitlines() if line.strip()]
-    unexpected = [line for line in lines
-                  if not any(p.match(line) for p in EXPECTED_ON_BUILD_MACHINE)]
+    unexpected = [
+        line for line in lines if not any(p.match(line) for p in EXPECTED_ON_BUILD_MACHINE)
+    ]
     if result.returncode != 0 and not lines:
         unexpected.append(f"exit status {result.returncode} with no output")
     return unexpected
@@ -115,9 +128,14 @@ def test_notify_watchdog_reload_and_restart(unit: dict[str, list[tuple[str, str]
     """Type=notify with the watchdog, SIGHUP reload and restart-on-failure policy."""
     service = unit["Service"]
     expected = {
-        "Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30",
-        "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure", "RestartSec": "5",
-        "TimeoutStopSec": "15", "Environment": "PYTHONUNBUFFERED=1",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "30",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Restart": "on-failure",
+        "RestartSec": "5",
+        "TimeoutStopSec": "15",
+        "Environment": "PYTHONUNBUFFERED=1",
         "EnvironmentFile": "-/etc/scheduler-publisher/env",
     }
     assert {k: one(service, k) for k in expected} == expected
@@ -128,8 +146,10 @@ def test_exec_start_reads_the_options_file(unit: dict[str, list[tuple[str, str]]
     which would beat the file; relative paths resolve in the state directory."""
     argv = shlex.split(one(unit["Service"], "ExecStart"))
     assert argv == [
-        EXECUTABLE, "run",
-        "--options-file", "/etc/scheduler-publisher/scheduler-publisher.toml",
+        EXECUTABLE,
+        "run",
+        "--options-file",
+        "/etc/scheduler-publisher/scheduler-publisher.toml",
         "$SP_ARGS",
     ]
     assert one(unit["Service"], "WorkingDirectory") == "/var/lib/scheduler-publisher"
@@ -157,18 +177,34 @@ def test_hardening_directives(unit: dict[str, list[tuple[str, str]]]) -> None:
     """Every hardening directive the service relies on is set as intended."""
     service = unit["Service"]
     expected = {
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "NoNewPrivileges": "yes", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
-        "ProtectClock": "yes", "ProtectHostname": "yes", "RestrictNamespaces": "yes",
-        "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
-        "MemoryDenyWriteExecute": "yes", "CapabilityBoundingSet": "",
-        "AmbientCapabilities": "", "SystemCallArchitectures": "native",
-        "LogRateLimitIntervalSec": "30s", "LogRateLimitBurst": "20000",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "SystemCallArchitectures": "native",
+        "LogRateLimitIntervalSec": "30s",
+        "LogRateLimitBurst": "20000",
     }
     assert {k: one(service, k) for k in expected} == expected
-    assert set(one(service, "RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET",
-                                                                     "AF_INET6"}
+    assert set(one(service, "RestrictAddressFamilies").split()) == {
+        "AF_UNIX",
+        "AF_INET",
+        "AF_INET6",
+    }
     assert values(service, "SystemCallFilter") == ["@system-service", "~@privileged @resources"]
 
 
@@ -187,8 +223,11 @@ def test_address_families_comment_explains_af_unix() -> None:
 def test_load_credential_offered_commented_out() -> None:
     """LoadCredential= for the MQTT password is there, commented out, as an option."""
     text = UNIT.read_text()
-    assert re.search(r"^#\s*LoadCredential=mqtt-password:/etc/scheduler-publisher/mqtt-password$",
-                     text, re.MULTILINE)
+    assert re.search(
+        r"^#\s*LoadCredential=mqtt-password:/etc/scheduler-publisher/mqtt-password$",
+        text,
+        re.MULTILINE,
+    )
     assert values(parse_unit(text)["Service"], "LoadCredential") == []
 
 
@@ -197,11 +236,15 @@ def test_load_credential_offered_commented_out() -> None:
 # What a shard instance sets differently from the plain unit; everything else is the same.
 TEMPLATE_ONLY = {
     ("Unit", "Description"): ["MQTT scheduled payload publisher, shard %I"],
-    ("Service", "ExecStart"): [f"{EXECUTABLE} run --options-file "
-                               "/etc/scheduler-publisher/scheduler-publisher.toml --shard %i "
-                               "$SP_ARGS"],
-    ("Service", "EnvironmentFile"): ["-/etc/scheduler-publisher/env",
-                                     "-/etc/scheduler-publisher/%i.env"],
+    ("Service", "ExecStart"): [
+        f"{EXECUTABLE} run --options-file "
+        "/etc/scheduler-publisher/scheduler-publisher.toml --shard %i "
+        "$SP_ARGS"
+    ],
+    ("Service", "EnvironmentFile"): [
+        "-/etc/scheduler-publisher/env",
+        "-/etc/scheduler-publisher/%i.env",
+    ],
     ("Service", "WorkingDirectory"): ["/var/lib/scheduler-publisher/%i"],
     ("Service", "StateDirectory"): ["scheduler-publisher/%i"],
 }

@@ -17,8 +17,18 @@ from scheduler_publisher.config.loader import ConfigResult, Problem
 from tests.support import REPO
 
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"
-PROBLEM_KEYS = ["severity", "index", "id", "field", "path", "line", "column", "received",
-                "expected", "message"]
+PROBLEM_KEYS = [
+    "severity",
+    "index",
+    "id",
+    "field",
+    "path",
+    "line",
+    "column",
+    "received",
+    "expected",
+    "message",
+]
 # Entry 2 starts on line 3; its bad fields are on lines 5 and 6, its unknown one on line 7.
 INVALID = """[
   {"id": "ok", "topic": "site/ok", "data": {}, "interval": 1},
@@ -63,12 +73,19 @@ def test_json_on_a_valid_file_is_valid_with_no_problems(capsys: pytest.CaptureFi
     code, out, err = validate(capsys, SAMPLE, "--format", "json")
     assert code == 0
     assert err == ""
-    assert json.loads(out) == {"file": str(SAMPLE), "valid": True, "valid_entries": 4,
-                               "errors": 0, "warnings": 0, "problems": []}
+    assert json.loads(out) == {
+        "file": str(SAMPLE),
+        "valid": True,
+        "valid_entries": 4,
+        "errors": 0,
+        "warnings": 0,
+        "problems": [],
+    }
 
 
 def test_json_on_an_invalid_file_lists_every_problem_field_by_field(
-        capsys: pytest.CaptureFixture[str], invalid: Path) -> None:
+    capsys: pytest.CaptureFixture[str], invalid: Path
+) -> None:
     """Every problem has its entry index, id, JSON Pointer, the line and column of its field,
     what was received, what was expected and its severity; exit 1."""
     code, out, err = validate(capsys, invalid, "--format", "json")
@@ -76,15 +93,27 @@ def test_json_on_an_invalid_file_lists_every_problem_field_by_field(
     assert err == ""
     report = json.loads(out)
     assert {k: report[k] for k in ("file", "valid", "valid_entries", "errors", "warnings")} == {
-        "file": str(invalid), "valid": False, "valid_entries": 1, "errors": 2, "warnings": 1}
+        "file": str(invalid),
+        "valid": False,
+        "valid_entries": 1,
+        "errors": 2,
+        "warnings": 1,
+    }
     topic, interval, colour = report["problems"]
     assert list(topic) == PROBLEM_KEYS
     assert topic == {
-        "severity": "error", "index": 1, "id": "pump-7", "field": "topic", "path": "/1/topic",
-        "line": 5, "column": 5, "received": '"site/100%/+"',
+        "severity": "error",
+        "index": 1,
+        "id": "pump-7",
+        "field": "topic",
+        "path": "/1/topic",
+        "line": 5,
+        "column": 5,
+        "received": '"site/100%/+"',
         "expected": 'free of the wildcards "+" and "#"',
         "message": 'entry 2 (id "pump-7"): topic must be free of the wildcards "+" and "#", '
-                   'got "site/100%/+"'}
+        'got "site/100%/+"',
+    }
     assert (interval["line"], interval["column"]) == (6, 7)
     assert (interval["received"], interval["expected"]) == ("0", "between 0.1 and 86400")
     assert colour["severity"] == "warning"
@@ -93,7 +122,8 @@ def test_json_on_an_invalid_file_lists_every_problem_field_by_field(
 
 
 def test_json_places_missing_fields_and_non_objects_at_the_entry(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """A missing field has no place of its own: it is reported where its entry starts, with
     nothing received; so is an entry that is not an object."""
     path = tmp_path / "entries.json"
@@ -101,19 +131,36 @@ def test_json_places_missing_fields_and_non_objects_at_the_entry(
     code, out, _ = validate(capsys, path, "--format", "json")
     assert code == 1
     missing, number = json.loads(out)["problems"]
-    assert missing == {"severity": "error", "index": 0, "id": "x", "field": "interval",
-                       "path": "/0/interval", "line": 2, "column": 3, "received": None,
-                       "expected": "one of interval and cron",
-                       "message": 'entry 1 (id "x"): interval or cron is required (exactly '
-                                  'one of them)'}
-    assert {k: number[k] for k in ("index", "id", "field", "path", "line", "column",
-                                   "received", "expected")} == {
-        "index": 1, "id": None, "field": None, "path": "/1", "line": 3, "column": 5,
-        "received": "7", "expected": "an object"}
+    assert missing == {
+        "severity": "error",
+        "index": 0,
+        "id": "x",
+        "field": "interval",
+        "path": "/0/interval",
+        "line": 2,
+        "column": 3,
+        "received": None,
+        "expected": "one of interval and cron",
+        "message": 'entry 1 (id "x"): interval or cron is required (exactly one of them)',
+    }
+    assert {
+        k: number[k]
+        for k in ("index", "id", "field", "path", "line", "column", "received", "expected")
+    } == {
+        "index": 1,
+        "id": None,
+        "field": None,
+        "path": "/1",
+        "line": 3,
+        "column": 5,
+        "received": "7",
+        "expected": "an object",
+    }
 
 
 def test_json_on_text_that_is_not_json_reports_a_located_file_error(
-        capsys: pytest.CaptureFixture[str], not_json: Path) -> None:
+    capsys: pytest.CaptureFixture[str], not_json: Path
+) -> None:
     """A syntax error is one file-level problem, at json's line and column; exit 1."""
     code, out, _ = validate(capsys, not_json, "--format", "json")
     assert code == 1
@@ -121,13 +168,22 @@ def test_json_on_text_that_is_not_json_reports_a_located_file_error(
     assert (report["valid"], report["errors"], report["valid_entries"]) == (False, 1, 0)
     (problem,) = report["problems"]
     assert problem == {
-        "severity": "error", "index": None, "id": None, "field": None, "path": "",
-        "line": 3, "column": 12, "received": None, "expected": None,
-        "message": "not valid JSON: Expecting ':' delimiter at line 3, column 12"}
+        "severity": "error",
+        "index": None,
+        "id": None,
+        "field": None,
+        "path": "",
+        "line": 3,
+        "column": 12,
+        "received": None,
+        "expected": None,
+        "message": "not valid JSON: Expecting ':' delimiter at line 3, column 12",
+    }
 
 
 def test_json_on_invalid_utf8_reports_the_line_and_column(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """Bytes that are not UTF-8 are a file-level problem with the line and the column (in
     characters) where they start."""
     path = tmp_path / "latin1.json"
@@ -141,7 +197,8 @@ def test_json_on_invalid_utf8_reports_the_line_and_column(
 
 @pytest.mark.parametrize("kind", ["missing", "directory"])
 def test_json_on_an_unreadable_file_reports_it_without_a_place(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str
+) -> None:
     """A missing file or a directory: one file-level problem, no line; exit 1, stdout only."""
     path = tmp_path / "entries.json"
     if kind == "directory":
@@ -159,7 +216,8 @@ def test_json_on_an_unreadable_file_reports_it_without_a_place(
 
 
 def test_github_annotates_each_problem_on_its_line(
-        capsys: pytest.CaptureFixture[str], invalid: Path) -> None:
+    capsys: pytest.CaptureFixture[str], invalid: Path
+) -> None:
     """One ::error/::warning command per problem at its line and column, % escaped in the
     message; the summary follows; exit 1."""
     code, out, err = validate(capsys, invalid, "--format", "github")
@@ -168,46 +226,53 @@ def test_github_annotates_each_problem_on_its_line(
     lines = out.splitlines()
     assert lines[0] == (
         f"::error file={invalid},line=5,col=5,title=scheduler-publisher::entry 2 (id "
-        f'"pump-7"): topic must be free of the wildcards "+" and "#", got "site/100%25/+"')
+        f'"pump-7"): topic must be free of the wildcards "+" and "#", got "site/100%25/+"'
+    )
     assert lines[1].startswith(f"::error file={invalid},line=6,col=7,title=")
     assert lines[2].startswith(f"::warning file={invalid},line=7,col=5,title=")
     assert lines[3] == f"{invalid}: invalid: 1 valid entries, 2 errors, 1 warnings"
 
 
 def test_github_escapes_the_file_name_as_a_property(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """A file name with ",", ":", "%" and a newline cannot break the command's properties."""
     path = tmp_path / "odd,name:100%\n.json"
     path.write_text('[{"id": "a", "topic": "t", "data": {}, "interval": 0}]', encoding="utf-8")
     code, out, _ = validate(capsys, path, "--format", "github")
     assert code == 1
     escaped = str(tmp_path).replace("%", "%25").replace(":", "%3A").replace(",", "%2C")
-    assert out.startswith(f"::error file={escaped}/odd%2Cname%3A100%25%0A.json,line=1,col=40,"
-                          "title=scheduler-publisher::entry 1")
+    assert out.startswith(
+        f"::error file={escaped}/odd%2Cname%3A100%25%0A.json,line=1,col=40,"
+        "title=scheduler-publisher::entry 1"
+    )
 
 
 def test_github_on_text_that_is_not_json_annotates_the_break(
-        capsys: pytest.CaptureFixture[str], not_json: Path) -> None:
+    capsys: pytest.CaptureFixture[str], not_json: Path
+) -> None:
     """A syntax error is annotated at json's line and column."""
     code, out, _ = validate(capsys, not_json, "--format", "github")
     assert code == 1
     assert out.splitlines()[0] == (
         f"::error file={not_json},line=3,col=12,title=scheduler-publisher::not valid JSON: "
-        "Expecting ':' delimiter at line 3, column 12")
+        "Expecting ':' delimiter at line 3, column 12"
+    )
 
 
 def test_github_on_an_unreadable_file_annotates_the_file(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """A missing file gets a file-level annotation (no line)."""
     path = tmp_path / "absent.json"
     code, out, _ = validate(capsys, path, "--format", "github")
     assert code == 1
     assert out.splitlines()[0].startswith(
-        f"::error file={path},title=scheduler-publisher::cannot read config file: ")
+        f"::error file={path},title=scheduler-publisher::cannot read config file: "
+    )
 
 
-def test_github_on_a_valid_file_prints_only_the_summary(
-        capsys: pytest.CaptureFixture[str]) -> None:
+def test_github_on_a_valid_file_prints_only_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
     """A valid file: no annotation, the summary, exit 0."""
     code, out, _ = validate(capsys, SAMPLE, "--format", "github")
     assert code == 0
@@ -219,15 +284,16 @@ def test_github_message_escapes_percent_cr_and_lf() -> None:
     problem = Problem("warning", None, None, None, "50% a\r\nb: c, d", line=2, column=1)
     report = Report("x:y,z.json", ConfigResult((), (problem,), frozenset(), digest=""))
     assert list(as_github(report)) == [
-        "::warning file=x%3Ay%2Cz.json,line=2,col=1,title=scheduler-publisher::"
-        "50%25 a%0D%0Ab: c, d"]
+        "::warning file=x%3Ay%2Cz.json,line=2,col=1,title=scheduler-publisher::50%25 a%0D%0Ab: c, d"
+    ]
 
 
 # --- text ------------------------------------------------------------------------------------
 
 
 def test_text_prints_file_line_column_for_each_problem(
-        capsys: pytest.CaptureFixture[str], invalid: Path) -> None:
+    capsys: pytest.CaptureFixture[str], invalid: Path
+) -> None:
     """Problems go to stderr as file:line:column: severity: problem; the verdict to stdout."""
     code, out, err = validate(capsys, invalid)
     assert code == 1
@@ -242,13 +308,15 @@ def test_text_prints_file_line_column_for_each_problem(
 
 
 def test_text_on_text_that_is_not_json_names_the_place_and_a_hint(
-        capsys: pytest.CaptureFixture[str], not_json: Path) -> None:
+    capsys: pytest.CaptureFixture[str], not_json: Path
+) -> None:
     """A syntax error: file:line:column, then how to check the file again."""
     code, _, err = validate(capsys, not_json)
     assert code == 1
     first, hint = err.splitlines()
-    assert first == (f"{not_json}:3:12: error: not valid JSON: Expecting ':' delimiter at "
-                     "line 3, column 12")
+    assert first == (
+        f"{not_json}:3:12: error: not valid JSON: Expecting ':' delimiter at line 3, column 12"
+    )
     assert "scheduler-publisher validate --config" in hint
 
 
@@ -260,7 +328,8 @@ def test_text_on_a_directory_says_so(capsys: pytest.CaptureFixture[str], tmp_pat
 
 
 def test_format_is_not_read_from_the_environment(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--format is about one invocation: SCHEDULER_PUBLISHER_FORMAT does not change it."""
     monkeypatch.setitem(os.environ, "SCHEDULER_PUBLISHER_FORMAT", "json")
     code, out, _ = validate(capsys, SAMPLE)

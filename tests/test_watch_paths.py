@@ -116,8 +116,11 @@ class SwappedFolder:
         fresh.rename(self.root / "conf")
 
 
-LAYOUTS = {"configmap": ConfigMap, "retargeted-link": RetargetedLink,
-           "swapped-folder": SwappedFolder}
+LAYOUTS = {
+    "configmap": ConfigMap,
+    "retargeted-link": RetargetedLink,
+    "swapped-folder": SwappedFolder,
+}
 
 
 @pytest.fixture(params=[False, True], ids=["inotify", "polling"])
@@ -126,13 +129,15 @@ def force_polling(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture
-def service_for(broker: Mosquitto,
-                tmp_path: Path) -> Iterator[Callable[[Path, bool], PublisherService]]:
+def service_for(
+    broker: Mosquitto, tmp_path: Path
+) -> Iterator[Callable[[Path, bool], PublisherService]]:
     services = InProcessServices(tmp_path)
 
     def start(config: Path, polling: bool) -> PublisherService:
-        return services.start(broker.port, config=config, safety_check_interval=3600.0,
-                              force_polling=polling)
+        return services.start(
+            broker.port, config=config, safety_check_interval=3600.0, force_polling=polling
+        )
 
     yield start
     services.close()
@@ -140,9 +145,13 @@ def service_for(broker: Mosquitto,
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_each_swap_reaches_the_wire_within_the_debounce(
-        service_for: Callable[[Path, bool], PublisherService],
-        subscriber_factory: SubscriberFactory, tmp_path: Path, topic_base: str, layout: str,
-        force_polling: bool) -> None:
+    service_for: Callable[[Path, bool], PublisherService],
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    topic_base: str,
+    layout: str,
+    force_polling: bool,
+) -> None:
     """Three updates in a row through a ConfigMap `..data` swap, a retargeted symlink or a
     swapped parent folder each publish the new payload within seconds; for a swapped folder
     an in-place write into the new folder afterwards does too."""
@@ -151,35 +160,42 @@ def test_each_swap_reaches_the_wire_within_the_debounce(
     files: Any = LAYOUTS[layout](tmp_path / "site")
     config = files.create(dump(topic, 1))
     service = service_for(config, force_polling)
-    assert service.get_status()["config"]["watcher"] == ("polling" if force_polling
-                                                         else "inotify")
+    assert service.get_status()["config"]["watcher"] == ("polling" if force_polling else "inotify")
     sub.wait_for(topic, where=lambda m: m.json()["v"] == 1)
     for version in (2, 3, 4):
         files.update(dump(topic, version))
-        sub.wait_for(topic, where=json_has(v=version),
-                     timeout=SWAP_SEEN_WITHIN)
+        sub.wait_for(topic, where=json_has(v=version), timeout=SWAP_SEEN_WITHIN)
     if layout == "swapped-folder":
         config.write_text(dump(topic, 5))  # the new folder's file, same inode, in place
         sub.wait_for(topic, where=lambda m: m.json()["v"] == 5, timeout=SWAP_SEEN_WITHIN)
 
 
 def test_a_shard_follows_a_configmap_swap_with_only_its_entries(
-        broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path,
-        topic_base: str, force_polling: bool) -> None:
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    topic_base: str,
+    force_polling: bool,
+) -> None:
     """Shard 1/2 on a ConfigMap-mounted payloadStaticConfig.json: a `..data` swap that adds
     one entry per shard (and edits one of each) reaches the wire within seconds for shard 1's
     entries, and shard 2's new entry never joins its running set (docs/scaling.md)."""
+
     def text(version: int, ids: list[str]) -> str:
-        return json.dumps([entry(i, f"{topic_base}/{i}", 3600, data={"v": version})
-                           for i in ids])
+        return json.dumps([entry(i, f"{topic_base}/{i}", 3600, data={"v": version}) for i in ids])
 
     sub = subscriber_factory(f"{topic_base}/#")
     files = ConfigMap(tmp_path / "config", "payloadStaticConfig.json")
     config = files.create(text(1, ["a", "c"]))  # "a", "g" are shard 1's; "c", "d" shard 2's
     services = InProcessServices(tmp_path)
     try:
-        service = services.start(broker.port, config=config, safety_check_interval=3600.0,
-                                 force_polling=force_polling, shard=Shard(1, 2))
+        service = services.start(
+            broker.port,
+            config=config,
+            safety_check_interval=3600.0,
+            force_polling=force_polling,
+            shard=Shard(1, 2),
+        )
         sub.wait_for(f"{topic_base}/a", where=json_has(v=1))
         files.update(text(2, ["a", "c", "g", "d"]))
         sub.wait_for(f"{topic_base}/a", where=json_has(v=2), timeout=SWAP_SEEN_WITHIN)
@@ -224,7 +240,8 @@ def watching(force_polling: bool) -> Iterator[Callable[[Path], Pokes]]:
 
 
 def test_chmod_restoring_read_permission_pokes(
-        watching: Callable[[Path], Pokes], tmp_path: Path) -> None:
+    watching: Callable[[Path], Pokes], tmp_path: Path
+) -> None:
     """chmod 000 and then 644 each poke (attribute events are no longer dropped), so a file
     made readable again is re-read at once."""
     config = tmp_path / "publish.json"
@@ -247,7 +264,8 @@ def test_chmod_of_the_folder_pokes(watching: Callable[[Path], Pokes], tmp_path: 
 
 
 def test_changes_beside_the_path_do_not_poke(
-        watching: Callable[[Path], Pokes], tmp_path: Path) -> None:
+    watching: Callable[[Path], Pokes], tmp_path: Path
+) -> None:
     """Other files in the watched folders (the parent's too) never poke; the file does."""
     (tmp_path / "conf").mkdir()
     config = tmp_path / "conf" / "publish.json"
@@ -271,8 +289,9 @@ def test_followed_paths_walks_every_link_and_folder(tmp_path: Path) -> None:
     (tmp_path / "real" / "l2").symlink_to("../store/f.json")
     walked = followed_paths(tmp_path / "l1" / ".." / "l2")
     base = str(tmp_path)
-    assert walked[-6:] == tuple(f"{base}/{p}" for p in (
-        "l1", "real", "real/sub", "real/l2", "store", "store/f.json"))
+    assert walked[-6:] == tuple(
+        f"{base}/{p}" for p in ("l1", "real", "real/sub", "real/l2", "store", "store/f.json")
+    )
     assert walked[0] == "/" + tmp_path.parts[1]
     assert set(watched_folders(walked)) >= {"/", base, f"{base}/real", f"{base}/store"}
 
@@ -310,8 +329,9 @@ class Churn:
         self._thread.join(5)
 
 
-def test_stops_after_a_sighup_log_no_error(broker: Mosquitto, tmp_path: Path,
-                                            topic_base: str) -> None:
+def test_stops_after_a_sighup_log_no_error(
+    broker: Mosquitto, tmp_path: Path, topic_base: str
+) -> None:
     """Ten real processes, each stopped by SIGTERM about 1 s after a SIGHUP while files change
     beside the config: no stop logs anything at error (watchdog's emitter used to log
     "queue_events() called when the thread is inactive" for an event read during its stop)."""
@@ -338,7 +358,8 @@ def test_stops_after_a_sighup_log_no_error(broker: Mosquitto, tmp_path: Path,
 
 
 def test_stopping_the_watcher_while_its_folder_changes_logs_no_error(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Four hundred start/stop cycles while a neighbour file is rewritten without pause: watchdog's
     emitters never log at ERROR (an event read during their stop used to)."""
     folder = tmp_path / "conf"

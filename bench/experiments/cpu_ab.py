@@ -72,8 +72,11 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, source in variants if repeat % 2 == 0 else variants[::-1]:
             us, core = measure(source, args.entries, args.seconds)
-            print(f"{args.entries} entries, {name}: {us:.1f} µs per message, "
-                  f"{100 * core:.1f} % of a core, load {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"{args.entries} entries, {name}: {us:.1f} µs per message, "
+                f"{100 * core:.1f} % of a core, load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -91,8 +91,13 @@ def trace_service(out: Path, cli_args: list[str]) -> None:
     run_group = executor.InlineExecutor.run_group
     sock_send = client.ResetAwareClient._sock_send
 
-    def traced_run_group(self: executor.InlineExecutor, jobs: list[Any], run_times: list[Any],
-                         missed: int, wanted: int) -> list[Any]:
+    def traced_run_group(
+        self: executor.InlineExecutor,
+        jobs: list[Any],
+        run_times: list[Any],
+        missed: int,
+        wanted: int,
+    ) -> list[Any]:
         started = time.time()
         refused = run_group(self, jobs, run_times, missed, wanted)
         groups.append((run_times[-1].timestamp(), started, time.time(), len(jobs)))
@@ -110,8 +115,12 @@ def trace_service(out: Path, cli_args: list[str]) -> None:
     main()
 
 
-def explain(groups: list[tuple[float, float, float, int]], sends: list[float],
-            arrivals: list[float], smallest: int) -> list[Group]:
+def explain(
+    groups: list[tuple[float, float, float, int]],
+    sends: list[float],
+    arrivals: list[float],
+    smallest: int,
+) -> list[Group]:
     """Match each traced group of at least `smallest` jobs with its sends (until its last
     arrival) and its arrivals (until the next group's due time)."""
     groups = sorted(g for g in groups if g[3] >= smallest)
@@ -127,12 +136,19 @@ def explain(groups: list[tuple[float, float, float, int]], sends: list[float],
         if not seen:
             continue
         last = max(seen)
-        sent = sends[bisect.bisect_left(sends, started):bisect.bisect_right(sends, last)]
+        sent = sends[bisect.bisect_left(sends, started) : bisect.bisect_right(sends, last)]
         if not sent:
             continue
-        found.append(Group(due, (started - due) * 1e3, (ended - due) * 1e3,
-                           (sent[-1] - due) * 1e3, (min(seen) - due) * 1e3,
-                           (last - due) * 1e3))
+        found.append(
+            Group(
+                due,
+                (started - due) * 1e3,
+                (ended - due) * 1e3,
+                (sent[-1] - due) * 1e3,
+                (min(seen) - due) * 1e3,
+                (last - due) * 1e3,
+            )
+        )
     return found
 
 
@@ -192,8 +208,10 @@ def stolen_around(g: Group, increases: list[tuple[float, float]]) -> float:
     return sum(ms for _t, ms in increases[lo:hi])
 
 
-def steal_shares(groups: list[Group], increases: list[tuple[float, float]],
-                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+def steal_shares(
+    groups: list[Group],
+    increases: list[tuple[float, float]],
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """(late groups with steal around them, late groups), (the same for the groups on time);
     late as in `classify`."""
     late = {g for found in classify(groups).values() for g in found}
@@ -234,8 +252,9 @@ def legs(groups: list[Group], periods: dict[float, list[float]], window: float) 
         inside = [p for p in pairs if start <= p[0] < start + window]
         errors = [e for t, es in periods.items() if start <= t < start + window for e in es]
         if inside:
-            found.append(Legs(start, pct(errors, 99),
-                              *(pct([p[i] for p in inside], 99) for i in (1, 2, 3))))
+            found.append(
+                Legs(start, pct(errors, 99), *(pct([p[i] for p in inside], 99) for i in (1, 2, 3)))
+            )
         start += window
     return found
 
@@ -252,8 +271,10 @@ def period_errors(arrivals: list[tuple[float, str]]) -> dict[float, list[float]]
     return errors
 
 
-def measure(entries: int, seconds: float,
-            ) -> tuple[list[Group], list[Legs], list[tuple[float, float]]]:
+def measure(
+    entries: int,
+    seconds: float,
+) -> tuple[list[Group], list[Legs], list[tuple[float, float]]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Broker(work)
@@ -262,10 +283,18 @@ def measure(entries: int, seconds: float,
         stamps = work / "arrivals.txt"  # not in the config's folder, which the watcher follows
         trace = work / "trace.json"
         with stamps.open("w") as sink:
-            sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-t",
-                                    f"{prefix}/#", "-F", "%U %t"], stdout=sink)
-            service = _TracedService(work, broker.port, make_entries(entries, 1.0, prefix),
-                                     "traced", defaults=True, trace=trace)
+            sub = subprocess.Popen(
+                ["mosquitto_sub", "-p", str(broker.port), "-t", f"{prefix}/#", "-F", "%U %t"],
+                stdout=sink,
+            )
+            service = _TracedService(
+                work,
+                broker.port,
+                make_entries(entries, 1.0, prefix),
+                "traced",
+                defaults=True,
+                trace=trace,
+            )
             try:
                 time.sleep(WARM_UP)
                 with StealSampler() as steal:
@@ -278,8 +307,10 @@ def measure(entries: int, seconds: float,
                 sub.wait(5)
                 broker.stop()
         recorded = json.loads(trace.read_text())
-        stamped = [(float(t), topic) for t, topic in
-                   (line.split(" ", 1) for line in stamps.read_text().splitlines())]
+        stamped = [
+            (float(t), topic)
+            for t, topic in (line.split(" ", 1) for line in stamps.read_text().splitlines())
+        ]
         arrivals = [t for t, _topic in stamped if begin <= t < end + 1.0]
         groups = [tuple(g) for g in recorded["groups"] if begin <= g[0] < end]
         found = explain(groups, recorded["sends"], arrivals, smallest=max(1, entries // 200))
@@ -302,42 +333,62 @@ class _TracedService(Service):
 
 
 def report_legs(windows: list[Legs]) -> None:
-    print(f"p99 period error in each {WINDOW:g} s window (ms): per entry | the groups' last "
-          "message | from the service's leg alone | from the leg after the service alone")
+    print(
+        f"p99 period error in each {WINDOW:g} s window (ms): per entry | the groups' last "
+        "message | from the service's leg alone | from the leg after the service alone"
+    )
     for w in windows:
-        print(f"  {w.per_entry:6.2f} | {w.last_message:6.2f} | {w.service_leg:6.2f} | "
-              f"{w.after_leg:6.2f}")
+        print(
+            f"  {w.per_entry:6.2f} | {w.last_message:6.2f} | {w.service_leg:6.2f} | "
+            f"{w.after_leg:6.2f}"
+        )
 
 
 def report(groups: list[Group], seconds: float, increases: list[tuple[float, float]]) -> None:
     if not groups:
         print("no phase group was seen")
         return
-    med = {name: statistics.median(getattr(g, name) for g in groups) for name in (
-        "started_ms", "ended_ms", "last_send_ms", "first_arrival_ms", "last_arrival_ms")}
-    print(f"{len(groups)} phase groups in {seconds:g} s; medians after the due time: "
-          f"run started {med['started_ms']:.2f} ms, ended {med['ended_ms']:.2f} ms, last send "
-          f"{med['last_send_ms']:.2f} ms, first arrival {med['first_arrival_ms']:.2f} ms, last "
-          f"arrival {med['last_arrival_ms']:.2f} ms")
+    med = {
+        name: statistics.median(getattr(g, name) for g in groups)
+        for name in (
+            "started_ms",
+            "ended_ms",
+            "last_send_ms",
+            "first_arrival_ms",
+            "last_arrival_ms",
+        )
+    }
+    print(
+        f"{len(groups)} phase groups in {seconds:g} s; medians after the due time: "
+        f"run started {med['started_ms']:.2f} ms, ended {med['ended_ms']:.2f} ms, last send "
+        f"{med['last_send_ms']:.2f} ms, first arrival {med['first_arrival_ms']:.2f} ms, last "
+        f"arrival {med['last_arrival_ms']:.2f} ms"
+    )
     causes = classify(groups)
     late = sum(len(v) for v in causes.values())
-    print(f"late groups (last arrival > median + {LATE_MS:g} ms): {late} of {len(groups)}: "
-          + ", ".join(f"{name} {len(v)}" for name, v in causes.items()))
+    print(
+        f"late groups (last arrival > median + {LATE_MS:g} ms): {late} of {len(groups)}: "
+        + ", ".join(f"{name} {len(v)}" for name, v in causes.items())
+    )
     for name, late_groups in causes.items():
         for g in late_groups:
-            print(f"  {name:17s} started {g.started_ms:6.2f}  ended {g.ended_ms:6.2f}  last send "
-                  f"{g.last_send_ms:6.2f}  arrivals {g.first_arrival_ms:6.2f}-"
-                  f"{g.last_arrival_ms:6.2f} ms  host steal {stolen_around(g, increases):.0f} ms")
+            print(
+                f"  {name:17s} started {g.started_ms:6.2f}  ended {g.ended_ms:6.2f}  last send "
+                f"{g.last_send_ms:6.2f}  arrivals {g.first_arrival_ms:6.2f}-"
+                f"{g.last_arrival_ms:6.2f} ms  host steal {stolen_around(g, increases):.0f} ms"
+            )
     (late_stolen, late_n), (on_time_stolen, on_time_n) = steal_shares(groups, increases)
-    print(f"host steal within {STEAL_MARGIN_S * 1e3:g} ms of the group "
-          f"({sum(ms for _t, ms in increases):.0f} ms in all): late groups {late_stolen} of "
-          f"{late_n}, groups on time {on_time_stolen} of {on_time_n}")
+    print(
+        f"host steal within {STEAL_MARGIN_S * 1e3:g} ms of the group "
+        f"({sum(ms for _t, ms in increases):.0f} ms in all): late groups {late_stolen} of "
+        f"{late_n}, groups on time {on_time_stolen} of {on_time_n}"
+    )
 
 
 def main() -> None:
     if "--trace" in sys.argv:  # the service process
         at = sys.argv.index("--trace")
-        trace_service(Path(sys.argv[at + 1]), sys.argv[at + 3:])
+        trace_service(Path(sys.argv[at + 1]), sys.argv[at + 3 :])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=100)

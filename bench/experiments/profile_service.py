@@ -47,13 +47,34 @@ AREAS = (
     ("threading.py", "stdlib threading"),
 )
 # inclusive time of these functions (substring of a frame)
-ENTRY_POINTS = ("_process_jobs", "publish", "_packet_queue", "loop_write", "loop_read",
-                "loop_misc", "_run_job", "submit_job", "_emit", "_dispatch_event",
-                "_modify", "update_job", "get_next_fire_time", "info", "tick")
+ENTRY_POINTS = (
+    "_process_jobs",
+    "publish",
+    "_packet_queue",
+    "loop_write",
+    "loop_read",
+    "loop_misc",
+    "_run_job",
+    "submit_job",
+    "_emit",
+    "_dispatch_event",
+    "_modify",
+    "update_job",
+    "get_next_fire_time",
+    "info",
+    "tick",
+)
 # innermost frames of a thread that is blocked, not running: py-spy's idle detection misses
 # them without pausing the process, so they are dropped here and reported apart
-WAITS = ("EpollSelector.select", "PollSelector.select", "SelectSelector.select",
-         "Condition.wait", "Event.wait", "Thread.join", "socket.accept")
+WAITS = (
+    "EpollSelector.select",
+    "PollSelector.select",
+    "SelectSelector.select",
+    "Condition.wait",
+    "Event.wait",
+    "Thread.join",
+    "socket.accept",
+)
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:]*)(:\d+)?\)$")
 
 
@@ -107,9 +128,12 @@ def main() -> int:
     venv_py_spy = Path(sys.executable).parent / "py-spy"
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or venv_py_spy)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--gil", action="store_true",
-                    help="only samples of the thread holding the GIL (py-spy --gil): Python "
-                         "work only, without waits for the GIL and calls that release it")
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="only samples of the thread holding the GIL (py-spy --gil): Python "
+        "work only, without waits for the GIL and calls that release it",
+    )
     args = ap.parse_args()
     if not Path(args.py_spy).exists():
         print("py-spy not found: `.venv/bin/pip install py-spy`, or pass --py-spy PATH")
@@ -127,11 +151,27 @@ def main() -> int:
             time.sleep(5)  # warm-up: past the start-up burst
             total0, cpu0 = sub.ask(op="first_seen")["total"], proc_cpu_seconds(peer.pid)
             out = work / "profile.txt"
-            subprocess.run([args.py_spy, "record", "--pid", str(peer.pid), "--duration",
-                            str(args.seconds), "--rate", str(args.rate), "--nonblocking",
-                            "--threads", "--format", "raw", "--output", str(out),
-                            *(["--gil"] if args.gil else [])],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [
+                    args.py_spy,
+                    "record",
+                    "--pid",
+                    str(peer.pid),
+                    "--duration",
+                    str(args.seconds),
+                    "--rate",
+                    str(args.rate),
+                    "--nonblocking",
+                    "--threads",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                    *(["--gil"] if args.gil else []),
+                ],
+                check=True,
+                capture_output=True,
+            )
             cpu = proc_cpu_seconds(peer.pid) - cpu0
             time.sleep(0.5)  # the last ticks' messages in flight
             messages = sub.ask(op="first_seen")["total"] - total0
@@ -143,17 +183,23 @@ def main() -> int:
     return 0
 
 
-def report(t: dict[str, collections.Counter[str]], cpu: float, messages: int,
-           args: argparse.Namespace) -> None:
+def report(
+    t: dict[str, collections.Counter[str]], cpu: float, messages: int, args: argparse.Namespace
+) -> None:
     blocked = t["areas"].pop("(blocked: not CPU)", 0)
     samples = sum(t["areas"].values())
     us_per_msg = cpu * 1e6 / messages if messages else float("nan")
-    print(f"{args.entries} entries x 1 s, {args.seconds} s window: CPU {cpu:.2f} s for "
-          f"{messages:,} messages = {us_per_msg:.1f} µs per message; {samples:,} busy samples "
-          f"at {args.rate}/s ({blocked:,} samples of blocked threads left out)")
-    for title, key, top in (("area (innermost frame)", "areas", 20), ("thread", "threads", 10),
-                            ("function, self time", "functions", args.top),
-                            ("entry point, inclusive", "inclusive", 20)):
+    print(
+        f"{args.entries} entries x 1 s, {args.seconds} s window: CPU {cpu:.2f} s for "
+        f"{messages:,} messages = {us_per_msg:.1f} µs per message; {samples:,} busy samples "
+        f"at {args.rate}/s ({blocked:,} samples of blocked threads left out)"
+    )
+    for title, key, top in (
+        ("area (innermost frame)", "areas", 20),
+        ("thread", "threads", 10),
+        ("function, self time", "functions", args.top),
+        ("entry point, inclusive", "inclusive", 20),
+    ):
         print(f"\n| {title} | share | µs per message |\n|---|---|---|")
         for name, count in t[key].most_common(top):
             share = count / samples

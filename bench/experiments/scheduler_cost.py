@@ -87,8 +87,9 @@ def drive(schedule: Schedule, seconds: float) -> int:
     return wakeups
 
 
-def measure(schedule: Schedule, runs: list[int], seconds: float,
-            profiler: cProfile.Profile | None) -> tuple[float, int]:
+def measure(
+    schedule: Schedule, runs: list[int], seconds: float, profiler: cProfile.Profile | None
+) -> tuple[float, int]:
     """µs of CPU per job run over `seconds` of fake time, and the wake-ups it took."""
     runs[0] = 0
     start = time.process_time()
@@ -132,11 +133,12 @@ def main() -> None:
     parser.add_argument("--listen", action="store_true", help="a listener for every job event")
     args = parser.parse_args()
     if args.real:
-        per_run = [round(measure_real(args.entries, args.seconds), 1)
-                   for _ in range(args.repeats)]
-        print(f"{args.entries} entries x 1 s, {args.seconds:g} s real time per repeat: "
-              f"µs CPU per run {per_run}, median {statistics.median(per_run):.1f}, "
-              f"min {min(per_run):.1f}")
+        per_run = [round(measure_real(args.entries, args.seconds), 1) for _ in range(args.repeats)]
+        print(
+            f"{args.entries} entries x 1 s, {args.seconds:g} s real time per repeat: "
+            f"µs CPU per run {per_run}, median {statistics.median(per_run):.1f}, "
+            f"min {min(per_run):.1f}"
+        )
         return
 
     profiler = cProfile.Profile() if args.profile else None
@@ -148,15 +150,19 @@ def main() -> None:
     try:
         schedule, runs = build(args.entries, args.listen)
         drive(schedule, 2.0)  # warm-up: every group once, caches filled
-        figures = [measure(schedule, runs, args.seconds, profiler)
-                   for _ in range(1 if profiler else args.repeats)]
+        figures = [
+            measure(schedule, runs, args.seconds, profiler)
+            for _ in range(1 if profiler else args.repeats)
+        ]
     finally:
         aps_base.datetime = ours.datetime = real_datetime
     schedule.shutdown()
     per_run = [round(us, 1) for us, _ in figures]
-    print(f"{args.entries} entries x 1 s, {args.seconds:g} s simulated per repeat "
-          f"({runs[0]} runs in {figures[-1][1]} wake-ups): µs CPU per run {per_run}, "
-          f"median {statistics.median(per_run):.1f}, min {min(per_run):.1f}")
+    print(
+        f"{args.entries} entries x 1 s, {args.seconds:g} s simulated per repeat "
+        f"({runs[0]} runs in {figures[-1][1]} wake-ups): µs CPU per run {per_run}, "
+        f"median {statistics.median(per_run):.1f}, min {min(per_run):.1f}"
+    )
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 

@@ -47,12 +47,20 @@ __all__ = [
 
 EXIT_USAGE = 2  # main.py lists every exit code
 
-COMMANDS = ("run", "validate", "schema", "show-options", "sample-config", "sample-options",
-            "systemd-unit")
+COMMANDS = (
+    "run",
+    "validate",
+    "schema",
+    "show-options",
+    "sample-config",
+    "sample-options",
+    "systemd-unit",
+)
 # The commands whose flags may also come from the environment and the options file.
 OPTION_COMMANDS = ("run", "validate", "show-options")
 # Package data: copies of JSON/payloadStaticConfig.json and the units in systemd/, kept
 # identical by tests/test_packaging.py, so that a wheel carries them (docs/design.md, "Packaging").
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line: `run`'s full usage is 20 lines, which buries the error."""
@@ -64,13 +72,18 @@ class _Parser(argparse.ArgumentParser):
 class _VersionAction(argparse.Action):
     """--version: this package, the libraries that shape its behaviour, and Python."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
-                 help: str | None = None) -> None:
-        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
-                         help=help)
+    def __init__(
+        self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None
+    ) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         print(version_text())
         parser.exit()
 
@@ -90,50 +103,75 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="scheduler-publisher",
         description="Publish static JSON payloads to MQTT topics on a schedule. "
-                    "`run` is the default command. Every option of `run` can also come from "
-                    "SCHEDULER_PUBLISHER_<OPTION> or the options file; precedence: flag > "
-                    "environment > options file > default.",
+        "`run` is the default command. Every option of `run` can also come from "
+        "SCHEDULER_PUBLISHER_<OPTION> or the options file; precedence: flag > "
+        "environment > options file > default.",
         epilog="Exit codes: 0 ok, 1 invalid config (validate), 2 usage, 3 config unusable at "
-               "start, 4 gave up connecting (--max-retries), 5 other start-up failure.")
-    parser.add_argument("--version", action=_VersionAction,
-                        help="print the versions of this program, paho-mqtt, APScheduler and "
-                             "Python")
+        "start, 4 gave up connecting (--max-retries), 5 other start-up failure.",
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of this program, paho-mqtt, APScheduler and Python",
+    )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the publisher (default)")
     add_run_arguments(run)
     validate = sub.add_parser("validate", help="check the config file; connect nowhere")
-    validate.add_argument("--config", type=Path, default=ServiceSettings().config_path,
-                          help="config file (default: %(default)s)")
-    validate.add_argument("--format", choices=FORMATS, default="text",
-                          help="text (default; problems on stderr as file:line:column), json "
-                               "(one object on stdout) or github (workflow annotations)")
+    validate.add_argument(
+        "--config",
+        type=Path,
+        default=ServiceSettings().config_path,
+        help="config file (default: %(default)s)",
+    )
+    validate.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text (default; problems on stderr as file:line:column), json "
+        "(one object on stdout) or github (workflow annotations)",
+    )
     _add_shard(validate, "list the entries shard K of N would run")
     _add_options_file(validate)
     sub.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the entries file")
-    show = sub.add_parser("show-options", help="print every option's effective value and "
-                                               "where it came from (flag, env, file, default)")
+    show = sub.add_parser(
+        "show-options",
+        help="print every option's effective value and "
+        "where it came from (flag, env, file, default)",
+    )
     add_run_arguments(show)
     sub.add_parser("sample-config", help="print the sample entries file")
     sub.add_parser("sample-options", help="print a commented options file with every default")
     unit = sub.add_parser("systemd-unit", help="print the systemd unit")
-    unit.add_argument("--template", action="store_true",
-                      help="print the template unit scheduler-publisher@.service instead: one "
-                           "instance per shard, named K-of-N (docs/scaling.md)")
+    unit.add_argument(
+        "--template",
+        action="store_true",
+        help="print the template unit scheduler-publisher@.service instead: one "
+        "instance per shard, named K-of-N (docs/scaling.md)",
+    )
     return parser
 
 
 def _add_options_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--options-file", type=Path, default=None,
-                   help="TOML file of options, keys named like the long flags; '' for none "
-                        "(default: /etc/scheduler-publisher/scheduler-publisher.toml when it "
-                        "exists)")
+    p.add_argument(
+        "--options-file",
+        type=Path,
+        default=None,
+        help="TOML file of options, keys named like the long flags; '' for none "
+        "(default: /etc/scheduler-publisher/scheduler-publisher.toml when it "
+        "exists)",
+    )
 
 
 def _add_shard(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
-    p.add_argument("--shard", type=shard_spec, metavar="K/N",
-                   help=f"{what}: one entries file split across N processes or hosts by a "
-                        f"stable hash of the entry id; 1 <= K <= N <= 1024, K-of-N also "
-                        f"accepted (docs/scaling.md)")
+    p.add_argument(
+        "--shard",
+        type=shard_spec,
+        metavar="K/N",
+        help=f"{what}: one entries file split across N processes or hosts by a "
+        f"stable hash of the entry id; 1 <= K <= N <= 1024, K-of-N also "
+        f"accepted (docs/scaling.md)",
+    )
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -148,32 +186,74 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_broker_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("broker")
-    b.add_argument("--broker", type=host_name, default="localhost",
-                   help="MQTT broker host (default: localhost)")
-    b.add_argument("--port", type=Number(int, 1, 65535), default=None,
-                   help="broker port (default: 1883, 8883 with --tls)")
+    b.add_argument(
+        "--broker",
+        type=host_name,
+        default="localhost",
+        help="MQTT broker host (default: localhost)",
+    )
+    b.add_argument(
+        "--port",
+        type=Number(int, 1, 65535),
+        default=None,
+        help="broker port (default: 1883, 8883 with --tls)",
+    )
     b.add_argument("--username", type=mqtt_string, help="MQTT user name")
-    b.add_argument("--password", help="MQTT password; visible in `ps`: prefer --password-file, "
-                   "$MQTT_PASSWORD or systemd credentials")
+    b.add_argument(
+        "--password",
+        help="MQTT password; visible in `ps`: prefer --password-file, "
+        "$MQTT_PASSWORD or systemd credentials",
+    )
     b.add_argument("--password-file", type=Path, help="file whose first line is the password")
-    b.add_argument("--client-id", type=mqtt_string,
-                   help="MQTT client id (default: stable per host and config file)")
-    b.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
-                   help="protocol version (default: 5)")
-    b.add_argument("--keepalive", type=Number(int, 1, 65535), default=30,
-                   help="seconds, 1 to 65535 (default: 30)")
-    b.add_argument("--backoff-min", type=Number(float, 0.01, 3600), default=1.0,
-                   help="first reconnect delay, seconds (default: 1)")
-    b.add_argument("--backoff-max", type=Number(float, 0.01, 86400), default=60.0,
-                   help="longest reconnect delay, seconds (default: 60)")
-    b.add_argument("--max-retries", type=Number(int, 1), default=None,
-                   help="give up (exit 4) after N failed attempts in a row (default: forever)")
-    b.add_argument("--will-delay", type=Number(int, 0, 2**32 - 1), default=0,
-                   help="MQTT 5 Will Delay Interval, seconds (default: 0)")
-    b.add_argument("--status-topic", type=mqtt_topic, help="retained service status topic "
-                   "(default: scheduler-publisher/<client-id>/status)")
-    b.add_argument("--connect-rate", type=Number(float, 0.1, 100_000), default=200.0,
-                   help="connection attempts per second across all connections (default: 200)")
+    b.add_argument(
+        "--client-id",
+        type=mqtt_string,
+        help="MQTT client id (default: stable per host and config file)",
+    )
+    b.add_argument(
+        "--mqtt-version", choices=("5", "3.1.1"), default="5", help="protocol version (default: 5)"
+    )
+    b.add_argument(
+        "--keepalive",
+        type=Number(int, 1, 65535),
+        default=30,
+        help="seconds, 1 to 65535 (default: 30)",
+    )
+    b.add_argument(
+        "--backoff-min",
+        type=Number(float, 0.01, 3600),
+        default=1.0,
+        help="first reconnect delay, seconds (default: 1)",
+    )
+    b.add_argument(
+        "--backoff-max",
+        type=Number(float, 0.01, 86400),
+        default=60.0,
+        help="longest reconnect delay, seconds (default: 60)",
+    )
+    b.add_argument(
+        "--max-retries",
+        type=Number(int, 1),
+        default=None,
+        help="give up (exit 4) after N failed attempts in a row (default: forever)",
+    )
+    b.add_argument(
+        "--will-delay",
+        type=Number(int, 0, 2**32 - 1),
+        default=0,
+        help="MQTT 5 Will Delay Interval, seconds (default: 0)",
+    )
+    b.add_argument(
+        "--status-topic",
+        type=mqtt_topic,
+        help="retained service status topic (default: scheduler-publisher/<client-id>/status)",
+    )
+    b.add_argument(
+        "--connect-rate",
+        type=Number(float, 0.1, 100_000),
+        default=200.0,
+        help="connection attempts per second across all connections (default: 200)",
+    )
 
 
 def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,71 +262,125 @@ def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--cafile", type=Path, help="CA bundle to verify the broker with")
     t.add_argument("--certfile", type=Path, help="client certificate (mutual TLS)")
     t.add_argument("--keyfile", type=Path, help="client key (mutual TLS)")
-    t.add_argument("--tls-insecure", action="store_true",
-                   help="DANGEROUS: skip certificate and host name verification")
+    t.add_argument(
+        "--tls-insecure",
+        action="store_true",
+        help="DANGEROUS: skip certificate and host name verification",
+    )
 
 
 def _add_config_arguments(p: argparse.ArgumentParser, d: ServiceSettings) -> None:
     c = p.add_argument_group("config")
     c.add_argument("--config", type=Path, default=d.config_path, help="default: %(default)s")
     c.add_argument("--no-watch", action="store_true", help="do not watch the file for edits")
-    c.add_argument("--force-polling", action="store_true",
-                   help="watch by polling instead of inotify")
-    c.add_argument("--clear-retained-on-remove", action="store_true",
-                   help="clear a removed retained entry's message from the broker")
-    c.add_argument("--max-config-bytes", type=Number(int, 2, 2**30), default=d.max_config_bytes,
-                   help="largest config file accepted (default: 16 MiB)")
-    c.add_argument("--phase-slots", type=Number(int, MIN_SLOTS, MAX_SLOTS, words=(AUTO,)),
-                   default=AUTO,
-                   help="phase groups per period that interval entries are spread over (1 to "
-                        "100); fewer cost less CPU and load the broker in bigger bursts. "
-                        "auto (the default): groups of about 100 entries of an interval, 50 "
-                        "from 2,000 entries on")
-    _add_shard(c, "run only the entries of shard K of N; the client id and status topic get "
-                  "a -K-of-N suffix")
+    c.add_argument(
+        "--force-polling", action="store_true", help="watch by polling instead of inotify"
+    )
+    c.add_argument(
+        "--clear-retained-on-remove",
+        action="store_true",
+        help="clear a removed retained entry's message from the broker",
+    )
+    c.add_argument(
+        "--max-config-bytes",
+        type=Number(int, 2, 2**30),
+        default=d.max_config_bytes,
+        help="largest config file accepted (default: 16 MiB)",
+    )
+    c.add_argument(
+        "--phase-slots",
+        type=Number(int, MIN_SLOTS, MAX_SLOTS, words=(AUTO,)),
+        default=AUTO,
+        help="phase groups per period that interval entries are spread over (1 to "
+        "100); fewer cost less CPU and load the broker in bigger bursts. "
+        "auto (the default): groups of about 100 entries of an interval, 50 "
+        "from 2,000 entries on",
+    )
+    _add_shard(
+        c,
+        "run only the entries of shard K of N; the client id and status topic get a -K-of-N suffix",
+    )
 
 
 def _add_operations_arguments(p: argparse.ArgumentParser, d: ServiceSettings) -> None:
     o = p.add_argument_group("operations")
-    o.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
-                   help="least severe level logged (default: INFO)")
-    o.add_argument("--log-format", choices=("json", "console"), default="json",
-                   help="stdout format (the log file is always JSON)")
-    o.add_argument("--log-file", default="logs/mqtt_publisher.log",
-                   help="rotated JSON log file; '' for none (default: %(default)s)")
-    o.add_argument("--stats-interval", type=Number(float, 0.1, 86400), default=d.stats_interval,
-                   help="seconds between publisher_statistics events (default: 60)")
-    o.add_argument("--state-db", default=str(d.state_db),
-                   help="SQLite file for counters across restarts; '' for none "
-                        "(default: %(default)s)")
-    o.add_argument("--checkpoint-interval", type=Number(float, 0.1, 86400),
-                   default=d.checkpoint_interval,
-                   help="seconds between state checkpoints (default: 5)")
-    o.add_argument("--history-retention", type=Number(int, 1, 10**9),
-                   default=d.history_retention_rows,
-                   help="statistics history rows kept (default: 10000)")
-    o.add_argument("--history-interval", type=Number(float, 0.1, 86400),
-                   default=d.history_interval,
-                   help="seconds between statistics history rows (default: 60)")
-    o.add_argument("--http-host", type=host_name, default=d.http_host,
-                   help="default: %(default)s")
-    o.add_argument("--http-port", type=Number(int, 0, 65535), default=d.http_port,
-                   help="health/status/metrics port; 0 turns HTTP off (default: 8080)")
-    o.add_argument("--http-token-file", type=Path,
-                   help="bearer token required for POST /reload")
-    o.add_argument("--metrics-per-entry", choices=("auto", "on", "off"),
-                   default=d.metrics_per_entry,
-                   help="per-entry series in /metrics; auto: only up to --metrics-entry-limit "
-                        "entries (default: %(default)s)")
-    o.add_argument("--metrics-entry-limit", type=Number(int, 1), default=d.metrics_entry_limit,
-                   help="most entries with per-entry series under auto (default: %(default)s)")
+    o.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="least severe level logged (default: INFO)",
+    )
+    o.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="stdout format (the log file is always JSON)",
+    )
+    o.add_argument(
+        "--log-file",
+        default="logs/mqtt_publisher.log",
+        help="rotated JSON log file; '' for none (default: %(default)s)",
+    )
+    o.add_argument(
+        "--stats-interval",
+        type=Number(float, 0.1, 86400),
+        default=d.stats_interval,
+        help="seconds between publisher_statistics events (default: 60)",
+    )
+    o.add_argument(
+        "--state-db",
+        default=str(d.state_db),
+        help="SQLite file for counters across restarts; '' for none (default: %(default)s)",
+    )
+    o.add_argument(
+        "--checkpoint-interval",
+        type=Number(float, 0.1, 86400),
+        default=d.checkpoint_interval,
+        help="seconds between state checkpoints (default: 5)",
+    )
+    o.add_argument(
+        "--history-retention",
+        type=Number(int, 1, 10**9),
+        default=d.history_retention_rows,
+        help="statistics history rows kept (default: 10000)",
+    )
+    o.add_argument(
+        "--history-interval",
+        type=Number(float, 0.1, 86400),
+        default=d.history_interval,
+        help="seconds between statistics history rows (default: 60)",
+    )
+    o.add_argument("--http-host", type=host_name, default=d.http_host, help="default: %(default)s")
+    o.add_argument(
+        "--http-port",
+        type=Number(int, 0, 65535),
+        default=d.http_port,
+        help="health/status/metrics port; 0 turns HTTP off (default: 8080)",
+    )
+    o.add_argument("--http-token-file", type=Path, help="bearer token required for POST /reload")
+    o.add_argument(
+        "--metrics-per-entry",
+        choices=("auto", "on", "off"),
+        default=d.metrics_per_entry,
+        help="per-entry series in /metrics; auto: only up to --metrics-entry-limit "
+        "entries (default: %(default)s)",
+    )
+    o.add_argument(
+        "--metrics-entry-limit",
+        type=Number(int, 1),
+        default=d.metrics_entry_limit,
+        help="most entries with per-entry series under auto (default: %(default)s)",
+    )
 
 
 def _add_quick_start_arguments(p: argparse.ArgumentParser) -> None:
     x = p.add_argument_group("quick start")
-    x.add_argument("--embedded-broker", action="store_true",
-                   help="start an in-process broker (amqtt, MQTT 3.1.1) and publish to it")
+    x.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="start an in-process broker (amqtt, MQTT 3.1.1) and publish to it",
+    )
     x.add_argument("--echo", action="store_true", help="print every message on the broker")
 
 
@@ -267,8 +401,12 @@ def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argumen
     raise LookupError(command)
 
 
-def apply_options(parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace,
-                  environ: Mapping[str, str]) -> dict[str, Origin]:
+def apply_options(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+) -> dict[str, Origin]:
     """Fill the options no flag gave from the environment and the options file (raises
     OptionsError); returns where each option came from. Sets `args.options_file` to the file
     actually read (None for none)."""
@@ -295,8 +433,11 @@ def check_combinations(args: argparse.Namespace, origins: Mapping[str, Origin]) 
     """Checks that involve two options, after every source has been merged."""
     low, high = getattr(args, "backoff_min", None), getattr(args, "backoff_max", None)
     if low is not None and high is not None and low > high:
-        raise OptionsError(f"backoff-min ({low:g}, {origins['backoff-min']}) must not be larger "
-                           f"than backoff-max ({high:g}, {origins['backoff-max']})")
+        raise OptionsError(
+            f"backoff-min ({low:g}, {origins['backoff-min']}) must not be larger "
+            f"than backoff-max ({high:g}, {origins['backoff-max']})"
+        )
     if getattr(args, "keyfile", None) and not getattr(args, "certfile", None):
-        raise OptionsError(f"keyfile ({origins['keyfile']}) needs certfile, the client "
-                           f"certificate it belongs to")
+        raise OptionsError(
+            f"keyfile ({origins['keyfile']}) needs certfile, the client certificate it belongs to"
+        )

@@ -36,16 +36,19 @@ class EmbeddedBroker:
         try:
             from amqtt.broker import Broker  # noqa: PLC0415 - optional dependency
         except ImportError as exc:
-            raise DemoError("--embedded-broker needs the demo extra: "
-                            "pip install 'scheduler-publisher[demo]'") from exc
+            raise DemoError(
+                "--embedded-broker needs the demo extra: pip install 'scheduler-publisher[demo]'"
+            ) from exc
         _check_port_free(self.port)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
-        threading.Thread(target=self._run, args=(Broker, config), name="embedded-broker",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._run, args=(Broker, config), name="embedded-broker", daemon=True
+        ).start()
         if not self._ready.wait(timeout) or self._error is not None:
             raise DemoError(f"embedded broker did not start on port {self.port}: {self._error}")
 
@@ -80,11 +83,14 @@ def _check_port_free(port: int) -> None:
         probe.bind(("127.0.0.1", port))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
-            raise DemoError(f"embedded broker cannot listen on 127.0.0.1:{port}: "
-                            f"{exc.strerror}") from None
-        raise DemoError(f"port {port} on 127.0.0.1 is already in use (another MQTT broker?); "
-                        f"pick a free one with --port, for example `scripts/demo --port "
-                        f"{port + 10000 if port < 55535 else 11883}`") from None
+            raise DemoError(
+                f"embedded broker cannot listen on 127.0.0.1:{port}: {exc.strerror}"
+            ) from None
+        raise DemoError(
+            f"port {port} on 127.0.0.1 is already in use (another MQTT broker?); "
+            f"pick a free one with --port, for example `scripts/demo --port "
+            f"{port + 10000 if port < 55535 else 11883}`"
+        ) from None
     finally:
         probe.close()
 
@@ -98,8 +104,9 @@ class EchoSubscriber:
         import paho.mqtt.client as mqtt  # noqa: PLC0415
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
 
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="",
-                                   protocol=MQTTProtocolVersion.MQTTv311)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="", protocol=MQTTProtocolVersion.MQTTv311
+        )
         self._subscribed = threading.Event()
         self._show = show
         # A marker of our own, published at stop and not shown (see stop()).

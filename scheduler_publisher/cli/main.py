@@ -111,11 +111,17 @@ def _password_origin(args: argparse.Namespace, environ: Mapping[str, str]) -> st
     return None
 
 
-def show_options_text(args: argparse.Namespace, origins: Mapping[str, Origin],
-                      options: Sequence[Option], environ: Mapping[str, str]) -> str:
+def show_options_text(
+    args: argparse.Namespace,
+    origins: Mapping[str, Origin],
+    options: Sequence[Option],
+    environ: Mapping[str, str],
+) -> str:
     """One `key = value  # source` line per option, secrets redacted."""
-    lines = [f"# options file: {args.options_file or 'none'}",
-             "# precedence: flag > environment > options file > default"]
+    lines = [
+        f"# options file: {args.options_file or 'none'}",
+        "# precedence: flag > environment > options file > default",
+    ]
     for option in options:
         value, origin = getattr(args, option.dest), str(origins[option.name])
         if value is None and option.name == "password":
@@ -134,16 +140,21 @@ def show_options_text(args: argparse.Namespace, origins: Mapping[str, Origin],
 
 def sample_options_text(options: Sequence[Option]) -> str:
     """A commented TOML options file: every option, its help and its default."""
-    out = ["# scheduler-publisher options file (TOML). Keys are the long flags without "
-           "\"--\".",
-           "# Precedence: flag > SCHEDULER_PUBLISHER_<OPTION> > this file > default.",
-           "# Uncomment and edit what you need; `scheduler-publisher show-options` prints the",
-           "# effective values and where each came from."]
+    out = [
+        '# scheduler-publisher options file (TOML). Keys are the long flags without "--".',
+        "# Precedence: flag > SCHEDULER_PUBLISHER_<OPTION> > this file > default.",
+        "# Uncomment and edit what you need; `scheduler-publisher show-options` prints the",
+        "# effective values and where each came from.",
+    ]
     for option in options:
         action = option.action
         helptext = (action.help or "").replace("%(default)s", str(action.default))
-        out += ["", *textwrap.wrap(f"--{option.name}: {helptext}", 90, initial_indent="# ",
-                                   subsequent_indent="#   ")]
+        out += [
+            "",
+            *textwrap.wrap(
+                f"--{option.name}: {helptext}", 90, initial_indent="# ", subsequent_indent="#   "
+            ),
+        ]
         if action.choices is not None:
             out.append(f"# one of: {', '.join(str(c) for c in action.choices)}")
         if action.default is None:
@@ -221,8 +232,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     password = read_password(args, environ)
     if password:
         register_secret(password)
-    token = _first_line(args.http_token_file, "--http-token-file") if args.http_token_file \
-        else None
+    token = _first_line(args.http_token_file, "--http-token-file") if args.http_token_file else None
     if token:
         register_secret(token)
     ctx = tls_context(args)
@@ -230,36 +240,59 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     broker = BrokerSettings(
         host="127.0.0.1" if args.embedded_broker else args.broker,
         port=args.port or (8883 if ctx else 1883),
-        client_id=args.client_id or default_client_id(args.config), username=args.username,
-        password=password, protocol=protocol, keepalive=args.keepalive,
-        backoff_min=args.backoff_min, backoff_max=args.backoff_max,
-        max_retries=args.max_retries, will_delay=args.will_delay,
-        status_topic=args.status_topic, connect_rate=args.connect_rate, tls_context=ctx,
-        tls_insecure=args.tls_insecure)
+        client_id=args.client_id or default_client_id(args.config),
+        username=args.username,
+        password=password,
+        protocol=protocol,
+        keepalive=args.keepalive,
+        backoff_min=args.backoff_min,
+        backoff_max=args.backoff_max,
+        max_retries=args.max_retries,
+        will_delay=args.will_delay,
+        status_topic=args.status_topic,
+        connect_rate=args.connect_rate,
+        tls_context=ctx,
+        tls_insecure=args.tls_insecure,
+    )
     settings = ServiceSettings(
-        config_path=args.config, broker=broker,
+        config_path=args.config,
+        broker=broker,
         logging=log_settings(args),
         stats_interval=args.stats_interval,
         state_db=Path(args.state_db) if args.state_db else None,
         checkpoint_interval=args.checkpoint_interval,
-        history_interval=args.history_interval, history_retention_rows=args.history_retention,
-        http_host=args.http_host, http_port=args.http_port, http_token=token,
-        metrics_per_entry=args.metrics_per_entry, metrics_entry_limit=args.metrics_entry_limit,
-        clear_retained_on_remove=args.clear_retained_on_remove, watch=not args.no_watch,
-        force_polling=args.force_polling, max_config_bytes=args.max_config_bytes,
-        phase_slots=None if args.phase_slots == AUTO else args.phase_slots)
+        history_interval=args.history_interval,
+        history_retention_rows=args.history_retention,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        http_token=token,
+        metrics_per_entry=args.metrics_per_entry,
+        metrics_entry_limit=args.metrics_entry_limit,
+        clear_retained_on_remove=args.clear_retained_on_remove,
+        watch=not args.no_watch,
+        force_polling=args.force_polling,
+        max_config_bytes=args.max_config_bytes,
+        phase_slots=None if args.phase_slots == AUTO else args.phase_slots,
+    )
     return settings.for_shard(args.shard) if args.shard else settings
 
 
 def log_settings(args: argparse.Namespace) -> LogSettings:
-    return LogSettings(level=args.log_level, format=args.log_format,
-                       file=Path(args.log_file) if args.log_file else None)
+    return LogSettings(
+        level=args.log_level,
+        format=args.log_format,
+        file=Path(args.log_file) if args.log_file else None,
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        report = Report(str(args.config), ConfigurationLoader(args.config).load(),
-                        shard=args.shard, now=datetime.now(UTC))
+        report = Report(
+            str(args.config),
+            ConfigurationLoader(args.config).load(),
+            shard=args.shard,
+            now=datetime.now(UTC),
+        )
     except ConfigFileError as exc:
         report = Report(str(args.config), None, exc, shard=args.shard)
     out, err = render(report, args.format)
@@ -293,8 +326,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     read_config_file(settings.config_path, max_bytes=settings.max_config_bytes)
     configure_logging(settings.logging)
     if args.tls_insecure:
-        log.warning("tls_verification_disabled", hint="anyone on the path can impersonate the "
-                    "broker and read the credentials")
+        log.warning(
+            "tls_verification_disabled",
+            hint="anyone on the path can impersonate the broker and read the credentials",
+        )
     extras = _start_demo(args, settings)
     try:
         return _run_service(settings, early)
@@ -303,8 +338,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             part.stop()
 
 
-def _start_demo(args: argparse.Namespace,
-                settings: ServiceSettings) -> list[EmbeddedBroker | EchoSubscriber]:
+def _start_demo(
+    args: argparse.Namespace, settings: ServiceSettings
+) -> list[EmbeddedBroker | EchoSubscriber]:
     parts: list[EmbeddedBroker | EchoSubscriber] = []
     if args.embedded_broker:
         broker = EmbeddedBroker(settings.broker.port)
@@ -351,18 +387,25 @@ def config_hint(path: Path) -> str:
     """What to do about a config file that cannot be used: a missing one usually means the
     default relative path from the wrong folder, or a wheel install without the git tree."""
     if path.exists():
-        return (f"Fix the file (check it with `scheduler-publisher validate --config {path}`) "
-                f"and start again.")
+        return (
+            f"Fix the file (check it with `scheduler-publisher validate --config {path}`) "
+            f"and start again."
+        )
     where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-    return (f"No config file at {path}{where}. Give its path with --config PATH (or `config = "
-            f"\"PATH\"` in the options file); `scheduler-publisher sample-config > PATH` "
-            f"writes a sample.")
+    return (
+        f"No config file at {path}{where}. Give its path with --config PATH (or `config = "
+        f'"PATH"` in the options file); `scheduler-publisher sample-config > PATH` '
+        f"writes a sample."
+    )
 
 
 COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "schema": cmd_schema,
     "show-options": cmd_show_options,
-    "sample-config": cmd_sample_config, "sample-options": cmd_sample_options,
+    "sample-config": cmd_sample_config,
+    "sample-options": cmd_sample_options,
     "systemd-unit": cmd_systemd_unit,
 }
 
@@ -379,8 +422,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = COMMAND_HANDLERS[args.command](args)
     except ConfigFileError as exc:
-        print(f"scheduler-publisher: cannot start: {exc}\n{config_hint(args.config)}",
-              file=sys.stderr)
+        print(
+            f"scheduler-publisher: cannot start: {exc}\n{config_hint(args.config)}", file=sys.stderr
+        )
         code = EXIT_CONFIG
         log_startup_failure(log_settings(args), exc, exit_code=code)
     except (StartupError, DemoError, StateStoreError) as exc:

@@ -31,8 +31,13 @@ DEFAULT_OPTIONS_FILE = Path("/etc/scheduler-publisher/scheduler-publisher.toml")
 SECRET_OPTIONS = frozenset({"password"})
 # Set by other MQTT tools and images; this service never read them. Named so that a gateway
 # which sets one learns the variable it meant instead of silently talking to localhost.
-FOREIGN_ENV = {"MQTT_BROKER": "broker", "MQTT_HOST": "broker", "MQTT_PORT": "port",
-               "MQTT_USERNAME": "username", "MQTT_USER": "username"}
+FOREIGN_ENV = {
+    "MQTT_BROKER": "broker",
+    "MQTT_HOST": "broker",
+    "MQTT_PORT": "port",
+    "MQTT_USERNAME": "username",
+    "MQTT_USER": "username",
+}
 # Two ways to give one value: the one from the stronger source wins, so a `--password-file`
 # flag is not overridden by a `password` key in the options file.
 ALTERNATIVES = (("password", "password-file"),)
@@ -145,8 +150,9 @@ def mqtt_topic(text: str) -> str:
     (rules.py), and no "$" topic at all, since brokers reserve those."""
     problems = [f.message for f in FIELDS_BY_NAME["topic"].check(text) if f.severity == "error"]
     if not problems and text.startswith("$"):
-        problems.append(f'topic must not start with "$" (brokers reserve those topics), '
-                        f"got {text!r}")
+        problems.append(
+            f'topic must not start with "$" (brokers reserve those topics), got {text!r}'
+        )
     if problems:
         raise argparse.ArgumentTypeError("; ".join(problems))
     return text
@@ -157,7 +163,8 @@ def mqtt_string(text: str) -> str:
     size = _utf8_length(text)
     if not text or size is None or not _control_free(text):
         raise argparse.ArgumentTypeError(
-            f"must be non-empty valid UTF-8 without control characters, got {text!r}")
+            f"must be non-empty valid UTF-8 without control characters, got {text!r}"
+        )
     if size > 65535:
         raise argparse.ArgumentTypeError(f"must be at most 65535 UTF-8 bytes, got {size}")
     return text
@@ -167,7 +174,8 @@ def host_name(text: str) -> str:
     """An argparse `type` for a host name or address: non-empty, no spaces or control chars."""
     if not text or any(c.isspace() for c in text) or not _control_free(text):
         raise argparse.ArgumentTypeError(
-            f"must be a host name or IP address without spaces, got {text!r}")
+            f"must be a host name or IP address without spaces, got {text!r}"
+        )
     return text
 
 
@@ -202,8 +210,9 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
             action.default = default
 
 
-def options_file_path(given: Path | None, explicit: bool,
-                      environ: Mapping[str, str]) -> Path | None:
+def options_file_path(
+    given: Path | None, explicit: bool, environ: Mapping[str, str]
+) -> Path | None:
     """The options file to read: the flag, else the variable, else the default if it exists.
     An empty path turns the file off."""
     if not explicit:
@@ -221,11 +230,12 @@ def read_options_file(path: Path, known: Sequence[Option]) -> dict[str, Any]:
         with path.open("rb") as stream:
             values = tomllib.load(stream)
     except FileNotFoundError:
-        raise OptionsError(f"options file {path}: not found (write one with "
-                           f"`scheduler-publisher sample-options > {path}`)") from None
+        raise OptionsError(
+            f"options file {path}: not found (write one with "
+            f"`scheduler-publisher sample-options > {path}`)"
+        ) from None
     except OSError as exc:
-        raise OptionsError(f"options file {path}: cannot read it: "
-                           f"{exc.strerror or exc}") from None
+        raise OptionsError(f"options file {path}: cannot read it: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OptionsError(f"options file {path}: not valid TOML: {exc}") from None
     names = [o.name for o in known]
@@ -255,18 +265,25 @@ def from_text(option: Option, text: str, where: str) -> Any:
 def from_toml(option: Option, value: Any, where: str) -> Any:
     """A value read from the options file for `option`: its TOML type must fit, then its range."""
     kind = option.kind
-    ok = {"boolean": isinstance(value, bool),
-          "integer": isinstance(value, int) and not isinstance(value, bool),
-          "number": isinstance(value, int | float) and not isinstance(value, bool),
-          "string": isinstance(value, str)}[kind]
+    ok = {
+        "boolean": isinstance(value, bool),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "string": isinstance(value, str),
+    }[kind]
     # `mqtt-version = 5` reads naturally; a number that names one of the choices is accepted.
-    named_choice = (kind == "string" and option.action.choices is not None
-                    and isinstance(value, int | float) and str(value) in option.action.choices)
+    named_choice = (
+        kind == "string"
+        and option.action.choices is not None
+        and isinstance(value, int | float)
+        and str(value) in option.action.choices
+    )
     # `phase-slots = "auto"`: a word a number option also takes
     named_word = isinstance(value, str) and value in getattr(option.action.type, "words", ())
     if not ok and not named_choice and not named_word:
-        raise OptionsError(f"{where}: expected {_article(kind)}, got {_toml_type(value)} "
-                           f"{_render(value)}")
+        raise OptionsError(
+            f"{where}: expected {_article(kind)}, got {_toml_type(value)} {_render(value)}"
+        )
     if option.is_switch:
         return value if isinstance(option.action, argparse._StoreTrueAction) else not value
     return _convert(option, str(value), where)
@@ -288,13 +305,23 @@ def _convert(option: Option, text: str, where: str) -> Any:
 
 
 def _article(kind: str) -> str:
-    return {"boolean": "true or false", "integer": "an integer", "number": "a number",
-            "string": "a string"}[kind]
+    return {
+        "boolean": "true or false",
+        "integer": "an integer",
+        "number": "a number",
+        "string": "a string",
+    }[kind]
 
 
 def _toml_type(value: Any) -> str:
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
-                       (list, "array"), (dict, "table")):
+    for kind, name in (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "float"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "table"),
+    ):
         if isinstance(value, kind):
             return name
     return type(value).__name__  # dates and times
@@ -305,9 +332,14 @@ def _render(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def resolve(options: Sequence[Option], args: argparse.Namespace, explicit: set[str],
-            environ: Mapping[str, str], file_values: Mapping[str, Any],
-            file_path: Path | None) -> dict[str, Origin]:
+def resolve(
+    options: Sequence[Option],
+    args: argparse.Namespace,
+    explicit: set[str],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    file_path: Path | None,
+) -> dict[str, Origin]:
     """Fill `args` from the environment and the file where no flag was given; returns where each
     option's value came from."""
     origins: dict[str, Origin] = {}
@@ -327,12 +359,16 @@ def resolve(options: Sequence[Option], args: argparse.Namespace, explicit: set[s
     return origins
 
 
-def _drop_weaker_alternatives(options: Sequence[Option], args: argparse.Namespace,
-                              origins: dict[str, Origin]) -> None:
+def _drop_weaker_alternatives(
+    options: Sequence[Option], args: argparse.Namespace, origins: dict[str, Origin]
+) -> None:
     dests = {o.name: o.dest for o in options}
     for group in ALTERNATIVES:
-        given = [n for n in group if n in dests and getattr(args, dests[n]) is not None
-                 and origins[n].source != "default"]
+        given = [
+            n
+            for n in group
+            if n in dests and getattr(args, dests[n]) is not None and origins[n].source != "default"
+        ]
         if len(given) < 2:
             continue
         best = max(_RANK[origins[n].source] for n in given)
@@ -353,5 +389,7 @@ def environment_warnings(options: Sequence[Option], environ: Mapping[str, str]) 
     by_name = {o.name: o for o in options}
     for name, option in FOREIGN_ENV.items():
         if name in environ and option in by_name:
-            yield (f"{name} is not read by scheduler-publisher; set {by_name[option].env} "
-                   f"(or --{option}) instead")
+            yield (
+                f"{name} is not read by scheduler-publisher; set {by_name[option].env} "
+                f"(or --{option}) instead"
+            )

@@ -22,8 +22,17 @@ from scheduler_publisher.config.loader import (
 )
 from scheduler_publisher.config.shard import Shard
 
-__all__ = ["FORMATS", "Format", "Report", "as_github", "as_json", "as_text", "render",
-           "shard_lines", "summary"]
+__all__ = [
+    "FORMATS",
+    "Format",
+    "Report",
+    "as_github",
+    "as_json",
+    "as_text",
+    "render",
+    "shard_lines",
+    "summary",
+]
 
 Format = Literal["text", "json", "github"]
 FORMATS: Final[tuple[Format, ...]] = ("text", "json", "github")
@@ -59,8 +68,17 @@ class Report:
     @property
     def problems(self) -> tuple[Problem, ...]:
         if self.failure is not None:
-            return (Problem("error", None, None, None, self.failure.detail,
-                            line=self.failure.line, column=self.failure.column),)
+            return (
+                Problem(
+                    "error",
+                    None,
+                    None,
+                    None,
+                    self.failure.detail,
+                    line=self.failure.line,
+                    column=self.failure.column,
+                ),
+            )
         return self.result.problems if self.result is not None else ()
 
     def count(self, severity: Severity) -> int:
@@ -119,8 +137,12 @@ def as_json(report: Report) -> str:
         "problems": [_problem_object(problem) for problem in report.problems],
     }
     if report.shard is not None:
-        body["shard"] = {"k": report.shard.k, "n": report.shard.n, "name": report.shard.name,
-                         "entries": list(report.shard_entries)}
+        body["shard"] = {
+            "k": report.shard.k,
+            "n": report.shard.n,
+            "name": report.shard.name,
+            "entries": list(report.shard_entries),
+        }
     if report.cron_entries:  # only then: a file without any keeps the document it had
         body["cron_entries"] = [_cron_object(report, entry) for entry in report.cron_entries]
     return json.dumps(body, ensure_ascii=False, indent=2)
@@ -128,8 +150,12 @@ def as_json(report: Report) -> str:
 
 def _cron_object(report: Report, entry: PublishConfig) -> dict[str, Any]:
     following = report.next_slot(entry)
-    return {"id": entry.id, "cron": entry.cron, "timezone": entry.timezone,
-            "next_run_at": following.isoformat() if following else None}
+    return {
+        "id": entry.id,
+        "cron": entry.cron,
+        "timezone": entry.timezone,
+        "next_run_at": following.isoformat() if following else None,
+    }
 
 
 def cron_lines(report: Report) -> Iterator[str]:
@@ -144,8 +170,10 @@ def cron_lines(report: Report) -> Iterator[str]:
 
 def summary(report: Report) -> str:
     verdict = "valid" if report.valid else "invalid"
-    return (f"{report.file}: {verdict}: {report.valid_entries} valid entries, "
-            f"{report.count('error')} errors, {report.count('warning')} warnings")
+    return (
+        f"{report.file}: {verdict}: {report.valid_entries} valid entries, "
+        f"{report.count('error')} errors, {report.count('warning')} warnings"
+    )
 
 
 def shard_lines(report: Report) -> list[str]:
@@ -154,8 +182,11 @@ def shard_lines(report: Report) -> list[str]:
     if report.shard is None or report.result is None:
         return []
     ids = report.shard_entries
-    return [f"shard {report.shard} runs {len(ids)} of {report.valid_entries} valid entries"
-            f"{':' if ids else ''}", *(f"  {entry_id}" for entry_id in ids)]
+    return [
+        f"shard {report.shard} runs {len(ids)} of {report.valid_entries} valid entries"
+        f"{':' if ids else ''}",
+        *(f"  {entry_id}" for entry_id in ids),
+    ]
 
 
 def _place(file: str, problem: Problem) -> str:
@@ -177,10 +208,17 @@ _PROPERTY_ESCAPES: Final = {**_DATA_ESCAPES, ord(":"): "%3A", ord(","): "%2C"}
 
 
 def _annotation(file: str, problem: Problem) -> str:
-    properties = {"file": file, "line": problem.line, "col": problem.column,
-                  "title": "scheduler-publisher"}
-    shown = ",".join(f"{key}={str(value).translate(_PROPERTY_ESCAPES)}"
-                     for key, value in properties.items() if value is not None)
+    properties = {
+        "file": file,
+        "line": problem.line,
+        "col": problem.column,
+        "title": "scheduler-publisher",
+    }
+    shown = ",".join(
+        f"{key}={str(value).translate(_PROPERTY_ESCAPES)}"
+        for key, value in properties.items()
+        if value is not None
+    )
     return f"::{problem.severity} {shown}::{str(problem).translate(_DATA_ESCAPES)}"
 
 

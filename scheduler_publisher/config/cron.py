@@ -79,8 +79,10 @@ def parse_cron(expression: str, timezone: str = "UTC") -> dict[str, str]:
     """CronTrigger's keyword arguments for `expression`; raises CronError naming the field."""
     values = expression.split()
     if len(values) not in (5, 6):
-        raise CronError(f"expected 5 fields (minute hour day month day_of_week) or 6 (seconds "
-                        f"first), got {len(values)}")
+        raise CronError(
+            f"expected 5 fields (minute hour day month day_of_week) or 6 (seconds "
+            f"first), got {len(values)}"
+        )
     if len(values) == 5:  # crontab's own form: on the minute
         values.insert(0, "0")
     fields = dict(zip(FIELDS, values, strict=True))

@@ -26,8 +26,7 @@ TOO_DEEP: Final = f"JSON nesting is deeper than {MAX_DOCUMENT_DEPTH} levels"
 class DocumentError(Exception):
     """The bytes are not a readable JSON array; `detail` says why, and where."""
 
-    def __init__(self, detail: str, *, line: int | None = None,
-                 column: int | None = None) -> None:
+    def __init__(self, detail: str, *, line: int | None = None, column: int | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.line = line  # where (1-based), when the problem has a place
@@ -104,8 +103,9 @@ def _decode_utf8(raw: bytes) -> str:
     except UnicodeDecodeError as exc:
         offset = exc.start + len(raw) - len(body)
         line, column = _byte_position(body, exc.start)
-        raise DocumentError(f"not valid UTF-8 at byte offset {offset}", line=line,
-                            column=column) from None
+        raise DocumentError(
+            f"not valid UTF-8 at byte offset {offset}", line=line, column=column
+        ) from None
 
 
 def _byte_position(body: bytes, at: int) -> tuple[int, int]:
@@ -121,8 +121,9 @@ def _load_json(text: str) -> Any:
         return _LENIENT_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
-        raise DocumentError(f"not valid JSON: {exc.msg} at {where}", line=exc.lineno,
-                            column=exc.colno) from None
+        raise DocumentError(
+            f"not valid JSON: {exc.msg} at {where}", line=exc.lineno, column=exc.colno
+        ) from None
     except RecursionError:
         raise DocumentError(TOO_DEEP) from None
 
@@ -177,7 +178,8 @@ def _lenient_int(digits: str) -> int | _Refused:
 
 
 _LENIENT_DECODER: Final = json.JSONDecoder(
-    parse_constant=_refused_constant, parse_int=_lenient_int,
+    parse_constant=_refused_constant,
+    parse_int=_lenient_int,
     object_pairs_hook=JsonObject.from_pairs,
 )
 _PATH_STEPS_SHOWN: Final = 6
@@ -198,8 +200,11 @@ def _first_refusal(value: Any) -> tuple[tuple[str | int, ...], str] | None:
             return path, node.detail
         if len(path) >= MAX_DOCUMENT_DEPTH - 1 and _children(node) is not None:
             return path, TOO_DEEP  # the array around the entries is one level
-        steps = list(node.items()) if isinstance(node, Mapping) else (
-            list(enumerate(node)) if isinstance(node, list) else [])
+        steps = (
+            list(node.items())
+            if isinstance(node, Mapping)
+            else (list(enumerate(node)) if isinstance(node, list) else [])
+        )
         stack.extend((child, (*path, step)) for step, child in reversed(steps))
     return None
 
@@ -258,7 +263,7 @@ class Located:
     def fingerprint(self) -> int:
         """Tells this element's text from any other's, within this process: equal texts,
         equal fingerprints. A reload uses it to recognise entries that did not change."""
-        return hash(self.text[self.start:self.end])
+        return hash(self.text[self.start : self.end])
 
     def member_positions(self) -> dict[str, tuple[int, int]]:
         """Line and column of each member's key, when the element is an object. Scans the
@@ -268,8 +273,13 @@ class Located:
         except (ValueError, RecursionError):
             # Cannot happen to an element that decoded once; the entry's own place still holds.
             return {}
-        return {key: (self.line + self.text.count("\n", self.start, at),
-                      at - self.text.rfind("\n", 0, at)) for key, at in offsets.items()}
+        return {
+            key: (
+                self.line + self.text.count("\n", self.start, at),
+                at - self.text.rfind("\n", 0, at),
+            )
+            for key, at in offsets.items()
+        }
 
 
 def _member_offsets(text: str, start: int) -> dict[str, int]:
@@ -359,5 +369,3 @@ def located_elements(raw: bytes) -> Iterator[Located]:
     if isinstance(document, list):  # json accepted what the streaming scanner did not
         detail = "could not be read as a JSON array of entries"
     raise DocumentError(detail)
-
-

@@ -39,8 +39,9 @@ def _render_payload(data: Mapping[str, Any], online: int) -> bytes:
     body = {"online": online}
     body.update(data)
     body["online"] = online  # after update: the service owns the key, and it stays first
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_as_json_object).encode()
+    return json.dumps(
+        body, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_as_json_object
+    ).encode()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -126,8 +127,12 @@ class MessageProperties:
         """From a checked `properties` object; None when it sets nothing (`{}`, or unknown
         keys only), so that such an entry stays on the path of entries without properties."""
         users = value.get("user_properties") or {}
-        found = cls(value.get("message_expiry"), value.get("content_type"),
-                    tuple(users.items()), bool(value.get("payload_format_utf8", False)))
+        found = cls(
+            value.get("message_expiry"),
+            value.get("content_type"),
+            tuple(users.items()),
+            bool(value.get("payload_format_utf8", False)),
+        )
         return found if found != _NO_PROPERTIES else None
 
     def as_json(self) -> dict[str, Any]:
@@ -205,13 +210,20 @@ class PublishConfig:
             for finding in rule.check(self._as_read(rule.name))
             if finding.severity == "error"
         ]
-        present = {rule.name: getattr(self, rule.name) for rule in FIELD_RULES
-                   if rule.alternative is not None and getattr(self, rule.name) is not None}
-        errors.extend(f.message for _name, f in alternative_findings(present)
-                      if f.severity == "error")
+        present = {
+            rule.name: getattr(self, rule.name)
+            for rule in FIELD_RULES
+            if rule.alternative is not None and getattr(self, rule.name) is not None
+        }
+        errors.extend(
+            f.message for _name, f in alternative_findings(present) if f.severity == "error"
+        )
         if not errors and self.template:
-            errors = [f.message for f in placeholder_findings(self.data, templated=True)
-                      if f.severity == "error"]
+            errors = [
+                f.message
+                for f in placeholder_findings(self.data, templated=True)
+                if f.severity == "error"
+            ]
         if errors:
             label = id_label(self.id if isinstance(self.id, str) else None)
             raise ValueError(f"invalid PublishConfig{label}: " + "; ".join(errors))
@@ -252,7 +264,10 @@ class PublishConfig:
     def same_schedule(self, other: PublishConfig) -> bool:
         """True when `other` fires on the same slots, so its job need not be rescheduled."""
         return (self.interval, self.cron, self.schedule_timezone) == (
-            other.interval, other.cron, other.schedule_timezone)
+            other.interval,
+            other.cron,
+            other.schedule_timezone,
+        )
 
     @property
     def schedule_timezone(self) -> str | None:
@@ -269,10 +284,20 @@ class PublishConfig:
 
     def same_wire(self, other: PublishConfig) -> bool:
         """True when `other` puts the same bytes on the wire, with the same options."""
-        return (self.topic, self.payload, self.qos, self.retain, self.lwt, self.template,
-                self.properties) == (
-            other.topic, other.payload, other.qos, other.retain, other.lwt, other.template,
+        return (
+            self.topic,
+            self.payload,
+            self.qos,
+            self.retain,
+            self.lwt,
+            self.template,
+            self.properties,
+        ) == (
+            other.topic,
+            other.payload,
+            other.qos,
+            other.retain,
+            other.lwt,
+            other.template,
             other.properties,
         )
-
-

@@ -152,9 +152,11 @@ def _where_unsendable(value: str, found: re.Match[str]) -> str:
 
 
 NOT_A_SURROGATE: Final = Forbidden(LONE_SURROGATE, _VALID_UNICODE)
-SENDABLE_TEXT: Final = Forbidden(UNSENDABLE_CLASS, "free of NUL, control characters "
-                                  "(U+0001-U+001F, U+007F-U+009F) and noncharacters",
-                                  received=_where_unsendable)
+SENDABLE_TEXT: Final = Forbidden(
+    UNSENDABLE_CLASS,
+    "free of NUL, control characters (U+0001-U+001F, U+007F-U+009F) and noncharacters",
+    received=_where_unsendable,
+)
 
 JsonType = Literal["string", "number", "integer", "boolean", "object"]
 
@@ -228,8 +230,9 @@ class FieldRule:
             yield from self.custom(self.name, value)
 
     def _type_finding(self, value: Any) -> Finding | None:
-        if not _HAS_TYPE[self.type](value) or (isinstance(value, str)
-                                                and len(value) < self.min_length):
+        if not _HAS_TYPE[self.type](value) or (
+            isinstance(value, str) and len(value) < self.min_length
+        ):
             return error_finding(self.name, self.expected, value)
         if isinstance(value, float) and not math.isfinite(value):
             return error_finding(self.name, "a finite number", value)
@@ -237,7 +240,8 @@ class FieldRule:
             return error_finding(self.name, self.expected, value)
         # Compared without float(): an int like 10**400 would overflow the conversion.
         if (self.minimum is not None and value < self.minimum) or (
-                self.maximum is not None and value > self.maximum):
+            self.maximum is not None and value > self.maximum
+        ):
             return error_finding(self.name, self.range_text, value)
         return None
 
@@ -245,8 +249,9 @@ class FieldRule:
         for forbidden in self.forbidden:
             yield from forbidden.findings(self.name, value)
         if self.max_length is not None and len(value) > self.max_length:
-            yield _must(self.name, f"at most {self.max_length} characters",
-                        f"{len(value)} characters")
+            yield _must(
+                self.name, f"at most {self.max_length} characters", f"{len(value)} characters"
+            )
         if self.max_utf8_bytes is None:
             return
         size = _utf8_size(value)  # None: a lone surrogate, which a Forbidden reports
@@ -259,13 +264,15 @@ def _plain(number: float) -> str:
     return str(number) if isinstance(number, int) else f"{number:g}"
 
 
-_HAS_TYPE: Final[Mapping[JsonType, Callable[[Any], bool]]] = MappingProxyType({
-    "string": lambda value: isinstance(value, str),
-    "number": lambda value: _is_int(value) or isinstance(value, float),
-    "integer": _is_int,
-    "boolean": lambda value: isinstance(value, bool),
-    "object": lambda value: isinstance(value, Mapping),
-})
+_HAS_TYPE: Final[Mapping[JsonType, Callable[[Any], bool]]] = MappingProxyType(
+    {
+        "string": lambda value: isinstance(value, str),
+        "number": lambda value: _is_int(value) or isinstance(value, float),
+        "integer": _is_int,
+        "boolean": lambda value: isinstance(value, bool),
+        "object": lambda value: isinstance(value, Mapping),
+    }
+)
 
 
 def _depth_finding(name: str, value: Any, limit: int) -> Finding | None:
@@ -352,7 +359,9 @@ def unknown_member(prefix: str, key: str, known: list[str]) -> Finding:
     guesses = difflib.get_close_matches(key, known, n=1)
     if guesses:
         message = f"{message} (did you mean {render_value(prefix + guesses[0])}?)"
-    return Finding("warning", message, "one of " + ", ".join(prefix + k for k in known),
-                   render_value(prefix + key))
-
-
+    return Finding(
+        "warning",
+        message,
+        "one of " + ", ".join(prefix + k for k in known),
+        render_value(prefix + key),
+    )

@@ -62,8 +62,9 @@ class ConfigError(Exception):
 class ConfigFileError(ConfigError):
     """The file as a whole is unusable: unreadable, too large, not JSON, or not an entry list."""
 
-    def __init__(self, source: str, detail: str, *, line: int | None = None,
-                 column: int | None = None) -> None:
+    def __init__(
+        self, source: str, detail: str, *, line: int | None = None, column: int | None = None
+    ) -> None:
         super().__init__(f"{source}: {detail}")
         self.source = source
         self.detail = detail
@@ -152,25 +153,44 @@ def _field_findings(entry: Mapping[str, Any]) -> Iterator[tuple[str, Finding]]:
     yield from alternative_findings(entry)
     if "timezone" in entry and "cron" not in entry and "interval" in entry:
         got = render_value(entry["timezone"])
-        yield "timezone", Finding("warning", f"timezone: applies to cron entries only; an "
-                                  f"interval entry ignores it, got {got}", "no timezone", got)
+        yield (
+            "timezone",
+            Finding(
+                "warning",
+                f"timezone: applies to cron entries only; an interval entry ignores it, got {got}",
+                "no timezone",
+                got,
+            ),
+        )
 
 
-def _unreadable_entry(position: int, element: document.UnreadableElement,
-                      first_seen: dict[str, int]) -> _Checked:
+def _unreadable_entry(
+    position: int, element: document.UnreadableElement, first_seen: dict[str, int]
+) -> _Checked:
     """A well-formed element that holds what JSON refuses: this entry is rejected (its last
     good version keeps running), the rest of the file is not."""
     entry_id = _usable_id(element.entry_id)
     if entry_id is not None:
         first_seen.setdefault(entry_id, position)
     message = f"{element.detail} (line {element.line}, column {element.column})"
-    problem = Problem("error", position, entry_id, element.field, message,
-                      line=element.line, column=element.column)
+    problem = Problem(
+        "error",
+        position,
+        entry_id,
+        element.field,
+        message,
+        line=element.line,
+        column=element.column,
+    )
     return _Checked(None, [problem], entry_id)
 
 
-def _reused(position: int, located: document.Located, known: Mapping[str, PublishConfig],
-            first_seen: dict[str, int]) -> _Checked | None:
+def _reused(
+    position: int,
+    located: document.Located,
+    known: Mapping[str, PublishConfig],
+    first_seen: dict[str, int],
+) -> _Checked | None:
     """The running entry, when the file still holds the very text it was read from: checking
     that text again would find nothing and build an equal entry. A reload of a large file
     that changed in one place so checks one entry instead of all of them."""
@@ -184,27 +204,45 @@ def _reused(position: int, located: document.Located, known: Mapping[str, Publis
     return _Checked(before, [], before.id)
 
 
-def _check_entry(position: int, located: document.Located,
-                 first_seen: dict[str, int]) -> _Checked:
+def _check_entry(position: int, located: document.Located, first_seen: dict[str, int]) -> _Checked:
     entry = located.value
     if isinstance(entry, document.UnreadableElement):
         return _unreadable_entry(position, entry, first_seen)
     where = {"line": located.line, "column": located.column}
     if not isinstance(entry, dict):
         got = render_value(entry)
-        problem = Problem("error", position, None, None, f"must be an object, got {got}",
-                          "an object", got, **where)
+        problem = Problem(
+            "error",
+            position,
+            None,
+            None,
+            f"must be an object, got {got}",
+            "an object",
+            got,
+            **where,
+        )
         return _Checked(None, [problem], None)
     entry_id = _usable_id(entry.get("id"))
     findings = list(_field_findings(entry))
     if entry_id is not None and first_seen.setdefault(entry_id, position) != position:
         used, got = f"already used by entry {first_seen[entry_id]}", render_value(entry_id)
-        findings.append(("id", Finding("error", f"id must be unique, got {got} ({used})",
-                                       "unique", got)))
+        findings.append(
+            ("id", Finding("error", f"id must be unique, got {got} ({used})", "unique", got))
+        )
     members = located.member_positions() if findings else {}
-    problems = [Problem(f.severity, position, entry_id, name, f.message, f.expected, f.received,
-                        *members.get(name, (located.line, located.column)))
-                for name, f in findings]
+    problems = [
+        Problem(
+            f.severity,
+            position,
+            entry_id,
+            name,
+            f.message,
+            f.expected,
+            f.received,
+            *members.get(name, (located.line, located.column)),
+        )
+        for name, f in findings
+    ]
     if any(problem.severity == "error" for problem in problems):
         return _Checked(None, problems, entry_id)
     config = PublishConfig._from_checked(entry)  # every field was checked just above
@@ -216,8 +254,9 @@ def _check_entry(position: int, located: document.Located,
 PARSE_STEP: Final = 250  # entries parsed between two pauses of parse_config_steps
 
 
-def parse_config(raw: bytes, *, source: str = "<config>",
-                 known: Mapping[str, PublishConfig] | None = None) -> ConfigResult:
+def parse_config(
+    raw: bytes, *, source: str = "<config>", known: Mapping[str, PublishConfig] | None = None
+) -> ConfigResult:
     """Validate the file's bytes (taking over the `known` entries whose text is unchanged, as
     parse_config_steps does); raises ConfigFileError only if it is not an entry list."""
     steps = parse_config_steps(raw, source=source, known=known)
@@ -229,9 +268,13 @@ def parse_config(raw: bytes, *, source: str = "<config>",
             return result
 
 
-def parse_config_steps(raw: bytes, *, source: str = "<config>", step: int = PARSE_STEP,
-                       known: Mapping[str, PublishConfig] | None = None,
-                       ) -> Generator[None, None, ConfigResult]:
+def parse_config_steps(
+    raw: bytes,
+    *,
+    source: str = "<config>",
+    step: int = PARSE_STEP,
+    known: Mapping[str, PublishConfig] | None = None,
+) -> Generator[None, None, ConfigResult]:
     """parse_config in steps: pauses (yields) after every `step` entries and returns the
     result. The service's main loop parses a large file this way, a slice per turn, so its
     systemd watchdog pings and stop requests are not held up (docs/design.md).
@@ -247,8 +290,9 @@ def parse_config_steps(raw: bytes, *, source: str = "<config>", step: int = PARS
         for position, entry in enumerate(document.located_elements(raw), start=1):
             if position % step == 0:
                 yield
-            checked = (_reused(position, entry, known, first_seen)
-                       or _check_entry(position, entry, first_seen))
+            checked = _reused(position, entry, known, first_seen) or _check_entry(
+                position, entry, first_seen
+            )
             problems.extend(checked.problems)
             if checked.config is not None:
                 entries.append(checked.config)
@@ -257,8 +301,7 @@ def parse_config_steps(raw: bytes, *, source: str = "<config>", step: int = PARS
                 invalid_ids.add(checked.entry_id)
     except document.DocumentError as exc:
         raise ConfigFileError(source, exc.detail, line=exc.line, column=exc.column) from None
-    return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids),
-                        config_digest(raw))
+    return ConfigResult(tuple(entries), tuple(problems), frozenset(invalid_ids), config_digest(raw))
 
 
 def config_digest(raw: bytes) -> str:
@@ -319,9 +362,7 @@ class ConfigurationLoader:
 
     __slots__ = ("_max_bytes", "_path")
 
-    def __init__(
-        self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         self._path = Path(path)
@@ -339,8 +380,11 @@ class ConfigurationLoader:
         """Read and parse the file; raises ConfigFileError if it is unusable as a whole."""
         return parse_config(self.read(), source=str(self._path))
 
-    def load_steps(self, raw: bytes, known: Mapping[str, PublishConfig] | None = None,
-                   ) -> Generator[None, None, ConfigResult]:
+    def load_steps(
+        self,
+        raw: bytes,
+        known: Mapping[str, PublishConfig] | None = None,
+    ) -> Generator[None, None, ConfigResult]:
         """Parse bytes read with read() in steps (parse_config_steps, which reuses the `known`
         entries whose text did not change); raises ConfigFileError."""
         return parse_config_steps(raw, source=str(self._path), known=known)

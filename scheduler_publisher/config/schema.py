@@ -27,12 +27,14 @@ _FLOAT_MAX: Final = sys.float_info.max
 # The array around the entries is one level and each entry another: what an entry's other
 # (unknown) fields may nest before the element is too deep for the validator.
 _UNKNOWN_FIELD_DEPTH: Final = MAX_DOCUMENT_DEPTH - 2
-_GENERAL: Final = ("Patterns use Unicode code-point semantics (ECMA-262 with the u flag, as "
-                   "VS Code and Python's jsonschema apply them). Not in the schema, so only "
-                   "`scheduler-publisher validate` reports them: warnings (unknown or "
-                   "repeated fields, a data key \"online\", a \"$\" topic outside the "
-                   "broker-owned trees, a placeholder in an entry without \"template\" or in "
-                   "a key); and ")
+_GENERAL: Final = (
+    "Patterns use Unicode code-point semantics (ECMA-262 with the u flag, as "
+    "VS Code and Python's jsonschema apply them). Not in the schema, so only "
+    "`scheduler-publisher validate` reports them: warnings (unknown or "
+    'repeated fields, a data key "online", a "$" topic outside the '
+    'broker-owned trees, a placeholder in an entry without "template" or in '
+    "a key); and "
+)
 
 
 def _never(pattern: str) -> dict[str, Any]:
@@ -55,8 +57,11 @@ def _payload_value(level: int) -> dict[str, Any]:
     decodes to infinity; integers are exact and unbounded), valid Unicode strings and keys."""
     unicode_text = _never(LONE_SURROGATE)
     finite = {"anyOf": [{"type": "integer"}, {"minimum": -_FLOAT_MAX, "maximum": _FLOAT_MAX}]}
-    return {**_scalar_or_nested("payload", level), "propertyNames": unicode_text,
-            "allOf": [unicode_text, finite]}
+    return {
+        **_scalar_or_nested("payload", level),
+        "propertyNames": unicode_text,
+        "allOf": [unicode_text, finite],
+    }
 
 
 def _nesting_defs(prefix: str, levels: int, payload: bool) -> dict[str, Any]:
@@ -73,22 +78,27 @@ def _string_keywords(rule: FieldRule) -> dict[str, Any]:
     if rule.max_utf8_bytes is not None:
         # A character is 1 to 4 UTF-8 bytes: at most as many characters as bytes is the
         # strictest bound that never refuses a valid topic (see `unexpressed`).
-        found["maxLength"] = min(found.get("maxLength", rule.max_utf8_bytes),
-                                 rule.max_utf8_bytes)
+        found["maxLength"] = min(found.get("maxLength", rule.max_utf8_bytes), rule.max_utf8_bytes)
     if rule.forbidden:
-        found["allOf"] = [{**_never(f.pattern), "$comment": f"must {f.verb} {f.expected}"}
-                          for f in rule.forbidden]
+        found["allOf"] = [
+            {**_never(f.pattern), "$comment": f"must {f.verb} {f.expected}"} for f in rule.forbidden
+        ]
     return found
 
 
 # What an optional field is when left out: PublishConfig's own defaults, shown by editors.
-_DEFAULTS: Final = {spec.name: spec.default for spec in dataclasses.fields(PublishConfig)
-                    if spec.init and spec.default is not dataclasses.MISSING}
+_DEFAULTS: Final = {
+    spec.name: spec.default
+    for spec in dataclasses.fields(PublishConfig)
+    if spec.init and spec.default is not dataclasses.MISSING
+}
 
 
 def _field_schema(rule: FieldRule) -> dict[str, Any]:
-    schema: dict[str, Any] = {"description": rule.description,
-                              "type": [rule.type, "null"] if rule.nullable else rule.type}
+    schema: dict[str, Any] = {
+        "description": rule.description,
+        "type": [rule.type, "null"] if rule.nullable else rule.type,
+    }
     if rule.name in _DEFAULTS and rule.alternative is None:  # an alternative has no default
         schema["default"] = _DEFAULTS[rule.name]
     if rule.type == "string":
@@ -140,16 +150,27 @@ def _all_rules(rules: tuple[FieldRule, ...]) -> Iterator[FieldRule]:
 def _alternatives() -> list[dict[str, Any]]:
     """Exactly one field of each pair of alternatives (interval or cron): a `oneOf` per pair,
     all of them in an `allOf`."""
-    pairs = {tuple(sorted((rule.name, rule.alternative))) for rule in FIELD_RULES
-             if rule.alternative is not None}
+    pairs = {
+        tuple(sorted((rule.name, rule.alternative)))
+        for rule in FIELD_RULES
+        if rule.alternative is not None
+    }
     order = [rule.name for rule in FIELD_RULES]
-    return [{"oneOf": [{"required": [name]} for name in sorted(pair, key=order.index)]}
-            for pair in sorted(pairs)]
+    return [
+        {"oneOf": [{"required": [name]} for name in sorted(pair, key=order.index)]}
+        for pair in sorted(pairs)
+    ]
 
 
 def _gaps() -> str:
-    return "; ".join(f"{rule.name}: {rule.unexpressed}" for rule in _all_rules(FIELD_RULES)
-                     if rule.unexpressed) + "."
+    return (
+        "; ".join(
+            f"{rule.name}: {rule.unexpressed}"
+            for rule in _all_rules(FIELD_RULES)
+            if rule.unexpressed
+        )
+        + "."
+    )
 
 
 def entries_schema() -> dict[str, Any]:
@@ -167,13 +188,16 @@ def entries_schema() -> dict[str, Any]:
         "$schema": DIALECT,
         "title": "scheduler-publisher entries file",
         "description": "A JSON array of entries, each published to MQTT on its own schedule. "
-                       "Generated by `scheduler-publisher schema` from the rules "
-                       "`scheduler-publisher validate` applies.",
+        "Generated by `scheduler-publisher schema` from the rules "
+        "`scheduler-publisher validate` applies.",
         "$comment": _GENERAL + _gaps(),
         "type": "array",
         "items": {"$ref": "#/$defs/entry"},
-        "$defs": {"entry": entry, **_nesting_defs("payload", data_depth - 1, payload=True),
-                  **_nesting_defs("nested", _UNKNOWN_FIELD_DEPTH, payload=False)},
+        "$defs": {
+            "entry": entry,
+            **_nesting_defs("payload", data_depth - 1, payload=True),
+            **_nesting_defs("nested", _UNKNOWN_FIELD_DEPTH, payload=False),
+        },
     }
 
 

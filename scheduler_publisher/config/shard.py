@@ -48,8 +48,9 @@ def owner(entry_id: str, shards: int) -> int:
     if found is None:
         if len(known) >= _OWNER_CACHE:
             known.clear()  # ids churned past the bound: start over rather than grow
-        found = known[entry_id] = max(range(1, shards + 1),
-                                      key=lambda shard: _score(shard, entry_id))
+        found = known[entry_id] = max(
+            range(1, shards + 1), key=lambda shard: _score(shard, entry_id)
+        )
     return found
 
 

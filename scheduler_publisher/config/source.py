@@ -76,8 +76,10 @@ class ConfigSource:
         """The file at start-up, parsed in one go; raises ConfigFileError."""
         return self._loader.load()
 
-    def check(self, running: Mapping[str, PublishConfig] | None = None,
-              ) -> Generator[None, None, Check]:
+    def check(
+        self,
+        running: Mapping[str, PublishConfig] | None = None,
+    ) -> Generator[None, None, Check]:
         """Read the file and compare it with the version in force; a new version is parsed
         in steps (the generator pauses between them). Entries of `running` whose text is
         unchanged are taken over as they are, not checked again."""

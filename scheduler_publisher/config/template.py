@@ -36,8 +36,16 @@ __all__ = [
     "stray_placeholder",
 ]
 
-PLACEHOLDERS: Final = ("now", "now_unix", "now_unix_ms", "seq", "uptime", "hostname",
-                       "client_id", "entry_id")
+PLACEHOLDERS: Final = (
+    "now",
+    "now_unix",
+    "now_unix_ms",
+    "seq",
+    "uptime",
+    "hostname",
+    "client_id",
+    "entry_id",
+)
 NUMERIC: Final = frozenset({"now_unix", "now_unix_ms", "seq", "uptime"})
 _OPEN: Final = "{{"
 _CLOSE: Final = "}}"
@@ -136,9 +144,9 @@ def _pieces(text: str) -> Iterator[tuple[str, str | None]]:
             return
         closed = text.find(_CLOSE, opened + len(_OPEN))
         if closed < 0:
-            shown = _escaped(text[opened:opened + _SHOWN])
+            shown = _escaped(text[opened : opened + _SHOWN])
             raise ValueError(f'unclosed placeholder {shown}: "{_OPEN}" without "{_CLOSE}"')
-        name = text[opened + len(_OPEN):closed]
+        name = text[opened + len(_OPEN) : closed]
         if name not in PLACEHOLDERS:
             raise ValueError(_unknown(name))
         yield text[start:opened], name
@@ -148,8 +156,10 @@ def _pieces(text: str) -> Iterator[tuple[str, str | None]]:
 def _unknown(name: str) -> str:
     found = _escaped(f"{_OPEN}{name[:_SHOWN]}{_CLOSE}")
     if name.strip() in PLACEHOLDERS:
-        return (f"malformed placeholder {found}: no spaces inside the braces "
-                f"(write {_OPEN}{name.strip()}{_CLOSE})")
+        return (
+            f"malformed placeholder {found}: no spaces inside the braces "
+            f"(write {_OPEN}{name.strip()}{_CLOSE})"
+        )
     return f"unknown placeholder {found}"
 
 
@@ -255,8 +265,12 @@ class _Builder:
 
     def string(self, text: str) -> None:
         pieces = list(_pieces(text))
-        if len(pieces) == 2 and pieces[0][0] == "" and pieces[1][0] == "" and \
-                pieces[0][1] in NUMERIC:
+        if (
+            len(pieces) == 2
+            and pieces[0][0] == ""
+            and pieces[1][0] == ""
+            and pieces[0][1] in NUMERIC
+        ):
             self.slot(pieces[0][1])  # exactly one numeric placeholder: a JSON number
             return
         self.literal('"')
@@ -287,12 +301,14 @@ class Template:
 
     def __post_init__(self) -> None:
         if len(self.chunks) != len(self.slots) + 1:
-            raise ValueError(f"{len(self.slots)} slots need {len(self.slots) + 1} chunks, "
-                             f"got {len(self.chunks)}")
+            raise ValueError(
+                f"{len(self.slots)} slots need {len(self.slots) + 1} chunks, got {len(self.chunks)}"
+            )
         names = tuple(dict.fromkeys(self.slots))
         picks = None if names == self.slots else tuple(names.index(n) for n in self.slots)
-        object.__setattr__(self, "_format",
-                           b"%s".join(chunk.replace(b"%", b"%%") for chunk in self.chunks))
+        object.__setattr__(
+            self, "_format", b"%s".join(chunk.replace(b"%", b"%%") for chunk in self.chunks)
+        )
         object.__setattr__(self, "_names", names)
         object.__setattr__(self, "_picks", picks)
 

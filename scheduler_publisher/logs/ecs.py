@@ -43,14 +43,57 @@ _MIN_STRING = 200  # a cut string keeps at least this much
 
 # Every top-level name in ECS 9.4 (`fields.csv`, checked by tests/test_ecs.py). A field of ours
 # starting with one of these would collide with the object or type ECS gives that name.
-ECS_ROOTS = frozenset({
-    "@timestamp", "agent", "client", "cloud", "container", "data_stream", "destination",
-    "device", "dll", "dns", "ecs", "email", "entity", "error", "event", "faas", "file", "gen_ai",
-    "group", "host", "http", "labels", "log", "message", "network", "observer", "orchestrator",
-    "organization", "package", "process", "registry", "related", "rule", "server", "service",
-    "source", "span", "tags", "threat", "tls", "trace", "transaction", "url", "user",
-    "user_agent", "volume", "vulnerability",
-})
+ECS_ROOTS = frozenset(
+    {
+        "@timestamp",
+        "agent",
+        "client",
+        "cloud",
+        "container",
+        "data_stream",
+        "destination",
+        "device",
+        "dll",
+        "dns",
+        "ecs",
+        "email",
+        "entity",
+        "error",
+        "event",
+        "faas",
+        "file",
+        "gen_ai",
+        "group",
+        "host",
+        "http",
+        "labels",
+        "log",
+        "message",
+        "network",
+        "observer",
+        "orchestrator",
+        "organization",
+        "package",
+        "process",
+        "registry",
+        "related",
+        "rule",
+        "server",
+        "service",
+        "source",
+        "span",
+        "tags",
+        "threat",
+        "tls",
+        "trace",
+        "transaction",
+        "url",
+        "user",
+        "user_agent",
+        "volume",
+        "vulnerability",
+    }
+)
 
 # The ECS fields this project writes, with the JSON type their ECS type stands for.
 ECS_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -71,12 +114,20 @@ ECS_TYPES: dict[str, type | tuple[type, ...]] = {
     "server.port": int,
 }
 # Never cut when a line is too long: short, fixed, and what every query filters on.
-_KEEP_WHOLE = frozenset({"@timestamp", "log.level", "ecs.version", "service.name",
-                         "service.version", "process.pid", "event.action"})
+_KEEP_WHOLE = frozenset(
+    {
+        "@timestamp",
+        "log.level",
+        "ecs.version",
+        "service.name",
+        "service.version",
+        "process.pid",
+        "event.action",
+    }
+)
 
 
-def shape(event_dict: EventDict, *, service_name: str, service_version: str,
-          pid: int) -> EventDict:
+def shape(event_dict: EventDict, *, service_name: str, service_version: str, pid: int) -> EventDict:
     """Rename structlog's keys to ECS, add the constant fields, and move colliding names."""
     own = bool(event_dict.pop("_from_structlog", True))
     event_dict.pop("_record", None)
@@ -168,8 +219,9 @@ def _dumps(data: Any) -> str:
     # ensure_ascii: one character per byte, so len() is the byte count; control characters
     # from values are escaped and cannot reach a terminal or split a line.
     try:
-        return json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str,
-                          allow_nan=False)
+        return json.dumps(
+            data, ensure_ascii=True, separators=(",", ":"), default=str, allow_nan=False
+        )
     except ValueError:  # NaN or infinity: not JSON, and the ndjson parser would drop the line
         return _dumps(_finite(data))
 
@@ -217,13 +269,14 @@ def _cut_strings(data: dict[str, Any], max_chars: int) -> str:
 def _cut(text: str, keep: int) -> str:
     head = keep * 2 // 3
     tail = keep - head
-    return f"{text[:head]}...[{len(text) - keep} chars cut]...{text[len(text) - tail:]}"
+    return f"{text[:head]}...[{len(text) - keep} chars cut]...{text[len(text) - tail :]}"
 
 
 def _longest_string(data: dict[str, Any]) -> tuple[Any, Any, str] | None:
     best: tuple[Any, Any, str] | None = None
     stack: list[tuple[Any, Any, Any]] = [
-        (data, k, v) for k, v in data.items() if k not in _KEEP_WHOLE]
+        (data, k, v) for k, v in data.items() if k not in _KEEP_WHOLE
+    ]
     while stack:
         container, key, value = stack.pop()
         if isinstance(value, str):
@@ -239,8 +292,9 @@ def _longest_string(data: dict[str, Any]) -> tuple[Any, Any, str] | None:
 def _drop_fields(data: dict[str, Any], max_chars: int) -> str:
     """Last resort (many small values): drop the largest optional fields and name them."""
     fixed = {*_KEEP_WHOLE, "message", "log.logger"}
-    optional = sorted((k for k in data if k not in fixed),
-                      key=lambda k: len(_dumps(data[k])), reverse=True)
+    optional = sorted(
+        (k for k in data if k not in fixed), key=lambda k: len(_dumps(data[k])), reverse=True
+    )
     dropped: list[str] = []
     line = _dumps(data)
     for key in optional:

@@ -78,9 +78,13 @@ class FileHandler(logging.handlers.RotatingFileHandler):
 
     def __init__(self, path: Path, settings: LogSettings, report: Report) -> None:
         self.path = path  # before super().__init__, which may call _open()
-        super().__init__(path, maxBytes=settings.file_max_bytes,
-                         backupCount=settings.file_backups, encoding="utf-8",
-                         delay=not path.parent.is_dir())
+        super().__init__(
+            path,
+            maxBytes=settings.file_max_bytes,
+            backupCount=settings.file_backups,
+            encoding="utf-8",
+            delay=not path.parent.is_dir(),
+        )
         self._report = report
         self._failure: OSError | None = None
         self._failing = False
@@ -122,8 +126,13 @@ def _own_record(level: int, event: str, **fields: Any) -> logging.LogRecord:
     """A record that the formatter treats as one of ours (see `wrap_for_formatter`), for
     handlers to receive directly, without passing through the logger and every handler."""
     record = logging.LogRecord(__name__, level, __file__, 0, None, None, None)
-    record.msg = {"event": event, "level": logging.getLevelName(level).lower(),
-                  "logger": __name__, "@timestamp": format_timestamp(record.created), **fields}
+    record.msg = {
+        "event": event,
+        "level": logging.getLevelName(level).lower(),
+        "logger": __name__,
+        "@timestamp": format_timestamp(record.created),
+        **fields,
+    }
     record.__dict__.update(_logger=None, _name=logging.getLevelName(level).lower())
     return record
 
@@ -131,12 +140,15 @@ def _own_record(level: int, event: str, **fields: Any) -> logging.LogRecord:
 def file_reporter(path: Path, stdout: logging.Handler) -> Report:
     def report(event: str, error: OSError | None) -> logging.LogRecord:
         if error is not None:
-            sys.stderr.write(f"scheduler-publisher: cannot write the log file {path}: {error}; "
-                             "logging continues on stdout and retries the file\n")
+            sys.stderr.write(
+                f"scheduler-publisher: cannot write the log file {path}: {error}; "
+                "logging continues on stdout and retries the file\n"
+            )
             record = _own_record(logging.ERROR, event, path=str(path), error=str(error))
         else:
             sys.stderr.write(f"scheduler-publisher: the log file {path} is writable again\n")
             record = _own_record(logging.WARNING, event, path=str(path))
         stdout.handle(record)
         return record
+
     return report

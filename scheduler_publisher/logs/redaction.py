@@ -19,8 +19,9 @@ REDACTED = "***"
 _SENSITIVE_KEY = re.compile("password|passwd|secret|token|authorization", re.IGNORECASE)
 # Written by the pipeline or the code, never by a peer: a registered secret that happens to be
 # a substring of one ("mqtt", "publisher") must not rewrite it (and so give itself away).
-_NEVER_REDACTED = frozenset({"@timestamp", "level", "logger", "error.type", "_record",
-                             "_from_structlog"})
+_NEVER_REDACTED = frozenset(
+    {"@timestamp", "level", "logger", "error.type", "_record", "_from_structlog"}
+)
 _SCALARS = (int, float, bool, type(None))
 
 
@@ -51,8 +52,9 @@ def _hide_secrets(text: str, secrets: tuple[str, ...]) -> str:
         return text
     if "\n" not in text:
         return REDACTED
-    return "\n".join(REDACTED if any(s in line for s in secrets) else line
-                     for line in text.split("\n"))
+    return "\n".join(
+        REDACTED if any(s in line for s in secrets) else line for line in text.split("\n")
+    )
 
 
 def _clean(value: Any, secrets: tuple[str, ...]) -> Any:
@@ -122,6 +124,7 @@ def escape_for_terminal(_logger: WrappedLogger, _method: str, event_dict: EventD
     come from files and peers, and must not reach a terminal as escape sequences."""
     return {
         escape_controls(str(key)): escape_controls(value, keep_newlines=True)
-        if key == "exception" and isinstance(value, str) else _escape_value(value)
+        if key == "exception" and isinstance(value, str)
+        else _escape_value(value)
         for key, value in event_dict.items()
     }

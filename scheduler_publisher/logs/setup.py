@@ -146,8 +146,12 @@ class _EcsShape:
     service_version: str
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-        shaped = ecs.shape(event_dict, service_name=self.service_name,
-                           service_version=self.service_version, pid=os.getpid())
+        shaped = ecs.shape(
+            event_dict,
+            service_name=self.service_name,
+            service_version=self.service_version,
+            pid=os.getpid(),
+        )
         return ecs.cap_lists(shaped)
 
 
@@ -167,7 +171,7 @@ def _add_extras(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> 
     ExtraAdder, an extra named like a key the pipeline owns ("event" is the message) cannot
     overwrite it: it moves under the project's namespace."""
     record = event_dict.get("_record")
-    for key, value in (record.__dict__.items() if record is not None else ()):
+    for key, value in record.__dict__.items() if record is not None else ():
         if key not in _RECORD_KEYS:
             event_dict[f"{ecs.NAMESPACE}.{key}" if key in event_dict else key] = value
     return event_dict
@@ -190,14 +194,16 @@ _STRUCTLOG_CHAIN: list[Processor] = [
 
 
 def _formatter(processors: Iterable[Processor]) -> structlog.stdlib.ProcessorFormatter:
-    return structlog.stdlib.ProcessorFormatter(foreign_pre_chain=_FOREIGN_PRE_CHAIN,
-                                               processors=list(processors))
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_FOREIGN_PRE_CHAIN, processors=list(processors)
+    )
 
 
 def _json_formatter(service_name: str, service_version: str) -> logging.Formatter:
     # No remove_processors_meta: the shape step reads `_from_structlog`, then drops the meta.
-    return _formatter([error_fields, redact, _EcsShape(service_name, service_version),
-                       _render_json])
+    return _formatter(
+        [error_fields, redact, _EcsShape(service_name, service_version), _render_json]
+    )
 
 
 def _console_formatter(stream: TextIO) -> logging.Formatter:
@@ -207,14 +213,16 @@ def _console_formatter(stream: TextIO) -> logging.Formatter:
         exception_formatter=structlog.dev.plain_traceback,
         timestamp_key="@timestamp",
     )
-    return _formatter([
-        structlog.processors.format_exc_info,
-        redact,
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-        _cap_lists,
-        escape_for_terminal,
-        renderer,
-    ])
+    return _formatter(
+        [
+            structlog.processors.format_exc_info,
+            redact,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _cap_lists,
+            escape_for_terminal,
+            renderer,
+        ]
+    )
 
 
 # --- installation ----------------------------------------------------------------------------
@@ -255,12 +263,14 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
             _uninstall(previous.handlers)
         console = StdoutHandler(out, journald=is_journal_stream(out))
         console.setFormatter(
-            _console_formatter(out) if settings.format == "console"
+            _console_formatter(out)
+            if settings.format == "console"
             else _json_formatter(settings.service_name, version)
         )
         file_handler, file_error = _open_file_handler(settings, version, console)
         _installed = _Installed(
-            console, file_handler,
+            console,
+            file_handler,
             previous.previous_root_level if previous else root.level,
             previous.previous_apscheduler_level if previous else apscheduler.level,
         )
@@ -291,14 +301,15 @@ def _not_watchdog_debug(record: logging.LogRecord) -> bool:
 
 
 def _open_file_handler(
-    settings: LogSettings, version: str, stdout: logging.Handler,
+    settings: LogSettings,
+    version: str,
+    stdout: logging.Handler,
 ) -> tuple[logging.Handler | None, OSError | None]:
     if settings.file is None:
         return None, None
     try:
         _check_folder(settings.file.parent)
-        handler = FileHandler(settings.file, settings,
-                               file_reporter(settings.file, stdout))
+        handler = FileHandler(settings.file, settings, file_reporter(settings.file, stdout))
     except OSError as exc:
         return None, exc
     handler.setFormatter(_json_formatter(settings.service_name, version))
@@ -353,8 +364,9 @@ def echo_line(text: str) -> None:
         sys.stdout.flush()
 
 
-def log_startup_failure(settings: LogSettings, error: BaseException, *, exit_code: int,
-                        stream: TextIO | None = None) -> None:
+def log_startup_failure(
+    settings: LogSettings, error: BaseException, *, exit_code: int, stream: TextIO | None = None
+) -> None:
     """Log why the service could not start (`service_start_failed`), to stdout and the log file.
 
     When logging is not set up yet, it is set up for this one line. The log file gets it only
@@ -364,14 +376,20 @@ def log_startup_failure(settings: LogSettings, error: BaseException, *, exit_cod
     if temporary:
         configure_logging(settings, stream=stream)
     installed = _installed
-    unopened = installed.file if installed is not None and isinstance(
-        installed.file, FileHandler) and not installed.file.opened else None
+    unopened = (
+        installed.file
+        if installed is not None
+        and isinstance(installed.file, FileHandler)
+        and not installed.file.opened
+        else None
+    )
     root = logging.getLogger()
     if unopened is not None:
         root.removeHandler(unopened)
     try:
         get_logger("scheduler_publisher.cli").error(
-            "service_start_failed", error=error, **{"process.exit_code": exit_code})
+            "service_start_failed", error=error, **{"process.exit_code": exit_code}
+        )
     finally:
         if temporary:
             shutdown_logging()

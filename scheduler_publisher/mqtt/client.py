@@ -60,8 +60,12 @@ def paho_client(session: Session) -> mqtt.Client:
     """The real client for `session`: its protocol, credentials, TLS, will and callbacks."""
     s = session.settings
     protocol = MQTTProtocolVersion.MQTTv5 if session.is_v5 else MQTTProtocolVersion.MQTTv311
-    client = ResetAwareClient(CallbackAPIVersion.VERSION2, client_id=session.client_id,
-                              protocol=protocol, reconnect_on_failure=False)
+    client = ResetAwareClient(
+        CallbackAPIVersion.VERSION2,
+        client_id=session.client_id,
+        protocol=protocol,
+        reconnect_on_failure=False,
+    )
     check_paho(client)  # pre-encoded packets go through its out-queue (packet.py)
     client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
     client.enable_logger(PAHO_LOGGER)
@@ -75,18 +79,23 @@ def paho_client(session: Session) -> mqtt.Client:
     if session.will is not None:
         set_will(client, session.will, s)
     session.bind(client)
-    client.connect_async(s.host, s.port, keepalive=s.keepalive,
-                         properties=_connect_properties(s))
+    client.connect_async(s.host, s.port, keepalive=s.keepalive, properties=_connect_properties(s))
     return client
 
 
 def set_will(client: mqtt.Client, will: Will, settings: BrokerSettings) -> None:
-    client.will_set(will.topic, will.payload, will.qos, will.retain,
-                    properties=_will_properties(settings, will.properties))
+    client.will_set(
+        will.topic,
+        will.payload,
+        will.qos,
+        will.retain,
+        properties=_will_properties(settings, will.properties),
+    )
 
 
-def _will_properties(settings: BrokerSettings,
-                     entry: MessageProperties | None) -> Properties | None:
+def _will_properties(
+    settings: BrokerSettings, entry: MessageProperties | None
+) -> Properties | None:
     if settings.protocol != "5" or (settings.will_delay <= 0 and entry is None):
         return None
     props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]

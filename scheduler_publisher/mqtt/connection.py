@@ -50,8 +50,14 @@ QUIET_MARGIN = 1.0  # seconds beyond the longest period of the suspects not held
 
 
 def entry_will(entry: PublishConfig, render: Callable[[str], bytes] | None = None) -> Will:
-    return Will(entry.topic, entry.offline_payload, entry.qos, entry.retain, render=render,
-                properties=entry.properties)
+    return Will(
+        entry.topic,
+        entry.offline_payload,
+        entry.qos,
+        entry.retain,
+        render=render,
+        properties=entry.properties,
+    )
 
 
 class MQTTConnectionManager:
@@ -72,9 +78,14 @@ class MQTTConnectionManager:
     Nothing connects until `connect()`; `disconnect()` stops gracefully (wills, reason 0x04).
     """
 
-    def __init__(self, settings: BrokerSettings, stats: Stats | None = None, *,
-                 on_give_up: Callable[[str], None] | None = None,
-                 clear_retained_on_remove: bool = False) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        stats: Stats | None = None,
+        *,
+        on_give_up: Callable[[str], None] | None = None,
+        clear_retained_on_remove: bool = False,
+    ) -> None:
         self.settings = settings
         self.stats = stats or Stats()
         self._on_give_up = on_give_up
@@ -120,8 +131,7 @@ class MQTTConnectionManager:
     def is_connected(self) -> bool:
         return self._main_up.is_set()
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0,
-                retain: bool = False) -> bool:
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
         """Publish on the main connection. QoS 0 while disconnected returns False (dropped);
         QoS 1/2 keeps the newest message per topic and sends it on reconnect."""
         data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
@@ -134,8 +144,7 @@ class MQTTConnectionManager:
         snapshot = dict(entries)
         self._loop.call_soon(lambda: self._apply_entries(snapshot))
 
-    def publish_entry(self, entry_id: str, slot: datetime | None = None,
-                      missed: int = 0) -> None:
+    def publish_entry(self, entry_id: str, slot: datetime | None = None, missed: int = 0) -> None:
         """Publish the entry's current version, from any thread: `tick`, on the network thread
         (at once there, handed over from any other)."""
         if self._loop.in_loop_thread:
@@ -174,29 +183,35 @@ class MQTTConnectionManager:
         main = self._loop.get(MAIN_LINK)
         down = [lk for lk in links if not lk.key.is_main and not lk.is_up]
         conflicts = [lk.conflict for lk in links if lk.conflict is not None]
-        return {"connected": self.is_connected(), "connections": len(links),
-                "connections_up": sum(1 for lk in links if lk.is_up),
-                "broker": self._broker,
-                "protocol": self.settings.protocol, "client_id": self.settings.client_id,
-                "last_error": main.last_error if main else None,
-                "client_id_conflict": conflicts[0] if conflicts else None,
-                "entries_without_connection": self._unconnected(main, down),
-                "quarantined_entries": dict(self._quarantined)}
+        return {
+            "connected": self.is_connected(),
+            "connections": len(links),
+            "connections_up": sum(1 for lk in links if lk.is_up),
+            "broker": self._broker,
+            "protocol": self.settings.protocol,
+            "client_id": self.settings.client_id,
+            "last_error": main.last_error if main else None,
+            "client_id_conflict": conflicts[0] if conflicts else None,
+            "entries_without_connection": self._unconnected(main, down),
+            "quarantined_entries": dict(self._quarantined),
+        }
 
     def quarantined(self, entry_id: str) -> str | None:
         """Why the entry is held back (the broker dropped the connection at its publishes)."""
         return self._quarantined.get(entry_id)
 
-    def _unconnected(self, main: SessionView | None,
-                     down: list[SessionView]) -> dict[str, Any]:
+    def _unconnected(self, main: SessionView | None, down: list[SessionView]) -> dict[str, Any]:
         entries = self._entries  # a reference the network thread swaps whole
-        shared = 0 if main is not None and main.is_up else \
-            sum(1 for e in entries.values() if not e.lwt)
+        shared = (
+            0 if main is not None and main.is_up else sum(1 for e in entries.values() if not e.lwt)
+        )
         named = sorted(down, key=lambda lk: lk.key.entry_id or "")[:STATUS_SAMPLE]
-        return {"count": shared + len(down), "main_connection_down": shared > 0,
-                "lwt_entries": {lk.key.entry_id: lk.last_error or lk.state.value
-                                for lk in named},
-                "lwt_entries_total": len(down)}
+        return {
+            "count": shared + len(down),
+            "main_connection_down": shared > 0,
+            "lwt_entries": {lk.key.entry_id: lk.last_error or lk.state.value for lk in named},
+            "lwt_entries_total": len(down),
+        }
 
     def health_warnings(self) -> list[str]:
         """What an operator should know that is not a liveness problem: connections that are
@@ -207,18 +222,24 @@ class MQTTConnectionManager:
             warnings.append(status["client_id_conflict"])
         unconnected = status["entries_without_connection"]
         if unconnected["main_connection_down"]:
-            warnings.append(f"main connection to {self._broker} is not up "
-                            f"({status['last_error'] or 'connecting'}): entries without lwt "
-                            "and the status topic are not published")
+            warnings.append(
+                f"main connection to {self._broker} is not up "
+                f"({status['last_error'] or 'connecting'}): entries without lwt "
+                "and the status topic are not published"
+            )
         if unconnected["lwt_entries_total"]:
             named = ", ".join(f"{i} ({why})" for i, why in unconnected["lwt_entries"].items())
             more = unconnected["lwt_entries_total"] - len(unconnected["lwt_entries"])
-            warnings.append(f"{unconnected['lwt_entries_total']} lwt entries have no "
-                            f"connection: {named}" + (f" and {more} more" if more else ""))
+            warnings.append(
+                f"{unconnected['lwt_entries_total']} lwt entries have no "
+                f"connection: {named}" + (f" and {more} more" if more else "")
+            )
         if status["quarantined_entries"]:
             held = ", ".join(f"{i} ({why})" for i, why in status["quarantined_entries"].items())
-            warnings.append(f"entries held back because the broker dropped the connection at "
-                            f"their publishes: {held}")
+            warnings.append(
+                f"entries held back because the broker dropped the connection at "
+                f"their publishes: {held}"
+            )
         return warnings
 
     # ---- network thread ---------------------------------------------------------------------
@@ -227,8 +248,9 @@ class MQTTConnectionManager:
         self._loop.open(MAIN_LINK, self.settings.client_id, Will(topic, STATUS_OFFLINE, 1, True))
 
     def _open_entry_link(self, entry: PublishConfig) -> None:
-        self._loop.open(LinkKey(entry.id), self.settings.entry_client_id(entry.id),
-                        self._will(entry))
+        self._loop.open(
+            LinkKey(entry.id), self.settings.entry_client_id(entry.id), self._will(entry)
+        )
 
     def _link_for(self, entry: PublishConfig) -> SessionView | None:
         return self._loop.get(LinkKey(entry.id) if entry.lwt else MAIN_LINK)
@@ -288,12 +310,16 @@ class MQTTConnectionManager:
         else:
             # The one branch between static and templated entries: a static entry sends the
             # bytes rendered at load time; a templated one renders fresh bytes for this publish.
-            payload = entry.payload if entry.renderer is None else \
-                self._rendered(link, entry.id, entry.renderer)
+            payload = (
+                entry.payload
+                if entry.renderer is None
+                else self._rendered(link, entry.id, entry.renderer)
+            )
             # MQTT 5 properties, built once per config version (None: the entry has none)
             properties = self._wire_properties.get(entry.id)
-            sent = self._loop.publish(link.key, entry.topic, payload, entry.qos, entry.retain,
-                                      entry.id, properties)
+            sent = self._loop.publish(
+                link.key, entry.topic, payload, entry.qos, entry.retain, entry.id, properties
+            )
         if not sent:
             self.stats.record_error(entry.id, "publish refused by the client")
         elif link.key.is_main:
@@ -304,8 +330,9 @@ class MQTTConnectionManager:
         return renderer.render(self._moment(link.client_id, self.stats.next_seq(entry_id)))
 
     def _moment(self, client_id: str, seq: int) -> Moment:
-        return Moment(time.time_ns() // 1_000_000, seq, int(self.stats.uptime()),
-                      self._hostname, client_id)
+        return Moment(
+            time.time_ns() // 1_000_000, seq, int(self.stats.uptime()), self._hostname, client_id
+        )
 
     def _will(self, entry: PublishConfig) -> Will:
         """The entry's will; a templated one renders at each CONNECT of its connection, with
@@ -338,20 +365,25 @@ class MQTTConnectionManager:
         for entry_id, entry in new.items():
             self.stats.add_entry(entry_id)
             before = old.get(entry_id)
-            if entry.properties is not None and self.settings.protocol != "5" and (
-                    before is None or before.properties != entry.properties):
+            if (
+                entry.properties is not None
+                and self.settings.protocol != "5"
+                and (before is None or before.properties != entry.properties)
+            ):
                 self._warn_properties_ignored(entry.id, entry.properties)
             self._apply_one(before, entry)
         for entry_id, gone in old.items():
             if entry_id not in new:
                 self._remove_one(gone)
 
-    def _prepare_properties(self, old: dict[str, PublishConfig],
-                            new: dict[str, PublishConfig]) -> None:
+    def _prepare_properties(
+        self, old: dict[str, PublishConfig], new: dict[str, PublishConfig]
+    ) -> None:
         if self.settings.protocol != "5":
             return  # MQTT 3.1.1 has no properties: _send never asks for them
         built: dict[MessageProperties | None, Properties] = {
-            old[i].properties: props for i, props in self._wire_properties.items() if i in old}
+            old[i].properties: props for i, props in self._wire_properties.items() if i in old
+        }
         wire = {}
         for entry_id, entry in new.items():
             if entry.properties is not None:
@@ -362,20 +394,27 @@ class MQTTConnectionManager:
 
     def _warn_properties_ignored(self, entry_id: str, properties: MessageProperties) -> None:
         """MQTT 3.1.1 has no properties: once per entry and version of its properties."""
-        log.warning("entry_properties_ignored", entry_id=entry_id,
-                    ignored=list(properties.as_json()),
-                    mqtt_version=self.settings.protocol,
-                    hint="properties need MQTT 5 (--mqtt-version 5, the default)")
+        log.warning(
+            "entry_properties_ignored",
+            entry_id=entry_id,
+            ignored=list(properties.as_json()),
+            mqtt_version=self.settings.protocol,
+            hint="properties need MQTT 5 (--mqtt-version 5, the default)",
+        )
 
-    def _encode(self, old: dict[str, PublishConfig],
-                new: dict[str, PublishConfig]) -> dict[str, bytes]:
+    def _encode(
+        self, old: dict[str, PublishConfig], new: dict[str, PublishConfig]
+    ) -> dict[str, bytes]:
         """The pre-encoded headers of `new`, reusing those of entries whose wire form is
         unchanged (a reload of thousands of entries re-encodes only the edited ones)."""
         headers = {}
         for entry_id, entry in new.items():
             before = old.get(entry_id)
-            header = self._headers.get(entry_id) if before is not None and \
-                before.same_wire(entry) and has_static_packet(entry) else None
+            header = (
+                self._headers.get(entry_id)
+                if before is not None and before.same_wire(entry) and has_static_packet(entry)
+                else None
+            )
             header = header or static_header(entry, self.settings.protocol)
             if header is not None:
                 headers[entry_id] = header
@@ -394,8 +433,12 @@ class MQTTConnectionManager:
             # ago, or closed mid-connect): reconnect it once closed, or it would stay without.
             self._loop.renew(key, self._will(entry))
             return
-        if entry.lwt and link is not None and before is not None and \
-                (entry_will(before), before.template) != (entry_will(entry), entry.template):
+        if (
+            entry.lwt
+            and link is not None
+            and before is not None
+            and (entry_will(before), before.template) != (entry_will(entry), entry.template)
+        ):
             # The will is fixed at CONNECT: only this entry's connection reconnects.
             self._loop.renew(key, self._will(entry))
             return
@@ -422,8 +465,9 @@ class MQTTConnectionManager:
 
     def _birth(self, link: SessionView) -> None:
         if link.key.is_main:
-            self._loop.publish(MAIN_LINK, self.settings.effective_status_topic, STATUS_ONLINE, 1,
-                               True, None)
+            self._loop.publish(
+                MAIN_LINK, self.settings.effective_status_topic, STATUS_ONLINE, 1, True, None
+            )
             pending, self._pending_raw = self._pending_raw, OrderedDict()
             for topic, (data, qos, retain) in pending.items():
                 self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
@@ -438,7 +482,7 @@ class MQTTConnectionManager:
     def _birth_chunk(self, link: SessionView, ids: list[str], start: int) -> None:
         if not link.is_up:
             return  # lost again; the next connect starts over
-        for entry_id in ids[start:start + BIRTH_CHUNK]:
+        for entry_id in ids[start : start + BIRTH_CHUNK]:
             entry = self._entries.get(entry_id)
             if entry is not None and self._link_for(entry) is link:
                 self._send(link, entry)
@@ -477,14 +521,22 @@ class MQTTConnectionManager:
             if was_up and link.blames_a_packet:
                 self._attribute(link, reason)
             if was_up:
-                log.warning("mqtt_disconnected", reason=reason, broker=self._broker,
-                            client_id=link.client_id,
-                            retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+                log.warning(
+                    "mqtt_disconnected",
+                    reason=reason,
+                    broker=self._broker,
+                    client_id=link.client_id,
+                    retry_in_s=round(max(0.0, link.due - time.monotonic()), 2),
+                )
             else:
                 self._failed_attempt(link, reason)
         elif was_up:
-            log.debug("entry_connection_lost", entry_id=link.key.entry_id, reason=reason,
-                      broker=self._broker)
+            log.debug(
+                "entry_connection_lost",
+                entry_id=link.key.entry_id,
+                reason=reason,
+                broker=self._broker,
+            )
         else:
             self.link_refused(link, reason)
 
@@ -501,16 +553,21 @@ class MQTTConnectionManager:
             self._fault_reason = reason
         guilty = self._faults.observe(published & self._entries.keys(), now)
         for entry_id in sorted(guilty):
-            self._quarantine(self._entries[entry_id], self._fault_reason,
-                             together=len(guilty))
+            self._quarantine(self._entries[entry_id], self._fault_reason, together=len(guilty))
 
     def _quarantine(self, entry: PublishConfig, reason: str, *, together: int) -> None:
         why = f"the broker dropped the connection at its publish: {reason}"
         self._quarantined = {**self._quarantined, entry.id: why}
         self.stats.record_error(entry.id, why)
-        log.error("entry_quarantined", entry_id=entry.id, topic=entry.topic, reason=reason,
-                  broker=self._broker, told_apart=together == 1,
-                  hint="the entry is not published until it is edited or the service restarts")
+        log.error(
+            "entry_quarantined",
+            entry_id=entry.id,
+            topic=entry.topic,
+            reason=reason,
+            broker=self._broker,
+            told_apart=together == 1,
+            hint="the entry is not published until it is edited or the service restarts",
+        )
 
     def _report_conflict(self, link: SessionView) -> None:
         """One warning per connection and conflict, however often the broker drops it."""
@@ -518,9 +575,13 @@ class MQTTConnectionManager:
             self._conflicts_warned.discard(link.key)
         elif link.key not in self._conflicts_warned:
             self._conflicts_warned.add(link.key)
-            log.warning("mqtt_client_id_conflict", client_id=link.client_id,
-                        broker=self._broker, reason=link.conflict,
-                        hint="give each process its own --client-id")
+            log.warning(
+                "mqtt_client_id_conflict",
+                client_id=link.client_id,
+                broker=self._broker,
+                reason=link.conflict,
+                hint="give each process its own --client-id",
+            )
 
     def link_refused(self, link: SessionView, reason: str) -> None:
         if link.key.is_main:
@@ -530,15 +591,25 @@ class MQTTConnectionManager:
         # links would not be trying: this is about this entry, not a broker outage).
         emit = log.debug if self._warned.get(link.key) == reason else log.warning
         self._warned[link.key] = reason
-        emit("entry_connection_failed", entry_id=link.key.entry_id, reason=reason,
-             broker=self._broker, client_id=link.client_id,
-             retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+        emit(
+            "entry_connection_failed",
+            entry_id=link.key.entry_id,
+            reason=reason,
+            broker=self._broker,
+            client_id=link.client_id,
+            retry_in_s=round(max(0.0, link.due - time.monotonic()), 2),
+        )
 
     def _failed_attempt(self, link: SessionView, reason: str) -> None:
         attempts = link.failures
-        log.warning("mqtt_connect_failed", reason=reason, attempt=attempts, broker=self._broker,
-                    client_id=link.client_id,
-                    retry_in_s=round(max(0.0, link.due - time.monotonic()), 2))
+        log.warning(
+            "mqtt_connect_failed",
+            reason=reason,
+            attempt=attempts,
+            broker=self._broker,
+            client_id=link.client_id,
+            retry_in_s=round(max(0.0, link.due - time.monotonic()), 2),
+        )
         if link.state is State.GIVEN_UP and not self._gave_up:
             self._gave_up = True
             if self._on_give_up is not None:
@@ -551,8 +622,9 @@ class MQTTConnectionManager:
         if not self._loop.sessions():
             self._all_closed.set()
 
-    def published(self, link: SessionView, entry_id: str | None, qos: int,
-                  failure: str | None) -> None:
+    def published(
+        self, link: SessionView, entry_id: str | None, qos: int, failure: str | None
+    ) -> None:
         if entry_id is not None:
             if failure is None:
                 self.stats.record_published(entry_id)

@@ -50,8 +50,9 @@ class FaultAttribution:
         self._last = now
         self._suspects = frozenset(self._suspects & published or published)
         self.drops += 1
-        if len(self._suspects) == 1 or (self.drops >= SUSPECT_DROPS and
-                                        len(self._suspects) <= SUSPECT_GROUP):
+        if len(self._suspects) == 1 or (
+            self.drops >= SUSPECT_DROPS and len(self._suspects) <= SUSPECT_GROUP
+        ):
             return self._found(self._suspects)
         self._hold_half()
         return set()
@@ -88,7 +89,7 @@ class FaultAttribution:
 
     def _hold_half(self, up_since: float | None = None) -> None:
         ordered = sorted(self._suspects)
-        self._held = frozenset(ordered[:len(ordered) // 2])
+        self._held = frozenset(ordered[: len(ordered) // 2])
         self._up_since = up_since  # after a drop: from the next connect
         self._quiet = None
 

@@ -117,8 +117,9 @@ class SessionListener(Protocol):
     def link_down(self, session: SessionView, reason: str, was_up: bool) -> None: ...
     def link_refused(self, session: SessionView, reason: str) -> None: ...
     def link_closed(self, session: SessionView) -> None: ...
-    def published(self, session: SessionView, entry_id: str | None, qos: int,
-                  failure: str | None) -> None: ...
+    def published(
+        self, session: SessionView, entry_id: str | None, qos: int, failure: str | None
+    ) -> None: ...
     def written(self, session: SessionView, entry_ids: list[str]) -> None: ...
     def lost_unsent(self, session: SessionView, entry_id: str | None) -> None: ...
 
@@ -145,11 +146,15 @@ class NetworkLoop:
     """Drives the sockets of every session. `make_client` builds paho clients (unit tests pass
     a fake one)."""
 
-    def __init__(self, settings: BrokerSettings, listener: SessionListener, *,
-                 make_client: Callable[[Session], mqtt.Client] | None = None,
-                 connector: Connector | None = None,
-                 make_selector: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector,
-                 ) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        listener: SessionListener,
+        *,
+        make_client: Callable[[Session], mqtt.Client] | None = None,
+        connector: Connector | None = None,
+        make_selector: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector,
+    ) -> None:
         self.settings = settings
         self.listener = listener
         self.heartbeat = time.monotonic()
@@ -171,9 +176,11 @@ class NetworkLoop:
         self._thread: threading.Thread | None = None
         self._driven = False  # drive(): the caller's thread runs the turns
         self._connector: Connector = connector or ThreadPoolExecutor(
-            CONNECTOR_THREADS, thread_name_prefix="mqtt-connect")
-        self._bucket = TokenBucket(settings.connect_rate, max(1.0, settings.connect_rate / 10),
-                                   time.monotonic())
+            CONNECTOR_THREADS, thread_name_prefix="mqtt-connect"
+        )
+        self._bucket = TokenBucket(
+            settings.connect_rate, max(1.0, settings.connect_rate / 10), time.monotonic()
+        )
         self._next_misc = 0.0
         self._next_connect_check = 0.0  # earliest `due` of any session in BACKOFF
         # The one timer (call_at): the scheduler's next due job, run on this thread.
@@ -295,14 +302,28 @@ class NetworkLoop:
         self._timer = None if when == math.inf else fn
 
     def open(self, key: LinkKey, client_id: str, will: Will | None) -> None:
-        session = Session(key, client_id, will, self.settings, self._callbacks(),
-                          max_retries=self.settings.max_retries if key.is_main else None,
-                          make_client=self._make_client)
+        session = Session(
+            key,
+            client_id,
+            will,
+            self.settings,
+            self._callbacks(),
+            max_retries=self.settings.max_retries if key.is_main else None,
+            make_client=self._make_client,
+        )
         self._sessions[key] = session
         self._wait(session, time.monotonic())
 
-    def publish(self, key: LinkKey, topic: str, payload: bytes, qos: int, retain: bool,
-                entry_id: str | None, properties: Properties | None = None) -> bool:
+    def publish(
+        self,
+        key: LinkKey,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        entry_id: str | None,
+        properties: Properties | None = None,
+    ) -> bool:
         """Hand a message to the session's client (with an entry's MQTT 5 `properties`, if it
         has any); False if there is no such session or paho refuses it."""
         session = self._sessions.get(key)
@@ -439,8 +460,9 @@ class NetworkLoop:
         # the retry is scheduled (so the failure carries the real delay).
         self._refused[session] = reason
 
-    def _on_lost(self, session: Session, event: Event, reason: str,
-                 taken_over: bool = False) -> None:
+    def _on_lost(
+        self, session: Session, event: Event, reason: str, taken_over: bool = False
+    ) -> None:
         refused = self._refused.pop(session, None)
         if refused is not None and session.state is State.HANDSHAKE:
             self._want_write.discard(session)
@@ -678,14 +700,15 @@ class NetworkLoop:
         for session in list(self._sessions.values()):
             state = session.state
             if state is State.HANDSHAKE and now - session.handshake_since > limit:
-                self._force_close(session, Event.CONNACK_TIMEOUT,
-                                  f"no CONNACK from the broker within {limit:g} s")
-            elif state in (State.CLOSING, State.RENEWING) and \
-                    now - session.closing_since > limit:
+                self._force_close(
+                    session, Event.CONNACK_TIMEOUT, f"no CONNACK from the broker within {limit:g} s"
+                )
+            elif state in (State.CLOSING, State.RENEWING) and now - session.closing_since > limit:
                 self._force_close(session, Event.CLOSE_TIMEOUT, "DISCONNECT could not be sent")
             elif session.is_up and self._silent(session, now):
-                self._force_close(session, Event.SILENCE_TIMEOUT,
-                                  "no answer from the broker for 1.5x keepalive")
+                self._force_close(
+                    session, Event.SILENCE_TIMEOUT, "no answer from the broker for 1.5x keepalive"
+                )
             elif session.is_up or state in (State.CLOSING, State.RENEWING):
                 session.client.loop_misc()
                 if session.conflict is not None and now - session.connected_at >= STABLE_AFTER:
@@ -710,8 +733,9 @@ def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:
     """The will, published by the service itself: with its properties, if it has any (MQTT 5)."""
     if will.properties is None or not session.is_v5:
         return session.client.publish(will.topic, will.payload, will.qos, will.retain)
-    return session.client.publish(will.topic, will.payload, will.qos, will.retain,
-                                  publish_properties(will.properties))
+    return session.client.publish(
+        will.topic, will.payload, will.qos, will.retain, publish_properties(will.properties)
+    )
 
 
 def _no_delay(sock: Any) -> None:

@@ -58,19 +58,18 @@ def static_header(entry: PublishConfig, protocol: MQTTVersion) -> bytes | None:
     payload bytes are the config's own, not a second copy per entry."""
     if not has_static_packet(entry):
         return None
-    return publish_header(entry.topic, len(entry.payload), retain=entry.retain,
-                          protocol=protocol)
+    return publish_header(entry.topic, len(entry.payload), retain=entry.retain, protocol=protocol)
 
 
-def encode_qos0(topic: str, payload: bytes, *, retain: bool,
-                protocol: MQTTVersion) -> bytes | None:
+def encode_qos0(topic: str, payload: bytes, *, retain: bool, protocol: MQTTVersion) -> bytes | None:
     """A whole QoS 0 PUBLISH packet, or None (see `publish_header`)."""
     header = publish_header(topic, len(payload), retain=retain, protocol=protocol)
     return None if header is None else header + payload
 
 
-def publish_header(topic: str, payload_length: int, *, retain: bool,
-                   protocol: MQTTVersion) -> bytes | None:
+def publish_header(
+    topic: str, payload_length: int, *, retain: bool, protocol: MQTTVersion
+) -> bytes | None:
     """A QoS 0 PUBLISH as paho 2.x encodes it (`Client._send_publish`), up to the payload:
     fixed header, topic, for MQTT 5 an empty property set. None for what paho's `publish`
     would refuse (a wildcard or oversized topic, an oversized packet), so that the refusal is
@@ -82,8 +81,15 @@ def publish_header(topic: str, payload_length: int, *, retain: bool,
     remaining = 2 + len(name) + len(properties) + payload_length
     if remaining > MAX_REMAINING_LENGTH:
         return None
-    return b"".join((bytes((PUBLISH | int(retain),)), _varint(remaining),
-                     struct.pack("!H", len(name)), name, properties))
+    return b"".join(
+        (
+            bytes((PUBLISH | int(retain),)),
+            _varint(remaining),
+            struct.pack("!H", len(name)),
+            name,
+            properties,
+        )
+    )
 
 
 def _varint(value: int) -> bytes:
@@ -124,9 +130,15 @@ class PacketQueue:
             buffer += payload
             last.item["to_process"] += len(header) + len(payload)
         else:
-            item: Any = {"command": RAW_COMMAND, "mid": 0, "qos": 0, "pos": 0,
-                         "to_process": len(header) + len(payload),
-                         "packet": bytearray(header) + payload, "info": None}
+            item: Any = {
+                "command": RAW_COMMAND,
+                "mid": 0,
+                "qos": 0,
+                "pos": 0,
+                "to_process": len(header) + len(payload),
+                "packet": bytearray(header) + payload,
+                "info": None,
+            }
             out.append(item)
             last = _Batch(item)
             self.batches.append(last)
@@ -145,8 +157,12 @@ class PacketQueue:
     def drop(self) -> list[str]:
         """The connection is gone: the entries of every packet not (wholly) written. paho
         clears its out-queue on the next connect, so these bytes never reach another socket."""
-        lost = [entry_id for batch in self.batches if batch.item["to_process"]
-                for entry_id in batch.entry_ids]
+        lost = [
+            entry_id
+            for batch in self.batches
+            if batch.item["to_process"]
+            for entry_id in batch.entry_ids
+        ]
         self.batches.clear()
         return lost
 
@@ -156,9 +172,13 @@ def check_paho(client: mqtt.Client) -> None:
     through, and the socket wrappers that note a reset."""
     for name in ("_sock_recv", "_sock_send"):  # client.ResetAwareClient wraps these
         if not callable(getattr(client, name, None)):
-            raise TypeError(f"paho-mqtt's Client has no {name}: this paho version is not one "
-                            "the reset detection was checked against (setup.cfg)")
+            raise TypeError(
+                f"paho-mqtt's Client has no {name}: this paho version is not one "
+                "the reset detection was checked against (setup.cfg)"
+            )
     out = getattr(client, "_out_packet", None)
     if not isinstance(out, collections.deque):
-        raise TypeError("paho-mqtt's Client._out_packet is not a deque: this paho version is "
-                        "not one the pre-encoded QoS 0 path was checked against (setup.cfg)")
+        raise TypeError(
+            "paho-mqtt's Client._out_packet is not a deque: this paho version is "
+            "not one the pre-encoded QoS 0 path was checked against (setup.cfg)"
+        )

@@ -139,18 +139,25 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (S.HANDSHAKE, E.CONNACK_TIMEOUT): S.BACKOFF,  # 3.1.4: the client may close if none comes
     (S.CONNECTED, E.STALL_DETECTED): S.STALLED,
     (S.STALLED, E.STALL_CLEARED): S.CONNECTED,
-    **{(up, ev): S.BACKOFF for up in UP_STATES
-       for ev in (E.DISCONNECT_RECEIVED, E.SOCKET_CLOSED, E.SILENCE_TIMEOUT)},  # 3.1.2.10
+    **{
+        (up, ev): S.BACKOFF
+        for up in UP_STATES
+        for ev in (E.DISCONNECT_RECEIVED, E.SOCKET_CLOSED, E.SILENCE_TIMEOUT)
+    },  # 3.1.2.10
     # A socket that comes up after a close request gets its DISCONNECT; a CONNACK that
     # crosses our DISCONNECT changes nothing.
     (S.CLOSING, E.SOCKET_OPENED): S.CLOSING,
     (S.RENEWING, E.SOCKET_OPENED): S.RENEWING,
     (S.CLOSING, E.CONNACK_OK): S.CLOSING,
     (S.RENEWING, E.CONNACK_OK): S.RENEWING,
-    **{(S.CLOSING, ev): S.CLOSED
-       for ev in (E.CONNECT_FAILED, E.DISCONNECT_RECEIVED, E.SOCKET_CLOSED, E.CLOSE_TIMEOUT)},
-    **{(S.RENEWING, ev): S.BACKOFF
-       for ev in (E.CONNECT_FAILED, E.DISCONNECT_RECEIVED, E.SOCKET_CLOSED, E.CLOSE_TIMEOUT)},
+    **{
+        (S.CLOSING, ev): S.CLOSED
+        for ev in (E.CONNECT_FAILED, E.DISCONNECT_RECEIVED, E.SOCKET_CLOSED, E.CLOSE_TIMEOUT)
+    },
+    **{
+        (S.RENEWING, ev): S.BACKOFF
+        for ev in (E.CONNECT_FAILED, E.DISCONNECT_RECEIVED, E.SOCKET_CLOSED, E.CLOSE_TIMEOUT)
+    },
     (S.BACKOFF, E.CLOSE_REQUESTED): S.CLOSED,
     (S.GIVEN_UP, E.CLOSE_REQUESTED): S.CLOSED,
     **{(live, E.CLOSE_REQUESTED): S.CLOSING for live in _LIVE},
@@ -163,8 +170,9 @@ class IllegalTransitionError(RuntimeError):
     """An event the session's current state does not allow: a bug in the caller."""
 
     def __init__(self, key: LinkKey, state: State, event: Event) -> None:
-        super().__init__(f"connection {key}: event {event.value!r} is not allowed in state "
-                         f"{state.value!r}")
+        super().__init__(
+            f"connection {key}: event {event.value!r} is not allowed in state {state.value!r}"
+        )
         self.state = state
         self.event = event
 
@@ -172,8 +180,9 @@ class IllegalTransitionError(RuntimeError):
 def transition_table_markdown() -> str:
     """The table as docs/design.md shows it, one row per transition, grouped by state."""
     order = list(State)
-    rows = sorted(TRANSITIONS.items(), key=lambda kv: (order.index(kv[0][0]),
-                                                       list(Event).index(kv[0][1])))
+    rows = sorted(
+        TRANSITIONS.items(), key=lambda kv: (order.index(kv[0][0]), list(Event).index(kv[0][1]))
+    )
     lines = ["| state | event | next state |", "|---|---|---|"]
     lines += [f"| {s.name} | {e.value} | {n.name} |" for (s, e), n in rows]
     return "\n".join(lines)
@@ -290,8 +299,11 @@ class Session:
         """In BACKOFF: the next attempt after the backoff delay. A failed attempt (not a loss
         of an established connection) counts towards `max_retries`."""
         self.due = now + self.backoff.next_delay()
-        if failed_attempt and self.max_retries is not None and \
-                self.backoff.failures >= self.max_retries:
+        if (
+            failed_attempt
+            and self.max_retries is not None
+            and self.backoff.failures >= self.max_retries
+        ):
             self.fire(Event.MAX_RETRIES_REACHED)
 
     def judge_loss(self, reason: str, taken_over: bool, now: float) -> None:
@@ -301,14 +313,20 @@ class Session:
         lived = now - self.connected_at
         if taken_over:
             self.conflict = f"the broker says another client took over client id {self.client_id}"
-        elif self.broker_reason is None and not self.blames_a_packet and \
-                lived < STABLE_AFTER and self.quick_reconnect:
+        elif (
+            self.broker_reason is None
+            and not self.blames_a_packet
+            and lived < STABLE_AFTER
+            and self.quick_reconnect
+        ):
             self.flaps += 1
             if self.flaps >= FLAP_LIMIT and self.conflict is None:
-                self.conflict = (f"the broker closed this connection {self.flaps} times in a "
-                                 f"row soon after accepting it ({reason}): another process is "
-                                 f"probably using client id {self.client_id} (or the broker "
-                                 "refuses something this connection sends)")
+                self.conflict = (
+                    f"the broker closed this connection {self.flaps} times in a "
+                    f"row soon after accepting it ({reason}): another process is "
+                    f"probably using client id {self.client_id} (or the broker "
+                    "refuses something this connection sends)"
+                )
         elif lived >= STABLE_AFTER:
             self.flaps = 0
 
@@ -421,32 +439,44 @@ class Session:
         client.on_socket_register_write = lambda _c, _u, _s: self.callbacks.want_write(self)
         client.on_socket_close = lambda _c, _u, sock: self.callbacks.socket_closed(self, sock)
 
-    def _on_connect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode,
-                    _props: Any) -> None:
+    def _on_connect(
+        self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
         if reason.is_failure:
             self.last_error = describe_reason(reason)
             self.callbacks.refused(self, self.last_error)
             return
         self.callbacks.connected(self)
 
-    def _on_disconnect(self, client: mqtt.Client, _u: Any, flags: DisconnectFlags,
-                       reason: ReasonCode, _props: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, _u: Any, flags: DisconnectFlags, reason: ReasonCode, _props: Any
+    ) -> None:
         from_server = flags.is_disconnect_packet_from_server
         self.broker_reason = reason.value if from_server else None
-        self.reset_by_broker = not from_server and isinstance(client, ResetAwareClient) and \
-            client.take_reset()
+        self.reset_by_broker = (
+            not from_server and isinstance(client, ResetAwareClient) and client.take_reset()
+        )
         if from_server:
-            self.callbacks.lost(self, Event.DISCONNECT_RECEIVED, describe_reason(reason),
-                                reason.value == SESSION_TAKEN_OVER)
+            self.callbacks.lost(
+                self,
+                Event.DISCONNECT_RECEIVED,
+                describe_reason(reason),
+                reason.value == SESSION_TAKEN_OVER,
+            )
             return
         # No DISCONNECT packet: paho names every such loss "Unspecified error". Say what we
         # know instead: the socket was closed under us (Mosquitto 2.0 closes a taken-over or
         # over-limit connection without a packet).
-        words = "connection closed by the broker before CONNACK" \
-            if self.state is State.HANDSHAKE else "connection reset by the broker" \
-            if self.reset_by_broker else "connection closed by the broker"
+        words = (
+            "connection closed by the broker before CONNACK"
+            if self.state is State.HANDSHAKE
+            else "connection reset by the broker"
+            if self.reset_by_broker
+            else "connection closed by the broker"
+        )
         self.callbacks.lost(self, Event.SOCKET_CLOSED, words, False)
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode,
-                    _props: Any) -> None:
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _props: Any
+    ) -> None:
         self.callbacks.published(self, mid, describe_reason(reason) if reason.is_failure else None)

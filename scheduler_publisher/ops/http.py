@@ -50,20 +50,27 @@ ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
     "/reload": (("POST",), "_reload"),
 }
 # path -> (file in scheduler_publisher/ops/web, content type)
-ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
-          "/page.js": ("page.js", "text/javascript; charset=utf-8"),
-          "/page.css": ("page.css", "text/css; charset=utf-8")}
+ASSETS = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/page.css": ("page.css", "text/css; charset=utf-8"),
+}
 # The page's only script and style sheet are the files above: no inline code, nothing from
 # another origin (gateways are often offline), and fetch() only to this server.
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # The page learns from this attribute whether the reload button must ask for a token.
 _TOKEN_MARK = b'data-token-required="no"'
+
+
 def bearer_matches(header: str | None, token: str) -> bool:
     """`Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235 section 2.1)."""
     scheme, _, credentials = (header or "").strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        credentials.strip().encode("utf-8", "replace"), token.encode())
+        credentials.strip().encode("utf-8", "replace"), token.encode()
+    )
 
 
 @cache
@@ -111,8 +118,13 @@ class StatusServer:
         try:
             self._server = BoundedHTTPServer((self.host, self.port), handler, self.request_timeout)
         except OSError as exc:
-            log.error("http_bind_failed", host=self.host, port=self.port, error=str(exc),
-                      hint="choose another port with --http-port (0 turns HTTP off)")
+            log.error(
+                "http_bind_failed",
+                host=self.host,
+                port=self.port,
+                error=str(exc),
+                hint="choose another port with --http-port (0 turns HTTP off)",
+            )
             return False
         self.port = self._server.server_address[1]
         self._server.start()
@@ -146,8 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._route()
 
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors the stdlib detects (bad request line, a method with no do_*) as JSON too."""
         if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
             self._route()  # an unknown method: 405 with the methods the path has, or 404
@@ -165,9 +176,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         methods, handler = route
         if self.command not in methods:
-            self._json(405, {"error": f"{self.command} not allowed on {path}; use "
-                                      f"{' or '.join(methods)}"},
-                       headers=[("Allow", ", ".join(methods))])
+            self._json(
+                405,
+                {"error": f"{self.command} not allowed on {path}; use {' or '.join(methods)}"},
+                headers=[("Allow", ", ".join(methods))],
+            )
             return
         getattr(self, handler)()
 
@@ -187,8 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _health(self) -> None:
         service = self.app.service
         problems = service.health_problems()
-        self._json(503 if problems else 200, {"ok": not problems, "problems": problems,
-                                              "warnings": service.health_warnings()})
+        self._json(
+            503 if problems else 200,
+            {"ok": not problems, "problems": problems, "warnings": service.health_warnings()},
+        )
 
     def _ready(self) -> None:
         connected = self.app.service.is_connected()
@@ -216,18 +231,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_asset(self, path: str, body: bytes) -> None:
         # no-cache: revalidate, so an upgraded service never runs with last version's script.
-        self._send(200, body, [("Content-Type", ASSETS[path][1]),
-                               ("Content-Security-Policy", PAGE_POLICY),
-                               ("Cache-Control", "no-cache"),
-                               ("Referrer-Policy", "no-referrer")])
+        self._send(
+            200,
+            body,
+            [
+                ("Content-Type", ASSETS[path][1]),
+                ("Content-Security-Policy", PAGE_POLICY),
+                ("Cache-Control", "no-cache"),
+                ("Referrer-Policy", "no-referrer"),
+            ],
+        )
 
     def _metrics(self) -> None:
         """prometheus_client's own WSGI app answers: gzip when the scraper accepts it, and the
         text or OpenMetrics format as the scraper's Accept header asks."""
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics",
-                   "QUERY_STRING": urlsplit(self.path).query,
-                   "HTTP_ACCEPT": self.headers.get("Accept", ""),
-                   "HTTP_ACCEPT_ENCODING": self.headers.get("Accept-Encoding", "")}
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/metrics",
+            "QUERY_STRING": urlsplit(self.path).query,
+            "HTTP_ACCEPT": self.headers.get("Accept", ""),
+            "HTTP_ACCEPT_ENCODING": self.headers.get("Accept-Encoding", ""),
+        }
         reply: list[Any] = []
 
         def start_response(status: str, headers: list[tuple[str, str]]) -> None:
@@ -239,18 +263,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reload(self) -> None:
         if not self.app.authorized(self.headers.get("Authorization")):
-            self._json(401, {"success": False, "error": "missing or wrong bearer token"},
-                       headers=[("WWW-Authenticate", "Bearer")])
+            self._json(
+                401,
+                {"success": False, "error": "missing or wrong bearer token"},
+                headers=[("WWW-Authenticate", "Bearer")],
+            )
             return
         service = self.app.service
         applied = service.reload_config(trigger="http")
-        self._json(200, {"success": applied, "active_configs": service.active_configs,
-                         "error": service.last_config_error})
+        self._json(
+            200,
+            {
+                "success": applied,
+                "active_configs": service.active_configs,
+                "error": service.last_config_error,
+            },
+        )
 
-    def _json(self, code: int, body: dict[str, Any],
-              headers: list[tuple[str, str]] | None = None) -> None:
-        self._send(code, json.dumps(body).encode(),
-                   [("Content-Type", "application/json"), *(headers or [])])
+    def _json(
+        self, code: int, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        self._send(
+            code,
+            json.dumps(body).encode(),
+            [("Content-Type", "application/json"), *(headers or [])],
+        )
 
     def _send(self, code: int, body: bytes, headers: list[tuple[str, str]]) -> None:
         """HEAD gets the headers a GET would, with the same Content-Length, and no body."""

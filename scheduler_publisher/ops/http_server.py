@@ -37,10 +37,11 @@ ACCEPT_LOG_PERIOD = 60.0
 # once would spin a core (issue: "one HTTP connect can pin a core").
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-         b"Retry-After: 1\r\nConnection: close\r\n\r\n"
-         b'{"error": "too many requests in progress; try again"}')
-
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\n"
+    b'{"error": "too many requests in progress; try again"}'
+)
 
 
 class BoundedHTTPServer(HTTPServer):
@@ -48,8 +49,12 @@ class BoundedHTTPServer(HTTPServer):
 
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 request_timeout: float) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        request_timeout: float,
+    ) -> None:
         super().__init__(address, handler)
         self.request_timeout = request_timeout
         self._stopping = threading.Event()
@@ -63,8 +68,10 @@ class BoundedHTTPServer(HTTPServer):
         self._logged_failure_at: float | None = None
         self._episode_logged = False
         self._threads = [threading.Thread(target=self._accept_loop, name="http", daemon=True)]
-        self._threads += [threading.Thread(target=self._work, name=f"http-worker-{i}",
-                                           daemon=True) for i in range(HTTP_WORKERS)]
+        self._threads += [
+            threading.Thread(target=self._work, name=f"http-worker-{i}", daemon=True)
+            for i in range(HTTP_WORKERS)
+        ]
 
     def start(self) -> None:
         for t in self._threads:
@@ -124,11 +131,16 @@ class BoundedHTTPServer(HTTPServer):
         once per ACCEPT_LOG_PERIOD: freed descriptors are soon taken again, and each short
         recovery must not add two lines."""
         now = time.monotonic()
-        if not self._failed_accepts and (self._logged_failure_at is None
-                                         or now - self._logged_failure_at >= ACCEPT_LOG_PERIOD):
-            log.error("http_accept_failed", error=str(exc), errno=exc.errno,
-                      hint="out of file descriptors: raise LimitNOFILE or look for a leak; "
-                           "HTTP retries with a back-off")
+        if not self._failed_accepts and (
+            self._logged_failure_at is None or now - self._logged_failure_at >= ACCEPT_LOG_PERIOD
+        ):
+            log.error(
+                "http_accept_failed",
+                error=str(exc),
+                errno=exc.errno,
+                hint="out of file descriptors: raise LimitNOFILE or look for a leak; "
+                "HTTP retries with a back-off",
+            )
             self._logged_failure_at = now
             self._episode_logged = True
         self._failed_accepts += 1
@@ -185,8 +197,12 @@ class BoundedHTTPServer(HTTPServer):
 
     def _request_failed(self, address: Any, exc: Exception) -> None:
         # Clients that hang up or time out mid-request are routine, not a server fault.
-        log.debug("http_request_failed", peer=str(address[0]), error=str(exc),
-                  **{"error.type": type(exc).__name__})
+        log.debug(
+            "http_request_failed",
+            peer=str(address[0]),
+            error=str(exc),
+            **{"error.type": type(exc).__name__},
+        )
 
 
 def _refuse_busy(conn: socket.socket) -> None:

@@ -93,8 +93,9 @@ def _since(last_published_at: float | None, applied_at: float | None) -> float |
     return max((t for t in (last_published_at, applied_at) if t is not None), default=None)
 
 
-def overdue(interval: float, last_published_at: float | None, applied_at: float | None,
-            now: float) -> bool:
+def overdue(
+    interval: float, last_published_at: float | None, applied_at: float | None, now: float
+) -> bool:
     """True when an entry has gone a whole slot (and some slack) without a publish.
 
     The clock starts at the later of its last publish and the last apply of the entries (a
@@ -106,8 +107,13 @@ def overdue(interval: float, last_published_at: float | None, applied_at: float 
     return now - since > max(2 * interval, interval + OVERDUE_SLACK)
 
 
-def cron_overdue(slots: CronSlots, period: float, last_published_at: float | None,
-                 applied_at: float | None, now: float) -> bool:
+def cron_overdue(
+    slots: CronSlots,
+    period: float,
+    last_published_at: float | None,
+    applied_at: float | None,
+    now: float,
+) -> bool:
     """overdue() against a cron entry's own slots: the second slot after the clock started
     has passed, and the first one more than OVERDUE_SLACK ago (for an interval that is
     exactly overdue()'s rule). `period` is the shortest gap between slots: an entry heard
@@ -122,12 +128,18 @@ def cron_overdue(slots: CronSlots, period: float, last_published_at: float | Non
     return now > max(second.timestamp(), first.timestamp() + OVERDUE_SLACK)
 
 
-def entry_overdue(config: PublishConfig, last_published_at: float | None,
-                  applied_at: float | None, now: float) -> bool:
+def entry_overdue(
+    config: PublishConfig, last_published_at: float | None, applied_at: float | None, now: float
+) -> bool:
     """overdue() or cron_overdue(), whichever schedules the entry."""
     if config.cron is not None:
-        return cron_overdue(cron_slots(config.cron, config.timezone), config.period,
-                            last_published_at, applied_at, now)
+        return cron_overdue(
+            cron_slots(config.cron, config.timezone),
+            config.period,
+            last_published_at,
+            applied_at,
+            now,
+        )
     return overdue(config.period, last_published_at, applied_at, now)
 
 
@@ -150,9 +162,13 @@ class PerEntrySwitch:
         if on:
             log.info("metrics_per_entry_enabled", entries=entries, limit=self.limit)
         else:
-            log.info("metrics_per_entry_disabled", entries=entries, limit=self.limit,
-                     hint="only service-wide metrics are exposed; per-entry figures are in "
-                          "/status, or raise --metrics-entry-limit")
+            log.info(
+                "metrics_per_entry_disabled",
+                entries=entries,
+                limit=self.limit,
+                hint="only service-wide metrics are exposed; per-entry figures are in "
+                "/status, or raise --metrics-entry-limit",
+            )
         return on
 
 
@@ -175,15 +191,24 @@ def build_info() -> dict[str, str]:
         except PackageNotFoundError:
             return "unknown"
 
-    return {"version": __version__, "paho_mqtt": dist("paho-mqtt"),
-            "apscheduler": dist("APScheduler"), "python": platform.python_version()}
+    return {
+        "version": __version__,
+        "paho_mqtt": dist("paho-mqtt"),
+        "apscheduler": dist("APScheduler"),
+        "python": platform.python_version(),
+    }
 
 
 class ServiceCollector(Collector):
     """Builds the metrics from the service's counters at scrape time: no second bookkeeping."""
 
-    def __init__(self, source: MetricsSource, switch: PerEntrySwitch, *,
-                 wall: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        source: MetricsSource,
+        switch: PerEntrySwitch,
+        *,
+        wall: Callable[[], float] | None = None,
+    ) -> None:
         self._source = source
         self._switch = switch
         self._build = build_info()
@@ -193,8 +218,11 @@ class ServiceCollector(Collector):
         source = self._source
         entries = source.entries  # one reference: a reload mid-scrape swaps it, never edits it
         stats = source.stats
-        info = GaugeMetricFamily(f"{PREFIX}_build_info", "Versions of the service and its "
-                                 "libraries (always 1)", labels=list(self._build))
+        info = GaugeMetricFamily(
+            f"{PREFIX}_build_info",
+            "Versions of the service and its libraries (always 1)",
+            labels=list(self._build),
+        )
         info.add_metric(list(self._build.values()), 1)
         yield info
         if source.shard is not None:
@@ -206,15 +234,15 @@ class ServiceCollector(Collector):
         if per_entry:
             yield from _per_entry(stats, list(entries))
 
-    def _service_wide(self, source: MetricsSource, stats: Stats,
-                      entries: Mapping[str, PublishConfig]) -> Iterator[Metric]:
+    def _service_wide(
+        self, source: MetricsSource, stats: Stats, entries: Mapping[str, PublishConfig]
+    ) -> Iterator[Metric]:
         totals = stats.totals()
         for name, doc, value in (
             ("published", "Messages published (all entries)", totals.published),
             ("errors", "Publish errors (all entries)", totals.errors),
             ("dropped", "QoS 0 ticks dropped while offline (all entries)", totals.dropped),
-            ("deferred", "QoS 1/2 ticks superseded while offline (all entries)",
-             stats.deferred),
+            ("deferred", "QoS 1/2 ticks superseded while offline (all entries)", stats.deferred),
             ("missed_ticks", "Grid slots skipped after a stall (all entries)", stats.missed),
             ("reconnects", "MQTT connections lost", totals.reconnects),
             ("reloads", "Config reloads applied", stats.reloads),
@@ -225,12 +253,19 @@ class ServiceCollector(Collector):
         yield _gauge("connections", "MQTT connections", total)
         yield _gauge("connections_up", "MQTT connections up", up)
         yield _gauge("active_configs", "Entries running", len(entries))
-        yield _gauge("entries_overdue", "Entries without a publish for a whole slot and more "
-                     "(see /status for which)", self._count_overdue(stats, entries))
-        yield _gauge("ready", "1 while the main MQTT connection is up (GET /ready)",
-                     source.is_connected())
-        yield _gauge("healthy", "1 while every component is alive (GET /health)",
-                     not source.health_problems())
+        yield _gauge(
+            "entries_overdue",
+            "Entries without a publish for a whole slot and more (see /status for which)",
+            self._count_overdue(stats, entries),
+        )
+        yield _gauge(
+            "ready", "1 while the main MQTT connection is up (GET /ready)", source.is_connected()
+        )
+        yield _gauge(
+            "healthy",
+            "1 while every component is alive (GET /health)",
+            not source.health_problems(),
+        )
 
     def _count_overdue(self, stats: Stats, entries: Mapping[str, PublishConfig]) -> int:
         now = self._wall()
@@ -245,9 +280,11 @@ class ServiceCollector(Collector):
 
 def _shard_info(shard: Shard) -> GaugeMetricFamily:
     """Which shard this process is, so a dashboard can tell the shards of one file apart."""
-    info = GaugeMetricFamily(f"{PREFIX}_shard_info", "This process runs shard `shard` of "
-                             "`shards` of the entries file (--shard; always 1)",
-                             labels=["shard", "shards"])
+    info = GaugeMetricFamily(
+        f"{PREFIX}_shard_info",
+        "This process runs shard `shard` of `shards` of the entries file (--shard; always 1)",
+        labels=["shard", "shards"],
+    )
     info.add_metric([str(shard.k), str(shard.n)], 1)
     return info
 
@@ -266,20 +303,26 @@ def _per_entry(stats: Stats, entry_ids: list[str]) -> Iterator[Metric]:
         for entry_id, e in rows:
             family.add_metric([entry_id], getattr(e, attr))
         yield family
-    late = GaugeMetricFamily(f"{PREFIX}_entry_tick_lateness_max_seconds",
-                             "The latest any tick of the entry ran", labels=["entry"])
+    late = GaugeMetricFamily(
+        f"{PREFIX}_entry_tick_lateness_max_seconds",
+        "The latest any tick of the entry ran",
+        labels=["entry"],
+    )
     for entry_id, e in rows:
         late.add_metric([entry_id], e.lateness_max)
     yield late
 
 
 def _lateness(stats: Stats) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(f"{PREFIX}_tick_lateness_seconds",
-                                   "How late ticks ran against their grid slot (all entries)")
+    family = HistogramMetricFamily(
+        f"{PREFIX}_tick_lateness_seconds",
+        "How late ticks ran against their grid slot (all entries)",
+    )
     running = 0
     buckets = []
-    for bound, count in zip((*LATENESS_BUCKETS, float("inf")), list(stats.lateness_buckets),
-                            strict=True):
+    for bound, count in zip(
+        (*LATENESS_BUCKETS, float("inf")), list(stats.lateness_buckets), strict=True
+    ):
         running += count
         buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
     family.add_metric([], buckets, stats.lateness_total)

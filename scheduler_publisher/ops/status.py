@@ -41,19 +41,30 @@ class StatisticsStatus:
     @classmethod
     def of(cls, stats: Stats) -> StatisticsStatus:
         t = stats.totals()
-        return cls(total_published=t.published, total_errors=t.errors, total_dropped=t.dropped,
-                   reconnects=t.reconnects, uptime_seconds=round(stats.uptime(), 3),
-                   lifetime_uptime_seconds=round(t.uptime_seconds, 3),
-                   published_this_run=stats.published, reloads=stats.reloads,
-                   config_errors=stats.config_errors)
+        return cls(
+            total_published=t.published,
+            total_errors=t.errors,
+            total_dropped=t.dropped,
+            reconnects=t.reconnects,
+            uptime_seconds=round(stats.uptime(), 3),
+            lifetime_uptime_seconds=round(t.uptime_seconds, 3),
+            published_this_run=stats.published,
+            reloads=stats.reloads,
+            config_errors=stats.config_errors,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"total_published": self.total_published, "total_errors": self.total_errors,
-                "total_dropped": self.total_dropped, "reconnects": self.reconnects,
-                "uptime_seconds": self.uptime_seconds,
-                "lifetime_uptime_seconds": self.lifetime_uptime_seconds,
-                "published_this_run": self.published_this_run, "reloads": self.reloads,
-                "config_errors": self.config_errors}
+        return {
+            "total_published": self.total_published,
+            "total_errors": self.total_errors,
+            "total_dropped": self.total_dropped,
+            "reconnects": self.reconnects,
+            "uptime_seconds": self.uptime_seconds,
+            "lifetime_uptime_seconds": self.lifetime_uptime_seconds,
+            "published_this_run": self.published_this_run,
+            "reloads": self.reloads,
+            "config_errors": self.config_errors,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +78,12 @@ class UnconnectedStatus:
     lwt_entries_total: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"count": self.count, "main_connection_down": self.main_connection_down,
-                "lwt_entries": dict(self.lwt_entries),
-                "lwt_entries_total": self.lwt_entries_total}
+        return {
+            "count": self.count,
+            "main_connection_down": self.main_connection_down,
+            "lwt_entries": dict(self.lwt_entries),
+            "lwt_entries_total": self.lwt_entries_total,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,24 +106,36 @@ class ConnectionStatus:
         """From MQTTConnectionManager.status(), the one place that reads it."""
         unconnected = view["entries_without_connection"]
         return cls(
-            connected=bool(view["connected"]), connections=view["connections"],
-            connections_up=view["connections_up"], broker=view["broker"],
-            protocol=str(view["protocol"]), client_id=view["client_id"],
-            last_error=view["last_error"], client_id_conflict=view["client_id_conflict"],
+            connected=bool(view["connected"]),
+            connections=view["connections"],
+            connections_up=view["connections_up"],
+            broker=view["broker"],
+            protocol=str(view["protocol"]),
+            client_id=view["client_id"],
+            last_error=view["last_error"],
+            client_id_conflict=view["client_id_conflict"],
             entries_without_connection=UnconnectedStatus(
                 count=unconnected["count"],
                 main_connection_down=unconnected["main_connection_down"],
                 lwt_entries=_frozen(unconnected["lwt_entries"]),
-                lwt_entries_total=unconnected["lwt_entries_total"]),
-            quarantined_entries=_frozen(view["quarantined_entries"]))
+                lwt_entries_total=unconnected["lwt_entries_total"],
+            ),
+            quarantined_entries=_frozen(view["quarantined_entries"]),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"connected": self.connected, "connections": self.connections,
-                "connections_up": self.connections_up, "broker": self.broker,
-                "protocol": self.protocol, "client_id": self.client_id,
-                "last_error": self.last_error, "client_id_conflict": self.client_id_conflict,
-                "entries_without_connection": self.entries_without_connection.to_json(),
-                "quarantined_entries": dict(self.quarantined_entries)}
+        return {
+            "connected": self.connected,
+            "connections": self.connections,
+            "connections_up": self.connections_up,
+            "broker": self.broker,
+            "protocol": self.protocol,
+            "client_id": self.client_id,
+            "last_error": self.last_error,
+            "client_id_conflict": self.client_id_conflict,
+            "entries_without_connection": self.entries_without_connection.to_json(),
+            "quarantined_entries": dict(self.quarantined_entries),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +164,13 @@ class ConfigStatus:
     watcher: str  # "inotify", "polling", ... or "none"
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "digest": self.digest, "last_reload_at": self.last_reload_at,
-                "last_error": self.last_error, "watcher": self.watcher}
+        return {
+            "path": self.path,
+            "digest": self.digest,
+            "last_reload_at": self.last_reload_at,
+            "last_error": self.last_error,
+            "watcher": self.watcher,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,15 +192,34 @@ class EntryCountersStatus:
     def of(cls, e: EntryStats) -> EntryCountersStatus:
         # Positional: /status builds one per entry (100,000 at the most), and keywords cost.
         mean = e.lateness_total / e.ticks if e.ticks else 0.0
-        return cls(e.published, e.errors, e.dropped, e.deferred, e.missed, e.last_published_at,
-                   e.last_error, e.ticks, round(mean * 1000, 3), round(e.lateness_max * 1000, 3))
+        return cls(
+            e.published,
+            e.errors,
+            e.dropped,
+            e.deferred,
+            e.missed,
+            e.last_published_at,
+            e.last_error,
+            e.ticks,
+            round(mean * 1000, 3),
+            round(e.lateness_max * 1000, 3),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"published": self.published, "errors": self.errors, "dropped": self.dropped,
-                "deferred": self.deferred, "missed": self.missed,
-                "last_published_at": self.last_published_at, "last_error": self.last_error,
-                "lateness": {"count": self.ticks, "mean_ms": self.lateness_mean_ms,
-                             "max_ms": self.lateness_max_ms}}
+        return {
+            "published": self.published,
+            "errors": self.errors,
+            "dropped": self.dropped,
+            "deferred": self.deferred,
+            "missed": self.missed,
+            "last_published_at": self.last_published_at,
+            "last_error": self.last_error,
+            "lateness": {
+                "count": self.ticks,
+                "mean_ms": self.lateness_mean_ms,
+                "max_ms": self.lateness_max_ms,
+            },
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,18 +238,39 @@ class EntryStatus:
     timezone: str | None = None  # a cron entry's
 
     @classmethod
-    def of(cls, entry: PublishConfig, *, quarantined: str | None,
-           next_run_at: datetime | None, stats: EntryStats | None) -> EntryStatus:
+    def of(
+        cls,
+        entry: PublishConfig,
+        *,
+        quarantined: str | None,
+        next_run_at: datetime | None,
+        stats: EntryStats | None,
+    ) -> EntryStatus:
         if entry.cron is not None and next_run_at is not None:
             next_run_at = next_run_at.astimezone(time_zone(entry.timezone))  # as people read it
-        return cls(entry.topic, entry.interval, entry.qos, entry.retain, entry.lwt, quarantined,
-                   next_run_at, None if stats is None else EntryCountersStatus.of(stats),
-                   entry.cron, entry.schedule_timezone)
+        return cls(
+            entry.topic,
+            entry.interval,
+            entry.qos,
+            entry.retain,
+            entry.lwt,
+            quarantined,
+            next_run_at,
+            None if stats is None else EntryCountersStatus.of(stats),
+            entry.cron,
+            entry.schedule_timezone,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        body = {"topic": self.topic, "interval": self.interval, "qos": self.qos,
-                "retain": self.retain, "lwt": self.lwt, "quarantined": self.quarantined,
-                "next_run_at": self.next_run_at.isoformat() if self.next_run_at else None}
+        body = {
+            "topic": self.topic,
+            "interval": self.interval,
+            "qos": self.qos,
+            "retain": self.retain,
+            "lwt": self.lwt,
+            "quarantined": self.quarantined,
+            "next_run_at": self.next_run_at.isoformat() if self.next_run_at else None,
+        }
         if self.cron is not None:  # only then: an interval entry's document stays as it was
             body["cron"] = self.cron
             body["timezone"] = self.timezone
@@ -232,9 +303,13 @@ class ServiceStatus:
         `only`, just those entries (a page, status_query.py), in that order."""
         ids = self.entries if only is None else only
         body: dict[str, Any] = {
-            "active_configs": self.active_configs, "connected": self.connected,
-            "statistics": self.statistics.to_json(), "connection": self.connection.to_json(),
-            "health": self.health.to_json(), "config": self.config.to_json()}
+            "active_configs": self.active_configs,
+            "connected": self.connected,
+            "statistics": self.statistics.to_json(),
+            "connection": self.connection.to_json(),
+            "health": self.health.to_json(),
+            "config": self.config.to_json(),
+        }
         if self.shard is not None:  # only when sharded: an unsharded document stays as it was
             body["shard"] = shard_json(self.shard)
         body["entries"] = {i: self.entries[i].to_json() for i in ids}

@@ -58,8 +58,12 @@ class QueryError(ValueError):
         self.expected = expected
 
     def as_dict(self) -> dict[str, str]:
-        return {"error": str(self), "parameter": self.parameter, "received": self.received,
-                "expected": self.expected}
+        return {
+            "error": str(self),
+            "parameter": self.parameter,
+            "received": self.received,
+            "expected": self.expected,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,13 @@ def _single_values(parsed: dict[str, list[str]]) -> dict[str, str]:
     return {name: values[0] for name, values in parsed.items()}
 
 
-def _integer(values: dict[str, str], name: str, default: int, low: int,
-             high: int | None) -> int:
+def _integer(values: dict[str, str], name: str, default: int, low: int, high: int | None) -> int:
     text = values.get(name)
     if text is None:
         return default
-    expected = f"an integer from {low} to {high}" if high is not None \
-        else f"an integer of at least {low}"
+    expected = (
+        f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
+    )
     if not text.isascii() or not text.isdigit():
         raise QueryError(name, text, expected)
     number = int(text)
@@ -129,19 +133,27 @@ def select(status: ServiceStatus, query: StatusQuery) -> dict[str, Any]:
     entries = status.entries
     matched = [i for i, e in entries.items() if _matches(i, e, query.q)]
     ordered = _sorted(matched, entries, query)
-    page = ordered[query.offset:query.offset + query.limit]
-    return {**status.to_json(only=page),
-            "page": {"offset": query.offset, "limit": query.limit, "q": query.q,
-                     "sort": query.sort, "order": query.order, "total": len(entries),
-                     "matched": len(matched), "ids": page}}
+    page = ordered[query.offset : query.offset + query.limit]
+    return {
+        **status.to_json(only=page),
+        "page": {
+            "offset": query.offset,
+            "limit": query.limit,
+            "q": query.q,
+            "sort": query.sort,
+            "order": query.order,
+            "total": len(entries),
+            "matched": len(matched),
+            "ids": page,
+        },
+    }
 
 
 def _matches(entry_id: str, entry: EntryStatus, q: str) -> bool:
     return not q or q in entry_id.casefold() or q in entry.topic.casefold()
 
 
-def _sorted(ids: list[str], entries: Mapping[str, EntryStatus],
-            query: StatusQuery) -> list[str]:
+def _sorted(ids: list[str], entries: Mapping[str, EntryStatus], query: StatusQuery) -> list[str]:
     read = SORT_KEYS[query.sort]
     by_id = sorted(ids)  # the tie-break: stable sorts keep it under the key sort below
     present = [i for i in by_id if read(i, entries[i]) is not None]

@@ -59,8 +59,9 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         else:
             self._run_job_success(job.id, events)
 
-    def run_group(self, jobs: list[Any], run_times: list[datetime], missed: int,
-                  wanted: int) -> list[Any]:
+    def run_group(
+        self, jobs: list[Any], run_times: list[datetime], missed: int, wanted: int
+    ) -> list[Any]:
         """Run the jobs of one phase group, due at the same `run_times` of one trigger, with
         the contract of `submit_job` for each: `max_instances` enforced, the instance released
         whatever the run does, and for every job its EVENT_JOB_MISSED (each earlier slot),
@@ -95,23 +96,40 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         return refused
 
     @staticmethod
-    def _events(job_id: str, alias: str, run_times: list[datetime],
-                failure: BaseException | None, wanted: int,
-                retval: Any = None) -> list[JobExecutionEvent]:
+    def _events(
+        job_id: str,
+        alias: str,
+        run_times: list[datetime],
+        failure: BaseException | None,
+        wanted: int,
+        retval: Any = None,
+    ) -> list[JobExecutionEvent]:
         """A run's events that somebody listens to (events nobody listens to are not built: at
         thousands of runs a second their objects and dispatch cost about a fifth of the
         bookkeeping, docs/design.md): MISSED for each earlier slot, then EXECUTED or ERROR."""
         slot = run_times[-1]
-        events = [JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
-                  for run_time in run_times[:-1]] if wanted & EVENT_JOB_MISSED else []
+        events = (
+            [
+                JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
+                for run_time in run_times[:-1]
+            ]
+            if wanted & EVENT_JOB_MISSED
+            else []
+        )
         if failure is not None:
             if wanted & EVENT_JOB_ERROR:
-                events.append(JobExecutionEvent(
-                    EVENT_JOB_ERROR, job_id, alias, slot, exception=failure,
-                    traceback="".join(format_tb(failure.__traceback__))))
+                events.append(
+                    JobExecutionEvent(
+                        EVENT_JOB_ERROR,
+                        job_id,
+                        alias,
+                        slot,
+                        exception=failure,
+                        traceback="".join(format_tb(failure.__traceback__)),
+                    )
+                )
         elif wanted & EVENT_JOB_EXECUTED:
-            events.append(JobExecutionEvent(EVENT_JOB_EXECUTED, job_id, alias, slot,
-                                            retval=retval))
+            events.append(JobExecutionEvent(EVENT_JOB_EXECUTED, job_id, alias, slot, retval=retval))
         return events
 
     def _run(self, job: Any, run_times: list[datetime]) -> list[JobExecutionEvent]:

@@ -50,7 +50,7 @@ def batches(plan: Plan, size: int) -> Iterator[Plan]:
     kinds = ("removed", "added", "rescheduled", "updated")
     changes = [(kind, entry) for kind in kinds for entry in getattr(plan, kind)]
     for start in range(0, len(changes), size):
-        chunk = changes[start:start + size]
+        chunk = changes[start : start + size]
         yield Plan(**{kind: tuple(e for k, e in chunk if k == kind) for kind in kinds})
 
 
@@ -64,8 +64,9 @@ def applied(entries: Entries, plan: Plan) -> dict[str, PublishConfig]:
     return result
 
 
-def effective_entries(running: Entries, result: ConfigResult, shard: Shard | None = None
-                      ) -> tuple[dict[str, PublishConfig], tuple[str, ...]]:
+def effective_entries(
+    running: Entries, result: ConfigResult, shard: Shard | None = None
+) -> tuple[dict[str, PublishConfig], tuple[str, ...]]:
     """The entries that should run after `result` is applied, and the ids kept at their last good
     version because the new file made them invalid. An id that vanished from the file is removed;
     an id that is still there but broken keeps running as it was. With a `shard`, only the

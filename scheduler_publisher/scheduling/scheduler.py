@@ -119,8 +119,7 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
                 try:
                     due = store.get_due_jobs(now)
                 except Exception as exc:  # noqa: BLE001 - as APScheduler: retry later
-                    self._logger.warning("Error getting due jobs from job store %r: %s",
-                                         alias, exc)
+                    self._logger.warning("Error getting due jobs from job store %r: %s", alias, exc)
                     retry = now + timedelta(seconds=self.jobstore_retry_interval)
                     next_wakeup = retry if next_wakeup is None else min(next_wakeup, retry)
                     continue
@@ -135,8 +134,15 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
         now = datetime.now(self.timezone)
         return min(max(next_wakeup.timestamp() - now.timestamp(), 0.0), TIMEOUT_MAX)
 
-    def _run_due_jobs(self, alias: str, store: Any, due: list[Any], now: datetime,
-                      wanted: int, events: list[SchedulerEvent]) -> None:
+    def _run_due_jobs(
+        self,
+        alias: str,
+        store: Any,
+        due: list[Any],
+        now: datetime,
+        wanted: int,
+        events: list[SchedulerEvent],
+    ) -> None:
         # The jobs of a phase group share a trigger, a run time and an executor: each group's
         # run times, next slot and missed count are worked out once, its jobs run in one call
         # of the inline executor, and the job store moves them to their next slot together.
@@ -152,14 +158,26 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
             executor = self._executors.get(jobs[0].executor)
             if executor is None:
                 for job in jobs:
-                    self._logger.error('Executor lookup ("%s") failed for job "%s" -- '
-                                       "removing it from the job store", job.executor, job)
+                    self._logger.error(
+                        'Executor lookup ("%s") failed for job "%s" -- '
+                        "removing it from the job store",
+                        job.executor,
+                        job,
+                    )
                     self.remove_job(job.id, alias)
             else:
                 self._run_group(executor, alias, store, jobs, now, wanted, events)
 
-    def _run_group(self, executor: BaseExecutor, alias: str, store: Any, jobs: list[Any],
-                   now: datetime, wanted: int, events: list[SchedulerEvent]) -> None:
+    def _run_group(
+        self,
+        executor: BaseExecutor,
+        alias: str,
+        store: Any,
+        jobs: list[Any],
+        now: datetime,
+        wanted: int,
+        events: list[SchedulerEvent],
+    ) -> None:
         first = jobs[0]
         run_times = first._get_run_times(now)
         if run_times and first.coalesce:
@@ -177,8 +195,11 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
             for job in refused:
                 self._refused(job, alias, run_times, wanted, events)
             if wanted & EVENT_JOB_SUBMITTED:
-                events.extend(JobSubmissionEvent(EVENT_JOB_SUBMITTED, job.id, alias, run_times)
-                              for job in jobs if job not in refused)
+                events.extend(
+                    JobSubmissionEvent(EVENT_JOB_SUBMITTED, job.id, alias, run_times)
+                    for job in jobs
+                    if job not in refused
+                )
         if following:
             self._move(store, jobs, following)
         else:
@@ -197,22 +218,37 @@ class LoopScheduler(BaseScheduler):  # type: ignore[misc]  # APScheduler 3 is un
             for job in jobs:
                 store.update_job(job)
 
-    def _refused(self, job: Any, alias: str, run_times: list[datetime], wanted: int,
-                 events: list[SchedulerEvent]) -> None:
-        self._logger.warning('Execution of job "%s" skipped: maximum number of running '
-                             "instances reached (%d)", job, job.max_instances)
+    def _refused(
+        self,
+        job: Any,
+        alias: str,
+        run_times: list[datetime],
+        wanted: int,
+        events: list[SchedulerEvent],
+    ) -> None:
+        self._logger.warning(
+            'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
+            job,
+            job.max_instances,
+        )
         if wanted & EVENT_JOB_MAX_INSTANCES:
             events.append(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, job.id, alias, run_times))
 
-    def _submit(self, executor: BaseExecutor, job: Any, alias: str, run_times: list[datetime],
-                wanted: int, events: list[SchedulerEvent]) -> None:
+    def _submit(
+        self,
+        executor: BaseExecutor,
+        job: Any,
+        alias: str,
+        run_times: list[datetime],
+        wanted: int,
+        events: list[SchedulerEvent],
+    ) -> None:
         try:
             executor.submit_job(job, run_times)
         except MaxInstancesReachedError:
             self._refused(job, alias, run_times, wanted, events)
         except BaseException:  # as APScheduler: logged, the other jobs run
-            self._logger.exception('Error submitting job "%s" to executor "%s"', job,
-                                   job.executor)
+            self._logger.exception('Error submitting job "%s" to executor "%s"', job, job.executor)
         else:
             if wanted & EVENT_JOB_SUBMITTED:
                 events.append(JobSubmissionEvent(EVENT_JOB_SUBMITTED, job.id, alias, run_times))
@@ -265,9 +301,14 @@ class Schedule:
         self._scheduler.start()
 
     def _add_heartbeat(self) -> None:
-        self._scheduler.add_job(self._beat, GridTrigger(seconds=1, timezone=UTC),
-                                id=HEARTBEAT_JOB, args=(), replace_existing=True,
-                                jobstore=INTERNAL_JOBS)
+        self._scheduler.add_job(
+            self._beat,
+            GridTrigger(seconds=1, timezone=UTC),
+            id=HEARTBEAT_JOB,
+            args=(),
+            replace_existing=True,
+            jobstore=INTERNAL_JOBS,
+        )
 
     def shutdown(self) -> None:
         if self._scheduler.running:
@@ -285,8 +326,15 @@ class Schedule:
         slots = self.spread.slots(entry.interval) if entry.interval is not None else 1
         trigger = trigger_of(entry, slots)
         # A shared name: APScheduler would otherwise build the same string for every job.
-        self._scheduler.add_job(self._tick, trigger, id=entry.id, args=(entry.id,),
-                                name=JOB_NAME, replace_existing=True, jobstore=ENTRY_JOBS)
+        self._scheduler.add_job(
+            self._tick,
+            trigger,
+            id=entry.id,
+            args=(entry.id,),
+            name=JOB_NAME,
+            replace_existing=True,
+            jobstore=ENTRY_JOBS,
+        )
 
     def remove(self, entry_id: str) -> None:
         # Never scheduled (it was invalid from the start): nothing to remove.
@@ -307,4 +355,3 @@ class Schedule:
     def next_run(self, entry_id: str) -> datetime | None:
         job = self._scheduler.get_job(entry_id, jobstore=ENTRY_JOBS)
         return None if job is None else job.next_run_time
-
