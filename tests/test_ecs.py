@@ -239,7 +239,7 @@ def logged_event_names() -> set[str]:
         r"(?:\.(?:debug|info|warning|error|exception|critical)|\bemit|_report)"
         r'\(\s*"([a-z][a-z_]*)"'
     )
-    alternative = re.compile(r'\bemit\("[a-z_]+" if [^\n]* else "([a-z][a-z_]*)"')
+    alternative = re.compile(r'\bemit\(\s*"[a-z_]+" if [^\n]* else "([a-z][a-z_]*)"')
     names: set[str] = set()
     for path in (REPO / "scheduler_publisher").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
