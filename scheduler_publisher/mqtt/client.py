@@ -27,7 +27,7 @@ PAHO_LOGGER = logging.getLogger("paho.mqtt.client")
 class ResetAwareClient(mqtt.Client):
     """paho's client, noting when the broker reset the connection: paho reports a reset and a
     clean close alike ("Unspecified error"), and a reset is how an MQTT 5 broker's DISCONNECT
-    for a refused packet gets lost (`Session.blames_a_packet`). Overrides paho's socket
+    for a refused packet gets lost (`Session.may_blame_a_packet`). Overrides paho's socket
     wrappers `_sock_recv` and `_sock_send`, which `check_paho` checks exist."""
 
     _reset = False
