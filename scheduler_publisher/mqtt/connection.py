@@ -17,6 +17,7 @@ thread's view of the running entries, replaced whole by `set_entries`.
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -46,9 +47,11 @@ STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
 STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
 RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attribution
-# A probe (entries published alone) is cleared when the broker has not dropped the connection
-# within this long, or four connect round trips if that is longer: a broker drops a refused
-# packet as soon as it reads it.
+# A probe (entries published alone, then a PINGREQ) is cleared by the PINGRESP: the broker
+# took every packet before it. Without one within PROBE_TIMEOUT the probe is cleared all the
+# same (no evidence against it). A client that cannot ping: cleared when the broker has not
+# dropped the connection within PROBE_WINDOW, or four connect round trips if longer.
+PROBE_TIMEOUT = 10.0
 PROBE_WINDOW = 0.5
 
 
@@ -114,6 +117,9 @@ class MQTTConnectionManager:
         self._faults = FaultSearch()  # network thread; its `quarantined` is read by any
         self._searching = False  # suspects, a probe or quarantined entries: the slow path
         self._birth_due = False  # the main connection's birth waits for the probes
+        self._probe_pinged = False  # the probe out was followed by a PINGREQ
+        self._main_born_at = 0.0  # monotonic: the main connection's last birth publishes
+        self._probed: set[str] = set()  # published by a probe on this main connection
         self._cron_missed: set[str] = set()  # cron entries whose missed slot was logged
         self._broker = f"{settings.host}:{settings.port}"
         self._hostname = socket.gethostname()  # for {{hostname}}
@@ -283,7 +289,8 @@ class MQTTConnectionManager:
             return
         link = self._loop.get(LinkKey(entry_id) if entry.lwt else MAIN_LINK)
         if link is not None and link.is_up:
-            if entry.cron is None and time.monotonic() - link.connected_at < entry.period / 2:
+            born = self._main_born_at if link.key.is_main else link.connected_at
+            if entry.cron is None and time.monotonic() - born < entry.period / 2:
                 # The connect published the entry (the birth burst) moments ago: a grid slot
                 # this close would publish it twice within half its interval. A cron slot is
                 # an appointment and always fires (docs/entries.md, "Cron schedules").
@@ -492,16 +499,18 @@ class MQTTConnectionManager:
 
     def _birth_now(self, link: SessionView) -> None:
         if link.key.is_main:
+            self._main_born_at = time.monotonic()
             self._loop.publish(
                 MAIN_LINK, self.settings.effective_status_topic, STATUS_ONLINE, 1, True, None
             )
             pending, self._pending_raw = self._pending_raw, OrderedDict()
             for topic, (data, qos, retain) in pending.items():
                 self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
+            probed, self._probed = self._probed, set()  # published moments ago, alone
             ids = [
                 i
                 for i, e in self._entries.items()
-                if not e.lwt and not (self._searching and self._faults.held(i))
+                if not e.lwt and i not in probed and not (self._searching and self._faults.held(i))
             ]
         else:
             ids = [link.key.entry_id] if link.key.entry_id is not None else []
@@ -546,6 +555,7 @@ class MQTTConnectionManager:
         if link.key.is_main:
             self._main_up.clear()
             self._birth_due = False
+            self._probed.clear()
             if was_up and link.may_blame_a_packet:
                 self._attribute(link, reason)
             elif was_up and self._searching:
@@ -579,7 +589,16 @@ class MQTTConnectionManager:
         window = 0.05 + 4 * _round_trip(link)
         published = {entry_id for at, entry_id in self._recent if at >= now - window}
         self._recent.clear()
-        guilty = self._faults.dropped(published & self._entries.keys(), reason, now, window)
+        # A probe that was pinged counts until its PINGRESP; one that was not, only as long as
+        # a broker takes to drop a packet it refuses.
+        prompt = math.inf if self._probe_pinged else window
+        guilty = self._faults.dropped(
+            published & self._entries.keys(),
+            reason,
+            now,
+            prompt,
+            named=link.broker_reason is not None,
+        )
         for entry_id in sorted(guilty & self._entries.keys()):
             self._quarantine(self._entries[entry_id])
         self._search_changed()
@@ -594,7 +613,9 @@ class MQTTConnectionManager:
             entry = self._entries.get(entry_id)
             if entry is not None:
                 self._send(link, entry)
-        window = max(PROBE_WINDOW, 4 * _round_trip(link))
+                self._probed.add(entry_id)
+        self._probe_pinged = self._loop.ping(link.key, lambda: self._probe_verdict(probe))
+        window = PROBE_TIMEOUT if self._probe_pinged else max(PROBE_WINDOW, 4 * _round_trip(link))
         self._loop.call_later(window, lambda: self._probe_verdict(probe))
         return True
 

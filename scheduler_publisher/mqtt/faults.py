@@ -55,6 +55,7 @@ class FaultSearch:
         self._batches: list[frozenset[str]] = []  # suspects, the next to probe first
         self._probe: Probe | None = None
         self._quarantined: Mapping[str, Quarantine] = MappingProxyType({})  # replaced whole
+        self._named = ""  # the last cause a broker's DISCONNECT named in this search
 
     @property
     def quarantined(self) -> Mapping[str, Quarantine]:
@@ -72,11 +73,22 @@ class FaultSearch:
         """Not published by its ticks: a suspect, or quarantined."""
         return entry_id in self._quarantined or any(entry_id in b for b in self._batches)
 
-    def dropped(self, published: Iterable[str], reason: str, now: float, prompt: float) -> set[str]:
-        """The broker dropped the connection, naming no cause but (maybe) a packet of ours;
-        `published`: the entries written within `prompt` seconds before, the few round trips
-        in which a broker drops a packet it refuses. Returns the entries convicted. A probe's
-        drop that came later says nothing: the probe goes again on the next connection."""
+    def dropped(
+        self,
+        published: Iterable[str],
+        reason: str,
+        now: float,
+        prompt: float,
+        *,
+        named: bool = False,
+    ) -> set[str]:
+        """The broker dropped the connection, naming no cause but (maybe) a packet of ours
+        (`named`: its DISCONNECT named a packet fault, which a conviction then quotes, rather
+        than the reset that may swallow the next one); `published`: the entries written just
+        before. Returns the entries convicted. A probe's drop later than `prompt` seconds
+        after it says nothing: the probe goes again on the next connection."""
+        if named:
+            self._named = reason
         probe, self._probe = self._probe, None
         if probe is not None and now - probe.sent_at > prompt:
             return set()
@@ -143,7 +155,9 @@ class FaultSearch:
             del self._batches[0]
         before = self._quarantined.get(entry_id)
         convictions = 1 if before is None else before.convictions + 1
-        verdict = Quarantine(reason, now + retry_delay(convictions), convictions)
+        verdict = Quarantine(self._named or reason, now + retry_delay(convictions), convictions)
+        if not self._batches:
+            self._named = ""
         self._quarantined = MappingProxyType({**self._quarantined, entry_id: verdict})
         return {entry_id}
 

@@ -44,6 +44,7 @@ from paho.mqtt.properties import Properties
 from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mqtt.client import (
     DISCONNECT_WITH_WILL,
+    ResetAwareClient,
     describe_error,
     paho_client,
     publish_properties,
@@ -311,6 +312,27 @@ class NetworkLoop:
         take a loop turn. For housekeeping (a probe's verdict, a retry), as many as needed;
         the scheduler has the precise timer (`call_at`)."""
         heapq.heappush(self._later, (time.monotonic() + delay, next(self._later_order), fn))
+
+    def ping(self, key: LinkKey, answered: Callable[[], None]) -> bool:
+        """Network thread: send a PINGREQ on the link, and run `answered` at its PINGRESP
+        (never, if the link goes first). The broker handles a connection's packets in order,
+        so the answer proves it took everything written before. False: the link is not up,
+        or its client cannot ping on demand."""
+        session = self._sessions.get(key)
+        if session is None or not session.is_up:
+            return False
+        client = session.client
+        if not isinstance(client, ResetAwareClient):
+            return False
+
+        def pong() -> None:
+            client.on_pong = None
+            answered()
+
+        client.on_pong = pong
+        client.ping()
+        self._want_write.add(session)
+        return True
 
     def open(self, key: LinkKey, client_id: str, will: Will | None) -> None:
         session = Session(
