@@ -146,6 +146,13 @@ class Stats:
             e.deferred += 1
         self.deferred += 1
 
+    def record_missed(self, entry_id: str) -> None:
+        """A cron slot that could not be sent (not connected, held back)."""
+        self.missed += 1
+        e = self.entries.get(entry_id)
+        if e is not None:
+            e.missed += 1
+
     def record_reconnect(self) -> None:
         self.reconnects += 1
 

@@ -433,6 +433,52 @@ def test_cron_entries_fire_on_their_whole_second_slots(
     assert counters.lateness_max < LATE  # measured against its cron slots
 
 
+def test_a_cron_slot_right_after_the_connect_still_fires(
+    broker: Mosquitto,
+    services: InProcessServices,
+    subscriber_factory: SubscriberFactory,
+    topic_base: str,
+) -> None:
+    """A daily, a weekday and an hourly entry started a few seconds before their slot each
+    publish on connect and again at the slot: a slot is an appointment, whatever was published
+    just before it."""
+    slot = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=6)
+    at = f"{slot.second} {slot.minute} {slot.hour}"
+    expressions = {
+        "daily": f"{at} * * *",
+        "weekday": f"{at} * * {WEEKDAYS[slot.weekday()]}",
+        "hourly": f"{slot.second} {slot.minute} * * * *",
+    }
+    sub = subscriber_factory(f"{topic_base}/#")
+    services.start(
+        broker.port,
+        [
+            cron(name, f"{topic_base}/{name}", expression)
+            for name, expression in expressions.items()
+        ],
+    )
+    for name in expressions:
+        at_slot = sub.wait_for(f"{topic_base}/{name}", 2, timeout=30)[1]  # after the birth
+        assert abs(wall_time(at_slot) - slot.timestamp()) < LATE, name
+
+
+def test_a_qos0_cron_slot_that_cannot_be_sent_is_counted_and_logged_once(
+    broker: Mosquitto,
+    services: InProcessServices,
+    topic_base: str,
+) -> None:
+    """With the broker gone, every slot of a QoS 0 cron entry is counted as missed, and the
+    miss is logged once for the outage, not once a slot."""
+    with capture_logs() as logs:
+        service = services.start(broker.port, [cron("c", f"{topic_base}/c", "* * * * * *")])
+        assert service.connection.connect(wait=10)
+        broker.stop()
+        wait_until(lambda: service.stats.entry("c").missed >= 3, 20, message="three missed slots")
+    missed = [e for e in logs if e["event"] == "cron_slot_missed"]
+    assert [(e["entry_id"], e["log_level"]) for e in missed] == [("c", "warning")], missed
+    assert service.stats.missed >= 3
+
+
 def test_reload_from_interval_to_cron_reschedules_and_keeps_the_others(
     broker: Mosquitto,
     services: InProcessServices,

@@ -131,6 +131,50 @@ def test_broker_killed_and_restarted_five_times_publishing_resumes_each_time(
     assert service.healthy()
 
 
+@pytest.mark.parametrize(
+    ("protocol", "entries", "interval"), [("5", 20, 0.2), ("3.1.1", 20, 0.2), ("5", 1, 1.0)]
+)
+def test_broker_restarts_quarantine_nobody_and_claim_no_client_id_conflict(
+    broker: Mosquitto,
+    topic_base: str,
+    start_service: Callable[..., Service],
+    protocol: str,
+    entries: int,
+    interval: float,
+) -> None:
+    """A broker that goes away (SIGTERM or SIGKILL) right after some publishes gives no
+    evidence against them: after five restarts, each once publishing has resumed, no entry
+    is quarantined, no client-id conflict is claimed, and every entry publishes again."""
+    topics = [f"{topic_base}/e{n}" for n in range(entries)]
+    service = start_service(
+        broker.port,
+        [entry(f"e{n}", topic, interval) for n, topic in enumerate(topics)],
+        "--mqtt-version",
+        protocol,
+    )
+    service.wait_count("mqtt_connected", 1)
+    for cycle in range(1, 7):
+        sub = Subscriber(broker.port, [f"{topic_base}/#"]).start()
+        try:
+            for topic in topics:
+                sub.wait_for(topic, count=2, timeout=20)
+        finally:
+            sub.stop()
+        if cycle == 6:
+            break
+        if cycle % 2:
+            broker.kill()
+        else:
+            broker.stop()
+        service.wait_count("mqtt_disconnected", cycle)
+        broker.start()
+    assert service.count("entry_quarantined") == 0
+    assert service.count("mqtt_client_id_conflict") == 0
+    connection = service.status()["connection"]
+    assert connection["quarantined_entries"] == {}
+    assert connection["client_id_conflict"] is None
+
+
 # ---- a silent network cut -------------------------------------------------------------------
 
 

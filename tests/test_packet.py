@@ -115,12 +115,15 @@ def test_templated_entries_and_entries_with_properties_have_no_packet() -> None:
 # ---- the paho internals written through -------------------------------------------------------
 def test_paho_has_the_internals_we_use() -> None:
     """Fails loudly if a paho upgrade drops or reshapes `Client._out_packet` (the pre-encoded
-    packets go through it) or the socket wrappers `client.ResetAwareClient` overrides."""
+    packets go through it) or the methods `client.ResetAwareClient` overrides or calls."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     check_paho(client)
     with pytest.raises(TypeError, match="_sock_recv"):
         check_paho(object())  # type: ignore[arg-type]
-    wrappers = types.SimpleNamespace(_sock_recv=client._sock_recv, _sock_send=client._sock_send)
+    overridden = ("_sock_recv", "_sock_send", "_send_pingreq", "_handle_pingresp")
+    with pytest.raises(TypeError, match="_handle_pingresp"):
+        check_paho(types.SimpleNamespace(**{n: getattr(client, n) for n in overridden[:3]}))  # type: ignore[arg-type]
+    wrappers = types.SimpleNamespace(**{name: getattr(client, name) for name in overridden})
     with pytest.raises(TypeError, match="_out_packet"):
         check_paho(wrappers)  # type: ignore[arg-type]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
@@ -27,10 +28,24 @@ PAHO_LOGGER = logging.getLogger("paho.mqtt.client")
 class ResetAwareClient(mqtt.Client):
     """paho's client, noting when the broker reset the connection: paho reports a reset and a
     clean close alike ("Unspecified error"), and a reset is how an MQTT 5 broker's DISCONNECT
-    for a refused packet gets lost (`Session.blames_a_packet`). Overrides paho's socket
-    wrappers `_sock_recv` and `_sock_send`, which `check_paho` checks exist."""
+    for a refused packet gets lost (`Session.may_blame_a_packet`). Overrides paho's socket
+    wrappers `_sock_recv` and `_sock_send`, which `check_paho` checks exist.
+
+    It also sends a PINGREQ on demand (`ping`) and reports the PINGRESP (`on_pong`): a broker
+    handles one connection's packets in order, so the answer proves it took every packet
+    written before the PINGREQ (mqtt/faults.py's probes)."""
 
     _reset = False
+    on_pong: Callable[[], None] | None = None
+
+    def ping(self) -> None:
+        self._send_pingreq()
+
+    def _handle_pingresp(self) -> MQTTErrorCode:
+        rc = super()._handle_pingresp()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.on_pong is not None:
+            self.on_pong()
+        return rc
 
     def reconnect(self) -> MQTTErrorCode:
         self._reset = False  # a new socket: a loss of the old one noted but never reported

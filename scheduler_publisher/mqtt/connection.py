@@ -17,6 +17,7 @@ thread's view of the running entries, replaced whole by `set_entries`.
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -31,7 +32,7 @@ from scheduler_publisher.config.loader import MessageProperties, PublishConfig
 from scheduler_publisher.config.template import Moment, Template
 from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mqtt.client import publish_properties
-from scheduler_publisher.mqtt.faults import FaultAttribution
+from scheduler_publisher.mqtt.faults import FaultSearch, Probe, Quarantine
 from scheduler_publisher.mqtt.netloop import NetworkLoop, SessionView
 from scheduler_publisher.mqtt.packet import has_static_packet, static_header
 from scheduler_publisher.mqtt.session import MAIN_LINK, LinkKey, State, Will
@@ -46,7 +47,12 @@ STATUS_ONLINE = b'{"online":1}'
 STATUS_OFFLINE = b'{"online":0}'
 STATUS_SAMPLE = 20  # entries named in /status and /health when many have no connection
 RECENT_PUBLISHES = 4096  # publishes on the main connection remembered for attribution
-QUIET_MARGIN = 1.0  # seconds beyond the longest period of the suspects not held
+# A probe (entries published alone, then a PINGREQ) is cleared by the PINGRESP: the broker
+# took every packet before it. Without one within PROBE_TIMEOUT the probe is cleared all the
+# same (no evidence against it). A client that cannot ping: cleared when the broker has not
+# dropped the connection within PROBE_WINDOW, or four connect round trips if longer.
+PROBE_TIMEOUT = 10.0
+PROBE_WINDOW = 0.5
 
 
 def entry_will(entry: PublishConfig, render: Callable[[str], bytes] | None = None) -> Will:
@@ -108,10 +114,13 @@ class MQTTConnectionManager:
         self._conflicts_warned: set[LinkKey] = set()
         self._warned: dict[LinkKey, str] = {}  # an entry connection's refusal logged at warning
         self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_PUBLISHES)
-        self._faults = FaultAttribution()
-        self._fault_reason = ""  # of the last drop blamed on a packet of ours
-        # entry id -> why; replaced whole (never mutated) so other threads may read it
-        self._quarantined: dict[str, str] = {}
+        self._faults = FaultSearch()  # network thread; its `quarantined` is read by any
+        self._searching = False  # suspects, a probe or quarantined entries: the slow path
+        self._birth_due = False  # the main connection's birth waits for the probes
+        self._probe_pinged = False  # the probe out was followed by a PINGREQ
+        self._main_born_at = 0.0  # monotonic: the main connection's last birth publishes
+        self._probed: set[str] = set()  # published by a probe on this main connection
+        self._cron_missed: set[str] = set()  # cron entries whose missed slot was logged
         self._broker = f"{settings.host}:{settings.port}"
         self._hostname = socket.gethostname()  # for {{hostname}}
 
@@ -193,12 +202,18 @@ class MQTTConnectionManager:
             "last_error": main.last_error if main else None,
             "client_id_conflict": conflicts[0] if conflicts else None,
             "entries_without_connection": self._unconnected(main, down),
-            "quarantined_entries": dict(self._quarantined),
+            "quarantined_entries": {
+                i: _why(q) for i, q in sorted(self._faults.quarantined.items())
+            },
         }
 
     def quarantined(self, entry_id: str) -> str | None:
         """Why the entry is held back (the broker dropped the connection at its publishes)."""
-        return self._quarantined.get(entry_id)
+        quarantine = self._faults.quarantined.get(entry_id)
+        return None if quarantine is None else _why(quarantine)
+
+    def quarantined_count(self) -> int:
+        return len(self._faults.quarantined)
 
     def _unconnected(self, main: SessionView | None, down: list[SessionView]) -> dict[str, Any]:
         entries = self._entries  # a reference the network thread swaps whole
@@ -267,41 +282,49 @@ class MQTTConnectionManager:
 
     def _publish_entry(self, entry_id: str) -> None:
         entry = self._entries.get(entry_id)
-        if entry is None or entry_id in self._quarantined:
-            return  # removed since the tick was queued, or held back
-        if self._faults.holding and self._held_back(entry_id):
-            self.stats.record_dropped(entry_id)
+        if entry is None:
+            return  # removed since the tick was queued
+        if self._searching and not entry.lwt and self._held_back(entry_id):
+            self._not_sent(entry, "held back while the broker's drops are looked into")
             return
         link = self._loop.get(LinkKey(entry_id) if entry.lwt else MAIN_LINK)
         if link is not None and link.is_up:
-            if time.monotonic() - link.connected_at < entry.period / 2:
+            born = self._main_born_at if link.key.is_main else link.connected_at
+            if entry.cron is None and time.monotonic() - born < entry.period / 2:
                 # The connect published the entry (the birth burst) moments ago: a grid slot
-                # this close would publish it twice within half its interval (issue 11 #5); a
-                # cron entry's period is its shortest gap between slots.
+                # this close would publish it twice within half its interval. A cron slot is
+                # an appointment and always fires (docs/entries.md, "Cron schedules").
                 return
             if not link.saturated(entry_id):
                 self._send(link, entry)
                 return
-        # Down, or up but stalled (the broker stopped reading or acknowledging): paho's queues
-        # keep at most a few messages per entry, however long it lasts.
-        if entry.qos == 0:
-            self.stats.record_dropped(entry_id)
-        else:
-            self.stats.record_deferred(entry_id)  # the birth publish carries the newest
+            self._not_sent(entry, "the broker is not taking messages")
+            return
+        self._not_sent(entry, "not connected")
 
     def _held_back(self, entry_id: str) -> bool:
-        """While the culprit of blamed drops is searched for: a quiet spell may have cleared
-        the suspects that publish; is this entry one of those held back now?"""
-        now = time.monotonic()
-        guilty = self._faults.settle(now, self._quiet_for)
-        for culprit in sorted(guilty & self._entries.keys()):
-            self._quarantine(self._entries[culprit], self._fault_reason, together=len(guilty))
-        return entry_id in self._faults.held(now) or entry_id in self._quarantined
+        """While a probe is out alone nothing else goes on the main connection; suspects wait
+        for their probe, quarantined entries for their retry."""
+        return self._faults.probe is not None or self._faults.held(entry_id)
 
-    def _quiet_for(self, publishing: frozenset[str]) -> float:
-        """How long the connection must stay up for every one of `publishing` to have ticked."""
-        periods = [self._entries[i].period for i in publishing if i in self._entries]
-        return max(periods, default=0.0) + QUIET_MARGIN
+    def _not_sent(self, entry: PublishConfig, reason: str) -> None:
+        """Down, held back, or up but stalled (the broker stopped reading or acknowledging):
+        paho's queues keep at most a few messages per entry, however long it lasts."""
+        if entry.qos:
+            self.stats.record_deferred(entry.id)  # the birth publish carries the newest
+        elif entry.cron is None:
+            self.stats.record_dropped(entry.id)
+        else:  # an appointment nobody will get: counted and said, once an outage
+            self.stats.record_missed(entry.id)
+            if entry.id not in self._cron_missed:
+                self._cron_missed.add(entry.id)
+                log.warning(
+                    "cron_slot_missed",
+                    entry_id=entry.id,
+                    topic=entry.topic,
+                    reason=reason,
+                    hint="counted in missed_ticks; said once until the entry publishes again",
+                )
 
     def _send(self, link: SessionView, entry: PublishConfig) -> None:
         header = self._headers.get(entry.id)
@@ -322,8 +345,11 @@ class MQTTConnectionManager:
             )
         if not sent:
             self.stats.record_error(entry.id, "publish refused by the client")
-        elif link.key.is_main:
+            return
+        if link.key.is_main:
             self._recent.append((time.monotonic(), entry.id))
+        if entry.cron is not None:
+            self._cron_missed.discard(entry.id)
 
     def _rendered(self, link: SessionView, entry_id: str, renderer: Template) -> bytes:
         """A templated entry's payload for one publish; each render takes the next {{seq}}."""
@@ -421,7 +447,7 @@ class MQTTConnectionManager:
         return headers
 
     def _apply_one(self, before: PublishConfig | None, entry: PublishConfig) -> None:
-        if entry.id in self._quarantined and (before is None or not before.same_wire(entry)):
+        if before is None or not before.same_wire(entry):
             self._release(entry.id)  # edited: give the new version its chance
         key = LinkKey(entry.id)
         link = self._loop.get(key)
@@ -448,7 +474,8 @@ class MQTTConnectionManager:
             # An added or edited entry reaches the wire now, not at its next grid slot (which
             # may be an interval away); its grid, and so its phase, stays as the plan says.
             target = self._link_for(entry)
-            if target is not None and target.is_up:
+            probing = self._searching and self._faults.probe is not None
+            if target is not None and target.is_up and not (probing and target.key.is_main):
                 self._send(target, entry)
 
     def _remove_one(self, gone: PublishConfig) -> None:
@@ -460,21 +487,31 @@ class MQTTConnectionManager:
         self._release(gone.id)
 
     def _release(self, entry_id: str) -> None:
-        if entry_id in self._quarantined:
-            self._quarantined = {i: w for i, w in self._quarantined.items() if i != entry_id}
+        if self._searching:
+            self._faults.forget(entry_id)
+            self._search_changed()
 
     def _birth(self, link: SessionView) -> None:
+        if link.key.is_main and self._start_probe(link):
+            self._birth_due = True  # the probes go alone on the fresh connection: birth after
+            return
+        self._birth_now(link)
+
+    def _birth_now(self, link: SessionView) -> None:
         if link.key.is_main:
+            self._main_born_at = time.monotonic()
             self._loop.publish(
                 MAIN_LINK, self.settings.effective_status_topic, STATUS_ONLINE, 1, True, None
             )
             pending, self._pending_raw = self._pending_raw, OrderedDict()
             for topic, (data, qos, retain) in pending.items():
                 self._loop.publish(MAIN_LINK, topic, data, qos, retain, None)
-            # Suspects of the last blamed drop wait for their grid slot, so that the next drop
-            # (if any) follows a tick and narrows them down, instead of following the burst.
-            held = self._faults.suspects(time.monotonic()) | self._quarantined.keys()
-            ids = [i for i, e in self._entries.items() if not e.lwt and i not in held]
+            probed, self._probed = self._probed, set()  # published moments ago, alone
+            ids = [
+                i
+                for i, e in self._entries.items()
+                if not e.lwt and i not in probed and not (self._searching and self._faults.held(i))
+            ]
         else:
             ids = [link.key.entry_id] if link.key.entry_id is not None else []
         self._birth_chunk(link, ids, 0)
@@ -508,7 +545,6 @@ class MQTTConnectionManager:
         self._warned.pop(link.key, None)
         if link.key.is_main:
             self._main_up.set()
-            self._faults.link_up(time.monotonic())
             log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
         self._birth(link)
 
@@ -518,8 +554,12 @@ class MQTTConnectionManager:
             self._report_conflict(link)
         if link.key.is_main:
             self._main_up.clear()
-            if was_up and link.blames_a_packet:
+            self._birth_due = False
+            self._probed.clear()
+            if was_up and link.may_blame_a_packet:
                 self._attribute(link, reason)
+            elif was_up and self._searching:
+                self._faults.lost()  # a probe out says nothing: sent again on reconnect
             if was_up:
                 log.warning(
                     "mqtt_disconnected",
@@ -541,32 +581,85 @@ class MQTTConnectionManager:
             self.link_refused(link, reason)
 
     def _attribute(self, link: SessionView, reason: str) -> None:
-        """The broker dropped the main connection blaming a packet of ours: find the entry."""
+        """The broker dropped the main connection naming no cause but, maybe, a packet of
+        ours: what went out just before becomes suspect; a probe's drop narrows or convicts."""
         # What went out within a few round trips of the drop (the CONNECT -> CONNACK time is
         # the round trip we know); the broker stops reading at the bad packet.
-        window = 0.05 + 4 * max(0.0, link.connected_at - link.handshake_since)
         now = time.monotonic()
+        window = 0.05 + 4 * _round_trip(link)
         published = {entry_id for at, entry_id in self._recent if at >= now - window}
         self._recent.clear()
-        if link.broker_reason is not None or not self._faults.suspects(now):
-            # A reset names nothing: the search keeps the reason an earlier drop gave.
-            self._fault_reason = reason
-        guilty = self._faults.observe(published & self._entries.keys(), now)
-        for entry_id in sorted(guilty):
-            self._quarantine(self._entries[entry_id], self._fault_reason, together=len(guilty))
+        # A probe that was pinged counts until its PINGRESP; one that was not, only as long as
+        # a broker takes to drop a packet it refuses.
+        prompt = math.inf if self._probe_pinged else window
+        guilty = self._faults.dropped(
+            published & self._entries.keys(),
+            reason,
+            now,
+            prompt,
+            named=link.broker_reason is not None,
+        )
+        for entry_id in sorted(guilty & self._entries.keys()):
+            self._quarantine(self._entries[entry_id])
+        self._search_changed()
 
-    def _quarantine(self, entry: PublishConfig, reason: str, *, together: int) -> None:
-        why = f"the broker dropped the connection at its publish: {reason}"
-        self._quarantined = {**self._quarantined, entry.id: why}
-        self.stats.record_error(entry.id, why)
+    def _start_probe(self, link: SessionView) -> bool:
+        """Publish the next suspects (or a quarantined entry due for a retry) alone on the
+        main connection; the verdict comes after the probe window. Whether one went out."""
+        probe = self._faults.next_probe(time.monotonic()) if self._searching else None
+        if probe is None:
+            return False
+        for entry_id in sorted(probe.batch):
+            entry = self._entries.get(entry_id)
+            if entry is not None:
+                self._send(link, entry)
+                self._probed.add(entry_id)
+        self._probe_pinged = self._loop.ping(link.key, lambda: self._probe_verdict(probe))
+        window = PROBE_TIMEOUT if self._probe_pinged else max(PROBE_WINDOW, 4 * _round_trip(link))
+        self._loop.call_later(window, lambda: self._probe_verdict(probe))
+        return True
+
+    def _probe_verdict(self, probe: Probe) -> None:
+        """The probe window went by: without a drop in it, the probe's entries are cleared."""
+        if self._faults.probe is not probe:
+            return  # it dropped the connection, or was dropped itself
+        self._faults.cleared()
+        if probe.retry:
+            for entry_id in sorted(probe.batch & self._entries.keys()):
+                log.info("entry_released", entry_id=entry_id, broker=self._broker)
+        self._search_changed()
+        main = self._loop.get(MAIN_LINK)
+        if main is None or not main.is_up or self._start_probe(main):
+            return
+        if self._birth_due:
+            self._birth_due = False
+            self._birth_now(main)
+
+    def _retry_due(self) -> None:
+        """A quarantined entry's retry time: probe it alone, if the connection is free."""
+        main = self._loop.get(MAIN_LINK)
+        if main is not None and main.is_up and self._faults.probe is None:
+            self._start_probe(main)
+
+    def _search_changed(self) -> None:
+        faults = self._faults
+        self._searching = bool(faults.suspects() or faults.probe or faults.quarantined)
+
+    def _quarantine(self, entry: PublishConfig) -> None:
+        quarantine = self._faults.quarantined[entry.id]
+        retry_in = max(0.0, quarantine.retry_at - time.monotonic())
+        self._loop.call_later(retry_in, self._retry_due)
+        self.stats.record_error(entry.id, _why(quarantine))
         log.error(
             "entry_quarantined",
             entry_id=entry.id,
             topic=entry.topic,
-            reason=reason,
+            reason=quarantine.reason,
             broker=self._broker,
-            told_apart=together == 1,
-            hint="the entry is not published until it is edited or the service restarts",
+            times=quarantine.convictions,
+            retry_in_s=round(retry_in, 1),
+            hint="published alone, it got the connection dropped: held back and tried again "
+            "alone later; an edit of the entry tries it at once",
         )
 
     def _report_conflict(self, link: SessionView) -> None:
@@ -640,3 +733,12 @@ class MQTTConnectionManager:
     def lost_unsent(self, link: SessionView, entry_id: str | None) -> None:
         if entry_id is not None:
             self.stats.record_dropped(entry_id)
+
+
+def _round_trip(link: SessionView) -> float:
+    """The CONNECT -> CONNACK time of the link's last connect: the round trip we know."""
+    return max(0.0, link.connected_at - link.handshake_since)
+
+
+def _why(quarantine: Quarantine) -> str:
+    return f"the broker dropped the connection at its publish: {quarantine.reason}"

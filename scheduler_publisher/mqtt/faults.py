@@ -1,102 +1,168 @@
-"""Which entry gets the shared connection dropped (issue 11 #13; docs/design.md, "An entry
-that gets the shared connection dropped"). Pure bookkeeping: nothing here touches the network
-or the clock; the connection manager (connection.py) feeds it drops, connects and the time."""
+"""Which entry gets the shared connection dropped (docs/design.md, "An entry that gets the
+shared connection dropped"). Pure bookkeeping: nothing here touches the network or the clock;
+the connection manager (connection.py) feeds it drops, probes and the time.
+
+An entry is quarantined only on positive evidence: published alone on the connection (a
+probe), it was followed by the broker dropping the connection. The timing of one drop among
+many publishes only makes entries suspects, and a probe that goes by without a drop clears its
+entries; the absence of drops never convicts anyone. A broker that simply went away (a
+restart, SIGKILL) leaves suspects, which the first probe after the reconnect clears.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
-SUSPECT_DROPS = 5  # drops after which a few entries that cannot be told apart are all guilty
-SUSPECT_GROUP = 5
-SUSPECT_MEMORY = 60.0  # seconds after which an unresolved suspicion is forgotten
+RETRY_FIRST = 10.0  # seconds until a quarantined entry is tried again alone; then doubled
+RETRY_MAX = 3600.0
 
 
-class FaultAttribution:
-    """Which entry gets the shared connection dropped (issue 11 #13). Pure bookkeeping: each
-    drop the broker blames on one of our packets names the entries published just before it;
-    the culprit is in every such set, so the sets are intersected until one entry is left.
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Why an entry is held back, and when it is next tried alone."""
 
-    Entries of one phase group always go out together, so intersecting alone cannot tell them
-    apart. So after each drop that leaves several suspects, half of them are held back (not
-    published, `held`) while the connection is up again: a drop then names only the other
-    half, and a quiet spell long enough for that half to publish (`settle`) clears it, so the
-    culprit is among the held. Each step halves the suspects. A few that still cannot be told
-    apart after SUSPECT_DROPS drops are all guilty."""
+    reason: str
+    retry_at: float  # monotonic
+    convictions: int  # lone probes it has failed in a row
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Entries published alone on the connection, awaiting the verdict."""
+
+    batch: frozenset[str]
+    sent_at: float
+    retry: bool  # a quarantined entry tried again
+
+
+def retry_delay(convictions: int) -> float:
+    return float(min(RETRY_MAX, RETRY_FIRST * 2.0 ** max(0, convictions - 1)))
+
+
+class FaultSearch:
+    """The suspects of blamed drops, as batches to publish alone; the quarantined entries.
+
+    A drop with no probe out makes the entries published just before it one batch of
+    suspects. Suspects are held back (not published) until a probe has cleared them. A probe
+    sends one batch alone: no drop within the window clears the whole batch; a drop splits a
+    batch in two halves, each probed in turn; a drop after one entry alone convicts it. A
+    quarantined entry is probed alone again after `retry_delay`, released when the broker
+    takes it."""
 
     def __init__(self) -> None:
-        self._suspects: frozenset[str] = frozenset()
-        self._held: frozenset[str] = frozenset()
-        self.drops = 0
-        self._last = 0.0  # monotonic time of the last blamed drop (or step of the search)
-        self._up_since: float | None = None  # the connection up again since, while holding
-        self._quiet: float | None = None  # the quiet spell this step needs, once known
-
-    def suspects(self, now: float) -> frozenset[str]:
-        return frozenset() if self._expired(now) else self._suspects
-
-    def held(self, now: float) -> frozenset[str]:
-        """The suspects not published while the search goes on."""
-        return frozenset() if self._expired(now) else self._held
-
-    def _expired(self, now: float) -> bool:
-        return now - self._last >= SUSPECT_MEMORY
-
-    def observe(self, published: set[str], now: float) -> set[str]:
-        """One blamed drop, with the entries published just before it; returns the guilty."""
-        if not published:
-            return set()
-        if self._expired(now):
-            self._forget()  # an old one-off: start over
-        self._last = now
-        self._suspects = frozenset(self._suspects & published or published)
-        self.drops += 1
-        if len(self._suspects) == 1 or (
-            self.drops >= SUSPECT_DROPS and len(self._suspects) <= SUSPECT_GROUP
-        ):
-            return self._found(self._suspects)
-        self._hold_half()
-        return set()
-
-    def link_up(self, now: float) -> None:
-        """The connection is up again: the quiet spell of the held search starts now."""
-        self._up_since = now if self._held else None
-
-    def settle(self, now: float, quiet_for: Callable[[frozenset[str]], float]) -> set[str]:
-        """While holding: once the connection has been up without a blamed drop for as long
-        as `quiet_for` says the suspects not held need to publish (asked once a step), the
-        culprit is among the held, who become the suspects; returns the guilty when one is
-        left. A search that made no step for SUSPECT_MEMORY is forgotten, as `held` says."""
-        if not self._held:
-            return set()
-        if self._expired(now):
-            self._forget()  # nobody is held any more: `holding` says so too
-            return set()
-        if self._up_since is None:
-            return set()
-        if self._quiet is None:
-            self._quiet = quiet_for(self._suspects - self._held)
-        if now - self._up_since < self._quiet:
-            return set()
-        self._suspects, self._last = self._held, now
-        if len(self._suspects) == 1:
-            return self._found(self._suspects)
-        self._hold_half(up_since=now)  # still up: the next quiet spell starts now
-        return set()
+        self._batches: list[frozenset[str]] = []  # suspects, the next to probe first
+        self._probe: Probe | None = None
+        self._quarantined: Mapping[str, Quarantine] = MappingProxyType({})  # replaced whole
+        self._named = ""  # the last cause a broker's DISCONNECT named in this search
 
     @property
-    def holding(self) -> bool:
-        return bool(self._held)
+    def quarantined(self) -> Mapping[str, Quarantine]:
+        """Read from any thread: a mapping that is replaced, never changed."""
+        return self._quarantined
 
-    def _hold_half(self, up_since: float | None = None) -> None:
-        ordered = sorted(self._suspects)
-        self._held = frozenset(ordered[: len(ordered) // 2])
-        self._up_since = up_since  # after a drop: from the next connect
-        self._quiet = None
+    @property
+    def probe(self) -> Probe | None:
+        return self._probe
 
-    def _found(self, guilty: frozenset[str]) -> set[str]:
-        self._forget()
-        return set(guilty)
+    def suspects(self) -> frozenset[str]:
+        return frozenset().union(*self._batches)
 
-    def _forget(self) -> None:
-        self._suspects, self._held, self.drops = frozenset(), frozenset(), 0
-        self._up_since = self._quiet = None
+    def held(self, entry_id: str) -> bool:
+        """Not published by its ticks: a suspect, or quarantined."""
+        return entry_id in self._quarantined or any(entry_id in b for b in self._batches)
+
+    def dropped(
+        self,
+        published: Iterable[str],
+        reason: str,
+        now: float,
+        prompt: float,
+        *,
+        named: bool = False,
+    ) -> set[str]:
+        """The broker dropped the connection, naming no cause but (maybe) a packet of ours
+        (`named`: its DISCONNECT named a packet fault, which a conviction then quotes, rather
+        than the reset that may swallow the next one); `published`: the entries written just
+        before. Returns the entries convicted. A probe's drop later than `prompt` seconds
+        after it says nothing: the probe goes again on the next connection."""
+        if named:
+            self._named = reason
+        probe, self._probe = self._probe, None
+        if probe is not None and now - probe.sent_at > prompt:
+            return set()
+        if probe is None:
+            new = frozenset(published) - self.suspects() - self._quarantined.keys()
+            if new:
+                self._batches.append(new)
+            return set()
+        if len(probe.batch) > 1:
+            ordered = sorted(probe.batch)
+            half = len(ordered) // 2
+            self._batches[:1] = [frozenset(ordered[:half]), frozenset(ordered[half:])]
+            return set()
+        return self._convict(probe, reason, now)
+
+    def lost(self) -> None:
+        """The connection went for a reason that says nothing about the probe: it is sent
+        again, alone, on the next connection."""
+        self._probe = None
+
+    def next_probe(self, now: float) -> Probe | None:
+        """What to publish alone now (the connection is up, nothing else out), if anything:
+        the next batch of suspects, or a quarantined entry whose retry is due."""
+        if self._probe is not None:
+            return None
+        if self._batches:
+            self._probe = Probe(self._batches[0], now, retry=False)
+        else:
+            due = sorted(i for i, q in self._quarantined.items() if q.retry_at <= now)
+            if due:
+                self._probe = Probe(frozenset(due[:1]), now, retry=True)
+        return self._probe
+
+    def next_retry(self) -> float | None:
+        """When the next quarantined entry is due to be tried again."""
+        return min((q.retry_at for q in self._quarantined.values()), default=None)
+
+    def cleared(self) -> Probe | None:
+        """The probe out went by without a drop: its entries are cleared (and a quarantined
+        one released). Returns that probe."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return None
+        if probe.retry:
+            self._release(probe.batch)
+        elif self._batches and self._batches[0] == probe.batch:
+            del self._batches[0]
+        return probe
+
+    def forget(self, entry_id: str) -> bool:
+        """An entry edited or removed: no longer suspected or quarantined. Returns whether it
+        was quarantined."""
+        batches = (b - {entry_id} for b in self._batches)
+        self._batches = [b for b in batches if b]
+        if self._probe is not None and entry_id in self._probe.batch:
+            self._probe = None
+        was = entry_id in self._quarantined
+        self._release([entry_id])
+        return was
+
+    def _convict(self, probe: Probe, reason: str, now: float) -> set[str]:
+        (entry_id,) = probe.batch
+        if self._batches and self._batches[0] == probe.batch:
+            del self._batches[0]
+        before = self._quarantined.get(entry_id)
+        convictions = 1 if before is None else before.convictions + 1
+        verdict = Quarantine(self._named or reason, now + retry_delay(convictions), convictions)
+        if not self._batches:
+            self._named = ""
+        self._quarantined = MappingProxyType({**self._quarantined, entry_id: verdict})
+        return {entry_id}
+
+    def _release(self, entry_ids: Iterable[str]) -> None:
+        gone = set(entry_ids) & self._quarantined.keys()
+        if gone:
+            kept = {i: q for i, q in self._quarantined.items() if i not in gone}
+            self._quarantined = MappingProxyType(kept)

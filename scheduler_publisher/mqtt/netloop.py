@@ -24,6 +24,8 @@ thread, while the session is CONNECTING and the network thread does not touch it
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import math
 import os
 import selectors
@@ -42,6 +44,7 @@ from paho.mqtt.properties import Properties
 from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mqtt.client import (
     DISCONNECT_WITH_WILL,
+    ResetAwareClient,
     describe_error,
     paho_client,
     publish_properties,
@@ -104,7 +107,7 @@ class SessionView(Protocol):
     @property
     def broker_reason(self) -> int | None: ...
     @property
-    def blames_a_packet(self) -> bool: ...
+    def may_blame_a_packet(self) -> bool: ...
     @property
     def awaiting_acks(self) -> bool: ...
     def saturated(self, entry_id: str) -> bool: ...
@@ -186,6 +189,9 @@ class NetworkLoop:
         # The one timer (call_at): the scheduler's next due job, run on this thread.
         self._timer_at = math.inf
         self._timer: Callable[[], None] | None = None
+        # Housekeeping timers (call_later): (when, order, fn), soonest first.
+        self._later: list[tuple[float, int, Callable[[], None]]] = []
+        self._later_order = itertools.count()
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> None:
@@ -300,6 +306,33 @@ class NetworkLoop:
         replaces it, and `when` of `math.inf` cancels it."""
         self._timer_at = when
         self._timer = None if when == math.inf else fn
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Network thread: run `fn` on this thread once `delay` seconds have passed, give or
+        take a loop turn. For housekeeping (a probe's verdict, a retry), as many as needed;
+        the scheduler has the precise timer (`call_at`)."""
+        heapq.heappush(self._later, (time.monotonic() + delay, next(self._later_order), fn))
+
+    def ping(self, key: LinkKey, answered: Callable[[], None]) -> bool:
+        """Network thread: send a PINGREQ on the link, and run `answered` at its PINGRESP
+        (never, if the link goes first). The broker handles a connection's packets in order,
+        so the answer proves it took everything written before. False: the link is not up,
+        or its client cannot ping on demand."""
+        session = self._sessions.get(key)
+        if session is None or not session.is_up:
+            return False
+        client = session.client
+        if not isinstance(client, ResetAwareClient):
+            return False
+
+        def pong() -> None:
+            client.on_pong = None
+            answered()
+
+        client.on_pong = pong
+        client.ping()
+        self._want_write.add(session)
+        return True
 
     def open(self, key: LinkKey, client_id: str, will: Will | None) -> None:
         session = Session(
@@ -443,7 +476,6 @@ class NetworkLoop:
         session.broker_reason = None
         session.reset_by_broker = False
         session.connected_at = time.monotonic()
-        session.quick_reconnect = session.backoff.failures <= 1
         if session.conflict is None:
             # While a client-id conflict is suspected the backoff keeps growing, so that two
             # processes knocking each other off slow down instead of flapping several times a
@@ -483,7 +515,7 @@ class NetworkLoop:
             return
         session.last_error = reason
         if was_up:
-            session.judge_loss(reason, taken_over, time.monotonic())
+            session.judge_loss(taken_over)
         self._retry_later(session, failed_attempt=not was_up)
         self.listener.link_down(session, reason, was_up)
 
@@ -530,6 +562,7 @@ class NetworkLoop:
         self._run_commands()
         if self._timer_at <= now:
             self._run_timer()
+        self._run_later(now)
         self._flush_all()
         self._next_connect_check = 0.0  # look at every session: a caller may have moved `due`
         self._start_due_connects(now)
@@ -549,14 +582,16 @@ class NetworkLoop:
         # epoll waits in whole milliseconds, rounded up: for the timer (the scheduler's next
         # phase group) it is woken one grain early, and the rest is slept precisely below.
         timer_wake = self._timer_at - TIMER_GRAIN
-        timeout = max(0.0, min(self._next_misc, self._next_connect_check, timer_wake) - now)
-        self._poll(0 if self._commands else timeout)
+        later = self._later[0][0] if self._later else math.inf
+        wake = min(self._next_misc, self._next_connect_check, timer_wake, later)
+        self._poll(0 if self._commands else max(0.0, wake - now))
         self._run_commands()
         early = self._timer_at - time.monotonic()
         if early <= TIMER_GRAIN:
             if early > 0:
                 time.sleep(early)  # under a millisecond: nanosleep, not epoll's rounding
             self._run_timer()
+        self._run_later(time.monotonic())
         self._flush_all()  # whatever the commands and the timer queued: one send() a socket
         now = time.monotonic()
         self._start_due_connects(now)
@@ -572,6 +607,14 @@ class NetworkLoop:
             fn()
         except Exception:
             log.exception("network_command_failed")
+
+    def _run_later(self, now: float) -> None:
+        while self._later and self._later[0][0] <= now:
+            fn = heapq.heappop(self._later)[2]
+            try:
+                fn()
+            except Exception:
+                log.exception("network_command_failed")
 
     def _drain_wake(self) -> None:
         try:
@@ -690,6 +733,7 @@ class NetworkLoop:
         session.client._sock_close()  # paho has no public "drop the socket" call
         session.broker_reason = None
         session.reset_by_broker = False
+        session.dropped_by_broker = False
         self._on_lost(session, event, reason)
 
     def check_timeouts(self, now: float) -> None:

@@ -170,7 +170,8 @@ class PacketQueue:
 def check_paho(client: mqtt.Client) -> None:
     """Raise if the installed paho lacks an internal we use: the out-queue PacketQueue writes
     through, and the socket wrappers that note a reset."""
-    for name in ("_sock_recv", "_sock_send"):  # client.ResetAwareClient wraps these
+    # client.ResetAwareClient wraps these
+    for name in ("_sock_recv", "_sock_send", "_send_pingreq", "_handle_pingresp"):
         if not callable(getattr(client, name, None)):
             raise TypeError(
                 f"paho-mqtt's Client has no {name}: this paho version is not one "

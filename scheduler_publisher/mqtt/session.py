@@ -39,12 +39,11 @@ if TYPE_CHECKING:
 # Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
 # More than one, so a QoS 1 entry faster than the broker's round trip still sends every tick.
 MAX_PENDING_PER_ENTRY = 4
-# A connection that the broker ends within STABLE_AFTER seconds although it accepted it at
-# the first attempt is a "flap"; FLAP_LIMIT flaps in a row mean another client is most likely
-# using the same client id (Mosquitto 2.0 closes the older one without a DISCONNECT, so only
-# an MQTT 5 broker that sends reason 0x8E says so outright).
+# A client-id conflict is claimed only on the broker's word (MQTT 5 reason 0x8E, session taken
+# over), and cleared once the connection has stayed up for STABLE_AFTER seconds. Mosquitto 2.0
+# closes a taken-over connection without a DISCONNECT, exactly as a broker that restarts does,
+# so without that word nothing is claimed.
 STABLE_AFTER = 30.0
-FLAP_LIMIT = 3
 # DISCONNECT reasons by which an MQTT 5 broker blames a packet we sent (MQTT 5.0 §3.14.2.1):
 # malformed packet, protocol error, topic name invalid, packet too large, payload format
 # invalid, retain not supported, QoS not supported.
@@ -240,13 +239,10 @@ class Session:
     last_error: str | None = None
     handshake_since: float = 0.0  # monotonic; when the CONNECT went out
     connected_at: float = 0.0  # monotonic; when the last CONNACK arrived
-    # Client-id conflict detection (`judge_loss`): short-lived connections the broker ended
-    # although it accepted the reconnect at once, and what is suspected.
-    flaps: int = 0
-    quick_reconnect: bool = False  # the last connect succeeded at the first attempt
-    conflict: str | None = None
+    conflict: str | None = None  # the broker said another client took over the client id
     broker_reason: int | None = None  # the reason code of the broker's last DISCONNECT, if any
     reset_by_broker: bool = False  # the last loss was a TCP reset, no DISCONNECT read
+    dropped_by_broker: bool = False  # the last loss was the broker's doing (or the path's)
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
@@ -280,15 +276,17 @@ class Session:
         return self.settings.protocol == "5"
 
     @property
-    def blames_a_packet(self) -> bool:
-        """The broker dropped this connection for something we sent: its DISCONNECT says so,
-        or (MQTT 5) it reset the connection. An MQTT 5 broker that refuses a packet sends that
-        DISCONNECT and closes while the rest of our write is unread, and the close is then a
-        reset that can discard the DISCONNECT before we read it (docs/design.md, "An entry
-        that gets the shared connection dropped")."""
+    def may_blame_a_packet(self) -> bool:
+        """The broker may have dropped this connection for something we sent: its DISCONNECT
+        names a packet fault, or it closed or reset the connection without naming any cause.
+        An MQTT 3.1.1 broker never names one; an MQTT 5 broker that refuses a packet sends its
+        DISCONNECT and closes while the rest of our write is unread, and the reset that follows
+        can discard the DISCONNECT before we read it. Only a probe (faults.py) tells a refused
+        packet from a broker that went away (docs/design.md, "An entry that gets the shared
+        connection dropped")."""
         if self.broker_reason is not None:
             return self.broker_reason in PACKET_FAULTS
-        return self.reset_by_broker and self.is_v5
+        return self.dropped_by_broker
 
     @property
     def failures(self) -> int:
@@ -306,34 +304,17 @@ class Session:
         ):
             self.fire(Event.MAX_RETRIES_REACHED)
 
-    def judge_loss(self, reason: str, taken_over: bool, now: float) -> None:
-        """Suspect a client-id conflict on the broker's word (MQTT 5 reason 0x8E) or on the
-        pattern it leaves when it gives no reason: short-lived connections, each accepted again
-        at the first try. A broker that names another reason has said what it was."""
-        lived = now - self.connected_at
+    def judge_loss(self, taken_over: bool) -> None:
+        """A client-id conflict, on the broker's word only (MQTT 5 reason 0x8E)."""
         if taken_over:
-            self.conflict = f"the broker says another client took over client id {self.client_id}"
-        elif (
-            self.broker_reason is None
-            and not self.blames_a_packet
-            and lived < STABLE_AFTER
-            and self.quick_reconnect
-        ):
-            self.flaps += 1
-            if self.flaps >= FLAP_LIMIT and self.conflict is None:
-                self.conflict = (
-                    f"the broker closed this connection {self.flaps} times in a "
-                    f"row soon after accepting it ({reason}): another process is "
-                    f"probably using client id {self.client_id} (or the broker "
-                    "refuses something this connection sends)"
-                )
-        elif lived >= STABLE_AFTER:
-            self.flaps = 0
+            self.conflict = (
+                f"the broker says another client took over client id {self.client_id}: "
+                "another process is using it"
+            )
 
     def settled(self) -> None:
         """Up long enough: whoever shared the client id has gone."""
         self.conflict = None
-        self.flaps = 0
         self.backoff.reset()
 
     def render_will(self) -> None:
@@ -452,6 +433,7 @@ class Session:
         self, client: mqtt.Client, _u: Any, flags: DisconnectFlags, reason: ReasonCode, _props: Any
     ) -> None:
         from_server = flags.is_disconnect_packet_from_server
+        self.dropped_by_broker = True
         self.broker_reason = reason.value if from_server else None
         self.reset_by_broker = (
             not from_server and isinstance(client, ResetAwareClient) and client.take_reset()

@@ -60,6 +60,8 @@ _PER_ENTRY_COUNTERS = (
 class ConnectionCounts(Protocol):
     def connection_counts(self) -> tuple[int, int]: ...
 
+    def quarantined_count(self) -> int: ...
+
 
 class MetricsSource(Protocol):
     """What the collector reads; PublisherService provides it."""
@@ -253,6 +255,11 @@ class ServiceCollector(Collector):
         yield _gauge("connections", "MQTT connections", total)
         yield _gauge("connections_up", "MQTT connections up", up)
         yield _gauge("active_configs", "Entries running", len(entries))
+        yield _gauge(
+            "entries_quarantined",
+            "Entries held back because, published alone, they got the connection dropped",
+            source.connection.quarantined_count(),
+        )
         yield _gauge(
             "entries_overdue",
             "Entries without a publish for a whole slot and more (see /status for which)",
