@@ -763,6 +763,112 @@ def test_the_real_process_refuses_connect_rate_0_without_creating_logs(tmp_path:
     assert not (tmp_path / "logs").exists()
 
 
+# ---- a client id and what is derived from it (issue 27, #11) --------------------------------
+
+STATUS_WRAP = "scheduler-publisher/<client-id>/status"
+
+
+def sized(size: int, unit: str = "c") -> str:
+    """A client id of `size` UTF-8 bytes made of `unit`."""
+    text = unit * (size // len(unit.encode()))
+    assert len(text.encode()) == size
+    return text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--client-id", sized(65509)],
+            f"client-id (flag --client-id): must be at most 65508 UTF-8 bytes (with the status "
+            f"topic {STATUS_WRAP}, within MQTT's 65535), got 65509",
+        ),
+        (
+            ["--client-id", sized(65510, "\u00e9")],  # 32,755 characters, 65,510 bytes
+            "must be at most 65508 UTF-8 bytes",
+        ),
+        (
+            ["--client-id", sized(65502), "--shard", "1/2"],
+            "client-id (flag --client-id): must be at most 65501 UTF-8 bytes (with the shard's "
+            f"suffix -1-of-2 and the status topic {STATUS_WRAP}, within MQTT's 65535), got 65502",
+        ),
+        (
+            ["--client-id", sized(65523), "--shard", "1000/1024", "--status-topic", "s"],
+            "client-id (flag --client-id): must be at most 65522 UTF-8 bytes (with the shard's "
+            "suffix -1000-of-1024, within MQTT's 65535), got 65523",
+        ),
+        (
+            ["--client-id", "gw+1"],
+            f"client-id (flag --client-id): would make the status topic {STATUS_WRAP} invalid "
+            '(topic must be free of the wildcards "+" and "#", got '
+            '"scheduler-publisher/gw+1/status"); give --status-topic, or another client id',
+        ),
+        (["--client-id", "gw#"], 'must be free of the wildcards "+" and "#"'),
+        (["--client-id", "/" * 198], "topic must have at most 200 levels, got 201"),
+        (
+            ["--status-topic", "/".join("s" * 200), "--shard", "2/3"],
+            "status-topic (flag --status-topic): with the shard's level /2-of-3 added, topic "
+            "must have at most 200 levels, got 201",
+        ),
+        (
+            ["--status-topic", "s" * 65530, "--shard", "2/3"],
+            "status-topic (flag --status-topic): with the shard's level /2-of-3 added, topic "
+            "must be at most 65535 UTF-8 bytes, got 65537 bytes",
+        ),
+    ],
+    ids=[
+        *("65509", "multibyte", "shard", "shard-explicit-topic", "plus", "hash", "levels"),
+        *("topic-levels", "topic-bytes"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "show-options"])
+def test_a_client_id_too_long_for_what_is_derived_from_it_exits_2(
+    command: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The status topic wraps the client id and a shard adds its suffix: a client id (or a
+    status topic) that fits alone but not with those exits 2 at start, naming the option,
+    the length received and the limit, instead of failing at every connect."""
+    line = usage_error(capsys, [command, "--options-file", "", *argv])
+    assert message in line, line[:400]
+    assert len(line) < 400
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_the_client_id_limit_holds_from_every_source(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From SCHEDULER_PUBLISHER_CLIENT_ID or the options file, the same limit and message."""
+    argv = ["run"]
+    if source == "env":
+        monkeypatch.setenv("SCHEDULER_PUBLISHER_CLIENT_ID", sized(65509))
+        where = "env SCHEDULER_PUBLISHER_CLIENT_ID"
+    else:
+        opts = write_options(tmp_path / "o.toml", f'client-id = "{sized(65509)}"\n')
+        argv += ["--options-file", str(opts)]
+        where = f"file {opts}"
+    line = usage_error(capsys, argv)
+    assert f"client-id ({where}): must be at most 65508 UTF-8 bytes" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--client-id", sized(65508)],
+        ["--client-id", sized(65501), "--shard", "1/2"],
+        ["--client-id", sized(65522), "--shard", "1000/1024", "--status-topic", "s"],
+        ["--client-id", "gw/01"],
+        ["--status-topic", "s" * 65528, "--shard", "2/3"],
+    ],
+    ids=["65508", "shard", "shard-explicit-topic", "slash", "topic"],
+)
+def test_a_client_id_at_the_limit_is_accepted(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The limits are exact: one byte less than the refused lengths is accepted."""
+    shown = show(capsys, "--options-file", "", *argv)
+    assert shown["client-id"][1] in ("flag --client-id", "default (derived)")
+
+
 # ---- sample-options -------------------------------------------------------------------------
 
 
