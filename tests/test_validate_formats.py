@@ -550,3 +550,17 @@ def test_json_escapes_what_a_terminal_would_act_on(
     assert body["shard"]["entries"] == HOSTILE_IDS
     assert [c["id"] for c in body["cron_entries"]] == [HOSTILE_IDS[0]]
     assert body["problems"][0]["field"] == "\n::add-mask::field\x1b[1m"
+
+
+def test_github_acts_on_no_command_from_an_options_file_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An options file whose key holds a command (`##[` is read anywhere in a line): the usage
+    error on stderr is shown between a stop and its resume, and the runner acts on nothing."""
+    opts = tmp_path / "o.toml"
+    opts.write_text('"##[add-mask]secret\\n::add-mask::x" = 1\n', encoding="utf-8")
+    code, out, err = validate(capsys, SAMPLE, "--format", "github", "--options-file", str(opts))
+    assert (code, out) == (2, "")
+    assert github_commands(err) == []
+    assert "unknown option" in err.splitlines()[1]
+    assert unsafe_characters(err) == []

@@ -36,6 +36,7 @@ __all__ = [
     "as_github",
     "as_json",
     "as_text",
+    "github_plain",
     "render",
     "shard_lines",
     "summary",
@@ -271,10 +272,14 @@ def as_github(report: Report, stop_token: str) -> Iterator[str]:
     ignored until the token, which the file cannot guess (`render` makes a random one)."""
     for problem in report.problems:
         yield _annotation(report.file, problem)
-    yield f"::stop-commands::{stop_token}"
-    yield summary(report)
-    yield from shard_lines(report)
-    yield f"::{stop_token}::"
+    yield from github_plain([summary(report), *shard_lines(report)], stop_token)
+
+
+def github_plain(lines: list[str], stop_token: str | None = None) -> list[str]:
+    """`lines` for GitHub's runner to show and not act on (see as_github); by default with a
+    new random token."""
+    token = stop_token or secrets.token_hex(16)
+    return [f"::stop-commands::{token}", *lines, f"::{token}::"]
 
 
 def render(
