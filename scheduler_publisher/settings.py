@@ -11,13 +11,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from scheduler_publisher.config.rules import FIELDS_BY_NAME
 from scheduler_publisher.config.shard import Shard
 from scheduler_publisher.logs.setup import LogSettings
 from scheduler_publisher.mailbox import Debounce
 
 MQTTVersion = Literal["5", "3.1.1"]
 MetricsPerEntry = Literal["auto", "on", "off"]
-MAX_CLIENT_ID_LENGTH = 64
+MAX_CLIENT_ID_LENGTH = 64  # of an lwt entry's derived client id (entry_client_id)
+# An MQTT UTF-8 string (a client id, a topic) carries its length in two bytes.
+MQTT_STRING_BYTES = 65535
+_STATUS_TOPIC = "scheduler-publisher/{}/status"
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_.:@/-][A-Za-z0-9_.:@/~-]*")
 
 
@@ -43,20 +47,24 @@ class BrokerSettings:
 
     @property
     def effective_status_topic(self) -> str:
-        return self.status_topic or f"scheduler-publisher/{self.client_id}/status"
+        return self.status_topic or _STATUS_TOPIC.format(self.client_id)
 
     def entry_client_id(self, entry_id: str) -> str:
         """Stable and unique per entry, derived from the service's id, and always one a broker
         accepts: `<client-id>/<entry id>` when the id is short and plain (letters, digits and
-        `-_.:@/`), otherwise `<client-id>/~<digest of the id>`. The two forms cannot meet, as a
-        plain id never starts with `~`, and neither can equal the main connection's id."""
+        `-_.:@/`), otherwise `<client-id, cut to 42 bytes>/~<digest of both ids>`. The two
+        forms cannot meet, as a plain id never starts with `~`, and neither can equal the main
+        connection's id."""
         if _PLAIN_ID.fullmatch(entry_id):
             plain = f"{self.client_id}/{entry_id}"
             if len(plain.encode("utf-8")) <= MAX_CLIENT_ID_LENGTH:
                 return plain
         # NUL, control characters, spaces or wildcards would make a broker refuse the CONNECT
-        # (issue 11 #14); a long id would exceed what some brokers take.
-        digest = hashlib.sha256(entry_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+        # (issue 11 #14); a long id would exceed what some brokers take. The prefix is cut, so
+        # the digest covers the whole client id too: two services whose ids differ only past
+        # the cut (the default id's config-file digest comes last) must not share a connection.
+        named = f"{self.client_id}\0{entry_id}".encode("utf-8", "surrogatepass")
+        digest = hashlib.sha256(named).hexdigest()[:20]
         prefix = self.client_id.encode("utf-8")[: MAX_CLIENT_ID_LENGTH - 22]
         return f"{prefix.decode('utf-8', 'ignore')}/~{digest}"
 
@@ -120,3 +128,45 @@ def default_client_id(config_path: Path | None = None) -> str:
     # abspath, not resolve(): it folds "..", but does not follow symlinks (see above).
     where = os.path.abspath(config_path).encode("utf-8", "surrogateescape")  # noqa: PTH100
     return f"{base}-{hashlib.sha256(where).hexdigest()[:8]}"
+
+
+def client_id_refusal(client_id: str, shard: Shard | None, status_topic: str | None) -> str | None:
+    """Why `client_id` (a `--client-id`) cannot work once the names derived from it are made,
+    or None: the shard adds its `-K-of-N` suffix, and without `status_topic` the status topic
+    wraps it; both must stay MQTT strings and the topic a valid one. (An lwt entry's client id
+    is cut to MAX_CLIENT_ID_LENGTH by entry_client_id, whatever this one's length.)"""
+    main = shard.client_id(client_id) if shard else client_id
+    size = len(client_id.encode("utf-8"))
+    suffix = len(main.encode("utf-8")) - size
+    wrap = len(_STATUS_TOPIC.format("")) if status_topic is None else 0
+    limit = MQTT_STRING_BYTES - suffix - wrap
+    if size > limit:
+        return f"must be at most {limit} UTF-8 bytes{_derived(shard, wrap > 0)}, got {size}"
+    if status_topic is None:
+        topic = _STATUS_TOPIC.format(main)
+        for finding in FIELDS_BY_NAME["topic"].check(topic):
+            if finding.severity == "error":
+                return (
+                    f"would make the status topic {_STATUS_TOPIC.format('<client-id>')} "
+                    f"invalid ({finding.message}); give --status-topic, or another client id"
+                )
+    return None
+
+
+def _derived(shard: Shard | None, status_topic: bool) -> str:
+    parts = [f"the shard's suffix -{shard.name}"] if shard else []
+    if status_topic:
+        parts.append(f"the status topic {_STATUS_TOPIC.format('<client-id>')}")
+    if not parts:
+        return ""
+    return f" (with {' and '.join(parts)}, within MQTT's {MQTT_STRING_BYTES})"
+
+
+def status_topic_refusal(status_topic: str, shard: Shard | None) -> str | None:
+    """Why a `--status-topic` cannot work once the shard's `/K-of-N` level is added, or None."""
+    if shard is None:
+        return None
+    for finding in FIELDS_BY_NAME["topic"].check(shard.status_topic(status_topic)):
+        if finding.severity == "error":
+            return f"with the shard's level /{shard.name} added, {finding.message}"
+    return None

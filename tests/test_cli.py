@@ -26,6 +26,7 @@ import pytest
 
 from scheduler_publisher import __version__
 from scheduler_publisher.cli.main import main
+from scheduler_publisher.settings import BrokerSettings
 from tests.support import (
     REPO,
     Mosquitto,
@@ -402,6 +403,85 @@ def test_sigterm_delivers_a_just_published_qos1_message_then_goes_offline_and_ex
     # (which would mean it disconnected before the broker's acknowledgement).
     stopped = proc.wait_for_event("service_stopped")
     assert len(sub.on(tick)) + len(sub.on(added)) == stopped["total_published"]
+
+
+# ---- run: the longest client id (issue 27, #11) ----------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_longest_client_id_allowed_connects_and_announces_itself(
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    start_process: Callable[..., ServiceProcess],
+    topic_base: str,
+    protocol: str,
+) -> None:
+    """A --client-id of 65,508 bytes, the most that the status topic around it fits in MQTT's
+    65,535, is taken by Mosquitto: the service goes online on that topic and publishes, and
+    its lwt entry connects with an id derived from it."""
+    head = f"sp-long-{uuid.uuid4().hex[:8]}-"
+    client_id = head + "c" * (65508 - len(head))
+    status = f"scheduler-publisher/{client_id}/status"
+    assert len(status.encode()) == 65535
+    tick, will = f"{topic_base}/tick", f"{topic_base}/will"
+    sub = subscriber_factory(tick, will, status)
+    start_process(
+        broker.port,
+        [entry("tick", tick, interval=0.2), entry("will", will, interval=0.2, lwt=True)],
+        "--no-watch",
+        "--client-id",
+        client_id,
+        "--mqtt-version",
+        protocol,
+    )
+    sub.wait_for(status, where=lambda m: m.json() == {"online": 1}, timeout=30)
+    sub.wait_for(tick, count=2, timeout=30)
+    sub.wait_for(will, count=2, timeout=30)
+
+
+def test_lwt_client_ids_of_long_service_ids_differ_past_the_cut() -> None:
+    """An lwt entry's derived id keeps 42 bytes of the service's id: two service ids that
+    differ only after those (as default ids for two config files on one host with a long
+    host name do) still derive two ids for one entry id, each within 64 bytes."""
+    common = "scheduler-publisher-gateway-plant-07-0035969e-"
+    one, other = (
+        BrokerSettings(client_id=common + "4e08f1b1"),
+        BrokerSettings(client_id=common + "10fc51f2"),
+    )
+    for entry_id in ("boiler-temperature", "a b", "x" * 100):
+        derived = {one.entry_client_id(entry_id), other.entry_client_id(entry_id)}
+        assert len(derived) == 2, derived
+        assert all(len(cid.encode()) <= 64 for cid in derived)
+
+
+def test_two_services_with_long_ids_keep_their_lwt_connections_apart(
+    broker: Mosquitto,
+    subscriber_factory: SubscriberFactory,
+    tmp_path: Path,
+    topic_base: str,
+) -> None:
+    """Two services whose client ids share their first 50 bytes, each with an lwt entry of
+    one id too long for `<client-id>/<entry id>`: each entry keeps its own connection, and the
+    broker closes none for another."""
+    common = f"sp-long-{uuid.uuid4().hex[:8]}-" + "c" * 33
+    topics = [f"{topic_base}/{n}" for n in range(2)]
+    sub = subscriber_factory(*topics)
+    procs = []
+    for n, topic in enumerate(topics):
+        config = tmp_path / f"config-{n}.json"
+        write_config(config, [entry("will-of-the-boiler-room", topic, interval=0.2, lwt=True)])
+        args = cli_args(broker.port, config, "--no-watch", client_id=f"{common}-{n}")
+        procs.append(ServiceProcess(args, cwd=tmp_path))
+    try:
+        for topic in topics:
+            sub.wait_for(topic, count=15, timeout=30)
+    finally:
+        for proc in procs:
+            proc.stop()
+    taken_over = [
+        line for line in broker.log.read_text().splitlines() if "already connected" in line
+    ]
+    assert taken_over == []
 
 
 # ---- run: secrets ---------------------------------------------------------------------------

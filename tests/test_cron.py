@@ -80,6 +80,18 @@ def test_crontab_day_zero_and_seven_are_sunday(sunday: str) -> None:
         ("mon-fri", {"mon", "tue", "wed", "thu", "fri"}),
         ("sat,0", {"sat", "sun"}),
         ("*", set(WEEKDAYS)),
+        # names are crontab's numbers (sun = 0), and "sun" ending a range is 7
+        ("sun-tue", {"sun", "mon", "tue"}),
+        ("SUN-Tue", {"sun", "mon", "tue"}),
+        ("sat-sun", {"sat", "sun"}),
+        ("fri-sun,mon", {"fri", "sat", "sun", "mon"}),
+        ("mon-sun", set(WEEKDAYS)),
+        ("sun-sat", set(WEEKDAYS)),
+        ("sun-sun", {"sun"}),
+        ("sun-sat/2", {"sun", "tue", "thu", "sat"}),
+        ("mon-fri/2", {"mon", "wed", "fri"}),
+        ("1-fri", {"mon", "tue", "wed", "thu", "fri"}),
+        ("sat-7", {"sat", "sun"}),
     ],
 )
 def test_weekday_numbers_ranges_and_steps_follow_crontab(field: str, days: set[str]) -> None:
@@ -156,8 +168,51 @@ def test_scheduler_question_inside_the_fold_moves_forward() -> None:
             "than the maximum value (23)",
         ),
         ("0 0 * * 8", "day_of_week: 8 is not a weekday number (0-7, 0 and 7 are Sunday)"),
-        ("0 0 * * 5-2", "day_of_week: the range '5-2' runs backwards"),
+        (
+            "0 0 * * 5-2",
+            "day_of_week: the range '5-2' runs backwards (a range cannot wrap past Sunday: "
+            "write '5-7,1-2')",
+        ),
+        (
+            "0 0 * * fri-mon",
+            "day_of_week: the range 'fri-mon' runs backwards (a range cannot wrap past Sunday: "
+            "write 'fri-sun,mon')",
+        ),
+        (
+            "0 0 * * 6-0",
+            "day_of_week: the range '6-0' runs backwards (a range cannot wrap past Sunday: "
+            "write '6-7')",
+        ),
+        (
+            "0 0 * * fri-tue/2",
+            "day_of_week: the range 'fri-tue/2' runs backwards (a range cannot wrap past Sunday)",
+        ),
+        ("0 0 * * monday", "day_of_week: 'monday' is not a weekday (sun-sat or 0-7)"),
         ("x * * * *", 'minute: Unrecognized expression "x" for field "minute"'),
+        # numbers int() would refuse with Python's own words ("sys.set_int_max_str_digits")
+        ("1" * 5000 + " * * * *", "minute: 111111111111… has 5000 digits; minute is 0-59"),
+        (
+            "0 0 * * 1-" + "7" * 5000,
+            "day_of_week: 777777777777… has 5000 digits; day_of_week is 0-7",
+        ),
+        ("0 0 */" + "0" * 4400 + "1 * *", "day: 000000000000… has 4401 digits; day is 1-31"),
+        ("*/99999 * * * * *", "second: 99999 has 5 digits; second is 0-59"),
+        # other scripts' digits (int() reads them) and other blanks (str.split() splits there)
+        (
+            "\u0661\u0665 * * * *",
+            "U+0661 at character 1: an expression is printable ASCII, its fields separated by "
+            "spaces or tabs",
+        ),
+        (
+            "0 0 * *\u0085*",
+            "U+0085 at character 8: an expression is printable ASCII, its fields separated by "
+            "spaces or tabs",
+        ),
+        (
+            "0 0 * * *\n",
+            "U+000A at character 10: an expression is printable ASCII, its fields separated by "
+            "spaces or tabs",
+        ),
     ],
 )
 def test_malformed_expressions_name_the_field(expression: str, message: str) -> None:
@@ -193,6 +248,12 @@ def problems_of(*entries: dict[str, Any]) -> list[tuple[str, str | None, str]]:
             "cron",
             "cron: hour: Error validating expression '25': the last value (25) is higher than the "
             'maximum value (23), got "0 25 * * *"',
+        ),
+        (
+            {"cron": "0 " + "2" * 5000 + " * * *"},
+            "cron",
+            "cron: hour: 222222222222… has 5000 digits; hour is 0-23, got "
+            '"0 22222222222222222222222222222222222222222222222222222222…',
         ),
         (
             {"cron": "0 0 30 2 *"},

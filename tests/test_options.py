@@ -311,6 +311,121 @@ def test_invalid_toml_exits_2_naming_the_file_and_the_line(
     assert "line 2" in line
 
 
+# ---- hostile options files (issue 27, #10) --------------------------------------------------
+
+HOSTILE_OPTIONS: list[tuple[str, str | bytes, str]] = [
+    ("5000 digits", "port = " + "1" * 5000 + "\n", "not valid TOML: an integer of more than 4300"),
+    ("deep arrays", "port = " + "[" * 3000 + "]" * 3000 + "\n", "nested too deep"),
+    ("deep tables", "port = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deep"),
+    ("over 1 MiB", "#" + "x" * (1 << 20) + "\n", "larger than 1048576 bytes (1 MiB)"),
+    ("not UTF-8", b"port = 1 # \xff\n", "not valid TOML: not UTF-8 at byte 11"),
+    ("set twice", 'broker = "a"\nport = 1\n"port" = 2\n', "'port' is set twice"),
+    ("long key", "k" * 100_000 + " = 1\n", "unknown option 'kkkkkkkk"),
+]
+# Values of keys that `validate` does not read (it reads `config` and `shard` only)
+HOSTILE_VALUES = [
+    ("4000 digits", "port = " + "9" * 4000 + "\n", "got an integer of 4000 digits"),
+    ("float overflow", "backoff-min = " + "9" * 400 + "\n", "got an integer of 400 digits"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        *(
+            (command, text, message)
+            for command in ("run", "show-options", "validate")
+            for _, text, message in HOSTILE_OPTIONS
+        ),
+        *(
+            (command, text, message)
+            for command in ("run", "show-options")
+            for _, text, message in HOSTILE_VALUES
+        ),
+    ],
+    ids=[
+        *(
+            f"{c}-{name}"
+            for c in ("run", "show-options", "validate")
+            for name, _, _ in HOSTILE_OPTIONS
+        ),
+        *(f"{c}-{name}" for c in ("run", "show-options") for name, _, _ in HOSTILE_VALUES),
+    ],
+)
+def test_hostile_options_files_exit_2_in_one_short_line_naming_the_file(
+    command: str,
+    text: str | bytes,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Huge numbers, deep nesting, a huge file, bytes that are not UTF-8, a key set twice:
+    exit 2 with one line that names the file and what is wrong, never a traceback."""
+    opts = tmp_path / "o.toml"
+    if isinstance(text, bytes):
+        opts.write_bytes(text)
+    else:
+        write_options(opts, text)
+    line = usage_error(capsys, [command, "--options-file", str(opts)])
+    assert line.startswith(f"scheduler-publisher {command}: error: options file {opts}: "), line
+    assert message in line, line
+    assert len(line) < 300
+
+
+def test_an_options_file_of_1_mib_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The limit is 1 MiB exactly: a file of that size (comments and one key) is read."""
+    body = "keepalive = 45\n"
+    opts = write_options(tmp_path / "o.toml", "#" * ((1 << 20) - len(body) - 1) + "\n" + body)
+    assert opts.stat().st_size == 1 << 20
+    assert show(capsys, "--options-file", str(opts))["keepalive"] == ("45", f"file {opts}")
+
+
+def test_a_directory_as_options_file_exits_2_naming_its_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory is not read as an options file."""
+    line = usage_error(capsys, ["show-options", "--options-file", str(tmp_path)])
+    assert line.endswith(f"options file {tmp_path}: not a regular file (a directory)")
+
+
+def _limited_memory() -> None:  # in the child: /dev/zero must not take the machine's memory
+    import resource  # noqa: PLC0415 - only in the child process
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+@pytest.mark.parametrize("command", ["run", "show-options"])
+def test_a_fifo_or_a_device_as_options_file_exits_2_at_once(
+    command: str, kind: str, tmp_path: Path
+) -> None:
+    """A FIFO (reading it would wait for a writer forever) and /dev/zero (endless) are refused
+    at once, by the real process: exit 2 and one line naming the file and its kind."""
+    if kind == "FIFO":
+        path = tmp_path / "options.fifo"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_PUBLISHER_")}
+    refusal = f"not a regular file (a {kind})"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_publisher", command, "--options-file", str(path)],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=_limited_memory,
+    )
+    assert (proc.returncode, proc.stderr.splitlines()) == (
+        2,
+        [f"scheduler-publisher {command}: error: options file {path}: {refusal}"],
+    )
+
+
 def test_validate_takes_its_config_path_from_the_options_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -439,7 +554,8 @@ def test_a_password_file_flag_beats_a_password_in_the_options_file(
 BAD_VALUES = [
     ("connect-rate", "0", "must be a number from 0.1 to 100000, got 0"),
     ("connect-rate", "-5", "must be a number from 0.1 to 100000, got -5"),
-    ("connect-rate", "nan", "must be a number from 0.1 to 100000, got nan"),
+    # nan and inf: a TOML float out of range, and text that is not a number elsewhere
+    ("connect-rate", "nan", "must be a number from 0.1 to 100000, got "),
     ("stats-interval", "0", "must be a number from 0.1 to 86400, got 0"),
     ("checkpoint-interval", "0", "must be a number from 0.1 to 86400, got 0"),
     ("history-interval", "0", "must be a number from 0.1 to 86400, got 0"),
@@ -464,7 +580,7 @@ BAD_VALUES = [
     ("will-delay", "-1", "must be an integer from 0 to 4294967295, got -1"),
     ("max-retries", "0", "must be an integer at least 1, got 0"),
     ("backoff-min", "0", "must be a number from 0.01 to 3600, got 0"),
-    ("backoff-max", "inf", "must be a number from 0.01 to 86400, got inf"),
+    ("backoff-max", "inf", "must be a number from 0.01 to 86400, got "),
     ("client-id", "", "must be non-empty valid UTF-8 without control characters"),
     ("username", "gw\n01", "must be non-empty valid UTF-8 without control characters"),
     ("broker", "mqtt example", "must be a host name or IP address without spaces"),
@@ -504,6 +620,104 @@ def test_out_of_range_values_exit_2_in_one_line_from_every_source(
     assert line.startswith("scheduler-publisher run: error: "), line
     assert where in line, line
     assert message in line, line
+
+
+# ---- numbers as text: ASCII digits only (issue 27, #13) --------------------------------------
+
+NOT_PLAIN_INTEGERS = [
+    *("1_883", " 1883", "1883 ", "1883\n", "+1883", "0x75b", "1e3", "1883.0", ""),
+    "\u0661\u0668\u0668\u0663",  # Arabic-Indic digits: int() reads them as 1883
+    "\uff11\uff18\uff18\uff13",  # full-width digits
+    "\u0967\u096e\u096e\u0969",  # Devanagari digits
+]
+NOT_PLAIN_FLOATS = [
+    *("1_0.5", " 2", "2.5 ", "+2", "inf", "-inf", "nan", "2,5", "0x1p3", "1e", "."),
+    "\u0662.\u0665",  # Arabic-Indic digits: float() reads them as 2.5
+]
+
+
+def _numeric_options() -> list[options.Option]:
+    return [o for o in run_options() if isinstance(o.action.type, options.Number)]
+
+
+def _given(
+    monkeypatch: pytest.MonkeyPatch, option: options.Option, source: str, text: str
+) -> list[str]:
+    """The argv of `show-options` with `text` for `option` from a flag or the environment."""
+    if source == "flag":
+        return [f"--{option.name}={text}"]
+    monkeypatch.setenv(option.env, text)
+    return []
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        *(("port", t, "an integer from 1 to 65535") for t in NOT_PLAIN_INTEGERS),
+        *(("backoff-min", t, "a number from 0.01 to 3600") for t in NOT_PLAIN_FLOATS),
+    ],
+)
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_numbers_from_flags_and_variables_are_plain_ascii(
+    source: str,
+    name: str,
+    text: str,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Blanks, "_", "+", hex, other scripts' digits, inf and nan: Python's int() and float()
+    read them, the options file takes no number as a string, so a flag or a variable takes
+    none either: exit 2 naming what was received."""
+    option = next(o for o in run_options() if o.name == name)
+    argv = ["show-options", *_given(monkeypatch, option, source, text)]
+    line = usage_error(capsys, argv)
+    assert f"must be {expected}, got {text!r}" in line, line
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_every_numeric_option_takes_ascii_digits_only(
+    source: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rule holds for every integer and number option, not only --port."""
+    for option in _numeric_options():
+        for text in ("1_0", "\u0661\u0660", " 10"):
+            with monkeypatch.context() as scoped:
+                line = usage_error(capsys, ["show-options", *_given(scoped, option, source, text)])
+            assert f"got {text!r}" in line, (option.name, line)
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_a_number_of_5000_digits_is_refused_in_a_short_line(
+    source: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Digits beyond int()'s limit say how many there were, not Python's limit."""
+    option = next(o for o in run_options() if o.name == "port")
+    line = usage_error(capsys, ["show-options", *_given(monkeypatch, option, source, "1" * 5000)])
+    assert "must be an integer from 1 to 65535, got a number of 5000 characters" in line
+    assert len(line) < 200
+
+
+def test_flags_variables_and_the_file_agree_on_every_number(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """For every integer and number option, the same value from a flag, a variable and the
+    options file is the same effective value."""
+    for option in _numeric_options():
+        number = option.action.type
+        assert isinstance(number, options.Number)
+        value = number.low + 1  # in every range, and clear of backoff-min <= backoff-max
+        text = str(int(value)) if number.kind is int else repr(float(value))
+        seen = set()
+        for source in ("flag", "env", "file"):
+            with monkeypatch.context() as scoped:
+                if source == "file":
+                    opts = write_options(tmp_path / "o.toml", f"{option.name} = {text}\n")
+                    argv = ["--options-file", str(opts)]
+                else:
+                    argv = _given(scoped, option, source, text)
+                seen.add(show(capsys, *argv)[option.name][0])
+        assert seen == {text}, (option.name, seen)
 
 
 @pytest.mark.parametrize(
@@ -547,6 +761,112 @@ def test_the_real_process_refuses_connect_rate_0_without_creating_logs(tmp_path:
         "100000, got 0 (see `scheduler-publisher run --help`)"
     ]
     assert not (tmp_path / "logs").exists()
+
+
+# ---- a client id and what is derived from it (issue 27, #11) --------------------------------
+
+STATUS_WRAP = "scheduler-publisher/<client-id>/status"
+
+
+def sized(size: int, unit: str = "c") -> str:
+    """A client id of `size` UTF-8 bytes made of `unit`."""
+    text = unit * (size // len(unit.encode()))
+    assert len(text.encode()) == size
+    return text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--client-id", sized(65509)],
+            f"client-id (flag --client-id): must be at most 65508 UTF-8 bytes (with the status "
+            f"topic {STATUS_WRAP}, within MQTT's 65535), got 65509",
+        ),
+        (
+            ["--client-id", sized(65510, "\u00e9")],  # 32,755 characters, 65,510 bytes
+            "must be at most 65508 UTF-8 bytes",
+        ),
+        (
+            ["--client-id", sized(65502), "--shard", "1/2"],
+            "client-id (flag --client-id): must be at most 65501 UTF-8 bytes (with the shard's "
+            f"suffix -1-of-2 and the status topic {STATUS_WRAP}, within MQTT's 65535), got 65502",
+        ),
+        (
+            ["--client-id", sized(65523), "--shard", "1000/1024", "--status-topic", "s"],
+            "client-id (flag --client-id): must be at most 65522 UTF-8 bytes (with the shard's "
+            "suffix -1000-of-1024, within MQTT's 65535), got 65523",
+        ),
+        (
+            ["--client-id", "gw+1"],
+            f"client-id (flag --client-id): would make the status topic {STATUS_WRAP} invalid "
+            '(topic must be free of the wildcards "+" and "#", got '
+            '"scheduler-publisher/gw+1/status"); give --status-topic, or another client id',
+        ),
+        (["--client-id", "gw#"], 'must be free of the wildcards "+" and "#"'),
+        (["--client-id", "/" * 198], "topic must have at most 200 levels, got 201"),
+        (
+            ["--status-topic", "/".join("s" * 200), "--shard", "2/3"],
+            "status-topic (flag --status-topic): with the shard's level /2-of-3 added, topic "
+            "must have at most 200 levels, got 201",
+        ),
+        (
+            ["--status-topic", "s" * 65530, "--shard", "2/3"],
+            "status-topic (flag --status-topic): with the shard's level /2-of-3 added, topic "
+            "must be at most 65535 UTF-8 bytes, got 65537 bytes",
+        ),
+    ],
+    ids=[
+        *("65509", "multibyte", "shard", "shard-explicit-topic", "plus", "hash", "levels"),
+        *("topic-levels", "topic-bytes"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "show-options"])
+def test_a_client_id_too_long_for_what_is_derived_from_it_exits_2(
+    command: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The status topic wraps the client id and a shard adds its suffix: a client id (or a
+    status topic) that fits alone but not with those exits 2 at start, naming the option,
+    the length received and the limit, instead of failing at every connect."""
+    line = usage_error(capsys, [command, "--options-file", "", *argv])
+    assert message in line, line[:400]
+    assert len(line) < 400
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_the_client_id_limit_holds_from_every_source(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From SCHEDULER_PUBLISHER_CLIENT_ID or the options file, the same limit and message."""
+    argv = ["run"]
+    if source == "env":
+        monkeypatch.setenv("SCHEDULER_PUBLISHER_CLIENT_ID", sized(65509))
+        where = "env SCHEDULER_PUBLISHER_CLIENT_ID"
+    else:
+        opts = write_options(tmp_path / "o.toml", f'client-id = "{sized(65509)}"\n')
+        argv += ["--options-file", str(opts)]
+        where = f"file {opts}"
+    line = usage_error(capsys, argv)
+    assert f"client-id ({where}): must be at most 65508 UTF-8 bytes" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--client-id", sized(65508)],
+        ["--client-id", sized(65501), "--shard", "1/2"],
+        ["--client-id", sized(65522), "--shard", "1000/1024", "--status-topic", "s"],
+        ["--client-id", "gw/01"],
+        ["--status-topic", "s" * 65528, "--shard", "2/3"],
+    ],
+    ids=["65508", "shard", "shard-explicit-topic", "slash", "topic"],
+)
+def test_a_client_id_at_the_limit_is_accepted(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The limits are exact: one byte less than the refused lengths is accepted."""
+    shown = show(capsys, "--options-file", "", *argv)
+    assert shown["client-id"][1] in ("flag --client-id", "default (derived)")
 
 
 # ---- sample-options -------------------------------------------------------------------------

@@ -113,7 +113,11 @@ def test_parse_shard_accepts_both_forms(text: str, shard: Shard) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["0/2", "3/2", "1/1025", "x", "1/", "-1/2", "1.5/2", "", "1/2/3", "1 of 2"]
+    "text",
+    [
+        *("0/2", "3/2", "1/1025", "x", "1/", "-1/2", "1.5/2", "", "1/2/3", "1 of 2"),
+        *("\u0661/\u0662", "1/\uff12", "1/2\n", "\u20031/2", "1_0/20"),  # ASCII digits only
+    ],
 )
 def test_parse_shard_refuses_with_what_was_expected(text: str) -> None:
     """A bad spec says what it got and that K/N with 1 <= K <= N <= 1024 was expected."""

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scheduler_publisher.cli.main import main
-from scheduler_publisher.cli.report import Report, as_github
+from scheduler_publisher.cli.report import Report, as_github, terminal_safe
 from scheduler_publisher.config.loader import ConfigResult, Problem
-from tests.support import REPO
+from tests.support import REPO, entry, write_config
 
 SAMPLE = REPO / "JSON" / "payloadStaticConfig.json"
 PROBLEM_KEYS = [
@@ -230,7 +233,11 @@ def test_github_annotates_each_problem_on_its_line(
     )
     assert lines[1].startswith(f"::error file={invalid},line=6,col=7,title=")
     assert lines[2].startswith(f"::warning file={invalid},line=7,col=5,title=")
-    assert lines[3] == f"{invalid}: invalid: 1 valid entries, 2 errors, 1 warnings"
+    token = lines[3].removeprefix("::stop-commands::")
+    assert lines[4:] == [
+        f"{invalid}: invalid: 1 valid entries, 2 errors, 1 warnings",
+        f"::{token}::",
+    ]
 
 
 def test_github_escapes_the_file_name_as_a_property(
@@ -273,18 +280,33 @@ def test_github_on_an_unreadable_file_annotates_the_file(
 
 
 def test_github_on_a_valid_file_prints_only_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    """A valid file: no annotation, the summary, exit 0."""
+    """A valid file: no annotation, the summary with commands stopped around it, exit 0."""
     code, out, _ = validate(capsys, SAMPLE, "--format", "github")
     assert code == 0
-    assert out.splitlines() == [f"{SAMPLE}: valid: 4 valid entries, 0 errors, 0 warnings"]
+    first, summary, last = out.splitlines()
+    token = first.removeprefix("::stop-commands::")
+    assert len(token) == 32
+    assert summary == f"{SAMPLE}: valid: 4 valid entries, 0 errors, 0 warnings"
+    assert last == f"::{token}::"
+    assert github_commands(out) == []
+
+
+def test_github_stop_token_is_new_at_every_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The token that resumes commands cannot be written into the file in advance."""
+    firsts = {validate(capsys, SAMPLE, "--format", "github")[1].splitlines()[0] for _ in range(3)}
+    assert len(firsts) == 3
 
 
 def test_github_message_escapes_percent_cr_and_lf() -> None:
-    """The message escapes %, CR and LF (and only those); properties also ":" and ","."""
+    """The message escapes %, CR and LF; properties also ":" and ","."""
     problem = Problem("warning", None, None, None, "50% a\r\nb: c, d", line=2, column=1)
     report = Report("x:y,z.json", ConfigResult((), (problem,), frozenset(), digest=""))
-    assert list(as_github(report)) == [
-        "::warning file=x%3Ay%2Cz.json,line=2,col=1,title=scheduler-publisher::50%25 a%0D%0Ab: c, d"
+    assert list(as_github(report, "T")) == [
+        "::warning file=x%3Ay%2Cz.json,line=2,col=1,title=scheduler-publisher::"
+        "50%25 a%0D%0Ab: c, d",
+        "::stop-commands::T",
+        "x:y,z.json: valid: 0 valid entries, 0 errors, 1 warnings",
+        "::T::",
     ]
 
 
@@ -343,3 +365,202 @@ def test_unknown_format_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
     assert code == 2
     assert "text" in err
     assert "github" in err
+
+
+# --- hostile ids and file names, in every format ---------------------------------------------
+
+# What an entries file could use to forge a workflow command or drive a terminal: each is a
+# valid entry id (an id may hold any character but a lone surrogate).
+HOSTILE_IDS = [
+    "\n::error file=FORGED.py,line=1::forged by an id",
+    "x\n::add-mask::secret",
+    "::add-mask::secret",  # a line of its own would start with "::"
+    "  ::warning::indented",
+    "##[add-mask]secret",  # the runner's first syntax, found anywhere in a line
+    "\r::warning::after a carriage return",
+    "\u2028::error::after a line separator",
+    "\x1b[31mred\x1b[0m\x1b]0;title\x07",
+    "\x9b2J",  # C1 CSI: an ANSI escape in one character
+    "\u202egnp.exe",
+    "tab\there\x7f",
+    "%0A::error::percent",
+    '"quoted"',
+    " padded ",
+    "plain-id",
+]
+HOSTILE_NAME = "e\n::error file=NAME.py,line=1::name\x1b[2J\u202e##[add-mask]n\udcff.json"
+# GitHub's runner: the commands it knows (actions/runner, src/Runner.Worker).
+RUNNER_COMMANDS = frozenset(
+    (
+        *("error", "warning", "notice", "debug", "add-mask", "set-output", "set-env"),
+        *("add-path", "save-state", "group", "endgroup", "echo", "add-matcher"),
+        *("remove-matcher", "stop-commands"),
+    )
+)
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _runner_parse(line: str, known: set[str]) -> tuple[str, dict[str, str], str] | None:
+    """One line as actions/runner's ActionCommand reads it: `::name k=v,...::data` after
+    leading blanks (TryParseV2), else `##[name k=v;...]data` anywhere (TryParse)."""
+    v2 = re.fullmatch(r"::([^ :]*)(?: ([^:]*))?::(.*)", line.lstrip(), re.DOTALL)
+    if v2 is not None and v2[1].lower() in known:
+        pairs = [p.split("=", 1) for p in (v2[2] or "").split(",") if "=" in p]
+        unescape = {"%0D": "\r", "%0A": "\n", "%3A": ":", "%2C": ",", "%25": "%"}
+        props = {k: re.sub("%0D|%0A|%3A|%2C|%25", lambda m: unescape[m[0]], v) for k, v in pairs}
+        return v2[1].lower(), props, v2[3]
+    v1 = re.search(r"##\[([^ \]]*)[^\]]*\](.*)", line, re.DOTALL)
+    if v1 is not None and v1[1].lower() in known:
+        return v1[1].lower(), {}, v1[2]
+    return None
+
+
+def github_commands(output: str) -> list[tuple[str, dict[str, str], str]]:
+    """The workflow commands GitHub's runner acts on in `output` (stdout and stderr are read
+    alike): lines split at CR, LF or CRLF; after `::stop-commands::T` nothing but `::T::`."""
+    acted: list[tuple[str, dict[str, str], str]] = []
+    stopped: str | None = None
+    for line in re.split(r"\r\n|\r|\n", output):
+        known = set(RUNNER_COMMANDS) | ({stopped.lower()} if stopped else set())
+        found = _runner_parse(line, known)
+        if found is None:
+            continue
+        if stopped is not None:
+            stopped = None if found[0] == stopped.lower() else stopped
+        elif found[0] == "stop-commands":
+            stopped = found[2]
+        else:
+            acted.append(found)
+    return acted
+
+
+def unsafe_characters(text: str) -> list[str]:
+    """What a terminal would act on (controls, line separators, bidi controls, surrogates),
+    newlines between lines aside."""
+    return [
+        c
+        for c in text.replace("\n", "")
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI
+    ]
+
+
+def read_back(shown: str) -> str:
+    """A name as a line of text shows it: a JSON string when quoted, else as it is."""
+    return str(json.loads(shown)) if shown.startswith('"') else shown
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    """A valid file of hostile ids (one of them a cron entry), a hostile unknown field and a
+    hostile invalid entry, under a hostile name."""
+    entries: list[dict[str, Any]] = [
+        entry(entry_id, f"t/{n}") for n, entry_id in enumerate(HOSTILE_IDS)
+    ]
+    entries[0] = {"id": HOSTILE_IDS[0], "topic": "t/0", "data": {}, "cron": "0 * * * *"}
+    entries[1]["\n::add-mask::field\x1b[1m"] = 1  # an unknown field: a warning
+    entries.append(entry("\n::error file=BAD.py::\x1b[31m", "t/bad", qos=7))  # an error
+    path = tmp_path / HOSTILE_NAME
+    write_config(path, entries)
+    return path
+
+
+def test_github_acts_on_no_command_from_the_file_or_its_name(
+    capsys: pytest.CaptureFixture[str], hostile: Path
+) -> None:
+    """Ids, field names and the file name that hold workflow commands (`::` after a line
+    break, `##[` anywhere, CR, U+2028) forge none: the runner acts on one annotation per
+    problem, each on the file, and reads no control character from any line."""
+    _, as_json, _ = validate(capsys, hostile, "--format", "json", "--options-file", "")
+    problems = json.loads(as_json)["problems"]
+    code, out, err = validate(
+        capsys, hostile, "--format", "github", "--shard", "1/1", "--options-file", ""
+    )
+    assert code == 1
+    # The file property is the name with GitHub's escapes undone, and what a terminal would
+    # act on still escaped (\\u001b): such a name cannot be a file of a repository's checkout.
+    named = terminal_safe(str(hostile).replace("\n", "%0A")).replace("%0A", "\n")
+    acted = github_commands(out + err)
+    assert [(name, props["file"], props["line"]) for name, props, _ in acted] == [
+        (problem["severity"], named, str(problem["line"])) for problem in problems
+    ]
+    assert [problem["severity"] for problem in problems] == ["warning", "error"]
+    assert unsafe_characters(out + err) == []
+
+
+def test_github_lists_the_shard_ids_so_they_read_back(
+    capsys: pytest.CaptureFixture[str], hostile: Path
+) -> None:
+    """Between the stop and the resume, the summary names the file and the shard's lines
+    list its ids, each quoted as a JSON string when it is not plain, so they read back."""
+    _, out, _ = validate(
+        capsys, hostile, "--format", "github", "--shard", "1/1", "--options-file", ""
+    )
+    lines = out.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("::stop-commands::"))
+    summary, header, *listed, resume, _ = lines[start + 1 :]
+    name, end = json.JSONDecoder().raw_decode(summary)
+    assert (name, summary[end:]) == (
+        str(hostile),
+        ": invalid: 15 valid entries, 1 errors, 1 warnings",
+    )
+    assert header == "shard 1/1 runs 15 of 15 valid entries:"
+    assert [read_back(line.removeprefix("  ")) for line in listed] == HOSTILE_IDS
+    assert resume == lines[start].replace("::stop-commands::", "::") + "::"
+
+
+def test_text_passes_no_control_character_to_the_terminal(
+    capsys: pytest.CaptureFixture[str], hostile: Path
+) -> None:
+    """The text format shows hostile ids, field names and the file name escaped, on stdout
+    and stderr; the shard's ids and the cron entry's id read back."""
+    code, out, err = validate(capsys, hostile, "--shard", "1/1", "--options-file", "")
+    assert code == 1
+    assert unsafe_characters(out + err) == []
+    problems = err.splitlines()
+    assert [json.JSONDecoder().raw_decode(line)[0] for line in problems] == [str(hostile)] * 2
+    summary, _, *listed, cron = out.splitlines()
+    assert json.JSONDecoder().raw_decode(summary)[0] == str(hostile)
+    assert [read_back(line.removeprefix("  ")) for line in listed] == HOSTILE_IDS
+    cron_id = json.JSONDecoder().raw_decode(cron.split(": id ", 1)[1])[0]
+    assert cron_id == HOSTILE_IDS[0]
+
+
+def test_text_shows_a_missing_hostile_file_escaped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A file that cannot be read: the error and the hint name it escaped too."""
+    code, _, err = validate(capsys, tmp_path / HOSTILE_NAME, "--options-file", "")
+    assert code == 1
+    assert len(err.splitlines()) == 2
+    assert unsafe_characters(err) == []
+
+
+def test_json_escapes_what_a_terminal_would_act_on(
+    capsys: pytest.CaptureFixture[str], hostile: Path
+) -> None:
+    """The JSON document holds no raw control, bidi or surrogate character, and still reads
+    back to the exact file name, ids and field names."""
+    code, out, _ = validate(
+        capsys, hostile, "--format", "json", "--shard", "1/1", "--options-file", ""
+    )
+    assert code == 1
+    assert unsafe_characters(out) == []
+    body = json.loads(out)
+    assert body["file"] == str(hostile)
+    assert body["shard"]["entries"] == HOSTILE_IDS
+    assert [c["id"] for c in body["cron_entries"]] == [HOSTILE_IDS[0]]
+    assert body["problems"][0]["field"] == "\n::add-mask::field\x1b[1m"
+
+
+def test_github_acts_on_no_command_from_an_options_file_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An options file whose key holds a command (`##[` is read anywhere in a line): the usage
+    error on stderr is shown between a stop and its resume, and the runner acts on nothing."""
+    opts = tmp_path / "o.toml"
+    opts.write_text('"##[add-mask]secret\\n::add-mask::x" = 1\n', encoding="utf-8")
+    code, out, err = validate(capsys, SAMPLE, "--format", "github", "--options-file", str(opts))
+    assert (code, out) == (2, "")
+    assert github_commands(err) == []
+    assert "unknown option" in err.splitlines()[1]
+    assert unsafe_characters(err) == []

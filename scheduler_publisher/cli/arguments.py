@@ -32,7 +32,7 @@ from scheduler_publisher.cli.options import (
 from scheduler_publisher.cli.report import FORMATS
 from scheduler_publisher.scheduling.plan import MAX_SLOTS, MIN_SLOTS
 from scheduler_publisher.scheduling.spread import AUTO
-from scheduler_publisher.settings import ServiceSettings
+from scheduler_publisher.settings import ServiceSettings, client_id_refusal, status_topic_refusal
 
 __all__ = [
     "COMMANDS",
@@ -441,3 +441,17 @@ def check_combinations(args: argparse.Namespace, origins: Mapping[str, Origin]) 
         raise OptionsError(
             f"keyfile ({origins['keyfile']}) needs certfile, the client certificate it belongs to"
         )
+    _check_derived_names(args, origins)
+
+
+def _check_derived_names(args: argparse.Namespace, origins: Mapping[str, Origin]) -> None:
+    """A client id or status topic that fits alone but not with what is derived from it (the
+    shard's suffix, the status topic around the client id) would fail at every connect."""
+    client_id, topic = getattr(args, "client_id", None), getattr(args, "status_topic", None)
+    shard = getattr(args, "shard", None)
+    refusal = client_id_refusal(client_id, shard, topic) if client_id else None
+    if refusal:
+        raise OptionsError(f"client-id ({origins['client-id']}): {refusal}")
+    refusal = status_topic_refusal(topic, shard) if topic else None
+    if refusal:
+        raise OptionsError(f"status-topic ({origins['status-topic']}): {refusal}")

@@ -40,7 +40,7 @@ from scheduler_publisher.cli.options import (
     Origin,
     options_of,
 )
-from scheduler_publisher.cli.report import Report, render
+from scheduler_publisher.cli.report import Report, github_plain, render, terminal_safe
 from scheduler_publisher.config.loader import ConfigFileError, ConfigurationLoader, read_config_file
 from scheduler_publisher.config.schema import schema_text
 from scheduler_publisher.logs.setup import (
@@ -297,7 +297,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         report = Report(str(args.config), None, exc, shard=args.shard)
     out, err = render(report, args.format)
     if report.failure is not None and args.format == "text":
-        err.append(config_hint(args.config))
+        err.append(terminal_safe(config_hint(args.config)))
     for line in err:
         print(line, file=sys.stderr)
     for line in out:
@@ -417,7 +417,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.origins = apply_options(parser, raw, args, os.environ)
     except OptionsError as exc:
-        print(f"scheduler-publisher {args.command}: error: {exc}", file=sys.stderr)
+        error = terminal_safe(f"scheduler-publisher {args.command}: error: {exc}")
+        # validate --format github: an options file's key must not become a workflow command
+        shown = github_plain([error]) if getattr(args, "format", None) == "github" else [error]
+        print(*shown, sep="\n", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
         code = COMMAND_HANDLERS[args.command](args)

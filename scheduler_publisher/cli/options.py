@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
+import re
+import stat
+import sys
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from scheduler_publisher.cli.report import shown
 from scheduler_publisher.config.rules import FIELDS_BY_NAME
 from scheduler_publisher.config.shard import Shard, ShardError, parse_shard
 
@@ -29,6 +34,17 @@ ENV_PREFIX = "SCHEDULER_PUBLISHER_"
 OPTIONS_FILE_ENV = f"{ENV_PREFIX}OPTIONS_FILE"
 DEFAULT_OPTIONS_FILE = Path("/etc/scheduler-publisher/scheduler-publisher.toml")
 SECRET_OPTIONS = frozenset({"password"})
+# An options file is a few dozen lines; the limit keeps /dev/zero-like files out of memory.
+MAX_OPTIONS_FILE_BYTES = 1 << 20
+_FILE_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+}
+# A key at the start of a line, bare or quoted, before its "=" (only for naming a duplicate).
+_TOP_LEVEL_KEY = re.compile(r"^[ \t]*([A-Za-z0-9_-]+|\"[^\"\\\n]*\"|'[^'\n]*')[ \t]*=", re.M)
 # Set by other MQTT tools and images; this service never read them. Named so that a gateway
 # which sets one learns the variable it meant instead of silently talking to localhost.
 FOREIGN_ENV = {
@@ -93,9 +109,20 @@ class Option:
         return "integer" if declared is int else "number" if declared is float else "string"
 
 
+# Numbers from a flag or a variable: ASCII digits, a minus sign and, in a float, a point and an
+# exponent. Python's int() and float() also take blanks around, "_" between digits, other
+# scripts' digits ("١٨٨٣"), "+", "inf" and "nan"; the options file's TOML takes none of
+# those as a string, so neither do the other sources.
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+_FLOAT_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_MAX_DIGITS = 30  # far beyond any range below, and far below int()'s 4,300-digit limit
+_SHOWN_LIMIT = 60
+
+
 @dataclass(frozen=True, slots=True)
 class Number:
-    """An argparse `type` for a number in a range; the message names the range and the value."""
+    """An argparse `type` for a number in a range; the message names the range and the value.
+    Takes text (a flag or a variable) or a number as TOML gave it."""
 
     kind: type[int] | type[float]
     low: float
@@ -103,17 +130,31 @@ class Number:
     low_open: bool = False  # True: the value must be larger than `low`, not equal to it
     words: tuple[str, ...] = ()  # also accepted, as themselves ("auto")
 
-    def __call__(self, text: str) -> int | float | str:
-        if text in self.words:
-            return text
+    def __call__(self, given: str | float) -> int | float | str:
+        if isinstance(given, str) and given in self.words:
+            return given
+        # What the message shows: the text as given (it passed the grammar), or the number
+        received = given if isinstance(given, str) else shown_number(given)
         try:
-            value = self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {self.expected()}, got {text!r}") from None
+            value = self.kind(self._parse(given) if isinstance(given, str) else given)
+        except OverflowError:  # an integer beyond float's range, from TOML
+            raise argparse.ArgumentTypeError(f"must be {self.expected()}, got {received}") from None
         too_low = value <= self.low if self.low_open else value < self.low
-        if not math.isfinite(value) or too_low or (self.high is not None and value > self.high):
-            raise argparse.ArgumentTypeError(f"must be {self.expected()}, got {text}")
+        # isfinite() only for floats: it would convert a 4,000-digit TOML integer to one
+        infinite = isinstance(value, float) and not math.isfinite(value)
+        if infinite or too_low or (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"must be {self.expected()}, got {received}")
         return value
+
+    def _parse(self, text: str) -> int | float:
+        grammar = _INTEGER_TEXT if self.kind is int else _FLOAT_TEXT
+        if not grammar.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"must be {self.expected()}, got {shown_text(text)}")
+        if len(text) > _MAX_DIGITS:
+            raise argparse.ArgumentTypeError(
+                f"must be {self.expected()}, got a number of {len(text)} characters"
+            )
+        return self.kind(text)
 
     def expected(self) -> str:
         return self._range() + "".join(f" or {word!r}" for word in self.words)
@@ -127,6 +168,21 @@ class Number:
         if self.low_open:
             return f"{noun} {at_least} and at most {_plain(self.high)}"
         return f"{noun} from {low} to {_plain(self.high)}"
+
+
+def shown_text(text: str) -> str:
+    """Text received, for a message: quoted with its control characters escaped (repr), and
+    cut to 60 characters (an environment variable can hold 100,000)."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= _SHOWN_LIMIT else quoted[: _SHOWN_LIMIT - 4] + "...'"
+
+
+def shown_number(value: float) -> str:
+    """A number received, for a message: as written, unless it has too many digits to print."""
+    if isinstance(value, int) and abs(value) >= 10**_MAX_DIGITS:
+        # TOML's integers stop at int()'s 4,300-digit limit, so str() can print this one
+        return f"an integer of {len(str(abs(value)))} digits"
+    return str(value)
 
 
 def _plain(number: float) -> str:
@@ -226,23 +282,84 @@ def options_file_path(
 
 def read_options_file(path: Path, known: Sequence[Option]) -> dict[str, Any]:
     """The file's keys and values; unknown keys are an error naming the nearest option."""
-    try:
-        with path.open("rb") as stream:
-            values = tomllib.load(stream)
-    except FileNotFoundError:
-        raise OptionsError(
-            f"options file {path}: not found (write one with "
-            f"`scheduler-publisher sample-options > {path}`)"
-        ) from None
-    except OSError as exc:
-        raise OptionsError(f"options file {path}: cannot read it: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise OptionsError(f"options file {path}: not valid TOML: {exc}") from None
+    where = f"options file {shown(str(path))}"
+    values = _parse_toml(_options_text(path, where), where)
     names = [o.name for o in known]
     for key in values:
         if key not in names:
-            raise OptionsError(f"options file {path}: unknown option {key!r}{_suggest(key, names)}")
+            raise OptionsError(f"{where}: unknown option {shown_text(key)}{_suggest(key, names)}")
     return values
+
+
+def _options_text(path: Path, where: str) -> str:
+    """The file's text, read only from a regular file of at most MAX_OPTIONS_FILE_BYTES: a
+    FIFO would block the start (O_NONBLOCK opens one without waiting for a writer, fstat
+    then refuses it), and /dev/zero would fill the memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OptionsError(
+            f"{where}: not found (write one with `scheduler-publisher sample-options > "
+            f"{shown(str(path))}`)"
+        ) from None
+    except OSError as exc:
+        raise OptionsError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data = _regular_file_bytes(fd, where)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_OPTIONS_FILE_BYTES:
+        raise OptionsError(f"{where}: larger than {MAX_OPTIONS_FILE_BYTES} bytes (1 MiB)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OptionsError(f"{where}: not valid TOML: not UTF-8 at byte {exc.start}") from None
+
+
+def _regular_file_bytes(fd: int, where: str) -> bytes:
+    """Up to one byte more than the limit, from an open file that must be a regular one."""
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        raise OptionsError(
+            f"{where}: not a regular file (a {_FILE_KINDS.get(kind, 'special file')})"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= MAX_OPTIONS_FILE_BYTES and (chunk := os.read(fd, 1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise OptionsError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    return b"".join(chunks)
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise OptionsError(f"{where}: not valid TOML: {exc}{_set_twice(text, str(exc))}") from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise OptionsError(
+            f"{where}: not valid TOML: an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits"
+        ) from None
+    except RecursionError:  # tomllib recurses once per level of arrays and inline tables
+        raise OptionsError(f"{where}: not valid TOML: arrays or tables nested too deep") from None
+
+
+def _set_twice(text: str, message: str) -> str:
+    """The key tomllib's "Cannot overwrite a value" is about, which it does not name: the
+    first top-level key set twice (an options file has no tables)."""
+    if not message.startswith("Cannot overwrite a value"):
+        return ""
+    seen: set[str] = set()
+    for found in _TOP_LEVEL_KEY.finditer(text.split("\n[", 1)[0]):
+        key = found.group(1).strip("\"'")
+        if key in seen:
+            return f": {shown_text(key)} is set twice"
+        seen.add(key)
+    return ""
 
 
 def _suggest(key: str, names: Sequence[str]) -> str:
@@ -286,22 +403,36 @@ def from_toml(option: Option, value: Any, where: str) -> Any:
         )
     if option.is_switch:
         return value if isinstance(option.action, argparse._StoreTrueAction) else not value
-    return _convert(option, str(value), where)
+    # A number goes to its Number type as the number TOML read, not as text: TOML's own forms
+    # (1_000, 1e3, +5, inf) are not what the text of a flag may hold.
+    numeric = isinstance(option.action.type, Number) and not isinstance(value, str)
+    return _convert(option, value if numeric else str(value), where)
 
 
-def _convert(option: Option, text: str, where: str) -> Any:
-    convert = option.action.type if callable(option.action.type) else str
+def _convert(option: Option, given: str | float, where: str) -> Any:
+    kind = option.action.type
     try:
-        value = convert(text)
+        value: Any = kind(given) if isinstance(kind, Number) else _as_text(option)(str(given))
     except argparse.ArgumentTypeError as exc:
         raise OptionsError(f"{where}: {exc}") from None
     except (TypeError, ValueError):
-        raise OptionsError(f"{where}: expected {_article(option.kind)}, got {text!r}") from None
+        raise OptionsError(
+            f"{where}: expected {_article(option.kind)}, got {_shown(given)}"
+        ) from None
     choices = option.action.choices
     if choices is not None and value not in choices:
         listed = ", ".join(repr(str(c)) for c in choices)
-        raise OptionsError(f"{where}: expected one of {listed}, got {text!r}")
+        raise OptionsError(f"{where}: expected one of {listed}, got {_shown(given)}")
     return value
+
+
+def _as_text(option: Option) -> Callable[[str], Any]:
+    kind = option.action.type
+    return kind if callable(kind) else str
+
+
+def _shown(given: str | float) -> str:
+    return shown_text(given) if isinstance(given, str) else shown_number(given)
 
 
 def _article(kind: str) -> str:

@@ -3,11 +3,18 @@ programs, or GitHub Actions annotations that land on the file's lines in a pull 
 
 Pure: each renderer takes the outcome (a ConfigResult, or the ConfigFileError that stopped the
 read) and returns the text; main.py prints it and picks the exit code.
+
+Everything the entries file or its name controls (ids, values, the path) is printed escaped,
+in every format: a terminal never receives a control character, an ANSI escape or a bidi
+override from it (`terminal_safe`), and GitHub's runner never reads a workflow command in it
+(`as_github`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,13 +36,38 @@ __all__ = [
     "as_github",
     "as_json",
     "as_text",
+    "github_plain",
     "render",
     "shard_lines",
     "summary",
+    "terminal_safe",
 ]
 
 Format = Literal["text", "json", "github"]
 FORMATS: Final[tuple[Format, ...]] = ("text", "json", "github")
+
+# What a terminal acts on instead of showing: C0 and C1 controls (ESC starts ANSI escapes,
+# U+009B is a one-character CSI, CR and LF start new lines), DEL, the line and paragraph
+# separators, the bidirectional marks, embeddings, overrides and isolates (they reorder the
+# text around them: "Trojan Source"), and lone surrogates (argv bytes that were not UTF-8:
+# printing one raises UnicodeEncodeError).
+_UNSAFE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with each unsafe character as its JSON escape (`\\u001b`): inside a JSON string
+    that is the same string, and elsewhere it shows what was there."""
+    return _UNSAFE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def shown(name: str) -> str:
+    """A name from the file or the command line (a path, an id) as printed in a line of text:
+    as it is when it is plain, else as a JSON string with every unsafe character escaped, so
+    that no two names look alike and none can pass for more than one."""
+    plain = name == name.strip() and not name.startswith('"') and not _UNSAFE.search(name)
+    return name if name and plain else terminal_safe(json.dumps(name, ensure_ascii=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +177,11 @@ def as_json(report: Report) -> str:
         }
     if report.cron_entries:  # only then: a file without any keeps the document it had
         body["cron_entries"] = [_cron_object(report, entry) for entry in report.cron_entries]
-    return json.dumps(body, ensure_ascii=False, indent=2)
+    # json escapes C0 controls, so a raw newline is indentation; what it leaves raw (C1,
+    # bidi, lone surrogates) can only be inside strings, where terminal_safe's escapes are
+    # JSON's own: the same document.
+    text = json.dumps(body, ensure_ascii=False, indent=2)
+    return "\n".join(terminal_safe(line) for line in text.split("\n"))
 
 
 def _cron_object(report: Report, entry: PublishConfig) -> dict[str, Any]:
@@ -165,13 +201,13 @@ def cron_lines(report: Report) -> Iterator[str]:
         following = report.next_slot(entry)
         after = f", next slot {following.isoformat()}" if following else ""
         named = json.dumps(entry.id, ensure_ascii=False)
-        yield f"{report.file}: id {named}: {entry.schedule}{after}"
+        yield terminal_safe(f"{shown(report.file)}: id {named}: {entry.schedule}{after}")
 
 
 def summary(report: Report) -> str:
     verdict = "valid" if report.valid else "invalid"
     return (
-        f"{report.file}: {verdict}: {report.valid_entries} valid entries, "
+        f"{shown(report.file)}: {verdict}: {report.valid_entries} valid entries, "
         f"{report.count('error')} errors, {report.count('warning')} warnings"
     )
 
@@ -185,24 +221,25 @@ def shard_lines(report: Report) -> list[str]:
     return [
         f"shard {report.shard} runs {len(ids)} of {report.valid_entries} valid entries"
         f"{':' if ids else ''}",
-        *(f"  {entry_id}" for entry_id in ids),
+        *(f"  {shown(entry_id)}" for entry_id in ids),
     ]
 
 
 def _place(file: str, problem: Problem) -> str:
     if problem.line is None:
-        return file
-    return f"{file}:{problem.line}:{problem.column}"
+        return shown(file)
+    return f"{shown(file)}:{problem.line}:{problem.column}"
 
 
 def as_text(report: Report) -> Iterator[str]:
     """`file:line:column: severity: problem` lines, the compilers' form editors jump to."""
     for problem in report.problems:
-        yield f"{_place(report.file, problem)}: {problem.severity}: {problem}"
+        yield terminal_safe(f"{_place(report.file, problem)}: {problem.severity}: {problem}")
 
 
 # GitHub's workflow-command escaping (actions/toolkit, packages/core/src/command.ts): the
-# message escapes %, CR and LF; a property value escapes ":" and "," too.
+# message escapes %, CR and LF; a property value escapes ":" and "," too. What is left unsafe
+# for a terminal (the runner's log shows ANSI colours) is then escaped as in the text format.
 _DATA_ESCAPES: Final = {ord("%"): "%25", ord("\r"): "%0D", ord("\n"): "%0A"}
 _PROPERTY_ESCAPES: Final = {**_DATA_ESCAPES, ord(":"): "%3A", ord(","): "%2C"}
 
@@ -214,25 +251,45 @@ def _annotation(file: str, problem: Problem) -> str:
         "col": problem.column,
         "title": "scheduler-publisher",
     }
-    shown = ",".join(
-        f"{key}={str(value).translate(_PROPERTY_ESCAPES)}"
+    shown_properties = ",".join(
+        f"{key}={terminal_safe(str(value).translate(_PROPERTY_ESCAPES))}"
         for key, value in properties.items()
         if value is not None
     )
-    return f"::{problem.severity} {shown}::{str(problem).translate(_DATA_ESCAPES)}"
+    message = terminal_safe(str(problem).translate(_DATA_ESCAPES))
+    return f"::{problem.severity} {shown_properties}::{message}"
 
 
-def as_github(report: Report) -> Iterator[str]:
-    """One `::error` or `::warning` workflow command per problem, at its line and column."""
+def as_github(report: Report, stop_token: str) -> Iterator[str]:
+    """One `::error` or `::warning` workflow command per problem, at its line and column; then
+    the verdict and the shard's entries as plain lines, with the runner's command processing
+    stopped around them.
+
+    GitHub's runner reads a command in any line that starts with `::` after blanks, and in
+    any line that holds `##[` anywhere (its first syntax), on stdout and stderr alike. An id
+    or a path may be either, and no escape exists for a plain line, so those lines go between
+    `::stop-commands::<token>` and `::<token>::`, GitHub's way to log anything: commands are
+    ignored until the token, which the file cannot guess (`render` makes a random one)."""
     for problem in report.problems:
         yield _annotation(report.file, problem)
+    yield from github_plain([summary(report), *shard_lines(report)], stop_token)
 
 
-def render(report: Report, output: Format) -> tuple[list[str], list[str]]:
+def github_plain(lines: list[str], stop_token: str | None = None) -> list[str]:
+    """`lines` for GitHub's runner to show and not act on (see as_github); by default with a
+    new random token."""
+    token = stop_token or secrets.token_hex(16)
+    return [f"::stop-commands::{token}", *lines, f"::{token}::"]
+
+
+def render(
+    report: Report, output: Format, *, stop_token: str | None = None
+) -> tuple[list[str], list[str]]:
     """(stdout lines, stderr lines) for `output`. Text keeps problems on stderr and the
-    verdict on stdout, as before; machine formats put everything on stdout."""
+    verdict on stdout, as before; machine formats put everything on stdout. `stop_token`
+    (github only) is for tests; by default each call makes a new random one."""
     if output == "json":
         return [as_json(report)], []
     if output == "github":
-        return [*as_github(report), summary(report), *shard_lines(report)], []
+        return list(as_github(report, stop_token or secrets.token_hex(16))), []
     return [summary(report), *shard_lines(report), *cron_lines(report)], list(as_text(report))

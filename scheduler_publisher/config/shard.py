@@ -21,7 +21,8 @@ from typing import Final, TypeVar
 
 MAX_SHARDS: Final = 1024
 EXPECTED: Final = f"K/N or K-of-N with 1 <= K <= N <= {MAX_SHARDS}"
-_SPEC = re.compile(r"\s*(\d{1,5})\s*(?:/|-of-)\s*(\d{1,5})\s*")
+# ASCII digits and blanks only, as every number the CLI reads (cli/options.py: Number).
+_SPEC = re.compile(r"[ \t]*([0-9]{1,5})[ \t]*(?:/|-of-)[ \t]*([0-9]{1,5})[ \t]*")
 # Owners already computed, by N, then by id. A plain dict rather than functools.lru_cache:
 # its keys are the entries' own id strings, about 40 bytes an entry against lru_cache's 160.
 # Pure memoisation, so no lock: two threads that race compute the same value.
