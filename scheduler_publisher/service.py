@@ -127,6 +127,7 @@ class PublisherService:
             StateStore(
                 self.settings.state_db,
                 history_retention_rows=self.settings.history_retention_rows,
+                adopt_from=self.settings.state_db_predecessor,
             )
             if self.settings.state_db
             else None
@@ -144,7 +145,9 @@ class PublisherService:
     def start(self, *, loop: bool = True) -> None:
         """Load the config, schedule, connect, and run the main loop in a background thread;
         with `loop=False`, the caller runs it instead, one `step()` at a time.
-        Raises ConfigFileError when the file cannot be used at all."""
+        Raises ConfigFileError when the file cannot be used at all, FileInUseError
+        (logs.writer_lock) when another process writes the state database, and
+        StateStoreError when that cannot be opened."""
         self._startup()
         if not loop:
             self._caller_steps = True
@@ -245,9 +248,22 @@ class PublisherService:
     def _restore_counters(self) -> None:
         if self._store is None:
             return
-        saved = self._store.open()
+        saved = self._store.open()  # FileInUseError: another process writes it (CLI: exit 6)
+        if self._store.adopted_from is not None:
+            log.info(
+                "state_db_adopted",
+                path=str(self._store.path),
+                copied_from=str(self._store.adopted_from),
+            )
         if self._store.recovered_from is not None:
             log.warning("state_db_recovered", moved_to=str(self._store.recovered_from))
+        if self._store.lock_unsupported is not None:
+            log.warning(
+                "file_lock_unsupported",
+                path=str(self._store.path),
+                error=self._store.lock_unsupported,
+                hint="another process could write the file too",
+            )
         self.stats.restore(saved)
 
     def _start_http(self) -> None:
