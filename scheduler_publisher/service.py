@@ -31,10 +31,12 @@ from scheduler_publisher.config.source import ConfigSource
 from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mailbox import Mailbox, Trigger
 from scheduler_publisher.mqtt.connection import MQTTConnectionManager
+from scheduler_publisher.mqtt.descriptors import DescriptorsView
 from scheduler_publisher.ops.notify import SystemdNotifier
 from scheduler_publisher.ops.status import (
     ConfigStatus,
     ConnectionStatus,
+    DescriptorStatus,
     EntryStatus,
     HealthStatus,
     ServiceStatus,
@@ -470,6 +472,12 @@ class PublisherService:
         return self._connection
 
     @property
+    def descriptors(self) -> DescriptorsView:
+        """The open files limit, its reserve, and the lwt connections waiting for a
+        descriptor (mqtt/descriptors.py)."""
+        return self._connection.event_loop.descriptors()
+
+    @property
     def entries(self) -> Mapping[str, PublishConfig]:
         """The running entries by id. Replaced whole on every apply, never changed in place, so
         a reader on another thread (HTTP) holds a consistent set."""
@@ -515,6 +523,7 @@ class PublisherService:
             ),
             entries={i: self._entry_status(e) for i, e in entries.items()},
             shard=self.shard,
+            descriptors=DescriptorStatus.of(self.descriptors),
         )
 
     def get_status(self) -> dict[str, Any]:

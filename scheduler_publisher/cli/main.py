@@ -54,6 +54,7 @@ from scheduler_publisher.logs.setup import (
     register_secret,
 )
 from scheduler_publisher.logs.writer_lock import FileInUseError
+from scheduler_publisher.mqtt.descriptors import raise_soft_limit
 from scheduler_publisher.scheduling.spread import AUTO
 from scheduler_publisher.settings import (
     BrokerSettings,
@@ -355,6 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(dataclasses.replace(settings.logging, file=None))
     read_config_file(settings.config_path, max_bytes=settings.max_config_bytes)
     configure_logging(settings.logging)
+    raise_soft_limit()  # before any connection: the lwt connections' budget is sized from it
     if args.tls_insecure:
         log.warning(
             "tls_verification_disabled",
