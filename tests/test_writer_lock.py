@@ -85,6 +85,17 @@ def test_a_symlink_to_the_file_finds_the_same_lock(tmp_path: Path) -> None:
         held.release()
 
 
+def test_a_lock_file_planted_as_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """`.state.db.lock` pointing at another file: refused (OSError), the target untouched,
+    rather than truncated to hold our pid."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    lock_path(tmp_path / "state.db").symlink_to(victim)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        WriterLock.acquire(tmp_path / "state.db", "state database")
+    assert victim.read_text() == "precious\n"
+
+
 # ---- the state database ---------------------------------------------------------------------
 
 

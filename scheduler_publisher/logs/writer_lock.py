@@ -67,9 +67,10 @@ class WriterLock:
     @classmethod
     def acquire(cls, path: Path, what: str) -> WriterLock:
         """Take the lock of `path`, or raise FileInUseError; OSError when the lock file cannot
-        be created (the folder is missing or read-only)."""
+        be created (the folder is missing or read-only) or is a symlink."""
         lock = lock_path(path)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a lock file planted as a symlink must not make us truncate its target.
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
