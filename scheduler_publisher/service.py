@@ -31,10 +31,12 @@ from scheduler_publisher.config.source import ConfigSource
 from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mailbox import Mailbox, Trigger
 from scheduler_publisher.mqtt.connection import MQTTConnectionManager
+from scheduler_publisher.mqtt.descriptors import DescriptorsView
 from scheduler_publisher.ops.notify import SystemdNotifier
 from scheduler_publisher.ops.status import (
     ConfigStatus,
     ConnectionStatus,
+    DescriptorStatus,
     EntryStatus,
     HealthStatus,
     ServiceStatus,
@@ -127,6 +129,7 @@ class PublisherService:
             StateStore(
                 self.settings.state_db,
                 history_retention_rows=self.settings.history_retention_rows,
+                adopt_from=self.settings.state_db_predecessor,
             )
             if self.settings.state_db
             else None
@@ -144,7 +147,9 @@ class PublisherService:
     def start(self, *, loop: bool = True) -> None:
         """Load the config, schedule, connect, and run the main loop in a background thread;
         with `loop=False`, the caller runs it instead, one `step()` at a time.
-        Raises ConfigFileError when the file cannot be used at all."""
+        Raises ConfigFileError when the file cannot be used at all, FileInUseError
+        (logs.writer_lock) when another process writes the state database, and
+        StateStoreError when that cannot be opened."""
         self._startup()
         if not loop:
             self._caller_steps = True
@@ -245,9 +250,22 @@ class PublisherService:
     def _restore_counters(self) -> None:
         if self._store is None:
             return
-        saved = self._store.open()
+        saved = self._store.open()  # FileInUseError: another process writes it (CLI: exit 6)
+        if self._store.adopted_from is not None:
+            log.info(
+                "state_db_adopted",
+                path=str(self._store.path),
+                copied_from=str(self._store.adopted_from),
+            )
         if self._store.recovered_from is not None:
             log.warning("state_db_recovered", moved_to=str(self._store.recovered_from))
+        if self._store.lock_unsupported is not None:
+            log.warning(
+                "file_lock_unsupported",
+                path=str(self._store.path),
+                error=self._store.lock_unsupported,
+                hint="another process could write the file too",
+            )
         self.stats.restore(saved)
 
     def _start_http(self) -> None:
@@ -454,6 +472,12 @@ class PublisherService:
         return self._connection
 
     @property
+    def descriptors(self) -> DescriptorsView:
+        """The open files limit, its reserve, and the lwt connections waiting for a
+        descriptor (mqtt/descriptors.py)."""
+        return self._connection.event_loop.descriptors()
+
+    @property
     def entries(self) -> Mapping[str, PublishConfig]:
         """The running entries by id. Replaced whole on every apply, never changed in place, so
         a reader on another thread (HTTP) holds a consistent set."""
@@ -499,6 +523,7 @@ class PublisherService:
             ),
             entries={i: self._entry_status(e) for i, e in entries.items()},
             shard=self.shard,
+            descriptors=DescriptorStatus.of(self.descriptors),
         )
 
     def get_status(self) -> dict[str, Any]:

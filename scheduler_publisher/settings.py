@@ -22,6 +22,7 @@ MAX_CLIENT_ID_LENGTH = 64  # of an lwt entry's derived client id (entry_client_i
 # An MQTT UTF-8 string (a client id, a topic) carries its length in two bytes.
 MQTT_STRING_BYTES = 65535
 _STATUS_TOPIC = "scheduler-publisher/{}/status"
+DEFAULT_STATE_DB = Path("logs/state.db")
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_.:@/-][A-Za-z0-9_.:@/~-]*")
 
 
@@ -75,7 +76,10 @@ class ServiceSettings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     logging: LogSettings = field(default_factory=LogSettings)
     stats_interval: float = 60.0
-    state_db: Path | None = Path("logs/state.db")
+    state_db: Path | None = DEFAULT_STATE_DB
+    # A shard's own state_db, derived from the default (shard_path), starts as a copy of this
+    # file, which a release without per-shard defaults wrote (docs/scaling.md); None: empty.
+    state_db_predecessor: Path | None = None
     checkpoint_interval: float = 5.0
     history_interval: float = 60.0
     history_retention_rows: int = 10_000
@@ -107,6 +111,13 @@ class ServiceSettings:
             shard=shard,
             broker=replace(broker, client_id=shard.client_id(broker.client_id), status_topic=topic),
         )
+
+
+def shard_path(path: Path, shard: Shard) -> Path:
+    """A shard's own file beside `path`: `logs/state.db` -> `logs/state-1-of-2.db`. Shards
+    started in one folder with the default paths then never share a state database or a log
+    file (issue 27 #2)."""
+    return path.with_name(f"{path.stem}-{shard.name}{path.suffix}")
 
 
 def default_client_id(config_path: Path | None = None) -> str:

@@ -4,6 +4,10 @@ WAL with ``synchronous=NORMAL``: a committed checkpoint survives the process bei
 (SIGKILL, OOM, watchdog abort); a power cut may lose the last few checkpoints but never
 corrupts the file. If the file is corrupt anyway (bad flash, a truncated copy), it is moved
 aside and the service starts from zero rather than not at all.
+
+One process writes a database: `open()` takes its writer lock (logs/writer_lock.py) before it
+reads a byte, and raises FileInUseError while another process holds it. Two writers would
+each delete the other's entries at every checkpoint (issue 27 #2).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
+
+from scheduler_publisher.logs.writer_lock import FileInUseError, WriterLock
 
 __all__ = [
     "EntryCounters",
@@ -123,6 +129,7 @@ class StateStore:
         *,
         history_retention_rows: int = 10_000,
         history_max_age_s: float = 30 * 86400,
+        adopt_from: Path | None = None,
     ) -> None:
         if history_retention_rows < 1:
             raise ValueError(
@@ -133,28 +140,71 @@ class StateStore:
         self.path = path
         self.history_retention_rows = history_retention_rows
         self.history_max_age_s = history_max_age_s
+        # A shard's own database starts as a copy of this one while it does not exist yet
+        # (settings.ServiceSettings.state_db_predecessor).
+        self.adopt_from = adopt_from
         self.recovered_from: Path | None = None  # where open() moved a corrupt file
+        self.adopted_from: Path | None = None  # the file open() copied the counters from
+        self.lock_unsupported: str | None = None  # why the file is used without a writer lock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._writer: WriterLock | None = None
 
     def open(self) -> SavedState:
-        """Open (creating or migrating) the database and return what was last checkpointed."""
+        """Open (creating or migrating) the database and return what was last checkpointed.
+        Raises FileInUseError while another writer holds the database, StateStoreError when
+        it cannot be used otherwise."""
         with self._lock:
             if self._conn is not None:
                 raise StateStoreError(f"{self.path}: already open")
-            self.recovered_from = None
+            self.recovered_from = self.adopted_from = None
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self._conn, saved = self._connect_and_load()
-                except (_CorruptError, sqlite3.DatabaseError) as exc:
-                    if not _is_corruption(exc):
-                        raise
-                    self.recovered_from = self._move_aside(int(time.time()))
-                    self._conn, saved = self._connect_and_load()
-            except (OSError, sqlite3.Error, _CorruptError, _NewerSchemaError) as exc:
-                raise StateStoreError(f"{self.path}: cannot open state database: {exc}") from exc
-            return saved
+                self._writer = WriterLock.acquire(self.path, "state database")
+            except FileInUseError:
+                raise
+            except OSError as exc:
+                raise StateStoreError(f"{self.path}: cannot lock state database: {exc}") from exc
+            self.lock_unsupported = self._writer.unsupported
+            try:
+                return self._open_locked()
+            except BaseException:
+                self._writer.release()
+                raise
+
+    def _open_locked(self) -> SavedState:
+        try:
+            self._adopt()
+            try:
+                self._conn, saved = self._connect_and_load()
+            except (_CorruptError, sqlite3.DatabaseError) as exc:
+                if not _is_corruption(exc):
+                    raise
+                self.recovered_from = self._move_aside(int(time.time()))
+                self._conn, saved = self._connect_and_load()
+        except (OSError, sqlite3.Error, _CorruptError, _NewerSchemaError) as exc:
+            raise StateStoreError(f"{self.path}: cannot open state database: {exc}") from exc
+        return saved
+
+    def _adopt(self) -> None:
+        """Copy `adopt_from` to a database that does not exist yet (SQLite's backup: a
+        consistent copy even while another process writes the source)."""
+        source = self.adopt_from
+        if source is None or self.path.exists() or not source.is_file():
+            return
+        try:
+            with (
+                contextlib.closing(sqlite3.connect(source, timeout=5.0)) as src,
+                contextlib.closing(sqlite3.connect(self.path)) as dst,
+            ):
+                src.backup(dst)
+        except sqlite3.Error as exc:
+            self.path.unlink(missing_ok=True)
+            raise StateStoreError(
+                f"{self.path}: cannot copy the counters of {source} into it ({exc}); "
+                f"move {source} away to start this database from zero"
+            ) from exc
+        self.adopted_from = source
 
     def checkpoint(self, state: SavedState, *, now: float) -> None:
         """Save `state` in one transaction; entries absent from it are deleted."""
@@ -209,11 +259,15 @@ class StateStore:
                 raise StateStoreError(f"{self.path}: cannot read history: {exc}") from exc
 
     def close(self) -> None:
-        """Close the connection (idempotent); SQLite folds the WAL back into the file."""
+        """Close the connection (idempotent); SQLite folds the WAL back into the file. Then the
+        writer lock goes: another process may open the database from here on."""
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.release()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

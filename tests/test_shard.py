@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tests.support import (
     ServiceProcess,
     ServiceStarter,
     SubscriberFactory,
+    barrier,
     cli_args,
     entry,
     in_process_settings,
@@ -475,3 +477,68 @@ def test_an_unsharded_service_has_no_shard_in_status_or_metrics(
     plain = http_service([entry("a", f"{topic_base}/a", DAY)])
     assert "scheduler_publisher_shard_info" not in metrics(plain)
     assert "shard" not in plain.get_status()
+
+
+# ---- shards in one folder: their own files (issue 27 #2) ------------------------------------
+
+
+def test_two_shards_in_one_folder_keep_their_own_counters_and_log_files(
+    broker: Mosquitto, subscriber_factory: SubscriberFactory, tmp_path: Path, topic_base: str
+) -> None:
+    """Shards 1/2 and 2/2 started in one folder with the default --state-db and --log-file
+    (docs/scaling.md's first example) write logs/state-K-of-2.db and
+    logs/mqtt_publisher-K-of-2.log, never one shared file; stopped one after the other and
+    started again, every templated entry's {{seq}} continues where it stopped."""
+    config = tmp_path / "entries.json"
+    entry_ids = ["a", "c", "g", "d"]  # shards 1, 2, 1, 2
+    topics = {i: f"{topic_base}/{i}" for i in entry_ids}
+    write_config(
+        config,
+        [entry(i, topics[i], 0.3, qos=1, template=True, data={"n": "{{seq}}"}) for i in entry_ids],
+    )
+    sub = subscriber_factory(f"{topic_base}/#")
+    client_id = f"sp-test-{uuid.uuid4().hex[:8]}"
+
+    def start(k: int) -> ServiceProcess:
+        args = ["run", "--options-file", "", "--broker", "127.0.0.1", "--port", str(broker.port)]
+        args += ["--config", str(config), "--http-port", "0", "--client-id", client_id]
+        return ServiceProcess([*args, "--shard", f"{k}/2"], tmp_path)
+
+    def seqs(entry_id: str) -> list[int]:
+        return [int(m.json()["n"]) for m in sub.on(topics[entry_id])]
+
+    first_run = [start(1), start(2)]
+    try:
+        for i in entry_ids:
+            sub.wait_for(topics[i], count=3, timeout=20)
+        for proc in first_run:  # one after the other: the last one's checkpoint is the last
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+    finally:
+        for proc in first_run:
+            proc.stop()
+    barrier(broker.port, sub, f"{topic_base}/barrier")
+    last = {i: seqs(i)[-1] for i in entry_ids}
+    seen = {i: len(seqs(i)) for i in entry_ids}
+
+    second_run = [start(1), start(2)]
+    try:
+        for i in entry_ids:
+            sub.wait_for(topics[i], count=seen[i] + 1, timeout=20)
+        assert {i: seqs(i)[seen[i]] for i in entry_ids} == {i: last[i] + 1 for i in entry_ids}
+    finally:
+        for proc in second_run:
+            proc.stop()
+
+    logs = tmp_path / "logs"
+    assert {p.name for p in logs.iterdir() if not p.name.startswith(".")} >= {
+        "state-1-of-2.db",
+        "state-2-of-2.db",
+        "mqtt_publisher-1-of-2.log",
+        "mqtt_publisher-2-of-2.log",
+    }
+    assert not (logs / "state.db").exists()
+    assert not (logs / "mqtt_publisher.log").exists()
+    for k, proc in ((1, first_run[0]), (2, first_run[1])):
+        lines = (logs / f"mqtt_publisher-{k}-of-2.log").read_text().splitlines()
+        assert proc.proc.pid in {json.loads(line)["process.pid"] for line in lines}

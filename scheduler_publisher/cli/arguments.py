@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SCHEDULER_PUBLISHER_<OPTION> or the options file; precedence: flag > "
         "environment > options file > default.",
         epilog="Exit codes: 0 ok, 1 invalid config (validate), 2 usage, 3 config unusable at "
-        "start, 4 gave up connecting (--max-retries), 5 other start-up failure.",
+        "start, 4 gave up connecting (--max-retries), 5 other start-up failure, 6 state "
+        "database or log file in use by another process.",
     )
     parser.add_argument(
         "--version",

@@ -10,6 +10,8 @@ Exit codes (also in docs/options.md):
   4  gave up connecting after --max-retries failed attempts in a row
   5  another start-up failure (password or TLS files unreadable, HTTP token, state DB,
      embedded broker)
+  6  the state database or the log file is in use by another process (its pid in the
+     message): one process writes each (the systemd units do not restart on it)
 """
 
 from __future__ import annotations
@@ -51,12 +53,15 @@ from scheduler_publisher.logs.setup import (
     log_startup_failure,
     register_secret,
 )
+from scheduler_publisher.logs.writer_lock import FileInUseError
+from scheduler_publisher.mqtt.descriptors import raise_soft_limit
 from scheduler_publisher.scheduling.spread import AUTO
 from scheduler_publisher.settings import (
     BrokerSettings,
     MQTTVersion,
     ServiceSettings,
     default_client_id,
+    shard_path,
 )
 from scheduler_publisher.statestore import StateStoreError
 
@@ -66,6 +71,7 @@ EXIT_USAGE = arguments.EXIT_USAGE
 EXIT_CONFIG = 3
 EXIT_GAVE_UP = 4
 EXIT_STARTUP = 5
+EXIT_IN_USE = 6
 
 SAMPLE_CONFIG = "payloadStaticConfig.json"
 SYSTEMD_UNIT = "scheduler-publisher.service"
@@ -102,6 +108,21 @@ def _derived_default(name: str, args: argparse.Namespace) -> Any:
     return None
 
 
+_PATH_OPTIONS = {"state-db": "state_db", "log-file": "log_file"}
+
+
+def shard_own_path(args: argparse.Namespace, name: str) -> Path | None:
+    """With --shard, a path option (state-db, log-file) left at its default: the shard's own
+    file (`logs/state-1-of-2.db`), so that shards started in one folder share neither file
+    (docs/scaling.md). None otherwise: a path given anywhere is taken as it is."""
+    shard = getattr(args, "shard", None)
+    origin = getattr(args, "origins", {}).get(name)
+    value = getattr(args, _PATH_OPTIONS[name], None) if name in _PATH_OPTIONS else None
+    if shard is None or origin is None or origin.source != "default" or not value:
+        return None
+    return shard_path(Path(value), shard)
+
+
 def _password_origin(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     if environ.get("MQTT_PASSWORD"):
         return "env MQTT_PASSWORD"
@@ -124,6 +145,9 @@ def show_options_text(
     ]
     for option in options:
         value, origin = getattr(args, option.dest), str(origins[option.name])
+        own = shard_own_path(args, option.name)
+        if own is not None:
+            value, origin = str(own), f"{origin} (derived: --shard)"
         if value is None and option.name == "password":
             found = _password_origin(args, environ)
             value, origin = ("set", found) if found else (None, origin)
@@ -259,7 +283,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         broker=broker,
         logging=log_settings(args),
         stats_interval=args.stats_interval,
-        state_db=Path(args.state_db) if args.state_db else None,
+        state_db=_state_db(args),
+        state_db_predecessor=Path(args.state_db) if shard_own_path(args, "state-db") else None,
         checkpoint_interval=args.checkpoint_interval,
         history_interval=args.history_interval,
         history_retention_rows=args.history_retention,
@@ -277,11 +302,17 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     return settings.for_shard(args.shard) if args.shard else settings
 
 
+def _state_db(args: argparse.Namespace) -> Path | None:
+    own = shard_own_path(args, "state-db")
+    return own or (Path(args.state_db) if args.state_db else None)
+
+
 def log_settings(args: argparse.Namespace) -> LogSettings:
+    own = shard_own_path(args, "log-file")
     return LogSettings(
         level=args.log_level,
         format=args.log_format,
-        file=Path(args.log_file) if args.log_file else None,
+        file=own or (Path(args.log_file) if args.log_file else None),
     )
 
 
@@ -325,6 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(dataclasses.replace(settings.logging, file=None))
     read_config_file(settings.config_path, max_bytes=settings.max_config_bytes)
     configure_logging(settings.logging)
+    raise_soft_limit()  # before any connection: the lwt connections' budget is sized from it
     if args.tls_insecure:
         log.warning(
             "tls_verification_disabled",
@@ -433,5 +465,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (StartupError, DemoError, StateStoreError) as exc:
         print(f"scheduler-publisher: cannot start: {exc}", file=sys.stderr)
         code = EXIT_STARTUP
+        log_startup_failure(log_settings(args), exc, exit_code=code)
+    except FileInUseError as exc:
+        print(f"scheduler-publisher: cannot start: {exc}", file=sys.stderr)
+        code = EXIT_IN_USE
         log_startup_failure(log_settings(args), exc, exit_code=code)
     sys.exit(code)

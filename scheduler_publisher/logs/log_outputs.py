@@ -1,5 +1,6 @@
 """Where log lines go: stdout (with journald priority prefixes under the journal) and a
-rotated file whose write failures are reported once, not once per line."""
+rotated file whose write failures are reported once, not once per line, and which one process
+writes (and rotates) at a time."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from scheduler_publisher.logs.ecs import format_timestamp
+from scheduler_publisher.logs.writer_lock import WriterLock
 
 if TYPE_CHECKING:
     from scheduler_publisher.logs.setup import LogSettings
@@ -74,10 +76,16 @@ class FileHandler(logging.handlers.RotatingFileHandler):
     and once more on recovery, instead of one `--- Logging error ---` traceback per record.
 
     A missing folder is created with the first line written to it, not before: a start that
-    fails before logging anything leaves no empty `./logs/` behind."""
+    fails before logging anything leaves no empty `./logs/` behind.
+
+    The file is opened only under its writer lock (writer_lock.py), taken at the first open
+    and held until close(): two processes on one file would rotate it under each other. When
+    the folder exists, that is at construction, which then raises FileInUseError; otherwise
+    a second writer's lines fail (reported once, as any write failure) and never touch it."""
 
     def __init__(self, path: Path, settings: LogSettings, report: Report) -> None:
         self.path = path  # before super().__init__, which may call _open()
+        self.writer: WriterLock | None = None
         super().__init__(
             path,
             maxBytes=settings.file_max_bytes,
@@ -104,7 +112,17 @@ class FileHandler(logging.handlers.RotatingFileHandler):
 
     def _open(self) -> Any:  # the stdlib's name and (untyped) signature
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.writer is None:  # a rotation reopens the file under the lock it holds
+            self.writer = WriterLock.acquire(self.path, "log file")
         return super()._open()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                writer.release()
 
     @property
     def opened(self) -> bool:

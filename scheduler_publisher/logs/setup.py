@@ -14,6 +14,7 @@ log lines never split each other.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import logging.handlers
@@ -45,6 +46,7 @@ from scheduler_publisher.logs.redaction import (
     redact,
     register_secret,
 )
+from scheduler_publisher.logs.writer_lock import FileInUseError
 
 __all__ = [
     "LogFormat",
@@ -244,7 +246,10 @@ _echo_lock = threading.Lock()
 
 
 def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) -> None:
-    """Route structlog and stdlib records to stdout (and the file), replacing any earlier set-up."""
+    """Route structlog and stdlib records to stdout (and the file), replacing any earlier set-up.
+
+    Raises FileInUseError (writer_lock.py) when another process writes the log file: logging
+    then goes to stdout only, and the caller decides whether to go on."""
     global _installed  # noqa: PLW0603 -- logging is process-wide state by nature
     structlog.configure(
         processors=list(_STRUCTLOG_CHAIN),  # capture_logs edits the configured list in place
@@ -257,17 +262,16 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
     version = _service_version()
     root = logging.getLogger()
     apscheduler = logging.getLogger("apscheduler")
+    in_use: FileInUseError | None = None
     with _install_lock:
         previous = _installed
         if previous is not None:
-            _uninstall(previous.handlers)
-        console = StdoutHandler(out, journald=is_journal_stream(out))
-        console.setFormatter(
-            _console_formatter(out)
-            if settings.format == "console"
-            else _json_formatter(settings.service_name, version)
-        )
-        file_handler, file_error = _open_file_handler(settings, version, console)
+            _uninstall(previous.handlers)  # first: its file's lock, if the file is the same
+        console = _console_handler(settings, out, version)
+        try:
+            file_handler, file_error = _open_file_handler(settings, version, console)
+        except FileInUseError as exc:
+            file_handler, file_error, in_use = None, None, exc
         _installed = _Installed(
             console,
             file_handler,
@@ -281,9 +285,34 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
         for handler in _installed.handlers:
             handler.addFilter(_not_watchdog_debug)
             root.addHandler(handler)
-    if file_error is not None:
-        get_logger("scheduler_publisher.logs").warning(
-            "log_file_unavailable", path=str(settings.file), error=str(file_error)
+    _report_file(settings, file_handler, file_error)
+    if in_use is not None:
+        raise in_use
+
+
+def _console_handler(settings: LogSettings, out: TextIO, version: str) -> StdoutHandler:
+    console = StdoutHandler(out, journald=is_journal_stream(out))
+    console.setFormatter(
+        _console_formatter(out)
+        if settings.format == "console"
+        else _json_formatter(settings.service_name, version)
+    )
+    return console
+
+
+def _report_file(
+    settings: LogSettings, handler: logging.Handler | None, error: OSError | None
+) -> None:
+    log = get_logger("scheduler_publisher.logs")
+    if error is not None:
+        log.warning("log_file_unavailable", path=str(settings.file), error=str(error))
+    writer = handler.writer if isinstance(handler, FileHandler) else None
+    if writer is not None and writer.unsupported is not None:
+        log.warning(
+            "file_lock_unsupported",
+            path=str(settings.file),
+            error=writer.unsupported,
+            hint="another process could write the file too",
         )
 
 
@@ -310,6 +339,8 @@ def _open_file_handler(
     try:
         _check_folder(settings.file.parent)
         handler = FileHandler(settings.file, settings, file_reporter(settings.file, stdout))
+    except FileInUseError:
+        raise  # not a file to do without: the caller refuses to start
     except OSError as exc:
         return None, exc
     handler.setFormatter(_json_formatter(settings.service_name, version))
@@ -374,7 +405,9 @@ def log_startup_failure(
     """
     temporary = _installed is None
     if temporary:
-        configure_logging(settings, stream=stream)
+        # Another process's log file stays theirs: the line then goes to stdout only.
+        with contextlib.suppress(FileInUseError):
+            configure_logging(settings, stream=stream)
     installed = _installed
     unopened = (
         installed.file

@@ -49,6 +49,11 @@ from scheduler_publisher.mqtt.client import (
     paho_client,
     publish_properties,
 )
+from scheduler_publisher.mqtt.descriptors import (
+    DescriptorBudget,
+    DescriptorsView,
+    open_files_limit,
+)
 from scheduler_publisher.mqtt.session import (
     MAIN_LINK,
     STABLE_AFTER,
@@ -72,6 +77,8 @@ SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
 FLUSH_BYTES = 4096  # a phase group's packets leave in sends of about this size
 TIMER_GRAIN = 0.001  # epoll_wait's resolution (it rounds timeouts up to whole milliseconds)
+# An lwt connection's last_error while it waits (descriptors.py); /status shows it as the reason.
+WAITING_FOR_DESCRIPTOR = "waiting for a file descriptor (open files limit)"
 
 
 class Connector(Protocol):
@@ -186,6 +193,9 @@ class NetworkLoop:
         )
         self._next_misc = 0.0
         self._next_connect_check = 0.0  # earliest `due` of any session in BACKOFF
+        # Descriptors the lwt connections may take (descriptors.py); sized when the loop starts.
+        self._budget = DescriptorBudget(lambda: None)
+        self._waiting: frozenset[LinkKey] = frozenset()  # due lwt links without a descriptor
         # The one timer (call_at): the scheduler's next due job, run on this thread.
         self._timer_at = math.inf
         self._timer: Callable[[], None] | None = None
@@ -207,6 +217,7 @@ class NetworkLoop:
         self._driven = True
 
     def _open_selector(self) -> None:
+        self._budget = DescriptorBudget(open_files_limit)
         self._selector = self._make_selector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -298,6 +309,12 @@ class NetworkLoop:
 
     def sessions(self) -> list[SessionView]:
         return list(self._sessions.values())
+
+    def descriptors(self) -> DescriptorsView:
+        """The descriptor budget, and how many lwt connections wait for one (any thread)."""
+        sessions = self._sessions
+        waiting = sum(1 for key in self._waiting if key in sessions)
+        return DescriptorsView(self._budget.limit, self._budget.reserve, waiting)
 
     # ---- network thread: what the manager asks for ------------------------------------------
     def call_at(self, when: float, fn: Callable[[], None]) -> None:
@@ -672,13 +689,14 @@ class NetworkLoop:
     def _start_due_connects(self, now: float) -> None:
         if now < self._next_connect_check or self._stopping.is_set():
             return
-        next_check = now + MISC_PERIOD
+        next_check = now + MISC_PERIOD  # also when waiting links look for a descriptor again
         # The main connection comes first, always: the entry sessions wait until it is up. A
         # broker's max_connections or a low `ulimit -n` then cannot be used up by lwt
         # connections while the main connection (every other entry, and the status topic) has
         # none.
         main = self._sessions.get(MAIN_LINK)
         entries_may_connect = main is not None and main.is_up
+        waiting: list[Session] = []
         for session in list(self._sessions.values()):
             if session.state is not State.BACKOFF:
                 continue
@@ -686,13 +704,46 @@ class NetworkLoop:
                 continue  # re-checked when the main session comes up (_on_connected)
             if session.due > now:
                 next_check = min(next_check, session.due)
+            elif not self._descriptor_for(session, now, waiting):
+                waiting.append(session)
             elif self._bucket.take(now):
-                session.fire(Event.BACKOFF_ELAPSED)
-                session.render_will()
-                self._connector.submit(self._attempt, session)
+                self._begin_attempt(session)
             else:  # rate limited: come back when the bucket has a token again
+                if not session.key.is_main:
+                    self._budget.refund()
                 next_check = min(next_check, now + 1 / self._bucket.rate)
         self._next_connect_check = next_check
+        if entries_may_connect:  # else no entry asked for a descriptor: the last word stands
+            self._note_waiting(waiting)
+
+    def _descriptor_for(self, session: Session, now: float, waiting: list[Session]) -> bool:
+        """The main connection always gets one; an lwt connection only while the reserve stays
+        free, and not before the ones that already wait in this pass (descriptors.py)."""
+        return session.key.is_main or (not waiting and self._budget.admit(now))
+
+    def _begin_attempt(self, session: Session) -> None:
+        if session.last_error == WAITING_FOR_DESCRIPTOR:
+            session.last_error = None
+        session.fire(Event.BACKOFF_ELAPSED)
+        session.render_will()
+        self._connector.submit(self._attempt, session)
+
+    def _note_waiting(self, waiting: list[Session]) -> None:
+        """Mark the lwt links that wait for a descriptor; log once when links start to wait,
+        and once when none waits any more: never once per attempt."""
+        for session in waiting:
+            session.last_error = WAITING_FOR_DESCRIPTOR
+        before, self._waiting = self._waiting, frozenset(s.key for s in waiting)
+        if self._waiting and not before:
+            log.warning(
+                "descriptors_short",
+                links_waiting=len(waiting),
+                open_files_limit=self._budget.limit,
+                reserve=self._budget.reserve,
+                hint="lwt connections beyond the open files limit wait; raise LimitNOFILE",
+            )
+        elif before and not self._waiting:
+            log.info("descriptors_available", open_files_limit=self._budget.limit)
 
     def _attempt(self, session: Session) -> None:
         """Connector thread: the blocking TCP connect and TLS handshake."""

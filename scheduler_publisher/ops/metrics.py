@@ -40,6 +40,7 @@ from scheduler_publisher.stats import LATENESS_BUCKETS, EntryStats, Stats
 if TYPE_CHECKING:
     from scheduler_publisher.config.loader import PublishConfig
     from scheduler_publisher.config.shard import Shard
+    from scheduler_publisher.mqtt.descriptors import DescriptorsView
 
 log = get_logger("scheduler_publisher.metrics")
 
@@ -80,6 +81,9 @@ class MetricsSource(Protocol):
 
     @property
     def shard(self) -> Shard | None: ...
+
+    @property
+    def descriptors(self) -> DescriptorsView: ...
 
     def is_connected(self) -> bool: ...
 
@@ -254,6 +258,11 @@ class ServiceCollector(Collector):
         total, up = source.connection.connection_counts()
         yield _gauge("connections", "MQTT connections", total)
         yield _gauge("connections_up", "MQTT connections up", up)
+        yield _gauge(
+            "connections_waiting_for_descriptor",
+            "lwt connections that wait for a file descriptor (open files limit)",
+            source.descriptors.links_waiting,
+        )
         yield _gauge("active_configs", "Entries running", len(entries))
         yield _gauge(
             "entries_quarantined",

@@ -17,6 +17,7 @@ from typing import Any
 from scheduler_publisher.config.cron import time_zone
 from scheduler_publisher.config.loader import PublishConfig
 from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.mqtt.descriptors import DescriptorsView
 from scheduler_publisher.stats import EntryStats, Stats
 
 
@@ -136,6 +137,23 @@ class ConnectionStatus:
             "entries_without_connection": self.entries_without_connection.to_json(),
             "quarantined_entries": dict(self.quarantined_entries),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorStatus:
+    """The open files limit, the descriptors kept free for HTTP, the entries file, the state
+    database and the log file, and the lwt connections waiting for a descriptor."""
+
+    limit: int | None  # the soft RLIMIT_NOFILE; None: unlimited
+    reserve: int
+    links_waiting: int
+
+    @classmethod
+    def of(cls, view: DescriptorsView) -> DescriptorStatus:
+        return cls(view.limit, view.reserve, view.links_waiting)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"limit": self.limit, "reserve": self.reserve, "links_waiting": self.links_waiting}
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +307,7 @@ class ServiceStatus:
     config: ConfigStatus
     entries: Mapping[str, EntryStatus]  # by entry id
     shard: Shard | None = None  # --shard: this process runs only this shard's entries
+    descriptors: DescriptorStatus | None = None  # None: not known (no network loop)
 
     @property
     def active_configs(self) -> int:
@@ -312,6 +331,8 @@ class ServiceStatus:
         }
         if self.shard is not None:  # only when sharded: an unsharded document stays as it was
             body["shard"] = shard_json(self.shard)
+        if self.descriptors is not None:
+            body["descriptors"] = self.descriptors.to_json()
         body["entries"] = {i: self.entries[i].to_json() for i in ids}
         return body
 

@@ -131,7 +131,9 @@ function renderHeader(status) {
   badge.className = `badge ${status.connected ? "badge-up" : "badge-down"}`;
   setText("broker", c.broker || "–");
   setText("client-id", c.client_id || "–");
-  setText("connections", c.connections === undefined ? "–" : `${c.connections_up} of ${c.connections} up`);
+  const waiting = (status.descriptors || {}).links_waiting || 0;
+  const short = waiting ? `, ${waiting} waiting for a file descriptor` : "";
+  setText("connections", c.connections === undefined ? "–" : `${c.connections_up} of ${c.connections} up${short}`);
   const health = status.health || {};
   const problems = health.problems || [];
   $("health").hidden = problems.length === 0;
