@@ -300,6 +300,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         http_host=args.http_host,
         http_port=args.http_port,
         http_token=token,
+        http_allowed_hosts=tuple(filter(None, args.http_allowed_hosts.split(","))),
         metrics_per_entry=args.metrics_per_entry,
         metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove,
