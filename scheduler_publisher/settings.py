@@ -86,7 +86,11 @@ class ServiceSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     http_token: str | None = field(default=None, repr=False)
-    http_request_timeout: float = 10.0  # an idle or slow HTTP client is cut off after this
+    # `Host:` names HTTP answers besides localhost and --http-host (ops/http.py HostCheck)
+    http_allowed_hosts: tuple[str, ...] = ()
+    # An HTTP request not complete this long after its connection is cut off, and a reply not
+    # taken this long after it was ready (ops/http_server.py).
+    http_request_timeout: float = 10.0
     metrics_per_entry: MetricsPerEntry = "auto"  # auto: per-entry series up to the limit
     metrics_entry_limit: int = 1000
     shutdown_timeout: float = 4.0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import http.client
+import itertools
 import json
 import os
 import resource
@@ -10,14 +13,25 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
-from scheduler_publisher.ops.http_server import HTTP_QUEUE, HTTP_WORKERS, MAX_WAITING
+from scheduler_publisher.ops.http_server import (
+    HTTP_QUEUE,
+    HTTP_WORKERS,
+    MAX_HEAD,
+    MAX_WAITING,
+    BoundedHTTPServer,
+)
 from tests.support import (
     Mosquitto,
+    Reply,
     ServiceProcess,
     ServiceStarter,
     SubscriberFactory,
@@ -265,6 +279,25 @@ def test_reload_needs_the_bearer_token(http_service: ServiceStarter, topic_base:
     assert get(service, "/health").status == 200  # reads stay open
 
 
+def test_an_empty_bearer_never_authorizes(http_service: ServiceStarter, topic_base: str) -> None:
+    """`Authorization: Bearer` with nothing, or only blanks, after it is a 401; so is any
+    header when the token is empty (set through the API), and a token with bytes beyond
+    ASCII is compared as bytes, not crashed on."""
+    token = f"tok-{uuid.uuid4().hex}"
+    service = http_service([entry("one", f"{topic_base}/one", 0.2)], http_token=token)
+    for header in ("Bearer", "Bearer ", "Bearer \t ", "bearer", " Bearer  "):
+        assert post(service, "/reload", authorization=header).status == 401, repr(header)
+    latin = raw_reply(
+        service.http.port,
+        b"POST /reload HTTP/1.0\r\nAuthorization: Bearer t\xf6k\xff\r\n\r\n",
+    )
+    assert latin.startswith(b"HTTP/1.0 401 ")
+
+    empty = http_service([entry("two", f"{topic_base}/two", 0.2)], http_token="")
+    for header in ("Bearer", "Bearer ", "Bearer x"):
+        assert post(empty, "/reload", authorization=header).status == 401, repr(header)
+
+
 def test_token_file_guards_reload_in_the_real_process(
     tmp_path: Path, broker: Mosquitto, topic_base: str
 ) -> None:
@@ -365,6 +398,35 @@ def test_request_bodies_are_read_and_bounded(http_service: ServiceStarter, topic
     garbled = request(port, "POST", "/reload", {"Content-Length": "-1"})
     assert garbled.status == 400
     assert "Content-Length" in garbled.json()["error"]
+    # int() takes "1_0" and "+1", raises on 5,000 digits and on "²" (a digit to isdigit()).
+    for odd in (b"5" * 5000, b"1_0", b"+1", b"0x10", b"\xb2", b"\xd9\xa3"):
+        raw = raw_reply(port, b"POST /reload HTTP/1.0\r\nContent-Length: " + odd + b"\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 400 "), (odd[:10], raw[:100])
+        assert b"\n" not in body
+        assert json.loads(body)["error"].startswith("Content-Length: expected a byte count")
+        assert len(body) < 200
+
+
+def raw_reply(port: int, data: bytes) -> bytes:
+    """What the server answers to `data` sent as is, read until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_a_request_head_is_bounded(http_service: ServiceStarter, topic_base: str) -> None:
+    """A request line and headers over MAX_HEAD get 431 JSON, and the server goes on."""
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
+    port = service.http.port
+    big = b"GET /health HTTP/1.0\r\nX-Big: " + b"a" * MAX_HEAD + b"\r\n\r\n"
+    head, _, body = raw_reply(port, big).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 431 ")
+    assert json.loads(body) == {"error": f"request line and headers: at most {MAX_HEAD} bytes"}
+    assert get(service, "/health").status == 200
 
 
 def test_head_answers_like_get_without_a_body(
@@ -511,51 +573,205 @@ def test_the_longest_silent_connections_go_first_beyond_the_cap(
             s.close()
 
 
-def test_slow_requests_get_bounded_workers_then_503(
-    http_service: ServiceStarter, topic_base: str
+def trickle(
+    sockets: list[socket.socket], data: bytes, stop: threading.Event, begun: threading.Event
 ) -> None:
-    """Clients that start a request and stall take the few workers and the queue; the
-    requests beyond them get 503 JSON at once, no new thread, and all is well after the
-    timeout."""
-    # The stalled requests hold the workers until this timeout: long enough for a loaded
-    # machine to open them all before the first ones are let go.
-    service = http_service([entry("one", f"{topic_base}/one", 0.5)], http_request_timeout=4.0)
-    port = service.http.port
-    assert get(service, "/health").status == 200
-    threads_before = threading.active_count()
+    """Sends `data` one byte a second on each socket (a slow client's pace), round after
+    round, until `stop`; `begun` is set once each has sent a byte. A socket the server has
+    closed is left alone."""
+    for byte in itertools.cycle(data):
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.send(bytes([byte]))
+        begun.set()
+        if stop.wait(1.0):
+            return
 
-    beyond = 4
-    stalled = open_sockets(port, HTTP_WORKERS + HTTP_QUEUE + beyond)
+
+def test_slow_clients_never_cost_a_probe_its_answer(
+    tmp_path: Path, broker: Mosquitto, topic_base: str
+) -> None:
+    """Forty clients trickling a request head a byte a second take no worker: /health answers
+    200 beside them, and each is cut off at the request deadline (10 s) although it never
+    stops sending: the deadline is per request, not per recv."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
+    port = free_port()
+    proc = ServiceProcess(cli_args(broker.port, config, command=(), http_port=port), cwd=tmp_path)
+    stop, begun = threading.Event(), threading.Event()
+    slow: list[socket.socket] = []
     try:
-        for s in stalled:
-            s.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n")  # no blank line: never complete
-        # Which of them find the workers and the queue taken depends on the order the server
-        # sees them begin; a request of ours sent now could find a place and wait for one.
+        proc.wait_for_event("http_listening")
+        slow = open_sockets(port, 40)
+        head = b"GET /status HTTP/1.0\r\nX-Slow: " + b"a" * 1000  # never ends: no blank line
+        feeder = threading.Thread(target=trickle, args=(slow, head, stop, begun), daemon=True)
+        feeder.start()
+        assert begun.wait(10)
+        for _ in range(3):  # while every slow client has begun its request
+            reply = call(port, "/health", timeout=5)
+            assert (reply.status, reply.json()["ok"]) == (200, True)
+            assert call(port, "/status", timeout=5).status == 200
+        wait_until(
+            lambda: all(closed_by_peer(s) for s in slow),
+            40,
+            message="every slow client cut off at its deadline while still sending",
+        )
+        assert feeder.is_alive()
+    finally:
+        stop.set()
+        for s in slow:
+            s.close()
+        proc.stop()
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """A stand-in for the service's handler: `/wait` answers once `release` is set, `/big`
+    with BIG bytes, any other path with a small JSON body."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if self.path == "/wait":
+            self.release.wait(30)
+        body = BIG if self.path == "/big" else b"{}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+BIG = b"x" * (1 << 20)
+
+
+@dataclass(frozen=True)
+class Bound:
+    server: BoundedHTTPServer
+    release: threading.Event  # lets the stand-in's /wait requests answer
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+
+@pytest.fixture
+def bounded() -> Iterator[Callable[..., Bound]]:
+    """Starts BoundedHTTPServers on loopback with the stand-in handler; at the end their
+    waiting requests are released and the servers stopped."""
+    started: list[Bound] = []
+
+    def start(request_timeout: float, *probe_paths: str) -> Bound:
+        handler: type[StandIn] = type("Handler", (StandIn,), {"release": threading.Event()})
+        server = BoundedHTTPServer(
+            ("127.0.0.1", 0), handler, request_timeout, frozenset(probe_paths)
+        )
+        server.start()
+        started.append(Bound(server, handler.release))
+        return started[-1]
+
+    yield start
+    for bound in started:
+        bound.release.set()
+        bound.server.stop()
+
+
+def test_requests_beyond_the_workers_get_503_while_probes_answer(
+    bounded: Callable[..., Bound],
+) -> None:
+    """Complete requests that keep the workers busy fill the queue; those beyond get 503 JSON
+    at once, no new thread, while a probe path has its own worker and answers; released,
+    the others are answered."""
+    server = bounded(30.0, "/health")
+    threads_before = threading.active_count()
+    beyond = 3
+    waiting = open_sockets(server.port, HTTP_WORKERS + HTTP_QUEUE + beyond)
+    try:
+        for s in waiting:
+            s.sendall(b"GET /wait HTTP/1.0\r\n\r\n")
+            s.setblocking(False)  # busy_reply peeks without waiting
         refused = wait_until(
             lambda: (
-                len(busy := [r for s in stalled if (r := busy_reply(s)) is not None]) >= beyond
+                len(busy := [r for s in waiting if (r := busy_reply(s)) is not None]) >= beyond
                 and busy
             ),
             10,
             message="503 while every worker is taken",
         )
-        # Every request beyond the workers and the queue is refused; those the workers had
-        # not yet taken from the queue when the last began are refused with them.
+        # Which of them find the queue full depends on how soon the workers took theirs.
         assert beyond <= len(refused) <= beyond + HTTP_WORKERS
         head, body = refused[0].split(b"\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.0 503 ")
         assert b"\r\nRetry-After: 1" in head
         assert json.loads(body) == {"error": "too many requests in progress; try again"}
+        assert request(server.port, "GET", "/health", timeout=5).status == 200
         assert threading.active_count() <= threads_before + 2  # slack for unrelated threads
-        wait_until(
-            lambda: all(closed_by_peer(s) for s in stalled),
-            30,
-            message="stalled requests timed out",
-        )
+
+        server.release.set()
+        answered = [s for s in waiting if busy_reply(s) is None]
+        for s in answered:
+            s.settimeout(10)
+            assert s.recv(65536).startswith(b"HTTP/1.0 200 ")
     finally:
-        for s in stalled:
+        for s in waiting:
             s.close()
-    wait_until(lambda: get(service, "/health").status == 200, 10, message="/health 200 again")
+
+
+def slow_reader(port: int) -> socket.socket:
+    """A client that takes a reply a few hundred bytes at a time: small segments and a 4 KB
+    receive window, so that a 1 MB reply cannot be sent at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def has_data(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def read_to_end(sock: socket.socket) -> int:
+    """Bytes received until the server closes the connection."""
+    sock.setblocking(True)
+    sock.settimeout(20)
+    total = 0
+    while chunk := sock.recv(1 << 16):
+        total += len(chunk)
+    return total
+
+
+def test_clients_that_never_read_their_reply_cost_no_worker(
+    bounded: Callable[..., Bound],
+) -> None:
+    """Thirty clients that ask for a 1 MB reply and never read it each get the start of it,
+    no worker waits on them, another request is answered beside them, and each is cut off
+    at the deadline with its reply unfinished."""
+    server = bounded(3.0)  # no probe lane: the workers themselves are free
+    readers = [slow_reader(server.port) for _ in range(30)]
+    try:
+        for s in readers:
+            s.sendall(b"GET /big HTTP/1.0\r\n\r\n")
+            s.setblocking(False)  # has_data peeks without waiting
+        wait_until(
+            lambda: all(has_data(s) for s in readers), 10, message="every reply begun at once"
+        )
+        assert request(server.port, "GET", "/small", timeout=5).status == 200
+        wait_until(
+            lambda: server.server.held_connections() == (0, 0),
+            20,
+            message="the slow readers cut off at their deadline",
+        )
+        for s in readers:
+            assert read_to_end(s) < len(BIG)
+    finally:
+        for s in readers:
+            s.close()
 
 
 def busy_reply(sock: socket.socket) -> bytes | None:
@@ -612,3 +828,185 @@ def test_out_of_file_descriptors_backs_off_instead_of_spinning(
         for s in clients:
             s.close()
         proc.stop()
+
+
+# ---- who may reach the endpoints: Host names, other sites' pages, address families ---------
+
+
+def fetch(
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    address: str = "127.0.0.1",
+) -> Reply:
+    """`request` to any address (an IPv6 one too), with the headers as given (Host included)."""
+    conn = http.client.HTTPConnection(address, port, timeout=10)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None, headers=headers or {})
+        r = conn.getresponse()
+        return Reply(r.status, r.read(), r.headers.get("Content-Type", ""), r.headers)
+    finally:
+        conn.close()
+
+
+FOREIGN_HOSTS = (
+    "evil.example",
+    "evil.example:8080",
+    "localhost.evil.example",
+    "127.0.0.1.evil.example",
+    "evil.example.:80",
+    "a b",
+    "[::1",
+    "[evil.example]:80",
+    "x:y",
+)
+
+
+def test_names_the_server_does_not_answer_to_get_421(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
+    """Bound to loopback, a Host that names another server (a DNS-rebinding page) gets a 421
+    on every endpoint; localhost, any IP address, and no Host at all are answered."""
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
+    port = service.http.port
+    for host in FOREIGN_HOSTS:
+        for path in ("/status", "/", "/health", "/metrics"):
+            reply = fetch(port, path, headers={"Host": host})
+            assert reply.status == 421, (host, path)
+            assert "--http-allowed-hosts" in reply.json()["error"]
+        assert fetch(port, "/reload", method="POST", headers={"Host": host}).status == 421
+    ours = (f"localhost:{port}", "LOCALHOST.", f"127.0.0.1:{port}", f"[::1]:{port}", "10.1.2.3")
+    for host in ours:
+        assert fetch(port, "/status", headers={"Host": host}).status == 200, host
+    no_host = raw_reply(port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert no_host.startswith(b"HTTP/1.0 200 ")
+
+
+def test_allowed_hosts_extend_the_names(http_service: ServiceStarter, topic_base: str) -> None:
+    """--http-allowed-hosts names the hosts a browser may use besides localhost; `*` any."""
+    listed = http_service(
+        [entry("one", f"{topic_base}/one", 0.5)], http_allowed_hosts=("gateway.lan", "gw")
+    )
+    for host in ("gateway.lan", "GATEWAY.LAN.:8080", "gw", "localhost"):
+        assert fetch(listed.http.port, "/status", headers={"Host": host}).status == 200, host
+    for host in ("other.lan", "gateway.lan.evil.example"):
+        assert fetch(listed.http.port, "/status", headers={"Host": host}).status == 421, host
+    anything = http_service([entry("two", f"{topic_base}/two", 0.5)], http_allowed_hosts=("*",))
+    assert fetch(anything.http.port, "/status", headers={"Host": "evil.example"}).status == 200
+
+
+def test_cross_site_posts_to_reload_are_refused(
+    http_service: ServiceStarter, config_path: Path, topic_base: str
+) -> None:
+    """Without a token, a POST /reload that another site's page could send (its Origin, a
+    Sec-Fetch-Site other than same-origin, a form's Content-Type) is refused and applies
+    nothing; the page's own fetch, curl and JSON are served."""
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)], watch=False)
+    port = service.http.port
+    here = f"127.0.0.1:{port}"
+    write_config(config_path, two_entries(topic_base))  # what a reload would apply
+    refused = [
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Origin": f"http://localhost:{port}"}, 403),  # another origin, even on this host
+        ({"Origin": f"http://127.0.0.1:{port + 1}"}, 403),
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
+        ({"Content-Type": "Text/Plain;charset=UTF-8"}, 415),
+    ]
+    for headers, status in refused:
+        reply = fetch(port, "/reload", method="POST", headers=headers)
+        assert reply.status == status, headers
+        assert reply.json()["success"] is False
+    assert get(service, "/status").json()["active_configs"] == 1
+    served: list[dict[str, str]] = [
+        {"Origin": f"http://{here}", "Sec-Fetch-Site": "same-origin"},
+        {},
+        {"Sec-Fetch-Site": "none"},
+        {"Content-Type": "application/json"},
+    ]
+    for headers in served:
+        reply = fetch(port, "/reload", method="POST", headers={"Host": here, **headers})
+        assert (reply.status, reply.json()["success"]) == (200, True), headers
+        assert reply.json()["active_configs"] == 2
+
+
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1", "::"])
+def test_http_host_may_be_ipv6_or_ipv4(
+    host: str, tmp_path: Path, broker: Mosquitto, topic_base: str
+) -> None:
+    """--http-host ::1 serves IPv6, 127.0.0.1 IPv4, and :: both; a foreign Host is refused
+    on loopback and accepted on all interfaces without --http-allowed-hosts."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
+    port = free_port()
+    args = cli_args(broker.port, config, "--http-host", host, command=(), http_port=port)
+    proc = ServiceProcess(args, cwd=tmp_path)
+    try:
+        proc.wait_for_event("http_listening")
+        clients = {"::1": ["::1"], "127.0.0.1": ["127.0.0.1"], "::": ["::1", "127.0.0.1"]}[host]
+        for address in clients:
+            reply = fetch(port, "/health", address=address)
+            assert (reply.status, reply.json()["ok"]) == (200, True), address
+        foreign = fetch(port, "/status", headers={"Host": "evil.example"}, address=clients[0])
+        assert foreign.status == (200 if host == "::" else 421)
+    finally:
+        proc.stop()
+
+
+def test_allowed_hosts_from_the_environment_in_the_real_process(
+    tmp_path: Path, broker: Mosquitto, topic_base: str
+) -> None:
+    """SCHEDULER_PUBLISHER_HTTP_ALLOWED_HOSTS sets the list like any option; a bad list is
+    a usage error (exit 2) that names the variable."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("one", f"{topic_base}/one", 0.5)])
+    port = free_port()
+    args = cli_args(broker.port, config, command=(), http_port=port)
+    env = {"SCHEDULER_PUBLISHER_HTTP_ALLOWED_HOSTS": "Gateway.lan, gw"}
+    proc = ServiceProcess(args, cwd=tmp_path, env=env)
+    try:
+        proc.wait_for_event("http_listening")
+        assert fetch(port, "/status", headers={"Host": f"gateway.lan:{port}"}).status == 200
+        assert fetch(port, "/status", headers={"Host": "gw"}).status == 200
+        assert fetch(port, "/status", headers={"Host": "other.lan"}).status == 421
+    finally:
+        proc.stop()
+    bad = ServiceProcess(
+        args, cwd=tmp_path, env={"SCHEDULER_PUBLISHER_HTTP_ALLOWED_HOSTS": "gw:8080"}
+    )
+    try:
+        assert bad.wait(30) == 2
+    finally:
+        bad.stop()
+    (line,) = [line for line in bad.stderr if "error" in line]
+    assert "SCHEDULER_PUBLISHER_HTTP_ALLOWED_HOSTS" in line
+    assert "'gw:8080'" in line
+
+
+def test_odd_status_queries_get_a_one_line_400(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
+    """/status?offset=<5,000 digits> and other values int() would choke on or take get a 400
+    whose JSON error is one short line naming the parameter (not a closed connection)."""
+    service = http_service([entry("one", f"{topic_base}/one", 0.5)])
+    port = service.http.port
+    for query in (
+        "offset=" + "9" * 5000,
+        "limit=" + "9" * 5000,
+        "offset=1_0",
+        "offset=%2B1",
+        "offset=%D9%A3",
+        "offset=99999999999",
+        "x" * 5000 + "=1",
+        "q=" + "%00" * 300,
+    ):
+        reply = request(port, "GET", f"/status?{query}")
+        assert reply.status == 400, query[:20]
+        assert b"\n" not in reply.body
+        assert len(reply.body) < 1000  # the value quoted back is cut short
+        assert reply.json()["parameter"] in ("offset", "limit", "q", "x" * 40 + "…")

@@ -4,6 +4,7 @@ and hostile config files at start-up. Real Mosquitto, real service process."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -438,6 +439,56 @@ def test_http_reload_requires_the_bearer_token(
     assert body["success"] is True
     assert body["active_configs"] == 1
     assert_never_logged(proc, launch.log_file, token)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "the file is empty; write the HTTP bearer token on the first line"),
+        (b"\n", "the file is empty"),
+        (b"   \t\n", "the file is empty"),
+        (b"\nreal-token-on-line-2\n", "its first line is empty"),
+        (b"  \nreal-token-on-line-2\n", "its first line is empty"),
+        ("t\u00f6ken\n".encode(), "the token must be printable ASCII characters"),
+        (b"tok\x01en\n", "the token must be printable ASCII characters"),
+        (b"\xff\xfe\n", "cannot read the HTTP bearer token"),
+        (b"x" * 70_000, "over 65536 bytes"),
+    ],
+)
+def test_a_token_file_without_a_usable_token_stops_the_start(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    """A token file whose first line has no token (empty file, blank first line, blanks)
+    or a token a header cannot carry exits 5 with one line naming the file and the token;
+    never an empty token that `Authorization: Bearer` would match."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("one", f"{unique_topic()}/one", 1)])
+    token_file = tmp_path / "token"
+    token_file.write_bytes(content)
+    code, err = _run_to_exit(tmp_path, config, "--http-token-file", str(token_file))
+    assert code == 5
+    (line,) = [line for line in err.splitlines() if "cannot start" in line]
+    assert f"--http-token-file {token_file}: {expected}" in line
+    assert "password" not in line
+    assert "index" not in line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_token_file_that_is_no_regular_file_stops_the_start(tmp_path: Path, kind: str) -> None:
+    """A FIFO (which would hang the start), a folder or /dev/zero (which never ends) as the
+    token file exits 5 at once, saying so."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("one", f"{unique_topic()}/one", 1)])
+    path = tmp_path / "token"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path = Path("/dev/zero")
+    code, err = _run_to_exit(tmp_path, config, "--http-token-file", str(path))
+    assert code == 5
+    assert f"--http-token-file {path}: not a regular file" in err
 
 
 # ---- config files that cannot be used at start-up ------------------------------------------

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -490,6 +492,96 @@ def test_reload_button_with_a_token(
         message="reloaded with the token",
     )
     assert service.active_configs == 2
+
+
+def test_entries_named_like_object_properties_show_their_own_state(
+    http_service: ServiceStarter,
+    broker: Mosquitto,
+    page: Callable[[PublisherService], WebDriver],
+    topic_base: str,
+) -> None:
+    """lwt entries named `constructor`, `__proto__`, `toString`... show their own connection:
+    connected while the broker is up, down with the reason once it is gone; never a value
+    every JavaScript object inherits (`down: function Object() { [native code] }`)."""
+    ids = ["constructor", "__proto__", "toString", "hasOwnProperty", "valueOf", "plain"]
+    service = http_service([entry(i, f"{topic_base}/{n}", 5, lwt=True) for n, i in enumerate(ids)])
+    browser = page(service)
+    table = wait_rows(
+        browser,
+        lambda t: len(t) == len(ids) and all(r[CONNECTION] == "connected" for r in t),
+        "every lwt entry shown connected",
+    )
+    assert sorted(r[ID] for r in table) == sorted(ids)
+    assert all(r[TOPIC].startswith(f"{topic_base}/") for r in table)
+
+    broker.stop()
+    table = wait_rows(
+        browser,
+        lambda t: all(r[CONNECTION].startswith("down: ") for r in t),
+        "every lwt entry shown down",
+    )
+    (reason,) = {r[CONNECTION] for r in table}  # the same outage for all, the plain one too
+    assert not any(word in reason for word in ("function", "[object", "native code")), reason
+    assert console_errors(browser) == []
+
+
+class _AttackerPage(BaseHTTPRequestHandler):
+    """Another site's page: it posts to the service's /reload with fetch() and a form."""
+
+    target = ""
+
+    def do_GET(self) -> None:
+        body = ATTACKER_PAGE.replace("TARGET", self.target).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+ATTACKER_PAGE = """<!doctype html><html><body>
+<form id="f" method="POST" action="TARGET" enctype="text/plain"><input name="a" value="b"></form>
+<script>
+fetch("TARGET", {method: "POST", mode: "no-cors"})
+  .catch(() => null)
+  .then(() => document.getElementById("f").submit());
+</script></body></html>"""
+
+
+def test_another_site_s_page_cannot_reload(
+    http_service: ServiceStarter,
+    browser: WebDriver,
+    config_path: Path,
+    topic_base: str,
+) -> None:
+    """Without a token, a page of another origin that posts to /reload (fetch in no-cors mode,
+    then a form) reloads nothing: the browser shows the refusal."""
+    service = http_service([entry("one", f"{topic_base}/one", 5)], watch=False)
+    write_config(
+        config_path, [entry("one", f"{topic_base}/one", 5), entry("two", f"{topic_base}/two", 5)]
+    )
+    target = f"http://127.0.0.1:{service.http.port}/reload"
+    handler = type("Attacker", (_AttackerPage,), {"target": target})
+    attacker = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://localhost:{attacker.server_address[1]}/")
+        wait_until(
+            lambda: browser.current_url == target, WAIT, message="the form posted to /reload"
+        )
+        wait_until(
+            lambda: "refused" in browser.find_element(By.TAG_NAME, "body").text,
+            WAIT,
+            message="the refusal shown",
+        )
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    assert service.active_configs == 1
+    assert get_json(service.http.port, "/status")[1]["active_configs"] == 1
 
 
 def test_page_passes_an_accessibility_check(

@@ -77,10 +77,15 @@ def test_defaults_fill_what_the_query_leaves_out() -> None:
 @pytest.mark.parametrize(
     ("query", "parameter", "received", "expected"),
     [
-        ("offset=-1", "offset", "-1", "an integer of at least 0"),
-        ("offset=ten", "offset", "ten", "an integer of at least 0"),
-        ("offset=", "offset", "", "an integer of at least 0"),
-        ("offset=%D9%A3", "offset", "\u0663", "an integer of at least 0"),  # an Arabic-Indic 3
+        ("offset=-1", "offset", "-1", "an integer from 0 to 1000000000"),
+        ("offset=ten", "offset", "ten", "an integer from 0 to 1000000000"),
+        ("offset=", "offset", "", "an integer from 0 to 1000000000"),
+        (
+            "offset=%D9%A3",
+            "offset",
+            "\u0663",
+            "an integer from 0 to 1000000000",
+        ),  # an Arabic-Indic 3
         ("limit=0", "limit", "0", "an integer from 1 to 1000"),
         ("limit=1001", "limit", "1001", "an integer from 1 to 1000"),
         ("limit=1.5", "limit", "1.5", "an integer from 1 to 1000"),
@@ -89,6 +94,15 @@ def test_defaults_fill_what_the_query_leaves_out() -> None:
         ("page=2", "page", "page", "one of the parameters offset, limit, q, sort, order"),
         ("limit=5&limit=6", "limit", "5, 6", "the parameter at most once"),
         ("q=" + "x" * 201, "q", "x" * 40 + "…", "at most 200 characters"),
+        # int() would take these, or raise ValueError past 4,300 digits (issue 27 #13)
+        ("offset=" + "9" * 5000, "offset", "9" * 40 + "…", "an integer from 0 to 1000000000"),
+        ("limit=" + "1" * 5000, "limit", "1" * 40 + "…", "an integer from 1 to 1000"),
+        ("offset=1000000001", "offset", "1000000001", "an integer from 0 to 1000000000"),
+        ("offset=1_0", "offset", "1_0", "an integer from 0 to 1000000000"),
+        ("offset=+1", "offset", " 1", "an integer from 0 to 1000000000"),  # + is a space
+        ("offset=%2B1", "offset", "+1", "an integer from 0 to 1000000000"),
+        ("limit=%201", "limit", " 1", "an integer from 1 to 1000"),
+        ("x" * 5000 + "=1", "x" * 40 + "…", "x" * 40 + "…", "one of the parameters"),
     ],
 )
 def test_a_bad_parameter_is_named_with_what_came_and_what_is_expected(
@@ -102,6 +116,12 @@ def test_a_bad_parameter_is_named_with_what_came_and_what_is_expected(
     assert error["received"] == received
     assert error["expected"].startswith(expected)
     assert error["error"] == f"{parameter}: expected {error['expected']}, got {received!r}"
+
+
+def test_leading_zeros_do_not_count_against_the_length() -> None:
+    """A number is bounded by its value, not its spelling: 0...05 is 5."""
+    query = parse_query("offset=" + "0" * 50 + "5&limit=" + "0" * 30 + "1000")
+    assert query == StatusQuery(5, MAX_LIMIT)
 
 
 def test_the_filter_matches_id_or_topic_ignoring_case() -> None:

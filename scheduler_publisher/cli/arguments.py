@@ -21,6 +21,7 @@ from scheduler_publisher.cli.options import (
     environment_warnings,
     explicit_dests,
     host_name,
+    host_names,
     mqtt_string,
     mqtt_topic,
     options_file_path,
@@ -360,6 +361,15 @@ def _add_operations_arguments(p: argparse.ArgumentParser, d: ServiceSettings) ->
         help="health/status/metrics port; 0 turns HTTP off (default: 8080)",
     )
     o.add_argument("--http-token-file", type=Path, help="bearer token required for POST /reload")
+    o.add_argument(
+        "--http-allowed-hosts",
+        type=host_names,
+        default="",
+        metavar="NAMES",
+        help="names HTTP answers to in the Host header besides localhost, IP addresses and "
+        "--http-host, separated by commas; '*' for any (default: any when --http-host is "
+        "0.0.0.0 or ::, else none)",
+    )
     o.add_argument(
         "--metrics-per-entry",
         choices=("auto", "on", "off"),

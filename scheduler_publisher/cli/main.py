@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import ssl
+import stat
 import sys
 import textwrap
 import threading
@@ -221,20 +222,53 @@ def read_password(args: argparse.Namespace, environ: dict[str, str]) -> str | No
     if args.password:
         return str(args.password)
     if args.password_file:
-        return _first_line(args.password_file, "--password-file")
+        return _first_line(args.password_file, "--password-file", "password")
     if environ.get("MQTT_PASSWORD"):
         return environ["MQTT_PASSWORD"]
     creds = environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / "mqtt-password").is_file():
-        return _first_line(Path(creds) / "mqtt-password", "credential mqtt-password")
+        return _first_line(Path(creds) / "mqtt-password", "credential mqtt-password", "password")
     return None
 
 
-def _first_line(path: Path, what: str) -> str:
+MAX_SECRET_FILE = 64 * 1024  # a password or token file is one line; /dev/zero is not one
+
+
+def _first_line(path: Path, what: str, secret: str) -> str:
+    """The secret on the first line of a regular file, stripped; a StartupError naming the
+    file and the secret when there is none (an empty first line is never an empty secret)."""
+    where = f"{what} {path}"
     try:
-        return path.read_text(encoding="utf-8").splitlines()[0].strip()
-    except (OSError, UnicodeDecodeError, IndexError) as exc:
-        raise StartupError(f"{what} {path}: cannot read a password from it ({exc})") from None
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang, a device never end
+            raise StartupError(f"{where}: not a regular file; expected one with the {secret}")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_SECRET_FILE + 1)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"{where}: cannot read the {secret} from it ({exc})") from None
+    if len(data) > MAX_SECRET_FILE:
+        raise StartupError(
+            f"{where}: over {MAX_SECRET_FILE} bytes; expected one line, the {secret}"
+        )
+    lines = text.splitlines()
+    value = lines[0].strip() if lines else ""
+    if not value:
+        found = "the file is empty" if not text.strip() else "its first line is empty"
+        raise StartupError(f"{where}: {found}; write the {secret} on the first line")
+    return value
+
+
+def read_http_token(path: Path) -> str:
+    """--http-token-file's first line. Printable ASCII only: a header carries no other
+    characters reliably (a browser's fetch() refuses them), so any other is refused here
+    rather than never matching."""
+    token = _first_line(path, "--http-token-file", "HTTP bearer token")
+    if not (token.isascii() and token.isprintable()):
+        raise StartupError(
+            f"--http-token-file {path}: the token must be printable ASCII characters, "
+            "got other characters on the first line"
+        )
+    return token
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -256,7 +290,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
     password = read_password(args, environ)
     if password:
         register_secret(password)
-    token = _first_line(args.http_token_file, "--http-token-file") if args.http_token_file else None
+    token = read_http_token(args.http_token_file) if args.http_token_file else None
     if token:
         register_secret(token)
     ctx = tls_context(args)
@@ -291,6 +325,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         http_host=args.http_host,
         http_port=args.http_port,
         http_token=token,
+        http_allowed_hosts=tuple(filter(None, args.http_allowed_hosts.split(","))),
         metrics_per_entry=args.metrics_per_entry,
         metrics_entry_limit=args.metrics_entry_limit,
         clear_retained_on_remove=args.clear_retained_on_remove,

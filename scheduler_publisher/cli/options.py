@@ -60,6 +60,7 @@ ALTERNATIVES = (("password", "password-file"),)
 # Not options of the service, so not read from the file or shown; --options-file is read
 # from the environment by hand (the file cannot name itself).
 _NOT_OPTIONS = frozenset({"help", "version", "options_file"})
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # ASCII: what a Host header carries
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -233,6 +234,21 @@ def host_name(text: str) -> str:
             f"must be a host name or IP address without spaces, got {text!r}"
         )
     return text
+
+
+def host_names(text: str) -> str:
+    """An argparse `type` for `--http-allowed-hosts`: host names separated by commas, `*`
+    (any), or '' (none). Kept as text, normalised (lower case, no spaces), so that
+    show-options and the options file show it as it reads."""
+    if text == "":
+        return text  # no list
+    names = [name.strip().lower().rstrip(".") for name in text.split(",")]
+    if any(n != "*" and not _HOST_NAME.fullmatch(n) for n in names):
+        raise argparse.ArgumentTypeError(
+            f"must be host names (letters, digits, '-', '_', '.') or '*', separated by commas, "
+            f"got {text[:80]!r}"
+        )
+    return ",".join(names)
 
 
 def shard_spec(text: str) -> Shard:

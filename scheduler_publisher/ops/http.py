@@ -4,6 +4,9 @@ Bound to loopback by default. The threads and their bounds are http_server.py's;
 handlers here only read the service's state, or ask the main loop to reload. Connections are
 HTTP/1.0, one request each.
 
+Pages of other sites must not reach these endpoints through a user's browser: the checks on
+`Host:`, `Origin` and the bearer token are http_guard.py's.
+
 `/` is a status page for people (scheduler_publisher/ops/web/): static HTML, CSS and JavaScript
 that poll `/status` for one page of entries at a time. Its Content-Security-Policy allows
 scripts, styles and requests from this origin only, so entry-provided text cannot run.
@@ -11,7 +14,6 @@ scripts, styles and requests from this origin only, so entry-provided text canno
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Iterable
 from functools import cache
@@ -24,7 +26,8 @@ from urllib.parse import urlsplit
 from prometheus_client import make_wsgi_app
 
 from scheduler_publisher.logs.setup import get_logger
-from scheduler_publisher.ops.http_server import BoundedHTTPServer
+from scheduler_publisher.ops.http_guard import HostCheck, bearer_matches, cross_site_refusal, shown
+from scheduler_publisher.ops.http_server import MAX_BODY, BoundedHTTPServer, body_length
 from scheduler_publisher.ops.metrics import MetricsSource, PerEntrySwitch, build_registry
 from scheduler_publisher.ops.status_query import QueryError, parse_query, select
 
@@ -34,8 +37,6 @@ if TYPE_CHECKING:
     from scheduler_publisher.settings import ServiceSettings
 
 log = get_logger("scheduler_publisher.http")
-
-MAX_BODY = 64 * 1024
 
 GET = ("GET", "HEAD")
 # path -> (methods, handler)
@@ -49,6 +50,8 @@ ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
     "/metrics": (GET, "_metrics"),
     "/reload": (("POST",), "_reload"),
 }
+# Answered by their own worker, so that a liveness probe never waits behind a reload.
+PROBE_PATHS = frozenset({"/health", "/ready"})
 # path -> (file in scheduler_publisher/ops/web, content type)
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -63,14 +66,6 @@ PAGE_POLICY = (
 )
 # The page learns from this attribute whether the reload button must ask for a token.
 _TOKEN_MARK = b'data-token-required="no"'
-
-
-def bearer_matches(header: str | None, token: str) -> bool:
-    """`Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235 section 2.1)."""
-    scheme, _, credentials = (header or "").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        credentials.strip().encode("utf-8", "replace"), token.encode()
-    )
 
 
 @cache
@@ -103,9 +98,10 @@ class StatusServer:
 
     def __init__(self, service: StatusSource, settings: ServiceSettings) -> None:
         self.service = service
-        self.host = settings.http_host
+        self.host = settings.http_host.removeprefix("[").removesuffix("]")  # [::1] as in a URL
         self.port = settings.http_port
         self.token = settings.http_token
+        self.hosts = HostCheck.of(self.host, settings.http_allowed_hosts)
         self.request_timeout = settings.http_request_timeout
         self.per_entry = PerEntrySwitch(settings.metrics_per_entry, settings.metrics_entry_limit)
         self.registry = build_registry(service, self.per_entry)
@@ -114,9 +110,11 @@ class StatusServer:
 
     def start(self) -> bool:
         """Serve in daemon threads; False (logged) when the port cannot be bound."""
-        handler = type("Handler", (_Handler,), {"app": self, "timeout": self.request_timeout})
+        handler = type("Handler", (_Handler,), {"app": self})
         try:
-            self._server = BoundedHTTPServer((self.host, self.port), handler, self.request_timeout)
+            self._server = BoundedHTTPServer(
+                (self.host, self.port), handler, self.request_timeout, PROBE_PATHS
+            )
         except OSError as exc:
             log.error(
                 "http_bind_failed",
@@ -167,34 +165,50 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(code, {"error": message or HTTPStatus(code).phrase})
 
     def _route(self) -> None:
-        if not self._discard_body():
+        if not self.app.hosts.allows(self.headers.get("Host")):
+            host = shown(self.headers.get("Host", ""))
+            self._json(
+                421,
+                {
+                    "error": f"Host {host!r} is not a name this server answers to "
+                    "(see --http-allowed-hosts)"
+                },
+            )
+            return
+        if not self._body_ok():
             return
         path = urlsplit(self.path).path
         route = ROUTES.get(path)
         if route is None:
-            self._json(404, {"error": f"no such endpoint: {path}"})
+            self._json(404, {"error": f"no such endpoint: {shown(path)}"})
             return
         methods, handler = route
         if self.command not in methods:
             self._json(
                 405,
-                {"error": f"{self.command} not allowed on {path}; use {' or '.join(methods)}"},
+                {
+                    "error": f"{shown(self.command)} not allowed on {path}; "
+                    f"use {' or '.join(methods)}"
+                },
                 headers=[("Allow", ", ".join(methods))],
             )
             return
         getattr(self, handler)()
 
-    def _discard_body(self) -> bool:
-        """Read the body a client sent (no endpoint uses one): closing a socket with unread
-        bytes resets the connection, and the client could lose the answer."""
-        text = self.headers.get("Content-Length") or "0"
-        if not text.isdigit():
-            self.send_error(400, f"Content-Length: expected a byte count, got {text!r}")
+    def _body_ok(self) -> bool:
+        """The server has read and dropped the body a client sent (no endpoint uses one),
+        up to MAX_BODY bytes; a larger or garbled Content-Length is refused here."""
+        text = self.headers.get("Content-Length")
+        if text is None:
+            return True
+        try:
+            length = body_length(text)
+        except ValueError as exc:
+            self.send_error(400, str(exc))
             return False
-        if int(text) > MAX_BODY:
-            self.send_error(413, f"request body: at most {MAX_BODY} bytes, got {text}")
+        if length > MAX_BODY:
+            self.send_error(413, f"request body: at most {MAX_BODY} bytes, got {shown(text)}")
             return False
-        self.rfile.read(int(text))
         return True
 
     def _health(self) -> None:
@@ -262,6 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, b"".join(body), headers)
 
     def _reload(self) -> None:
+        refusal = cross_site_refusal(self.headers)
+        if refusal is not None:
+            self._json(refusal[0], {"success": False, "error": refusal[1]})
+            return
         if not self.app.authorized(self.headers.get("Authorization")):
             self._json(
                 401,

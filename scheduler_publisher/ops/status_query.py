@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000_000
+MAX_SHOWN = 40  # characters of a bad value quoted back: a query string can be 64 KB
 MAX_FILTER = 200  # characters of `q`
 
 Order = Literal["asc", "desc"]
@@ -52,6 +54,10 @@ class QueryError(ValueError):
     """One bad query parameter: which, what came, what was expected."""
 
     def __init__(self, parameter: str, received: str, expected: str) -> None:
+        if len(received) > MAX_SHOWN:
+            received = received[:MAX_SHOWN] + "…"
+        if len(parameter) > MAX_SHOWN:
+            parameter = parameter[:MAX_SHOWN] + "…"
         super().__init__(f"{parameter}: expected {expected}, got {received!r}")
         self.parameter = parameter
         self.received = received
@@ -81,7 +87,7 @@ def parse_query(query: str) -> StatusQuery | None:
         return None
     values = _single_values(parse_qs(query, keep_blank_values=True))
     return StatusQuery(
-        offset=_integer(values, "offset", 0, 0, None),
+        offset=_integer(values, "offset", 0, 0, MAX_OFFSET),
         limit=_integer(values, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
         q=_filter(values.get("q", "")),
         sort=_choice(values, "sort", "id", tuple(SORT_KEYS)),
@@ -98,24 +104,23 @@ def _single_values(parsed: dict[str, list[str]]) -> dict[str, str]:
     return {name: values[0] for name, values in parsed.items()}
 
 
-def _integer(values: dict[str, str], name: str, default: int, low: int, high: int | None) -> int:
+def _integer(values: dict[str, str], name: str, default: int, low: int, high: int) -> int:
     text = values.get(name)
     if text is None:
         return default
-    expected = (
-        f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
-    )
-    if not text.isascii() or not text.isdigit():
-        raise QueryError(name, text, expected)
+    # ASCII digits only: int() also takes "1_0", " 1", "+1" and other scripts' digits, and
+    # raises past 4,300 digits; so the length is checked before int() sees the text.
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(high)):
+        raise QueryError(name, text, f"an integer from {low} to {high}")
     number = int(text)
-    if number < low or (high is not None and number > high):
-        raise QueryError(name, text, expected)
+    if not low <= number <= high:
+        raise QueryError(name, text, f"an integer from {low} to {high}")
     return number
 
 
 def _filter(text: str) -> str:
     if len(text) > MAX_FILTER:
-        raise QueryError("q", text[:40] + "…", f"at most {MAX_FILTER} characters")
+        raise QueryError("q", text, f"at most {MAX_FILTER} characters")
     return text.strip().casefold()
 
 

@@ -73,10 +73,16 @@ function lateness(e) {
 function linkState(id, e, status) {
   if (!e.lwt) return status.connected ? "main" : "main: down";
   const c = status.connection || {};
-  const down = ((c.entries_without_connection || {}).lwt_entries || {})[id];
+  const down = own((c.entries_without_connection || {}).lwt_entries, id);
   if (down !== undefined) return `down: ${down}`;
   if (c.connections !== undefined && c.connections === c.connections_up) return "connected";
   return "unknown";
+}
+
+// An entry id is data, never a property name: `obj[id]` finds what every object inherits
+// (`constructor`, `toString`, `__proto__`), so ids are looked up as own properties only.
+function own(obj, key) {
+  return obj && Object.prototype.hasOwnProperty.call(obj, key) ? obj[key] : undefined;
 }
 
 function setText(id, text) {
@@ -215,7 +221,7 @@ function renderRows(status) {
     row.dataset.id = id;
     COLUMNS.forEach(([label, , show], col) => {
       const cell = row.cells[col];
-      const text = show(id, entries[id], status);
+      const text = show(id, own(entries, id), status);
       if (cell.textContent !== text) cell.textContent = text;
       if (BAD_WHEN_NONZERO.has(label)) cell.classList.toggle("bad", text !== "0");
     });
