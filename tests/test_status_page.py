@@ -23,11 +23,13 @@ from scheduler_publisher.ops.http import PAGE_POLICY
 from scheduler_publisher.service import PublisherService
 from tests.support import (
     REPO,
+    InProcessServices,
     Mosquitto,
     ServiceStarter,
     SubscriberFactory,
     call,
     entry,
+    free_port,
     request,
     unique_topic,
     wait_until,
@@ -523,6 +525,36 @@ def test_entries_named_like_object_properties_show_their_own_state(
     (reason,) = {r[CONNECTION] for r in table}  # the same outage for all, the plain one too
     assert not any(word in reason for word in ("function", "[object", "native code")), reason
     assert console_errors(browser) == []
+
+
+def test_a_quarantined_entry_shows_why(
+    page: Callable[[PublisherService], WebDriver], tmp_path: Path, topic_base: str
+) -> None:
+    """An entry the broker refuses (a payload over its max_packet_size) shows as quarantined,
+    with the broker's reason; the others keep their connection."""
+    strict = Mosquitto(tmp_path, extra="max_packet_size 400")
+    strict.start()
+    services = InProcessServices(tmp_path)
+    try:
+        big = entry("big", f"{topic_base}/big", 1, data={"blob": "x" * 600})
+        service = services.start(
+            strict.port,
+            [entry("small", f"{topic_base}/small", 1), big],
+            http_port=free_port(),
+            http_host="127.0.0.1",
+        )
+        browser = page(service)
+        table = wait_rows(
+            browser,
+            lambda t: any(r[ID] == "big" and r[CONNECTION].startswith("quarantined: ") for r in t),
+            "the refused entry shown quarantined",
+        )
+        shown = {r[ID]: r[CONNECTION] for r in table}
+        assert "the broker dropped the connection" in shown["big"], shown
+        assert shown["small"] == "main", shown
+    finally:
+        services.close()
+        strict.stop()
 
 
 class _AttackerPage(BaseHTTPRequestHandler):

@@ -71,6 +71,7 @@ function lateness(e) {
 // /status has no per-entry connection state; an lwt entry's own connection is known to be up
 // when every connection is, and named when the status lists it among those without one.
 function linkState(id, e, status) {
+  if (e.quarantined) return `quarantined: ${e.quarantined}`;
   if (!e.lwt) return status.connected ? "main" : "main: down";
   const c = status.connection || {};
   const down = own((c.entries_without_connection || {}).lwt_entries, id);
