@@ -163,20 +163,31 @@ def plain_subscriber(broker_port: int, cleanup: list[Any], topic: str) -> Subscr
 
 
 class Launcher:
-    """Starts the real CLI against a port with a one-entry config; remembers what it started."""
+    """Starts the real CLI against a port with a one-entry config; remembers what it started.
+    Each process gets a log file of its own (one process writes a log file; a second one on
+    it exits 6): `log_file` is the first one's."""
 
     def __init__(self, tmp_path: Path, cleanup: list[Any]) -> None:
         self.tmp_path = tmp_path
         self.cleanup = cleanup
         self.topic = unique_topic("sec")
+        self.launched = 0
 
     def __call__(
         self, port: int, *extra: str, env: dict[str, str] | None = None, log_level: str = "INFO"
     ) -> ServiceProcess:
         config = self.tmp_path / "config.json"
         write_config(config, [entry("e1", self.topic, 0.5, qos=1)])
+        log_file = self.log_file.with_stem(f"service-{self.launched}") if self.launched else None
+        self.launched += 1
         args = cli_args(
-            port, config, "--log-level", log_level, *extra, log_file=self.log_file, backoff=(0.5, 1)
+            port,
+            config,
+            "--log-level",
+            log_level,
+            *extra,
+            log_file=log_file or self.log_file,
+            backoff=(0.5, 1),
         )
         proc = ServiceProcess(args, cwd=self.tmp_path, env=env)
         self.cleanup.append(proc)
