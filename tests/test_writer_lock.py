@@ -230,6 +230,17 @@ def only_line(lines: list[str], needle: str) -> str:
     return found[0]
 
 
+def refused_for(second: ServiceProcess, path: Path, first: ServiceProcess) -> None:
+    """`second` exited 6 with one line naming `path` and `first`'s pid, and logged it."""
+    assert second.wait(30) == EXIT_IN_USE
+    second.stop()
+    line = only_line(second.stderr, "cannot start")
+    assert str(path) in line
+    assert f"process {first.proc.pid}" in line
+    failed = [e for e in second.events() if e["message"] == "service_start_failed"]
+    assert [e["process.exit_code"] for e in failed] == [EXIT_IN_USE]
+
+
 def test_a_second_process_on_one_state_database_exits_6_and_the_first_runs_on(
     broker: Mosquitto,
     subscriber_factory: SubscriberFactory,
@@ -254,13 +265,7 @@ def test_a_second_process_on_one_state_database_exits_6_and_the_first_runs_on(
     )
     processes.append(second)
 
-    assert second.wait(30) == EXIT_IN_USE
-    second.stop()
-    line = only_line(second.stderr, "cannot start")
-    assert str(db) in line
-    assert f"process {first.proc.pid}" in line
-    failed = [e for e in second.events() if e["message"] == "service_start_failed"]
-    assert [e["process.exit_code"] for e in failed] == [EXIT_IN_USE]
+    refused_for(second, db, first)
     assert not [e for e in second.events() if e["message"] == "mqtt_connected"]
 
     seen = len(sub.on(topic))
@@ -289,13 +294,7 @@ def test_a_second_process_on_one_log_file_exits_6_and_never_writes_it(
     )
     processes.append(second)
 
-    assert second.wait(30) == EXIT_IN_USE
-    second.stop()
-    line = only_line(second.stderr, "cannot start")
-    assert str(log_file) in line
-    assert f"process {first.proc.pid}" in line
-    failed = [e for e in second.events() if e["message"] == "service_start_failed"]
-    assert [e["process.exit_code"] for e in failed] == [EXIT_IN_USE]
+    refused_for(second, log_file, first)
     assert not (tmp_path / "2.db").exists()  # refused before the service was built
     assert first.proc.poll() is None
     pids = {json.loads(text)["process.pid"] for text in log_file.read_text().splitlines()}
