@@ -583,7 +583,7 @@ def test_qos1_message_in_flight_when_the_link_dies_arrives_after_reconnect(
         proxy.blackhole()
         payload = f"in-flight {uuid.uuid4().hex}".encode()
         assert manager.publish(topic, payload, qos=1)
-        main = manager._loop.get(MAIN_LINK)  # private: the only view of paho's in-flight set
+        main = manager.event_loop.get(MAIN_LINK)  # the loop's session: paho's in-flight set
         assert isinstance(main, Session)
         wait_until(
             lambda: any(qos == 1 for _, qos in list(main.inflight.values())),

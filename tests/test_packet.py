@@ -260,7 +260,7 @@ def configs(*entries: PublishConfig) -> dict[str, PublishConfig]:
 
 
 def main_session(m: MQTTConnectionManager) -> Session:
-    session = m._loop.get(MAIN_LINK)  # private: the only view of paho's queues
+    session = m.event_loop.get(MAIN_LINK)  # the loop's session: the only view of paho's queues
     assert isinstance(session, Session)
     return session
 
@@ -418,7 +418,7 @@ def test_keepalive_pings_go_out_while_only_packets_are_written(
     assert m.stats.reconnects == 0
     assert session.is_up
     assert session.connected_at == connected_at
-    assert m._loop.get(MAIN_LINK) is session
+    assert m.event_loop.get(MAIN_LINK) is session
     pings = [t for t in paho_log.pingreq if t >= start]
     assert len(pings) >= 2, paho_log.pingreq
     assert len(paho_log.pingresp) >= len(paho_log.pingreq) - 1
@@ -546,7 +546,7 @@ def test_packets_flow_again_after_a_broker_restart(
         20,
         message="the birth publishes of the new connections",
     )
-    links = [m._loop.get(MAIN_LINK), m._loop.get(LinkKey("own"))]
+    links = [m.event_loop.get(MAIN_LINK), m.event_loop.get(LinkKey("own"))]
     wait_until(
         lambda: all(lk is not None and time.monotonic() - lk.connected_at > 0.15 for lk in links),
         5,
