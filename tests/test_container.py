@@ -88,12 +88,9 @@ class Running:
         return podman("inspect", "--format", template, self.name).strip()
 
 
-def start_container(image: str, tmp_path: Path, broker: Mosquitto, base: str) -> Running:
-    etc = tmp_path / "etc"
-    state = tmp_path / "state"
+def write_etc(etc: Path, base: str, name: str) -> str:
+    """The mounted folder: the entries file and an options file; returns the status topic."""
     etc.mkdir()
-    state.mkdir()
-    os.chown(state, UID, UID)  # what `podman volume create` or a fresh volume gives the user
     write_config(
         etc / "entries.json",
         [
@@ -101,21 +98,32 @@ def start_container(image: str, tmp_path: Path, broker: Mosquitto, base: str) ->
             entry("meter", f"{base}/meter", interval=1),
         ],
     )
-    name = f"sp-test-{uuid.uuid4().hex[:10]}"
     status_topic = f"{base}/status"
-    settings = {
-        "BROKER": "127.0.0.1",
-        "PORT": str(broker.port),
-        "CLIENT_ID": name,
-        "STATUS_TOPIC": status_topic,
-        "HTTP_PORT": str(free_port()),
-    }
+    # Read because it is there: the status topic arriving shows the image found it.
+    (etc / "scheduler-publisher.toml").write_text(
+        f'client-id = "{name}"\nstatus-topic = "{status_topic}"\n'
+    )
+    return status_topic
+
+
+def start_container(image: str, tmp_path: Path, broker: Mosquitto, base: str) -> Running:
+    etc = tmp_path / "etc"
+    state = tmp_path / "state"
+    name = f"sp-test-{uuid.uuid4().hex[:10]}"
+    status_topic = write_etc(etc, base, name)
+    state.mkdir()
+    os.chown(state, UID, UID)  # what `podman volume create` or a fresh volume gives the user
+    settings = {"BROKER": "127.0.0.1", "PORT": str(broker.port), "HTTP_PORT": str(free_port())}
     env = [f"--env=SCHEDULER_PUBLISHER_{key}={value}" for key, value in settings.items()]
     podman(
         "run",
         "--detach",
         f"--name={name}",
         "--network=host",
+        # What it writes goes to the volume: no /tmp either, as under Kubernetes'
+        # readOnlyRootFilesystem.
+        "--read-only",
+        "--read-only-tmpfs=false",
         f"--volume={etc}:/etc/scheduler-publisher:ro",
         f"--volume={state}:/var/lib/scheduler-publisher",
         *env,
@@ -161,6 +169,9 @@ def test_the_image_runs_as_a_user_logs_json_and_keeps_state_in_the_volume(
     )
 
     # The HEALTHCHECK: python's urllib on /health, through the container's own settings.
+    assert "/health" in podman(
+        "image", "inspect", "--format", "{{json .Config.Healthcheck}}", image
+    )
     podman("healthcheck", "run", container.name, timeout=30)
 
     events = {line["message"] for line in log_lines(container)}
