@@ -8,13 +8,14 @@
 ARG BASE=python:3.11-slim-bookworm
 
 # The virtual environment is built in a stage of its own: the wheels and pip's work files stay
-# there, and only the environment itself is copied into the image.
+# there, and only the environment itself is copied into the image. pip and setuptools go too:
+# the service needs neither at run time (nothing imports pkg_resources).
 FROM ${BASE} AS venv
 COPY wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/scheduler-publisher \
  && /opt/scheduler-publisher/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
         scheduler-publisher \
- && /opt/scheduler-publisher/bin/pip uninstall --yes --quiet pip
+ && /opt/scheduler-publisher/bin/python -m pip uninstall --yes --quiet setuptools pip
 
 FROM ${BASE}
 # A fixed numeric id (not a --system one: those are below 1000, and clash with the host's), so that `runAsNonRoot` (Kubernetes) can check it without /etc/passwd.
