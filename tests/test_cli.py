@@ -523,6 +523,38 @@ def test_password_never_appears_in_any_log_line_even_at_debug(
     assert PASSWORD not in output
 
 
+@pytest.mark.parametrize("where", ["MQTT_PASSWORD", "credential"])
+def test_a_stale_password_in_the_options_file_loses_to_the_environment_on_the_wire(
+    where: str,
+    auth_broker: Mosquitto,
+    tmp_path: Path,
+    topic_base: str,
+    processes: list[ServiceProcess],
+) -> None:
+    """The options file's old password does not beat a correct $MQTT_PASSWORD or systemd
+    credential: the service connects with the environment's and publishes."""
+    topic = f"{topic_base}/env-pw"
+    config = tmp_path / "config.json"
+    write_config(config, [entry("env-pw", topic, interval=0.5)])
+    options = tmp_path / "options.toml"
+    options.write_text(f'username = "{USER}"\npassword = "stale-{PASSWORD}"\n')
+    env = {"MQTT_PASSWORD": PASSWORD}
+    if where == "credential":
+        (tmp_path / "creds").mkdir()
+        (tmp_path / "creds" / "mqtt-password").write_text(f"{PASSWORD}\n")
+        env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    sub = Subscriber(auth_broker.port, [topic])
+    sub.client.username_pw_set(USER, PASSWORD)
+    sub.start()
+    try:
+        args = cli_args(auth_broker.port, config, "--options-file", str(options))
+        processes.append(ServiceProcess(args, cwd=tmp_path, env=env))
+        sub.wait_for(topic, timeout=20)
+    finally:
+        sub.stop()
+    assert not [e for e in processes[0].events() if e["message"] == "mqtt_connect_failed"]
+
+
 def test_wrong_password_is_reported_in_words_and_retried_with_backoff(
     auth_broker: Mosquitto,
     tmp_path: Path,

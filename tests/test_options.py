@@ -549,6 +549,78 @@ def test_a_password_file_flag_beats_a_password_in_the_options_file(
     assert cli.read_password(args, {}) == "from-the-flag-file"
 
 
+def effective_password(argv: list[str], environ: dict[str, str]) -> str | None:
+    """The password `run` with these flags and this environment would connect with."""
+    parser = arguments.build_parser()
+    args = parser.parse_args(argv)
+    args.origins = arguments.apply_options(parser, argv, args, environ)
+    return cli.read_password(args, environ)
+
+
+def secret_file(path: Path, secret: str) -> str:
+    path.write_text(f"{secret}\n")
+    return str(path)
+
+
+ENVIRONMENT_SECRETS = ["MQTT_PASSWORD", "credential", "PASSWORD", "PASSWORD_FILE"]
+
+
+def environment_secret(kind: str, tmp_path: Path) -> dict[str, str]:
+    """An environment that gives the password "from-env" in one of its four ways."""
+    if kind == "MQTT_PASSWORD":
+        return {"MQTT_PASSWORD": "from-env"}
+    if kind == "credential":
+        (tmp_path / "creds").mkdir()
+        secret_file(tmp_path / "creds" / "mqtt-password", "from-env")
+        return {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    if kind == "PASSWORD":
+        return {"SCHEDULER_PUBLISHER_PASSWORD": "from-env"}
+    return {"SCHEDULER_PUBLISHER_PASSWORD_FILE": secret_file(tmp_path / "env-pw", "from-env")}
+
+
+@pytest.mark.parametrize("env_kind", ENVIRONMENT_SECRETS)
+@pytest.mark.parametrize("file_key", ["password", "password-file"])
+def test_a_password_from_the_environment_beats_one_in_the_options_file(
+    env_kind: str, file_key: str, tmp_path: Path
+) -> None:
+    """A stale password in the options file (as a key or a file it names) loses to the
+    environment and the systemd credential, as every option's file value does; a flag beats
+    them all."""
+    stale = secret_file(tmp_path / "stale-pw", "stale")
+    value = stale if file_key == "password-file" else "stale"
+    opts = write_options(tmp_path / "o.toml", f'{file_key} = "{value}"\n')
+    environ = environment_secret(env_kind, tmp_path)
+    argv = ["run", "--options-file", str(opts)]
+
+    assert effective_password(argv, {}) == "stale"
+    assert effective_password(argv, environ) == "from-env"
+    assert effective_password([*argv, "--password", "from-flag"], environ) == "from-flag"
+    flag_file = secret_file(tmp_path / "flag-pw", "from-flag-file")
+    assert effective_password([*argv, "--password-file", flag_file], environ) == "from-flag-file"
+
+
+def test_show_options_names_the_password_that_wins_and_each_it_beats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """show-options says which place the password is read from, and which others are not used."""
+    opts = write_options(tmp_path / "o.toml", 'password = "stale"\n')
+    (tmp_path / "creds").mkdir()
+    secret_file(tmp_path / "creds" / "mqtt-password", "from-credential")
+    monkeypatch.setenv("MQTT_PASSWORD", "from-env")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+
+    assert run_main(["show-options", "--options-file", str(opts)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert 'password = "<redacted>"  # env MQTT_PASSWORD' in lines
+    beaten = [line for line in lines if line.startswith("# password from ")]
+    assert beaten == [
+        "# password from systemd credential mqtt-password is not used: "
+        "env MQTT_PASSWORD comes first",
+        f"# password from file {opts} is not used: env MQTT_PASSWORD comes first",
+    ]
+    assert not any("from-env" in line or "stale" in line for line in lines)
+
+
 # ---- range checks (issue 11, #15) -----------------------------------------------------------
 
 BAD_VALUES = [

@@ -44,6 +44,7 @@ from scheduler_publisher.cli.options import (
     options_of,
 )
 from scheduler_publisher.cli.report import Report, github_plain, render, terminal_safe
+from scheduler_publisher.cli.secrets import password_sources
 from scheduler_publisher.config.loader import ConfigFileError, ConfigurationLoader, read_config_file
 from scheduler_publisher.config.schema import schema_text
 from scheduler_publisher.logs.setup import (
@@ -124,15 +125,6 @@ def shard_own_path(args: argparse.Namespace, name: str) -> Path | None:
     return shard_path(Path(value), shard)
 
 
-def _password_origin(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
-    if environ.get("MQTT_PASSWORD"):
-        return "env MQTT_PASSWORD"
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "mqtt-password").is_file():
-        return "systemd credential mqtt-password"
-    return None
-
-
 def show_options_text(
     args: argparse.Namespace,
     origins: Mapping[str, Origin],
@@ -149,9 +141,9 @@ def show_options_text(
         own = shard_own_path(args, option.name)
         if own is not None:
             value, origin = str(own), f"{origin} (derived: --shard)"
-        if value is None and option.name == "password":
-            found = _password_origin(args, environ)
-            value, origin = ("set", found) if found else (None, origin)
+        if option.name == "password":
+            lines += _password_lines(args, origins, environ)
+            continue
         if value is None:
             derived = _derived_default(option.name, args)
             if derived is None:
@@ -161,6 +153,20 @@ def show_options_text(
         shown = '"<redacted>"' if option.name in SECRET_OPTIONS else _toml_value(value)
         lines.append(f"{option.name} = {shown}  # {origin}")
     return "\n".join(lines)
+
+
+def _password_lines(
+    args: argparse.Namespace, origins: Mapping[str, Origin], environ: Mapping[str, str]
+) -> list[str]:
+    """The password's line names the place it is read from; a line per place it beat."""
+    sources = password_sources(args, origins, environ)
+    if not sources:
+        return [f"# password is not set  # {origins['password']}"]
+    chosen, *beaten = sources
+    return [
+        f'password = "<redacted>"  # {chosen.origin}',
+        *(f"# password from {b.origin} is not used: {chosen.origin} comes first" for b in beaten),
+    ]
 
 
 def sample_options_text(options: Sequence[Option]) -> str:
@@ -217,18 +223,15 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
 # ---- run --------------------------------------------------------------------------------------
 
 
-def read_password(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
-    """--password, then --password-file, then $MQTT_PASSWORD, then systemd credentials."""
-    if args.password:
-        return str(args.password)
-    if args.password_file:
-        return _first_line(args.password_file, "--password-file", "password")
-    if environ.get("MQTT_PASSWORD"):
-        return environ["MQTT_PASSWORD"]
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "mqtt-password").is_file():
-        return _first_line(Path(creds) / "mqtt-password", "credential mqtt-password", "password")
-    return None
+def read_password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The password from the strongest place that gives one (secrets.py says which)."""
+    sources = password_sources(args, getattr(args, "origins", {}), environ)
+    if not sources:
+        return None
+    chosen = sources[0]
+    if chosen.path is not None:
+        return _first_line(chosen.path, chosen.reading, "password")
+    return chosen.text
 
 
 MAX_SECRET_FILE = 64 * 1024  # a password or token file is one line; /dev/zero is not one
@@ -286,7 +289,7 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> ServiceSettings:
+def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServiceSettings:
     password = read_password(args, environ)
     if password:
         register_secret(password)
