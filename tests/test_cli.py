@@ -555,6 +555,38 @@ def test_a_stale_password_in_the_options_file_loses_to_the_environment_on_the_wi
     assert not [e for e in processes[0].events() if e["message"] == "mqtt_connect_failed"]
 
 
+def without_client_id(args: list[str]) -> list[str]:
+    """cli_args' list without its unique --client-id: the service derives its own."""
+    at = args.index("--client-id")
+    return args[:at] + args[at + 2 :]
+
+
+def test_an_acl_written_from_show_options_fits_the_running_service(
+    broker: Mosquitto, tmp_path: Path, topic_base: str, processes: list[ServiceProcess]
+) -> None:
+    """With the derived client id (host and config path) and a shard's suffix, the status
+    topic show-options prints is the one the service announces on, and the client id is the
+    one the broker sees."""
+    config = tmp_path / "entries.json"
+    write_config(config, [entry(f"e{i}", f"{topic_base}/e{i}") for i in range(6)])
+    args = without_client_id(cli_args(broker.port, config, "--shard", "2/3"))
+    shown = ServiceProcess(["show-options", *args[1:]], cwd=tmp_path)
+    assert shown.wait(30) == 0
+    shown.stop()
+    values = dict(line.split("  # ")[0].split(" = ", 1) for line in shown.stdout if " = " in line)
+    client_id, status_topic = json.loads(values["client-id"]), json.loads(values["status-topic"])
+    assert client_id.endswith("-2-of-3")
+    assert status_topic == f"scheduler-publisher/{client_id}/status"
+
+    sub = Subscriber(broker.port, [status_topic]).start()
+    try:
+        processes.append(ServiceProcess(args, cwd=tmp_path))
+        sub.wait_for(status_topic, timeout=20)
+    finally:
+        sub.stop()
+    assert f" as {client_id} " in broker.log.read_text()
+
+
 def test_wrong_password_is_reported_in_words_and_retried_with_backoff(
     auth_broker: Mosquitto,
     tmp_path: Path,

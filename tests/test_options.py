@@ -144,7 +144,9 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
         else:
             monkeypatch.setenv(option.env, formatted.get(option.name, samples[option.kind])[1])
     by_env = show(capsys, "--options-file", "")
-    assert {n: s for n, (_, s) in by_env.items()} == {o.name: f"env {o.env}" for o in every}
+    assert {n: s for n, (_, s) in by_env.items()} == {
+        o.name: f"env {o.env}{sharded(o.name)}" for o in every
+    }
 
     for option in every:
         monkeypatch.delenv(option.env)
@@ -158,7 +160,14 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
         lines.append(f"{option.name} = {cli._toml_value(value)}")
     opts = write_options(tmp_path / "all.toml", "\n".join(lines) + "\n")
     by_file = show(capsys, "--options-file", str(opts))
-    assert {n: s for n, (_, s) in by_file.items()} == {o.name: f"file {opts}" for o in every}
+    assert {n: s for n, (_, s) in by_file.items()} == {
+        o.name: f"file {opts}{sharded(o.name)}" for o in every
+    }
+
+
+def sharded(name: str) -> str:
+    """What show-options adds to the source of a name the shard's suffix is added to."""
+    return " (derived: --shard)" if name in ("client-id", "status-topic") else ""
 
 
 def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(
@@ -621,6 +630,39 @@ def test_show_options_names_the_password_that_wins_and_each_it_beats(
     assert not any("from-env" in line or "stale" in line for line in lines)
 
 
+# ---- derived names (issue 28, 3.4) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", [[], ["--shard", "2/3"]])
+@pytest.mark.parametrize("client_id", [[], ["--client-id", "gw-7"]])
+@pytest.mark.parametrize("status_topic", [[], ["--status-topic", "site/status"]])
+@pytest.mark.parametrize("config", [[], ["--config", "elsewhere/entries.json"]])
+def test_show_options_prints_the_client_id_and_status_topic_the_service_uses(
+    shard: list[str],
+    client_id: list[str],
+    status_topic: list[str],
+    config: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Given or derived (from the host and the config file's path), with a shard's suffix or
+    not: show-options prints the names `run` connects with, and says which were derived."""
+    flags = [*shard, *client_id, *status_topic, *config]
+    shown = show(capsys, *flags)
+    parser = arguments.build_parser()
+    args = parser.parse_args(["run", *flags])
+    args.origins = arguments.apply_options(parser, ["run", *flags], args, {})
+    broker = cli.build_settings(args, {}).broker
+
+    assert shown["client-id"][0] == f'"{broker.client_id}"'
+    assert shown["status-topic"][0] == f'"{broker.effective_status_topic}"'
+    for name, given in (("client-id", client_id), ("status-topic", status_topic)):
+        source = shown[name][1]
+        if not given:
+            assert source == "default (derived)"
+        else:
+            assert source == f"flag --{name}" + (" (derived: --shard)" if shard else "")
+
+
 # ---- range checks (issue 11, #15) -----------------------------------------------------------
 
 BAD_VALUES = [
@@ -938,7 +980,11 @@ def test_a_client_id_at_the_limit_is_accepted(
 ) -> None:
     """The limits are exact: one byte less than the refused lengths is accepted."""
     shown = show(capsys, "--options-file", "", *argv)
-    assert shown["client-id"][1] in ("flag --client-id", "default (derived)")
+    assert shown["client-id"][1] in (
+        "flag --client-id",
+        "flag --client-id (derived: --shard)",
+        "default (derived)",
+    )
 
 
 # ---- sample-options -------------------------------------------------------------------------

@@ -100,14 +100,29 @@ def _derived_default(name: str, args: argparse.Namespace) -> Any:
     """What the service uses for an option left unset, where that is computed at start."""
     if name == "port":
         return 8883 if (args.tls or args.cafile or args.certfile or args.tls_insecure) else 1883
-    shard = getattr(args, "shard", None)
-    if name == "client-id":
-        client_id = default_client_id()
-        return shard.client_id(client_id) if shard else client_id
-    if name == "status-topic":
-        client_id = args.client_id or default_client_id()
-        return f"scheduler-publisher/{shard.client_id(client_id) if shard else client_id}/status"
     return None
+
+
+def broker_names(args: argparse.Namespace) -> BrokerSettings:
+    """The client id and status topic the service connects with: given, or derived from the
+    host and the config file's path; with --shard, the shard's suffix added. `run`'s settings
+    and `show-options` both take them from here, so that an ACL written from show-options'
+    output fits the running service."""
+    names = BrokerSettings(
+        client_id=args.client_id or default_client_id(args.config), status_topic=args.status_topic
+    )
+    shard = getattr(args, "shard", None)
+    return names.for_shard(shard) if shard else names
+
+
+def _named(name: str, args: argparse.Namespace, origin: Origin) -> tuple[str, str]:
+    """client-id and status-topic as the service uses them, and where they came from."""
+    names = broker_names(args)
+    given = args.client_id if name == "client-id" else args.status_topic
+    value = names.client_id if name == "client-id" else names.effective_status_topic
+    if given is None:
+        return value, f"{origin} (derived)"
+    return value, f"{origin} (derived: --shard)" if value != given else str(origin)
 
 
 _PATH_OPTIONS = {"state-db": "state_db", "log-file": "log_file"}
@@ -144,6 +159,8 @@ def show_options_text(
         if option.name == "password":
             lines += _password_lines(args, origins, environ)
             continue
+        if option.name in ("client-id", "status-topic"):
+            value, origin = _named(option.name, args, origins[option.name])
         if value is None:
             derived = _derived_default(option.name, args)
             if derived is None:
@@ -298,10 +315,10 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
         register_secret(token)
     ctx = tls_context(args)
     protocol: MQTTVersion = "3.1.1" if args.embedded_broker else args.mqtt_version
-    broker = BrokerSettings(
+    broker = dataclasses.replace(
+        broker_names(args),
         host="127.0.0.1" if args.embedded_broker else args.broker,
         port=args.port or (8883 if ctx else 1883),
-        client_id=args.client_id or default_client_id(args.config),
         username=args.username,
         password=password,
         protocol=protocol,
@@ -310,7 +327,6 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
         backoff_max=args.backoff_max,
         max_retries=args.max_retries,
         will_delay=args.will_delay,
-        status_topic=args.status_topic,
         connect_rate=args.connect_rate,
         tls_context=ctx,
         tls_insecure=args.tls_insecure,
@@ -337,7 +353,8 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
         max_config_bytes=args.max_config_bytes,
         phase_slots=None if args.phase_slots == AUTO else args.phase_slots,
     )
-    return settings.for_shard(args.shard) if args.shard else settings
+    # broker_names() has given the broker the shard's names already
+    return dataclasses.replace(settings, shard=args.shard)
 
 
 def _state_db(args: argparse.Namespace) -> Path | None:
