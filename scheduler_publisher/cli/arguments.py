@@ -38,6 +38,7 @@ from scheduler_publisher.settings import ServiceSettings, client_id_refusal, sta
 __all__ = [
     "COMMANDS",
     "EXIT_USAGE",
+    "UsageExit",
     "add_run_arguments",
     "apply_options",
     "build_parser",
@@ -63,11 +64,22 @@ OPTION_COMMANDS = ("run", "validate", "show-options")
 # identical by tests/test_packaging.py, so that a wheel carries them (docs/design.md, "Packaging").
 
 
+class UsageExit(SystemExit):
+    """A usage error from the command line (exit 2), already on stderr; `message` says it
+    again, for the CLI's JSON line (main.py)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line: `run`'s full usage is 20 lines, which buries the error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        line = f"{self.prog}: error: {message} (see `{self.prog} --help`)"
+        sys.stderr.write(line + "\n")
+        raise UsageExit(message)
 
 
 class _VersionAction(argparse.Action):

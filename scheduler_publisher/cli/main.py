@@ -4,7 +4,8 @@ calls sys.exit. The commands' grammar, and where each option came from, is argum
 Exit codes (also in docs/options.md):
   0  stopped cleanly (SIGTERM/SIGINT), or `validate` found the file valid
   1  `validate` found problems in the file
-  2  usage error (unknown flag, bad value, from a flag, the environment or the options file)
+  2  usage error (unknown flag, bad value, from a flag, the environment or the options file);
+     `run` logs it as JSON on stdout too, and the systemd units do not restart on it
   3  the config file cannot be used at start-up (missing, unreadable, not JSON, not an array,
      too big)
   4  gave up connecting after --max-retries failed attempts in a row
@@ -497,10 +498,31 @@ COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class UsageError(Exception):
+    """A flag, variable or options-file value that cannot be used (exit 2)."""
+
+
+def _log_usage_error(command: str, message: str) -> None:
+    """A usage error of `run` is also one JSON line on stdout, as exits 3, 5 and 6 are: a log
+    shipper and the journal (at priority 3) see why the service did not start. Stdout only,
+    as JSON: the log options may be the very values that were refused. The other commands
+    are run by hand, and their stdout is their answer (validate --format json)."""
+    if command == "run":
+        log_startup_failure(LogSettings(file=None), UsageError(message), exit_code=EXIT_USAGE)
+
+
+def _parse(parser: argparse.ArgumentParser, raw: list[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(raw)
+    except arguments.UsageExit as exc:
+        _log_usage_error(raw[0], exc.message)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     raw = normalise_argv(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(raw)
+    args = _parse(parser, raw)
     try:
         args.origins = apply_options(parser, raw, args, os.environ)
     except OptionsError as exc:
@@ -508,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # validate --format github: an options file's key must not become a workflow command
         shown = github_plain([error]) if getattr(args, "format", None) == "github" else [error]
         print(*shown, sep="\n", file=sys.stderr)
+        _log_usage_error(args.command, str(exc))
         sys.exit(EXIT_USAGE)
     try:
         code = COMMAND_HANDLERS[args.command](args)
