@@ -36,7 +36,12 @@ from typing import Any
 
 from scheduler_publisher.cli import arguments
 from scheduler_publisher.cli.arguments import apply_options, build_parser, normalise_argv
-from scheduler_publisher.cli.demo import DemoError, EchoSubscriber, EmbeddedBroker
+from scheduler_publisher.cli.demo import (
+    DemoError,
+    EchoSubscriber,
+    EmbeddedBroker,
+    quiet_broker_logs,
+)
 from scheduler_publisher.cli.options import (
     SECRET_OPTIONS,
     Option,
@@ -431,6 +436,7 @@ def _start_demo(
 ) -> list[EmbeddedBroker | EchoSubscriber]:
     parts: list[EmbeddedBroker | EchoSubscriber] = []
     if args.embedded_broker:
+        quiet_broker_logs(settings.logging.level)
         broker = EmbeddedBroker(settings.broker.port)
         broker.start()
         parts.append(broker)
