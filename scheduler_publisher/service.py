@@ -448,8 +448,16 @@ class PublisherService:
 
     def health_warnings(self) -> list[str]:
         """What is wrong without being a liveness problem: connections that are not up (and
-        which entries that leaves without one), a suspected client-id conflict."""
-        return self._connection.health_warnings()
+        which entries that leaves without one), a suspected client-id conflict, an entries
+        file that cannot be used or whose entries do not all run as written."""
+        warnings = self._connection.health_warnings()
+        if self._reloads.last_file_problem is not None:
+            warnings.append(
+                f"entries file cannot be used, the entries in force run on: "
+                f"{self._reloads.last_file_problem}"
+            )
+        entries = self._reloads.entry_errors.summary()
+        return [*warnings, entries] if entries else warnings
 
     def is_connected(self) -> bool:
         return self._connection.is_connected()
@@ -520,6 +528,7 @@ class PublisherService:
                 last_reload_at=self._reloads.last_reload_at,
                 last_error=self._reloads.last_file_problem,
                 watcher=self._watcher.kind,
+                entry_errors=self._reloads.entry_errors,
             ),
             entries={i: self._entry_status(e) for i, e in entries.items()},
             shard=self.shard,

@@ -103,6 +103,12 @@ def test_to_json_is_the_status_document() -> None:
             "last_reload_at": 1.5,
             "last_error": None,
             "watcher": "inotify",
+            "errors": [],
+            "errors_total": 0,
+            "skipped_entries": [],
+            "skipped_total": 0,
+            "held_back_entries": [],
+            "held_back_total": 0,
         },
         "entries": {
             "a": {
