@@ -92,7 +92,7 @@ def test_the_filebeat_path_matches_the_log_files_the_guides_write() -> None:
     (log_file,) = set(re.findall(r'log-file = "(/[^"]+)"', install))
     template = (REPO / "systemd" / "scheduler-publisher@.service").read_text()
     shard_files = [
-        f.replace("K-of-N", "1-of-2") for f in re.findall(r"=(/var/log/\S+\.log)", template)
+        f.replace("K-of-N", "1-of-2") for f in re.findall(r"(/var/log/\S+-K-of-N\.log)", template)
     ]
     folder, name = log_file.rsplit("/", 1)
     for path in (log_file, f"{log_file}.1", *shard_files):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -16,10 +17,14 @@ from typing import Any
 
 import pytest
 
+from scheduler_publisher.cli.arguments import apply_options, build_parser
+from scheduler_publisher.cli.main import log_settings
+from scheduler_publisher.logs.setup import configure_logging, get_logger, shutdown_logging
 from scheduler_publisher.logs.writer_lock import WriterLock
 from tests.support import (
     Mosquitto,
     ServiceProcess,
+    call,
     cli_args,
     entry,
     free_port,
@@ -244,6 +249,93 @@ def test_every_failed_start_reaches_the_journal_at_priority_3(code: int, tmp_pat
     assert len(failures) == 1, lines
     assert failures[0].startswith("<3>{")
     assert json.loads(failures[0][3:])["process.exit_code"] == code
+
+
+# ---- logrotate (issue 28, 3.2) ---------------------------------------------------------------
+
+
+def file_events(path: Path) -> list[dict[str, Any]]:
+    return json_lines(path.read_text().splitlines()) if path.exists() else []
+
+
+def logged_to(path: Path, name: str, **fields: Any) -> bool:
+    return any(e["message"] == name and fields.items() <= e.items() for e in file_events(path))
+
+
+@pytest.mark.parametrize("how", ["rename, then SIGHUP", "rename", "delete"])
+def test_the_log_file_is_reopened_after_logrotate_moves_it(
+    how: str, broker: Mosquitto, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    """logrotate's rename + SIGHUP, a rename alone, or a deletion: the next lines go to a new
+    file at the path, not into the renamed (or deleted) one."""
+    config = tmp_path / "config.json"
+    write_config(config, [entry("a", f"sp-test/{uuid.uuid4().hex[:8]}/a", 5)])
+    log_file = tmp_path / "service.log"
+    http_port = free_port()
+    proc = ServiceProcess(
+        cli_args(broker.port, config, log_file=log_file, http_port=http_port), cwd=tmp_path
+    )
+    processes.append(proc)
+    proc.wait_for_event("service_started")
+    wait_until(lambda: logged_to(log_file, "service_started"), 10, message="the first lines")
+    rotated = tmp_path / "service.log.1"
+    if how == "delete":
+        log_file.unlink()
+    else:
+        log_file.rename(rotated)
+
+    if how == "rename, then SIGHUP":
+        proc.signal(signal.SIGHUP)
+        trigger = "signal"
+    else:
+        assert call(http_port, "/reload", "POST").status == 200
+        trigger = "http"
+
+    wait_until(
+        lambda: logged_to(log_file, "config_unchanged", trigger=trigger),
+        15,
+        message="the next line in a new file at the path",
+    )
+    assert not logged_to(log_file, "service_started")
+    if how != "delete":
+        assert logged_to(rotated, "service_started")
+        assert not logged_to(rotated, "config_unchanged")
+
+
+def test_built_in_rotation_follows_its_options(tmp_path: Path) -> None:
+    """--log-file-max-bytes and --log-file-backups reach the file: rotated at the size, that
+    many copies kept; 0 bytes turns rotation off (logrotate does it)."""
+    for size, backups in ((2000, 2), (0, 5)):
+        folder = tmp_path / f"rotate-{size}"
+        folder.mkdir()
+        log_file = folder / "service.log"
+        argv = [
+            "run",
+            "--log-file",
+            str(log_file),
+            "--log-file-max-bytes",
+            str(size),
+            "--log-file-backups",
+            str(backups),
+        ]
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.origins = apply_options(parser, argv, args, {})
+        settings = log_settings(args)
+        assert (settings.file_max_bytes, settings.file_backups) == (size, backups)
+        configure_logging(settings, stream=io.StringIO())
+        try:
+            for n in range(200):
+                get_logger("test").info("filler_line", n=n, padding="x" * 40)
+        finally:
+            shutdown_logging()
+        copies = sorted(p.name for p in folder.glob("service.log.*"))
+        if size:
+            assert copies == ["service.log.1", "service.log.2"]
+            assert log_file.stat().st_size <= size
+        else:
+            assert copies == []
+            assert log_file.stat().st_size > 20_000
 
 
 # ---- one writer for stdout (issue 11 #1) ----------------------------------------------------

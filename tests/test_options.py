@@ -161,13 +161,15 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
     opts = write_options(tmp_path / "all.toml", "\n".join(lines) + "\n")
     by_file = show(capsys, "--options-file", str(opts))
     assert {n: s for n, (_, s) in by_file.items()} == {
-        o.name: f"file {opts}{sharded(o.name)}" for o in every
+        o.name: f"file {opts}{sharded(o.name, paths=True)}" for o in every
     }
 
 
-def sharded(name: str) -> str:
-    """What show-options adds to the source of a name the shard's suffix is added to."""
-    return " (derived: --shard)" if name in ("client-id", "status-topic") else ""
+def sharded(name: str, *, paths: bool = False) -> str:
+    """What show-options adds to the source of a value the shard's suffix is added to: the
+    names always, the file paths when they come from the (shared) options file."""
+    derived = ("client-id", "status-topic", *(("state-db", "log-file") if paths else ()))
+    return " (derived: --shard)" if name in derived else ""
 
 
 def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(

@@ -31,6 +31,7 @@ from scheduler_publisher.cli.options import (
     shard_spec,
 )
 from scheduler_publisher.cli.report import FORMATS
+from scheduler_publisher.logs.setup import LogSettings
 from scheduler_publisher.scheduling.plan import MAX_SLOTS, MIN_SLOTS
 from scheduler_publisher.scheduling.spread import AUTO
 from scheduler_publisher.settings import ServiceSettings, client_id_refusal, status_topic_refusal
@@ -334,7 +335,20 @@ def _add_operations_arguments(p: argparse.ArgumentParser, d: ServiceSettings) ->
     o.add_argument(
         "--log-file",
         default="logs/mqtt_publisher.log",
-        help="rotated JSON log file; '' for none (default: %(default)s)",
+        help="rotated JSON log file; '' for none (default: %(default)s). Reopened on SIGHUP "
+        "and when it is moved or deleted (logrotate)",
+    )
+    o.add_argument(
+        "--log-file-max-bytes",
+        type=Number(int, 0, 2**40),
+        default=LogSettings().file_max_bytes,
+        help="rotate the log file at this size; 0: never (logrotate does it) (default: 10 MiB)",
+    )
+    o.add_argument(
+        "--log-file-backups",
+        type=Number(int, 1, 1000),
+        default=LogSettings().file_backups,
+        help="rotated log files kept (default: %(default)s)",
     )
     o.add_argument(
         "--stats-interval",

@@ -60,6 +60,7 @@ from scheduler_publisher.logs.setup import (
     get_logger,
     log_startup_failure,
     register_secret,
+    reopen_log_file,
 )
 from scheduler_publisher.logs.writer_lock import FileInUseError
 from scheduler_publisher.mqtt.descriptors import raise_soft_limit
@@ -135,13 +136,15 @@ _PATH_OPTIONS = {"state-db": "state_db", "log-file": "log_file"}
 
 
 def shard_own_path(args: argparse.Namespace, name: str) -> Path | None:
-    """With --shard, a path option (state-db, log-file) left at its default: the shard's own
-    file (`logs/state-1-of-2.db`), so that shards started in one folder share neither file
-    (docs/scaling.md). None otherwise: a path given anywhere is taken as it is."""
+    """With --shard, a path option (state-db, log-file) left at its default or set in the
+    options file: the shard's own file (`logs/state-1-of-2.db`), so that shards started in
+    one folder, or the template unit's instances (which share the options file), share
+    neither file (docs/scaling.md). None otherwise: a flag or a variable (the template's
+    per-instance `.env`) is taken as it is."""
     shard = getattr(args, "shard", None)
     origin = getattr(args, "origins", {}).get(name)
     value = getattr(args, _PATH_OPTIONS[name], None) if name in _PATH_OPTIONS else None
-    if shard is None or origin is None or origin.source != "default" or not value:
+    if shard is None or origin is None or origin.source not in ("default", "file") or not value:
         return None
     return shard_path(Path(value), shard)
 
@@ -374,6 +377,8 @@ def log_settings(args: argparse.Namespace) -> LogSettings:
         level=args.log_level,
         format=args.log_format,
         file=own or (Path(args.log_file) if args.log_file else None),
+        file_max_bytes=args.log_file_max_bytes,
+        file_backups=args.log_file_backups,
     )
 
 
@@ -463,8 +468,12 @@ def _run_service(settings: ServiceSettings, early: set[int]) -> int:
     def stop(_sig: int, _frame: FrameType | None) -> None:
         threading.Thread(target=service.request_stop, name="signal-stop", daemon=True).start()
 
+    def hang_up() -> None:
+        reopen_log_file()  # logrotate's `postrotate` sends SIGHUP after it renamed the file
+        service.request_reload()
+
     def reload(_sig: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=service.request_reload, name="signal-reload", daemon=True).start()
+        threading.Thread(target=hang_up, name="signal-reload", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
