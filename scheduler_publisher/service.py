@@ -380,6 +380,12 @@ class PublisherService:
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # a full disk must not
                 # stop publishing
                 log.error("state_checkpoint_failed", error=str(exc))
+                self.stats.checkpoint_failures += 1
+                self.stats.checkpoint_error = str(exc)
+                return
+            if self.stats.checkpoint_error is not None:
+                log.info("state_checkpoint_recovered", failed_before=self.stats.checkpoint_error)
+                self.stats.checkpoint_error = None
 
     def _record_history(self) -> None:
         if self._store is not None:
@@ -455,6 +461,10 @@ class PublisherService:
             warnings.append(
                 f"entries file cannot be used, the entries in force run on: "
                 f"{self._reloads.last_file_problem}"
+            )
+        if self.stats.checkpoint_error is not None:
+            warnings.append(
+                f"state database: the counters cannot be saved: {self.stats.checkpoint_error}"
             )
         entries = self._reloads.entry_errors.summary()
         return [*warnings, entries] if entries else warnings

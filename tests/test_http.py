@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -304,6 +305,40 @@ def test_a_partly_bad_edit_shows_in_status_and_health_until_it_is_fixed(
     config = get(service, "/status").json()["config"]
     assert (config["errors_total"], config["skipped_total"], config["held_back_total"]) == (0, 0, 0)
     assert get(service, "/health").json()["warnings"] == []
+
+
+def test_a_failing_checkpoint_shows_in_health_status_and_metrics(
+    http_service: ServiceStarter, topic_base: str, tmp_path: Path
+) -> None:
+    """While the counters cannot be saved (here another process holds the state database's
+    write lock), /health warns (still 200), /status says why and /metrics counts it; once a
+    checkpoint works again, all three say so."""
+    db = tmp_path / "state.db"
+    service = http_service([entry("a", f"{topic_base}/a", 1)], state_db=db, checkpoint_interval=0.2)
+    wait_until(db.exists, 10, message="the state database")
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+
+        def failing() -> Any:
+            return get(service, "/status").json()["statistics"]["checkpoint_error"]
+
+        error = wait_until(failing, 30, message="a failed checkpoint in /status")
+        assert "locked" in error
+        health = get(service, "/health")
+        assert health.status == 200
+        assert any(
+            w.startswith("state database: the counters cannot") for w in health.json()["warnings"]
+        )
+        families = metrics(service)
+        assert value(families, "scheduler_publisher_checkpoint_failing") == 1
+        assert counter(families, "scheduler_publisher_checkpoint_failures") >= 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_until(lambda: failing() is None, 30, message="a checkpoint that works again")
+    assert get(service, "/health").json()["warnings"] == []
+    assert value(metrics(service), "scheduler_publisher_checkpoint_failing") == 0
 
 
 def test_reload_needs_the_bearer_token(http_service: ServiceStarter, topic_base: str) -> None:

@@ -94,6 +94,8 @@ def test_to_json_is_the_status_document() -> None:
             "published_this_run": 1,
             "reloads": 3,
             "config_errors": 0,
+            "checkpoint_failures": 0,
+            "checkpoint_error": None,
         },
         "connection": CONNECTION_VIEW,
         "health": {"ok": True, "problems": [], "warnings": ["1 lwt entries have no connection: b"]},

@@ -284,6 +284,7 @@ class ServiceCollector(Collector):
             ("reconnects", "MQTT connections lost", totals.reconnects),
             ("reloads", "Config reloads applied", stats.reloads),
             ("config_errors", "Config problems seen", stats.config_errors),
+            ("checkpoint_failures", "State checkpoints that failed", stats.checkpoint_failures),
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         total, up = source.connection.connection_counts()
@@ -304,6 +305,11 @@ class ServiceCollector(Collector):
             "entries_overdue",
             "Entries without a publish for a whole slot and more (see /status for which)",
             self._count_overdue(stats, entries),
+        )
+        yield _gauge(
+            "checkpoint_failing",
+            "1 while the latest state checkpoint failed (the counters are not being saved)",
+            stats.checkpoint_error is not None,
         )
         yield _gauge(
             "ready", "1 while the main MQTT connection is up (GET /ready)", source.is_connected()

@@ -38,6 +38,8 @@ class StatisticsStatus:
     published_this_run: int
     reloads: int
     config_errors: int
+    checkpoint_failures: int = 0
+    checkpoint_error: str | None = None  # why the latest state checkpoint failed; None: saved
 
     @classmethod
     def of(cls, stats: Stats) -> StatisticsStatus:
@@ -52,6 +54,8 @@ class StatisticsStatus:
             published_this_run=stats.published,
             reloads=stats.reloads,
             config_errors=stats.config_errors,
+            checkpoint_failures=stats.checkpoint_failures,
+            checkpoint_error=stats.checkpoint_error,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +69,8 @@ class StatisticsStatus:
             "published_this_run": self.published_this_run,
             "reloads": self.reloads,
             "config_errors": self.config_errors,
+            "checkpoint_failures": self.checkpoint_failures,
+            "checkpoint_error": self.checkpoint_error,
         }
 
 
