@@ -19,6 +19,7 @@ from scheduler_publisher.logs.setup import get_logger
 from scheduler_publisher.mailbox import Mailbox, ReloadRequest, Trigger
 from scheduler_publisher.mqtt.connection import MQTTConnectionManager
 from scheduler_publisher.ops.notify import SystemdNotifier
+from scheduler_publisher.ops.status import EntryErrors
 from scheduler_publisher.scheduling.plan import Plan, applied, batches, diff, effective_entries
 from scheduler_publisher.scheduling.scheduler import Schedule
 from scheduler_publisher.scheduling.spread import period_ms
@@ -88,6 +89,7 @@ class Reloads:
         self._status_line = status_line
         self.entries: dict[str, PublishConfig] = {}
         self.last_file_problem: str | None = None
+        self.entry_errors = EntryErrors()  # of the version in force; replaced whole
         self.last_reload_at: float | None = None  # unix time of the last apply
         self.job: ReloadJob | None = None  # the reload under way
         self._broken: tuple[str, float] | None = None  # (what is wrong, since: monotonic)
@@ -214,6 +216,7 @@ class Reloads:
         if not parts:
             self._connection.set_entries(wanted)
         self._source.applied(result)  # only now: a reload cut short by a stop is not applied
+        self.entry_errors = EntryErrors.of(result, kept)
         self.last_reload_at = self._clock.wall()
         if not initial:
             self.stats.reloads += 1

@@ -380,6 +380,12 @@ class PublisherService:
             except (StateStoreError, sqlite3.Error, OSError) as exc:  # a full disk must not
                 # stop publishing
                 log.error("state_checkpoint_failed", error=str(exc))
+                self.stats.checkpoint_failures += 1
+                self.stats.checkpoint_error = str(exc)
+                return
+            if self.stats.checkpoint_error is not None:
+                log.info("state_checkpoint_recovered", failed_before=self.stats.checkpoint_error)
+                self.stats.checkpoint_error = None
 
     def _record_history(self) -> None:
         if self._store is not None:
@@ -448,8 +454,20 @@ class PublisherService:
 
     def health_warnings(self) -> list[str]:
         """What is wrong without being a liveness problem: connections that are not up (and
-        which entries that leaves without one), a suspected client-id conflict."""
-        return self._connection.health_warnings()
+        which entries that leaves without one), a suspected client-id conflict, an entries
+        file that cannot be used or whose entries do not all run as written."""
+        warnings = self._connection.health_warnings()
+        if self._reloads.last_file_problem is not None:
+            warnings.append(
+                f"entries file cannot be used, the entries in force run on: "
+                f"{self._reloads.last_file_problem}"
+            )
+        if self.stats.checkpoint_error is not None:
+            warnings.append(
+                f"state database: the counters cannot be saved: {self.stats.checkpoint_error}"
+            )
+        entries = self._reloads.entry_errors.summary()
+        return [*warnings, entries] if entries else warnings
 
     def is_connected(self) -> bool:
         return self._connection.is_connected()
@@ -520,6 +538,7 @@ class PublisherService:
                 last_reload_at=self._reloads.last_reload_at,
                 last_error=self._reloads.last_file_problem,
                 watcher=self._watcher.kind,
+                entry_errors=self._reloads.entry_errors,
             ),
             entries={i: self._entry_status(e) for i, e in entries.items()},
             shard=self.shard,

@@ -50,6 +50,12 @@ class BrokerSettings:
     def effective_status_topic(self) -> str:
         return self.status_topic or _STATUS_TOPIC.format(self.client_id)
 
+    def for_shard(self, shard: Shard) -> BrokerSettings:
+        """The names of shard `shard`: its client id gets the `-K-of-N` suffix, and so does an
+        explicit status topic (the default one follows the client id)."""
+        topic = shard.status_topic(self.status_topic) if self.status_topic else None
+        return replace(self, client_id=shard.client_id(self.client_id), status_topic=topic)
+
     def entry_client_id(self, entry_id: str) -> str:
         """Stable and unique per entry, derived from the service's id, and always one a broker
         accepts: `<client-id>/<entry id>` when the id is short and plain (letters, digits and
@@ -108,13 +114,7 @@ class ServiceSettings:
         """These settings for shard `shard`: it runs only its entries, and its client id (so
         its lwt entries' ids too) and status topic carry the `-K-of-N` suffix, so shards on
         one broker never take over each other's connections or status (docs/scaling.md)."""
-        broker = self.broker
-        topic = shard.status_topic(broker.status_topic) if broker.status_topic else None
-        return replace(
-            self,
-            shard=shard,
-            broker=replace(broker, client_id=shard.client_id(broker.client_id), status_topic=topic),
-        )
+        return replace(self, shard=shard, broker=self.broker.for_shard(shard))
 
 
 def shard_path(path: Path, shard: Shard) -> Path:

@@ -75,6 +75,10 @@ class Stats:
         self.reconnects = 0
         self.reloads = 0
         self.config_errors = 0
+        # Main loop: state checkpoints that failed, and why the latest one did (None: it
+        # worked). Read by /health, /status and /metrics.
+        self.checkpoint_failures = 0
+        self.checkpoint_error: str | None = None
         self.base = Totals()  # what earlier runs left in the state DB
         # One service-wide histogram: per-entry buckets would cost memory for every entry and
         # give Prometheus a series per entry and bucket (120,000 at 10,000 entries).
@@ -206,4 +210,6 @@ class Stats:
             "published_this_run": self.published,
             "reloads": self.reloads,
             "config_errors": self.config_errors,
+            "checkpoint_failures": self.checkpoint_failures,
+            "checkpoint_error": self.checkpoint_error,
         }

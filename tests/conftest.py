@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from tests.support import (
     Subscriber,
     SubscriberFactory,
     free_port,
+    hermetic_environ,
     session_free_loop,
     unique_topic,
 )
@@ -22,6 +24,19 @@ from tests.support import (
 if TYPE_CHECKING:
     from scheduler_publisher.mqtt.netloop import NetworkLoop
     from scheduler_publisher.service import PublisherService
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_environment() -> Iterator[None]:
+    """No test reads the machine's options file or the service variables of the caller's shell:
+    not `main()` in-process, nor a child process started without ServiceProcess (which makes
+    its own environment hermetic too). A test names a file or sets a variable itself."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(hermetic_environ(saved))
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

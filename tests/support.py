@@ -44,6 +44,22 @@ if TYPE_CHECKING:  # the service's modules load only where a test starts one
     from scheduler_publisher.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent
+OPTIONS_FILE_ENV = "SCHEDULER_PUBLISHER_OPTIONS_FILE"
+# What a gateway's shell or a systemd drop-in may set for the installed service; a test run on
+# such a machine must not pick it up.
+_AMBIENT = ("MQTT_PASSWORD", "CREDENTIALS_DIRECTORY")
+
+
+def hermetic_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """`environ` without the service's own variables and with no options file: a test's
+    service reads neither /etc/scheduler-publisher/scheduler-publisher.toml nor what the
+    machine's shell sets, unless the test names a file or a variable itself."""
+    kept = {
+        name: text
+        for name, text in environ.items()
+        if not name.startswith("SCHEDULER_PUBLISHER_") and name not in _AMBIENT
+    }
+    return {**kept, OPTIONS_FILE_ENV: ""}
 
 
 def _ephemeral_start() -> int:
@@ -287,9 +303,11 @@ class ServiceProcess:
         max_open_files: int | None = None,
         before_exec: Callable[[], None] | None = None,
     ) -> None:
-        """`args` as cli_args() builds them; `before_exec` runs in the child (setrlimit and
-        signal dispositions only: the child of a threaded parent may call little else)."""
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        """`args` as cli_args() builds them; `env` adds to a hermetic environment (no options
+        file, none of the service's variables from the caller's); `before_exec` runs in the
+        child (setrlimit and signal dispositions only: the child of a threaded parent may call
+        little else)."""
+        full_env = {**hermetic_environ(os.environ), "PYTHONUNBUFFERED": "1", **(env or {})}
 
         def limit() -> None:  # in the child, before exec: its `ulimit -n`, and the hook
             if max_open_files is not None:

@@ -523,6 +523,70 @@ def test_password_never_appears_in_any_log_line_even_at_debug(
     assert PASSWORD not in output
 
 
+@pytest.mark.parametrize("where", ["MQTT_PASSWORD", "credential"])
+def test_a_stale_password_in_the_options_file_loses_to_the_environment_on_the_wire(
+    where: str,
+    auth_broker: Mosquitto,
+    tmp_path: Path,
+    topic_base: str,
+    processes: list[ServiceProcess],
+) -> None:
+    """The options file's old password does not beat a correct $MQTT_PASSWORD or systemd
+    credential: the service connects with the environment's and publishes."""
+    topic = f"{topic_base}/env-pw"
+    config = tmp_path / "config.json"
+    write_config(config, [entry("env-pw", topic, interval=0.5)])
+    options = tmp_path / "options.toml"
+    options.write_text(f'username = "{USER}"\npassword = "stale-{PASSWORD}"\n')
+    env = {"MQTT_PASSWORD": PASSWORD}
+    if where == "credential":
+        (tmp_path / "creds").mkdir()
+        (tmp_path / "creds" / "mqtt-password").write_text(f"{PASSWORD}\n")
+        env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    sub = Subscriber(auth_broker.port, [topic])
+    sub.client.username_pw_set(USER, PASSWORD)
+    sub.start()
+    try:
+        args = cli_args(auth_broker.port, config, "--options-file", str(options))
+        processes.append(ServiceProcess(args, cwd=tmp_path, env=env))
+        sub.wait_for(topic, timeout=20)
+    finally:
+        sub.stop()
+    assert not [e for e in processes[0].events() if e["message"] == "mqtt_connect_failed"]
+
+
+def without_client_id(args: list[str]) -> list[str]:
+    """cli_args' list without its unique --client-id: the service derives its own."""
+    at = args.index("--client-id")
+    return args[:at] + args[at + 2 :]
+
+
+def test_an_acl_written_from_show_options_fits_the_running_service(
+    broker: Mosquitto, tmp_path: Path, topic_base: str, processes: list[ServiceProcess]
+) -> None:
+    """With the derived client id (host and config path) and a shard's suffix, the status
+    topic show-options prints is the one the service announces on, and the client id is the
+    one the broker sees."""
+    config = tmp_path / "entries.json"
+    write_config(config, [entry(f"e{i}", f"{topic_base}/e{i}") for i in range(6)])
+    args = without_client_id(cli_args(broker.port, config, "--shard", "2/3"))
+    shown = ServiceProcess(["show-options", *args[1:]], cwd=tmp_path)
+    assert shown.wait(30) == 0
+    shown.stop()
+    values = dict(line.split("  # ")[0].split(" = ", 1) for line in shown.stdout if " = " in line)
+    client_id, status_topic = json.loads(values["client-id"]), json.loads(values["status-topic"])
+    assert client_id.endswith("-2-of-3")
+    assert status_topic == f"scheduler-publisher/{client_id}/status"
+
+    sub = Subscriber(broker.port, [status_topic]).start()
+    try:
+        processes.append(ServiceProcess(args, cwd=tmp_path))
+        sub.wait_for(status_topic, timeout=20)
+    finally:
+        sub.stop()
+    assert f" as {client_id} " in broker.log.read_text()
+
+
 def test_wrong_password_is_reported_in_words_and_retried_with_backoff(
     auth_broker: Mosquitto,
     tmp_path: Path,

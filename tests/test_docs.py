@@ -78,3 +78,23 @@ def test_a_path_that_does_not_exist_is_caught() -> None:
     assert not any(exists(name, page) for name in names)
     assert not known_module("link.py")
     assert named_paths("group_vars/gw.yml and bench/results/latest.json") == set()
+
+
+def test_the_filebeat_path_matches_the_log_files_the_guides_write() -> None:
+    """docs/logging.md's Filebeat `paths` match the log file docs/install.md sets, its rotated
+    copies and the template unit's per-shard files; not the lock file beside them."""
+    import fnmatch  # noqa: PLC0415 - only this test
+
+    logging_md = (REPO / "docs" / "logging.md").read_text()
+    globs = re.findall(r"^\s+- (/\S+)$", logging_md.split("filestream", 1)[1], re.M)
+    assert globs, "no Filebeat path in docs/logging.md"
+    install = (REPO / "docs" / "install.md").read_text()
+    (log_file,) = set(re.findall(r'log-file = "(/[^"]+)"', install))
+    template = (REPO / "systemd" / "scheduler-publisher@.service").read_text()
+    shard_files = [
+        f.replace("K-of-N", "1-of-2") for f in re.findall(r"(/var/log/\S+-K-of-N\.log)", template)
+    ]
+    folder, name = log_file.rsplit("/", 1)
+    for path in (log_file, f"{log_file}.1", *shard_files):
+        assert any(fnmatch.fnmatch(path, g) for g in globs), (path, globs)
+    assert not any(fnmatch.fnmatch(f"{folder}/.{name}.lock", g) for g in globs)

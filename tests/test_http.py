@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -254,6 +255,90 @@ def test_reload_reports_an_unusable_file(
     assert body["active_configs"] == 1
     assert body["error"]
     assert counter(metrics(service), "scheduler_publisher_config_errors") == 1
+
+
+def test_a_partly_bad_edit_shows_in_status_and_health_until_it_is_fixed(
+    http_service: ServiceStarter, config_path: Path, topic_base: str
+) -> None:
+    """An edit whose entries are partly invalid is no silent success: /status's config lists
+    each error (entry, id, field, line), the invalid new entries that do not run (skipped)
+    and the changed ones whose old version runs on (held back); /health warns, still 200.
+    A fixed file clears all of it."""
+    good = [entry("a", f"{topic_base}/a", 5), entry("b", f"{topic_base}/b", 5)]
+    service = http_service(good, watch=False)
+    config = get(service, "/status").json()["config"]
+    assert (config["errors"], config["skipped_entries"], config["held_back_entries"]) == (
+        [],
+        [],
+        [],
+    )
+    bad = [
+        entry("a", f"{topic_base}/a", 7),
+        entry("b", f"{topic_base}/b", 0),  # was valid: held back at interval 5
+        entry("c", f"{topic_base}/c", 5, qos=5),  # new and invalid: skipped
+        {"topic": f"{topic_base}/d", "data": {}, "interval": 5},  # no id: skipped, by position
+    ]
+    write_config(config_path, bad)
+    assert post(service, "/reload").json()["success"] is True
+
+    config = get(service, "/status").json()["config"]
+    assert config["last_error"] is None  # the file itself is fine
+    by_entry = {(e["entry"], e["id"], e["field"]): e for e in config["errors"]}
+    assert set(by_entry) == {(2, "b", "interval"), (3, "c", "qos"), (4, None, "id")}
+    assert by_entry[(2, "b", "interval")]["line"] > 1
+    assert by_entry[(3, "c", "qos")]["message"].startswith('entry 3 (id "c"): qos must be')
+    assert config["errors_total"] == 3
+    assert config["skipped_entries"] == [{"entry": 3, "id": "c"}, {"entry": 4, "id": None}]
+    assert (config["skipped_total"], config["held_back_entries"]) == (2, ["b"])
+    health = get(service, "/health")
+    assert health.status == 200
+    (warning,) = [w for w in health.json()["warnings"] if w.startswith("entries file")]
+    assert "2 invalid entries skipped, 1 held back" in warning
+
+    config_path.write_text("[{not json")
+    assert post(service, "/reload").json()["success"] is False
+    warnings = get(service, "/health").json()["warnings"]
+    assert any(w.startswith("entries file cannot be used") for w in warnings)
+
+    write_config(config_path, good)
+    assert post(service, "/reload").json()["success"] is True
+    config = get(service, "/status").json()["config"]
+    assert (config["errors_total"], config["skipped_total"], config["held_back_total"]) == (0, 0, 0)
+    assert get(service, "/health").json()["warnings"] == []
+
+
+def test_a_failing_checkpoint_shows_in_health_status_and_metrics(
+    http_service: ServiceStarter, topic_base: str, tmp_path: Path
+) -> None:
+    """While the counters cannot be saved (here another process holds the state database's
+    write lock), /health warns (still 200), /status says why and /metrics counts it; once a
+    checkpoint works again, all three say so."""
+    db = tmp_path / "state.db"
+    service = http_service([entry("a", f"{topic_base}/a", 1)], state_db=db, checkpoint_interval=0.2)
+    wait_until(db.exists, 10, message="the state database")
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+
+        def failing() -> Any:
+            return get(service, "/status").json()["statistics"]["checkpoint_error"]
+
+        error = wait_until(failing, 30, message="a failed checkpoint in /status")
+        assert "locked" in error
+        health = get(service, "/health")
+        assert health.status == 200
+        assert any(
+            w.startswith("state database: the counters cannot") for w in health.json()["warnings"]
+        )
+        families = metrics(service)
+        assert value(families, "scheduler_publisher_checkpoint_failing") == 1
+        assert counter(families, "scheduler_publisher_checkpoint_failures") >= 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_until(lambda: failing() is None, 30, message="a checkpoint that works again")
+    assert get(service, "/health").json()["warnings"] == []
+    assert value(metrics(service), "scheduler_publisher_checkpoint_failing") == 0
 
 
 def test_reload_needs_the_bearer_token(http_service: ServiceStarter, topic_base: str) -> None:

@@ -210,6 +210,36 @@ def test_openmetrics_is_served_when_asked_for(
     assert reply.body.decode().endswith("# EOF\n")
 
 
+def test_name_filter_returns_exactly_the_named_series(
+    http_service: ServiceStarter, topic_base: str
+) -> None:
+    """`?name[]=` (as prometheus_client's own handler takes it, brackets encoded or not, the
+    body gzipped or not) answers with the named samples of every collector, the service's and
+    the standard ones, and nothing else; a name no collector has gives an empty answer."""
+    service = http_service(many(topic_base, 2))
+    wait_until(service.is_connected, 10, message="connected")
+    names = (
+        "scheduler_publisher_ready",
+        "scheduler_publisher_published_total",
+        "scheduler_publisher_entry_published_total",
+        "process_open_fds",
+    )
+    query = "&".join(f"name[]={n}" for n in names[:2]) + "".join(
+        f"&name%5B%5D={n}" for n in names[2:]
+    )
+    plain = request(service.http.port, "GET", f"/metrics?{query}")
+    zipped = request(service.http.port, "GET", f"/metrics?{query}", {"Accept-Encoding": "gzip"})
+    for text in (plain.body.decode(), gzip.decompress(zipped.body).decode()):
+        found = families(text)
+        sample_names = {s.name for f in found.values() for s in f.samples}
+        assert sample_names == set(names), text
+        assert value(found, "scheduler_publisher_ready") == 1
+        assert value(found, "process_open_fds") > 0
+        assert len(found["scheduler_publisher_entry_published"].samples) == 2
+    unknown = request(service.http.port, "GET", "/metrics?name[]=no_such_metric")
+    assert (unknown.status, families(unknown.body.decode())) == (200, {})
+
+
 def test_process_python_and_build_info_are_exposed(
     http_service: ServiceStarter, topic_base: str
 ) -> None:

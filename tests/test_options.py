@@ -144,7 +144,9 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
         else:
             monkeypatch.setenv(option.env, formatted.get(option.name, samples[option.kind])[1])
     by_env = show(capsys, "--options-file", "")
-    assert {n: s for n, (_, s) in by_env.items()} == {o.name: f"env {o.env}" for o in every}
+    assert {n: s for n, (_, s) in by_env.items()} == {
+        o.name: f"env {o.env}{sharded(o.name)}" for o in every
+    }
 
     for option in every:
         monkeypatch.delenv(option.env)
@@ -158,7 +160,16 @@ def test_every_run_option_can_come_from_the_environment_or_the_file(
         lines.append(f"{option.name} = {cli._toml_value(value)}")
     opts = write_options(tmp_path / "all.toml", "\n".join(lines) + "\n")
     by_file = show(capsys, "--options-file", str(opts))
-    assert {n: s for n, (_, s) in by_file.items()} == {o.name: f"file {opts}" for o in every}
+    assert {n: s for n, (_, s) in by_file.items()} == {
+        o.name: f"file {opts}{sharded(o.name, paths=True)}" for o in every
+    }
+
+
+def sharded(name: str, *, paths: bool = False) -> str:
+    """What show-options adds to the source of a value the shard's suffix is added to: the
+    names always, the file paths when they come from the (shared) options file."""
+    derived = ("client-id", "status-topic", *(("state-db", "log-file") if paths else ()))
+    return " (derived: --shard)" if name in derived else ""
 
 
 def test_a_flag_added_to_run_is_an_env_var_and_a_file_key_at_once(
@@ -549,6 +560,111 @@ def test_a_password_file_flag_beats_a_password_in_the_options_file(
     assert cli.read_password(args, {}) == "from-the-flag-file"
 
 
+def effective_password(argv: list[str], environ: dict[str, str]) -> str | None:
+    """The password `run` with these flags and this environment would connect with."""
+    parser = arguments.build_parser()
+    args = parser.parse_args(argv)
+    args.origins = arguments.apply_options(parser, argv, args, environ)
+    return cli.read_password(args, environ)
+
+
+def secret_file(path: Path, secret: str) -> str:
+    path.write_text(f"{secret}\n")
+    return str(path)
+
+
+ENVIRONMENT_SECRETS = ["MQTT_PASSWORD", "credential", "PASSWORD", "PASSWORD_FILE"]
+
+
+def environment_secret(kind: str, tmp_path: Path) -> dict[str, str]:
+    """An environment that gives the password "from-env" in one of its four ways."""
+    if kind == "MQTT_PASSWORD":
+        return {"MQTT_PASSWORD": "from-env"}
+    if kind == "credential":
+        (tmp_path / "creds").mkdir()
+        secret_file(tmp_path / "creds" / "mqtt-password", "from-env")
+        return {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    if kind == "PASSWORD":
+        return {"SCHEDULER_PUBLISHER_PASSWORD": "from-env"}
+    return {"SCHEDULER_PUBLISHER_PASSWORD_FILE": secret_file(tmp_path / "env-pw", "from-env")}
+
+
+@pytest.mark.parametrize("env_kind", ENVIRONMENT_SECRETS)
+@pytest.mark.parametrize("file_key", ["password", "password-file"])
+def test_a_password_from_the_environment_beats_one_in_the_options_file(
+    env_kind: str, file_key: str, tmp_path: Path
+) -> None:
+    """A stale password in the options file (as a key or a file it names) loses to the
+    environment and the systemd credential, as every option's file value does; a flag beats
+    them all."""
+    stale = secret_file(tmp_path / "stale-pw", "stale")
+    value = stale if file_key == "password-file" else "stale"
+    opts = write_options(tmp_path / "o.toml", f'{file_key} = "{value}"\n')
+    environ = environment_secret(env_kind, tmp_path)
+    argv = ["run", "--options-file", str(opts)]
+
+    assert effective_password(argv, {}) == "stale"
+    assert effective_password(argv, environ) == "from-env"
+    assert effective_password([*argv, "--password", "from-flag"], environ) == "from-flag"
+    flag_file = secret_file(tmp_path / "flag-pw", "from-flag-file")
+    assert effective_password([*argv, "--password-file", flag_file], environ) == "from-flag-file"
+
+
+def test_show_options_names_the_password_that_wins_and_each_it_beats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """show-options says which place the password is read from, and which others are not used."""
+    opts = write_options(tmp_path / "o.toml", 'password = "stale"\n')
+    (tmp_path / "creds").mkdir()
+    secret_file(tmp_path / "creds" / "mqtt-password", "from-credential")
+    monkeypatch.setenv("MQTT_PASSWORD", "from-env")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+
+    assert run_main(["show-options", "--options-file", str(opts)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert 'password = "<redacted>"  # env MQTT_PASSWORD' in lines
+    beaten = [line for line in lines if line.startswith("# password from ")]
+    assert beaten == [
+        "# password from systemd credential mqtt-password is not used: "
+        "env MQTT_PASSWORD comes first",
+        f"# password from file {opts} is not used: env MQTT_PASSWORD comes first",
+    ]
+    assert not any("from-env" in line or "stale" in line for line in lines)
+
+
+# ---- derived names (issue 28, 3.4) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", [[], ["--shard", "2/3"]])
+@pytest.mark.parametrize("client_id", [[], ["--client-id", "gw-7"]])
+@pytest.mark.parametrize("status_topic", [[], ["--status-topic", "site/status"]])
+@pytest.mark.parametrize("config", [[], ["--config", "elsewhere/entries.json"]])
+def test_show_options_prints_the_client_id_and_status_topic_the_service_uses(
+    shard: list[str],
+    client_id: list[str],
+    status_topic: list[str],
+    config: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Given or derived (from the host and the config file's path), with a shard's suffix or
+    not: show-options prints the names `run` connects with, and says which were derived."""
+    flags = [*shard, *client_id, *status_topic, *config]
+    shown = show(capsys, *flags)
+    parser = arguments.build_parser()
+    args = parser.parse_args(["run", *flags])
+    args.origins = arguments.apply_options(parser, ["run", *flags], args, {})
+    broker = cli.build_settings(args, {}).broker
+
+    assert shown["client-id"][0] == f'"{broker.client_id}"'
+    assert shown["status-topic"][0] == f'"{broker.effective_status_topic}"'
+    for name, given in (("client-id", client_id), ("status-topic", status_topic)):
+        source = shown[name][1]
+        if not given:
+            assert source == "default (derived)"
+        else:
+            assert source == f"flag --{name}" + (" (derived: --shard)" if shard else "")
+
+
 # ---- range checks (issue 11, #15) -----------------------------------------------------------
 
 BAD_VALUES = [
@@ -866,7 +982,11 @@ def test_a_client_id_at_the_limit_is_accepted(
 ) -> None:
     """The limits are exact: one byte less than the refused lengths is accepted."""
     shown = show(capsys, "--options-file", "", *argv)
-    assert shown["client-id"][1] in ("flag --client-id", "default (derived)")
+    assert shown["client-id"][1] in (
+        "flag --client-id",
+        "flag --client-id (derived: --shard)",
+        "default (derived)",
+    )
 
 
 # ---- sample-options -------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def test_to_json_is_the_status_document() -> None:
             "published_this_run": 1,
             "reloads": 3,
             "config_errors": 0,
+            "checkpoint_failures": 0,
+            "checkpoint_error": None,
         },
         "connection": CONNECTION_VIEW,
         "health": {"ok": True, "problems": [], "warnings": ["1 lwt entries have no connection: b"]},
@@ -103,6 +105,12 @@ def test_to_json_is_the_status_document() -> None:
             "last_reload_at": 1.5,
             "last_error": None,
             "watcher": "inotify",
+            "errors": [],
+            "errors_total": 0,
+            "skipped_entries": [],
+            "skipped_total": 0,
+            "held_back_entries": [],
+            "held_back_total": 0,
         },
         "entries": {
             "a": {

@@ -366,6 +366,39 @@ def test_the_problem_banner_follows_the_entries_file(
     wait_rows(browser, lambda t: [r[ID] for r in t] == ["one", "two"], "the new entry's row")
 
 
+def test_the_banner_lists_a_partly_bad_edits_errors_and_the_entries_it_keeps_out(
+    http_service: ServiceStarter,
+    page: Callable[[PublisherService], WebDriver],
+    config_path: Path,
+    topic_base: str,
+    tmp_path: Path,
+) -> None:
+    """An edit with invalid entries shows the banner too: each error with entry, id, field
+    and line, the invalid entries not running, and those running their last good version;
+    a fixed file hides it."""
+    good = [entry("a", f"{topic_base}/a", 5), entry("b", f"{topic_base}/b", 5)]
+    service = http_service(good)
+    browser = page(service)
+    wait_rows(browser, lambda t: [r[ID] for r in t] == ["a", "b"], "both rows")
+    write_config(
+        config_path,
+        [*good[:1], entry("b", f"{topic_base}/b", 0), entry("c", f"{topic_base}/c", 5, qos=5)],
+    )
+    wait_until(lambda: visible(browser, "problem"), WAIT, message="the problem banner")
+    assert text(browser, "problem-text") == "2 invalid entries in the file"
+    assert not visible(browser, "problem-kept")
+    errors = text(browser, "problem-errors")
+    assert 'entry 2 (id "b"): interval must be' in errors
+    assert 'entry 3 (id "c"): qos must be' in errors
+    assert "(line " in errors
+    assert text(browser, "problem-skipped") == "Not running (invalid): c (entry 3)"
+    assert text(browser, "problem-held") == "Running their last good version: b"
+    assert contrast_failures(browser) == []
+    browser.save_screenshot(str(tmp_path / "status-page-entry-errors.png"))
+    write_config(config_path, good)
+    wait_until(lambda: not visible(browser, "problem"), WAIT, message="the banner gone")
+
+
 def test_the_config_card_names_the_shard(
     http_service: ServiceStarter, page: Callable[[PublisherService], WebDriver], topic_base: str
 ) -> None:

@@ -1,9 +1,11 @@
 """The test harness itself (tests/support.py): the CLI argument builder agrees with the real
-parser, the HTTP client turns every status into a Reply, and the benchmark can import it."""
+parser, the HTTP client turns every status into a Reply, the benchmark can import it, and no
+service a test starts reads the machine's options file."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -14,9 +16,17 @@ from pathlib import Path
 import pytest
 
 from scheduler_publisher.cli.arguments import build_parser
-from scheduler_publisher.cli.main import build_settings
+from scheduler_publisher.cli.main import build_settings, main
 from scheduler_publisher.settings import ServiceSettings
-from tests.support import REPO, call, cli_args, free_port, request
+from tests.support import (
+    OPTIONS_FILE_ENV,
+    REPO,
+    ServiceProcess,
+    call,
+    cli_args,
+    free_port,
+    request,
+)
 
 
 def settings_from(args: list[str]) -> ServiceSettings:
@@ -108,3 +118,52 @@ def test_the_benchmark_can_import_the_harness_without_pytest() -> None:
         check=False,
     )
     assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr
+
+
+def bogus_options_file(tmp_path: Path) -> Path:
+    """What a gateway install would have in /etc: an options file this test run must not read
+    (its unknown key makes any service that reads it exit 2)."""
+    path = tmp_path / "etc-scheduler-publisher.toml"
+    path.write_text('broker = "gateway.invalid"\nnot-an-option = 1\n')
+    return path
+
+
+def show_options(proc: ServiceProcess) -> list[str]:
+    assert proc.wait(60) == 0, proc.stderr
+    proc.stop()
+    return proc.stdout
+
+
+def test_a_launched_service_reads_no_options_file_unless_the_test_names_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The machine's options file, named by the caller's environment as a gateway's profile
+    would, does not reach a ServiceProcess; one named by the test through `env` does."""
+    bogus = bogus_options_file(tmp_path)
+    monkeypatch.setenv(OPTIONS_FILE_ENV, str(bogus))
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_BROKER", "shell.invalid")
+    args = cli_args(1884, None, command=("show-options",))
+
+    plain = show_options(ServiceProcess(args, cwd=tmp_path))
+    assert "# options file: none" in plain
+    assert 'broker = "127.0.0.1"  # flag --broker' in plain
+    assert not any("shell.invalid" in line for line in plain)
+
+    named = tmp_path / "named.toml"
+    named.write_text("keepalive = 45\n")
+    chosen = show_options(ServiceProcess(args, cwd=tmp_path, env={OPTIONS_FILE_ENV: str(named)}))
+    assert f"keepalive = 45  # file {named}" in chosen
+
+
+def test_an_in_process_cli_run_reads_no_options_file_of_the_caller(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The session's environment is hermetic too: `main()` in-process and children started
+    without ServiceProcess read no options file and no service variable of the caller."""
+    assert os.environ.get(OPTIONS_FILE_ENV) == ""
+    service_variables = [n for n in os.environ if n.startswith("SCHEDULER_PUBLISHER_")]
+    assert service_variables == [OPTIONS_FILE_ENV]
+    with pytest.raises(SystemExit) as exited:
+        main(["show-options"])
+    assert exited.value.code == 0
+    assert "# options file: none" in capsys.readouterr().out.splitlines()

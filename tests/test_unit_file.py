@@ -280,3 +280,15 @@ def test_instance_names_are_shards() -> None:
     assert shard_spec("12-of-16") == Shard(12, 16)
     with pytest.raises(argparse.ArgumentTypeError, match="K-of-N"):
         shard_spec("main")
+
+
+@pytest.mark.parametrize("path", [UNIT, TEMPLATE], ids=["unit", "template"])
+def test_no_restart_on_a_usage_error_or_a_file_in_use_and_the_docs_are_named(path: Path) -> None:
+    """Exit 2 (usage) and 6 (file in use) never fix themselves, so systemd does not restart on
+    them; `systemctl status` names the man page."""
+    sections = parse_unit(path.read_text())
+    prevented = {
+        code for v in values(sections["Service"], "RestartPreventExitStatus") for code in v.split()
+    }
+    assert prevented == {"2", "6"}
+    assert "man:scheduler-publisher(1)" in one(sections["Unit"], "Documentation").split()

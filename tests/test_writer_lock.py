@@ -221,6 +221,32 @@ def test_show_options_shows_a_shards_own_paths(
     assert given["log-file"] == '""  # flag --log-file'
 
 
+def test_paths_in_the_shared_options_file_become_each_shards_own(
+    no_options_file: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The template unit's instances share the options file: a log-file or state-db set there
+    gets the shard's suffix, so each instance writes its own file; one from a variable (the
+    instance's own .env) or a flag is used as it is."""
+    opts = tmp_path / "shared.toml"
+    opts.write_text(
+        'log-file = "/var/log/sp/scheduler-publisher.log"\nstate-db = "/var/lib/sp/state.db"\n'
+    )
+    sharded = shown(capsys, "--options-file", str(opts), "--shard", "2-of-3")
+    assert sharded["log-file"] == (
+        f'"/var/log/sp/scheduler-publisher-2-of-3.log"  # file {opts} (derived: --shard)'
+    )
+    assert sharded["state-db"] == f'"/var/lib/sp/state-2-of-3.db"  # file {opts} (derived: --shard)'
+    monkeypatch.setenv("SCHEDULER_PUBLISHER_LOG_FILE", "/var/log/sp/mine.log")
+    own = shown(capsys, "--options-file", str(opts), "--shard", "2-of-3")
+    assert own["log-file"] == '"/var/log/sp/mine.log"  # env SCHEDULER_PUBLISHER_LOG_FILE'
+    monkeypatch.delenv("SCHEDULER_PUBLISHER_LOG_FILE")
+    plain = shown(capsys, "--options-file", str(opts))
+    assert plain["log-file"] == f'"/var/log/sp/scheduler-publisher.log"  # file {opts}'
+
+
 # ---- real processes on one file -------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from scheduler_publisher.cli.options import (
     shard_spec,
 )
 from scheduler_publisher.cli.report import FORMATS
+from scheduler_publisher.logs.setup import LogSettings
 from scheduler_publisher.scheduling.plan import MAX_SLOTS, MIN_SLOTS
 from scheduler_publisher.scheduling.spread import AUTO
 from scheduler_publisher.settings import ServiceSettings, client_id_refusal, status_topic_refusal
@@ -38,6 +39,7 @@ from scheduler_publisher.settings import ServiceSettings, client_id_refusal, sta
 __all__ = [
     "COMMANDS",
     "EXIT_USAGE",
+    "UsageExit",
     "add_run_arguments",
     "apply_options",
     "build_parser",
@@ -63,11 +65,22 @@ OPTION_COMMANDS = ("run", "validate", "show-options")
 # identical by tests/test_packaging.py, so that a wheel carries them (docs/design.md, "Packaging").
 
 
+class UsageExit(SystemExit):
+    """A usage error from the command line (exit 2), already on stderr; `message` says it
+    again, for the CLI's JSON line (main.py)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line: `run`'s full usage is 20 lines, which buries the error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        line = f"{self.prog}: error: {message} (see `{self.prog} --help`)"
+        sys.stderr.write(line + "\n")
+        raise UsageExit(message)
 
 
 class _VersionAction(argparse.Action):
@@ -322,7 +335,20 @@ def _add_operations_arguments(p: argparse.ArgumentParser, d: ServiceSettings) ->
     o.add_argument(
         "--log-file",
         default="logs/mqtt_publisher.log",
-        help="rotated JSON log file; '' for none (default: %(default)s)",
+        help="rotated JSON log file; '' for none (default: %(default)s). Reopened on SIGHUP "
+        "and when it is moved or deleted (logrotate)",
+    )
+    o.add_argument(
+        "--log-file-max-bytes",
+        type=Number(int, 0, 2**40),
+        default=LogSettings().file_max_bytes,
+        help="rotate the log file at this size; 0: never (logrotate does it) (default: 10 MiB)",
+    )
+    o.add_argument(
+        "--log-file-backups",
+        type=Number(int, 1, 1000),
+        default=LogSettings().file_backups,
+        help="rotated log files kept (default: %(default)s)",
     )
     o.add_argument(
         "--stats-interval",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import threading
 import uuid
@@ -18,8 +19,20 @@ if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
 
+# amqtt and its state machine (transitions) log every connection, session and state change at
+# INFO: the demo's output was mostly theirs. Their warnings still show; DEBUG shows it all.
+BROKER_LOGGERS = ("amqtt", "transitions")
+
+
 class DemoError(Exception):
     """The demo parts could not start."""
+
+
+def quiet_broker_logs(level: str) -> None:
+    """The embedded broker's loggers at WARNING, unless `level` (--log-level) asks for DEBUG."""
+    if level.upper() != "DEBUG":
+        for name in BROKER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class EmbeddedBroker:

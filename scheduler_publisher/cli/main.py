@@ -4,7 +4,8 @@ calls sys.exit. The commands' grammar, and where each option came from, is argum
 Exit codes (also in docs/options.md):
   0  stopped cleanly (SIGTERM/SIGINT), or `validate` found the file valid
   1  `validate` found problems in the file
-  2  usage error (unknown flag, bad value, from a flag, the environment or the options file)
+  2  usage error (unknown flag, bad value, from a flag, the environment or the options file);
+     `run` logs it as JSON on stdout too, and the systemd units do not restart on it
   3  the config file cannot be used at start-up (missing, unreadable, not JSON, not an array,
      too big)
   4  gave up connecting after --max-retries failed attempts in a row
@@ -35,7 +36,12 @@ from typing import Any
 
 from scheduler_publisher.cli import arguments
 from scheduler_publisher.cli.arguments import apply_options, build_parser, normalise_argv
-from scheduler_publisher.cli.demo import DemoError, EchoSubscriber, EmbeddedBroker
+from scheduler_publisher.cli.demo import (
+    DemoError,
+    EchoSubscriber,
+    EmbeddedBroker,
+    quiet_broker_logs,
+)
 from scheduler_publisher.cli.options import (
     SECRET_OPTIONS,
     Option,
@@ -44,6 +50,7 @@ from scheduler_publisher.cli.options import (
     options_of,
 )
 from scheduler_publisher.cli.report import Report, github_plain, render, terminal_safe
+from scheduler_publisher.cli.secrets import password_sources
 from scheduler_publisher.config.loader import ConfigFileError, ConfigurationLoader, read_config_file
 from scheduler_publisher.config.schema import schema_text
 from scheduler_publisher.logs.setup import (
@@ -53,6 +60,7 @@ from scheduler_publisher.logs.setup import (
     get_logger,
     log_startup_failure,
     register_secret,
+    reopen_log_file,
 )
 from scheduler_publisher.logs.writer_lock import FileInUseError
 from scheduler_publisher.mqtt.descriptors import raise_soft_limit
@@ -99,38 +107,46 @@ def _derived_default(name: str, args: argparse.Namespace) -> Any:
     """What the service uses for an option left unset, where that is computed at start."""
     if name == "port":
         return 8883 if (args.tls or args.cafile or args.certfile or args.tls_insecure) else 1883
-    shard = getattr(args, "shard", None)
-    if name == "client-id":
-        client_id = default_client_id()
-        return shard.client_id(client_id) if shard else client_id
-    if name == "status-topic":
-        client_id = args.client_id or default_client_id()
-        return f"scheduler-publisher/{shard.client_id(client_id) if shard else client_id}/status"
     return None
+
+
+def broker_names(args: argparse.Namespace) -> BrokerSettings:
+    """The client id and status topic the service connects with: given, or derived from the
+    host and the config file's path; with --shard, the shard's suffix added. `run`'s settings
+    and `show-options` both take them from here, so that an ACL written from show-options'
+    output fits the running service."""
+    names = BrokerSettings(
+        client_id=args.client_id or default_client_id(args.config), status_topic=args.status_topic
+    )
+    shard = getattr(args, "shard", None)
+    return names.for_shard(shard) if shard else names
+
+
+def _named(name: str, args: argparse.Namespace, origin: Origin) -> tuple[str, str]:
+    """client-id and status-topic as the service uses them, and where they came from."""
+    names = broker_names(args)
+    given = args.client_id if name == "client-id" else args.status_topic
+    value = names.client_id if name == "client-id" else names.effective_status_topic
+    if given is None:
+        return value, f"{origin} (derived)"
+    return value, f"{origin} (derived: --shard)" if value != given else str(origin)
 
 
 _PATH_OPTIONS = {"state-db": "state_db", "log-file": "log_file"}
 
 
 def shard_own_path(args: argparse.Namespace, name: str) -> Path | None:
-    """With --shard, a path option (state-db, log-file) left at its default: the shard's own
-    file (`logs/state-1-of-2.db`), so that shards started in one folder share neither file
-    (docs/scaling.md). None otherwise: a path given anywhere is taken as it is."""
+    """With --shard, a path option (state-db, log-file) left at its default or set in the
+    options file: the shard's own file (`logs/state-1-of-2.db`), so that shards started in
+    one folder, or the template unit's instances (which share the options file), share
+    neither file (docs/scaling.md). None otherwise: a flag or a variable (the template's
+    per-instance `.env`) is taken as it is."""
     shard = getattr(args, "shard", None)
     origin = getattr(args, "origins", {}).get(name)
     value = getattr(args, _PATH_OPTIONS[name], None) if name in _PATH_OPTIONS else None
-    if shard is None or origin is None or origin.source != "default" or not value:
+    if shard is None or origin is None or origin.source not in ("default", "file") or not value:
         return None
     return shard_path(Path(value), shard)
-
-
-def _password_origin(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
-    if environ.get("MQTT_PASSWORD"):
-        return "env MQTT_PASSWORD"
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "mqtt-password").is_file():
-        return "systemd credential mqtt-password"
-    return None
 
 
 def show_options_text(
@@ -149,9 +165,11 @@ def show_options_text(
         own = shard_own_path(args, option.name)
         if own is not None:
             value, origin = str(own), f"{origin} (derived: --shard)"
-        if value is None and option.name == "password":
-            found = _password_origin(args, environ)
-            value, origin = ("set", found) if found else (None, origin)
+        if option.name == "password":
+            lines += _password_lines(args, origins, environ)
+            continue
+        if option.name in ("client-id", "status-topic"):
+            value, origin = _named(option.name, args, origins[option.name])
         if value is None:
             derived = _derived_default(option.name, args)
             if derived is None:
@@ -161,6 +179,20 @@ def show_options_text(
         shown = '"<redacted>"' if option.name in SECRET_OPTIONS else _toml_value(value)
         lines.append(f"{option.name} = {shown}  # {origin}")
     return "\n".join(lines)
+
+
+def _password_lines(
+    args: argparse.Namespace, origins: Mapping[str, Origin], environ: Mapping[str, str]
+) -> list[str]:
+    """The password's line names the place it is read from; a line per place it beat."""
+    sources = password_sources(args, origins, environ)
+    if not sources:
+        return [f"# password is not set  # {origins['password']}"]
+    chosen, *beaten = sources
+    return [
+        f'password = "<redacted>"  # {chosen.origin}',
+        *(f"# password from {b.origin} is not used: {chosen.origin} comes first" for b in beaten),
+    ]
 
 
 def sample_options_text(options: Sequence[Option]) -> str:
@@ -217,18 +249,15 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
 # ---- run --------------------------------------------------------------------------------------
 
 
-def read_password(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
-    """--password, then --password-file, then $MQTT_PASSWORD, then systemd credentials."""
-    if args.password:
-        return str(args.password)
-    if args.password_file:
-        return _first_line(args.password_file, "--password-file", "password")
-    if environ.get("MQTT_PASSWORD"):
-        return environ["MQTT_PASSWORD"]
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "mqtt-password").is_file():
-        return _first_line(Path(creds) / "mqtt-password", "credential mqtt-password", "password")
-    return None
+def read_password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The password from the strongest place that gives one (secrets.py says which)."""
+    sources = password_sources(args, getattr(args, "origins", {}), environ)
+    if not sources:
+        return None
+    chosen = sources[0]
+    if chosen.path is not None:
+        return _first_line(chosen.path, chosen.reading, "password")
+    return chosen.text
 
 
 MAX_SECRET_FILE = 64 * 1024  # a password or token file is one line; /dev/zero is not one
@@ -286,7 +315,7 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> ServiceSettings:
+def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServiceSettings:
     password = read_password(args, environ)
     if password:
         register_secret(password)
@@ -295,10 +324,10 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         register_secret(token)
     ctx = tls_context(args)
     protocol: MQTTVersion = "3.1.1" if args.embedded_broker else args.mqtt_version
-    broker = BrokerSettings(
+    broker = dataclasses.replace(
+        broker_names(args),
         host="127.0.0.1" if args.embedded_broker else args.broker,
         port=args.port or (8883 if ctx else 1883),
-        client_id=args.client_id or default_client_id(args.config),
         username=args.username,
         password=password,
         protocol=protocol,
@@ -307,7 +336,6 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         backoff_max=args.backoff_max,
         max_retries=args.max_retries,
         will_delay=args.will_delay,
-        status_topic=args.status_topic,
         connect_rate=args.connect_rate,
         tls_context=ctx,
         tls_insecure=args.tls_insecure,
@@ -334,7 +362,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Service
         max_config_bytes=args.max_config_bytes,
         phase_slots=None if args.phase_slots == AUTO else args.phase_slots,
     )
-    return settings.for_shard(args.shard) if args.shard else settings
+    # broker_names() has given the broker the shard's names already
+    return dataclasses.replace(settings, shard=args.shard)
 
 
 def _state_db(args: argparse.Namespace) -> Path | None:
@@ -348,6 +377,8 @@ def log_settings(args: argparse.Namespace) -> LogSettings:
         level=args.log_level,
         format=args.log_format,
         file=own or (Path(args.log_file) if args.log_file else None),
+        file_max_bytes=args.log_file_max_bytes,
+        file_backups=args.log_file_backups,
     )
 
 
@@ -410,6 +441,7 @@ def _start_demo(
 ) -> list[EmbeddedBroker | EchoSubscriber]:
     parts: list[EmbeddedBroker | EchoSubscriber] = []
     if args.embedded_broker:
+        quiet_broker_logs(settings.logging.level)
         broker = EmbeddedBroker(settings.broker.port)
         broker.start()
         parts.append(broker)
@@ -436,8 +468,12 @@ def _run_service(settings: ServiceSettings, early: set[int]) -> int:
     def stop(_sig: int, _frame: FrameType | None) -> None:
         threading.Thread(target=service.request_stop, name="signal-stop", daemon=True).start()
 
+    def hang_up() -> None:
+        reopen_log_file()  # logrotate's `postrotate` sends SIGHUP after it renamed the file
+        service.request_reload()
+
     def reload(_sig: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=service.request_reload, name="signal-reload", daemon=True).start()
+        threading.Thread(target=hang_up, name="signal-reload", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -477,10 +513,31 @@ COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class UsageError(Exception):
+    """A flag, variable or options-file value that cannot be used (exit 2)."""
+
+
+def _log_usage_error(command: str, message: str) -> None:
+    """A usage error of `run` is also one JSON line on stdout, as exits 3, 5 and 6 are: a log
+    shipper and the journal (at priority 3) see why the service did not start. Stdout only,
+    as JSON: the log options may be the very values that were refused. The other commands
+    are run by hand, and their stdout is their answer (validate --format json)."""
+    if command == "run":
+        log_startup_failure(LogSettings(file=None), UsageError(message), exit_code=EXIT_USAGE)
+
+
+def _parse(parser: argparse.ArgumentParser, raw: list[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(raw)
+    except arguments.UsageExit as exc:
+        _log_usage_error(raw[0], exc.message)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     raw = normalise_argv(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(raw)
+    args = _parse(parser, raw)
     try:
         args.origins = apply_options(parser, raw, args, os.environ)
     except OptionsError as exc:
@@ -488,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # validate --format github: an options file's key must not become a workflow command
         shown = github_plain([error]) if getattr(args, "format", None) == "github" else [error]
         print(*shown, sep="\n", file=sys.stderr)
+        _log_usage_error(args.command, str(exc))
         sys.exit(EXIT_USAGE)
     try:
         code = COMMAND_HANDLERS[args.command](args)

@@ -4,6 +4,7 @@ writes (and rotates) at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -100,6 +101,7 @@ class FileHandler(logging.handlers.RotatingFileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         # Runs under the handler's lock (Handler.handle), so the state needs no lock of its own.
         self._failure = None
+        self._reopen_if_moved()
         super().emit(record)
         failure = self._take_failure()
         if failure is not None and not self._failing:
@@ -127,6 +129,39 @@ class FileHandler(logging.handlers.RotatingFileHandler):
     @property
     def opened(self) -> bool:
         return self.stream is not None
+
+    def reopen(self) -> None:
+        """Close the file, so that the next line opens its path again (SIGHUP, after
+        logrotate's rename): the lines go to the new file, not the renamed one. Any thread."""
+        self.acquire()
+        try:
+            self._swap_stream()
+        finally:
+            self.release()
+
+    def _reopen_if_moved(self) -> None:
+        """The path no longer names the open file (renamed, deleted or replaced): open it
+        again, as logging's WatchedFileHandler does. One stat per line; lines are few."""
+        if self.stream is None:
+            return
+        try:
+            at_path = self.path.stat()
+            opened = os.fstat(self.stream.fileno())
+        except FileNotFoundError:
+            self._swap_stream()
+            return
+        except (OSError, ValueError):
+            return  # the write that follows reports a file that fails
+        if (at_path.st_dev, at_path.st_ino) != (opened.st_dev, opened.st_ino):
+            self._swap_stream()
+
+    def _swap_stream(self) -> None:
+        """Close the stream; the next line opens the path again (emit does, under the writer
+        lock this process holds, and reports a failure to open as any write failure)."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):  # a full disk's unflushed tail: the file is gone
+                stream.close()
 
     def _take_failure(self) -> OSError | None:
         failure, self._failure = self._failure, None

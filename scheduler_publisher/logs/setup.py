@@ -56,6 +56,7 @@ __all__ = [
     "get_logger",
     "log_startup_failure",
     "register_secret",
+    "reopen_log_file",
     "shutdown_logging",
 ]
 
@@ -379,6 +380,14 @@ def shutdown_logging() -> None:
         _uninstall(installed.handlers)
         logging.getLogger().setLevel(installed.previous_root_level)
         logging.getLogger("apscheduler").setLevel(installed.previous_apscheduler_level)
+
+
+def reopen_log_file() -> None:
+    """SIGHUP: the log file's next line goes to its path afresh (logrotate renamed it, or
+    removed it and wants a new one). Nothing when no file is written."""
+    installed = _installed
+    if installed is not None and isinstance(installed.file, FileHandler):
+        installed.file.reopen()
 
 
 def echo_line(text: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Protocol
@@ -30,7 +30,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, RestrictedRegistry
 
 from scheduler_publisher.config.cron_slots import CronSlots, cron_slots
 from scheduler_publisher.logs.setup import get_logger
@@ -178,9 +178,40 @@ class PerEntrySwitch:
         return on
 
 
+class ServiceRegistry(CollectorRegistry):
+    """A registry whose `?name[]=` answer has the named samples of every collector.
+
+    prometheus_client's own restriction collects only the collectors that described their
+    names in advance; none of these does (the service's names depend on the entries and the
+    shard, and the standard collectors describe none), so it found nothing and the answer was
+    empty. Newer releases have `support_collectors_without_names`; 0.20, the oldest this
+    package accepts, does not."""
+
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        return NamedSamples(names, self)
+
+
+class NamedSamples(RestrictedRegistry):
+    """Every collector's metrics, each cut down to the samples named (the families keep their
+    name, help and type, as prometheus_client's own restriction does); a scrape at a time."""
+
+    def __init__(self, names: Iterable[str], registry: CollectorRegistry) -> None:
+        self.names = frozenset(names)
+        self.source = registry
+        super().__init__(self.names, registry)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.source.collect():
+            samples = [s for s in metric.samples if s.name in self.names]
+            if samples:
+                kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                kept.samples = samples
+                yield kept
+
+
 def build_registry(source: MetricsSource, switch: PerEntrySwitch) -> CollectorRegistry:
     """The service's own metrics plus the standard process_* and python_* collectors."""
-    registry = CollectorRegistry()
+    registry = ServiceRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -253,6 +284,7 @@ class ServiceCollector(Collector):
             ("reconnects", "MQTT connections lost", totals.reconnects),
             ("reloads", "Config reloads applied", stats.reloads),
             ("config_errors", "Config problems seen", stats.config_errors),
+            ("checkpoint_failures", "State checkpoints that failed", stats.checkpoint_failures),
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         total, up = source.connection.connection_counts()
@@ -273,6 +305,11 @@ class ServiceCollector(Collector):
             "entries_overdue",
             "Entries without a publish for a whole slot and more (see /status for which)",
             self._count_overdue(stats, entries),
+        )
+        yield _gauge(
+            "checkpoint_failing",
+            "1 while the latest state checkpoint failed (the counters are not being saved)",
+            stats.checkpoint_error is not None,
         )
         yield _gauge(
             "ready", "1 while the main MQTT connection is up (GET /ready)", source.is_connected()

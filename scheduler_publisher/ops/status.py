@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from scheduler_publisher.config.cron import time_zone
-from scheduler_publisher.config.loader import PublishConfig
+from scheduler_publisher.config.loader import ConfigResult, Problem, PublishConfig
 from scheduler_publisher.config.shard import Shard
 from scheduler_publisher.mqtt.descriptors import DescriptorsView
 from scheduler_publisher.stats import EntryStats, Stats
@@ -38,6 +38,8 @@ class StatisticsStatus:
     published_this_run: int
     reloads: int
     config_errors: int
+    checkpoint_failures: int = 0
+    checkpoint_error: str | None = None  # why the latest state checkpoint failed; None: saved
 
     @classmethod
     def of(cls, stats: Stats) -> StatisticsStatus:
@@ -52,6 +54,8 @@ class StatisticsStatus:
             published_this_run=stats.published,
             reloads=stats.reloads,
             config_errors=stats.config_errors,
+            checkpoint_failures=stats.checkpoint_failures,
+            checkpoint_error=stats.checkpoint_error,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +69,8 @@ class StatisticsStatus:
             "published_this_run": self.published_this_run,
             "reloads": self.reloads,
             "config_errors": self.config_errors,
+            "checkpoint_failures": self.checkpoint_failures,
+            "checkpoint_error": self.checkpoint_error,
         }
 
 
@@ -171,6 +177,88 @@ class HealthStatus:
         return {"ok": self.ok, "problems": list(self.problems), "warnings": list(self.warnings)}
 
 
+# At most this many entry errors and skipped or held-back entries are listed in /status (the
+# totals count them all): a file of 10,000 broken entries must not make every poll huge.
+MAX_LISTED = 100
+
+
+@dataclass(frozen=True, slots=True)
+class EntryError:
+    """One entry error of the version in force, located: entry position and id, field, line."""
+
+    position: int | None
+    entry_id: str | None
+    field: str | None
+    line: int | None
+    column: int | None
+    message: str  # the whole one-line message, place included
+
+    @classmethod
+    def of(cls, problem: Problem) -> EntryError:
+        return cls(
+            problem.position,
+            problem.entry_id,
+            problem.field,
+            problem.line,
+            problem.column,
+            str(problem),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entry": self.position,
+            "id": self.entry_id,
+            "field": self.field,
+            "line": self.line,
+            "column": self.column,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EntryErrors:
+    """What of the version in force does not run as written: its entry errors, the invalid
+    entries that are not running at all (skipped), and those whose last good version runs
+    on (held back). Built at each apply, read by HTTP threads (replaced whole)."""
+
+    errors: tuple[EntryError, ...] = ()
+    skipped: tuple[tuple[int | None, str | None], ...] = ()  # (position, id) of each
+    held_back: tuple[str, ...] = ()  # ids
+
+    @classmethod
+    def of(cls, result: ConfigResult, held_back: Iterable[str]) -> EntryErrors:
+        kept = tuple(held_back)
+        errors = result.errors
+        skipped: dict[int | None, str | None] = {}
+        for problem in errors:
+            if problem.entry_id not in kept:
+                skipped.setdefault(problem.position, problem.entry_id)
+        return cls(tuple(EntryError.of(p) for p in errors), tuple(skipped.items()), kept)
+
+    def summary(self) -> str | None:
+        """One line for /health's warnings; None when every entry runs as written."""
+        if not self.errors:
+            return None
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        return (
+            f"entries file: {len(self.skipped)} invalid entries skipped, {len(self.held_back)} "
+            f"held back at their last good version: {self.errors[0].message}{more}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "errors": [e.to_json() for e in self.errors[:MAX_LISTED]],
+            "errors_total": len(self.errors),
+            "skipped_entries": [
+                {"entry": position, "id": entry_id}
+                for position, entry_id in self.skipped[:MAX_LISTED]
+            ],
+            "skipped_total": len(self.skipped),
+            "held_back_entries": list(self.held_back[:MAX_LISTED]),
+            "held_back_total": len(self.held_back),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigStatus:
     """The config file and the version in force."""
@@ -180,6 +268,7 @@ class ConfigStatus:
     last_reload_at: float | None  # unix time of the last apply (start or reload)
     last_error: str | None  # why the file on disk cannot be used, while it cannot
     watcher: str  # "inotify", "polling", ... or "none"
+    entry_errors: EntryErrors = EntryErrors()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -188,6 +277,7 @@ class ConfigStatus:
             "last_reload_at": self.last_reload_at,
             "last_error": self.last_error,
             "watcher": self.watcher,
+            **self.entry_errors.to_json(),
         }
 
 

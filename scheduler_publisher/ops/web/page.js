@@ -165,8 +165,45 @@ function renderConfig(config, shard) {
   setText("config-shard", shard ? `${shard.k} of ${shard.n}` : "");
   setText("config-reload", config.last_reload_at ? ago(config.last_reload_at) : "at start");
   setText("config-watcher", config.watcher || "–");
-  $("problem").hidden = !config.last_error;
-  setText("problem-text", config.last_error || "");
+  renderProblems(config);
+}
+
+// The banner: a file that cannot be used (its entries in force run on), or one whose entries
+// do not all run as written: each error with its place, the invalid entries skipped, and
+// those held back at their last good version.
+function renderProblems(config) {
+  const errors = config.errors || [];
+  const total = config.errors_total || 0;
+  $("problem").hidden = !config.last_error && total === 0;
+  $("problem-kept").hidden = !config.last_error;
+  setText("problem-text", config.last_error ||
+    (total ? `${count(total)} invalid ${total === 1 ? "entry" : "entries"} in the file` : ""));
+  renderErrorList(errors, total);
+  const skipped = (config.skipped_entries || []).map(
+    (s) => (s.id === null ? `entry ${s.entry}` : `${s.id} (entry ${s.entry})`));
+  listed("problem-skipped", "Not running (invalid): ", skipped, config.skipped_total || 0);
+  listed("problem-held", "Running their last good version: ", config.held_back_entries || [],
+         config.held_back_total || 0);
+}
+
+function renderErrorList(errors, total) {
+  const list = $("problem-errors");
+  const lines = errors.map((e) => e.message + (e.line ? ` (line ${e.line})` : ""));
+  if (total > errors.length) lines.push(`… and ${count(total - errors.length)} more`);
+  list.hidden = lines.length === 0;
+  const shown = Array.from(list.children, (li) => li.textContent);
+  if (shown.join("\n") === lines.join("\n")) return;
+  list.replaceChildren(...lines.map((line) => {
+    const li = document.createElement("li");
+    li.textContent = line;  // text, never HTML: messages quote the file
+    return li;
+  }));
+}
+
+function listed(id, label, names, total) {
+  const more = total > names.length ? ` and ${count(total - names.length)} more` : "";
+  $(id).hidden = names.length === 0;
+  setText(id, names.length ? label + names.join(", ") + more : "");
 }
 
 // ---- the publish rate: differences of successive polls of the run's publish count ----
