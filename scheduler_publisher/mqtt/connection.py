@@ -488,8 +488,11 @@ class MQTTConnectionManager:
 
     def _release(self, entry_id: str) -> None:
         if self._searching:
+            probing = self._faults.probe is not None
             self._faults.forget(entry_id)
             self._search_changed()
+            if probing and self._faults.probe is None:
+                self._after_probe()  # the edit ended the probe out: go on as its verdict would
 
     def _birth(self, link: SessionView) -> None:
         if link.key.is_main and self._start_probe(link):
@@ -628,6 +631,10 @@ class MQTTConnectionManager:
             for entry_id in sorted(probe.batch & self._entries.keys()):
                 log.info("entry_released", entry_id=entry_id, broker=self._broker)
         self._search_changed()
+        self._after_probe()
+
+    def _after_probe(self) -> None:
+        """The next probe, if any is wanted; else the birth publishes a probe held back."""
         main = self._loop.get(MAIN_LINK)
         if main is None or not main.is_up or self._start_probe(main):
             return
