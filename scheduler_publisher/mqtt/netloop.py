@@ -618,20 +618,12 @@ class NetworkLoop:
 
     def _run_timer(self) -> None:
         fn, self._timer, self._timer_at = self._timer, None, math.inf
-        if fn is None:
-            return
-        try:
-            fn()
-        except Exception:
-            log.exception("network_command_failed")
+        if fn is not None:
+            _run_safely(fn)
 
     def _run_later(self, now: float) -> None:
         while self._later and self._later[0][0] <= now:
-            fn = heapq.heappop(self._later)[2]
-            try:
-                fn()
-            except Exception:
-                log.exception("network_command_failed")
+            _run_safely(heapq.heappop(self._later)[2])
 
     def _drain_wake(self) -> None:
         try:
@@ -643,11 +635,7 @@ class NetworkLoop:
     def _run_commands(self) -> None:
         self._wake_pending = False  # before draining: a producer that appends now will wake us
         for _ in range(len(self._commands)):
-            fn = self._commands.popleft()
-            try:
-                fn()
-            except Exception:
-                log.exception("network_command_failed")
+            _run_safely(self._commands.popleft())
 
     def _service_socket(self, session: Session, mask: int) -> None:
         client = session.client
@@ -822,6 +810,14 @@ class NetworkLoop:
                     self._selector.unregister(sock)
                 sock.close()
         self._selector.close()
+
+
+def _run_safely(fn: Callable[[], None]) -> None:
+    """A command, the timer or a housekeeping call: a bug in one never stops the loop."""
+    try:
+        fn()
+    except Exception:
+        log.exception("network_command_failed")
 
 
 def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:
