@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -634,15 +635,24 @@ def test_echo_line_escapes_control_characters(tmp_path: Path) -> None:
 # ---- a log file that cannot be written (issue 11 #22) ---------------------------------------
 
 
+def _full_device(path: Path) -> None:
+    """A device like /dev/full (every write: ENOSPC) at `path`. A node of its own as root, so
+    that the log's writer lock (`.<name>.lock` beside the real path) lands in the test's folder,
+    not in /dev where parallel runs of the suite would take each other's lock; a symlink to
+    /dev/full otherwise."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except PermissionError:
+        path.symlink_to("/dev/full")
+
+
 def test_a_full_disk_is_reported_once_not_per_record(
     tmp_path: Path, out: io.StringIO, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Writes to a full disk (/dev/full) give one stderr line and one JSON event, however many
     records fail, and never the stdlib's `--- Logging error ---` traceback."""
-    if not os.path.exists("/dev/full"):
-        pytest.skip("needs /dev/full")
     full = tmp_path / "app.log"
-    full.symlink_to("/dev/full")
+    _full_device(full)
     configure(out, file=full)
     log = get_logger("t")
     for i in range(50):
