@@ -237,7 +237,7 @@ def test_page_shows_the_service_and_updates_live(
     assert by_id["kitchen"][CONNECTION] == "main"
     assert by_id["kitchen"][SCHEDULE] == "every 0.3s"
     wait_until(lambda: text(browser, "conn-state") == "Connected", WAIT, message="connected")
-    assert text(browser, "broker") == f"127.0.0.1:{service.settings.broker.port}"
+    assert text(browser, "broker") == f"mqtt://127.0.0.1:{service.settings.broker.port}"
     assert text(browser, "client-id") == service.settings.broker.client_id
     assert text(browser, "config-path") == str(service.settings.config_path)
     wait_rows(

@@ -121,7 +121,7 @@ class MQTTConnectionManager:
         self._main_born_at = 0.0  # monotonic: the main connection's last birth publishes
         self._probed: set[str] = set()  # published by a probe on this main connection
         self._cron_missed: set[str] = set()  # cron entries whose missed slot was logged
-        self._broker = f"{settings.host}:{settings.port}"
+        self._broker = settings.brokers[0].url  # shown in logs and /status: no password in it
         self._hostname = socket.gethostname()  # for {{hostname}}
 
     # ---- public API (any thread) ------------------------------------------------------------

@@ -30,7 +30,6 @@ import math
 import os
 import selectors
 import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -642,10 +641,8 @@ class NetworkLoop:
         if mask & selectors.EVENT_READ:
             session.last_read = time.monotonic()
             client.loop_read()
-            sock = client.socket()
-            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+            while buffered(client.socket()):
                 client.loop_read()  # TLS may hold decrypted bytes that select() cannot see
-                sock = client.socket()
         if mask & selectors.EVENT_WRITE:
             self._flush(session)
 
@@ -829,9 +826,24 @@ def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:
     )
 
 
+def buffered(sock: Any) -> bool:
+    """Whether `sock` holds bytes already read from the kernel, which select() cannot see: an
+    SSL socket's decrypted bytes, and, over wss://, those of the SSL socket under paho's
+    WebSocket wrapper (its pending() asks that socket; it keeps no other bytes between
+    reads: a frame it has begun stays in its buffer and is parsed on the next read)."""
+    pending = getattr(sock, "pending", None)
+    return callable(pending) and bool(pending())
+
+
 def _no_delay(sock: Any) -> None:
     """Turn Nagle's algorithm off. paho leaves it on and writes one packet per send(): a small
     PINGREQ then waits for the broker's delayed ACK, and every publish queued behind it is held
-    ~40 ms (measured in docs/design.md, "Keepalive stalls and TCP_NODELAY")."""
+    ~40 ms (measured in docs/design.md, "Keepalive stalls and TCP_NODELAY"). paho's WebSocket
+    wrapper has no setsockopt(): the option is set through a duplicate of its descriptor (the
+    same TCP socket)."""
     with contextlib.suppress(OSError):  # not TCP (a unix socket) or already gone
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
