@@ -261,3 +261,9 @@ def test_settings_built_by_the_cli_carry_every_endpoint_and_alpn(tmp_path: Path)
 def test_python_callers_keep_host_and_port() -> None:
     """BrokerSettings(host, port) without endpoints is the one plain (or TLS) broker."""
     assert BrokerSettings(host="h", port=1999).brokers == (Endpoint("mqtt", "h", 1999),)
+
+
+def test_a_broker_listed_twice_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`a,mqtt://a:1883` is one broker twice: a failover list names each broker once."""
+    line = usage_error(capsys, ["run", "--options-file", "", "--broker", "a,b,mqtt://a:1883"])
+    assert "broker (flag --broker) names mqtt://a:1883 twice" in line

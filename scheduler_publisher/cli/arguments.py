@@ -515,6 +515,12 @@ def broker_endpoints(
     given = parse_list(args.broker)  # valid: its argparse type checked it
     asked = tls_asked(args)
     endpoints = tuple(_resolved(g, args, origins, asked) for g in given)
+    twice = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
+    if twice is not None:
+        raise OptionsError(
+            f"broker ({_origin(origins, 'broker')}) names {twice.url} twice in "
+            f"{shown(args.broker)}; list each broker once"
+        )
     if asked is not None and not any(e.tls for e in endpoints):
         raise OptionsError(
             f"{asked} ({_origin(origins, asked)}) is for TLS, but no broker uses TLS: "

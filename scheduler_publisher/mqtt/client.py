@@ -74,7 +74,7 @@ class ResetAwareClient(mqtt.Client):
 def paho_client(session: Session) -> mqtt.Client:
     """The real client for `session`: its protocol, credentials, TLS, will and callbacks."""
     s = session.settings
-    endpoint = s.brokers[0]  # the broker in use (connection.py moves every link together)
+    endpoint = session.endpoint or s.brokers[0]  # the broker in use (see Session.endpoint)
     protocol = MQTTProtocolVersion.MQTTv5 if session.is_v5 else MQTTProtocolVersion.MQTTv311
     client = ResetAwareClient(
         CallbackAPIVersion.VERSION2,
