@@ -11,14 +11,17 @@ from typing import Any
 
 import pytest
 
+from scheduler_publisher.endpoints import Endpoint
 from scheduler_publisher.mqtt.netloop import FAILOVER_ATTEMPTS
 from tests.support import (
+    InProcessServices,
     Mosquitto,
     ServiceProcess,
     Subscriber,
     cli_args,
     entry,
     free_port,
+    offline,
     online,
     request,
     unique_topic,
@@ -155,4 +158,39 @@ def test_a_list_whose_first_broker_is_down_at_start_reaches_the_second(
         assert [e["url.full"] for e in connected] == [url(second.port)]
     finally:
         proc.stop()
+        watch.stop()
+
+
+def test_a_move_while_the_old_broker_is_up_fires_the_wills_there_and_births_on_the_new(
+    brokers: tuple[Mosquitto, Mosquitto], services: InProcessServices
+) -> None:
+    """The connections still up on the old broker leave with their wills (the lwt entry's and
+    the status topic's {"online": 0}); the new broker gets the births, main connection first."""
+    first, second = brokers
+    base = unique_topic("move")
+    watch = Watch(base, first.port, second.port)
+    endpoints = tuple(Endpoint("mqtt", "127.0.0.1", b.port) for b in brokers)
+    service = services.start(
+        first.port,
+        [entry("door", f"{base}/door", 3600, qos=1, lwt=True, data={"door": 1})],
+        broker={"endpoints": endpoints, "status_topic": f"{base}/status"},
+    )
+    try:
+        old, new = watch.subs[first.port], watch.subs[second.port]
+        old.wait_for(f"{base}/door", where=online, timeout=30)
+        old.wait_for(f"{base}/status", where=online, timeout=30)
+        # No broker here refuses the main connection alone while the lwt ones stay up, so the
+        # test asks the loop for the move its failure count would make, on the loop's thread.
+        loop = service.connection._loop
+        loop.call_soon(lambda: loop.fail_over("moved by the test"))
+        assert old.wait_for(f"{base}/door", where=offline, timeout=30)[-1].json() == {
+            "online": 0,
+            "door": 1,
+        }
+        old.wait_for(f"{base}/status", where=offline, timeout=30)
+        new.wait_for(f"{base}/status", where=online, timeout=30)
+        new.wait_for(f"{base}/door", where=online, timeout=30)
+        assert service.connection.broker_urls()[0] == url(second.port)
+        assert not [m for m in new.snapshot() if offline(m)]
+    finally:
         watch.stop()
