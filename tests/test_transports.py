@@ -71,6 +71,7 @@ class Amqtt:
             loop.run_until_complete(self._broker.start())
             started.set()
             loop.run_forever()
+            loop.close()  # after stop(): the thread ends with its loop
 
         threading.Thread(target=run, name="amqtt", daemon=True).start()
         assert started.wait(20), "amqtt did not start"
