@@ -228,7 +228,7 @@ class PublisherService:
             active_configs=len(self._reloads.entries),
             config=str(self.settings.config_path),
             watcher=self._watcher.kind,
-            broker=f"{self.settings.broker.host}:{self.settings.broker.port}",
+            broker=self.settings.broker.brokers[0].url,
             **self._shard_fields(),
         )
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 from scheduler_publisher.config.rules import FIELDS_BY_NAME
 from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.endpoints import Endpoint
 from scheduler_publisher.logs.setup import LogSettings
 from scheduler_publisher.mailbox import Debounce
 
@@ -45,6 +46,15 @@ class BrokerSettings:
     connect_rate: float = 200.0  # connection attempts per second, across all links
     tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     tls_insecure: bool = False
+    # The brokers, in failover order; () means the one at host:port (TLS if tls_context).
+    # A TLS endpoint uses tls_context (a default one if None); a plain one ignores it.
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def brokers(self) -> tuple[Endpoint, ...]:
+        if self.endpoints:
+            return self.endpoints
+        return (Endpoint("mqtts" if self.tls_context else "mqtt", self.host, self.port),)
 
     @property
     def effective_status_topic(self) -> str:

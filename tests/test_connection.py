@@ -294,7 +294,7 @@ def test_two_services_with_one_client_id_name_each_loss_and_claim_nothing_unprov
     assert lost
     assert all(
         e["reason"] == "connection closed by the broker"
-        and e["broker"] == f"127.0.0.1:{broker.port}"
+        and e["broker"] == f"mqtt://127.0.0.1:{broker.port}"
         for e in lost
     ), lost
     assert not [e for e in logs if e["event"] == "mqtt_client_id_conflict"]
@@ -342,7 +342,7 @@ def test_the_main_connection_comes_first_under_a_connection_limit(
         failed = [e for e in logs if e["event"] == "entry_connection_failed"]
         assert all(
             e["reason"] == "connection closed by the broker before CONNACK"
-            and e["broker"] == f"127.0.0.1:{limited.port}"
+            and e["broker"] == f"mqtt://127.0.0.1:{limited.port}"
             for e in failed
         ), failed
         # One warning per entry and cause, however often it is retried.
@@ -381,7 +381,7 @@ def test_status_last_error_carries_why_the_main_connection_fails_before_connack(
             )
         status = service.get_status()["connection"]
         assert failed[0]["reason"] == "connection closed by the broker before CONNACK"
-        assert failed[0]["broker"] == f"127.0.0.1:{full.port}"
+        assert failed[0]["broker"] == f"mqtt://127.0.0.1:{full.port}"
         assert status["last_error"] == failed[0]["reason"]
         assert not status["connected"]
         assert status["entries_without_connection"]["main_connection_down"]

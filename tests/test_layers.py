@@ -19,7 +19,7 @@ NAME = "scheduler_publisher"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("logs",),
     ("config",),
-    ("mailbox", "clock", "statestore", "watcher"),  # the root's shared leaves
+    ("mailbox", "clock", "statestore", "watcher", "endpoints"),  # the root's shared leaves
     ("settings", "stats"),
     ("scheduling", "mqtt"),
     ("ops",),

@@ -122,7 +122,10 @@ def test_abbreviated_and_equals_flags_count_as_flags(
 ) -> None:
     """`--brok=h` is a flag like `--broker h`: the environment does not override it."""
     monkeypatch.setenv("SCHEDULER_PUBLISHER_BROKER", "from-env")
-    assert show(capsys, "--brok=from-flag")["broker"] == ('"from-flag"', "flag --broker")
+    assert show(capsys, "--brok=from-flag")["broker"] == (
+        '"mqtt://from-flag:1883"',
+        "flag --broker",
+    )
 
 
 def test_every_run_option_can_come_from_the_environment_or_the_file(
@@ -203,8 +206,8 @@ def test_default_options_file_is_read_when_it_exists_and_can_be_turned_off(
     default = write_options(tmp_path / "default.toml", 'broker = "from-default-file"\n')
     monkeypatch.setattr(options, "DEFAULT_OPTIONS_FILE", default)
 
-    assert show(capsys)["broker"] == ('"from-default-file"', f"file {default}")
-    assert show(capsys, "--options-file", "")["broker"] == ('"localhost"', "default")
+    assert show(capsys)["broker"] == ('"mqtt://from-default-file:1883"', f"file {default}")
+    assert show(capsys, "--options-file", "")["broker"] == ('"mqtt://localhost:1883"', "default")
 
 
 def test_options_file_named_by_the_environment(
@@ -509,7 +512,7 @@ def test_other_tools_mqtt_variables_warn_and_name_the_right_one(
     """MQTT_HOST and friends are not read: a warning says which variable to set instead."""
     monkeypatch.setenv(name, "1884")
     shown = show(capsys)
-    assert shown["broker"] == ('"localhost"', "default")
+    assert shown["broker"] == ('"mqtt://localhost:1883"', "default")
     run_main(["show-options"])
     assert f"{name} is not read by scheduler-publisher; set {right}" in capsys.readouterr().err
 
@@ -699,7 +702,7 @@ BAD_VALUES = [
     ("backoff-max", "inf", "must be a number from 0.01 to 86400, got "),
     ("client-id", "", "must be non-empty valid UTF-8 without control characters"),
     ("username", "gw\n01", "must be non-empty valid UTF-8 without control characters"),
-    ("broker", "mqtt example", "must be a host name or IP address without spaces"),
+    ("broker", "mqtt example", "or wss:// URL, without spaces, got 'mqtt example'"),
     ("http-host", "", "must be a host name or IP address without spaces"),
 ]
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from scheduler_publisher.config.shard import Shard
+from scheduler_publisher.endpoints import Endpoint
 from scheduler_publisher.ops.http import PAGE_POLICY
 from scheduler_publisher.service import PublisherService
 from tests.support import (
@@ -237,7 +238,7 @@ def test_page_shows_the_service_and_updates_live(
     assert by_id["kitchen"][CONNECTION] == "main"
     assert by_id["kitchen"][SCHEDULE] == "every 0.3s"
     wait_until(lambda: text(browser, "conn-state") == "Connected", WAIT, message="connected")
-    assert text(browser, "broker") == f"127.0.0.1:{service.settings.broker.port}"
+    assert text(browser, "broker") == f"mqtt://127.0.0.1:{service.settings.broker.port}"
     assert text(browser, "client-id") == service.settings.broker.client_id
     assert text(browser, "config-path") == str(service.settings.config_path)
     wait_rows(
@@ -280,6 +281,22 @@ def test_page_shows_the_service_and_updates_live(
             message="a minute of the rate chart",
         )
         browser.save_screenshot(str(REPO / "docs" / "status-page.png"))
+
+
+def test_the_header_names_the_broker_in_use_of_a_failover_list(
+    http_service: ServiceStarter, broker: Mosquitto, page: Callable[[PublisherService], WebDriver]
+) -> None:
+    """A list whose first broker is down: once the service has moved on, the header shows the
+    broker in use, which of how many, and the list."""
+    dead = Endpoint("mqtt", "127.0.0.1", free_port())
+    live = Endpoint("mqtt", "127.0.0.1", broker.port)
+    service = http_service(
+        [entry("e", f"{unique_topic('failover')}/e", 1)], broker={"endpoints": (dead, live)}
+    )
+    browser = page(service)
+    shown = f"{live.url} (2 of 2: {dead.url}, {live.url})"
+    wait_until(lambda: text(browser, "broker") == shown, WAIT * 2, message=shown)
+    wait_until(lambda: text(browser, "conn-state") == "Connected", WAIT, message="connected")
 
 
 def test_page_shows_a_cron_entry_expression_and_time_zone(

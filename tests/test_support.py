@@ -146,7 +146,7 @@ def test_a_launched_service_reads_no_options_file_unless_the_test_names_one(
 
     plain = show_options(ServiceProcess(args, cwd=tmp_path))
     assert "# options file: none" in plain
-    assert 'broker = "127.0.0.1"  # flag --broker' in plain
+    assert 'broker = "mqtt://127.0.0.1:1884"  # flag --broker' in plain
     assert not any("shell.invalid" in line for line in plain)
 
     named = tmp_path / "named.toml"

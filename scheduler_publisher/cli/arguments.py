@@ -18,6 +18,8 @@ from scheduler_publisher.cli.options import (
     Number,
     OptionsError,
     Origin,
+    alpn_list,
+    broker_list,
     environment_warnings,
     explicit_dests,
     host_name,
@@ -31,6 +33,7 @@ from scheduler_publisher.cli.options import (
     shard_spec,
 )
 from scheduler_publisher.cli.report import FORMATS
+from scheduler_publisher.endpoints import Endpoint, Given, parse_list, shown
 from scheduler_publisher.logs.setup import LogSettings
 from scheduler_publisher.scheduling.plan import MAX_SLOTS, MIN_SLOTS
 from scheduler_publisher.scheduling.spread import AUTO
@@ -203,15 +206,16 @@ def _add_broker_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("broker")
     b.add_argument(
         "--broker",
-        type=host_name,
+        type=broker_list,
         default="localhost",
-        help="MQTT broker host (default: localhost)",
+        help="MQTT broker: host, host:port, or a mqtt://, mqtts://, ws:// or wss:// URL "
+        "(ports 1883, 8883, 80, 443; WebSocket path /mqtt) (default: localhost)",
     )
     b.add_argument(
         "--port",
         type=Number(int, 1, 65535),
         default=None,
-        help="broker port (default: 1883, 8883 with --tls)",
+        help="broker port, for a broker given without one (default: 1883, 8883 with --tls)",
     )
     b.add_argument("--username", type=mqtt_string, help="MQTT user name")
     b.add_argument(
@@ -281,6 +285,12 @@ def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
         "--tls-insecure",
         action="store_true",
         help="DANGEROUS: skip certificate and host name verification",
+    )
+    t.add_argument(
+        "--tls-alpn",
+        type=alpn_list,
+        metavar="PROTOCOL[,PROTOCOL]",
+        help="ALPN protocols offered in the TLS handshake (AWS IoT Core on 443: x-amzn-mqtt-ca)",
     )
 
 
@@ -478,7 +488,75 @@ def check_combinations(args: argparse.Namespace, origins: Mapping[str, Origin]) 
         raise OptionsError(
             f"keyfile ({origins['keyfile']}) needs certfile, the client certificate it belongs to"
         )
+    if getattr(args, "broker", None) is not None:
+        broker_endpoints(args, origins)
     _check_derived_names(args, origins)
+
+
+# The options that turn TLS on for a broker given as a bare host (main.tls_context).
+TLS_OPTIONS = ("tls", "cafile", "certfile", "tls-insecure", "tls-alpn")
+
+
+def tls_asked(args: argparse.Namespace) -> str | None:
+    """The first TLS option given, or None: any of them turns TLS on for a bare host."""
+    for name in TLS_OPTIONS:
+        if getattr(args, name.replace("-", "_"), None):
+            return name
+    return None
+
+
+def broker_endpoints(
+    args: argparse.Namespace, origins: Mapping[str, Origin]
+) -> tuple[Endpoint, ...]:
+    """--broker's brokers with --port and the TLS options applied; an OptionsError where the
+    two say different things (a URL's port against --port, mqtt:// against --tls, mqtts://
+    against tls = false, a TLS file or ALPN that no broker would use), naming both and where
+    each came from."""
+    given = parse_list(args.broker)  # valid: its argparse type checked it
+    asked = tls_asked(args)
+    endpoints = tuple(_resolved(g, args, origins, asked) for g in given)
+    twice = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
+    if twice is not None:
+        raise OptionsError(
+            f"broker ({_origin(origins, 'broker')}) names {twice.url} twice in "
+            f"{shown(args.broker)}; list each broker once"
+        )
+    if asked is not None and not any(e.tls for e in endpoints):
+        raise OptionsError(
+            f"{asked} ({_origin(origins, asked)}) is for TLS, but no broker uses TLS: "
+            f"broker ({_origin(origins, 'broker')}) is {shown(args.broker)}; write mqtts:// "
+            f"or wss://, or drop {asked}"
+        )
+    return endpoints
+
+
+def _resolved(
+    given: Given, args: argparse.Namespace, origins: Mapping[str, Origin], asked: str | None
+) -> Endpoint:
+    where = f"broker ({_origin(origins, 'broker')}) {shown(given.text)}"
+    if given.port is not None and args.port is not None and given.port != args.port:
+        raise OptionsError(
+            f"{where} says port {given.port}, but port ({_origin(origins, 'port')}) is "
+            f"{args.port}; give the port in one place"
+        )
+    # --tls says "this broker uses TLS"; the other TLS options only say how, for the TLS
+    # brokers of a list (checked above as a whole).
+    if given.scheme in ("mqtt", "ws") and args.tls:
+        raise OptionsError(
+            f"{where} is {given.scheme}:// without TLS, but tls ({_origin(origins, 'tls')}) "
+            f"asks for TLS; write {given.scheme}s:// or drop tls"
+        )
+    tls_origin = _origin(origins, "tls")
+    if given.scheme in ("mqtts", "wss") and not args.tls and tls_origin.source != "default":
+        raise OptionsError(
+            f"{where} is {given.scheme}:// (TLS), but tls ({tls_origin}) is false; "
+            f"write {given.scheme[:-1]}:// or drop tls"
+        )
+    return given.endpoint(args.port, asked is not None)
+
+
+def _origin(origins: Mapping[str, Origin], name: str) -> Origin:
+    return origins.get(name, Origin("default"))
 
 
 def _check_derived_names(args: argparse.Namespace, origins: Mapping[str, Origin]) -> None:

@@ -53,6 +53,7 @@ from scheduler_publisher.cli.report import Report, github_plain, render, termina
 from scheduler_publisher.cli.secrets import password_sources
 from scheduler_publisher.config.loader import ConfigFileError, ConfigurationLoader, read_config_file
 from scheduler_publisher.config.schema import schema_text
+from scheduler_publisher.endpoints import Endpoint
 from scheduler_publisher.logs.setup import (
     LogSettings,
     configure_logging,
@@ -106,7 +107,7 @@ def _toml_value(value: Any) -> str:
 def _derived_default(name: str, args: argparse.Namespace) -> Any:
     """What the service uses for an option left unset, where that is computed at start."""
     if name == "port":
-        return 8883 if (args.tls or args.cafile or args.certfile or args.tls_insecure) else 1883
+        return endpoints_of(args)[0].port
     return None
 
 
@@ -170,6 +171,8 @@ def show_options_text(
             continue
         if option.name in ("client-id", "status-topic"):
             value, origin = _named(option.name, args, origins[option.name])
+        if option.name == "broker":  # the URLs the service connects to, never a password
+            value = ",".join(e.url for e in endpoints_of(args))
         if value is None:
             derived = _derived_default(option.name, args)
             if derived is None:
@@ -300,8 +303,10 @@ def read_http_token(path: Path) -> str:
     return token
 
 
-def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not (args.tls or args.cafile or args.certfile or args.tls_insecure):
+def tls_context(args: argparse.Namespace, endpoints: Sequence[Endpoint]) -> ssl.SSLContext | None:
+    """The one context every TLS broker is verified with (mqtts://, wss://, or a bare host with
+    a TLS option); None when no broker uses TLS."""
+    if not any(e.tls for e in endpoints):
         return None
     try:
         ctx = ssl.create_default_context(cafile=str(args.cafile) if args.cafile else None)
@@ -312,7 +317,17 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if args.tls_insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if args.tls_alpn:
+        ctx.set_alpn_protocols(args.tls_alpn.split(","))
     return ctx
+
+
+def endpoints_of(args: argparse.Namespace) -> tuple[Endpoint, ...]:
+    """The brokers the service connects to, in order: the embedded broker's, or --broker's with
+    --port and the TLS options applied (checked by arguments.check_combinations already)."""
+    if getattr(args, "embedded_broker", False):
+        return (Endpoint("mqtt", "127.0.0.1", args.port or 1883),)
+    return arguments.broker_endpoints(args, getattr(args, "origins", {}))
 
 
 def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServiceSettings:
@@ -322,12 +337,14 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
     token = read_http_token(args.http_token_file) if args.http_token_file else None
     if token:
         register_secret(token)
-    ctx = tls_context(args)
+    endpoints = endpoints_of(args)
+    ctx = tls_context(args, endpoints)
     protocol: MQTTVersion = "3.1.1" if args.embedded_broker else args.mqtt_version
     broker = dataclasses.replace(
         broker_names(args),
-        host="127.0.0.1" if args.embedded_broker else args.broker,
-        port=args.port or (8883 if ctx else 1883),
+        host=endpoints[0].host,
+        port=endpoints[0].port,
+        endpoints=endpoints,
         username=args.username,
         password=password,
         protocol=protocol,

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from scheduler_publisher.cli.report import shown
 from scheduler_publisher.config.rules import FIELDS_BY_NAME
 from scheduler_publisher.config.shard import Shard, ShardError, parse_shard
+from scheduler_publisher.endpoints import EndpointError, parse_list
 
 ENV_PREFIX = "SCHEDULER_PUBLISHER_"
 OPTIONS_FILE_ENV = f"{ENV_PREFIX}OPTIONS_FILE"
@@ -57,6 +58,10 @@ FOREIGN_ENV = {
 # Two ways to give one value: the one from the stronger source wins, so a `--password-file`
 # flag is not overridden by a `password` key in the options file.
 ALTERNATIVES = (("password", "password-file"),)
+# Options whose value is a comma-separated list: the options file may give a TOML array.
+ARRAY_OPTIONS = frozenset({"broker", "tls-alpn"})
+# An ALPN protocol id: 1 to 255 bytes (RFC 7301), printable ASCII without "," (the separator).
+_ALPN = re.compile(r"[!-+\--~]{1,255}")
 # Not options of the service, so not read from the file or shown; --options-file is read
 # from the environment by hand (the file cannot name itself).
 _NOT_OPTIONS = frozenset({"help", "version", "options_file"})
@@ -236,6 +241,28 @@ def host_name(text: str) -> str:
     return text
 
 
+def broker_list(text: str) -> str:
+    """An argparse `type` for `--broker`: one broker or several, comma-separated (endpoints.py's
+    grammar). Kept as text, without blanks around the commas; cli/arguments.py resolves it
+    against --port and --tls once every source is merged."""
+    try:
+        given = parse_list(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return ",".join(g.text for g in given)
+
+
+def alpn_list(text: str) -> str:
+    """An argparse `type` for `--tls-alpn`: ALPN protocol ids separated by commas."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(_ALPN.fullmatch(name) for name in names):
+        raise argparse.ArgumentTypeError(
+            "must be ALPN protocol names (printable ASCII, 1 to 255 characters each) "
+            f"separated by commas, got {shown_text(text)}"
+        )
+    return ",".join(names)
+
+
 def host_names(text: str) -> str:
     """An argparse `type` for `--http-allowed-hosts`: host names separated by commas, `*`
     (any), or '' (none). Kept as text, normalised (lower case, no spaces), so that
@@ -398,6 +425,10 @@ def from_text(option: Option, text: str, where: str) -> Any:
 def from_toml(option: Option, value: Any, where: str) -> Any:
     """A value read from the options file for `option`: its TOML type must fit, then its range."""
     kind = option.kind
+    if option.name in ARRAY_OPTIONS and isinstance(value, list) and value:
+        if not all(isinstance(item, str) for item in value):
+            raise OptionsError(f"{where}: expected an array of strings, got {_render(value)}")
+        value = ",".join(value)
     ok = {
         "boolean": isinstance(value, bool),
         "integer": isinstance(value, int) and not isinstance(value, bool),

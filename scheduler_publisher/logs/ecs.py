@@ -112,6 +112,7 @@ ECS_TYPES: dict[str, type | tuple[type, ...]] = {
     "error.stack_trace": str,
     "server.address": str,
     "server.port": int,
+    "url.full": str,
 }
 # Never cut when a line is too long: short, fixed, and what every query filters on.
 _KEEP_WHOLE = frozenset(
@@ -178,10 +179,13 @@ def _move_error(event_dict: EventDict, shaped: EventDict) -> None:
 
 
 def _move_endpoint(event_dict: EventDict, shaped: EventDict) -> None:
-    """`host`/`port` (HTTP) and `broker="host:port"` (MQTT) name the server side."""
+    """`host`/`port` (HTTP) and `broker="host:port"` or a broker URL (MQTT) name the server
+    side; a URL is also `url.full`."""
     host, port = event_dict.pop("host", None), event_dict.pop("port", None)
     broker = event_dict.pop("broker", None)
     if host is None and isinstance(broker, str):
+        if "://" in broker:  # a broker URL (endpoints.py): the scheme and path say how
+            shaped["url.full"] = broker
         host, port = _split_endpoint(broker)
     elif broker is not None:
         shaped[f"{NAMESPACE}.broker"] = broker
@@ -196,6 +200,10 @@ def _move_endpoint(event_dict: EventDict, shaped: EventDict) -> None:
 
 
 def _split_endpoint(text: str) -> tuple[str, int | None]:
+    """`host:port`, `[v6]:port`, or a URL's `scheme://host:port/path`."""
+    _, sep, rest = text.partition("://")
+    if sep:
+        text = rest.partition("/")[0]
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         return text, None

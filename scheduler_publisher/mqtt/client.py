@@ -74,13 +74,17 @@ class ResetAwareClient(mqtt.Client):
 def paho_client(session: Session) -> mqtt.Client:
     """The real client for `session`: its protocol, credentials, TLS, will and callbacks."""
     s = session.settings
+    endpoint = session.endpoint or s.brokers[0]  # the broker in use (see Session.endpoint)
     protocol = MQTTProtocolVersion.MQTTv5 if session.is_v5 else MQTTProtocolVersion.MQTTv311
     client = ResetAwareClient(
         CallbackAPIVersion.VERSION2,
         client_id=session.client_id,
         protocol=protocol,
+        transport=endpoint.transport,
         reconnect_on_failure=False,
     )
+    if endpoint.transport == "websockets":
+        client.ws_set_options(path=endpoint.path)
     check_paho(client)  # pre-encoded packets go through its out-queue (packet.py)
     client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
     client.enable_logger(PAHO_LOGGER)
@@ -88,14 +92,22 @@ def paho_client(session: Session) -> mqtt.Client:
     client.max_inflight_messages_set(s.max_inflight)
     if s.username is not None:
         client.username_pw_set(s.username, s.password)
-    if s.tls_context is not None:
-        client.tls_set_context(s.tls_context)
-        client.tls_insecure_set(s.tls_insecure)
+    if endpoint.tls:
+        _set_tls(client, s)
     if session.will is not None:
         set_will(client, session.will, s)
     session.bind(client)
-    client.connect_async(s.host, s.port, keepalive=s.keepalive, properties=_connect_properties(s))
+    client.connect_async(
+        endpoint.host, endpoint.port, keepalive=s.keepalive, properties=_connect_properties(s)
+    )
     return client
+
+
+def _set_tls(client: mqtt.Client, settings: BrokerSettings) -> None:
+    """TLS as --tls verifies it (the CLI's one context: CA file, client certificate, ALPN),
+    or Python's defaults for a caller that named a TLS broker without a context."""
+    client.tls_set_context(settings.tls_context or ssl.create_default_context())
+    client.tls_insecure_set(settings.tls_insecure)
 
 
 def set_will(client: mqtt.Client, will: Will, settings: BrokerSettings) -> None:

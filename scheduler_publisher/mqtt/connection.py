@@ -121,8 +121,13 @@ class MQTTConnectionManager:
         self._main_born_at = 0.0  # monotonic: the main connection's last birth publishes
         self._probed: set[str] = set()  # published by a probe on this main connection
         self._cron_missed: set[str] = set()  # cron entries whose missed slot was logged
-        self._broker = f"{settings.host}:{settings.port}"
         self._hostname = socket.gethostname()  # for {{hostname}}
+
+    @property
+    def _broker(self) -> str:
+        """The URL of the broker in use (any thread), as logs and /status show it: never a
+        password (endpoints.py)."""
+        return self._loop.endpoint.url
 
     # ---- public API (any thread) ------------------------------------------------------------
     def connect(self, wait: float = 0.0) -> bool:
@@ -197,6 +202,7 @@ class MQTTConnectionManager:
             "connections": len(links),
             "connections_up": sum(1 for lk in links if lk.is_up),
             "broker": self._broker,
+            "brokers": [endpoint.url for endpoint in self._loop.brokers],
             "protocol": self.settings.protocol,
             "client_id": self.settings.client_id,
             "last_error": main.last_error if main else None,
@@ -211,6 +217,10 @@ class MQTTConnectionManager:
         """Why the entry is held back (the broker dropped the connection at its publishes)."""
         quarantine = self._faults.quarantined.get(entry_id)
         return None if quarantine is None else _why(quarantine)
+
+    def broker_urls(self) -> tuple[str, tuple[str, ...]]:
+        """Any thread: the URL of the broker in use, and every broker's, in failover order."""
+        return self._broker, tuple(endpoint.url for endpoint in self._loop.brokers)
 
     def quarantined_count(self) -> int:
         return len(self._faults.quarantined)

@@ -30,7 +30,6 @@ import math
 import os
 import selectors
 import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -75,6 +74,9 @@ MISC_PERIOD = 1.0  # keepalive bookkeeping for every session, once a second
 # trip of our PINGREQ, so silence for 1.5x keepalive already means the path is gone.
 SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
+# Failed attempts in a row of the main connection, after a loss or from the start, before
+# every connection moves to the next broker of --broker's list (docs/design.md, "Failover").
+FAILOVER_ATTEMPTS = 3
 FLUSH_BYTES = 4096  # a phase group's packets leave in sends of about this size
 TIMER_GRAIN = 0.001  # epoll_wait's resolution (it rounds timeouts up to whole milliseconds)
 # An lwt connection's last_error while it waits (descriptors.py); /status shows it as the reason.
@@ -167,6 +169,10 @@ class NetworkLoop:
     ) -> None:
         self.settings = settings
         self.listener = listener
+        self.brokers = settings.brokers
+        # Network thread writes; any thread reads `endpoint` (one reference, swapped whole).
+        self.endpoint = self.brokers[0]
+        self._main_failures = 0  # failed attempts in a row on `endpoint`
         self.heartbeat = time.monotonic()
         self._make_client = make_client or paho_client
         self._make_selector = make_selector
@@ -360,6 +366,7 @@ class NetworkLoop:
             self._callbacks(),
             max_retries=self.settings.max_retries if key.is_main else None,
             make_client=self._make_client,
+            endpoint=self.endpoint,
         )
         self._sessions[key] = session
         self._wait(session, time.monotonic())
@@ -500,6 +507,7 @@ class NetworkLoop:
             session.backoff.reset()
         session.check_stall()  # QoS 1/2 messages paho resends count as before the loss
         if session.key.is_main:
+            self._main_failures = 0
             self._next_connect_check = 0.0  # the entry sessions waited for it (see below)
         self.listener.link_up(session)
 
@@ -519,6 +527,7 @@ class NetworkLoop:
             session.fire(Event.CONNACK_REFUSED)
             self._retry_later(session, failed_attempt=True)
             self.listener.link_refused(session, refused)
+            self._count_failure(session, refused)
             return
         was_up = session.is_up
         self._report_written(session)  # written before the loss, in the write that lost it
@@ -535,6 +544,39 @@ class NetworkLoop:
             session.judge_loss(taken_over)
         self._retry_later(session, failed_attempt=not was_up)
         self.listener.link_down(session, reason, was_up)
+        if not was_up:
+            self._count_failure(session, reason)
+
+    # ---- network thread: failover ------------------------------------------------------------
+    def _count_failure(self, session: Session, reason: str) -> None:
+        """A failed attempt of the main connection (reported already): the FAILOVER_ATTEMPTS-th
+        in a row moves every connection to the next broker of the list."""
+        if not session.key.is_main or len(self.brokers) < 2 or self._stopping.is_set():
+            return
+        self._main_failures += 1
+        if self._main_failures >= FAILOVER_ATTEMPTS and session.state is State.BACKOFF:
+            self.fail_over(f"{self._main_failures} connection attempts failed: {reason}")
+
+    def fail_over(self, why: str) -> None:
+        """Move every connection to the next broker, wrapping around, so that an entry's will
+        and its publishes are never on two brokers: each leaves with its will (which the old
+        broker publishes, if it is still up) and connects to the new one, which gets the
+        births (connection.py, on link_up); the main connection first, as always."""
+        before = self.endpoint
+        self.endpoint = self.brokers[(self.brokers.index(before) + 1) % len(self.brokers)]
+        self._main_failures = 0
+        log.warning(
+            "mqtt_broker_switched", **{"from": before.url, "to": self.endpoint.url, "why": why}
+        )
+        for session in list(self._sessions.values()):
+            self._move(session)
+
+    def _move(self, session: Session) -> None:
+        session.endpoint = self.endpoint  # read by the next client it builds (rebuild)
+        if session.state in (State.CLOSING, State.RENEWING, State.GIVEN_UP, State.CLOSED):
+            return  # going away, or rebuilt with the new endpoint anyway
+        session.next_will = session.will
+        self._request(session.key, Event.RENEW_REQUESTED, announce=True)
 
     def _retry_later(self, session: Session, *, failed_attempt: bool) -> None:
         session.schedule_retry(time.monotonic(), failed_attempt=failed_attempt)
@@ -642,10 +684,8 @@ class NetworkLoop:
         if mask & selectors.EVENT_READ:
             session.last_read = time.monotonic()
             client.loop_read()
-            sock = client.socket()
-            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+            while buffered(client.socket()):
                 client.loop_read()  # TLS may hold decrypted bytes that select() cannot see
-                sock = client.socket()
         if mask & selectors.EVENT_WRITE:
             self._flush(session)
 
@@ -752,6 +792,7 @@ class NetworkLoop:
             return
         self._retry_later(session, failed_attempt=True)
         self.listener.link_refused(session, reason)
+        self._count_failure(session, reason)
 
     def _adopt(self, session: Session) -> None:
         sock = session.client.socket()
@@ -829,9 +870,24 @@ def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:
     )
 
 
+def buffered(sock: Any) -> bool:
+    """Whether `sock` holds bytes already read from the kernel, which select() cannot see: an
+    SSL socket's decrypted bytes, and, over wss://, those of the SSL socket under paho's
+    WebSocket wrapper (its pending() asks that socket; it keeps no other bytes between
+    reads: a frame it has begun stays in its buffer and is parsed on the next read)."""
+    pending = getattr(sock, "pending", None)
+    return callable(pending) and bool(pending())
+
+
 def _no_delay(sock: Any) -> None:
     """Turn Nagle's algorithm off. paho leaves it on and writes one packet per send(): a small
     PINGREQ then waits for the broker's delayed ACK, and every publish queued behind it is held
-    ~40 ms (measured in docs/design.md, "Keepalive stalls and TCP_NODELAY")."""
+    ~40 ms (measured in docs/design.md, "Keepalive stalls and TCP_NODELAY"). paho's WebSocket
+    wrapper has no setsockopt(): the option is set through a duplicate of its descriptor (the
+    same TCP socket)."""
     with contextlib.suppress(OSError):  # not TCP (a unix socket) or already gone
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -34,6 +34,7 @@ from scheduler_publisher.mqtt.client import (
 from scheduler_publisher.mqtt.packet import PacketQueue
 
 if TYPE_CHECKING:
+    from scheduler_publisher.endpoints import Endpoint
     from scheduler_publisher.settings import BrokerSettings
 
 # Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
@@ -232,6 +233,9 @@ class Session:
     callbacks: SessionCallbacks
     max_retries: int | None = None
     make_client: Callable[[Session], mqtt.Client] = paho_client
+    # The broker its next client connects to; None: the first of settings.brokers. The loop
+    # moves every session at once (NetworkLoop.fail_over); a client keeps its broker.
+    endpoint: Endpoint | None = None
     state: State = State.BACKOFF
     due: float = 0.0  # monotonic time of the next connect attempt (state BACKOFF)
     announce_offline: bool = False  # when closing: let subscribers see the will

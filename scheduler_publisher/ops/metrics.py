@@ -63,6 +63,8 @@ class ConnectionCounts(Protocol):
 
     def quarantined_count(self) -> int: ...
 
+    def broker_urls(self) -> tuple[str, tuple[str, ...]]: ...
+
 
 class MetricsSource(Protocol):
     """What the collector reads; PublisherService provides it."""
@@ -264,6 +266,7 @@ class ServiceCollector(Collector):
         yield info
         if source.shard is not None:
             yield _shard_info(source.shard)
+        yield _broker_info(*source.connection.broker_urls())
         yield from self._service_wide(source, stats, entries)
         yield _lateness(stats)
         per_entry = self._switch.update(len(entries))
@@ -329,6 +332,18 @@ class ServiceCollector(Collector):
             e = counters.get(entry_id)
             count += entry_overdue(config, e.last_published_at if e else None, applied, now)
         return count
+
+
+def _broker_info(current: str, brokers: tuple[str, ...]) -> GaugeMetricFamily:
+    """One series per broker of --broker's list: 1 for the one in use, 0 for the others."""
+    info = GaugeMetricFamily(
+        f"{PREFIX}_broker_info",
+        "The brokers of --broker's list (URL): 1 for the one in use, 0 for the others",
+        labels=["url"],
+    )
+    for url in brokers:
+        info.add_metric([url], 1 if url == current else 0)
+    return info
 
 
 def _shard_info(shard: Shard) -> GaugeMetricFamily:

@@ -100,13 +100,14 @@ class ConnectionStatus:
     connected: bool  # the main connection is up
     connections: int
     connections_up: int
-    broker: str
+    broker: str  # the URL of the broker in use
     protocol: str
     client_id: str
     last_error: str | None  # of the main connection
     client_id_conflict: str | None
     entries_without_connection: UnconnectedStatus
     quarantined_entries: Mapping[str, str]  # entry id -> why it is held back
+    brokers: tuple[str, ...] = ()  # --broker's list, in failover order
 
     @classmethod
     def of(cls, view: Mapping[str, Any]) -> ConnectionStatus:
@@ -117,6 +118,7 @@ class ConnectionStatus:
             connections=view["connections"],
             connections_up=view["connections_up"],
             broker=view["broker"],
+            brokers=tuple(view.get("brokers", (view["broker"],))),
             protocol=str(view["protocol"]),
             client_id=view["client_id"],
             last_error=view["last_error"],
@@ -136,6 +138,7 @@ class ConnectionStatus:
             "connections": self.connections,
             "connections_up": self.connections_up,
             "broker": self.broker,
+            "brokers": list(self.brokers or (self.broker,)),
             "protocol": self.protocol,
             "client_id": self.client_id,
             "last_error": self.last_error,

@@ -136,7 +136,9 @@ function renderHeader(status) {
   const badge = $("conn-state");
   setText("conn-state", status.connected ? "Connected" : "Disconnected");
   badge.className = `badge ${status.connected ? "badge-up" : "badge-down"}`;
-  setText("broker", c.broker || "–");
+  const brokers = c.brokers || [];
+  const which = brokers.length > 1 ? ` (${brokers.indexOf(c.broker) + 1} of ${brokers.length}: ${brokers.join(", ")})` : "";
+  setText("broker", c.broker ? `${c.broker}${which}` : "–");
   setText("client-id", c.client_id || "–");
   const waiting = (status.descriptors || {}).links_waiting || 0;
   const short = waiting ? `, ${waiting} waiting for a file descriptor` : "";
