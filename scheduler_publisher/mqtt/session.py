@@ -34,6 +34,7 @@ from scheduler_publisher.mqtt.client import (
 from scheduler_publisher.mqtt.packet import PacketQueue
 
 if TYPE_CHECKING:
+    from scheduler_publisher.mqtt.capabilities import BrokerLimits
     from scheduler_publisher.settings import BrokerSettings
 
 # Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
@@ -236,6 +237,10 @@ class Session:
     due: float = 0.0  # monotonic time of the next connect attempt (state BACKOFF)
     announce_offline: bool = False  # when closing: let subscribers see the will
     next_will: Will | None = None  # when renewing: the will of the new client
+    # The will as last handed to paho, fitted to the broker's limits (capabilities.py)
+    sent_will: Will | None = None
+    connack_properties: Any = None  # paho's Properties of the last CONNACK (MQTT 5), or None
+    connack_reason: int = 0  # the last CONNACK's reason code
     last_error: str | None = None
     handshake_since: float = 0.0  # monotonic; when the CONNECT went out
     connected_at: float = 0.0  # monotonic; when the last CONNACK arrived
@@ -325,11 +330,22 @@ class Session:
         if will is None or will.render is None:
             return
         self.will = replace(will, payload=will.render(self.client_id))
-        set_will(self.client, self.will, self.settings)
+        self.sent_will = None  # set again by fit_will
+
+    def fit_will(self, limits: BrokerLimits) -> None:
+        """Before a connect attempt, after render_will: the will as the broker takes it (a
+        will above its limits gets the CONNECT refused, MQTT 5 3.2.2.2)."""
+        if self.will is None:
+            return
+        fitted = limits.fit(self.will)
+        if fitted != self.sent_will:
+            set_will(self.client, fitted, self.settings)
+            self.sent_will = fitted
 
     def rebuild(self) -> None:
         """A new paho client with `next_will`; only while the old one is closed."""
         self.will, self.next_will = self.next_will, None
+        self.sent_will = None
         self.announce_offline = False
         self.inflight.clear()
         self.pending.clear()
@@ -421,8 +437,10 @@ class Session:
         client.on_socket_close = lambda _c, _u, sock: self.callbacks.socket_closed(self, sock)
 
     def _on_connect(
-        self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _props: Any
+        self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, props: Any
     ) -> None:
+        self.connack_properties = props if self.is_v5 else None
+        self.connack_reason = reason.value
         if reason.is_failure:
             self.last_error = describe_reason(reason)
             self.callbacks.refused(self, self.last_error)
