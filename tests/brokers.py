@@ -4,7 +4,9 @@ wire-level checks that run against every broker (tests/test_brokers.py):
 - `Amqtt`: amqtt (the demo's broker, MQTT 3.1.1) with a TCP and a WebSocket listener, started
   through its own CLI from a generated YAML file;
 - `RabbitMq`: Debian's `rabbitmq-server` as a node of its own (its own node name, data, logs,
-  config, ports and epmd), with the MQTT plugin on (MQTT 3.1.1).
+  config, ports and epmd), with the MQTT plugin on (MQTT 3.1.1);
+- `AckDroppingProxy`: in front of a real broker, it withholds the broker's acknowledgements,
+  as a broker would that takes QoS 1/2 messages and never completes them.
 
 Both have Mosquitto's shape (tests/support.py): `start()`, `stop()`, `restart()`, `port`.
 Nothing here sleeps to synchronise: every wait polls a condition against a deadline.
@@ -12,15 +14,20 @@ Nothing here sleeps to synchronise: every wait polls a condition against a deadl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from tests.netproxy import packet_end
 from tests.support import free_port, wait_until
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -202,3 +209,72 @@ class RabbitMq:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class AckDroppingProxy:
+    """A loopback TCP proxy in front of a real broker that forwards every packet except the
+    broker's packets of the types in `drop` (PUBACK 4, PUBREC 5, PUBCOMP 7): a broker that
+    takes a QoS 1/2 message and never acknowledges it, while answering everything else
+    (PINGREQ included)."""
+
+    def __init__(self, broker_port: int, drop: frozenset[int]) -> None:
+        self.broker_port = broker_port
+        self.drop = drop
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._stopped = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> AckDroppingProxy:
+        self._spawn(self._accept)
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for s in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                s.close()
+        for t in self._threads:
+            t.join(5)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            broker = socket.create_connection(("127.0.0.1", self.broker_port))
+            self._sockets += [client, broker]
+            self._spawn(self._copy, client, broker)
+            self._spawn(self._filter, broker, client)
+
+    def _copy(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(16384):
+                dst.sendall(data)
+        _shut(dst)
+
+    def _filter(self, src: socket.socket, dst: socket.socket) -> None:
+        buffer = bytearray()
+        with contextlib.suppress(OSError):
+            while data := src.recv(16384):
+                buffer += data
+                while (end := packet_end(buffer, 0)) is not None:
+                    packet, buffer = bytes(buffer[:end]), buffer[end:]
+                    if packet[0] >> 4 not in self.drop:
+                        dst.sendall(packet)
+        _shut(dst)
+
+
+def _shut(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)

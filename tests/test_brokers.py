@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from tests.brokers import Amqtt, RabbitMq, accepts
+from tests.brokers import AckDroppingProxy, Amqtt, RabbitMq, accepts
 from tests.support import (
     Mosquitto,
     ServiceProcess,
@@ -529,3 +529,52 @@ def test_docs_name_only_tests_that_exist() -> None:
     for path, name in cited:
         source = (repo / (path or "tests/test_brokers.py")).read_text()
         assert f"def {name}(" in source, f"{path or 'tests/test_brokers.py'}::{name}"
+
+
+@pytest.mark.parametrize(
+    ("qos", "withheld"),
+    [(1, {"PUBACK": 4}), (2, {"PUBREC": 5}), (2, {"PUBCOMP": 7})],
+    ids=["qos1-no-puback", "qos2-no-pubrec", "qos2-no-pubcomp"],
+)
+def test_a_publish_the_broker_never_acknowledges_is_an_error_not_a_stall(
+    broker: Mosquitto,
+    tmp_path: Path,
+    processes: list[ServiceProcess],
+    qos: int,
+    withheld: dict[str, int],
+) -> None:
+    """A broker that takes QoS 1/2 messages and never completes them (its acknowledgements
+    withheld; it answers PINGREQs): after two keepalives each such publish counts as an error
+    of its entry, said once (`publish_unacknowledged`), and the entry keeps publishing
+    instead of sitting in flight for good."""
+    proxy = AckDroppingProxy(broker.port, frozenset(withheld.values())).start()
+    try:
+        config = tmp_path / "config.json"
+        write_config(config, [entry("stuck", unique_topic("stuck"), 0.5, qos=qos)])
+        http = free_port()
+        args = cli_args(proxy.port, config, "--keepalive", "2", http_port=http)
+        proc = ServiceProcess(args, cwd=tmp_path)
+        processes.append(proc)
+        event = proc.wait_for_event("publish_unacknowledged", timeout=30)
+        assert (event["entry_id"], event["qos"]) == ("stuck", qos), event
+        # More errors than the 4 messages an entry may have in paho: it was not stalled.
+        wait_until(lambda: statistics(http)["total_errors"] >= 8, 30, message="8 errors")
+        said = [e for e in proc.events() if e.get("message") == "publish_unacknowledged"]
+        connections = [e for e in proc.events() if e.get("message") == "mqtt_connected"]
+        assert len(said) <= len(connections), (said, connections)  # once per connection
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("name", ["amqtt_broker", "rabbitmq_broker"])
+def test_mqtt5_against_a_mqtt311_broker_hints_at_the_version(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    """Left at MQTT 5 against amqtt or RabbitMQ, each failed attempt says what to change."""
+    broker: Broker = request.getfixturevalue(name)
+    config = tmp_path / "config.json"
+    write_config(config, [entry("e", unique_topic("v5"), 60)])
+    proc = ServiceProcess(cli_args(broker.port, config, backoff=(0.2, 1)), cwd=tmp_path)
+    processes.append(proc)
+    failed = proc.wait_for_event("mqtt_connect_failed", timeout=30)
+    assert "--mqtt-version 3.1.1" in failed.get("hint", ""), failed

@@ -41,6 +41,7 @@ from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
 
 log = get_logger("scheduler_publisher.connection")
+V311_HINT = "the broker may speak MQTT 3.1.1 only (amqtt, RabbitMQ 3.x): try --mqtt-version 3.1.1"
 
 BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
 MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
@@ -738,6 +739,7 @@ class MQTTConnectionManager:
 
     def _failed_attempt(self, link: SessionView, reason: str) -> None:
         attempts = link.failures
+        extra = {"hint": V311_HINT} if self._maybe_v311_only(reason) else {}
         log.warning(
             "mqtt_connect_failed",
             reason=reason,
@@ -745,11 +747,22 @@ class MQTTConnectionManager:
             broker=self._broker,
             client_id=link.client_id,
             retry_in_s=round(max(0.0, link.due - time.monotonic()), 2),
+            **extra,
         )
         if link.state is State.GIVEN_UP and not self._gave_up:
             self._gave_up = True
             if self._on_give_up is not None:
                 self._on_give_up(reason)
+
+    def _maybe_v311_only(self, reason: str) -> bool:
+        """An MQTT 5 CONNECT refused as an unknown protocol version, left without a CONNACK
+        (amqtt 0.12) or closed without one (RabbitMQ 3.x): the broker may speak MQTT 3.1.1
+        only (docs/brokers.md)."""
+        return self.settings.protocol == "5" and (
+            reason
+            in ("unsupported protocol version", "connection closed by the broker before CONNACK")
+            or reason.startswith("no CONNACK from the broker")
+        )
 
     def link_closed(self, link: SessionView) -> None:
         self._warned.pop(link.key, None)

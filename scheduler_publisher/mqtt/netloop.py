@@ -82,6 +82,7 @@ MISC_PERIOD = 1.0  # keepalive bookkeeping for every session, once a second
 SILENCE_LIMIT = 1.5
 CONNECTOR_THREADS = 4
 FLUSH_BYTES = 4096  # a phase group's packets leave in sends of about this size
+ACK_LIMIT_MIN = 2.0  # seconds: the shortest wait for a PUBACK/PUBCOMP (keepalive 1 s)
 RETAIN_FLAG = 0x01  # of a PUBLISH fixed header (MQTT 5 3.3.1.3)
 TIMER_GRAIN = 0.001  # epoll_wait's resolution (it rounds timeouts up to whole milliseconds)
 # An lwt connection's last_error while it waits (descriptors.py); /status shows it as the reason.
@@ -505,6 +506,7 @@ class NetworkLoop:
         if session.fire(Event.CONNACK_OK) is not State.CONNECTED:
             return  # the CONNACK crossed our DISCONNECT
         self._learn(from_connack(self.limits, session.connack_properties))
+        session.restart_ack_clocks(time.monotonic())
         session.last_error = None
         session.broker_reason = None
         session.reset_by_broker = False
@@ -826,8 +828,31 @@ class NetworkLoop:
                 )
             elif session.is_up or state in (State.CLOSING, State.RENEWING):
                 session.client.loop_misc()
+                if session.is_up and session.ack_since:
+                    self._expire_unacknowledged(session, now)
                 if session.conflict is not None and now - session.connected_at >= STABLE_AFTER:
                     session.settled()
+
+    def _expire_unacknowledged(self, session: Session, now: float) -> None:
+        """QoS 1/2 messages the broker has not acknowledged within two keepalives, though it
+        answered since (or the silence timeout, at 1.5, would have closed the connection): an
+        error of their entry, said once per entry and connection, and no longer held, so that
+        one stuck message cannot stall its entry for good. paho keeps them, and sends them
+        again on the next connection, as MQTT asks (3.3.4)."""
+        limit = max(ACK_LIMIT_MIN, 2 * session.client.keepalive)
+        for mid in session.overdue(now, limit):
+            entry_id, qos = session.settle(mid)
+            reason = f"not acknowledged by the broker within {limit:g} s"
+            if entry_id is not None and entry_id not in session.unacked_said:
+                session.unacked_said.add(entry_id)
+                log.warning(
+                    "publish_unacknowledged",
+                    entry_id=entry_id,
+                    qos=qos,
+                    waited_s=limit,
+                    hint="counted as an error of the entry; said once per entry and connection",
+                )
+            self.listener.published(session, entry_id, qos, reason)
 
     @staticmethod
     def _silent(session: Session, now: float) -> bool:

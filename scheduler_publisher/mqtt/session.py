@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -250,6 +251,9 @@ class Session:
     dropped_by_broker: bool = False  # the last loss was the broker's doing (or the path's)
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
+    # QoS 1/2 mid -> monotonic time it went out (or the connection came back), in that order
+    ack_since: dict[int, float] = field(default_factory=dict)
+    unacked_said: set[str] = field(default_factory=set)  # entries logged as unacknowledged
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
     last_read: float = 0.0  # monotonic; when the broker last sent us anything
     packets: PacketQueue = field(default_factory=PacketQueue)  # pre-encoded QoS 0, unwritten
@@ -348,6 +352,7 @@ class Session:
         self.sent_will = None
         self.announce_offline = False
         self.inflight.clear()
+        self.ack_since.clear()
         self.pending.clear()
         self.packets.drop()
         self._saturated = 0
@@ -366,6 +371,8 @@ class Session:
 
     def track(self, mid: int, entry_id: str | None, qos: int) -> None:
         self.inflight[mid] = (entry_id, qos)
+        if qos:
+            self.ack_since[mid] = time.monotonic()
         if entry_id is not None:
             self._hold(entry_id)
 
@@ -378,6 +385,8 @@ class Session:
     def settle(self, mid: int) -> tuple[str | None, int]:
         """A message left (QoS 0: written) or was acknowledged (QoS 1/2)."""
         entry_id, qos = self.inflight.pop(mid, (None, 0))
+        if qos:
+            self.ack_since.pop(mid, None)
         if entry_id is not None:
             self.release(entry_id)
         return entry_id, qos
@@ -417,6 +426,21 @@ class Session:
             self.fire(Event.STALL_DETECTED)
         elif self.state is State.STALLED and not self._saturated:
             self.fire(Event.STALL_CLEARED)
+
+    def restart_ack_clocks(self, now: float) -> None:
+        """Connected again: paho sends the unacknowledged QoS 1/2 messages again, so their
+        wait for an answer starts now."""
+        self.ack_since = dict.fromkeys(self.ack_since, now)
+        self.unacked_said.clear()
+
+    def overdue(self, now: float, limit: float) -> list[int]:
+        """The QoS 1/2 messages the broker has not acknowledged within `limit` seconds."""
+        late: list[int] = []
+        for mid, since in self.ack_since.items():
+            if now - since <= limit:
+                break  # in the order they went out: the rest are younger
+            late.append(mid)
+        return late
 
     def drop_unsent_qos0(self) -> list[str | None]:
         """The connection is gone: paho discards unsent QoS 0 packets (QoS 1/2 are resent),
