@@ -56,8 +56,8 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 class Amqtt:
     """amqtt's broker in a process of its own: a TCP listener on `tcp_port` (also `port`) and
-    a WebSocket one on `ws_port` (path `/mqtt`, what paho asks for by default... and any
-    other: amqtt serves every path), anonymous logins allowed."""
+    a WebSocket one on `ws_port` (paho's default path `/mqtt` is served), anonymous logins
+    allowed. Its output goes to `log`."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
