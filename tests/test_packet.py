@@ -120,9 +120,17 @@ def test_paho_has_the_internals_we_use() -> None:
     check_paho(client)
     with pytest.raises(TypeError, match="_sock_recv"):
         check_paho(object())  # type: ignore[arg-type]
-    overridden = ("_sock_recv", "_sock_send", "_send_pingreq", "_handle_pingresp")
+    overridden = (
+        "_sock_recv",
+        "_sock_send",
+        "_send_pingreq",
+        "_handle_pingresp",
+        "_handle_pubackcomp",
+    )
     with pytest.raises(TypeError, match="_handle_pingresp"):
         check_paho(types.SimpleNamespace(**{n: getattr(client, n) for n in overridden[:3]}))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="_handle_pubackcomp"):
+        check_paho(types.SimpleNamespace(**{n: getattr(client, n) for n in overridden[:4]}))  # type: ignore[arg-type]
     wrappers = types.SimpleNamespace(**{name: getattr(client, name) for name in overridden})
     with pytest.raises(TypeError, match="_out_packet"):
         check_paho(wrappers)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -33,9 +33,14 @@ class ResetAwareClient(mqtt.Client):
 
     It also sends a PINGREQ on demand (`ping`) and reports the PINGRESP (`on_pong`): a broker
     handles one connection's packets in order, so the answer proves it took every packet
-    written before the PINGREQ (mqtt/faults.py's probes)."""
+    written before the PINGREQ (mqtt/faults.py's probes).
+
+    And it notes a PUBACK that answers a QoS 2 PUBLISH (`qos2_acked_as_qos1`): RabbitMQ's MQTT
+    plugin does so, having handled the message as QoS 1; paho takes it as done and says
+    nothing (mqtt/capabilities.py). Overrides `_handle_pubackcomp`, which `check_paho` checks."""
 
     _reset = False
+    qos2_acked_as_qos1 = False
     on_pong: Callable[[], None] | None = None
 
     def ping(self) -> None:
@@ -46,6 +51,17 @@ class ResetAwareClient(mqtt.Client):
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.on_pong is not None:
             self.on_pong()
         return rc
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        if cmd == "PUBACK" and not self.qos2_acked_as_qos1:
+            # Before paho settles it: the packet's message id is its first two bytes.
+            packet = self._in_packet["packet"]
+            mid = int.from_bytes(packet[:2], "big") if len(packet) >= 2 else -1
+            with self._out_message_mutex:
+                message = self._out_messages.get(mid)
+            if message is not None and message.qos == 2:
+                self.qos2_acked_as_qos1 = True
+        return super()._handle_pubackcomp(cmd)
 
     def reconnect(self) -> MQTTErrorCode:
         self._reset = False  # a new socket: a loss of the old one noted but never reported

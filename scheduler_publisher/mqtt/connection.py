@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from scheduler_publisher.config.loader import MessageProperties, PublishConfig
 from scheduler_publisher.config.template import Moment, Template
 from scheduler_publisher.logs.setup import get_logger
+from scheduler_publisher.mqtt.capabilities import DOES, UNLIMITED, Feature, affected
 from scheduler_publisher.mqtt.client import publish_properties
 from scheduler_publisher.mqtt.faults import FaultSearch, Probe, Quarantine
 from scheduler_publisher.mqtt.netloop import NetworkLoop, SessionView
@@ -40,6 +41,7 @@ from scheduler_publisher.settings import BrokerSettings
 from scheduler_publisher.stats import Stats
 
 log = get_logger("scheduler_publisher.connection")
+V311_HINT = "the broker may speak MQTT 3.1.1 only (amqtt, RabbitMQ 3.x): try --mqtt-version 3.1.1"
 
 BIRTH_CHUNK = 500  # publishes per network-loop turn when a connection comes up
 MAX_PENDING_RAW = 10_000  # raw QoS>0 publishes kept (newest per topic) while disconnected
@@ -121,6 +123,9 @@ class MQTTConnectionManager:
         self._main_born_at = 0.0  # monotonic: the main connection's last birth publishes
         self._probed: set[str] = set()  # published by a probe on this main connection
         self._cron_missed: set[str] = set()  # cron entries whose missed slot was logged
+        # The broker limits last looked at, and per missing feature the entries said so far
+        self._limits_seen = UNLIMITED
+        self._said_missing: dict[Feature, frozenset[str]] = {}
         self._hostname = socket.gethostname()  # for {{hostname}}
 
     @property
@@ -411,6 +416,36 @@ class MQTTConnectionManager:
         for entry_id, gone in old.items():
             if entry_id not in new:
                 self._remove_one(gone)
+        if self._loop.limits is not UNLIMITED:
+            self._say_missing()
+        if self.settings.will_delay > 0 and self.settings.protocol != "5":
+            lwt = sorted(e.id for e in new.values() if e.lwt)
+            self._say("will_delay", lwt, "--mqtt-version 3.1.1 has no Will Delay Interval")
+
+    def _say_missing(self) -> None:
+        """Warn once per feature the broker lacks, naming the entries that use it, and again
+        when entries that use it are added; the publishes stay within the broker's limits
+        (netloop), never dropped in silence (docs/brokers.md)."""
+        limits = self._limits_seen = self._loop.limits
+        for feature in limits.missing():
+            ids = affected(self._entries.values(), feature)
+            # qos1 and retain: the status topic's will and birth (QoS 1, retained) lose it too
+            if ids or feature != "qos2":
+                self._say(feature, ids, limits.said(feature))
+
+    def _say(self, feature: Feature, ids: list[str], detected_by: str) -> None:
+        said = self._said_missing.get(feature)
+        if said is not None and said.issuperset(ids):
+            return
+        self._said_missing[feature] = frozenset(ids) | (said or frozenset())
+        log.warning(
+            "broker_feature_missing",
+            feature=feature,
+            detected_by=detected_by,
+            broker=self._broker,
+            entries=ids,
+            service_does=DOES[feature],
+        )
 
     def _prepare_properties(
         self, old: dict[str, PublishConfig], new: dict[str, PublishConfig]
@@ -556,6 +591,8 @@ class MQTTConnectionManager:
     # ---- SessionListener (network thread) ---------------------------------------------------
     def link_up(self, link: SessionView) -> None:
         self._warned.pop(link.key, None)
+        if self._loop.limits is not self._limits_seen:
+            self._say_missing()
         if link.key.is_main:
             self._main_up.set()
             log.info("mqtt_connected", broker=self._broker, client_id=link.client_id)
@@ -712,6 +749,7 @@ class MQTTConnectionManager:
 
     def _failed_attempt(self, link: SessionView, reason: str) -> None:
         attempts = link.failures
+        extra = {"hint": V311_HINT} if self._maybe_v311_only(reason) else {}
         log.warning(
             "mqtt_connect_failed",
             reason=reason,
@@ -719,11 +757,22 @@ class MQTTConnectionManager:
             broker=self._broker,
             client_id=link.client_id,
             retry_in_s=round(max(0.0, link.due - time.monotonic()), 2),
+            **extra,
         )
         if link.state is State.GIVEN_UP and not self._gave_up:
             self._gave_up = True
             if self._on_give_up is not None:
                 self._on_give_up(reason)
+
+    def _maybe_v311_only(self, reason: str) -> bool:
+        """An MQTT 5 CONNECT refused as an unknown protocol version, left without a CONNACK
+        (amqtt 0.12) or closed without one (RabbitMQ 3.x): the broker may speak MQTT 3.1.1
+        only (docs/brokers.md)."""
+        return self.settings.protocol == "5" and (
+            reason
+            in ("unsupported protocol version", "connection closed by the broker before CONNACK")
+            or reason.startswith("no CONNACK from the broker")
+        )
 
     def link_closed(self, link: SessionView) -> None:
         self._warned.pop(link.key, None)
@@ -735,6 +784,8 @@ class MQTTConnectionManager:
     def published(
         self, link: SessionView, entry_id: str | None, qos: int, failure: str | None
     ) -> None:
+        if self._loop.limits is not self._limits_seen:  # a PUBACK for QoS 2 (capabilities.py)
+            self._say_missing()
         if entry_id is not None:
             if failure is None:
                 self.stats.record_published(entry_id)

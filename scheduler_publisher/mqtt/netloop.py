@@ -41,6 +41,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
 from scheduler_publisher.logs.setup import get_logger
+from scheduler_publisher.mqtt.capabilities import (
+    UNLIMITED,
+    BrokerLimits,
+    from_connack,
+    from_refusal,
+)
 from scheduler_publisher.mqtt.client import (
     DISCONNECT_WITH_WILL,
     ResetAwareClient,
@@ -78,6 +84,8 @@ CONNECTOR_THREADS = 4
 # every connection moves to the next broker of --broker's list (docs/design.md, "Failover").
 FAILOVER_ATTEMPTS = 3
 FLUSH_BYTES = 4096  # a phase group's packets leave in sends of about this size
+ACK_LIMIT_MIN = 2.0  # seconds: the shortest wait for a PUBACK/PUBCOMP (keepalive 1 s)
+RETAIN_FLAG = 0x01  # of a PUBLISH fixed header (MQTT 5 3.3.1.3)
 TIMER_GRAIN = 0.001  # epoll_wait's resolution (it rounds timeouts up to whole milliseconds)
 # An lwt connection's last_error while it waits (descriptors.py); /status shows it as the reason.
 WAITING_FOR_DESCRIPTOR = "waiting for a file descriptor (open files limit)"
@@ -202,6 +210,9 @@ class NetworkLoop:
         # Descriptors the lwt connections may take (descriptors.py); sized when the loop starts.
         self._budget = DescriptorBudget(lambda: None)
         self._waiting: frozenset[LinkKey] = frozenset()  # due lwt links without a descriptor
+        # What the broker can do, as learnt from its CONNACKs and PUBACKs; every publish and
+        # will stays within it (capabilities.py). Network thread; others read the reference.
+        self.limits = UNLIMITED
         # The one timer (call_at): the scheduler's next due job, run on this thread.
         self._timer_at = math.inf
         self._timer: Callable[[], None] | None = None
@@ -386,6 +397,9 @@ class NetworkLoop:
         session = self._sessions.get(key)
         if session is None:
             return False
+        limits = self.limits
+        if limits is not UNLIMITED:  # [MQTT-3.2.2-11, -14]: never more than the broker takes
+            qos, retain = limits.qos(qos), retain and limits.retain
         try:
             info = session.client.publish(topic, payload, qos, retain, properties)
         except ValueError as exc:  # payload too large, bad topic: paho raises before queueing
@@ -403,6 +417,8 @@ class NetworkLoop:
         session = self._sessions.get(key)
         if session is None or session.client.socket() is None:
             return False
+        if header[0] & RETAIN_FLAG and not self.limits.retain:
+            header = bytes((header[0] & ~RETAIN_FLAG,)) + header[1:]
         session.send_packet(header, payload, entry_id)
         if session.packets.unwritten_bytes() >= FLUSH_BYTES:
             self._flush(session)  # a large group: its first packets leave while the rest queue
@@ -443,7 +459,7 @@ class NetworkLoop:
         # CLOSING, RENEWING: the DISCONNECT is on its way already.
 
     def _disconnect(self, session: Session) -> None:
-        will = session.will
+        will = None if session.will is None else self.limits.fit(session.will)
         session.closing_since = time.monotonic()
         if session.announce_offline and will is not None:
             if session.is_v5 and self.settings.will_delay == 0:
@@ -496,6 +512,8 @@ class NetworkLoop:
     def _on_connected(self, session: Session) -> None:
         if session.fire(Event.CONNACK_OK) is not State.CONNECTED:
             return  # the CONNACK crossed our DISCONNECT
+        self._learn(from_connack(self.limits, session.connack_properties))
+        session.restart_ack_clocks(time.monotonic())
         session.last_error = None
         session.broker_reason = None
         session.reset_by_broker = False
@@ -526,6 +544,8 @@ class NetworkLoop:
             session.last_error = refused
             session.fire(Event.CONNACK_REFUSED)
             self._retry_later(session, failed_attempt=True)
+            if self._learn_from_refusal(session):
+                self._wait(session, time.monotonic())  # at once, with the will fitted to it
             self.listener.link_refused(session, refused)
             self._count_failure(session, refused)
             return
@@ -565,6 +585,7 @@ class NetworkLoop:
         before = self.endpoint
         self.endpoint = self.brokers[(self.brokers.index(before) + 1) % len(self.brokers)]
         self._main_failures = 0
+        self.limits = UNLIMITED  # what the old broker lacked says nothing of the new one
         log.warning(
             "mqtt_broker_switched", **{"from": before.url, "to": self.endpoint.url, "why": why}
         )
@@ -578,6 +599,17 @@ class NetworkLoop:
         session.next_will = session.will
         self._request(session.key, Event.RENEW_REQUESTED, announce=True)
 
+    def _learn(self, limits: BrokerLimits) -> None:
+        if limits != self.limits:
+            self.limits = limits  # swapped whole: other threads read it without a lock
+
+    def _learn_from_refusal(self, session: Session) -> bool:
+        """A CONNACK refused for the will's QoS or retain flag: learnt, and whether it was."""
+        before = self.limits
+        learnt = from_connack(before, session.connack_properties)
+        self._learn(from_refusal(learnt, session.connack_reason, session.sent_will))
+        return self.limits != before
+
     def _retry_later(self, session: Session, *, failed_attempt: bool) -> None:
         session.schedule_retry(time.monotonic(), failed_attempt=failed_attempt)
         self._next_connect_check = min(self._next_connect_check, session.due)
@@ -588,6 +620,8 @@ class NetworkLoop:
             session.client.disconnect()  # queued; the loop flushes it after this read
             return
         entry_id, qos = session.settle(mid)
+        if qos == 2 and self.limits.max_qos == 2 and _acked_as_qos1(session):
+            self._learn(self.limits.learnt("qos2", "PUBACK for a QoS 2 PUBLISH"))
         self.listener.published(session, entry_id, qos, failure)
 
     def _on_want_write(self, session: Session) -> None:
@@ -754,6 +788,7 @@ class NetworkLoop:
             session.last_error = None
         session.fire(Event.BACKOFF_ELAPSED)
         session.render_will()
+        session.fit_will(self.limits)
         self._connector.submit(self._attempt, session)
 
     def _note_waiting(self, waiting: list[Session]) -> None:
@@ -835,8 +870,31 @@ class NetworkLoop:
                 )
             elif session.is_up or state in (State.CLOSING, State.RENEWING):
                 session.client.loop_misc()
+                if session.is_up and session.ack_since:
+                    self._expire_unacknowledged(session, now)
                 if session.conflict is not None and now - session.connected_at >= STABLE_AFTER:
                     session.settled()
+
+    def _expire_unacknowledged(self, session: Session, now: float) -> None:
+        """QoS 1/2 messages the broker has not acknowledged within two keepalives, though it
+        answered since (or the silence timeout, at 1.5, would have closed the connection): an
+        error of their entry, said once per entry and connection, and no longer held, so that
+        one stuck message cannot stall its entry for good. paho keeps them, and sends them
+        again on the next connection, as MQTT asks (3.3.4)."""
+        limit = max(ACK_LIMIT_MIN, 2 * session.client.keepalive)
+        for mid in session.overdue(now, limit):
+            entry_id, qos = session.settle(mid)
+            reason = f"not acknowledged by the broker within {limit:g} s"
+            if entry_id is not None and entry_id not in session.unacked_said:
+                session.unacked_said.add(entry_id)
+                log.warning(
+                    "publish_unacknowledged",
+                    entry_id=entry_id,
+                    qos=qos,
+                    waited_s=limit,
+                    hint="counted as an error of the entry; said once per entry and connection",
+                )
+            self.listener.published(session, entry_id, qos, reason)
 
     @staticmethod
     def _silent(session: Session, now: float) -> bool:
@@ -859,6 +917,11 @@ def _run_safely(fn: Callable[[], None]) -> None:
         fn()
     except Exception:
         log.exception("network_command_failed")
+
+
+def _acked_as_qos1(session: Session) -> bool:
+    """The broker answered a QoS 2 PUBLISH of this client with a PUBACK (client.py)."""
+    return bool(getattr(session.client, "qos2_acked_as_qos1", False))
 
 
 def _publish_offline(session: Session, will: Will) -> mqtt.MQTTMessageInfo:

@@ -171,7 +171,13 @@ def check_paho(client: mqtt.Client) -> None:
     """Raise if the installed paho lacks an internal we use: the out-queue PacketQueue writes
     through, and the socket wrappers that note a reset."""
     # client.ResetAwareClient wraps these
-    for name in ("_sock_recv", "_sock_send", "_send_pingreq", "_handle_pingresp"):
+    for name in (
+        "_sock_recv",
+        "_sock_send",
+        "_send_pingreq",
+        "_handle_pingresp",
+        "_handle_pubackcomp",
+    ):
         if not callable(getattr(client, name, None)):
             raise TypeError(
                 f"paho-mqtt's Client has no {name}: this paho version is not one "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -35,6 +36,7 @@ from scheduler_publisher.mqtt.packet import PacketQueue
 
 if TYPE_CHECKING:
     from scheduler_publisher.endpoints import Endpoint
+    from scheduler_publisher.mqtt.capabilities import BrokerLimits
     from scheduler_publisher.settings import BrokerSettings
 
 # Messages per entry handed to paho and not yet written (QoS 0) or acknowledged (QoS 1/2).
@@ -240,6 +242,10 @@ class Session:
     due: float = 0.0  # monotonic time of the next connect attempt (state BACKOFF)
     announce_offline: bool = False  # when closing: let subscribers see the will
     next_will: Will | None = None  # when renewing: the will of the new client
+    # The will as last handed to paho, fitted to the broker's limits (capabilities.py)
+    sent_will: Will | None = None
+    connack_properties: Any = None  # paho's Properties of the last CONNACK (MQTT 5), or None
+    connack_reason: int = 0  # the last CONNACK's reason code
     last_error: str | None = None
     handshake_since: float = 0.0  # monotonic; when the CONNECT went out
     connected_at: float = 0.0  # monotonic; when the last CONNACK arrived
@@ -249,6 +255,9 @@ class Session:
     dropped_by_broker: bool = False  # the last loss was the broker's doing (or the path's)
     closing_since: float = 0.0
     inflight: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # mid -> (entry, qos)
+    # QoS 1/2 mid -> monotonic time it went out (or the connection came back), in that order
+    ack_since: dict[int, float] = field(default_factory=dict)
+    unacked_said: set[str] = field(default_factory=set)  # entries logged as unacknowledged
     pending: dict[str, int] = field(default_factory=dict)  # entry -> messages not yet gone
     last_read: float = 0.0  # monotonic; when the broker last sent us anything
     packets: PacketQueue = field(default_factory=PacketQueue)  # pre-encoded QoS 0, unwritten
@@ -329,13 +338,25 @@ class Session:
         if will is None or will.render is None:
             return
         self.will = replace(will, payload=will.render(self.client_id))
-        set_will(self.client, self.will, self.settings)
+        self.sent_will = None  # set again by fit_will
+
+    def fit_will(self, limits: BrokerLimits) -> None:
+        """Before a connect attempt, after render_will: the will as the broker takes it (a
+        will above its limits gets the CONNECT refused, MQTT 5 3.2.2.2)."""
+        if self.will is None:
+            return
+        fitted = limits.fit(self.will)
+        if fitted != self.sent_will:
+            set_will(self.client, fitted, self.settings)
+            self.sent_will = fitted
 
     def rebuild(self) -> None:
         """A new paho client with `next_will`; only while the old one is closed."""
         self.will, self.next_will = self.next_will, None
+        self.sent_will = None
         self.announce_offline = False
         self.inflight.clear()
+        self.ack_since.clear()
         self.pending.clear()
         self.packets.drop()
         self._saturated = 0
@@ -354,6 +375,8 @@ class Session:
 
     def track(self, mid: int, entry_id: str | None, qos: int) -> None:
         self.inflight[mid] = (entry_id, qos)
+        if qos:
+            self.ack_since[mid] = time.monotonic()
         if entry_id is not None:
             self._hold(entry_id)
 
@@ -366,6 +389,8 @@ class Session:
     def settle(self, mid: int) -> tuple[str | None, int]:
         """A message left (QoS 0: written) or was acknowledged (QoS 1/2)."""
         entry_id, qos = self.inflight.pop(mid, (None, 0))
+        if qos:
+            self.ack_since.pop(mid, None)
         if entry_id is not None:
             self.release(entry_id)
         return entry_id, qos
@@ -406,6 +431,21 @@ class Session:
         elif self.state is State.STALLED and not self._saturated:
             self.fire(Event.STALL_CLEARED)
 
+    def restart_ack_clocks(self, now: float) -> None:
+        """Connected again: paho sends the unacknowledged QoS 1/2 messages again, so their
+        wait for an answer starts now."""
+        self.ack_since = dict.fromkeys(self.ack_since, now)
+        self.unacked_said.clear()
+
+    def overdue(self, now: float, limit: float) -> list[int]:
+        """The QoS 1/2 messages the broker has not acknowledged within `limit` seconds."""
+        late: list[int] = []
+        for mid, since in self.ack_since.items():
+            if now - since <= limit:
+                break  # in the order they went out: the rest are younger
+            late.append(mid)
+        return late
+
     def drop_unsent_qos0(self) -> list[str | None]:
         """The connection is gone: paho discards unsent QoS 0 packets (QoS 1/2 are resent),
         and the pre-encoded ones go with them."""
@@ -425,8 +465,10 @@ class Session:
         client.on_socket_close = lambda _c, _u, sock: self.callbacks.socket_closed(self, sock)
 
     def _on_connect(
-        self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _props: Any
+        self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, props: Any
     ) -> None:
+        self.connack_properties = props if self.is_v5 else None
+        self.connack_reason = reason.value
         if reason.is_failure:
             self.last_error = describe_reason(reason)
             self.callbacks.refused(self, self.last_error)
