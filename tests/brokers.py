@@ -27,8 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
 from tests.netproxy import packet_end
-from tests.support import free_port, wait_until
+from tests.support import Subscriber, free_port, wait_until
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 
@@ -59,8 +62,9 @@ class Amqtt:
     a WebSocket one on `ws_port` (paho's default path `/mqtt` is served), anonymous logins
     allowed. Its output goes to `log`."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cert: tuple[Path, Path] | None = None) -> None:
         self.workdir = workdir
+        self.cert = cert  # the WebSocket listener's certificate and key: wss:// when given
         self.tcp_port = free_port()
         self.ws_port = free_port()
         self.conf = workdir / f"amqtt-{self.tcp_port}.yaml"
@@ -78,6 +82,7 @@ class Amqtt:
             f"    bind: 127.0.0.1:{self.tcp_port}\n"
             "  ws:\n    type: ws\n"
             f"    bind: 127.0.0.1:{self.ws_port}\n"
+            f"{self._tls()}"
             "plugins:\n"
             "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
             "    allow_anonymous: true\n"
@@ -95,6 +100,11 @@ class Amqtt:
             20,
             message=f"amqtt on ports {self.tcp_port} (tcp) and {self.ws_port} (ws)",
         )
+
+    def _tls(self) -> str:
+        if self.cert is None:
+            return ""
+        return f"    ssl: on\n    certfile: {self.cert[0]}\n    keyfile: {self.cert[1]}\n"
 
     def _running(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -278,3 +288,23 @@ class AckDroppingProxy:
 def _shut(s: socket.socket) -> None:
     with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
+
+
+def broker_subscriber(
+    port: int, topics: list[str], qos: int = 2, *, mqtt5: bool, transport: str = "tcp"
+) -> Subscriber:
+    """support.Subscriber, speaking MQTT 3.1.1 where the broker knows no 5, over `transport`."""
+    sub = Subscriber(port, topics, qos)
+    if mqtt5 and transport == "tcp":
+        return sub
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"sub-{uuid.uuid4().hex[:8]}",
+        protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
+        transport="websockets" if transport == "websockets" else "tcp",
+    )
+    client.on_connect = sub.client.on_connect
+    client.on_message = sub.client.on_message
+    client.on_subscribe = sub.client.on_subscribe
+    sub.client = client
+    return sub

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from tests.brokers import AckDroppingProxy, Amqtt, RabbitMq, accepts
+from tests.brokers import AckDroppingProxy, Amqtt, RabbitMq, accepts, broker_subscriber
 from tests.support import (
     Mosquitto,
     ServiceProcess,
@@ -150,27 +149,7 @@ class Target:
             sub.stop()
 
 
-def broker_subscriber(
-    port: int, topics: list[str], qos: int = 2, *, mqtt5: bool, transport: str = "tcp"
-) -> Subscriber:
-    """support.Subscriber, speaking MQTT 3.1.1 where the broker knows no 5, over `transport`."""
-    sub = Subscriber(port, topics, qos)
-    if mqtt5 and transport == "tcp":
-        return sub
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"sub-{uuid.uuid4().hex[:8]}",
-        protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
-        transport="websockets" if transport == "websockets" else "tcp",
-    )
-    client.on_connect = sub.client.on_connect
-    client.on_message = sub.client.on_message
-    client.on_subscribe = sub.client.on_subscribe
-    sub.client = client
-    return sub
-
-
-TARGETS = ("mosquitto-tcp", "mosquitto-tls", "amqtt-tcp", "rabbitmq-tcp")
+TARGETS = ("mosquitto-tcp", "mosquitto-tls", "amqtt-tcp", "amqtt-ws", "rabbitmq-tcp")
 V311 = ("--mqtt-version", "3.1.1")
 
 
@@ -181,8 +160,11 @@ def make_target(name: str, request: pytest.FixtureRequest, pki_dir: Path) -> Tar
             tls = ("--tls", "--cafile", str(pki_dir / "ca.pem"))
             return Target(name, mosq, mosq.port, mosq.broker.port, tls, mqtt5=True)
         return Target(name, mosq.broker, mosq.broker.port, mosq.broker.port, (), mqtt5=True)
-    if name == "amqtt-tcp":
+    if name.startswith("amqtt"):
         am: Amqtt = request.getfixturevalue("amqtt_broker")
+        if name == "amqtt-ws":  # the service over ws://, its subscribers over TCP
+            ws = ("--broker", f"ws://127.0.0.1:{am.ws_port}/mqtt")
+            return Target(name, am, am.ws_port, am.tcp_port, (*V311, *ws), mqtt5=False)
         return Target(name, am, am.tcp_port, am.tcp_port, V311, mqtt5=False)
     rabbit: RabbitMq = request.getfixturevalue("rabbitmq_broker")
     return Target(name, rabbit, rabbit.port, rabbit.port, V311, mqtt5=False)

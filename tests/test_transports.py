@@ -4,19 +4,14 @@ server, the WebSocket path reaching the HTTP server, and logs and /status naming
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
-import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from tests.brokers import Amqtt, broker_subscriber
 from tests.support import (
     Mosquitto,
     ServiceProcess,
@@ -26,97 +21,22 @@ from tests.support import (
     free_port,
     request,
     unique_topic,
-    wait_until,
     write_config,
 )
 from tests.test_security import pki, tls_listener  # noqa: F401 - the module's CA fixture
 
-# ---- an amqtt broker with a TCP and a WebSocket listener --------------------------------------
-
-
-class Amqtt:
-    """amqtt (MQTT 3.1.1) in this process, on its own asyncio loop in a thread: a TCP listener
-    for the test's subscriber and a WebSocket one (with TLS if given a certificate) for the
-    service. A stopped one can be started again on the same ports."""
-
-    def __init__(self, cert: tuple[Path, Path] | None = None) -> None:
-        self.tcp_port, self.ws_port = free_port(), free_port()
-        self.cert = cert
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._broker: Any = None
-
-    def config(self) -> dict[str, Any]:
-        ws: dict[str, Any] = {"type": "ws", "bind": f"127.0.0.1:{self.ws_port}"}
-        if self.cert is not None:
-            ws |= {"ssl": True, "certfile": str(self.cert[0]), "keyfile": str(self.cert[1])}
-        return {
-            "listeners": {
-                "default": {"type": "tcp", "bind": f"127.0.0.1:{self.tcp_port}"},
-                "ws": ws,
-            },
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
-        }
-
-    def start(self) -> Amqtt:
-        from amqtt.broker import Broker  # noqa: PLC0415 - the demo extra, as in cli/demo.py
-
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            self._broker = Broker(self.config(), loop=loop)
-            loop.run_until_complete(self._broker.start())
-            started.set()
-            loop.run_forever()
-            loop.close()  # after stop(): the thread ends with its loop
-
-        threading.Thread(target=run, name="amqtt", daemon=True).start()
-        assert started.wait(20), "amqtt did not start"
-        self._loop = loop
-        return self
-
-    def stop(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop).result(15)
-        loop.call_soon_threadsafe(loop.stop)
-
-
-class Subscriber311:
-    """A recording MQTT 3.1.1 subscriber (amqtt speaks no MQTT 5)."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        self.messages: list[bytes] = []
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"sub-{uuid.uuid4().hex[:8]}",
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
-        self.client.on_connect = lambda c, *_: c.subscribe(topic, 1)
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
-        self.client.on_message = lambda _c, _u, m: self.messages.append(bytes(m.payload))
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert self._subscribed.wait(15), "subscription not acknowledged"
-
-    def wait_for(self, count: int, timeout: float = 30) -> None:
-        wait_until(lambda: len(self.messages) >= count, timeout, message=f"{count} messages")
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
 
 @pytest.fixture
-def amqtt() -> Iterator[Amqtt]:
-    broker = Amqtt().start()
+def amqtt(tmp_path: Path) -> Iterator[Amqtt]:
+    broker = Amqtt(tmp_path)
+    broker.start()
     yield broker
     broker.stop()
+
+
+def subscriber(port: int, topic: str) -> Subscriber:
+    """A subscriber of amqtt's TCP listener (MQTT 3.1.1: amqtt speaks no 5)."""
+    return broker_subscriber(port, [topic], 1, mqtt5=False).start()
 
 
 def launch(tmp_path: Path, topic: str, *extra: str, port: int) -> ServiceProcess:
@@ -135,7 +55,7 @@ def test_the_service_publishes_over_websockets_and_reconnects(tmp_path: Path, am
     """ws://: the messages reach a subscriber; after the broker restarts they flow again; logs
     and /status name the URL."""
     topic = unique_topic("ws")
-    sub = Subscriber311(amqtt.tcp_port, topic)
+    sub = subscriber(amqtt.tcp_port, topic)
     url = f"ws://127.0.0.1:{amqtt.ws_port}/mqtt"
     proc = launch(tmp_path, topic, "--broker", url, "--mqtt-version", "3.1.1", port=amqtt.ws_port)
     try:
@@ -145,13 +65,13 @@ def test_the_service_publishes_over_websockets_and_reconnects(tmp_path: Path, am
             "127.0.0.1",
             amqtt.ws_port,
         )
-        sub.wait_for(2)
+        sub.wait_for(topic, count=2)
         sub.stop()
         amqtt.stop()
         proc.wait_for_event("mqtt_disconnected", timeout=30)
         amqtt.start()
-        again = Subscriber311(amqtt.tcp_port, topic)
-        again.wait_for(2)
+        again = subscriber(amqtt.tcp_port, topic)
+        again.wait_for(topic, count=2)
         again.stop()
         assert len([e for e in proc.events() if e.get("message") == "mqtt_connected"]) >= 2
     finally:
@@ -179,10 +99,11 @@ def test_the_websocket_path_reaches_the_server(tmp_path: Path) -> None:
 
 def test_the_service_publishes_over_wss_with_the_test_ca(tmp_path: Path, pki: Path) -> None:  # noqa: F811
     """wss://: verified against --cafile, the messages reach a subscriber."""
-    broker = Amqtt(cert=(pki / "server.pem", pki / "server.key")).start()
+    broker = Amqtt(tmp_path, cert=(pki / "server.pem", pki / "server.key"))
+    broker.start()
     try:
         topic = unique_topic("wss")
-        sub = Subscriber311(broker.tcp_port, topic)
+        sub = subscriber(broker.tcp_port, topic)
         url = f"wss://localhost:{broker.ws_port}/mqtt"
         proc = launch(
             tmp_path,
@@ -192,7 +113,7 @@ def test_the_service_publishes_over_wss_with_the_test_ca(tmp_path: Path, pki: Pa
         )
         try:
             assert proc.wait_for_event("mqtt_connected", timeout=30)["url.full"] == url
-            sub.wait_for(3)
+            sub.wait_for(topic, count=3)
         finally:
             proc.stop()
             sub.stop()
