@@ -6,6 +6,8 @@
     proxy.throttle(500)  # at most ~500 bytes/s per direction per connection; 0 = unlimited
     proxy.sever()        # close every connection and refuse new ones until resume()
     proxy.reset_at_disconnect()  # the broker's DISCONNECT and close become a TCP reset
+    proxy.refuse_client("id")    # close that client id's connections, and each new one at its
+                                 # CONNECT (a broker that turns one client away, before CONNACK)
     proxy.stop()         # close everything; also runs at `max_lifetime` (self-stopping)
 
 Bounded: at most `max_connections` live connections, every thread polls with a short timeout
@@ -52,6 +54,8 @@ class NetProxy:
         self._refusing = False
         self._rate = 0.0  # bytes per second per direction; 0 = unlimited
         self._reset_at_disconnect = False
+        self._refused_ids: set[str] = set()
+        self._client_ids: dict[socket.socket, str] = {}  # a client's socket -> its CONNECT's id
         self.accepted = 0
 
     # ---- control ----------------------------------------------------------------------------
@@ -76,6 +80,16 @@ class NetProxy:
         nothing more. A broker that closes with the client's bytes unread resets the
         connection itself, and the reset can overtake its DISCONNECT; here it always does."""
         self._reset_at_disconnect = True
+
+    def refuse_client(self, client_id: str) -> None:
+        """Close the connections of `client_id`, and from now on each new one of it as soon as
+        its CONNECT arrives: the client sees a close before CONNACK. Other clients go on."""
+        with self._lock:
+            self._refused_ids.add(client_id)
+            doomed = [(a, b) for a, b in self._pairs if self._client_ids.get(a) == client_id]
+        for a, b in doomed:
+            _close(a)
+            _close(b)
 
     def sever(self) -> None:
         """Close every open connection (the peers see a close) and refuse new ones."""
@@ -165,6 +179,7 @@ class NetProxy:
             _close(b)
             with self._lock:
                 self._pairs = [p for p in self._pairs if p != (a, b)]
+                self._client_ids.pop(a, None)
 
     def _read(self, src: socket.socket, budget_at: dict[socket.socket, float]) -> bytes | None:
         """What `src` has, within the throttle's budget for its direction: None when nothing
@@ -195,6 +210,8 @@ class NetProxy:
         """Pass `data` from `src` to the other side; False once the connection is over."""
         if src is broker and self._reset_at_disconnect:
             return not self._from_broker(client, from_broker, data)
+        if src is client and client not in self._client_ids and data:
+            return self._first_from_client(client, broker, data)
         return bool(data) and self._send_all(client if src is broker else broker, data)
 
     def _from_broker(self, client: socket.socket, pending: bytearray, data: bytes) -> bool:
@@ -207,6 +224,15 @@ class NetProxy:
             return False
         _reset(client)
         return True
+
+    def _first_from_client(self, client: socket.socket, broker: socket.socket, data: bytes) -> bool:
+        """The client's first bytes, which hold its CONNECT (one small packet, read whole on
+        loopback): note its client id; False (the connection ends) if that id is refused."""
+        client_id = connect_client_id(data)
+        with self._lock:
+            self._client_ids[client] = client_id
+            refused = client_id in self._refused_ids
+        return not refused and self._send_all(broker, data)
 
     def _send_all(self, dst: socket.socket, data: bytes) -> bool:
         view = memoryview(data)
@@ -238,6 +264,34 @@ def _whole_packets(buffer: bytearray) -> tuple[bytes, bool]:
     whole = bytes(buffer[:done])
     del buffer[:done]
     return whole, disconnect
+
+
+def connect_client_id(data: bytes) -> str:
+    """The client id of the CONNECT packet at the start of `data` (MQTT 3.1.1 or 5); "" when
+    `data` holds no whole CONNECT."""
+    end = packet_end(data, 0)
+    if not data or data[0] >> 4 != 1 or end is None:
+        return ""
+    pos = 1
+    while data[pos] & 0x80:  # the fixed header's remaining length
+        pos += 1
+    pos += 1
+    name_length = int.from_bytes(data[pos : pos + 2], "big")
+    pos += 2 + name_length
+    level = data[pos]
+    pos += 4  # level, flags, keepalive
+    if level == 5:  # the CONNECT's properties: their length, a variable byte integer
+        size, shift = 0, 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        pos += size
+    id_length = int.from_bytes(data[pos : pos + 2], "big")
+    return data[pos + 2 : pos + 2 + id_length].decode("utf-8", "replace")
 
 
 def packet_end(buffer: bytes | bytearray, start: int) -> int | None:

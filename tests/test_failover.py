@@ -13,6 +13,7 @@ import pytest
 
 from scheduler_publisher.endpoints import Endpoint
 from scheduler_publisher.mqtt.netloop import FAILOVER_ATTEMPTS
+from tests.netproxy import NetProxy
 from tests.support import (
     InProcessServices,
     Mosquitto,
@@ -164,33 +165,41 @@ def test_a_list_whose_first_broker_is_down_at_start_reaches_the_second(
 def test_a_move_while_the_old_broker_is_up_fires_the_wills_there_and_births_on_the_new(
     brokers: tuple[Mosquitto, Mosquitto], services: InProcessServices
 ) -> None:
-    """The connections still up on the old broker leave with their wills (the lwt entry's and
-    the status topic's {"online": 0}); the new broker gets the births, main connection first."""
+    """The old broker turns the main connection away (a proxy closes it, and each new CONNECT
+    of its client id, before CONNACK) while the lwt entry's own connection stays up on it: after
+    the main connection's failed attempts, every connection moves, the lwt one leaving with its
+    will, which the old broker publishes; the new broker gets the births."""
     first, second = brokers
+    proxy = NetProxy(first.port).start()
     base = unique_topic("move")
     watch = Watch(base, first.port, second.port)
-    endpoints = tuple(Endpoint("mqtt", "127.0.0.1", b.port) for b in brokers)
+    endpoints = (
+        Endpoint("mqtt", "127.0.0.1", proxy.port),
+        Endpoint("mqtt", "127.0.0.1", second.port),
+    )
     service = services.start(
-        first.port,
+        proxy.port,
         [entry("door", f"{base}/door", 3600, qos=1, lwt=True, data={"door": 1})],
-        broker={"endpoints": endpoints, "status_topic": f"{base}/status"},
+        broker={
+            "endpoints": endpoints,
+            "status_topic": f"{base}/status",
+            "backoff_min": 0.1,
+            "backoff_max": 0.3,
+        },
     )
     try:
         old, new = watch.subs[first.port], watch.subs[second.port]
         old.wait_for(f"{base}/door", where=online, timeout=30)
         old.wait_for(f"{base}/status", where=online, timeout=30)
-        # No broker here refuses the main connection alone while the lwt ones stay up, so the
-        # test asks the loop for the move its failure count would make, on the loop's thread.
-        loop = service.connection._loop
-        loop.call_soon(lambda: loop.fail_over("moved by the test"))
+        proxy.refuse_client(service.settings.broker.client_id)
         assert old.wait_for(f"{base}/door", where=offline, timeout=30)[-1].json() == {
             "online": 0,
             "door": 1,
         }
-        old.wait_for(f"{base}/status", where=offline, timeout=30)
         new.wait_for(f"{base}/status", where=online, timeout=30)
         new.wait_for(f"{base}/door", where=online, timeout=30)
         assert service.connection.broker_urls()[0] == url(second.port)
         assert not [m for m in new.snapshot() if offline(m)]
     finally:
         watch.stop()
+        proxy.stop()
