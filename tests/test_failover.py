@@ -203,3 +203,37 @@ def test_a_move_while_the_old_broker_is_up_fires_the_wills_there_and_births_on_t
     finally:
         watch.stop()
         proxy.stop()
+
+
+def test_what_the_old_broker_lacked_is_forgotten_on_the_new_one(
+    tmp_path: Path, services: InProcessServices
+) -> None:
+    """A first broker without QoS 2 (`max_qos 1`) makes the service publish a QoS 2 entry at
+    QoS 1 there; after the move, the second broker, which has QoS 2, gets it at QoS 2."""
+    first = Mosquitto(tmp_path, extra="max_qos 1")
+    second = Mosquitto(tmp_path)
+    first.start()
+    second.start()
+    base = unique_topic("limits")
+    watch = Watch(base, first.port, second.port)
+    endpoints = (
+        Endpoint("mqtt", "127.0.0.1", first.port),
+        Endpoint("mqtt", "127.0.0.1", second.port),
+    )
+    services.start(
+        first.port,
+        [entry("two", f"{base}/two", 0.3, qos=2)],
+        broker={"endpoints": endpoints, "backoff_min": 0.1, "backoff_max": 0.3},
+    )
+    try:
+        got = watch.subs[first.port].wait_for(f"{base}/two", count=2, timeout=30)
+        assert {m.qos for m in got} == {1}
+        watch.subs[first.port].stop()
+        first.stop()
+        got = watch.subs[second.port].wait_for(f"{base}/two", count=2, timeout=60)
+        assert {m.qos for m in got} == {2}
+    finally:
+        watch.stop()
+        services.close()
+        first.stop()
+        second.stop()
