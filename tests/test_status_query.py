@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler_publisher.config.loader import PublishConfig
@@ -280,6 +280,8 @@ class Built:
         )
 
 
+# No deadline: a cron entry costs a few ms to build (its period), and a shared machine is slow.
+@settings(deadline=None)
 @given(
     running=running_entries(),
     q=st.sampled_from(["", "a", "b", "/", "x0"]),
@@ -309,6 +311,7 @@ def test_a_page_of_live_entries_is_the_page_of_the_whole_snapshot(
     assert build.calls == len(page["page"]["ids"]) <= limit
 
 
+@settings(deadline=None)  # as above
 @given(running=running_entries())
 def test_live_entries_render_the_whole_document_as_a_built_snapshot(
     running: tuple[dict[str, PublishConfig], dict[str, EntryStats], dict[str, datetime | None]],
