@@ -502,7 +502,8 @@ COUNTER_KEYS: dict[str, Callable[[EntryStats], Any]] = {
 class LiveEntries(Mapping[str, EntryStatus]):
     """The running entries of a snapshot, each EntryStatus built when it is read (`build`):
     one page of /status builds only its own entries. In the entries' own order, as the whole
-    snapshot lists them; `index` gives the id order and the filter's text, `key()` a sort key."""
+    snapshot lists them; `matching()` gives the ids in id order (kept, not sorted per request),
+    `key()` a sort key (status_query.EntryKeys)."""
 
     index: EntryIndex
     build: Callable[[PublishConfig], EntryStatus]
@@ -520,6 +521,10 @@ class LiveEntries(Mapping[str, EntryStatus]):
 
     def __contains__(self, entry_id: object) -> bool:  # Mapping's own would build the entry
         return entry_id in self.index.configs
+
+    def matching(self, q: str) -> Sequence[str]:
+        """The ids whose id or topic contains `q` (case folded), in id order."""
+        return self.index.matching(q)
 
     def key(self, sort: str) -> Callable[[str], Any]:
         """Reads the sort key `sort` of an entry by id (None: it has none yet, sorted last)."""

@@ -156,25 +156,12 @@ class BuiltKeys:
         return lambda i: read(i, entries[i])
 
 
-class IndexedKeys:
-    """EntryKeys of LiveEntries: the kept id order and filter text, and its cheap keys."""
-
-    def __init__(self, entries: LiveEntries) -> None:
-        self.entries = entries
-
-    def matching(self, q: str) -> Sequence[str]:
-        return self.entries.index.matching(q)
-
-    def key(self, sort: str) -> Callable[[str], Any]:
-        return self.entries.key(sort)
-
-
 def select(status: ServiceStatus, query: StatusQuery) -> dict[str, Any]:
     """The snapshot's document with one page of entries: those whose id or topic contains `q`
     (case folded), sorted by `sort` (entries without the value last, ties by id), then sliced.
     Only the page's entries are rendered (and, from LiveEntries, built)."""
     entries = status.entries
-    keys = IndexedKeys(entries) if isinstance(entries, LiveEntries) else BuiltKeys(entries)
+    keys: EntryKeys = entries if isinstance(entries, LiveEntries) else BuiltKeys(entries)
     matched = keys.matching(query.q)
     ordered = _sorted(matched, keys, query)
     page = list(ordered[query.offset : query.offset + query.limit])
