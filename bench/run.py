@@ -4,15 +4,17 @@
 # starts its children from its only thread)
 """Performance benchmark for scheduler-publisher.
 
-    .venv/bin/python bench/run.py [--quick] [--no-node-red] [--only-shards] [--out bench/results/latest.json]
+    .venv/bin/python bench/run.py [--quick] [--no-node-red] [--only-shards] [--only-status-page]
+                                  [--out bench/results/latest.json]
 
 One run starts its own Mosquitto (own config file, free 127.0.0.1 port) and measures, side by
 side: the service beside Node-RED and a bare scheduled paho loop at 100, 1,000 and 5,000
 entries x 1 s, interleaved (issue 12), the same at the largest size with one core kept busy,
 then issue #6's figures: the bare paho ceiling, sustained scheduled publishing, idle cost,
 memory, start-up, live reload and a short soak, and last issue 13's shards (2 shard processes
-on one file, then one process, at 20,000 entries x 1 s; `--only-shards` runs just that). It
-prints the tables with the targets beside the measurements and writes JSON. See
+on one file, then one process, at 20,000 entries x 1 s; `--only-shards` runs just that), and
+issue 28's open status page (10,000 entries x 1 s, without and with a page polling as page.js
+does; `--only-status-page` runs just that). It prints the tables with the targets beside the measurements and writes JSON. See
 bench/README.md for what every figure means.
 
 The helper processes run as `run.py --role NAME` (bench/roles.py).
@@ -61,6 +63,7 @@ from compare import CompareParams, comparison_table, issue12_rows, scenario_comp
 from peers import PEERS, install_node_red, node_red_unavailable, node_red_version
 from shards import scenario_shards, shard_rows
 from soak import sample, verdict
+from status_page import scenario_status_page, status_page_rows
 
 from tests.support import free_port  # the harness the tests use (common.py makes it importable)
 
@@ -528,6 +531,12 @@ def parse_args() -> argparse.Namespace:
         "--shard-entries", type=int, help="entries of the shard measurement (default 20000)"
     )
     p.add_argument(
+        "--only-status-page",
+        action="store_true",
+        help="run only what an open status page costs (issue 28): 10,000 entries x 1 s, "
+        "windows without and with a page polling as page.js does",
+    )
+    p.add_argument(
         "--role",
         choices=("main", "bare", "loop", "sub", "spin"),
         default="main",
@@ -578,6 +587,10 @@ def make_params(args: argparse.Namespace) -> dict[str, Any]:
         "shard_processes": 2,
         "shard_warmup_s": 1.0 if q else 5.0,
         "shard_window_s": args.window or (3.0 if q else 20.0),
+        "page_n": 500 if q else 10_000,
+        "page_settle_s": 1.0 if q else 10.0,
+        "page_window_s": 3.0 if q else 30.0,
+        "page_rounds": 1 if q else 3,
     }
 
 
@@ -585,7 +598,8 @@ def prepare_node_red(args: argparse.Namespace, result: dict[str, Any]) -> str | 
     """Installs Node-RED when the run wants it and it can (first use), then records why it is
     skipped and the version that runs (read after the install: before it, a first use has
     none). Returns why it is skipped, or None."""
-    nr_skip = "--only-shards given" if args.only_shards else node_red_peer(args)
+    only = next((f for f in ("shards", "status_page") if getattr(args, f"only_{f}", False)), None)
+    nr_skip = f"--only-{only.replace('_', '-')} given" if only else node_red_peer(args)
     result["node_red_skipped"] = nr_skip
     result["machine"]["node_red"] = node_red_version()
     return nr_skip
@@ -687,6 +701,21 @@ def run_shards(result: dict[str, Any], work: Path, port: int, params: dict[str, 
     )
 
 
+def run_status_page(result: dict[str, Any], work: Path, port: int, params: dict[str, Any]) -> None:
+    log(
+        f"status page: {params['page_n']:,} entries at 1 s, {params['page_rounds']} open windows "
+        f"of {params['page_window_s']:.0f} s, each between two closed ones"
+    )
+    result["status_page"] = scenario_status_page(
+        work,
+        port,
+        params["page_n"],
+        params["page_settle_s"],
+        params["page_window_s"],
+        params["page_rounds"],
+    )
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -719,6 +748,8 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
         rows.append(soak if not quick else (*soak[:3], "(quick)"))
     if "shards" in result:
         rows += shard_rows(result["shards"], quick)
+    if "status_page" in result:
+        rows += status_page_rows(result["status_page"], quick)
     result["table"] = [
         dict(zip(("figure", "target", "measured", "verdict"), r, strict=True)) for r in rows
     ]
@@ -760,7 +791,7 @@ def main() -> int:
     result["template_cost"] = template_cost.measure(
         2_000 if args.quick else 20_000, 3 if args.quick else 5
     )
-    if not args.only_shards:
+    if not (args.only_shards or args.only_status_page):
         log("this machine's floor: how late a sleeping thread wakes at its deadlines")
         result["timer_floor"] = wake_cost.lateness(1.0 if args.quick else 30.0, 0.1)
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
@@ -768,12 +799,15 @@ def main() -> int:
     broker.start()
     result["machine"]["mosquitto_port"] = broker.port
     try:
-        if not args.only_shards:
+        only_one = args.only_compare or args.only_shards or args.only_status_page
+        if not (args.only_shards or args.only_status_page):
             run_compare(result, work, broker.port, params, nr_skip)
-        if not (args.only_compare or args.only_shards):
+        if not only_one:
             run_issue6(result, work, broker.port, params)
-        if not args.only_compare:
+        if not (args.only_compare or args.only_status_page):
             run_shards(result, work, broker.port, params)
+        if not (args.only_compare or args.only_shards):
+            run_status_page(result, work, broker.port, params)
     finally:
         broker.stop()
         result["elapsed_s"] = time.time() - started

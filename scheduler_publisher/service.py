@@ -39,6 +39,8 @@ from scheduler_publisher.ops.status import (
     DescriptorStatus,
     EntryStatus,
     HealthStatus,
+    IndexCache,
+    LiveEntries,
     ServiceStatus,
     StatisticsStatus,
 )
@@ -89,6 +91,7 @@ class PublisherService:
     ) -> None:
         self.settings = settings or ServiceSettings()
         self.stats = Stats()
+        self._status_index = IndexCache()  # the entries in id order, for paged /status
         self.loader = ConfigurationLoader(
             self.settings.config_path, max_bytes=self.settings.max_config_bytes
         )
@@ -527,11 +530,25 @@ class PublisherService:
     def status(self) -> ServiceStatus:
         """A typed snapshot of the whole service (any thread): what GET /status serves."""
         entries = self._reloads.entries  # swapped whole, never changed in place: a consistent set
-        problems = self.health_problems()
+        return self._snapshot({i: self._entry_status(e) for i, e in entries.items()})
+
+    def status_view(self) -> ServiceStatus:
+        """The snapshot for one paged GET /status (any thread): everything but the entries is
+        copied now; each entry's status is built when the page reads it (LiveEntries), so a
+        poll of the status page builds its window, not every entry."""
+        entries = LiveEntries(
+            self._status_index.of(self._reloads.entries),
+            self._entry_status,
+            self.stats.entries,
+            self._schedule.next_runs,
+        )
+        return self._snapshot(entries)
+
+    def _snapshot(self, entries: Mapping[str, EntryStatus]) -> ServiceStatus:
         return ServiceStatus(
             statistics=StatisticsStatus.of(self.stats),
             connection=ConnectionStatus.of(self._connection.status()),
-            health=HealthStatus(tuple(problems), tuple(self.health_warnings())),
+            health=HealthStatus(tuple(self.health_problems()), tuple(self.health_warnings())),
             config=ConfigStatus(
                 path=str(self.settings.config_path),
                 digest=self._source.digest,
@@ -540,7 +557,7 @@ class PublisherService:
                 watcher=self._watcher.kind,
                 entry_errors=self._reloads.entry_errors,
             ),
-            entries={i: self._entry_status(e) for i, e in entries.items()},
+            entries=entries,
             shard=self.shard,
             descriptors=DescriptorStatus.of(self.descriptors),
         )

@@ -131,6 +131,24 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     )
     assert len(result["table"]) >= 14
     _check_shards(result)
+    _check_status_page(result)
+
+
+def _check_status_page(result: dict[str, Any]) -> None:
+    """The open status page section: closed and open windows measured, and its row."""
+    page = result["status_page"]
+    _numeric(page, "closed_median_pct_of_core", "open_median_pct_of_core")
+    _numeric(page, "open_page_cost_pct_of_core", "entries", "window_s", "cpu_ms_per_poll")
+    assert page["query"] == "/status?offset=0&limit=50&sort=id&order=asc"
+    # a closed window before and after each open one
+    assert len(page["closed_cpu_pct_of_core"]) == len(page["open_windows"]) + 1 >= 2
+    assert len(page["open_page_costs_pct_of_core"]) == len(page["open_windows"])
+    for window in page["open_windows"]:
+        _numeric(window, "cpu_pct_of_core", "answer_ms_median")
+        assert window["polls"] >= 1
+        assert window["failed_polls"] == 0
+    rows = {row["figure"] for row in result["table"]}
+    assert f"status page open at {page['entries']:,} entries x 1 s" in rows
 
 
 def _check_shards(result: dict[str, object]) -> None:
@@ -186,6 +204,32 @@ def test_bench_only_shards_runs_just_the_shard_section(tmp_path: Path) -> None:
     assert result["shards"]["entries"] == 200
     # every entry was delivered by exactly one of the two shards: nothing arrived twice
     assert result["shards"]["sharded"]["extra"] == 0
+
+
+def test_bench_only_status_page_runs_just_that_section(tmp_path: Path) -> None:
+    """`run.py --only-status-page --quick` measures the service without and with a page
+    polling as page.js does, and nothing else."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--only-status-page",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert not {"compare", "sustained", "soak", "shards", "timer_floor"} & set(result)
+    assert result["node_red_skipped"] == "--only-status-page given"
+    _check_status_page(result)
+    assert result["status_page"]["entries"] == 500
 
 
 @pytest.fixture

@@ -30,6 +30,8 @@ from scheduler_publisher.ops.http_server import (
     MAX_WAITING,
     BoundedHTTPServer,
 )
+from scheduler_publisher.ops.status import EntryStatus
+from scheduler_publisher.ops.status_query import SORT_KEYS
 from tests.support import (
     Mosquitto,
     Reply,
@@ -1095,3 +1097,64 @@ def test_odd_status_queries_get_a_one_line_400(
         assert b"\n" not in reply.body
         assert len(reply.body) < 1000  # the value quoted back is cut short
         assert reply.json()["parameter"] in ("offset", "limit", "q", "x" * 40 + "…")
+
+
+def test_a_page_of_status_builds_only_its_own_entries(
+    http_service: ServiceStarter, topic_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paged /status (as the status page polls it) builds the status of its window of
+    entries, whatever the filter and sort, not of all 2,000; its pages are those of the whole
+    snapshot, and /status without a query still lists every entry."""
+    entries = [
+        entry(f"e{i:04d}", f"{topic_base}/{i % 7}/{i:04d}", 3600, qos=i % 3, retain=i % 2 == 0)
+        for i in range(2000)
+    ]
+    service = http_service(entries)
+    built = count_entry_builds(monkeypatch)
+    whole = get(service, "/status").json()
+    assert len(whole["entries"]) == 2000
+    assert built() == 2000
+    for sort, order, q in [
+        *((key, "asc", "") for key in SORT_KEYS),
+        ("id", "desc", ""),
+        ("qos", "desc", "/3/"),
+        ("topic", "asc", "E01"),
+    ]:
+        path = f"/status?offset=40&limit=50&sort={sort}&order={order}&q={q}"
+        page = get(service, path).json()
+        assert built() <= 50, path
+        assert page["page"]["total"] == 2000
+        assert len(page["page"]["ids"]) == len(page["entries"]) == 50
+        if sort in ("id", "topic", "qos", "retain", "lwt", "interval"):  # what does not move
+            assert page["page"]["ids"] == paged(whole["entries"], sort, order, q)[40:90], path
+    beyond = get(service, "/status?offset=5000&limit=50").json()
+    assert (beyond["page"]["ids"], beyond["page"]["matched"], built()) == ([], 2000, 0)
+
+
+def count_entry_builds(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Counts the EntryStatus built from now on; the function returned gives the count since
+    its last call."""
+    original = EntryStatus.of
+    built = [0]
+
+    def counted(_cls: type[EntryStatus], *args: Any, **kwargs: Any) -> EntryStatus:
+        built[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(EntryStatus, "of", classmethod(counted))
+
+    def since_last() -> int:
+        made, built[0] = built[0], 0
+        return made
+
+    return since_last
+
+
+def paged(entries: dict[str, Any], sort: str, order: str, q: str) -> list[str]:
+    """The ids of the whole document's entries filtered and sorted as /status documents it."""
+    folded = q.casefold()
+    ids = sorted(
+        i for i, e in entries.items() if folded in i.casefold() or folded in e["topic"].casefold()
+    )
+    ids.sort(key=lambda i: i if sort == "id" else entries[i][sort], reverse=order == "desc")
+    return ids

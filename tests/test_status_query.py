@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler_publisher.config.loader import PublishConfig
 from scheduler_publisher.ops.status import (
     ConfigStatus,
     ConnectionStatus,
     EntryCountersStatus,
+    EntryIndex,
     EntryStatus,
     HealthStatus,
+    IndexCache,
+    LiveEntries,
     ServiceStatus,
     StatisticsStatus,
     UnconnectedStatus,
@@ -21,15 +27,16 @@ from scheduler_publisher.ops.status import (
 from scheduler_publisher.ops.status_query import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
+    SORT_KEYS,
     QueryError,
     StatusQuery,
     parse_query,
     select,
 )
-from scheduler_publisher.stats import Stats
+from scheduler_publisher.stats import EntryStats, Stats
 
 
-def status(entries: dict[str, EntryStatus]) -> ServiceStatus:
+def status(entries: Mapping[str, EntryStatus]) -> ServiceStatus:
     """A snapshot with these entries; the rest is what a fresh service would show."""
     return ServiceStatus(
         statistics=StatisticsStatus.of(Stats()),
@@ -212,3 +219,120 @@ def test_pages_cover_every_match_exactly_once(
     assert all(
         q.casefold() in i.casefold() or q.casefold() in entries[i].topic.casefold() for i in whole
     )
+
+
+# ---- LiveEntries: a page built from the running entries, not from a built snapshot ---------
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@st.composite
+def running_entries(
+    draw: st.DrawFn,
+) -> tuple[dict[str, PublishConfig], dict[str, EntryStats], dict[str, datetime | None]]:
+    """Running entries (interval and cron, varied settings), the counters of those that have
+    any, and their next runs (None: not scheduled): with ties, to check the tie-break."""
+    ids = draw(st.lists(st.text(alphabet="abcXYZ01", min_size=1, max_size=4), max_size=30))
+    configs: dict[str, PublishConfig] = {}
+    counters: dict[str, EntryStats] = {}
+    runs: dict[str, datetime | None] = {}
+    for i in dict.fromkeys(ids):  # unique, in the drawn order (not sorted: the file's order)
+        topic = draw(st.text(alphabet="ab/B", min_size=1, max_size=5))
+        cron = draw(st.booleans())
+        configs[i] = PublishConfig(
+            i,
+            topic,
+            {"v": 1},
+            None if cron else draw(st.sampled_from([0.5, 1.0, 60.0])),
+            qos=draw(st.sampled_from([0, 1, 2])),
+            retain=draw(st.booleans()),
+            lwt=draw(st.booleans()),
+            cron="*/5 * * * *" if cron else None,
+            timezone="Europe/Berlin" if cron else "UTC",
+        )
+        if draw(st.booleans()):
+            counters[i] = EntryStats(
+                published=draw(st.integers(0, 3)),
+                errors=draw(st.integers(0, 2)),
+                dropped=draw(st.integers(0, 2)),
+                missed=draw(st.integers(0, 2)),
+                last_published_at=draw(st.none() | st.sampled_from([1.0, 2.0])),
+                ticks=1,
+                lateness_total=0.001,
+                lateness_max=draw(st.sampled_from([0.0, 0.0012344, 0.0012341, 0.5])),
+            )
+        runs[i] = draw(st.none() | st.integers(0, 3).map(lambda s: T0 + timedelta(seconds=s)))
+    return configs, counters, runs
+
+
+class Built:
+    """The per-entry builder the service gives LiveEntries, counting its calls."""
+
+    def __init__(self, counters: dict[str, EntryStats], runs: dict[str, datetime | None]):
+        self.counters, self.runs, self.calls = counters, runs, 0
+
+    def __call__(self, config: PublishConfig) -> EntryStatus:
+        self.calls += 1
+        return EntryStatus.of(
+            config,
+            quarantined=None,
+            next_run_at=self.runs.get(config.id),
+            stats=self.counters.get(config.id),
+        )
+
+
+# No deadline: a cron entry costs a few ms to build (its period), and a shared machine is slow.
+@settings(deadline=None)
+@given(
+    running=running_entries(),
+    q=st.sampled_from(["", "a", "b", "/", "x0"]),
+    sort=st.sampled_from(sorted(SORT_KEYS)),
+    order=st.sampled_from(["asc", "desc"]),
+    offset=st.integers(0, 35),
+    limit=st.integers(1, 8),
+)
+def test_a_page_of_live_entries_is_the_page_of_the_whole_snapshot(
+    running: tuple[dict[str, PublishConfig], dict[str, EntryStats], dict[str, datetime | None]],
+    q: str,
+    sort: str,
+    order: Any,
+    offset: int,
+    limit: int,
+) -> None:
+    """Filtered, sorted by any key, either order, at any offset (past the end too): the page
+    read from the running entries is the one the whole built snapshot gives, and only the
+    page's entries are built."""
+    configs, counters, runs = running
+    build = Built(counters, runs)
+    live = LiveEntries(EntryIndex.of(configs), build, counters, lambda: runs)
+    whole = {i: Built(counters, runs)(c) for i, c in configs.items()}
+    query = StatusQuery(offset, limit, q, sort, order)
+    page = select(status(live), query)
+    assert page == select(status(whole), query)
+    assert build.calls == len(page["page"]["ids"]) <= limit
+
+
+@settings(deadline=None)  # as above
+@given(running=running_entries())
+def test_live_entries_render_the_whole_document_as_a_built_snapshot(
+    running: tuple[dict[str, PublishConfig], dict[str, EntryStats], dict[str, datetime | None]],
+) -> None:
+    """Unpaged, LiveEntries lists every entry in the file's order, as the built snapshot does."""
+    configs, counters, runs = running
+    live = LiveEntries(EntryIndex.of(configs), Built(counters, runs), counters, lambda: runs)
+    whole = {i: Built(counters, runs)(c) for i, c in configs.items()}
+    assert status(live).to_json() == status(whole).to_json()
+    assert list(status(live).to_json()["entries"]) == list(configs)
+    assert all(i in live for i in configs)
+    assert "missing" not in live
+
+
+def test_the_id_order_is_kept_per_version_of_the_entries() -> None:
+    """The index is sorted once per version of the entries (swapped whole at each apply), and
+    a new version gets a new one."""
+    first = {i: PublishConfig(i, f"t/{i}", {}, 1.0) for i in ("b", "a", "c")}
+    cache = IndexCache()
+    index = cache.of(first)
+    assert index.ids == ("a", "b", "c")
+    assert cache.of(first) is index
+    second = {**first, "0": PublishConfig("0", "t/0", {}, 1.0)}
+    assert cache.of(second).ids == ("0", "a", "b", "c")

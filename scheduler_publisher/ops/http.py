@@ -80,6 +80,8 @@ class StatusSource(MetricsSource, Protocol):
 
     def status(self) -> ServiceStatus: ...
 
+    def status_view(self) -> ServiceStatus: ...
+
     def health_warnings(self) -> list[str]: ...
 
     def reload_config(self, timeout: float = ..., *, trigger: Trigger = ...) -> bool: ...
@@ -230,8 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
         except QueryError as exc:
             self._json(400, exc.as_dict())
             return
-        status = self.app.service.status()
-        self._json(200, status.to_json() if query is None else select(status, query))
+        if query is None:
+            self._json(200, self.app.service.status().to_json())
+        else:  # builds only the page's entries (LiveEntries)
+            self._json(200, select(self.app.service.status_view(), query))
 
     def _page(self) -> None:
         body = asset(ASSETS["/"][0])

@@ -4,11 +4,15 @@
 (stats.py) and the connections (connection.py); `to_json()` is the `/status` document, whose
 shape the status page (web/page.js), status_query.py and operators' scripts read. Every value is
 copied when the snapshot is built: an HTTP thread can hold it while the owners move on.
+
+A paged request (`PublisherService.status_view()`) gets the same snapshot but with
+`LiveEntries`: each entry's `EntryStatus` is built when the page reads it, so that a poll of
+the status page builds its window of entries, not all 10,000 of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -312,8 +316,8 @@ class EntryCountersStatus:
             e.last_published_at,
             e.last_error,
             e.ticks,
-            round(mean * 1000, 3),
-            round(e.lateness_max * 1000, 3),
+            milliseconds(mean),
+            milliseconds(e.lateness_max),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -331,6 +335,11 @@ class EntryCountersStatus:
                 "max_ms": self.lateness_max_ms,
             },
         }
+
+
+def milliseconds(seconds: float) -> float:
+    """A lateness as /status shows it (and sorts it: LiveEntries reads it the same way)."""
+    return round(seconds * 1000, 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,3 +442,101 @@ class ServiceStatus:
 def shard_json(shard: Shard) -> dict[str, Any]:
     """`{"k": 1, "n": 2, "name": "1-of-2"}`: which shard of how many this process is."""
     return {"k": shard.k, "n": shard.n, "name": shard.name}
+
+
+@dataclass(frozen=True, slots=True)
+class EntryIndex:
+    """One version of the running entries, their ids in id order and the case-folded id and
+    topic the filter reads. The entries are swapped whole at each apply, so this is built
+    once per version (IndexCache), not sorted again at every request."""
+
+    configs: Mapping[str, PublishConfig]
+    ids: tuple[str, ...]  # sorted
+    folded: tuple[tuple[str, str], ...]  # (id, topic) case folded, in the order of `ids`
+
+    @classmethod
+    def of(cls, configs: Mapping[str, PublishConfig]) -> EntryIndex:
+        ids = tuple(sorted(configs))
+        folded = tuple((i.casefold(), configs[i].topic.casefold()) for i in ids)
+        return cls(configs, ids, folded)
+
+    def matching(self, q: str) -> Sequence[str]:
+        """The ids whose id or topic contains `q` (already case folded), in id order."""
+        if not q:
+            return self.ids
+        return [i for i, (fi, ft) in zip(self.ids, self.folded, strict=True) if q in fi or q in ft]
+
+
+class IndexCache:
+    """The EntryIndex of the latest version of the entries asked for. Any thread: two HTTP
+    threads that find it stale both build one, and the reference swap keeps either."""
+
+    def __init__(self) -> None:
+        self._last: EntryIndex | None = None
+
+    def of(self, configs: Mapping[str, PublishConfig]) -> EntryIndex:
+        last = self._last
+        if last is None or last.configs is not configs:
+            last = self._last = EntryIndex.of(configs)
+        return last
+
+
+# Sort key -> how to read it from a running entry's settings, counters (None before it has
+# any) or next run, without building its EntryStatus: the values EntryStatus carries
+# (status_query.SORT_KEYS reads the same keys from a built snapshot; a test compares them).
+CONFIG_KEYS: dict[str, Callable[[PublishConfig], Any]] = {
+    "topic": lambda c: c.topic,
+    "interval": lambda c: c.interval,
+    "qos": lambda c: c.qos,
+    "retain": lambda c: c.retain,
+    "lwt": lambda c: c.lwt,
+}
+COUNTER_KEYS: dict[str, Callable[[EntryStats], Any]] = {
+    "last_published_at": lambda e: e.last_published_at,
+    "published": lambda e: e.published,
+    "errors": lambda e: e.errors,
+    "dropped": lambda e: e.dropped,
+    "missed": lambda e: e.missed,
+    "max_lateness_ms": lambda e: milliseconds(e.lateness_max),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEntries(Mapping[str, EntryStatus]):
+    """The running entries of a snapshot, each EntryStatus built when it is read (`build`):
+    one page of /status builds only its own entries. In the entries' own order, as the whole
+    snapshot lists them; `matching()` gives the ids in id order (kept, not sorted per request),
+    `key()` a sort key (status_query.EntryKeys)."""
+
+    index: EntryIndex
+    build: Callable[[PublishConfig], EntryStatus]
+    counters: Mapping[str, EntryStats]  # Stats.entries: read, never changed, here
+    next_runs: Callable[[], Mapping[str, datetime | None]]  # every job's next run, at once
+
+    def __getitem__(self, entry_id: str) -> EntryStatus:
+        return self.build(self.index.configs[entry_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index.configs)
+
+    def __len__(self) -> int:
+        return len(self.index.configs)
+
+    def __contains__(self, entry_id: object) -> bool:  # Mapping's own would build the entry
+        return entry_id in self.index.configs
+
+    def matching(self, q: str) -> Sequence[str]:
+        """The ids whose id or topic contains `q` (case folded), in id order."""
+        return self.index.matching(q)
+
+    def key(self, sort: str) -> Callable[[str], Any]:
+        """Reads the sort key `sort` of an entry by id (None: it has none yet, sorted last)."""
+        if sort == "id":
+            return lambda i: i
+        if sort in CONFIG_KEYS:
+            configs, read_config = self.index.configs, CONFIG_KEYS[sort]
+            return lambda i: read_config(configs[i])
+        if sort == "next_run_at":
+            return self.next_runs().get  # one pass over the jobs, not one lookup per entry
+        counters, read = self.counters, COUNTER_KEYS[sort]
+        return lambda i: None if (e := counters.get(i)) is None else read(e)

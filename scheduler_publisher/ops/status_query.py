@@ -4,15 +4,18 @@
 `offset`, `limit`, `q`, `sort` or `order`, `entries` holds one page of entries, and `page` says
 which ones, in which order (JSON object keys that look like integers lose their order in
 JavaScript, so the order travels as a list). The status page asks for one page at each poll,
-so 10,000 entries never cross the wire every few seconds.
+so 10,000 entries never cross the wire every few seconds; and from the service's LiveEntries,
+only the page's entries are built: the filter and the sort read one cheap key per entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs
+
+from scheduler_publisher.ops.status import LiveEntries
 
 if TYPE_CHECKING:
     from scheduler_publisher.ops.status import EntryCountersStatus, EntryStatus, ServiceStatus
@@ -131,14 +134,37 @@ def _choice(values: dict[str, str], name: str, default: str, choices: tuple[str,
     return text
 
 
+class EntryKeys(Protocol):
+    """What a page is chosen by: the ids in id order (filtered) and one sort key per entry."""
+
+    def matching(self, q: str) -> Sequence[str]: ...
+
+    def key(self, sort: str) -> Callable[[str], Any]: ...
+
+
+@dataclass(frozen=True)
+class BuiltKeys:
+    """EntryKeys of a snapshot whose entries are all built already (a plain mapping)."""
+
+    entries: Mapping[str, EntryStatus]
+
+    def matching(self, q: str) -> Sequence[str]:
+        return sorted(i for i, e in self.entries.items() if _matches(i, e, q))
+
+    def key(self, sort: str) -> Callable[[str], Any]:
+        entries, read = self.entries, SORT_KEYS[sort]
+        return lambda i: read(i, entries[i])
+
+
 def select(status: ServiceStatus, query: StatusQuery) -> dict[str, Any]:
     """The snapshot's document with one page of entries: those whose id or topic contains `q`
     (case folded), sorted by `sort` (entries without the value last, ties by id), then sliced.
-    Only the page's entries are rendered."""
+    Only the page's entries are rendered (and, from LiveEntries, built)."""
     entries = status.entries
-    matched = [i for i, e in entries.items() if _matches(i, e, query.q)]
-    ordered = _sorted(matched, entries, query)
-    page = ordered[query.offset : query.offset + query.limit]
+    keys: EntryKeys = entries if isinstance(entries, LiveEntries) else BuiltKeys(entries)
+    matched = keys.matching(query.q)
+    ordered = _sorted(matched, keys, query)
+    page = list(ordered[query.offset : query.offset + query.limit])
     return {
         **status.to_json(only=page),
         "page": {
@@ -158,10 +184,15 @@ def _matches(entry_id: str, entry: EntryStatus, q: str) -> bool:
     return not q or q in entry_id.casefold() or q in entry.topic.casefold()
 
 
-def _sorted(ids: list[str], entries: Mapping[str, EntryStatus], query: StatusQuery) -> list[str]:
-    read = SORT_KEYS[query.sort]
-    by_id = sorted(ids)  # the tie-break: stable sorts keep it under the key sort below
-    present = [i for i in by_id if read(i, entries[i]) is not None]
-    missing = [i for i in by_id if read(i, entries[i]) is None]
-    present.sort(key=lambda i: read(i, entries[i]), reverse=query.order == "desc")
+def _sorted(by_id: Sequence[str], keys: EntryKeys, query: StatusQuery) -> Sequence[str]:
+    """`by_id` (in id order, the tie-break) sorted by the query's key."""
+    descending = query.order == "desc"
+    if query.sort == "id":  # already in order: the common case (the page's default) costs nothing
+        return by_id[::-1] if descending else by_id
+    read = keys.key(query.sort)
+    values = {i: read(i) for i in by_id}  # one read per entry, not one per comparison
+    present = [i for i in by_id if values[i] is not None]
+    missing = [i for i in by_id if values[i] is None]
+    # Stable sorts (reverse included) keep the id order among ties.
+    present.sort(key=values.__getitem__, reverse=descending)
     return present + missing
