@@ -67,33 +67,55 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         whatever the run does, and for every job its EVENT_JOB_MISSED (each earlier slot),
         then EVENT_JOB_EXECUTED or EVENT_JOB_ERROR, dispatched as it finishes. What all the
         jobs share is worked out once: the slot, the missed count, which events anybody
-        listens to. Returns the jobs refused for `max_instances`, for the scheduler to report
-        as it does for `submit_job`'s refusals."""
+        listens to; the instances are counted in and out under one lock a group. Returns the
+        jobs refused for `max_instances`, for the scheduler to report as it does for
+        `submit_job`'s refusals."""
         assert self._lock is not None, "This executor has not been started yet"
-        refused = []
         slot = run_times[-1]
-        instances = self._instances
         dispatch = self._scheduler._dispatch_event
-        for job in jobs:
-            job_id = job.id
-            with self._lock:  # as submit_job: counted before running
+        runnable, refused = self._count_in(jobs)
+        try:
+            for job in runnable:
+                _retval, failure = _call(job, slot, missed)
+                if wanted:
+                    for event in self._events(
+                        job.id, job._jobstore_alias, run_times, failure, wanted
+                    ):
+                        dispatch(event)
+        finally:
+            self._count_out(runnable)
+        return refused
+
+    def _count_in(self, jobs: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Counts an instance of each of `jobs` that may run, under one lock for the group (as
+        submit_job, before running: a job re-entering the scheduler from its own run is
+        refused); returns those to run and those refused for `max_instances`."""
+        runnable, refused = [], []
+        instances = self._instances
+        assert self._lock is not None
+        with self._lock:
+            for job in jobs:
+                job_id = job.id
                 running = instances.get(job_id, 0)
                 if running >= job.max_instances:
                     refused.append(job)
                     continue
                 instances[job_id] = running + 1
-            alias = job._jobstore_alias
-            _retval, failure = _call(job, slot, missed)
-            with self._lock:
+                runnable.append(job)
+        return runnable, refused
+
+    def _count_out(self, jobs: list[Any]) -> None:
+        """Releases the instances `_count_in` counted, whatever the runs did."""
+        instances = self._instances
+        assert self._lock is not None
+        with self._lock:
+            for job in jobs:
+                job_id = job.id
                 left = instances[job_id] - 1
                 if left:
                     instances[job_id] = left
                 else:
                     del instances[job_id]
-            if wanted:
-                for event in self._events(job_id, alias, run_times, failure, wanted):
-                    dispatch(event)
-        return refused
 
     @staticmethod
     def _events(

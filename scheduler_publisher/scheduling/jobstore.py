@@ -83,14 +83,18 @@ class GroupedJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is u
         """`update_job` for each of `jobs`, which the scheduler has just run and moved to
         their next run time: a phase group leaves its bucket for one other bucket, looked up
         once for all the jobs given the same run time. A job that is no longer here as this
-        object (its run removed or replaced it) is left alone."""
+        object (its run removed or replaced it) is left alone; one listed twice moves once."""
+        if self._move_bucket(jobs):
+            return
         given: datetime | None = None  # the run time the last bucket was found for
         shared: datetime | None = None  # that bucket's instant, which its jobs share
         bucket: dict[str, Job] = {}
+        moved: set[str] = set()  # a job listed twice is moved once
         for job in jobs:
             job_id = job.id
-            if job_id not in self._jobs or self._jobs[job_id] is not job:
+            if job_id in moved or job_id not in self._jobs or self._jobs[job_id] is not job:
                 continue
+            moved.add(job_id)
             self._unfile(job_id)
             when = job.next_run_time
             if when is not None and when is given:
@@ -105,6 +109,46 @@ class GroupedJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is u
                 given, shared, bucket = when, filed, self._buckets[filed]
             else:  # paused, or another zone's time (a cron entry's): filed one by one
                 given = None
+
+    def _move_bucket(self, jobs: list[Job]) -> bool:
+        """The usual case of `update_jobs`, cheaply: `jobs` are every job of one bucket, all
+        moved to one later UTC run time. The bucket's dict moves whole (merged into the one
+        already at that time, if any), and each job is only re-filed: about three operations a
+        job instead of a dozen, at thousands of jobs a second. False, having changed nothing,
+        for anything else (a run removed, replaced or added a job; a cron job's zone)."""
+        if not jobs:
+            return False
+        when = jobs[0].next_run_time
+        filed = self._filed.get(jobs[0].id)
+        if when is None or when.tzinfo is not UTC or filed is None or not when > filed:
+            return False
+        bucket = self._buckets[filed]
+        if len(bucket) != len(jobs):
+            return False
+        for job in jobs:
+            found: Job = bucket.get(job.id)
+            if found is not job or job.next_run_time is not when:
+                return False
+        if len({job.id for job in jobs}) != len(bucket):  # a job twice: another one left out
+            return False
+        del self._buckets[filed]
+        del self._times[bisect.bisect_left(self._times, filed)]
+        shared = self._rebucket(bucket, when)
+        filing = self._filed
+        for job in jobs:
+            job.next_run_time = shared
+            filing[job.id] = shared
+        return True
+
+    def _rebucket(self, bucket: dict[str, Job], when: datetime) -> datetime:
+        """Files `bucket`'s jobs under `when`; returns the instant they share there."""
+        there = self._buckets.get(when)
+        if there is None:
+            self._buckets[when] = bucket
+            bisect.insort(self._times, when)
+            return when
+        there.update(bucket)
+        return self._times[bisect.bisect_left(self._times, when)]
 
     def remove_job(self, job_id: str) -> None:
         if job_id not in self._jobs:
