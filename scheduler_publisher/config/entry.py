@@ -110,12 +110,18 @@ class PayloadData(Mapping[str, Any]):
         return repr(self._decoded())
 
 
-@functools.cache
+_INIT_DEFAULTS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
 def _init_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
-    """A dataclass's init fields and their defaults, worked out once: `dataclasses.fields`
-    builds a new tuple at every call, and at 10,000 entries loaded the interpreter then keeps
-    2,000 of them (368 KB) on its free list of tuples of that length for good."""
-    return tuple((spec.name, spec.default) for spec in dataclasses.fields(cls) if spec.init)
+    """A dataclass's init fields and their defaults, worked out once per class:
+    `dataclasses.fields` builds a new tuple at every call, and at 10,000 entries loaded the
+    interpreter then keeps 2,000 of them (368 KB) on its free list of tuples of that length."""
+    found = _INIT_DEFAULTS.get(cls)
+    if found is None:
+        fields = dataclasses.fields(cls)
+        found = _INIT_DEFAULTS[cls] = tuple((f.name, f.default) for f in fields if f.init)
+    return found
 
 
 # --- the public value types ------------------------------------------------------------------
