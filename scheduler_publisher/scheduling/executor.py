@@ -9,6 +9,8 @@ events for listeners), job by job through `submit_job`, or a phase group at a ti
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from datetime import UTC, datetime
 from traceback import format_tb
@@ -164,11 +166,27 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         return listened(self._scheduler)
 
 
+class CalledWithJobId(functools.partial[Any]):
+    """A job function that this executor calls with the job's own id first, then its args:
+    an entry's job is named after its entry, so it needs no args tuple of its own (48 B a
+    job at 10,000 entries). APScheduler checks a job's args against its function's signature,
+    so give it the signature without that first parameter (`without_first_parameter`)."""
+
+
+def without_first_parameter(func: CalledWithJobId) -> inspect.Signature:
+    """The signature APScheduler should check a CalledWithJobId job's args against."""
+    signature = inspect.signature(func)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def _call(job: Any, slot: datetime, missed: int) -> tuple[Any, BaseException | None]:
     """Run the job's tick: its return value, or the exception it raised, logged (like
     apscheduler.executors.base.run_job), so that the other jobs run."""
     try:
-        return job.func(*job.args, slot, missed), None
+        func = job.func
+        if type(func) is CalledWithJobId:
+            return func(job.id, *job.args, slot, missed), None
+        return func(*job.args, slot, missed), None
     except BaseException as exc:  # reported as EVENT_JOB_ERROR by the caller
         log.exception("tick_failed", entry_id=job.id)
         return None, exc
