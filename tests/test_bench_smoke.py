@@ -479,6 +479,15 @@ def test_issue6_verdicts_of_stored_full_runs(run: ModuleType) -> None:
     assert {row[3] for row in run.verdicts(run_k, True)} <= {"(quick)", "-", "ok", "no"}
 
 
+def test_issue30_memory_and_startup_rows_of_a_stored_full_run(run: ModuleType) -> None:
+    """Issue 30's own rows on issue #6's figures: run k (1.42 KB per entry, 10,000 entries out
+    in 1.59 s) misses ≤ 1.0 KB per entry and meets the 3 s start-up."""
+    rows = {row[0]: row for row in run.issue30_own_rows(_stored("full-2026-11-29-k.json"), False)}
+    assert rows["memory (issue 30)"][3] == "MISSED"
+    assert rows["memory (issue 30)"][2].endswith("1.42 KB/entry")
+    assert rows["start-up (issue 30)"][3] == "met"
+
+
 def test_a_phase_shift_on_the_wire_is_taken_the_short_way_round_the_period(run: ModuleType) -> None:
     """0.99 s to 0.01 s is 20 ms, not 980; the changed entry and a topic seen in one window
     only are left out; more than 50 ms counts as moved."""
