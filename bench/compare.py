@@ -32,6 +32,15 @@ FIGURES = (
 )
 
 
+LARGE_SIZE = 5_000  # issue 12: from here on, the target is the bare loop, not Node-RED
+
+
+def loaded_size(sizes: tuple[int, ...]) -> int:
+    """The size of the loaded-machine case: issue 12's 5,000 when it is compared, else the
+    largest."""
+    return LARGE_SIZE if LARGE_SIZE in sizes else max(sizes)
+
+
 @dataclass(frozen=True)
 class CompareParams:
     sizes: tuple[int, ...]
@@ -324,11 +333,72 @@ def issue12_rows(
     loop and on a loaded machine."""
     summary = compare["summary"]
     sizes = sorted(int(n) for n in summary)
-    rows = [r for n in sizes[:-1] for r in _rows_small(summary, compare["windows"], n, nr_skip)]
-    rows += _rows_large(summary, sizes[-1], loaded)
+    # 5,000 and up against the bare loop (issue 30 added 10,000), else the largest size
+    large = [n for n in sizes if n >= LARGE_SIZE] or sizes[-1:]
+    small = [n for n in sizes if n not in large]
+    rows = [r for n in small for r in _rows_small(summary, compare["windows"], n, nr_skip)]
+    for n in large:
+        rows += _rows_large(summary, n, loaded if n == large[-1] else None)
     if quick:
         rows = [(a, b, c, "(quick)" if d in ("met", "MISSED") else d) for a, b, c, d in rows]
     return rows
+
+
+def issue30_rows(
+    compare: dict[str, Any], nr_skip: str | None, quick: bool
+) -> list[tuple[str, str, str, str]]:
+    """Issue 30's targets, at every size against Node-RED in the same run: CPU per delivered
+    message ≤ 0.5 times and RSS ≤ 30 % of Node-RED's, p99 ≤ Node-RED's and ≤ 5 ms up to 1,000
+    entries (≤ 20 ms above), ≥ 99.5 % delivered."""
+    summary = compare["summary"]
+    rows = [r for n in sorted(int(n) for n in summary) for r in _rows_issue30(summary, n, nr_skip)]
+    if quick:
+        rows = [(a, b, c, "(quick)" if d in ("met", "MISSED") else d) for a, b, c, d in rows]
+    return rows
+
+
+def _rows_issue30(
+    summary: dict[str, Any], n: int, nr_skip: str | None
+) -> list[tuple[str, str, str, str]]:
+    def both(fig: str) -> tuple[float | None, float | None]:
+        return _median(summary, n, "service", fig), _median(summary, n, "node-red", fig)
+
+    (svc_cpu, nr_cpu), (svc_rss, nr_rss), (svc_p99, nr_p99) = (
+        both("cpu_us_per_msg"),
+        both("rss_kb"),
+        both("p99_ms"),
+    )
+    delivered = _median(summary, n, "service", "delivered_pct")
+    cpu_ratio, rss_ratio = _ratio(svc_cpu, nr_cpu), _ratio(svc_rss, nr_rss)
+    limit = 5 if n <= 1_000 else 20
+    p99_ok = None if svc_p99 is None else svc_p99 <= limit and (nr_p99 is None or svc_p99 <= nr_p99)
+    skipped = f"skipped: {nr_skip}" if nr_skip else None
+    return [
+        (
+            f"issue 30, {n:,} × 1 s: CPU per delivered message",
+            "≤ 0.5× Node-RED's, same run",
+            f"{_f(svc_cpu)} µs vs {_f(nr_cpu)} µs = {_f(cpu_ratio, '.2f')}×",
+            skipped or verdict_word(None if cpu_ratio is None else cpu_ratio <= 0.5),
+        ),
+        (
+            f"issue 30, {n:,} × 1 s: RSS",
+            "≤ 30 % of Node-RED's",
+            f"{_f(_mb(svc_rss))} MB vs {_f(_mb(nr_rss))} MB = {_f(rss_ratio and 100 * rss_ratio, '.0f')} %",
+            skipped or verdict_word(None if rss_ratio is None else rss_ratio <= 0.3),
+        ),
+        (
+            f"issue 30, {n:,} × 1 s: p99 period error",
+            f"≤ Node-RED's and ≤ {limit} ms",
+            f"{_f(svc_p99, '.2f')} ms vs {_f(nr_p99, '.2f')} ms",
+            verdict_word(p99_ok) + (f" (≤ {limit} ms only: Node-RED skipped)" if nr_skip else ""),
+        ),
+        (
+            f"issue 30, {n:,} × 1 s: delivered",
+            "≥ 99.5 %",
+            f"{_f(delivered, '.2f')} %",
+            verdict_word(None if delivered is None else delivered >= 99.5),
+        ),
+    ]
 
 
 def _cell(s: dict[str, Any] | None, spec: str, scale: float = 1.0) -> str:

@@ -59,7 +59,15 @@ from common import (
     verdict_word,
     write_atomically,
 )
-from compare import CompareParams, comparison_table, issue12_rows, scenario_compare, scenario_loaded
+from compare import (
+    CompareParams,
+    comparison_table,
+    issue12_rows,
+    issue30_rows,
+    loaded_size,
+    scenario_compare,
+    scenario_loaded,
+)
 from peers import PEERS, install_node_red, node_red_unavailable, node_red_version
 from shards import scenario_shards, shard_rows
 from soak import sample, verdict
@@ -407,6 +415,36 @@ def _row_startup(idle: dict[str, Any]) -> Row:
     )
 
 
+def issue30_own_rows(r: dict[str, Any], quick: bool) -> list[Row]:
+    """Issue 30's targets on issue #6's figures: memory and start-up."""
+    rows = [_row_memory_issue30(r["memory"]), _row_startup_issue30(r["idle"])]
+    if quick:
+        rows = [(a, b, c, "(quick)" if d in ("met", "MISSED") else d) for a, b, c, d in rows]
+    return rows
+
+
+def _row_startup_issue30(idle: dict[str, Any]) -> Row:
+    """Issue 30's start-up target, on the same run as issue 6's."""
+    st = idle["startup_s"]
+    return (
+        "start-up (issue 30)",
+        f"{idle['entries']:,} entries all published once within 3 s",
+        f"{fmt(st, '.2f')} s from process start",
+        verdict_word(st is not None and st <= 3),
+    )
+
+
+def _row_memory_issue30(mem: dict[str, Any]) -> Row:
+    """Issue 30's memory target, on the same figures as issue 6's."""
+    return (
+        "memory (issue 30)",
+        "≤ 40 MB RSS at 10 entries, ≤ 1.0 KB per additional entry",
+        f"{fmt(mem['rss_small_kb'] / 1024)} MB at {mem['small_entries']}, "
+        f"{fmt(mem['kb_per_entry'], '.2f')} KB/entry",
+        verdict_word(mem["rss_small_kb"] <= 40 * 1024 and mem["kb_per_entry"] <= 1.0),
+    )
+
+
 def _row_memory(mem: dict[str, Any]) -> Row:
     return (
         "memory",
@@ -518,7 +556,9 @@ def parse_args() -> argparse.Namespace:
         help="run the service in this venv (with the test tools) instead of a venv "
         "holding only its wheel and runtime dependencies (the default, not in --quick)",
     )
-    p.add_argument("--sizes", help="comparison sizes, comma-separated (default 100,1000,5000)")
+    p.add_argument(
+        "--sizes", help="comparison sizes, comma-separated (default 100,1000,5000,10000)"
+    )
     p.add_argument("--rounds", type=int, help="windows per peer and size (default 2)")
     p.add_argument("--window", type=float, help="seconds per comparison window (default 30)")
     p.add_argument("--only-compare", action="store_true", help="skip issue #6's scenarios")
@@ -555,7 +595,7 @@ def make_params(args: argparse.Namespace) -> dict[str, Any]:
     sizes = (
         [int(s) for s in args.sizes.split(",")]
         if args.sizes
-        else ([20, 100] if q else [100, 1_000, 5_000])
+        else ([20, 100] if q else [100, 1_000, 5_000, 10_000])
     )
     return {
         "quick": q,
@@ -627,7 +667,7 @@ def run_compare(
         rounds=params["compare_rounds"],
         warmup_s=params["compare_warmup_s"],
         window_s=params["compare_window_s"],
-        loaded_n=max(params["compare_sizes"]),
+        loaded_n=loaded_size(tuple(params["compare_sizes"])),
     )
     result["compare"] = scenario_compare(work, port, cp)
     result["loaded"] = scenario_loaded(work, port, cp)
@@ -733,6 +773,7 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
         print("\n".join(comparison_table(result["compare"])))
         print()
         rows += issue12_rows(result["compare"], result.get("loaded"), nr_skip, quick)
+        rows += issue30_rows(result["compare"], nr_skip, quick)
         if "timer_floor" in result:
             rows.append(
                 (
@@ -744,6 +785,7 @@ def report(result: dict[str, Any], quick: bool, nr_skip: str | None) -> None:
             )
     if "soak" in result:
         rows += verdicts(result, quick)
+        rows += issue30_own_rows(result, quick)
         soak = soak_row(result["soak"])
         rows.append(soak if not quick else (*soak[:3], "(quick)"))
     if "shards" in result:

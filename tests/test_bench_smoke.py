@@ -379,6 +379,35 @@ def test_results_written_before_steal_was_measured_still_report(compare: ModuleT
     assert measured == "4.00 ms vs 40.00 ms; by round: service 4.00, bare loop 6.00"
 
 
+def test_issue30_rows_hold_every_size_to_half_of_node_reds_cpu(compare: ModuleType) -> None:
+    """Issue 30's rows: at each size the service against Node-RED of the same run, CPU at most
+    half, RSS at most 30 %, p99 at most Node-RED's and 5 ms up to 1,000 entries (20 ms above);
+    the issue-12 rows keep 5,000 and up against the bare loop, the loaded case with 5,000."""
+    cpu = {"service": 10.0, "node-red": 19.0, "loop": 12.0}
+    rss = {"service": 40_000.0, "node-red": 120_000.0, "loop": 40_000.0}
+    p99 = {100: 6.0, 1000: 4.0, 5000: 19.0, 10_000: 21.0}
+    windows = []
+    for n, service_p99 in p99.items():
+        for peer, peer_cpu in cpu.items():
+            window = _window(compare, peer, n, service_p99 if peer == "service" else 40.0)
+            windows.append({**window, "cpu_us_per_msg": peer_cpu, "rss_kb": rss[peer]})
+    result = {"windows": windows, "summary": compare.summarise(windows)}
+    rows = {row[0]: row for row in compare.issue30_rows(result, None, quick=False)}
+    assert {name.split(":")[0] for name in rows} == {f"issue 30, {n:,} × 1 s" for n in p99}
+    cpu_row = rows["issue 30, 10,000 × 1 s: CPU per delivered message"]
+    assert cpu_row[2:] == ("10.0 µs vs 19.0 µs = 0.53×", "MISSED")
+    assert rows["issue 30, 5,000 × 1 s: RSS"][3] == "MISSED"  # 33 %
+    verdicts = {n: rows[f"issue 30, {n:,} × 1 s: p99 period error"][3] for n in p99}
+    assert verdicts == {100: "MISSED", 1000: "met", 5000: "met", 10_000: "MISSED"}
+    loaded = {"entries": 5000, "p99_ms": 3.0, "max_ms": 9.0, "missed_ticks": 0}
+    loaded["delivered_pct"] = 100.0
+    names = [row[0] for row in compare.issue12_rows(result, loaded, None, quick=False)]
+    assert "5,000 × 1 s: CPU per message" in names  # against the bare loop, as before
+    assert "10,000 × 1 s: CPU per message" in names
+    assert names[-1] == "5,000 × 1 s, one core busy"
+    assert compare.loaded_size((100, 1000, 5000, 10_000)) == 5000
+
+
 def test_steal_is_read_from_the_aggregate_cpu_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """The host's steal is the eighth figure of /proc/stat's `cpu` line (proc(5)), in clock
     ticks, summed over the CPUs; the per-CPU lines are not added again."""
@@ -492,6 +521,15 @@ def test_issue6_verdicts_of_stored_full_runs(run: ModuleType) -> None:
     assert [row[0] for row in k if row[3] == "MISSED"] == []
     assert [row[0] for row in k][-4:] == ["idle", "memory", "start-up", "reload"]
     assert {row[3] for row in run.verdicts(run_k, True)} <= {"(quick)", "-", "ok", "no"}
+
+
+def test_issue30_memory_and_startup_rows_of_a_stored_full_run(run: ModuleType) -> None:
+    """Issue 30's own rows on issue #6's figures: run k (1.42 KB per entry, 10,000 entries out
+    in 1.59 s) misses ≤ 1.0 KB per entry and meets the 3 s start-up."""
+    rows = {row[0]: row for row in run.issue30_own_rows(_stored("full-2026-11-29-k.json"), False)}
+    assert rows["memory (issue 30)"][3] == "MISSED"
+    assert rows["memory (issue 30)"][2].endswith("1.42 KB/entry")
+    assert rows["start-up (issue 30)"][3] == "met"
 
 
 def test_a_phase_shift_on_the_wire_is_taken_the_short_way_round_the_period(run: ModuleType) -> None:

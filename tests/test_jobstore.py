@@ -285,3 +285,43 @@ def test_a_group_move_leaves_alone_a_job_its_run_removed_or_replaced() -> None:
     assert replacement.next_run_time == T0 + timedelta(seconds=5)
     assert filed_job(store, "c") is replacement
     assert ids(store.get_all_jobs()) == ["a", "c"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from("abcdefgh"), st.integers(0, 3).map(float), min_size=1),
+    st.integers(0, 3),
+    st.lists(st.sampled_from("abcdefgh")),
+    st.integers(0, 6).map(float),
+)
+def test_a_whole_bucket_moved_answers_like_its_jobs_moved_one_by_one(
+    filed: dict[str, float], bucket_offset: int, extra: list[str], offset: float
+) -> None:
+    """The usual group move, every job of one instant to one later run time (the bucket moves
+    whole), and its variants: some jobs listed twice, one left out in its place, a job of
+    another instant among them, or a run time not later. Each leaves the store as update_job
+    job by job leaves MemoryJobStore, and the moved jobs share one run time object."""
+    ours, theirs = GroupedJobStore(), MemoryJobStore()
+    for target in (ours, theirs):
+        for job_id, at in filed.items():
+            target.add_job(job(job_id, at))
+    bucket = [job_id for job_id, at in filed.items() if at == bucket_offset]
+    listed = bucket + [job_id for job_id in extra if job_id in filed]
+    if extra and bucket and len(listed) > len(bucket):
+        listed = listed[1:]  # the same length as the bucket, so only the ids tell
+    when = T0 + timedelta(seconds=offset)
+    group = [filed_job(ours, job_id) for job_id in listed]
+    for moving in group:
+        moving.next_run_time = when
+    ours.update_jobs(group)
+    for job_id in dict.fromkeys(listed):
+        move(theirs, filed_job(theirs, job_id), offset)
+    assert ids(ours.get_all_jobs()) == ids(theirs.get_all_jobs())
+    assert ours.get_next_run_time() == theirs.get_next_run_time()
+    for job_id in filed:
+        assert filed_job(ours, job_id).next_run_time == filed_job(theirs, job_id).next_run_time
+    assert len({id(j.next_run_time) for j in ours.get_all_jobs() if j.next_run_time == when}) <= 1
+    now = T0 + timedelta(seconds=6)
+    assert sorted((j.next_run_time, j.id) for j in ours.get_due_jobs(now)) == [
+        (j.next_run_time, j.id) for j in theirs.get_due_jobs(now)
+    ]

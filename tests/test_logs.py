@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
 import os
 import re
 import stat
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -695,3 +698,34 @@ def test_startup_failure_before_logging_is_set_up_goes_to_stdout_and_an_existing
     (line,) = (tmp_path / "app.log").read_text().splitlines()
     assert json.loads(line)["process.exit_code"] == 5
     assert not (tmp_path / "absent").exists()
+
+
+# ---- what a plain run imports -----------------------------------------------------------------
+
+# Run in a fresh interpreter: the service's entry point, its service module and both log
+# formats set up and used (an exception included), then what got imported.
+_PLAIN_RUN = """
+import io, json, sys
+import scheduler_publisher.cli.main, scheduler_publisher.service
+from scheduler_publisher.logs.setup import LogSettings, configure_logging, get_logger
+for fmt in ("json", "console"):
+    configure_logging(LogSettings(format=fmt, file=None), stream=io.StringIO())
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        get_logger("t").exception("tick_failed")
+imported = sorted(m for m in sys.modules if m == "rich" or m.startswith("rich."))
+import rich  # still importable by anybody else
+print(json.dumps({"imported": imported, "rich_later": rich.__name__}))
+"""
+
+
+def test_a_plain_run_does_not_import_rich() -> None:
+    """structlog imports rich whenever it is installed (5 MB, 70 ms); the service never uses
+    it, so its entry point and both log formats run without it, and rich stays importable."""
+    assert importlib.util.find_spec("rich") is not None, "rich must be installed for this test"
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAIN_RUN], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"imported": [], "rich_later": "rich"}

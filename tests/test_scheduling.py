@@ -52,7 +52,8 @@ def test_jobs_share_one_tick_and_keep_no_per_job_strings(loop: NetworkLoop) -> N
         jobs = [schedule.scheduler.get_job(f"e{i}") for i in range(3)]
         assert schedule.job_ids() == {"e0", "e1", "e2"}
         assert len({id(job.func) for job in jobs}) == 1, "one shared publish function"
-        assert [job.args for job in jobs] == [("e0",), ("e1",), ("e2",)]
+        # No args tuple per job either: the executor passes the job's id, the entry's.
+        assert [job.args for job in jobs] == [(), (), ()]
         # No "module:qualname" string per job (only pickling job stores need it) and one
         # shared name string.
         assert [job.func_ref for job in jobs] == [None, None, None]

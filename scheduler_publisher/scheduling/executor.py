@@ -9,6 +9,8 @@ events for listeners), job by job through `submit_job`, or a phase group at a ti
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from datetime import UTC, datetime
 from traceback import format_tb
@@ -67,33 +69,55 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         whatever the run does, and for every job its EVENT_JOB_MISSED (each earlier slot),
         then EVENT_JOB_EXECUTED or EVENT_JOB_ERROR, dispatched as it finishes. What all the
         jobs share is worked out once: the slot, the missed count, which events anybody
-        listens to. Returns the jobs refused for `max_instances`, for the scheduler to report
-        as it does for `submit_job`'s refusals."""
+        listens to; the instances are counted in and out under one lock a group. Returns the
+        jobs refused for `max_instances`, for the scheduler to report as it does for
+        `submit_job`'s refusals."""
         assert self._lock is not None, "This executor has not been started yet"
-        refused = []
         slot = run_times[-1]
-        instances = self._instances
         dispatch = self._scheduler._dispatch_event
-        for job in jobs:
-            job_id = job.id
-            with self._lock:  # as submit_job: counted before running
+        runnable, refused = self._count_in(jobs)
+        try:
+            for job in runnable:
+                _retval, failure = _call(job, slot, missed)
+                if wanted:
+                    for event in self._events(
+                        job.id, job._jobstore_alias, run_times, failure, wanted
+                    ):
+                        dispatch(event)
+        finally:
+            self._count_out(runnable)
+        return refused
+
+    def _count_in(self, jobs: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Counts an instance of each of `jobs` that may run, under one lock for the group (as
+        submit_job, before running: a job re-entering the scheduler from its own run is
+        refused); returns those to run and those refused for `max_instances`."""
+        runnable, refused = [], []
+        instances = self._instances
+        assert self._lock is not None
+        with self._lock:
+            for job in jobs:
+                job_id = job.id
                 running = instances.get(job_id, 0)
                 if running >= job.max_instances:
                     refused.append(job)
                     continue
                 instances[job_id] = running + 1
-            alias = job._jobstore_alias
-            _retval, failure = _call(job, slot, missed)
-            with self._lock:
+                runnable.append(job)
+        return runnable, refused
+
+    def _count_out(self, jobs: list[Any]) -> None:
+        """Releases the instances `_count_in` counted, whatever the runs did."""
+        instances = self._instances
+        assert self._lock is not None
+        with self._lock:
+            for job in jobs:
+                job_id = job.id
                 left = instances[job_id] - 1
                 if left:
                     instances[job_id] = left
                 else:
                     del instances[job_id]
-            if wanted:
-                for event in self._events(job_id, alias, run_times, failure, wanted):
-                    dispatch(event)
-        return refused
 
     @staticmethod
     def _events(
@@ -142,11 +166,27 @@ class InlineExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is un
         return listened(self._scheduler)
 
 
+class CalledWithJobId(functools.partial[Any]):
+    """A job function that this executor calls with the job's own id first, then its args:
+    an entry's job is named after its entry, so it needs no args tuple of its own (48 B a
+    job at 10,000 entries). APScheduler checks a job's args against its function's signature,
+    so give it the signature without that first parameter (`without_first_parameter`)."""
+
+
+def without_first_parameter(func: CalledWithJobId) -> inspect.Signature:
+    """The signature APScheduler should check a CalledWithJobId job's args against."""
+    signature = inspect.signature(func)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def _call(job: Any, slot: datetime, missed: int) -> tuple[Any, BaseException | None]:
     """Run the job's tick: its return value, or the exception it raised, logged (like
     apscheduler.executors.base.run_job), so that the other jobs run."""
     try:
-        return job.func(*job.args, slot, missed), None
+        func = job.func
+        if type(func) is CalledWithJobId:
+            return func(job.id, *job.args, slot, missed), None
+        return func(*job.args, slot, missed), None
     except BaseException as exc:  # reported as EVENT_JOB_ERROR by the caller
         log.exception("tick_failed", entry_id=job.id)
         return None, exc

@@ -22,8 +22,6 @@ docs/design.md, "Why an inline executor" and "Phase slots: spread, but in groups
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -43,7 +41,13 @@ from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED, BaseSchedul
 
 from scheduler_publisher.config.loader import PublishConfig
 from scheduler_publisher.logs.setup import get_logger
-from scheduler_publisher.scheduling.executor import InlineExecutor, group_missed, listened
+from scheduler_publisher.scheduling.executor import (
+    CalledWithJobId,
+    InlineExecutor,
+    group_missed,
+    listened,
+    without_first_parameter,
+)
 from scheduler_publisher.scheduling.jobstore import GroupedJobStore
 from scheduler_publisher.scheduling.plan import SLOTS_PER_PERIOD
 from scheduler_publisher.scheduling.spread import PhaseSpread
@@ -60,8 +64,9 @@ ENTRY_JOBS = "entries"
 INTERNAL_JOBS = "default"
 HEARTBEAT_JOB = "heartbeat"
 JOB_NAME = "publish"
-# entry id, scheduled slot, slots missed before it (the last two defaulted: APScheduler checks
-# the callable's signature against the args given to add_job)
+# entry id (the job's id, which the executor passes), scheduled slot, slots missed before it
+# (the last two defaulted: APScheduler checks the callable's signature against the args given
+# to add_job)
 Tick = Callable[[str, datetime | None, int], None]
 
 
@@ -275,12 +280,14 @@ class Schedule:
         by default 100 per period)."""
         self.spread = PhaseSpread(SLOTS_PER_PERIOD) if spread is None else spread
         # Wrapped in a partial: APScheduler then keeps no "module:qualname" reference string per
-        # job (~100 B each), which only pickling job stores need; ours lives in memory.
-        self._tick = functools.partial(tick)
+        # job (~100 B each), which only pickling job stores need; ours lives in memory. The
+        # executor calls it with the job's id, the entry's, so a job keeps no args tuple.
+        self._tick = CalledWithJobId(tick)
         # add_job checks the job's args against the callable's signature, and inspect builds
         # that signature anew each time: about half of adding a job at start-up. The one
-        # callable's signature, computed once, is what inspect.signature returns first.
-        self._tick.__signature__ = inspect.signature(self._tick)  # type: ignore[attr-defined]
+        # callable's signature, computed once, is what inspect.signature returns first: the
+        # tick's without the entry id, which the executor passes.
+        self._tick.__signature__ = without_first_parameter(self._tick)  # type: ignore[attr-defined]
         self.heartbeat = time.monotonic()
         self._host = host
         self._scheduler = LoopScheduler(
@@ -330,7 +337,7 @@ class Schedule:
             self._tick,
             trigger,
             id=entry.id,
-            args=(entry.id,),
+            args=(),
             name=JOB_NAME,
             replace_existing=True,
             jobstore=ENTRY_JOBS,
