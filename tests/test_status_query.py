@@ -36,10 +36,14 @@ from scheduler_publisher.ops.status_query import (
 from scheduler_publisher.stats import EntryStats, Stats
 
 
+# Built once: a fresh Stats' uptime moves, and two snapshots compared must agree on it.
+FRESH_STATISTICS = StatisticsStatus.of(Stats())
+
+
 def status(entries: Mapping[str, EntryStatus]) -> ServiceStatus:
     """A snapshot with these entries; the rest is what a fresh service would show."""
     return ServiceStatus(
-        statistics=StatisticsStatus.of(Stats()),
+        statistics=FRESH_STATISTICS,
         connection=ConnectionStatus(
             connected=True,
             connections=1,
