@@ -35,7 +35,6 @@ from scheduler_publisher.ops.status_query import (
 )
 from scheduler_publisher.stats import EntryStats, Stats
 
-
 # Built once: a fresh Stats' uptime moves, and two snapshots compared must agree on it.
 FRESH_STATISTICS = StatisticsStatus.of(Stats())
 
